@@ -1,0 +1,102 @@
+"""Integer geometry of one spatial axis through windowed layers (pure functions).
+
+The state of an axis at some tensor: its ``size``, and how its cells map to
+input pixels: cell ``i`` sees input pixels ``[offset + i * stride,
+offset + i * stride + receptive_field)``. ``offset`` is negative where padding
+reaches outside the image.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class AxisState:
+    size: int
+    stride: int = 1
+    offset: int = 0
+    receptive_field: int = 1
+    # A broadcast vector (a global pooling's output): it has no grid of its own.
+    is_global: bool = False
+    # Some value on the way depends on the whole input along this axis.
+    global_context: bool = False
+
+
+def input_state(size: int) -> AxisState:
+    return AxisState(size=size)
+
+
+def same_padding_before(size: int, kernel: int, stride: int, dilation: int = 1) -> int:
+    """Padding TensorFlow puts before the first element for ``padding="same"``."""
+    effective = dilation * (kernel - 1) + 1
+    output = math.ceil(size / stride)
+    total = max((output - 1) * stride + effective - size, 0)
+    return total // 2
+
+
+def window_output_size(size: int, kernel: int, stride: int, dilation: int, padding: str) -> int:
+    """Output length of a convolution or pooling window along one axis."""
+    effective = dilation * (kernel - 1) + 1
+    if padding == "same":
+        return math.ceil(size / stride)
+    return (size - effective) // stride + 1 if size >= effective else 0
+
+
+def apply_window(state: AxisState, kernel: int, stride: int, dilation: int, padding: str) -> AxisState:
+    """State after a convolution or pooling with this kernel, stride, dilation and padding."""
+    if padding not in ("same", "valid"):
+        raise ValueError(f"Expected padding 'same' or 'valid'. Received: padding={padding!r}")
+    effective = dilation * (kernel - 1) + 1
+    before = same_padding_before(state.size, kernel, stride, dilation) if padding == "same" else 0
+    return AxisState(
+        size=window_output_size(state.size, kernel, stride, dilation, padding),
+        stride=state.stride * stride,
+        offset=state.offset - before * state.stride,
+        receptive_field=state.receptive_field + (effective - 1) * state.stride,
+        is_global=state.is_global,
+        global_context=state.global_context,
+    )
+
+
+def apply_padding(state: AxisState, before: int, after: int) -> AxisState:
+    """State after explicit zero padding (negative values crop)."""
+    return AxisState(
+        size=state.size + before + after,
+        stride=state.stride,
+        offset=state.offset - before * state.stride,
+        receptive_field=state.receptive_field,
+        is_global=state.is_global,
+        global_context=state.global_context,
+    )
+
+
+def apply_global(state: AxisState) -> AxisState:
+    """State after a global pooling: one cell that sees everything."""
+    return AxisState(
+        size=1, stride=state.stride, offset=0, receptive_field=state.size, is_global=True, global_context=True
+    )
+
+
+def merge(states: list[AxisState]) -> AxisState:
+    """State of an element-wise merge or concatenation of maps.
+
+    Global inputs (broadcast vectors) do not change the grid; the boxes of the
+    map inputs are united.
+    """
+    maps = [s for s in states if not s.is_global] or states
+    sizes = {s.size for s in maps}
+    strides = {s.stride for s in maps}
+    if len(sizes) > 1 or len(strides) > 1:
+        raise ValueError(f"Merged maps do not line up: sizes {sorted(sizes)}, strides {sorted(strides)}")
+    start = min(s.offset for s in maps)
+    end = max(s.offset + s.receptive_field for s in maps)
+    return AxisState(
+        size=maps[0].size,
+        stride=maps[0].stride,
+        offset=start,
+        receptive_field=end - start,
+        is_global=all(s.is_global for s in states),
+        global_context=any(s.global_context for s in states),
+    )

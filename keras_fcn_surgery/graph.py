@@ -1,0 +1,99 @@
+"""Reading Keras 3 model graphs: nodes in order, layer descriptions, layouts."""
+
+from __future__ import annotations
+
+import keras
+from keras.src.models.functional import Functional
+
+from keras_fcn_surgery.errors import ConversionError
+
+_SPATIAL_LAYOUT_CLASSES = (
+    keras.layers.Conv2D,
+    keras.layers.DepthwiseConv2D,
+    keras.layers.SeparableConv2D,
+    keras.layers.Conv2DTranspose,
+    keras.layers.MaxPooling2D,
+    keras.layers.AveragePooling2D,
+    keras.layers.GlobalAveragePooling2D,
+    keras.layers.GlobalMaxPooling2D,
+    keras.layers.ZeroPadding2D,
+    keras.layers.Cropping2D,
+    keras.layers.UpSampling2D,
+)
+
+
+def describe(layer) -> str:
+    """``'name' (Class)``, the way every message names a layer."""
+    return f"'{layer.name}' ({layer.__class__.__name__})"
+
+
+def is_graph_model(layer) -> bool:
+    """True for Sequential and functional models, the ones made of a layer graph."""
+    return isinstance(layer, (keras.Sequential, Functional))
+
+
+def graph_of(model):
+    """The functional graph behind a Sequential or functional model.
+
+    Raises:
+        ConversionError: for subclassed models, or a Sequential that was never
+            given an input shape.
+    """
+    if isinstance(model, keras.Sequential):
+        graph = model._functional
+        if graph is None:
+            raise ConversionError(
+                f"Sequential model '{model.name}' has no input shape, so its graph is unknown. "
+                "Start it with `keras.Input(shape=...)` or call `model.build((None, H, W, C))` first."
+            )
+        return graph
+    if isinstance(model, Functional):
+        return model
+    raise ConversionError(
+        f"Model '{model.name}' ({model.__class__.__name__}) is a subclassed model: its layer graph is "
+        "Python code that cannot be rewritten. Rebuild it as a Sequential or functional model "
+        "(for example `keras.Model(inputs, outputs)`) and load its weights into that."
+    )
+
+
+def nodes_in_order(graph):
+    """The graph's call nodes, inputs first, in an order where every node follows its inputs."""
+    ordered = []
+    for depth in sorted(graph._nodes_by_depth, reverse=True):
+        for node in graph._nodes_by_depth[depth]:
+            if node.operation is not None and not node.is_input:
+                ordered.append(node)
+    return ordered
+
+
+def iter_layers(model):
+    """Every layer of a model, nested models entered, depth first."""
+    for layer in model.layers:
+        yield layer
+        if is_graph_model(layer):
+            yield from iter_layers(layer)
+
+
+def spatial_data_format(model) -> str:
+    """The layout of the model's spatial maps: ``"channels_last"`` or ``"channels_first"``.
+
+    Read from its convolutions and poolings (Flatten's own setting is about how it
+    reads a map, not about the map). A model without any falls back to Keras's
+    global ``image_data_format``.
+
+    Raises:
+        ConversionError: when the model mixes both layouts.
+    """
+    formats = {}
+    for layer in iter_layers(model):
+        if isinstance(layer, _SPATIAL_LAYOUT_CLASSES):
+            formats.setdefault(layer.data_format, layer)
+    if len(formats) > 1:
+        first, second = formats["channels_last"], formats["channels_first"]
+        raise ConversionError(
+            f"Model '{model.name}' mixes layouts: {describe(first)} is channels_last while "
+            f"{describe(second)} is channels_first. Use one `data_format` for all spatial layers."
+        )
+    if formats:
+        return next(iter(formats))
+    return keras.config.image_data_format()

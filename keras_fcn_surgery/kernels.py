@@ -1,0 +1,80 @@
+"""Pure functions that turn Dense kernels into convolution kernels.
+
+Keras stores every Conv2D kernel as ``(kernel_h, kernel_w, in_channels,
+filters)`` whatever the layer's ``data_format``; a Dense kernel is
+``(in_features, units)``. The only question is the order in which the
+Flatten that fed the Dense laid out the ``in_features``: that order is given
+as a permutation of the axis names ``"h"``, ``"w"`` and ``"c"``.
+
+The functions accept NumPy arrays or backend tensors (including variables)
+and use ``keras.ops`` so that a large kernel is reshaped without a host copy.
+"""
+
+from __future__ import annotations
+
+import math
+
+from keras import ops
+
+CONV_AXIS_ORDER = ("h", "w", "c")
+
+
+def flatten_axis_order(flatten_data_format: str, tensor_data_format: str) -> tuple[str, ...]:
+    """Order in which a Flatten lays out the axes of a rank-4 map.
+
+    Args:
+        flatten_data_format: the Flatten layer's ``data_format``.
+        tensor_data_format: the layout of the map it flattens
+            (the convolutions' ``data_format``).
+
+    Returns:
+        A permutation of ``("h", "w", "c")``, slowest-varying axis first.
+
+    Keras's Flatten leaves a ``channels_last`` input as it is and transposes a
+    ``channels_first`` one with axes ``(0, 2, 3, 1)`` before reshaping, so it
+    reads the tensor's stored axes in the order (2, 3, 1) in that case.
+    """
+    stored = ("h", "w", "c") if tensor_data_format == "channels_last" else ("c", "h", "w")
+    if flatten_data_format == "channels_last":
+        return stored
+    return (stored[1], stored[2], stored[0])
+
+
+def dense_to_conv_kernel(kernel, height: int, width: int, channels: int, axis_order=CONV_AXIS_ORDER):
+    """Reshape a Dense kernel that reads a flattened map into a Conv2D kernel.
+
+    Args:
+        kernel: array of shape ``(height * width * channels, units)``.
+        height, width, channels: the map's size at the Flatten.
+        axis_order: order of the flattened features, from
+            `flatten_axis_order`.
+
+    Returns:
+        An array of shape ``(height, width, channels, units)``.
+    """
+    in_features, units = (int(d) for d in kernel.shape)
+    expected = height * width * channels
+    if in_features != expected:
+        raise ValueError(
+            f"Expected a Dense kernel with {height} x {width} x {channels} = {expected} "
+            f"input features. Received: kernel.shape={tuple(kernel.shape)}"
+        )
+    if sorted(axis_order) != sorted(CONV_AXIS_ORDER):
+        raise ValueError(f"Expected `axis_order` to be a permutation of {CONV_AXIS_ORDER}. Received: {axis_order}")
+    sizes = {"h": height, "w": width, "c": channels}
+    unflattened = ops.reshape(kernel, [sizes[a] for a in axis_order] + [units])
+    permutation = [axis_order.index(a) for a in CONV_AXIS_ORDER] + [3]
+    if permutation == [0, 1, 2, 3]:
+        return unflattened
+    return ops.transpose(unflattened, permutation)
+
+
+def dense_to_pointwise_kernel(kernel):
+    """Reshape a Dense kernel ``(in, units)`` into a 1x1 Conv2D kernel ``(1, 1, in, units)``."""
+    in_features, units = (int(d) for d in kernel.shape)
+    return ops.reshape(kernel, (1, 1, in_features, units))
+
+
+def parameter_count(shapes) -> int:
+    """Number of scalars in weights of the given shapes."""
+    return sum(math.prod(shape) for shape in shapes)

@@ -1,0 +1,31 @@
+"""Head rules: each one knows how to carry one kind of layer call onto a score map.
+
+The engine asks them in order; the first that claims a call wins. A new head
+pattern is a new `Rule` in this list.
+"""
+
+from keras_fcn_surgery.rules.base import Context, NodeView, Rewrite, Rule, Step
+from keras_fcn_surgery.rules.flatten_dense import DenseOnFlattenedMapRule, FlattenRule
+from keras_fcn_surgery.rules.global_pooling import GlobalPoolingRule
+from keras_fcn_surgery.rules.vector_layers import (
+    ChannelAxisRule,
+    DenseOnVectorMapRule,
+    ElementwiseRule,
+    MergeRule,
+    ReshapeRule,
+    UnitMapConvRule,
+)
+
+DEFAULT_RULES: tuple[Rule, ...] = (
+    FlattenRule(),
+    DenseOnFlattenedMapRule(),
+    GlobalPoolingRule(),
+    DenseOnVectorMapRule(),
+    ElementwiseRule(),
+    ChannelAxisRule(),
+    MergeRule(),
+    ReshapeRule(),
+    UnitMapConvRule(),
+)
+
+__all__ = ["DEFAULT_RULES", "Context", "NodeView", "Rewrite", "Rule", "Step"]

@@ -1,0 +1,80 @@
+"""Flatten + Dense becomes one Conv2D whose kernel covers the whole flattened map."""
+
+from __future__ import annotations
+
+import keras
+
+from keras_fcn_surgery.errors import ConversionError
+from keras_fcn_surgery.graph import describe
+from keras_fcn_surgery.kernels import dense_to_conv_kernel, flatten_axis_order
+from keras_fcn_surgery.rules.base import (
+    FlattenedMap,
+    NodeView,
+    Rewrite,
+    Rule,
+    Spatial,
+    Step,
+    VectorMap,
+)
+from keras_fcn_surgery.rules.convolutions import (
+    call_conv_from_dense,
+    check_dense_is_plain,
+    conv_like_dense,
+    dense_rewrite,
+)
+
+
+def _identity(args, kwargs):
+    return [args[0]]
+
+
+class FlattenRule(Rule):
+    """A Flatten of a spatial map disappears: the converted graph keeps the map."""
+
+    def claim(self, view: NodeView) -> Step | None:
+        if not isinstance(view.layer, keras.layers.Flatten):
+            return None
+        mode = view.only_mode
+        if isinstance(mode, VectorMap) and mode.unit_map:
+            return Step([VectorMap(origin=mode.origin)], _identity, _removed(view.layer, "flattens a 1x1 map"))
+        if not isinstance(mode, Spatial) or len(view.input_shapes[0]) != 4:
+            return None
+        shape = view.input_shapes[0]
+        height, width = view.context.spatial_shape(shape)
+        channels = view.context.channels(shape)
+        if None in (height, width, channels):
+            raise ConversionError(
+                f"Layer {describe(view.layer)} flattens a map of unknown size {tuple(shape)[1:]}, so the "
+                "kernel of the Dense after it cannot be laid out. Give the model a fixed input size "
+                "(`keras.Input(shape=(H, W, C))`) or pass `input_size=(H, W)` to `convert`."
+            )
+        order = flatten_axis_order(view.layer.data_format, view.context.data_format)
+        mode = FlattenedMap(int(height), int(width), int(channels), order, view.layer.name)
+        return Step([mode], _identity, _removed(view.layer, f"keeps the {height}x{width}x{channels} map"))
+
+
+class DenseOnFlattenedMapRule(Rule):
+    """The first Dense after a Flatten becomes an H x W ``valid`` convolution."""
+
+    def claim(self, view: NodeView) -> Step | None:
+        mode = view.only_mode
+        if not (isinstance(view.layer, keras.layers.Dense) and isinstance(mode, FlattenedMap)):
+            return None
+        dense = view.layer
+        check_dense_is_plain(dense)
+        context = view.context
+        kernel_size = (mode.height, mode.width)
+
+        def build(args, kwargs):
+            conv = conv_like_dense(dense, kernel_size, context.data_format)
+            kernel = dense_to_conv_kernel(dense.kernel, mode.height, mode.width, mode.channels, mode.axis_order)
+            return [call_conv_from_dense(dense, conv, args[0], kernel)]
+
+        kernel_shape = (mode.height, mode.width, mode.channels, int(dense.units))
+        order = "".join(mode.axis_order).upper()
+        detail = f"{mode.height}x{mode.width} valid" + ("" if order == "HWC" else f", rows reordered from {order}")
+        return Step([VectorMap(origin=dense.name)], build, dense_rewrite(dense, kernel_shape, detail))
+
+
+def _removed(layer, detail: str) -> Rewrite:
+    return Rewrite(layer.name, layer.__class__.__name__, (), "(removed)", (), 0, detail)

@@ -1,0 +1,61 @@
+"""Global pooling heads (ResNet, MobileNet, EfficientNet...) on a map of windows.
+
+``head="window"``: the global pooling becomes a pooling whose window is the
+feature map's size at the original input size, stride 1, ``valid`` padding, so
+every output cell is the classifier on one original-size window.
+``head="dense"``: the pooling is dropped and the classifier runs at every
+feature-map position (a class activation map).
+"""
+
+from __future__ import annotations
+
+import keras
+
+from keras_fcn_surgery.errors import ConversionError
+from keras_fcn_surgery.graph import describe
+from keras_fcn_surgery.rules.base import NodeView, Rewrite, Rule, Spatial, Step, VectorMap
+
+_REPLACEMENTS = {
+    keras.layers.GlobalAveragePooling2D: keras.layers.AveragePooling2D,
+    keras.layers.GlobalMaxPooling2D: keras.layers.MaxPooling2D,
+}
+
+
+class GlobalPoolingRule(Rule):
+    """The head's global pooling becomes a window pooling or disappears."""
+
+    def claim(self, view: NodeView) -> Step | None:
+        layer = view.layer
+        replacement = _REPLACEMENTS.get(type(layer))
+        if replacement is None or not isinstance(view.only_mode, Spatial) or view.feeds_back_into_map:
+            return None
+        context = view.context
+        keepdims = bool(layer.keepdims)
+        output_mode = VectorMap(origin=layer.name, unit_map=keepdims)
+        if context.head == "dense":
+            rewrite = Rewrite(layer.name, type(layer).__name__, (), "(removed)", (), 0, "classifier at every position")
+            return Step([output_mode], lambda args, kwargs: [args[0]], rewrite)
+        height, width = context.spatial_shape(view.input_shapes[0])
+        if height is None or width is None:
+            raise ConversionError(
+                f"Layer {describe(layer)} pools a map of unknown size, so the window of the "
+                "`head='window'` pooling is unknown. Pass `input_size=(H, W)`, the size the "
+                "classifier was trained at, or use `head='dense'`."
+            )
+        pool_size = (int(height), int(width))
+
+        def build(args, kwargs):
+            pooling = replacement(
+                pool_size=pool_size,
+                strides=1,
+                padding="valid",
+                data_format=context.data_format,
+                name=layer.name,
+                dtype=layer.dtype_policy,
+            )
+            return [pooling(args[0])]
+
+        rewrite = Rewrite(
+            layer.name, type(layer).__name__, (), replacement.__name__, (), 0, f"pool {height}x{width}, stride 1"
+        )
+        return Step([output_mode], build, rewrite)

@@ -1,0 +1,231 @@
+"""Layers that follow the first head convolution and work on per-window vectors."""
+
+from __future__ import annotations
+
+import keras
+
+from keras_fcn_surgery.errors import ConversionError
+from keras_fcn_surgery.graph import describe
+from keras_fcn_surgery.kernels import dense_to_pointwise_kernel
+from keras_fcn_surgery.rules.base import FlattenedMap, NodeView, Rewrite, Rule, Step, VectorMap
+from keras_fcn_surgery.rules.convolutions import (
+    call_conv_from_dense,
+    check_dense_is_plain,
+    conv_like_dense,
+    dense_rewrite,
+)
+
+# Layers that act on each value alone: right on any layout, even on a Flatten's output.
+ELEMENTWISE_LAYERS = (
+    keras.layers.Dropout,
+    keras.layers.GaussianNoise,
+    keras.layers.GaussianDropout,
+    keras.layers.AlphaDropout,
+    keras.layers.ReLU,
+    keras.layers.LeakyReLU,
+    keras.layers.ELU,
+    keras.layers.Identity,
+    keras.layers.ActivityRegularization,
+    keras.layers.Rescaling,
+)
+
+# Layers that act along one axis, which must be the channel axis of the map.
+CHANNEL_AXIS_LAYERS = (
+    keras.layers.Softmax,
+    keras.layers.BatchNormalization,
+    keras.layers.LayerNormalization,
+    keras.layers.UnitNormalization,
+)
+
+MERGE_LAYERS = (
+    keras.layers.Add,
+    keras.layers.Subtract,
+    keras.layers.Multiply,
+    keras.layers.Average,
+    keras.layers.Maximum,
+    keras.layers.Minimum,
+    keras.layers.Concatenate,
+)
+
+_AXIS_ACTIVATIONS = ("softmax", "log_softmax")
+
+
+def _activation_name(layer) -> str:
+    activation = layer.get_config().get("activation")
+    return activation if isinstance(activation, str) else getattr(activation, "__name__", "")
+
+
+def _is_channel_axis(axis, rank: int, context) -> bool:
+    """Whether ``axis`` of a source tensor of this rank is its feature (channel) axis."""
+    axes = axis if isinstance(axis, (list, tuple)) else [axis]
+    if len(axes) != 1:
+        return False
+    normalized = axes[0] % rank
+    if rank == 2:
+        return normalized == 1
+    return normalized == (rank - 1 if context.data_format == "channels_last" else 1)
+
+
+def _clone_with(layer, **overrides):
+    config = layer.get_config()
+    config.update(overrides)
+    return layer.__class__.from_config(config)
+
+
+def _call_and_copy(layer, new_layer, args, kwargs):
+    outputs = new_layer(*args, **kwargs)
+    for old, new in zip(layer.weights, new_layer.weights):
+        new.assign(old.value)
+    return [outputs]
+
+
+class DenseOnVectorMapRule(Rule):
+    """A Dense on per-window vectors becomes a 1x1 convolution."""
+
+    def claim(self, view: NodeView) -> Step | None:
+        mode = view.only_mode
+        if not (isinstance(view.layer, keras.layers.Dense) and isinstance(mode, VectorMap)):
+            return None
+        if mode.unit_map and view.context.data_format == "channels_first":
+            return None  # A Dense on a (N, C, 1, 1) map reads the last 1-sized axis: not a head layer.
+        dense = view.layer
+        check_dense_is_plain(dense)
+        context = view.context
+
+        def build(args, kwargs):
+            conv = conv_like_dense(dense, (1, 1), context.data_format)
+            return [call_conv_from_dense(dense, conv, args[0], dense_to_pointwise_kernel(dense.kernel))]
+
+        kernel_shape = (1, 1, int(dense.kernel.shape[0]), int(dense.units))
+        return Step([mode], build, dense_rewrite(dense, kernel_shape, "1x1"))
+
+
+class ElementwiseRule(Rule):
+    """Dropout, activations and the like carry over unchanged."""
+
+    def claim(self, view: NodeView) -> Step | None:
+        mode = view.only_mode
+        if not isinstance(mode, (VectorMap, FlattenedMap)):
+            return None
+        layer = view.layer
+        is_elementwise = isinstance(layer, ELEMENTWISE_LAYERS) or (
+            isinstance(layer, keras.layers.Activation) and _activation_name(layer) not in _AXIS_ACTIVATIONS
+        )
+        if not is_elementwise:
+            return None
+        cloner = view.context.cloner
+        return Step([mode], lambda args, kwargs: [cloner.call(layer, args, kwargs)], plain_copy=True)
+
+
+class ChannelAxisRule(Rule):
+    """Softmax, BatchNormalization, LayerNormalization... keep acting on the channel axis."""
+
+    def claim(self, view: NodeView) -> Step | None:
+        mode = view.only_mode
+        layer = view.layer
+        if not isinstance(mode, VectorMap):
+            return None
+        context = view.context
+        rank = len(view.input_shapes[0])
+        if isinstance(layer, keras.layers.Activation) and _activation_name(layer) in _AXIS_ACTIVATIONS:
+            if context.data_format == "channels_last":
+                cloner = context.cloner
+                return Step([mode], lambda args, kwargs: [cloner.call(layer, args, kwargs)], plain_copy=True)
+            if _activation_name(layer) != "softmax":
+                raise ConversionError(
+                    f"Layer {describe(layer)} applies {_activation_name(layer)} along the last axis, which is "
+                    "not the channel axis of a channels-first score map. Use a softmax head, or a "
+                    "channels-last model."
+                )
+
+            def build_softmax(args, kwargs):
+                return [keras.layers.Softmax(axis=1, name=layer.name, dtype=layer.dtype_policy)(args[0])]
+
+            rewrite = Rewrite(layer.name, "Activation", (), "Softmax", (), 0, "softmax on axis 1")
+            return Step([mode], build_softmax, rewrite)
+        if not isinstance(layer, CHANNEL_AXIS_LAYERS):
+            return None
+        if not _is_channel_axis(layer.axis, rank, context):
+            raise ConversionError(
+                f"Layer {describe(layer)} normalizes over axis {layer.axis} of a rank-{rank} tensor, "
+                "which is not the feature axis; on a score map it would mix windows. "
+                "Only channel-axis normalization can follow the head convolution."
+            )
+        axis = context.channel_axis
+
+        def build(args, kwargs):
+            return _call_and_copy(layer, _clone_with(layer, axis=axis), args, kwargs)
+
+        return Step([mode], build)
+
+
+class MergeRule(Rule):
+    """Add, Concatenate and friends of per-window vectors from parallel head branches."""
+
+    def claim(self, view: NodeView) -> Step | None:
+        layer = view.layer
+        if not isinstance(layer, MERGE_LAYERS):
+            return None
+        modes = view.input_modes
+        if not all(isinstance(mode, VectorMap) for mode in modes):
+            return None
+        if len({mode.unit_map for mode in modes}) != 1:
+            return None
+        context = view.context
+        output_mode = modes[0]
+        if isinstance(layer, keras.layers.Concatenate):
+            if not _is_channel_axis(layer.axis, len(view.input_shapes[0]), context):
+                raise ConversionError(
+                    f"Layer {describe(layer)} concatenates head vectors along axis {layer.axis}, "
+                    "not the feature axis. Concatenate features along the last axis."
+                )
+            return Step(
+                [output_mode],
+                lambda args, kwargs: _call_and_copy(layer, _clone_with(layer, axis=context.channel_axis), args, kwargs),
+            )
+        cloner = context.cloner
+        return Step([output_mode], lambda args, kwargs: [cloner.call(layer, args, kwargs)], plain_copy=True)
+
+
+class ReshapeRule(Rule):
+    """Reshape between ``(C,)`` and a ``1 x 1`` map of C channels, as keras.applications heads do."""
+
+    def claim(self, view: NodeView) -> Step | None:
+        layer = view.layer
+        mode = view.only_mode
+        if not (isinstance(layer, keras.layers.Reshape) and isinstance(mode, VectorMap)):
+            return None
+        context = view.context
+        source_in, source_out = view.input_shapes[0], view.output_shapes[0]
+        if mode.unit_map and len(source_out) == 2:
+            return Step([VectorMap(mode.origin)], _identity, _removed(layer, "1x1 map to vector"))
+        if not mode.unit_map and len(source_in) == 2 and len(source_out) == 4:
+            if tuple(context.spatial_shape(source_out)) == (1, 1):
+                return Step([VectorMap(mode.origin, unit_map=True)], _identity, _removed(layer, "vector to 1x1 map"))
+        return None
+
+
+class UnitMapConvRule(Rule):
+    """A 1x1 convolution on the head's 1x1 map is already a per-window layer."""
+
+    def claim(self, view: NodeView) -> Step | None:
+        layer = view.layer
+        mode = view.only_mode
+        if not (isinstance(layer, keras.layers.Conv2D) and isinstance(mode, VectorMap) and mode.unit_map):
+            return None
+        if tuple(layer.kernel_size) != (1, 1) or tuple(layer.strides) != (1, 1):
+            raise ConversionError(
+                f"Layer {describe(layer)} applies a {layer.kernel_size} kernel with strides {layer.strides} "
+                "to the head's 1x1 map: there it sees only one tap, but on a score map it would mix "
+                "neighbouring windows. Use a 1x1 kernel with stride 1 in the head."
+            )
+        cloner = view.context.cloner
+        return Step([mode], lambda args, kwargs: [cloner.call(layer, args, kwargs)], plain_copy=True)
+
+
+def _identity(args, kwargs):
+    return [args[0]]
+
+
+def _removed(layer, detail: str) -> Rewrite:
+    return Rewrite(layer.name, layer.__class__.__name__, (), "(removed)", (), 0, detail)
