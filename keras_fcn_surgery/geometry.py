@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable
 
@@ -97,6 +98,40 @@ class Geometry:
     def at(self, input_size) -> Geometry:
         """The same geometry with offsets computed for another input size."""
         return _geometry_from_programs(self._axis_programs, tuple(int(d) for d in input_size))
+
+    def exact_cells(self, tile_size, *, at_image_start=(True, True), at_image_end=(True, True)) -> tuple:
+        """The cells of a tile's map that equal the whole image's map.
+
+        The tile must pad like the whole image: its origin on a multiple of
+        `stride` and each side congruent to the image's side modulo `stride`
+        (every ``same`` padding then pads it as it pads the image). Where a
+        tile's edge lies inside the image, the cells whose windows reach across
+        it, at any layer, are not exact; where the edge is the image's edge,
+        the network's own padding is the image's padding.
+
+        Args:
+            tile_size: ``(H, W)`` of the tile.
+            at_image_start: per axis, whether the tile's top (left) edge is the image's.
+            at_image_end: per axis, whether the tile's bottom (right) edge is the image's.
+
+        Returns:
+            ``((row_start, row_stop), (col_start, col_stop))`` in the tile's
+            output cells, stop exclusive; an empty range has start >= stop.
+
+        Raises:
+            ConversionError: when the tile is too small for the network.
+        """
+        self._states(tile_size)
+        ranges = []
+        for program, size, starts, ends in zip(
+            self._axis_programs, (int(d) for d in tile_size), at_image_start, at_image_end
+        ):
+            first = gm.input_state(size, -math.inf if starts else 0, math.inf if ends else size)
+            state = _run(program, size, first)
+            start = 0 if math.isinf(state.exact_start) else int(state.exact_start)
+            stop = state.size if math.isinf(state.exact_stop) else int(state.exact_stop)
+            ranges.append((start, stop))
+        return tuple(ranges)
 
     @property
     def min_input_size(self) -> tuple[int, int]:
@@ -228,9 +263,9 @@ def _transform(layer, axis: int):
     return lambda states: gm.merge(states) if len(states) > 1 else states[0]
 
 
-def _run(program, size: int) -> gm.AxisState:
+def _run(program, size: int, first: gm.AxisState | None = None) -> gm.AxisState:
     steps, output = program
-    values = {"input": gm.input_state(size)}
+    values = {"input": first if first is not None else gm.input_state(size)}
     for targets, sources, transform in steps:
         inputs = [values[s] for s in sources if s in values]
         if not inputs:

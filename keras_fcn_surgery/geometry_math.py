@@ -4,6 +4,14 @@ The state of an axis at some tensor: its ``size``, and how its cells map to
 input pixels: cell ``i`` sees input pixels ``[offset + i * stride,
 offset + i * stride + receptive_field)``. ``offset`` is negative where padding
 reaches outside the image.
+
+For tiled inference a state also carries ``[exact_start, exact_stop)``: the
+cells of a tile's map that equal the whole image's map. A bound is infinite
+where the tile's edge is the image's edge (the padding there is the image's own
+padding); a finite bound starts at the tile's edge and moves inwards at every
+layer whose window reaches across it. This assumes the tile pads like the whole
+image: its origin on a multiple of the total stride and its length congruent
+to the image's length modulo that stride.
 """
 
 from __future__ import annotations
@@ -22,10 +30,14 @@ class AxisState:
     is_global: bool = False
     # Some value on the way depends on the whole input along this axis.
     global_context: bool = False
+    # Cells equal to the whole-image pass (tiled inference; see the module docstring).
+    exact_start: float = -math.inf
+    exact_stop: float = math.inf
 
 
-def input_state(size: int) -> AxisState:
-    return AxisState(size=size)
+def input_state(size: int, exact_start: float = -math.inf, exact_stop: float = math.inf) -> AxisState:
+    """State of the input itself; ``exact_*`` finite at a tile's edges inside the image (0 and ``size``)."""
+    return AxisState(size=size, exact_start=exact_start, exact_stop=exact_stop)
 
 
 def same_padding_before(size: int, kernel: int, stride: int, dilation: int = 1) -> int:
@@ -50,32 +62,57 @@ def apply_window(state: AxisState, kernel: int, stride: int, dilation: int, padd
         raise ValueError(f"Expected padding 'same' or 'valid'. Received: padding={padding!r}")
     effective = dilation * (kernel - 1) + 1
     before = same_padding_before(state.size, kernel, stride, dilation) if padding == "same" else 0
+    size = window_output_size(state.size, kernel, stride, dilation, padding)
+    # Cell j reads input cells [j * stride - before, j * stride - before + effective).
+    start, stop = state.exact_start, state.exact_stop
+    if math.isfinite(start):
+        start = max(0, -((-(start + before)) // stride))
+    if math.isfinite(stop):
+        stop = min(size, (stop - effective + before) // stride + 1)
     return AxisState(
-        size=window_output_size(state.size, kernel, stride, dilation, padding),
+        size=size,
         stride=state.stride * stride,
         offset=state.offset - before * state.stride,
         receptive_field=state.receptive_field + (effective - 1) * state.stride,
         is_global=state.is_global,
         global_context=state.global_context,
+        exact_start=start,
+        exact_stop=stop,
     )
 
 
 def apply_padding(state: AxisState, before: int, after: int) -> AxisState:
     """State after explicit zero padding (negative values crop)."""
+    size = state.size + before + after
+    start, stop = state.exact_start, state.exact_stop
+    if math.isfinite(start):
+        start = max(0, start + before)
+    if math.isfinite(stop):
+        stop = min(size, stop + before)
     return AxisState(
-        size=state.size + before + after,
+        size=size,
         stride=state.stride,
         offset=state.offset - before * state.stride,
         receptive_field=state.receptive_field,
         is_global=state.is_global,
         global_context=state.global_context,
+        exact_start=start,
+        exact_stop=stop,
     )
 
 
 def apply_global(state: AxisState) -> AxisState:
-    """State after a global pooling: one cell that sees everything."""
+    """State after a global pooling: one cell that sees everything (exact only if the whole axis is)."""
+    whole = math.isinf(state.exact_start) and math.isinf(state.exact_stop)
     return AxisState(
-        size=1, stride=state.stride, offset=0, receptive_field=state.size, is_global=True, global_context=True
+        size=1,
+        stride=state.stride,
+        offset=0,
+        receptive_field=state.size,
+        is_global=True,
+        global_context=True,
+        exact_start=state.exact_start if whole else 0,
+        exact_stop=state.exact_stop if whole else 0,
     )
 
 
@@ -99,4 +136,6 @@ def merge(states: list[AxisState]) -> AxisState:
         receptive_field=end - start,
         is_global=all(s.is_global for s in states),
         global_context=any(s.global_context for s in states),
+        exact_start=max(s.exact_start for s in states),
+        exact_stop=min(s.exact_stop for s in states),
     )

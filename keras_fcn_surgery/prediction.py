@@ -1,0 +1,386 @@
+"""Score maps of whole images: exact tiled FCN inference and the sliding-window baseline."""
+
+from __future__ import annotations
+
+import itertools
+import sys
+import weakref
+from dataclasses import dataclass
+
+import keras
+import numpy as np
+
+from keras_fcn_surgery import tiling
+from keras_fcn_surgery.errors import ConversionError
+from keras_fcn_surgery.geometry import Geometry, geometry
+from keras_fcn_surgery.graph import spatial_data_format
+
+# Input pixels per forward pass when `batch_size` is not given.
+_PIXELS_PER_BATCH = 1 << 22
+# tf.function wrappers of each model's forward pass, by jit_compile.
+_FORWARD_CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+@dataclass(frozen=True)
+class _Layout:
+    """Where height, width and channels are in one image (no batch axis)."""
+
+    data_format: str
+    channels: int
+
+    @property
+    def spatial_axes(self) -> tuple[int, int]:
+        return (0, 1) if self.data_format == "channels_last" else (1, 2)
+
+    def region(self, image, rows: slice, cols: slice):
+        index = (rows, cols, slice(None)) if self.data_format == "channels_last" else (slice(None), rows, cols)
+        return image[index]
+
+    def map_shape(self, size, classes: int) -> tuple[int, int, int]:
+        height, width = size
+        return (height, width, classes) if self.data_format == "channels_last" else (classes, height, width)
+
+    def write(self, out, rows: slice, cols: slice, block) -> None:
+        if self.data_format == "channels_last":
+            out[rows, cols, :] = block
+        else:
+            out[:, rows, cols] = block
+
+
+def predict_map(
+    fcn,
+    image,
+    *,
+    tile=None,
+    batch_size: int | None = None,
+    out=None,
+    progress: bool | None = None,
+    preprocess=None,
+    jit_compile: bool = False,
+):
+    """The score map of one image, computed whole or in exact tiles.
+
+    With ``tile``, the image is cut into overlapping tiles whose origins lie on
+    multiples of the network's total stride and whose sides are congruent to
+    the image's sides modulo that stride, so every ``same`` padding pads a tile
+    as it pads the whole image; of each tile only the cells whose windows stay
+    inside it (or reach past the image's own edge) are kept, and every map
+    cell is written exactly once. The stitched map equals the whole-image map
+    within float32 round-off. Only one batch of tiles is read from ``image`` at
+    a time, so ``image`` and ``out`` may be memory-mapped or zarr arrays far
+    larger than memory.
+
+    Args:
+        fcn: a fully convolutional model from `convert` (input ``(None, None,
+            None, C)``, or ``(None, C, None, None)`` for channels-first).
+        image: one image, ``(H, W, C)`` (``(C, H, W)`` for channels-first
+            models; ``(H, W)`` when ``C == 1``): a numpy array or any array
+            that supports slicing (``np.memmap``, zarr). Values are fed as they
+            are, cast to the model's input dtype, after ``preprocess``.
+        tile: ``None`` for one pass over the whole image, or the tile side
+            ``T`` or ``(T_h, T_w)`` in input pixels. Each side is rounded up to
+            a multiple of the stride, and the image side's remainder modulo
+            the stride is added; a side at least the image's is not cut.
+        batch_size: tiles per forward pass; default: as many as make about 4
+            million input pixels.
+        out: an array of the map's shape to write into (numpy, memmap or
+            zarr) instead of allocating one.
+        progress: show a tqdm bar over the tiles; default: when there is more
+            than one tile and stderr is a terminal.
+        preprocess: a function applied to each tile's pixels (``(H, W, C)``
+            array in, same shape out) before the model, such as
+            ``keras.applications.vgg16.preprocess_input``. It must treat each
+            pixel on its own, or tiles would differ from the whole image.
+        jit_compile: compile the forward pass with XLA (once per tile batch
+            shape); faster for large-kernel heads on CPU, slower to start.
+
+    Returns:
+        The map, ``(H', W', K)`` (``(K, H', W')`` for channels-first), as a
+        float array, or ``out`` when given. ``geometry(fcn).output_size((H, W))``
+        is ``(H', W')``.
+
+    Raises:
+        ConversionError: for a model that is not fully convolutional, an
+            image of the wrong rank or channels or smaller than the network's
+            minimum input, tiles too small to keep any cell, tiling a network
+            with global context, or an ``out`` of the wrong shape.
+
+    Example:
+
+    ```python
+    fcn = kfs.convert(classifier)
+    image = np.load("slide.npy", mmap_mode="r")           # 30000 x 30000 x 3
+    scores = zarr.open("scores.zarr", mode="w", shape=..., dtype="float32")
+    kfs.predict_map(fcn, image, tile=2048, out=scores)
+    ```
+    """
+    layout, classes = _check_fcn(fcn)
+    image = _with_channel_axis(image, layout)
+    size = _image_size(image, layout)
+    grid = geometry(fcn)
+    _check_image_size(size, grid)
+    map_size = grid.output_size(size)
+    shape = layout.map_shape(map_size, classes)
+    out = _output_array(out, shape, fcn)
+    plans = _plan(size, grid, tile)
+    tiles = list(itertools.product(*plans))
+    tile_size = (plans[0][0].stop - plans[0][0].start, plans[1][0].stop - plans[1][0].start)
+    if batch_size is None:
+        batch_size = max(1, _PIXELS_PER_BATCH // (tile_size[0] * tile_size[1]))
+    if batch_size < 1:
+        raise ConversionError(f"Expected `batch_size` >= 1. Received: batch_size={batch_size}")
+    forward = _forward_fn(fcn, jit_compile)
+    dtype = _input_dtype(fcn)
+    with _progress_bar(len(tiles), progress, "tiles") as bar:
+        for first in range(0, len(tiles), batch_size):
+            batch = tiles[first : first + batch_size]
+            pixels = np.stack([_read(image, layout, rows, cols, preprocess, dtype) for rows, cols in batch])
+            maps = forward(pixels)
+            for (rows, cols), cell_map in zip(batch, maps):
+                block = layout.region(
+                    cell_map, slice(rows.keep_start, rows.keep_stop), slice(cols.keep_start, cols.keep_stop)
+                )
+                layout.write(out, slice(rows.out_start, rows.out_stop), slice(cols.out_start, cols.out_stop), block)
+            bar.update(len(batch))
+    return out
+
+
+def sliding_window_predict(
+    model, image, stride, *, batch_size: int = 32, preprocess=None, progress: bool | None = False
+):
+    """The naive baseline: the classifier on every window of its input size.
+
+    Windows start at ``(i * stride_h, j * stride_w)`` for every position that
+    fits inside the image, are cut from ``image`` batch by batch and run
+    through the source classifier. For a network without padding this is what
+    the converted FCN computes at ``stride`` equal to the network's stride.
+
+    Args:
+        model: the source classifier, with a fixed input size.
+        image: one image, laid out as for `predict_map`.
+        stride: pixels between windows, ``s`` or ``(s_h, s_w)``.
+        batch_size: windows per forward pass.
+        preprocess: a function applied to each window's pixels first.
+        progress: show a tqdm bar over the batches.
+
+    Returns:
+        ``(H', W', K)`` scores (``(K, H', W')`` for channels-first models),
+        one cell per window.
+
+    Raises:
+        ConversionError: for a model without a fixed input size or a vector
+            output, or an image smaller than one window.
+    """
+    data_format = spatial_data_format(model)
+    shape = tuple(model.inputs[0].shape)
+    spatial = (1, 2) if data_format == "channels_last" else (2, 3)
+    if len(shape) != 4 or any(shape[i] is None for i in spatial):
+        raise ConversionError(
+            f"Model '{model.name}' takes inputs of shape {shape}; the sliding window needs a classifier with a "
+            "fixed input size (the window)."
+        )
+    layout = _Layout(data_format, int(shape[3] if data_format == "channels_last" else shape[1]))
+    window = tuple(int(shape[i]) for i in spatial)
+    if len(model.outputs[0].shape) != 2:
+        raise ConversionError(
+            f"Model '{model.name}' outputs shape {tuple(model.outputs[0].shape)}; the sliding window needs a "
+            "classifier that returns one vector of scores per image."
+        )
+    image = _with_channel_axis(image, layout)
+    size = _image_size(image, layout)
+    strides = _pair(stride, "stride")
+    counts = []
+    for name, length, side, step in zip(("height", "width"), size, window, strides):
+        if length < side:
+            raise ConversionError(
+                f"Image {name} {length} is smaller than the window of {window[0]}x{window[1]} pixels of "
+                f"'{model.name}'. Use a larger image."
+            )
+        counts.append((length - side) // step + 1)
+    classes = int(model.outputs[0].shape[-1])
+    positions = list(itertools.product(range(counts[0]), range(counts[1])))
+    scores = np.empty((len(positions), classes), dtype=np.float32)
+    forward = _forward_fn(model, False)
+    dtype = _input_dtype(model)
+    batches = range(0, len(positions), batch_size)
+    with _progress_bar(len(batches), progress, "batches") as bar:
+        for first in batches:
+            crops = [
+                _read(
+                    image,
+                    layout,
+                    tiling.AxisTile(i * strides[0], i * strides[0] + window[0], 0, 0, 0),
+                    tiling.AxisTile(j * strides[1], j * strides[1] + window[1], 0, 0, 0),
+                    preprocess,
+                    dtype,
+                )
+                for i, j in positions[first : first + batch_size]
+            ]
+            scores[first : first + len(crops)] = forward(np.stack(crops))
+            bar.update(1)
+    grid = scores.reshape(counts[0], counts[1], classes)
+    return grid if data_format == "channels_last" else np.moveaxis(grid, -1, 0)
+
+
+def _check_fcn(fcn) -> tuple[_Layout, int]:
+    if not isinstance(fcn, keras.Model):
+        raise ConversionError(f"Expected a `keras.Model` from `convert`. Received: {type(fcn).__name__}")
+    data_format = spatial_data_format(fcn)
+    in_shape, out_shape = tuple(fcn.inputs[0].shape), tuple(fcn.outputs[0].shape)
+    spatial = (1, 2) if data_format == "channels_last" else (2, 3)
+    if len(in_shape) != 4 or any(in_shape[i] is not None for i in spatial) or len(out_shape) != 4:
+        raise ConversionError(
+            f"Model '{fcn.name}' takes {in_shape} and returns {out_shape}: not a fully convolutional model. "
+            "Convert the classifier first: `fcn = keras_fcn_surgery.convert(model)`."
+        )
+    channels = in_shape[3] if data_format == "channels_last" else in_shape[1]
+    classes = out_shape[3] if data_format == "channels_last" else out_shape[1]
+    return _Layout(data_format, int(channels)), int(classes)
+
+
+def _with_channel_axis(image, layout: _Layout):
+    if len(image.shape) == 2 and layout.channels == 1:
+        return _ChannelView(image, layout.data_format)
+    return image
+
+
+class _ChannelView:
+    """A 2-D array seen as one-channel 3-D, sliced lazily."""
+
+    def __init__(self, array, data_format: str):
+        self._array, self._data_format = array, data_format
+        height, width = array.shape
+        self.shape = (height, width, 1) if data_format == "channels_last" else (1, height, width)
+
+    def __getitem__(self, index):
+        rows, cols = index[:2] if self._data_format == "channels_last" else index[1:]
+        region = np.asarray(self._array[rows, cols])
+        return region[..., None] if self._data_format == "channels_last" else region[None]
+
+
+def _image_size(image, layout: _Layout) -> tuple[int, int]:
+    shape = tuple(getattr(image, "shape", ()))
+    expected = "(H, W, C)" if layout.data_format == "channels_last" else "(C, H, W)"
+    if len(shape) != 3:
+        raise ConversionError(
+            f"Expected one image shaped {expected} with C = {layout.channels} (an array or an array-like with "
+            f"`shape` and slicing). Received shape {shape}; for a batch, call once per image."
+        )
+    channels = shape[2] if layout.data_format == "channels_last" else shape[0]
+    if channels != layout.channels:
+        raise ConversionError(
+            f"The model takes {layout.channels} channels ({layout.data_format}, {expected}); the image of shape "
+            f"{shape} has {channels}."
+        )
+    rows, cols = layout.spatial_axes
+    return (int(shape[rows]), int(shape[cols]))
+
+
+def _check_image_size(size, grid: Geometry) -> None:
+    minimum = grid.min_input_size
+    if size[0] < minimum[0] or size[1] < minimum[1]:
+        field = grid.receptive_field
+        raise ConversionError(
+            f"An image of {size[0]}x{size[1]} pixels is smaller than the network's minimum input of "
+            f"{minimum[0]}x{minimum[1]} (receptive field {field[0]}x{field[1]}): its score map would be empty. "
+            "Pad or enlarge the image."
+        )
+
+
+def _output_array(out, shape, fcn):
+    if out is None:
+        return np.empty(shape, dtype=_output_dtype(fcn))
+    given = tuple(getattr(out, "shape", ()))
+    if given != shape:
+        raise ConversionError(
+            f"`out` has shape {given}, but the map of this image has shape {shape}. Allocate it with that shape "
+            "(`geometry(fcn).output_size((H, W))` gives the map's height and width)."
+        )
+    return out
+
+
+def _plan(size, grid: Geometry, tile) -> list[list[tiling.AxisTile]]:
+    if tile is None:
+        sides = size
+    else:
+        requested = _pair(tile, "tile")
+        sides = tuple(tiling.tile_length(t, n, s) for t, n, s in zip(requested, size, grid.stride))
+    if tuple(sides) == tuple(size):
+        cells = grid.output_size(size)
+        return [[tiling.AxisTile(0, n, 0, c, 0)] for n, c in zip(size, cells)]
+    if grid.global_context:
+        raise ConversionError(
+            "The network pools over the whole image (a global pooling inside, such as squeeze-and-excitation), "
+            "so every cell depends on every pixel and no tiling is exact. Use `tile=None`."
+        )
+    minimum = grid.min_input_size
+    for name, side, low in zip(("height", "width"), sides, minimum):
+        if side < low:
+            raise ConversionError(
+                f"A tile {name} of {side} pixels is smaller than the network's minimum input of {low}. "
+                f"Use tiles of at least {low}."
+            )
+    cells = grid.output_size(sides)
+    exact = grid.exact_cells(sides, at_image_start=(False, False), at_image_end=(False, False))
+    plans = []
+    for axis in (0, 1):
+        start, stop = exact[axis]
+        plans.append(tiling.plan_axis(size[axis], sides[axis], grid.stride[axis], cells[axis], start, cells[axis] - stop))
+    return plans
+
+
+def _pair(value, name: str) -> tuple[int, int]:
+    values = (value, value) if np.isscalar(value) else tuple(value)
+    if len(values) != 2 or any(int(v) != v or v < 1 for v in values):
+        raise ConversionError(f"Expected `{name}` to be a positive integer or a pair of them. Received: {value!r}")
+    return (int(values[0]), int(values[1]))
+
+
+def _read(image, layout: _Layout, rows: tiling.AxisTile, cols: tiling.AxisTile, preprocess, dtype) -> np.ndarray:
+    pixels = np.asarray(layout.region(image, slice(rows.start, rows.stop), slice(cols.start, cols.stop)))
+    if preprocess is not None:
+        pixels = np.asarray(preprocess(pixels.astype(np.float32)))
+    return pixels.astype(dtype, copy=False)
+
+
+def _input_dtype(model) -> str:
+    dtype = str(model.inputs[0].dtype)
+    return dtype if dtype.startswith("float") else "float32"
+
+
+def _output_dtype(model) -> str:
+    dtype = str(model.outputs[0].dtype)
+    return dtype if dtype.startswith("float") else "float32"
+
+
+def _forward_fn(model, jit_compile: bool):
+    """``numpy batch -> numpy outputs``, traced once per input shape and cached per model."""
+    import tensorflow as tf
+
+    per_model = _FORWARD_CACHE.setdefault(model, {})
+    if jit_compile not in per_model:
+        reference = weakref.ref(model)
+        compiled = tf.function(lambda x: reference()(x, training=False), jit_compile=jit_compile)
+        per_model[jit_compile] = lambda batch: np.asarray(compiled(tf.constant(batch)))
+    return per_model[jit_compile]
+
+
+class _NoBar:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def update(self, n: int = 1) -> None:
+        pass
+
+
+def _progress_bar(total: int, progress: bool | None, unit: str):
+    if progress is None:
+        progress = total > 1 and sys.stderr.isatty()
+    if not progress:
+        return _NoBar()
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit=unit[:-1] if unit.endswith("s") else unit, leave=False)

@@ -1,0 +1,557 @@
+"""Exporting a converted model as a TensorFlow Serving SavedModel, checked in a fresh process.
+
+The layout is TF Serving's: ``<export_dir>/<version>/saved_model.pb`` plus
+``variables/``. Two signatures:
+
+- ``serving_default``: input ``images``, float32 ``[-1, -1, -1, C]`` (height
+  and width free), the raw pixels the Keras model itself expects; output
+  ``scores``, float32 ``[-1, -1, -1, K]``.
+- ``serving_bytes``: input ``image_bytes``, a batch of encoded JPEG/PNG/GIF/BMP
+  strings (tf.string ``[-1]``, what TF Serving's REST ``{"b64": ...}`` values
+  become), decoded in the graph and preprocessed with one of the
+  `keras.applications` conventions; output ``scores`` as above. All images of
+  one request must have the same height and width.
+
+Both take channels-last images and return channels-last maps, also for a
+channels-first model (the signature transposes).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+
+import keras
+import numpy as np
+
+from keras_fcn_surgery.errors import ConversionError, ModelFileError
+from keras_fcn_surgery.graph import spatial_data_format
+from keras_fcn_surgery.verification import VerificationResult, tolerance_for
+
+PREPROCESS_MODES = ("none", "caffe", "tf", "torch")
+SERVING_DEFAULT = "serving_default"
+SERVING_BYTES = "serving_bytes"
+INPUT_NAME = "images"
+BYTES_INPUT_NAME = "image_bytes"
+OUTPUT_NAME = "scores"
+
+# keras.applications.imagenet_utils conventions.
+CAFFE_MEAN_BGR = (103.939, 116.779, 123.68)
+TORCH_MEAN = (0.485, 0.456, 0.406)
+TORCH_STD = (0.229, 0.224, 0.225)
+
+# Channel counts tf.io.decode_image can produce.
+DECODABLE_CHANNELS = (1, 3, 4)
+
+# Seconds the fresh process may take to load and run the SavedModel.
+CHECK_TIMEOUT = 900
+
+_VERSION_NAME = re.compile(r"^[0-9]+$")
+
+
+class ExportError(ConversionError):
+    """An export that could not be built, or that does not reproduce the Keras model."""
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    """What an export wrote and how it was checked.
+
+    Attributes:
+        path: the version folder (SavedModel) or the ``.onnx`` file.
+        version: the SavedModel version, or None for ONNX.
+        checks: one `VerificationResult` per checked input size, comparing the
+            reloaded export with the Keras model.
+    """
+
+    path: str
+    version: int | None
+    checks: tuple[VerificationResult, ...]
+
+    def __str__(self) -> str:
+        lines = [f"wrote {self.path}" + (f" (version {self.version})" if self.version is not None else "")]
+        lines += [f"  {check}" for check in self.checks]
+        return "\n".join(lines)
+
+
+def export_savedmodel(
+    model,
+    export_dir,
+    *,
+    version=None,
+    preprocess: str = "none",
+    overwrite: bool = False,
+    convert: bool = True,
+    head: str = "window",
+    input_size=None,
+    check_sizes=None,
+    bytes_signature: bool = True,
+    custom_objects=None,
+) -> ExportResult:
+    """Write a model as a TF Serving SavedModel with free height and width, and prove it reloads.
+
+    The SavedModel is written to a temporary folder beside the version folder,
+    reloaded in a fresh Python process that imports TensorFlow but not this
+    package, run through ``serving_default`` at two image sizes and compared
+    with the Keras model; only then is it renamed into place. A failure at any
+    step leaves no version folder behind (and an existing one untouched).
+
+    Args:
+        model: a classifier (converted first with `convert`), an already
+            converted FCN (input height and width ``None``, rank-4 output), or
+            a path to a ``.keras``/``.h5`` file holding either.
+        export_dir: the model's base folder; created when missing.
+        version: integer version folder; default: one more than the highest
+            numeric folder in ``export_dir`` (1 when there is none).
+        preprocess: what ``serving_bytes`` does to the decoded uint8 pixels
+            before the model: ``"none"`` (cast to float32), ``"caffe"``
+            (RGB->BGR, minus the ImageNet mean), ``"tf"`` (scaled to [-1, 1])
+            or ``"torch"`` (scaled to [0, 1], then ImageNet mean and std).
+            ``serving_default`` never preprocesses.
+        overwrite: replace an existing version folder.
+        convert: convert a classifier first. With False the model must
+            already be fully convolutional.
+        head: ``"window"`` or ``"dense"``, passed to `convert`.
+        input_size: ``(H, W)`` the classifier was trained at: needed to
+            convert a classifier that accepts any size; for an FCN it sets the
+            first check size.
+        check_sizes: the two (or more) ``(H, W)`` sizes to check at; default:
+            the original size and that size plus seven output strides.
+        bytes_signature: add ``serving_bytes``. Needs 1, 3 or 4 channels.
+        custom_objects: passed to `keras.models.load_model` for a path.
+
+    Returns:
+        An `ExportResult` with the version folder and the checks.
+
+    Raises:
+        ModelFileError: for an existing version without ``overwrite``, or a
+            folder that cannot be written.
+        ExportError: when the model cannot be served this way, or the reloaded
+            SavedModel differs from the Keras model.
+
+    Example:
+
+    ```python
+    result = keras_fcn_surgery.export_savedmodel(classifier, "/models/fcn", preprocess="caffe")
+    result.path  # '/models/fcn/1'
+    ```
+    """
+    if preprocess not in PREPROCESS_MODES:
+        raise ExportError(f"Expected `preprocess` to be one of {PREPROCESS_MODES}. Received: preprocess={preprocess!r}")
+    fcn, original = prepare_fcn(model, convert=convert, head=head, input_size=input_size, custom_objects=custom_objects)
+    channels = image_channels(fcn)
+    if bytes_signature:
+        _check_bytes_signature(fcn, channels, preprocess)
+    sizes = resolve_check_sizes(fcn, original, check_sizes)
+    export_dir = _prepare_export_dir(export_dir)
+    version = next_version(export_dir) if version is None else _check_version(version)
+    final = os.path.join(export_dir, str(version))
+    _refuse_existing(final, overwrite)
+
+    work = _make_work_dir(export_dir, version)
+    try:
+        written = os.path.join(work, "saved_model")
+        _write_savedmodel(fcn, written, channels, preprocess if bytes_signature else None)
+        checks = _check_in_fresh_process(fcn, written, sizes)
+        _publish(written, final, work, overwrite)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return ExportResult(path=final, version=version, checks=checks)
+
+
+def next_version(export_dir) -> int:
+    """One more than the highest numeric folder in ``export_dir`` (1 when there is none)."""
+    export_dir = os.fspath(export_dir)
+    if not os.path.isdir(export_dir):
+        return 1
+    versions = [
+        int(name)
+        for name in os.listdir(export_dir)
+        if _VERSION_NAME.match(name) and os.path.isdir(os.path.join(export_dir, name))
+    ]
+    return max(versions, default=0) + 1
+
+
+def is_fully_convolutional(model) -> bool:
+    """True for a one-input, one-output model on images of any size that returns a rank-4 map."""
+    if len(model.inputs) != 1 or len(model.outputs) != 1:
+        return False
+    shape, output = tuple(model.inputs[0].shape), tuple(model.outputs[0].shape)
+    return len(shape) == 4 and len(output) == 4 and all(d is None for d in _spatial(model, shape))
+
+
+def prepare_fcn(model, *, convert: bool = True, head: str = "window", input_size=None, custom_objects=None):
+    """The FCN to export and the classifier's original ``(H, W)`` (None when unknown).
+
+    Raises:
+        ExportError: for a model with several inputs or outputs, or a
+            classifier with ``convert=False``.
+    """
+    from keras_fcn_surgery.conversion import convert as convert_model
+    from keras_fcn_surgery.loading import load_model
+
+    if isinstance(model, (str, os.PathLike)):
+        model = load_model(model, custom_objects=custom_objects)
+    if not isinstance(model, keras.Model):
+        raise ExportError(
+            f"Expected a `keras.Model` or a path to a `.keras`/`.h5` file. Received: {type(model).__name__}"
+        )
+    if len(model.inputs) != 1 or len(model.outputs) != 1:
+        raise ExportError(
+            f"Model '{model.name}' has {len(model.inputs)} inputs and {len(model.outputs)} outputs; a serving "
+            "export takes one image input and returns one score map."
+        )
+    size = tuple(int(d) for d in input_size) if input_size is not None else None
+    if is_fully_convolutional(model):
+        return model, size
+    if not convert:
+        raise ExportError(
+            f"Model '{model.name}' takes input {tuple(model.inputs[0].shape)} and returns "
+            f"{tuple(model.outputs[0].shape)}: it is not fully convolutional. Let it be converted first "
+            "(drop convert=False / --no-convert)."
+        )
+    if size is None:
+        spatial = _spatial(model, tuple(model.inputs[0].shape))
+        size = tuple(int(d) for d in spatial) if all(d is not None for d in spatial) else None
+    fcn = convert_model(model, head=head, input_size=input_size)
+    return fcn, size
+
+
+def image_channels(model) -> int:
+    """The channel count of the model's image input."""
+    shape = tuple(model.inputs[0].shape)
+    channels = shape[3] if spatial_data_format(model) == "channels_last" else shape[1]
+    if channels is None:
+        raise ExportError(f"Model '{model.name}' takes input {shape} with an unknown number of channels.")
+    return int(channels)
+
+
+def resolve_check_sizes(fcn, original, check_sizes=None) -> tuple[tuple[int, int], ...]:
+    """The ``(H, W)`` sizes an export is checked at.
+
+    Default: the original size (or the smallest valid one of an FCN whose
+    original size is unknown) and that size plus seven output strides (an
+    8x8-cell larger map for a one-window original).
+    """
+    if check_sizes is not None:
+        sizes = tuple(tuple(int(d) for d in size) for size in check_sizes)
+        if not sizes or any(len(size) != 2 or min(size) < 1 for size in sizes):
+            raise ExportError(f"Expected `check_sizes` to be (H, W) pairs of positive ints. Received: {check_sizes}")
+        return sizes
+    from keras_fcn_surgery.geometry import geometry
+
+    try:
+        grid = geometry(fcn, original)
+    except ConversionError as error:
+        if original is None:
+            raise ExportError(
+                f"The input size to check model '{fcn.name}' at is unknown ({error}). Pass "
+                "`input_size=(H, W)` (CLI: --input-size) or `check_sizes`."
+            ) from error
+        return (original, (2 * original[0], 2 * original[1]))
+    base = tuple(grid.input_size)
+    larger = (base[0] + 7 * grid.stride[0], base[1] + 7 * grid.stride[1])
+    return (base, larger)
+
+
+def preprocess_images(images, mode: str):
+    """Apply one `keras.applications` preprocessing to a channels-last batch (a TF op).
+
+    Args:
+        images: a ``(N, H, W, C)`` tensor of pixel values in [0, 255] (any
+            numeric dtype), RGB order for ``"caffe"`` and ``"torch"``.
+        mode: one of `PREPROCESS_MODES`.
+
+    Returns:
+        A float32 tensor of the same shape.
+    """
+    import tensorflow as tf
+
+    x = tf.cast(images, tf.float32)
+    if mode == "none":
+        return x
+    if mode == "caffe":
+        return x[..., ::-1] - tf.constant(CAFFE_MEAN_BGR, tf.float32)
+    if mode == "tf":
+        return x / 127.5 - 1.0
+    if mode == "torch":
+        return (x / 255.0 - tf.constant(TORCH_MEAN, tf.float32)) / tf.constant(TORCH_STD, tf.float32)
+    raise ExportError(f"Expected `mode` to be one of {PREPROCESS_MODES}. Received: mode={mode!r}")
+
+
+def decode_images(image_bytes, channels: int):
+    """Decode a non-empty batch of encoded images of one size into ``(N, H, W, channels)`` uint8 (a TF op).
+
+    Raises (when run):
+        tf.errors.InvalidArgumentError: for an empty batch, undecodable bytes,
+            or images of different sizes.
+    """
+    import tensorflow as tf
+
+    def decode(data):
+        image = tf.io.decode_image(data, channels=channels, expand_animations=False, dtype=tf.uint8)
+        return tf.ensure_shape(image, [None, None, channels])
+
+    tf.debugging.assert_positive(tf.size(image_bytes), message="serving_bytes needs at least one image")
+    first = decode(image_bytes[0])
+    reference = tf.shape(first)
+
+    def decode_same_size(data):
+        image = decode(data)
+        check = tf.debugging.assert_equal(
+            tf.shape(image),
+            reference,
+            message="serving_bytes: all images of one request must have the same height and width",
+        )
+        with tf.control_dependencies([check]):
+            return tf.identity(image)
+
+    rest = tf.map_fn(
+        decode_same_size, image_bytes[1:], fn_output_signature=tf.TensorSpec([None, None, channels], tf.uint8)
+    )
+    return tf.concat([first[tf.newaxis], rest], axis=0)
+
+
+def serving_functions(fcn, preprocess: str | None = "none") -> dict:
+    """The signature functions, keyed by signature name, with their input signatures.
+
+    Returns:
+        ``{name: (function, [tf.TensorSpec])}``; ``serving_bytes`` only when
+        ``preprocess`` is not None.
+    """
+    import tensorflow as tf
+
+    channels = image_channels(fcn)
+    channels_first = spatial_data_format(fcn) == "channels_first"
+    dtype = fcn.inputs[0].dtype
+
+    def scores(images):
+        x = tf.cast(images, dtype)
+        if channels_first:
+            x = tf.transpose(x, [0, 3, 1, 2])
+        y = fcn(x, training=False)
+        if channels_first:
+            y = tf.transpose(y, [0, 2, 3, 1])
+        return tf.cast(y, tf.float32)
+
+    def serve(images):
+        return {OUTPUT_NAME: scores(images)}
+
+    def serve_bytes(image_bytes):
+        return {OUTPUT_NAME: scores(preprocess_images(decode_images(image_bytes, channels), preprocess))}
+
+    functions = {SERVING_DEFAULT: (serve, [tf.TensorSpec([None, None, None, channels], tf.float32, name=INPUT_NAME)])}
+    if preprocess is not None:
+        functions[SERVING_BYTES] = (serve_bytes, [tf.TensorSpec([None], tf.string, name=BYTES_INPUT_NAME)])
+    return functions
+
+
+def keras_scores(fcn, images: np.ndarray) -> np.ndarray:
+    """The Keras model's map for a channels-last batch, channels-last, as float32 numpy."""
+    channels_first = spatial_data_format(fcn) == "channels_first"
+    x = np.transpose(images, (0, 3, 1, 2)) if channels_first else images
+    y = np.asarray(keras.ops.convert_to_numpy(fcn(x.astype(str(fcn.inputs[0].dtype)), training=False)))
+    y = np.transpose(y, (0, 2, 3, 1)) if channels_first else y
+    return y.astype(np.float32)
+
+
+def check_batches(fcn, sizes, *, batch_size: int = 2, seed: int = 0) -> dict[str, np.ndarray]:
+    """Random channels-last float32 batches, one per size, keyed ``"size0"``, ``"size1"``..."""
+    rng = np.random.default_rng(seed)
+    channels = image_channels(fcn)
+    return {
+        f"size{i}": rng.standard_normal((batch_size, h, w, channels)).astype(np.float32)
+        for i, (h, w) in enumerate(sizes)
+    }
+
+
+def compare_outputs(fcn, batches: dict, outputs: dict, *, what: str) -> tuple[VerificationResult, ...]:
+    """Compare an export's outputs with the Keras model's on the same batches.
+
+    Raises:
+        ExportError: when a shape differs or a difference exceeds the tolerance.
+    """
+    tolerance = tolerance_for(fcn)
+    results = []
+    for key, images in batches.items():
+        want = keras_scores(fcn, images).astype(np.float64)
+        got = np.asarray(outputs[key], dtype=np.float64)
+        if got.shape != want.shape:
+            raise ExportError(
+                f"{what} returns shape {got.shape} for input {images.shape}, the Keras model {want.shape}. "
+                "The export is broken; please report the model."
+            )
+        max_abs = float(np.max(np.abs(got - want), initial=0.0))
+        scale = float(np.max(np.abs(want), initial=0.0))
+        relative = max_abs / scale if scale > 0 else (0.0 if max_abs == 0 else float("inf"))
+        result = VerificationResult(max_abs, relative, tolerance, scale, tuple(images.shape))
+        if not result.passed:
+            raise ExportError(f"{what} differs from the Keras model: {result}. The export was not kept.")
+        results.append(result)
+    return tuple(results)
+
+
+def _spatial(model, shape):
+    return shape[1:3] if spatial_data_format(model) == "channels_last" else shape[2:4]
+
+
+def _check_bytes_signature(fcn, channels: int, preprocess: str) -> None:
+    if channels not in DECODABLE_CHANNELS:
+        raise ExportError(
+            f"Model '{fcn.name}' takes {channels}-channel images, which encoded JPEG/PNG cannot hold "
+            f"(they decode to {DECODABLE_CHANNELS} channels). Pass bytes_signature=False to export "
+            "serving_default only."
+        )
+    if preprocess in ("caffe", "torch") and channels != 3:
+        raise ExportError(
+            f"preprocess={preprocess!r} works on RGB images but model '{fcn.name}' takes {channels} channels. "
+            "Use preprocess='none' or 'tf'."
+        )
+
+
+def _check_version(version) -> int:
+    if isinstance(version, bool) or not isinstance(version, (int, np.integer, str)):
+        raise ExportError(f"Expected `version` to be a non-negative integer. Received: version={version!r}")
+    if isinstance(version, str):
+        if not _VERSION_NAME.match(version):
+            raise ExportError(f"Expected `version` to be a non-negative integer. Received: version={version!r}")
+        version = int(version)
+    if version < 0:
+        raise ExportError(f"Expected `version` to be a non-negative integer. Received: version={version!r}")
+    return int(version)
+
+
+def _prepare_export_dir(export_dir) -> str:
+    export_dir = os.path.abspath(os.fspath(export_dir))
+    if os.path.exists(export_dir) and not os.path.isdir(export_dir):
+        raise ModelFileError(f"Export folder '{export_dir}' is a file. Give a folder for the model's versions.")
+    try:
+        os.makedirs(export_dir, exist_ok=True)
+    except OSError as error:
+        raise ModelFileError(f"Cannot create export folder '{export_dir}': {error.strerror or error}.") from error
+    return export_dir
+
+
+def _refuse_existing(final: str, overwrite: bool) -> None:
+    if os.path.lexists(final) and not overwrite:
+        raise ModelFileError(
+            f"Version folder '{final}' already exists; pass overwrite=True (CLI: --overwrite) to replace it, "
+            "or leave out the version to write the next one."
+        )
+    if os.path.lexists(final) and not os.path.isdir(final):
+        raise ModelFileError(f"'{final}' exists and is not a folder; remove it first.")
+
+
+def _make_work_dir(export_dir: str, version: int) -> str:
+    # A hidden, non-numeric name: TF Serving never mistakes it for a version.
+    try:
+        return tempfile.mkdtemp(prefix=f".{version}.partial-", dir=export_dir)
+    except OSError as error:
+        raise ModelFileError(f"Cannot write in export folder '{export_dir}': {error.strerror or error}.") from error
+
+
+def _write_savedmodel(fcn, path: str, channels: int, preprocess: str | None) -> None:
+    import tensorflow as tf
+
+    archive = keras.export.ExportArchive()
+    archive.track(fcn)
+    for name, (function, signature) in serving_functions(fcn, preprocess).items():
+        try:
+            archive.add_endpoint(name, function, input_signature=signature)
+        except ConversionError:
+            raise
+        except Exception as error:
+            raise ExportError(
+                f"Tracing signature '{name}' of model '{fcn.name}' failed ({type(error).__name__}: "
+                f"{_first_line(str(error))}). A layer may not accept images of any size."
+            ) from error
+    try:
+        archive.write_out(path, verbose=False)
+    except (OSError, tf.errors.OpError) as error:
+        raise ModelFileError(
+            f"Could not write the SavedModel of '{fcn.name}' under '{os.path.dirname(path)}': "
+            f"{_first_line(str(error))}. Check the folder's permissions and free space."
+        ) from error
+
+
+def _publish(written: str, final: str, work: str, overwrite: bool) -> None:
+    """Rename ``written`` to ``final``; an existing ``final`` is moved aside first and restored on failure."""
+    previous = os.path.join(work, "previous")
+    moved_aside = False
+    try:
+        if overwrite and os.path.lexists(final):
+            os.rename(final, previous)
+            moved_aside = True
+        os.rename(written, final)
+    except BaseException as error:
+        if moved_aside and not os.path.lexists(final):
+            os.rename(previous, final)
+        if isinstance(error, OSError):
+            raise ModelFileError(
+                f"Could not move the new SavedModel into '{final}': {error.strerror or error}. "
+                "(Another export may have written that version meanwhile.)"
+            ) from error
+        raise
+
+
+_CHECK_SCRIPT = """
+import sys
+
+class _RefuseThisPackage:
+    def find_spec(self, name, path=None, target=None):
+        if name == "keras_fcn_surgery" or name.startswith("keras_fcn_surgery."):
+            raise ImportError("keras_fcn_surgery must not be needed to serve an export")
+        return None
+
+sys.meta_path.insert(0, _RefuseThisPackage())
+import numpy as np
+import tensorflow as tf
+
+path, inputs_file, outputs_file = sys.argv[1:4]
+serve = tf.saved_model.load(path).signatures["serving_default"]
+inputs = np.load(inputs_file)
+outputs = {key: serve(images=tf.constant(inputs[key]))["scores"].numpy() for key in inputs.files}
+np.savez(outputs_file, **outputs)
+"""
+
+
+def _check_in_fresh_process(fcn, path: str, sizes) -> tuple[VerificationResult, ...]:
+    """Load the SavedModel in a new interpreter (TensorFlow only) and compare it with the Keras model."""
+    batches = check_batches(fcn, sizes)
+    with tempfile.TemporaryDirectory(prefix="kfs-check-") as scratch:
+        inputs_file = os.path.join(scratch, "inputs.npz")
+        outputs_file = os.path.join(scratch, "outputs.npz")
+        np.savez(inputs_file, **batches)
+        env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
+        env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+        try:
+            process = subprocess.run(
+                [sys.executable, "-I", "-c", _CHECK_SCRIPT, path, inputs_file, outputs_file],
+                cwd=scratch,
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=CHECK_TIMEOUT,
+            )
+        except subprocess.TimeoutExpired as error:
+            raise ExportError(
+                f"Reloading the SavedModel of '{fcn.name}' in a fresh process took over {CHECK_TIMEOUT} s."
+            ) from error
+        if process.returncode != 0:
+            tail = " | ".join(process.stderr.strip().splitlines()[-3:])
+            raise ExportError(
+                f"The SavedModel of '{fcn.name}' could not be reloaded and run in a fresh TensorFlow process "
+                f"(exit {process.returncode}): {tail}. The export was not kept."
+            )
+        with np.load(outputs_file) as loaded:
+            outputs = {key: loaded[key] for key in loaded.files}
+    return compare_outputs(fcn, batches, outputs, what=f"The reloaded SavedModel of '{fcn.name}'")
+
+
+def _first_line(text: str) -> str:
+    return text.strip().splitlines()[0] if text.strip() else text

@@ -1,0 +1,103 @@
+"""Op graphs of a classifier and its FCN for TensorBoard, with the conversion plan as text.
+
+Keras 3's TensorBoard callback writes no op graph, so the forward pass is
+traced with `tf.function` and its graph written with `tf.summary.graph`.
+"""
+
+from __future__ import annotations
+
+import os
+
+from keras_fcn_surgery.errors import ModelFileError
+
+SOURCE_RUN = "source"
+FCN_RUN = "fcn"
+PLAN_TAG = "conversion_plan"
+
+
+def log_graphs(model, logdir, *, head: str = "window", input_size=None, custom_objects=None) -> tuple[str, str]:
+    """Write the op graphs of a classifier and of its converted FCN as two TensorBoard runs.
+
+    ``<logdir>/source`` holds the classifier's graph traced at its own input
+    shape; ``<logdir>/fcn`` holds the FCN's graph traced with free height and
+    width, and the conversion plan table as the text summary
+    ``conversion_plan``. ``tensorboard --logdir <logdir>`` shows both graphs
+    side by side (Graphs tab, run selector) and the plan (Text tab).
+
+    Args:
+        model: a classifier, or a path to a ``.keras``/``.h5`` file.
+        logdir: the folder for the two runs; created when missing.
+        head: ``"window"`` or ``"dense"``, passed to `convert`.
+        input_size: ``(H, W)`` the classifier was trained at, when it accepts
+            any size.
+        custom_objects: passed to `keras.models.load_model` for a path.
+
+    Returns:
+        The two run folders, ``(source, fcn)``.
+
+    Raises:
+        ConversionError: when the model cannot be converted.
+        ModelFileError: when ``logdir`` cannot be written.
+    """
+    from keras_fcn_surgery.conversion import convert, plan
+    from keras_fcn_surgery.loading import load_model
+
+    if isinstance(model, (str, os.PathLike)):
+        model = load_model(model, custom_objects=custom_objects)
+    logdir = os.fspath(logdir)
+    if os.path.exists(logdir) and not os.path.isdir(logdir):
+        raise ModelFileError(f"Log folder '{logdir}' is a file. Give a folder for the TensorBoard runs.")
+    table = plan(model, head=head, input_size=input_size)
+    fcn = convert(model, head=head, input_size=input_size, verify=False)
+    runs = (os.path.join(logdir, SOURCE_RUN), os.path.join(logdir, FCN_RUN))
+    _write_run(runs[0], traced_graph(model))
+    _write_run(runs[1], traced_graph(fcn), text={PLAN_TAG: plan_markdown(table)})
+    return runs
+
+
+def traced_graph(model):
+    """The `tf.Graph` of ``model``'s inference forward pass, traced at its input shape with a free batch."""
+    import tensorflow as tf
+
+    specs = [tf.TensorSpec((None, *tuple(t.shape)[1:]), t.dtype, name=_input_name(t)) for t in model.inputs]
+
+    def forward(*inputs):
+        return model(inputs[0] if len(inputs) == 1 else list(inputs), training=False)
+
+    return tf.function(forward).get_concrete_function(*specs).graph
+
+
+def plan_markdown(conversion_plan) -> str:
+    """The plan table as a fenced code block, so TensorBoard's Markdown keeps its alignment."""
+    header = (
+        f"{conversion_plan.model_name}: input {conversion_plan.input_size}, "
+        f"{conversion_plan.data_format}, head '{conversion_plan.head}'"
+    )
+    return f"{header}\n\n```\n{conversion_plan.table()}\n```\n"
+
+
+def _write_run(folder: str, graph, text=None) -> None:
+    import tensorflow as tf
+
+    try:
+        writer = tf.summary.create_file_writer(folder)
+    except (OSError, tf.errors.OpError) as error:
+        raise ModelFileError(f"Cannot write TensorBoard run '{folder}': {_first_line(str(error))}.") from error
+    try:
+        with writer.as_default():
+            tf.summary.graph(graph)
+            for tag, value in (text or {}).items():
+                tf.summary.text(tag, value, step=0)
+        writer.flush()
+    finally:
+        writer.close()
+
+
+def _input_name(tensor) -> str:
+    history = getattr(tensor, "_keras_history", None)
+    operation = history.operation if history is not None else None
+    return operation.name if operation is not None else "input"
+
+
+def _first_line(text: str) -> str:
+    return text.strip().splitlines()[0] if text.strip() else text

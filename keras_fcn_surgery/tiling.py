@@ -1,0 +1,108 @@
+"""Tile planning for exact tiled inference (pure integer functions).
+
+One axis at a time. The network has total stride ``S``. A tile of length
+``T`` starting at input pixel ``a`` pads like the whole image when ``a`` is a
+multiple of ``S`` and ``T`` is congruent to the image's length modulo ``S``
+(``same`` padding amounts depend only on sizes modulo strides); its output cell
+``j`` is then the whole image's cell ``a // S + j``. A tile whose edge lies
+inside the image loses ``margin_before`` cells at its start and
+``margin_after`` at its end (their windows reach across the edge); at the
+image's own edges nothing is lost. Consecutive tiles overlap so that the cells
+each one keeps meet exactly, every output cell is written once, and all tiles
+share one length (so they can be batched): the last tile is moved back to end
+at the image's end.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from keras_fcn_surgery.errors import ConversionError
+
+
+@dataclass(frozen=True)
+class AxisTile:
+    """One tile along one axis.
+
+    Attributes:
+        start: first input pixel of the tile.
+        stop: input pixel after its last one.
+        keep_start: first of the tile's output cells that is written.
+        keep_stop: output cell after the last one written.
+        out_start: the whole map's cell where ``keep_start`` goes.
+    """
+
+    start: int
+    stop: int
+    keep_start: int
+    keep_stop: int
+    out_start: int
+
+    @property
+    def out_stop(self) -> int:
+        return self.out_start + self.keep_stop - self.keep_start
+
+
+def tile_length(requested: int, length: int, stride: int) -> int:
+    """The tile length used for a requested one along an axis of ``length`` pixels.
+
+    ``requested`` is rounded up to a multiple of ``stride``, then the image's
+    remainder ``length % stride`` is added, so that the tile pads like the
+    whole image. An image no longer than that is one tile of its own length.
+
+    Raises:
+        ConversionError: for a non-positive request or stride.
+    """
+    if requested < 1 or stride < 1:
+        raise ConversionError(f"Expected a positive tile size and stride. Received: tile={requested}, stride={stride}")
+    rounded = -(-requested // stride) * stride + length % stride
+    return min(rounded, length)
+
+
+def plan_axis(length: int, tile: int, stride: int, cells: int, margin_before: int, margin_after: int) -> list[AxisTile]:
+    """Tiles covering one axis of the output map, each output cell written once.
+
+    Args:
+        length: the image's length along the axis.
+        tile: the tile length, congruent to ``length`` modulo ``stride`` (see
+            `tile_length`) or equal to ``length``.
+        stride: the network's total stride along the axis.
+        cells: output cells of one tile of length ``tile``.
+        margin_before: cells lost at a tile start that lies inside the image.
+        margin_after: cells lost at a tile end that lies inside the image.
+
+    Returns:
+        `AxisTile` list in order; one tile when ``tile >= length``.
+
+    Raises:
+        ConversionError: when the tile length is not aligned, or too short to
+            keep any cell of an inner tile.
+    """
+    if tile >= length:
+        return [AxisTile(0, length, 0, cells, 0)]
+    if (length - tile) % stride:
+        raise ConversionError(
+            f"A tile of {tile} pixels does not pad like an image of {length}: their lengths must be congruent "
+            f"modulo the stride {stride}. Use `tile_length` to choose the tile."
+        )
+    step = cells - margin_before - margin_after
+    if step < 1:
+        needed = tile + stride * (1 - step)
+        raise ConversionError(
+            f"A tile of {tile} pixels gives {cells} output cells, but {margin_before} + {margin_after} of them "
+            f"see past the tile's edges: no cell of an inner tile would be exact. Use tiles of at least {needed} "
+            "pixels (more keep more of each tile)."
+        )
+    last_origin = (length - tile) // stride
+    total = last_origin + cells
+    tiles: list[AxisTile] = []
+    written, origin = 0, 0
+    while written < total:
+        origin = min(origin, last_origin)
+        is_last = origin == last_origin
+        keep_start = written - origin
+        keep_stop = cells if is_last else cells - margin_after
+        tiles.append(AxisTile(origin * stride, origin * stride + tile, keep_start, keep_stop, written))
+        written = origin + keep_stop
+        origin += step
+    return tiles

@@ -1,0 +1,65 @@
+"""Pure per-axis geometry functions."""
+
+import keras
+import numpy as np
+import pytest
+
+from keras_fcn_surgery import geometry_math as gm
+
+
+@pytest.mark.parametrize("size", [5, 6, 9, 10, 11])
+@pytest.mark.parametrize("kernel, stride", [(1, 2), (3, 1), (3, 2), (4, 2), (7, 1), (5, 3)])
+def test_same_padding_before_matches_tensorflow(size, kernel, stride):
+    # With input 1..size and a kernel that picks its last tap, output cell 0
+    # holds input[kernel - 1 - pad_before], i.e. the value kernel - pad_before.
+    values = np.arange(1, size + 1, dtype="float32").reshape(1, size, 1)
+    picker = np.zeros((kernel, 1, 1), dtype="float32")
+    picker[-1] = 1
+    first = float(np.asarray(keras.ops.conv(values, picker, strides=stride, padding="same"))[0, 0, 0])
+    assert gm.same_padding_before(size, kernel, stride) == kernel - first
+    assert gm.window_output_size(size, kernel, stride, 1, "same") == np.asarray(
+        keras.ops.conv(values, picker, strides=stride, padding="same")
+    ).shape[1]
+
+
+def test_valid_window_chain():
+    state = gm.input_state(227)
+    state = gm.apply_window(state, 11, 4, 1, "valid")
+    assert (state.size, state.stride, state.receptive_field, state.offset) == (55, 4, 11, 0)
+    state = gm.apply_window(state, 3, 2, 1, "valid")
+    assert (state.size, state.stride, state.receptive_field) == (27, 8, 19)
+
+
+def test_same_window_offset_and_dilation():
+    state = gm.apply_window(gm.input_state(8), 3, 1, 2, "same")
+    assert (state.size, state.offset, state.receptive_field) == (8, -2, 5)
+
+
+def test_padding_and_cropping():
+    state = gm.apply_padding(gm.apply_window(gm.input_state(10), 2, 2, 1, "valid"), 1, 1)
+    assert (state.size, state.offset) == (7, -2)
+    cropped = gm.apply_padding(state, -1, 0)
+    assert (cropped.size, cropped.offset) == (6, 0)
+
+
+def test_too_small_gives_empty_axis():
+    assert gm.apply_window(gm.input_state(2), 3, 1, 1, "valid").size == 0
+
+
+def test_merge_unites_boxes_and_ignores_broadcast_vectors():
+    a = gm.AxisState(size=5, stride=2, offset=0, receptive_field=3)
+    b = gm.AxisState(size=5, stride=2, offset=-1, receptive_field=3)
+    vector = gm.apply_global(a)
+    merged = gm.merge([a, b, vector])
+    assert (merged.size, merged.offset, merged.receptive_field) == (5, -1, 4)
+    assert merged.global_context and not merged.is_global
+
+
+def test_merge_refuses_misaligned_maps():
+    with pytest.raises(ValueError, match="do not line up"):
+        gm.merge([gm.AxisState(size=5), gm.AxisState(size=6)])
+
+
+def test_unknown_padding_is_refused():
+    with pytest.raises(ValueError, match="padding"):
+        gm.apply_window(gm.input_state(5), 3, 1, 1, "causal")

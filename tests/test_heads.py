@@ -1,0 +1,100 @@
+"""Global-pooling heads: window and dense semantics."""
+
+import keras
+import numpy as np
+import pytest
+from conftest import random_images
+from keras import layers
+from models import valid_gap_cnn
+
+import keras_fcn_surgery as kfs
+
+
+@pytest.mark.parametrize("pooling", ["avg", "max"])
+def test_window_cells_equal_the_classifier_on_crops(pooling):
+    source = valid_gap_cnn(pooling=pooling)
+    fcn = kfs.convert(source, head="window")
+    grid = kfs.geometry(fcn, (24, 24))
+    assert grid.stride == (4, 4) and grid.offset == (0, 0)
+    image = random_images((45, 38, 3))
+    scores = np.asarray(fcn(image[None]))[0]
+    assert scores.shape[:2] == grid.output_size((45, 38)) == (6, 5)
+    for i, j in [(0, 0), (5, 4), (2, 1), (4, 0)]:
+        crop = image[i * 4 : i * 4 + 24, j * 4 : j * 4 + 24]
+        expected = np.asarray(source(crop[None]))[0]
+        np.testing.assert_allclose(scores[i, j], expected, rtol=1e-5, atol=1e-6)
+
+
+def test_dense_head_averaged_over_a_native_window_equals_window_head():
+    source = valid_gap_cnn(softmax=False)
+    window = kfs.convert(source, head="window")
+    dense = kfs.convert(source, head="dense", verify=False)
+    image = random_images((1, 40, 44, 3))
+    dense_map = np.asarray(dense(image))
+    window_map = np.asarray(window(image))
+    feature_size = source.get_layer("gap").input.shape[1:3]  # 4 x 4 at 24 x 24
+    averaged = np.asarray(keras.layers.AveragePooling2D(tuple(feature_size), strides=1)(dense_map))
+    assert averaged.shape == window_map.shape
+    np.testing.assert_allclose(averaged, window_map, rtol=1e-5, atol=1e-6)
+
+
+def test_dense_head_runs_the_classifier_at_every_feature_position():
+    source = valid_gap_cnn(softmax=False)
+    dense = kfs.convert(source, head="dense", verify=False)
+    features = keras.Model(source.inputs, source.get_layer("pool2").output)
+    image = random_images((1, 24, 24, 3))
+    feature_map = np.asarray(features(image))
+    logits = source.get_layer("logits")
+    expected = feature_map @ np.asarray(logits.kernel) + np.asarray(logits.bias)
+    np.testing.assert_allclose(np.asarray(dense(image)), expected, rtol=1e-5, atol=1e-6)
+    grid = kfs.geometry(dense, (24, 24))
+    assert grid.output_size((24, 24)) == (4, 4)
+
+
+def test_keepdims_pooling_with_pointwise_conv_and_flatten():
+    inputs = keras.Input((16, 16, 3))
+    x = layers.Conv2D(8, 3, strides=2, activation="relu")(inputs)
+    x = layers.GlobalMaxPooling2D(keepdims=True)(x)
+    x = layers.Dropout(0.2)(x)
+    x = layers.Conv2D(5, 1, name="classifier")(x)
+    x = layers.Flatten()(x)
+    outputs = layers.Activation("softmax")(layers.LayerNormalization()(layers.Dense(5)(x)))
+    source = keras.Model(inputs, outputs)
+    for head in kfs.HEADS:
+        fcn = kfs.convert(source, head=head, verify=head == "window")
+        scores = fcn(random_images((1, 24, 24, 3)))
+        assert tuple(scores.shape) == (1, *kfs.geometry(fcn, (16, 16)).output_size((24, 24)), 5)
+
+
+def test_channels_first_global_pooling_head():
+    inputs = keras.Input((3, 20, 20))
+    x = layers.Conv2D(6, 3, strides=2, data_format="channels_first")(inputs)
+    x = layers.GlobalAveragePooling2D(data_format="channels_first")(x)
+    x = layers.BatchNormalization()(x)
+    source = keras.Model(inputs, layers.Dense(4, activation="softmax")(x))
+    fcn = kfs.convert(source)
+    assert kfs.verify(source, fcn).passed
+    scores = np.asarray(fcn(random_images((1, 3, 30, 28))))
+    assert scores.shape == (1, 4, 6, 5)
+    np.testing.assert_allclose(scores.sum(axis=1), 1.0, rtol=1e-5)
+
+
+def test_unsupported_global_pooling_head_names_the_layer():
+    inputs = keras.Input((16, 16, 3))
+    pooled = layers.GlobalAveragePooling2D()(layers.Conv2D(8, 3)(inputs))
+    model = keras.Model(inputs, layers.Dense(2)(layers.Reshape((2, 4), name="regroup")(pooled)))
+    with pytest.raises(kfs.ConversionError, match="'regroup' \\(Reshape\\)"):
+        kfs.convert(model)
+    normalized = layers.Normalization(axis=None, name="scalar_norm")(pooled)
+    with pytest.raises(kfs.ConversionError, match="'scalar_norm'"):
+        kfs.convert(keras.Model(inputs, normalized))
+
+
+def test_plan_lists_the_pooling_for_each_head():
+    source = valid_gap_cnn()
+    window = {r.layer_name: r for r in kfs.plan(source).rewrites}
+    assert window["gap"].new_class == "AveragePooling2D" and window["gap"].detail == "pool 4x4, stride 1"
+    assert window["logits"].new_shapes[0] == (1, 1, 16, 4)
+    dense = {r.layer_name: r for r in kfs.plan(source, head="dense").rewrites}
+    assert dense["gap"].new_class == "(removed)"
+    assert "gap" in str(kfs.plan(source)) and "AveragePooling2D" in str(kfs.plan(source))

@@ -1,0 +1,77 @@
+"""keras.applications models (weights=None) convert, match and map as predicted."""
+
+import keras
+import numpy as np
+import pytest
+from conftest import random_images
+
+import keras_fcn_surgery as kfs
+
+A = keras.applications
+
+
+@pytest.mark.parametrize("factory", [A.VGG16, A.VGG19], ids=["vgg16", "vgg19"])
+def test_vgg_with_top(factory):
+    source = factory(weights=None)
+    fcn = kfs.convert(source)  # verifies at 224 x 224
+    assert tuple(fcn.get_layer("fc1").kernel.shape) == (7, 7, 512, 4096)
+    assert kfs.verify(source, fcn, batch_size=1).passed
+    assert tuple(fcn(random_images((1, 320, 320, 3))).shape) == (1, 4, 4, 1000)
+    assert kfs.geometry(fcn).output_size((320, 320)) == (4, 4)
+
+
+# Small native sizes keep the default run quick; the heavy variants run at 224.
+GLOBAL_POOLING_MODELS = {
+    "resnet50": (A.ResNet50, 64),
+    "mobilenet_v2": (A.MobileNetV2, 96),
+    "mobilenet": (A.MobileNet, 128),
+    "efficientnet_b0": (A.EfficientNetB0, 64),
+    "densenet121": (A.DenseNet121, 64),
+}
+
+
+def _check_both_heads(factory, size):
+    source = factory(weights=None, input_shape=(size, size, 3))
+    larger = size + 2 * 32 + 7
+    for head in kfs.HEADS:
+        fcn = kfs.convert(source, head=head, verify=head == "window")
+        grid = kfs.geometry(fcn)
+        scores = fcn(random_images((1, larger, larger, 3)))
+        assert tuple(scores.shape) == (1, *grid.output_size((larger, larger)), 1000), head
+        assert grid.stride == (32, 32)
+    window = kfs.convert(source, head="window", verify=False)
+    result = kfs.verify(source, window)
+    assert result.passed, result
+    return source
+
+
+@pytest.mark.parametrize("name", sorted(GLOBAL_POOLING_MODELS))
+def test_global_pooling_models_small(name):
+    factory, size = GLOBAL_POOLING_MODELS[name]
+    _check_both_heads(factory, size)
+
+
+@pytest.mark.heavy
+@pytest.mark.parametrize("name", sorted(GLOBAL_POOLING_MODELS))
+def test_global_pooling_models_at_224(name):
+    factory, _ = GLOBAL_POOLING_MODELS[name]
+    _check_both_heads(factory, 224)
+
+
+def test_mobilenet_head_reshape_and_pointwise_conv_are_planned():
+    source = A.MobileNet(weights=None, input_shape=(128, 128, 3))
+    rows = {rewrite.layer_name: rewrite for rewrite in kfs.plan(source).rewrites}
+    assert rows["global_average_pooling2d"].new_class == "AveragePooling2D" if "global_average_pooling2d" in rows else True
+    pooling = next(r for r in rows.values() if r.old_class == "GlobalAveragePooling2D")
+    assert pooling.new_class == "AveragePooling2D" and "4x4" in pooling.detail
+    assert any(r.old_class == "Reshape" and r.new_class == "(removed)" for r in rows.values())
+    dense_plan = kfs.plan(source, head="dense")
+    pooling = next(r for r in dense_plan.rewrites if r.old_class == "GlobalAveragePooling2D")
+    assert pooling.new_class == "(removed)"
+
+
+def test_squeeze_excitation_pooling_stays_in_the_body():
+    source = A.EfficientNetB0(weights=None, input_shape=(64, 64, 3))
+    rewritten = [r for r in kfs.plan(source).rewrites if r.old_class == "GlobalAveragePooling2D"]
+    assert [r.layer_name for r in rewritten] == ["avg_pool"]
+    assert kfs.geometry(kfs.convert(source, verify=False)).global_context
