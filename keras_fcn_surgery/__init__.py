@@ -4,7 +4,10 @@ from keras_fcn_surgery.conversion import HEADS, convert, plan
 from keras_fcn_surgery.errors import ConversionError, ModelFileError, VerificationError
 from keras_fcn_surgery.geometry import AxisGeometry, Geometry, geometry
 from keras_fcn_surgery.loading import load_model
+from keras_fcn_surgery.onnx_export import export_onnx
 from keras_fcn_surgery.planning import ConversionPlan
+from keras_fcn_surgery.serving import ExportError, ExportResult, export_savedmodel
+from keras_fcn_surgery.tensorboard import log_graphs
 from keras_fcn_surgery.verification import VerificationResult, verify
 
 __all__ = [
@@ -13,12 +16,17 @@ __all__ = [
     "Geometry",
     "ConversionError",
     "ConversionPlan",
+    "ExportError",
+    "ExportResult",
     "ModelFileError",
     "VerificationError",
     "VerificationResult",
     "convert",
+    "export_onnx",
+    "export_savedmodel",
     "geometry",
     "load_model",
+    "log_graphs",
     "plan",
     "verify",
 ]

@@ -12,7 +12,8 @@ from keras_fcn_surgery.graph import describe, graph_of, spatial_data_format
 from keras_fcn_surgery.loading import load_model
 from keras_fcn_surgery.planning import ConversionPlan
 from keras_fcn_surgery.rules.base import SPATIAL, Context, FlattenedMap, Spatial
-from keras_fcn_surgery.verification import source_input_shapes, verify as verify_models
+from keras_fcn_surgery.verification import source_input_shapes
+from keras_fcn_surgery.verification import verify as verify_models
 
 HEADS = ("window", "dense")
 
@@ -127,7 +128,7 @@ def _plan(model, head: str, input_size):
 def _public_plan(model, surgeon: Surgeon, graph_plan: GraphPlan, size) -> ConversionPlan:
     return ConversionPlan(
         model_name=model.name,
-        input_size=tuple(int(d) for d in size),
+        input_size=(int(size[0]), int(size[1])),
         data_format=surgeon.context.data_format,
         head=surgeon.context.head,
         rewrites=tuple(graph_plan.rewrites),

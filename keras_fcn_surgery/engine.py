@@ -76,7 +76,9 @@ class Surgeon:
             self._check_sharing(layer, step)
             if step.rewrite is not None:
                 plan.rewrites.append(step.rewrite)
-            out_modes = step.output_modes if len(step.output_modes) == len(node.outputs) else step.output_modes[:1] * len(node.outputs)
+            out_modes = step.output_modes
+            if len(out_modes) != len(node.outputs):
+                out_modes = out_modes[:1] * len(node.outputs)
             for output, shape, mode in zip(node.outputs, out_shapes, out_modes):
                 specs[id(output)] = keras.KerasTensor(shape, dtype=output.dtype)
                 modes[id(output)] = mode
@@ -190,7 +192,8 @@ def _global_poolings_feeding_back(graph, context: Context) -> set[int]:
             tensor = frontier.pop()
             for consumer in consumers.get(id(tensor), []):
                 outsiders = [t for t in consumer.input_tensors if id(t) not in downstream]
-                if isinstance(consumer.operation, _MERGE_INTO_MAP) and any(_is_large_map(t, context) for t in outsiders):
+                merges_into_map = any(_is_large_map(t, context) for t in outsiders)
+                if isinstance(consumer.operation, _MERGE_INTO_MAP) and merges_into_map:
                     feeding_back.add(id(node))
                     break
                 for output in consumer.outputs:

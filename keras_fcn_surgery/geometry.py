@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import keras
 
@@ -116,7 +116,7 @@ class Geometry:
 
         Returns:
             ``((row_start, row_stop), (col_start, col_stop))`` in the tile's
-            output cells, stop exclusive; an empty range has start >= stop.
+            output cells, stop exclusive (start == stop when none is exact).
 
         Raises:
             ConversionError: when the tile is too small for the network.
@@ -128,8 +128,8 @@ class Geometry:
         ):
             first = gm.input_state(size, -math.inf if starts else 0, math.inf if ends else size)
             state = _run(program, size, first)
-            start = 0 if math.isinf(state.exact_start) else int(state.exact_start)
-            stop = state.size if math.isinf(state.exact_stop) else int(state.exact_stop)
+            start = 0 if math.isinf(state.exact_start) else min(max(int(state.exact_start), 0), state.size)
+            stop = state.size if math.isinf(state.exact_stop) else min(max(int(state.exact_stop), start), state.size)
             ranges.append((start, stop))
         return tuple(ranges)
 

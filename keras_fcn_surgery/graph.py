@@ -84,7 +84,7 @@ def spatial_data_format(model) -> str:
     Raises:
         ConversionError: when the model mixes both layouts.
     """
-    formats = {}
+    formats: dict[str, object] = {}
     for layer in iter_layers(model):
         if isinstance(layer, _SPATIAL_LAYOUT_CLASSES):
             formats.setdefault(layer.data_format, layer)

@@ -71,7 +71,9 @@ def _check_container(path: str, suffix: str) -> None:
         except (zipfile.BadZipFile, OSError) as error:
             raise ModelFileError(f"'{path}' is a damaged `.keras` archive ({error}). Save the model again.") from error
         if bad is not None:
-            raise ModelFileError(f"'{path}' is a damaged `.keras` archive (entry '{bad}' is corrupt). Save the model again.")
+            raise ModelFileError(
+                f"'{path}' is a damaged `.keras` archive (entry '{bad}' is corrupt). Save the model again."
+            )
     else:
         try:
             with h5py.File(path, "r") as handle:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import os
+import shutil
 import tempfile
 import warnings
 
@@ -88,18 +89,18 @@ def export_onnx(
         raise ModelFileError(f"Folder '{folder}' for output '{path}' does not exist.")
     fcn, original = prepare_fcn(model, convert=convert, head=head, input_size=input_size, custom_objects=custom_objects)
     sizes = resolve_check_sizes(fcn, original, check_sizes)
+    # A private folder beside the target: the file inside it gets the usual permissions (umask), unlike mkstemp's.
     try:
-        handle, temporary = tempfile.mkstemp(suffix=".onnx", prefix=".partial-", dir=folder)
+        work = tempfile.mkdtemp(prefix=".partial-onnx-", dir=folder)
     except OSError as error:
         raise ModelFileError(f"Cannot write in folder '{folder}': {error.strerror or error}.") from error
-    os.close(handle)
     try:
+        temporary = os.path.join(work, os.path.basename(path))
         _write_onnx(fcn, temporary, onnx, opset)
         checks = _check_with_onnxruntime(fcn, temporary, sizes, onnxruntime)
         os.replace(temporary, path)
     finally:
-        if os.path.exists(temporary):
-            os.remove(temporary)
+        shutil.rmtree(work, ignore_errors=True)
     return ExportResult(path=path, version=None, checks=checks)
 
 
@@ -162,9 +163,10 @@ def _name_io(proto, channels_first: bool) -> None:
             node.input[:] = [OUTPUT_NAME if name == old else name for name in node.input]
         graph.output[0].name = OUTPUT_NAME
     axes = (0, 2, 3) if channels_first else (0, 1, 2)
-    for value, names in ((graph.input[0], ("batch", "height", "width")), (graph.output[0], ("batch", "map_height", "map_width"))):
+    named = ((graph.input[0], ("batch", "height", "width")), (graph.output[0], ("batch", "map_height", "map_width")))
+    for value, names in named:
         dims = value.type.tensor_type.shape.dim
-        for axis, name in zip(axes, names):
+        for axis, name in zip(axes, names, strict=True):
             if not dims[axis].HasField("dim_value"):
                 dims[axis].dim_param = name
 

@@ -459,7 +459,8 @@ def _write_savedmodel(fcn, path: str, channels: int, preprocess: str | None) -> 
     import tensorflow as tf
 
     archive = keras.export.ExportArchive()
-    archive.track(fcn)
+    # No `archive.track(fcn)`: the endpoints' variables are tracked anyway, and tracking the model too
+    # stores every weight a second time (as Keras variables beside the TF ones), doubling the file.
     for name, (function, signature) in serving_functions(fcn, preprocess).items():
         try:
             archive.add_endpoint(name, function, input_signature=signature)

@@ -208,7 +208,13 @@ def test_multiple_outputs_and_head_branches():
 def test_nested_transfer_learning_stack():
     base = keras.applications.VGG16(include_top=False, weights=None, input_shape=(64, 64, 3))
     source = keras.Sequential(
-        [base, layers.Flatten(), layers.Dense(32, activation="relu"), layers.Dropout(0.5), layers.Dense(5, activation="softmax")]
+        [
+            base,
+            layers.Flatten(),
+            layers.Dense(32, activation="relu"),
+            layers.Dropout(0.5),
+            layers.Dense(5, activation="softmax"),
+        ]
     )
     fcn = kfs.convert(source)
     assert isinstance(fcn.get_layer("vgg16"), keras.Model)

@@ -7,4 +7,6 @@ turns those into messages and exit codes.
 COMMAND_MODULES = (
     "keras_fcn_surgery.commands.convert",
     "keras_fcn_surgery.commands.demo",
+    "keras_fcn_surgery.commands.export",
+    "keras_fcn_surgery.commands.graph",
 )

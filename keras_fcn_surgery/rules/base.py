@@ -18,8 +18,9 @@ for the plan, and a function that builds the replacement on the new tensors.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import keras
 

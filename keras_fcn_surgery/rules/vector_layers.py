@@ -169,7 +169,7 @@ class MergeRule(Rule):
         modes = view.input_modes
         if not all(isinstance(mode, VectorMap) for mode in modes):
             return None
-        if len({mode.unit_map for mode in modes}) != 1:
+        if len({mode.unit_map for mode in modes if isinstance(mode, VectorMap)}) != 1:
             return None
         context = view.context
         output_mode = modes[0]

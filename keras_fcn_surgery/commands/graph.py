@@ -1,0 +1,31 @@
+"""``keras-fcn-surgery graph MODEL --logdir DIR``: op graphs of the source and the FCN for TensorBoard."""
+
+from __future__ import annotations
+
+from keras_fcn_surgery.commands.common import EXIT_OK, parse_size
+
+HEADS = ("window", "dense")
+
+
+def add_parser(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "graph",
+        help="write the op graphs of the classifier and its FCN, and the plan, for TensorBoard",
+        description="Writes runs DIR/source and DIR/fcn; view them with `tensorboard --logdir DIR`.",
+    )
+    parser.add_argument("model", help="source model file (.keras or .h5)")
+    parser.add_argument("--logdir", required=True, help="folder for the TensorBoard runs")
+    parser.add_argument("--head", choices=HEADS, default="window", help="global-pooling heads")
+    parser.add_argument("--input-size", type=parse_size, help="original input size HxW when the model takes any size")
+    parser.set_defaults(run=run)
+
+
+def run(args) -> int:
+    import keras_fcn_surgery as kfs
+
+    source = kfs.load_model(args.model)
+    runs = kfs.log_graphs(source, args.logdir, head=args.head, input_size=args.input_size)
+    for run_dir in runs:
+        print(f"wrote {run_dir}")
+    print(f"view with: tensorboard --logdir {args.logdir}")
+    return EXIT_OK

@@ -1,0 +1,86 @@
+"""Export a Keras classifier (converted to an FCN) as a TensorFlow Serving SavedModel.
+
+    python tools/export_savedmodel.py --model classifier.keras --export_dir /models/fcn \
+        [--version 3] [--head window|dense] [--preprocess none|caffe|tf|torch] [--overwrite] [--noconvert]
+
+Writes <export_dir>/<version>/ (next version by default) with the signatures
+serving_default (float32 images [-1, -1, -1, C] -> scores) and serving_bytes
+(encoded JPEG/PNG strings of one size per request -> scores), after reloading
+it in a fresh TensorFlow process and checking it against Keras at two sizes.
+
+Exit codes: 0 written, 1 conversion or check failure, 2 file or usage error.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from absl import app, flags, logging  # noqa: E402
+
+EXIT_OK, EXIT_CONVERSION, EXIT_USAGE = 0, 1, 2
+
+flags.DEFINE_string("model", None, "Source model file (.keras or .h5).")
+flags.DEFINE_string("export_dir", None, "SavedModel base folder; versions are its numbered subfolders.")
+flags.DEFINE_integer("version", None, "Version folder to write (default: the next integer).", lower_bound=0)
+flags.DEFINE_enum("head", "window", ["window", "dense"], "What a global-pooling head becomes.")
+flags.DEFINE_enum(
+    "preprocess", "none", ["none", "caffe", "tf", "torch"], "Preprocessing serving_bytes applies to decoded pixels."
+)
+flags.DEFINE_bool("overwrite", False, "Replace an existing version folder.")
+flags.DEFINE_bool("convert", True, "Convert the model first; --noconvert exports an FCN file as it is.")
+flags.DEFINE_string("input_size", None, "Original input size HxW, for a classifier that takes any size.")
+flags.mark_flags_as_required(["model", "export_dir"])
+
+FLAGS = flags.FLAGS
+
+
+def parse_flags(argv):
+    """absl's flag parsing with a one-line message and exit code 2 on a usage error."""
+    try:
+        return FLAGS(argv)
+    except flags.Error as error:
+        print(f"error: {' '.join(str(error).split())}", file=sys.stderr)
+        sys.exit(EXIT_USAGE)
+
+
+def main(argv) -> int:
+    logging.set_verbosity(logging.WARNING)  # TensorFlow's INFO lines about tracing and saving are noise here
+    if len(argv) > 1:
+        print(f"error: unexpected arguments {argv[1:]}; everything is given with flags (--help).", file=sys.stderr)
+        return EXIT_USAGE
+    import argparse
+
+    import keras_fcn_surgery as kfs
+    from keras_fcn_surgery.commands.common import parse_size
+
+    try:
+        input_size = parse_size(FLAGS.input_size) if FLAGS.input_size else None
+    except argparse.ArgumentTypeError as error:
+        print(f"error: --input_size: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        result = kfs.export_savedmodel(
+            kfs.load_model(FLAGS.model),
+            FLAGS.export_dir,
+            version=FLAGS.version,
+            preprocess=FLAGS.preprocess,
+            overwrite=FLAGS.overwrite,
+            convert=FLAGS.convert,
+            head=FLAGS.head,
+            input_size=input_size,
+        )
+    except kfs.ModelFileError as error:
+        print(f"error: {' '.join(str(error).split())}", file=sys.stderr)
+        return EXIT_USAGE
+    except kfs.ConversionError as error:
+        print(f"error: {' '.join(str(error).split())}", file=sys.stderr)
+        return EXIT_CONVERSION
+    print(result)
+    return EXIT_OK
+
+
+if __name__ == "__main__":
+    app.run(main, flags_parser=parse_flags)
