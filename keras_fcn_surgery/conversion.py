@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import os
+import warnings
 
 import keras
 
 from keras_fcn_surgery.engine import GraphPlan, Surgeon
-from keras_fcn_surgery.errors import ConversionError, VerificationError
-from keras_fcn_surgery.graph import describe, graph_of, spatial_data_format
+from keras_fcn_surgery.errors import ConversionError, NonFiniteWeightsWarning, VerificationError
+from keras_fcn_surgery.graph import describe, graph_of, is_graph_model, iter_layers, spatial_data_format
 from keras_fcn_surgery.loading import load_model
 from keras_fcn_surgery.planning import ConversionPlan
 from keras_fcn_surgery.rules.base import SPATIAL, Context, FlattenedMap, Spatial
@@ -16,6 +17,7 @@ from keras_fcn_surgery.verification import source_input_shapes
 from keras_fcn_surgery.verification import verify as verify_models
 
 HEADS = ("window", "dense")
+_GLOBAL_POOLING_CLASSES = ("GlobalAveragePooling2D", "GlobalMaxPooling2D")
 
 
 def plan(model, *, head: str = "window", input_size=None, custom_objects=None) -> ConversionPlan:
@@ -76,6 +78,14 @@ def convert(
     Raises:
         ConversionError: for a model that cannot be converted faithfully; the
             message names the layer and the way out.
+        VerificationError: when ``verify`` finds the result different from
+            the source, or cannot compare them (every source output NaN or
+            Inf).
+        ModelFileError: for a path that cannot be loaded.
+
+    Warns:
+        NonFiniteWeightsWarning: when the source holds NaN or Inf weights
+            (the message names the layers); they are copied as they are.
 
     Example:
 
@@ -85,18 +95,92 @@ def convert(
     ```
     """
     model = _as_model(model, custom_objects)
-    surgeon, graph_plan, size = _plan(model, head, input_size)
+    fcn = _build(model, head, input_size)
+    nonfinite = nonfinite_weights(model)
+    if nonfinite:
+        warnings.warn(_nonfinite_message(model, nonfinite), NonFiniteWeightsWarning, stacklevel=2)
+    if verify:
+        verify_conversion(model, fcn, head=head, input_size=input_size, tolerance=tolerance, raise_on_failure=True)
+    return fcn
+
+
+def nonfinite_weights(model) -> dict[str, list[str]]:
+    """The weights holding NaN or Inf, by layer: ``{"'fc1' (Dense)": ["kernel"], ...}``, nested layers included."""
+    found: dict[str, list[str]] = {}
+    for layer in iter_layers(model):
+        if is_graph_model(layer):
+            continue
+        for weight in layer.weights:
+            if not bool(keras.ops.all(keras.ops.isfinite(weight.value))):
+                found.setdefault(describe(layer), []).append(weight.name)
+    return found
+
+
+def _nonfinite_message(model, nonfinite: dict[str, list[str]]) -> str:
+    listed = "; ".join(f"{layer}: {', '.join(names)}" for layer, names in nonfinite.items())
+    return (
+        f"Model '{model.name}' has NaN or Inf weights ({listed}). The converted model copies them, so its "
+        "outputs are NaN or Inf wherever the source's are. Fix the weights (reload a good checkpoint) to "
+        "get a usable model."
+    )
+
+
+def verify_conversion(
+    model, fcn, *, head: str = "window", input_size=None, tolerance=None, raise_on_failure: bool = False
+):
+    """`verify` a conversion made by `convert`, whatever its head.
+
+    A ``head="dense"`` FCN of a global-pooling classifier has a map of several
+    cells at the original size, so it cannot be compared with the source
+    there. It differs from the ``head="window"`` conversion only by the removed
+    pooling (every other layer and weight comes from the same rules), so that
+    conversion is the one compared.
+
+    Args:
+        model: the classifier.
+        fcn: what `convert` returned for it with this ``head``.
+        head: the ``head`` it was converted with.
+        input_size: as given to `convert`.
+        tolerance: relative tolerance; default by dtype.
+        raise_on_failure: raise `VerificationError` instead of returning a
+            result that did not pass.
+
+    Returns:
+        A `VerificationResult`.
+    """
+    reference = fcn
+    if head == "dense" and _removes_a_pooling(model, input_size):
+        reference = _build(model, "window", input_size)
+    result = verify_models(model, reference, input_size=input_size, tolerance=tolerance)
+    if raise_on_failure and result.finite_compared == 0:
+        nonfinite = nonfinite_weights(model)
+        raise VerificationError(
+            f"Every output of '{model.name}' at its original size is NaN or Inf, so the conversion cannot "
+            f"be verified ({result}). "
+            + (f"{_nonfinite_message(model, nonfinite)} " if nonfinite else "")
+            + "Pass `verify=False` (CLI: `--no-verify`) to convert it anyway."
+        )
+    if raise_on_failure and not result.passed:
+        raise VerificationError(
+            f"The converted '{model.name}' differs from the source at its original size: {result}. "
+            "This is a bug in keras_fcn_surgery or an unsupported layer; please report the model."
+        )
+    return result
+
+
+def _build(model, head: str, input_size) -> keras.Model:
+    surgeon, graph_plan, _ = _plan(model, head, input_size)
     inputs = [_relaxed_input(source, surgeon.context) for source in graph_plan.graph.inputs]
     outputs = surgeon.build(graph_plan, inputs)
-    fcn = keras.Model(_single(inputs), _single(outputs), name=f"{model.name}_fcn")
-    if verify:
-        result = verify_models(model, fcn, input_size=size, tolerance=tolerance)
-        if not result.passed:
-            raise VerificationError(
-                f"The converted '{model.name}' differs from the source at its original size: {result}. "
-                "This is a bug in keras_fcn_surgery or an unsupported layer; please report the model."
-            )
-    return fcn
+    return keras.Model(_single(inputs), _single(outputs), name=f"{model.name}_fcn")
+
+
+def _removes_a_pooling(model, input_size) -> bool:
+    _, graph_plan, _ = _plan(model, "dense", input_size)
+    return any(
+        rewrite.new_class == "(removed)" and rewrite.old_class in _GLOBAL_POOLING_CLASSES
+        for rewrite in graph_plan.rewrites
+    )
 
 
 def _as_model(model, custom_objects):

@@ -239,6 +239,35 @@ def _refuse_size_bound_layer(view: NodeView) -> None:
             f"Layer {describe(layer)} receives a rank-3 tensor {in_shape}; only Dense layers fed by "
             "Flatten or global pooling of a spatial map can become convolutions."
         )
+    spatial_axes = _spatial_weight_axes(layer, in_shape, view.context)
+    if spatial_axes:
+        data_format = view.context.data_format
+        if isinstance(layer, keras.layers.Dense):
+            way_out = f"Use a 1x1 Conv2D(data_format='{data_format}') instead of the Dense."
+        else:
+            way_out = f"Make it act on the channel axis (axis={3 if data_format == 'channels_last' else 1})."
+        raise ConversionError(
+            f"Layer {describe(layer)} has weights laid along axis {spatial_axes[0]} of the {in_shape[1:]} "
+            f"{data_format} feature map, a spatial axis, so they fit only this map size. {way_out}"
+        )
+
+
+def _spatial_weight_axes(layer, in_shape, context: Context) -> list[int]:
+    """Spatial axes of a rank-4 map along which a layer's weights are laid.
+
+    For example BatchNormalization(axis=1) on a channels-last map, or a Dense
+    (which reads the last axis) on a channels-first map.
+    """
+    if len(in_shape) != 4 or not layer.weights:
+        return []
+    if isinstance(layer, keras.layers.Dense):
+        axes = [3]
+    elif isinstance(getattr(layer, "axis", None), (int, list, tuple)):
+        axes = [int(a) % 4 for a in (layer.axis if isinstance(layer.axis, (list, tuple)) else [layer.axis])]
+    else:
+        return []
+    spatial = (1, 2) if context.data_format == "channels_last" else (2, 3)
+    return sorted(a for a in axes if a in spatial)
 
 
 def _no_rule_error(view: NodeView) -> ConversionError:

@@ -14,3 +14,12 @@ class VerificationError(ConversionError):
 
 class ModelFileError(ConversionError):
     """A model file that is missing, unreadable or needs custom objects."""
+
+
+class NonFiniteWeightsWarning(UserWarning):
+    """The source model holds NaN or Inf weights; the message names the layers.
+
+    The converted model copies them, so it reproduces the source's NaN/Inf
+    outputs; `verify` counts NaN against NaN as equal, and fails when every
+    output is NaN or Inf (nothing can be compared).
+    """

@@ -142,7 +142,13 @@ class Geometry:
         height, width = (int(d) for d in input_size)
         states = []
         for program, size, name in zip(self._axis_programs, (height, width), ("height", "width")):
-            state = _run(program, size)
+            try:
+                state = _run(program, size)
+            except _MisalignedMerge as error:
+                raise ConversionError(
+                    f"An input {name} of {size} does not fit the network: {error} "
+                    f"The next {name} that works is {_next_aligned(program, size)}."
+                ) from error
             if state.size < 1:
                 minimum = _smallest_valid(program)
                 raise ConversionError(
@@ -260,32 +266,79 @@ def _transform(layer, axis: int):
         return lambda states: gm.apply_padding(states[0], -before, -after)
     if isinstance(layer, _GLOBAL_LAYERS):
         return lambda states: gm.apply_global(states[0])
-    return lambda states: gm.merge(states) if len(states) > 1 else states[0]
+    return lambda states: _merge(layer, states)
 
 
-def _run(program, size: int, first: gm.AxisState | None = None) -> gm.AxisState:
+class _MisalignedMerge(ConversionError):
+    """A merge whose input maps have different sizes at this input size (its branches shrink differently)."""
+
+    def __init__(self, message: str, fallback: gm.AxisState):
+        super().__init__(message)
+        self.fallback = fallback
+
+
+def _merge(layer, states):
+    if len(states) == 1:
+        return states[0]
+    try:
+        return gm.merge(states)
+    except ValueError as error:
+        maps = [s for s in states if not s.is_global]
+        fallback = gm.AxisState(size=min(s.size for s in maps), stride=maps[0].stride)
+        sizes = sorted({s.size for s in maps})
+        raise _MisalignedMerge(
+            f"Layer {describe(layer)} would merge maps of sizes {sizes} there: its branches shrink "
+            "differently, so only some input sizes work.",
+            fallback,
+        ) from error
+
+
+def _run(program, size: int, first: gm.AxisState | None = None, lenient: bool = False) -> gm.AxisState:
+    """The state of the output axis at this input size.
+
+    With ``lenient``, a merge of misaligned maps goes on with the smaller map
+    instead of raising: enough to tell whether the input is large enough.
+    """
     steps, output = program
     values = {"input": first if first is not None else gm.input_state(size)}
     for targets, sources, transform in steps:
         inputs = [values[s] for s in sources if s in values]
         if not inputs:
             continue
-        result = transform(inputs)
+        try:
+            result = transform(inputs)
+        except _MisalignedMerge as error:
+            if not lenient:
+                raise
+            result = error.fallback
         for target in targets:
             values[target] = result
     return values[output]
 
 
 def _smallest_valid(program) -> int:
+    """The smallest input length that gives a non-empty map with every merge aligned."""
     low, high = 1, 1
-    while _run(program, high).size < 1:
+    while _run(program, high, lenient=True).size < 1:
         high *= 2
         if high > 1 << 20:
             raise ConversionError("The network gives an empty map at every input size up to 2^20 pixels.")
     while low < high:
         middle = (low + high) // 2
-        if _run(program, middle).size >= 1:
+        if _run(program, middle, lenient=True).size >= 1:
             high = middle
         else:
             low = middle + 1
-    return high
+    return _next_aligned(program, high)
+
+
+def _next_aligned(program, size: int) -> int:
+    """The first length from ``size`` on at which every merge lines up (the network's own sizes do)."""
+    error = None
+    for candidate in range(size, size + 4096):
+        try:
+            if _run(program, candidate).size >= 1:
+                return candidate
+        except _MisalignedMerge as misaligned:
+            error = error or misaligned
+    raise ConversionError(f"No input size from {size} to {size + 4095} works: {error}")

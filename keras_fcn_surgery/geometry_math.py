@@ -49,7 +49,7 @@ def same_padding_before(size: int, kernel: int, stride: int, dilation: int = 1) 
 
 
 def window_output_size(size: int, kernel: int, stride: int, dilation: int, padding: str) -> int:
-    """Output length of a convolution or pooling window along one axis."""
+    """Output length of a convolution or pooling window along one axis (0 when empty)."""
     effective = dilation * (kernel - 1) + 1
     if padding == "same":
         return math.ceil(size / stride)
@@ -62,7 +62,7 @@ def apply_window(state: AxisState, kernel: int, stride: int, dilation: int, padd
         raise ValueError(f"Expected padding 'same' or 'valid'. Received: padding={padding!r}")
     effective = dilation * (kernel - 1) + 1
     before = same_padding_before(state.size, kernel, stride, dilation) if padding == "same" else 0
-    size = window_output_size(state.size, kernel, stride, dilation, padding)
+    size = window_output_size(state.size, kernel, stride, dilation, padding) if state.size >= 1 else 0
     # Cell j reads input cells [j * stride - before, j * stride - before + effective).
     start, stop = state.exact_start, state.exact_stop
     if math.isfinite(start):
@@ -82,8 +82,12 @@ def apply_window(state: AxisState, kernel: int, stride: int, dilation: int, padd
 
 
 def apply_padding(state: AxisState, before: int, after: int) -> AxisState:
-    """State after explicit zero padding (negative values crop)."""
-    size = state.size + before + after
+    """State after explicit zero padding (negative values crop).
+
+    An empty axis (size 0) stays empty: Keras cannot pad or crop it, and a crop
+    of the whole axis or more leaves it empty.
+    """
+    size = max(state.size + before + after, 0) if state.size >= 1 else 0
     start, stop = state.exact_start, state.exact_stop
     if math.isfinite(start):
         start = max(0, start + before)
@@ -105,7 +109,7 @@ def apply_global(state: AxisState) -> AxisState:
     """State after a global pooling: one cell that sees everything (exact only if the whole axis is)."""
     whole = math.isinf(state.exact_start) and math.isinf(state.exact_stop)
     return AxisState(
-        size=1,
+        size=1 if state.size >= 1 else 0,
         stride=state.stride,
         offset=0,
         receptive_field=state.size,
@@ -123,6 +127,8 @@ def merge(states: list[AxisState]) -> AxisState:
     map inputs are united.
     """
     maps = [s for s in states if not s.is_global] or states
+    if any(s.size < 1 for s in states):
+        return AxisState(size=0, stride=maps[0].stride, global_context=any(s.global_context for s in states))
     sizes = {s.size for s in maps}
     strides = {s.stride for s in maps}
     if len(sizes) > 1 or len(strides) > 1:

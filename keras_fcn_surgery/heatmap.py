@@ -42,7 +42,7 @@ def class_probabilities(scores, probabilities: bool | None = None) -> np.ndarray
             output); default: when every value lies in [0, 1] and each cell
             sums to 1. Otherwise a softmax is applied.
     """
-    scores = np.asarray(scores, dtype=np.float64)
+    scores = np.asarray(scores, dtype=np.float32)
     if probabilities is None:
         sums = scores.sum(axis=-1)
         probabilities = bool(scores.min() >= 0 and scores.max() <= 1 and np.allclose(sums, 1, atol=1e-3))
@@ -180,7 +180,9 @@ def _display_pixels(image) -> np.ndarray:
     if pixels.ndim == 2:
         pixels = np.stack([pixels] * 3, axis=-1)
     if pixels.ndim != 3 or pixels.shape[-1] != 3:
-        raise ConversionError(f"Expected an image shaped (H, W), (H, W, 1) or (H, W, 3). Received shape {pixels.shape}.")
+        raise ConversionError(
+            f"Expected an image shaped (H, W), (H, W, 1) or (H, W, 3). Received shape {pixels.shape}."
+        )
     if pixels.dtype == np.uint8:
         return pixels
     values = pixels.astype(np.float64)

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import importlib.util
+import inspect
 import os
+import re
+import sys
 import zipfile
 
 import h5py
@@ -43,10 +47,14 @@ def load_model(path, custom_objects=None) -> keras.Model:
     except (TypeError, ValueError) as error:
         text = str(error)
         if "custom" in text.lower() or "Could not locate" in text or "Unknown" in text:
+            missing = re.search(r"Could not locate (?:class|function) '([^']+)'", text)
+            what = f"'{missing.group(1)}'" if missing else f"a class or function ({_first_line(text)})"
+            name = missing.group(1) if missing else "Name"
             raise ModelFileError(
-                f"Model file '{path}' refers to a class or function Keras does not know ({_first_line(text)}). "
-                "Pass it with `custom_objects={'Name': NameClass}` (CLI: `--custom-objects module.py`), "
-                "or register it with `@keras.saving.register_keras_serializable()`."
+                f"Model file '{path}' refers to {what} that Keras does not know. Pass it with "
+                f"`custom_objects={{'{name}': {name}}}` (CLI: `--custom-objects module.py`, a Python file "
+                "defining it), or register it with `@keras.saving.register_keras_serializable()` and import "
+                "it before loading."
             ) from error
         raise ModelFileError(f"Model file '{path}' could not be loaded: {_first_line(text)}") from error
     except Exception as error:
@@ -91,3 +99,50 @@ def _check_container(path: str, suffix: str) -> None:
 
 def _first_line(text: str) -> str:
     return text.strip().splitlines()[0] if text.strip() else text
+
+
+def custom_objects_from_file(path) -> dict:
+    """The custom objects a Python file defines, for `load_model`'s ``custom_objects``.
+
+    The file is imported as a module named after it. Its ``CUSTOM_OBJECTS``
+    dict is used when it has one; otherwise every public class and function
+    defined in the file itself (not imported into it), by name.
+
+    Raises:
+        ModelFileError: for a missing file, one that is not ``.py``, or one that
+            fails to import; the message names the file.
+    """
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise ModelFileError(f"Custom objects file '{path}' does not exist. Check the path.")
+    if not path.endswith(".py"):
+        raise ModelFileError(f"Custom objects file '{path}' must be a Python file ending in `.py`.")
+    name = os.path.splitext(os.path.basename(path))[0]
+    spec = importlib.util.spec_from_file_location(name, path)
+    if spec is None or spec.loader is None:
+        raise ModelFileError(f"Custom objects file '{path}' cannot be imported as a Python module.")
+    module = importlib.util.module_from_spec(spec)
+    previous = sys.modules.get(name)
+    sys.modules[name] = module  # classes pickled or serialized by module name find it
+    try:
+        spec.loader.exec_module(module)
+    except Exception as error:
+        if previous is not None:
+            sys.modules[name] = previous
+        else:
+            sys.modules.pop(name, None)
+        raise ModelFileError(
+            f"Custom objects file '{path}' failed to import ({type(error).__name__}: {_first_line(str(error))})."
+        ) from error
+    declared = getattr(module, "CUSTOM_OBJECTS", None)
+    if declared is not None:
+        if not isinstance(declared, dict):
+            raise ModelFileError(f"`CUSTOM_OBJECTS` in '{path}' must be a dict of names to classes or functions.")
+        return dict(declared)
+    return {
+        key: value
+        for key, value in vars(module).items()
+        if not key.startswith("_")
+        and (inspect.isclass(value) or inspect.isfunction(value))
+        and getattr(value, "__module__", None) == name
+    }

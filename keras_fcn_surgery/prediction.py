@@ -15,8 +15,9 @@ from keras_fcn_surgery.errors import ConversionError
 from keras_fcn_surgery.geometry import Geometry, geometry
 from keras_fcn_surgery.graph import spatial_data_format
 
-# Input pixels per forward pass when `batch_size` is not given.
-_PIXELS_PER_BATCH = 1 << 22
+# Input pixels per forward pass when `batch_size` is not given: tiles of 1024 x 1024
+# or more go one at a time (batching them would defeat the memory bound of tiling).
+_PIXELS_PER_BATCH = 1 << 20
 # tf.function wrappers of each model's forward pass, by jit_compile.
 _FORWARD_CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
@@ -77,18 +78,21 @@ def predict_map(
             models; ``(H, W)`` when ``C == 1``): a numpy array or any array
             that supports slicing (``np.memmap``, zarr). Values are fed as they
             are, cast to the model's input dtype, after ``preprocess``.
-        tile: ``None`` for one pass over the whole image, or the tile side
-            ``T`` or ``(T_h, T_w)`` in input pixels. Each side is rounded up to
-            a multiple of the stride, and the image side's remainder modulo
-            the stride is added; a side at least the image's is not cut.
-        batch_size: tiles per forward pass; default: as many as make about 4
-            million input pixels.
+        tile: ``None`` for one pass over the whole image, or the largest
+            tile side ``T`` or ``(T_h, T_w)`` in input pixels. Each side is
+            rounded up to a multiple of the network's stride, and the image
+            side's remainder modulo the stride is added (so tiles pad like the
+            image); a side at least the image's is not cut. The tiles are then
+            shortened evenly as far as that needs no more of them.
+        batch_size: tiles per forward pass; default: as many as make about 1
+            million input pixels (one tile of 1024 x 1024 or more).
         out: an array of the map's shape to write into (numpy, memmap or
             zarr) instead of allocating one.
         progress: show a tqdm bar over the tiles; default: when there is more
             than one tile and stderr is a terminal.
-        preprocess: a function applied to each tile's pixels (``(H, W, C)``
-            array in, same shape out) before the model, such as
+        preprocess: a function applied to each tile's pixels (a float32
+            array in the image's layout in, same shape out) before the model,
+            such as
             ``keras.applications.vgg16.preprocess_input``. It must treat each
             pixel on its own, or tiles would differ from the whole image.
         jit_compile: compile the forward pass with XLA (once per tile batch
@@ -109,8 +113,9 @@ def predict_map(
 
     ```python
     fcn = kfs.convert(classifier)
-    image = np.load("slide.npy", mmap_mode="r")           # 30000 x 30000 x 3
-    scores = zarr.open("scores.zarr", mode="w", shape=..., dtype="float32")
+    image = np.load("slide.npy", mmap_mode="r")  # 30000 x 30000 x 3, never read whole
+    cells = kfs.geometry(fcn).output_size(image.shape[:2])
+    scores = zarr.open_array("scores.zarr", mode="w", shape=(*cells, 1000), dtype="float32")
     kfs.predict_map(fcn, image, tile=2048, out=scores)
     ```
     """
@@ -225,6 +230,11 @@ def sliding_window_predict(
 def _check_fcn(fcn) -> tuple[_Layout, int]:
     if not isinstance(fcn, keras.Model):
         raise ConversionError(f"Expected a `keras.Model` from `convert`. Received: {type(fcn).__name__}")
+    if len(fcn.inputs) != 1 or len(fcn.outputs) != 1:
+        raise ConversionError(
+            f"Model '{fcn.name}' has {len(fcn.inputs)} inputs and {len(fcn.outputs)} outputs; score maps need "
+            "one image input and one output."
+        )
     data_format = spatial_data_format(fcn)
     in_shape, out_shape = tuple(fcn.inputs[0].shape), tuple(fcn.outputs[0].shape)
     spatial = (1, 2) if data_format == "channels_last" else (2, 3)
@@ -320,13 +330,18 @@ def _plan(size, grid: Geometry, tile) -> list[list[tiling.AxisTile]]:
                 f"A tile {name} of {side} pixels is smaller than the network's minimum input of {low}. "
                 f"Use tiles of at least {low}."
             )
-    cells = grid.output_size(sides)
-    exact = grid.exact_cells(sides, at_image_start=(False, False), at_image_end=(False, False))
-    plans = []
-    for axis in (0, 1):
-        start, stop = exact[axis]
-        plans.append(tiling.plan_axis(size[axis], sides[axis], grid.stride[axis], cells[axis], start, cells[axis] - stop))
-    return plans
+    inner = {"at_image_start": (False, False), "at_image_end": (False, False)}
+    cells, exact = grid.output_size(sides), grid.exact_cells(sides, **inner)
+    shortest = [low + (n - low) % s for low, n, s in zip(minimum, size, grid.stride)]
+    sides = [
+        tiling.balanced_tile_length(n, t, s, c, start, c - stop, low)
+        for n, t, s, c, (start, stop), low in zip(size, sides, grid.stride, cells, exact, shortest)
+    ]
+    cells, exact = grid.output_size(sides), grid.exact_cells(sides, **inner)
+    return [
+        tiling.plan_axis(n, t, s, c, start, c - stop)
+        for n, t, s, c, (start, stop) in zip(size, sides, grid.stride, cells, exact)
+    ]
 
 
 def _pair(value, name: str) -> tuple[int, int]:

@@ -143,20 +143,23 @@ def export_savedmodel(
     """
     if preprocess not in PREPROCESS_MODES:
         raise ExportError(f"Expected `preprocess` to be one of {PREPROCESS_MODES}. Received: preprocess={preprocess!r}")
+    if version is not None:
+        version = _check_version(version)
     fcn, original = prepare_fcn(model, convert=convert, head=head, input_size=input_size, custom_objects=custom_objects)
     channels = image_channels(fcn)
     if bytes_signature:
         _check_bytes_signature(fcn, channels, preprocess)
     sizes = resolve_check_sizes(fcn, original, check_sizes)
     export_dir = _prepare_export_dir(export_dir)
-    version = next_version(export_dir) if version is None else _check_version(version)
+    if version is None:
+        version = next_version(export_dir)
     final = os.path.join(export_dir, str(version))
     _refuse_existing(final, overwrite)
 
     work = _make_work_dir(export_dir, version)
     try:
         written = os.path.join(work, "saved_model")
-        _write_savedmodel(fcn, written, channels, preprocess if bytes_signature else None)
+        _write_savedmodel(fcn, written, preprocess if bytes_signature else None)
         checks = _check_in_fresh_process(fcn, written, sizes)
         _publish(written, final, work, overwrite)
     finally:
@@ -235,8 +238,9 @@ def resolve_check_sizes(fcn, original, check_sizes=None) -> tuple[tuple[int, int
     """The ``(H, W)`` sizes an export is checked at.
 
     Default: the original size (or the smallest valid one of an FCN whose
-    original size is unknown) and that size plus seven output strides (an
-    8x8-cell larger map for a one-window original).
+    original size is unknown) and that size plus seven output strides, where
+    the map has seven more cells a side (CaffeNet: 227 and 451, a 1x1 and an
+    8x8 map).
     """
     if check_sizes is not None:
         sizes = tuple(tuple(int(d) for d in size) for size in check_sizes)
@@ -297,7 +301,9 @@ def decode_images(image_bytes, channels: int):
         image = tf.io.decode_image(data, channels=channels, expand_animations=False, dtype=tf.uint8)
         return tf.ensure_shape(image, [None, None, channels])
 
-    tf.debugging.assert_positive(tf.size(image_bytes), message="serving_bytes needs at least one image")
+    not_empty = tf.debugging.assert_positive(tf.size(image_bytes), message="serving_bytes needs at least one image")
+    with tf.control_dependencies([not_empty]):
+        image_bytes = tf.identity(image_bytes)
     first = decode(image_bytes[0])
     reference = tf.shape(first)
 
@@ -311,10 +317,14 @@ def decode_images(image_bytes, channels: int):
         with tf.control_dependencies([check]):
             return tf.identity(image)
 
-    rest = tf.map_fn(
-        decode_same_size, image_bytes[1:], fn_output_signature=tf.TensorSpec([None, None, channels], tf.uint8)
-    )
-    return tf.concat([first[tf.newaxis], rest], axis=0)
+    def decode_all():
+        rest = tf.map_fn(
+            decode_same_size, image_bytes[1:], fn_output_signature=tf.TensorSpec([None, None, channels], tf.uint8)
+        )
+        return tf.concat([first[tf.newaxis], rest], axis=0)
+
+    # map_fn cannot stack an empty list of unknown-size images: a one-image batch takes the short branch.
+    return tf.cond(tf.size(image_bytes) > 1, decode_all, lambda: first[tf.newaxis])
 
 
 def serving_functions(fcn, preprocess: str | None = "none") -> dict:
@@ -455,7 +465,7 @@ def _make_work_dir(export_dir: str, version: int) -> str:
         raise ModelFileError(f"Cannot write in export folder '{export_dir}': {error.strerror or error}.") from error
 
 
-def _write_savedmodel(fcn, path: str, channels: int, preprocess: str | None) -> None:
+def _write_savedmodel(fcn, path: str, preprocess: str | None) -> None:
     import tensorflow as tf
 
     archive = keras.export.ExportArchive()

@@ -10,7 +10,8 @@ inside the image loses ``margin_before`` cells at its start and
 image's own edges nothing is lost. Consecutive tiles overlap so that the cells
 each one keeps meet exactly, every output cell is written once, and all tiles
 share one length (so they can be batched): the last tile is moved back to end
-at the image's end.
+at the image's end, and `balanced_tile_length` shortens all tiles as far as
+that keeps their number.
 """
 
 from __future__ import annotations
@@ -57,6 +58,42 @@ def tile_length(requested: int, length: int, stride: int) -> int:
         raise ConversionError(f"Expected a positive tile size and stride. Received: tile={requested}, stride={stride}")
     rounded = -(-requested // stride) * stride + length % stride
     return min(rounded, length)
+
+
+def balanced_tile_length(
+    length: int, tile: int, stride: int, cells: int, margin_before: int, margin_after: int, min_length: int
+) -> int:
+    """The shortest tile length that covers the axis with as few tiles as ``tile`` does.
+
+    A tile of ``tile`` pixels may leave the last tile mostly redundant (it is
+    moved back to end at the image's end); equal shorter tiles do the same work
+    with less overlap. Lengths keep their remainder modulo ``stride``, and one
+    stride less means one output cell less.
+
+    Args:
+        length: the image's length along the axis.
+        tile: the largest tile length allowed, from `tile_length`.
+        stride: the network's total stride along the axis.
+        cells: output cells of a tile of length ``tile``.
+        margin_before: cells lost at a tile start that lies inside the image.
+        margin_after: cells lost at a tile end that lies inside the image.
+        min_length: the shortest tile length the network accepts, congruent to
+            ``length`` modulo ``stride``.
+
+    Returns:
+        A length between ``min_length`` and ``tile`` (``length`` if that is
+        shorter than ``tile``); ``tile`` itself when it keeps no cell.
+    """
+    if tile >= length:
+        return length
+    lost = margin_before + margin_after
+    step = cells - lost
+    if step < 1:
+        return tile
+    total = (length - tile) // stride + cells
+    count = max(2, -(-(total - lost) // step))
+    needed = -(-(total + (count - 1) * lost) // count)
+    return max(min_length, tile - (cells - needed) * stride)
 
 
 def plan_axis(length: int, tile: int, stride: int, cells: int, margin_before: int, margin_after: int) -> list[AxisTile]:

@@ -138,3 +138,31 @@ def test_output_that_is_not_a_head():
     inputs, x = _conv_body()
     reduced = layers.Lambda(lambda t: keras.ops.mean(t, axis=(1, 2)), output_shape=(4,), name="reduce")(x)
     _raises(keras.Model(inputs, reduced), "'reduce' (Lambda)", "Supported heads")
+
+
+def test_batchnorm_over_a_spatial_axis_in_the_body():
+    # Found by the fuzz tests: the copy could not be built on a map of any size (bare ValueError).
+    inputs, x = _conv_body()
+    x = layers.BatchNormalization(axis=1, name="bn_rows")(x)
+    model = keras.Model(inputs, layers.Dense(2)(layers.Flatten()(x)))
+    _raises(model, "'bn_rows' (BatchNormalization)", "axis 1", "spatial axis", "axis=3")
+
+
+def test_dense_on_a_channels_first_map_reads_the_width():
+    inputs = keras.Input((3, 16, 16))
+    x = layers.Conv2D(4, 3, strides=2, data_format="channels_first")(inputs)
+    x = layers.Dense(5, name="per_row")(x)
+    pooled = layers.GlobalAveragePooling2D(data_format="channels_first")(x)
+    _raises(keras.Model(inputs, layers.Dense(2)(pooled)), "'per_row' (Dense)", "axis 3", "1x1 Conv2D")
+
+
+def test_layer_normalization_over_the_whole_map():
+    inputs, x = _conv_body()
+    x = layers.LayerNormalization(axis=[1, 2, 3], name="ln_all")(x)
+    _raises(keras.Model(inputs, layers.Dense(2)(layers.Flatten()(x))), "'ln_all' (LayerNormalization)", "spatial")
+
+
+def test_input_size_with_channels():
+    inputs, x = _conv_body()
+    model = keras.Model(inputs, layers.Dense(2)(layers.Flatten()(x)))
+    _raises(model, "(height, width)", "channels", input_size=(16, 16, 3))

@@ -101,3 +101,44 @@ def test_upsampling_is_refused():
     model = keras.Model(inputs, layers.UpSampling2D(name="up")(inputs))
     with pytest.raises(kfs.ConversionError, match="'up' \\(UpSampling2D\\)"):
         kfs.geometry(model)
+
+
+def _crop_then_pad_fcn():
+    """A crop that empties a small input, then padding that would make it look non-empty again."""
+    inputs = keras.Input((None, None, 2))
+    x = layers.Cropping2D(((2, 2), (0, 0)), name="crop")(inputs)
+    x = layers.Conv2D(2, 3, strides=2, padding="same", name="conv")(x)
+    x = layers.ZeroPadding2D(((0, 2), (0, 2)), name="pad")(x)
+    return keras.Model(inputs, layers.Conv2D(2, 1, strides=2, name="head")(x))
+
+
+def test_an_empty_map_on_the_way_makes_the_input_too_small():
+    # Found by the fuzz tests: at height 1 the crop leaves -3 rows, which the
+    # padding used to turn into a "valid" map of 1 row; Keras refuses the crop.
+    grid = kfs.geometry(_crop_then_pad_fcn())
+    assert grid.min_input_size == (5, 1)
+    with pytest.raises(kfs.ConversionError, match="height of 4 is smaller than the network's minimum of 5"):
+        grid.output_size((4, 9))
+    out = _crop_then_pad_fcn()(np.zeros((1, 5, 1, 2), "float32"))
+    assert tuple(out.shape[1:3]) == grid.output_size((5, 1))
+
+
+def _valid_strided_residual(size=10):
+    inputs = keras.Input((size, size, 3))
+    main = layers.Conv2D(4, 2, strides=2, name="main")(inputs)
+    shortcut = layers.Conv2D(4, 1, strides=2, name="shortcut")(inputs)
+    x = layers.Add(name="add")([main, shortcut])
+    return keras.Model(inputs, layers.Dense(2, name="fc")(layers.GlobalAveragePooling2D(name="gap")(x)))
+
+
+def test_branches_that_line_up_only_at_some_sizes():
+    # Found by the fuzz tests: a merge of maps that do not line up at some input
+    # size raised a bare ValueError from `min_input_size` and `output_size`.
+    fcn = kfs.convert(_valid_strided_residual())
+    grid = kfs.geometry(fcn)
+    assert grid.min_input_size == (10, 10)
+    assert grid.output_size((12, 14)) == (2, 3)
+    message = "height of 11 does not fit.*'add' \\(Add\\).*sizes \\[5, 6\\].*is 12"
+    with pytest.raises(kfs.ConversionError, match=message):
+        grid.output_size((11, 12))
+    assert tuple(fcn(np.zeros((1, 12, 14, 3), "float32")).shape) == (1, 2, 3, 2)

@@ -63,3 +63,12 @@ def test_merge_refuses_misaligned_maps():
 def test_unknown_padding_is_refused():
     with pytest.raises(ValueError, match="padding"):
         gm.apply_window(gm.input_state(5), 3, 1, 1, "causal")
+
+
+def test_an_empty_axis_stays_empty():
+    empty = gm.apply_padding(gm.input_state(3), -2, -2)
+    assert empty.size == 0
+    assert gm.apply_padding(empty, 3, 3).size == 0
+    assert gm.apply_window(empty, 1, 1, 1, "same").size == 0
+    assert gm.apply_global(empty).size == 0
+    assert gm.merge([empty, gm.input_state(4)]).size == 0

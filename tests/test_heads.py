@@ -98,3 +98,17 @@ def test_plan_lists_the_pooling_for_each_head():
     dense = {r.layer_name: r for r in kfs.plan(source, head="dense").rewrites}
     assert dense["gap"].new_class == "(removed)"
     assert "gap" in str(kfs.plan(source)) and "AveragePooling2D" in str(kfs.plan(source))
+
+
+@pytest.mark.parametrize("pooling", ["avg", "max"])
+def test_dense_head_converts_with_verification(pooling):
+    # Found by the fuzz tests: `convert(model, head="dense")` always failed its own
+    # verification (a map of 4 x 4 cells cannot be compared with one vector).
+    source = valid_gap_cnn(pooling=pooling)
+    dense = kfs.convert(source, head="dense")
+    assert tuple(dense(random_images((1, 24, 24, 3))).shape) == (1, 4, 4, 4)
+    from keras_fcn_surgery.conversion import verify_conversion
+
+    assert verify_conversion(source, dense, head="dense").passed
+    with pytest.raises(kfs.ConversionError, match="head='dense'"):
+        kfs.verify(source, dense)

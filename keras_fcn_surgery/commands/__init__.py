@@ -9,4 +9,5 @@ COMMAND_MODULES = (
     "keras_fcn_surgery.commands.demo",
     "keras_fcn_surgery.commands.export",
     "keras_fcn_surgery.commands.graph",
+    "keras_fcn_surgery.commands.heatmap",
 )

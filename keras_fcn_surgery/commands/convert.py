@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import sys
+import warnings
 
 from keras_fcn_surgery.commands.common import EXIT_OK, parse_size
 
@@ -15,25 +17,48 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--input-size", type=parse_size, help="original input size HxW when the model takes any size")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     parser.add_argument("--no-verify", action="store_true", help="skip the numerical check")
+    parser.add_argument(
+        "--custom-objects",
+        metavar="PATH.py",
+        help="Python file defining the model's custom layers or functions (its CUSTOM_OBJECTS dict, "
+        "or else its public classes and functions)",
+    )
     parser.set_defaults(run=run)
 
 
 def run(args) -> int:
     import keras_fcn_surgery as kfs
+    from keras_fcn_surgery.conversion import verify_conversion
+    from keras_fcn_surgery.loading import custom_objects_from_file
     from keras_fcn_surgery.saving import save_model
 
-    if not args.output.endswith(".keras"):
-        raise kfs.ModelFileError(f"Output '{args.output}' must end in `.keras`.")
-    if os.path.exists(args.output) and not args.overwrite:
-        raise kfs.ModelFileError(f"Output '{args.output}' exists; pass --overwrite to replace it.")
-    source = kfs.load_model(args.model)
+    _check_output(args.output, args.overwrite)
+    custom_objects = custom_objects_from_file(args.custom_objects) if args.custom_objects else None
+    source = kfs.load_model(args.model, custom_objects=custom_objects)
     print(kfs.plan(source, head=args.head, input_size=args.input_size))
-    fcn = kfs.convert(source, head=args.head, input_size=args.input_size, verify=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", kfs.NonFiniteWeightsWarning)
+        fcn = kfs.convert(source, head=args.head, input_size=args.input_size, verify=False)
+    for warning in caught:
+        print(f"warning: {warning.message}", file=sys.stderr)
     if not args.no_verify:
-        result = kfs.verify(source, fcn, input_size=args.input_size)
+        result = verify_conversion(source, fcn, head=args.head, input_size=args.input_size, raise_on_failure=True)
         print(result)
-        if not result.passed:
-            raise kfs.VerificationError(f"Verification failed: {result}")
     save_model(fcn, args.output, overwrite=args.overwrite)
     print(f"wrote {args.output}")
     return EXIT_OK
+
+
+def _check_output(path: str, overwrite: bool) -> None:
+    """Refuse a bad output path before any work, so that a failed command writes nothing."""
+    from keras_fcn_surgery.errors import ModelFileError
+
+    if not path.endswith(".keras"):
+        raise ModelFileError(f"Output '{path}' must end in `.keras`.")
+    if os.path.isdir(path):
+        raise ModelFileError(f"Output '{path}' is a folder; give a `.keras` file name.")
+    if os.path.exists(path) and not overwrite:
+        raise ModelFileError(f"Output '{path}' exists; pass --overwrite to replace it.")
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise ModelFileError(f"Folder '{folder}' for output '{path}' does not exist.")

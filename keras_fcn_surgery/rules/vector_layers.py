@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import keras
+import numpy as np
 
 from keras_fcn_surgery.errors import ConversionError
 from keras_fcn_surgery.graph import describe
@@ -111,6 +112,9 @@ class ElementwiseRule(Rule):
         is_elementwise = isinstance(layer, ELEMENTWISE_LAYERS) or (
             isinstance(layer, keras.layers.Activation) and _activation_name(layer) not in _AXIS_ACTIVATIONS
         )
+        if isinstance(layer, keras.layers.Rescaling):
+            # A per-feature scale or offset would hit the wrong values on a map.
+            is_elementwise = np.ndim(layer.scale) == 0 and np.ndim(layer.offset) == 0
         if not is_elementwise:
             return None
         cloner = view.context.cloner

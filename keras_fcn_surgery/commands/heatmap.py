@@ -1,0 +1,142 @@
+"""``keras-fcn-surgery heatmap MODEL IMAGE --class N -o out.png``."""
+
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+
+from keras_fcn_surgery.commands.common import EXIT_OK, EXIT_USAGE, parse_size
+
+_PREPROCESS_MODES = ("none", "caffe", "tf", "torch")
+
+
+def add_parser(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "heatmap", help="picture of one class's probability and the argmax class map over an image"
+    )
+    parser.add_argument("model", help="classifier (.keras/.h5, converted here) or an already converted FCN")
+    parser.add_argument("image", help="image file (anything Pillow reads)")
+    parser.add_argument("--class", dest="class_index", type=int, required=True, help="class index to overlay")
+    parser.add_argument("-o", "--output", required=True, help="PNG file to write")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    parser.add_argument(
+        "--preprocess",
+        choices=_PREPROCESS_MODES,
+        default="none",
+        help="pixel preprocessing of keras.applications (caffe: VGG/ResNet50, tf: MobileNet..., torch: DenseNet)",
+    )
+    parser.add_argument("--tile", type=int, help="tile side in pixels for large images (exact; default: one pass)")
+    parser.add_argument("--class-names", help="text file with one class name per line (default: ImageNet if K=1000)")
+    parser.add_argument("--top", type=int, default=5, help="how many top classes to print (default 5)")
+    parser.add_argument("--scale", type=int, default=1, help="display magnification for small images (default 1)")
+    parser.add_argument("--alpha", type=float, default=0.6, help="heat colour weight over the image (default 0.6)")
+    parser.add_argument("--head", choices=("window", "dense"), default="window", help="global-pooling heads")
+    parser.add_argument("--input-size", type=parse_size, help="original input size HxW when the model takes any size")
+    parser.set_defaults(run=run)
+
+
+def run(args) -> int:
+    import numpy as np
+    from PIL import Image, UnidentifiedImageError
+
+    import keras_fcn_surgery as kfs
+    from keras_fcn_surgery.graph import spatial_data_format
+    from keras_fcn_surgery.heatmap import class_probabilities
+
+    if not args.output.lower().endswith(".png"):
+        raise kfs.ModelFileError(f"Output '{args.output}' must end in `.png`.")
+    if os.path.exists(args.output) and not args.overwrite:
+        raise kfs.ModelFileError(f"Output '{args.output}' exists; pass --overwrite to replace it.")
+    folder = os.path.dirname(os.path.abspath(args.output))
+    if not os.path.isdir(folder):
+        raise kfs.ModelFileError(f"Folder '{folder}' for output '{args.output}' does not exist.")
+    model = kfs.load_model(args.model)
+    fcn = model if len(model.outputs[0].shape) == 4 else kfs.convert(model, head=args.head, input_size=args.input_size)
+    data_format = spatial_data_format(fcn)
+    channels = int(fcn.inputs[0].shape[3 if data_format == "channels_last" else 1])
+    if channels not in (1, 3):
+        raise kfs.ConversionError(f"Model '{fcn.name}' takes {channels} channels; image files give 1 or 3.")
+    try:
+        with Image.open(args.image) as opened:
+            picture = opened.convert("L" if channels == 1 else "RGB")
+    except (OSError, UnidentifiedImageError) as error:
+        raise kfs.ModelFileError(f"Image '{args.image}' could not be read by Pillow: {error}") from error
+    pixels = np.asarray(picture, dtype=np.float32)
+    if channels == 1:
+        pixels = pixels[..., None]
+    model_pixels = pixels if data_format == "channels_last" else np.moveaxis(pixels, -1, 0)
+    scores = kfs.predict_map(
+        fcn, model_pixels, tile=args.tile, preprocess=_preprocess_fn(args.preprocess, data_format), progress=None
+    )
+    if data_format == "channels_first":
+        scores = np.moveaxis(scores, 0, -1)
+    classes = scores.shape[-1]
+    if not 0 <= args.class_index < classes:
+        print(f"error: --class {args.class_index} is out of range: the model has {classes} classes.", file=sys.stderr)
+        return EXIT_USAGE
+    names = _class_names(args.class_names, classes)
+    grid = kfs.geometry(fcn)
+    probabilities = class_probabilities(scores)
+    _print_top(probabilities, names, grid, pixels.shape[:2], args.top)
+    picture = kfs.heatmap(
+        pixels,
+        probabilities,
+        grid,
+        args.class_index,
+        class_names=names,
+        probabilities=True,
+        alpha=args.alpha,
+        scale=args.scale,
+    )
+    _save_atomically(picture, args.output)
+    print(f"wrote {args.output} ({picture.width}x{picture.height})")
+    return EXIT_OK
+
+
+def _preprocess_fn(mode: str, data_format: str):
+    if mode == "none":
+        return None
+    from keras.applications import imagenet_utils
+
+    return lambda x: imagenet_utils.preprocess_input(x, data_format=data_format, mode=mode)
+
+
+def _class_names(path, classes: int):
+    import keras_fcn_surgery as kfs
+
+    if path is not None:
+        with open(path, encoding="utf-8") as handle:
+            names = [line.strip() for line in handle if line.strip() and not line.startswith("#")]
+        if len(names) != classes:
+            raise kfs.ModelFileError(f"'{path}' lists {len(names)} class names; the model has {classes} classes.")
+        return names
+    if classes == 1000:
+        return kfs.imagenet_class_names()
+    return None
+
+
+def _print_top(probabilities, names, grid, image_size, top: int) -> None:
+    import numpy as np
+
+    peaks = probabilities.reshape(-1, probabilities.shape[-1]).max(axis=0)
+    cells = probabilities.shape[:2]
+    print(f"map of {cells[0]}x{cells[1]} cells; top classes by highest probability anywhere:")
+    for k in np.argsort(-peaks, kind="stable")[:top]:
+        i, j = np.unravel_index(np.argmax(probabilities[..., k]), cells)
+        box = grid.at(image_size).input_box(int(i), int(j))
+        label = f"class {k}" + (f" {names[k]}" if names is not None else "")
+        print(f"  {peaks[k]:.4f}  {label}  at cell ({i}, {j}), window {box} (top, left, bottom, right)")
+
+
+def _save_atomically(picture, path: str) -> None:
+    folder = os.path.dirname(os.path.abspath(path))
+    handle, temporary = tempfile.mkstemp(suffix=".png", prefix=".partial-", dir=folder)
+    os.close(handle)
+    try:
+        picture.save(temporary, format="PNG")
+        os.replace(temporary, path)
+    except BaseException:
+        if os.path.exists(temporary):
+            os.remove(temporary)
+        raise

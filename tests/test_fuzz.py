@@ -1,0 +1,197 @@
+"""Property-based test: on any generated CNN, `convert` is right or names the layer it refuses.
+
+For every architecture from `architectures.architectures()` and both heads,
+``kfs.convert(model, head=head)`` must either
+
+- return a model that verifies against the source at the original size and
+  whose output map has the size ``kfs.geometry(fcn).output_size`` predicts, at
+  several input sizes from the smallest valid one up (for a network without
+  padding and ``head="window"``, every cell of the larger map must also equal
+  the classifier on the matching crop); or
+- raise `kfs.ConversionError` whose message names one of the model's layers in
+  quotes.
+
+Any other exception, a `VerificationError`, or a wrong size fails the test, and
+hypothesis prints the architecture as Python code (``build_model()``).
+
+CI runs ``KFS_FUZZ_EXAMPLES`` examples (default 100, about 20 s on 2 cores),
+derandomized so that every run draws the same models. A long campaign:
+
+    KFS_FUZZ_EXAMPLES=600 pytest tests/test_fuzz.py
+
+or, to count the outcomes and keep going past failures,
+``python tools/fuzz_campaign.py --examples 600``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+
+import numpy as np
+import pytest
+from architectures import Architecture, Conv, Pad, Pool, Residual, SqueezeExcite, architectures
+from hypothesis import HealthCheck, given, note, settings
+from hypothesis import strategies as st
+from keras_bugs import channels_first_bias_fixed
+
+import keras_fcn_surgery as kfs
+from keras_fcn_surgery.conversion import verify_conversion
+from keras_fcn_surgery.graph import iter_layers
+from keras_fcn_surgery.verification import tolerance_for
+
+EXAMPLES = int(os.environ.get("KFS_FUZZ_EXAMPLES", "100"))
+
+
+class PropertyViolation(AssertionError):
+    """The converter broke its contract on a generated model."""
+
+
+def layer_names(model) -> set[str]:
+    """Names of every layer, nested models and input layers included."""
+    names = {layer.name for layer in iter_layers(model)}
+    for layer in iter_layers(model):
+        if hasattr(layer, "inputs") and hasattr(layer, "layers"):
+            names.update(t._keras_history.operation.name for t in layer.inputs)
+    names.update(t._keras_history.operation.name for t in model.inputs)
+    return names
+
+
+def error_reason(error: Exception) -> str:
+    """A ConversionError's message with names and numbers blanked out, cut at its first sentence."""
+    text = re.sub(r"'[^'\s]*'", "'…'", str(error))
+    text = re.sub(r"\d+", "N", text)
+    return re.split(r"[;:.]\s", text)[0]
+
+
+def check_conversion(arch: Architecture, head: str) -> str:
+    """Convert one generated model and check the property.
+
+    Returns:
+        ``"converted"`` (with a note when the map was also checked cell by
+        cell against the classifier on crops) or ``"ConversionError: <reason>"``.
+
+    Raises:
+        PropertyViolation: when the contract is broken (the message holds the code).
+        Exception: anything else the converter raised (also a violation).
+    """
+    model = arch.build()
+    code = arch.to_code()
+    try:
+        fcn = kfs.convert(model, head=head)
+    except kfs.VerificationError as error:
+        raise PropertyViolation(f"head={head!r}: wrong model: {error}\n{code}") from error
+    except kfs.ConversionError as error:
+        message = str(error)
+        if not any(f"'{name}'" in message for name in layer_names(model)):
+            raise PropertyViolation(f"head={head!r}: the error names no layer: {message}\n{code}") from error
+        return f"ConversionError: {error_reason(error)}"
+    result = verify_conversion(model, fcn, head=head)
+    if not result.passed:
+        raise PropertyViolation(f"head={head!r}: verify disagrees after convert: {result}\n{code}")
+    grid = kfs.geometry(fcn)
+    height, width = arch.input_size
+    low_h, low_w = grid.min_input_size
+    if head == "window" and grid.output_size((height, width)) != (1, 1):
+        raise PropertyViolation(
+            f"head='window': at the original size {arch.input_size} geometry predicts "
+            f"{grid.output_size((height, width))}, not one window\n{code}"
+        )
+    checked = None
+    for size in [(low_h, low_w), (low_h + 1, low_w + 2), (height, width), (height + 5, width + 11)]:
+        try:
+            expected = grid.output_size(size)
+        except kfs.ConversionError as error:
+            # Branches that line up only at some sizes (valid strided shortcuts): refused by name.
+            if size in ((low_h, low_w), (height, width)) or "does not fit the network" not in str(error):
+                raise
+            continue
+        image = np.random.default_rng(0).standard_normal(_image_shape(arch, size)).astype("float32")
+        scores = np.asarray(fcn(image[None], training=False), dtype="float64")[0]
+        if arch.data_format == "channels_first":
+            scores = np.moveaxis(scores, 0, -1)
+        if scores.shape[:2] != expected:
+            raise PropertyViolation(
+                f"head={head!r}: at input {size} the map is {scores.shape[:2]}, geometry says {expected}\n{code}"
+            )
+        checked = image, scores
+    if head == "window" and _is_sliding_window(arch) and checked is not None:
+        _check_cells_are_crops(arch, model, fcn, checked[0], grid.stride, code)
+        return "converted (map cells checked against crops)"
+    return "converted"
+
+
+def _image_shape(arch: Architecture, size) -> tuple[int, int, int]:
+    return (*size, arch.channels) if arch.data_format == "channels_last" else (arch.channels, *size)
+
+
+def _is_sliding_window(arch: Architecture) -> bool:
+    """No padding anywhere: then every map cell is the classifier on one crop of the image."""
+    layers_ = list(arch.body)
+    while layers_:
+        layer = layers_.pop()
+        if isinstance(layer, Residual):
+            layers_.extend(inner for branch in layer.branches for inner in branch)
+        elif isinstance(layer, (Conv, Pool)) and layer.padding != "valid":
+            return False
+        elif isinstance(layer, Pad) and not layer.crop:
+            return False
+        elif isinstance(layer, SqueezeExcite):
+            return False  # global context: a cell depends on the whole image
+    return True
+
+
+def _check_cells_are_crops(arch: Architecture, model, fcn, image, stride, code: str) -> None:
+    """Cell (i, j) of a valid-padding network's window map is the classifier on the crop at (i, j) * stride.
+
+    Both models run with Keras's channels-first bias bug worked around (see
+    `keras_bugs`): it would add biases along the width wherever a map's width
+    equals its channels, at different places in the FCN and in the crops.
+    """
+    with channels_first_bias_fixed():
+        scores = np.asarray(fcn(image[None], training=False), dtype="float64")[0]
+        _compare_cells_with_crops(arch, model, image, scores, stride, code)
+
+
+def _compare_cells_with_crops(arch: Architecture, model, image, scores, stride, code: str) -> None:
+    if arch.data_format == "channels_first":
+        scores = np.moveaxis(scores, 0, -1)
+    height, width = arch.input_size
+    big_h, big_w = image.shape[:2] if arch.data_format == "channels_last" else image.shape[1:]
+    cells = [
+        (i, j)
+        for i in range(scores.shape[0])
+        for j in range(scores.shape[1])
+        if i * stride[0] + height <= big_h and j * stride[1] + width <= big_w
+    ]
+    if not cells:
+        return
+    crops = []
+    for i, j in cells:
+        rows, cols = slice(i * stride[0], i * stride[0] + height), slice(j * stride[1], j * stride[1] + width)
+        crops.append(image[rows, cols] if arch.data_format == "channels_last" else image[:, rows, cols])
+    # A head that keeps a 1 x 1 map returns (N, 1, 1, K) or (N, K, 1, 1): compare as (N, K).
+    expected = np.asarray(model(np.stack(crops), training=False), dtype="float64").reshape(len(cells), -1)
+    got = np.stack([scores[i, j] for i, j in cells])
+    difference = float(np.max(np.abs(got - expected)))
+    scale = max(float(np.max(np.abs(expected))), 1e-30)
+    if difference > tolerance_for(model) * scale:
+        raise PropertyViolation(
+            f"head='window': map cells differ from the classifier on the matching crops at stride {stride} "
+            f"(max abs diff {difference:.3g}, scale {scale:.3g})\n{code}"
+        )
+
+
+@pytest.mark.filterwarnings("ignore:You are using a softmax over axis")  # a generated Dense(1) + softmax
+@pytest.mark.filterwarnings("ignore:The recursion limit will not be reset")  # TensorFlow raises it
+@settings(
+    max_examples=EXAMPLES,
+    derandomize=True,
+    deadline=None,
+    database=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+@given(arch=architectures(), head=st.sampled_from(kfs.HEADS))
+def test_convert_is_exact_or_names_the_layer(arch, head):
+    note(f"head={head!r}; the model:\n{arch.to_code()}")
+    check_conversion(arch, head)

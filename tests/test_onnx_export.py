@@ -1,0 +1,110 @@
+"""ONNX export: symbolic batch, height and width; onnxruntime agrees with Keras at two sizes."""
+
+import os
+
+import keras
+import numpy as np
+import pytest
+from conftest import random_images
+from models import small_flatten_cnn, valid_gap_cnn
+
+import keras_fcn_surgery as kfs
+from keras_fcn_surgery import cli, onnx_export
+
+onnx = pytest.importorskip("onnx")
+onnxruntime = pytest.importorskip("onnxruntime")
+pytest.importorskip("tf2onnx")
+
+
+def dims(value) -> list:
+    return [d.dim_param or d.dim_value for d in value.type.tensor_type.shape.dim]
+
+
+def test_onnx_equals_keras_at_two_sizes_with_symbolic_height_and_width(tmp_path):
+    source = small_flatten_cnn()
+    fcn = kfs.convert(source)
+    path = tmp_path / "fcn.onnx"
+
+    result = kfs.export_onnx(fcn, path, input_size=(32, 32))
+
+    assert result.path == str(path) and len(result.checks) == 2
+    proto = onnx.load(str(path))
+    assert [value.name for value in proto.graph.input] == ["images"]
+    assert [value.name for value in proto.graph.output] == ["scores"]
+    assert dims(proto.graph.input[0]) == ["batch", "height", "width", 3]
+    assert dims(proto.graph.output[0]) == ["batch", "map_height", "map_width", 5]
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    for shape in ((2, 32, 32, 3), (1, 71, 53, 3)):
+        image = random_images(shape, seed=shape[1])
+        (scores,) = session.run(["scores"], {"images": image})
+        expected = np.asarray(fcn(image))
+        assert scores.shape == expected.shape
+        np.testing.assert_allclose(scores, expected, rtol=1e-4, atol=1e-6)
+    small = session.run(["scores"], {"images": random_images((2, 32, 32, 3), seed=32)})[0]
+    np.testing.assert_allclose(small[:, 0, 0, :], np.asarray(source(random_images((2, 32, 32, 3), seed=32))), atol=1e-6)
+
+
+def test_global_pooling_head_and_channels_first_layout(tmp_path):
+    source = valid_gap_cnn()
+    result = kfs.export_onnx(source, tmp_path / "gap.onnx", head="dense")
+    assert [check.input_shape for check in result.checks][0] == (2, 24, 24, 3)
+
+    channels_first = small_flatten_cnn(data_format="channels_first")
+    path = tmp_path / "cf.onnx"
+    kfs.export_onnx(channels_first, path)
+    proto = onnx.load(str(path))
+    assert dims(proto.graph.input[0]) == ["batch", 3, "height", "width"]
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    image = random_images((1, 3, 32, 32))
+    (scores,) = session.run(["scores"], {"images": image})
+    np.testing.assert_allclose(scores[:, :, 0, 0], np.asarray(channels_first(image)), rtol=1e-4, atol=1e-6)
+
+
+def test_existing_file_is_kept_without_overwrite(tmp_path, capsys):
+    path = tmp_path / "fcn.onnx"
+    path.write_bytes(b"old")
+    with pytest.raises(kfs.ModelFileError, match="overwrite"):
+        kfs.export_onnx(small_flatten_cnn(), path)
+    model_file = str(tmp_path / "small.keras")
+    small_flatten_cnn().save(model_file)
+    assert cli.main(["export", model_file, str(path), "--format", "onnx"]) == 2
+    assert "exists" in capsys.readouterr().err
+    assert path.read_bytes() == b"old"
+
+    assert cli.main(["export", model_file, str(path), "--format", "onnx", "--overwrite"]) == 0
+    assert onnx.load(str(path)).graph.input[0].name == "images"
+    assert sorted(os.listdir(tmp_path)) == ["fcn.onnx", "small.keras"]
+
+
+def test_cli_refuses_savedmodel_options_with_onnx(tmp_path, capsys):
+    model_file = str(tmp_path / "small.keras")
+    small_flatten_cnn().save(model_file)
+    assert cli.main(["export", model_file, str(tmp_path / "x.onnx"), "--format", "onnx", "--version", "2"]) == 2
+    assert "--format savedmodel only" in capsys.readouterr().err
+
+
+def test_mismatch_with_onnxruntime_is_an_error_and_leaves_no_file(tmp_path, monkeypatch):
+    from keras_fcn_surgery import serving
+
+    real_scores = serving.keras_scores
+    monkeypatch.setattr(serving, "keras_scores", lambda fcn, images: real_scores(fcn, images) * 2.0 + 1.0)
+    with pytest.raises(serving.ExportError, match="ONNX export .* differs"):
+        kfs.export_onnx(small_flatten_cnn(), tmp_path / "fcn.onnx")
+    assert os.listdir(tmp_path) == []
+
+
+def test_missing_packages_name_the_extra(tmp_path, monkeypatch):
+    real_find_spec = onnx_export.importlib.util.find_spec
+
+    def find_spec(name, *args):
+        return None if name == "tf2onnx" else real_find_spec(name, *args)
+
+    monkeypatch.setattr(onnx_export.importlib.util, "find_spec", find_spec)
+    with pytest.raises(kfs.ExportError, match=r"tf2onnx.*pip install keras-fcn-surgery\[onnx\]"):
+        kfs.export_onnx(small_flatten_cnn(), tmp_path / "fcn.onnx")
+    assert os.listdir(tmp_path) == []
+
+
+def test_path_must_end_in_onnx(tmp_path):
+    with pytest.raises(kfs.ModelFileError, match=r"\.onnx"):
+        kfs.export_onnx(keras.Sequential([keras.Input((8, 8, 3))]), tmp_path / "fcn.pb")
