@@ -1,4 +1,6 @@
-"""Exceptions raised by keras_fcn_surgery."""
+"""Exceptions raised by keras_fcn_surgery, and how their messages quote others."""
+
+import re
 
 
 class ConversionError(ValueError):
@@ -23,3 +25,14 @@ class NonFiniteWeightsWarning(UserWarning):
     outputs; `verify` counts NaN against NaN as equal, and fails when every
     output is NaN or Inf (nothing can be compared).
     """
+
+
+def first_line(text: str) -> str:
+    """The gist of another library's error message, for quoting inside ours.
+
+    Drops terminal colour codes; keeps two lines because Keras wraps layer
+    errors as "Exception encountered when calling X.call().\n<cause>".
+    """
+    text = re.sub(r"\x1b\[[0-9;]*m", "", text)
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+    return " ".join(lines[:2]) if lines else text

@@ -12,7 +12,7 @@ import zipfile
 import h5py
 import keras
 
-from keras_fcn_surgery.errors import ModelFileError
+from keras_fcn_surgery.errors import ModelFileError, first_line
 
 MODEL_SUFFIXES = (".keras", ".h5", ".hdf5")
 
@@ -48,7 +48,7 @@ def load_model(path, custom_objects=None) -> keras.Model:
         text = str(error)
         if "custom" in text.lower() or "Could not locate" in text or "Unknown" in text:
             missing = re.search(r"Could not locate (?:class|function) '([^']+)'", text)
-            what = f"'{missing.group(1)}'" if missing else f"a class or function ({_first_line(text)})"
+            what = f"'{missing.group(1)}'" if missing else f"a class or function ({first_line(text)})"
             name = missing.group(1) if missing else "Name"
             raise ModelFileError(
                 f"Model file '{path}' refers to {what} that Keras does not know. Pass it with "
@@ -56,10 +56,10 @@ def load_model(path, custom_objects=None) -> keras.Model:
                 "defining it), or register it with `@keras.saving.register_keras_serializable()` and import "
                 "it before loading."
             ) from error
-        raise ModelFileError(f"Model file '{path}' could not be loaded: {_first_line(text)}") from error
+        raise ModelFileError(f"Model file '{path}' could not be loaded: {first_line(text)}") from error
     except Exception as error:
         raise ModelFileError(
-            f"Model file '{path}' could not be loaded ({type(error).__name__}: {_first_line(str(error))}). "
+            f"Model file '{path}' could not be loaded ({type(error).__name__}: {first_line(str(error))}). "
             "It may be truncated or written by an incompatible Keras version; save it again with "
             "`model.save('model.keras')`."
         ) from error
@@ -92,13 +92,10 @@ def _check_container(path: str, suffix: str) -> None:
                     )
         except OSError as error:
             raise ModelFileError(
-                f"'{path}' is not a readable HDF5 file ({_first_line(str(error))}); it may be truncated. "
+                f"'{path}' is not a readable HDF5 file ({first_line(str(error))}); it may be truncated. "
                 "Save the model again."
             ) from error
 
-
-def _first_line(text: str) -> str:
-    return text.strip().splitlines()[0] if text.strip() else text
 
 
 def custom_objects_from_file(path) -> dict:
@@ -132,7 +129,7 @@ def custom_objects_from_file(path) -> dict:
         else:
             sys.modules.pop(name, None)
         raise ModelFileError(
-            f"Custom objects file '{path}' failed to import ({type(error).__name__}: {_first_line(str(error))})."
+            f"Custom objects file '{path}' failed to import ({type(error).__name__}: {first_line(str(error))})."
         ) from error
     declared = getattr(module, "CUSTOM_OBJECTS", None)
     if declared is not None:

@@ -13,16 +13,10 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
-import os
-import shutil
-import tempfile
 import warnings
 
-from keras_fcn_surgery.errors import ModelFileError
-from keras_fcn_surgery.graph import spatial_data_format
-from keras_fcn_surgery.serving import (
-    INPUT_NAME,
-    OUTPUT_NAME,
+from keras_fcn_surgery.errors import ModelFileError, first_line
+from keras_fcn_surgery.export_common import (
     ExportError,
     ExportResult,
     check_batches,
@@ -31,6 +25,9 @@ from keras_fcn_surgery.serving import (
     prepare_fcn,
     resolve_check_sizes,
 )
+from keras_fcn_surgery.graph import spatial_data_format
+from keras_fcn_surgery.saving import atomic_output, check_output_path
+from keras_fcn_surgery.serving import INPUT_NAME, OUTPUT_NAME
 
 ONNX_PACKAGES = ("onnx", "onnxruntime", "tf2onnx")
 
@@ -79,28 +76,12 @@ def export_onnx(
             that cannot be written.
     """
     onnx, onnxruntime = _require_onnx()
-    path = os.path.abspath(os.fspath(path))
-    if not path.endswith(".onnx"):
-        raise ModelFileError(f"Output '{path}' must end in `.onnx`.")
-    if os.path.exists(path) and not overwrite:
-        raise ModelFileError(f"Output '{path}' exists; pass overwrite=True (CLI: --overwrite) to replace it.")
-    folder = os.path.dirname(path)
-    if not os.path.isdir(folder):
-        raise ModelFileError(f"Folder '{folder}' for output '{path}' does not exist.")
+    path = check_output_path(path, suffix=".onnx", overwrite=overwrite)
     fcn, original = prepare_fcn(model, convert=convert, head=head, input_size=input_size, custom_objects=custom_objects)
     sizes = resolve_check_sizes(fcn, original, check_sizes)
-    # A private folder beside the target: the file inside it gets the usual permissions (umask), unlike mkstemp's.
-    try:
-        work = tempfile.mkdtemp(prefix=".partial-onnx-", dir=folder)
-    except OSError as error:
-        raise ModelFileError(f"Cannot write in folder '{folder}': {error.strerror or error}.") from error
-    try:
-        temporary = os.path.join(work, os.path.basename(path))
+    with atomic_output(path, suffix=".onnx", overwrite=overwrite) as temporary:
         _write_onnx(fcn, temporary, onnx, opset)
         checks = _check_with_onnxruntime(fcn, temporary, sizes, onnxruntime)
-        os.replace(temporary, path)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
     return ExportResult(path=path, version=None, checks=checks)
 
 
@@ -137,7 +118,7 @@ def _write_onnx(fcn, temporary: str, onnx, opset) -> None:
         raise ModelFileError(f"Could not write '{temporary}': {error.strerror or error}.") from error
     except Exception as error:
         raise ExportError(
-            f"tf2onnx could not convert model '{fcn.name}' ({type(error).__name__}: {_first_line(str(error))})."
+            f"tf2onnx could not convert model '{fcn.name}' ({type(error).__name__}: {first_line(str(error))})."
         ) from error
     proto = onnx.load(temporary)
     _name_io(proto, spatial_data_format(fcn) == "channels_first")
@@ -146,7 +127,7 @@ def _write_onnx(fcn, temporary: str, onnx, opset) -> None:
         onnx.save(proto, temporary)
     except ValueError as error:
         raise ExportError(
-            f"Model '{fcn.name}' does not fit in one ONNX file ({_first_line(str(error))}); files over 2 GB "
+            f"Model '{fcn.name}' does not fit in one ONNX file ({first_line(str(error))}); files over 2 GB "
             "need external data, which this export does not write."
         ) from error
 
@@ -183,7 +164,3 @@ def _check_with_onnxruntime(fcn, path: str, sizes, onnxruntime):
         (y,) = session.run([OUTPUT_NAME], {INPUT_NAME: x})
         outputs[key] = np.transpose(y, (0, 2, 3, 1)) if channels_first else y
     return compare_outputs(fcn, batches, outputs, what=f"The ONNX export of '{fcn.name}' (onnxruntime)")
-
-
-def _first_line(text: str) -> str:
-    return text.strip().splitlines()[0] if text.strip() else text

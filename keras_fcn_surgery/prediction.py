@@ -191,6 +191,8 @@ def sliding_window_predict(
             f"Model '{model.name}' outputs shape {tuple(model.outputs[0].shape)}; the sliding window needs a "
             "classifier that returns one vector of scores per image."
         )
+    if batch_size < 1:
+        raise ConversionError(f"Expected `batch_size` >= 1. Received: batch_size={batch_size}")
     image = _with_channel_axis(image, layout)
     size = _image_size(image, layout)
     strides = _pair(stride, "stride")
@@ -374,8 +376,14 @@ def _forward_fn(model, jit_compile: bool):
 
     per_model = _FORWARD_CACHE.setdefault(model, {})
     if jit_compile not in per_model:
-        reference = weakref.ref(model)
-        compiled = tf.function(lambda x: reference()(x, training=False), jit_compile=jit_compile)
+        reference = weakref.ref(model)  # the cache must not keep the model alive
+
+        def call(x):
+            live = reference()
+            assert live is not None, "the model is alive while its cached function runs"
+            return live(x, training=False)
+
+        compiled = tf.function(call, jit_compile=jit_compile)
         per_model[jit_compile] = lambda batch: np.asarray(compiled(tf.constant(batch)))
     return per_model[jit_compile]
 

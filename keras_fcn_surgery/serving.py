@@ -24,26 +24,29 @@ import shutil
 import subprocess
 import sys
 import tempfile
-from dataclasses import dataclass
 
 import keras
 import numpy as np
 
-from keras_fcn_surgery.errors import ConversionError, ModelFileError
+from keras_fcn_surgery.errors import ConversionError, ModelFileError, first_line
+from keras_fcn_surgery.export_common import (
+    ExportError,
+    ExportResult,
+    check_batches,
+    compare_outputs,
+    image_channels,
+    prepare_fcn,
+    resolve_check_sizes,
+)
 from keras_fcn_surgery.graph import spatial_data_format
-from keras_fcn_surgery.verification import VerificationResult, tolerance_for
+from keras_fcn_surgery.preprocessing import PREPROCESS_MODES, decode_images, preprocess_images
+from keras_fcn_surgery.verification import VerificationResult
 
-PREPROCESS_MODES = ("none", "caffe", "tf", "torch")
 SERVING_DEFAULT = "serving_default"
 SERVING_BYTES = "serving_bytes"
 INPUT_NAME = "images"
 BYTES_INPUT_NAME = "image_bytes"
 OUTPUT_NAME = "scores"
-
-# keras.applications.imagenet_utils conventions.
-CAFFE_MEAN_BGR = (103.939, 116.779, 123.68)
-TORCH_MEAN = (0.485, 0.456, 0.406)
-TORCH_STD = (0.229, 0.224, 0.225)
 
 # Channel counts tf.io.decode_image can produce.
 DECODABLE_CHANNELS = (1, 3, 4)
@@ -52,31 +55,6 @@ DECODABLE_CHANNELS = (1, 3, 4)
 CHECK_TIMEOUT = 900
 
 _VERSION_NAME = re.compile(r"^[0-9]+$")
-
-
-class ExportError(ConversionError):
-    """An export that could not be built, or that does not reproduce the Keras model."""
-
-
-@dataclass(frozen=True)
-class ExportResult:
-    """What an export wrote and how it was checked.
-
-    Attributes:
-        path: the version folder (SavedModel) or the ``.onnx`` file.
-        version: the SavedModel version, or None for ONNX.
-        checks: one `VerificationResult` per checked input size, comparing the
-            reloaded export with the Keras model.
-    """
-
-    path: str
-    version: int | None
-    checks: tuple[VerificationResult, ...]
-
-    def __str__(self) -> str:
-        lines = [f"wrote {self.path}" + (f" (version {self.version})" if self.version is not None else "")]
-        lines += [f"  {check}" for check in self.checks]
-        return "\n".join(lines)
 
 
 def export_savedmodel(
@@ -180,153 +158,6 @@ def next_version(export_dir) -> int:
     return max(versions, default=0) + 1
 
 
-def is_fully_convolutional(model) -> bool:
-    """True for a one-input, one-output model on images of any size that returns a rank-4 map."""
-    if len(model.inputs) != 1 or len(model.outputs) != 1:
-        return False
-    shape, output = tuple(model.inputs[0].shape), tuple(model.outputs[0].shape)
-    return len(shape) == 4 and len(output) == 4 and all(d is None for d in _spatial(model, shape))
-
-
-def prepare_fcn(model, *, convert: bool = True, head: str = "window", input_size=None, custom_objects=None):
-    """The FCN to export and the classifier's original ``(H, W)`` (None when unknown).
-
-    Raises:
-        ExportError: for a model with several inputs or outputs, or a
-            classifier with ``convert=False``.
-    """
-    from keras_fcn_surgery.conversion import convert as convert_model
-    from keras_fcn_surgery.loading import load_model
-
-    if isinstance(model, (str, os.PathLike)):
-        model = load_model(model, custom_objects=custom_objects)
-    if not isinstance(model, keras.Model):
-        raise ExportError(
-            f"Expected a `keras.Model` or a path to a `.keras`/`.h5` file. Received: {type(model).__name__}"
-        )
-    if len(model.inputs) != 1 or len(model.outputs) != 1:
-        raise ExportError(
-            f"Model '{model.name}' has {len(model.inputs)} inputs and {len(model.outputs)} outputs; a serving "
-            "export takes one image input and returns one score map."
-        )
-    size = tuple(int(d) for d in input_size) if input_size is not None else None
-    if is_fully_convolutional(model):
-        return model, size
-    if not convert:
-        raise ExportError(
-            f"Model '{model.name}' takes input {tuple(model.inputs[0].shape)} and returns "
-            f"{tuple(model.outputs[0].shape)}: it is not fully convolutional. Let it be converted first "
-            "(drop convert=False / --no-convert)."
-        )
-    if size is None:
-        spatial = _spatial(model, tuple(model.inputs[0].shape))
-        size = tuple(int(d) for d in spatial) if all(d is not None for d in spatial) else None
-    fcn = convert_model(model, head=head, input_size=input_size)
-    return fcn, size
-
-
-def image_channels(model) -> int:
-    """The channel count of the model's image input."""
-    shape = tuple(model.inputs[0].shape)
-    channels = shape[3] if spatial_data_format(model) == "channels_last" else shape[1]
-    if channels is None:
-        raise ExportError(f"Model '{model.name}' takes input {shape} with an unknown number of channels.")
-    return int(channels)
-
-
-def resolve_check_sizes(fcn, original, check_sizes=None) -> tuple[tuple[int, int], ...]:
-    """The ``(H, W)`` sizes an export is checked at.
-
-    Default: the original size (or the smallest valid one of an FCN whose
-    original size is unknown) and that size plus seven output strides, where
-    the map has seven more cells a side (CaffeNet: 227 and 451, a 1x1 and an
-    8x8 map).
-    """
-    if check_sizes is not None:
-        sizes = tuple(tuple(int(d) for d in size) for size in check_sizes)
-        if not sizes or any(len(size) != 2 or min(size) < 1 for size in sizes):
-            raise ExportError(f"Expected `check_sizes` to be (H, W) pairs of positive ints. Received: {check_sizes}")
-        return sizes
-    from keras_fcn_surgery.geometry import geometry
-
-    try:
-        grid = geometry(fcn, original)
-    except ConversionError as error:
-        if original is None:
-            raise ExportError(
-                f"The input size to check model '{fcn.name}' at is unknown ({error}). Pass "
-                "`input_size=(H, W)` (CLI: --input-size) or `check_sizes`."
-            ) from error
-        return (original, (2 * original[0], 2 * original[1]))
-    base = tuple(grid.input_size)
-    larger = (base[0] + 7 * grid.stride[0], base[1] + 7 * grid.stride[1])
-    return (base, larger)
-
-
-def preprocess_images(images, mode: str):
-    """Apply one `keras.applications` preprocessing to a channels-last batch (a TF op).
-
-    Args:
-        images: a ``(N, H, W, C)`` tensor of pixel values in [0, 255] (any
-            numeric dtype), RGB order for ``"caffe"`` and ``"torch"``.
-        mode: one of `PREPROCESS_MODES`.
-
-    Returns:
-        A float32 tensor of the same shape.
-    """
-    import tensorflow as tf
-
-    x = tf.cast(images, tf.float32)
-    if mode == "none":
-        return x
-    if mode == "caffe":
-        return x[..., ::-1] - tf.constant(CAFFE_MEAN_BGR, tf.float32)
-    if mode == "tf":
-        return x / 127.5 - 1.0
-    if mode == "torch":
-        return (x / 255.0 - tf.constant(TORCH_MEAN, tf.float32)) / tf.constant(TORCH_STD, tf.float32)
-    raise ExportError(f"Expected `mode` to be one of {PREPROCESS_MODES}. Received: mode={mode!r}")
-
-
-def decode_images(image_bytes, channels: int):
-    """Decode a non-empty batch of encoded images of one size into ``(N, H, W, channels)`` uint8 (a TF op).
-
-    Raises (when run):
-        tf.errors.InvalidArgumentError: for an empty batch, undecodable bytes,
-            or images of different sizes.
-    """
-    import tensorflow as tf
-
-    def decode(data):
-        image = tf.io.decode_image(data, channels=channels, expand_animations=False, dtype=tf.uint8)
-        return tf.ensure_shape(image, [None, None, channels])
-
-    not_empty = tf.debugging.assert_positive(tf.size(image_bytes), message="serving_bytes needs at least one image")
-    with tf.control_dependencies([not_empty]):
-        image_bytes = tf.identity(image_bytes)
-    first = decode(image_bytes[0])
-    reference = tf.shape(first)
-
-    def decode_same_size(data):
-        image = decode(data)
-        check = tf.debugging.assert_equal(
-            tf.shape(image),
-            reference,
-            message="serving_bytes: all images of one request must have the same height and width",
-        )
-        with tf.control_dependencies([check]):
-            return tf.identity(image)
-
-    def decode_all():
-        rest = tf.map_fn(
-            decode_same_size, image_bytes[1:], fn_output_signature=tf.TensorSpec([None, None, channels], tf.uint8)
-        )
-        return tf.concat([first[tf.newaxis], rest], axis=0)
-
-    # map_fn cannot stack an empty list of unknown-size images: a one-image batch takes the short branch.
-    return tf.cond(tf.size(image_bytes) > 1, decode_all, lambda: first[tf.newaxis])
-
-
 def serving_functions(fcn, preprocess: str | None = "none") -> dict:
     """The signature functions, keyed by signature name, with their input signatures.
 
@@ -359,55 +190,6 @@ def serving_functions(fcn, preprocess: str | None = "none") -> dict:
     if preprocess is not None:
         functions[SERVING_BYTES] = (serve_bytes, [tf.TensorSpec([None], tf.string, name=BYTES_INPUT_NAME)])
     return functions
-
-
-def keras_scores(fcn, images: np.ndarray) -> np.ndarray:
-    """The Keras model's map for a channels-last batch, channels-last, as float32 numpy."""
-    channels_first = spatial_data_format(fcn) == "channels_first"
-    x = np.transpose(images, (0, 3, 1, 2)) if channels_first else images
-    y = np.asarray(keras.ops.convert_to_numpy(fcn(x.astype(str(fcn.inputs[0].dtype)), training=False)))
-    y = np.transpose(y, (0, 2, 3, 1)) if channels_first else y
-    return y.astype(np.float32)
-
-
-def check_batches(fcn, sizes, *, batch_size: int = 2, seed: int = 0) -> dict[str, np.ndarray]:
-    """Random channels-last float32 batches, one per size, keyed ``"size0"``, ``"size1"``..."""
-    rng = np.random.default_rng(seed)
-    channels = image_channels(fcn)
-    return {
-        f"size{i}": rng.standard_normal((batch_size, h, w, channels)).astype(np.float32)
-        for i, (h, w) in enumerate(sizes)
-    }
-
-
-def compare_outputs(fcn, batches: dict, outputs: dict, *, what: str) -> tuple[VerificationResult, ...]:
-    """Compare an export's outputs with the Keras model's on the same batches.
-
-    Raises:
-        ExportError: when a shape differs or a difference exceeds the tolerance.
-    """
-    tolerance = tolerance_for(fcn)
-    results = []
-    for key, images in batches.items():
-        want = keras_scores(fcn, images).astype(np.float64)
-        got = np.asarray(outputs[key], dtype=np.float64)
-        if got.shape != want.shape:
-            raise ExportError(
-                f"{what} returns shape {got.shape} for input {images.shape}, the Keras model {want.shape}. "
-                "The export is broken; please report the model."
-            )
-        max_abs = float(np.max(np.abs(got - want), initial=0.0))
-        scale = float(np.max(np.abs(want), initial=0.0))
-        relative = max_abs / scale if scale > 0 else (0.0 if max_abs == 0 else float("inf"))
-        result = VerificationResult(max_abs, relative, tolerance, scale, tuple(images.shape))
-        if not result.passed:
-            raise ExportError(f"{what} differs from the Keras model: {result}. The export was not kept.")
-        results.append(result)
-    return tuple(results)
-
-
-def _spatial(model, shape):
-    return shape[1:3] if spatial_data_format(model) == "channels_last" else shape[2:4]
 
 
 def _check_bytes_signature(fcn, channels: int, preprocess: str) -> None:
@@ -479,14 +261,14 @@ def _write_savedmodel(fcn, path: str, preprocess: str | None) -> None:
         except Exception as error:
             raise ExportError(
                 f"Tracing signature '{name}' of model '{fcn.name}' failed ({type(error).__name__}: "
-                f"{_first_line(str(error))}). A layer may not accept images of any size."
+                f"{first_line(str(error))}). A layer may not accept images of any size."
             ) from error
     try:
         archive.write_out(path, verbose=False)
     except (OSError, tf.errors.OpError) as error:
         raise ModelFileError(
             f"Could not write the SavedModel of '{fcn.name}' under '{os.path.dirname(path)}': "
-            f"{_first_line(str(error))}. Check the folder's permissions and free space."
+            f"{first_line(str(error))}. Check the folder's permissions and free space."
         ) from error
 
 
@@ -537,7 +319,7 @@ def _check_in_fresh_process(fcn, path: str, sizes) -> tuple[VerificationResult, 
     with tempfile.TemporaryDirectory(prefix="kfs-check-") as scratch:
         inputs_file = os.path.join(scratch, "inputs.npz")
         outputs_file = os.path.join(scratch, "outputs.npz")
-        np.savez(inputs_file, **batches)
+        np.savez(inputs_file, **batches)  # type: ignore[arg-type]
         env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
         env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
         try:
@@ -562,7 +344,3 @@ def _check_in_fresh_process(fcn, path: str, sizes) -> tuple[VerificationResult, 
         with np.load(outputs_file) as loaded:
             outputs = {key: loaded[key] for key in loaded.files}
     return compare_outputs(fcn, batches, outputs, what=f"The reloaded SavedModel of '{fcn.name}'")
-
-
-def _first_line(text: str) -> str:
-    return text.strip().splitlines()[0] if text.strip() else text

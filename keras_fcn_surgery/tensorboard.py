@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 
-from keras_fcn_surgery.errors import ModelFileError
+from keras_fcn_surgery.errors import ModelFileError, first_line
 
 SOURCE_RUN = "source"
 FCN_RUN = "fcn"
@@ -82,7 +82,7 @@ def _write_run(folder: str, graph, text=None) -> None:
     try:
         writer = tf.summary.create_file_writer(folder)
     except (OSError, tf.errors.OpError) as error:
-        raise ModelFileError(f"Cannot write TensorBoard run '{folder}': {_first_line(str(error))}.") from error
+        raise ModelFileError(f"Cannot write TensorBoard run '{folder}': {first_line(str(error))}.") from error
     try:
         with writer.as_default():
             tf.summary.graph(graph)
@@ -97,7 +97,3 @@ def _input_name(tensor) -> str:
     history = getattr(tensor, "_keras_history", None)
     operation = history.operation if history is not None else None
     return operation.name if operation is not None else "input"
-
-
-def _first_line(text: str) -> str:
-    return text.strip().splitlines()[0] if text.strip() else text

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 
 import keras
 import numpy as np
 
-from keras_fcn_surgery.errors import ConversionError, VerificationError
+from keras_fcn_surgery.errors import ConversionError, VerificationError, first_line
 from keras_fcn_surgery.graph import iter_layers, spatial_data_format
 
 # Allowed max |difference| relative to max |source output|, by compute dtype.
@@ -125,13 +124,13 @@ def verify(source, fcn, *, input_size=None, batch_size: int = 2, seed: int = 0, 
     except Exception as error:
         raise VerificationError(
             f"The converted model '{fcn.name}' fails on the batch {tuple(inputs[0].shape)} that its source "
-            f"'{source.name}' runs: {type(error).__name__}: {_first_line(str(error))} "
+            f"'{source.name}' runs: {type(error).__name__}: {first_line(str(error))} "
             "If an operation has no kernel on this device (TensorFlow's CPU has no float16 channels-first "
             "Conv2D), verify on a device that has it, or pass `verify=False`; otherwise please report the model."
         ) from error
     if len(expected) != len(actual):
         raise ConversionError(f"Model '{source.name}' has {len(expected)} outputs but its FCN has {len(actual)}.")
-    max_abs, scale, matched, compared = 0.0, 0.0, 0, 0
+    pairs = []
     for want, got in zip(expected, actual):
         want = np.asarray(keras.ops.convert_to_numpy(want), dtype=np.float64)
         got = np.asarray(keras.ops.convert_to_numpy(got), dtype=np.float64)
@@ -142,7 +141,22 @@ def verify(source, fcn, *, input_size=None, batch_size: int = 2, seed: int = 0, 
                 "gives a map at the original size: check it with "
                 "`keras_fcn_surgery.conversion.verify_conversion(model, fcn, head='dense')`."
             )
-        got = got.reshape(want.shape)
+        pairs.append((want, got.reshape(want.shape)))
+    tolerance = float(tolerance if tolerance is not None else tolerance_for(source))
+    return compare_arrays(pairs, tolerance=tolerance, input_shape=tuple(inputs[0].shape))
+
+
+def compare_arrays(pairs, *, tolerance: float, input_shape: tuple[int, ...]) -> VerificationResult:
+    """Compare ``(expected, actual)`` array pairs of equal shapes.
+
+    NaN in both (or the same infinity) counts as equal; NaN or Inf in one
+    only makes the difference infinite. The scale is the largest finite
+    expected magnitude over all pairs.
+    """
+    max_abs, scale, matched, compared = 0.0, 0.0, 0, 0
+    for want, got in pairs:
+        want = np.asarray(want, dtype=np.float64)
+        got = np.asarray(got, dtype=np.float64)
         finite = np.isfinite(want) & np.isfinite(got)
         same_nonfinite = (np.isnan(want) & np.isnan(got)) | (np.isinf(want) & (got == want))
         if not np.all(finite | same_nonfinite):
@@ -156,9 +170,9 @@ def verify(source, fcn, *, input_size=None, batch_size: int = 2, seed: int = 0, 
     return VerificationResult(
         max_abs_diff=max_abs,
         max_rel_diff=relative,
-        tolerance=float(tolerance if tolerance is not None else tolerance_for(source)),
+        tolerance=tolerance,
         output_scale=scale,
-        input_shape=tuple(inputs[0].shape),
+        input_shape=input_shape,
         nonfinite_matched=matched,
         finite_compared=compared,
     )
@@ -195,12 +209,6 @@ def _check_same_channels(source, fcn) -> None:
                 "pass the model that `convert` returned for this classifier."
             )
 
-
-def _first_line(text: str) -> str:
-    text = re.sub(r"\x1b\[[0-9;]*m", "", text)  # Keras colours its messages for terminals
-    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
-    # Keras wraps layer errors as "Exception encountered when calling X.call().\n<cause>": keep both.
-    return " ".join(lines[:2]) if lines else text
 
 
 def _input_dtype(tensor) -> str:

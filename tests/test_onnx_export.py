@@ -9,7 +9,7 @@ from conftest import random_images
 from models import small_flatten_cnn, valid_gap_cnn
 
 import keras_fcn_surgery as kfs
-from keras_fcn_surgery import cli, onnx_export
+from keras_fcn_surgery import cli, export_common, onnx_export
 
 onnx = pytest.importorskip("onnx")
 onnxruntime = pytest.importorskip("onnxruntime")
@@ -84,11 +84,9 @@ def test_cli_refuses_savedmodel_options_with_onnx(tmp_path, capsys):
 
 
 def test_mismatch_with_onnxruntime_is_an_error_and_leaves_no_file(tmp_path, monkeypatch):
-    from keras_fcn_surgery import serving
-
-    real_scores = serving.keras_scores
-    monkeypatch.setattr(serving, "keras_scores", lambda fcn, images: real_scores(fcn, images) * 2.0 + 1.0)
-    with pytest.raises(serving.ExportError, match="ONNX export .* differs"):
+    real_scores = export_common.keras_scores
+    monkeypatch.setattr(export_common, "keras_scores", lambda fcn, images: real_scores(fcn, images) * 2.0 + 1.0)
+    with pytest.raises(kfs.ExportError, match="ONNX export .* differs"):
         kfs.export_onnx(small_flatten_cnn(), tmp_path / "fcn.onnx")
     assert os.listdir(tmp_path) == []
 

@@ -166,6 +166,19 @@ def test_out_may_be_a_numpy_or_zarr_array():
     np.testing.assert_allclose(store[:], whole, atol=ATOL)
 
 
+def test_memmap_input_and_progress_bar(tmp_path, capsys):
+    model = _strided_fcn("same", [2, 2])
+    image = np.lib.format.open_memmap(tmp_path / "image.npy", mode="w+", dtype=np.float32, shape=(150, 130, 2))
+    image[:] = random_images((150, 130, 2))
+    image.flush()
+    image = np.load(tmp_path / "image.npy", mmap_mode="r")
+    expected = _whole(model, np.asarray(image))
+    np.testing.assert_allclose(kfs.predict_map(model, image, tile=48, progress=True), expected, atol=ATOL)
+    assert "tile" in capsys.readouterr().err  # the tqdm bar
+    kfs.predict_map(model, image, tile=48)  # default: no bar when stderr is not a terminal
+    assert capsys.readouterr().err == ""
+
+
 def test_grayscale_image_for_a_one_channel_network_and_preprocess():
     model = _strided_fcn("same", [2, 2], channels=1)
     image = random_images((50, 45))

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import sys
 import warnings
 
@@ -30,9 +29,9 @@ def run(args) -> int:
     import keras_fcn_surgery as kfs
     from keras_fcn_surgery.conversion import verify_conversion
     from keras_fcn_surgery.loading import custom_objects_from_file
-    from keras_fcn_surgery.saving import save_model
+    from keras_fcn_surgery.saving import check_output_path, save_model
 
-    _check_output(args.output, args.overwrite)
+    check_output_path(args.output, suffix=".keras", overwrite=args.overwrite)
     custom_objects = custom_objects_from_file(args.custom_objects) if args.custom_objects else None
     source = kfs.load_model(args.model, custom_objects=custom_objects)
     print(kfs.plan(source, head=args.head, input_size=args.input_size))
@@ -47,18 +46,3 @@ def run(args) -> int:
     save_model(fcn, args.output, overwrite=args.overwrite)
     print(f"wrote {args.output}")
     return EXIT_OK
-
-
-def _check_output(path: str, overwrite: bool) -> None:
-    """Refuse a bad output path before any work, so that a failed command writes nothing."""
-    from keras_fcn_surgery.errors import ModelFileError
-
-    if not path.endswith(".keras"):
-        raise ModelFileError(f"Output '{path}' must end in `.keras`.")
-    if os.path.isdir(path):
-        raise ModelFileError(f"Output '{path}' is a folder; give a `.keras` file name.")
-    if os.path.exists(path) and not overwrite:
-        raise ModelFileError(f"Output '{path}' exists; pass --overwrite to replace it.")
-    folder = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(folder):
-        raise ModelFileError(f"Folder '{folder}' for output '{path}' does not exist.")

@@ -1,0 +1,81 @@
+"""Image preprocessing in the TensorFlow graph, as `keras.applications` defines it.
+
+``caffe``: RGB to BGR, minus the ImageNet mean; ``tf``: scaled to [-1, 1];
+``torch``: scaled to [0, 1], then ImageNet mean and standard deviation;
+``none``: only cast to float32.
+"""
+
+from __future__ import annotations
+
+from keras_fcn_surgery.errors import ConversionError
+
+PREPROCESS_MODES = ("none", "caffe", "tf", "torch")
+
+# keras.applications.imagenet_utils conventions.
+CAFFE_MEAN_BGR = (103.939, 116.779, 123.68)
+TORCH_MEAN = (0.485, 0.456, 0.406)
+TORCH_STD = (0.229, 0.224, 0.225)
+
+
+def preprocess_images(images, mode: str):
+    """Apply one `keras.applications` preprocessing to a channels-last batch (a TF op).
+
+    Args:
+        images: a ``(N, H, W, C)`` tensor of pixel values in [0, 255] (any
+            numeric dtype), RGB order for ``"caffe"`` and ``"torch"``.
+        mode: one of `PREPROCESS_MODES`.
+
+    Returns:
+        A float32 tensor of the same shape.
+    """
+    import tensorflow as tf
+
+    x = tf.cast(images, tf.float32)
+    if mode == "none":
+        return x
+    if mode == "caffe":
+        return x[..., ::-1] - tf.constant(CAFFE_MEAN_BGR, tf.float32)
+    if mode == "tf":
+        return x / 127.5 - 1.0
+    if mode == "torch":
+        return (x / 255.0 - tf.constant(TORCH_MEAN, tf.float32)) / tf.constant(TORCH_STD, tf.float32)
+    raise ConversionError(f"Expected `mode` to be one of {PREPROCESS_MODES}. Received: mode={mode!r}")
+
+
+def decode_images(image_bytes, channels: int):
+    """Decode a non-empty batch of encoded images of one size into ``(N, H, W, channels)`` uint8 (a TF op).
+
+    Raises (when run):
+        tf.errors.InvalidArgumentError: for an empty batch, undecodable bytes,
+            or images of different sizes.
+    """
+    import tensorflow as tf
+
+    def decode(data):
+        image = tf.io.decode_image(data, channels=channels, expand_animations=False, dtype=tf.uint8)
+        return tf.ensure_shape(image, [None, None, channels])
+
+    not_empty = tf.debugging.assert_positive(tf.size(image_bytes), message="serving_bytes needs at least one image")
+    with tf.control_dependencies([not_empty]):
+        image_bytes = tf.identity(image_bytes)
+    first = decode(image_bytes[0])
+    reference = tf.shape(first)
+
+    def decode_same_size(data):
+        image = decode(data)
+        check = tf.debugging.assert_equal(
+            tf.shape(image),
+            reference,
+            message="serving_bytes: all images of one request must have the same height and width",
+        )
+        with tf.control_dependencies([check]):
+            return tf.identity(image)
+
+    def decode_all():
+        rest = tf.map_fn(
+            decode_same_size, image_bytes[1:], fn_output_signature=tf.TensorSpec([None, None, channels], tf.uint8)
+        )
+        return tf.concat([first[tf.newaxis], rest], axis=0)
+
+    # map_fn cannot stack an empty list of unknown-size images: a one-image batch takes the short branch.
+    return tf.cond(tf.size(image_bytes) > 1, decode_all, lambda: first[tf.newaxis])
