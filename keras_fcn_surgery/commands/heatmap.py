@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import os
 import sys
-import tempfile
 
 from keras_fcn_surgery.commands.common import EXIT_OK, EXIT_USAGE, parse_size
 
@@ -43,14 +41,9 @@ def run(args) -> int:
     import keras_fcn_surgery as kfs
     from keras_fcn_surgery.graph import spatial_data_format
     from keras_fcn_surgery.heatmap import class_probabilities
+    from keras_fcn_surgery.saving import atomic_output, check_output_path
 
-    if not args.output.lower().endswith(".png"):
-        raise kfs.ModelFileError(f"Output '{args.output}' must end in `.png`.")
-    if os.path.exists(args.output) and not args.overwrite:
-        raise kfs.ModelFileError(f"Output '{args.output}' exists; pass --overwrite to replace it.")
-    folder = os.path.dirname(os.path.abspath(args.output))
-    if not os.path.isdir(folder):
-        raise kfs.ModelFileError(f"Folder '{folder}' for output '{args.output}' does not exist.")
+    check_output_path(args.output, suffix=".png", overwrite=args.overwrite)  # before any work
     model = kfs.load_model(args.model)
     fcn = model if len(model.outputs[0].shape) == 4 else kfs.convert(model, head=args.head, input_size=args.input_size)
     data_format = spatial_data_format(fcn)
@@ -89,7 +82,8 @@ def run(args) -> int:
         alpha=args.alpha,
         scale=args.scale,
     )
-    _save_atomically(picture, args.output)
+    with atomic_output(args.output, suffix=".png", overwrite=args.overwrite) as temporary:
+        picture.save(temporary, format="PNG")
     print(f"wrote {args.output} ({picture.width}x{picture.height})")
     return EXIT_OK
 
@@ -127,16 +121,3 @@ def _print_top(probabilities, names, grid, image_size, top: int) -> None:
         box = grid.at(image_size).input_box(int(i), int(j))
         label = f"class {k}" + (f" {names[k]}" if names is not None else "")
         print(f"  {peaks[k]:.4f}  {label}  at cell ({i}, {j}), window {box} (top, left, bottom, right)")
-
-
-def _save_atomically(picture, path: str) -> None:
-    folder = os.path.dirname(os.path.abspath(path))
-    handle, temporary = tempfile.mkstemp(suffix=".png", prefix=".partial-", dir=folder)
-    os.close(handle)
-    try:
-        picture.save(temporary, format="PNG")
-        os.replace(temporary, path)
-    except BaseException:
-        if os.path.exists(temporary):
-            os.remove(temporary)
-        raise
