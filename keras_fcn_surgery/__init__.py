@@ -20,11 +20,11 @@ _PUBLIC = {
     "VerificationError": "errors",
     "ExportError": "export_common",
     "ExportResult": "export_common",
-    "AxisGeometry": "geometry",
-    "Geometry": "geometry",
-    "geometry": "geometry",
-    "heatmap": "heatmap",
-    "imagenet_class_names": "heatmap",
+    "AxisGeometry": "model_geometry",
+    "Geometry": "model_geometry",
+    "geometry": "model_geometry",
+    "heatmap": "heatmaps",
+    "imagenet_class_names": "heatmaps",
     "load_model": "loading",
     "export_onnx": "onnx_export",
     "ConversionPlan": "planning",
@@ -72,6 +72,10 @@ def __getattr__(name: str):
     return value
 
 
+# No submodule may share a public name: importing it would bind the module to
+# that name on the package (``keras_fcn_surgery.geometry``), hiding the function.
+
+
 def __dir__() -> list[str]:
     return sorted(set(globals()) | set(_PUBLIC))
 
@@ -80,8 +84,8 @@ if TYPE_CHECKING:
     from keras_fcn_surgery.conversion import HEADS, convert, plan
     from keras_fcn_surgery.errors import ConversionError, ModelFileError, NonFiniteWeightsWarning, VerificationError
     from keras_fcn_surgery.export_common import ExportError, ExportResult
-    from keras_fcn_surgery.geometry import AxisGeometry, Geometry, geometry
-    from keras_fcn_surgery.heatmap import heatmap, imagenet_class_names
+    from keras_fcn_surgery.model_geometry import AxisGeometry, Geometry, geometry
+    from keras_fcn_surgery.heatmaps import heatmap, imagenet_class_names
     from keras_fcn_surgery.loading import load_model
     from keras_fcn_surgery.onnx_export import export_onnx
     from keras_fcn_surgery.planning import ConversionPlan

@@ -107,7 +107,7 @@ def resolve_check_sizes(fcn, original, check_sizes=None) -> tuple[tuple[int, int
         if not pairs or any(len(size) != 2 or min(size) < 1 for size in pairs):
             raise ExportError(f"Expected `check_sizes` to be (H, W) pairs of positive ints. Received: {check_sizes}")
         return tuple((size[0], size[1]) for size in pairs)
-    from keras_fcn_surgery.geometry import geometry
+    from keras_fcn_surgery.model_geometry import geometry
 
     try:
         grid = geometry(fcn, original)

@@ -40,7 +40,7 @@ def run(args) -> int:
 
     import keras_fcn_surgery as kfs
     from keras_fcn_surgery.graph import spatial_data_format
-    from keras_fcn_surgery.heatmap import class_probabilities
+    from keras_fcn_surgery.heatmaps import class_probabilities
     from keras_fcn_surgery.saving import atomic_output, check_output_path
 
     check_output_path(args.output, suffix=".png", overwrite=args.overwrite)  # before any work
