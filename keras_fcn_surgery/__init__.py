@@ -84,9 +84,9 @@ if TYPE_CHECKING:
     from keras_fcn_surgery.conversion import HEADS, convert, plan
     from keras_fcn_surgery.errors import ConversionError, ModelFileError, NonFiniteWeightsWarning, VerificationError
     from keras_fcn_surgery.export_common import ExportError, ExportResult
-    from keras_fcn_surgery.model_geometry import AxisGeometry, Geometry, geometry
     from keras_fcn_surgery.heatmaps import heatmap, imagenet_class_names
     from keras_fcn_surgery.loading import load_model
+    from keras_fcn_surgery.model_geometry import AxisGeometry, Geometry, geometry
     from keras_fcn_surgery.onnx_export import export_onnx
     from keras_fcn_surgery.planning import ConversionPlan
     from keras_fcn_surgery.prediction import predict_map, sliding_window_predict

@@ -12,8 +12,8 @@ import numpy as np
 
 from keras_fcn_surgery import tiling
 from keras_fcn_surgery.errors import ConversionError
-from keras_fcn_surgery.model_geometry import Geometry, geometry
 from keras_fcn_surgery.graph import spatial_data_format
+from keras_fcn_surgery.model_geometry import Geometry, geometry
 
 # Input pixels per forward pass when `batch_size` is not given: tiles of 1024 x 1024
 # or more go one at a time (batching them would defeat the memory bound of tiling).
