@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import logging
 import os
 import sys
 
@@ -30,6 +31,8 @@ def main(argv=None) -> int:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     parser = build_parser()
     args = parser.parse_args(argv)
+    # TensorFlow's Python warnings (retracing notes from Keras's grouped convolutions) are noise here.
+    logging.getLogger("tensorflow").setLevel(logging.ERROR)
     from keras_fcn_surgery.errors import ConversionError, ModelFileError
 
     try:
