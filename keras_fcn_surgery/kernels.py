@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 from keras import ops
 
 CONV_AXIS_ORDER = ("h", "w", "c")
@@ -73,6 +74,44 @@ def dense_to_pointwise_kernel(kernel):
     """Reshape a Dense kernel ``(in, units)`` into a 1x1 Conv2D kernel ``(1, 1, in, units)``."""
     in_features, units = (int(d) for d in kernel.shape)
     return ops.reshape(kernel, (1, 1, in_features, units))
+
+
+def fold_affine_into_dense(kernel, bias, scale, shift):
+    """Fold ``x -> x * scale + shift`` (per input feature) into the Dense that reads ``x``.
+
+    ``Dense(x * scale + shift) = x @ (scale[:, None] * kernel) + (shift @ kernel + bias)``.
+
+    Args:
+        kernel: ``(in, units)`` array; bias: ``(units,)`` array or None.
+        scale, shift: ``(in,)`` arrays.
+
+    Returns:
+        ``(kernel, bias)`` as float64 NumPy arrays.
+    """
+    kernel = np.asarray(kernel, dtype=np.float64)
+    scale = np.asarray(scale, dtype=np.float64)
+    shift = np.asarray(shift, dtype=np.float64)
+    if scale.shape != (kernel.shape[0],) or shift.shape != (kernel.shape[0],):
+        raise ValueError(
+            f"Expected `scale` and `shift` of shape ({kernel.shape[0]},). "
+            f"Received: scale.shape={scale.shape}, shift.shape={shift.shape}"
+        )
+    folded_bias = shift @ kernel
+    if bias is not None:
+        folded_bias = folded_bias + np.asarray(bias, dtype=np.float64)
+    return kernel * scale[:, None], folded_bias
+
+
+def batch_norm_affine(gamma, beta, moving_mean, moving_variance, epsilon: float):
+    """Inference-time BatchNormalization as ``x * scale + shift``; None for an absent gamma or beta."""
+    mean = np.asarray(moving_mean, dtype=np.float64)
+    scale = 1.0 / np.sqrt(np.asarray(moving_variance, dtype=np.float64) + epsilon)
+    if gamma is not None:
+        scale = scale * np.asarray(gamma, dtype=np.float64)
+    shift = -mean * scale
+    if beta is not None:
+        shift = shift + np.asarray(beta, dtype=np.float64)
+    return scale, shift
 
 
 def parameter_count(shapes) -> int:

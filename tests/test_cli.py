@@ -22,7 +22,7 @@ def classifier_file(tmp_path):
 def _unconvertible_file(tmp_path):
     inputs = keras.Input((16, 16, 3))
     x = layers.Flatten(name="flat")(layers.Conv2D(4, 3, strides=2)(inputs))
-    model = keras.Model(inputs, layers.Dense(2)(layers.BatchNormalization(name="flat_bn")(x)))
+    model = keras.Model(inputs, layers.Dense(2)(layers.LayerNormalization(name="flat_ln")(x)))
     path = tmp_path / "unconvertible.keras"
     model.save(path)
     return path
@@ -58,7 +58,7 @@ def test_unconvertible_model(tmp_path, capsys):
     source = _unconvertible_file(tmp_path)
     output = tmp_path / "fcn.keras"
     assert main(["convert", str(source), str(output)]) == EXIT_CONVERSION
-    assert "'flat_bn' (BatchNormalization)" in capsys.readouterr().err
+    assert "'flat_ln' (LayerNormalization)" in capsys.readouterr().err
     assert sorted(os.listdir(tmp_path)) == ["unconvertible.keras"]
 
 

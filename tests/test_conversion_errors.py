@@ -81,11 +81,18 @@ def test_lambda_in_the_head():
     _raises(model, "'double' (Lambda)", "classifier head")
 
 
-def test_batchnorm_on_flattened_features():
+def test_layernorm_on_flattened_features():
+    inputs, x = _conv_body()
+    normalized = layers.LayerNormalization(name="flat_ln")(layers.Flatten(name="flat")(x))
+    model = keras.Model(inputs, layers.Dense(2)(normalized))
+    _raises(model, "'flat_ln' (LayerNormalization)", "Flatten 'flat'")
+
+
+def test_activation_between_a_folded_batchnorm_and_its_dense():
     inputs, x = _conv_body()
     normalized = layers.BatchNormalization(name="flat_bn")(layers.Flatten(name="flat")(x))
-    model = keras.Model(inputs, layers.Dense(2)(normalized))
-    _raises(model, "'flat_bn' (BatchNormalization)", "Flatten 'flat'")
+    model = keras.Model(inputs, layers.Dense(2)(layers.ReLU(name="relu_after_bn")(normalized)))
+    _raises(model, "'relu_after_bn' (ReLU)", "Flatten 'flat'")
 
 
 def test_layer_shared_between_head_and_elsewhere():

@@ -176,6 +176,39 @@ def test_batchnorm_and_dropout_between_dense_layers():
     assert fcn(random_images((1, 30, 30, 3))).shape == (1, 6, 6, 3)
 
 
+@pytest.mark.parametrize("use_bias", [True, False])
+@pytest.mark.parametrize("data_format, flatten_format", [("channels_last", None), ("channels_first", "channels_last")])
+def test_batchnorm_of_flattened_features_is_folded_into_the_dense(use_bias, data_format, flatten_format):
+    shape = (18, 18, 3) if data_format == "channels_last" else (3, 18, 18)
+    source = keras.Sequential(
+        [
+            keras.Input(shape),
+            layers.Conv2D(5, 3, strides=2, activation="relu", data_format=data_format),
+            layers.Flatten(data_format=flatten_format or data_format),
+            layers.BatchNormalization(name="flat_bn"),
+            layers.Dropout(0.2),
+            layers.Dense(6, use_bias=use_bias, name="fc"),
+            layers.Dense(3, activation="softmax"),
+        ]
+    )
+    bn = source.get_layer("flat_bn")
+    rng = np.random.default_rng(5)
+    features = bn.moving_mean.shape[0]
+    bn.moving_mean.assign(rng.standard_normal(features))
+    bn.moving_variance.assign(rng.uniform(0.2, 3.0, features))
+    bn.gamma.assign(rng.standard_normal(features))
+    bn.beta.assign(rng.standard_normal(features))
+    plan = {r.layer_name: r for r in kfs.plan(source).rewrites}
+    assert plan["flat_bn"].new_class == "(folded)" and "flat_bn folded in" in plan["fc"].detail
+    fcn = kfs.convert(source)
+    assert "flat_bn" not in [layer.name for layer in fcn.layers]
+    assert fcn.get_layer("fc").use_bias
+    result = kfs.verify(source, fcn)
+    assert result.passed and result.max_rel_diff < 1e-5, result
+    larger = (1, 26, 22, 3) if data_format == "channels_last" else (1, 3, 26, 22)
+    assert np.asarray(fcn(random_images(larger))).size == 3 * 5 * 3
+
+
 def test_functional_model_with_branches_before_flatten():
     inputs = keras.Input((16, 16, 3))
     stem = layers.Conv2D(8, 3, padding="same", activation="relu")(inputs)

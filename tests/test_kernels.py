@@ -6,6 +6,8 @@ import numpy as np
 import pytest
 
 from keras_fcn_surgery.kernels import (
+    batch_norm_affine,
+    fold_affine_into_dense,
     dense_to_conv_kernel,
     dense_to_pointwise_kernel,
     flatten_axis_order,
@@ -89,3 +91,26 @@ def test_flatten_axis_order_agrees_with_keras_flatten():
 
 def test_parameter_count():
     assert parameter_count([(6, 6, 256, 4096), (4096,)]) == 37_752_832
+
+
+def test_fold_affine_into_dense_matches_dense_of_the_affine():
+    rng = np.random.default_rng(3)
+    kernel, bias = rng.standard_normal((6, 4)), rng.standard_normal(4)
+    scale, shift, x = rng.standard_normal(6), rng.standard_normal(6), rng.standard_normal((5, 6))
+    for with_bias in (bias, None):
+        folded_kernel, folded_bias = fold_affine_into_dense(kernel, with_bias, scale, shift)
+        expected = (x * scale + shift) @ kernel + (0 if with_bias is None else with_bias)
+        np.testing.assert_allclose(x @ folded_kernel + folded_bias, expected, rtol=1e-12)
+
+
+def test_batch_norm_affine_matches_keras_batchnorm_at_inference():
+    import keras
+
+    rng = np.random.default_rng(4)
+    layer = keras.layers.BatchNormalization(epsilon=1e-3)
+    layer.build((None, 5))
+    for weight in layer.weights:
+        weight.assign(rng.uniform(0.5, 2.0, 5) if "variance" in weight.name else rng.standard_normal(5))
+    x = rng.standard_normal((3, 5)).astype("float32")
+    scale, shift = batch_norm_affine(layer.gamma, layer.beta, layer.moving_mean, layer.moving_variance, 1e-3)
+    np.testing.assert_allclose(x * scale + shift, np.asarray(layer(x, training=False)), rtol=1e-5, atol=1e-6)

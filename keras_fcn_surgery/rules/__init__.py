@@ -5,7 +5,7 @@ pattern is a new `Rule` in this list.
 """
 
 from keras_fcn_surgery.rules.base import Context, NodeView, Rewrite, Rule, Step
-from keras_fcn_surgery.rules.flatten_dense import DenseOnFlattenedMapRule, FlattenRule
+from keras_fcn_surgery.rules.flatten_dense import BatchNormOnFlattenedMapRule, DenseOnFlattenedMapRule, FlattenRule
 from keras_fcn_surgery.rules.global_pooling import GlobalPoolingRule
 from keras_fcn_surgery.rules.vector_layers import (
     ChannelAxisRule,
@@ -19,6 +19,7 @@ from keras_fcn_surgery.rules.vector_layers import (
 DEFAULT_RULES: tuple[Rule, ...] = (
     FlattenRule(),
     DenseOnFlattenedMapRule(),
+    BatchNormOnFlattenedMapRule(),
     GlobalPoolingRule(),
     DenseOnVectorMapRule(),
     ElementwiseRule(),

@@ -39,6 +39,10 @@ class FlattenedMap:
     channels: int
     axis_order: tuple[str, ...]
     flatten_name: str
+    # A BatchNormalization on the flattened features, waiting to be folded into
+    # the Dense that reads them: per feature, x -> x * scale + shift.
+    affine: tuple[Any, Any] | None = field(default=None, compare=False)
+    affine_from: str = ""
 
 
 @dataclass(frozen=True)

@@ -41,10 +41,12 @@ def check_dense_is_plain(layer) -> None:
         )
 
 
-def conv_like_dense(dense, kernel_size: tuple[int, int], data_format: str):
+def conv_like_dense(dense, kernel_size: tuple[int, int], data_format: str, use_bias: bool | None = None):
     """A Conv2D carrying the Dense's settings (activation, regularizers, dtype, name...)."""
     config = dense.get_config()
     carried = {key: config[key] for key in _CARRIED_KEYS if key in config}
+    if use_bias is not None:
+        carried["use_bias"] = use_bias
     if _needs_channel_softmax(dense, data_format):
         carried["activation"] = None
     return keras.layers.Conv2D(
@@ -62,14 +64,16 @@ def _needs_channel_softmax(dense, data_format: str) -> bool:
     return data_format == "channels_first" and keras.activations.serialize(dense.activation) == "softmax"
 
 
-def call_conv_from_dense(dense, conv, inputs, kernel):
-    """Call ``conv`` on ``inputs`` with its weights taken from ``dense``.
+def call_conv_from_dense(dense, conv, inputs, kernel, bias=None):
+    """Call ``conv`` on ``inputs`` with its weights taken from ``dense`` (or ``bias`` when given).
 
     On a channels-first map a softmax activation moves into a `Softmax(axis=1)`
     layer named ``<dense>_softmax`` right after the convolution.
     """
     values = {"kernel_initializer": kernel}
-    if dense.use_bias:
+    if bias is not None:
+        values["bias_initializer"] = bias
+    elif dense.use_bias:
         values["bias_initializer"] = dense.bias
     outputs = call_with_initial_values(conv, inputs, values)
     if _needs_channel_softmax(dense, conv.data_format):

@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import keras
 
 from keras_fcn_surgery.errors import ConversionError
 from keras_fcn_surgery.graph import describe
-from keras_fcn_surgery.kernels import dense_to_conv_kernel, flatten_axis_order
+from keras_fcn_surgery.kernels import (
+    batch_norm_affine,
+    dense_to_conv_kernel,
+    flatten_axis_order,
+    fold_affine_into_dense,
+)
 from keras_fcn_surgery.rules.base import (
     FlattenedMap,
     NodeView,
@@ -66,14 +73,48 @@ class DenseOnFlattenedMapRule(Rule):
         kernel_size = (mode.height, mode.width)
 
         def build(args, kwargs):
-            conv = conv_like_dense(dense, kernel_size, context.data_format)
-            kernel = dense_to_conv_kernel(dense.kernel, mode.height, mode.width, mode.channels, mode.axis_order)
-            return [call_conv_from_dense(dense, conv, args[0], kernel)]
+            kernel, bias = dense.kernel, None
+            if mode.affine is not None:
+                kernel, bias = fold_affine_into_dense(kernel, dense.bias if dense.use_bias else None, *mode.affine)
+            conv = conv_like_dense(dense, kernel_size, context.data_format, use_bias=dense.use_bias or bias is not None)
+            kernel = dense_to_conv_kernel(kernel, mode.height, mode.width, mode.channels, mode.axis_order)
+            return [call_conv_from_dense(dense, conv, args[0], kernel, bias)]
 
         kernel_shape = (mode.height, mode.width, mode.channels, int(dense.units))
         order = "".join(mode.axis_order).upper()
         detail = f"{mode.height}x{mode.width} valid" + ("" if order == "HWC" else f", rows reordered from {order}")
+        if mode.affine is not None:
+            detail += f", {mode.affine_from} folded in"
         return Step([VectorMap(origin=dense.name)], build, dense_rewrite(dense, kernel_shape, detail))
+
+
+class BatchNormOnFlattenedMapRule(Rule):
+    """A BatchNormalization of flattened features is, at inference, a per-feature affine map.
+
+    It cannot act on a score map (its parameters are tied to positions in one
+    window), but the Dense that reads its output absorbs it exactly.
+    """
+
+    def claim(self, view: NodeView) -> Step | None:
+        mode = view.only_mode
+        layer = view.layer
+        if not (isinstance(layer, keras.layers.BatchNormalization) and isinstance(mode, FlattenedMap)):
+            return None
+        if mode.affine is not None or layer.axis not in (-1, 1, [-1], [1]):
+            return None
+        scale, shift = batch_norm_affine(
+            layer.gamma if layer.scale else None,
+            layer.beta if layer.center else None,
+            layer.moving_mean,
+            layer.moving_variance,
+            layer.epsilon,
+        )
+        folded = replace(mode, affine=(scale, shift), affine_from=layer.name)
+        features = int(scale.shape[0])
+        rewrite = Rewrite(
+            layer.name, "BatchNormalization", ((features,),), "(folded)", (), 0, "into the next Dense's kernel and bias"
+        )
+        return Step([folded], _identity, rewrite)
 
 
 def _removed(layer, detail: str) -> Rewrite:

@@ -30,6 +30,16 @@ ELEMENTWISE_LAYERS = (
     keras.layers.Rescaling,
 )
 
+# Element-wise layers that do nothing at inference.
+_INFERENCE_IDENTITY_LAYERS = (
+    keras.layers.Dropout,
+    keras.layers.GaussianNoise,
+    keras.layers.GaussianDropout,
+    keras.layers.AlphaDropout,
+    keras.layers.Identity,
+    keras.layers.ActivityRegularization,
+)
+
 # Layers that act along one axis, which must be the channel axis of the map.
 CHANNEL_AXIS_LAYERS = (
     keras.layers.Softmax,
@@ -115,6 +125,10 @@ class ElementwiseRule(Rule):
         if isinstance(layer, keras.layers.Rescaling):
             # A per-feature scale or offset would hit the wrong values on a map.
             is_elementwise = np.ndim(layer.scale) == 0 and np.ndim(layer.offset) == 0
+        if isinstance(mode, FlattenedMap) and mode.affine is not None:
+            # A folded BatchNormalization must reach the Dense unchanged: only layers that
+            # are the identity at inference may sit between them.
+            is_elementwise = isinstance(layer, _INFERENCE_IDENTITY_LAYERS)
         if not is_elementwise:
             return None
         cloner = view.context.cloner
