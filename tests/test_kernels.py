@@ -7,10 +7,10 @@ import pytest
 
 from keras_fcn_surgery.kernels import (
     batch_norm_affine,
-    fold_affine_into_dense,
     dense_to_conv_kernel,
     dense_to_pointwise_kernel,
     flatten_axis_order,
+    fold_affine_into_dense,
     parameter_count,
 )
 
