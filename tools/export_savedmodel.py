@@ -14,13 +14,12 @@ Exit codes: 0 written, 1 conversion or check failure, 2 file or usage error.
 from __future__ import annotations
 
 import os
-import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from absl import app, flags, logging  # noqa: E402
+from absl import app, flags  # noqa: E402
 
-EXIT_OK, EXIT_CONVERSION, EXIT_USAGE = 0, 1, 2
+from keras_fcn_surgery.commands.absl_tool import flags_parser, run_tool  # noqa: E402
 
 flags.DEFINE_string("model", None, "Source model file (.keras or .h5).")
 flags.DEFINE_string("export_dir", None, "SavedModel base folder; versions are its numbered subfolders.")
@@ -37,31 +36,10 @@ flags.mark_flags_as_required(["model", "export_dir"])
 FLAGS = flags.FLAGS
 
 
-def parse_flags(argv):
-    """absl's flag parsing with a one-line message and exit code 2 on a usage error."""
-    try:
-        return FLAGS(argv)
-    except flags.Error as error:
-        print(f"error: {' '.join(str(error).split())}", file=sys.stderr)
-        sys.exit(EXIT_USAGE)
-
-
 def main(argv) -> int:
-    logging.set_verbosity(logging.WARNING)  # TensorFlow's INFO lines about tracing and saving are noise here
-    if len(argv) > 1:
-        print(f"error: unexpected arguments {argv[1:]}; everything is given with flags (--help).", file=sys.stderr)
-        return EXIT_USAGE
-    import argparse
+    def export(input_size):
+        import keras_fcn_surgery as kfs
 
-    import keras_fcn_surgery as kfs
-    from keras_fcn_surgery.commands.common import parse_size
-
-    try:
-        input_size = parse_size(FLAGS.input_size) if FLAGS.input_size else None
-    except argparse.ArgumentTypeError as error:
-        print(f"error: --input_size: {error}", file=sys.stderr)
-        return EXIT_USAGE
-    try:
         result = kfs.export_savedmodel(
             kfs.load_model(FLAGS.model),
             FLAGS.export_dir,
@@ -72,15 +50,10 @@ def main(argv) -> int:
             head=FLAGS.head,
             input_size=input_size,
         )
-    except kfs.ModelFileError as error:
-        print(f"error: {' '.join(str(error).split())}", file=sys.stderr)
-        return EXIT_USAGE
-    except kfs.ConversionError as error:
-        print(f"error: {' '.join(str(error).split())}", file=sys.stderr)
-        return EXIT_CONVERSION
-    print(result)
-    return EXIT_OK
+        return [str(result)]
+
+    return run_tool(argv, export, input_size_flag=FLAGS.input_size)
 
 
 if __name__ == "__main__":
-    app.run(main, flags_parser=parse_flags)
+    app.run(main, flags_parser=flags_parser(FLAGS))
