@@ -41,7 +41,7 @@ def test_dense_head_averaged_over_a_native_window_equals_window_head():
 def test_dense_head_runs_the_classifier_at_every_feature_position():
     source = valid_gap_cnn(softmax=False)
     dense = kfs.convert(source, head="dense", verify=False)
-    features = keras.Model(source.inputs, source.get_layer("pool2").output)
+    features = keras.Model(source.inputs[0], source.get_layer("pool2").output)
     image = random_images((1, 24, 24, 3))
     feature_map = np.asarray(features(image))
     logits = source.get_layer("logits")
