@@ -11,15 +11,13 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import random_images
+from conftest import random_images, run_tool
 from models import small_flatten_cnn
 from PIL import Image
 
 import keras_fcn_surgery as kfs
 from keras_fcn_surgery import cli, export_common, preprocessing, serving
 from keras_fcn_surgery.zoo import caffenet
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # Loads a SavedModel with TensorFlow alone: importing keras_fcn_surgery is made to fail.
 FRESH_PROCESS_SCRIPT = """
@@ -332,26 +330,13 @@ def test_export_tool_exit_codes(tmp_path):
     keras.utils.set_random_seed(10)
     model_file = str(tmp_path / "small.keras")
     small_flatten_cnn().save(model_file)
-    tool = os.path.join(REPO, "tools", "export_savedmodel.py")
-    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
+    export_dir = str(tmp_path / "m")
 
-    usage = subprocess.run(
-        [sys.executable, tool, "--model", model_file, "--export_dir", str(tmp_path / "m"), "--preprocess", "bgr"],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=300,
-    )
+    usage = run_tool("export_savedmodel.py", "--model", model_file, "--export_dir", export_dir, "--preprocess", "bgr")
     assert usage.returncode == 2
     assert usage.stderr.strip().splitlines()[-1].startswith("error: flag --preprocess=bgr")
 
-    refused = subprocess.run(
-        [sys.executable, tool, "--model", model_file, "--export_dir", str(tmp_path / "m"), "--noconvert"],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=300,
-    )
+    refused = run_tool("export_savedmodel.py", "--model", model_file, "--export_dir", export_dir, "--noconvert")
     assert refused.returncode == 1
     last = refused.stderr.strip().splitlines()[-1]
     assert last.startswith("error: ") and "not fully convolutional" in last

@@ -1,10 +1,9 @@
 """TensorBoard op graphs of the source and the FCN, and the plan as a text summary."""
 
 import os
-import subprocess
-import sys
 
 import pytest
+from conftest import run_tool
 from models import small_flatten_cnn
 
 import keras_fcn_surgery as kfs
@@ -14,7 +13,6 @@ from keras_fcn_surgery.zoo import caffenet
 
 event_accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def read_run(folder):
@@ -78,17 +76,9 @@ def test_graph_cli_reports_a_missing_model(tmp_path, capsys):
 def test_log_graph_tool(tmp_path):
     model_file = str(tmp_path / "small.keras")
     small_flatten_cnn().save(model_file)
-    tool = os.path.join(REPO, "tools", "log_graph.py")
-    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
-    done = subprocess.run(
-        [sys.executable, tool, "--model", model_file, "--logdir", str(tmp_path / "logs"), "--head", "dense"],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=300,
-    )
+    done = run_tool("log_graph.py", "--model", model_file, "--logdir", str(tmp_path / "logs"), "--head", "dense")
     assert done.returncode == 0, done.stderr[-2000:]
     assert sorted(os.listdir(tmp_path / "logs")) == ["fcn", "source"]
-    usage = subprocess.run([sys.executable, tool, "--model", model_file], capture_output=True, text=True, env=env)
+    usage = run_tool("log_graph.py", "--model", model_file)
     assert usage.returncode == 2
     assert usage.stderr.strip().splitlines()[-1].startswith("error: flag --logdir")
