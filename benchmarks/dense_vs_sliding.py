@@ -41,7 +41,7 @@ import numpy as np  # noqa: E402
 
 import keras_fcn_surgery as kfs  # noqa: E402
 from keras_fcn_surgery.graph import graph_of, is_graph_model, nodes_in_order  # noqa: E402
-from keras_fcn_surgery.prediction import _forward_fn, _plan  # noqa: E402
+from keras_fcn_surgery.inference.predict import _forward_fn, _plan  # noqa: E402
 from keras_fcn_surgery.zoo import caffenet  # noqa: E402
 
 STRIDE = 32

@@ -11,29 +11,29 @@ import importlib
 from typing import TYPE_CHECKING
 
 _PUBLIC = {
-    "HEADS": "conversion",
-    "convert": "conversion",
-    "plan": "conversion",
+    "HEADS": "surgery.convert",
+    "convert": "surgery.convert",
+    "plan": "surgery.convert",
     "ConversionError": "errors",
     "ModelFileError": "errors",
     "NonFiniteWeightsWarning": "errors",
     "VerificationError": "errors",
-    "ExportError": "export_common",
-    "ExportResult": "export_common",
-    "AxisGeometry": "model_geometry",
-    "Geometry": "model_geometry",
-    "geometry": "model_geometry",
-    "heatmap": "heatmaps",
-    "imagenet_class_names": "heatmaps",
-    "load_model": "loading",
-    "export_onnx": "onnx_export",
-    "ConversionPlan": "planning",
-    "predict_map": "prediction",
-    "sliding_window_predict": "prediction",
-    "export_savedmodel": "serving",
-    "log_graphs": "tensorboard",
-    "VerificationResult": "verification",
-    "verify": "verification",
+    "ExportError": "export.pipeline",
+    "ExportResult": "export.pipeline",
+    "AxisGeometry": "grid.geometry",
+    "Geometry": "grid.geometry",
+    "geometry": "grid.geometry",
+    "heatmap": "inference.heatmap",
+    "imagenet_class_names": "inference.heatmap",
+    "load_model": "saving.loading",
+    "export_onnx": "export.onnx",
+    "ConversionPlan": "surgery.plan",
+    "predict_map": "inference.predict",
+    "sliding_window_predict": "inference.predict",
+    "export_savedmodel": "export.savedmodel",
+    "log_graphs": "export.tensorboard",
+    "VerificationResult": "surgery.verify",
+    "verify": "surgery.verify",
 }
 
 __all__ = [
@@ -72,7 +72,7 @@ def __getattr__(name: str):
     return value
 
 
-# No submodule may share a public name: importing it would bind the module to
+# No subpackage may share a public name: importing it would bind the module to
 # that name on the package (``keras_fcn_surgery.geometry``), hiding the function.
 
 
@@ -81,15 +81,15 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:
-    from keras_fcn_surgery.conversion import HEADS, convert, plan
     from keras_fcn_surgery.errors import ConversionError, ModelFileError, NonFiniteWeightsWarning, VerificationError
-    from keras_fcn_surgery.export_common import ExportError, ExportResult
-    from keras_fcn_surgery.heatmaps import heatmap, imagenet_class_names
-    from keras_fcn_surgery.loading import load_model
-    from keras_fcn_surgery.model_geometry import AxisGeometry, Geometry, geometry
-    from keras_fcn_surgery.onnx_export import export_onnx
-    from keras_fcn_surgery.planning import ConversionPlan
-    from keras_fcn_surgery.prediction import predict_map, sliding_window_predict
-    from keras_fcn_surgery.serving import export_savedmodel
-    from keras_fcn_surgery.tensorboard import log_graphs
-    from keras_fcn_surgery.verification import VerificationResult, verify
+    from keras_fcn_surgery.export.onnx import export_onnx
+    from keras_fcn_surgery.export.pipeline import ExportError, ExportResult
+    from keras_fcn_surgery.export.savedmodel import export_savedmodel
+    from keras_fcn_surgery.export.tensorboard import log_graphs
+    from keras_fcn_surgery.grid.geometry import AxisGeometry, Geometry, geometry
+    from keras_fcn_surgery.inference.heatmap import heatmap, imagenet_class_names
+    from keras_fcn_surgery.inference.predict import predict_map, sliding_window_predict
+    from keras_fcn_surgery.saving.loading import load_model
+    from keras_fcn_surgery.surgery.convert import HEADS, convert, plan
+    from keras_fcn_surgery.surgery.plan import ConversionPlan
+    from keras_fcn_surgery.surgery.verify import VerificationResult, verify

@@ -1,4 +1,9 @@
-"""Reading Keras 3 model graphs: nodes in order, layer descriptions, layouts."""
+"""Reading Keras 3 model graphs: nodes in order, layer descriptions, layouts.
+
+This is the one module that touches Keras internals (``keras.src``, private
+attributes of models, nodes and tensors). Everything else reads graphs through
+the functions here, so a Keras release that moves them breaks one file.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +11,7 @@ import keras
 from keras.src.models.functional import Functional
 
 from keras_fcn_surgery.errors import ConversionError
+from keras_fcn_surgery.layout import Layout
 
 _SPATIAL_LAYOUT_CLASSES = (
     keras.layers.Conv2D,
@@ -97,3 +103,31 @@ def spatial_data_format(model) -> str:
     if formats:
         return next(iter(formats))
     return keras.config.image_data_format()
+
+
+def producer_of(tensor):
+    """The operation (layer or `keras.ops` call) that produced a symbolic tensor, or None."""
+    history = getattr(tensor, "_keras_history", None)
+    return getattr(history, "operation", None)
+
+
+def input_name(tensor, default: str | None = None) -> str:
+    """The name of the `keras.Input` behind a model input tensor."""
+    operation = producer_of(tensor)
+    if operation is not None:
+        return operation.name
+    return default if default is not None else tensor.name
+
+
+def node_arguments(node, values_by_id: dict):
+    """A node's call arguments with every symbolic tensor replaced by ``values_by_id[id(tensor)]``.
+
+    Returns:
+        ``(args, kwargs)`` ready to call the node's operation (or its replacement) with.
+    """
+    return node.arguments.fill_in(values_by_id)
+
+
+def model_layout(model) -> Layout:
+    """The `Layout` of the model's spatial maps (see `spatial_data_format`)."""
+    return Layout(spatial_data_format(model))

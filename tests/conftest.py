@@ -3,6 +3,10 @@
 import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# TensorFlow turns oneDNN on by default only on some x86 CPUs (AVX-512 ones); without it, its CPU
+# Conv2D refuses channels-first (NCHW) tensors. Tests run with it on, everywhere, so that results and
+# the oneDNN bug pinned in test_upstream_bugs.py do not depend on the processor CI happens to get.
+os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402

@@ -4,8 +4,10 @@ import keras
 from keras import layers
 
 
-def small_flatten_cnn(input_size=(32, 32), channels=3, classes=5, data_format="channels_last", flatten_format=None):
-    """conv/pool body, then Flatten + Dense + Dropout + Dense(softmax)."""
+def small_flatten_cnn(
+    input_size=(32, 32), channels=3, classes=5, data_format="channels_last", flatten_format=None, softmax=True
+):
+    """conv/pool body, then Flatten + Dense + Dropout + Dense(softmax, or linear with ``softmax=False``)."""
     shape = (*input_size, channels) if data_format == "channels_last" else (channels, *input_size)
     return keras.Sequential(
         [
@@ -16,7 +18,7 @@ def small_flatten_cnn(input_size=(32, 32), channels=3, classes=5, data_format="c
             layers.Flatten(data_format=flatten_format or data_format, name="flatten"),
             layers.Dense(16, activation="relu", name="fc1"),
             layers.Dropout(0.5, name="drop1"),
-            layers.Dense(classes, activation="softmax", name="fc2"),
+            layers.Dense(classes, activation="softmax" if softmax else None, name="fc2"),
         ],
         name="small_flatten_cnn",
     )

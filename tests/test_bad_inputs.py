@@ -17,8 +17,8 @@ from PIL import Image
 
 import keras_fcn_surgery as kfs
 from keras_fcn_surgery.cli import main
-from keras_fcn_surgery.loading import custom_objects_from_file
-from keras_fcn_surgery.verification import RELATIVE_TOLERANCE, tolerance_for
+from keras_fcn_surgery.saving.loading import custom_objects_from_file
+from keras_fcn_surgery.surgery.verify import RELATIVE_TOLERANCE, tolerance_for
 
 
 @pytest.fixture
@@ -184,7 +184,9 @@ def _with_value(layer, weight_name, index, value):
 
 
 def test_nan_weights_warn_and_verify_nan_for_nan():
-    source = small_flatten_cnn()
+    # Linear logits: a softmax over a NaN logit is NaN everywhere in exact arithmetic, and whether TF's
+    # CPU kernel agrees depends on the processor, so a softmax head cannot keep finite classes to compare.
+    source = small_flatten_cnn(softmax=False)
     _with_value(source.get_layer("fc2"), "bias", 1, np.nan)
     with pytest.warns(kfs.NonFiniteWeightsWarning, match="'fc2' \\(Dense\\): bias"):
         fcn = kfs.convert(source)  # class 1 is NaN in both models: equal, the rest compared

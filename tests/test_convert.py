@@ -326,11 +326,11 @@ def test_verify_reports_a_wrong_model():
 
 
 def test_verification_failure_raises(monkeypatch):
-    import keras_fcn_surgery.conversion as conversion
+    import keras_fcn_surgery.surgery.convert as conversion
 
     def wrong_kernel(kernel, height, width, channels, axis_order):
         return keras.ops.reshape(kernel, (height, width, channels, -1)) * 2
 
-    monkeypatch.setattr("keras_fcn_surgery.rules.flatten_dense.dense_to_conv_kernel", wrong_kernel)
+    monkeypatch.setattr("keras_fcn_surgery.surgery.rules.flatten_dense.dense_to_conv_kernel", wrong_kernel)
     with pytest.raises(kfs.VerificationError, match="differs from the source"):
         conversion.convert(small_flatten_cnn())

@@ -36,9 +36,9 @@ from hypothesis import strategies as st
 from keras_bugs import channels_first_bias_fixed
 
 import keras_fcn_surgery as kfs
-from keras_fcn_surgery.conversion import verify_conversion
 from keras_fcn_surgery.graph import iter_layers
-from keras_fcn_surgery.verification import tolerance_for
+from keras_fcn_surgery.surgery.convert import verify_conversion
+from keras_fcn_surgery.surgery.verify import tolerance_for
 
 EXAMPLES = int(os.environ.get("KFS_FUZZ_EXAMPLES", "100"))
 

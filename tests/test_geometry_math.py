@@ -4,7 +4,7 @@ import keras
 import numpy as np
 import pytest
 
-from keras_fcn_surgery import geometry_math as gm
+from keras_fcn_surgery.grid import axis as gm
 
 
 @pytest.mark.parametrize("size", [5, 6, 9, 10, 11])

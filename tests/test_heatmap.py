@@ -8,7 +8,7 @@ from PIL import Image
 
 import keras_fcn_surgery as kfs
 from keras_fcn_surgery.cli import main
-from keras_fcn_surgery.heatmaps import LEGEND_WIDTH, cell_coordinates, class_probabilities, upsample
+from keras_fcn_surgery.inference.heatmap import LEGEND_WIDTH, cell_coordinates, class_probabilities, upsample
 
 
 def _classifier(classes=1000, size=32):

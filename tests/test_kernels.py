@@ -5,7 +5,7 @@ import itertools
 import numpy as np
 import pytest
 
-from keras_fcn_surgery.kernels import (
+from keras_fcn_surgery.surgery.kernels import (
     batch_norm_affine,
     dense_to_conv_kernel,
     dense_to_pointwise_kernel,

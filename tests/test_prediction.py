@@ -13,7 +13,7 @@ from conftest import random_images
 from keras import layers
 
 import keras_fcn_surgery as kfs
-from keras_fcn_surgery.prediction import _plan
+from keras_fcn_surgery.inference.predict import _plan
 
 ATOL = 2e-5
 

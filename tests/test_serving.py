@@ -16,7 +16,10 @@ from models import small_flatten_cnn
 from PIL import Image
 
 import keras_fcn_surgery as kfs
-from keras_fcn_surgery import cli, export_common, preprocessing, serving
+from keras_fcn_surgery import cli
+from keras_fcn_surgery.export import pipeline as export_common
+from keras_fcn_surgery.export import preprocessing
+from keras_fcn_surgery.export import savedmodel as serving
 from keras_fcn_surgery.zoo import caffenet
 
 # Loads a SavedModel with TensorFlow alone: importing keras_fcn_surgery is made to fail.
@@ -153,7 +156,7 @@ def test_version_auto_increments_past_highest_numeric_folder(small_export):
     assert result.version == 4
     assert result.path == os.path.join(str(export_dir), "4")
     assert sorted(os.listdir(export_dir)) == ["12.txt", "3", "4", "notes"]
-    assert kfs.serving.next_version(export_dir) == 5
+    assert serving.next_version(export_dir) == 5
 
 
 def test_next_version_of_missing_or_empty_folder_is_one(tmp_path):

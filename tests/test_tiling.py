@@ -6,9 +6,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from keras_fcn_surgery import geometry_math as gm
 from keras_fcn_surgery.errors import ConversionError
-from keras_fcn_surgery.tiling import balanced_tile_length, plan_axis, tile_length
+from keras_fcn_surgery.grid import axis as gm
+from keras_fcn_surgery.grid.tiling import balanced_tile_length, plan_axis, tile_length
 
 
 def _check_plan(tiles, length, tile, stride, cells, before, after):

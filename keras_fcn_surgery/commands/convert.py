@@ -27,9 +27,9 @@ def add_parser(subparsers) -> None:
 
 def run(args) -> int:
     import keras_fcn_surgery as kfs
-    from keras_fcn_surgery.conversion import verify_conversion
-    from keras_fcn_surgery.loading import custom_objects_from_file
-    from keras_fcn_surgery.saving import check_output_path, save_model
+    from keras_fcn_surgery.saving.atomic import check_output_path, save_model
+    from keras_fcn_surgery.saving.loading import custom_objects_from_file
+    from keras_fcn_surgery.surgery.convert import verify_conversion
 
     check_output_path(args.output, suffix=".keras", overwrite=args.overwrite)
     custom_objects = custom_objects_from_file(args.custom_objects) if args.custom_objects else None

@@ -39,15 +39,15 @@ def run(args) -> int:
     from PIL import Image, UnidentifiedImageError
 
     import keras_fcn_surgery as kfs
-    from keras_fcn_surgery.graph import spatial_data_format
-    from keras_fcn_surgery.heatmaps import class_probabilities
-    from keras_fcn_surgery.saving import atomic_output, check_output_path
+    from keras_fcn_surgery.graph import model_layout
+    from keras_fcn_surgery.inference.heatmap import class_probabilities
+    from keras_fcn_surgery.saving.atomic import atomic_output, check_output_path
 
     check_output_path(args.output, suffix=".png", overwrite=args.overwrite)  # before any work
     model = kfs.load_model(args.model)
     fcn = model if len(model.outputs[0].shape) == 4 else kfs.convert(model, head=args.head, input_size=args.input_size)
-    data_format = spatial_data_format(fcn)
-    channels = int(fcn.inputs[0].shape[3 if data_format == "channels_last" else 1])
+    layout = model_layout(fcn)
+    channels = int(layout.channels(fcn.inputs[0].shape))
     if channels not in (1, 3):
         raise kfs.ConversionError(f"Model '{fcn.name}' takes {channels} channels; image files give 1 or 3.")
     try:
@@ -58,12 +58,14 @@ def run(args) -> int:
     pixels = np.asarray(picture, dtype=np.float32)
     if channels == 1:
         pixels = pixels[..., None]
-    model_pixels = pixels if data_format == "channels_last" else np.moveaxis(pixels, -1, 0)
     scores = kfs.predict_map(
-        fcn, model_pixels, tile=args.tile, preprocess=_preprocess_fn(args.preprocess, data_format), progress=None
+        fcn,
+        layout.image_from_channels_last(pixels),
+        tile=args.tile,
+        preprocess=_preprocess_fn(args.preprocess, layout.data_format),
+        progress=None,
     )
-    if data_format == "channels_first":
-        scores = np.moveaxis(scores, 0, -1)
+    scores = layout.image_to_channels_last(scores)
     classes = scores.shape[-1]
     if not 0 <= args.class_index < classes:
         print(f"error: --class {args.class_index} is out of range: the model has {classes} classes.", file=sys.stderr)

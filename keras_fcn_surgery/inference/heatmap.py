@@ -15,7 +15,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from keras_fcn_surgery.errors import ConversionError
-from keras_fcn_surgery.model_geometry import Geometry
+from keras_fcn_surgery.grid.geometry import Geometry
 
 # Layout of the picture: [overlay | class map | legend], the legend LEGEND_WIDTH wide.
 LEGEND_WIDTH = 240

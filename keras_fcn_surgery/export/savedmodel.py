@@ -29,7 +29,7 @@ import keras
 import numpy as np
 
 from keras_fcn_surgery.errors import ConversionError, ModelFileError, first_line
-from keras_fcn_surgery.export_common import (
+from keras_fcn_surgery.export.pipeline import (
     ExportError,
     ExportResult,
     check_batches,
@@ -38,9 +38,9 @@ from keras_fcn_surgery.export_common import (
     prepare_fcn,
     resolve_check_sizes,
 )
-from keras_fcn_surgery.graph import spatial_data_format
-from keras_fcn_surgery.preprocessing import PREPROCESS_MODES, decode_images, preprocess_images
-from keras_fcn_surgery.verification import VerificationResult
+from keras_fcn_surgery.export.preprocessing import PREPROCESS_MODES, decode_images, preprocess_images
+from keras_fcn_surgery.graph import model_layout
+from keras_fcn_surgery.surgery.verify import VerificationResult
 
 SERVING_DEFAULT = "serving_default"
 SERVING_BYTES = "serving_bytes"
@@ -168,7 +168,7 @@ def serving_functions(fcn, preprocess: str | None = "none") -> dict:
     import tensorflow as tf
 
     channels = image_channels(fcn)
-    channels_first = spatial_data_format(fcn) == "channels_first"
+    channels_first = model_layout(fcn).channels_first
     dtype = fcn.inputs[0].dtype
 
     def scores(images):

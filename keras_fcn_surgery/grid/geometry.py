@@ -8,9 +8,9 @@ from dataclasses import dataclass
 
 import keras
 
-from keras_fcn_surgery import geometry_math as gm
 from keras_fcn_surgery.errors import ConversionError
-from keras_fcn_surgery.graph import describe, graph_of, is_graph_model, nodes_in_order, spatial_data_format
+from keras_fcn_surgery.graph import describe, graph_of, is_graph_model, model_layout, nodes_in_order
+from keras_fcn_surgery.grid import axis as gm
 
 _WINDOW_LAYERS = (
     keras.layers.Conv2D,
@@ -184,7 +184,7 @@ def geometry(model, input_size=None, *, head: str = "window") -> Geometry:
     """
     reference = tuple(int(d) for d in input_size) if input_size is not None else None
     if any(d is not None for d in _input_spatial(model)):
-        from keras_fcn_surgery.conversion import convert
+        from keras_fcn_surgery.surgery.convert import convert
 
         if reference is None:
             reference = tuple(int(d) for d in _input_spatial(model))
@@ -208,7 +208,7 @@ def _input_spatial(model):
     shape = tuple(model.inputs[0].shape)
     if len(shape) != 4:
         raise ConversionError(f"Model '{model.name}' has a rank-{len(shape)} input; geometry needs images.")
-    return shape[1:3] if spatial_data_format(model) == "channels_last" else shape[2:4]
+    return model_layout(model).spatial_shape(shape)
 
 
 def _axis_programs(model) -> tuple:

@@ -10,10 +10,11 @@ from dataclasses import dataclass
 import keras
 import numpy as np
 
-from keras_fcn_surgery import tiling
 from keras_fcn_surgery.errors import ConversionError
-from keras_fcn_surgery.graph import spatial_data_format
-from keras_fcn_surgery.model_geometry import Geometry, geometry
+from keras_fcn_surgery.graph import model_layout
+from keras_fcn_surgery.grid import tiling
+from keras_fcn_surgery.grid.geometry import Geometry, geometry
+from keras_fcn_surgery.layout import Layout
 
 # Input pixels per forward pass when `batch_size` is not given: tiles of 1024 x 1024
 # or more go one at a time (batching them would defeat the memory bound of tiling).
@@ -23,29 +24,11 @@ _FORWARD_CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 @dataclass(frozen=True)
-class _Layout:
-    """Where height, width and channels are in one image (no batch axis)."""
+class _ImageSpec:
+    """The image a model takes: its layout and channel count."""
 
-    data_format: str
+    layout: Layout
     channels: int
-
-    @property
-    def spatial_axes(self) -> tuple[int, int]:
-        return (0, 1) if self.data_format == "channels_last" else (1, 2)
-
-    def region(self, image, rows: slice, cols: slice):
-        index = (rows, cols, slice(None)) if self.data_format == "channels_last" else (slice(None), rows, cols)
-        return image[index]
-
-    def map_shape(self, size, classes: int) -> tuple[int, int, int]:
-        height, width = size
-        return (height, width, classes) if self.data_format == "channels_last" else (classes, height, width)
-
-    def write(self, out, rows: slice, cols: slice, block) -> None:
-        if self.data_format == "channels_last":
-            out[rows, cols, :] = block
-        else:
-            out[:, rows, cols] = block
 
 
 def predict_map(
@@ -119,13 +102,13 @@ def predict_map(
     kfs.predict_map(fcn, image, tile=2048, out=scores)
     ```
     """
-    layout, classes = _check_fcn(fcn)
-    image = _with_channel_axis(image, layout)
-    size = _image_size(image, layout)
+    spec, classes = _check_fcn(fcn)
+    image = _with_channel_axis(image, spec)
+    size = _image_size(image, spec)
     grid = geometry(fcn)
     _check_image_size(size, grid)
     map_size = grid.output_size(size)
-    shape = layout.map_shape(map_size, classes)
+    shape = spec.layout.image_shape(map_size[0], map_size[1], classes)
     out = _output_array(out, shape, fcn)
     plans = _plan(size, grid, tile)
     tiles = list(itertools.product(*plans))
@@ -139,13 +122,16 @@ def predict_map(
     with _progress_bar(len(tiles), progress, "tiles") as bar:
         for first in range(0, len(tiles), batch_size):
             batch = tiles[first : first + batch_size]
-            pixels = np.stack([_read(image, layout, rows, cols, preprocess, dtype) for rows, cols in batch])
+            pixels = np.stack([_read(image, spec, rows, cols, preprocess, dtype) for rows, cols in batch])
             maps = forward(pixels)
             for (rows, cols), cell_map in zip(batch, maps):
-                block = layout.region(
-                    cell_map, slice(rows.keep_start, rows.keep_stop), slice(cols.keep_start, cols.keep_stop)
+                keep = spec.layout.image_index(
+                    slice(rows.keep_start, rows.keep_stop), slice(cols.keep_start, cols.keep_stop)
                 )
-                layout.write(out, slice(rows.out_start, rows.out_stop), slice(cols.out_start, cols.out_stop), block)
+                target = spec.layout.image_index(
+                    slice(rows.out_start, rows.out_stop), slice(cols.out_start, cols.out_stop)
+                )
+                out[target] = cell_map[keep]
             bar.update(len(batch))
     return out
 
@@ -176,16 +162,15 @@ def sliding_window_predict(
         ConversionError: for a model without a fixed input size or a vector
             output, or an image smaller than one window.
     """
-    data_format = spatial_data_format(model)
+    model_format = model_layout(model)
     shape = tuple(model.inputs[0].shape)
-    spatial = (1, 2) if data_format == "channels_last" else (2, 3)
-    if len(shape) != 4 or any(shape[i] is None for i in spatial):
+    if len(shape) != 4 or any(d is None for d in model_format.spatial_shape(shape)):
         raise ConversionError(
             f"Model '{model.name}' takes inputs of shape {shape}; the sliding window needs a classifier with a "
             "fixed input size (the window)."
         )
-    layout = _Layout(data_format, int(shape[3] if data_format == "channels_last" else shape[1]))
-    window = tuple(int(shape[i]) for i in spatial)
+    spec = _ImageSpec(model_format, int(model_format.channels(shape)))
+    window = tuple(int(d) for d in model_format.spatial_shape(shape))
     if len(model.outputs[0].shape) != 2:
         raise ConversionError(
             f"Model '{model.name}' outputs shape {tuple(model.outputs[0].shape)}; the sliding window needs a "
@@ -193,8 +178,8 @@ def sliding_window_predict(
         )
     if batch_size < 1:
         raise ConversionError(f"Expected `batch_size` >= 1. Received: batch_size={batch_size}")
-    image = _with_channel_axis(image, layout)
-    size = _image_size(image, layout)
+    image = _with_channel_axis(image, spec)
+    size = _image_size(image, spec)
     strides = _pair(stride, "stride")
     counts = []
     for name, length, side, step in zip(("height", "width"), size, window, strides):
@@ -215,7 +200,7 @@ def sliding_window_predict(
             crops = [
                 _read(
                     image,
-                    layout,
+                    spec,
                     tiling.AxisTile(i * strides[0], i * strides[0] + window[0], 0, 0, 0),
                     tiling.AxisTile(j * strides[1], j * strides[1] + window[1], 0, 0, 0),
                     preprocess,
@@ -226,10 +211,10 @@ def sliding_window_predict(
             scores[first : first + len(crops)] = forward(np.stack(crops))
             bar.update(1)
     grid = scores.reshape(counts[0], counts[1], classes)
-    return grid if data_format == "channels_last" else np.moveaxis(grid, -1, 0)
+    return model_format.image_from_channels_last(grid)
 
 
-def _check_fcn(fcn) -> tuple[_Layout, int]:
+def _check_fcn(fcn) -> tuple[_ImageSpec, int]:
     if not isinstance(fcn, keras.Model):
         raise ConversionError(f"Expected a `keras.Model` from `convert`. Received: {type(fcn).__name__}")
     if len(fcn.inputs) != 1 or len(fcn.outputs) != 1:
@@ -237,54 +222,52 @@ def _check_fcn(fcn) -> tuple[_Layout, int]:
             f"Model '{fcn.name}' has {len(fcn.inputs)} inputs and {len(fcn.outputs)} outputs; score maps need "
             "one image input and one output."
         )
-    data_format = spatial_data_format(fcn)
+    model_format = model_layout(fcn)
     in_shape, out_shape = tuple(fcn.inputs[0].shape), tuple(fcn.outputs[0].shape)
-    spatial = (1, 2) if data_format == "channels_last" else (2, 3)
-    if len(in_shape) != 4 or any(in_shape[i] is not None for i in spatial) or len(out_shape) != 4:
+    if len(in_shape) != 4 or any(d is not None for d in model_format.spatial_shape(in_shape)) or len(out_shape) != 4:
         raise ConversionError(
             f"Model '{fcn.name}' takes {in_shape} and returns {out_shape}: not a fully convolutional model. "
             "Convert the classifier first: `fcn = keras_fcn_surgery.convert(model)`."
         )
-    channels = in_shape[3] if data_format == "channels_last" else in_shape[1]
-    classes = out_shape[3] if data_format == "channels_last" else out_shape[1]
-    return _Layout(data_format, int(channels)), int(classes)
+    channels, classes = model_format.channels(in_shape), model_format.channels(out_shape)
+    return _ImageSpec(model_format, int(channels)), int(classes)
 
 
-def _with_channel_axis(image, layout: _Layout):
-    if len(image.shape) == 2 and layout.channels == 1:
-        return _ChannelView(image, layout.data_format)
+def _with_channel_axis(image, spec: _ImageSpec):
+    if len(image.shape) == 2 and spec.channels == 1:
+        return _ChannelView(image, spec.layout)
     return image
 
 
 class _ChannelView:
     """A 2-D array seen as one-channel 3-D, sliced lazily."""
 
-    def __init__(self, array, data_format: str):
-        self._array, self._data_format = array, data_format
+    def __init__(self, array, layout: Layout):
+        self._array, self._layout = array, layout
         height, width = array.shape
-        self.shape = (height, width, 1) if data_format == "channels_last" else (1, height, width)
+        self.shape = layout.image_shape(height, width, 1)
 
     def __getitem__(self, index):
-        rows, cols = index[:2] if self._data_format == "channels_last" else index[1:]
+        rows, cols = (index[i] for i in self._layout.image_spatial_axes)
         region = np.asarray(self._array[rows, cols])
-        return region[..., None] if self._data_format == "channels_last" else region[None]
+        return np.expand_dims(region, self._layout.image_channel_axis)
 
 
-def _image_size(image, layout: _Layout) -> tuple[int, int]:
+def _image_size(image, spec: _ImageSpec) -> tuple[int, int]:
     shape = tuple(getattr(image, "shape", ()))
-    expected = "(H, W, C)" if layout.data_format == "channels_last" else "(C, H, W)"
+    expected = "(H, W, C)" if spec.layout.channels_last else "(C, H, W)"
     if len(shape) != 3:
         raise ConversionError(
-            f"Expected one image shaped {expected} with C = {layout.channels} (an array or an array-like with "
+            f"Expected one image shaped {expected} with C = {spec.channels} (an array or an array-like with "
             f"`shape` and slicing). Received shape {shape}; for a batch, call once per image."
         )
-    channels = shape[2] if layout.data_format == "channels_last" else shape[0]
-    if channels != layout.channels:
+    channels = spec.layout.image_channels(shape)
+    if channels != spec.channels:
         raise ConversionError(
-            f"The model takes {layout.channels} channels ({layout.data_format}, {expected}); the image of shape "
+            f"The model takes {spec.channels} channels ({spec.layout.data_format}, {expected}); the image of shape "
             f"{shape} has {channels}."
         )
-    rows, cols = layout.spatial_axes
+    rows, cols = spec.layout.image_spatial_axes
     return (int(shape[rows]), int(shape[cols]))
 
 
@@ -353,8 +336,8 @@ def _pair(value, name: str) -> tuple[int, int]:
     return (int(values[0]), int(values[1]))
 
 
-def _read(image, layout: _Layout, rows: tiling.AxisTile, cols: tiling.AxisTile, preprocess, dtype) -> np.ndarray:
-    pixels = np.asarray(layout.region(image, slice(rows.start, rows.stop), slice(cols.start, cols.stop)))
+def _read(image, spec: _ImageSpec, rows: tiling.AxisTile, cols: tiling.AxisTile, preprocess, dtype) -> np.ndarray:
+    pixels = np.asarray(image[spec.layout.image_index(slice(rows.start, rows.stop), slice(cols.start, cols.stop))])
     if preprocess is not None:
         pixels = np.asarray(preprocess(pixels.astype(np.float32)))
     return pixels.astype(dtype, copy=False)

@@ -7,14 +7,22 @@ import warnings
 
 import keras
 
-from keras_fcn_surgery.engine import GraphPlan, Surgeon
 from keras_fcn_surgery.errors import ConversionError, NonFiniteWeightsWarning, VerificationError
-from keras_fcn_surgery.graph import describe, graph_of, is_graph_model, iter_layers, spatial_data_format
-from keras_fcn_surgery.loading import load_model
-from keras_fcn_surgery.planning import ConversionPlan
-from keras_fcn_surgery.rules.base import SPATIAL, Context, FlattenedMap, Spatial
-from keras_fcn_surgery.verification import source_input_shapes
-from keras_fcn_surgery.verification import verify as verify_models
+from keras_fcn_surgery.graph import (
+    describe,
+    graph_of,
+    input_name,
+    is_graph_model,
+    iter_layers,
+    model_layout,
+    producer_of,
+)
+from keras_fcn_surgery.saving.loading import load_model
+from keras_fcn_surgery.surgery.engine import GraphPlan, Surgeon
+from keras_fcn_surgery.surgery.plan import ConversionPlan
+from keras_fcn_surgery.surgery.rules.base import SPATIAL, Context, FlattenedMap, Spatial
+from keras_fcn_surgery.surgery.verify import source_input_shapes
+from keras_fcn_surgery.surgery.verify import verify as verify_models
 
 HEADS = ("window", "dense")
 _GLOBAL_POOLING_CLASSES = ("GlobalAveragePooling2D", "GlobalMaxPooling2D")
@@ -197,7 +205,7 @@ def _plan(model, head: str, input_size):
     if head not in HEADS:
         raise ConversionError(f"Expected `head` to be one of {HEADS}. Received: head={head!r}")
     graph = graph_of(model)
-    context = Context(data_format=spatial_data_format(model), head=head)
+    context = Context(layout=model_layout(model), head=head)
     for tensor in graph.inputs:
         _check_image_input(tensor, context)
     shapes = [(None, *shape) for shape in source_input_shapes(model, input_size)]
@@ -221,7 +229,7 @@ def _public_plan(model, surgeon: Surgeon, graph_plan: GraphPlan, size) -> Conver
 
 def _check_image_input(tensor, context: Context) -> None:
     shape = tuple(tensor.shape)
-    name = _input_name(tensor)
+    name = input_name(tensor)
     if len(shape) != 4:
         raise ConversionError(
             f"Input '{name}' has shape {shape}; only rank-4 image inputs (batch, height, width, "
@@ -236,7 +244,7 @@ def _check_image_input(tensor, context: Context) -> None:
 
 def _check_outputs(model, graph_plan: GraphPlan, context: Context) -> None:
     for tensor, mode, shape in zip(graph_plan.graph.outputs, graph_plan.output_modes, graph_plan.output_shapes):
-        producer = tensor._keras_history.operation
+        producer = producer_of(tensor)
         if isinstance(mode, FlattenedMap):
             raise ConversionError(
                 f"Model '{model.name}' ends at {describe(producer)}: a Flatten with no Dense after it. "
@@ -252,13 +260,8 @@ def _check_outputs(model, graph_plan: GraphPlan, context: Context) -> None:
 
 def _relaxed_input(source, context: Context):
     channels = context.channels(tuple(source.shape))
-    shape = (None, None, channels) if context.data_format == "channels_last" else (channels, None, None)
-    return keras.Input(shape=shape, dtype=source.dtype, name=_input_name(source))
-
-
-def _input_name(tensor) -> str:
-    operation = tensor._keras_history.operation
-    return operation.name if operation is not None else tensor.name
+    shape = context.layout.image_shape(None, None, channels)
+    return keras.Input(shape=shape, dtype=source.dtype, name=input_name(source))
 
 
 def _single(items):

@@ -17,6 +17,8 @@ import math
 import numpy as np
 from keras import ops
 
+from keras_fcn_surgery.layout import Layout
+
 CONV_AXIS_ORDER = ("h", "w", "c")
 
 
@@ -35,8 +37,8 @@ def flatten_axis_order(flatten_data_format: str, tensor_data_format: str) -> tup
     ``channels_first`` one with axes ``(0, 2, 3, 1)`` before reshaping, so it
     reads the tensor's stored axes in the order (2, 3, 1) in that case.
     """
-    stored = ("h", "w", "c") if tensor_data_format == "channels_last" else ("c", "h", "w")
-    if flatten_data_format == "channels_last":
+    stored = ("h", "w", "c") if Layout(tensor_data_format).channels_last else ("c", "h", "w")
+    if Layout(flatten_data_format).channels_last:
         return stored
     return (stored[1], stored[2], stored[0])
 

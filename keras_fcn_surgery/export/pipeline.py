@@ -9,8 +9,8 @@ import keras
 import numpy as np
 
 from keras_fcn_surgery.errors import ConversionError
-from keras_fcn_surgery.graph import spatial_data_format
-from keras_fcn_surgery.verification import VerificationResult, compare_arrays, tolerance_for
+from keras_fcn_surgery.graph import model_layout
+from keras_fcn_surgery.surgery.verify import VerificationResult, compare_arrays, tolerance_for
 
 
 class ExportError(ConversionError):
@@ -55,8 +55,8 @@ def prepare_fcn(model, *, convert: bool = True, head: str = "window", input_size
         ExportError: for a model with several inputs or outputs, or a
             classifier with ``convert=False``.
     """
-    from keras_fcn_surgery.conversion import convert as convert_model
-    from keras_fcn_surgery.loading import load_model
+    from keras_fcn_surgery.saving.loading import load_model
+    from keras_fcn_surgery.surgery.convert import convert as convert_model
 
     if isinstance(model, (str, os.PathLike)):
         model = load_model(model, custom_objects=custom_objects)
@@ -88,7 +88,7 @@ def prepare_fcn(model, *, convert: bool = True, head: str = "window", input_size
 def image_channels(model) -> int:
     """The channel count of the model's image input."""
     shape = tuple(model.inputs[0].shape)
-    channels = shape[3] if spatial_data_format(model) == "channels_last" else shape[1]
+    channels = model_layout(model).channels(shape)
     if channels is None:
         raise ExportError(f"Model '{model.name}' takes input {shape} with an unknown number of channels.")
     return int(channels)
@@ -107,7 +107,7 @@ def resolve_check_sizes(fcn, original, check_sizes=None) -> tuple[tuple[int, int
         if not pairs or any(len(size) != 2 or min(size) < 1 for size in pairs):
             raise ExportError(f"Expected `check_sizes` to be (H, W) pairs of positive ints. Received: {check_sizes}")
         return tuple((size[0], size[1]) for size in pairs)
-    from keras_fcn_surgery.model_geometry import geometry
+    from keras_fcn_surgery.grid.geometry import geometry
 
     try:
         grid = geometry(fcn, original)
@@ -125,10 +125,10 @@ def resolve_check_sizes(fcn, original, check_sizes=None) -> tuple[tuple[int, int
 
 def keras_scores(fcn, images: np.ndarray) -> np.ndarray:
     """The Keras model's map for a channels-last batch, channels-last, as float32 numpy."""
-    channels_first = spatial_data_format(fcn) == "channels_first"
-    x = np.transpose(images, (0, 3, 1, 2)) if channels_first else images
+    layout = model_layout(fcn)
+    x = layout.from_channels_last(images)
     y = np.asarray(keras.ops.convert_to_numpy(fcn(x.astype(str(fcn.inputs[0].dtype)), training=False)))
-    y = np.transpose(y, (0, 2, 3, 1)) if channels_first else y
+    y = layout.to_channels_last(y)
     return y.astype(np.float32)
 
 
@@ -166,4 +166,4 @@ def compare_outputs(fcn, batches: dict, outputs: dict, *, what: str) -> tuple[Ve
 
 
 def _spatial(model, shape):
-    return shape[1:3] if spatial_data_format(model) == "channels_last" else shape[2:4]
+    return model_layout(model).spatial_shape(shape)

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import keras
 
-from keras_fcn_surgery.cloning import call_with_initial_values
 from keras_fcn_surgery.errors import ConversionError
 from keras_fcn_surgery.graph import describe
-from keras_fcn_surgery.kernels import parameter_count
-from keras_fcn_surgery.rules.base import Rewrite
+from keras_fcn_surgery.layout import Layout
+from keras_fcn_surgery.surgery.cloning import call_with_initial_values
+from keras_fcn_surgery.surgery.kernels import parameter_count
+from keras_fcn_surgery.surgery.rules.base import Rewrite
 
 _CARRIED_KEYS = (
     "activation",
@@ -61,7 +62,7 @@ def conv_like_dense(dense, kernel_size: tuple[int, int], data_format: str, use_b
 
 def _needs_channel_softmax(dense, data_format: str) -> bool:
     """A softmax Dense on a channels-first map must normalize axis 1, not the last axis."""
-    return data_format == "channels_first" and keras.activations.serialize(dense.activation) == "softmax"
+    return Layout(data_format).channels_first and keras.activations.serialize(dense.activation) == "softmax"
 
 
 def call_conv_from_dense(dense, conv, inputs, kernel, bias=None):

@@ -24,6 +24,8 @@ from typing import Any
 
 import keras
 
+from keras_fcn_surgery.layout import Layout
+
 
 @dataclass(frozen=True)
 class Spatial:
@@ -86,21 +88,25 @@ class Step:
 class Context:
     """Facts about the whole conversion that rules need."""
 
-    data_format: str
+    layout: Layout
     head: str
     cloner: Any = None
-    notes: list[str] = field(default_factory=list)
+
+    @property
+    def data_format(self) -> str:
+        """The layout as Keras spells it, for the ``data_format`` of new layers."""
+        return self.layout.data_format
 
     @property
     def channel_axis(self) -> int:
-        return -1 if self.data_format == "channels_last" else 1
+        return self.layout.channel_axis
 
     def spatial_shape(self, shape) -> tuple:
         """(H, W) of a rank-4 shape in this layout."""
-        return tuple(shape[1:3]) if self.data_format == "channels_last" else tuple(shape[2:4])
+        return self.layout.spatial_shape(shape)
 
     def channels(self, shape):
-        return shape[-1] if self.data_format == "channels_last" else shape[1]
+        return self.layout.channels(shape)
 
 
 @dataclass

@@ -7,9 +7,9 @@ import numpy as np
 
 from keras_fcn_surgery.errors import ConversionError
 from keras_fcn_surgery.graph import describe
-from keras_fcn_surgery.kernels import dense_to_pointwise_kernel
-from keras_fcn_surgery.rules.base import FlattenedMap, NodeView, Rewrite, Rule, Step, VectorMap
-from keras_fcn_surgery.rules.convolutions import (
+from keras_fcn_surgery.surgery.kernels import dense_to_pointwise_kernel
+from keras_fcn_surgery.surgery.rules.base import FlattenedMap, NodeView, Rewrite, Rule, Step, VectorMap
+from keras_fcn_surgery.surgery.rules.convolutions import (
     call_conv_from_dense,
     check_dense_is_plain,
     conv_like_dense,
@@ -74,7 +74,7 @@ def _is_channel_axis(axis, rank: int, context) -> bool:
     normalized = axes[0] % rank
     if rank == 2:
         return normalized == 1
-    return normalized == (rank - 1 if context.data_format == "channels_last" else 1)
+    return normalized == (rank - 1 if context.layout.channels_last else 1)
 
 
 def _clone_with(layer, **overrides):
@@ -97,7 +97,7 @@ class DenseOnVectorMapRule(Rule):
         mode = view.only_mode
         if not (isinstance(view.layer, keras.layers.Dense) and isinstance(mode, VectorMap)):
             return None
-        if mode.unit_map and view.context.data_format == "channels_first":
+        if mode.unit_map and view.context.layout.channels_first:
             return None  # A Dense on a (N, C, 1, 1) map reads the last 1-sized axis: not a head layer.
         dense = view.layer
         check_dense_is_plain(dense)
@@ -146,7 +146,7 @@ class ChannelAxisRule(Rule):
         context = view.context
         rank = len(view.input_shapes[0])
         if isinstance(layer, keras.layers.Activation) and _activation_name(layer) in _AXIS_ACTIVATIONS:
-            if context.data_format == "channels_last":
+            if context.layout.channels_last:
                 cloner = context.cloner
                 return Step([mode], lambda args, kwargs: [cloner.call(layer, args, kwargs)], plain_copy=True)
             if _activation_name(layer) != "softmax":

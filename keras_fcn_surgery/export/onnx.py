@@ -16,7 +16,7 @@ import importlib.util
 import warnings
 
 from keras_fcn_surgery.errors import ModelFileError, first_line
-from keras_fcn_surgery.export_common import (
+from keras_fcn_surgery.export.pipeline import (
     ExportError,
     ExportResult,
     check_batches,
@@ -25,9 +25,10 @@ from keras_fcn_surgery.export_common import (
     prepare_fcn,
     resolve_check_sizes,
 )
-from keras_fcn_surgery.graph import spatial_data_format
-from keras_fcn_surgery.saving import atomic_output, check_output_path
-from keras_fcn_surgery.serving import INPUT_NAME, OUTPUT_NAME
+from keras_fcn_surgery.export.savedmodel import INPUT_NAME, OUTPUT_NAME
+from keras_fcn_surgery.graph import model_layout
+from keras_fcn_surgery.layout import Layout
+from keras_fcn_surgery.saving.atomic import atomic_output, check_output_path
 
 ONNX_PACKAGES = ("onnx", "onnxruntime", "tf2onnx")
 
@@ -99,10 +100,7 @@ def _input_spec(fcn):
     import tensorflow as tf
 
     channels = image_channels(fcn)
-    if spatial_data_format(fcn) == "channels_last":
-        shape = [None, None, None, channels]
-    else:
-        shape = [None, channels, None, None]
+    shape = list(model_layout(fcn).batch_shape(None, None, None, channels))
     return tf.TensorSpec(shape, tf.float32, name=INPUT_NAME)
 
 
@@ -121,7 +119,7 @@ def _write_onnx(fcn, temporary: str, onnx, opset) -> None:
             f"tf2onnx could not convert model '{fcn.name}' ({type(error).__name__}: {first_line(str(error))})."
         ) from error
     proto = onnx.load(temporary)
-    _name_io(proto, spatial_data_format(fcn) == "channels_first")
+    _name_io(proto, model_layout(fcn))
     onnx.checker.check_model(proto)
     try:
         onnx.save(proto, temporary)
@@ -132,7 +130,7 @@ def _write_onnx(fcn, temporary: str, onnx, opset) -> None:
         ) from error
 
 
-def _name_io(proto, channels_first: bool) -> None:
+def _name_io(proto, layout: Layout) -> None:
     """Rename the graph output to ``scores`` and give the free dimensions readable names."""
     graph = proto.graph
     if len(graph.input) != 1 or len(graph.output) != 1:
@@ -143,7 +141,7 @@ def _name_io(proto, channels_first: bool) -> None:
             node.output[:] = [OUTPUT_NAME if name == old else name for name in node.output]
             node.input[:] = [OUTPUT_NAME if name == old else name for name in node.input]
         graph.output[0].name = OUTPUT_NAME
-    axes = (0, 2, 3) if channels_first else (0, 1, 2)
+    axes = (0, *layout.spatial_axes)
     named = ((graph.input[0], ("batch", "height", "width")), (graph.output[0], ("batch", "map_height", "map_width")))
     for value, names in named:
         dims = value.type.tensor_type.shape.dim
@@ -153,14 +151,12 @@ def _name_io(proto, channels_first: bool) -> None:
 
 
 def _check_with_onnxruntime(fcn, path: str, sizes, onnxruntime):
-    import numpy as np
 
-    channels_first = spatial_data_format(fcn) == "channels_first"
+    layout = model_layout(fcn)
     session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
     batches = check_batches(fcn, sizes)
     outputs = {}
     for key, images in batches.items():
-        x = np.transpose(images, (0, 3, 1, 2)) if channels_first else images
-        (y,) = session.run([OUTPUT_NAME], {INPUT_NAME: x})
-        outputs[key] = np.transpose(y, (0, 2, 3, 1)) if channels_first else y
+        (y,) = session.run([OUTPUT_NAME], {INPUT_NAME: layout.from_channels_last(images)})
+        outputs[key] = layout.to_channels_last(y)
     return compare_outputs(fcn, batches, outputs, what=f"The ONNX export of '{fcn.name}' (onnxruntime)")

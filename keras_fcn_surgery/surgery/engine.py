@@ -13,11 +13,20 @@ from dataclasses import dataclass, field
 import keras
 from keras import tree
 
-from keras_fcn_surgery.cloning import LayerCloner
 from keras_fcn_surgery.errors import ConversionError
-from keras_fcn_surgery.graph import describe, graph_of, is_graph_model, nodes_in_order
-from keras_fcn_surgery.rules import DEFAULT_RULES
-from keras_fcn_surgery.rules.base import SPATIAL, Context, FlattenedMap, NodeView, Rewrite, Spatial, Step, VectorMap
+from keras_fcn_surgery.graph import describe, graph_of, input_name, is_graph_model, node_arguments, nodes_in_order
+from keras_fcn_surgery.surgery.cloning import LayerCloner
+from keras_fcn_surgery.surgery.rules import DEFAULT_RULES
+from keras_fcn_surgery.surgery.rules.base import (
+    SPATIAL,
+    Context,
+    FlattenedMap,
+    NodeView,
+    Rewrite,
+    Spatial,
+    Step,
+    VectorMap,
+)
 
 _FEATURE_LAYERS_TEXT = (
     "Dense, Dropout, Activation, Softmax, BatchNormalization, LayerNormalization, "
@@ -90,7 +99,7 @@ class Surgeon:
     def _output_shapes(self, node, specs, use_recorded_shapes: bool) -> list[tuple]:
         if use_recorded_shapes:
             return [tuple(t.shape) for t in node.outputs]
-        args, kwargs = node.arguments.fill_in(specs)
+        args, kwargs = node_arguments(node, specs)
         try:
             outputs = node.operation.compute_output_spec(*args, **kwargs)
         except Exception as error:
@@ -144,7 +153,7 @@ class Surgeon:
     def build(self, plan: GraphPlan, new_inputs):
         tensors = {id(source): new for source, new in zip(plan.graph.inputs, new_inputs)}
         for node, step in plan.steps:
-            args, kwargs = node.arguments.fill_in(tensors)
+            args, kwargs = node_arguments(node, tensors)
             outputs = step.build(args, kwargs)
             for source, new in zip(node.outputs, outputs):
                 tensors[id(source)] = new
@@ -152,7 +161,7 @@ class Surgeon:
 
     def _build_submodel(self, model, nested: GraphPlan, outer_tensors):
         inputs = [
-            keras.Input(shape=tuple(t.shape)[1:], dtype=t.dtype, name=_input_layer_name(source))
+            keras.Input(shape=tuple(t.shape)[1:], dtype=t.dtype, name=input_name(source))
             for source, t in zip(nested.graph.inputs, outer_tensors)
         ]
         outputs = self.build(nested, inputs)
@@ -163,12 +172,6 @@ class Surgeon:
 
 def _single(tensors):
     return tensors[0] if len(tensors) == 1 else tensors
-
-
-def _input_layer_name(source_tensor) -> str:
-    history = getattr(source_tensor, "_keras_history", None)
-    operation = getattr(history, "operation", None)
-    return operation.name if operation is not None else source_tensor.name
 
 
 def _global_poolings_feeding_back(graph, context: Context) -> set[int]:
@@ -241,14 +244,14 @@ def _refuse_size_bound_layer(view: NodeView) -> None:
         )
     spatial_axes = _spatial_weight_axes(layer, in_shape, view.context)
     if spatial_axes:
-        data_format = view.context.data_format
+        layout = view.context.layout
         if isinstance(layer, keras.layers.Dense):
-            way_out = f"Use a 1x1 Conv2D(data_format='{data_format}') instead of the Dense."
+            way_out = f"Use a 1x1 Conv2D(data_format='{layout.data_format}') instead of the Dense."
         else:
-            way_out = f"Make it act on the channel axis (axis={3 if data_format == 'channels_last' else 1})."
+            way_out = f"Make it act on the channel axis (axis={layout.channel_axis})."
         raise ConversionError(
             f"Layer {describe(layer)} has weights laid along axis {spatial_axes[0]} of the {in_shape[1:]} "
-            f"{data_format} feature map, a spatial axis, so they fit only this map size. {way_out}"
+            f"{layout.data_format} feature map, a spatial axis, so they fit only this map size. {way_out}"
         )
 
 
@@ -266,7 +269,7 @@ def _spatial_weight_axes(layer, in_shape, context: Context) -> list[int]:
         axes = [int(a) % 4 for a in (layer.axis if isinstance(layer.axis, (list, tuple)) else [layer.axis])]
     else:
         return []
-    spatial = (1, 2) if context.data_format == "channels_last" else (2, 3)
+    spatial = context.layout.spatial_axes
     return sorted(a for a in axes if a in spatial)
 
 

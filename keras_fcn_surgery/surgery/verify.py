@@ -8,7 +8,7 @@ import keras
 import numpy as np
 
 from keras_fcn_surgery.errors import ConversionError, VerificationError, first_line
-from keras_fcn_surgery.graph import iter_layers, spatial_data_format
+from keras_fcn_surgery.graph import iter_layers, model_layout
 
 # Allowed max |difference| relative to max |source output|, by compute dtype.
 # float32 leaves room for the different summation order of a convolution and a
@@ -71,7 +71,7 @@ def tolerance_for(model) -> float:
 
 def source_input_shapes(model, input_size=None) -> list[tuple[int, ...]]:
     """Per input, the shape (without batch) of one image at the original size."""
-    spatial = (0, 1) if spatial_data_format(model) == "channels_last" else (1, 2)
+    spatial = model_layout(model).image_spatial_axes
     if input_size is not None:
         input_size = _as_size(input_size)
     shapes = []
@@ -139,7 +139,7 @@ def verify(source, fcn, *, input_size=None, batch_size: int = 2, seed: int = 0, 
                 f"At the original size the FCN's output has shape {got.shape}, the source's {want.shape}: "
                 "the converted model does not reduce to one window there. A `head='dense'` conversion "
                 "gives a map at the original size: check it with "
-                "`keras_fcn_surgery.conversion.verify_conversion(model, fcn, head='dense')`."
+                "`keras_fcn_surgery.surgery.convert.verify_conversion(model, fcn, head='dense')`."
             )
         pairs.append((want, got.reshape(want.shape)))
     tolerance = float(tolerance if tolerance is not None else tolerance_for(source))
@@ -197,15 +197,15 @@ def _check_same_channels(source, fcn) -> None:
             f"Model '{source.name}' has {len(source.inputs)} inputs but '{fcn.name}' has {len(fcn.inputs)}; "
             "verify compares a classifier with its own conversion."
         )
-    data_format = spatial_data_format(source)
+    layout = model_layout(source)
     for ours, theirs in zip(source.inputs, fcn.inputs):
         if len(ours.shape) != 4 or len(theirs.shape) != 4:
             continue
-        axis = -1 if data_format == "channels_last" else 1
+        axis = layout.channel_axis
         if ours.shape[axis] != theirs.shape[axis]:
             raise ConversionError(
                 f"Model '{fcn.name}' takes {theirs.shape[axis]} channels but its source '{source.name}' takes "
-                f"{ours.shape[axis]} ({data_format}); verify compares a classifier with its own conversion: "
+                f"{ours.shape[axis]} ({layout.data_format}); verify compares a classifier with its own conversion: "
                 "pass the model that `convert` returned for this classifier."
             )
 

@@ -8,13 +8,13 @@ import keras
 
 from keras_fcn_surgery.errors import ConversionError
 from keras_fcn_surgery.graph import describe
-from keras_fcn_surgery.kernels import (
+from keras_fcn_surgery.surgery.kernels import (
     batch_norm_affine,
     dense_to_conv_kernel,
     flatten_axis_order,
     fold_affine_into_dense,
 )
-from keras_fcn_surgery.rules.base import (
+from keras_fcn_surgery.surgery.rules.base import (
     FlattenedMap,
     NodeView,
     Rewrite,
@@ -23,7 +23,7 @@ from keras_fcn_surgery.rules.base import (
     Step,
     VectorMap,
 )
-from keras_fcn_surgery.rules.convolutions import (
+from keras_fcn_surgery.surgery.rules.convolutions import (
     call_conv_from_dense,
     check_dense_is_plain,
     conv_like_dense,

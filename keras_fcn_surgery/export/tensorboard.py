@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 
 from keras_fcn_surgery.errors import ModelFileError, first_line
+from keras_fcn_surgery.graph import input_name
 
 SOURCE_RUN = "source"
 FCN_RUN = "fcn"
@@ -39,8 +40,8 @@ def log_graphs(model, logdir, *, head: str = "window", input_size=None, custom_o
         ConversionError: when the model cannot be converted.
         ModelFileError: when ``logdir`` cannot be written.
     """
-    from keras_fcn_surgery.conversion import convert, plan
-    from keras_fcn_surgery.loading import load_model
+    from keras_fcn_surgery.saving.loading import load_model
+    from keras_fcn_surgery.surgery.convert import convert, plan
 
     if isinstance(model, (str, os.PathLike)):
         model = load_model(model, custom_objects=custom_objects)
@@ -59,7 +60,7 @@ def traced_graph(model):
     """The `tf.Graph` of ``model``'s inference forward pass, traced at its input shape with a free batch."""
     import tensorflow as tf
 
-    specs = [tf.TensorSpec((None, *tuple(t.shape)[1:]), t.dtype, name=_input_name(t)) for t in model.inputs]
+    specs = [tf.TensorSpec((None, *tuple(t.shape)[1:]), t.dtype, name=input_name(t, "input")) for t in model.inputs]
 
     def forward(*inputs):
         return model(inputs[0] if len(inputs) == 1 else list(inputs), training=False)
@@ -91,9 +92,3 @@ def _write_run(folder: str, graph, text=None) -> None:
         writer.flush()
     finally:
         writer.close()
-
-
-def _input_name(tensor) -> str:
-    history = getattr(tensor, "_keras_history", None)
-    operation = history.operation if history is not None else None
-    return operation.name if operation is not None else "input"

@@ -13,7 +13,7 @@ import keras
 
 from keras_fcn_surgery.errors import ConversionError
 from keras_fcn_surgery.graph import describe
-from keras_fcn_surgery.rules.base import NodeView, Rewrite, Rule, Spatial, Step, VectorMap
+from keras_fcn_surgery.surgery.rules.base import NodeView, Rewrite, Rule, Spatial, Step, VectorMap
 
 _REPLACEMENTS = {
     keras.layers.GlobalAveragePooling2D: keras.layers.AveragePooling2D,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from keras_fcn_surgery.rules.base import Rewrite
+from keras_fcn_surgery.surgery.rules.base import Rewrite
 
 
 @dataclass(frozen=True)

@@ -4,10 +4,14 @@ The engine asks them in order; the first that claims a call wins. A new head
 pattern is a new `Rule` in this list.
 """
 
-from keras_fcn_surgery.rules.base import Context, NodeView, Rewrite, Rule, Step
-from keras_fcn_surgery.rules.flatten_dense import BatchNormOnFlattenedMapRule, DenseOnFlattenedMapRule, FlattenRule
-from keras_fcn_surgery.rules.global_pooling import GlobalPoolingRule
-from keras_fcn_surgery.rules.vector_layers import (
+from keras_fcn_surgery.surgery.rules.base import Context, NodeView, Rewrite, Rule, Step
+from keras_fcn_surgery.surgery.rules.flatten_dense import (
+    BatchNormOnFlattenedMapRule,
+    DenseOnFlattenedMapRule,
+    FlattenRule,
+)
+from keras_fcn_surgery.surgery.rules.global_pooling import GlobalPoolingRule
+from keras_fcn_surgery.surgery.rules.vector_layers import (
     ChannelAxisRule,
     DenseOnVectorMapRule,
     ElementwiseRule,

@@ -1,0 +1,1 @@
+"""Getting models out: one checked export pipeline for SavedModel and ONNX, preprocessing, TensorBoard graphs."""

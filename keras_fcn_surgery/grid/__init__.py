@@ -1,0 +1,1 @@
+"""Grid arithmetic: per-axis stride/receptive-field maths, a model's geometry, and exact tile planning."""

@@ -1,0 +1,1 @@
+"""Running FCNs on images: dense score maps (whole or tiled), the sliding-window baseline, heatmap pictures."""
