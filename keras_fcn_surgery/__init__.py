@@ -15,6 +15,7 @@ _PUBLIC = {
     "convert": "surgery.convert",
     "plan": "surgery.convert",
     "ConversionError": "errors",
+    "InputError": "errors",
     "ModelFileError": "errors",
     "NonFiniteWeightsWarning": "errors",
     "VerificationError": "errors",
@@ -44,6 +45,7 @@ __all__ = [
     "ExportResult",
     "Geometry",
     "HEADS",
+    "InputError",
     "ModelFileError",
     "NonFiniteWeightsWarning",
     "VerificationError",
@@ -81,7 +83,13 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:
-    from keras_fcn_surgery.errors import ConversionError, ModelFileError, NonFiniteWeightsWarning, VerificationError
+    from keras_fcn_surgery.errors import (
+        ConversionError,
+        InputError,
+        ModelFileError,
+        NonFiniteWeightsWarning,
+        VerificationError,
+    )
     from keras_fcn_surgery.export.onnx import export_onnx
     from keras_fcn_surgery.export.pipeline import ExportError, ExportResult
     from keras_fcn_surgery.export.savedmodel import export_savedmodel

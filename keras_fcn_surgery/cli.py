@@ -10,10 +10,33 @@ import argparse
 import importlib
 import logging
 import os
+import re
 import sys
+import tempfile
 
 from keras_fcn_surgery.commands import COMMAND_MODULES
 from keras_fcn_surgery.commands.common import EXIT_CONVERSION, EXIT_USAGE
+
+# Library messages name Python arguments; on the command line the same advice names flags.
+_PYTHON_TO_FLAGS = (
+    (re.compile(r"`?input_size=\(H, W\)`?(?: to `convert`)?"), "--input-size HxW"),
+    (re.compile(r"`?overwrite=True`?"), "--overwrite"),
+    (re.compile(r"`?verify=False`?"), "--no-verify"),
+    (re.compile(r"`?tile=None`?"), "no --tile"),
+    (re.compile(r"`?custom_objects=\{[^}]*\}\}?`?"), "--custom-objects FILE.py"),
+    (re.compile(r"`?head='(window|dense)'`?"), r"--head \1"),
+    (re.compile(r"`?verify_inputs=[a-z_]*`?"), "--verify-images DIR"),
+)
+# "pass overwrite=True (CLI: --overwrite)": keep the CLI's own spelling only.
+_WITH_CLI_SPELLING = re.compile(r"`?[A-Za-z_]+=[^\s`]*`? \(CLI: `?([^`)]*)`?(?:, [^)]*)?\)")
+
+
+def cli_message(text: str) -> str:
+    """A library error message with its Python advice spelt as command-line flags."""
+    text = _WITH_CLI_SPELLING.sub(lambda match: match.group(1), text)
+    for pattern, flags in _PYTHON_TO_FLAGS:
+        text = pattern.sub(flags, text)
+    return text
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -27,21 +50,47 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def quiet_tensorflow_import() -> None:
+    """Import TensorFlow with its C++ start-up log (CUDA probes, absl notices) kept off the terminal.
+
+    TensorFlow writes those lines to file descriptor 2 while its libraries load, before any Python
+    setting can stop them; they are captured and shown only if the import itself fails. A user's own
+    ``TF_CPP_MIN_LOG_LEVEL`` is left as it is, and then nothing is hidden.
+    """
+    if "tensorflow" in sys.modules or os.environ.get("TF_CPP_MIN_LOG_LEVEL", "3") != "3":
+        return
+    os.environ["TF_CPP_MIN_LOG_LEVEL"] = "3"
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as captured:
+        os.dup2(captured.fileno(), 2)
+        try:
+            importlib.import_module("tensorflow")
+        except BaseException:
+            os.dup2(saved, 2)
+            captured.seek(0)
+            sys.stderr.write(captured.read().decode(errors="replace"))
+            raise
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+    # Python-side TensorFlow warnings (retracing notes from grouped convolutions) are noise here.
+    logging.getLogger("tensorflow").setLevel(logging.ERROR)
+
+
 def main(argv=None) -> int:
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     parser = build_parser()
     args = parser.parse_args(argv)
-    # TensorFlow's Python warnings (retracing notes from Keras's grouped convolutions) are noise here.
-    logging.getLogger("tensorflow").setLevel(logging.ERROR)
-    from keras_fcn_surgery.errors import ConversionError, ModelFileError
+    quiet_tensorflow_import()
+    from keras_fcn_surgery.errors import ConversionError, InputError
 
     try:
         return args.run(args)
-    except ModelFileError as error:
-        print(f"error: {error}", file=sys.stderr)
+    except InputError as error:
+        print(f"error: {cli_message(str(error))}", file=sys.stderr)
         return EXIT_USAGE
     except ConversionError as error:
-        print(f"error: {error}", file=sys.stderr)
+        print(f"error: {cli_message(str(error))}", file=sys.stderr)
         return EXIT_CONVERSION
 
 

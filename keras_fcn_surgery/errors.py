@@ -14,7 +14,15 @@ class VerificationError(ConversionError):
     """The converted model does not reproduce the source at the original size."""
 
 
-class ModelFileError(ConversionError):
+class InputError(ConversionError):
+    """An argument or input the call cannot work with (an image smaller than the network, a tile size
+    below the minimum, a model whose input size must be given): the user's to fix, not the model's.
+
+    The CLI exits with code 2 for these, and 1 for other `ConversionError`s.
+    """
+
+
+class ModelFileError(InputError):
     """A model file that is missing, unreadable or needs custom objects."""
 
 

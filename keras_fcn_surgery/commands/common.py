@@ -19,3 +19,14 @@ def parse_size(text: str) -> tuple[int, int]:
     if len(values) != 2 or min(values) <= 0:
         raise argparse.ArgumentTypeError(f"expected HxW or N, got {text!r}")
     return (values[0], values[1])
+
+
+def positive_int(text: str) -> int:
+    """An integer >= 1, for sizes and counts (argparse turns the error into exit code 2)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from keras_fcn_surgery.commands.common import EXIT_OK
+from keras_fcn_surgery.commands.common import EXIT_OK, positive_int
 
 
 def add_parser(subparsers) -> None:
     parser = subparsers.add_parser("demo", help="convert the CaffeNet architecture and run a 451x451 image")
-    parser.add_argument("--size", type=int, default=451, help="side of the test image (default 451)")
+    parser.add_argument("--size", type=positive_int, default=451, help="side of the test image (default 451)")
     parser.set_defaults(run=run)
 
 
@@ -24,6 +24,10 @@ def run(args) -> int:
     print(kfs.verify(source, fcn))
     grid = kfs.geometry(fcn, (227, 227))
     print(f"geometry: {grid}")
+    if args.size < grid.min_input_size[0]:
+        raise kfs.InputError(
+            f"--size {args.size} is smaller than CaffeNet's smallest input, {grid.min_input_size[0]} pixels."
+        )
     image = np.random.default_rng(0).uniform(0, 255, (1, args.size, args.size, 3)).astype("float32")
     scores = np.asarray(fcn(image))
     print(

@@ -17,6 +17,7 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--logdir", required=True, help="folder for the TensorBoard runs")
     parser.add_argument("--head", choices=HEADS, default="window", help="global-pooling heads")
     parser.add_argument("--input-size", type=parse_size, help="original input size HxW when the model takes any size")
+    parser.add_argument("--overwrite", action="store_true", help="replace the runs of an earlier `graph` in DIR")
     parser.set_defaults(run=run)
 
 
@@ -24,7 +25,7 @@ def run(args) -> int:
     import keras_fcn_surgery as kfs
 
     source = kfs.load_model(args.model)
-    runs = kfs.log_graphs(source, args.logdir, head=args.head, input_size=args.input_size)
+    runs = kfs.log_graphs(source, args.logdir, head=args.head, input_size=args.input_size, overwrite=args.overwrite)
     for run_dir in runs:
         print(f"wrote {run_dir}")
     print(f"view with: tensorboard --logdir {args.logdir}")

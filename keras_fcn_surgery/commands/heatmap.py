@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from keras_fcn_surgery.commands.common import EXIT_OK, EXIT_USAGE, parse_size
+from keras_fcn_surgery.commands.common import EXIT_OK, EXIT_USAGE, parse_size, positive_int
 
 _PREPROCESS_MODES = ("none", "caffe", "tf", "torch")
 
@@ -24,11 +24,18 @@ def add_parser(subparsers) -> None:
         default="none",
         help="pixel preprocessing of keras.applications (caffe: VGG/ResNet50, tf: MobileNet..., torch: DenseNet)",
     )
-    parser.add_argument("--tile", type=int, help="tile side in pixels for large images (exact; default: one pass)")
+    parser.add_argument(
+        "--tile", type=positive_int, help="tile side in pixels for large images (exact; default: one pass)"
+    )
     parser.add_argument("--class-names", help="text file with one class name per line (default: ImageNet if K=1000)")
-    parser.add_argument("--top", type=int, default=5, help="how many top classes to print (default 5)")
-    parser.add_argument("--scale", type=int, default=1, help="display magnification for small images (default 1)")
+    parser.add_argument("--top", type=positive_int, default=5, help="how many top classes to print (default 5)")
+    parser.add_argument(
+        "--scale", type=positive_int, default=1, help="display magnification for small images (default 1)"
+    )
     parser.add_argument("--alpha", type=float, default=0.6, help="heat colour weight over the image (default 0.6)")
+    parser.add_argument(
+        "--absolute", action="store_true", help="heat colours span p = 0..1 (default: this map's own range)"
+    )
     parser.add_argument("--head", choices=("window", "dense"), default="window", help="global-pooling heads")
     parser.add_argument("--input-size", type=parse_size, help="original input size HxW when the model takes any size")
     parser.set_defaults(run=run)
@@ -40,7 +47,7 @@ def run(args) -> int:
 
     import keras_fcn_surgery as kfs
     from keras_fcn_surgery.graph import model_layout
-    from keras_fcn_surgery.inference.heatmap import class_probabilities
+    from keras_fcn_surgery.inference.heatmap import class_probabilities, heat_range
     from keras_fcn_surgery.saving.atomic import atomic_output, check_output_path
 
     check_output_path(args.output, suffix=".png", overwrite=args.overwrite)  # before any work
@@ -74,6 +81,11 @@ def run(args) -> int:
     grid = kfs.geometry(fcn)
     probabilities = class_probabilities(scores)
     _print_top(probabilities, names, grid, pixels.shape[:2], args.top)
+    value_range = (0.0, 1.0) if args.absolute else heat_range(probabilities[..., args.class_index])
+    print(
+        f"heat scale: black = p {value_range[0]:.4g}, white = p {value_range[1]:.4g}"
+        + ("" if args.absolute else " (this map's range; --absolute for 0..1)")
+    )
     picture = kfs.heatmap(
         pixels,
         probabilities,
@@ -83,6 +95,7 @@ def run(args) -> int:
         probabilities=True,
         alpha=args.alpha,
         scale=args.scale,
+        value_range=value_range,
     )
     with atomic_output(args.output, suffix=".png", overwrite=args.overwrite) as temporary:
         picture.save(temporary, format="PNG")

@@ -16,7 +16,9 @@ FCN_RUN = "fcn"
 PLAN_TAG = "conversion_plan"
 
 
-def log_graphs(model, logdir, *, head: str = "window", input_size=None, custom_objects=None) -> tuple[str, str]:
+def log_graphs(
+    model, logdir, *, head: str = "window", input_size=None, custom_objects=None, overwrite: bool = False
+) -> tuple[str, str]:
     """Write the op graphs of a classifier and of its converted FCN as two TensorBoard runs.
 
     ``<logdir>/source`` holds the classifier's graph traced at its own input
@@ -32,13 +34,17 @@ def log_graphs(model, logdir, *, head: str = "window", input_size=None, custom_o
         input_size: ``(H, W)`` the classifier was trained at, when it accepts
             any size.
         custom_objects: passed to `keras.models.load_model` for a path.
+        overwrite: replace the event files of earlier runs in those two
+            folders. Without it, a folder that already holds event files is
+            refused: TensorBoard would show both graphs mixed in one run.
 
     Returns:
         The two run folders, ``(source, fcn)``.
 
     Raises:
         ConversionError: when the model cannot be converted.
-        ModelFileError: when ``logdir`` cannot be written.
+        ModelFileError: when ``logdir`` cannot be written, or already holds
+            these runs and ``overwrite`` is False.
     """
     from keras_fcn_surgery.saving.loading import load_model
     from keras_fcn_surgery.surgery.convert import convert, plan
@@ -51,6 +57,15 @@ def log_graphs(model, logdir, *, head: str = "window", input_size=None, custom_o
     table = plan(model, head=head, input_size=input_size)
     fcn = convert(model, head=head, input_size=input_size, verify=False)
     runs = (os.path.join(logdir, SOURCE_RUN), os.path.join(logdir, FCN_RUN))
+    earlier = [path for run in runs for path in _event_files(run)]
+    if earlier and not overwrite:
+        raise ModelFileError(
+            f"Log folder '{logdir}' already holds the runs '{SOURCE_RUN}' and '{FCN_RUN}' "
+            f"({len(earlier)} event files); pass overwrite=True (CLI: --overwrite) to replace them, "
+            "or choose another folder."
+        )
+    for path in earlier:
+        os.remove(path)
     _write_run(runs[0], traced_graph(model))
     _write_run(runs[1], traced_graph(fcn), text={PLAN_TAG: plan_markdown(table)})
     return runs
@@ -75,6 +90,12 @@ def plan_markdown(conversion_plan) -> str:
         f"{conversion_plan.data_format}, head '{conversion_plan.head}'"
     )
     return f"{header}\n\n```\n{conversion_plan.table()}\n```\n"
+
+
+def _event_files(folder: str) -> list[str]:
+    if not os.path.isdir(folder):
+        return []
+    return [os.path.join(folder, name) for name in sorted(os.listdir(folder)) if name.startswith("events.out.tfevents")]
 
 
 def _write_run(folder: str, graph, text=None) -> None:

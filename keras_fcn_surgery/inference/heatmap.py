@@ -112,6 +112,7 @@ def heatmap(
     alpha: float = 0.6,
     scale: int = 1,
     legend_entries: int = 12,
+    value_range: tuple[float, float] | None = None,
 ) -> Image.Image:
     """A picture of a score map: ``[class probability over the image | argmax class map | legend]``.
 
@@ -127,6 +128,10 @@ def heatmap(
         alpha: weight of the heat colours over the image.
         scale: integer display magnification (nearest pixels, smooth map).
         legend_entries: most classes listed in the legend (by area).
+        value_range: the probabilities shown as black and white, ``(low, high)``;
+            default: the class's lowest and highest probability on this map
+            (see `heat_range`), so an uncertain model's map is not all black.
+            ``(0.0, 1.0)`` gives an absolute scale.
 
     Returns:
         A PIL RGB image ``(2 * W * scale + LEGEND_WIDTH)`` wide and
@@ -154,21 +159,40 @@ def heatmap(
             f"on a {height}x{width} image: they do not belong together."
         )
     probs = class_probabilities(scores, probabilities)
+    low, high = heat_range(probs[..., class_index]) if value_range is None else _checked_range(value_range)
     rows, cols = cell_coordinates(grid, (height, width), scores.shape[:2], scale)
     shown = np.repeat(np.repeat(pixels, scale, axis=0), scale, axis=1).astype(np.float64)
-    heat = upsample(probs[..., class_index], rows, cols)
+    heat = (upsample(probs[..., class_index], rows, cols) - low) / (high - low)
     overlay = (1 - alpha) * shown + alpha * hot_colors(heat)
     winners = probs.argmax(axis=-1)
     nearest = winners[np.rint(rows).astype(int)][:, np.rint(cols).astype(int)]
     palette = np.array([class_color(k) for k in range(classes)], dtype=np.uint8)
     class_map = 0.35 * shown + 0.65 * palette[nearest]
     names = list(class_names) if class_names is not None else [str(k) for k in range(classes)]
-    legend = _legend(winners, probs, class_index, names, legend_entries, height * scale)
+    legend = _legend(winners, probs, class_index, names, legend_entries, height * scale, (low, high))
     canvas = Image.new("RGB", (2 * width * scale + LEGEND_WIDTH, max(height * scale, legend.height)), "white")
     canvas.paste(Image.fromarray(overlay.round().astype(np.uint8)), (0, 0))
     canvas.paste(Image.fromarray(class_map.round().astype(np.uint8)), (width * scale, 0))
     canvas.paste(legend, (2 * width * scale, 0))
     return canvas
+
+
+def heat_range(values) -> tuple[float, float]:
+    """``(low, high)`` of a probability map for display: its own range, never empty.
+
+    A map whose values are all equal (an untrained network) gets a range of
+    width 1e-6 above its value, so it shows as uniform black rather than failing.
+    """
+    values = np.asarray(values, dtype=np.float64)
+    low, high = float(np.nanmin(values)), float(np.nanmax(values))
+    return (low, max(high, low + 1e-6))
+
+
+def _checked_range(value_range) -> tuple[float, float]:
+    low, high = (float(v) for v in value_range)
+    if not high > low:
+        raise ConversionError(f"Expected `value_range` (low, high) with high > low. Received: {value_range!r}")
+    return (low, high)
 
 
 def _display_pixels(image) -> np.ndarray:
@@ -194,7 +218,7 @@ def _display_pixels(image) -> np.ndarray:
     return values.round().astype(np.uint8)
 
 
-def _legend(winners, probs, class_index, names, entries, height) -> Image.Image:
+def _legend(winners, probs, class_index, names, entries, height, value_range) -> Image.Image:
     font = ImageFont.load_default(size=_FONT_SIZE)
     counts = np.bincount(winners.ravel(), minlength=probs.shape[-1])
     ranked = [k for k in np.argsort(-counts, kind="stable") if counts[k] > 0]
@@ -211,8 +235,9 @@ def _legend(winners, probs, class_index, names, entries, height) -> Image.Image:
     y += _ROW
     ramp = hot_colors(np.linspace(0, 1, LEGEND_WIDTH - 2 * x))[None].repeat(_SWATCH, axis=0)
     legend.paste(Image.fromarray(ramp), (x, y))
-    draw.text((x, y + _SWATCH), "0", fill="black", font=font)
-    draw.text((LEGEND_WIDTH - x - 8, y + _SWATCH), "1", fill="black", font=font)
+    low_text, high_text = (f"{v:.3g}" for v in value_range)
+    draw.text((x, y + _SWATCH), low_text, fill="black", font=font)
+    draw.text((LEGEND_WIDTH - x - font.getlength(high_text), y + _SWATCH), high_text, fill="black", font=font)
     y += _ROW + _SWATCH
     draw.text((x, y), "middle: most likely class", fill="black", font=font)
     y += _ROW

@@ -1,0 +1,94 @@
+"""The CLI speaks like a command line: one clean error line, flags not Python, exit codes 0/1/2."""
+
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+from models import small_flatten_cnn
+
+from keras_fcn_surgery.cli import cli_message, main
+from keras_fcn_surgery.commands.common import EXIT_USAGE
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _cli(*args, env_drop=("TF_CPP_MIN_LOG_LEVEL",)):
+    env = {k: v for k, v in os.environ.items() if k not in env_drop}
+    code = "import sys; from keras_fcn_surgery.cli import main; sys.exit(main(sys.argv[1:]))"
+    return subprocess.run(
+        [sys.executable, "-c", code, *args], capture_output=True, text=True, env=env, timeout=300, cwd=REPO
+    )
+
+
+def test_an_error_is_one_clean_line_with_tensorflow_logging_unset(tmp_path):
+    # TensorFlow starts before the command runs: the whole stderr must be our one line, none of
+    # TensorFlow's C++ start-up log.
+    result = _cli("convert", str(tmp_path / "missing.keras"), str(tmp_path / "fcn.keras"))
+    assert result.returncode == EXIT_USAGE
+    assert result.stderr.count("\n") == 1 and result.stderr.startswith("error: "), result.stderr
+    assert "cuda" not in result.stderr.lower() and "absl" not in result.stderr
+    assert os.listdir(tmp_path) == []
+
+
+def test_tensorflow_is_quiet_after_real_work(tmp_path):
+    source = tmp_path / "classifier.keras"
+    small_flatten_cnn().save(source)
+    result = _cli("convert", str(source), str(tmp_path / "fcn.keras"))
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == "", result.stderr
+
+
+def test_a_users_own_log_level_is_respected(tmp_path):
+    env_level = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "0"}
+    code = (
+        "import os, sys; from keras_fcn_surgery.cli import main; main(sys.argv[1:]); "
+        "print(os.environ['TF_CPP_MIN_LOG_LEVEL'])"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code, "convert", str(tmp_path / "m.keras"), str(tmp_path / "o.keras")],
+        capture_output=True,
+        text=True,
+        env=env_level,
+        timeout=300,
+    )
+    assert result.stdout.strip() == "0"
+
+
+@pytest.mark.parametrize(
+    "python, flags",
+    [
+        ("Output 'x' exists; pass overwrite=True (CLI: --overwrite) to replace it.", "pass --overwrite to replace"),
+        ("Pass `input_size=(H, W)`, the size the classifier was trained at.", "Pass --input-size HxW, the size"),
+        ("or pass `input_size=(H, W)` to `convert`.", "or pass --input-size HxW."),
+        ("Pass `verify=False` (CLI: `--no-verify`) to convert it anyway.", "Pass --no-verify to convert"),
+        ("verify on a device that has it, or pass `verify=False`; otherwise", "or pass --no-verify; otherwise"),
+        ("no tiling is exact. Use `tile=None`.", "Use no --tile."),
+        ("the `head='window'` pooling is unknown", "the --head window pooling"),
+    ],
+)
+def test_library_advice_is_spelt_as_flags(python, flags):
+    assert flags in cli_message(python)
+    assert not re.search(r"\w+=(True|False|None|\(H)", cli_message(python))
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["heatmap", "m.keras", "x.png", "--class", "1", "-o", "o.png", "--tile", "0"],
+        ["heatmap", "m.keras", "x.png", "--class", "1", "-o", "o.png", "--tile", "-5"],
+        ["demo", "--size", "0"],
+    ],
+)
+def test_bad_numbers_are_usage_errors(argv, capsys):
+    with pytest.raises(SystemExit) as stopped:
+        main(argv)
+    assert stopped.value.code == EXIT_USAGE
+    assert "expected a positive integer" in capsys.readouterr().err
+
+
+def test_demo_image_smaller_than_the_network_is_an_input_error(capsys):
+    assert main(["demo", "--size", "100"]) == EXIT_USAGE
+    err = capsys.readouterr().err
+    assert err.startswith("error: --size 100 is smaller than CaffeNet's smallest input, 227")
