@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 
-from keras_fcn_surgery.errors import ModelFileError, first_line
+from keras_fcn_surgery.errors import ConversionError, ModelFileError, first_line
 from keras_fcn_surgery.graph import input_name
 
 SOURCE_RUN = "source"
@@ -46,11 +46,10 @@ def log_graphs(
         ModelFileError: when ``logdir`` cannot be written, or already holds
             these runs and ``overwrite`` is False.
     """
-    from keras_fcn_surgery.saving.loading import load_model
+    from keras_fcn_surgery.saving.loading import as_model
     from keras_fcn_surgery.surgery.convert import convert, plan
 
-    if isinstance(model, (str, os.PathLike)):
-        model = load_model(model, custom_objects=custom_objects)
+    model = as_model(model, custom_objects, error_class=ConversionError)
     logdir = os.fspath(logdir)
     if os.path.exists(logdir) and not os.path.isdir(logdir):
         raise ModelFileError(f"Log folder '{logdir}' is a file. Give a folder for the TensorBoard runs.")

@@ -143,3 +143,19 @@ def custom_objects_from_file(path) -> dict:
         and (inspect.isclass(value) or inspect.isfunction(value))
         and getattr(value, "__module__", None) == name
     }
+
+
+def as_model(model, custom_objects=None, error_class: type[Exception] = ModelFileError) -> keras.Model:
+    """A `keras.Model` given as itself or as a path to a model file (loaded with `load_model`).
+
+    Raises:
+        ModelFileError: for a path that cannot be loaded.
+        error_class: for anything that is neither a model nor a path.
+    """
+    if isinstance(model, (str, os.PathLike)):
+        return load_model(model, custom_objects=custom_objects)
+    if not isinstance(model, keras.Model):
+        raise error_class(
+            f"Expected a `keras.Model` or a path to a `.keras`/`.h5` file. Received: {type(model).__name__}"
+        )
+    return model
