@@ -71,4 +71,4 @@ def plan_tiles(image_size, grid: Geometry, tile) -> list[tuple[tiling.AxisTile, 
         tiling.plan_axis(n, t, s, c, start, c - stop)
         for n, t, s, c, (start, stop) in zip(image_size, sides, grid.stride, cells, exact)
     ]
-    return list(itertools.product(*axes))
+    return list(itertools.product(axes[0], axes[1]))

@@ -118,7 +118,9 @@ def cell_mask(mask: np.ndarray, image_size, grid: Geometry, map_size) -> np.ndar
     integral[1:, 1:] = mask.cumsum(axis=0).cumsum(axis=1)
     ranges = []
     for axis, (pixels, cells, mask_length) in enumerate(zip(image_size, map_size, mask.shape)):
-        low_edge, high_edge = cell_edges(np.arange(cells), grid.stride[axis], grid.receptive_field[axis], grid.offset[axis])
+        low_edge, high_edge = cell_edges(
+            np.arange(cells), grid.stride[axis], grid.receptive_field[axis], grid.offset[axis]
+        )
         scale = mask_length / pixels
         low = np.clip(np.floor(low_edge * scale), 0, mask_length - 1).astype(np.int64)
         high = np.clip(np.ceil(high_edge * scale), low + 1, mask_length).astype(np.int64)

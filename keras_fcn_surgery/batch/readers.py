@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 import os
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -67,7 +68,11 @@ def open_reader(path) -> Reader:
     """
     path = os.fspath(path)
     suffix = os.path.splitext(path)[1].lower()
-    opener = _TiffReader if suffix in TIFF_SUFFIXES else _OpenSlideReader if suffix in OPENSLIDE_SUFFIXES else _PillowReader
+    opener: Callable[[str], Reader] = _PillowReader
+    if suffix in TIFF_SUFFIXES:
+        opener = _TiffReader
+    elif suffix in OPENSLIDE_SUFFIXES:
+        opener = _OpenSlideReader
     try:
         return opener(path)
     except ModelFileError:
@@ -117,7 +122,8 @@ class LevelArray:
     composited onto white (the glass of a slide).
     """
 
-    def __init__(self, reader: Reader, level: int, channels: int, layout: Layout = Layout()):
+    def __init__(self, reader: Reader, level: int, channels: int, layout: Layout | None = None):
+        layout = layout or Layout()
         self.reader, self.level, self.channels, self.layout = reader, level, channels, layout
         height, width = reader.levels[level].size
         if channels not in (1, 3) and channels != reader.channels:
@@ -173,9 +179,10 @@ class _PillowReader(Reader):
         self.path = path
         with Image.open(path) as opened:
             opened.load()
-            if opened.mode not in ("L", "RGB", "RGBA", "LA", "I;16", "I", "F"):
-                opened = opened.convert("RGBA" if "A" in opened.getbands() else "RGB")
-            pixels = np.asarray(opened)
+            picture: Image.Image = opened
+            if picture.mode not in ("L", "RGB", "RGBA", "LA", "I;16", "I", "F"):
+                picture = picture.convert("RGBA" if "A" in picture.getbands() else "RGB")
+            pixels = np.asarray(picture)
         self._pixels = pixels if pixels.ndim == 3 else pixels[..., None]
         self.channels = int(self._pixels.shape[-1]) - (1 if self._pixels.shape[-1] in (2, 4) else 0)
         self.levels = (Level((int(pixels.shape[0]), int(pixels.shape[1])), (1.0, 1.0)),)
@@ -200,7 +207,7 @@ class _TiffReader(Reader):
                     f"Image '{path}' holds a TIFF series with axes '{axes}'; only 2-D grey (YX) or colour (YXS) "
                     "images can be read. Save one plane as its own TIFF."
                 )
-            shapes = [tuple(int(d) for d in lv.shape[:2]) for lv in series.levels]
+            shapes = [(int(lv.shape[0]), int(lv.shape[1])) for lv in series.levels]
             base = shapes[0]
             self.levels = tuple(Level(s, (base[0] / s[0], base[1] / s[1])) for s in shapes)
             self.channels = int(series.shape[2]) if axes == "YXS" else 1

@@ -298,7 +298,12 @@ def _compute(fcn, view, layout, grid, size, kept, scores, options: BatchOptions)
     if kept is None or grid.global_context:
         if layout.channels_last:
             kfs.predict_map(
-                fcn, view, tile=tile, out=scores, batch_size=options.batch_size, preprocess=preprocess,
+                fcn,
+                view,
+                tile=tile,
+                out=scores,
+                batch_size=options.batch_size,
+                preprocess=preprocess,
                 progress=options.progress,
             )
         else:

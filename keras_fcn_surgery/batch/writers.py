@@ -123,9 +123,10 @@ def finish_zarr(path: str, info: MapInfo) -> None:
 
 def write_npz(path: str, scores, info: MapInfo) -> None:
     """``scores`` (H', W', K float32) and ``info``'s fields as arrays of one npz file."""
-    fields = {key: np.asarray(value) for key, value in asdict(info).items()}
+    arrays = {key: np.asarray(value) for key, value in asdict(info).items()}
+    arrays["scores"] = np.asarray(scores, dtype=np.float32)
     with open(path, "wb") as handle:
-        np.savez(handle, scores=np.asarray(scores, dtype=np.float32), **fields)
+        np.savez(handle, **arrays)  # type: ignore[arg-type]
 
 
 def top_classes(scores, probabilities: bool | None = None):
@@ -209,8 +210,17 @@ def write_csv(path: str, scores, info: MapInfo, class_names=None) -> None:
             for n in range(len(rows)):
                 k = int(classes[n])
                 writer.writerow(
-                    [int(rows[n]), int(cols[n]), x0[n], y0[n], x1[n], y1[n], k, _class_name(k, class_names),
-                     f"{float(probabilities[n]):.6g}"]
+                    [
+                        int(rows[n]),
+                        int(cols[n]),
+                        x0[n],
+                        y0[n],
+                        x1[n],
+                        y1[n],
+                        k,
+                        _class_name(k, class_names),
+                        f"{float(probabilities[n]):.6g}",
+                    ]
                 )
 
 
