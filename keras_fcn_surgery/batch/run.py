@@ -193,9 +193,9 @@ def predict_images(
     out_dir = os.path.abspath(os.fspath(out_dir))
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise ModelFileError(f"Output folder '{out_dir}' is a file.")
-    os.makedirs(out_dir, exist_ok=True)
     fcn = prepare_model(model, head=head, input_size=input_size)
     _check_class_names(fcn, options.class_names)
+    os.makedirs(out_dir, exist_ok=True)
     start = time.perf_counter()
     if engine == "ray":
         from keras_fcn_surgery.batch.ray_engine import run_on_ray
