@@ -226,3 +226,30 @@ def test_channels_first_model_with_a_mask(tmp_path):
     whole = np.moveaxis(kfs.predict_map(model, np.moveaxis(image.astype(np.float32), -1, 0)), 0, -1)
     assert kept.any() and not kept.all()
     assert_same_map(scores[kept], whole[kept])
+
+
+def test_sigterm_during_the_command_leaves_no_partial_output(mixed_folder, model_file, tmp_path, monkeypatch, capsys):
+    import signal
+
+    from keras_fcn_surgery.batch import run as batch_run
+
+    calls = []
+
+    def terminate_on_second_image(preprocess, layout):
+        def hook(x):
+            calls.append(1)
+            if len(calls) == 2:
+                os.kill(os.getpid(), signal.SIGTERM)
+            return x
+
+        return hook
+
+    monkeypatch.setattr(batch_run, "preprocess_fn", terminate_on_second_image)
+    out = tmp_path / "maps"
+    before = signal.getsignal(signal.SIGTERM)
+    code = cli.main(["predict", model_file, str(mixed_folder), "--out", str(out), "--format", "npz,zarr,csv"])
+    assert code == 130 and "no partial output" in capsys.readouterr().err
+    assert signal.getsignal(signal.SIGTERM) == before
+    left = sorted(os.path.relpath(os.path.join(d, f), out) for d, _, files in os.walk(out) for f in files)
+    assert all(path.startswith("grey.") for path in left), left
+    assert not [d for d, _, _ in os.walk(out) if ".partial-" in d]
