@@ -136,7 +136,7 @@ def run_slide_child(model_path: str, slide: str, mask: str) -> None:
     with tempfile.TemporaryDirectory() as out:
         predict_images(fcn, [slide], os.path.join(out, "warm"), level=len(_levels(slide)) - 1)  # trace once
         before = _rss_mb()
-        summary = predict_images(fcn, [slide], os.path.join(out, "maps"), mask=mask, tile=2048)
+        summary = predict_images(fcn, [slide], os.path.join(out, "maps"), mask=mask)
     result = summary.results[0]
     print(
         json.dumps(
@@ -199,7 +199,7 @@ def main() -> None:
             size_mb = os.path.getsize(slide) / 2**20
             print(
                 f"Part 2: one pyramidal TIFF of {side} x {side} ({size_mb:.0f} MiB, JPEG tiles, "
-                f"written in {time.perf_counter() - start:.0f} s), tiles of 2048"
+                f"written in {time.perf_counter() - start:.0f} s), default tiles (1024)"
             )
             for mask in ("none", "auto"):
                 child = subprocess.run(

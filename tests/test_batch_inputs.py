@@ -137,3 +137,27 @@ def test_cell_edges_tile_the_image_and_the_mask_maps_onto_cells(tmp_path):
     assert kept.sum() == 1 and kept[1, 3]
     Image.fromarray((mask * 255).astype(np.uint8)).save(tmp_path / "mask.png")
     np.testing.assert_array_equal(read_mask(tmp_path / "mask.png"), mask)
+
+
+def test_openslide_reader_matches_tifffile(tmp_path):
+    pytest.importorskip("openslide")
+    import shutil
+
+    image = np.random.default_rng(4).integers(0, 255, (256, 320, 3), dtype=np.uint8)
+    path = str(tmp_path / "pages.tif")
+    with tifffile.TiffWriter(path) as tif:  # levels as pages: the generic tiled TIFF OpenSlide reads
+        for n, factor in enumerate((1, 2, 4)):
+            tif.write(
+                image[::factor, ::factor],
+                tile=(64, 64),
+                photometric="rgb",
+                subfiletype=1 if n else 0,
+                resolution=(2e4 / factor, 2e4 / factor),
+                resolutionunit="CENTIMETER",
+            )
+    shutil.copy(path, tmp_path / "slide.svs")  # an OpenSlide suffix: read through OpenSlide
+    with open_reader(str(tmp_path / "slide.svs")) as slide, open_reader(path) as tiff:
+        assert type(slide).__name__ == "_OpenSlideReader"
+        assert slide.levels == tiff.levels and slide.mpp == pytest.approx(0.5)
+        region = LevelArray(slide, 1, 3)[10:40, 20:60, :]
+        np.testing.assert_array_equal(region, tiff.read_region(1, 10, 20, 30, 40))
