@@ -82,6 +82,9 @@ def run(args) -> int:
         return 130
     finally:
         signal.signal(signal.SIGTERM, previous)
+    for result in summary.results:
+        if result.status == "done" and args.mask != "none":
+            print(f"{result.source}: {100 * result.computed_fraction:.1f}% of the tiles computed")
     for result in summary.failed:
         print(f"failed: {result.message}", file=sys.stderr)
     print(f"predict: {summary.line()}")
