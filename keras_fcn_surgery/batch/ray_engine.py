@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+import time
 
 from keras_fcn_surgery.batch.run import BatchOptions, InputResult, predict_source
 from keras_fcn_surgery.batch.sources import Source
@@ -36,6 +37,7 @@ def run_on_ray(
     worker under the same path (a shared file system on a cluster).
     """
     ray = _ray()
+    started = time.time()
     started_here = not ray.is_initialized()
     if started_here:
         ray.init(address=address or os.environ.get("RAY_ADDRESS") or None, log_to_driver=False, include_dashboard=False)
@@ -63,6 +65,12 @@ def run_on_ray(
             num_cpus=1,
         )
         rows = dataset.take_all()
+    except BaseException:
+        if started_here:
+            ray.shutdown()  # stops the workers before their unfinished outputs are removed
+            started_here = False
+        _remove_partial_outputs(out_dir, since=started)
+        raise
     finally:
         if started_here:
             ray.shutdown()
@@ -121,6 +129,16 @@ class PredictWorker:
             columns["computed_fraction"].append(result.computed_fraction)
             columns["seconds"].append(result.seconds)
         return columns
+
+
+def _remove_partial_outputs(out_dir: str, since: float) -> None:
+    """Remove the ``.partial-*`` folders this job's workers left when it was interrupted (a killed worker cannot)."""
+    for folder, subfolders, _ in os.walk(out_dir):
+        for name in list(subfolders):
+            path = os.path.join(folder, name)
+            if name.startswith(".partial-") and os.path.getmtime(path) >= since - 1:
+                shutil.rmtree(path, ignore_errors=True)
+                subfolders.remove(name)
 
 
 def _model_bytes(fcn) -> bytes:
