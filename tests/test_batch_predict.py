@@ -253,3 +253,18 @@ def test_sigterm_during_the_command_leaves_no_partial_output(mixed_folder, model
     left = sorted(os.path.relpath(os.path.join(d, f), out) for d, _, files in os.walk(out) for f in files)
     assert all(path.startswith("grey.") for path in left), left
     assert not [d for d, _, _ in os.walk(out) if ".partial-" in d]
+
+
+def test_zarr_output_is_replaced_whole_with_overwrite(mixed_folder, fcn, tmp_path):
+    out = tmp_path / "maps"
+    image = str(mixed_folder / "wide.png")
+    predict_images(fcn, [image], out, formats="zarr")
+    (out / "wide.zarr" / "stale").write_text("left from an older run")
+    assert predict_images(fcn, [image], out, formats="zarr").results[0].status == "skipped"
+    assert predict_images(fcn, [image], out, formats="zarr", overwrite=True).results[0].status == "done"
+    assert not (out / "wide.zarr" / "stale").exists()
+    import zarr
+
+    scores = zarr.open_group(str(out / "wide.zarr"), mode="r")["scores"][:]
+    assert_same_map(scores, kfs.predict_map(fcn, pixels_of(image)))
+    assert sorted(os.listdir(out)) == ["wide.zarr"]
