@@ -161,3 +161,10 @@ def test_openslide_reader_matches_tifffile(tmp_path):
         assert slide.levels == tiff.levels and slide.mpp == pytest.approx(0.5)
         region = LevelArray(slide, 1, 3)[10:40, 20:60, :]
         np.testing.assert_array_equal(region, tiff.read_region(1, 10, 20, 30, 40))
+
+
+def test_an_image_too_large_for_pillow_points_to_tiled_tiff(tmp_path, monkeypatch):
+    Image.fromarray(np.zeros((64, 64, 3), np.uint8)).save(tmp_path / "huge.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # 64 x 64 is then past Pillow's bomb limit
+    with pytest.raises(ModelFileError, match=r"huge\.png.*pyramidal TIFF"):
+        open_reader(str(tmp_path / "huge.png"))

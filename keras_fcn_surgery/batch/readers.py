@@ -77,10 +77,21 @@ def open_reader(path) -> Reader:
         return opener(path)
     except ModelFileError:
         raise
+    except _pillow_bomb_error() as error:
+        raise ModelFileError(
+            f"Image '{path}' is too large for Pillow ({first_line(str(error))}). Convert it to a tiled, pyramidal "
+            "TIFF (for example `vips tiffsave in.png out.tif --tile --pyramid`), which is read region by region."
+        ) from error
     except Exception as error:
         raise ModelFileError(
             f"Image '{path}' could not be read ({type(error).__name__}: {first_line(str(error))})."
         ) from error
+
+
+def _pillow_bomb_error() -> type[Exception]:
+    from PIL import Image
+
+    return Image.DecompressionBombError
 
 
 def choose_level(reader: Reader, *, level: int | None = None, mpp: float | None = None) -> int:
