@@ -268,3 +268,35 @@ def test_zarr_output_is_replaced_whole_with_overwrite(mixed_folder, fcn, tmp_pat
     scores = zarr.open_group(str(out / "wide.zarr"), mode="r")["scores"][:]
     assert_same_map(scores, kfs.predict_map(fcn, pixels_of(image)))
     assert sorted(os.listdir(out)) == ["wide.zarr"]
+
+
+@pytest.mark.heavy
+def test_sigterm_to_a_running_command_process(model_file, tmp_path):
+    """A real SIGTERM, from outside, to the command while it writes a large slide's outputs."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    picture = np.random.default_rng(8).integers(0, 255, (3072, 3072, 3), dtype=np.uint8)
+    write_pyramid(str(tmp_path / "slide.tif"), picture, levels=2, tile=256)
+    out = tmp_path / "maps"
+    command = [sys.executable, "-m", "keras_fcn_surgery.cli", "predict", model_file, str(tmp_path / "slide.tif")]
+    process = subprocess.Popen(
+        [*command, "--out", str(out), "--tile", "256", "--format", "zarr,npz"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not (
+        out.exists() and any(p.name.startswith(".partial-") for p in out.iterdir())
+    ):
+        time.sleep(0.05)
+    assert process.poll() is None, process.communicate()
+    time.sleep(0.5)  # well inside the tiles
+    process.send_signal(signal.SIGTERM)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 130, err
+    assert "no partial output" in err
+    assert list(out.iterdir()) == []
