@@ -293,7 +293,7 @@ def _compute(fcn, view, layout, grid, size, kept, scores, options: BatchOptions)
 
     preprocess = preprocess_fn(options.preprocess, layout)
     tile = options.tile
-    if tile is None and max(size) > LARGE_SIDE:
+    if tile is None and max(size) > LARGE_SIDE and not grid.global_context:  # such networks cannot be tiled
         tile = DEFAULT_TILE
     if kept is None or grid.global_context:
         if layout.channels_last:
