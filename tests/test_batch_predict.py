@@ -300,3 +300,24 @@ def test_sigterm_to_a_running_command_process(model_file, tmp_path):
     assert process.returncode == 130, err
     assert "no partial output" in err
     assert list(out.iterdir()) == []
+
+
+def test_a_network_with_global_context_runs_whole_and_the_mask_still_applies(tmp_path):
+    import keras
+    from keras import layers
+
+    inputs = keras.Input((None, None, 3))
+    x = layers.Conv2D(4, 3, strides=2, padding="same")(inputs)
+    gate = layers.Conv2D(4, 1, activation="sigmoid")(layers.GlobalAveragePooling2D(keepdims=True)(x))
+    model = keras.Model(inputs, layers.Conv2D(2, 1)(layers.Multiply()([x, gate])))
+    image = np.random.default_rng(6).integers(0, 255, (96, 128, 3), dtype=np.uint8)
+    Image.fromarray(image).save(tmp_path / "scene.png")
+    mask = np.zeros((96, 128), np.uint8)
+    mask[:, :64] = 255
+    Image.fromarray(mask).save(tmp_path / "mask.png")
+    summary = predict_images(model, [str(tmp_path / "scene.png")], tmp_path / "maps", mask=str(tmp_path / "mask.png"))
+    assert summary.ok and summary.results[0].computed_fraction == 1.0
+    scores = np.load(tmp_path / "maps" / "scene.npz")["scores"]
+    kept = ~np.isnan(scores).any(axis=-1)
+    assert kept[:, :31].all() and not kept[:, 33:].any()
+    assert_same_map(scores[kept], kfs.predict_map(model, image.astype(np.float32))[kept])
