@@ -17,10 +17,9 @@ def test_same_padding_before_matches_tensorflow(size, kernel, stride):
     picker[-1] = 1
     first = float(np.asarray(keras.ops.conv(values, picker, strides=stride, padding="same"))[0, 0, 0])
     assert gm.same_padding_before(size, kernel, stride) == kernel - first
-    assert (
-        gm.window_output_size(size, kernel, stride, 1, "same")
-        == np.asarray(keras.ops.conv(values, picker, strides=stride, padding="same")).shape[1]
-    )
+    assert gm.window_output_size(size, kernel, stride, 1, "same") == np.asarray(
+        keras.ops.conv(values, picker, strides=stride, padding="same")
+    ).shape[1]
 
 
 def test_valid_window_chain():

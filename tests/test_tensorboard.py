@@ -14,6 +14,7 @@ from keras_fcn_surgery.zoo import caffenet
 event_accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
 
 
+
 def read_run(folder):
     accumulator = event_accumulator.EventAccumulator(str(folder))
     accumulator.Reload()
