@@ -8,6 +8,7 @@ shared output folder. The driver only gathers the per-input results.
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import tempfile
@@ -40,7 +41,12 @@ def run_on_ray(
     started = time.time()
     started_here = not ray.is_initialized()
     if started_here:
-        ray.init(address=address or os.environ.get("RAY_ADDRESS") or None, log_to_driver=False, include_dashboard=False)
+        ray.init(
+            address=address or os.environ.get("RAY_ADDRESS") or None,
+            log_to_driver=False,
+            include_dashboard=False,
+            logging_level=logging.WARNING,
+        )
     try:
         resources = ray.cluster_resources()
         gpus = int(resources.get("GPU", 0))
