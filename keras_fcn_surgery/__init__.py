@@ -30,6 +30,8 @@ _PUBLIC = {
     "export_onnx": "export.onnx",
     "ConversionPlan": "surgery.plan",
     "predict_map": "inference.predict",
+    "predict_images": "batch.run",
+    "BatchSummary": "batch.run",
     "sliding_window_predict": "inference.predict",
     "export_savedmodel": "export.savedmodel",
     "log_graphs": "export.tensorboard",
@@ -39,6 +41,7 @@ _PUBLIC = {
 
 __all__ = [
     "AxisGeometry",
+    "BatchSummary",
     "ConversionError",
     "ConversionPlan",
     "ExportError",
@@ -59,6 +62,7 @@ __all__ = [
     "load_model",
     "log_graphs",
     "plan",
+    "predict_images",
     "predict_map",
     "sliding_window_predict",
     "verify",
@@ -83,6 +87,7 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:
+    from keras_fcn_surgery.batch.run import BatchSummary, predict_images
     from keras_fcn_surgery.errors import (
         ConversionError,
         InputError,

@@ -1,0 +1,167 @@
+"""The Ray Data engine: the same `predict_source` on Ray workers, one model load per worker.
+
+The inputs become a Ray dataset of paths; `map_batches` runs a callable class
+whose constructor loads the model once per worker (on a GPU when the cluster
+has them), and whose call computes and writes each input's outputs to the
+shared output folder. The driver only gathers the per-input results.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+import time
+
+from keras_fcn_surgery.batch.run import BatchOptions, InputResult, predict_source
+from keras_fcn_surgery.batch.sources import Source
+from keras_fcn_surgery.errors import ModelFileError
+
+RAY_EXTRA = "pip install 'keras-fcn-surgery[ray]'"
+_RESULT_FIELDS = ("path", "status", "outputs", "message", "megapixels", "computed_fraction", "seconds")
+
+
+def run_on_ray(
+    fcn,
+    sources: list[Source],
+    out_dir: str,
+    options: BatchOptions,
+    *,
+    address: str | None = None,
+    workers: int | None = None,
+) -> list[InputResult]:
+    """Run every source on Ray and return the results in the order of ``sources``.
+
+    Joins the cluster at ``address`` (else ``RAY_ADDRESS``, else starts a local
+    Ray, shut down again at the end). ``out_dir`` must be reachable by every
+    worker under the same path (a shared file system on a cluster).
+    """
+    ray = _ray()
+    started = time.time()
+    started_here = not ray.is_initialized()
+    if started_here:
+        ray.init(
+            address=address or os.environ.get("RAY_ADDRESS") or None,
+            log_to_driver=False,
+            include_dashboard=False,
+            logging_level=logging.WARNING,
+        )
+    try:
+        resources = ray.cluster_resources()
+        gpus = int(resources.get("GPU", 0))
+        count = workers or (gpus if gpus else max(1, int(resources.get("CPU", 1))))
+        if count < 1:
+            raise ModelFileError(f"Expected at least one Ray worker. Received: workers={workers}")
+        context = ray.data.DataContext.get_current()
+        context.enable_progress_bars = bool(options.progress)
+        items = [{"path": s.path, "name": s.name} for s in sources]
+        dataset = ray.data.from_items(items, override_num_blocks=max(1, len(items)))
+        dataset = dataset.map_batches(
+            PredictWorker,
+            fn_constructor_kwargs={
+                "model": [ray.put(_model_bytes(fcn))],  # in a list: fetched by the worker, not kept for restarts
+                "out_dir": out_dir,
+                "options": BatchOptions(**{**options.__dict__, "progress": False}),
+            },
+            batch_size=1,
+            batch_format="numpy",
+            compute=ray.data.ActorPoolStrategy(size=count),
+            num_gpus=1 if gpus else 0,
+            num_cpus=1,
+        )
+        rows = dataset.take_all()
+    except BaseException:
+        if started_here:
+            ray.shutdown()  # stops the workers before their unfinished outputs are removed
+            started_here = False
+        _remove_partial_outputs(out_dir, since=started)
+        raise
+    finally:
+        if started_here:
+            ray.shutdown()
+    by_path = {row["path"]: row for row in rows}
+    results = []
+    for source in sources:
+        row = by_path.get(source.path)
+        if row is None:
+            message = f"'{source.path}': no result came back from Ray."
+            results.append(InputResult(source.path, "failed", message=message))
+            continue
+        outputs = tuple(p for p in str(row["outputs"]).split("\n") if p)
+        results.append(
+            InputResult(
+                source.path,
+                str(row["status"]),
+                outputs,
+                str(row["message"]),
+                float(row["megapixels"]),
+                float(row["computed_fraction"]),
+                float(row["seconds"]),
+            )
+        )
+    return results
+
+
+class PredictWorker:
+    """A Ray Data callable class: loads the model once, then computes and writes one input per row."""
+
+    def __init__(self, model: list, out_dir: str, options: BatchOptions):
+        import ray
+
+        import keras_fcn_surgery as kfs
+
+        (reference,) = model
+        payload = ray.get(reference)
+        folder = tempfile.mkdtemp(prefix="kfs-model-")
+        path = os.path.join(folder, "model.keras")
+        try:
+            with open(path, "wb") as handle:
+                handle.write(payload)
+            self.fcn = kfs.load_model(path)
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+        self.out_dir, self.options = out_dir, options
+
+    def __call__(self, batch: dict) -> dict:
+        columns: dict[str, list] = {name: [] for name in _RESULT_FIELDS}
+        for path, name in zip(batch["path"], batch["name"]):
+            result = predict_source(self.fcn, Source(str(path), str(name)), self.out_dir, self.options)
+            columns["path"].append(result.source)
+            columns["status"].append(result.status)
+            columns["outputs"].append("\n".join(result.outputs))
+            columns["message"].append(result.message)
+            columns["megapixels"].append(result.megapixels)
+            columns["computed_fraction"].append(result.computed_fraction)
+            columns["seconds"].append(result.seconds)
+        return columns
+
+
+def _remove_partial_outputs(out_dir: str, since: float) -> None:
+    """Remove the ``.partial-*`` folders this job's workers left when it was interrupted (a killed worker cannot)."""
+    for folder, subfolders, _ in os.walk(out_dir):
+        for name in list(subfolders):
+            path = os.path.join(folder, name)
+            if name.startswith(".partial-") and os.path.getmtime(path) >= since - 1:
+                shutil.rmtree(path, ignore_errors=True)
+                subfolders.remove(name)
+
+
+def _model_bytes(fcn) -> bytes:
+    folder = tempfile.mkdtemp(prefix="kfs-model-")
+    path = os.path.join(folder, "model.keras")
+    try:
+        fcn.save(path)
+        with open(path, "rb") as handle:
+            return handle.read()
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def _ray():
+    try:
+        import ray
+        import ray.data  # noqa: F401
+    except ImportError as error:
+        raise ModelFileError(f"The Ray engine needs Ray Data: {RAY_EXTRA}.") from error
+    return ray

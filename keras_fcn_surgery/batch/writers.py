@@ -1,0 +1,246 @@
+"""One input's outputs: npz, zarr, GeoJSON and CSV, each written completely or not at all.
+
+All of an input's outputs are written into a private ``.partial-*`` folder
+beside them and moved into place once every one is complete; an error or an
+interruption removes the folder, so no partial output is ever left behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from keras_fcn_surgery.batch.cells import cell_edges
+from keras_fcn_surgery.errors import ModelFileError
+
+FORMATS = ("npz", "zarr", "geojson", "csv")
+SUFFIXES = {"npz": ".npz", "zarr": ".zarr", "geojson": ".geojson", "csv": ".csv"}
+# Map rows read at a time when writing cells out of a (possibly zarr) score map.
+_ROWS_PER_BAND = 64
+
+
+@dataclass(frozen=True)
+class MapInfo:
+    """What a score map was computed from, stored beside it.
+
+    Attributes:
+        source: the input file.
+        level: the pyramid level used (0: full resolution).
+        downsample: ``(dy, dx)`` of that level relative to level 0.
+        level_size: ``(H, W)`` of that level in pixels.
+        stride: the network's stride in that level's pixels.
+        offset: where cell ``(0, 0)``'s window starts, in that level's pixels.
+        receptive_field: the window of one cell.
+        computed_fraction: the fraction of the image's tiles computed (less than 1 with a mask).
+    """
+
+    source: str
+    level: int
+    downsample: tuple[float, float]
+    level_size: tuple[int, int]
+    stride: tuple[int, int]
+    offset: tuple[int, int]
+    receptive_field: tuple[int, int]
+    computed_fraction: float
+
+
+def check_formats(formats) -> tuple[str, ...]:
+    """``"npz"``, ``"npz,geojson"`` or a sequence of names -> a tuple of known format names."""
+    if isinstance(formats, str):
+        formats = formats.split(",")
+    chosen = tuple(dict.fromkeys(f.strip().lower() for f in formats if f.strip()))
+    unknown = [f for f in chosen if f not in FORMATS]
+    if unknown or not chosen:
+        raise ModelFileError(f"Expected output formats among {', '.join(FORMATS)}. Received: {formats!r}")
+    return chosen
+
+
+def output_paths(out_dir, name: str, formats) -> dict[str, str]:
+    """Where each format's output of the input named ``name`` goes."""
+    base = os.path.join(os.path.abspath(os.fspath(out_dir)), *name.split("/"))
+    return {f: base + SUFFIXES[f] for f in formats}
+
+
+@contextlib.contextmanager
+def staged_outputs(paths: dict[str, str], *, overwrite: bool):
+    """Yield temporary paths for ``paths``; on success move each into place.
+
+    Raises:
+        ModelFileError: when an output exists and ``overwrite`` is False.
+    """
+    folders = {os.path.dirname(p) for p in paths.values()}
+    for folder in folders:
+        os.makedirs(folder, exist_ok=True)
+    for path in paths.values():
+        if os.path.exists(path) and not overwrite:
+            raise ModelFileError(f"Output '{path}' exists; pass overwrite=True (CLI: --overwrite) to replace it.")
+    (folder,) = folders
+    work = tempfile.mkdtemp(prefix=".partial-", dir=folder)
+    try:
+        temporary = {f: os.path.join(work, os.path.basename(p)) for f, p in paths.items()}
+        yield temporary
+        for fmt, path in paths.items():
+            _replace(temporary[fmt], path, overwrite)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _replace(source: str, target: str, overwrite: bool) -> None:
+    if os.path.isdir(source) and os.path.isdir(target):
+        if not overwrite:
+            raise ModelFileError(f"Output '{target}' appeared while writing; pass overwrite=True to replace it.")
+        # A folder cannot be swapped in one rename: move the old one aside first, then drop it.
+        old = tempfile.mkdtemp(prefix=".old-", dir=os.path.dirname(target))
+        os.replace(target, os.path.join(old, "old"))
+        os.replace(source, target)
+        shutil.rmtree(old, ignore_errors=True)
+        return
+    if os.path.exists(target) and not overwrite:
+        raise ModelFileError(f"Output '{target}' appeared while writing; pass overwrite=True to replace it.")
+    os.replace(source, target)
+
+
+def create_zarr_scores(path: str, shape, *, chunk_rows: int = 256):
+    """A float32 zarr array ``scores`` of ``shape`` ``(H', W', K)``, NaN until written, in a new group at ``path``."""
+    zarr = _zarr()
+    group = zarr.open_group(path, mode="w")
+    chunks = (min(chunk_rows, shape[0]), min(chunk_rows, shape[1]), shape[2])
+    return group.create_array("scores", shape=tuple(shape), chunks=chunks, dtype="float32", fill_value=np.nan)
+
+
+def finish_zarr(path: str, info: MapInfo) -> None:
+    """Record ``info`` in the attributes of the zarr group at ``path``."""
+    group = _zarr().open_group(path, mode="r+")
+    group.attrs.update(_plain(asdict(info)))
+
+
+def write_npz(path: str, scores, info: MapInfo) -> None:
+    """``scores`` (H', W', K float32) and ``info``'s fields as arrays of one npz file."""
+    arrays = {key: np.asarray(value) for key, value in asdict(info).items()}
+    arrays["scores"] = np.asarray(scores, dtype=np.float32)
+    with open(path, "wb") as handle:
+        np.savez(handle, **arrays)  # type: ignore[arg-type]
+
+
+def top_classes(scores, probabilities: bool | None = None):
+    """Yield ``(rows, cols, classes, probabilities)`` of the computed (non-NaN) cells, a band of rows at a time.
+
+    Scores become probabilities by a softmax unless they already are (every
+    computed value in [0, 1] and each cell summing to 1), decided once for
+    the whole map.
+    """
+    if probabilities is None:
+        probabilities = _are_probabilities(scores)
+    for first in range(0, scores.shape[0], _ROWS_PER_BAND):
+        band = np.asarray(scores[first : first + _ROWS_PER_BAND], dtype=np.float32)
+        kept = ~np.isnan(band).any(axis=-1)
+        rows, cols = np.nonzero(kept)
+        values = band[rows, cols]
+        if not probabilities and len(values):
+            values = np.exp(values - values.max(axis=-1, keepdims=True))
+            values /= values.sum(axis=-1, keepdims=True)
+        classes = values.argmax(axis=-1) if len(values) else np.zeros(0, dtype=np.int64)
+        yield rows + first, cols, classes, values[np.arange(len(values)), classes]
+
+
+def _are_probabilities(scores) -> bool:
+    low, high, worst = np.inf, -np.inf, 0.0
+    for first in range(0, scores.shape[0], _ROWS_PER_BAND):
+        band = np.asarray(scores[first : first + _ROWS_PER_BAND], dtype=np.float32)
+        band = band[~np.isnan(band).any(axis=-1)]
+        if band.size:
+            low, high = min(low, float(band.min())), max(high, float(band.max()))
+            worst = max(worst, float(np.abs(band.sum(axis=-1) - 1).max()))
+    return low >= 0 and high <= 1 and worst <= 1e-3
+
+
+def cell_polygons(rows, cols, info: MapInfo):
+    """``(x0, y0, x1, y1)`` arrays: the boxes cells own (see `cell_edges`) in level-0 pixel coordinates."""
+    top, bottom = cell_edges(rows, info.stride[0], info.receptive_field[0], info.offset[0])
+    left, right = cell_edges(cols, info.stride[1], info.receptive_field[1], info.offset[1])
+    dy, dx = info.downsample
+    return left * dx, top * dy, right * dx, bottom * dy
+
+
+def write_geojson(path: str, scores, info: MapInfo, class_names=None) -> None:
+    """One GeoJSON Polygon feature per computed cell, in level-0 pixels, for QuPath.
+
+    Each feature is a QuPath detection whose classification is the top class
+    and whose measurements hold its probability; ``row``/``col`` locate the
+    cell in the score map.
+    """
+    with open(path, "w", encoding="utf-8") as handle:
+        handle.write('{"type": "FeatureCollection", "features": [')
+        separator = "\n"
+        for rows, cols, classes, probabilities in top_classes(scores):
+            x0, y0, x1, y1 = cell_polygons(rows, cols, info)
+            for n in range(len(rows)):
+                box = [[x0[n], y0[n]], [x1[n], y0[n]], [x1[n], y1[n]], [x0[n], y1[n]], [x0[n], y0[n]]]
+                feature = {
+                    "type": "Feature",
+                    "geometry": {"type": "Polygon", "coordinates": [[[float(x), float(y)] for x, y in box]]},
+                    "properties": {
+                        "objectType": "detection",
+                        "classification": {"name": _class_name(int(classes[n]), class_names)},
+                        "measurements": {"probability": float(probabilities[n])},
+                        "row": int(rows[n]),
+                        "col": int(cols[n]),
+                        "class": int(classes[n]),
+                    },
+                }
+                handle.write(separator + json.dumps(feature))
+                separator = ",\n"
+        handle.write("\n]}\n")
+
+
+def write_csv(path: str, scores, info: MapInfo, class_names=None) -> None:
+    """One row per computed cell: map position, box in level-0 pixels, top class and its probability."""
+    with open(path, "w", encoding="utf-8", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["row", "col", "x0", "y0", "x1", "y1", "class", "class_name", "probability"])
+        for rows, cols, classes, probabilities in top_classes(scores):
+            x0, y0, x1, y1 = cell_polygons(rows, cols, info)
+            for n in range(len(rows)):
+                k = int(classes[n])
+                writer.writerow(
+                    [
+                        int(rows[n]),
+                        int(cols[n]),
+                        x0[n],
+                        y0[n],
+                        x1[n],
+                        y1[n],
+                        k,
+                        _class_name(k, class_names),
+                        f"{float(probabilities[n]):.6g}",
+                    ]
+                )
+
+
+def _class_name(k: int, class_names) -> str:
+    return class_names[k] if class_names is not None else f"class {k}"
+
+
+def _plain(value):
+    if isinstance(value, (tuple, list)):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
+def _zarr():
+    try:
+        import zarr
+    except ImportError as error:
+        raise ModelFileError("The zarr output format needs the `zarr` package: pip install zarr.") from error
+    return zarr

@@ -1,0 +1,107 @@
+"""``keras-fcn-surgery predict MODEL INPUT... --out DIR``: score maps for many images and whole slides."""
+
+from __future__ import annotations
+
+import signal
+import sys
+
+from keras_fcn_surgery.commands.common import EXIT_CONVERSION, EXIT_OK, parse_size
+
+_FORMATS = "npz, zarr, geojson, csv"
+
+
+def add_parser(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "predict",
+        help="score maps for many images and whole slides (folders, globs, pyramidal TIFF, SVS...), resumable",
+        description=(
+            "Run a classifier (converted once and verified) or an FCN over every input and write one output per "
+            "input. Reruns skip inputs whose outputs exist. Exit code 1 when an input failed (the others finish)."
+        ),
+    )
+    parser.add_argument("model", help="classifier (.keras/.h5, converted here) or an already converted FCN")
+    parser.add_argument("inputs", nargs="+", metavar="INPUT", help="image files, folders (recursive) or glob patterns")
+    parser.add_argument("-o", "--out", required=True, help="output folder (created when missing)")
+    parser.add_argument(
+        "--format", default="npz", help=f"output formats, comma-separated, among {_FORMATS} (default npz)"
+    )
+    parser.add_argument("--overwrite", action="store_true", help="recompute inputs whose outputs exist")
+    parser.add_argument("--tile", type=int, help="tile side in pixels (exact; default 1024 above 2048 a side)")
+    parser.add_argument("--batch-size", type=int, help="tiles per forward pass")
+    parser.add_argument(
+        "--preprocess",
+        choices=("none", "caffe", "tf", "torch"),
+        default="none",
+        help="pixel preprocessing of keras.applications (caffe: VGG/ResNet50, tf: MobileNet..., torch: DenseNet)",
+    )
+    parser.add_argument("--head", choices=("window", "dense"), default="window", help="global-pooling heads")
+    parser.add_argument("--input-size", type=parse_size, help="original input size HxW when the model takes any size")
+    where = parser.add_mutually_exclusive_group()
+    where.add_argument("--level", type=int, help="pyramid level to read (default 0, full resolution)")
+    where.add_argument("--mpp", type=float, help="read the level nearest this many microns per pixel")
+    parser.add_argument(
+        "--mask",
+        default="none",
+        help="auto (tissue by Otsu on a low-resolution level), none, a mask image, or a folder of masks named "
+        "like the inputs",
+    )
+    parser.add_argument("--class-names", help="text file with one class name per line (GeoJSON/CSV)")
+    parser.add_argument("--engine", choices=("local", "ray"), default="local", help="local (default) or Ray Data")
+    parser.add_argument("--ray-address", help="Ray cluster to join (default: $RAY_ADDRESS, else a local Ray)")
+    parser.add_argument("--workers", type=int, help="Ray workers (default: one per CPU, or per GPU)")
+    parser.set_defaults(run=run)
+
+
+def run(args) -> int:
+    from keras_fcn_surgery.batch.run import predict_images
+
+    previous = signal.signal(signal.SIGTERM, _terminate)  # unwind, so partial outputs are removed
+    try:
+        summary = predict_images(
+            args.model,
+            args.inputs,
+            args.out,
+            formats=args.format,
+            tile=args.tile,
+            batch_size=args.batch_size,
+            preprocess=args.preprocess,
+            level=args.level,
+            mpp=args.mpp,
+            mask=args.mask,
+            overwrite=args.overwrite,
+            class_names=_class_names(args.class_names),
+            head=args.head,
+            input_size=args.input_size,
+            engine=args.engine,
+            ray_address=args.ray_address,
+            workers=args.workers,
+            progress=None,
+        )
+    except KeyboardInterrupt:
+        print("interrupted: no partial output was left behind; rerun to resume", file=sys.stderr)
+        return 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    for result in summary.results:
+        if result.status == "done" and args.mask != "none":
+            print(f"{result.source}: {100 * result.computed_fraction:.1f}% of the tiles computed")
+    for result in summary.failed:
+        print(f"failed: {result.message}", file=sys.stderr)
+    print(f"predict: {summary.line()}")
+    return EXIT_OK if summary.ok else EXIT_CONVERSION
+
+
+def _terminate(signum, frame):
+    raise KeyboardInterrupt
+
+
+def _class_names(path):
+    if path is None:
+        return None
+    from keras_fcn_surgery.errors import ModelFileError
+
+    try:
+        with open(path, encoding="utf-8") as handle:
+            return [line.strip() for line in handle if line.strip() and not line.startswith("#")]
+    except OSError as error:
+        raise ModelFileError(f"Class names file '{path}' could not be read ({error.strerror or error}).") from error

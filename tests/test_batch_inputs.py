@@ -1,0 +1,170 @@
+"""Finding inputs, reading pyramid levels and regions, tissue masks and cell boxes (no network involved)."""
+
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from keras_fcn_surgery.batch.cells import cell_edges
+from keras_fcn_surgery.batch.masks import cell_mask, read_mask, thumbnail, tissue_mask
+from keras_fcn_surgery.batch.readers import LevelArray, adapt_channels, choose_level, open_reader
+from keras_fcn_surgery.batch.sources import find_sources
+from keras_fcn_surgery.errors import ModelFileError
+from keras_fcn_surgery.layout import Layout
+
+tifffile = pytest.importorskip("tifffile")
+
+
+def write_pyramid(path, image, levels=3, tile=64, mpp=0.5):
+    """A tiled BigTIFF whose reduced levels are SubIFDs of the first page (as in OME-TIFF slides)."""
+    with tifffile.TiffWriter(path, bigtiff=True) as tif:
+        options = {"tile": (tile, tile), "photometric": "rgb", "compression": "zlib"}
+        resolution = {"resolution": (1e4 / mpp, 1e4 / mpp), "resolutionunit": "CENTIMETER"}
+        tif.write(image, subifds=levels - 1, **options, **resolution)
+        for level in range(1, levels):
+            factor = 2**level
+            tif.write(image[::factor, ::factor], subfiletype=1, **options)
+
+
+def test_folders_globs_and_files(tmp_path):
+    (tmp_path / "a" / "deep").mkdir(parents=True)
+    for name in ("a/one.png", "a/deep/two.JPG", "a/notes.txt", "three.tif", "a/.hidden.png"):
+        (tmp_path / name).write_bytes(b"x")
+    sources = find_sources([str(tmp_path / "a"), str(tmp_path / "*.tif"), str(tmp_path / "a" / "one.png")])
+    assert [s.name for s in sources] == ["deep/two", "one", "three"]
+    assert all(os.path.isabs(s.path) for s in sources)
+
+
+@pytest.mark.parametrize("given", ["missing.png", "*.nothing", "empty"])
+def test_inputs_that_name_nothing_are_refused_by_name(tmp_path, given):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ModelFileError, match=given.replace("*", r"\*")):
+        find_sources([str(tmp_path / given)])
+
+
+def test_two_inputs_with_one_output_name_are_refused(tmp_path):
+    for folder in ("x", "y"):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "slide.png").write_bytes(b"x")
+    with pytest.raises(ModelFileError, match="both write the output 'slide'"):
+        find_sources([str(tmp_path / "x" / "slide.png"), str(tmp_path / "y" / "slide.png")])
+
+
+def test_pyramidal_tiff_levels_regions_and_resolution(tmp_path):
+    image = np.random.default_rng(0).integers(0, 255, (300, 420, 3), dtype=np.uint8)
+    path = str(tmp_path / "slide.tif")
+    write_pyramid(path, image, mpp=0.25)
+    with open_reader(path) as reader:
+        assert [lv.size for lv in reader.levels] == [(300, 420), (150, 210), (75, 105)]
+        assert reader.levels[1].downsample == (2.0, 2.0)
+        assert reader.mpp == pytest.approx(0.25)
+        np.testing.assert_array_equal(reader.read_region(1, 70, 90, 50, 64), image[::2, ::2][70:120, 90:154])
+        assert choose_level(reader, mpp=0.5) == 1
+        assert choose_level(reader, mpp=0.9) == 2
+        with pytest.raises(ModelFileError, match="level 3 does not exist"):
+            choose_level(reader, level=3)
+        view = LevelArray(reader, 1, 3, Layout("channels_first"))
+        assert view.shape == (3, 150, 210)
+        np.testing.assert_array_equal(view[:, 10:20, 5:9], np.moveaxis(image[::2, ::2][10:20, 5:9], -1, 0))
+
+
+def test_unreadable_files_are_named(tmp_path):
+    for name in ("broken.png", "broken.tif"):
+        (tmp_path / name).write_bytes(b"not an image at all")
+        with pytest.raises(ModelFileError, match=name):
+            open_reader(str(tmp_path / name))
+
+
+def test_resolution_is_required_for_mpp(tmp_path):
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "plain.png")
+    with open_reader(str(tmp_path / "plain.png")) as reader, pytest.raises(ModelFileError, match="--level"):
+        choose_level(reader, mpp=0.5)
+
+
+def test_channels_are_adapted_to_the_model():
+    rgba = np.array([[[200, 100, 0, 0], [200, 100, 0, 255]]], dtype=np.uint8)
+    np.testing.assert_allclose(adapt_channels(rgba, 3), [[[255, 255, 255], [200, 100, 0]]])
+    grey = np.array([[10, 20]], dtype=np.uint8)
+    assert adapt_channels(grey, 3).shape == (1, 2, 3)
+    np.testing.assert_allclose(adapt_channels(np.full((1, 1, 3), 100, np.uint8), 1), [[[100]]], rtol=1e-6)
+
+
+def slide_picture(size=(400, 600), patch=(slice(40, 140), slice(60, 200)), seed=0):
+    """Bright grey glass with a patch of pink, textured tissue."""
+    rng = np.random.default_rng(seed)
+    picture = np.clip(rng.normal(235, 4, (*size, 3)), 0, 255)
+    tissue = rng.normal(0, 25, (patch[0].stop - patch[0].start, patch[1].stop - patch[1].start, 3))
+    picture[patch] = np.clip(tissue + [200, 110, 160], 0, 255)
+    return picture.astype(np.uint8)
+
+
+def test_tissue_mask_finds_the_textured_patch():
+    picture = slide_picture()
+    picture[300, 500] = [120, 40, 90]  # one coloured speck on the glass: removed as a small object
+    mask = tissue_mask(picture)
+    expected = np.zeros(mask.shape, bool)
+    expected[40:140, 60:200] = True
+    assert (mask == expected).mean() > 0.99
+    assert not mask[300, 500]
+    grey = np.full((50, 50), 240, np.uint8)
+    grey[10:30, 10:30] = 60
+    assert tissue_mask(grey)[15, 15] and not tissue_mask(grey)[40, 40]
+    assert not tissue_mask(np.full((20, 20, 3), 200, np.uint8)).any()
+
+
+def test_thumbnail_reads_bands_and_averages_blocks(tmp_path):
+    image = np.random.default_rng(1).integers(0, 255, (300, 420, 3), dtype=np.uint8)
+    path = str(tmp_path / "flat.tif")
+    tifffile.imwrite(path, image, photometric="rgb")
+    with open_reader(path) as reader:
+        small = thumbnail(reader, max_side=100)
+    expected = image[:300, :420].reshape(60, 5, 84, 5, 3).mean(axis=(1, 3))
+    np.testing.assert_allclose(small, expected, rtol=1e-5)
+
+
+class _Grid:
+    stride, receptive_field, offset = (4, 4), (10, 10), (-3, -3)
+
+
+def test_cell_edges_tile_the_image_and_the_mask_maps_onto_cells(tmp_path):
+    low, high = cell_edges(np.arange(5), 4, 10, -3)
+    np.testing.assert_allclose(low, [0, 4, 8, 12, 16])
+    np.testing.assert_allclose(high[:-1], low[1:])
+    mask = np.zeros((10, 10), bool)  # half the resolution of a 20 x 20 image
+    mask[2, 6] = True  # image pixels rows 4-5, cols 12-13: owned by cell (1, 3)
+    kept = cell_mask(mask, (20, 20), _Grid(), (5, 5))
+    assert kept.sum() == 1 and kept[1, 3]
+    Image.fromarray((mask * 255).astype(np.uint8)).save(tmp_path / "mask.png")
+    np.testing.assert_array_equal(read_mask(tmp_path / "mask.png"), mask)
+
+
+def test_openslide_reader_matches_tifffile(tmp_path):
+    pytest.importorskip("openslide")
+    import shutil
+
+    image = np.random.default_rng(4).integers(0, 255, (256, 320, 3), dtype=np.uint8)
+    path = str(tmp_path / "pages.tif")
+    with tifffile.TiffWriter(path) as tif:  # levels as pages: the generic tiled TIFF OpenSlide reads
+        for n, factor in enumerate((1, 2, 4)):
+            tif.write(
+                image[::factor, ::factor],
+                tile=(64, 64),
+                photometric="rgb",
+                subfiletype=1 if n else 0,
+                resolution=(2e4 / factor, 2e4 / factor),
+                resolutionunit="CENTIMETER",
+            )
+    shutil.copy(path, tmp_path / "slide.svs")  # an OpenSlide suffix: read through OpenSlide
+    with open_reader(str(tmp_path / "slide.svs")) as slide, open_reader(path) as tiff:
+        assert type(slide).__name__ == "_OpenSlideReader"
+        assert slide.levels == tiff.levels and slide.mpp == pytest.approx(0.5)
+        region = LevelArray(slide, 1, 3)[10:40, 20:60, :]
+        np.testing.assert_array_equal(region, tiff.read_region(1, 10, 20, 30, 40))
+
+
+def test_an_image_too_large_for_pillow_points_to_tiled_tiff(tmp_path, monkeypatch):
+    Image.fromarray(np.zeros((64, 64, 3), np.uint8)).save(tmp_path / "huge.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # 64 x 64 is then past Pillow's bomb limit
+    with pytest.raises(ModelFileError, match=r"huge\.png.*pyramidal TIFF"):
+        open_reader(str(tmp_path / "huge.png"))

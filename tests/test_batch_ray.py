@@ -1,0 +1,43 @@
+"""The Ray Data engine gives the local engine's outputs (heavy: starting a local Ray takes 20-60 s)."""
+
+import os
+
+import numpy as np
+import pytest
+from models import small_flatten_cnn
+from PIL import Image
+
+import keras_fcn_surgery as kfs
+
+ray = pytest.importorskip("ray")
+pytest.importorskip("tifffile")
+
+from test_batch_inputs import slide_picture, write_pyramid  # noqa: E402
+
+
+@pytest.mark.heavy
+def test_ray_engine_matches_the_local_engine(tmp_path):
+    fcn = kfs.convert(small_flatten_cnn(input_size=(32, 32), classes=3))
+    folder = tmp_path / "inputs"
+    folder.mkdir()
+    rng = np.random.default_rng(2)
+    for n, size in enumerate([(64, 80), (96, 64), (120, 120)]):
+        Image.fromarray(rng.integers(0, 255, (*size, 3), dtype=np.uint8)).save(folder / f"image{n}.png")
+    write_pyramid(str(folder / "slide.tif"), slide_picture(size=(512, 640)), levels=2, tile=64)
+    (folder / "corrupt.png").write_bytes(b"broken")
+    options = {"formats": "npz,geojson", "mask": "auto", "tile": 128}
+    local = kfs.predict_images(fcn, [str(folder)], tmp_path / "local", **options)
+    distributed = kfs.predict_images(fcn, [str(folder)], tmp_path / "ray", engine="ray", workers=2, **options)
+    assert not ray.is_initialized()  # the local Ray started for the job is shut down
+    assert [(os.path.basename(r.source), r.status) for r in distributed.results] == [
+        (os.path.basename(r.source), r.status) for r in local.results
+    ]
+    assert "corrupt.png" in distributed.failed[0].message
+    for name in ("image0", "image1", "image2", "slide"):
+        expected = np.load(tmp_path / "local" / f"{name}.npz")["scores"]
+        np.testing.assert_array_equal(np.load(tmp_path / "ray" / f"{name}.npz")["scores"], expected)
+        assert (tmp_path / "ray" / f"{name}.geojson").read_text() == (
+            tmp_path / "local" / f"{name}.geojson"
+        ).read_text()
+    rerun = kfs.predict_images(fcn, [str(folder)], tmp_path / "ray", engine="ray", workers=2, **options)
+    assert rerun.count("skipped") == 4 and rerun.count("failed") == 1
