@@ -212,13 +212,14 @@ def predict_images(
 
 def prepare_model(model, *, head: str = "window", input_size=None):
     """The FCN to run: ``model`` (or the file it names) as is when fully convolutional, else converted and verified."""
-    import keras_fcn_surgery as kfs
+    from keras_fcn_surgery.graph import is_fully_convolutional
+    from keras_fcn_surgery.saving.loading import as_model
+    from keras_fcn_surgery.surgery.convert import convert
 
-    if isinstance(model, (str, os.PathLike)):
-        model = kfs.load_model(model)
-    if len(model.outputs[0].shape) == 4:
+    model = as_model(model)
+    if is_fully_convolutional(model):
         return model
-    return kfs.convert(model, head=head, input_size=input_size)
+    return convert(model, head=head, input_size=input_size)
 
 
 def predict_source(fcn, source: Source, out_dir: str, options: BatchOptions) -> InputResult:
