@@ -18,6 +18,9 @@ _PUBLIC = {
     "ModelFileError": "errors",
     "NonFiniteWeightsWarning": "errors",
     "VerificationError": "errors",
+    "UninformativeVerificationWarning": "errors",
+    "IgnoredHeadWarning": "errors",
+    "RewriteKind": "surgery.rules.base",
     "ExportError": "export.pipeline",
     "ExportResult": "export.pipeline",
     "AxisGeometry": "grid.geometry",
@@ -44,8 +47,11 @@ __all__ = [
     "ExportResult",
     "Geometry",
     "HEADS",
+    "IgnoredHeadWarning",
     "ModelFileError",
     "NonFiniteWeightsWarning",
+    "RewriteKind",
+    "UninformativeVerificationWarning",
     "VerificationError",
     "VerificationResult",
     "convert",
@@ -81,7 +87,14 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:
-    from keras_fcn_surgery.errors import ConversionError, ModelFileError, NonFiniteWeightsWarning, VerificationError
+    from keras_fcn_surgery.errors import (
+        ConversionError,
+        IgnoredHeadWarning,
+        ModelFileError,
+        NonFiniteWeightsWarning,
+        UninformativeVerificationWarning,
+        VerificationError,
+    )
     from keras_fcn_surgery.export.onnx import export_onnx
     from keras_fcn_surgery.export.pipeline import ExportError, ExportResult
     from keras_fcn_surgery.export.savedmodel import export_savedmodel
@@ -92,4 +105,5 @@ if TYPE_CHECKING:
     from keras_fcn_surgery.saving.loading import load_model
     from keras_fcn_surgery.surgery.convert import HEADS, convert, plan
     from keras_fcn_surgery.surgery.plan import ConversionPlan
+    from keras_fcn_surgery.surgery.rules.base import RewriteKind
     from keras_fcn_surgery.surgery.verify import VerificationResult, verify
