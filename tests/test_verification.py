@@ -245,3 +245,13 @@ def test_keras2_saved_model_folder_says_how_to_get_a_model_file(keras2_files, tm
     output = tmp_path / "fcn.keras"
     assert main(["convert", str(folder), str(output)]) == EXIT_USAGE
     assert "tf_keras" in capsys.readouterr().err and not output.exists()
+
+
+def test_other_folders_say_what_they_are(tmp_path):
+    exported = tmp_path / "exported"
+    exported.mkdir()
+    (exported / "saved_model.pb").write_bytes(b"")
+    with pytest.raises(kfs.ModelFileError, match=r"TensorFlow SavedModel folder.*\.keras"):
+        kfs.load_model(exported)
+    with pytest.raises(kfs.ModelFileError, match=r"is a folder\. Give a `\.keras` or `\.h5` model file"):
+        kfs.load_model(tmp_path)
