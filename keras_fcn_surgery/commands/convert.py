@@ -47,19 +47,21 @@ def run(args) -> int:
     with warnings.catch_warnings(record=True) as caught:
         for category in (kfs.NonFiniteWeightsWarning, kfs.UninformativeVerificationWarning, kfs.IgnoredHeadWarning):
             warnings.simplefilter("always", category)
-        conversion = Conversion.of(source, head=args.head, input_size=args.input_size)
-        print(conversion.plan())
-        images = None
-        if args.verify_images and not args.no_verify:
-            images, problem = _load_images(args.verify_images, conversion)
-            if problem:
-                print(f"error: {problem}", file=sys.stderr)
-                return EXIT_USAGE
-        fcn = conversion.build()
-        conversion.warn_nonfinite()
-        result = None if args.no_verify else conversion.verify(fcn, inputs=images)
-    for warning in caught:
-        print(f"warning: {warning.message}", file=sys.stderr)
+        try:
+            conversion = Conversion.of(source, head=args.head, input_size=args.input_size)
+            print(conversion.plan())
+            images = None
+            if args.verify_images and not args.no_verify:
+                images, problem = _load_images(args.verify_images, conversion)
+                if problem:
+                    print(f"error: {problem}", file=sys.stderr)
+                    return EXIT_USAGE
+            fcn = conversion.build()
+            conversion.warn_nonfinite()
+            result = None if args.no_verify else conversion.verify(fcn, inputs=images)
+        finally:
+            for warning in caught:
+                print(f"warning: {warning.message}", file=sys.stderr)
     if result is not None:
         print(result)
     save_model(fcn, args.output, overwrite=args.overwrite)

@@ -130,7 +130,7 @@ def convert(
     fcn.predict(np.zeros((1, 320, 320, 3))).shape  # (1, 4, 4, 1000)
     ```
     """
-    conversion = Conversion.of(model, head=head, input_size=input_size, custom_objects=custom_objects, stacklevel=4)
+    conversion = Conversion.of(model, head=head, input_size=input_size, custom_objects=custom_objects)
     if verify and verify_inputs is not None:
         verify_inputs = check_inputs(conversion.model, verify_inputs, input_size=input_size)
     fcn = conversion.build()
@@ -261,7 +261,7 @@ class Conversion:
         result = compare_models(self.model, self.reference(fcn), inputs, tolerance=tolerance)
         if raise_on_failure:
             _raise_if_failed(self.model, result)
-        warn_if_uninformative(self.model, result, stacklevel=stacklevel + 1)
+        warn_if_uninformative(self.model, result, stacklevel=stacklevel)
         return result
 
     def warn_nonfinite(self, stacklevel: int = 2) -> None:
@@ -269,7 +269,7 @@ class Conversion:
         nonfinite = nonfinite_weights(self.model)
         if nonfinite:
             warnings.warn(
-                _nonfinite_message(self.model, nonfinite), NonFiniteWeightsWarning, stacklevel=stacklevel + 1
+                _nonfinite_message(self.model, nonfinite), NonFiniteWeightsWarning, stacklevel=stacklevel
             )
 
 

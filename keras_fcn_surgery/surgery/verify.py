@@ -18,8 +18,9 @@ from keras_fcn_surgery.graph import is_graph_model, iter_layers, model_layout, p
 RELATIVE_TOLERANCE = {"float32": 1e-4, "float64": 1e-9, "float16": 2e-2, "bfloat16": 6e-2}
 
 # A check is informative when the source's scores vary across the batch by more than this many
-# tolerances (relative to their scale): below it, an FCN that ignored its input could pass.
-INFORMATIVE_SPREAD = 10.0
+# tolerances (relative to their scale): below it, an FCN that computed the scores of another
+# image (or of none) could pass. Twice the tolerance leaves a margin for a batch of two.
+INFORMATIVE_SPREAD = 2.0
 
 # Final activations whose input (the logits) is compared instead of their output: a softmax hides
 # a shift of every logit and saturates; a sigmoid flattens large logits.
@@ -186,7 +187,7 @@ def verify(
     else:
         inputs = check_inputs(source, inputs, input_size=input_size, argument="inputs")
     result = compare_models(source, reference, inputs, tolerance=tolerance)
-    warn_if_uninformative(source, result, stacklevel=3)
+    warn_if_uninformative(source, result, stacklevel=2)
     return result
 
 
@@ -271,7 +272,10 @@ def compare_models(source, fcn, inputs: list[np.ndarray], *, tolerance=None) -> 
 
 
 def warn_if_uninformative(source, result: VerificationResult, stacklevel: int = 2) -> None:
-    """Warn `UninformativeVerificationWarning` when ``result`` proves little about ``source``'s conversion."""
+    """Warn `UninformativeVerificationWarning` when ``result`` proves little about ``source``'s conversion.
+
+    ``stacklevel`` counts from the caller of this function (2: its caller's caller).
+    """
     if result.informative or result.finite_compared == 0:
         return
     spread = result.input_spread if result.input_spread is not None else 0.0
@@ -337,7 +341,7 @@ def _scores_before_activation(model, taps):
     saved = [layer.activation for layer in linear]
     runner = model
     if any(how == "input" for how, _, _ in taps):
-        runner = keras.Model(model.inputs, [tensor for _, _, tensor in taps])
+        runner = keras.Model(_single(model.inputs), _single([tensor for _, _, tensor in taps]))
     try:
         for layer in linear:
             layer.activation = keras.activations.linear
