@@ -93,7 +93,8 @@ def _load_images(folder: str, conversion):
         path = os.path.join(folder, name)
         try:
             with Image.open(path) as image:
-                pixels = np.asarray(image.convert(mode).resize((width, height), Image.Resampling.BILINEAR), dtype="float32")
+                resized = image.convert(mode).resize((width, height), Image.Resampling.BILINEAR)
+                pixels = np.asarray(resized, dtype="float32")
         except (OSError, UnidentifiedImageError) as error:
             return None, f"--verify-images: '{path}' is not a readable image ({error})."
         pixels = pixels.reshape(height, width, channels)
