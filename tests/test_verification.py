@@ -256,3 +256,19 @@ def test_other_folders_say_what_they_are(tmp_path):
         kfs.load_model(exported)
     with pytest.raises(kfs.ModelFileError, match=r"is a folder\. Give a `\.keras` or `\.h5` model file"):
         kfs.load_model(tmp_path)
+
+
+@pytest.mark.heavy
+def test_untrained_mobilenet_v2_is_checked_on_its_logits():
+    """The issue's case: its probabilities are the same for every input (1/1000), its logits are not."""
+    source = keras.applications.MobileNetV2(weights=None, input_shape=(96, 96, 3))
+    fcn = kfs.convert(source)
+    images = random_images((2, 96, 96, 3))
+    probabilities = np.asarray(source(images))
+    assert np.ptp(probabilities, axis=0).max() < 1e-6 * np.abs(probabilities).max()
+    result = kfs.verify(source, fcn)
+    assert result.compared == "logits of 'predictions'" and result.informative
+    predictions = fcn.get_layer("predictions")
+    predictions.kernel.assign(np.asarray(predictions.kernel) * 1.01)
+    assert np.allclose(np.asarray(fcn(images)).reshape(probabilities.shape), probabilities, rtol=1e-6)
+    assert not kfs.verify(source, fcn).passed
