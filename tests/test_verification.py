@@ -102,6 +102,8 @@ def test_verify_inputs_are_the_check_batch():
 def test_verify_inputs_of_the_wrong_shape():
     with pytest.raises(kfs.ConversionError, match=r"verify_inputs.*\(5, 30, 30, 3\).*\(N, 32, 32, 3\)"):
         kfs.convert(small_flatten_cnn(), verify_inputs=random_images((5, 30, 30, 3)))
+    with pytest.raises(kfs.ConversionError, match="verify=False"):
+        kfs.convert(small_flatten_cnn(), verify=False, verify_inputs=random_images((5, 32, 32, 3)))
 
 
 def test_dense_head_verification_through_the_public_check():

@@ -130,8 +130,10 @@ def convert(
     fcn.predict(np.zeros((1, 320, 320, 3))).shape  # (1, 4, 4, 1000)
     ```
     """
+    if verify_inputs is not None and not verify:
+        raise ConversionError("`verify_inputs` was given with `verify=False`; drop one of them.")
     conversion = Conversion.of(model, head=head, input_size=input_size, custom_objects=custom_objects)
-    if verify and verify_inputs is not None:
+    if verify_inputs is not None:
         verify_inputs = check_inputs(conversion.model, verify_inputs, input_size=input_size)
     fcn = conversion.build()
     conversion.warn_nonfinite(stacklevel=3)
