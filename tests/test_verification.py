@@ -5,6 +5,7 @@ import subprocess
 import sys
 import textwrap
 import warnings
+from pathlib import Path
 
 import keras
 import numpy as np
@@ -227,8 +228,14 @@ _WRITE_KERAS2_FILES = textwrap.dedent(
 )
 
 
-@pytest.fixture(scope="module")
-def keras2_files(tmp_path_factory):
+# Written by _WRITE_KERAS2_FILES with tf-keras 2.21; the heavy run writes them again with the installed tf-keras.
+SHIPPED_KERAS2_FILES = Path(__file__).parent / "data" / "keras2"
+
+
+@pytest.fixture(scope="module", params=["shipped", pytest.param("fresh", marks=pytest.mark.heavy)])
+def keras2_files(request, tmp_path_factory):
+    if request.param == "shipped":
+        return SHIPPED_KERAS2_FILES
     pytest.importorskip("tf_keras", reason="tf-keras is in the `test` extra")
     folder = tmp_path_factory.mktemp("keras2")
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
