@@ -19,6 +19,9 @@ _PUBLIC = {
     "ModelFileError": "errors",
     "NonFiniteWeightsWarning": "errors",
     "VerificationError": "errors",
+    "UninformativeVerificationWarning": "errors",
+    "IgnoredHeadWarning": "errors",
+    "RewriteKind": "surgery.rules.base",
     "ExportError": "export.pipeline",
     "ExportResult": "export.pipeline",
     "AxisGeometry": "grid.geometry",
@@ -49,8 +52,11 @@ __all__ = [
     "Geometry",
     "HEADS",
     "InputError",
+    "IgnoredHeadWarning",
     "ModelFileError",
     "NonFiniteWeightsWarning",
+    "RewriteKind",
+    "UninformativeVerificationWarning",
     "VerificationError",
     "VerificationResult",
     "convert",
@@ -90,9 +96,11 @@ if TYPE_CHECKING:
     from keras_fcn_surgery.batch.run import BatchSummary, predict_images
     from keras_fcn_surgery.errors import (
         ConversionError,
+        IgnoredHeadWarning,
         InputError,
         ModelFileError,
         NonFiniteWeightsWarning,
+        UninformativeVerificationWarning,
         VerificationError,
     )
     from keras_fcn_surgery.export.onnx import export_onnx
@@ -105,4 +113,5 @@ if TYPE_CHECKING:
     from keras_fcn_surgery.saving.loading import load_model
     from keras_fcn_surgery.surgery.convert import HEADS, convert, plan
     from keras_fcn_surgery.surgery.plan import ConversionPlan
+    from keras_fcn_surgery.surgery.rules.base import RewriteKind
     from keras_fcn_surgery.surgery.verify import VerificationResult, verify

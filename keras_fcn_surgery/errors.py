@@ -35,6 +35,20 @@ class NonFiniteWeightsWarning(UserWarning):
     """
 
 
+class UninformativeVerificationWarning(UserWarning):
+    """The verification batch could not tell a right conversion from a wrong one.
+
+    The source's scores hardly vary across the check batch (an untrained
+    network, collapsed features), so an FCN that ignored its input would pass
+    too. Verify on real images: ``convert(..., verify_inputs=images)``, CLI
+    ``--verify-images DIR``.
+    """
+
+
+class IgnoredHeadWarning(UserWarning):
+    """``head="dense"`` was asked for a model without a global-pooling head, where it changes nothing."""
+
+
 def first_line(text: str) -> str:
     """The gist of another library's error message, for quoting inside ours.
 

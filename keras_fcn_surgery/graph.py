@@ -111,6 +111,15 @@ def producer_of(tensor):
     return getattr(history, "operation", None)
 
 
+def producer_input(tensor):
+    """The one input tensor of the call that produced a symbolic tensor, or None (no call, or several inputs)."""
+    history = getattr(tensor, "_keras_history", None)
+    if history is None:
+        return None
+    inputs = history.operation._inbound_nodes[history.node_index].input_tensors
+    return inputs[0] if len(inputs) == 1 else None
+
+
 def input_name(tensor, default: str | None = None) -> str:
     """The name of the `keras.Input` behind a model input tensor."""
     operation = producer_of(tensor)

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import os
 import sys
 import warnings
 
-from keras_fcn_surgery.commands.common import EXIT_OK, parse_size
+from keras_fcn_surgery.commands.common import EXIT_OK, EXIT_USAGE, parse_size
+
+_IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+_PILLOW_MODES = {1: "L", 3: "RGB", 4: "RGBA"}
 
 
 def add_parser(subparsers) -> None:
@@ -16,6 +20,12 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--input-size", type=parse_size, help="original input size HxW when the model takes any size")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     parser.add_argument("--no-verify", action="store_true", help="skip the numerical check")
+    parser.add_argument(
+        "--verify-images",
+        metavar="DIR",
+        help="verify on the images in DIR (resized to the model's input size, pixel values 0-255) instead of "
+        "random numbers: needed for a meaningful check of untrained or saturated networks",
+    )
     parser.add_argument(
         "--custom-objects",
         metavar="PATH.py",
@@ -29,20 +39,64 @@ def run(args) -> int:
     import keras_fcn_surgery as kfs
     from keras_fcn_surgery.saving.atomic import check_output_path, save_model
     from keras_fcn_surgery.saving.loading import custom_objects_from_file
-    from keras_fcn_surgery.surgery.convert import verify_conversion
+    from keras_fcn_surgery.surgery.convert import Conversion
 
     check_output_path(args.output, suffix=".keras", overwrite=args.overwrite)
     custom_objects = custom_objects_from_file(args.custom_objects) if args.custom_objects else None
     source = kfs.load_model(args.model, custom_objects=custom_objects)
-    print(kfs.plan(source, head=args.head, input_size=args.input_size))
     with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always", kfs.NonFiniteWeightsWarning)
-        fcn = kfs.convert(source, head=args.head, input_size=args.input_size, verify=False)
-    for warning in caught:
-        print(f"warning: {warning.message}", file=sys.stderr)
-    if not args.no_verify:
-        result = verify_conversion(source, fcn, head=args.head, input_size=args.input_size, raise_on_failure=True)
+        for category in (kfs.NonFiniteWeightsWarning, kfs.UninformativeVerificationWarning, kfs.IgnoredHeadWarning):
+            warnings.simplefilter("always", category)
+        try:
+            conversion = Conversion.of(source, head=args.head, input_size=args.input_size)
+            print(conversion.plan())
+            images = None
+            if args.verify_images and not args.no_verify:
+                images, problem = _load_images(args.verify_images, conversion)
+                if problem:
+                    print(f"error: {problem}", file=sys.stderr)
+                    return EXIT_USAGE
+            fcn = conversion.build()
+            conversion.warn_nonfinite()
+            result = None if args.no_verify else conversion.verify(fcn, inputs=images)
+        finally:
+            for warning in caught:
+                print(f"warning: {warning.message}", file=sys.stderr)
+    if result is not None:
         print(result)
     save_model(fcn, args.output, overwrite=args.overwrite)
     print(f"wrote {args.output}")
     return EXIT_OK
+
+
+def _load_images(folder: str, conversion):
+    """The images of ``folder`` as one batch at the model's input size, or ``(None, problem)``."""
+    import numpy as np
+    from PIL import Image, UnidentifiedImageError
+
+    model = conversion.model
+    if len(model.inputs) != 1:
+        return None, f"--verify-images works for one-input models; '{model.name}' has {len(model.inputs)}."
+    if not os.path.isdir(folder):
+        return None, f"--verify-images '{folder}' is not a folder."
+    names = sorted(name for name in os.listdir(folder) if name.lower().endswith(_IMAGE_SUFFIXES))
+    if not names:
+        return None, f"--verify-images '{folder}' holds no images ({', '.join(_IMAGE_SUFFIXES)})."
+    layout = conversion.surgeon.context.layout
+    channels = layout.channels(tuple(model.inputs[0].shape))
+    mode = _PILLOW_MODES.get(channels)
+    if mode is None:
+        return None, f"--verify-images reads 1, 3 or 4-channel images; '{model.name}' takes {channels} channels."
+    height, width = conversion.size
+    batch = []
+    for name in names:
+        path = os.path.join(folder, name)
+        try:
+            with Image.open(path) as image:
+                resized = image.convert(mode).resize((width, height), Image.Resampling.BILINEAR)
+                pixels = np.asarray(resized, dtype="float32")
+        except (OSError, UnidentifiedImageError) as error:
+            return None, f"--verify-images: '{path}' is not a readable image ({error})."
+        pixels = pixels.reshape(height, width, channels)
+        batch.append(pixels if layout.channels_last else np.moveaxis(pixels, -1, 0))
+    return np.stack(batch), None

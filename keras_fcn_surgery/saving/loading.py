@@ -32,10 +32,7 @@ def load_model(path, custom_objects=None) -> keras.Model:
     if not os.path.exists(path):
         raise ModelFileError(f"Model file '{path}' does not exist. Check the path.")
     if os.path.isdir(path):
-        raise ModelFileError(
-            f"'{path}' is a folder. Give a `.keras` or `.h5` model file; a SavedModel folder cannot be "
-            "converted (it holds no Keras layer graph)."
-        )
+        raise ModelFileError(_folder_message(path))
     suffix = os.path.splitext(path)[1].lower()
     if suffix not in MODEL_SUFFIXES:
         raise ModelFileError(
@@ -63,6 +60,24 @@ def load_model(path, custom_objects=None) -> keras.Model:
             "It may be truncated or written by an incompatible Keras version; save it again with "
             "`model.save('model.keras')`."
         ) from error
+
+
+def _folder_message(path: str) -> str:
+    """Why a folder cannot be loaded, and how to get a model file from it."""
+    if os.path.isfile(os.path.join(path, "keras_metadata.pb")):
+        return (
+            f"'{path}' is a Keras 2 SavedModel folder (written by tf.keras / tf_keras), whose layer graph Keras 3 "
+            "cannot read. Re-save it as a file with Keras 2, then convert that: `pip install tf-keras`, then "
+            f"`python -c \"import tf_keras; tf_keras.models.load_model('{path}').save('model.h5')\"` "
+            "(a legacy `.h5` file, which Keras 3 loads). Custom layers must be importable there too."
+        )
+    if os.path.isfile(os.path.join(path, "saved_model.pb")):
+        return (
+            f"'{path}' is a TensorFlow SavedModel folder: it holds a TensorFlow graph but no Keras layers, so it "
+            "cannot be converted. Convert the `.keras` or `.h5` model it was exported from (`model.save("
+            "'model.keras')` before `model.export(...)`)."
+        )
+    return f"'{path}' is a folder. Give a `.keras` or `.h5` model file."
 
 
 def _check_container(path: str, suffix: str) -> None:

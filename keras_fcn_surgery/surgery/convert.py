@@ -1,13 +1,18 @@
-"""`convert` and `plan`: the public entry points of the surgery."""
+"""`convert` and `plan`: the public entry points of the surgery.
+
+Both go through one `Conversion`: a single planning pass over the classifier,
+which then gives the plan table, builds the FCN and verifies it.
+"""
 
 from __future__ import annotations
 
 import os
 import warnings
+from dataclasses import dataclass, field
 
 import keras
 
-from keras_fcn_surgery.errors import ConversionError, NonFiniteWeightsWarning, VerificationError
+from keras_fcn_surgery.errors import ConversionError, IgnoredHeadWarning, NonFiniteWeightsWarning, VerificationError
 from keras_fcn_surgery.graph import (
     describe,
     graph_of,
@@ -20,12 +25,17 @@ from keras_fcn_surgery.graph import (
 from keras_fcn_surgery.saving.loading import load_model
 from keras_fcn_surgery.surgery.engine import GraphPlan, Surgeon
 from keras_fcn_surgery.surgery.plan import ConversionPlan
-from keras_fcn_surgery.surgery.rules.base import SPATIAL, Context, FlattenedMap, Spatial
-from keras_fcn_surgery.surgery.verify import source_input_shapes
-from keras_fcn_surgery.surgery.verify import verify as verify_models
+from keras_fcn_surgery.surgery.rules.base import SPATIAL, Context, FlattenedMap, RewriteKind, Spatial
+from keras_fcn_surgery.surgery.verify import (
+    VerificationResult,
+    check_inputs,
+    compare_models,
+    random_inputs,
+    source_input_shapes,
+    warn_if_uninformative,
+)
 
 HEADS = ("window", "dense")
-_GLOBAL_POOLING_CLASSES = ("GlobalAveragePooling2D", "GlobalMaxPooling2D")
 
 
 def plan(model, *, head: str = "window", input_size=None, custom_objects=None) -> ConversionPlan:
@@ -44,10 +54,15 @@ def plan(model, *, head: str = "window", input_size=None, custom_objects=None) -
 
     Returns:
         A `ConversionPlan`; ``print(plan)`` shows it as a table.
+
+    Raises:
+        ConversionError: as `convert`.
+
+    Warns:
+        IgnoredHeadWarning: for ``head="dense"`` on a model without a
+            global-pooling head.
     """
-    model = _as_model(model, custom_objects)
-    surgeon, graph_plan, size = _plan(model, head, input_size)
-    return _public_plan(model, surgeon, graph_plan, size)
+    return Conversion.of(model, head=head, input_size=input_size, custom_objects=custom_objects).plan()
 
 
 def convert(
@@ -56,6 +71,7 @@ def convert(
     head: str = "window",
     input_size=None,
     verify: bool = True,
+    verify_inputs=None,
     tolerance=None,
     custom_objects=None,
 ) -> keras.Model:
@@ -73,10 +89,15 @@ def convert(
         model: a Sequential or functional `keras.Model` (nested models
             allowed), or a path to a ``.keras``/``.h5`` file.
         head: ``"window"`` or ``"dense"``, for global-pooling heads (see `plan`).
-        input_size: ``(H, W)`` the classifier was trained at; defaults to the
-            model's own input size.
-        verify: run both models on a random batch at the original size and
-            raise `VerificationError` if they differ.
+        input_size: ``(H, W)`` the classifier was trained at, for a model whose
+            input takes any size. A model with a fixed input size is converted
+            at that size; an ``input_size`` that contradicts it is refused.
+        verify: run both models on a batch at the original size (comparing
+            the logits where the model ends in a softmax or sigmoid) and raise
+            `VerificationError` if they differ.
+        verify_inputs: the batch to verify on, ``(N, H, W, C)`` at the
+            original size; default: random numbers. Real images make the
+            check meaningful even where random inputs are not.
         tolerance: relative tolerance of that check; default by dtype.
         custom_objects: passed to `keras.models.load_model` for a path.
 
@@ -84,8 +105,10 @@ def convert(
         A new functional `keras.Model` made only of built-in Keras layers.
 
     Raises:
-        ConversionError: for a model that cannot be converted faithfully; the
-            message names the layer and the way out.
+        ConversionError: for a model that cannot be converted faithfully (the
+            message names the layer and the way out), an ``input_size`` that
+            contradicts the model's fixed input, or ``verify_inputs`` of the
+            wrong shape.
         VerificationError: when ``verify`` finds the result different from
             the source, or cannot compare them (every source output NaN or
             Inf).
@@ -94,6 +117,11 @@ def convert(
     Warns:
         NonFiniteWeightsWarning: when the source holds NaN or Inf weights
             (the message names the layers); they are copied as they are.
+        UninformativeVerificationWarning: when the source's scores hardly vary
+            across the check batch (an untrained network), so the check proves
+            little; pass real images as ``verify_inputs``.
+        IgnoredHeadWarning: for ``head="dense"`` on a model without a
+            global-pooling head.
 
     Example:
 
@@ -102,14 +130,149 @@ def convert(
     fcn.predict(np.zeros((1, 320, 320, 3))).shape  # (1, 4, 4, 1000)
     ```
     """
-    model = _as_model(model, custom_objects)
-    fcn = _build(model, head, input_size)
-    nonfinite = nonfinite_weights(model)
-    if nonfinite:
-        warnings.warn(_nonfinite_message(model, nonfinite), NonFiniteWeightsWarning, stacklevel=2)
+    if verify_inputs is not None and not verify:
+        raise ConversionError("`verify_inputs` was given with `verify=False`; drop one of them.")
+    conversion = Conversion.of(model, head=head, input_size=input_size, custom_objects=custom_objects)
+    if verify_inputs is not None:
+        verify_inputs = check_inputs(conversion.model, verify_inputs, input_size=input_size)
+    fcn = conversion.build()
+    conversion.warn_nonfinite(stacklevel=3)
     if verify:
-        verify_conversion(model, fcn, head=head, input_size=input_size, tolerance=tolerance, raise_on_failure=True)
+        conversion.verify(inputs=verify_inputs, tolerance=tolerance, stacklevel=3)
     return fcn
+
+
+@dataclass
+class Conversion:
+    """One planning pass over a classifier, shared by `plan`, `convert` and `verify`.
+
+    Make it with `Conversion.of`; ``plan()`` gives the table, ``build()`` the
+    FCN (built once), ``verify()`` checks it against the source.
+
+    Attributes:
+        model: the source classifier.
+        head: ``"window"`` or ``"dense"``.
+        input_size: the ``input_size`` given, or None.
+        size: ``(H, W)`` of the original input.
+        surgeon: the engine that planned the model and builds its FCN.
+        graph_plan: the planned steps.
+    """
+
+    model: keras.Model
+    head: str
+    input_size: tuple[int, int] | None
+    size: tuple[int, int]
+    surgeon: Surgeon
+    graph_plan: GraphPlan
+    _fcn: keras.Model | None = field(default=None, repr=False)
+
+    @classmethod
+    def of(
+        cls, model, *, head: str = "window", input_size=None, custom_objects=None, warn: bool = True, stacklevel=3
+    ) -> Conversion:
+        """Plan the conversion of ``model`` (a `keras.Model` or a model file).
+
+        Raises:
+            ConversionError: for a model that cannot be converted (see `convert`).
+
+        Warns:
+            IgnoredHeadWarning: for ``head="dense"`` on a model without a
+                global-pooling head (unless ``warn`` is False).
+        """
+        model = _as_model(model, custom_objects)
+        if head not in HEADS:
+            raise ConversionError(f"Expected `head` to be one of {HEADS}. Received: head={head!r}")
+        graph = graph_of(model)
+        context = Context(layout=model_layout(model), head=head)
+        for tensor in graph.inputs:
+            _check_image_input(tensor, context)
+        shapes = [(None, *shape) for shape in source_input_shapes(model, input_size)]
+        recorded = [tuple(t.shape) for t in graph.inputs]
+        size = tuple(int(d) for d in context.spatial_shape(shapes[0]))
+        surgeon = Surgeon(context)
+        graph_plan = surgeon.plan(model, shapes, [SPATIAL] * len(shapes), use_recorded_shapes=shapes == recorded)
+        _check_outputs(model, graph_plan, surgeon.context)
+        given = tuple(int(d) for d in input_size) if input_size is not None else None
+        conversion = cls(model, head, given, (size[0], size[1]), surgeon, graph_plan)  # type: ignore[arg-type]
+        if warn and head == "dense" and not conversion.removes_global_pooling:
+            warnings.warn(
+                f"head='dense' changes nothing in model '{model.name}': it has no global-pooling head (its "
+                "classifier is already evaluated at every window). Leave `head` out (CLI: no --head).",
+                IgnoredHeadWarning,
+                stacklevel=stacklevel,
+            )
+        return conversion
+
+    @property
+    def removes_global_pooling(self) -> bool:
+        """True when the head's global pooling is dropped (``head="dense"``)."""
+        return any(rewrite.kind is RewriteKind.POOLING_REMOVED for rewrite in self.graph_plan.rewrites)
+
+    def plan(self) -> ConversionPlan:
+        """The `ConversionPlan`: every rewrite, printable as a table."""
+        return ConversionPlan(
+            model_name=self.model.name,
+            input_size=self.size,
+            data_format=self.surgeon.context.data_format,
+            head=self.head,
+            rewrites=tuple(self.graph_plan.rewrites),
+        )
+
+    def build(self) -> keras.Model:
+        """The FCN: a new functional model on inputs of any height and width (built on the first call)."""
+        if self._fcn is None:
+            context = self.surgeon.context
+            inputs = [_relaxed_input(source, context) for source in self.graph_plan.graph.inputs]
+            outputs = self.surgeon.build(self.graph_plan, inputs)
+            self._fcn = keras.Model(_single(inputs), _single(outputs), name=f"{self.model.name}_fcn")
+        return self._fcn
+
+    def reference(self, fcn=None) -> keras.Model:
+        """The model to compare with the source at the original size.
+
+        A ``head="dense"`` FCN of a global-pooling classifier has a map of
+        several cells there; it differs from the ``head="window"`` conversion
+        only by the removed pooling (every other layer and weight comes from
+        the same rules), so that conversion is compared instead.
+        """
+        if self.removes_global_pooling:
+            return Conversion.of(self.model, head="window", input_size=self.input_size).build()
+        return fcn if fcn is not None else self.build()
+
+    def verify(
+        self, fcn=None, *, inputs=None, tolerance=None, raise_on_failure: bool = True, stacklevel: int = 2
+    ) -> VerificationResult:
+        """Compare the FCN (``fcn``, default: `build`'s) with the source at the original size.
+
+        Args:
+            fcn: an FCN of this conversion; default: the one `build` makes.
+            inputs: the check batch (see `convert`'s ``verify_inputs``);
+                default: random numbers.
+            tolerance: relative tolerance; default by dtype.
+            raise_on_failure: raise `VerificationError` instead of returning a
+                result that did not pass.
+            stacklevel: of the warning, counted from the caller.
+
+        Warns:
+            UninformativeVerificationWarning: when the check batch proves little.
+        """
+        if inputs is None:
+            inputs = random_inputs(self.model, input_size=self.input_size)
+        else:
+            inputs = check_inputs(self.model, inputs, input_size=self.input_size)
+        result = compare_models(self.model, self.reference(fcn), inputs, tolerance=tolerance)
+        if raise_on_failure:
+            _raise_if_failed(self.model, result)
+        warn_if_uninformative(self.model, result, stacklevel=stacklevel)
+        return result
+
+    def warn_nonfinite(self, stacklevel: int = 2) -> None:
+        """Warn `NonFiniteWeightsWarning` when the source holds NaN or Inf weights."""
+        nonfinite = nonfinite_weights(self.model)
+        if nonfinite:
+            warnings.warn(
+                _nonfinite_message(self.model, nonfinite), NonFiniteWeightsWarning, stacklevel=stacklevel
+            )
 
 
 def nonfinite_weights(model) -> dict[str, list[str]]:
@@ -136,31 +299,16 @@ def _nonfinite_message(model, nonfinite: dict[str, list[str]]) -> str:
 def verify_conversion(
     model, fcn, *, head: str = "window", input_size=None, tolerance=None, raise_on_failure: bool = False
 ):
-    """`verify` a conversion made by `convert`, whatever its head.
+    """`verify` a conversion made by `convert`, whatever its head (kept for callers of the old name).
 
-    A ``head="dense"`` FCN of a global-pooling classifier has a map of several
-    cells at the original size, so it cannot be compared with the source
-    there. It differs from the ``head="window"`` conversion only by the removed
-    pooling (every other layer and weight comes from the same rules), so that
-    conversion is the one compared.
-
-    Args:
-        model: the classifier.
-        fcn: what `convert` returned for it with this ``head``.
-        head: the ``head`` it was converted with.
-        input_size: as given to `convert`.
-        tolerance: relative tolerance; default by dtype.
-        raise_on_failure: raise `VerificationError` instead of returning a
-            result that did not pass.
-
-    Returns:
-        A `VerificationResult`.
+    Prefer `keras_fcn_surgery.verify(model, fcn, head=...)`.
     """
-    reference = fcn
-    if head == "dense" and _removes_a_pooling(model, input_size):
-        reference = _build(model, "window", input_size)
-    result = verify_models(model, reference, input_size=input_size, tolerance=tolerance)
-    if raise_on_failure and result.finite_compared == 0:
+    conversion = Conversion.of(model, head=head, input_size=input_size, warn=False)
+    return conversion.verify(fcn, tolerance=tolerance, raise_on_failure=raise_on_failure, stacklevel=3)
+
+
+def _raise_if_failed(model, result: VerificationResult) -> None:
+    if result.finite_compared == 0:
         nonfinite = nonfinite_weights(model)
         raise VerificationError(
             f"Every output of '{model.name}' at its original size is NaN or Inf, so the conversion cannot "
@@ -168,27 +316,11 @@ def verify_conversion(
             + (f"{_nonfinite_message(model, nonfinite)} " if nonfinite else "")
             + "Pass `verify=False` (CLI: `--no-verify`) to convert it anyway."
         )
-    if raise_on_failure and not result.passed:
+    if not result.passed:
         raise VerificationError(
             f"The converted '{model.name}' differs from the source at its original size: {result}. "
             "This is a bug in keras_fcn_surgery or an unsupported layer; please report the model."
         )
-    return result
-
-
-def _build(model, head: str, input_size) -> keras.Model:
-    surgeon, graph_plan, _ = _plan(model, head, input_size)
-    inputs = [_relaxed_input(source, surgeon.context) for source in graph_plan.graph.inputs]
-    outputs = surgeon.build(graph_plan, inputs)
-    return keras.Model(_single(inputs), _single(outputs), name=f"{model.name}_fcn")
-
-
-def _removes_a_pooling(model, input_size) -> bool:
-    _, graph_plan, _ = _plan(model, "dense", input_size)
-    return any(
-        rewrite.new_class == "(removed)" and rewrite.old_class in _GLOBAL_POOLING_CLASSES
-        for rewrite in graph_plan.rewrites
-    )
 
 
 def _as_model(model, custom_objects):
@@ -199,32 +331,6 @@ def _as_model(model, custom_objects):
             f"Expected a `keras.Model` or a path to a `.keras`/`.h5` file. Received: {type(model).__name__}"
         )
     return model
-
-
-def _plan(model, head: str, input_size):
-    if head not in HEADS:
-        raise ConversionError(f"Expected `head` to be one of {HEADS}. Received: head={head!r}")
-    graph = graph_of(model)
-    context = Context(layout=model_layout(model), head=head)
-    for tensor in graph.inputs:
-        _check_image_input(tensor, context)
-    shapes = [(None, *shape) for shape in source_input_shapes(model, input_size)]
-    recorded = [tuple(t.shape) for t in graph.inputs]
-    size = tuple(context.spatial_shape(shapes[0]))
-    surgeon = Surgeon(context)
-    graph_plan = surgeon.plan(model, shapes, [SPATIAL] * len(shapes), use_recorded_shapes=shapes == recorded)
-    _check_outputs(model, graph_plan, context)
-    return surgeon, graph_plan, size
-
-
-def _public_plan(model, surgeon: Surgeon, graph_plan: GraphPlan, size) -> ConversionPlan:
-    return ConversionPlan(
-        model_name=model.name,
-        input_size=(int(size[0]), int(size[1])),
-        data_format=surgeon.context.data_format,
-        head=surgeon.context.head,
-        rewrites=tuple(graph_plan.rewrites),
-    )
 
 
 def _check_image_input(tensor, context: Context) -> None:

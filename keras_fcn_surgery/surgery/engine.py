@@ -8,7 +8,7 @@ planned and built recursively and stay nested models.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import keras
 from keras import tree
@@ -26,6 +26,7 @@ from keras_fcn_surgery.surgery.rules.base import (
     Spatial,
     Step,
     VectorMap,
+    copy_layer,
 )
 
 _FEATURE_LAYERS_TEXT = (
@@ -52,9 +53,8 @@ class Surgeon:
     """Plans and builds the fully convolutional copy of one model."""
 
     def __init__(self, context: Context, rules=DEFAULT_RULES):
-        self.context = context
+        self.context = replace(context, cloner=LayerCloner())  # the caller's context is left as it is
         self.rules = rules
-        self.context.cloner = LayerCloner()
         self._kinds_by_layer: dict[int, bool] = {}
         self._nested_models: dict[int, keras.Model] = {}
 
@@ -111,6 +111,9 @@ class Surgeon:
 
     def _claim(self, view: NodeView) -> Step:
         for rule in self.rules:
+            accepts = getattr(rule, "accepts", None)  # a rule that declares nothing takes every call
+            if accepts is not None and not accepts(view):
+                continue
             step = rule.claim(view)
             if step is not None:
                 return step
@@ -120,13 +123,7 @@ class Surgeon:
 
     def _plain_copy_step(self, view: NodeView) -> Step:
         _refuse_size_bound_layer(view)
-        cloner = self.context.cloner
-        layer = view.layer
-        return Step(
-            [SPATIAL] * max(len(view.output_shapes), 1),
-            lambda args, kwargs: tree.flatten(cloner.call(layer, args, kwargs)),
-            plain_copy=True,
-        )
+        return copy_layer(view, SPATIAL)
 
     def _nested_step(self, model, nested: GraphPlan) -> Step:
         def build(args, kwargs):

@@ -16,7 +16,9 @@ class ConversionPlan:
         input_size: ``(height, width)`` the source was built for.
         data_format: ``"channels_last"`` or ``"channels_first"``.
         head: ``"window"`` or ``"dense"``.
-        rewrites: one `Rewrite` per changed layer, in graph order.
+        rewrites: one `Rewrite` per changed layer, in graph order; its
+            ``kind`` (a `RewriteKind`) says what changed, for code to test
+            (the class names and ``detail`` are for the table).
     """
 
     model_name: str

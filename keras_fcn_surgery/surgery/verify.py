@@ -2,18 +2,29 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import contextlib
+import warnings
+from dataclasses import dataclass, replace
 
 import keras
 import numpy as np
 
-from keras_fcn_surgery.errors import ConversionError, VerificationError, first_line
-from keras_fcn_surgery.graph import iter_layers, model_layout
+from keras_fcn_surgery.errors import ConversionError, UninformativeVerificationWarning, VerificationError, first_line
+from keras_fcn_surgery.graph import is_graph_model, iter_layers, model_layout, producer_input, producer_of
 
 # Allowed max |difference| relative to max |source output|, by compute dtype.
 # float32 leaves room for the different summation order of a convolution and a
 # matrix product; half precision keeps 10 (float16) or 7 (bfloat16) mantissa bits.
 RELATIVE_TOLERANCE = {"float32": 1e-4, "float64": 1e-9, "float16": 2e-2, "bfloat16": 6e-2}
+
+# A check is informative when the source's scores vary across the batch by more than this many
+# tolerances (relative to their scale): below it, an FCN that computed the scores of another
+# image (or of none) could pass. Twice the tolerance leaves a margin for a batch of two.
+INFORMATIVE_SPREAD = 2.0
+
+# Final activations whose input (the logits) is compared instead of their output: a softmax hides
+# a shift of every logit and saturates; a sigmoid flattens large logits.
+_FINAL_ACTIVATIONS = ("softmax", "sigmoid")
 
 
 @dataclass(frozen=True)
@@ -32,6 +43,12 @@ class VerificationResult:
         finite_compared: output values finite in both models and compared
             numerically (None when not counted). When it is 0, nothing was
             compared and the check fails: equality cannot be shown.
+        compared: which tensors were compared: ``"outputs"``, or
+            ``"logits of 'fc8'"`` when the source ends in a softmax or sigmoid
+            (its input is compared: the activation can hide differences).
+        input_spread: how much the source's compared values vary across the
+            batch: the largest standard deviation over the batch, divided by
+            ``output_scale`` (None for a batch of one image, or not measured).
     """
 
     max_abs_diff: float
@@ -41,6 +58,19 @@ class VerificationResult:
     input_shape: tuple[int, ...]
     nonfinite_matched: int = 0
     finite_compared: int | None = None
+    compared: str = "outputs"
+    input_spread: float | None = None
+
+    @property
+    def informative(self) -> bool:
+        """Whether the batch could tell a right conversion from a wrong one.
+
+        False when the source's compared values hardly vary with the input
+        (``input_spread`` below `INFORMATIVE_SPREAD` tolerances): an untrained
+        or collapsed network, on which any FCN with the right output scale
+        would pass. True when unknown (a batch of one image).
+        """
+        return self.input_spread is None or self.input_spread > INFORMATIVE_SPREAD * self.tolerance
 
     @property
     def passed(self) -> bool:
@@ -52,9 +82,12 @@ class VerificationResult:
         verdict = "equal" if self.passed else "DIFFERENT"
         if self.finite_compared == 0:
             verdict = "nothing to compare: every source output is NaN or Inf"
+        if self.passed and not self.informative:
+            verdict += " but uninformative: the source's scores hardly vary with the input"
         nonfinite = f", {self.nonfinite_matched} NaN/Inf outputs in both" if self.nonfinite_matched else ""
+        what = "" if self.compared == "outputs" else f" {self.compared}"
         return (
-            f"verified on {self.input_shape}: max abs diff {self.max_abs_diff:.3g}, "
+            f"verified{what} on {self.input_shape}: max abs diff {self.max_abs_diff:.3g}, "
             f"max rel diff {self.max_rel_diff:.3g} (tolerance {self.tolerance:g}){nonfinite}: {verdict}"
         )
 
@@ -78,6 +111,7 @@ def source_input_shapes(model, input_size=None) -> list[tuple[int, ...]]:
     for tensor in model.inputs:
         shape = list(tensor.shape[1:])
         if input_size is not None and len(shape) == 3:
+            _check_input_size_fits(model, tensor, [shape[axis] for axis in spatial], input_size)
             for axis, size in zip(spatial, input_size):
                 shape[axis] = int(size)
         if any(d is None for d in shape):
@@ -89,14 +123,39 @@ def source_input_shapes(model, input_size=None) -> list[tuple[int, ...]]:
     return shapes
 
 
-def verify(source, fcn, *, input_size=None, batch_size: int = 2, seed: int = 0, tolerance=None) -> VerificationResult:
-    """Run both models on the same random batch at the original size and compare.
+def verify(
+    source,
+    fcn,
+    *,
+    head: str = "window",
+    inputs=None,
+    input_size=None,
+    batch_size: int = 2,
+    seed: int = 0,
+    tolerance=None,
+) -> VerificationResult:
+    """Run a classifier and its FCN on the same batch at the original size and compare.
+
+    Where the source ends in a softmax or sigmoid (a Dense or Activation with
+    that activation, or a Softmax layer), the logits before it are compared:
+    the activation would hide differences (a softmax ignores a shift of every
+    logit). ``result.compared`` says which tensors were compared.
 
     Args:
         source: the classifier.
-        fcn: its converted copy.
-        input_size: ``(H, W)`` to test at; default: the source's input size.
-        batch_size: images in the batch (more than one catches batch mixing).
+        fcn: what `convert` returned for it.
+        head: the ``head`` it was converted with. A ``head="dense"`` FCN of a
+            global-pooling classifier gives a map at the original size; it
+            differs from the ``head="window"`` conversion only by the removed
+            pooling (every other layer and weight comes from the same rules),
+            so that conversion is the one compared.
+        inputs: the batch to compare on, ``(N, H, W, C)`` at the original
+            size (a list of batches for several inputs); default: random
+            numbers. Real images make the check meaningful for any network.
+        input_size: ``(H, W)`` the classifier was trained at, when its input
+            takes any size.
+        batch_size: images in the random batch (more than one catches batch
+            mixing).
         seed: seed of the random batch.
         tolerance: allowed ``max_rel_diff``; default from the compute dtype.
 
@@ -108,19 +167,83 @@ def verify(source, fcn, *, input_size=None, batch_size: int = 2, seed: int = 0, 
 
     Raises:
         ConversionError: when ``fcn`` takes another number of channels than
-            ``source``, or its output does not reduce to the source's at the
-            original size.
+            ``source``, its output does not reduce to the source's at the
+            original size, or ``inputs`` do not fit the source.
         VerificationError: when ``fcn`` fails to run where ``source`` runs.
+
+    Warns:
+        UninformativeVerificationWarning: when the source's scores hardly
+            vary across the batch, so the check proves little.
+    """
+    reference = fcn
+    if head == "dense":
+        from keras_fcn_surgery.surgery.convert import Conversion
+
+        reference = Conversion.of(source, head="dense", input_size=input_size, warn=False).reference(fcn)
+    elif head != "window":
+        raise ConversionError(f"Expected `head` to be 'window' or 'dense'. Received: head={head!r}")
+    if inputs is None:
+        inputs = random_inputs(source, input_size=input_size, batch_size=batch_size, seed=seed)
+    else:
+        inputs = check_inputs(source, inputs, input_size=input_size, argument="inputs")
+    result = compare_models(source, reference, inputs, tolerance=tolerance)
+    warn_if_uninformative(source, result, stacklevel=2)
+    return result
+
+
+def random_inputs(model, *, input_size=None, batch_size: int = 2, seed: int = 0) -> list[np.ndarray]:
+    """A batch of standard normal images per input, at the original size."""
+    rng = np.random.default_rng(seed)
+    return [
+        rng.standard_normal((batch_size, *shape)).astype(_input_dtype(tensor))
+        for shape, tensor in zip(source_input_shapes(model, input_size), model.inputs)
+    ]
+
+
+def check_inputs(model, inputs, *, input_size=None, argument: str = "verify_inputs") -> list[np.ndarray]:
+    """``inputs`` as one array per model input, checked against the original size.
+
+    Raises:
+        ConversionError: naming ``argument``, for batches of another shape or number.
+    """
+    arrays = list(inputs) if isinstance(inputs, (list, tuple)) else [inputs]
+    shapes = source_input_shapes(model, input_size)
+    if len(arrays) != len(shapes):
+        raise ConversionError(
+            f"`{argument}` holds {len(arrays)} batches but model '{model.name}' has {len(shapes)} inputs; "
+            "give one batch per input, in the order of `model.inputs`."
+        )
+    checked = []
+    for array, shape, tensor in zip(arrays, shapes, model.inputs):
+        array = np.asarray(array)
+        if array.ndim != len(shape) + 1 or tuple(array.shape[1:]) != shape or array.shape[0] < 1:
+            expected = "(N, " + ", ".join(str(d) for d in shape) + ")"
+            raise ConversionError(
+                f"`{argument}` has shape {tuple(array.shape)}, but model '{model.name}' takes batches of shape "
+                f"{expected} at its original size. Resize the images to that size first (the CLI's "
+                "`--verify-images` does)."
+            )
+        checked.append(array.astype(_input_dtype(tensor)))
+    return checked
+
+
+def compare_models(source, fcn, inputs: list[np.ndarray], *, tolerance=None) -> VerificationResult:
+    """Run ``source`` and ``fcn`` on ``inputs`` and compare their logits, or else their outputs.
+
+    No warning: the caller decides (see `warn_if_uninformative`).
     """
     _check_same_channels(source, fcn)
-    rng = np.random.default_rng(seed)
-    inputs = [
-        rng.standard_normal((batch_size, *shape)).astype(_input_dtype(tensor))
-        for shape, tensor in zip(source_input_shapes(source, input_size), source.inputs)
-    ]
-    expected = _as_list(source(_single(inputs), training=False))
+    source_taps, fcn_taps = _logit_taps(source), _logit_taps(fcn)
+    compared = "outputs"
+    if source_taps is not None and fcn_taps is not None and len(source_taps) == len(fcn_taps):
+        compared = "logits of " + ", ".join(f"'{layer.name}'" for _, layer, _ in source_taps)
+    else:
+        source_taps = fcn_taps = None
+    with _scores_before_activation(source, source_taps) as source_scores:
+        expected = _as_list(source_scores(_single(inputs), training=False))
     try:
-        actual = _as_list(fcn(_single(inputs), training=False))
+        with _scores_before_activation(fcn, fcn_taps) as fcn_scores:
+            actual = _as_list(fcn_scores(_single(inputs), training=False))
     except Exception as error:
         raise VerificationError(
             f"The converted model '{fcn.name}' fails on the batch {tuple(inputs[0].shape)} that its source "
@@ -139,11 +262,93 @@ def verify(source, fcn, *, input_size=None, batch_size: int = 2, seed: int = 0, 
                 f"At the original size the FCN's output has shape {got.shape}, the source's {want.shape}: "
                 "the converted model does not reduce to one window there. A `head='dense'` conversion "
                 "gives a map at the original size: check it with "
-                "`keras_fcn_surgery.surgery.convert.verify_conversion(model, fcn, head='dense')`."
+                "`keras_fcn_surgery.verify(model, fcn, head='dense')`."
             )
         pairs.append((want, got.reshape(want.shape)))
     tolerance = float(tolerance if tolerance is not None else tolerance_for(source))
-    return compare_arrays(pairs, tolerance=tolerance, input_shape=tuple(inputs[0].shape))
+    result = compare_arrays(pairs, tolerance=tolerance, input_shape=tuple(inputs[0].shape))
+    spread = _batch_spread([want for want, _ in pairs], result.output_scale)
+    return replace(result, compared=compared, input_spread=spread)
+
+
+def warn_if_uninformative(source, result: VerificationResult, stacklevel: int = 2) -> None:
+    """Warn `UninformativeVerificationWarning` when ``result`` proves little about ``source``'s conversion.
+
+    ``stacklevel`` counts from the caller of this function (2: its caller's caller).
+    """
+    if result.informative or result.finite_compared == 0:
+        return
+    spread = result.input_spread if result.input_spread is not None else 0.0
+    warnings.warn(
+        f"The check of '{source.name}' proves little: its {result.compared} hardly vary with the input "
+        f"(spread {spread:.2g} of their scale, where {INFORMATIVE_SPREAD:g}x the tolerance "
+        f"{result.tolerance:g} is needed), as in an untrained network or one whose features collapse, so an "
+        "FCN that ignored the image would pass too. Verify on real images: "
+        "`convert(model, verify_inputs=images)` (CLI: `--verify-images DIR`), or load trained weights first.",
+        UninformativeVerificationWarning,
+        stacklevel=stacklevel + 1,
+    )
+
+
+def _batch_spread(arrays, scale: float) -> float | None:
+    """The largest standard deviation over the batch axis, relative to ``scale``; None for one image."""
+    if not arrays or min(array.shape[0] for array in arrays) < 2:
+        return None
+    spread = 0.0
+    for array in arrays:
+        finite = np.where(np.isfinite(array), array, np.nan)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN columns
+            deviations = np.nanstd(finite, axis=0)
+        spread = max(spread, float(np.max(np.nan_to_num(deviations, nan=0.0), initial=0.0)))
+    return spread / scale if scale > 0 else 0.0
+
+
+def _activation_name(activation) -> str:
+    return getattr(activation, "__name__", "") if activation is not None else ""
+
+
+def _logit_taps(model):
+    """Per output, where its logits are: ``("input", layer, tensor)`` for a final Softmax layer,
+    ``("linear", layer, output)`` for a layer whose own activation is a softmax or sigmoid; None
+    when some output has neither (its outputs are compared as they are)."""
+    taps = []
+    for tensor in model.outputs:
+        layer = producer_of(tensor)
+        if isinstance(layer, keras.layers.Softmax):
+            before = producer_input(tensor)
+            if before is None:
+                return None
+            taps.append(("input", layer, before))
+        elif (
+            layer is not None
+            and not is_graph_model(layer)
+            and _activation_name(getattr(layer, "activation", None)) in _FINAL_ACTIVATIONS
+        ):
+            taps.append(("linear", layer, tensor))
+        else:
+            return None
+    return taps
+
+
+@contextlib.contextmanager
+def _scores_before_activation(model, taps):
+    """``model``, or a model giving the logits at ``taps`` while the final activations are switched off."""
+    if taps is None:
+        yield model
+        return
+    linear = [layer for how, layer, _ in taps if how == "linear"]
+    saved = [layer.activation for layer in linear]
+    runner = model
+    if any(how == "input" for how, _, _ in taps):
+        runner = keras.Model(_single(model.inputs), _single([tensor for _, _, tensor in taps]))
+    try:
+        for layer in linear:
+            layer.activation = keras.activations.linear
+        yield runner
+    finally:
+        for layer, activation in zip(linear, saved):
+            layer.activation = activation
 
 
 def compare_arrays(pairs, *, tolerance: float, input_shape: tuple[int, ...]) -> VerificationResult:
@@ -189,6 +394,20 @@ def _as_size(input_size) -> tuple[int, int]:
             f"input_size={input_size!r}; the number of channels comes from the model's input."
         )
     return size  # type: ignore[return-value]
+
+
+def _check_input_size_fits(model, tensor, fixed, input_size) -> None:
+    """Refuse an ``input_size`` that contradicts the model's own fixed input size."""
+    if all(d is None or int(d) == int(size) for d, size in zip(fixed, input_size)):
+        return
+    own = "x".join("any" if d is None else str(d) for d in fixed)
+    raise ConversionError(
+        f"Model '{model.name}' takes {own} images (its input has shape {tuple(tensor.shape)}), but "
+        f"input_size={tuple(input_size)} was given. The window pooling and the Flatten kernels come from the "
+        "model's own size, so leave `input_size` out (CLI: no --input-size); if the classifier was trained "
+        f"at {input_size[0]}x{input_size[1]}, rebuild it with that `keras.Input` shape (or `(None, None, C)`) "
+        "and load its weights, then convert."
+    )
 
 
 def _check_same_channels(source, fcn) -> None:

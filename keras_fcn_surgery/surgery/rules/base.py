@@ -11,18 +11,24 @@ that says what the converted graph holds in its place:
   ``1 x 1`` map of it when ``unit_map``); the converted graph holds a map of such
   vectors, one per window, in the model's spatial layout.
 
-A rule looks at one call of one layer (`NodeView`) and, if it knows how to
-convert it, returns a `Step`: the modes of the outputs, an optional `Rewrite`
-for the plan, and a function that builds the replacement on the new tensors.
+A rule declares the layer classes (`Rule.layers`) and input modes
+(`Rule.modes`) it takes; the engine offers it only such calls. It looks at one
+call of one layer (`NodeView`) and, if it knows how to convert it, returns a
+`Step`: the modes of the outputs, an optional typed `Rewrite` for the plan,
+and a function that builds the replacement on the new tensors. The common
+steps (`copy_layer`, `pass_through`, `remove`) are made by the helpers here,
+never written out in a rule.
 """
 
 from __future__ import annotations
 
+import enum
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import keras
+from keras import tree
 
 from keras_fcn_surgery.layout import Layout
 
@@ -59,9 +65,25 @@ SPATIAL = Spatial()
 Mode = Spatial | FlattenedMap | VectorMap
 
 
+class RewriteKind(enum.Enum):
+    """What a `Rewrite` does to its layer; code tests this, never the display strings."""
+
+    CONV_FROM_DENSE = "conv_from_dense"  # a Dense becomes a Conv2D with the same weights
+    POOL_WINDOW = "pool_window"  # a global pooling becomes a pooling of one original-size window
+    POOLING_REMOVED = "pooling_removed"  # a global pooling is dropped (``head="dense"``)
+    REMOVED = "removed"  # a layer that has nothing to do on a score map (Flatten, Reshape)
+    FOLDED = "folded"  # an affine layer absorbed by the next layer's weights
+    AXIS_MOVED = "axis_moved"  # the same operation, moved onto the map's channel axis
+    REPLACED = "replaced"  # any other replacement
+
+
 @dataclass(frozen=True)
 class Rewrite:
-    """One change the conversion makes, as shown by `keras_fcn_surgery.plan`."""
+    """One change the conversion makes, as shown by `keras_fcn_surgery.plan`.
+
+    ``kind`` says what the change is; ``old_class``, ``new_class``, the shapes
+    and ``detail`` are for people reading the plan table.
+    """
 
     layer_name: str
     old_class: str
@@ -70,6 +92,7 @@ class Rewrite:
     new_shapes: tuple[tuple[int, ...], ...]
     parameters: int
     detail: str = ""
+    kind: RewriteKind = RewriteKind.REPLACED
 
 
 @dataclass
@@ -90,6 +113,7 @@ class Context:
 
     layout: Layout
     head: str
+    # The engine's `LayerCloner`: each `Surgeon` sets its own on its own copy of the context.
     cloner: Any = None
 
     @property
@@ -129,7 +153,58 @@ class NodeView:
 
 
 class Rule:
-    """A rewrite for one kind of layer call. Subclasses implement `claim`."""
+    """A rewrite for one kind of layer call.
+
+    Subclasses declare what they take and implement `claim`:
+
+    - ``layers``: the layer classes whose calls the rule takes (empty: any).
+    - ``modes``: the tensor modes (`Spatial`, `FlattenedMap`, `VectorMap`)
+      every input of the call must have (empty: any).
+
+    The engine calls `claim` only for calls that `accepts` lets through;
+    `claim` returns a `Step`, or None to leave the call to the next rule.
+    """
+
+    layers: ClassVar[tuple[type, ...]] = ()
+    modes: ClassVar[tuple[type, ...]] = ()
+
+    def accepts(self, view: NodeView) -> bool:
+        """Whether the call matches the rule's declared ``layers`` and ``modes``."""
+        if self.layers and not isinstance(view.layer, self.layers):
+            return False
+        return not self.modes or all(isinstance(mode, self.modes) for mode in view.input_modes)
 
     def claim(self, view: NodeView) -> Step | None:  # pragma: no cover - interface
         raise NotImplementedError
+
+
+# Steps every rule (and the engine) uses ------------------------------------------------
+
+
+def _first_input(args, kwargs) -> list:
+    return [args[0]]
+
+
+def pass_through(mode: Mode, rewrite: Rewrite | None = None) -> Step:
+    """A step whose output is its first input, unchanged; ``rewrite`` says why, if the plan should show it."""
+    return Step([mode], _first_input, rewrite)
+
+
+def remove(view: NodeView, mode: Mode, detail: str, kind: RewriteKind = RewriteKind.REMOVED) -> Step:
+    """Drop the layer from the converted graph: its output becomes its input; the plan shows ``(removed)``."""
+    layer = view.layer
+    return pass_through(mode, Rewrite(layer.name, type(layer).__name__, (), "(removed)", (), 0, detail, kind))
+
+
+def copy_layer(view: NodeView, mode: Mode | None = None) -> Step:
+    """Call a fresh copy of the layer (weights copied) in the converted graph.
+
+    Every output takes ``mode`` (default: the mode of the first input). Calls of
+    one shared layer share one copy.
+    """
+    cloner = view.context.cloner
+    layer = view.layer
+    if mode is None:
+        mode = view.input_modes[0]
+    outputs = max(len(view.output_shapes), 1)
+    return Step([mode] * outputs, lambda args, kwargs: tree.flatten(cloner.call(layer, args, kwargs)), plain_copy=True)

@@ -9,7 +9,7 @@ from keras_fcn_surgery.graph import describe
 from keras_fcn_surgery.layout import Layout
 from keras_fcn_surgery.surgery.cloning import call_with_initial_values
 from keras_fcn_surgery.surgery.kernels import parameter_count
-from keras_fcn_surgery.surgery.rules.base import Rewrite
+from keras_fcn_surgery.surgery.rules.base import Rewrite, RewriteKind
 
 _CARRIED_KEYS = (
     "activation",
@@ -94,4 +94,5 @@ def dense_rewrite(dense, kernel_shape: tuple[int, ...], detail: str = "") -> Rew
         new_shapes=new_shapes,
         parameters=parameter_count(new_shapes),
         detail=detail,
+        kind=RewriteKind.CONV_FROM_DENSE,
     )

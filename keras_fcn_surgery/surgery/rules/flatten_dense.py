@@ -18,10 +18,13 @@ from keras_fcn_surgery.surgery.rules.base import (
     FlattenedMap,
     NodeView,
     Rewrite,
+    RewriteKind,
     Rule,
     Spatial,
     Step,
     VectorMap,
+    pass_through,
+    remove,
 )
 from keras_fcn_surgery.surgery.rules.convolutions import (
     call_conv_from_dense,
@@ -31,20 +34,25 @@ from keras_fcn_surgery.surgery.rules.convolutions import (
 )
 
 
-def _identity(args, kwargs):
-    return [args[0]]
-
-
 class FlattenRule(Rule):
-    """A Flatten of a spatial map disappears: the converted graph keeps the map."""
+    """A Flatten of a spatial map disappears: the converted graph keeps the map.
+
+    A Flatten of the head's vectors disappears too: on ``(N, C)`` it does
+    nothing, and on a ``1 x 1`` map it only drops the unit axes.
+    """
+
+    layers = (keras.layers.Flatten,)
+    modes = (Spatial, VectorMap)
 
     def claim(self, view: NodeView) -> Step | None:
-        if not isinstance(view.layer, keras.layers.Flatten):
-            return None
         mode = view.only_mode
-        if isinstance(mode, VectorMap) and mode.unit_map:
-            return Step([VectorMap(origin=mode.origin)], _identity, _removed(view.layer, "flattens a 1x1 map"))
-        if not isinstance(mode, Spatial) or len(view.input_shapes[0]) != 4:
+        if isinstance(mode, VectorMap):
+            if mode.unit_map:
+                return remove(view, VectorMap(origin=mode.origin), "flattens a 1x1 map")
+            if len(view.input_shapes[0]) == 2:
+                return remove(view, mode, "flattens a vector: nothing to do")
+            return None
+        if len(view.input_shapes[0]) != 4:
             return None
         shape = view.input_shapes[0]
         height, width = view.context.spatial_shape(shape)
@@ -57,15 +65,18 @@ class FlattenRule(Rule):
             )
         order = flatten_axis_order(view.layer.data_format, view.context.data_format)
         mode = FlattenedMap(int(height), int(width), int(channels), order, view.layer.name)
-        return Step([mode], _identity, _removed(view.layer, f"keeps the {height}x{width}x{channels} map"))
+        return remove(view, mode, f"keeps the {height}x{width}x{channels} map")
 
 
 class DenseOnFlattenedMapRule(Rule):
     """The first Dense after a Flatten becomes an H x W ``valid`` convolution."""
 
+    layers = (keras.layers.Dense,)
+    modes = (FlattenedMap,)
+
     def claim(self, view: NodeView) -> Step | None:
         mode = view.only_mode
-        if not (isinstance(view.layer, keras.layers.Dense) and isinstance(mode, FlattenedMap)):
+        if not isinstance(mode, FlattenedMap):
             return None
         dense = view.layer
         check_dense_is_plain(dense)
@@ -95,12 +106,13 @@ class BatchNormOnFlattenedMapRule(Rule):
     window), but the Dense that reads its output absorbs it exactly.
     """
 
+    layers = (keras.layers.BatchNormalization,)
+    modes = (FlattenedMap,)
+
     def claim(self, view: NodeView) -> Step | None:
         mode = view.only_mode
         layer = view.layer
-        if not (isinstance(layer, keras.layers.BatchNormalization) and isinstance(mode, FlattenedMap)):
-            return None
-        if mode.affine is not None or layer.axis not in (-1, 1, [-1], [1]):
+        if not isinstance(mode, FlattenedMap) or mode.affine is not None or layer.axis not in (-1, 1, [-1], [1]):
             return None
         scale, shift = batch_norm_affine(
             layer.gamma if layer.scale else None,
@@ -112,10 +124,13 @@ class BatchNormOnFlattenedMapRule(Rule):
         folded = replace(mode, affine=(scale, shift), affine_from=layer.name)
         features = int(scale.shape[0])
         rewrite = Rewrite(
-            layer.name, "BatchNormalization", ((features,),), "(folded)", (), 0, "into the next Dense's kernel and bias"
+            layer.name,
+            "BatchNormalization",
+            ((features,),),
+            "(folded)",
+            (),
+            0,
+            "into the next Dense's kernel and bias",
+            RewriteKind.FOLDED,
         )
-        return Step([folded], _identity, rewrite)
-
-
-def _removed(layer, detail: str) -> Rewrite:
-    return Rewrite(layer.name, layer.__class__.__name__, (), "(removed)", (), 0, detail)
+        return pass_through(folded, rewrite)

@@ -13,7 +13,7 @@ import keras
 
 from keras_fcn_surgery.errors import ConversionError
 from keras_fcn_surgery.graph import describe
-from keras_fcn_surgery.surgery.rules.base import NodeView, Rewrite, Rule, Spatial, Step, VectorMap
+from keras_fcn_surgery.surgery.rules.base import NodeView, Rewrite, RewriteKind, Rule, Spatial, Step, VectorMap, remove
 
 _REPLACEMENTS = {
     keras.layers.GlobalAveragePooling2D: keras.layers.AveragePooling2D,
@@ -24,17 +24,19 @@ _REPLACEMENTS = {
 class GlobalPoolingRule(Rule):
     """The head's global pooling becomes a window pooling or disappears."""
 
+    layers = tuple(_REPLACEMENTS)
+    modes = (Spatial,)
+
     def claim(self, view: NodeView) -> Step | None:
         layer = view.layer
         replacement = _REPLACEMENTS.get(type(layer))
-        if replacement is None or not isinstance(view.only_mode, Spatial) or view.feeds_back_into_map:
+        if replacement is None or view.feeds_back_into_map:
             return None
         context = view.context
         keepdims = bool(layer.keepdims)
         output_mode = VectorMap(origin=layer.name, unit_map=keepdims)
         if context.head == "dense":
-            rewrite = Rewrite(layer.name, type(layer).__name__, (), "(removed)", (), 0, "classifier at every position")
-            return Step([output_mode], lambda args, kwargs: [args[0]], rewrite)
+            return remove(view, output_mode, "classifier at every position", RewriteKind.POOLING_REMOVED)
         height, width = context.spatial_shape(view.input_shapes[0])
         if height is None or width is None:
             raise ConversionError(
@@ -56,6 +58,13 @@ class GlobalPoolingRule(Rule):
             return [pooling(args[0])]
 
         rewrite = Rewrite(
-            layer.name, type(layer).__name__, (), replacement.__name__, (), 0, f"pool {height}x{width}, stride 1"
+            layer.name,
+            type(layer).__name__,
+            (),
+            replacement.__name__,
+            (),
+            0,
+            f"pool {height}x{width}, stride 1",
+            RewriteKind.POOL_WINDOW,
         )
         return Step([output_mode], build, rewrite)

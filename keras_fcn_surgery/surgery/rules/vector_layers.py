@@ -8,7 +8,17 @@ import numpy as np
 from keras_fcn_surgery.errors import ConversionError
 from keras_fcn_surgery.graph import describe
 from keras_fcn_surgery.surgery.kernels import dense_to_pointwise_kernel
-from keras_fcn_surgery.surgery.rules.base import FlattenedMap, NodeView, Rewrite, Rule, Step, VectorMap
+from keras_fcn_surgery.surgery.rules.base import (
+    FlattenedMap,
+    NodeView,
+    Rewrite,
+    RewriteKind,
+    Rule,
+    Step,
+    VectorMap,
+    copy_layer,
+    remove,
+)
 from keras_fcn_surgery.surgery.rules.convolutions import (
     call_conv_from_dense,
     check_dense_is_plain,
@@ -93,9 +103,12 @@ def _call_and_copy(layer, new_layer, args, kwargs):
 class DenseOnVectorMapRule(Rule):
     """A Dense on per-window vectors becomes a 1x1 convolution."""
 
+    layers = (keras.layers.Dense,)
+    modes = (VectorMap,)
+
     def claim(self, view: NodeView) -> Step | None:
         mode = view.only_mode
-        if not (isinstance(view.layer, keras.layers.Dense) and isinstance(mode, VectorMap)):
+        if not isinstance(mode, VectorMap):
             return None
         if mode.unit_map and view.context.layout.channels_first:
             return None  # A Dense on a (N, C, 1, 1) map reads the last 1-sized axis: not a head layer.
@@ -114,9 +127,11 @@ class DenseOnVectorMapRule(Rule):
 class ElementwiseRule(Rule):
     """Dropout, activations and the like carry over unchanged."""
 
+    modes = (VectorMap, FlattenedMap)
+
     def claim(self, view: NodeView) -> Step | None:
         mode = view.only_mode
-        if not isinstance(mode, (VectorMap, FlattenedMap)):
+        if mode is None:
             return None
         layer = view.layer
         is_elementwise = isinstance(layer, ELEMENTWISE_LAYERS) or (
@@ -129,26 +144,27 @@ class ElementwiseRule(Rule):
             # A folded BatchNormalization must reach the Dense unchanged: only layers that
             # are the identity at inference may sit between them.
             is_elementwise = isinstance(layer, _INFERENCE_IDENTITY_LAYERS)
-        if not is_elementwise:
-            return None
-        cloner = view.context.cloner
-        return Step([mode], lambda args, kwargs: [cloner.call(layer, args, kwargs)], plain_copy=True)
+        return copy_layer(view) if is_elementwise else None
 
 
 class ChannelAxisRule(Rule):
     """Softmax, BatchNormalization, LayerNormalization... keep acting on the channel axis."""
 
+    layers = (keras.layers.Activation, *CHANNEL_AXIS_LAYERS)
+    modes = (VectorMap,)
+
     def claim(self, view: NodeView) -> Step | None:
         mode = view.only_mode
         layer = view.layer
-        if not isinstance(mode, VectorMap):
+        if mode is None:
             return None
         context = view.context
         rank = len(view.input_shapes[0])
-        if isinstance(layer, keras.layers.Activation) and _activation_name(layer) in _AXIS_ACTIVATIONS:
+        if isinstance(layer, keras.layers.Activation):
+            if _activation_name(layer) not in _AXIS_ACTIVATIONS:
+                return None
             if context.layout.channels_last:
-                cloner = context.cloner
-                return Step([mode], lambda args, kwargs: [cloner.call(layer, args, kwargs)], plain_copy=True)
+                return copy_layer(view)
             if _activation_name(layer) != "softmax":
                 raise ConversionError(
                     f"Layer {describe(layer)} applies {_activation_name(layer)} along the last axis, which is "
@@ -159,10 +175,9 @@ class ChannelAxisRule(Rule):
             def build_softmax(args, kwargs):
                 return [keras.layers.Softmax(axis=1, name=layer.name, dtype=layer.dtype_policy)(args[0])]
 
-            rewrite = Rewrite(layer.name, "Activation", (), "Softmax", (), 0, "softmax on axis 1")
+            kind = RewriteKind.AXIS_MOVED
+            rewrite = Rewrite(layer.name, "Activation", (), "Softmax", (), 0, "softmax on axis 1", kind)
             return Step([mode], build_softmax, rewrite)
-        if not isinstance(layer, CHANNEL_AXIS_LAYERS):
-            return None
         if not _is_channel_axis(layer.axis, rank, context):
             raise ConversionError(
                 f"Layer {describe(layer)} normalizes over axis {layer.axis} of a rank-{rank} tensor, "
@@ -180,13 +195,12 @@ class ChannelAxisRule(Rule):
 class MergeRule(Rule):
     """Add, Concatenate and friends of per-window vectors from parallel head branches."""
 
+    layers = MERGE_LAYERS
+    modes = (VectorMap,)
+
     def claim(self, view: NodeView) -> Step | None:
         layer = view.layer
-        if not isinstance(layer, MERGE_LAYERS):
-            return None
         modes = view.input_modes
-        if not all(isinstance(mode, VectorMap) for mode in modes):
-            return None
         if len({mode.unit_map for mode in modes if isinstance(mode, VectorMap)}) != 1:
             return None
         context = view.context
@@ -201,35 +215,39 @@ class MergeRule(Rule):
                 [output_mode],
                 lambda args, kwargs: _call_and_copy(layer, _clone_with(layer, axis=context.channel_axis), args, kwargs),
             )
-        cloner = context.cloner
-        return Step([output_mode], lambda args, kwargs: [cloner.call(layer, args, kwargs)], plain_copy=True)
+        return copy_layer(view, output_mode)
 
 
 class ReshapeRule(Rule):
     """Reshape between ``(C,)`` and a ``1 x 1`` map of C channels, as keras.applications heads do."""
 
+    layers = (keras.layers.Reshape,)
+    modes = (VectorMap,)
+
     def claim(self, view: NodeView) -> Step | None:
-        layer = view.layer
         mode = view.only_mode
-        if not (isinstance(layer, keras.layers.Reshape) and isinstance(mode, VectorMap)):
+        if not isinstance(mode, VectorMap):
             return None
         context = view.context
         source_in, source_out = view.input_shapes[0], view.output_shapes[0]
         if mode.unit_map and len(source_out) == 2:
-            return Step([VectorMap(mode.origin)], _identity, _removed(layer, "1x1 map to vector"))
+            return remove(view, VectorMap(mode.origin), "1x1 map to vector")
         if not mode.unit_map and len(source_in) == 2 and len(source_out) == 4:
             if tuple(context.spatial_shape(source_out)) == (1, 1):
-                return Step([VectorMap(mode.origin, unit_map=True)], _identity, _removed(layer, "vector to 1x1 map"))
+                return remove(view, VectorMap(mode.origin, unit_map=True), "vector to 1x1 map")
         return None
 
 
 class UnitMapConvRule(Rule):
     """A 1x1 convolution on the head's 1x1 map is already a per-window layer."""
 
+    layers = (keras.layers.Conv2D,)
+    modes = (VectorMap,)
+
     def claim(self, view: NodeView) -> Step | None:
         layer = view.layer
         mode = view.only_mode
-        if not (isinstance(layer, keras.layers.Conv2D) and isinstance(mode, VectorMap) and mode.unit_map):
+        if not (isinstance(mode, VectorMap) and mode.unit_map):
             return None
         if tuple(layer.kernel_size) != (1, 1) or tuple(layer.strides) != (1, 1):
             raise ConversionError(
@@ -237,13 +255,4 @@ class UnitMapConvRule(Rule):
                 "to the head's 1x1 map: there it sees only one tap, but on a score map it would mix "
                 "neighbouring windows. Use a 1x1 kernel with stride 1 in the head."
             )
-        cloner = view.context.cloner
-        return Step([mode], lambda args, kwargs: [cloner.call(layer, args, kwargs)], plain_copy=True)
-
-
-def _identity(args, kwargs):
-    return [args[0]]
-
-
-def _removed(layer, detail: str) -> Rewrite:
-    return Rewrite(layer.name, layer.__class__.__name__, (), "(removed)", (), 0, detail)
+        return copy_layer(view)
