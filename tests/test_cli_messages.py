@@ -92,3 +92,18 @@ def test_demo_image_smaller_than_the_network_is_an_input_error(capsys):
     assert main(["demo", "--size", "100"]) == EXIT_USAGE
     err = capsys.readouterr().err
     assert err.startswith("error: --size 100 is smaller than CaffeNet's smallest input, 227")
+
+
+def test_unknown_input_size_without_the_flag_is_a_usage_error(tmp_path, capsys):
+    import keras
+    from keras import layers
+
+    model = keras.Sequential(
+        [keras.Input((None, None, 3)), layers.Conv2D(4, 3), layers.GlobalAveragePooling2D(), layers.Dense(2)]
+    )
+    source = tmp_path / "any_size.keras"
+    model.save(source)
+    assert main(["convert", str(source), str(tmp_path / "fcn.keras")]) == EXIT_USAGE
+    err = capsys.readouterr().err
+    assert "original size is unknown" in err and "--input-size HxW" in err and "input_size=" not in err
+    assert sorted(os.listdir(tmp_path)) == ["any_size.keras"]

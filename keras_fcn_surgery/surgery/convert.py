@@ -6,7 +6,6 @@ which then gives the plan table, builds the FCN and verifies it.
 
 from __future__ import annotations
 
-import os
 import warnings
 from dataclasses import dataclass, field
 
@@ -22,7 +21,7 @@ from keras_fcn_surgery.graph import (
     model_layout,
     producer_of,
 )
-from keras_fcn_surgery.saving.loading import load_model
+from keras_fcn_surgery.saving.loading import as_model
 from keras_fcn_surgery.surgery.engine import GraphPlan, Surgeon
 from keras_fcn_surgery.surgery.plan import ConversionPlan
 from keras_fcn_surgery.surgery.rules.base import SPATIAL, Context, FlattenedMap, RewriteKind, Spatial
@@ -179,7 +178,7 @@ class Conversion:
             IgnoredHeadWarning: for ``head="dense"`` on a model without a
                 global-pooling head (unless ``warn`` is False).
         """
-        model = _as_model(model, custom_objects)
+        model = as_model(model, custom_objects, error_class=ConversionError)
         if head not in HEADS:
             raise ConversionError(f"Expected `head` to be one of {HEADS}. Received: head={head!r}")
         graph = graph_of(model)
@@ -321,16 +320,6 @@ def _raise_if_failed(model, result: VerificationResult) -> None:
             f"The converted '{model.name}' differs from the source at its original size: {result}. "
             "This is a bug in keras_fcn_surgery or an unsupported layer; please report the model."
         )
-
-
-def _as_model(model, custom_objects):
-    if isinstance(model, (str, os.PathLike)):
-        return load_model(model, custom_objects=custom_objects)
-    if not isinstance(model, keras.Model):
-        raise ConversionError(
-            f"Expected a `keras.Model` or a path to a `.keras`/`.h5` file. Received: {type(model).__name__}"
-        )
-    return model
 
 
 def _check_image_input(tensor, context: Context) -> None:

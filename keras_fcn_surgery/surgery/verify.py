@@ -9,7 +9,13 @@ from dataclasses import dataclass, replace
 import keras
 import numpy as np
 
-from keras_fcn_surgery.errors import ConversionError, UninformativeVerificationWarning, VerificationError, first_line
+from keras_fcn_surgery.errors import (
+    ConversionError,
+    InputError,
+    UninformativeVerificationWarning,
+    VerificationError,
+    first_line,
+)
 from keras_fcn_surgery.graph import is_graph_model, iter_layers, model_layout, producer_input, producer_of
 
 # Allowed max |difference| relative to max |source output|, by compute dtype.
@@ -115,7 +121,7 @@ def source_input_shapes(model, input_size=None) -> list[tuple[int, ...]]:
             for axis, size in zip(spatial, input_size):
                 shape[axis] = int(size)
         if any(d is None for d in shape):
-            raise ConversionError(
+            raise InputError(
                 f"Model '{model.name}' takes input of shape {tuple(tensor.shape)}, so its original size is "
                 "unknown. Pass `input_size=(H, W)`, the size the classifier was trained at."
             )
