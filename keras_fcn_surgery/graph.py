@@ -131,3 +131,10 @@ def node_arguments(node, values_by_id: dict):
 def model_layout(model) -> Layout:
     """The `Layout` of the model's spatial maps (see `spatial_data_format`)."""
     return Layout(spatial_data_format(model))
+
+
+def patch_tf2onnx() -> None:
+    """Keras's compatibility patch that lets tf2onnx run under numpy 2 (idempotent)."""
+    from keras.src.export.tf2onnx_lib import patch_tf2onnx as keras_patch
+
+    keras_patch()

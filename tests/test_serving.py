@@ -20,6 +20,7 @@ from keras_fcn_surgery import cli
 from keras_fcn_surgery.export import pipeline as export_common
 from keras_fcn_surgery.export import preprocessing
 from keras_fcn_surgery.export import savedmodel as serving
+from keras_fcn_surgery.saving import atomic
 from keras_fcn_surgery.zoo import caffenet
 
 # Loads a SavedModel with TensorFlow alone: importing keras_fcn_surgery is made to fail.
@@ -286,7 +287,7 @@ def test_read_only_export_folder_leaves_no_partial_version(tmp_path, monkeypatch
     def refuse(*args, **kwargs):
         raise PermissionError(13, "Permission denied")
 
-    monkeypatch.setattr(serving.tempfile, "mkdtemp", refuse)
+    monkeypatch.setattr(atomic.tempfile, "mkdtemp", refuse)
     with pytest.raises(kfs.ModelFileError, match="Cannot write in export folder .*Permission denied"):
         kfs.export_savedmodel(small_flatten_cnn(), export_dir)
     assert os.listdir(export_dir) == []

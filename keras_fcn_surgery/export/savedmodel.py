@@ -18,12 +18,9 @@ channels-first model (the signature transposes).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
-import shutil
-import subprocess
-import sys
-import tempfile
 
 import keras
 import numpy as np
@@ -37,9 +34,12 @@ from keras_fcn_surgery.export.pipeline import (
     image_channels,
     prepare_fcn,
     resolve_check_sizes,
+    run_check_script,
+    run_export,
 )
 from keras_fcn_surgery.export.preprocessing import PREPROCESS_MODES, decode_images, preprocess_images
 from keras_fcn_surgery.graph import model_layout
+from keras_fcn_surgery.saving.atomic import atomic_folder
 from keras_fcn_surgery.surgery.verify import VerificationResult
 
 SERVING_DEFAULT = "serving_default"
@@ -50,9 +50,6 @@ OUTPUT_NAME = "scores"
 
 # Channel counts tf.io.decode_image can produce.
 DECODABLE_CHANNELS = (1, 3, 4)
-
-# Seconds the fresh process may take to load and run the SavedModel.
-CHECK_TIMEOUT = 900
 
 _VERSION_NAME = re.compile(r"^[0-9]+$")
 
@@ -128,20 +125,22 @@ def export_savedmodel(
     if bytes_signature:
         _check_bytes_signature(fcn, channels, preprocess)
     sizes = resolve_check_sizes(fcn, original, check_sizes)
-    export_dir = _prepare_export_dir(export_dir)
+    export_dir, created = _prepare_export_dir(export_dir)
     if version is None:
         version = next_version(export_dir)
     final = os.path.join(export_dir, str(version))
-    _refuse_existing(final, overwrite)
 
-    work = _make_work_dir(export_dir, version)
+    staging = atomic_folder(final, overwrite=overwrite, what="export folder")
     try:
-        written = os.path.join(work, "saved_model")
-        _write_savedmodel(fcn, written, preprocess if bytes_signature else None)
-        checks = _check_in_fresh_process(fcn, written, sizes)
-        _publish(written, final, work, overwrite)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+        checks = run_export(
+            staging,
+            lambda path: _write_savedmodel(fcn, path, preprocess if bytes_signature else None),
+            lambda path: _check_savedmodel(fcn, path, sizes),
+        )
+    except BaseException:
+        if created:
+            _remove_if_empty(export_dir)
+        raise
     return ExportResult(path=final, version=version, checks=checks)
 
 
@@ -218,33 +217,23 @@ def _check_version(version) -> int:
     return int(version)
 
 
-def _prepare_export_dir(export_dir) -> str:
+def _prepare_export_dir(export_dir) -> tuple[str, bool]:
+    """The absolute export folder, created when missing, and whether this call created it."""
     export_dir = os.path.abspath(os.fspath(export_dir))
     if os.path.exists(export_dir) and not os.path.isdir(export_dir):
         raise ModelFileError(f"Export folder '{export_dir}' is a file. Give a folder for the model's versions.")
+    created = not os.path.exists(export_dir)
     try:
         os.makedirs(export_dir, exist_ok=True)
     except OSError as error:
         raise ModelFileError(f"Cannot create export folder '{export_dir}': {error.strerror or error}.") from error
-    return export_dir
+    return export_dir, created
 
 
-def _refuse_existing(final: str, overwrite: bool) -> None:
-    if os.path.lexists(final) and not overwrite:
-        raise ModelFileError(
-            f"Version folder '{final}' already exists; pass overwrite=True (CLI: --overwrite) to replace it, "
-            "or leave out the version to write the next one."
-        )
-    if os.path.lexists(final) and not os.path.isdir(final):
-        raise ModelFileError(f"'{final}' exists and is not a folder; remove it first.")
-
-
-def _make_work_dir(export_dir: str, version: int) -> str:
-    # A hidden, non-numeric name: TF Serving never mistakes it for a version.
-    try:
-        return tempfile.mkdtemp(prefix=f".{version}.partial-", dir=export_dir)
-    except OSError as error:
-        raise ModelFileError(f"Cannot write in export folder '{export_dir}': {error.strerror or error}.") from error
+def _remove_if_empty(folder: str) -> None:
+    # An interrupted or failed first export leaves no empty model folder behind.
+    with contextlib.suppress(OSError):
+        os.rmdir(folder)
 
 
 def _write_savedmodel(fcn, path: str, preprocess: str | None) -> None:
@@ -272,36 +261,7 @@ def _write_savedmodel(fcn, path: str, preprocess: str | None) -> None:
         ) from error
 
 
-def _publish(written: str, final: str, work: str, overwrite: bool) -> None:
-    """Rename ``written`` to ``final``; an existing ``final`` is moved aside first and restored on failure."""
-    previous = os.path.join(work, "previous")
-    moved_aside = False
-    try:
-        if overwrite and os.path.lexists(final):
-            os.rename(final, previous)
-            moved_aside = True
-        os.rename(written, final)
-    except BaseException as error:
-        if moved_aside and not os.path.lexists(final):
-            os.rename(previous, final)
-        if isinstance(error, OSError):
-            raise ModelFileError(
-                f"Could not move the new SavedModel into '{final}': {error.strerror or error}. "
-                "(Another export may have written that version meanwhile.)"
-            ) from error
-        raise
-
-
 _CHECK_SCRIPT = """
-import sys
-
-class _RefuseThisPackage:
-    def find_spec(self, name, path=None, target=None):
-        if name == "keras_fcn_surgery" or name.startswith("keras_fcn_surgery."):
-            raise ImportError("keras_fcn_surgery must not be needed to serve an export")
-        return None
-
-sys.meta_path.insert(0, _RefuseThisPackage())
 import numpy as np
 import tensorflow as tf
 
@@ -313,34 +273,9 @@ np.savez(outputs_file, **outputs)
 """
 
 
-def _check_in_fresh_process(fcn, path: str, sizes) -> tuple[VerificationResult, ...]:
+def _check_savedmodel(fcn, path: str, sizes) -> tuple[VerificationResult, ...]:
     """Load the SavedModel in a new interpreter (TensorFlow only) and compare it with the Keras model."""
     batches = check_batches(fcn, sizes)
-    with tempfile.TemporaryDirectory(prefix="kfs-check-") as scratch:
-        inputs_file = os.path.join(scratch, "inputs.npz")
-        outputs_file = os.path.join(scratch, "outputs.npz")
-        np.savez(inputs_file, **batches)  # type: ignore[arg-type]
-        env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
-        env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-        try:
-            process = subprocess.run(
-                [sys.executable, "-I", "-c", _CHECK_SCRIPT, path, inputs_file, outputs_file],
-                cwd=scratch,
-                env=env,
-                capture_output=True,
-                text=True,
-                timeout=CHECK_TIMEOUT,
-            )
-        except subprocess.TimeoutExpired as error:
-            raise ExportError(
-                f"Reloading the SavedModel of '{fcn.name}' in a fresh process took over {CHECK_TIMEOUT} s."
-            ) from error
-        if process.returncode != 0:
-            tail = " | ".join(process.stderr.strip().splitlines()[-3:])
-            raise ExportError(
-                f"The SavedModel of '{fcn.name}' could not be reloaded and run in a fresh TensorFlow process "
-                f"(exit {process.returncode}): {tail}. The export was not kept."
-            )
-        with np.load(outputs_file) as loaded:
-            outputs = {key: loaded[key] for key in loaded.files}
-    return compare_outputs(fcn, batches, outputs, what=f"The reloaded SavedModel of '{fcn.name}'")
+    what = f"The reloaded SavedModel of '{fcn.name}'"
+    outputs = run_check_script(_CHECK_SCRIPT, path, batches, what=what)
+    return compare_outputs(fcn, batches, outputs, what=what)
