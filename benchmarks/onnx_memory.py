@@ -78,14 +78,17 @@ def main() -> None:
         build(args.model, source)
         target = args.keep or os.path.join(scratch, "fcn.onnx")
         process = subprocess.run(
-            [sys.executable, "-c", MEASURE, source, target, str(SIZES[args.model])], capture_output=True, text=True, check=False
+            [sys.executable, "-c", MEASURE, source, target, str(SIZES[args.model])],
+            capture_output=True,
+            text=True,
+            check=False,
         )
         if process.returncode != 0:
             sys.exit(process.stderr[-4000:])
         report = json.loads(process.stdout.strip().splitlines()[-1])
     mib = 1024 * 1024
     above = report["peak_rss"] - report["loaded_rss"]
-    print(f"model {args.model}: weights {report['weights'] / mib:.0f} MiB, ONNX file {report['file_bytes'] / mib:.0f} MiB")
+    print(f"model {args.model}: weights {report['weights'] / mib:.0f} MiB, file {report['file_bytes'] / mib:.0f} MiB")
     print(f"RSS after loading {report['loaded_rss'] / mib:.0f} MiB, export peak {report['peak_rss'] / mib:.0f} MiB")
     print(f"peak above the loaded model: {above / mib:.0f} MiB = {above / report['weights']:.2f}x the weights")
     print(f"check process peak (onnxruntime, separate): {report['child_peak_rss'] / mib:.0f} MiB")

@@ -20,13 +20,14 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 from absl import app, flags  # noqa: E402
 
 from keras_fcn_surgery.commands.absl_tool import flags_parser, run_tool  # noqa: E402
+from keras_fcn_surgery.options import HEADS, PREPROCESS_MODES  # noqa: E402
 
 flags.DEFINE_string("model", None, "Source model file (.keras or .h5).")
 flags.DEFINE_string("export_dir", None, "SavedModel base folder; versions are its numbered subfolders.")
 flags.DEFINE_integer("version", None, "Version folder to write (default: the next integer).", lower_bound=0)
-flags.DEFINE_enum("head", "window", ["window", "dense"], "What a global-pooling head becomes.")
+flags.DEFINE_enum("head", "window", list(HEADS), "What a global-pooling head becomes.")
 flags.DEFINE_enum(
-    "preprocess", "none", ["none", "caffe", "tf", "torch"], "Preprocessing serving_bytes applies to decoded pixels."
+    "preprocess", "none", list(PREPROCESS_MODES), "Preprocessing serving_pixels and serving_bytes apply."
 )
 flags.DEFINE_bool("overwrite", False, "Replace an existing version folder.")
 flags.DEFINE_bool("convert", True, "Convert the model first; --noconvert exports an FCN file as it is.")

@@ -18,10 +18,11 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 from absl import app, flags  # noqa: E402
 
 from keras_fcn_surgery.commands.absl_tool import flags_parser, run_tool  # noqa: E402
+from keras_fcn_surgery.options import HEADS  # noqa: E402
 
 flags.DEFINE_string("model", None, "Source model file (.keras or .h5).")
 flags.DEFINE_string("logdir", None, "Folder for the TensorBoard runs `source` and `fcn`.")
-flags.DEFINE_enum("head", "window", ["window", "dense"], "What a global-pooling head becomes.")
+flags.DEFINE_enum("head", "window", list(HEADS), "What a global-pooling head becomes.")
 flags.DEFINE_string("input_size", None, "Original input size HxW, for a classifier that takes any size.")
 flags.mark_flags_as_required(["model", "logdir"])
 

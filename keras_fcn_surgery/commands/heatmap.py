@@ -5,8 +5,7 @@ from __future__ import annotations
 import sys
 
 from keras_fcn_surgery.commands.common import EXIT_OK, EXIT_USAGE, parse_size
-
-_PREPROCESS_MODES = ("none", "caffe", "tf", "torch")
+from keras_fcn_surgery.options import HEADS, PREPROCESS_MODES
 
 
 def add_parser(subparsers) -> None:
@@ -20,7 +19,7 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     parser.add_argument(
         "--preprocess",
-        choices=_PREPROCESS_MODES,
+        choices=PREPROCESS_MODES,
         default="none",
         help="pixel preprocessing of keras.applications (caffe: VGG/ResNet50, tf: MobileNet..., torch: DenseNet)",
     )
@@ -29,7 +28,7 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--top", type=int, default=5, help="how many top classes to print (default 5)")
     parser.add_argument("--scale", type=int, default=1, help="display magnification for small images (default 1)")
     parser.add_argument("--alpha", type=float, default=0.6, help="heat colour weight over the image (default 0.6)")
-    parser.add_argument("--head", choices=("window", "dense"), default="window", help="global-pooling heads")
+    parser.add_argument("--head", choices=HEADS, default="window", help="global-pooling heads")
     parser.add_argument("--input-size", type=parse_size, help="original input size HxW when the model takes any size")
     parser.set_defaults(run=run)
 

@@ -220,7 +220,7 @@ def _write_initializer(handle, name: str, variable, onnx) -> None:
     initializer = _field_header(_GRAPH_INITIALIZER_FIELD, tensor_size)
     graph = _field_header(_MODEL_GRAPH_FIELD, len(initializer) + tensor_size)
     handle.write(graph + initializer + header + raw)
-    handle.write(memoryview(array).cast("B"))
+    handle.write(array.data)
 
 
 def _field_header(field: int, size: int) -> bytes:

@@ -1,18 +1,27 @@
 """Exporting a converted model as a TensorFlow Serving SavedModel, checked in a fresh process.
 
 The layout is TF Serving's: ``<export_dir>/<version>/saved_model.pb`` plus
-``variables/``. Two signatures:
+``variables/``. Up to three signatures, all with output ``scores``, float32
+``[-1, -1, -1, K]``:
 
 - ``serving_default``: input ``images``, float32 ``[-1, -1, -1, C]`` (height
-  and width free), the raw pixels the Keras model itself expects; output
-  ``scores``, float32 ``[-1, -1, -1, K]``.
+  and width free), the model-ready tensor the Keras model itself takes:
+  nothing is applied.
+- ``serving_pixels`` (only with a ``preprocess`` other than ``"none"``):
+  input ``pixels``, float32 ``[-1, -1, -1, C]`` holding raw RGB values in
+  0..255 (uint8 values sent as JSON numbers work), preprocessed in the graph.
 - ``serving_bytes``: input ``image_bytes``, a batch of encoded JPEG/PNG/GIF/BMP
   strings (tf.string ``[-1]``, what TF Serving's REST ``{"b64": ...}`` values
   become), decoded in the graph and preprocessed with one of the
-  `keras.applications` conventions; output ``scores`` as above. All images of
-  one request must have the same height and width.
+  `keras.applications` conventions. All images of one request must have the
+  same height and width.
 
-Both take channels-last images and return channels-last maps, also for a
+TFLite: ``tf.lite.TFLiteConverter.from_saved_model(dir)`` converts every
+signature and fails on ``serving_bytes`` (image decoding is no TFLite
+operation); ``from_saved_model(dir, signature_keys=["serving_default"])``
+(or ``"serving_pixels"``) converts; `export_tflite` writes a checked file.
+
+All take channels-last images and return channels-last maps, also for a
 channels-first model (the signature transposes).
 """
 
@@ -44,8 +53,10 @@ from keras_fcn_surgery.surgery.verify import VerificationResult
 
 SERVING_DEFAULT = "serving_default"
 SERVING_BYTES = "serving_bytes"
+SERVING_PIXELS = "serving_pixels"
 INPUT_NAME = "images"
 BYTES_INPUT_NAME = "image_bytes"
+PIXELS_INPUT_NAME = "pixels"
 OUTPUT_NAME = "scores"
 
 # Channel counts tf.io.decode_image can produce.
@@ -122,8 +133,9 @@ def export_savedmodel(
         version = _check_version(version)
     fcn, original = prepare_fcn(model, convert=convert, head=head, input_size=input_size, custom_objects=custom_objects)
     channels = image_channels(fcn)
+    _check_preprocess_channels(fcn, channels, preprocess)
     if bytes_signature:
-        _check_bytes_signature(fcn, channels, preprocess)
+        _check_bytes_signature(fcn, channels)
     sizes = resolve_check_sizes(fcn, original, check_sizes)
     export_dir, created = _prepare_export_dir(export_dir)
     if version is None:
@@ -134,7 +146,7 @@ def export_savedmodel(
     try:
         checks = run_export(
             staging,
-            lambda path: _write_savedmodel(fcn, path, preprocess if bytes_signature else None),
+            lambda path: _write_savedmodel(fcn, path, preprocess, bytes_signature),
             lambda path: _check_savedmodel(fcn, path, sizes),
         )
     except BaseException:
@@ -157,24 +169,32 @@ def next_version(export_dir) -> int:
     return max(versions, default=0) + 1
 
 
-def serving_functions(fcn, preprocess: str | None = "none") -> dict:
+def serving_functions(fcn, preprocess: str | None = "none", *, bytes_signature=True, call=None) -> dict:
     """The signature functions, keyed by signature name, with their input signatures.
 
+    Args:
+        fcn: the fully convolutional model.
+        preprocess: the preprocessing ``serving_pixels`` and ``serving_bytes``
+            apply (one of `PREPROCESS_MODES`); None: ``serving_default`` only;
+            ``"none"``: no ``serving_pixels`` (it would equal ``serving_default``).
+        bytes_signature: add ``serving_bytes`` (when ``preprocess`` is set).
+        call: what computes the model (default: ``fcn`` itself).
+
     Returns:
-        ``{name: (function, [tf.TensorSpec])}``; ``serving_bytes`` only when
-        ``preprocess`` is not None.
+        ``{name: (function, [tf.TensorSpec])}``.
     """
     import tensorflow as tf
 
     channels = image_channels(fcn)
     channels_first = model_layout(fcn).channels_first
     dtype = fcn.inputs[0].dtype
+    call = fcn if call is None else call
 
     def scores(images):
         x = tf.cast(images, dtype)
         if channels_first:
             x = tf.transpose(x, [0, 3, 1, 2])
-        y = fcn(x, training=False)
+        y = call(x, training=False)
         if channels_first:
             y = tf.transpose(y, [0, 2, 3, 1])
         return tf.cast(y, tf.float32)
@@ -182,22 +202,32 @@ def serving_functions(fcn, preprocess: str | None = "none") -> dict:
     def serve(images):
         return {OUTPUT_NAME: scores(images)}
 
+    def serve_pixels(pixels):
+        return {OUTPUT_NAME: scores(preprocess_images(pixels, preprocess))}
+
     def serve_bytes(image_bytes):
         return {OUTPUT_NAME: scores(preprocess_images(decode_images(image_bytes, channels), preprocess))}
 
-    functions = {SERVING_DEFAULT: (serve, [tf.TensorSpec([None, None, None, channels], tf.float32, name=INPUT_NAME)])}
-    if preprocess is not None:
+    images = tf.TensorSpec([None, None, None, channels], tf.float32, name=INPUT_NAME)
+    functions = {SERVING_DEFAULT: (serve, [images])}
+    if preprocess not in (None, "none"):
+        pixels = tf.TensorSpec([None, None, None, channels], tf.float32, name=PIXELS_INPUT_NAME)
+        functions[SERVING_PIXELS] = (serve_pixels, [pixels])
+    if preprocess is not None and bytes_signature:
         functions[SERVING_BYTES] = (serve_bytes, [tf.TensorSpec([None], tf.string, name=BYTES_INPUT_NAME)])
     return functions
 
 
-def _check_bytes_signature(fcn, channels: int, preprocess: str) -> None:
+def _check_bytes_signature(fcn, channels: int) -> None:
     if channels not in DECODABLE_CHANNELS:
         raise ExportError(
             f"Model '{fcn.name}' takes {channels}-channel images, which encoded JPEG/PNG cannot hold "
             f"(they decode to {DECODABLE_CHANNELS} channels). Pass bytes_signature=False to export "
-            "serving_default only."
+            "serving_default and serving_pixels only."
         )
+
+
+def _check_preprocess_channels(fcn, channels: int, preprocess: str) -> None:
     if preprocess in ("caffe", "torch") and channels != 3:
         raise ExportError(
             f"preprocess={preprocess!r} works on RGB images but model '{fcn.name}' takes {channels} channels. "
@@ -236,13 +266,13 @@ def _remove_if_empty(folder: str) -> None:
         os.rmdir(folder)
 
 
-def _write_savedmodel(fcn, path: str, preprocess: str | None) -> None:
+def _write_savedmodel(fcn, path: str, preprocess: str, bytes_signature: bool) -> None:
     import tensorflow as tf
 
     archive = keras.export.ExportArchive()
     # No `archive.track(fcn)`: the endpoints' variables are tracked anyway, and tracking the model too
     # stores every weight a second time (as Keras variables beside the TF ones), doubling the file.
-    for name, (function, signature) in serving_functions(fcn, preprocess).items():
+    for name, (function, signature) in serving_functions(fcn, preprocess, bytes_signature=bytes_signature).items():
         try:
             archive.add_endpoint(name, function, input_signature=signature)
         except ConversionError:

@@ -17,6 +17,7 @@ from keras_fcn_surgery.graph import (
     model_layout,
     producer_of,
 )
+from keras_fcn_surgery.options import HEADS
 from keras_fcn_surgery.saving.loading import load_model
 from keras_fcn_surgery.surgery.engine import GraphPlan, Surgeon
 from keras_fcn_surgery.surgery.plan import ConversionPlan
@@ -24,7 +25,6 @@ from keras_fcn_surgery.surgery.rules.base import SPATIAL, Context, FlattenedMap,
 from keras_fcn_surgery.surgery.verify import source_input_shapes
 from keras_fcn_surgery.surgery.verify import verify as verify_models
 
-HEADS = ("window", "dense")
 _GLOBAL_POOLING_CLASSES = ("GlobalAveragePooling2D", "GlobalMaxPooling2D")
 
 
