@@ -13,7 +13,6 @@ import os
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -22,18 +21,13 @@ import numpy as np
 
 from keras_fcn_surgery.errors import ConversionError
 from keras_fcn_surgery.graph import model_layout
+from keras_fcn_surgery.saving.atomic import pause_point
 from keras_fcn_surgery.surgery.verify import VerificationResult, compare_arrays, tolerance_for
 
 
 class ExportError(ConversionError):
     """An export that could not be built, or that does not reproduce the Keras model."""
 
-
-# Test hook: with KFS_TEST_PAUSE_AT=<step> the export stops at that step ("write", "check" or "publish"),
-# touches the file named by KFS_TEST_PAUSE_READY and waits there, so that a test can signal it at a known point.
-PAUSE_AT_ENV = "KFS_TEST_PAUSE_AT"
-PAUSE_READY_ENV = "KFS_TEST_PAUSE_READY"
-PAUSE_SECONDS = 120.0
 
 # Seconds the fresh process may take to load and run an export.
 CHECK_TIMEOUT = 900
@@ -94,19 +88,6 @@ def run_export(staging, write: Callable[[str], None], check: Callable[[str], tup
         checks = check(temporary)
         pause_point("publish")
     return checks
-
-
-def pause_point(step: str) -> None:
-    """Test hook: wait here when ``KFS_TEST_PAUSE_AT`` names this step (see `PAUSE_AT_ENV`)."""
-    if os.environ.get(PAUSE_AT_ENV) != step:
-        return
-    ready = os.environ.get(PAUSE_READY_ENV)
-    if ready:
-        with open(ready, "w") as handle:
-            handle.write(str(os.getpid()))
-    deadline = time.monotonic() + PAUSE_SECONDS
-    while time.monotonic() < deadline:
-        time.sleep(0.05)
 
 
 def run_check_script(script: str, path: str, inputs: dict, *, what: str, timeout: float = CHECK_TIMEOUT) -> dict:

@@ -18,10 +18,17 @@ import os
 import re
 import shutil
 import tempfile
+import time
 
 from keras_fcn_surgery.errors import ModelFileError
 
 PARTIAL_MARK = ".partial-"
+
+# Test hook: with KFS_TEST_PAUSE_AT=<step> a write stops at that step ("write", "check", "publish"), touches
+# the file named by KFS_TEST_PAUSE_READY and waits there, so that a test can signal it at a known point.
+PAUSE_AT_ENV = "KFS_TEST_PAUSE_AT"
+PAUSE_READY_ENV = "KFS_TEST_PAUSE_READY"
+PAUSE_SECONDS = 120.0
 
 # .<stem>.partial-<pid>-<start>-<random>; <stem> may be empty (then the name starts with ".partial-").
 _TEMPORARY_NAME = re.compile(r"^\.(?:.*\.)?partial-(?P<pid>[0-9]+)-(?P<start>[0-9a-z]+)-[^/]+$")
@@ -195,6 +202,20 @@ def save_model(model, path, *, overwrite: bool = False) -> None:
     """Save ``model`` to a ``.keras`` file atomically (see `atomic_output`)."""
     with atomic_output(path, suffix=".keras", overwrite=overwrite) as temporary:
         model.save(temporary)
+        pause_point("publish")
+
+
+def pause_point(step: str) -> None:
+    """Test hook: wait here when ``KFS_TEST_PAUSE_AT`` names this step (see `PAUSE_AT_ENV`)."""
+    if os.environ.get(PAUSE_AT_ENV) != step:
+        return
+    ready = os.environ.get(PAUSE_READY_ENV)
+    if ready:
+        with open(ready, "w") as handle:
+            handle.write(str(os.getpid()))
+    deadline = time.monotonic() + PAUSE_SECONDS
+    while time.monotonic() < deadline:
+        time.sleep(0.05)
 
 
 def _refuse_existing_folder(path: str, overwrite: bool) -> None:
