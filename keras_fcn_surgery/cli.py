@@ -12,14 +12,10 @@ import argparse
 import importlib
 import logging
 import os
-import signal
 import sys
 
 from keras_fcn_surgery.commands import COMMAND_MODULES
-from keras_fcn_surgery.commands.common import EXIT_CONVERSION, EXIT_USAGE
-
-# Signals that end a command like Ctrl-C does: unwinding (so partial outputs are removed), then 128 + signal.
-TERMINATING_SIGNALS = ("SIGTERM", "SIGHUP")
+from keras_fcn_surgery.commands.common import EXIT_CONVERSION, EXIT_USAGE, run_interruptible
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -39,57 +35,17 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     # TensorFlow's Python warnings (retracing notes from Keras's grouped convolutions) are noise here.
     logging.getLogger("tensorflow").setLevel(logging.ERROR)
-    from keras_fcn_surgery.errors import ConversionError, ModelFileError
-    from keras_fcn_surgery.saving.atomic import Interrupted
+    return run_interruptible(lambda: _run(args))
 
-    previous = _raise_on_termination_signals(Interrupted)
+
+def _run(args) -> int:
+    from keras_fcn_surgery.errors import ConversionError, ModelFileError
+
     try:
         return args.run(args)
-    except KeyboardInterrupt:
-        print("interrupted (SIGINT); partial output removed, nothing written.", file=sys.stderr)
-        return 128 + signal.SIGINT
-    except Interrupted as stop:
-        name = signal.Signals(stop.signal_number).name
-        print(f"terminated ({name}); partial output removed, nothing written.", file=sys.stderr)
-        return 128 + stop.signal_number
     except ModelFileError as error:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_USAGE
     except ConversionError as error:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_CONVERSION
-    finally:
-        _restore_signal_handlers(previous)
-
-
-def _raise_on_termination_signals(exception_class) -> dict:
-    """SIGTERM/SIGHUP raise ``exception_class(signum)``, SIGINT `KeyboardInterrupt`; returns the old handlers."""
-    import threading
-
-    if threading.current_thread() is not threading.main_thread():  # signal.signal works in the main thread only
-        return {}
-
-    def handler(signum, frame):
-        # Once: a second signal (an impatient Ctrl-C) must not interrupt the clean-up itself.
-        for name in ("SIGINT", *TERMINATING_SIGNALS):
-            if hasattr(signal, name):
-                signal.signal(getattr(signal, name), signal.SIG_IGN)
-        if signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        raise exception_class(signum)
-
-    previous = {}
-    for name in ("SIGINT", *TERMINATING_SIGNALS):
-        number = getattr(signal, name, None)
-        if number is not None:
-            previous[number] = signal.signal(number, handler)
-    return previous
-
-
-def _restore_signal_handlers(previous: dict) -> None:
-    for number, handler in previous.items():
-        signal.signal(number, handler)
-
-
-if __name__ == "__main__":
-    sys.exit(main())
