@@ -49,3 +49,7 @@ def _run(args) -> int:
     except ConversionError as error:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_CONVERSION
+
+
+if __name__ == "__main__":
+    sys.exit(main())
