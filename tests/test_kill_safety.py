@@ -107,6 +107,7 @@ def test_sigterm_before_a_conversion_is_published_leaves_nothing(tmp_path, model
     assert os.listdir(tmp_path) == []
 
 
+@pytest.mark.heavy  # the default suite has the same clean-up, without a real SIGKILL, below
 def test_sigkill_leftovers_are_hidden_from_tf_serving_and_removed_by_the_next_export(tmp_path, model_file):
     export_dir = tmp_path / "models"
     process = start_cli(["export", model_file, str(export_dir)], tmp_path, pause_at="check")
@@ -147,6 +148,21 @@ def test_stale_temporaries_are_told_from_live_ones(tmp_path):
 
     assert removed == {name for name, stale in names.items() if stale}
     assert sorted(os.listdir(tmp_path)) == sorted(name for name, stale in names.items() if not stale)
+
+
+def test_next_write_removes_a_dead_writers_temporary_and_keeps_a_live_ones(tmp_path):
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    start = atomic.process_start_time() or "0"
+    stale = tmp_path / f".fcn.keras.partial-{int(dead.stdout)}-{start}-abcd"
+    (stale / "fcn.keras").mkdir(parents=True)  # what a SIGKILLed `convert` leaves
+    live = atomic.make_temporary_dir(tmp_path, stem="other.keras")
+    assert next_version(tmp_path) == 1  # hidden, not numeric: never a version
+
+    with atomic.atomic_output(tmp_path / "fcn.keras", suffix=".keras") as temporary:
+        with open(temporary, "wb") as handle:
+            handle.write(b"model")
+
+    assert sorted(os.listdir(tmp_path)) == sorted([os.path.basename(live), "fcn.keras"])
 
 
 def test_atomic_output_removes_its_temporary_on_keyboard_interrupt(tmp_path):

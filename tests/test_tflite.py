@@ -107,6 +107,7 @@ def test_cli_writes_tflite_and_refuses_options_of_other_formats(tmp_path, capsys
     assert sorted(os.listdir(tmp_path)) == ["cli.tflite", "small.keras"]
 
 
+@pytest.mark.heavy  # the shared pipeline's mismatch path runs by default in test_serving and test_onnx_export
 def test_mismatch_in_the_interpreter_is_an_error_and_leaves_no_file(tmp_path, monkeypatch):
     real_scores = export_common.keras_scores
     monkeypatch.setattr(export_common, "keras_scores", lambda fcn, images: real_scores(fcn, images) + 0.5)
