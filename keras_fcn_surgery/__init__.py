@@ -37,6 +37,7 @@ _PUBLIC = {
     "BatchSummary": "batch.run",
     "sliding_window_predict": "inference.predict",
     "export_savedmodel": "export.savedmodel",
+    "export_tflite": "export.tflite",
     "log_graphs": "export.tensorboard",
     "VerificationResult": "surgery.verify",
     "verify": "surgery.verify",
@@ -62,6 +63,7 @@ __all__ = [
     "convert",
     "export_onnx",
     "export_savedmodel",
+    "export_tflite",
     "geometry",
     "heatmap",
     "imagenet_class_names",
@@ -107,6 +109,7 @@ if TYPE_CHECKING:
     from keras_fcn_surgery.export.pipeline import ExportError, ExportResult
     from keras_fcn_surgery.export.savedmodel import export_savedmodel
     from keras_fcn_surgery.export.tensorboard import log_graphs
+    from keras_fcn_surgery.export.tflite import export_tflite
     from keras_fcn_surgery.grid.geometry import AxisGeometry, Geometry, geometry
     from keras_fcn_surgery.inference.heatmap import heatmap, imagenet_class_names
     from keras_fcn_surgery.inference.predict import predict_map, sliding_window_predict

@@ -1,7 +1,9 @@
 """The ``keras-fcn-surgery`` command line.
 
 Exit codes: 0 success, 1 conversion or verification failure, 2 usage or input
-error. Only the CLI prints; the library raises.
+error, 130 interrupted (SIGINT, Ctrl-C), 143 terminated (SIGTERM), 129 hung
+up (SIGHUP); an interrupted command removes its partial output first. Only
+the CLI prints; the library raises.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import sys
 import tempfile
 
 from keras_fcn_surgery.commands import COMMAND_MODULES
-from keras_fcn_surgery.commands.common import EXIT_CONVERSION, EXIT_USAGE
+from keras_fcn_surgery.commands.common import EXIT_CONVERSION, EXIT_USAGE, run_interruptible
 
 # Library messages name Python arguments; on the command line the same advice names flags.
 _PYTHON_TO_FLAGS = (
@@ -81,6 +83,10 @@ def quiet_tensorflow_import() -> None:
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    return run_interruptible(lambda: _run(args))
+
+
+def _run(args) -> int:
     quiet_tensorflow_import()
     from keras_fcn_surgery.errors import ConversionError, InputError
 

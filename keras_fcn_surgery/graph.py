@@ -154,3 +154,7 @@ def is_fully_convolutional(model) -> bool:
     if len(shape) != 4 or len(output) != 4:
         return False
     return all(d is None for d in model_layout(model).spatial_shape(shape))
+def patch_tf2onnx() -> None:
+    """Keras's compatibility patch that lets tf2onnx run under numpy 2 (idempotent)."""
+    from keras.src.export.tf2onnx_lib import patch_tf2onnx as keras_patch
+    keras_patch()

@@ -108,3 +108,38 @@ def test_missing_packages_name_the_extra(tmp_path, monkeypatch):
 def test_path_must_end_in_onnx(tmp_path):
     with pytest.raises(kfs.ModelFileError, match=r"\.onnx"):
         kfs.export_onnx(keras.Sequential([keras.Input((8, 8, 3))]), tmp_path / "fcn.pb")
+
+
+def test_weights_are_streamed_initializers_and_batchnorm_depthwise_models_match(tmp_path):
+    inputs = keras.Input((None, None, 3))
+    x = keras.layers.Conv2D(8, 3, strides=2)(inputs)
+    x = keras.layers.BatchNormalization()(x)
+    x = keras.layers.DepthwiseConv2D(3)(x)
+    x = keras.layers.Dropout(0.3)(x)  # its seed-generator state must not become an input
+    x = keras.layers.SeparableConv2D(6, 3, activation="relu")(x)
+    outputs = keras.layers.Dense(4)(keras.layers.GlobalAveragePooling2D()(x))
+    model = keras.Model(inputs, outputs)
+    norm = model.layers[2]
+    norm.moving_mean.assign(np.linspace(-1, 1, 8))
+    norm.moving_variance.assign(np.linspace(0.5, 2, 8))
+    path = tmp_path / "bn.onnx"
+
+    result = kfs.export_onnx(model, path, input_size=(32, 32), head="dense")
+
+    assert all(check.passed for check in result.checks)
+    proto = onnx.load(str(path))
+    assert [value.name for value in proto.graph.input] == ["images"]
+    streamed = [tensor for tensor in proto.graph.initializer if tensor.name.startswith("kfs_weight_")]
+    float_weights = [w for w in model.weights if "float" in str(w.dtype)]
+    # Every float weight once, as raw data; the Dropout's integer seed state (unused) not at all.
+    assert sorted(int(np.prod(t.dims)) for t in streamed) == sorted(int(np.prod(w.shape)) for w in float_weights)
+    assert all(tensor.raw_data for tensor in streamed)
+    kernel = next(t for t in proto.graph.initializer if tuple(t.dims) == (3, 3, 3, 8))
+    np.testing.assert_array_equal(onnx.numpy_helper.to_array(kernel), np.asarray(model.layers[1].kernel))
+
+
+def test_protobuf_varints_match_the_reference_encoding():
+    from google.protobuf.internal import encoder
+
+    for value in (0, 1, 127, 128, 300, 2**31 - 1, 2**40 + 5):
+        assert onnx_export._varint(value) == encoder._VarintBytes(value)

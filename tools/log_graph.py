@@ -6,11 +6,14 @@
 Writes the runs <logdir>/source and <logdir>/fcn (Graphs tab) and the plan
 table as the text summary `conversion_plan` of the fcn run (Text tab).
 
+A thin wrapper over `keras-fcn-surgery graph` (the same code and output).
+
 Exit codes: 0 written, 1 conversion failure, 2 file or usage error.
 """
 
 from __future__ import annotations
 
+import argparse
 import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -18,10 +21,11 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 from absl import app, flags  # noqa: E402
 
 from keras_fcn_surgery.commands.absl_tool import flags_parser, run_tool  # noqa: E402
+from keras_fcn_surgery.options import HEADS  # noqa: E402
 
 flags.DEFINE_string("model", None, "Source model file (.keras or .h5).")
 flags.DEFINE_string("logdir", None, "Folder for the TensorBoard runs `source` and `fcn`.")
-flags.DEFINE_enum("head", "window", ["window", "dense"], "What a global-pooling head becomes.")
+flags.DEFINE_enum("head", "window", list(HEADS), "What a global-pooling head becomes.")
 flags.DEFINE_string("input_size", None, "Original input size HxW, for a classifier that takes any size.")
 flags.mark_flags_as_required(["model", "logdir"])
 
@@ -30,10 +34,11 @@ FLAGS = flags.FLAGS
 
 def main(argv) -> int:
     def log(input_size):
-        import keras_fcn_surgery as kfs
+        from keras_fcn_surgery.commands import graph as graph_command
 
-        runs = kfs.log_graphs(kfs.load_model(FLAGS.model), FLAGS.logdir, head=FLAGS.head, input_size=input_size)
-        return [f"wrote {run}" for run in runs] + [f"view with: tensorboard --logdir {FLAGS.logdir}"]
+        # The CLI's own `graph` subcommand does the work: same output and exit codes.
+        args = argparse.Namespace(model=FLAGS.model, logdir=FLAGS.logdir, head=FLAGS.head, input_size=input_size)
+        return graph_command.run(args)
 
     return run_tool(argv, log, input_size_flag=FLAGS.input_size)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from keras_fcn_surgery.commands.common import EXIT_CONVERSION, EXIT_OK, EXIT_USAGE, parse_size
+from keras_fcn_surgery.commands.common import EXIT_CONVERSION, EXIT_OK, EXIT_USAGE, parse_size, run_interruptible
 
 
 def flags_parser(flag_values):
@@ -23,11 +23,14 @@ def flags_parser(flag_values):
 
 
 def run_tool(argv, action, *, input_size_flag=None) -> int:
-    """Call ``action(input_size)`` and turn its outcome into a message and an exit code.
+    """Call ``action(input_size)`` and turn its outcome into a message and an exit code, as the CLI does.
+
+    SIGINT/SIGTERM end it like the CLI (partial output removed, one line, exit 130/143).
 
     Args:
         argv: the arguments left after flag parsing (only the program name is allowed).
-        action: returns the lines to print on success.
+        action: returns the lines to print on success, or the exit code of a
+            CLI subcommand's ``run`` (which printed its own output).
         input_size_flag: the raw ``--input_size`` value, parsed as ``HxW``.
     """
     from absl import logging
@@ -41,6 +44,10 @@ def run_tool(argv, action, *, input_size_flag=None) -> int:
     except argparse.ArgumentTypeError as error:
         _fail(f"--input_size: {error}")
         return EXIT_USAGE
+    return run_interruptible(lambda: _act(action, input_size))
+
+
+def _act(action, input_size) -> int:
     from keras_fcn_surgery.errors import ConversionError, ModelFileError
 
     try:
@@ -51,6 +58,8 @@ def run_tool(argv, action, *, input_size_flag=None) -> int:
     except ConversionError as error:
         _fail(str(error))
         return EXIT_CONVERSION
+    if isinstance(lines, int):
+        return lines
     for line in lines:
         print(line)
     return EXIT_OK

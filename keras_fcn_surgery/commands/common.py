@@ -1,10 +1,41 @@
-"""What the CLI subcommands share: exit codes and argument parsing."""
+"""What the CLI subcommands and the absl tools share: exit codes, argument parsing, signal handling."""
 
 from __future__ import annotations
 
 import argparse
+import signal
+import sys
 
 EXIT_OK, EXIT_CONVERSION, EXIT_USAGE = 0, 1, 2
+
+# Signals that end a command like Ctrl-C does: unwinding (so partial outputs are removed), then 128 + signal.
+TERMINATING_SIGNALS = ("SIGTERM", "SIGHUP")
+
+
+def run_interruptible(function) -> int:
+    """Call ``function()`` (returning an exit code) so that SIGINT, SIGTERM and SIGHUP end it cleanly.
+
+    The signal becomes an exception (`KeyboardInterrupt`, or
+    `saving.atomic.Interrupted`), so every ``finally`` on the way out runs and
+    removes the partial output; then one line goes to stderr and the exit
+    code is 128 + the signal (130 for Ctrl-C, 143 for SIGTERM), with no
+    traceback. Handlers are installed only while ``function`` runs.
+    """
+    from keras_fcn_surgery.saving.atomic import Interrupted
+
+    previous = _raise_on_signals(Interrupted)
+    try:
+        return function()
+    except KeyboardInterrupt:
+        print("interrupted (SIGINT); partial output removed, nothing written.", file=sys.stderr)
+        return 128 + signal.SIGINT
+    except Interrupted as stop:
+        name = signal.Signals(stop.signal_number).name
+        print(f"terminated ({name}); partial output removed, nothing written.", file=sys.stderr)
+        return 128 + stop.signal_number
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
 
 
 def parse_size(text: str) -> tuple[int, int]:
@@ -30,3 +61,25 @@ def positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
     return value
+def _raise_on_signals(exception_class) -> dict:
+    """SIGTERM/SIGHUP raise ``exception_class(signum)``, SIGINT `KeyboardInterrupt`; returns the old handlers."""
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():  # signal.signal works in the main thread only
+        return {}
+
+    def handler(signum, frame):
+        # Once: a second signal (an impatient Ctrl-C) must not interrupt the clean-up itself.
+        for name in ("SIGINT", *TERMINATING_SIGNALS):
+            if hasattr(signal, name):
+                signal.signal(getattr(signal, name), signal.SIG_IGN)
+        if signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        raise exception_class(signum)
+
+    previous = {}
+    for name in ("SIGINT", *TERMINATING_SIGNALS):
+        number = getattr(signal, name, None)
+        if number is not None:
+            previous[number] = signal.signal(number, handler)
+    return previous

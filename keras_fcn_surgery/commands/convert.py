@@ -7,6 +7,7 @@ import sys
 import warnings
 
 from keras_fcn_surgery.commands.common import EXIT_OK, EXIT_USAGE, parse_size
+from keras_fcn_surgery.options import HEADS
 
 _IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 _PILLOW_MODES = {1: "L", 3: "RGB", 4: "RGBA"}
@@ -16,7 +17,7 @@ def add_parser(subparsers) -> None:
     parser = subparsers.add_parser("convert", help="convert a .keras/.h5 classifier into an FCN .keras file")
     parser.add_argument("model", help="source model file (.keras or .h5)")
     parser.add_argument("output", help="where to write the converted model (.keras)")
-    parser.add_argument("--head", choices=("window", "dense"), default="window", help="global-pooling heads")
+    parser.add_argument("--head", choices=HEADS, default="window", help="global-pooling heads")
     parser.add_argument("--input-size", type=parse_size, help="original input size HxW when the model takes any size")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     parser.add_argument("--no-verify", action="store_true", help="skip the numerical check")

@@ -1,4 +1,4 @@
-"""``keras-fcn-surgery export MODEL EXPORT_DIR``: a TF Serving SavedModel (or an ONNX file), checked after writing."""
+"""``keras-fcn-surgery export MODEL EXPORT_DIR``: a TF Serving SavedModel (or ONNX, TFLite), checked after writing."""
 
 from __future__ import annotations
 
@@ -6,11 +6,7 @@ import argparse
 import sys
 
 from keras_fcn_surgery.commands.common import EXIT_OK, EXIT_USAGE, parse_size
-
-FORMATS = ("savedmodel", "onnx")
-# Spelled out (not imported from the library) so that building the parser does not load TensorFlow.
-HEADS = ("window", "dense")
-PREPROCESS_MODES = ("none", "caffe", "tf", "torch")
+from keras_fcn_surgery.options import EXPORT_FORMATS, HEADS, PREPROCESS_MODES, QUANTIZE_MODES
 
 
 def parse_version(text: str) -> int:
@@ -26,20 +22,34 @@ def add_parser(subparsers) -> None:
         help="export a classifier's FCN as a TF Serving SavedModel (or ONNX), reloaded and checked",
         description=(
             "Convert MODEL (unless --no-convert) and write EXPORT_DIR/<version>/ with signatures "
-            "serving_default (float32 images [-1,-1,-1,C] -> scores) and serving_bytes (encoded "
-            "JPEG/PNG strings, all of one size per request). The export is reloaded in a fresh "
-            "TensorFlow process and compared with Keras at two sizes before it is moved into place."
+            "serving_default (float32 model-ready images [-1,-1,-1,C] -> scores), serving_pixels (raw "
+            "0..255 pixels, --preprocess applied; only with a --preprocess) and serving_bytes (encoded "
+            "JPEG/PNG strings, all of one size per request, --preprocess applied). --format onnx or "
+            "tflite writes one file instead. The export is loaded in a fresh process and compared "
+            "with Keras at two sizes before it is moved into place; SIGTERM or Ctrl-C leaves nothing."
         ),
     )
     parser.add_argument("model", help="source model file (.keras or .h5)")
-    parser.add_argument("export_dir", help="SavedModel base folder (with --format onnx: the .onnx file to write)")
+    parser.add_argument(
+        "export_dir", help="SavedModel base folder (with --format onnx/tflite: the .onnx/.tflite file to write)"
+    )
     parser.add_argument("--version", type=parse_version, help="version folder (default: the next integer)")
     parser.add_argument("--head", choices=HEADS, default="window", help="global-pooling heads")
     parser.add_argument(
-        "--preprocess", choices=PREPROCESS_MODES, default="none", help="what serving_bytes does to decoded pixels"
+        "--preprocess",
+        choices=PREPROCESS_MODES,
+        default="none",
+        help="what serving_pixels and serving_bytes do to raw pixels",
     )
     parser.add_argument("--overwrite", action="store_true", help="replace an existing version (or .onnx file)")
-    parser.add_argument("--format", choices=FORMATS, default="savedmodel", help="savedmodel (default) or onnx")
+    parser.add_argument(
+        "--format", choices=EXPORT_FORMATS, default="savedmodel", help="savedmodel (default), onnx or tflite"
+    )
+    parser.add_argument(
+        "--quantize",
+        choices=[mode for mode in QUANTIZE_MODES if mode],
+        help="tflite only: float16 or dynamic (int8 weights); the measured difference is reported",
+    )
     parser.add_argument("--no-convert", action="store_true", help="MODEL is already an FCN: export it as it is")
     parser.add_argument("--input-size", type=parse_size, help="original input size HxW when the model takes any size")
     parser.set_defaults(run=run)
@@ -48,8 +58,11 @@ def add_parser(subparsers) -> None:
 def run(args) -> int:
     import keras_fcn_surgery as kfs
 
-    if args.format == "onnx" and (args.version is not None or args.preprocess != "none"):
+    if args.format != "savedmodel" and (args.version is not None or args.preprocess != "none"):
         print("error: --version and --preprocess apply to --format savedmodel only.", file=sys.stderr)
+        return EXIT_USAGE
+    if args.quantize and args.format != "tflite":
+        print("error: --quantize applies to --format tflite only.", file=sys.stderr)
         return EXIT_USAGE
     options = dict(
         overwrite=args.overwrite, convert=not args.no_convert, head=args.head, input_size=args.input_size
@@ -57,6 +70,8 @@ def run(args) -> int:
     source = kfs.load_model(args.model)
     if args.format == "onnx":
         result = kfs.export_onnx(source, args.export_dir, **options)
+    elif args.format == "tflite":
+        result = kfs.export_tflite(source, args.export_dir, quantize=args.quantize, **options)
     else:
         result = kfs.export_savedmodel(
             source, args.export_dir, version=args.version, preprocess=args.preprocess, **options

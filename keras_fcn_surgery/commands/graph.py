@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 from keras_fcn_surgery.commands.common import EXIT_OK, parse_size
-
-HEADS = ("window", "dense")
+from keras_fcn_surgery.options import HEADS
 
 
 def add_parser(subparsers) -> None:

@@ -5,8 +5,7 @@ from __future__ import annotations
 import sys
 
 from keras_fcn_surgery.commands.common import EXIT_OK, EXIT_USAGE, parse_size, positive_int
-
-_PREPROCESS_MODES = ("none", "caffe", "tf", "torch")
+from keras_fcn_surgery.options import HEADS, PREPROCESS_MODES
 
 
 def add_parser(subparsers) -> None:
@@ -20,7 +19,7 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     parser.add_argument(
         "--preprocess",
-        choices=_PREPROCESS_MODES,
+        choices=PREPROCESS_MODES,
         default="none",
         help="pixel preprocessing of keras.applications (caffe: VGG/ResNet50, tf: MobileNet..., torch: DenseNet)",
     )
@@ -36,7 +35,7 @@ def add_parser(subparsers) -> None:
     parser.add_argument(
         "--absolute", action="store_true", help="heat colours span p = 0..1 (default: this map's own range)"
     )
-    parser.add_argument("--head", choices=("window", "dense"), default="window", help="global-pooling heads")
+    parser.add_argument("--head", choices=HEADS, default="window", help="global-pooling heads")
     parser.add_argument("--input-size", type=parse_size, help="original input size HxW when the model takes any size")
     parser.set_defaults(run=run)
 

@@ -1,12 +1,23 @@
 """Exporting a converted model to ONNX with symbolic batch, height and width, checked with onnxruntime.
 
 Needs the optional packages ``onnx``, ``onnxruntime`` and ``tf2onnx``
-(``pip install keras-fcn-surgery[onnx]``). Keras's own
-``model.export(format="onnx")`` (tf2onnx underneath) does the conversion; the
-input is then named ``images`` with dimensions ``batch``, ``height``,
-``width``, and the output ``scores`` with ``batch``, ``map_height``,
-``map_width``. Unlike the SavedModel, the ONNX graph keeps the model's own
-layout: NCHW for a channels-first model.
+(``pip install keras-fcn-surgery[onnx]``). The input is named ``images``
+with dimensions ``batch``, ``height``, ``width``, and the output ``scores``
+with ``batch``, ``map_height``, ``map_width``. Unlike the SavedModel, the
+ONNX graph keeps the model's own layout: NCHW for a channels-first model.
+
+Memory: tf2onnx converts a *frozen* graph, and a frozen graph carries every
+weight as a constant, which tf2onnx, its TensorFlow optimisation pass, the
+ONNX proto and its serialisation each copy (VGG16, 528 MiB of weights: 5.8
+GB peak). Here tf2onnx converts the model's *structure* only: the function
+it sees takes the weights as extra inputs (``stateless_call``), so its graph
+holds no weight. Those inputs are then turned into initializers written
+straight from the Keras variables to the file, one tensor at a time (protobuf
+merges repeated occurrences of a message field, so the file is the
+structure's bytes followed by one ``graph.initializer`` record per weight).
+The peak above the loaded model is about one copy of the largest weight.
+onnxruntime folds the few layout ops (kernel transposes) that act on those
+initializers when it loads the file.
 """
 
 from __future__ import annotations
@@ -14,6 +25,8 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import warnings
+
+import numpy as np
 
 from keras_fcn_surgery.errors import ModelFileError, first_line
 from keras_fcn_surgery.export.pipeline import (
@@ -24,9 +37,11 @@ from keras_fcn_surgery.export.pipeline import (
     image_channels,
     prepare_fcn,
     resolve_check_sizes,
+    run_check_script,
+    run_export,
 )
 from keras_fcn_surgery.export.savedmodel import INPUT_NAME, OUTPUT_NAME
-from keras_fcn_surgery.graph import model_layout
+from keras_fcn_surgery.graph import model_layout, patch_tf2onnx
 from keras_fcn_surgery.layout import Layout
 from keras_fcn_surgery.saving.atomic import atomic_output, check_output_path
 
@@ -47,9 +62,10 @@ def export_onnx(
 ) -> ExportResult:
     """Write a model as an ONNX file whose batch, height and width are symbolic, and prove it runs.
 
-    The file is written under a temporary name in the target folder, run with
-    onnxruntime at two image sizes and compared with the Keras model, and only
-    then renamed into place: a failure leaves no file (and an existing one
+    The file is written under a temporary name in the target folder, checked
+    by ``onnx.checker`` and run with onnxruntime in a fresh process at two
+    image sizes, compared with the Keras model, and only then renamed into
+    place: a failure leaves no file (and an existing one
     untouched).
 
     Args:
@@ -76,13 +92,15 @@ def export_onnx(
         ModelFileError: for an existing file without ``overwrite``, or a path
             that cannot be written.
     """
-    onnx, onnxruntime = _require_onnx()
+    onnx, _ = _require_onnx()
     path = check_output_path(path, suffix=".onnx", overwrite=overwrite)
     fcn, original = prepare_fcn(model, convert=convert, head=head, input_size=input_size, custom_objects=custom_objects)
     sizes = resolve_check_sizes(fcn, original, check_sizes)
-    with atomic_output(path, suffix=".onnx", overwrite=overwrite) as temporary:
-        _write_onnx(fcn, temporary, onnx, opset)
-        checks = _check_with_onnxruntime(fcn, temporary, sizes, onnxruntime)
+    checks = run_export(
+        atomic_output(path, suffix=".onnx", overwrite=overwrite),
+        lambda temporary: _write_onnx(fcn, temporary, onnx, opset),
+        lambda temporary: _check_with_onnxruntime(fcn, temporary, sizes),
+    )
     return ExportResult(path=path, version=None, checks=checks)
 
 
@@ -104,45 +122,141 @@ def _input_spec(fcn):
     return tf.TensorSpec(shape, tf.float32, name=INPUT_NAME)
 
 
+# Protobuf fields the streamed initializers are written into (onnx.proto): ModelProto.graph,
+# GraphProto.initializer, TensorProto.raw_data.
+_MODEL_GRAPH_FIELD, _GRAPH_INITIALIZER_FIELD, _TENSOR_RAW_DATA_FIELD = 7, 5, 9
+# A protobuf message must stay under 2 GiB to be parsed back.
+_PROTOBUF_LIMIT = 2**31 - 1
+
+
 def _write_onnx(fcn, temporary: str, onnx, opset) -> None:
+    """Convert the weight-free structure with tf2onnx, then stream the weights into the file."""
+    structure, weight_inputs = _convert_structure(fcn, onnx, opset)
+    _name_io(structure, model_layout(fcn))
+    variables = list(fcn.trainable_variables) + list(fcn.non_trainable_variables)
+    used = {name for node in structure.graph.node for name in node.input} | {v.name for v in structure.graph.output}
+    initializers = []
+    for name, variable in zip(weight_inputs, variables, strict=True):
+        if name in used:
+            initializers.append((name, variable))
+    kept_inputs = [value for value in structure.graph.input if value.name not in set(weight_inputs)]
+    del structure.graph.input[:]
+    structure.graph.input.extend(kept_inputs)
+    total = structure.ByteSize() + sum(_nbytes(variable) + 64 for _, variable in initializers)
+    if total > _PROTOBUF_LIMIT:
+        raise ExportError(
+            f"Model '{fcn.name}' needs {total / 2**30:.1f} GiB, over the 2 GiB an ONNX file without external "
+            "data can hold; this export does not write external data. Export a SavedModel instead."
+        )
+    try:
+        with open(temporary, "wb") as handle:
+            handle.write(structure.SerializeToString())
+            for name, variable in initializers:
+                _write_initializer(handle, name, variable, onnx)
+    except OSError as error:
+        raise ModelFileError(f"Could not write '{temporary}': {error.strerror or error}.") from error
+
+
+def _convert_structure(fcn, onnx, opset):
+    """tf2onnx's ModelProto of ``fcn`` with every weight as a graph input; and those inputs' names, in order."""
+    import tensorflow as tf
+    import tf2onnx
+
+    variables = list(fcn.trainable_variables) + list(fcn.non_trainable_variables)
+    n_trainable = len(fcn.trainable_variables)
+    weight_specs = [
+        tf.TensorSpec(tuple(v.shape), tf.as_dtype(str(v.dtype)), name=f"kfs_weight_{i}")
+        for i, v in enumerate(variables)
+    ]
+    image_spec = _input_spec(fcn)
+
+    def structure_fn(images, *weights):
+        trainable, non_trainable = list(weights[:n_trainable]), list(weights[n_trainable:])
+        outputs, _ = fcn.stateless_call(trainable, non_trainable, images, training=False)
+        return outputs
+
+    function = tf.function(structure_fn, input_signature=[image_spec, *weight_specs], autograph=False)
     try:
         with warnings.catch_warnings():
             # Keras's tf2onnx patch probes the removed `np.object` and warns about it.
             warnings.simplefilter("ignore", FutureWarning)
-            fcn.export(temporary, format="onnx", input_signature=[_input_spec(fcn)], opset_version=opset, verbose=False)
+            patch_tf2onnx()
+            proto, _ = tf2onnx.convert.from_function(
+                function, input_signature=[image_spec, *weight_specs], opset=opset
+            )
     except ImportError as error:
         raise ExportError(f"ONNX export failed: {error}. pip install keras-fcn-surgery[onnx]") from error
-    except OSError as error:
-        raise ModelFileError(f"Could not write '{temporary}': {error.strerror or error}.") from error
     except Exception as error:
         raise ExportError(
             f"tf2onnx could not convert model '{fcn.name}' ({type(error).__name__}: {first_line(str(error))})."
         ) from error
-    proto = onnx.load(temporary)
-    _name_io(proto, model_layout(fcn))
-    onnx.checker.check_model(proto)
-    try:
-        onnx.save(proto, temporary)
-    except ValueError as error:
-        raise ExportError(
-            f"Model '{fcn.name}' does not fit in one ONNX file ({first_line(str(error))}); files over 2 GB "
-            "need external data, which this export does not write."
-        ) from error
+    names = [value.name for value in proto.graph.input]
+    weight_inputs = []
+    for spec in weight_specs:
+        matches = [name for name in names if name.split(":")[0] == spec.name]
+        weight_inputs.append(matches[0] if matches else f"{spec.name}:0")
+    image_inputs = [name for name in names if name not in set(weight_inputs)]
+    if len(image_inputs) != 1:
+        raise ExportError(f"Expected one image input in the ONNX graph of '{fcn.name}'. Received: {image_inputs}")
+    _rename(proto.graph, image_inputs[0], INPUT_NAME)
+    return proto, weight_inputs
+
+
+def _nbytes(variable) -> int:
+    return int(np.prod(variable.shape, dtype=np.int64)) * np.dtype(str(variable.dtype)).itemsize
+
+
+def _write_initializer(handle, name: str, variable, onnx) -> None:
+    """Append one ``graph.initializer`` record holding ``variable`` as little-endian raw data."""
+    import keras
+
+    array = np.asarray(keras.ops.convert_to_numpy(variable))
+    array = np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<"))
+    header = onnx.TensorProto(
+        name=name, data_type=onnx.helper.np_dtype_to_tensor_dtype(array.dtype), dims=array.shape
+    ).SerializeToString()
+    raw = _field_header(_TENSOR_RAW_DATA_FIELD, array.nbytes)
+    tensor_size = len(header) + len(raw) + array.nbytes
+    initializer = _field_header(_GRAPH_INITIALIZER_FIELD, tensor_size)
+    graph = _field_header(_MODEL_GRAPH_FIELD, len(initializer) + tensor_size)
+    handle.write(graph + initializer + header + raw)
+    handle.write(array.data)
+
+
+def _field_header(field: int, size: int) -> bytes:
+    """A length-delimited protobuf field's tag and length."""
+    return _varint(field << 3 | 2) + _varint(size)
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte, value = value & 0x7F, value >> 7
+        out.append(byte | (0x80 if value else 0))
+        if not value:
+            return bytes(out)
+
+
+def _rename(graph, old: str, new: str) -> None:
+    if old == new:
+        return
+    for node in graph.node:
+        node.output[:] = [new if name == old else name for name in node.output]
+        node.input[:] = [new if name == old else name for name in node.input]
+    for value in (*graph.input, *graph.output):
+        if value.name == old:
+            value.name = new
 
 
 def _name_io(proto, layout: Layout) -> None:
     """Rename the graph output to ``scores`` and give the free dimensions readable names."""
     graph = proto.graph
-    if len(graph.input) != 1 or len(graph.output) != 1:
-        raise ExportError(f"Expected one ONNX input and output, got {len(graph.input)} and {len(graph.output)}.")
-    old = graph.output[0].name
-    if old != OUTPUT_NAME:
-        for node in graph.node:
-            node.output[:] = [OUTPUT_NAME if name == old else name for name in node.output]
-            node.input[:] = [OUTPUT_NAME if name == old else name for name in node.input]
-        graph.output[0].name = OUTPUT_NAME
+    if len(graph.output) != 1:
+        raise ExportError(f"Expected one ONNX output, got {len(graph.output)}.")
+    _rename(graph, graph.output[0].name, OUTPUT_NAME)
+    image = [value for value in graph.input if value.name == INPUT_NAME]
     axes = (0, *layout.spatial_axes)
-    named = ((graph.input[0], ("batch", "height", "width")), (graph.output[0], ("batch", "map_height", "map_width")))
+    named = ((image[0], ("batch", "height", "width")), (graph.output[0], ("batch", "map_height", "map_width")))
     for value, names in named:
         dims = value.type.tensor_type.shape.dim
         for axis, name in zip(axes, names, strict=True):
@@ -150,13 +264,26 @@ def _name_io(proto, layout: Layout) -> None:
                 dims[axis].dim_param = name
 
 
-def _check_with_onnxruntime(fcn, path: str, sizes, onnxruntime):
+_CHECK_SCRIPT = """
+import numpy as np
+import onnx
+import onnxruntime
 
+path, inputs_file, outputs_file = sys.argv[1:4]
+onnx.checker.check_model(path)
+session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
+inputs = np.load(inputs_file)
+outputs = {key: session.run(["scores"], {"images": inputs[key]})[0] for key in inputs.files}
+np.savez(outputs_file, **outputs)
+"""
+
+
+def _check_with_onnxruntime(fcn, path: str, sizes):
+    """Check the file with onnx's checker and run it with onnxruntime in a fresh process."""
     layout = model_layout(fcn)
-    session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
     batches = check_batches(fcn, sizes)
-    outputs = {}
-    for key, images in batches.items():
-        (y,) = session.run([OUTPUT_NAME], {INPUT_NAME: layout.from_channels_last(images)})
-        outputs[key] = layout.to_channels_last(y)
-    return compare_outputs(fcn, batches, outputs, what=f"The ONNX export of '{fcn.name}' (onnxruntime)")
+    what = f"The ONNX export of '{fcn.name}' (onnxruntime)"
+    model_layout_inputs = {key: layout.from_channels_last(images) for key, images in batches.items()}
+    outputs = run_check_script(_CHECK_SCRIPT, path, model_layout_inputs, what=what)
+    outputs = {key: layout.to_channels_last(y) for key, y in outputs.items()}
+    return compare_outputs(fcn, batches, outputs, what=what)

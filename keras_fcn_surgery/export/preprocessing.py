@@ -8,8 +8,9 @@
 from __future__ import annotations
 
 from keras_fcn_surgery.errors import ConversionError
+from keras_fcn_surgery.options import PREPROCESS_MODES
 
-PREPROCESS_MODES = ("none", "caffe", "tf", "torch")
+__all__ = ["PREPROCESS_MODES", "decode_images", "preprocess_images"]
 
 # keras.applications.imagenet_utils conventions.
 CAFFE_MEAN_BGR = (103.939, 116.779, 123.68)

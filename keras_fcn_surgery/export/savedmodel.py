@@ -1,29 +1,35 @@
 """Exporting a converted model as a TensorFlow Serving SavedModel, checked in a fresh process.
 
 The layout is TF Serving's: ``<export_dir>/<version>/saved_model.pb`` plus
-``variables/``. Two signatures:
+``variables/``. Up to three signatures, all with output ``scores``, float32
+``[-1, -1, -1, K]``:
 
 - ``serving_default``: input ``images``, float32 ``[-1, -1, -1, C]`` (height
-  and width free), the raw pixels the Keras model itself expects; output
-  ``scores``, float32 ``[-1, -1, -1, K]``.
+  and width free), the model-ready tensor the Keras model itself takes:
+  nothing is applied.
+- ``serving_pixels`` (only with a ``preprocess`` other than ``"none"``):
+  input ``pixels``, float32 ``[-1, -1, -1, C]`` holding raw RGB values in
+  0..255 (uint8 values sent as JSON numbers work), preprocessed in the graph.
 - ``serving_bytes``: input ``image_bytes``, a batch of encoded JPEG/PNG/GIF/BMP
   strings (tf.string ``[-1]``, what TF Serving's REST ``{"b64": ...}`` values
   become), decoded in the graph and preprocessed with one of the
-  `keras.applications` conventions; output ``scores`` as above. All images of
-  one request must have the same height and width.
+  `keras.applications` conventions. All images of one request must have the
+  same height and width.
 
-Both take channels-last images and return channels-last maps, also for a
+TFLite: ``tf.lite.TFLiteConverter.from_saved_model(dir)`` converts every
+signature and fails on ``serving_bytes`` (image decoding is no TFLite
+operation); ``from_saved_model(dir, signature_keys=["serving_default"])``
+(or ``"serving_pixels"``) converts; `export_tflite` writes a checked file.
+
+All take channels-last images and return channels-last maps, also for a
 channels-first model (the signature transposes).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
-import shutil
-import subprocess
-import sys
-import tempfile
 
 import keras
 import numpy as np
@@ -37,22 +43,24 @@ from keras_fcn_surgery.export.pipeline import (
     image_channels,
     prepare_fcn,
     resolve_check_sizes,
+    run_check_script,
+    run_export,
 )
 from keras_fcn_surgery.export.preprocessing import PREPROCESS_MODES, decode_images, preprocess_images
 from keras_fcn_surgery.graph import model_layout
+from keras_fcn_surgery.saving.atomic import atomic_folder
 from keras_fcn_surgery.surgery.verify import VerificationResult
 
 SERVING_DEFAULT = "serving_default"
 SERVING_BYTES = "serving_bytes"
+SERVING_PIXELS = "serving_pixels"
 INPUT_NAME = "images"
 BYTES_INPUT_NAME = "image_bytes"
+PIXELS_INPUT_NAME = "pixels"
 OUTPUT_NAME = "scores"
 
 # Channel counts tf.io.decode_image can produce.
 DECODABLE_CHANNELS = (1, 3, 4)
-
-# Seconds the fresh process may take to load and run the SavedModel.
-CHECK_TIMEOUT = 900
 
 _VERSION_NAME = re.compile(r"^[0-9]+$")
 
@@ -125,23 +133,26 @@ def export_savedmodel(
         version = _check_version(version)
     fcn, original = prepare_fcn(model, convert=convert, head=head, input_size=input_size, custom_objects=custom_objects)
     channels = image_channels(fcn)
+    _check_preprocess_channels(fcn, channels, preprocess)
     if bytes_signature:
-        _check_bytes_signature(fcn, channels, preprocess)
+        _check_bytes_signature(fcn, channels)
     sizes = resolve_check_sizes(fcn, original, check_sizes)
-    export_dir = _prepare_export_dir(export_dir)
+    export_dir, created = _prepare_export_dir(export_dir)
     if version is None:
         version = next_version(export_dir)
     final = os.path.join(export_dir, str(version))
-    _refuse_existing(final, overwrite)
 
-    work = _make_work_dir(export_dir, version)
+    staging = atomic_folder(final, overwrite=overwrite, what="export folder")
     try:
-        written = os.path.join(work, "saved_model")
-        _write_savedmodel(fcn, written, preprocess if bytes_signature else None)
-        checks = _check_in_fresh_process(fcn, written, sizes)
-        _publish(written, final, work, overwrite)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+        checks = run_export(
+            staging,
+            lambda path: _write_savedmodel(fcn, path, preprocess, bytes_signature),
+            lambda path: _check_savedmodel(fcn, path, sizes),
+        )
+    except BaseException:
+        if created:
+            _remove_if_empty(export_dir)
+        raise
     return ExportResult(path=final, version=version, checks=checks)
 
 
@@ -158,24 +169,32 @@ def next_version(export_dir) -> int:
     return max(versions, default=0) + 1
 
 
-def serving_functions(fcn, preprocess: str | None = "none") -> dict:
+def serving_functions(fcn, preprocess: str | None = "none", *, bytes_signature=True, call=None) -> dict:
     """The signature functions, keyed by signature name, with their input signatures.
 
+    Args:
+        fcn: the fully convolutional model.
+        preprocess: the preprocessing ``serving_pixels`` and ``serving_bytes``
+            apply (one of `PREPROCESS_MODES`); None: ``serving_default`` only;
+            ``"none"``: no ``serving_pixels`` (it would equal ``serving_default``).
+        bytes_signature: add ``serving_bytes`` (when ``preprocess`` is set).
+        call: what computes the model (default: ``fcn`` itself).
+
     Returns:
-        ``{name: (function, [tf.TensorSpec])}``; ``serving_bytes`` only when
-        ``preprocess`` is not None.
+        ``{name: (function, [tf.TensorSpec])}``.
     """
     import tensorflow as tf
 
     channels = image_channels(fcn)
     channels_first = model_layout(fcn).channels_first
     dtype = fcn.inputs[0].dtype
+    call = fcn if call is None else call
 
     def scores(images):
         x = tf.cast(images, dtype)
         if channels_first:
             x = tf.transpose(x, [0, 3, 1, 2])
-        y = fcn(x, training=False)
+        y = call(x, training=False)
         if channels_first:
             y = tf.transpose(y, [0, 2, 3, 1])
         return tf.cast(y, tf.float32)
@@ -183,22 +202,32 @@ def serving_functions(fcn, preprocess: str | None = "none") -> dict:
     def serve(images):
         return {OUTPUT_NAME: scores(images)}
 
+    def serve_pixels(pixels):
+        return {OUTPUT_NAME: scores(preprocess_images(pixels, preprocess))}
+
     def serve_bytes(image_bytes):
         return {OUTPUT_NAME: scores(preprocess_images(decode_images(image_bytes, channels), preprocess))}
 
-    functions = {SERVING_DEFAULT: (serve, [tf.TensorSpec([None, None, None, channels], tf.float32, name=INPUT_NAME)])}
-    if preprocess is not None:
+    images = tf.TensorSpec([None, None, None, channels], tf.float32, name=INPUT_NAME)
+    functions = {SERVING_DEFAULT: (serve, [images])}
+    if preprocess not in (None, "none"):
+        pixels = tf.TensorSpec([None, None, None, channels], tf.float32, name=PIXELS_INPUT_NAME)
+        functions[SERVING_PIXELS] = (serve_pixels, [pixels])
+    if preprocess is not None and bytes_signature:
         functions[SERVING_BYTES] = (serve_bytes, [tf.TensorSpec([None], tf.string, name=BYTES_INPUT_NAME)])
     return functions
 
 
-def _check_bytes_signature(fcn, channels: int, preprocess: str) -> None:
+def _check_bytes_signature(fcn, channels: int) -> None:
     if channels not in DECODABLE_CHANNELS:
         raise ExportError(
             f"Model '{fcn.name}' takes {channels}-channel images, which encoded JPEG/PNG cannot hold "
             f"(they decode to {DECODABLE_CHANNELS} channels). Pass bytes_signature=False to export "
-            "serving_default only."
+            "serving_default and serving_pixels only."
         )
+
+
+def _check_preprocess_channels(fcn, channels: int, preprocess: str) -> None:
     if preprocess in ("caffe", "torch") and channels != 3:
         raise ExportError(
             f"preprocess={preprocess!r} works on RGB images but model '{fcn.name}' takes {channels} channels. "
@@ -218,42 +247,32 @@ def _check_version(version) -> int:
     return int(version)
 
 
-def _prepare_export_dir(export_dir) -> str:
+def _prepare_export_dir(export_dir) -> tuple[str, bool]:
+    """The absolute export folder, created when missing, and whether this call created it."""
     export_dir = os.path.abspath(os.fspath(export_dir))
     if os.path.exists(export_dir) and not os.path.isdir(export_dir):
         raise ModelFileError(f"Export folder '{export_dir}' is a file. Give a folder for the model's versions.")
+    created = not os.path.exists(export_dir)
     try:
         os.makedirs(export_dir, exist_ok=True)
     except OSError as error:
         raise ModelFileError(f"Cannot create export folder '{export_dir}': {error.strerror or error}.") from error
-    return export_dir
+    return export_dir, created
 
 
-def _refuse_existing(final: str, overwrite: bool) -> None:
-    if os.path.lexists(final) and not overwrite:
-        raise ModelFileError(
-            f"Version folder '{final}' already exists; pass overwrite=True (CLI: --overwrite) to replace it, "
-            "or leave out the version to write the next one."
-        )
-    if os.path.lexists(final) and not os.path.isdir(final):
-        raise ModelFileError(f"'{final}' exists and is not a folder; remove it first.")
+def _remove_if_empty(folder: str) -> None:
+    # An interrupted or failed first export leaves no empty model folder behind.
+    with contextlib.suppress(OSError):
+        os.rmdir(folder)
 
 
-def _make_work_dir(export_dir: str, version: int) -> str:
-    # A hidden, non-numeric name: TF Serving never mistakes it for a version.
-    try:
-        return tempfile.mkdtemp(prefix=f".{version}.partial-", dir=export_dir)
-    except OSError as error:
-        raise ModelFileError(f"Cannot write in export folder '{export_dir}': {error.strerror or error}.") from error
-
-
-def _write_savedmodel(fcn, path: str, preprocess: str | None) -> None:
+def _write_savedmodel(fcn, path: str, preprocess: str, bytes_signature: bool) -> None:
     import tensorflow as tf
 
     archive = keras.export.ExportArchive()
     # No `archive.track(fcn)`: the endpoints' variables are tracked anyway, and tracking the model too
     # stores every weight a second time (as Keras variables beside the TF ones), doubling the file.
-    for name, (function, signature) in serving_functions(fcn, preprocess).items():
+    for name, (function, signature) in serving_functions(fcn, preprocess, bytes_signature=bytes_signature).items():
         try:
             archive.add_endpoint(name, function, input_signature=signature)
         except ConversionError:
@@ -272,36 +291,7 @@ def _write_savedmodel(fcn, path: str, preprocess: str | None) -> None:
         ) from error
 
 
-def _publish(written: str, final: str, work: str, overwrite: bool) -> None:
-    """Rename ``written`` to ``final``; an existing ``final`` is moved aside first and restored on failure."""
-    previous = os.path.join(work, "previous")
-    moved_aside = False
-    try:
-        if overwrite and os.path.lexists(final):
-            os.rename(final, previous)
-            moved_aside = True
-        os.rename(written, final)
-    except BaseException as error:
-        if moved_aside and not os.path.lexists(final):
-            os.rename(previous, final)
-        if isinstance(error, OSError):
-            raise ModelFileError(
-                f"Could not move the new SavedModel into '{final}': {error.strerror or error}. "
-                "(Another export may have written that version meanwhile.)"
-            ) from error
-        raise
-
-
 _CHECK_SCRIPT = """
-import sys
-
-class _RefuseThisPackage:
-    def find_spec(self, name, path=None, target=None):
-        if name == "keras_fcn_surgery" or name.startswith("keras_fcn_surgery."):
-            raise ImportError("keras_fcn_surgery must not be needed to serve an export")
-        return None
-
-sys.meta_path.insert(0, _RefuseThisPackage())
 import numpy as np
 import tensorflow as tf
 
@@ -313,34 +303,9 @@ np.savez(outputs_file, **outputs)
 """
 
 
-def _check_in_fresh_process(fcn, path: str, sizes) -> tuple[VerificationResult, ...]:
+def _check_savedmodel(fcn, path: str, sizes) -> tuple[VerificationResult, ...]:
     """Load the SavedModel in a new interpreter (TensorFlow only) and compare it with the Keras model."""
     batches = check_batches(fcn, sizes)
-    with tempfile.TemporaryDirectory(prefix="kfs-check-") as scratch:
-        inputs_file = os.path.join(scratch, "inputs.npz")
-        outputs_file = os.path.join(scratch, "outputs.npz")
-        np.savez(inputs_file, **batches)  # type: ignore[arg-type]
-        env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
-        env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-        try:
-            process = subprocess.run(
-                [sys.executable, "-I", "-c", _CHECK_SCRIPT, path, inputs_file, outputs_file],
-                cwd=scratch,
-                env=env,
-                capture_output=True,
-                text=True,
-                timeout=CHECK_TIMEOUT,
-            )
-        except subprocess.TimeoutExpired as error:
-            raise ExportError(
-                f"Reloading the SavedModel of '{fcn.name}' in a fresh process took over {CHECK_TIMEOUT} s."
-            ) from error
-        if process.returncode != 0:
-            tail = " | ".join(process.stderr.strip().splitlines()[-3:])
-            raise ExportError(
-                f"The SavedModel of '{fcn.name}' could not be reloaded and run in a fresh TensorFlow process "
-                f"(exit {process.returncode}): {tail}. The export was not kept."
-            )
-        with np.load(outputs_file) as loaded:
-            outputs = {key: loaded[key] for key in loaded.files}
-    return compare_outputs(fcn, batches, outputs, what=f"The reloaded SavedModel of '{fcn.name}'")
+    what = f"The reloaded SavedModel of '{fcn.name}'"
+    outputs = run_check_script(_CHECK_SCRIPT, path, batches, what=what)
+    return compare_outputs(fcn, batches, outputs, what=what)

@@ -21,6 +21,7 @@ from keras_fcn_surgery.graph import (
     model_layout,
     producer_of,
 )
+from keras_fcn_surgery.options import HEADS
 from keras_fcn_surgery.saving.loading import as_model
 from keras_fcn_surgery.surgery.engine import GraphPlan, Surgeon
 from keras_fcn_surgery.surgery.plan import ConversionPlan
@@ -33,8 +34,6 @@ from keras_fcn_surgery.surgery.verify import (
     source_input_shapes,
     warn_if_uninformative,
 )
-
-HEADS = ("window", "dense")
 
 
 def plan(model, *, head: str = "window", input_size=None, custom_objects=None) -> ConversionPlan:
