@@ -34,6 +34,10 @@ _PUBLIC = {
     "log_graphs": "export.tensorboard",
     "VerificationResult": "surgery.verify",
     "verify": "surgery.verify",
+    "segmenter": "segmentation.segmenter",
+    "segmentation_loss": "segmentation.losses",
+    "filters_picture": "inference.pictures",
+    "activations_picture": "inference.pictures",
 }
 
 __all__ = [
@@ -60,6 +64,10 @@ __all__ = [
     "predict_map",
     "sliding_window_predict",
     "verify",
+    "segmenter",
+    "segmentation_loss",
+    "filters_picture",
+    "activations_picture",
 ]
 
 
@@ -88,8 +96,11 @@ if TYPE_CHECKING:
     from keras_fcn_surgery.export.tensorboard import log_graphs
     from keras_fcn_surgery.grid.geometry import AxisGeometry, Geometry, geometry
     from keras_fcn_surgery.inference.heatmap import heatmap, imagenet_class_names
+    from keras_fcn_surgery.inference.pictures import activations_picture, filters_picture
     from keras_fcn_surgery.inference.predict import predict_map, sliding_window_predict
     from keras_fcn_surgery.saving.loading import load_model
+    from keras_fcn_surgery.segmentation.losses import segmentation_loss
+    from keras_fcn_surgery.segmentation.segmenter import segmenter
     from keras_fcn_surgery.surgery.convert import HEADS, convert, plan
     from keras_fcn_surgery.surgery.plan import ConversionPlan
     from keras_fcn_surgery.surgery.verify import VerificationResult, verify
