@@ -14,17 +14,26 @@ def segmentation_loss(
 
     Args:
         ignore_label: the void label (padding, object borders); ``None`` counts every pixel.
-        data_format: where the class axis of the logits is: last
-            (``"channels_last"``) or 1 (``"channels_first"``).
+        data_format: the layout of the logits; only ``"channels_last"``:
+            Keras's sparse cross-entropy reads classes on the last axis.
 
     Returns:
         A `keras.losses.SparseCategoricalCrossentropy` (built-in: models
         compiled with it save and load without custom objects). Labels are
-        ``(N, H, W)`` integers; logits ``(N, H, W, K)`` (``(N, K, H, W)``).
+        ``(N, H, W)`` integers; logits ``(N, H, W, K)``.
+
+    Raises:
+        ConversionError: for ``"channels_first"`` logits.
     """
+    from keras_fcn_surgery.errors import ConversionError
     from keras_fcn_surgery.layout import Layout
 
-    layout = Layout(data_format)
+    if Layout(data_format).channels_first:
+        raise ConversionError(
+            "Keras's sparse cross-entropy reads the classes on the last axis only, and a channels-first "
+            "segmenter puts them on axis 1. Train on `keras.Model(model.input, "
+            "keras.layers.Permute((2, 3, 1))(model.output))` instead."
+        )
     return keras.losses.SparseCategoricalCrossentropy(
-        from_logits=True, ignore_class=ignore_label, axis=layout.channel_axis, name="segmentation_loss"
+        from_logits=True, ignore_class=ignore_label, name="segmentation_loss"
     )
