@@ -152,7 +152,7 @@ def picture(test, predictions: dict, rows: int = 3, scale: int = 4) -> Image.Ima
         panels.append(label_colors(y[row]))
         panels += [label_colors(p[row]) for p in predictions.values()]
         for column, panel in enumerate(panels):
-            shown = Image.fromarray(panel).resize((size, size), Image.NEAREST)
+            shown = Image.fromarray(panel).resize((size, size), Image.Resampling.NEAREST)
             figure.paste(shown, (column * (size + 4), header + row * (size + 4)))
     return figure
 

@@ -1,0 +1,86 @@
+"""`segment_image`: a segmenter's logits for one image, whole or in exact tiles."""
+
+from __future__ import annotations
+
+import itertools
+
+import keras
+import numpy as np
+
+from keras_fcn_surgery.errors import ConversionError
+from keras_fcn_surgery.graph import model_layout
+from keras_fcn_surgery.grid.geometry import geometry
+from keras_fcn_surgery.segmentation.tiles import plan_tiles
+
+
+def is_segmenter(model) -> bool:
+    """True for a model with learnable upsampling (a `Conv2DTranspose`), as `segmenter` builds."""
+    return any(isinstance(layer, keras.layers.Conv2DTranspose) for layer in model.layers)
+
+
+def reach(model) -> tuple[tuple[int, int], tuple[int, int]]:
+    """``(margin, period)`` per axis of a segmenter: how far a pixel's inputs reach, and the network's stride.
+
+    Read from the geometry of every convolution before the upsampling: a
+    pixel is interpolated from cells whose centres lie within twice the
+    largest stride (the cascade of skips halves the stride at each step), and
+    each of them sees half the largest receptive field around its centre. The
+    margin adds one more stride to stay clear of that bound.
+    """
+    strides, fields = [], []
+    for layer in model.layers:
+        if not isinstance(layer, keras.layers.Conv2D) or isinstance(layer, keras.layers.Conv2DTranspose):
+            continue
+        try:
+            grid = geometry(keras.Model(model.inputs[0], layer.output))
+        except ConversionError:
+            continue
+        strides.append(grid.stride)
+        fields.append(grid.receptive_field)
+    if not strides:
+        raise ConversionError(f"Model '{model.name}' has no convolution before its upsampling to take a geometry from.")
+    period = tuple(max(s[a] for s in strides) for a in (0, 1))
+    field = tuple(max(f[a] for f in fields) for a in (0, 1))
+    margin = tuple(3 * period[a] + (field[a] + 1) // 2 + 1 for a in (0, 1))
+    return margin, period  # type: ignore[return-value]
+
+
+def segment_image(model, image, *, tile=None) -> np.ndarray:
+    """The segmenter's logits for one image, ``(H, W, K)`` (``(K, H, W)`` for channels-first models).
+
+    Args:
+        model: a model from `segmenter` (or loaded from its ``.keras`` file).
+        image: one image in the model's layout, already preprocessed.
+        tile: tile side in pixels (an int or ``(h, w)``); None runs the image
+            whole. Tiles overlap by the network's reach (see `reach`), so the
+            result equals the whole-image pass within float32 round-off.
+
+    Raises:
+        ConversionError: for an image of the wrong rank, or tiles too small.
+    """
+    layout = model_layout(model)
+    image = np.asarray(image, dtype=np.float32)
+    if image.ndim != 3:
+        raise ConversionError(f"Expected one image of rank 3 in the model's layout. Received shape {image.shape}.")
+    if tile is None:
+        return np.asarray(model(image[None], training=False))[0]
+    sides = (int(tile), int(tile)) if np.isscalar(tile) else tuple(int(t) for t in tile)
+    margin, period = reach(model)
+    size = layout.image_size(image.shape)
+    try:
+        plans = [plan_tiles(size[a], sides[a], margin[a], period[a]) for a in (0, 1)]
+    except ValueError as error:
+        raise ConversionError(f"Cannot tile for '{model.name}': {error}") from error
+    out = None
+    for rows, cols in itertools.product(*plans):
+        piece = image[layout.image_index(slice(rows.start, rows.stop), slice(cols.start, cols.stop))]
+        logits = np.asarray(model(piece[None], training=False))[0]
+        if out is None:
+            classes = logits.shape[layout.image_channel_axis]
+            out = np.empty(layout.image_shape(size[0], size[1], classes), np.float32)
+        keep_rows = slice(rows.keep_start - rows.start, rows.keep_stop - rows.start)
+        keep_cols = slice(cols.keep_start - cols.start, cols.keep_stop - cols.start)
+        out[layout.image_index(slice(rows.keep_start, rows.keep_stop), slice(cols.keep_start, cols.keep_stop))] = (
+            logits[layout.image_index(keep_rows, keep_cols)]
+        )
+    return out
