@@ -66,7 +66,7 @@ def tile_grid(tiles, *, scale: int = 1, columns: int | None = None) -> Image.Ima
     mode = "RGB" if tiles.ndim == 4 else "L"
     grid = Image.new(mode, (columns * cell[1] + _GAP, rows * cell[0] + _GAP), "white" if mode == "RGB" else 255)
     for index, tile in enumerate(tiles):
-        shown = Image.fromarray(tile).resize((width * scale, height * scale), Image.NEAREST)
+        shown = Image.fromarray(tile).resize((width * scale, height * scale), Image.Resampling.NEAREST)
         grid.paste(shown, (_GAP + (index % columns) * cell[1], _GAP + (index // columns) * cell[0]))
     return grid
 

@@ -64,7 +64,7 @@ def segment_image(model, image, *, tile=None) -> np.ndarray:
         raise ConversionError(f"Expected one image of rank 3 in the model's layout. Received shape {image.shape}.")
     if tile is None:
         return np.asarray(model(image[None], training=False))[0]
-    sides = (int(tile), int(tile)) if np.isscalar(tile) else tuple(int(t) for t in tile)
+    sides = tuple(int(t) for t in tile) if isinstance(tile, (tuple, list)) else (int(tile), int(tile))
     margin, period = reach(model)
     size = layout.image_size(image.shape)
     try:
@@ -83,4 +83,5 @@ def segment_image(model, image, *, tile=None) -> np.ndarray:
         out[layout.image_index(slice(rows.keep_start, rows.keep_stop), slice(cols.keep_start, cols.keep_stop))] = (
             logits[layout.image_index(keep_rows, keep_cols)]
         )
+    assert out is not None  # plan_tiles returns at least one tile per axis
     return out
