@@ -10,4 +10,6 @@ COMMAND_MODULES = (
     "keras_fcn_surgery.commands.export",
     "keras_fcn_surgery.commands.graph",
     "keras_fcn_surgery.commands.heatmap",
+    "keras_fcn_surgery.commands.segment",
+    "keras_fcn_surgery.commands.show",
 )
