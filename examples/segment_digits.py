@@ -47,6 +47,7 @@ class Schedule:
     test_canvases: int = 150
     epochs: int = 8
     canvas: int = 40
+    learning_rate: float = 5e-3
 
 
 SHORT = Schedule(classifier_epochs=2, train_canvases=48, test_canvases=16, epochs=1, canvas=32)
@@ -122,7 +123,7 @@ def fine_tune(classifier, skips, train, schedule: Schedule, seed: int = 0) -> ke
     """The classifier's own 11 classes as logits, upsampled to pixels; backbone and skips trained."""
     keras.utils.set_random_seed(seed)
     model = kfs.segmenter(classifier, skips=skips)
-    model.compile(keras.optimizers.Adam(2e-3), kfs.segmentation_loss(), jit_compile=False)
+    model.compile(keras.optimizers.Adam(schedule.learning_rate), kfs.segmentation_loss(), jit_compile=False)
     x, y = train
     model.fit(x, y, batch_size=16, epochs=schedule.epochs, shuffle=True, verbose=0)
     return model

@@ -260,3 +260,19 @@ def test_keras_round_trip_without_custom_objects(tmp_path):
     for size in [(21, 27), (16, 16)]:
         x = random_images((1, *size, 3))
         np.testing.assert_allclose(loaded(x).numpy(), model(x).numpy(), atol=1e-6)
+
+
+@pytest.mark.parametrize("data_format", ["channels_last", "channels_first"])
+def test_many_classes_share_one_bilinear_kernel_with_the_same_result(monkeypatch, data_format):
+    from keras_fcn_surgery.segmentation import segmenter as module
+
+    layout = Layout(data_format)
+    classifier = same_net(data_format, classes=7)
+    full = kfs.segmenter(classifier)
+    monkeypatch.setattr(module, "FULL_KERNEL_LIMIT", 0)
+    shared = kfs.segmenter(classifier)
+    assert isinstance(shared.get_layer("upscore"), keras.layers.Conv3DTranspose)
+    shape = tuple(shared.get_layer("upscore").kernel.shape)
+    assert shape[0] == 1 and shape[3:] == (1, 1)
+    x = random_images(layout.batch_shape(1, 21, 26, 3))
+    np.testing.assert_allclose(shared(x).numpy(), full(x).numpy(), rtol=0, atol=1e-5 * np.abs(full(x).numpy()).max())

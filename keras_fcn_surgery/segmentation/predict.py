@@ -14,8 +14,9 @@ from keras_fcn_surgery.segmentation.tiles import plan_tiles
 
 
 def is_segmenter(model) -> bool:
-    """True for a model with learnable upsampling (a `Conv2DTranspose`), as `segmenter` builds."""
-    return any(isinstance(layer, keras.layers.Conv2DTranspose) for layer in model.layers)
+    """True for a model with learnable upsampling (a transposed convolution), as `segmenter` builds."""
+    upsampling = (keras.layers.Conv2DTranspose, keras.layers.Conv3DTranspose)
+    return any(isinstance(layer, upsampling) for layer in model.layers)
 
 
 def reach(model) -> tuple[tuple[int, int], tuple[int, int]]:

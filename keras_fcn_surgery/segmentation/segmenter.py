@@ -29,6 +29,8 @@ from keras_fcn_surgery.segmentation.alignment import AxisAlignment, align_axis, 
 from keras_fcn_surgery.segmentation.bilinear import diagonal_kernel
 
 _ACTIVATION_LAYERS = (keras.layers.Activation, keras.layers.Softmax)
+# Most weights of a class-to-class upsampling kernel (16 MiB of float32); beyond it one kernel is shared.
+FULL_KERNEL_LIMIT = 1 << 22
 
 
 def segmenter(
@@ -74,7 +76,11 @@ def segmenter(
             or the last map at that stride; a stride that does not exist is
             left out); ``()`` is FCN-32s; a list of layer names chooses them.
         head: passed to `convert` for global-pooling classifiers.
-        trainable_upsampling: let training change the bilinear kernels.
+        trainable_upsampling: let training change the bilinear kernels. Each
+            is a class-to-class `Conv2DTranspose` kernel (bilinear on the
+            diagonal, as FCN); when that would hold more than
+            ``FULL_KERNEL_LIMIT`` weights (1000 classes), one bilinear kernel
+            is shared by all classes (a `Conv3DTranspose` over the classes).
         keep_classes: with ``num_classes``, the old classes whose score
             weights to carry across (as FCN's ``expand_score``): a sequence
             (new class ``i`` gets old class ``keep_classes[i]``) or a mapping
@@ -321,23 +327,41 @@ def _upsample(scores, alignments, classes: int, layout: Layout, trainable: bool,
     half positions.
     """
     size = (alignments[0].kernel_size, alignments[1].kernel_size)
+    strides = (alignments[0].ratio, alignments[1].ratio)
     pad = [[0, 0], [0, 0], [0, 0], [0, 0]]
     for axis in layout.spatial_axes:
         pad[axis] = [1, 1]
     padded = ops.pad(scores, pad, mode="symmetric")
-    layer = keras.layers.Conv2DTranspose(
-        classes,
-        size,
-        strides=(alignments[0].ratio, alignments[1].ratio),
+    if size[0] * size[1] * classes * classes <= FULL_KERNEL_LIMIT:
+        layer = keras.layers.Conv2DTranspose(
+            classes,
+            size,
+            strides=strides,
+            padding="valid",
+            use_bias=False,
+            data_format=layout.data_format,
+            trainable=trainable,
+            name=name,
+        )
+        output = layer(padded)
+        layer.set_weights([diagonal_kernel(size, classes)])
+        return output
+    # Many classes: a K x K kernel would not fit, so every class goes through one shared bilinear
+    # kernel: the classes become the depth axis of a Conv3DTranspose whose kernel spans one of them.
+    by_class = padded if layout.channels_first else ops.transpose(padded, (0, 3, 1, 2))
+    layer = keras.layers.Conv3DTranspose(
+        1,
+        (1, *size),
+        strides=(1, *strides),
         padding="valid",
         use_bias=False,
-        data_format=layout.data_format,
+        data_format="channels_last",
         trainable=trainable,
         name=name,
     )
-    output = layer(padded)
-    layer.set_weights([diagonal_kernel(size, classes)])
-    return output
+    output = ops.squeeze(layer(ops.expand_dims(by_class, -1)), -1)
+    layer.set_weights([diagonal_kernel(size, 1)[None]])
+    return output if layout.channels_first else ops.transpose(output, (0, 2, 3, 1))
 
 
 def _gather(upsampled, target, image, alignments, layout: Layout, name: str):
