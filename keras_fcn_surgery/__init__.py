@@ -36,6 +36,7 @@ _PUBLIC = {
     "verify": "surgery.verify",
     "segmenter": "segmentation.segmenter",
     "segmentation_loss": "segmentation.losses",
+    "segment_image": "segmentation.predict",
     "filters_picture": "inference.pictures",
     "activations_picture": "inference.pictures",
 }
@@ -66,6 +67,7 @@ __all__ = [
     "verify",
     "segmenter",
     "segmentation_loss",
+    "segment_image",
     "filters_picture",
     "activations_picture",
 ]
@@ -100,6 +102,7 @@ if TYPE_CHECKING:
     from keras_fcn_surgery.inference.predict import predict_map, sliding_window_predict
     from keras_fcn_surgery.saving.loading import load_model
     from keras_fcn_surgery.segmentation.losses import segmentation_loss
+    from keras_fcn_surgery.segmentation.predict import segment_image
     from keras_fcn_surgery.segmentation.segmenter import segmenter
     from keras_fcn_surgery.surgery.convert import HEADS, convert, plan
     from keras_fcn_surgery.surgery.plan import ConversionPlan
