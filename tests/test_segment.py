@@ -145,6 +145,19 @@ def test_fcn32s_output_is_the_fcn_map_at_window_centres_and_bilinear_between(fac
         np.testing.assert_allclose(out, reference_upsampling(fcn, size, scores), rtol=0, atol=1e-5 * scale)
 
 
+def test_even_receptive_field_interpolates_at_half_positions():
+    classifier = pooled_net()
+    fcn = kfs.convert(classifier)
+    assert all(rf % 2 == 0 for rf in kfs.geometry(fcn).receptive_field)
+    model = kfs.segmenter(classifier, skips=())
+    assert model.get_layer("upscore").kernel.shape[:2] == (16, 16)  # 2 * stride, FCN's even kernel
+    for size in [(16, 16), (29, 35)]:
+        x = random_images((1, *size, 3))
+        scores = fcn(x).numpy()[0]
+        expected = reference_upsampling(fcn, size, scores)
+        np.testing.assert_allclose(model(x).numpy()[0], expected, rtol=0, atol=1e-5 * np.abs(scores).max())
+
+
 @pytest.mark.parametrize("data_format", ["channels_last", "channels_first"])
 def test_output_size_equals_input_size_with_skips_at_odd_sizes(data_format):
     layout = Layout(data_format)

@@ -54,3 +54,9 @@ def test_tiles_too_small_are_refused_with_the_smallest_size():
     model = kfs.segmenter(pooled_net(), num_classes=2)
     with pytest.raises(kfs.ConversionError, match="at least"):
         segment_image(model, random_images((80, 80, 3)), tile=10)
+
+
+def test_images_smaller_than_the_network_are_refused_with_the_minimum():
+    model = kfs.segmenter(pooled_net(), num_classes=2)
+    with pytest.raises(kfs.ConversionError, match=r"5x40 pixels is smaller than the 16x16"):
+        segment_image(model, random_images((5, 40, 3)))
