@@ -13,9 +13,11 @@ the nearest interpolated value.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
 import keras
 import numpy as np
@@ -107,40 +109,48 @@ def segmenter(
     fcn = _as_fcn(model, head, custom_objects)
     layout = model_layout(fcn)
     score_layer = _score_layer(fcn)
-    score_layer_input = score_layer.input
+    features = score_layer.input
     for layer in fcn.layers:
         layer.trainable = trainable
-    score = _new_score_layer(score_layer, num_classes, keep_classes)(score_layer_input)
-    classes = int(layout.channels(score.shape))
     image = fcn.inputs[0]
-    coarse_grid = geometry(keras.Model(image, score))
-    skip_tensors = _skip_tensors(fcn, skips, coarse_grid.stride, score_layer)
-    first = coarse_grid.min_input_size
-    period = coarse_grid.stride
-    maps = [(score, keras.Model(image, score))]
-    for layer, tensor in skip_tensors:
+    score = _new_score_layer(score_layer, num_classes, keep_classes)(features)
+    classes = int(layout.channels(score.shape))
+    coarse = geometry(keras.Model(image, score))
+    # Offsets repeat with the input size modulo the coarsest stride; tabulate them from the smallest size on.
+    period, first = coarse.stride, coarse.min_input_size
+    maps = [_ScoreMap.of(score, keras.Model(image, score), first, period)]
+    for layer, tensor in _skip_tensors(fcn, skips, coarse.stride, score_layer):
         skip_score = keras.layers.Conv2D(
-            classes,
-            1,
-            data_format=layout.data_format,
-            kernel_initializer="zeros",
-            name=f"score_{layer.name}",
+            classes, 1, data_format=layout.data_format, kernel_initializer="zeros", name=f"score_{layer.name}"
         )(tensor)
-        maps.append((skip_score, keras.Model(image, tensor)))
-    centres = [_centres(sub, first, period) for _, sub in maps]
-    strides = [geometry(sub).stride for _, sub in maps]
-    current = score
-    for index in range(1, len(maps)):
-        target, name = maps[index][0], producer_of(maps[index][0]).name
-        alignments = _alignments(strides[index - 1], strides[index], centres[index - 1], centres[index], period, first)
-        upsampled = _upsample(current, alignments, classes, layout, trainable_upsampling, f"up{name}")
-        aligned = _gather(upsampled, target, image, alignments, layout, f"up{name}")
-        current = keras.layers.Add(name=f"fuse_{name[len('score_'):]}")([aligned, target])
+        maps.append(_ScoreMap.of(skip_score, keras.Model(image, tensor), first, period))
+    fused = maps[0]
+    upsample = functools.partial(_upsample, classes=classes, layout=layout, trainable=trainable_upsampling)
+    for skip in maps[1:]:
+        name = producer_of(skip.tensor).name
+        alignments = _alignments(fused, skip.stride, skip.centres, period, first)
+        upsampled = upsample(fused.tensor, alignments, name=f"up{name}")
+        aligned = _gather(upsampled, skip.tensor, image, alignments, layout, f"up{name}")
+        total = keras.layers.Add(name=f"fuse_{name[len('score_'):]}")([aligned, skip.tensor])
+        fused = _ScoreMap(total, skip.centres, skip.stride)
     pixels = [[0.0] * (2 * p) for p in period]
-    alignments = _alignments(strides[-1], (1, 1), centres[-1], pixels, period, first)
-    upsampled = _upsample(current, alignments, classes, layout, trainable_upsampling, "upscore")
+    alignments = _alignments(fused, (1, 1), pixels, period, first)
+    upsampled = upsample(fused.tensor, alignments, name="upscore")
     logits = _gather(upsampled, image, image, alignments, layout, "upscore")
     return keras.Model(image, logits, name=f"{fcn.name}_segmenter")
+
+
+@dataclass(frozen=True)
+class _ScoreMap:
+    """A score map on the way to the pixels: its tensor, cell 0's centre per axis and input length, its stride."""
+
+    tensor: object
+    centres: list
+    stride: tuple
+
+    @classmethod
+    def of(cls, tensor, sub_model, first, period) -> _ScoreMap:
+        return cls(tensor, _centres(sub_model, first, period), geometry(sub_model).stride)
 
 
 def _as_fcn(model, head: str, custom_objects) -> keras.Model:
@@ -305,20 +315,20 @@ def _centres(sub_model, first, period) -> list[list[float]]:
     return axes
 
 
-def _alignments(coarse_stride, fine_stride, coarse_centres, fine_centres, period, first) -> list[AxisAlignment]:
+def _alignments(coarse: _ScoreMap, fine_stride, fine_centres, period, first) -> list[AxisAlignment]:
     try:
         return [
-            align_axis(coarse_stride[a], fine_stride[a], coarse_centres[a], fine_centres[a], period[a], first[a])
+            align_axis(coarse.stride[a], fine_stride[a], coarse.centres[a], fine_centres[a], period[a], first[a])
             for a in (0, 1)
         ]
     except ValueError as error:
         raise ConversionError(
-            f"Cannot align a map of stride {coarse_stride} with one of stride {fine_stride}: {error} "
+            f"Cannot align a map of stride {coarse.stride} with one of stride {tuple(fine_stride)}: {error} "
             "Choose other skip layers (or `skips=()`)."
         ) from error
 
 
-def _upsample(scores, alignments, classes: int, layout: Layout, trainable: bool, name: str):
+def _upsample(scores, alignments, *, classes: int, layout: Layout, trainable: bool, name: str):
     """The bilinear transposed convolution of ``scores`` with one replicated cell around it.
 
     The replicated border makes the transposed convolution's output constant
