@@ -289,3 +289,19 @@ def test_many_classes_share_one_bilinear_kernel_with_the_same_result(monkeypatch
     assert shape[0] == 1 and shape[3:] == (1, 1)
     x = random_images(layout.batch_shape(1, 21, 26, 3))
     np.testing.assert_allclose(shared(x).numpy(), full(x).numpy(), rtol=0, atol=1e-5 * np.abs(full(x).numpy()).max())
+
+
+@pytest.mark.heavy
+def test_vgg16_fcn8s_picks_pool4_pool3_and_fcn32s_matches_numpy_at_half_pixel_centres():
+    vgg = keras.applications.VGG16(weights=None, classifier_activation=None)
+    fcn = kfs.convert(vgg)
+    fcn8 = kfs.segmenter(fcn, num_classes=21)
+    assert {"score_block4_pool", "score_block3_pool"} <= {layer.name for layer in fcn8.layers}
+    kernels = [tuple(layer.kernel.shape[:2]) for layer in fcn8.layers if isinstance(layer, L.Conv2DTranspose)]
+    assert kernels == [(4, 4), (4, 4), (16, 16)]  # FCN-8s: upscore2, upscore_pool4, upscore8
+    fcn32 = kfs.segmenter(fcn, num_classes=5, keep_classes=[0, 1, 2, 3, 4], skips=())
+    size = (257, 290)
+    x = random_images((1, *size, 3))
+    scores = fcn(x).numpy()[0][..., :5]
+    expected = reference_upsampling(fcn, size, scores)
+    np.testing.assert_allclose(fcn32(x).numpy()[0], expected, rtol=0, atol=1e-5 * np.abs(scores).max())
