@@ -201,7 +201,8 @@ def _new_score_layer(old, num_classes, keep_classes):
     config = old.get_config()
     config["activation"] = "linear"
     config["trainable"] = True
-    kernel, bias = (old.kernel.numpy(), old.bias.numpy() if old.use_bias else None)
+    kernel = keras.ops.convert_to_numpy(old.kernel)
+    bias = keras.ops.convert_to_numpy(old.bias) if old.use_bias else None
     if num_classes is None:
         if keep_classes is not None:
             raise ConversionError("`keep_classes` needs `num_classes`: the new number of classes.")
@@ -271,6 +272,13 @@ def _skip_tensors(fcn, skips, stride, score_layer) -> list:
 
 
 def _auto_skips(fcn, candidates, stride) -> list:
+    strides: dict[int, tuple[int, int]] = {}
+
+    def stride_of(tensor):
+        if id(tensor) not in strides:
+            strides[id(tensor)] = _stride(fcn, tensor)
+        return strides[id(tensor)]
+
     chosen = []
     for divisor in (2, 4):
         if any(s % divisor for s in stride):
@@ -278,17 +286,16 @@ def _auto_skips(fcn, candidates, stride) -> list:
         wanted = tuple(s // divisor for s in stride)
         at_stride, downsampling = [], []
         for layer in candidates:
-            if len(layer.output.shape) != 4:
-                continue
-            try:
-                if _stride(fcn, layer.output) != wanted:
+            try:  # a layer called more than once has no single output: it is not a candidate
+                output, inputs = layer.output, layer.input
+                if len(output.shape) != 4 or stride_of(output) != wanted:
                     continue
-                at_stride.append(layer)
-                inputs = layer.input if isinstance(layer.input, (list, tuple)) else [layer.input]
-                if all(_stride(fcn, t) != wanted for t in inputs):
-                    downsampling.append(layer)
-            except ConversionError:
+            except (ConversionError, ValueError, AttributeError):
                 continue
+            at_stride.append(layer)
+            inputs = inputs if isinstance(inputs, (list, tuple)) else [inputs]
+            if all(stride_of(t) != wanted for t in inputs):
+                downsampling.append(layer)
         pick = (downsampling or at_stride or [None])[-1]
         if pick is None:
             break
