@@ -41,6 +41,11 @@ _PUBLIC = {
     "log_graphs": "export.tensorboard",
     "VerificationResult": "surgery.verify",
     "verify": "surgery.verify",
+    "segmenter": "segmentation.segmenter",
+    "segmentation_loss": "segmentation.losses",
+    "segment_image": "segmentation.predict",
+    "filters_picture": "inference.pictures",
+    "activations_picture": "inference.pictures",
 }
 
 __all__ = [
@@ -74,6 +79,11 @@ __all__ = [
     "predict_map",
     "sliding_window_predict",
     "verify",
+    "segmenter",
+    "segmentation_loss",
+    "segment_image",
+    "filters_picture",
+    "activations_picture",
 ]
 
 
@@ -112,8 +122,12 @@ if TYPE_CHECKING:
     from keras_fcn_surgery.export.tflite import export_tflite
     from keras_fcn_surgery.grid.geometry import AxisGeometry, Geometry, geometry
     from keras_fcn_surgery.inference.heatmap import heatmap, imagenet_class_names
+    from keras_fcn_surgery.inference.pictures import activations_picture, filters_picture
     from keras_fcn_surgery.inference.predict import predict_map, sliding_window_predict
     from keras_fcn_surgery.saving.loading import load_model
+    from keras_fcn_surgery.segmentation.losses import segmentation_loss
+    from keras_fcn_surgery.segmentation.predict import segment_image
+    from keras_fcn_surgery.segmentation.segmenter import segmenter
     from keras_fcn_surgery.surgery.convert import HEADS, convert, plan
     from keras_fcn_surgery.surgery.plan import ConversionPlan
     from keras_fcn_surgery.surgery.rules.base import RewriteKind

@@ -11,4 +11,6 @@ COMMAND_MODULES = (
     "keras_fcn_surgery.commands.graph",
     "keras_fcn_surgery.commands.heatmap",
     "keras_fcn_surgery.commands.predict",
+    "keras_fcn_surgery.commands.segment",
+    "keras_fcn_surgery.commands.show",
 )
