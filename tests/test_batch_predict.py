@@ -248,7 +248,7 @@ def test_sigterm_during_the_command_leaves_no_partial_output(mixed_folder, model
     out = tmp_path / "maps"
     before = signal.getsignal(signal.SIGTERM)
     code = cli.main(["predict", model_file, str(mixed_folder), "--out", str(out), "--format", "npz,zarr,csv"])
-    assert code == 130 and "no partial output" in capsys.readouterr().err
+    assert code == 143 and "terminated (SIGTERM); no partial output left behind" in capsys.readouterr().err
     assert signal.getsignal(signal.SIGTERM) == before
     left = sorted(os.path.relpath(os.path.join(d, f), out) for d, _, files in os.walk(out) for f in files)
     assert all(path.startswith("grey.") for path in left), left
@@ -297,7 +297,7 @@ def test_sigterm_to_a_running_command_process(model_file, tmp_path):
     time.sleep(0.5)  # well inside the tiles
     process.send_signal(signal.SIGTERM)
     _, err = process.communicate(timeout=120)
-    assert process.returncode == 130, err
+    assert process.returncode == 143, err
     assert "no partial output" in err
     assert list(out.iterdir()) == []
 

@@ -75,7 +75,7 @@ def test_sigterm_while_checking_a_written_savedmodel_leaves_nothing(tmp_path, mo
     code, out, err = finish_after(process, signal.SIGTERM)
 
     assert code == 143, err
-    assert own_lines(err) == ["terminated (SIGTERM); partial output removed, nothing written."]
+    assert own_lines(err) == ["terminated (SIGTERM); no partial output left behind."]
     assert "Traceback" not in err
     assert not export_dir.exists()  # the folder this export created goes too
 
@@ -90,7 +90,7 @@ def test_sigint_during_an_onnx_export_leaves_an_existing_file_untouched(tmp_path
     code, out, err = finish_after(process, signal.SIGINT)
 
     assert code == 130, err
-    assert own_lines(err) == ["interrupted (SIGINT); partial output removed, nothing written."]
+    assert own_lines(err) == ["interrupted (SIGINT); no partial output left behind."]
     assert target.read_bytes() == b"previous export"
     assert sorted(os.listdir(tmp_path)) == ["fcn.onnx"]
 
@@ -103,7 +103,7 @@ def test_sigterm_before_a_conversion_is_published_leaves_nothing(tmp_path, model
     code, out, err = finish_after(process, signal.SIGTERM)
 
     assert code == 143, err
-    assert own_lines(err) == ["terminated (SIGTERM); partial output removed, nothing written."]
+    assert own_lines(err) == ["terminated (SIGTERM); no partial output left behind."]
     assert os.listdir(tmp_path) == []
 
 

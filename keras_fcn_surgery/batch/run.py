@@ -365,14 +365,9 @@ def _mask_file_for(folder: str, source: Source) -> str:
 
 def preprocess_fn(preprocess, layout):
     """The function applied to each tile: None, a keras.applications mode's ``preprocess_input``, or ``preprocess``."""
-    if preprocess is None or preprocess == "none":
-        return None
-    if callable(preprocess):
-        return preprocess
-    from keras.applications import imagenet_utils
+    from keras_fcn_surgery.export.preprocessing import pixel_function
 
-    data_format = layout.data_format
-    return lambda x: imagenet_utils.preprocess_input(x, data_format=data_format, mode=preprocess)
+    return pixel_function(preprocess, layout.data_format)
 
 
 def _check_preprocess(preprocess):

@@ -27,11 +27,11 @@ def run_interruptible(function) -> int:
     try:
         return function()
     except KeyboardInterrupt:
-        print("interrupted (SIGINT); partial output removed, nothing written.", file=sys.stderr)
+        print("interrupted (SIGINT); no partial output left behind.", file=sys.stderr)
         return 128 + signal.SIGINT
     except Interrupted as stop:
         name = signal.Signals(stop.signal_number).name
-        print(f"terminated ({name}); partial output removed, nothing written.", file=sys.stderr)
+        print(f"terminated ({name}); no partial output left behind.", file=sys.stderr)
         return 128 + stop.signal_number
     finally:
         for number, handler in previous.items():
@@ -83,3 +83,28 @@ def _raise_on_signals(exception_class) -> dict:
         if number is not None:
             previous[number] = signal.signal(number, handler)
     return previous
+
+
+def read_class_names(path, classes: int | None = None) -> list[str] | None:
+    """Class names from a text file, one a line (``#`` comments skipped); without a file, the
+    packaged ImageNet names when the model has 1000 classes, else None.
+
+    Raises:
+        ModelFileError: for a file that cannot be read, or whose count differs from ``classes``.
+    """
+    from keras_fcn_surgery.errors import ModelFileError
+
+    if path is None:
+        if classes == 1000:
+            from keras_fcn_surgery.inference.heatmap import imagenet_class_names
+
+            return imagenet_class_names()
+        return None
+    try:
+        with open(path, encoding="utf-8") as handle:
+            names = [line.strip() for line in handle if line.strip() and not line.startswith("#")]
+    except OSError as error:
+        raise ModelFileError(f"Class names file '{path}' could not be read ({error.strerror or error}).") from error
+    if classes is not None and len(names) != classes:
+        raise ModelFileError(f"'{path}' lists {len(names)} class names; the model has {classes} classes.")
+    return names

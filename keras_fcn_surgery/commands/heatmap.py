@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from keras_fcn_surgery.commands.common import EXIT_OK, EXIT_USAGE, parse_size, positive_int
+from keras_fcn_surgery.commands.common import EXIT_OK, EXIT_USAGE, parse_size, positive_int, read_class_names
 from keras_fcn_surgery.options import HEADS, PREPROCESS_MODES
 
 
@@ -45,6 +45,7 @@ def run(args) -> int:
     from PIL import Image, UnidentifiedImageError
 
     import keras_fcn_surgery as kfs
+    from keras_fcn_surgery.export.preprocessing import pixel_function
     from keras_fcn_surgery.graph import is_fully_convolutional, model_layout
     from keras_fcn_surgery.inference.heatmap import class_probabilities, heat_range
     from keras_fcn_surgery.saving.atomic import atomic_output, check_output_path
@@ -68,7 +69,7 @@ def run(args) -> int:
         fcn,
         layout.image_from_channels_last(pixels),
         tile=args.tile,
-        preprocess=_preprocess_fn(args.preprocess, layout.data_format),
+        preprocess=pixel_function(args.preprocess, layout.data_format),
         progress=None,
     )
     scores = layout.image_to_channels_last(scores)
@@ -76,7 +77,7 @@ def run(args) -> int:
     if not 0 <= args.class_index < classes:
         print(f"error: --class {args.class_index} is out of range: the model has {classes} classes.", file=sys.stderr)
         return EXIT_USAGE
-    names = _class_names(args.class_names, classes)
+    names = read_class_names(args.class_names, classes)
     grid = kfs.geometry(fcn)
     probabilities = class_probabilities(scores)
     _print_top(probabilities, names, grid, pixels.shape[:2], args.top)
@@ -100,28 +101,6 @@ def run(args) -> int:
         picture.save(temporary, format="PNG")
     print(f"wrote {args.output} ({picture.width}x{picture.height})")
     return EXIT_OK
-
-
-def _preprocess_fn(mode: str, data_format: str):
-    if mode == "none":
-        return None
-    from keras.applications import imagenet_utils
-
-    return lambda x: imagenet_utils.preprocess_input(x, data_format=data_format, mode=mode)
-
-
-def _class_names(path, classes: int):
-    import keras_fcn_surgery as kfs
-
-    if path is not None:
-        with open(path, encoding="utf-8") as handle:
-            names = [line.strip() for line in handle if line.strip() and not line.startswith("#")]
-        if len(names) != classes:
-            raise kfs.ModelFileError(f"'{path}' lists {len(names)} class names; the model has {classes} classes.")
-        return names
-    if classes == 1000:
-        return kfs.imagenet_class_names()
-    return None
 
 
 def _print_top(probabilities, names, grid, image_size, top: int) -> None:

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import signal
 import sys
 
-from keras_fcn_surgery.commands.common import EXIT_CONVERSION, EXIT_OK, parse_size
+from keras_fcn_surgery.commands.common import EXIT_CONVERSION, EXIT_OK, parse_size, read_class_names
 
 _FORMATS = "npz, zarr, geojson, csv"
 
@@ -55,33 +54,27 @@ def add_parser(subparsers) -> None:
 def run(args) -> int:
     from keras_fcn_surgery.batch.run import predict_images
 
-    previous = signal.signal(signal.SIGTERM, _terminate)  # unwind, so partial outputs are removed
-    try:
-        summary = predict_images(
-            args.model,
-            args.inputs,
-            args.out,
-            formats=args.format,
-            tile=args.tile,
-            batch_size=args.batch_size,
-            preprocess=args.preprocess,
-            level=args.level,
-            mpp=args.mpp,
-            mask=args.mask,
-            overwrite=args.overwrite,
-            class_names=_class_names(args.class_names),
-            head=args.head,
-            input_size=args.input_size,
-            engine=args.engine,
-            ray_address=args.ray_address,
-            workers=args.workers,
-            progress=None,
-        )
-    except KeyboardInterrupt:
-        print("interrupted: no partial output was left behind; rerun to resume", file=sys.stderr)
-        return 130
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+    # SIGINT/SIGTERM unwind through the writers (cli.main installs the handlers), so nothing partial stays.
+    summary = predict_images(
+        args.model,
+        args.inputs,
+        args.out,
+        formats=args.format,
+        tile=args.tile,
+        batch_size=args.batch_size,
+        preprocess=args.preprocess,
+        level=args.level,
+        mpp=args.mpp,
+        mask=args.mask,
+        overwrite=args.overwrite,
+        class_names=read_class_names(args.class_names),
+        head=args.head,
+        input_size=args.input_size,
+        engine=args.engine,
+        ray_address=args.ray_address,
+        workers=args.workers,
+        progress=None,
+    )
     for result in summary.results:
         if result.status == "done" and args.mask != "none":
             print(f"{result.source}: {100 * result.computed_fraction:.1f}% of the tiles computed")
@@ -89,19 +82,3 @@ def run(args) -> int:
         print(f"failed: {result.message}", file=sys.stderr)
     print(f"predict: {summary.line()}")
     return EXIT_OK if summary.ok else EXIT_CONVERSION
-
-
-def _terminate(signum, frame):
-    raise KeyboardInterrupt
-
-
-def _class_names(path):
-    if path is None:
-        return None
-    from keras_fcn_surgery.errors import ModelFileError
-
-    try:
-        with open(path, encoding="utf-8") as handle:
-            return [line.strip() for line in handle if line.strip() and not line.startswith("#")]
-    except OSError as error:
-        raise ModelFileError(f"Class names file '{path}' could not be read ({error.strerror or error}).") from error

@@ -32,8 +32,9 @@ def run(args) -> int:
     import numpy as np
 
     import keras_fcn_surgery as kfs
-    from keras_fcn_surgery.commands.heatmap import _class_names, _preprocess_fn
+    from keras_fcn_surgery.commands.common import read_class_names
     from keras_fcn_surgery.commands.show import read_image
+    from keras_fcn_surgery.export.preprocessing import pixel_function
     from keras_fcn_surgery.graph import model_layout
     from keras_fcn_surgery.inference.pictures import label_overlay
     from keras_fcn_surgery.saving.atomic import atomic_output, check_output_path
@@ -47,13 +48,13 @@ def run(args) -> int:
         model = kfs.segmenter(model, skips=())
     layout = model_layout(model)
     pixels = read_image(args.image, int(layout.channels(model.inputs[0].shape)))
-    preprocess = _preprocess_fn(args.preprocess, layout.data_format)
+    preprocess = pixel_function(args.preprocess, layout.data_format)
     image = layout.image_from_channels_last(pixels)
     if preprocess is not None:
         image = preprocess(image[None].copy())[0]
     logits = segment_image(model, image, tile=args.tile)
     labels = layout.image_to_channels_last(logits).argmax(axis=-1).astype(np.int32)
-    names = _class_names(args.class_names, int(layout.image_channels(logits.shape)))
+    names = read_class_names(args.class_names, int(layout.image_channels(logits.shape)))
     picture = label_overlay(pixels, labels, class_names=names, alpha=args.alpha)
     if args.labels is not None:
         with atomic_output(args.labels, suffix=".npy", overwrite=args.overwrite) as temporary:

@@ -10,12 +10,35 @@ from __future__ import annotations
 from keras_fcn_surgery.errors import ConversionError
 from keras_fcn_surgery.options import PREPROCESS_MODES
 
-__all__ = ["PREPROCESS_MODES", "decode_images", "preprocess_images"]
+__all__ = ["PREPROCESS_MODES", "decode_images", "pixel_function", "preprocess_images"]
 
 # keras.applications.imagenet_utils conventions.
 CAFFE_MEAN_BGR = (103.939, 116.779, 123.68)
 TORCH_MEAN = (0.485, 0.456, 0.406)
 TORCH_STD = (0.229, 0.224, 0.225)
+
+
+def pixel_function(mode, data_format: str = "channels_last"):
+    """The per-tile NumPy preprocessing of `predict_map` (``preprocess=``) for one mode.
+
+    Args:
+        mode: one of `PREPROCESS_MODES` (``"none"`` or None give None), or a
+            function, returned as it is.
+        data_format: the layout of the tiles the model takes.
+
+    Returns:
+        None, or a function from a float32 array of pixels in [0, 255] to the
+        model's input values (`keras.applications`' ``preprocess_input``).
+    """
+    if mode is None or mode == "none":
+        return None
+    if callable(mode):
+        return mode
+    if mode not in PREPROCESS_MODES:
+        raise ConversionError(f"Expected `preprocess` to be one of {PREPROCESS_MODES}. Received: {mode!r}")
+    from keras.applications import imagenet_utils
+
+    return lambda x: imagenet_utils.preprocess_input(x, data_format=data_format, mode=mode)
 
 
 def preprocess_images(images, mode: str):
