@@ -46,8 +46,12 @@ def test_onnx_export_matches_at_two_sizes(tmp_path):
     assert output.shape == (1, 23, 19, 3)
 
 
-def test_export_without_check_sizes_says_what_to_pass(tmp_path):
+def test_export_check_sizes_of_a_segmenter_come_from_its_cells():
+    from keras_fcn_surgery.export.pipeline import resolve_check_sizes
+    from keras_fcn_surgery.segmentation.predict import minimum_size
+
     model = kfs.segmenter(pooled_net(classes=3), num_classes=3)
-    with pytest.raises(kfs.ExportError, match="input_size"):
-        kfs.export_savedmodel(model, tmp_path / "seg")
-    assert not (tmp_path / "seg" / "1").exists()
+    sizes = resolve_check_sizes(model, None)
+    assert sizes[0] == minimum_size(model) and sizes[1][0] > sizes[0][0] and sizes[1][1] > sizes[0][1]
+    for height, width in sizes:
+        assert tuple(model(random_images((1, height, width, 3))).shape) == (1, height, width, 3)

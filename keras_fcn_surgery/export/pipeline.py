@@ -214,6 +214,9 @@ def resolve_check_sizes(fcn, original, check_sizes=None) -> tuple[tuple[int, int
         grid = geometry(fcn, original)
     except ConversionError as error:
         if original is None:
+            segmenter_sizes = _segmenter_check_sizes(fcn)
+            if segmenter_sizes is not None:
+                return segmenter_sizes
             raise ExportError(
                 f"The input size to check model '{fcn.name}' at is unknown ({error}). Pass "
                 "`input_size=(H, W)` (CLI: --input-size) or `check_sizes`."
@@ -222,6 +225,18 @@ def resolve_check_sizes(fcn, original, check_sizes=None) -> tuple[tuple[int, int
     base = grid.input_size
     larger = (base[0] + 7 * grid.stride[0], base[1] + 7 * grid.stride[1])
     return (base, larger)
+
+
+def _segmenter_check_sizes(fcn):
+    """For a segmenter (its upsampling has no geometry of its own): its smallest size and 7 strides more."""
+    from keras_fcn_surgery.segmentation.predict import minimum_size, reach
+
+    try:
+        base = minimum_size(fcn)
+        _, period = reach(fcn)
+    except ConversionError:
+        return None
+    return (base, (base[0] + 7 * period[0], base[1] + 7 * period[1]))
 
 
 def keras_scores(fcn, images: np.ndarray) -> np.ndarray:
