@@ -10,14 +10,11 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import logging
-import os
 import re
 import sys
-import tempfile
 
 from keras_fcn_surgery.commands import COMMAND_MODULES
-from keras_fcn_surgery.commands.common import EXIT_CONVERSION, EXIT_USAGE, run_interruptible
+from keras_fcn_surgery.commands.common import EXIT_CONVERSION, EXIT_USAGE, quiet_tensorflow_import, run_interruptible
 
 # Library messages name Python arguments; on the command line the same advice names flags.
 _PYTHON_TO_FLAGS = (
@@ -50,34 +47,6 @@ def build_parser() -> argparse.ArgumentParser:
     for name in COMMAND_MODULES:
         importlib.import_module(name).add_parser(subparsers)
     return parser
-
-
-def quiet_tensorflow_import() -> None:
-    """Import TensorFlow with its C++ start-up log (CUDA probes, absl notices) kept off the terminal.
-
-    TensorFlow writes those lines to file descriptor 2 while its libraries load, before any Python
-    setting can stop them; they are captured and shown only if the import itself fails. A user's own
-    ``TF_CPP_MIN_LOG_LEVEL`` is left as it is, and then nothing is hidden.
-    """
-    if "tensorflow" in sys.modules or os.environ.get("TF_CPP_MIN_LOG_LEVEL", "3") != "3":
-        return
-    os.environ["TF_CPP_MIN_LOG_LEVEL"] = "3"
-    sys.stderr.flush()
-    saved = os.dup(2)
-    with tempfile.TemporaryFile() as captured:
-        os.dup2(captured.fileno(), 2)
-        try:
-            importlib.import_module("tensorflow")
-        except BaseException:
-            os.dup2(saved, 2)
-            captured.seek(0)
-            sys.stderr.write(captured.read().decode(errors="replace"))
-            raise
-        finally:
-            os.dup2(saved, 2)
-            os.close(saved)
-    # Python-side TensorFlow warnings (retracing notes from grouped convolutions) are noise here.
-    logging.getLogger("tensorflow").setLevel(logging.ERROR)
 
 
 def main(argv=None) -> int:

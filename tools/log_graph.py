@@ -27,6 +27,7 @@ flags.DEFINE_string("model", None, "Source model file (.keras or .h5).")
 flags.DEFINE_string("logdir", None, "Folder for the TensorBoard runs `source` and `fcn`.")
 flags.DEFINE_enum("head", "window", list(HEADS), "What a global-pooling head becomes.")
 flags.DEFINE_string("input_size", None, "Original input size HxW, for a classifier that takes any size.")
+flags.DEFINE_bool("overwrite", False, "Replace the runs of an earlier export of graphs in --logdir.")
 flags.mark_flags_as_required(["model", "logdir"])
 
 FLAGS = flags.FLAGS
@@ -37,7 +38,9 @@ def main(argv) -> int:
         from keras_fcn_surgery.commands import graph as graph_command
 
         # The CLI's own `graph` subcommand does the work: same output and exit codes.
-        args = argparse.Namespace(model=FLAGS.model, logdir=FLAGS.logdir, head=FLAGS.head, input_size=input_size)
+        args = argparse.Namespace(
+            model=FLAGS.model, logdir=FLAGS.logdir, head=FLAGS.head, input_size=input_size, overwrite=FLAGS.overwrite
+        )
         return graph_command.run(args)
 
     return run_tool(argv, log, input_size_flag=FLAGS.input_size)

@@ -5,7 +5,14 @@ from __future__ import annotations
 import argparse
 import sys
 
-from keras_fcn_surgery.commands.common import EXIT_CONVERSION, EXIT_OK, EXIT_USAGE, parse_size, run_interruptible
+from keras_fcn_surgery.commands.common import (
+    EXIT_CONVERSION,
+    EXIT_OK,
+    EXIT_USAGE,
+    parse_size,
+    quiet_tensorflow_import,
+    run_interruptible,
+)
 
 
 def flags_parser(flag_values):
@@ -44,15 +51,16 @@ def run_tool(argv, action, *, input_size_flag=None) -> int:
     except argparse.ArgumentTypeError as error:
         _fail(f"--input_size: {error}")
         return EXIT_USAGE
+    quiet_tensorflow_import()
     return run_interruptible(lambda: _act(action, input_size))
 
 
 def _act(action, input_size) -> int:
-    from keras_fcn_surgery.errors import ConversionError, ModelFileError
+    from keras_fcn_surgery.errors import ConversionError, InputError
 
     try:
         lines = action(input_size)
-    except ModelFileError as error:
+    except InputError as error:
         _fail(str(error))
         return EXIT_USAGE
     except ConversionError as error:

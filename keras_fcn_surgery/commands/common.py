@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import importlib
+import logging
+import os
 import signal
 import sys
+import tempfile
 
 EXIT_OK, EXIT_CONVERSION, EXIT_USAGE = 0, 1, 2
 
@@ -108,3 +112,31 @@ def read_class_names(path, classes: int | None = None) -> list[str] | None:
     if classes is not None and len(names) != classes:
         raise ModelFileError(f"'{path}' lists {len(names)} class names; the model has {classes} classes.")
     return names
+
+
+def quiet_tensorflow_import() -> None:
+    """Import TensorFlow with its C++ start-up log (CUDA probes, absl notices) kept off the terminal.
+
+    TensorFlow writes those lines to file descriptor 2 while its libraries load, before any Python
+    setting can stop them; they are captured and shown only if the import itself fails. A user's own
+    ``TF_CPP_MIN_LOG_LEVEL`` is left as it is, and then nothing is hidden.
+    """
+    if "tensorflow" in sys.modules or os.environ.get("TF_CPP_MIN_LOG_LEVEL", "3") != "3":
+        return
+    os.environ["TF_CPP_MIN_LOG_LEVEL"] = "3"
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as captured:
+        os.dup2(captured.fileno(), 2)
+        try:
+            importlib.import_module("tensorflow")
+        except BaseException:
+            os.dup2(saved, 2)
+            captured.seek(0)
+            sys.stderr.write(captured.read().decode(errors="replace"))
+            raise
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+    # Python-side TensorFlow warnings (retracing notes from grouped convolutions) are noise here.
+    logging.getLogger("tensorflow").setLevel(logging.ERROR)
