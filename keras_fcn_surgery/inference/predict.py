@@ -219,5 +219,3 @@ def sliding_window_predict(
             bar.update(1)
     grid = scores.reshape(counts[0], counts[1], classes)
     return model_format.image_from_channels_last(grid)
-
-

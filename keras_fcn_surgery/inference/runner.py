@@ -277,9 +277,7 @@ def run_tiles(forward, source, spec: ImageSpec, axis_plans, out, *, batch_size: 
             keep = spec.layout.image_index(
                 slice(rows.keep_start, rows.keep_stop), slice(cols.keep_start, cols.keep_stop)
             )
-            target = spec.layout.image_index(
-                slice(rows.out_start, rows.out_stop), slice(cols.out_start, cols.out_stop)
-            )
+            target = spec.layout.image_index(slice(rows.out_start, rows.out_stop), slice(cols.out_start, cols.out_stop))
             out[target] = cell_map[keep]
         bar.update(len(batch))
 

@@ -110,7 +110,8 @@ class PredictionPlan:
         stages: the `StagePlan` of each stage, in order (one for a plain pass).
         whole_macs: multiply-accumulates of one whole-image pass.
         plain_macs: those of plain exact tiles of the whole network (the
-            cost staging is compared with).
+            cost staging is compared with); 0 where such tiles are too small
+            to keep any cell.
         peak_bytes: estimated peak memory of the pass beyond the model's
             weights and the result: the largest batch's activations plus the
             stored maps held in memory meanwhile.
@@ -239,36 +240,49 @@ class _Planner:
         return self.spec.layout.batch_shape(batch, spatial[0], spatial[1], channels)
 
     def plan(self, staged):
-        if staged and self.grid.global_context:
-            raise ConversionError(self._global_context_message())
-        axis_plans = runner.plan_tiles(self.size, self.grid, self.tile)
-        tile = _tile_size(axis_plans)
-        tiles = len(axis_plans[0]) * len(axis_plans[1])
         whole = pass_cost(self.fcn, self._shape(self.size, self.spec.channels))
-        one_tile = pass_cost(self.fcn, self._shape(tile, self.spec.channels))
-        plain_macs = tiles * one_tile.macs
-        batch = self.batch_size or max(1, PIXELS_PER_BATCH // (tile[0] * tile[1]))
-        plain = [(None, None, _Candidate(self.fcn, axis_plans, tile, tiles, one_tile.macs, one_tile.peak_elements, 0))]
-        self.activation_budget = one_tile.peak_elements
-        if tiles == 1 or staged is False:
-            return self._build(plain, whole.macs, plain_macs, [batch])
+        covered = self.tile is None or all(t >= n for t, n in zip(self.tile, self.size))
+        if staged and self.grid.global_context and not covered:
+            raise ConversionError(self._global_context_message())
+        try:
+            axis_plans = runner.plan_tiles(self.size, self.grid, self.tile)
+        except ConversionError as error:
+            if not staged or self.grid.global_context:
+                raise  # staging is chosen for speed, never to rescue tiles too small: only when asked
+            plain_error, plain, plain_macs = error, None, 0
+            # Plain tiles of this size are impossible; activations of the smallest that is not.
+            side = tuple(max(t, m) for t, m in zip(self.tile, self.grid.min_input_size))
+            self.activation_budget = pass_cost(self.fcn, self._shape(side, self.spec.channels)).peak_elements
+            self.reference = self.activation_budget * PIXELS_PER_BATCH // (side[0] * side[1])
+        else:
+            plain_error = None
+            tile = _tile_size(axis_plans)
+            tiles = len(axis_plans[0]) * len(axis_plans[1])
+            one_tile = pass_cost(self.fcn, self._shape(tile, self.spec.channels))
+            plain_macs = tiles * one_tile.macs
+            batch = self.batch_size or max(1, PIXELS_PER_BATCH // (tile[0] * tile[1]))
+            candidate = _Candidate(self.fcn, axis_plans, tile, tiles, one_tile.macs, one_tile.peak_elements, 0)
+            plain = ([(None, None, candidate)], [batch])
+            self.activation_budget = one_tile.peak_elements
+            # The activations of a batch of about 1 million pixels of plain tiles.
+            self.reference = max(one_tile.peak_elements * PIXELS_PER_BATCH // (tile[0] * tile[1]), 1)
+            if tiles == 1 or staged is False:
+                return self._build(*plain, whole.macs, plain_macs)
         chain = self._staged_chain(staged)
         if chain is None:
-            return self._build(plain, whole.macs, plain_macs, [batch])
+            if plain is None:
+                raise plain_error
+            return self._build(*plain, whole.macs, plain_macs)
         stages, cost = chain
-        plain_cost = plain_macs + tiles * _MACS_PER_CALL
-        if staged is None and cost > (1 - _MIN_SAVING) * plain_cost:
-            return self._build(plain, whole.macs, plain_macs, [batch])
-        reference = None
-        batches = []
-        for _, _, candidate in stages:
-            if self.batch_size:
-                batches.append(self.batch_size)
-                continue
-            if reference is None:  # the activations of a batch of about 1 million pixels of plain tiles
-                reference = max(one_tile.peak_elements * PIXELS_PER_BATCH // (tile[0] * tile[1]), 1)
-            batches.append(max(1, min(candidate.tiles, reference // max(candidate.tile_peak, 1))))
-        return self._build(stages, whole.macs, plain_macs, batches)
+        if staged is None and plain is not None:
+            plain_cost = plain_macs + plain[0][0][2].tiles * _MACS_PER_CALL
+            if cost > (1 - _MIN_SAVING) * plain_cost:
+                return self._build(*plain, whole.macs, plain_macs)
+        batches = [
+            self.batch_size or max(1, min(candidate.tiles, self.reference // max(candidate.tile_peak, 1)))
+            for _, _, candidate in stages
+        ]
+        return self._build(stages, batches, whole.macs, plain_macs)
 
     def _global_context_message(self) -> str:
         culprit = next(
@@ -296,13 +310,17 @@ class _Planner:
         self.shapes, self.bounds = shapes, bounds
         cache: dict = {}
 
+        last = len(bounds) - 1
+
         def cost(i, j):
+            if staged and (i, j) == (0, last):
+                return None  # staging required: not the whole network as one stage
             if (i, j) not in cache:
                 cache[(i, j)] = self._candidate(i, j)
             candidate = cache[(i, j)]
             return None if candidate is None else candidate.cost
 
-        chain, total = stage_math.cheapest_chain(len(bounds) - 1, cost)
+        chain, total = stage_math.cheapest_chain(last, cost)
         if not chain or len(chain) == 2:
             if staged:
                 raise ConversionError(
@@ -333,7 +351,8 @@ class _Planner:
             try:
                 axis_plans = runner.plan_tiles(in_size, grid, requested)
             except ConversionError:
-                if all(r >= n for r, n in zip(requested, in_size)):
+                # The first stage keeps the requested tiles; deeper ones grow theirs until they work.
+                if i == 0 or all(r >= n for r, n in zip(requested, in_size)):
                     return None
                 requested = tuple(min(2 * r, n) for r, n in zip(requested, in_size))
         tile = _tile_size(axis_plans)
@@ -356,7 +375,7 @@ class _Planner:
         factor = max(1.0, stage_math.memory_scale(base_peak, self.activation_budget))
         return stage_math.scaled_tile(base, factor, in_size)
 
-    def _build(self, stages, whole_macs, plain_macs, batches):
+    def _build(self, stages, batches, whole_macs, plain_macs):
         last = len(stages) - 1
         sizes = []
         for index, (_, stop, _) in enumerate(stages):
@@ -521,4 +540,3 @@ def _cut_tensors(graph, shapes, layout) -> list:
             cuts.append(tensor)
             level = side
     return cuts
-

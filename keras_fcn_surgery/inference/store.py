@@ -69,7 +69,7 @@ class DiskMap:
         flat = block.reshape(-1)
         for count, (offset, _, run) in enumerate(self._runs(ranges)):
             view = flat[count * run : (count + 1) * run]
-            read = os.preadv(self._fd, [memoryview(view).cast("B")], offset)
+            read = os.preadv(self._fd, [memoryview(view.data).cast("B")], offset)
             if read != view.nbytes:
                 raise OSError(f"Short read from {self.path}: {read} of {view.nbytes} bytes")
         return block
@@ -81,7 +81,7 @@ class DiskMap:
         )
         flat = block.reshape(-1)
         for count, (offset, _, run) in enumerate(self._runs(ranges)):
-            data = memoryview(flat[count * run : (count + 1) * run]).cast("B")
+            data = memoryview(flat[count * run : (count + 1) * run].data).cast("B")
             written = 0
             while written < len(data):
                 written += os.pwrite(self._fd, data[written:], offset + written)
