@@ -29,6 +29,10 @@ _PUBLIC = {
     "export_onnx": "export.onnx",
     "ConversionPlan": "surgery.plan",
     "predict_map": "inference.predict",
+    "predict_maps": "inference.predict",
+    "PredictionPlan": "inference.staged",
+    "StagePlan": "inference.staged",
+    "plan_prediction": "inference.staged",
     "sliding_window_predict": "inference.predict",
     "export_savedmodel": "export.savedmodel",
     "log_graphs": "export.tensorboard",
@@ -46,6 +50,8 @@ __all__ = [
     "HEADS",
     "ModelFileError",
     "NonFiniteWeightsWarning",
+    "PredictionPlan",
+    "StagePlan",
     "VerificationError",
     "VerificationResult",
     "convert",
@@ -57,7 +63,9 @@ __all__ = [
     "load_model",
     "log_graphs",
     "plan",
+    "plan_prediction",
     "predict_map",
+    "predict_maps",
     "sliding_window_predict",
     "verify",
 ]
@@ -88,7 +96,8 @@ if TYPE_CHECKING:
     from keras_fcn_surgery.export.tensorboard import log_graphs
     from keras_fcn_surgery.grid.geometry import AxisGeometry, Geometry, geometry
     from keras_fcn_surgery.inference.heatmap import heatmap, imagenet_class_names
-    from keras_fcn_surgery.inference.predict import predict_map, sliding_window_predict
+    from keras_fcn_surgery.inference.predict import predict_map, predict_maps, sliding_window_predict
+    from keras_fcn_surgery.inference.staged import PredictionPlan, StagePlan, plan_prediction
     from keras_fcn_surgery.saving.loading import load_model
     from keras_fcn_surgery.surgery.convert import HEADS, convert, plan
     from keras_fcn_surgery.surgery.plan import ConversionPlan

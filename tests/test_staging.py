@@ -243,3 +243,16 @@ def test_memory_helpers():
     assert memory_scale(100, 400) == 2.0 and memory_scale(0, 10) == 1.0
     assert scaled_tile((10, 20), 2.5, (100, 30)) == (25, 30)
     assert scaled_tile((10, 20), 0.01, (100, 30)) == (1, 1)
+
+
+def test_predict_maps_batches_images_of_one_size_and_tiles_the_large_ones():
+    model = _strided_fcn("same", [2, 2])
+    images = [random_images((40, 36, 2), seed=s) for s in range(3)]
+    images.insert(1, random_images((52, 44, 2), seed=7))
+    images.append(random_images((150, 130, 2), seed=8))
+    maps = kfs.predict_maps(model, images, tile=64, batch_size=2)
+    assert len(maps) == len(images)
+    for image, result in zip(images, maps):
+        np.testing.assert_allclose(result, _whole(model, image), atol=ATOL)
+    with pytest.raises(kfs.ConversionError, match="2 channels"):
+        kfs.predict_maps(model, [random_images((40, 40, 3))])

@@ -9,6 +9,7 @@ import numpy as np
 from keras_fcn_surgery.errors import ConversionError
 from keras_fcn_surgery.graph import model_layout
 from keras_fcn_surgery.grid import tiling
+from keras_fcn_surgery.grid.geometry import geometry
 from keras_fcn_surgery.inference import runner
 from keras_fcn_surgery.inference.staged import plan_prediction, run_plan
 
@@ -141,6 +142,84 @@ def predict_map(
         prefetch=prefetch,
         spill_dir=spill_dir,
     )
+
+
+def predict_maps(
+    fcn,
+    images,
+    *,
+    tile=None,
+    batch_size: int | None = None,
+    preprocess=None,
+    jit_compile: bool | None = None,
+    mixed_precision: bool = False,
+    progress: bool | None = False,
+    **options,
+) -> list:
+    """The score maps of several images, small ones of equal size batched through the network together.
+
+    Images of one size that each run as one pass (no ``tile``, or a tile at
+    least the image) go through the model in batches, which is faster than
+    one call per image for small images; any other image goes through
+    `predict_map` on its own (tiled, staged).
+
+    Args:
+        fcn: a fully convolutional model from `convert`.
+        images: a sequence of images, each as for `predict_map` (sizes may
+            differ).
+        tile: as for `predict_map`.
+        batch_size: images per forward pass; default: as many as make about
+            1 million pixels.
+        preprocess, jit_compile, mixed_precision, progress: as for `predict_map`.
+        **options: further keyword arguments of `predict_map`, for the images
+            that go through it.
+
+    Returns:
+        The maps, in the order of ``images``.
+
+    Raises:
+        ConversionError: as `predict_map`.
+    """
+    spec, classes = runner.check_fcn(fcn)
+    if batch_size is not None and batch_size < 1:
+        raise ConversionError(f"Expected `batch_size` >= 1. Received: batch_size={batch_size}")
+    images = [runner.with_channel_axis(image, spec) for image in images]
+    sizes = [runner.image_size_of(image, spec) for image in images]
+    results: list = [None] * len(images)
+    by_size: dict = {}
+    for index, size in enumerate(sizes):
+        by_size.setdefault(size, []).append(index)
+    requested = None if tile is None else runner.pair(tile, "tile")
+    grid = geometry(fcn)
+    forward = runner.forward_fn(fcn, jit_compile, precision="mixed_float16" if mixed_precision else None)
+    dtype = runner.input_dtype(fcn)
+    with runner.progress_bar(len(images), progress, "images") as bar:
+        for size, indices in by_size.items():
+            if requested is not None and any(t < n for t, n in zip(requested, size)):
+                for index in indices:
+                    results[index] = predict_map(
+                        fcn,
+                        images[index],
+                        tile=tile,
+                        batch_size=batch_size,
+                        preprocess=preprocess,
+                        jit_compile=jit_compile,
+                        mixed_precision=mixed_precision,
+                        **options,
+                    )
+                    bar.update(1)
+                continue
+            runner.check_image_size(size, grid)
+            whole = tiling.AxisTile(0, size[0], 0, 0, 0), tiling.AxisTile(0, size[1], 0, 0, 0)
+            per_batch = batch_size or max(1, runner.PIXELS_PER_BATCH // (size[0] * size[1]))
+            for first in range(0, len(indices), per_batch):
+                group = indices[first : first + per_batch]
+                pixels = np.stack([runner.read_tile(images[i], spec, *whole, preprocess, dtype) for i in group])
+                maps = forward(pixels)
+                for index, cell_map in zip(group, maps):
+                    results[index] = np.asarray(cell_map, dtype=runner.output_dtype(fcn))
+                bar.update(len(group))
+    return results
 
 
 def sliding_window_predict(

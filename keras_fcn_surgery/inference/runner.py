@@ -17,6 +17,9 @@ from keras_fcn_surgery.grid import tiling
 from keras_fcn_surgery.grid.geometry import Geometry
 from keras_fcn_surgery.layout import Layout
 
+# Input pixels per forward pass when `batch_size` is not given: tiles of 1024 x 1024
+# or more go one at a time (batching them would defeat the memory bound of tiling).
+PIXELS_PER_BATCH = 1 << 20
 # tf.function wrappers of each model's forward pass, by options.
 _FORWARD_CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 

@@ -45,9 +45,6 @@ from keras_fcn_surgery.inference.store import DiskMap
 
 # Bytes of stored maps kept in memory when `memory_budget` is not given; larger ones go to disk.
 DEFAULT_MEMORY_BUDGET = 512 << 20
-# Input pixels per forward pass of a plain tiled pass when `batch_size` is not given: tiles of
-# 1024 x 1024 or more go one at a time (batching them would defeat the memory bound of tiling).
-PIXELS_PER_BATCH = 1 << 20
 # Costs in multiply-accumulates (what the cut choice minimises) of the work that is not arithmetic:
 # one forward call, and writing then reading back one element of a stored map in memory or on disk.
 _MACS_PER_CALL = 50_000_000
@@ -253,19 +250,19 @@ class _Planner:
             # Plain tiles of this size are impossible; activations of the smallest that is not.
             side = tuple(max(t, m) for t, m in zip(self.tile, self.grid.min_input_size))
             self.activation_budget = pass_cost(self.fcn, self._shape(side, self.spec.channels)).peak_elements
-            self.reference = self.activation_budget * PIXELS_PER_BATCH // (side[0] * side[1])
+            self.reference = self.activation_budget * runner.PIXELS_PER_BATCH // (side[0] * side[1])
         else:
             plain_error = None
             tile = _tile_size(axis_plans)
             tiles = len(axis_plans[0]) * len(axis_plans[1])
             one_tile = pass_cost(self.fcn, self._shape(tile, self.spec.channels))
             plain_macs = tiles * one_tile.macs
-            batch = self.batch_size or max(1, PIXELS_PER_BATCH // (tile[0] * tile[1]))
+            batch = self.batch_size or max(1, runner.PIXELS_PER_BATCH // (tile[0] * tile[1]))
             candidate = _Candidate(self.fcn, axis_plans, tile, tiles, one_tile.macs, one_tile.peak_elements, 0)
             plain = ([(None, None, candidate)], [batch])
             self.activation_budget = one_tile.peak_elements
             # The activations of a batch of about 1 million pixels of plain tiles.
-            self.reference = max(one_tile.peak_elements * PIXELS_PER_BATCH // (tile[0] * tile[1]), 1)
+            self.reference = max(one_tile.peak_elements * runner.PIXELS_PER_BATCH // (tile[0] * tile[1]), 1)
             if tiles == 1 or staged is False:
                 return self._build(*plain, whole.macs, plain_macs)
         chain = self._staged_chain(staged)
