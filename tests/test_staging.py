@@ -256,3 +256,12 @@ def test_predict_maps_batches_images_of_one_size_and_tiles_the_large_ones():
         np.testing.assert_allclose(result, _whole(model, image), atol=ATOL)
     with pytest.raises(kfs.ConversionError, match="2 channels"):
         kfs.predict_maps(model, [random_images((40, 40, 3))])
+
+
+def test_a_spill_folder_that_cannot_be_written_gets_a_clear_error(tmp_path):
+    model = _strided_fcn("valid", [2, 2, 2])
+    missing = tmp_path / "missing" / "folder"
+    with pytest.raises(kfs.ConversionError, match=r"spill_dir=.*memory_budget="):
+        kfs.predict_map(
+            model, random_images((150, 130, 2)), tile=48, staged=True, memory_budget=0, spill_dir=str(missing)
+        )

@@ -55,6 +55,7 @@ _MIN_SAVING = 0.05
 # A candidate cut starts a new stride level when the map shrinks at least this much since the last.
 _STRIDE_STEP = 1.5
 
+_PLANS_PER_MODEL = 64
 _PLAN_CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _SUB_MODEL_CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
@@ -220,6 +221,8 @@ def plan_prediction(
     key = (size, None if tile is None else runner.pair(tile, "tile"), staged, batch_size, budget)
     per_model = _PLAN_CACHE.setdefault(fcn, {})
     if key not in per_model:
+        if len(per_model) >= _PLANS_PER_MODEL:  # slides of many sizes: forget the oldest plan
+            per_model.pop(next(iter(per_model)))
         per_model[key] = _Planner(fcn, size, key[1], batch_size, budget).plan(staged)
     return per_model[key]
 
@@ -468,6 +471,11 @@ def run_plan(plan: PredictionPlan, image, out, *, preprocess, forward_for, progr
                     source.close()
                 source = target
         return out
+    except OSError as error:
+        raise ConversionError(
+            f"Could not write or read a stored stage map in {folder or spill_dir}: {error}. Free disk space, "
+            "pass `spill_dir=` on a larger disk, or raise `memory_budget=` to keep the maps in memory."
+        ) from error
     finally:
         for store in stores:
             if isinstance(store, DiskMap):
