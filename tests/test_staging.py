@@ -204,11 +204,19 @@ def test_mixed_precision_matches_float32_to_half_precision():
     assert model.dtype_policy.name == "float32"
 
 
-def test_xla_is_chosen_for_large_kernel_heads_only():
-    from keras_fcn_surgery.zoo import caffenet
-
-    assert wants_xla(kfs.convert(caffenet(num_classes=10), verify=False))
+def test_xla_is_chosen_for_large_kernel_heads_only_and_stays_exact():
+    inputs = keras.Input((None, None, 2))
+    x = layers.Conv2D(8, 3, strides=2, activation="relu")(inputs)
+    x = layers.MaxPooling2D(2)(x)
+    head = keras.Model(inputs, layers.Conv2D(3, 1)(layers.Conv2D(512, 5, activation="relu", name="fc6")(x)))
+    assert wants_xla(head)
     assert not wants_xla(_strided_fcn("same", [2, 2]))
+    image = random_images((61, 53, 2), seed=6)
+    whole = _whole(head, image)
+    default = kfs.predict_map(head, image)
+    scale = np.abs(whole).max()
+    np.testing.assert_allclose(default, whole, atol=1e-5 * scale)  # float32 round-off: XLA sums in another order
+    np.testing.assert_allclose(kfs.predict_map(head, image, tile=40), whole, atol=1e-5 * scale)
 
 
 def test_disk_map_reads_back_what_it_wrote(tmp_path):
