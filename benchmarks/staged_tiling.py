@@ -95,6 +95,9 @@ def child(config: dict) -> None:
     print(json.dumps({**config, **result}))
 
 
+LOG = None  # a JSON-lines file that keeps each finished measurement (--log), should a later one be cut short
+
+
 def run_child(config: dict, timeout: int = 3600) -> dict:
     done = subprocess.run(
         [sys.executable, os.path.abspath(__file__), "--child", json.dumps(config)],
@@ -105,7 +108,11 @@ def run_child(config: dict, timeout: int = 3600) -> dict:
     )
     if done.returncode != 0:
         raise RuntimeError(f"child {config} failed:\n{done.stderr[-3000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    if LOG:
+        with open(LOG, "a") as log:
+            log.write(json.dumps(result) + "\n")
+    return result
 
 
 def _label(row) -> str:
@@ -114,13 +121,14 @@ def _label(row) -> str:
     return f"{'staged' if row['staged'] is not False else 'plain'} {row['tile']}"
 
 
-def measured(fcn_path: str, size: int, tile: int, rounds: int) -> list[dict]:
+def measured(fcn_path: str, size: int, tile: int, rounds: int, plain: bool) -> list[dict]:
     print(f"\n== VGG16 on {size}x{size}: whole / plain tiles / staged tiles (fresh process each, best of {rounds}) ==")
     configs = [
         {"fcn_path": fcn_path, "size": size, "tile": None, "staged": None, "passes": 2},
-        {"fcn_path": fcn_path, "size": size, "tile": tile, "staged": False, "passes": 2},
         {"fcn_path": fcn_path, "size": size, "tile": tile, "staged": None, "passes": 2},
     ]
+    if plain:
+        configs.insert(1, {"fcn_path": fcn_path, "size": size, "tile": tile, "staged": False, "passes": 2})
     runs = [[run_child(c) for c in configs] for _ in range(rounds)]  # round-robin: fair to drift in load
     rows = []
     for results in zip(*runs):
@@ -202,24 +210,30 @@ def main(argv=None) -> int:
     parser.add_argument("--large", action="store_true", help="also the 8192 x 8192 bounded-memory pass")
     parser.add_argument("--large-only", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--no-plain", action="store_true", help="skip the plain-tiles pass (the slowest)")
+    parser.add_argument("--large-size", type=int, default=8192, help="image side of the bounded-memory pass")
+    parser.add_argument("--log", help="append each measurement to this JSON-lines file")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
         child(json.loads(args.child))
         return 0
+    global LOG
+    LOG = args.log
     print(f"TensorFlow on {os.cpu_count()} CPU cores; load average at start {os.getloadavg()[0]:.2f}")
     fcn = kfs.convert(keras.applications.VGG16(weights=None), verify=False)
     folder = tempfile.mkdtemp(prefix="staged-tiling-")
     path = os.path.join(folder, "vgg16_fcn.keras")
     fcn.save(path)
     try:
-        table(fcn, (1024, 2048, 4096, 8192, 16384), (512, 1024, 2048))
+        if not args.large_only:
+            table(fcn, (1024, 2048, 4096, 8192, 16384), (512, 1024, 2048))
         rows = None
         if not args.large_only:
             size = 1536 if args.quick else 2048
-            rows = measured(path, size, 1024, 1 if args.quick else args.rounds)
+            rows = measured(path, size, 1024, 1 if args.quick else args.rounds, not args.no_plain)
         if args.large or args.large_only:
-            large(path, rows[0] if rows and rows[0]["size"] == 2048 else None, 8192, 1024)
+            large(path, rows[0] if rows and rows[0]["size"] == 2048 else None, args.large_size, 1024)
     finally:
         shutil.rmtree(folder, ignore_errors=True)
     print(f"\nload average at end {os.getloadavg()[0]:.2f} (other processes share these cores)")
