@@ -193,8 +193,7 @@ def large(fcn_path: str, whole_2048: dict | None, size: int, tile: int) -> None:
     print(
         f"stages {row['stages']}, tiles {row['tiles']}, work {row['work']:.2f}; wall {row['seconds']:.1f} s "
         f"(CPU {row['cpu_seconds']:.1f} s) = {per_mp:.3f} s/MP; peak resident growth {row['growth_mib']:.0f} MiB "
-        f"(plan estimate {row['plan_peak_mib']:.0f} MiB, plus the {row['size'] // 32 - 6}^2 x 1000 map and "
-        "the pages of the image read)"
+        f"(plan estimate {row['plan_peak_mib']:.0f} MiB, beside the map itself and the pages of the image read)"
     )
     if whole_2048 is not None:
         reference = whole_2048["seconds"] / (whole_2048["size"] ** 2 / 1e6)
