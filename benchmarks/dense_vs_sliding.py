@@ -6,7 +6,8 @@ window at the network's stride (32) with the source classifier, and of one
 window; the measured speedup is printed next to the ratio of
 multiply-accumulates (MACs of convolutions and dense layers, computed from the
 layers' shapes), the speedup an implementation with equal efficiency would get.
-Target: measured speedup >= 0.8 x that ratio.
+Target: default `predict_map` >= 0.85 x that ratio (it picks XLA for
+large-kernel heads by itself); `jit_compile=False` is shown beside it.
 
 Part 2: one large image through the FCN whole and in exact tiles, each in a
 fresh process: time (second of two runs) and peak resident memory
@@ -41,7 +42,7 @@ import numpy as np  # noqa: E402
 
 import keras_fcn_surgery as kfs  # noqa: E402
 from keras_fcn_surgery.graph import graph_of, is_graph_model, nodes_in_order  # noqa: E402
-from keras_fcn_surgery.inference.predict import _forward_fn, _plan  # noqa: E402
+from keras_fcn_surgery.inference.predict import _forward_fn  # noqa: E402
 from keras_fcn_surgery.zoo import caffenet  # noqa: E402
 
 STRIDE = 32
@@ -91,19 +92,22 @@ def _count(graph, input_shapes):
     return total, [shapes[id(t)] for t in graph.outputs]
 
 
-def best_time(function, repeats: int, warmup=None) -> tuple[float, float]:
-    """Best wall-clock and best CPU (process, all threads) seconds over ``repeats`` runs after a warm-up.
+def best_time(function, repeats: int, warmup=None) -> tuple[float, float, float]:
+    """Best wall-clock and best CPU (process, all threads) seconds over ``repeats`` runs after a warm-up,
+    and the wall-clock seconds of the warm-up (tracing and XLA compilation included).
 
     CPU time barely moves when other processes share the cores; wall time does.
     """
-    (warmup or function)()  # trace, allocate
+    first = time.perf_counter()
+    (warmup or function)()  # trace, compile, allocate
+    first = time.perf_counter() - first
     walls, cpus = [], []
     for _ in range(repeats):
         wall, cpu = time.perf_counter(), time.process_time()
         function()
         walls.append(time.perf_counter() - wall)
         cpus.append(time.process_time() - cpu)
-    return min(walls), min(cpus)
+    return min(walls), min(cpus), first
 
 
 def dense_vs_sliding(name: str, size: int, repeats: int, sliding_repeats: int, batch_size: int) -> dict:
@@ -127,7 +131,7 @@ def dense_vs_sliding(name: str, size: int, repeats: int, sliding_repeats: int, b
         "ideal": count * window_macs / fcn_macs,
         "one": best_time(lambda: one(crop), repeats),
         "fcn": best_time(lambda: kfs.predict_map(fcn, image), repeats),
-        "xla": best_time(lambda: kfs.predict_map(fcn, image, jit_compile=True), repeats),
+        "xla": best_time(lambda: kfs.predict_map(fcn, image, jit_compile=False), repeats),
         "sliding": best_time(
             lambda: kfs.sliding_window_predict(classifier, image, STRIDE, batch_size=batch_size),
             sliding_repeats,
@@ -142,7 +146,7 @@ def print_dense_table(rows) -> None:
     print("seconds as wall / CPU (process time of all threads; steady when other processes share the cores)")
     print(
         f"{'model':9s} {'image':>9s} {'windows':>7s} {'GMAC/win':>8s} {'GMAC sw':>8s} {'GMAC fcn':>8s} "
-        f"{'ideal':>6s} | {'1 window':>13s} {'sliding window':>15s} {'FCN':>13s} {'FCN (XLA)':>13s}"
+        f"{'ideal':>6s} | {'1 window':>13s} {'sliding window':>15s} {'FCN default':>13s} {'FCN no XLA':>13s}"
     )
     for r in rows:
         print(
@@ -153,20 +157,25 @@ def print_dense_table(rows) -> None:
                 for k, w in (("one", 13), ("sliding", 15), ("fcn", 13), ("xla", 13))
             )
         )
-    print("\nspeedup = sliding window / FCN, and as a share of the ideal (the MAC ratio); target >= 0.8 x ideal")
+    print(
+        "\nspeedup = sliding window / FCN, and as a share of the ideal (the MAC ratio); target: default "
+        "`predict_map` >= 0.85 x ideal. 'no XLA': jit_compile=False. compile s: first call - best call of the "
+        "default (tracing and XLA compilation, paid once per tile shape)"
+    )
     print(
         f"{'model':9s} {'image':>9s} {'ideal':>6s} | {'wall':>6s} {'x ideal':>7s} {'CPU':>6s} {'x ideal':>7s} | "
-        f"{'XLA wall':>8s} {'x ideal':>7s} {'XLA CPU':>7s} {'x ideal':>7s} | verdict"
+        f"{'noX wall':>8s} {'x ideal':>7s} {'noX CPU':>7s} {'x ideal':>7s} | {'compile s':>9s} | verdict"
     )
     for r in rows:
         ratios = [r["sliding"][i] / r[k][i] for k in ("fcn", "xla") for i in (0, 1)]
-        best_cpu = max(ratios[1], ratios[3]) / r["ideal"]
-        verdict = "met" if best_cpu >= 0.8 else "NOT met"
+        default_cpu = ratios[1] / r["ideal"]
+        verdict = "met" if default_cpu >= 0.85 else "NOT met"
+        compile_seconds = max(r["fcn"][2] - r["fcn"][0], 0.0)
         print(
             f"{r['model']:9s} {r['size']:>4d}x{r['size']:<4d} {r['ideal']:>6.2f} | {ratios[0]:>6.2f} "
             f"{ratios[0] / r['ideal']:>7.2f} {ratios[1]:>6.2f} {ratios[1] / r['ideal']:>7.2f} | {ratios[2]:>8.2f} "
-            f"{ratios[2] / r['ideal']:>7.2f} {ratios[3]:>7.2f} {ratios[3] / r['ideal']:>7.2f} | {verdict} "
-            f"(best CPU {best_cpu:.2f} x ideal)"
+            f"{ratios[2] / r['ideal']:>7.2f} {ratios[3]:>7.2f} {ratios[3] / r['ideal']:>7.2f} | "
+            f"{compile_seconds:>9.2f} | {verdict} (default CPU {default_cpu:.2f} x ideal)"
         )
 
 
@@ -216,10 +225,10 @@ def child(config: dict) -> None:
     _, peak = _memory_mib()
     area = 1.0
     if tile is not None:
-        rows, cols = _plan((size, size), kfs.geometry(fcn), tile)
-        area = sum((r.stop - r.start) * (c.stop - c.start) for r in rows for c in cols) / size**2
-        config["tiles"] = len(rows) * len(cols)
-        config["tile_used"] = rows[0].stop - rows[0].start
+        plan = kfs.plan_prediction(fcn, (size, size), tile=tile)
+        area = plan.work_ratio  # MACs planned over one whole pass (staged tiles when that computes less)
+        config["tiles"] = sum(stage.tiles for stage in plan.stages)
+        config["tile_used"] = plan.stages[0].tile[0]
     result = {"seconds": seconds, "cpu_seconds": cpu_seconds, "baseline_mib": baseline, "peak_mib": peak, "area": area}
     print(json.dumps({**config, **result}))
 
@@ -268,7 +277,7 @@ def tiled_vs_whole(model: str, size: int, tiles, rounds: int) -> None:
             f"{(1 + cpu) / r['area']:>8.2f} {r['baseline_mib']:>10.0f} {r['peak_mib']:>8.0f}"
         )
     print(
-        "overhead: tiled / whole - 1, wall and CPU time (target <= 15%). area: pixels computed / image pixels, "
+        "overhead: tiled / whole - 1, wall and CPU time (target <= 10%). area: planned MACs / one whole pass, "
         "the overlap that the receptive field forces on exact tiles. CPU/area: the tiled cost beyond that overlap "
         "(1.00 = none). before/peak: resident memory with the model loaded, and its peak during the passes "
         "(memory the process freed earlier is reused, so compare peaks)."

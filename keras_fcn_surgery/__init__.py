@@ -35,6 +35,10 @@ _PUBLIC = {
     "predict_map": "inference.predict",
     "predict_images": "batch.run",
     "BatchSummary": "batch.run",
+    "predict_maps": "inference.predict",
+    "PredictionPlan": "inference.staged",
+    "StagePlan": "inference.staged",
+    "plan_prediction": "inference.staged",
     "sliding_window_predict": "inference.predict",
     "export_savedmodel": "export.savedmodel",
     "export_tflite": "export.tflite",
@@ -63,6 +67,8 @@ __all__ = [
     "NonFiniteWeightsWarning",
     "RewriteKind",
     "UninformativeVerificationWarning",
+    "PredictionPlan",
+    "StagePlan",
     "VerificationError",
     "VerificationResult",
     "convert",
@@ -76,7 +82,9 @@ __all__ = [
     "log_graphs",
     "plan",
     "predict_images",
+    "plan_prediction",
     "predict_map",
+    "predict_maps",
     "sliding_window_predict",
     "verify",
     "segmenter",
@@ -123,7 +131,8 @@ if TYPE_CHECKING:
     from keras_fcn_surgery.grid.geometry import AxisGeometry, Geometry, geometry
     from keras_fcn_surgery.inference.heatmap import heatmap, imagenet_class_names
     from keras_fcn_surgery.inference.pictures import activations_picture, filters_picture
-    from keras_fcn_surgery.inference.predict import predict_map, sliding_window_predict
+    from keras_fcn_surgery.inference.predict import predict_map, predict_maps, sliding_window_predict
+    from keras_fcn_surgery.inference.staged import PredictionPlan, StagePlan, plan_prediction
     from keras_fcn_surgery.saving.loading import load_model
     from keras_fcn_surgery.segmentation.losses import segmentation_loss
     from keras_fcn_surgery.segmentation.predict import segment_image

@@ -154,7 +154,64 @@ def is_fully_convolutional(model) -> bool:
     if len(shape) != 4 or len(output) != 4:
         return False
     return all(d is None for d in model_layout(model).spatial_shape(shape))
+
+
 def patch_tf2onnx() -> None:
     """Keras's compatibility patch that lets tf2onnx run under numpy 2 (idempotent)."""
     from keras.src.export.tf2onnx_lib import patch_tf2onnx as keras_patch
+
     keras_patch()
+
+
+def tensor_shapes(model, input_shape) -> dict:
+    """Static shapes of every tensor in a model's graph for one input shape, nested models entered.
+
+    Args:
+        model: a Sequential or functional model with one input.
+        input_shape: the input's full shape, batch included.
+
+    Returns:
+        ``{id(tensor): shape}`` for the graph's tensors (those of nested
+        models too), each shape a tuple of ints.
+    """
+    shapes: dict = {}
+    _propagate(graph_of(model), [keras.KerasTensor(tuple(input_shape))], shapes)
+    return shapes
+
+
+def _propagate(graph, inputs, shapes: dict) -> list:
+    values = {id(t): v for t, v in zip(graph.inputs, inputs)}
+    for tensor, value in zip(graph.inputs, inputs):
+        shapes[id(tensor)] = tuple(value.shape)
+    for node in nodes_in_order(graph):
+        operation = node.operation
+        if is_graph_model(operation):
+            outputs = _propagate(graph_of(operation), [values[id(t)] for t in node.input_tensors], shapes)
+        else:
+            args, kwargs = node.arguments.fill_in(values)
+            result = operation.compute_output_spec(*args, **kwargs)
+            outputs = list(result) if isinstance(result, (list, tuple)) else [result]
+        for tensor, value in zip(node.outputs, outputs):
+            values[id(tensor)] = value
+            shapes[id(tensor)] = tuple(value.shape)
+    return [values[id(t)] for t in graph.outputs]
+
+
+def sub_model(model, start, stop, name: str):
+    """The part of a model's graph from tensor ``start`` to tensor ``stop``, as a functional model.
+
+    ``start`` must be a tensor that everything up to ``stop`` depends on only
+    through it (the model's input, or a cut of its graph).
+    """
+    graph = graph_of(model)
+    inputs = graph.inputs[0] if start is None else start
+    return keras.Model(inputs, stop, name=name)
+
+
+def flat_nodes(model):
+    """The call nodes of a model's graph in order, those of nested models in place of the nested model."""
+    for node in nodes_in_order(graph_of(model)):
+        if is_graph_model(node.operation):
+            yield from flat_nodes(node.operation)
+        else:
+            yield node

@@ -65,6 +65,8 @@ def positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
     return value
+
+
 def _raise_on_signals(exception_class) -> dict:
     """SIGTERM/SIGHUP raise ``exception_class(signum)``, SIGINT `KeyboardInterrupt`; returns the old handlers."""
     import threading

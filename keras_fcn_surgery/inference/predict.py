@@ -3,32 +3,19 @@
 from __future__ import annotations
 
 import itertools
-import sys
-import weakref
-from dataclasses import dataclass
 
-import keras
 import numpy as np
 
 from keras_fcn_surgery.errors import ConversionError
 from keras_fcn_surgery.graph import model_layout
 from keras_fcn_surgery.grid import tiling
-from keras_fcn_surgery.grid.geometry import Geometry, geometry
-from keras_fcn_surgery.layout import Layout
+from keras_fcn_surgery.grid.geometry import geometry
+from keras_fcn_surgery.inference import runner
+from keras_fcn_surgery.inference.staged import plan_prediction, run_plan
 
-# Input pixels per forward pass when `batch_size` is not given: tiles of 1024 x 1024
-# or more go one at a time (batching them would defeat the memory bound of tiling).
-_PIXELS_PER_BATCH = 1 << 20
-# tf.function wrappers of each model's forward pass, by jit_compile.
-_FORWARD_CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
-@dataclass(frozen=True)
-class _ImageSpec:
-    """The image a model takes: its layout and channel count."""
-
-    layout: Layout
-    channels: int
+# Older names, kept for callers of the private helpers (benchmarks).
+_plan = runner.plan_tiles
+_forward_fn = runner.forward_fn
 
 
 def predict_map(
@@ -40,7 +27,12 @@ def predict_map(
     out=None,
     progress: bool | None = None,
     preprocess=None,
-    jit_compile: bool = False,
+    jit_compile: bool | None = None,
+    staged: bool | None = None,
+    memory_budget: int | None = None,
+    prefetch: bool = True,
+    mixed_precision: bool = False,
+    spill_dir: str | None = None,
 ):
     """The score map of one image, computed whole or in exact tiles.
 
@@ -54,6 +46,13 @@ def predict_map(
     a time, so ``image`` and ``out`` may be memory-mapped or zarr arrays far
     larger than memory.
 
+    Exact tiles of a whole network overlap by its receptive field. Where it
+    computes less (``staged=None``, the default), the network is cut into
+    stages at poolings that no branch crosses, and each stage is tiled on the
+    stored map of the stage before, overlapping by its own receptive field
+    only; stored maps larger than ``memory_budget`` go to temporary files. The
+    result is the same. `plan_prediction` shows the plan.
+
     Args:
         fcn: a fully convolutional model from `convert` (input ``(None, None,
             None, C)``, or ``(None, C, None, None)`` for channels-first).
@@ -66,9 +65,12 @@ def predict_map(
             rounded up to a multiple of the network's stride, and the image
             side's remainder modulo the stride is added (so tiles pad like the
             image); a side at least the image's is not cut. The tiles are then
-            shortened evenly as far as that needs no more of them.
+            shortened evenly as far as that needs no more of them. With
+            staging, deeper stages use tiles as large as keep their
+            activations within those of one such tile through the network.
         batch_size: tiles per forward pass; default: as many as make about 1
-            million input pixels (one tile of 1024 x 1024 or more).
+            million input pixels (one tile of 1024 x 1024 or more), and for
+            deeper stages as many as hold as many activations.
         out: an array of the map's shape to write into (numpy, memmap or
             zarr) instead of allocating one.
         progress: show a tqdm bar over the tiles; default: when there is more
@@ -79,7 +81,24 @@ def predict_map(
             ``keras.applications.vgg16.preprocess_input``. It must treat each
             pixel on its own, or tiles would differ from the whole image.
         jit_compile: compile the forward pass with XLA (once per tile batch
-            shape); faster for large-kernel heads on CPU, slower to start.
+            shape). None (default) chooses: XLA where the network holds a
+            large-kernel convolution (a converted classifier's head), whose
+            TensorFlow CPU kernel is slow, or on a GPU.
+        staged: None (default) to stage the network when that computes less
+            than plain exact tiles, True to require staging (a
+            `ConversionError` says why a network cannot be staged), False for
+            plain tiles. Ignored without ``tile``.
+        memory_budget: bytes of stored stage maps kept in memory (default 512
+            MiB); larger maps are written to temporary files in ``spill_dir``
+            and removed at the end, even when the pass is interrupted.
+        prefetch: read and preprocess the next batch of tiles on a background
+            thread while the model computes the current one.
+        mixed_precision: compute in float16 with float32 variables (Keras's
+            ``mixed_float16`` policy) on a copy of the model: about twice as
+            fast on GPUs with tensor cores, slower on CPUs. The map then
+            matches the float32 one to float16 precision only.
+        spill_dir: the folder for spilled stage maps (default: the system's
+            temporary folder).
 
     Returns:
         The map, ``(H', W', K)`` (``(K, H', W')`` for channels-first), as a
@@ -102,38 +121,105 @@ def predict_map(
     kfs.predict_map(fcn, image, tile=2048, out=scores)
     ```
     """
-    spec, classes = _check_fcn(fcn)
-    image = _with_channel_axis(image, spec)
-    size = _image_size(image, spec)
-    grid = geometry(fcn)
-    _check_image_size(size, grid)
-    map_size = grid.output_size(size)
-    shape = spec.layout.image_shape(map_size[0], map_size[1], classes)
-    out = _output_array(out, shape, fcn)
-    plans = _plan(size, grid, tile)
-    tiles = list(itertools.product(*plans))
-    tile_size = (plans[0][0].stop - plans[0][0].start, plans[1][0].stop - plans[1][0].start)
-    if batch_size is None:
-        batch_size = max(1, _PIXELS_PER_BATCH // (tile_size[0] * tile_size[1]))
-    if batch_size < 1:
+    spec, classes = runner.check_fcn(fcn)
+    image = runner.with_channel_axis(image, spec)
+    size = runner.image_size_of(image, spec)
+    plan = plan_prediction(fcn, size, tile=tile, staged=staged, batch_size=batch_size, memory_budget=memory_budget)
+    shape = spec.layout.image_shape(plan.map_size[0], plan.map_size[1], classes)
+    out = runner.output_array(out, shape, fcn)
+    precision = "mixed_float16" if mixed_precision else None
+
+    def forward_for(model):
+        return runner.forward_fn(model, jit_compile, precision=precision)
+
+    return run_plan(
+        plan,
+        image,
+        out,
+        preprocess=preprocess,
+        forward_for=forward_for,
+        progress=progress,
+        prefetch=prefetch,
+        spill_dir=spill_dir,
+    )
+
+
+def predict_maps(
+    fcn,
+    images,
+    *,
+    tile=None,
+    batch_size: int | None = None,
+    preprocess=None,
+    jit_compile: bool | None = None,
+    mixed_precision: bool = False,
+    progress: bool | None = False,
+    **options,
+) -> list:
+    """The score maps of several images, small ones of equal size batched through the network together.
+
+    Images of one size that each run as one pass (no ``tile``, or a tile at
+    least the image) go through the model in batches, which is faster than
+    one call per image for small images; any other image goes through
+    `predict_map` on its own (tiled, staged).
+
+    Args:
+        fcn: a fully convolutional model from `convert`.
+        images: a sequence of images, each as for `predict_map` (sizes may
+            differ).
+        tile: as for `predict_map`.
+        batch_size: images per forward pass; default: as many as make about
+            1 million pixels.
+        preprocess, jit_compile, mixed_precision, progress: as for `predict_map`.
+        **options: further keyword arguments of `predict_map`, for the images
+            that go through it.
+
+    Returns:
+        The maps, in the order of ``images``.
+
+    Raises:
+        ConversionError: as `predict_map`.
+    """
+    spec, classes = runner.check_fcn(fcn)
+    if batch_size is not None and batch_size < 1:
         raise ConversionError(f"Expected `batch_size` >= 1. Received: batch_size={batch_size}")
-    forward = _forward_fn(fcn, jit_compile)
-    dtype = _input_dtype(fcn)
-    with _progress_bar(len(tiles), progress, "tiles") as bar:
-        for first in range(0, len(tiles), batch_size):
-            batch = tiles[first : first + batch_size]
-            pixels = np.stack([_read(image, spec, rows, cols, preprocess, dtype) for rows, cols in batch])
-            maps = forward(pixels)
-            for (rows, cols), cell_map in zip(batch, maps):
-                keep = spec.layout.image_index(
-                    slice(rows.keep_start, rows.keep_stop), slice(cols.keep_start, cols.keep_stop)
-                )
-                target = spec.layout.image_index(
-                    slice(rows.out_start, rows.out_stop), slice(cols.out_start, cols.out_stop)
-                )
-                out[target] = cell_map[keep]
-            bar.update(len(batch))
-    return out
+    images = [runner.with_channel_axis(image, spec) for image in images]
+    sizes = [runner.image_size_of(image, spec) for image in images]
+    results: list = [None] * len(images)
+    by_size: dict = {}
+    for index, size in enumerate(sizes):
+        by_size.setdefault(size, []).append(index)
+    requested = None if tile is None else runner.pair(tile, "tile")
+    grid = geometry(fcn)
+    forward = runner.forward_fn(fcn, jit_compile, precision="mixed_float16" if mixed_precision else None)
+    dtype = runner.input_dtype(fcn)
+    with runner.progress_bar(len(images), progress, "images") as bar:
+        for size, indices in by_size.items():
+            if requested is not None and any(t < n for t, n in zip(requested, size)):
+                for index in indices:
+                    results[index] = predict_map(
+                        fcn,
+                        images[index],
+                        tile=tile,
+                        batch_size=batch_size,
+                        preprocess=preprocess,
+                        jit_compile=jit_compile,
+                        mixed_precision=mixed_precision,
+                        **options,
+                    )
+                    bar.update(1)
+                continue
+            runner.check_image_size(size, grid)
+            whole = tiling.AxisTile(0, size[0], 0, 0, 0), tiling.AxisTile(0, size[1], 0, 0, 0)
+            per_batch = batch_size or max(1, runner.PIXELS_PER_BATCH // (size[0] * size[1]))
+            for first in range(0, len(indices), per_batch):
+                group = indices[first : first + per_batch]
+                pixels = np.stack([runner.read_tile(images[i], spec, *whole, preprocess, dtype) for i in group])
+                maps = forward(pixels)
+                for index, cell_map in zip(group, maps):
+                    results[index] = np.asarray(cell_map, dtype=runner.output_dtype(fcn))
+                bar.update(len(group))
+    return results
 
 
 def sliding_window_predict(
@@ -169,7 +255,7 @@ def sliding_window_predict(
             f"Model '{model.name}' takes inputs of shape {shape}; the sliding window needs a classifier with a "
             "fixed input size (the window)."
         )
-    spec = _ImageSpec(model_format, int(model_format.channels(shape)))
+    spec = runner.ImageSpec(model_format, int(model_format.channels(shape)))
     window = tuple(int(d) for d in model_format.spatial_shape(shape))
     if len(model.outputs[0].shape) != 2:
         raise ConversionError(
@@ -178,9 +264,9 @@ def sliding_window_predict(
         )
     if batch_size < 1:
         raise ConversionError(f"Expected `batch_size` >= 1. Received: batch_size={batch_size}")
-    image = _with_channel_axis(image, spec)
-    size = _image_size(image, spec)
-    strides = _pair(stride, "stride")
+    image = runner.with_channel_axis(image, spec)
+    size = runner.image_size_of(image, spec)
+    strides = runner.pair(stride, "stride")
     counts = []
     for name, length, side, step in zip(("height", "width"), size, window, strides):
         if length < side:
@@ -192,13 +278,13 @@ def sliding_window_predict(
     classes = int(model.outputs[0].shape[-1])
     positions = list(itertools.product(range(counts[0]), range(counts[1])))
     scores = np.empty((len(positions), classes), dtype=np.float32)
-    forward = _forward_fn(model, False)
-    dtype = _input_dtype(model)
+    forward = runner.forward_fn(model, False)
+    dtype = runner.input_dtype(model)
     batches = range(0, len(positions), batch_size)
-    with _progress_bar(len(batches), progress, "batches") as bar:
+    with runner.progress_bar(len(batches), progress, "batches") as bar:
         for first in batches:
             crops = [
-                _read(
+                runner.read_tile(
                     image,
                     spec,
                     tiling.AxisTile(i * strides[0], i * strides[0] + window[0], 0, 0, 0),
@@ -212,181 +298,3 @@ def sliding_window_predict(
             bar.update(1)
     grid = scores.reshape(counts[0], counts[1], classes)
     return model_format.image_from_channels_last(grid)
-
-
-def _check_fcn(fcn) -> tuple[_ImageSpec, int]:
-    if not isinstance(fcn, keras.Model):
-        raise ConversionError(f"Expected a `keras.Model` from `convert`. Received: {type(fcn).__name__}")
-    if len(fcn.inputs) != 1 or len(fcn.outputs) != 1:
-        raise ConversionError(
-            f"Model '{fcn.name}' has {len(fcn.inputs)} inputs and {len(fcn.outputs)} outputs; score maps need "
-            "one image input and one output."
-        )
-    model_format = model_layout(fcn)
-    in_shape, out_shape = tuple(fcn.inputs[0].shape), tuple(fcn.outputs[0].shape)
-    if len(in_shape) != 4 or any(d is not None for d in model_format.spatial_shape(in_shape)) or len(out_shape) != 4:
-        raise ConversionError(
-            f"Model '{fcn.name}' takes {in_shape} and returns {out_shape}: not a fully convolutional model. "
-            "Convert the classifier first: `fcn = keras_fcn_surgery.convert(model)`."
-        )
-    channels, classes = model_format.channels(in_shape), model_format.channels(out_shape)
-    return _ImageSpec(model_format, int(channels)), int(classes)
-
-
-def _with_channel_axis(image, spec: _ImageSpec):
-    if len(image.shape) == 2 and spec.channels == 1:
-        return _ChannelView(image, spec.layout)
-    return image
-
-
-class _ChannelView:
-    """A 2-D array seen as one-channel 3-D, sliced lazily."""
-
-    def __init__(self, array, layout: Layout):
-        self._array, self._layout = array, layout
-        height, width = array.shape
-        self.shape = layout.image_shape(height, width, 1)
-
-    def __getitem__(self, index):
-        rows, cols = (index[i] for i in self._layout.image_spatial_axes)
-        region = np.asarray(self._array[rows, cols])
-        return np.expand_dims(region, self._layout.image_channel_axis)
-
-
-def _image_size(image, spec: _ImageSpec) -> tuple[int, int]:
-    shape = tuple(getattr(image, "shape", ()))
-    expected = "(H, W, C)" if spec.layout.channels_last else "(C, H, W)"
-    if len(shape) != 3:
-        raise ConversionError(
-            f"Expected one image shaped {expected} with C = {spec.channels} (an array or an array-like with "
-            f"`shape` and slicing). Received shape {shape}; for a batch, call once per image."
-        )
-    channels = spec.layout.image_channels(shape)
-    if channels != spec.channels:
-        raise ConversionError(
-            f"The model takes {spec.channels} channels ({spec.layout.data_format}, {expected}); the image of shape "
-            f"{shape} has {channels}."
-        )
-    rows, cols = spec.layout.image_spatial_axes
-    return (int(shape[rows]), int(shape[cols]))
-
-
-def _check_image_size(size, grid: Geometry) -> None:
-    minimum = grid.min_input_size
-    if size[0] < minimum[0] or size[1] < minimum[1]:
-        field = grid.receptive_field
-        raise ConversionError(
-            f"An image of {size[0]}x{size[1]} pixels is smaller than the network's minimum input of "
-            f"{minimum[0]}x{minimum[1]} (receptive field {field[0]}x{field[1]}): its score map would be empty. "
-            "Pad or enlarge the image."
-        )
-
-
-def _output_array(out, shape, fcn):
-    if out is None:
-        return np.empty(shape, dtype=_output_dtype(fcn))
-    given = tuple(getattr(out, "shape", ()))
-    if given != shape:
-        raise ConversionError(
-            f"`out` has shape {given}, but the map of this image has shape {shape}. Allocate it with that shape "
-            "(`geometry(fcn).output_size((H, W))` gives the map's height and width)."
-        )
-    return out
-
-
-def _plan(size, grid: Geometry, tile) -> list[list[tiling.AxisTile]]:
-    if tile is None:
-        sides = size
-    else:
-        requested = _pair(tile, "tile")
-        sides = tuple(tiling.tile_length(t, n, s) for t, n, s in zip(requested, size, grid.stride))
-    if tuple(sides) == tuple(size):
-        cells = grid.output_size(size)
-        return [[tiling.AxisTile(0, n, 0, c, 0)] for n, c in zip(size, cells)]
-    if grid.global_context:
-        raise ConversionError(
-            "The network pools over the whole image (a global pooling inside, such as squeeze-and-excitation), "
-            "so every cell depends on every pixel and no tiling is exact. Use `tile=None`."
-        )
-    minimum = grid.min_input_size
-    for name, side, low in zip(("height", "width"), sides, minimum):
-        if side < low:
-            raise ConversionError(
-                f"A tile {name} of {side} pixels is smaller than the network's minimum input of {low}. "
-                f"Use tiles of at least {low}."
-            )
-    inner = {"at_image_start": (False, False), "at_image_end": (False, False)}
-    cells, exact = grid.output_size(sides), grid.exact_cells(sides, **inner)
-    shortest = [low + (n - low) % s for low, n, s in zip(minimum, size, grid.stride)]
-    sides = [
-        tiling.balanced_tile_length(n, t, s, c, start, c - stop, low)
-        for n, t, s, c, (start, stop), low in zip(size, sides, grid.stride, cells, exact, shortest)
-    ]
-    cells, exact = grid.output_size(sides), grid.exact_cells(sides, **inner)
-    return [
-        tiling.plan_axis(n, t, s, c, start, c - stop)
-        for n, t, s, c, (start, stop) in zip(size, sides, grid.stride, cells, exact)
-    ]
-
-
-def _pair(value, name: str) -> tuple[int, int]:
-    values = (value, value) if np.isscalar(value) else tuple(value)
-    if len(values) != 2 or any(int(v) != v or v < 1 for v in values):
-        raise ConversionError(f"Expected `{name}` to be a positive integer or a pair of them. Received: {value!r}")
-    return (int(values[0]), int(values[1]))
-
-
-def _read(image, spec: _ImageSpec, rows: tiling.AxisTile, cols: tiling.AxisTile, preprocess, dtype) -> np.ndarray:
-    pixels = np.asarray(image[spec.layout.image_index(slice(rows.start, rows.stop), slice(cols.start, cols.stop))])
-    if preprocess is not None:
-        pixels = np.asarray(preprocess(pixels.astype(np.float32)))
-    return pixels.astype(dtype, copy=False)
-
-
-def _input_dtype(model) -> str:
-    dtype = str(model.inputs[0].dtype)
-    return dtype if dtype.startswith("float") else "float32"
-
-
-def _output_dtype(model) -> str:
-    dtype = str(model.outputs[0].dtype)
-    return dtype if dtype.startswith("float") else "float32"
-
-
-def _forward_fn(model, jit_compile: bool):
-    """``numpy batch -> numpy outputs``, traced once per input shape and cached per model."""
-    import tensorflow as tf
-
-    per_model = _FORWARD_CACHE.setdefault(model, {})
-    if jit_compile not in per_model:
-        reference = weakref.ref(model)  # the cache must not keep the model alive
-
-        def call(x):
-            live = reference()
-            assert live is not None, "the model is alive while its cached function runs"
-            return live(x, training=False)
-
-        compiled = tf.function(call, jit_compile=jit_compile)
-        per_model[jit_compile] = lambda batch: np.asarray(compiled(tf.constant(batch)))
-    return per_model[jit_compile]
-
-
-class _NoBar:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-    def update(self, n: int = 1) -> None:
-        pass
-
-
-def _progress_bar(total: int, progress: bool | None, unit: str):
-    if progress is None:
-        progress = total > 1 and sys.stderr.isatty()
-    if not progress:
-        return _NoBar()
-    from tqdm import tqdm
-
-    return tqdm(total=total, unit=unit[:-1] if unit.endswith("s") else unit, leave=False)

@@ -1,0 +1,243 @@
+"""Staged tiling versus plain exact tiles versus one whole-image pass (VGG16, random weights).
+
+Part 1, the target: VGG16 at 2048 x 2048 with tiles of 1024 pixels, whole /
+plain tiles / staged tiles, each in a fresh process (time of the second of two
+passes, CPU time, peak resident memory growth). Target: staged / whole <= 1.10
+(plain tiles: 1.98 when measured on 2026-11-22).
+
+Part 2, the table: the planned work (multiply-accumulates over one whole pass)
+of plain and staged tiles across tile sizes (512, 1024, 2048) and image sizes
+(1024 to 16384), from `plan_prediction` (no pass is run): where staging wins.
+
+Part 3, bounded memory (``--large``): an 8192 x 8192 image read from a
+memory-mapped ``.npy`` file, staged tiles of 1024, in a fresh process: wall
+time per megapixel against the 2048 whole-image pass of part 1 (target:
+within 10%) and peak resident growth (target <= 1.5 GiB). About 10 minutes on 2
+cores; run it in the background.
+
+Run::
+
+    python benchmarks/staged_tiling.py [--quick] [--large] [--rounds 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import gc
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+
+import keras_fcn_surgery as kfs  # noqa: E402
+from keras_fcn_surgery.inference.staged import plan_prediction  # noqa: E402
+
+
+def _memory_mib() -> tuple[float, float]:
+    """(current, peak) resident memory of this process in MiB, from /proc."""
+    with open("/proc/self/status") as status:
+        fields = dict(line.split(":", 1) for line in status if ":" in line)
+    return int(fields["VmRSS"].split()[0]) / 1024, int(fields["VmHWM"].split()[0]) / 1024
+
+
+def _reset_peak() -> None:
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+    try:
+        with open("/proc/self/clear_refs", "w") as handle:
+            handle.write("5")
+    except OSError:
+        pass
+
+
+def child(config: dict) -> None:
+    """One configuration in this fresh process; prints one JSON line."""
+    fcn = kfs.load_model(config["fcn_path"])
+    size = config["size"]
+    if config.get("image_path"):
+        image = np.load(config["image_path"], mmap_mode="r")
+    else:
+        image = np.random.default_rng(0).uniform(0, 255, (size, size, 3)).astype("float32")
+    options = {"tile": config["tile"], "staged": config["staged"]}
+    plan = plan_prediction(fcn, (size, size), **options)
+    gc.collect()
+    _reset_peak()
+    baseline, _ = _memory_mib()
+    passes = []
+    for _ in range(config["passes"]):
+        wall, cpu = time.perf_counter(), time.process_time()
+        kfs.predict_map(fcn, image, **options)
+        passes.append((time.perf_counter() - wall, time.process_time() - cpu))
+    _, peak = _memory_mib()
+    result = {
+        "seconds": passes[-1][0],
+        "cpu_seconds": passes[-1][1],
+        "first_seconds": passes[0][0],
+        "baseline_mib": baseline,
+        "growth_mib": peak - baseline,
+        "stages": len(plan.stages),
+        "tiles": sum(s.tiles for s in plan.stages),
+        "work": plan.work_ratio,
+        "plan_peak_mib": plan.peak_bytes / 2**20,
+    }
+    print(json.dumps({**config, **result}))
+
+
+LOG = None  # a JSON-lines file that keeps each finished measurement (--log), should a later one be cut short
+
+
+def run_child(config: dict, timeout: int = 3600) -> dict:
+    done = subprocess.run(
+        [sys.executable, os.path.abspath(__file__), "--child", json.dumps(config)],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=timeout,
+    )
+    if done.returncode != 0:
+        raise RuntimeError(f"child {config} failed:\n{done.stderr[-3000:]}")
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    if LOG:
+        with open(LOG, "a") as log:
+            log.write(json.dumps(result) + "\n")
+    return result
+
+
+def _label(row) -> str:
+    if row["tile"] is None:
+        return "whole"
+    return f"{'staged' if row['staged'] is not False else 'plain'} {row['tile']}"
+
+
+def measured(fcn_path: str, size: int, tile: int, rounds: int, plain: bool) -> list[dict]:
+    print(f"\n== VGG16 on {size}x{size}: whole / plain tiles / staged tiles (fresh process each, best of {rounds}) ==")
+    configs = [
+        {"fcn_path": fcn_path, "size": size, "tile": None, "staged": None, "passes": 2},
+        {"fcn_path": fcn_path, "size": size, "tile": tile, "staged": None, "passes": 2},
+    ]
+    if plain:
+        configs.insert(1, {"fcn_path": fcn_path, "size": size, "tile": tile, "staged": False, "passes": 2})
+    runs = [[run_child(c) for c in configs] for _ in range(rounds)]  # round-robin: fair to drift in load
+    rows = []
+    for results in zip(*runs):
+        row = dict(results[0])
+        for key in ("seconds", "cpu_seconds", "first_seconds"):
+            row[key] = min(r[key] for r in results)
+        row["growth_mib"] = max(r["growth_mib"] for r in results)
+        rows.append(row)
+    whole = rows[0]
+    print(
+        f"{'pass':>12s} {'stages':>6s} {'tiles':>5s} {'work':>5s} {'wall s':>7s} {'CPU s':>7s} {'1st s':>6s} "
+        f"{'wall/whole':>10s} {'CPU/whole':>9s} {'growth MiB':>10s} {'plan MiB':>8s}"
+    )
+    for r in rows:
+        print(
+            f"{_label(r):>12s} {r['stages']:>6d} {r['tiles']:>5d} {r['work']:>5.2f} {r['seconds']:>7.2f} "
+            f"{r['cpu_seconds']:>7.2f} {r['first_seconds']:>6.2f} {r['seconds'] / whole['seconds']:>10.2f} "
+            f"{r['cpu_seconds'] / whole['cpu_seconds']:>9.2f} {r['growth_mib']:>10.0f} {r['plan_peak_mib']:>8.0f}"
+        )
+    print(
+        "work: planned MACs / one whole pass. 1st s: the first pass (tracing, XLA compilation of each new tile "
+        "shape) - the compile cost, amortised over later passes. growth: peak resident memory over the memory "
+        "with the model loaded. Target: staged wall/whole <= 1.10."
+    )
+    return rows
+
+
+def table(fcn, sizes, tiles) -> None:
+    print("\n== Planned work over one whole pass: plain tiles -> staged tiles (stages), VGG16 ==")
+    print(f"{'image':>11s} " + " ".join(f"{'tile ' + str(t):>22s}" for t in tiles))
+    for size in sizes:
+        cells = []
+        for tile in tiles:
+            if tile >= size:
+                cells.append(f"{'one pass':>22s}")
+                continue
+            plain = plan_prediction(fcn, (size, size), tile=tile, staged=False)
+            staged = plan_prediction(fcn, (size, size), tile=tile)
+            text = f"{plain.work_ratio:.2f} -> {staged.work_ratio:.2f} ({len(staged.stages)})"
+            cells.append(f"{text:>22s}")
+        print(f"{size:>5d}x{size:<5d} " + " ".join(cells))
+    print("staging wins wherever the tiles are much smaller than the image (the plain overhead is the overlap).")
+
+
+def large(fcn_path: str, whole_2048: dict | None, size: int, tile: int) -> None:
+    print(f"\n== VGG16 on {size}x{size} from a memory-mapped file, staged tiles of {tile} (one pass) ==")
+    folder = tempfile.mkdtemp(prefix="staged-large-")
+    try:
+        path = os.path.join(folder, "image.npy")
+        image = np.lib.format.open_memmap(path, mode="w+", dtype=np.uint8, shape=(size, size, 3))
+        rng = np.random.default_rng(0)
+        for top in range(0, size, 1024):
+            image[top : top + 1024] = rng.integers(0, 256, (min(1024, size - top), size, 3), dtype=np.uint8)
+        image.flush()
+        del image
+        config = {"fcn_path": fcn_path, "size": size, "tile": tile, "staged": None, "passes": 1, "image_path": path}
+        row = run_child(config, timeout=7200)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+    megapixels = size * size / 1e6
+    per_mp = row["seconds"] / megapixels
+    print(
+        f"stages {row['stages']}, tiles {row['tiles']}, work {row['work']:.2f}; wall {row['seconds']:.1f} s "
+        f"(CPU {row['cpu_seconds']:.1f} s) = {per_mp:.3f} s/MP; peak resident growth {row['growth_mib']:.0f} MiB "
+        f"(plan estimate {row['plan_peak_mib']:.0f} MiB, beside the map itself and the pages of the image read)"
+    )
+    if whole_2048 is not None:
+        reference = whole_2048["seconds"] / (whole_2048["size"] ** 2 / 1e6)
+        print(
+            f"whole 2048 pass: {reference:.3f} s/MP -> ratio {per_mp / reference:.2f} (target <= 1.10); "
+            f"growth target <= 1536 MiB: {'met' if row['growth_mib'] <= 1536 else 'NOT met'}"
+        )
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="1536 instead of 2048, one round")
+    parser.add_argument("--large", action="store_true", help="also the 8192 x 8192 bounded-memory pass")
+    parser.add_argument("--large-only", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--no-plain", action="store_true", help="skip the plain-tiles pass (the slowest)")
+    parser.add_argument("--large-size", type=int, default=8192, help="image side of the bounded-memory pass")
+    parser.add_argument("--log", help="append each measurement to this JSON-lines file")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.child:
+        child(json.loads(args.child))
+        return 0
+    global LOG
+    LOG = args.log
+    print(f"TensorFlow on {os.cpu_count()} CPU cores; load average at start {os.getloadavg()[0]:.2f}")
+    fcn = kfs.convert(keras.applications.VGG16(weights=None), verify=False)
+    folder = tempfile.mkdtemp(prefix="staged-tiling-")
+    path = os.path.join(folder, "vgg16_fcn.keras")
+    fcn.save(path)
+    try:
+        if not args.large_only:
+            table(fcn, (1024, 2048, 4096, 8192, 16384), (512, 1024, 2048))
+        rows = None
+        if not args.large_only:
+            size = 1536 if args.quick else 2048
+            rows = measured(path, size, 1024, 1 if args.quick else args.rounds, not args.no_plain)
+        if args.large or args.large_only:
+            large(path, rows[0] if rows and rows[0]["size"] == 2048 else None, args.large_size, 1024)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+    print(f"\nload average at end {os.getloadavg()[0]:.2f} (other processes share these cores)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

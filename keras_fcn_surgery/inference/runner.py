@@ -1,0 +1,297 @@
+"""The pieces of one tiled pass: checking the image, planning the tiles, reading them, running the model."""
+
+from __future__ import annotations
+
+import itertools
+import sys
+import weakref
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import keras
+import numpy as np
+
+from keras_fcn_surgery.errors import ConversionError
+from keras_fcn_surgery.graph import iter_layers, model_layout
+from keras_fcn_surgery.grid import tiling
+from keras_fcn_surgery.grid.geometry import Geometry
+from keras_fcn_surgery.layout import Layout
+
+# Input pixels per forward pass when `batch_size` is not given: tiles of 1024 x 1024
+# or more go one at a time (batching them would defeat the memory bound of tiling).
+PIXELS_PER_BATCH = 1 << 20
+# tf.function wrappers of each model's forward pass, by options.
+_FORWARD_CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+@dataclass(frozen=True)
+class ImageSpec:
+    """The image a model takes: its layout and channel count."""
+
+    layout: Layout
+    channels: int
+
+
+def check_fcn(fcn) -> tuple[ImageSpec, int]:
+    if not isinstance(fcn, keras.Model):
+        raise ConversionError(f"Expected a `keras.Model` from `convert`. Received: {type(fcn).__name__}")
+    if len(fcn.inputs) != 1 or len(fcn.outputs) != 1:
+        raise ConversionError(
+            f"Model '{fcn.name}' has {len(fcn.inputs)} inputs and {len(fcn.outputs)} outputs; score maps need "
+            "one image input and one output."
+        )
+    model_format = model_layout(fcn)
+    in_shape, out_shape = tuple(fcn.inputs[0].shape), tuple(fcn.outputs[0].shape)
+    if len(in_shape) != 4 or any(d is not None for d in model_format.spatial_shape(in_shape)) or len(out_shape) != 4:
+        raise ConversionError(
+            f"Model '{fcn.name}' takes {in_shape} and returns {out_shape}: not a fully convolutional model. "
+            "Convert the classifier first: `fcn = keras_fcn_surgery.convert(model)`."
+        )
+    channels, classes = model_format.channels(in_shape), model_format.channels(out_shape)
+    return ImageSpec(model_format, int(channels)), int(classes)
+
+
+def with_channel_axis(image, spec: ImageSpec):
+    if len(image.shape) == 2 and spec.channels == 1:
+        return ChannelView(image, spec.layout)
+    return image
+
+
+class ChannelView:
+    """A 2-D array seen as one-channel 3-D, sliced lazily."""
+
+    def __init__(self, array, layout: Layout):
+        self._array, self._layout = array, layout
+        height, width = array.shape
+        self.shape = layout.image_shape(height, width, 1)
+
+    def __getitem__(self, index):
+        rows, cols = (index[i] for i in self._layout.image_spatial_axes)
+        region = np.asarray(self._array[rows, cols])
+        return np.expand_dims(region, self._layout.image_channel_axis)
+
+
+def image_size_of(image, spec: ImageSpec) -> tuple[int, int]:
+    shape = tuple(getattr(image, "shape", ()))
+    expected = "(H, W, C)" if spec.layout.channels_last else "(C, H, W)"
+    if len(shape) != 3:
+        raise ConversionError(
+            f"Expected one image shaped {expected} with C = {spec.channels} (an array or an array-like with "
+            f"`shape` and slicing). Received shape {shape}; for a batch, call once per image."
+        )
+    channels = spec.layout.image_channels(shape)
+    if channels != spec.channels:
+        raise ConversionError(
+            f"The model takes {spec.channels} channels ({spec.layout.data_format}, {expected}); the image of shape "
+            f"{shape} has {channels}."
+        )
+    rows, cols = spec.layout.image_spatial_axes
+    return (int(shape[rows]), int(shape[cols]))
+
+
+def check_image_size(size, grid: Geometry) -> None:
+    minimum = grid.min_input_size
+    if size[0] < minimum[0] or size[1] < minimum[1]:
+        field = grid.receptive_field
+        raise ConversionError(
+            f"An image of {size[0]}x{size[1]} pixels is smaller than the network's minimum input of "
+            f"{minimum[0]}x{minimum[1]} (receptive field {field[0]}x{field[1]}): its score map would be empty. "
+            "Pad or enlarge the image."
+        )
+
+
+def output_array(out, shape, fcn):
+    if out is None:
+        return np.empty(shape, dtype=output_dtype(fcn))
+    given = tuple(getattr(out, "shape", ()))
+    if given != shape:
+        raise ConversionError(
+            f"`out` has shape {given}, but the map of this image has shape {shape}. Allocate it with that shape "
+            "(`geometry(fcn).output_size((H, W))` gives the map's height and width)."
+        )
+    return out
+
+
+def plan_tiles(size, grid: Geometry, tile) -> list[list[tiling.AxisTile]]:
+    if tile is None:
+        sides = size
+    else:
+        requested = pair(tile, "tile")
+        sides = tuple(tiling.tile_length(t, n, s) for t, n, s in zip(requested, size, grid.stride))
+    if tuple(sides) == tuple(size):
+        cells = grid.output_size(size)
+        return [[tiling.AxisTile(0, n, 0, c, 0)] for n, c in zip(size, cells)]
+    if grid.global_context:
+        raise ConversionError(
+            "The network pools over the whole image (a global pooling inside, such as squeeze-and-excitation), "
+            "so every cell depends on every pixel and no tiling is exact. Use `tile=None`."
+        )
+    minimum = grid.min_input_size
+    for name, side, low in zip(("height", "width"), sides, minimum):
+        if side < low:
+            raise ConversionError(
+                f"A tile {name} of {side} pixels is smaller than the network's minimum input of {low}. "
+                f"Use tiles of at least {low}."
+            )
+    inner = {"at_image_start": (False, False), "at_image_end": (False, False)}
+    cells, exact = grid.output_size(sides), grid.exact_cells(sides, **inner)
+    shortest = [low + (n - low) % s for low, n, s in zip(minimum, size, grid.stride)]
+    sides = [
+        tiling.balanced_tile_length(n, t, s, c, start, c - stop, low)
+        for n, t, s, c, (start, stop), low in zip(size, sides, grid.stride, cells, exact, shortest)
+    ]
+    cells, exact = grid.output_size(sides), grid.exact_cells(sides, **inner)
+    return [
+        tiling.plan_axis(n, t, s, c, start, c - stop)
+        for n, t, s, c, (start, stop) in zip(size, sides, grid.stride, cells, exact)
+    ]
+
+
+def pair(value, name: str) -> tuple[int, int]:
+    values = (value, value) if np.isscalar(value) else tuple(value)
+    if len(values) != 2 or any(int(v) != v or v < 1 for v in values):
+        raise ConversionError(f"Expected `{name}` to be a positive integer or a pair of them. Received: {value!r}")
+    return (int(values[0]), int(values[1]))
+
+
+def read_tile(image, spec: ImageSpec, rows: tiling.AxisTile, cols: tiling.AxisTile, preprocess, dtype) -> np.ndarray:
+    pixels = np.asarray(image[spec.layout.image_index(slice(rows.start, rows.stop), slice(cols.start, cols.stop))])
+    if preprocess is not None:
+        pixels = np.asarray(preprocess(pixels.astype(np.float32)))
+    return pixels.astype(dtype, copy=False)
+
+
+def input_dtype(model) -> str:
+    dtype = str(model.inputs[0].dtype)
+    return dtype if dtype.startswith("float") else "float32"
+
+
+def output_dtype(model) -> str:
+    dtype = str(model.outputs[0].dtype)
+    return dtype if dtype.startswith("float") else "float32"
+
+
+def forward_fn(model, jit_compile: bool | None, precision: str | None = None):
+    """``numpy batch -> numpy outputs``, traced once per input shape and cached per model.
+
+    Args:
+        model: the model to run.
+        jit_compile: XLA or not; None chooses (`wants_xla`).
+        precision: None, or a Keras dtype policy such as ``"mixed_float16"``
+            to run a copy of the model under.
+    """
+    import tensorflow as tf
+
+    if jit_compile is None:
+        jit_compile = wants_xla(model)
+    per_model = _FORWARD_CACHE.setdefault(model, {})
+    key = (bool(jit_compile), precision)
+    if key not in per_model:
+        reference = weakref.ref(model)  # the cache must not keep the model alive
+        copy = policy_copy(model, precision) if precision else None
+
+        def call(x):
+            live = copy if copy is not None else reference()
+            assert live is not None, "the model is alive while its cached function runs"
+            return live(x, training=False)
+
+        compiled = tf.function(call, jit_compile=bool(jit_compile))
+        per_model[key] = lambda batch: np.asarray(compiled(tf.constant(batch)))
+    return per_model[key]
+
+
+# A convolution whose kernel covers at least this many cells, with at least this many filters, is
+# a classifier's head turned into a convolution (fc6 of VGG16: 7 x 7, 4096): TensorFlow's default
+# CPU kernel runs it at well under half the speed of the same arithmetic as one matrix product,
+# while XLA compiles it to one.
+_LARGE_KERNEL_CELLS = 25
+_LARGE_KERNEL_FILTERS = 512
+
+
+def wants_xla(model) -> bool:
+    """Whether XLA pays for this model: on a GPU, or where it holds a large-kernel convolution."""
+    import tensorflow as tf
+
+    if tf.config.list_logical_devices("GPU"):
+        return True
+    for layer in iter_layers(model):
+        if isinstance(layer, keras.layers.Conv2D) and not isinstance(
+            layer, (keras.layers.DepthwiseConv2D, keras.layers.SeparableConv2D, keras.layers.Conv2DTranspose)
+        ):
+            if int(np.prod(layer.kernel_size)) >= _LARGE_KERNEL_CELLS and layer.filters >= _LARGE_KERNEL_FILTERS:
+                return True
+    return False
+
+
+_POLICY_COPIES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def policy_copy(model, policy: str):
+    """A copy of ``model`` whose layers compute under the dtype policy ``policy``, same weights."""
+    per_model = _POLICY_COPIES.setdefault(model, {})
+    if policy not in per_model:
+
+        def clone(layer):
+            config = layer.get_config()
+            config["dtype"] = policy
+            return layer.__class__.from_config(config)
+
+        copy = keras.models.clone_model(model, clone_function=clone)
+        copy.set_weights(model.get_weights())
+        per_model[policy] = copy
+    return per_model[policy]
+
+
+class NoBar:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def update(self, n: int = 1) -> None:
+        pass
+
+
+def progress_bar(total: int, progress: bool | None, unit: str):
+    if progress is None:
+        progress = total > 1 and sys.stderr.isatty()
+    if not progress:
+        return NoBar()
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit=unit[:-1] if unit.endswith("s") else unit, leave=False)
+
+
+def run_tiles(forward, source, spec: ImageSpec, axis_plans, out, *, batch_size: int, preprocess, dtype, bar, prefetch):
+    """Run ``forward`` over every tile of ``source`` and write the cells each tile keeps into ``out``.
+
+    With ``prefetch``, the next batch of tiles is read (and preprocessed) on a
+    background thread while the model computes the current one.
+    """
+    tiles = list(itertools.product(*axis_plans))
+    batches = [tiles[first : first + batch_size] for first in range(0, len(tiles), batch_size)]
+
+    def load(batch):
+        return np.stack([read_tile(source, spec, rows, cols, preprocess, dtype) for rows, cols in batch])
+
+    def write(batch, maps):
+        for (rows, cols), cell_map in zip(batch, maps):
+            keep = spec.layout.image_index(
+                slice(rows.keep_start, rows.keep_stop), slice(cols.keep_start, cols.keep_stop)
+            )
+            target = spec.layout.image_index(slice(rows.out_start, rows.out_stop), slice(cols.out_start, cols.out_stop))
+            out[target] = cell_map[keep]
+        bar.update(len(batch))
+
+    if not prefetch or len(batches) < 2:
+        for batch in batches:
+            write(batch, forward(load(batch)))
+        return
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="kfs-prefetch") as pool:
+        pending = pool.submit(load, batches[0])
+        for index, batch in enumerate(batches):
+            pixels = pending.result()
+            if index + 1 < len(batches):
+                pending = pool.submit(load, batches[index + 1])
+            write(batch, forward(pixels))

@@ -1,0 +1,547 @@
+"""Staged tiling: a network cut into stages, each tiled on the stored map of the one before.
+
+Exact tiles of a whole network overlap by its whole receptive field (404
+pixels for VGG16), so tiles of 1024 pixels compute about twice the image. Cut
+at a tensor that all later computation depends on (a pooling's output with no
+branch crossing it), the network becomes stages; a stage tiled on the stored
+output of the stage before overlaps by its own receptive field only, and
+deeper stages, whose maps are small, run in few large tiles or whole. Each
+stage is tiled exactly (`grid.tiling`), so the stored maps, and the final
+map, equal those of the whole-image pass within float round-off.
+
+`plan_prediction` chooses the cuts (a cheapest chain over the candidate cuts,
+`grid.stages`), each stage's tile size (as large as keeps its activations
+within those of one of the requested tiles through the whole network) and
+where each stored map lives (memory, or a file on disk past a budget), and
+reports it all; `predict_map` runs it.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+import weakref
+from dataclasses import dataclass, field
+
+import keras
+import numpy as np
+
+from keras_fcn_surgery.errors import ConversionError
+from keras_fcn_surgery.graph import (
+    describe,
+    flat_nodes,
+    graph_of,
+    nodes_in_order,
+    producer_of,
+    spatial_data_format,
+    sub_model,
+    tensor_shapes,
+)
+from keras_fcn_surgery.grid import stages as stage_math
+from keras_fcn_surgery.grid.geometry import geometry
+from keras_fcn_surgery.inference import runner
+from keras_fcn_surgery.inference.cost import pass_cost
+from keras_fcn_surgery.inference.store import DiskMap
+
+# Bytes of stored maps kept in memory when `memory_budget` is not given; larger ones go to disk.
+DEFAULT_MEMORY_BUDGET = 512 << 20
+# Costs in multiply-accumulates (what the cut choice minimises) of the work that is not arithmetic:
+# one forward call, and writing then reading back one element of a stored map in memory or on disk.
+_MACS_PER_CALL = 50_000_000
+_MACS_PER_STORED_ELEMENT = 200
+_MACS_PER_SPILLED_ELEMENT = 2_000
+# Staging is chosen automatically only when it saves at least this share of the plain tiles' work.
+_MIN_SAVING = 0.05
+# A candidate cut starts a new stride level when the map shrinks at least this much since the last.
+_STRIDE_STEP = 1.5
+
+_PLANS_PER_MODEL = 64
+_PLAN_CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_SUB_MODEL_CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+@dataclass(frozen=True)
+class StagePlan:
+    """One stage of a prediction plan.
+
+    Attributes:
+        start: the layer whose output the stage reads (``"input"`` for the image).
+        stop: the layer whose output it writes.
+        input_size: ``(H, W)`` of the map it reads.
+        output_size: ``(H, W)`` of the map it writes.
+        tile: ``(H, W)`` of its tiles, in cells of its input map (``input_size``
+            when it runs whole).
+        tiles: its number of tiles.
+        batch_size: tiles per forward call.
+        computed_area: cells its tiles cover (overlaps counted each time) over
+            the cells of its input map; 1.0 when it runs whole.
+        macs: multiply-accumulates of all its tiles.
+        peak_bytes: activations of one batch of tiles (an estimate: the largest
+            inputs plus output of one layer).
+        store: where its output goes: ``"memory"``, ``"disk"`` (a temporary
+            file) or ``"out"`` (the result).
+        store_bytes: bytes of its output map.
+    """
+
+    start: str
+    stop: str
+    input_size: tuple[int, int]
+    output_size: tuple[int, int]
+    tile: tuple[int, int]
+    tiles: int
+    batch_size: int
+    computed_area: float
+    macs: int
+    peak_bytes: int
+    store: str
+    store_bytes: int
+
+
+@dataclass(frozen=True)
+class PredictionPlan:
+    """How `predict_map` computes one image's map: its stages, tiles, work and memory.
+
+    Attributes:
+        image_size: ``(H, W)`` of the image.
+        map_size: ``(H', W')`` of the map.
+        tile: the requested tile, ``(T_h, T_w)`` in pixels, or None.
+        stages: the `StagePlan` of each stage, in order (one for a plain pass).
+        whole_macs: multiply-accumulates of one whole-image pass.
+        plain_macs: those of plain exact tiles of the whole network (the
+            cost staging is compared with); 0 where such tiles are too small
+            to keep any cell.
+        peak_bytes: estimated peak memory of the pass beyond the model's
+            weights and the result: the largest batch's activations plus the
+            stored maps held in memory meanwhile.
+    """
+
+    image_size: tuple[int, int]
+    map_size: tuple[int, int]
+    tile: tuple[int, int] | None
+    stages: tuple[StagePlan, ...]
+    whole_macs: int
+    plain_macs: int
+    peak_bytes: int
+    _runs: tuple = field(default=(), repr=False, compare=False)
+
+    @property
+    def staged(self) -> bool:
+        return len(self.stages) > 1
+
+    @property
+    def macs(self) -> int:
+        """Multiply-accumulates of the planned pass, all stages and tiles."""
+        return sum(stage.macs for stage in self.stages)
+
+    @property
+    def work_ratio(self) -> float:
+        """The planned work over that of one whole-image pass (1.0 = no overlap)."""
+        return self.macs / self.whole_macs if self.whole_macs else 1.0
+
+    def __str__(self) -> str:
+        kind = f"{len(self.stages)} stages" if self.staged else "one stage"
+        tile = "whole image" if self.tile is None else f"tile {self.tile[0]}x{self.tile[1]}"
+        lines = [
+            f"{self.image_size[0]}x{self.image_size[1]} -> map {self.map_size[0]}x{self.map_size[1]}, {tile}, "
+            f"{kind}: {self.macs / 1e9:.1f} GMAC = {self.work_ratio:.2f} x one whole pass "
+            f"(plain tiles {self.plain_macs / max(self.whole_macs, 1):.2f} x); "
+            f"peak memory ~{self.peak_bytes / 2**20:.0f} MiB",
+            f"{'from':>14s} {'to':>14s} {'input':>11s} {'tile':>11s} {'tiles':>5s} {'batch':>5s} {'area':>5s} "
+            f"{'GMAC':>7s} {'peak MiB':>8s} {'store':>6s} {'MiB':>7s}",
+        ]
+        for s in self.stages:
+            lines.append(
+                f"{s.start[-14:]:>14s} {s.stop[-14:]:>14s} {s.input_size[0]:>5d}x{s.input_size[1]:<5d} "
+                f"{s.tile[0]:>5d}x{s.tile[1]:<5d} {s.tiles:>5d} {s.batch_size:>5d} {s.computed_area:>5.2f} "
+                f"{s.macs / 1e9:>7.1f} {s.peak_bytes / 2**20:>8.0f} {s.store:>6s} {s.store_bytes / 2**20:>7.0f}"
+            )
+        return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class _StageRun:
+    """What running one stage needs: its model, input spec and tiles."""
+
+    model: keras.Model
+    spec: runner.ImageSpec
+    axis_plans: list
+    batch_size: int
+    store: str
+
+
+@dataclass(frozen=True)
+class _Candidate:
+    model: keras.Model
+    axis_plans: list
+    tile: tuple[int, int]
+    tiles: int
+    tile_macs: int
+    tile_peak: int
+    cost: float
+
+
+def plan_prediction(
+    fcn,
+    image_size,
+    *,
+    tile=None,
+    staged: bool | None = None,
+    batch_size: int | None = None,
+    memory_budget: int | None = None,
+) -> PredictionPlan:
+    """The plan `predict_map` follows for an image of this size: stages, tiles, work and memory.
+
+    Args:
+        fcn: a fully convolutional model from `convert`.
+        image_size: ``(H, W)`` of the image.
+        tile: as for `predict_map`: None (one pass) or the largest tile side.
+        staged: None to stage the network when that computes less than plain
+            exact tiles, True to require it, False for plain tiles.
+        batch_size: tiles per forward call; default: chosen per stage from the
+            tiles' activations.
+        memory_budget: bytes of stored stage maps kept in memory (default 512
+            MiB); larger maps go to temporary files on disk.
+
+    Returns:
+        A `PredictionPlan`; ``print(plan)`` shows it as a table.
+
+    Raises:
+        ConversionError: as `predict_map`; with ``staged=True``, also when the
+            network cannot be staged (it pools over the whole map, or has no
+            cut between its input and output).
+    """
+    size = tuple(int(d) for d in image_size)
+    budget = DEFAULT_MEMORY_BUDGET if memory_budget is None else int(memory_budget)
+    if batch_size is not None and batch_size < 1:
+        raise ConversionError(f"Expected `batch_size` >= 1. Received: batch_size={batch_size}")
+    if budget < 0:
+        raise ConversionError(f"Expected `memory_budget` >= 0 bytes. Received: memory_budget={memory_budget}")
+    if staged not in (None, True, False):
+        raise ConversionError(f"Expected `staged` to be None, True or False. Received: staged={staged!r}")
+    key = (size, None if tile is None else runner.pair(tile, "tile"), staged, batch_size, budget)
+    per_model = _PLAN_CACHE.setdefault(fcn, {})
+    if key not in per_model:
+        if len(per_model) >= _PLANS_PER_MODEL:  # slides of many sizes: forget the oldest plan
+            per_model.pop(next(iter(per_model)))
+        per_model[key] = _Planner(fcn, size, key[1], batch_size, budget).plan(staged)
+    return per_model[key]
+
+
+class _Planner:
+    def __init__(self, fcn, size, tile, batch_size, budget):
+        self.fcn, self.size, self.tile, self.batch_size, self.budget = fcn, size, tile, batch_size, budget
+        self.spec, _ = runner.check_fcn(fcn)
+        self.grid = geometry(fcn)
+        runner.check_image_size(size, self.grid)
+        self.map_size = self.grid.output_size(size)
+        self.itemsize = np.dtype(runner.output_dtype(fcn)).itemsize
+
+    def _shape(self, spatial, channels, batch=1):
+        return self.spec.layout.batch_shape(batch, spatial[0], spatial[1], channels)
+
+    def plan(self, staged):
+        whole = pass_cost(self.fcn, self._shape(self.size, self.spec.channels))
+        covered = self.tile is None or all(t >= n for t, n in zip(self.tile, self.size))
+        if staged and self.grid.global_context and not covered:
+            raise ConversionError(self._global_context_message())
+        try:
+            axis_plans = runner.plan_tiles(self.size, self.grid, self.tile)
+        except ConversionError as error:
+            if not staged or self.grid.global_context:
+                raise  # staging is chosen for speed, never to rescue tiles too small: only when asked
+            plain_error, plain, plain_macs = error, None, 0
+            # Plain tiles of this size are impossible; activations of the smallest that is not.
+            side = tuple(max(t, m) for t, m in zip(self.tile, self.grid.min_input_size))
+            self.activation_budget = pass_cost(self.fcn, self._shape(side, self.spec.channels)).peak_elements
+            self.reference = self.activation_budget * runner.PIXELS_PER_BATCH // (side[0] * side[1])
+        else:
+            plain_error = None
+            tile = _tile_size(axis_plans)
+            tiles = len(axis_plans[0]) * len(axis_plans[1])
+            one_tile = pass_cost(self.fcn, self._shape(tile, self.spec.channels))
+            plain_macs = tiles * one_tile.macs
+            batch = self.batch_size or max(1, runner.PIXELS_PER_BATCH // (tile[0] * tile[1]))
+            candidate = _Candidate(self.fcn, axis_plans, tile, tiles, one_tile.macs, one_tile.peak_elements, 0)
+            plain = ([(None, None, candidate)], [batch])
+            self.activation_budget = one_tile.peak_elements
+            # The activations of a batch of about 1 million pixels of plain tiles.
+            self.reference = max(one_tile.peak_elements * runner.PIXELS_PER_BATCH // (tile[0] * tile[1]), 1)
+            if tiles == 1 or staged is False:
+                return self._build(*plain, whole.macs, plain_macs)
+        chain = self._staged_chain(staged)
+        if chain is None:
+            if plain is None:
+                raise plain_error
+            return self._build(*plain, whole.macs, plain_macs)
+        stages, cost = chain
+        if staged is None and plain is not None:
+            plain_cost = plain_macs + plain[0][0][2].tiles * _MACS_PER_CALL
+            if cost > (1 - _MIN_SAVING) * plain_cost:
+                return self._build(*plain, whole.macs, plain_macs)
+        batches = [
+            self.batch_size or max(1, min(candidate.tiles, self.reference // max(candidate.tile_peak, 1)))
+            for _, _, candidate in stages
+        ]
+        return self._build(stages, batches, whole.macs, plain_macs)
+
+    def _global_context_message(self) -> str:
+        culprit = next(
+            (node.operation for node in flat_nodes(self.fcn) if "Global" in type(node.operation).__name__), None
+        )
+        where = f"layer {describe(culprit)}" if culprit is not None else "a layer"
+        return (
+            f"Model '{self.fcn.name}' cannot be staged: {where} pools over the whole map, so every cell depends "
+            "on every pixel and no stage after it can be tiled. Use `tile=None` (one whole-image pass)."
+        )
+
+    def _staged_chain(self, staged):
+        graph = graph_of(self.fcn)
+        shapes = tensor_shapes(self.fcn, self._shape(self.size, self.spec.channels))
+        cuts = _cut_tensors(graph, shapes, self.spec.layout)
+        if not cuts:
+            if staged:
+                raise ConversionError(
+                    f"Model '{self.fcn.name}' cannot be staged: no tensor between its input and output carries "
+                    "all later computation at a new stride (every pooling is crossed by a branch). "
+                    "Use `staged=None` or `staged=False` (plain exact tiles)."
+                )
+            return None
+        bounds = [None, *cuts, graph.outputs[0]]
+        self.shapes, self.bounds = shapes, bounds
+        cache: dict = {}
+
+        last = len(bounds) - 1
+
+        def cost(i, j):
+            if staged and (i, j) == (0, last):
+                return None  # staging required: not the whole network as one stage
+            if (i, j) not in cache:
+                cache[(i, j)] = self._candidate(i, j)
+            candidate = cache[(i, j)]
+            return None if candidate is None else candidate.cost
+
+        chain, total = stage_math.cheapest_chain(last, cost)
+        if not chain or len(chain) == 2:
+            if staged:
+                raise ConversionError(
+                    f"Model '{self.fcn.name}' cannot be staged at tiles of {self.tile}: no chain of stages can "
+                    "be tiled exactly. Use `staged=None` or larger tiles."
+                )
+            return None
+        stages = [(bounds[i], bounds[j], cache[(i, j)]) for i, j in zip(chain, chain[1:])]
+        return stages, total
+
+    def _candidate(self, i, j):
+        start, stop = self.bounds[i], self.bounds[j]
+        model = _stage_model(self.fcn, start, stop)
+        try:
+            if spatial_data_format(model) != self.spec.layout.data_format:
+                return None
+            grid = geometry(model)
+        except ConversionError:
+            return None
+        if grid.global_context:
+            return None
+        in_shape = self.shapes[id(start)] if start is not None else self._shape(self.size, self.spec.channels)
+        in_size = tuple(int(d) for d in self.spec.layout.spatial_shape(in_shape))
+        channels = int(self.spec.layout.channels(in_shape))
+        requested = self.tile if i == 0 else self._deep_tile(model, in_size, channels)
+        axis_plans = None
+        while axis_plans is None:
+            try:
+                axis_plans = runner.plan_tiles(in_size, grid, requested)
+            except ConversionError:
+                # The first stage keeps the requested tiles; deeper ones grow theirs until they work.
+                if i == 0 or all(r >= n for r, n in zip(requested, in_size)):
+                    return None
+                requested = tuple(min(2 * r, n) for r, n in zip(requested, in_size))
+        tile = _tile_size(axis_plans)
+        tiles = len(axis_plans[0]) * len(axis_plans[1])
+        one = pass_cost(model, self._shape(tile, channels))
+        cost = tiles * (one.macs + _MACS_PER_CALL)
+        if j < len(self.bounds) - 1:
+            elements = int(np.prod(self.shapes[id(stop)][1:]))
+            spill = elements * self.itemsize > self.budget
+            cost += elements * (_MACS_PER_SPILLED_ELEMENT if spill else _MACS_PER_STORED_ELEMENT)
+        return _Candidate(model, axis_plans, tile, tiles, one.macs, one.peak_elements, cost)
+
+    def _deep_tile(self, model, in_size, channels):
+        """The requested tile scaled to a deeper stage's map, as large as the activation budget allows."""
+        base = tuple(max(1, -(-t * n // s)) for t, n, s in zip(self.tile, in_size, self.size))
+        try:
+            base_peak = pass_cost(model, self._shape(base, channels)).peak_elements
+        except Exception:  # a tile too small for the stage: let plan_tiles say so, then grow it
+            return base
+        factor = max(1.0, stage_math.memory_scale(base_peak, self.activation_budget))
+        return stage_math.scaled_tile(base, factor, in_size)
+
+    def _build(self, stages, batches, whole_macs, plain_macs):
+        last = len(stages) - 1
+        sizes = []
+        for index, (_, stop, _) in enumerate(stages):
+            if index < last:
+                sizes.append(int(np.prod(self.shapes[id(stop)][1:])) * self.itemsize)
+        in_memory = stage_math.place_stores(sizes, self.budget)
+        plans, runs, peak = [], [], 0
+        for index, ((start, stop, candidate), batch) in enumerate(zip(stages, batches)):
+            axis_plans = candidate.axis_plans
+            in_size = (axis_plans[0][-1].stop, axis_plans[1][-1].stop)
+            out_size = (axis_plans[0][-1].out_stop, axis_plans[1][-1].out_stop)
+            channels = self.spec.channels
+            if start is not None:
+                channels = int(self.spec.layout.channels(self.shapes[id(start)]))
+            store = "out" if index == last else ("memory" if in_memory[index] else "disk")
+            store_bytes = (
+                sizes[index] if index < last else int(np.prod(self.map_size)) * self._classes() * self.itemsize
+            )
+            area = sum((r.stop - r.start) * (c.stop - c.start) for r in axis_plans[0] for c in axis_plans[1])
+            peak_bytes = batch * candidate.tile_peak * self.itemsize
+            held = peak_bytes
+            if index and in_memory[index - 1]:
+                held += sizes[index - 1]
+            if store == "memory":
+                held += store_bytes
+            peak = max(peak, held)
+            plans.append(
+                StagePlan(
+                    start="input" if start is None else _producer_name(start),
+                    stop=_producer_name(stop if stop is not None else self.fcn.outputs[0]),
+                    input_size=in_size,
+                    output_size=out_size,
+                    tile=candidate.tile,
+                    tiles=candidate.tiles,
+                    batch_size=batch,
+                    computed_area=area / (in_size[0] * in_size[1]),
+                    macs=candidate.tiles * candidate.tile_macs,
+                    peak_bytes=peak_bytes,
+                    store=store,
+                    store_bytes=store_bytes,
+                )
+            )
+            spec = runner.ImageSpec(self.spec.layout, channels)
+            runs.append(_StageRun(candidate.model, spec, axis_plans, batch, store))
+        return PredictionPlan(
+            image_size=self.size,
+            map_size=self.map_size,
+            tile=self.tile,
+            stages=tuple(plans),
+            whole_macs=whole_macs,
+            plain_macs=plain_macs,
+            peak_bytes=peak,
+            _runs=tuple(runs),
+        )
+
+    def _classes(self) -> int:
+        return int(self.spec.layout.channels(tuple(self.fcn.outputs[0].shape)))
+
+
+def run_plan(plan: PredictionPlan, image, out, *, preprocess, forward_for, progress, prefetch, spill_dir=None):
+    """Run every stage of ``plan`` on ``image``, the last one writing into ``out``."""
+    runs = plan._runs
+    folder = None
+    stores: list = []
+    try:
+        with runner.progress_bar(sum(s.tiles for s in plan.stages), progress, "tiles") as bar:
+            source = image
+            for index, (stage, run) in enumerate(zip(plan.stages, runs)):
+                if run.store == "out":
+                    target = out
+                else:
+                    shape = _image_shape(run, stage, plan, index)
+                    dtype = runner.output_dtype(run.model)
+                    if run.store == "memory":
+                        target = np.empty(shape, dtype=dtype)
+                    else:
+                        folder = folder or tempfile.mkdtemp(prefix="kfs-stages-", dir=spill_dir)
+                        target = DiskMap(f"{folder}/stage{index}.bin", shape, dtype)
+                    stores.append(target)
+                runner.run_tiles(
+                    forward_for(run.model),
+                    source,
+                    run.spec,
+                    run.axis_plans,
+                    target,
+                    batch_size=run.batch_size,
+                    preprocess=preprocess if index == 0 else None,
+                    dtype=runner.input_dtype(run.model),
+                    bar=bar,
+                    prefetch=prefetch,
+                )
+                if isinstance(source, DiskMap):
+                    source.close()
+                source = target
+        return out
+    except OSError as error:
+        raise ConversionError(
+            f"Could not write or read a stored stage map in {folder or spill_dir}: {error}. Free disk space, "
+            "pass `spill_dir=` on a larger disk, or raise `memory_budget=` to keep the maps in memory."
+        ) from error
+    finally:
+        for store in stores:
+            if isinstance(store, DiskMap):
+                store.close()
+        if folder is not None:
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def _image_shape(run: _StageRun, stage: StagePlan, plan: PredictionPlan, index: int) -> tuple:
+    channels = int(run.spec.layout.channels(tuple(run.model.outputs[0].shape)))
+    return run.spec.layout.image_shape(stage.output_size[0], stage.output_size[1], channels)
+
+
+def _tile_size(axis_plans) -> tuple[int, int]:
+    rows, cols = axis_plans
+    return (rows[0].stop - rows[0].start, cols[0].stop - cols[0].start)
+
+
+def _producer_name(tensor) -> str:
+    operation = producer_of(tensor)
+    return operation.name if operation is not None else str(tensor.name)
+
+
+def _stage_model(fcn, start, stop):
+    per_model = _SUB_MODEL_CACHE.setdefault(fcn, {})
+    key = (id(start), id(stop))
+    if key not in per_model:
+        name = f"{fcn.name}_stage_{_producer_name(start) if start is not None else 'input'}_{_producer_name(stop)}"
+        per_model[key] = sub_model(fcn, start, stop, name=name)
+    return per_model[key]
+
+
+def _cut_tensors(graph, shapes, layout) -> list:
+    """Tensors that carry all later computation, each the first at a new (coarser) stride.
+
+    The graph's nodes are in an order where each follows its inputs; a
+    node's single output is a cut when no edge from an earlier tensor passes
+    over it. Nested models count as one node.
+    """
+    nodes = nodes_in_order(graph)
+    position = {id(t): -1 for t in graph.inputs}
+    for index, node in enumerate(nodes):
+        for tensor in node.outputs:
+            position[id(tensor)] = index
+    last_use: dict = {}
+    for index, node in enumerate(nodes):
+        for tensor in node.input_tensors:
+            last_use[id(tensor)] = index
+    output_ids = {id(t) for t in graph.outputs}
+    cuts, level = [], None
+    spans = sorted((position.get(t, -1), use) for t, use in last_use.items())
+    for index, node in enumerate(nodes[:-1]):
+        if len(node.outputs) != 1 or id(node.outputs[0]) in output_ids:
+            continue
+        tensor = node.outputs[0]
+        crossing = any(
+            produced <= index < use and not (produced == index) for produced, use in spans if produced <= index
+        )
+        if crossing or len(shapes.get(id(tensor), ())) != 4:
+            continue
+        side = min(layout.spatial_shape(shapes[id(tensor)]))
+        if side < 1:
+            continue
+        if level is None:
+            level = min(layout.spatial_shape(shapes[id(graph.inputs[0])]))
+        if level / side >= _STRIDE_STEP:
+            cuts.append(tensor)
+            level = side
+    return cuts

@@ -1,0 +1,275 @@
+"""Staged tiling: each stage tiled on the stored map of the stage before equals the whole-image pass."""
+
+import math
+import os
+
+import keras
+import numpy as np
+import pytest
+from conftest import random_images
+from keras import layers
+
+import keras_fcn_surgery as kfs
+from keras_fcn_surgery.grid.stages import cheapest_chain, memory_scale, place_stores, scaled_tile
+from keras_fcn_surgery.inference.runner import wants_xla
+from keras_fcn_surgery.inference.staged import plan_prediction
+from keras_fcn_surgery.inference.store import DiskMap
+
+ATOL = 2e-5
+STRIDES = {1: [1, 1], 2: [2, 1], 4: [2, 2], 8: [2, 2, 2], 16: [2, 2, 2, 2], 32: [2, 2, 2, 2, 2]}
+
+
+def _strided_fcn(padding, strides, channels=2, data_format="channels_last"):
+    """3x3 convolutions with these strides, a 3x3/1 pooling after the second, then a 3x3 head of 3 classes."""
+    shape = (None, None, channels) if data_format == "channels_last" else (channels, None, None)
+    inputs = keras.Input(shape)
+    x = inputs
+    for index, stride in enumerate(strides):
+        x = layers.Conv2D(4, 3, strides=stride, padding=padding, activation="tanh", data_format=data_format)(x)
+        if index == 1:
+            x = layers.MaxPooling2D(3, strides=1, padding=padding, data_format=data_format)(x)
+    return keras.Model(inputs, layers.Conv2D(3, 3, padding=padding, data_format=data_format)(x))
+
+
+def _whole(model, image):
+    return np.asarray(model(image[None], training=False))[0]
+
+
+def _check_stages(plan):
+    """Stages chain up: each reads the map the one before writes; the last writes the map."""
+    assert plan.staged
+    for before, after in zip(plan.stages, plan.stages[1:]):
+        assert before.output_size == after.input_size and before.stop == after.start
+    assert plan.stages[0].start == "input" and plan.stages[-1].store == "out"
+    assert plan.stages[-1].output_size == plan.map_size
+
+
+@pytest.mark.parametrize("padding", ["same", "valid"])
+@pytest.mark.parametrize("stride", [2, 4, 8, 16, 32])
+def test_staged_equals_whole_image(padding, stride):
+    model = _strided_fcn(padding, STRIDES[stride])
+    image = random_images((9 * stride + 61, 7 * stride + 47, 2), seed=stride)  # odd sides, not stride multiples
+    whole = _whole(model, image)
+    for tile in (2 * stride + 40, (stride + 45, 4 * stride + 43)):
+        plan = plan_prediction(model, image.shape[:2], tile=tile, staged=True)
+        _check_stages(plan)
+        assert plan.stages[0].tiles > 1, "the first stage must be tiled"
+        staged = kfs.predict_map(model, image, tile=tile, staged=True, batch_size=2)
+        np.testing.assert_allclose(staged, whole, atol=ATOL, err_msg=f"tile={tile}")
+
+
+def test_a_network_without_a_cut_cannot_be_staged_and_falls_back_to_plain_tiles():
+    model = _strided_fcn("same", STRIDES[1])
+    image = random_images((61, 47, 2))
+    with pytest.raises(kfs.ConversionError, match=r"cannot be staged.*`staged=None` or `staged=False`"):
+        kfs.predict_map(model, image, tile=24, staged=True)
+    plan = plan_prediction(model, image.shape[:2], tile=24)
+    assert not plan.staged and plan.stages[0].tiles > 1
+    np.testing.assert_allclose(kfs.predict_map(model, image, tile=24), _whole(model, image), atol=ATOL)
+
+
+def test_a_network_with_global_context_cannot_be_staged():
+    inputs = keras.Input((None, None, 3))
+    x = layers.Conv2D(4, 3, strides=2, padding="same")(inputs)
+    x = layers.MaxPooling2D(2)(x)
+    gate = layers.Conv2D(4, 1, activation="sigmoid")(layers.GlobalAveragePooling2D(keepdims=True, name="squeeze")(x))
+    model = keras.Model(inputs, layers.Conv2D(2, 1)(layers.Multiply()([x, gate])))
+    image = random_images((80, 64, 3))
+    with pytest.raises(kfs.ConversionError, match=r"cannot be staged: layer 'squeeze'.*`tile=None`"):
+        kfs.predict_map(model, image, tile=32, staged=True)
+    np.testing.assert_allclose(kfs.predict_map(model, image, staged=True), _whole(model, image), atol=ATOL)
+
+
+def test_staged_residual_network_with_concatenation():
+    """Cuts only where no branch crosses: between blocks, never inside a residual or concatenated block."""
+    inputs = keras.Input((None, None, 3))
+    x = layers.Conv2D(6, 7, strides=2, padding="same", activation="relu", name="stem")(inputs)
+    x = layers.ZeroPadding2D(1)(x)
+    x = layers.MaxPooling2D(3, strides=2, name="pool")(x)
+    y = layers.Conv2D(6, 3, padding="same", activation="relu")(x)
+    x = layers.Add(name="block1")([x, layers.Conv2D(6, 3, padding="same")(y)])
+    y = layers.Conv2D(8, 3, strides=2, padding="same", activation="relu")(x)
+    x = layers.Add(name="block2")([layers.Conv2D(8, 1, strides=2)(x), layers.DepthwiseConv2D(3, padding="same")(y)])
+    a = layers.Conv2D(4, 1, activation="relu")(x)
+    b = layers.Conv2D(4, 3, padding="same", activation="relu")(x)
+    c = layers.MaxPooling2D(3, strides=1, padding="same")(x)
+    x = layers.Concatenate(name="mixed")([a, b, c])
+    x = layers.Conv2D(8, 3, strides=2, activation="relu", name="reduce")(x)
+    model = keras.Model(inputs, layers.Conv2D(5, 3, activation="softmax")(x))
+    image = random_images((283, 221, 3), seed=3)
+    whole = _whole(model, image)
+    plan = plan_prediction(model, image.shape[:2], tile=96, staged=True)
+    _check_stages(plan)
+    inner = {"stem", "pool", "block2", "reduce"}
+    assert {s.stop for s in plan.stages[:-1]} <= inner, plan
+    np.testing.assert_allclose(kfs.predict_map(model, image, tile=96, staged=True), whole, atol=ATOL)
+    np.testing.assert_allclose(kfs.predict_map(model, image, tile=(64, 120), staged=True), whole, atol=ATOL)
+
+
+def test_staged_channels_first():
+    model = _strided_fcn("same", [2, 2, 2], channels=3, data_format="channels_first")
+    image = random_images((3, 131, 97), seed=5)
+    whole = np.asarray(model(image[None]))[0]
+    plan = plan_prediction(model, (131, 97), tile=48, staged=True)
+    _check_stages(plan)
+    np.testing.assert_allclose(kfs.predict_map(model, image, tile=48, staged=True), whole, atol=ATOL)
+    # Stored maps on disk: a budget of 0 bytes spills every one.
+    spilled = kfs.predict_map(model, image, tile=48, staged=True, memory_budget=0)
+    np.testing.assert_allclose(spilled, whole, atol=ATOL)
+
+
+def test_spilled_maps_are_removed_even_when_the_pass_fails(tmp_path):
+    model = _strided_fcn("valid", [2, 2, 2])
+    image = random_images((150, 130, 2))
+    plan = plan_prediction(model, image.shape[:2], tile=48, staged=True, memory_budget=0)
+    assert any(s.store == "disk" for s in plan.stages)
+    calls = []
+
+    def failing(pixels):
+        calls.append(1)
+        if len(calls) > 3:
+            raise KeyboardInterrupt
+        return pixels
+
+    with pytest.raises(KeyboardInterrupt):
+        kfs.predict_map(
+            model, image, tile=48, staged=True, memory_budget=0, spill_dir=str(tmp_path), preprocess=failing
+        )
+    assert os.listdir(tmp_path) == []
+    result = kfs.predict_map(model, image, tile=48, staged=True, memory_budget=0, spill_dir=str(tmp_path))
+    np.testing.assert_allclose(result, _whole(model, image), atol=ATOL)
+    assert os.listdir(tmp_path) == []
+
+
+def test_the_plan_of_a_deep_network_computes_less_than_plain_tiles():
+    """A VGG-like network: plain tiles overlap by the whole receptive field, stages by their own."""
+    inputs = keras.Input((None, None, 3))
+    x = inputs
+    for block, filters in enumerate((8, 16, 32, 32)):
+        x = layers.Conv2D(filters, 3, padding="same", activation="relu")(x)
+        x = layers.Conv2D(filters, 3, padding="same", activation="relu")(x)
+        x = layers.MaxPooling2D(2, name=f"pool{block + 1}")(x)
+    x = layers.Conv2D(64, 5, activation="relu", name="fc6")(x)
+    model = keras.Model(inputs, layers.Conv2D(4, 1, name="fc8")(x))
+    image = random_images((250, 310, 3), seed=9)
+    plan = plan_prediction(model, image.shape[:2], tile=160)
+    plain = plan_prediction(model, image.shape[:2], tile=160, staged=False)
+    assert plan.staged and not plain.staged, plan
+    _check_stages(plan)
+    assert plan.macs < 0.8 * plain.macs and plan.plain_macs == plain.macs
+    assert plan.work_ratio < plain.work_ratio and plain.work_ratio > 1.3
+    for stage in plan.stages:
+        rows, cols = stage.tile
+        assert stage.computed_area >= 1.0 and stage.tiles >= 1 and stage.batch_size >= 1
+        assert rows <= stage.input_size[0] and cols <= stage.input_size[1]
+    text = str(plan)
+    assert "stages" in text and "pool" in text and "GMAC" in text
+    whole = _whole(model, image)
+    np.testing.assert_allclose(kfs.predict_map(model, image, tile=160), whole, atol=ATOL)
+    np.testing.assert_allclose(kfs.predict_map(model, image, tile=160, prefetch=False), whole, atol=ATOL)
+    # Tiles too small for the whole network: plain tiles are refused, stages (asked for) work.
+    with pytest.raises(kfs.ConversionError, match=r"at least \d+"):
+        kfs.predict_map(model, image, tile=96)
+    np.testing.assert_allclose(kfs.predict_map(model, image, tile=96, staged=True), whole, atol=ATOL)
+
+
+def test_a_nested_model_is_one_block():
+    inner_inputs = keras.Input((None, None, 4))
+    y = layers.Conv2D(4, 3, strides=2, padding="same", activation="relu")(inner_inputs)
+    inner = keras.Model(inner_inputs, layers.MaxPooling2D(2)(y), name="inner")
+    model = keras.Sequential(
+        [
+            keras.Input((None, None, 2)),
+            layers.Conv2D(4, 3, strides=2, padding="same", name="stem"),
+            inner,
+            layers.Conv2D(3, 3, name="head"),
+        ]
+    )
+    image = random_images((141, 117, 2), seed=4)
+    plan = plan_prediction(model, image.shape[:2], tile=40, staged=True)
+    _check_stages(plan)
+    assert {s.stop for s in plan.stages} <= {"stem", "inner", "head"}
+    np.testing.assert_allclose(kfs.predict_map(model, image, tile=40, staged=True), _whole(model, image), atol=ATOL)
+
+
+def test_mixed_precision_matches_float32_to_half_precision():
+    model = _strided_fcn("same", [2, 2])
+    image = random_images((70, 58, 2))
+    whole = _whole(model, image)
+    half = kfs.predict_map(model, image, tile=32, mixed_precision=True)
+    assert half.dtype == np.float32 and half.shape == whole.shape
+    scale = np.abs(whole).max()
+    np.testing.assert_allclose(half, whole, atol=2e-2 * scale)  # float16 keeps about 3 significant digits
+    assert not np.array_equal(half, whole), "the float16 copy was not used"
+    assert model.dtype_policy.name == "float32"
+
+
+def test_xla_is_chosen_for_large_kernel_heads_only_and_stays_exact():
+    inputs = keras.Input((None, None, 2))
+    x = layers.Conv2D(8, 3, strides=2, activation="relu")(inputs)
+    x = layers.MaxPooling2D(2)(x)
+    head = keras.Model(inputs, layers.Conv2D(3, 1)(layers.Conv2D(512, 5, activation="relu", name="fc6")(x)))
+    assert wants_xla(head)
+    assert not wants_xla(_strided_fcn("same", [2, 2]))
+    image = random_images((61, 53, 2), seed=6)
+    whole = _whole(head, image)
+    default = kfs.predict_map(head, image)
+    scale = np.abs(whole).max()
+    np.testing.assert_allclose(default, whole, atol=1e-5 * scale)  # float32 round-off: XLA sums in another order
+    np.testing.assert_allclose(kfs.predict_map(head, image, tile=40), whole, atol=1e-5 * scale)
+
+
+def test_disk_map_reads_back_what_it_wrote(tmp_path):
+    rng = np.random.default_rng(0)
+    for shape in [(7, 9, 3), (3, 7, 9)]:
+        expected = rng.standard_normal(shape).astype("float32")
+        stored = DiskMap(str(tmp_path / "map.bin"), shape)
+        stored[:] = expected
+        for index in [np.s_[1:5, 2:8, :], np.s_[:, 1:5, 2:8], np.s_[0:7, :, :], np.s_[2:3, 0:0, :]]:
+            np.testing.assert_array_equal(stored[index], expected[index])
+        stored[1:3, 2:4, :] = 5
+        expected[1:3, 2:4, :] = 5
+        np.testing.assert_array_equal(np.asarray(stored), expected)
+        with pytest.raises(ValueError, match="step 1"):
+            stored[::2]
+        stored.close()
+
+
+def test_cheapest_chain():
+    costs = {(0, 1): 1.0, (1, 3): 1.0, (0, 3): 5.0, (0, 2): 0.5, (2, 3): 3.0, (1, 2): 0.1}
+    assert cheapest_chain(3, lambda i, j: costs.get((i, j))) == ([0, 1, 3], 2.0)
+    costs[(1, 3)] = None
+    assert cheapest_chain(3, lambda i, j: costs.get((i, j))) == ([0, 2, 3], 3.5)
+    assert cheapest_chain(2, lambda i, j: None) == ([], math.inf)
+    assert cheapest_chain(1, lambda i, j: 7.0) == ([0, 1], 7.0)
+
+
+def test_memory_helpers():
+    assert place_stores([100, 50, 60, 70], 120) == [True, False, True, False]
+    assert place_stores([100, 10], 110) == [True, True]
+    assert place_stores([], 0) == []
+    assert memory_scale(100, 400) == 2.0 and memory_scale(0, 10) == 1.0
+    assert scaled_tile((10, 20), 2.5, (100, 30)) == (25, 30)
+    assert scaled_tile((10, 20), 0.01, (100, 30)) == (1, 1)
+
+
+def test_predict_maps_batches_images_of_one_size_and_tiles_the_large_ones():
+    model = _strided_fcn("same", [2, 2])
+    images = [random_images((40, 36, 2), seed=s) for s in range(3)]
+    images.insert(1, random_images((52, 44, 2), seed=7))
+    images.append(random_images((150, 130, 2), seed=8))
+    maps = kfs.predict_maps(model, images, tile=64, batch_size=2)
+    assert len(maps) == len(images)
+    for image, result in zip(images, maps):
+        np.testing.assert_allclose(result, _whole(model, image), atol=ATOL)
+    with pytest.raises(kfs.ConversionError, match="2 channels"):
+        kfs.predict_maps(model, [random_images((40, 40, 3))])
+
+
+def test_a_spill_folder_that_cannot_be_written_gets_a_clear_error(tmp_path):
+    model = _strided_fcn("valid", [2, 2, 2])
+    missing = tmp_path / "missing" / "folder"
+    with pytest.raises(kfs.ConversionError, match=r"spill_dir=.*memory_budget="):
+        kfs.predict_map(
+            model, random_images((150, 130, 2)), tile=48, staged=True, memory_budget=0, spill_dir=str(missing)
+        )
