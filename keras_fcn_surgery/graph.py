@@ -7,6 +7,8 @@ the functions here, so a Keras release that moves them breaks one file.
 
 from __future__ import annotations
 
+import inspect
+
 import keras
 from keras.src.models.functional import Functional
 
@@ -163,6 +165,23 @@ def sublayers(layer) -> list:
     return list(layer._flatten_layers(include_self=False, recursive=True))
 
 
+def _call_arguments(node, values: dict):
+    """`node_arguments`, less the keyword arguments (``training``, ``mask``) the layer's ``call`` does not take.
+
+    ``Layer.__call__`` records them in the node and drops them itself before
+    calling ``call``; code that calls ``call`` or ``compute_output_spec``
+    directly must drop them too.
+    """
+    args, kwargs = node.arguments.fill_in(values)
+    operation = node.operation
+    if not is_layer(operation):
+        return args, kwargs
+    parameters = inspect.signature(operation.call).parameters
+    if any(p.kind == inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
+        return args, kwargs
+    return args, {k: v for k, v in kwargs.items() if k in parameters}
+
+
 def _symbolic(shape, dtype):
     return keras.KerasTensor(tuple(shape), dtype=dtype)
 
@@ -174,7 +193,7 @@ def probe_output_shapes(node, input_shapes) -> list[tuple]:
         Exception: whatever the operation raises when it cannot work at those shapes.
     """
     values = {id(t): _symbolic(shape, t.dtype) for t, shape in zip(node.input_tensors, input_shapes)}
-    args, kwargs = node.arguments.fill_in(values)
+    args, kwargs = _call_arguments(node, values)
     outputs = node.operation.compute_output_spec(*args, **kwargs)
     return [tuple(t.shape) for t in keras.tree.flatten(outputs)]
 
@@ -201,7 +220,7 @@ def trace_call(node, spatial_axes):
         inputs.append(symbolic)
         values[id(tensor)] = symbolic
     try:
-        args, kwargs = node.arguments.fill_in(values)
+        args, kwargs = _call_arguments(node, values)
         outputs = layer.call(*args, **kwargs)
         flat = keras.tree.flatten(outputs)
         if not flat or not all(isinstance(t, keras.KerasTensor) for t in flat):

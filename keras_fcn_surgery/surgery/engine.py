@@ -250,7 +250,7 @@ def _refuse_size_bound_layer(view: NodeView) -> None:
             "feature map; the result fits only this map size. Keep feature maps in one layout, and flatten "
             "only in the classifier head (a Flatten layer)."
         )
-    if is_map and _tokens_from_map(spatial, view.output_shapes):
+    if is_map and _tokens_from_map(in_shape, view.output_shapes):
         raise ConversionError(
             f"Layer {describe(layer)} turns the {in_shape[1:]} feature map into a tensor of shape "
             f"{view.output_shapes[0][1:]} (a sequence of tokens); what follows (a class token, position "
@@ -290,12 +290,14 @@ def _refuse_size_bound_layer(view: NodeView) -> None:
         )
 
 
-def _tokens_from_map(spatial, output_shapes) -> bool:
-    """Whether a layer turns a map into a sequence with (at least) one token per map position."""
-    if None in spatial:
-        return False
-    positions = spatial[0] * spatial[1]
-    return any(len(shape) == 3 and (shape[1] is None or shape[1] >= positions) for shape in output_shapes)
+def _tokens_from_map(in_shape, output_shapes) -> bool:
+    """Whether a layer turns a map into a sequence of tokens (patches, positions, a class token).
+
+    A rank-3 result that is the map with one axis taken away (a row, a column)
+    is not a sequence of tokens.
+    """
+    kept = [tuple(d for i, d in enumerate(in_shape[1:]) if i != dropped) for dropped in range(3)]
+    return any(len(shape) == 3 and tuple(shape[1:]) not in kept for shape in output_shapes)
 
 
 def _refuse_fixed_size_at_larger_input(view: NodeView) -> None:
