@@ -111,8 +111,10 @@ def _blocking(message: str) -> str:
 
 
 def table(results: dict) -> str:
-    """The README section's body: a summary line and one row per model."""
-    rows = [r for key, r in sorted(results.items(), key=lambda item: _order(item[0]))]
+    """The README section's body: a summary line and one row per model (those not run yet say so)."""
+    everything = {case: {"source": case[0], "name": case[1], "result": "not run", "seconds": ""} for case in cases()}
+    everything.update(results)
+    rows = [r for key, r in sorted(everything.items(), key=lambda item: _order(item[0]))]
     apps = [r for r in rows if r["source"] == "keras.applications"]
     hub = [r for r in rows if r["source"] == "keras-hub"]
     converted = sum(r["result"] == "converted" for r in apps)
@@ -122,7 +124,7 @@ def table(results: dict) -> str:
         f"keras.applications: **{converted} of {len(apps)}** constructors convert with both heads, verify, "
         "and give the map size `geometry` predicts; `predict_map` equals the FCN at a larger size.",
         f"keras-hub `*ImageClassifier` tasks: {sum(r['result'] == 'converted' for r in hub)} of {len(hub)} "
-        "families convert; the others are refused with the layer that ties them to one input size.",
+        "families convert; the others are refused by name (rows below).",
         "",
         "| Source | Model | Input | Result | Stride | Exact geometry | Seconds |",
         "|---|---|---|---|---|---|---|",
@@ -132,6 +134,8 @@ def table(results: dict) -> str:
             size = "x".join(map(str, r["input_size"]))
             stride = "x".join(map(str, r["stride"]))
             result, exact = "converts, verified", "yes" if r["exact_geometry"] else "no"
+        elif r["result"] == "not run":
+            size, stride, exact, result = "", "", "", "not run yet"
         else:
             size, stride, exact = "", "", ""
             result = ("refused: " if r["result"] == "refused" else "**FAILURE**: ") + _blocking(r["message"])
@@ -143,7 +147,8 @@ def _order(key):
     source, name = key
     if source == "keras-hub":
         return (0, list(HUB_BUILDERS).index(name) if name in HUB_BUILDERS else 99, name)
-    return (1, family_of(name), name)
+    family = family_of(name)
+    return (1, list(APPLICATIONS).index(family), APPLICATIONS[family].index(name))
 
 
 def write_readme(path: str, body: str) -> None:
