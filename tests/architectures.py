@@ -9,8 +9,8 @@ The generator tracks the map size through every layer and only proposes layers
 Keras can build: a ``valid`` window larger than the map becomes ``same``, and a
 stride above 1 never comes with a dilation above 1. It also steers clear of
 what TensorFlow's CPU kernels cannot run or get wrong (not the converter's
-business): float16 channels-first Conv2D, float16 depthwise convolutions with
-unequal strides, and one-channel convolutions strided along the width only
+business): float16 channels-first Conv2D, float16 and bfloat16 depthwise convolutions
+with unequal strides, and one-channel convolutions strided along the width only
 (see ``tests/test_upstream_bugs.py``).
 """
 
@@ -796,6 +796,8 @@ def architectures(draw):
         policy = "mixed_bfloat16"
     if policy == "mixed_bfloat16" and data_format == "channels_first" and not _cpu_runs_bfloat16_nchw_conv():
         policy = None
+    if policy == "mixed_bfloat16" and _has_unequal_depthwise_strides(body):
+        policy = None  # TensorFlow's CPU has no bfloat16 depthwise kernel for unequal strides either
     return Architecture(
         data_format=data_format,
         input_size=size,
@@ -831,13 +833,16 @@ def _cpu_runs_bfloat16_nchw_conv() -> bool:
 
 def _runs_in_float16_on_cpu(body, data_format: str) -> bool:
     """TensorFlow's CPU kernels in float16 lack channels-first Conv2D and unequal depthwise strides."""
-    if data_format == "channels_first":
-        return False
+    return data_format != "channels_first" and not _has_unequal_depthwise_strides(body)
+
+
+def _has_unequal_depthwise_strides(body) -> bool:
+    """A depthwise or separable convolution strided differently along height and width."""
     layers_ = list(body)
     while layers_:
         layer = layers_.pop()
         if isinstance(layer, Residual):
             layers_.extend(inner for branch in layer.branches for inner in branch)
         elif isinstance(layer, Conv) and layer.kind != "Conv2D" and layer.strides[0] != layer.strides[1]:
-            return False
-    return True
+            return True
+    return False
