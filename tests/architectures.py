@@ -787,7 +787,7 @@ def architectures(draw):
     body, feature_size, feature_channels = draw(bodies(size, channels, allow_branches))
     feature_shape = (*feature_size, feature_channels)
     head = draw(heads(data_format, feature_shape, outer == "functional" and not nest_head))
-    if head.kind == "flatten" and all(isinstance(layer, (Norm, Act)) for layer in body):
+    if head.kind == "flatten" and all(isinstance(layer, (Norm, Act, OpNode)) for layer in body):
         # Without a convolution or pooling the layout is not in the model: Keras's
         # global `image_data_format` (channels_last) is what the converter assumes.
         data_format = "channels_last"
