@@ -7,6 +7,8 @@ the functions here, so a Keras release that moves them breaks one file.
 
 from __future__ import annotations
 
+import inspect
+
 import keras
 from keras.src.models.functional import Functional
 
@@ -215,3 +217,148 @@ def flat_nodes(model):
             yield from flat_nodes(node.operation)
         else:
             yield node
+
+
+def is_layer(operation) -> bool:
+    """True for a `keras.layers.Layer`; False for a bare `keras.ops` operation recorded in a graph.
+
+    Keras 3 records calls such as ``x + 3.0``, ``keras.ops.relu(x)``,
+    ``ops.pad`` or ``ops.split`` on symbolic tensors as `Operation` nodes that
+    are not layers: no weights, no layer config.
+    """
+    return isinstance(operation, keras.layers.Layer)
+
+
+def weights_of(operation) -> list:
+    """The weights of a layer; none for a `keras.ops` operation."""
+    return list(operation.weights) if is_layer(operation) else []
+
+
+_BUILTIN_MODULES = ("keras.src.layers.", "keras.src.ops.", "keras.src.models.")
+
+
+def is_builtin(operation) -> bool:
+    """True for Keras's own layers and operations (not custom, keras.applications' or keras-hub's classes)."""
+    return type(operation).__module__.startswith(_BUILTIN_MODULES)
+
+
+def sublayers(layer) -> list:
+    """The layers a layer tracks (its attributes that are layers), recursively, itself excluded."""
+    if not is_layer(layer):
+        return []
+    return list(layer._flatten_layers(include_self=False, recursive=True))
+
+
+def _call_arguments(node, values: dict):
+    """`node_arguments`, less the keyword arguments (``training``, ``mask``) the layer's ``call`` does not take.
+
+    ``Layer.__call__`` records them in the node and drops them itself before
+    calling ``call``; code that calls ``call`` or ``compute_output_spec``
+    directly must drop them too.
+    """
+    args, kwargs = node.arguments.fill_in(values)
+    operation = node.operation
+    if not is_layer(operation):
+        return args, kwargs
+    parameters = inspect.signature(operation.call).parameters
+    if any(p.kind == inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
+        return args, kwargs
+    return args, {k: v for k, v in kwargs.items() if k in parameters}
+
+
+def _symbolic(shape, dtype):
+    return keras.KerasTensor(tuple(shape), dtype=dtype)
+
+
+def probe_output_shapes(node, input_shapes) -> list[tuple]:
+    """The output shapes of a node's operation when its input tensors have ``input_shapes``.
+
+    Raises:
+        Exception: whatever the operation raises when it cannot work at those shapes.
+    """
+    values = {id(t): _symbolic(shape, t.dtype) for t, shape in zip(node.input_tensors, input_shapes)}
+    args, kwargs = _call_arguments(node, values)
+    outputs = node.operation.compute_output_spec(*args, **kwargs)
+    return [tuple(t.shape) for t in keras.tree.flatten(outputs)]
+
+
+def trace_call(node, spatial_axes):
+    """The node's layer's ``call`` traced as a functional graph of sub-layers and operations, or None.
+
+    Layers written with `keras.ops` (keras.applications' and keras-hub's
+    blocks) record, when called on symbolic inputs, the sub-layer calls and
+    operations they are made of. The inputs take any height and width
+    (``spatial_axes`` of rank-4 inputs are ``None``). None when the call does
+    not trace (it uses backend functions, or needs static sizes).
+    """
+    layer = node.operation
+    if not is_layer(layer) or is_graph_model(layer):
+        return None
+    inputs, values = [], {}
+    for tensor in node.input_tensors:
+        shape = list(tensor.shape)
+        if len(shape) == 4:
+            for axis in spatial_axes:
+                shape[axis] = None
+        symbolic = keras.Input(batch_shape=tuple(shape), dtype=tensor.dtype)
+        inputs.append(symbolic)
+        values[id(tensor)] = symbolic
+    try:
+        args, kwargs = _call_arguments(node, values)
+        outputs = layer.call(*args, **kwargs)
+        flat = keras.tree.flatten(outputs)
+        if not flat or not all(isinstance(t, keras.KerasTensor) for t in flat):
+            return None
+        return Functional(inputs, flat, name=f"{layer.name}_traced")
+    except Exception:  # noqa: BLE001 - a call that does not trace is reported as not exact by the caller
+        return None
+
+
+# keras.ops operations by what they do to each value, by class name (keras.src.ops.*).
+UNARY_OPERATIONS = frozenset(
+    """Abs Absolute Cast Ceil Celu Clip Cos Cosh Elu Erf Erfc Exp Exp2 Expm1 Fabs Floor Gelu HardShrink HardSigmoid
+    HardSilu HardTanh LeakyRelu Log Log10 Log1p Log2 LogSigmoid Negative NanToNum Reciprocal Relu Relu6 Round
+    Rsqrt SaturateCast Selu Sigmoid Sign Silu Sin Sinh SoftShrink Softplus Softsign SparsePlus SparseSigmoid
+    Sqrt Square Squareplus StopGradient Tan Tanh TanhShrink Threshold Trunc Copy""".split()
+)
+BINARY_OPERATIONS = frozenset(
+    """Add Subtract Multiply Divide TrueDivide DivideNoNan FloorDivide Power Maximum Minimum Mod Fmax Fmin
+    Fmod Hypot Logaddexp Arctan2""".split()
+)
+# Operations along one axis (their ``axis`` attribute) that keep the tensor's shape.
+AXIS_OPERATIONS = frozenset({"Softmax", "LogSoftmax", "Normalize", "Cumsum", "Cumprod"})
+# Reductions with ``axis`` and ``keepdims`` attributes.
+REDUCTION_OPERATIONS = frozenset({"Mean", "Sum", "Max", "Min", "Prod", "Amax", "Amin", "Logsumexp", "Std", "Var"})
+
+
+def operation_kind(operation) -> str:
+    """``"unary"``, ``"binary"``, ``"axis"``, ``"reduction"``, ``"concatenate"``, the class name otherwise.
+
+    Only for `keras.ops` operations (see `is_layer`).
+    """
+    name = type(operation).__name__
+    if not is_builtin(operation):
+        return name
+    if name in UNARY_OPERATIONS:
+        return "unary"
+    if name in BINARY_OPERATIONS:
+        return "binary"
+    if name in AXIS_OPERATIONS:
+        return "axis"
+    if name in REDUCTION_OPERATIONS:
+        return "reduction"
+    if name == "Concatenate":
+        return "concatenate"
+    return name
+
+
+def with_axis(operation, axis):
+    """A new operation like ``operation`` acting along ``axis`` instead."""
+    config = operation.get_config()
+    config["axis"] = axis
+    return type(operation).from_config(config)
+
+
+def constant_arguments(node) -> list[tuple[int, object]]:
+    """``(position, value)`` of a node's positional arguments that are not symbolic tensors."""
+    return [(i, a) for i, a in enumerate(node.arguments.args) if not isinstance(a, keras.KerasTensor)]

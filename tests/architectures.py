@@ -9,8 +9,8 @@ The generator tracks the map size through every layer and only proposes layers
 Keras can build: a ``valid`` window larger than the map becomes ``same``, and a
 stride above 1 never comes with a dilation above 1. It also steers clear of
 what TensorFlow's CPU kernels cannot run or get wrong (not the converter's
-business): float16 channels-first Conv2D, float16 depthwise convolutions with
-unequal strides, and one-channel convolutions strided along the width only
+business): float16 channels-first Conv2D, float16 and bfloat16 depthwise convolutions
+with unequal strides, and one-channel convolutions strided along the width only
 (see ``tests/test_upstream_bugs.py``).
 """
 
@@ -185,6 +185,59 @@ class SqueezeExcite:
 
 
 @dataclass(frozen=True)
+class OpNode:
+    """`keras.ops` calls on the map (functional bodies only): Keras records them as operations, not layers.
+
+    ``kind``: "affine" (``x * a + b``), "relu6"/"sigmoid"/"tanh"/"silu" (``ops.<kind>(x)``),
+    "hard_sigmoid" (``ops.relu6(x + 3.0) / 6.0``, as MobileNetV3), "pad" (``ops.pad``
+    by ``amounts``), "split" (``ops.split`` along the channels, halves swapped and
+    re-joined with ``ops.concatenate``) or "slice" (``x[:, a::s, b::t]``, ``amounts`` =
+    ``((a, s), (b, t))``).
+    """
+
+    kind: str
+    amounts: tuple[tuple[int, int], tuple[int, int]] = ((0, 1), (0, 1))
+    scale: float = 0.5
+    shift: float = 0.25
+
+    def out_channels(self, channels: int) -> int:
+        return channels
+
+    def out_size(self, size):
+        if self.kind == "pad":
+            return tuple(n + before + after for n, (before, after) in zip(size, self.amounts))
+        if self.kind == "slice":
+            return tuple(len(range(start, n, step)) for n, (start, step) in zip(size, self.amounts))
+        return size
+
+    def statements(self, prefix: str, data_format: str) -> list[str]:
+        channel_axis = -1 if data_format == "channels_last" else 1
+        if self.kind == "affine":
+            return [f"x = x * {self.scale} + {self.shift}"]
+        if self.kind == "hard_sigmoid":
+            return ["x = x * (ops.relu6(x + 3.0) / 6.0)"]
+        if self.kind == "pad":
+            spatial = [list(a) for a in self.amounts]
+            pads = [[0, 0], *spatial, [0, 0]] if data_format == "channels_last" else [[0, 0], [0, 0], *spatial]
+            return [f"x = ops.pad(x, {pads})"]
+        if self.kind == "split":
+            return [
+                f"{prefix}_a, {prefix}_b = ops.split(x, [1], axis={channel_axis})",
+                f"x = ops.concatenate([{prefix}_b, {prefix}_a * {self.scale}], axis={channel_axis})",
+            ]
+        if self.kind == "slice":
+            (a, s), (b, t) = self.amounts
+            key = f"[:, {a}::{s}, {b}::{t}, :]" if data_format == "channels_last" else f"[:, :, {a}::{s}, {b}::{t}]"
+            return [f"x = x{key}"]
+        return [f"x = ops.{self.kind}(x)"]
+
+
+OP_KINDS = ("affine", "relu6", "sigmoid", "tanh", "silu", "hard_sigmoid", "pad", "split", "slice")
+# `keras.ops` calls after the head's last layer (functional heads only).
+HEAD_OPS = ("scale", "per_feature", "softmax", "sigmoid", "centre", "relu")
+
+
+@dataclass(frozen=True)
 class Residual:
     """Branches merged by ``Add`` or ``Concatenate`` (functional bodies only).
 
@@ -253,6 +306,7 @@ class Head:
     after_keepdims: str = "flatten"
     flatten_format: str | None = None
     final: str | None = None
+    ops: tuple[str, ...] = ()  # `HEAD_OPS` applied after the last layer (functional heads only)
 
 
 # The architecture ----------------------------------------------------------------
@@ -304,7 +358,7 @@ def _layout(hwc, data_format: str) -> tuple[int, int, int]:
 
 _PRELUDE = '''import keras
 import numpy as np
-from keras import layers
+from keras import layers, ops
 
 
 def randomize_weights(model, seed):
@@ -402,7 +456,26 @@ class _Writer:
         else:
             for expression in self.head_layers():
                 self.emit(1, f"x = {expression}(x)")
+        if not arch.nest_head:
+            for line in self.head_operations():
+                self.emit(1, line)
         self.emit(1, 'model = keras.Model(inputs, x, name="fuzz_model")')
+
+    def head_operations(self) -> list[str]:
+        units = self.arch.head.dense[-1].units
+        lines = []
+        for kind in self.arch.head.ops:
+            if kind == "scale":
+                lines.append("x = x * 2.0 - 0.5")
+            elif kind == "per_feature":
+                lines.append(f'x = x * np.linspace(0.5, 1.5, {units}).astype("float32")')
+            elif kind == "softmax":
+                lines.append("x = ops.softmax(x, axis=-1)")
+            elif kind == "centre":
+                lines.append("x = x - ops.mean(x, axis=-1, keepdims=True)")
+            else:
+                lines.append(f"x = ops.{kind}(x)")
+        return lines
 
     def functional_body(self, input_name: str, model_name: str) -> None:
         self.emit(1, f'body_inputs = keras.Input({self.arch.input_shape}, name="{input_name}")')
@@ -418,8 +491,8 @@ class _Writer:
         data_format = self.arch.data_format
         axis = -1 if data_format == "channels_last" else 1
         for i, layer in enumerate(self.arch.body):
-            if isinstance(layer, SqueezeExcite):
-                for line in layer.statements(f"b{i}_se", data_format):
+            if isinstance(layer, (SqueezeExcite, OpNode)):
+                for line in layer.statements(f"b{i}_se" if isinstance(layer, SqueezeExcite) else f"b{i}", data_format):
                     self.emit(1, line)
                 continue
             if not isinstance(layer, Residual):
@@ -625,11 +698,27 @@ def residuals(draw, size, channels):
 
 
 @st.composite
+def operations(draw, size, channels):
+    """A `keras.ops` call on the map (see `OpNode`)."""
+    kind = draw(st.sampled_from(OP_KINDS))
+    if kind == "split" and channels < 2:
+        kind = "affine"
+    amounts = ((0, 1), (0, 1))
+    if kind == "pad":
+        amounts = tuple((draw(st.integers(0, 2)), draw(st.integers(0, 2))) for _ in range(2))  # type: ignore[assignment]
+    elif kind == "slice":
+        amounts = tuple((draw(st.integers(0, 1)), draw(st.integers(1, 2))) for _ in range(2))  # type: ignore[assignment]
+        if min(len(range(start, n, step)) for n, (start, step) in zip(size, amounts)) < 1:
+            amounts = ((0, 1), (0, 1))
+    return OpNode(kind, amounts, draw(st.sampled_from((0.5, -1.5, 2.0))), draw(st.sampled_from((0.0, 0.25, 3.0))))
+
+
+@st.composite
 def bodies(draw, size, channels, allow_branches):
     layers_, count = [], draw(st.integers(1, 5))
     for _ in range(count):
-        choice = draw(st.sampled_from(("conv", "conv", "pool", "norm", "act", "residual", "pad", "se")))
-        if choice in ("residual", "se") and not allow_branches:
+        choice = draw(st.sampled_from(("conv", "conv", "pool", "norm", "act", "residual", "pad", "se", "op")))
+        if choice in ("residual", "se", "op") and not allow_branches:
             choice = "conv"
         if choice == "conv":
             layer = draw(convs(size, channels))
@@ -652,6 +741,8 @@ def bodies(draw, size, channels, allow_branches):
                 draw(st.sampled_from(("avg", "max"))),
                 keepdims=draw(st.booleans()),
             )
+        elif choice == "op":
+            layer = draw(operations(size, channels))
         else:
             layer = draw(residuals(size, channels))
         layers_.append(layer)
@@ -679,7 +770,8 @@ def heads(draw, data_format, feature_shape, allow_branches):
             norm = draw(st.sampled_from(("batch", "layer")))
         dense.append(DenseSpec(draw(st.integers(1, 8)), activation, dropout, norm, use_bias=draw(st.booleans())))
     final = draw(st.sampled_from((None, None, "softmax", "activation_softmax")))
-    return Head(kind, tuple(dense), keepdims, after, flatten_format, final)
+    head_ops = tuple(draw(st.lists(st.sampled_from(HEAD_OPS), max_size=2))) if allow_branches else ()
+    return Head(kind, tuple(dense), keepdims, after, flatten_format, final, head_ops)
 
 
 @st.composite
@@ -695,7 +787,7 @@ def architectures(draw):
     body, feature_size, feature_channels = draw(bodies(size, channels, allow_branches))
     feature_shape = (*feature_size, feature_channels)
     head = draw(heads(data_format, feature_shape, outer == "functional" and not nest_head))
-    if head.kind == "flatten" and all(isinstance(layer, (Norm, Act)) for layer in body):
+    if head.kind == "flatten" and all(isinstance(layer, (Norm, Act, OpNode)) for layer in body):
         # Without a convolution or pooling the layout is not in the model: Keras's
         # global `image_data_format` (channels_last) is what the converter assumes.
         data_format = "channels_last"
@@ -704,6 +796,8 @@ def architectures(draw):
         policy = "mixed_bfloat16"
     if policy == "mixed_bfloat16" and data_format == "channels_first" and not _cpu_runs_bfloat16_nchw_conv():
         policy = None
+    if policy == "mixed_bfloat16" and _has_unequal_depthwise_strides(body):
+        policy = None  # TensorFlow's CPU has no bfloat16 depthwise kernel for unequal strides either
     return Architecture(
         data_format=data_format,
         input_size=size,
@@ -739,13 +833,16 @@ def _cpu_runs_bfloat16_nchw_conv() -> bool:
 
 def _runs_in_float16_on_cpu(body, data_format: str) -> bool:
     """TensorFlow's CPU kernels in float16 lack channels-first Conv2D and unequal depthwise strides."""
-    if data_format == "channels_first":
-        return False
+    return data_format != "channels_first" and not _has_unequal_depthwise_strides(body)
+
+
+def _has_unequal_depthwise_strides(body) -> bool:
+    """A depthwise or separable convolution strided differently along height and width."""
     layers_ = list(body)
     while layers_:
         layer = layers_.pop()
         if isinstance(layer, Residual):
             layers_.extend(inner for branch in layer.branches for inner in branch)
         elif isinstance(layer, Conv) and layer.kind != "Conv2D" and layer.strides[0] != layer.strides[1]:
-            return False
-    return True
+            return True
+    return False

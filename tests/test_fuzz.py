@@ -30,13 +30,13 @@ import re
 
 import numpy as np
 import pytest
-from architectures import Architecture, Conv, Pad, Pool, Residual, SqueezeExcite, architectures
+from architectures import Architecture, Conv, OpNode, Pad, Pool, Residual, SqueezeExcite, architectures
 from hypothesis import HealthCheck, given, note, settings
 from hypothesis import strategies as st
 from keras_bugs import channels_first_bias_fixed
 
 import keras_fcn_surgery as kfs
-from keras_fcn_surgery.graph import iter_layers
+from keras_fcn_surgery.graph import graph_of, is_graph_model, iter_layers, nodes_in_order
 from keras_fcn_surgery.surgery.convert import verify_conversion
 from keras_fcn_surgery.surgery.verify import tolerance_for
 
@@ -54,6 +54,9 @@ def layer_names(model) -> set[str]:
         if hasattr(layer, "inputs") and hasattr(layer, "layers"):
             names.update(t._keras_history.operation.name for t in layer.inputs)
     names.update(t._keras_history.operation.name for t in model.inputs)
+    # `keras.ops` calls (x * 2.0, ops.pad) are operations in the graphs, not layers.
+    for container in [model, *(layer for layer in iter_layers(model) if is_graph_model(layer))]:
+        names.update(node.operation.name for node in nodes_in_order(graph_of(container)))
     return names
 
 
@@ -135,6 +138,8 @@ def _is_sliding_window(arch: Architecture) -> bool:
         elif isinstance(layer, (Conv, Pool)) and layer.padding != "valid":
             return False
         elif isinstance(layer, Pad) and not layer.crop:
+            return False
+        elif isinstance(layer, OpNode) and layer.kind == "pad" and any(map(any, layer.amounts)):
             return False
         elif isinstance(layer, SqueezeExcite):
             return False  # global context: a cell depends on the whole image

@@ -96,11 +96,19 @@ def test_at_recomputes_offsets_for_another_size():
     assert other.output_size((25, 24)) == grid.output_size((25, 24))
 
 
-def test_upsampling_is_refused():
+def test_upsampling_is_not_exact_and_named():
+    # Issue 9: geometry no longer refuses a layer without a known window; it gives exact output
+    # sizes (asked of the layer) and refuses, naming the layer, every number it cannot derive.
     inputs = keras.Input((None, None, 3))
     model = keras.Model(inputs, layers.UpSampling2D(name="up")(inputs))
+    grid = kfs.geometry(model)
+    assert not grid.exact and "'up' (UpSampling2D)" in grid.unknown[0]
+    assert grid.output_size((5, 7)) == (10, 14)
+    for numbers in (lambda: grid.receptive_field, lambda: grid.offset, lambda: grid.input_box(0, 0)):
+        with pytest.raises(kfs.ConversionError, match="'up' \\(UpSampling2D\\)"):
+            numbers()
     with pytest.raises(kfs.ConversionError, match="'up' \\(UpSampling2D\\)"):
-        kfs.geometry(model)
+        grid.exact_cells((8, 8), at_image_start=(False, False), at_image_end=(False, False))
 
 
 def _crop_then_pad_fcn():

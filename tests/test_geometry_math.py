@@ -72,3 +72,25 @@ def test_an_empty_axis_stays_empty():
     assert gm.apply_window(empty, 1, 1, 1, "same").size == 0
     assert gm.apply_global(empty).size == 0
     assert gm.merge([empty, gm.input_state(4)]).size == 0
+
+
+def test_slice_keeps_every_step_th_cell_from_start():
+    state = gm.apply_window(gm.input_state(20), 3, 1, 1, "valid")  # 18 cells, stride 1, field 3
+    sliced = gm.apply_slice(state, 1, 2, len(range(1, 18, 2)))
+    assert (sliced.size, sliced.stride, sliced.offset, sliced.receptive_field) == (9, 2, 1, 3)
+    # A tile edge inside the image: input cells [2, 15) exact -> kept cells j with 2 <= 1 + 2j < 15.
+    edged = gm.apply_slice(gm.AxisState(size=18, exact_start=2, exact_stop=15), 1, 2, 9)
+    assert (edged.exact_start, edged.exact_stop) == (1, 7)
+    with pytest.raises(ValueError):
+        gm.apply_slice(state, 0, 0, 1)
+
+
+def test_unknown_window_is_carried_through_every_later_step():
+    state = gm.apply_unknown(gm.input_state(16), 8, 2, "layer 'x' (X)")
+    assert state.unknown == ("layer 'x' (X)",) and (state.size, state.stride) == (8, 2)
+    assert (state.exact_start, state.exact_stop) == (0, 0)  # no cell is proven exact
+    later = gm.apply_window(gm.apply_padding(state, 1, 1), 3, 1, 1, "valid")
+    assert later.unknown == state.unknown
+    merged = gm.merge([later, gm.apply_unknown(later, later.size, 1, "layer 'y' (Y)")])
+    assert merged.unknown == ("layer 'x' (X)", "layer 'y' (Y)")
+    assert gm.apply_global(merged).unknown == merged.unknown

@@ -3,6 +3,7 @@
 import keras
 import pytest
 from conftest import random_images
+from zoo_cases import APPLICATIONS, application, application_names, check_classifier
 
 import keras_fcn_surgery as kfs
 
@@ -73,3 +74,33 @@ def test_squeeze_excitation_pooling_stays_in_the_body():
     rewritten = [r for r in kfs.plan(source).rewrites if r.old_class == "GlobalAveragePooling2D"]
     assert [r.layer_name for r in rewritten] == ["avg_pool"]
     assert kfs.geometry(kfs.convert(source, verify=False)).global_context
+
+
+# Issue 9: the whole keras.applications zoo ------------------------------------
+# `check_classifier` converts with both heads (window verified), checks the map size against
+# `geometry(fcn).output_size` and `predict_map` against the FCN at a larger size.
+# Default run: the smallest member of each family not already covered above (ConvNeXt and
+# MobileNetV3 crashed on `keras.ops` nodes before). Every constructor: `-m heavy`.
+
+_COVERED_ABOVE = {"ResNet", "MobileNetV2", "MobileNet", "EfficientNet", "DenseNet", "VGG"}
+SMALLEST_OF_FAMILY = sorted(names[0] for family, names in APPLICATIONS.items() if family not in _COVERED_ABOVE)
+
+
+@pytest.mark.parametrize("name", SMALLEST_OF_FAMILY)
+def test_smallest_of_each_family_converts_and_maps(name):
+    outcome = check_classifier(application(name), name=name)
+    assert outcome.heads == list(kfs.HEADS) and outcome.exact_geometry
+    assert outcome.stride == (32, 32)
+
+
+@pytest.mark.heavy
+@pytest.mark.parametrize("name", application_names())
+def test_every_application_converts_and_maps(name):
+    outcome = check_classifier(application(name), name=name)
+    assert outcome.heads == list(kfs.HEADS) and outcome.exact_geometry
+    assert outcome.stride == (32, 32)
+
+
+def test_every_installed_constructor_is_listed():
+    installed = {n for n in dir(A) if n[0].isupper() and callable(getattr(A, n))}
+    assert installed == set(application_names())

@@ -25,7 +25,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "..", "tests"))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from architectures import Act, Conv, Residual, architectures  # noqa: E402
+from architectures import Act, Conv, OpNode, Residual, architectures  # noqa: E402
 from hypothesis import HealthCheck, Phase, given, seed, settings  # noqa: E402
 from test_fuzz import check_conversion  # noqa: E402
 
@@ -84,6 +84,7 @@ def features(arch) -> set[str]:
         )
         if present
     }
+    found |= {f"head op {kind}" for kind in arch.head.ops}
     stack = list(arch.body)
     while stack:
         layer = stack.pop()
@@ -96,6 +97,8 @@ def features(arch) -> set[str]:
                 found.add("strided")
             if max(layer.dilation) > 1:
                 found.add("dilated")
+        elif isinstance(layer, OpNode):
+            found.add(f"op {layer.kind}")
         else:
             found.add(type(layer).__name__ if not isinstance(layer, Act) else f"Act {layer.name}")
     return found

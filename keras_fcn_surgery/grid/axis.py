@@ -33,6 +33,8 @@ class AxisState:
     # Cells equal to the whole-image pass (tiled inference; see the module docstring).
     exact_start: float = -math.inf
     exact_stop: float = math.inf
+    # Layers on the way whose receptive field and offset could not be derived (their descriptions).
+    unknown: tuple[str, ...] = ()
 
 
 def input_state(size: int, exact_start: float = -math.inf, exact_stop: float = math.inf) -> AxisState:
@@ -78,6 +80,7 @@ def apply_window(state: AxisState, kernel: int, stride: int, dilation: int, padd
         global_context=state.global_context,
         exact_start=start,
         exact_stop=stop,
+        unknown=state.unknown,
     )
 
 
@@ -102,6 +105,7 @@ def apply_padding(state: AxisState, before: int, after: int) -> AxisState:
         global_context=state.global_context,
         exact_start=start,
         exact_stop=stop,
+        unknown=state.unknown,
     )
 
 
@@ -117,6 +121,7 @@ def apply_global(state: AxisState) -> AxisState:
         global_context=True,
         exact_start=state.exact_start if whole else 0,
         exact_stop=state.exact_stop if whole else 0,
+        unknown=state.unknown,
     )
 
 
@@ -127,8 +132,11 @@ def merge(states: list[AxisState]) -> AxisState:
     map inputs are united.
     """
     maps = [s for s in states if not s.is_global] or states
+    unknown = _union(s.unknown for s in states)
     if any(s.size < 1 for s in states):
-        return AxisState(size=0, stride=maps[0].stride, global_context=any(s.global_context for s in states))
+        return AxisState(
+            size=0, stride=maps[0].stride, global_context=any(s.global_context for s in states), unknown=unknown
+        )
     sizes = {s.size for s in maps}
     strides = {s.stride for s in maps}
     if len(sizes) > 1 or len(strides) > 1:
@@ -144,4 +152,55 @@ def merge(states: list[AxisState]) -> AxisState:
         global_context=any(s.global_context for s in states),
         exact_start=max(s.exact_start for s in states),
         exact_stop=min(s.exact_stop for s in states),
+        unknown=unknown,
     )
+
+
+def apply_slice(state: AxisState, start: int, step: int, size: int) -> AxisState:
+    """State after keeping every ``step``-th cell from cell ``start`` on, ``size`` cells (strided slicing)."""
+    if step < 1:
+        raise ValueError(f"Expected a positive slice step. Received: step={step}")
+    first, last = state.exact_start, state.exact_stop
+    if math.isfinite(first):
+        first = max(0, -((-(first - start)) // step))
+    if math.isfinite(last):
+        last = min(size, max(0, (last - 1 - start) // step + 1))
+    return AxisState(
+        size=size,
+        stride=state.stride * step,
+        offset=state.offset + start * state.stride,
+        receptive_field=state.receptive_field,
+        is_global=state.is_global,
+        global_context=state.global_context,
+        exact_start=first,
+        exact_stop=last,
+        unknown=state.unknown,
+    )
+
+
+def apply_unknown(state: AxisState, size: int, step: int, why: str) -> AxisState:
+    """State after a layer whose output length is known (``size``) but whose window is not.
+
+    ``step`` is the layer's own stride where its output lengths show one (1
+    otherwise); the receptive field and offset stay as they were and are
+    marked unknown by ``why``, and no cell counts as equal to the whole image's.
+    """
+    return AxisState(
+        size=size,
+        stride=state.stride * max(step, 1),
+        offset=state.offset,
+        receptive_field=state.receptive_field,
+        is_global=state.is_global,
+        global_context=state.global_context,
+        exact_start=0,
+        exact_stop=0,
+        unknown=_union([state.unknown, (why,)]),
+    )
+
+
+def _union(groups) -> tuple[str, ...]:
+    seen: dict[str, None] = {}
+    for group in groups:
+        for item in group:
+            seen.setdefault(item, None)
+    return tuple(seen)

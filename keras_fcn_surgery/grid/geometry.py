@@ -9,8 +9,20 @@ from dataclasses import dataclass
 import keras
 
 from keras_fcn_surgery.errors import ConversionError
-from keras_fcn_surgery.graph import describe, graph_of, is_graph_model, model_layout, nodes_in_order
+from keras_fcn_surgery.graph import (
+    describe,
+    graph_of,
+    is_builtin,
+    is_graph_model,
+    is_layer,
+    model_layout,
+    nodes_in_order,
+    operation_kind,
+    probe_output_shapes,
+    trace_call,
+)
 from keras_fcn_surgery.grid import axis as gm
+from keras_fcn_surgery.layout import Layout
 
 _WINDOW_LAYERS = (
     keras.layers.Conv2D,
@@ -20,7 +32,41 @@ _WINDOW_LAYERS = (
     keras.layers.AveragePooling2D,
 )
 _GLOBAL_LAYERS = (keras.layers.GlobalAveragePooling2D, keras.layers.GlobalMaxPooling2D)
-_UNSUPPORTED = (keras.layers.Conv2DTranspose, keras.layers.UpSampling2D, keras.layers.Resizing)
+# Layers that act on each position of a map alone (on its channels), so the grid goes through unchanged.
+_POINTWISE_LAYERS = (
+    keras.layers.InputLayer,
+    keras.layers.Activation,
+    keras.layers.ReLU,
+    keras.layers.LeakyReLU,
+    keras.layers.ELU,
+    keras.layers.PReLU,
+    keras.layers.Dropout,
+    keras.layers.SpatialDropout2D,
+    keras.layers.GaussianNoise,
+    keras.layers.GaussianDropout,
+    keras.layers.AlphaDropout,
+    keras.layers.ActivityRegularization,
+    keras.layers.Identity,
+    keras.layers.Rescaling,
+    keras.layers.Add,
+    keras.layers.Subtract,
+    keras.layers.Multiply,
+    keras.layers.Average,
+    keras.layers.Maximum,
+    keras.layers.Minimum,
+)
+# Pointwise as long as their axis is the channel axis.
+_CHANNEL_AXIS_LAYERS = (
+    keras.layers.BatchNormalization,
+    keras.layers.LayerNormalization,
+    keras.layers.UnitNormalization,
+    keras.layers.Softmax,
+    keras.layers.Concatenate,
+    keras.layers.Normalization,
+)
+# A stride measured from output lengths: the input grows by this many pixels (divisible by 1-10, 12, 14, 16...).
+_STRIDE_PROBE = 20160
+_MAX_TRACE_DEPTH = 8
 
 # One axis transform per layer call: takes the states of its inputs, returns its output state.
 AxisTransform = Callable[[list], "gm.AxisState"]
@@ -35,13 +81,15 @@ class AxisGeometry:
         receptive_field: input pixels one output cell sees.
         offset: input coordinate where cell 0's window starts (negative when the
             window reaches into padding), at the geometry's ``input_size``.
+        (``receptive_field`` and ``offset`` are None when some layer's window
+        could not be derived; see `Geometry.unknown`.)
         input_size: the input length these numbers were computed at.
         output_size: the output length at that input length.
     """
 
     stride: int
-    receptive_field: int
-    offset: int
+    receptive_field: int | None
+    offset: int | None
     input_size: int
     output_size: int
 
@@ -62,6 +110,17 @@ class Geometry:
     input_size: tuple[int, int]
     global_context: bool
     _axis_programs: tuple
+    unknown: tuple[str, ...] = ()
+
+    @property
+    def exact(self) -> bool:
+        """False when some layer's window could not be derived (`unknown` names it).
+
+        Output sizes are exact even then (every such layer is asked for its
+        output shape); the stride, receptive field and offsets are not known,
+        so `input_box`, `exact_cells` and tiled `predict_map` refuse.
+        """
+        return not self.unknown
 
     @property
     def stride(self) -> tuple[int, int]:
@@ -69,11 +128,22 @@ class Geometry:
 
     @property
     def receptive_field(self) -> tuple[int, int]:
-        return (self.height.receptive_field, self.width.receptive_field)
+        """Raises `ConversionError` when not `exact`."""
+        self._require_exact("receptive field")
+        return (self.height.receptive_field, self.width.receptive_field)  # type: ignore[return-value]
 
     @property
     def offset(self) -> tuple[int, int]:
-        return (self.height.offset, self.width.offset)
+        """Raises `ConversionError` when not `exact`."""
+        self._require_exact("offset")
+        return (self.height.offset, self.width.offset)  # type: ignore[return-value]
+
+    def _require_exact(self, what: str) -> None:
+        if self.unknown:
+            raise ConversionError(
+                f"The {what} of this network is unknown: {self.unknown[0]}. Output sizes are exact; for "
+                "windows and tiles, rebuild that layer from built-in layers or `keras.ops` in its `call`."
+            )
 
     def output_size(self, input_size) -> tuple[int, int]:
         """``(H', W')`` of the score map for an ``(H, W)`` input.
@@ -89,7 +159,11 @@ class Geometry:
 
         The box may reach outside the image (into padding). ``input_size``
         defaults to the geometry's own; it matters for ``same`` padding.
+
+        Raises:
+            ConversionError: when the geometry is not `exact`.
         """
+        self._require_exact("receptive field")
         rows, cols = self._states(input_size or self.input_size)
         top = rows.offset + i * rows.stride
         left = cols.offset + j * cols.stride
@@ -119,8 +193,14 @@ class Geometry:
             output cells, stop exclusive (start == stop when none is exact).
 
         Raises:
-            ConversionError: when the tile is too small for the network.
+            ConversionError: when the tile is too small for the network, or
+                the geometry is not `exact` (no tiling can be proven exact).
         """
+        if self.unknown:
+            raise ConversionError(
+                f"No tiling of this network can be proven exact: {self.unknown[0]}. Run it on the whole "
+                "image (`tile=None`), or rebuild that layer from built-in layers or `keras.ops` in its `call`."
+            )
         self._states(tile_size)
         ranges = []
         for program, size, starts, ends in zip(
@@ -160,6 +240,11 @@ class Geometry:
         return states
 
     def __str__(self) -> str:
+        if self.unknown:
+            return (
+                f"stride {self.stride}, receptive field and offset unknown ({self.unknown[0]}) "
+                f"at input {self.input_size} -> output {(self.height.output_size, self.width.output_size)}"
+            )
         return (
             f"stride {self.stride}, receptive field {self.receptive_field}, offset {self.offset} "
             f"at input {self.input_size} -> output {(self.height.output_size, self.width.output_size)}"
@@ -170,7 +255,12 @@ def geometry(model, input_size=None, *, head: str = "window") -> Geometry:
     """The output stride, receptive field and offsets of a fully convolutional model.
 
     Computed from the layers' configurations (kernel size, stride, dilation and
-    padding of convolutions and poolings, explicit paddings and croppings).
+    padding of convolutions and poolings, explicit paddings and croppings,
+    `keras.ops` paddings and slices). A layer of another class (a custom layer,
+    a keras-hub block) is traced into the sub-layers and operations its
+    ``call`` is made of; where that fails its output size is asked of the
+    layer itself at each input size, and the geometry reports that it is not
+    `exact` (`Geometry.unknown` names the layer) instead of guessing.
 
     Args:
         model: a converted model, or a classifier (converted with
@@ -196,12 +286,22 @@ def geometry(model, input_size=None, *, head: str = "window") -> Geometry:
 
 
 def _geometry_from_programs(programs, reference) -> Geometry:
-    axes, is_global = [], False
+    axes, is_global, unknown = [], False, []  # type: list[AxisGeometry], bool, list[str]
     for program, size in zip(programs, reference):
         state = _run(program, size)
         is_global = is_global or state.global_context
-        axes.append(AxisGeometry(state.stride, state.receptive_field, state.offset, size, state.size))
-    return Geometry(axes[0], axes[1], reference, is_global, programs)
+        known = not state.unknown
+        axes.append(
+            AxisGeometry(
+                state.stride,
+                state.receptive_field if known else None,
+                state.offset if known else None,
+                size,
+                state.size,
+            )
+        )
+        unknown.extend(u for u in state.unknown if u not in unknown)
+    return Geometry(axes[0], axes[1], reference, is_global, programs, tuple(unknown))
 
 
 def _input_spatial(model):
@@ -219,7 +319,8 @@ def _program(model, axis: int) -> tuple:
     """``(steps, output key)``: each step ``(output keys, input keys, transform)`` in graph order."""
     graph = graph_of(model)
     steps: list = []
-    _compile(graph, axis, steps, {id(t): "input" if i == 0 else f"input{i}" for i, t in enumerate(graph.inputs)})
+    names = {id(t): "input" if i == 0 else f"input{i}" for i, t in enumerate(graph.inputs)}
+    _compile(graph, axis, model_layout(model), steps, names, 0)
     return tuple(steps), _tensor_key(graph.outputs[0])
 
 
@@ -227,31 +328,36 @@ def _tensor_key(tensor) -> str:
     return f"t{id(tensor)}"
 
 
-def _compile(graph, axis: int, steps: list, names: dict) -> None:
-    """Append the transforms of ``graph``'s nodes to ``steps``, nested models inlined."""
+def _compile(graph, axis: int, layout: Layout, steps: list, names: dict, depth: int) -> None:
+    """Append the transforms of ``graph``'s nodes to ``steps``; nested models and traced layers inlined."""
     for node in nodes_in_order(graph):
         layer = node.operation
         sources = [names.get(id(t), _tensor_key(t)) for t in node.input_tensors]
         targets = [_tensor_key(t) for t in node.outputs]
+        inner = None
         if is_graph_model(layer):
             inner = graph_of(layer)
-            _compile(inner, axis, steps, {id(t): s for t, s in zip(inner.inputs, sources)})
+        elif _needs_tracing(layer) and depth < _MAX_TRACE_DEPTH:
+            inner = trace_call(node, layout.spatial_axes)
+        if inner is not None:
+            _compile(inner, axis, layout, steps, {id(t): s for t, s in zip(inner.inputs, sources)}, depth + 1)
             for target, inner_output in zip(targets, inner.outputs):
                 steps.append(([target], [_tensor_key(inner_output)], _first))
         else:
-            steps.append((targets, sources, _transform(layer, axis)))
+            steps.append((targets, sources, _transform(node, axis, layout)))
+
+
+def _needs_tracing(layer) -> bool:
+    """A layer whose class geometry does not know: a custom layer, a keras-hub block, a Lambda."""
+    return is_layer(layer) and (not is_builtin(layer) or isinstance(layer, keras.layers.Lambda))
 
 
 def _first(states):
     return states[0]
 
 
-def _transform(layer, axis: int):
-    if isinstance(layer, _UNSUPPORTED):
-        raise ConversionError(
-            f"Layer {describe(layer)} changes the map size by a factor; geometry covers only "
-            "convolutions, poolings, paddings and croppings."
-        )
+def _transform(node, axis: int, layout: Layout):
+    layer = node.operation
     if isinstance(layer, _WINDOW_LAYERS):
         kernel = (layer.pool_size if hasattr(layer, "pool_size") else layer.kernel_size)[axis]
         stride = layer.strides[axis]
@@ -266,7 +372,140 @@ def _transform(layer, axis: int):
         return lambda states: gm.apply_padding(states[0], -before, -after)
     if isinstance(layer, _GLOBAL_LAYERS):
         return lambda states: gm.apply_global(states[0])
-    return lambda states: _merge(layer, states)
+    known = _pointwise_or_operation(node, axis, layout)
+    if known is not None:
+        return _global_inputs_stay_global(known)
+    return _global_inputs_stay_global(_ProbedLayer(node, axis, layout, _why_unknown(layer)))
+
+
+def _global_inputs_stay_global(transform):
+    """Anything computed from broadcast vectors alone (squeeze-and-excitation) stays a broadcast vector."""
+
+    def apply(states):
+        if states and all(s.is_global for s in states):
+            return gm.merge(states)
+        return transform(states)
+
+    return apply
+
+
+def _pointwise_or_operation(node, axis: int, layout: Layout):
+    """The exact transform of a pointwise layer or a known `keras.ops` operation, or None."""
+    layer = node.operation
+    rank = len(node.input_tensors[0].shape) if node.input_tensors else 0
+    if is_layer(layer):
+        if isinstance(layer, _POINTWISE_LAYERS):
+            return lambda states: _merge(layer, states)
+        if isinstance(layer, keras.layers.Dense) and layout.channels_last:
+            return lambda states: _merge(layer, states)
+        if isinstance(layer, _CHANNEL_AXIS_LAYERS) and _on_channel_axis(layer.axis, rank, layout):
+            return lambda states: _merge(layer, states)
+        return None
+    kind = operation_kind(layer)
+    if kind in ("unary", "binary"):
+        return lambda states: _merge(layer, states)
+    if kind in ("axis", "concatenate", "Split", "ArraySplit") and _on_channel_axis(layer.axis, rank, layout):
+        return lambda states: _merge(layer, states)
+    if kind == "reduction" and rank == 4:
+        axes = _axes(layer.axis, rank)
+        if axes is not None and set(layout.spatial_axes) <= set(axes):
+            return lambda states: gm.apply_global(states[0])
+        if axes == [layout.channel_axis % 4]:
+            return lambda states: states[0]
+        return None
+    if kind == "Pad" and rank == 4 and layer.mode == "constant":
+        before, after = layer.pad_width[layout.spatial_axes[axis]]
+        return lambda states: gm.apply_padding(states[0], before, after)
+    if kind == "GetItem" and rank == 4:
+        return _slice_transform(node, layout.spatial_axes[axis])
+    return None
+
+
+def _axes(axis, rank: int):
+    if axis is None:
+        return None
+    axes = axis if isinstance(axis, (list, tuple)) else [axis]
+    return sorted(int(a) % rank for a in axes)
+
+
+def _on_channel_axis(axis, rank: int, layout: Layout) -> bool:
+    if rank != 4:
+        return True  # vectors (the head, squeeze-and-excitation): no grid to change
+    return _axes(axis, rank) == [layout.channel_axis % 4]
+
+
+def _slice_transform(node, spatial_axis: int):
+    """``x[:, a:b:s, ...]``: keeps every s-th cell from a on; None for other keys (integers, new axes)."""
+    key = node.arguments.args[1] if len(node.arguments.args) > 1 else None
+    key = tuple(key) if isinstance(key, (tuple, list)) else (key,)
+    if Ellipsis in key or any(k is None for k in key) or not all(isinstance(k, slice) for k in key):
+        return None
+    part = key[spatial_axis] if spatial_axis < len(key) else slice(None)
+
+    def apply(states):
+        start, stop, step = part.indices(states[0].size)
+        kept = len(range(start, stop, step))
+        if step < 1:
+            return gm.apply_unknown(states[0], kept, 1, f"{describe(node.operation)} reverses an axis")
+        return gm.apply_slice(states[0], start, step, kept)
+
+    return apply
+
+
+def _why_unknown(layer) -> str:
+    if _needs_tracing(layer):
+        return (
+            f"layer {describe(layer)} is not a built-in layer and its `call` could not be traced into layers "
+            "and `keras.ops` operations"
+        )
+    return f"{'layer' if is_layer(layer) else 'operation'} {describe(layer)} has no known window"
+
+
+class _ProbedLayer:
+    """A layer whose output length is asked of the layer itself; its window is unknown."""
+
+    def __init__(self, node, axis: int, layout: Layout, why: str):
+        self.node, self.axis, self.layout, self.why = node, axis, layout, why
+        self._sizes: dict[tuple, int] = {}
+        self._step: int | None = None
+
+    def __call__(self, states):
+        sizes = tuple(s.size for s in states)
+        size = self._output_size(sizes)
+        if self._step is None and size > 0:
+            larger = self._output_size(tuple(n if s.is_global else n + _STRIDE_PROBE for n, s in zip(sizes, states)))
+            grown = larger - size
+            self._step = _STRIDE_PROBE // grown if grown > 0 and _STRIDE_PROBE % grown == 0 else 1
+        maps = [s for s in states if not s.is_global] or list(states)
+        return gm.apply_unknown(gm.merge(maps) if _aligned(maps) else maps[0], size, self._step or 1, self.why)
+
+    def _output_size(self, sizes: tuple) -> int:
+        if sizes not in self._sizes:
+            self._sizes[sizes] = self._probe(sizes)
+        return self._sizes[sizes]
+
+    def _probe(self, sizes) -> int:
+        if any(n < 1 for n in sizes):
+            return 0
+        shapes = []
+        for tensor, n in zip(self.node.input_tensors, sizes):
+            shape = list(tensor.shape)
+            if len(shape) == 4:
+                for spatial in self.layout.spatial_axes:
+                    shape[spatial] = n
+            shapes.append(tuple(shape))
+        try:
+            outputs = probe_output_shapes(self.node, shapes)
+        except Exception:  # noqa: BLE001 - a layer that cannot take this size gives no map at it
+            return 0
+        first = outputs[0]
+        if len(first) != 4:
+            return 1
+        return int(first[self.layout.spatial_axes[self.axis]])
+
+
+def _aligned(states) -> bool:
+    return len({(s.size, s.stride) for s in states}) == 1
 
 
 class _MisalignedMerge(ConversionError):

@@ -312,12 +312,17 @@ def _stride(fcn, tensor) -> tuple[int, int]:
 def _centres(sub_model, first, period) -> list[list[float]]:
     """Per axis, cell 0's centre at input lengths ``first .. first + 2 * period - 1``."""
     base = geometry(sub_model)
+    if not base.exact:
+        raise ConversionError(
+            f"A segmenter places each cell at the centre of its window, but the window of '{sub_model.name}' "
+            f"is unknown: {base.unknown[0]}. Use built-in layers (or layers made of them) in the network."
+        )
     axes: list[list[float]] = [[], []]
     for k in range(2 * max(period)):
         size = (first[0] + k, first[1] + k)
         grid = base.at(size)
         for axis, info in enumerate((grid.height, grid.width)):
-            if k < 2 * period[axis]:
+            if k < 2 * period[axis] and info.offset is not None and info.receptive_field is not None:
                 axes[axis].append(cell_centre(info.offset, info.receptive_field))
     return axes
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from keras import ops
 
 from keras_fcn_surgery.errors import ConversionError
-from keras_fcn_surgery.graph import describe
+from keras_fcn_surgery.graph import describe, is_layer
 
 
 def copy_weights(source, target) -> None:
@@ -54,7 +54,7 @@ def call_with_initial_values(layer, inputs, values: dict):
 
 
 class LayerCloner:
-    """Makes one fresh copy per source layer, so shared layers stay shared."""
+    """Makes one fresh copy per source layer, so shared layers stay shared; operations are re-applied."""
 
     def __init__(self):
         self._clones: dict[int, object] = {}
@@ -77,6 +77,10 @@ class LayerCloner:
 
     @staticmethod
     def _fresh_copy(layer):
+        if not is_layer(layer):
+            # A `keras.ops` operation (``x + 3.0``, ``ops.pad``) holds no weights and no state:
+            # calling it on the new tensors records it in the new graph.
+            return layer
         try:
             return layer.__class__.from_config(layer.get_config())
         except Exception as error:

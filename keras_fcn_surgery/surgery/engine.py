@@ -13,8 +13,18 @@ from dataclasses import dataclass, field, replace
 import keras
 from keras import tree
 
-from keras_fcn_surgery.errors import ConversionError
-from keras_fcn_surgery.graph import describe, graph_of, input_name, is_graph_model, node_arguments, nodes_in_order
+from keras_fcn_surgery.errors import ConversionError, first_line
+from keras_fcn_surgery.graph import (
+    describe,
+    graph_of,
+    input_name,
+    is_graph_model,
+    is_layer,
+    node_arguments,
+    nodes_in_order,
+    probe_output_shapes,
+    weights_of,
+)
 from keras_fcn_surgery.surgery.cloning import LayerCloner
 from keras_fcn_surgery.surgery.rules import DEFAULT_RULES
 from keras_fcn_surgery.surgery.rules.base import (
@@ -26,7 +36,6 @@ from keras_fcn_surgery.surgery.rules.base import (
     Spatial,
     Step,
     VectorMap,
-    copy_layer,
 )
 
 _FEATURE_LAYERS_TEXT = (
@@ -35,6 +44,8 @@ _FEATURE_LAYERS_TEXT = (
 )
 _MERGE_INTO_MAP = (keras.layers.Multiply, keras.layers.Add, keras.layers.Subtract)
 _GLOBAL_POOLINGS = (keras.layers.GlobalAveragePooling2D, keras.layers.GlobalMaxPooling2D)
+# keras.ops operations that move values between axes: on a feature map they tie it to one size.
+_RESHAPING_OPERATIONS = frozenset({"Reshape", "Transpose", "Swapaxes", "Moveaxis", "Ravel", "Flatten", "Squeeze"})
 
 
 @dataclass
@@ -123,7 +134,23 @@ class Surgeon:
 
     def _plain_copy_step(self, view: NodeView) -> Step:
         _refuse_size_bound_layer(view)
-        return copy_layer(view, SPATIAL)
+        _refuse_fixed_size_at_larger_input(view)
+        cloner = self.context.cloner
+        layer = view.layer
+
+        def build(args, kwargs):
+            try:
+                return tree.flatten(cloner.call(layer, args, kwargs))
+            except ConversionError:
+                raise
+            except Exception as error:
+                raise ConversionError(
+                    f"Layer {describe(layer)} cannot run on a feature map of unknown height and width "
+                    f"({first_line(str(error))}); its code needs one fixed input size. Make its `call` read "
+                    "sizes with `keras.ops.shape(x)` rather than `x.shape`, or keep the model at its size."
+                ) from error
+
+        return Step([SPATIAL] * max(len(view.output_shapes), 1), build, plain_copy=True)
 
     def _nested_step(self, model, nested: GraphPlan) -> Step:
         def build(args, kwargs):
@@ -219,6 +246,19 @@ def _refuse_size_bound_layer(view: NodeView) -> None:
             f"Layer {describe(layer)} reshapes a {in_shape[1:]} feature map to {layer.target_shape}; "
             "that shape only fits one input size. Remove the Reshape or use Flatten before the classifier."
         )
+    if not is_layer(layer) and type(layer).__name__ in _RESHAPING_OPERATIONS and is_map:
+        raise ConversionError(
+            f"Operation {describe(layer)} ({type(layer).__name__.lower()}) rearranges the axes of a {in_shape[1:]} "
+            "feature map; the result fits only this map size. Keep feature maps in one layout, and flatten "
+            "only in the classifier head (a Flatten layer)."
+        )
+    if is_map and _tokens_from_map(in_shape, view.output_shapes):
+        raise ConversionError(
+            f"Layer {describe(layer)} turns the {in_shape[1:]} feature map into a tensor of shape "
+            f"{view.output_shapes[0][1:]} (a sequence of tokens); what follows (a class token, position "
+            "embeddings for a fixed number of tokens, attention over all tokens) is tied to one input size, "
+            "so the model cannot become fully convolutional. Only convolutional bodies can be converted."
+        )
     if isinstance(layer, keras.layers.Permute) and is_map and tuple(layer.dims) != (1, 2, 3):
         raise ConversionError(
             f"Layer {describe(layer)} permutes the axes of a feature map; the converter needs one "
@@ -252,13 +292,63 @@ def _refuse_size_bound_layer(view: NodeView) -> None:
         )
 
 
+def _tokens_from_map(in_shape, output_shapes) -> bool:
+    """Whether a layer turns a map into a sequence of tokens (patches, positions, a class token).
+
+    A rank-3 result that is the map with one axis taken away (a row, a column)
+    is not a sequence of tokens.
+    """
+    kept = [tuple(d for i, d in enumerate(in_shape[1:]) if i != dropped) for dropped in range(3)]
+    return any(len(shape) == 3 and tuple(shape[1:]) not in kept for shape in output_shapes)
+
+
+def _refuse_fixed_size_at_larger_input(view: NodeView) -> None:
+    """Refuse a body layer that cannot take a larger map, or whose map does not grow with its input.
+
+    The layer is asked for its output shapes with every input map twice as high
+    and wide: a layer holding a map-sized constant (a position embedding, a
+    fixed reshape) fails there, one that resizes to a fixed size gives the same
+    map as before.
+    """
+    context = view.context
+    larger, grew = [], False
+    for shape in view.input_shapes:
+        spatial = context.spatial_shape(shape) if len(shape) == 4 else ()
+        if spatial and all(d is not None for d in spatial) and any(d > 1 for d in spatial):
+            doubled = context.layout.batch_shape(shape[0], 2 * spatial[0], 2 * spatial[1], context.channels(shape))
+            larger.append(tuple(doubled))
+            grew = True
+        else:
+            larger.append(tuple(shape))
+    if not grew:
+        return
+    layer = view.layer
+    try:
+        shapes = probe_output_shapes(view.node, larger)
+    except Exception as error:
+        raise ConversionError(
+            f"Layer {describe(layer)} fails on a feature map larger than the one it was built for "
+            f"({first_line(str(error))}): it is tied to one input size (a weight or constant laid out over the "
+            "map, a fixed reshape). Only layers that work at any map size can be made fully convolutional."
+        ) from error
+    for before, after in zip(view.output_shapes, shapes):
+        if len(before) == 4 and len(after) == 4:
+            old, new = context.spatial_shape(before), context.spatial_shape(after)
+            if None not in old and any(d > 1 for d in old) and tuple(old) == tuple(new):
+                raise ConversionError(
+                    f"Layer {describe(layer)} gives a {old[0]}x{old[1]} map whatever the size of its input, "
+                    "so a larger image would not give a larger score map. Remove it from the model "
+                    "(resize outside) to convert."
+                )
+
+
 def _spatial_weight_axes(layer, in_shape, context: Context) -> list[int]:
     """Spatial axes of a rank-4 map along which a layer's weights are laid.
 
     For example BatchNormalization(axis=1) on a channels-last map, or a Dense
     (which reads the last axis) on a channels-first map.
     """
-    if len(in_shape) != 4 or not layer.weights:
+    if len(in_shape) != 4 or not weights_of(layer):
         return []
     if isinstance(layer, keras.layers.Dense):
         axes = [3]

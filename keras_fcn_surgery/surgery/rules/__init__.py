@@ -11,6 +11,7 @@ from keras_fcn_surgery.surgery.rules.flatten_dense import (
     FlattenRule,
 )
 from keras_fcn_surgery.surgery.rules.global_pooling import GlobalPoolingRule
+from keras_fcn_surgery.surgery.rules.operations import OperationRule
 from keras_fcn_surgery.surgery.rules.vector_layers import (
     ChannelAxisRule,
     DenseOnVectorMapRule,
@@ -31,6 +32,7 @@ DEFAULT_RULES: tuple[Rule, ...] = (
     MergeRule(),
     ReshapeRule(),
     UnitMapConvRule(),
+    OperationRule(),
 )
 
 __all__ = ["DEFAULT_RULES", "Context", "NodeView", "Rewrite", "Rule", "Step"]
