@@ -15,6 +15,11 @@ time per megapixel against the 2048 whole-image pass of part 1 (target:
 within 10%) and peak resident growth (target <= 1.5 GiB). About 10 minutes on 2
 cores; run it in the background.
 
+Run it with TensorFlow's default oneDNN setting for the machine: with
+``TF_ENABLE_ONEDNN_OPTS=1`` forced on an AVX2 CPU, a single 348 x 348 x 128
+tile through VGG16's block 3 ran for over 25 minutes (batches of two took 9 s),
+a oneDNN pathology seen on 2026-11-22.
+
 Run::
 
     python benchmarks/staged_tiling.py [--quick] [--large] [--rounds 2]
@@ -34,7 +39,6 @@ import tempfile
 import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
