@@ -501,7 +501,13 @@ class _ProbedLayer:
         first = outputs[0]
         if len(first) != 4:
             return 1
-        return int(first[self.layout.spatial_axes[self.axis]])
+        length = first[self.layout.spatial_axes[self.axis]]
+        if length is None:
+            raise ConversionError(
+                f"The output size of {describe(self.node.operation)} cannot be derived from its input size "
+                "(Keras reports it as unknown), so neither can the network's geometry."
+            )
+        return int(length)
 
 
 def _aligned(states) -> bool:
