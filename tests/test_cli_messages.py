@@ -107,3 +107,36 @@ def test_unknown_input_size_without_the_flag_is_a_usage_error(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "original size is unknown" in err and "--input-size HxW" in err and "input_size=" not in err
     assert sorted(os.listdir(tmp_path)) == ["any_size.keras"]
+
+
+@pytest.fixture
+def flatten_model_file(tmp_path):
+    path = tmp_path / "classifier.keras"
+    small_flatten_cnn().save(path)
+    return path
+
+
+def _png(path, size):
+    import numpy as np
+    from PIL import Image
+
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (*size, 3), dtype=np.uint8)).save(path)
+    return path
+
+
+def test_heatmap_of_an_image_smaller_than_the_network_is_an_input_error(flatten_model_file, tmp_path, capsys):
+    image = _png(tmp_path / "small.png", (16, 16))
+    output = tmp_path / "map.png"
+    assert main(["heatmap", str(flatten_model_file), str(image), "--class", "1", "-o", str(output)]) == EXIT_USAGE
+    assert "smaller than the network's minimum input of 32x32" in capsys.readouterr().err
+    assert not output.exists()
+
+
+def test_heatmap_tile_below_the_minimum_is_an_input_error(flatten_model_file, tmp_path, capsys):
+    image = _png(tmp_path / "large.png", (96, 96))
+    output = tmp_path / "map.png"
+    argv = ["heatmap", str(flatten_model_file), str(image), "--class", "1", "-o", str(output), "--tile", "8"]
+    assert main(argv) == EXIT_USAGE
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "Use tiles of at least" in err
+    assert not output.exists()

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from keras_fcn_surgery.errors import ConversionError
+from keras_fcn_surgery.errors import ConversionError, InputError
 
 
 @dataclass(frozen=True)
@@ -55,7 +55,7 @@ def tile_length(requested: int, length: int, stride: int) -> int:
         ConversionError: for a non-positive request or stride.
     """
     if requested < 1 or stride < 1:
-        raise ConversionError(f"Expected a positive tile size and stride. Received: tile={requested}, stride={stride}")
+        raise InputError(f"Expected a positive tile size and stride. Received: tile={requested}, stride={stride}")
     rounded = -(-requested // stride) * stride + length % stride
     return min(rounded, length)
 
@@ -125,7 +125,7 @@ def plan_axis(length: int, tile: int, stride: int, cells: int, margin_before: in
     step = cells - margin_before - margin_after
     if step < 1:
         needed = tile + stride * (1 - step)
-        raise ConversionError(
+        raise InputError(
             f"A tile of {tile} pixels gives {cells} output cells, but {margin_before} + {margin_after} of them "
             f"see past the tile's edges: no cell of an inner tile would be exact. Use tiles of at least {needed} "
             "pixels (more keep more of each tile)."

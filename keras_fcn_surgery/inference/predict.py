@@ -6,7 +6,7 @@ import itertools
 
 import numpy as np
 
-from keras_fcn_surgery.errors import ConversionError
+from keras_fcn_surgery.errors import ConversionError, InputError
 from keras_fcn_surgery.graph import model_layout
 from keras_fcn_surgery.grid import tiling
 from keras_fcn_surgery.grid.geometry import geometry
@@ -182,7 +182,7 @@ def predict_maps(
     """
     spec, classes = runner.check_fcn(fcn)
     if batch_size is not None and batch_size < 1:
-        raise ConversionError(f"Expected `batch_size` >= 1. Received: batch_size={batch_size}")
+        raise InputError(f"Expected `batch_size` >= 1. Received: batch_size={batch_size}")
     images = [runner.with_channel_axis(image, spec) for image in images]
     sizes = [runner.image_size_of(image, spec) for image in images]
     results: list = [None] * len(images)
@@ -263,7 +263,7 @@ def sliding_window_predict(
             "classifier that returns one vector of scores per image."
         )
     if batch_size < 1:
-        raise ConversionError(f"Expected `batch_size` >= 1. Received: batch_size={batch_size}")
+        raise InputError(f"Expected `batch_size` >= 1. Received: batch_size={batch_size}")
     image = runner.with_channel_axis(image, spec)
     size = runner.image_size_of(image, spec)
     strides = runner.pair(stride, "stride")

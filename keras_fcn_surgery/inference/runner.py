@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import keras
 import numpy as np
 
-from keras_fcn_surgery.errors import ConversionError
+from keras_fcn_surgery.errors import ConversionError, InputError
 from keras_fcn_surgery.graph import iter_layers, model_layout
 from keras_fcn_surgery.grid import tiling
 from keras_fcn_surgery.grid.geometry import Geometry
@@ -75,13 +75,13 @@ def image_size_of(image, spec: ImageSpec) -> tuple[int, int]:
     shape = tuple(getattr(image, "shape", ()))
     expected = "(H, W, C)" if spec.layout.channels_last else "(C, H, W)"
     if len(shape) != 3:
-        raise ConversionError(
+        raise InputError(
             f"Expected one image shaped {expected} with C = {spec.channels} (an array or an array-like with "
             f"`shape` and slicing). Received shape {shape}; for a batch, call once per image."
         )
     channels = spec.layout.image_channels(shape)
     if channels != spec.channels:
-        raise ConversionError(
+        raise InputError(
             f"The model takes {spec.channels} channels ({spec.layout.data_format}, {expected}); the image of shape "
             f"{shape} has {channels}."
         )
@@ -93,7 +93,7 @@ def check_image_size(size, grid: Geometry) -> None:
     minimum = grid.min_input_size
     if size[0] < minimum[0] or size[1] < minimum[1]:
         field = grid.receptive_field
-        raise ConversionError(
+        raise InputError(
             f"An image of {size[0]}x{size[1]} pixels is smaller than the network's minimum input of "
             f"{minimum[0]}x{minimum[1]} (receptive field {field[0]}x{field[1]}): its score map would be empty. "
             "Pad or enlarge the image."
@@ -105,7 +105,7 @@ def output_array(out, shape, fcn):
         return np.empty(shape, dtype=output_dtype(fcn))
     given = tuple(getattr(out, "shape", ()))
     if given != shape:
-        raise ConversionError(
+        raise InputError(
             f"`out` has shape {given}, but the map of this image has shape {shape}. Allocate it with that shape "
             "(`geometry(fcn).output_size((H, W))` gives the map's height and width)."
         )
@@ -129,7 +129,7 @@ def plan_tiles(size, grid: Geometry, tile) -> list[list[tiling.AxisTile]]:
     minimum = grid.min_input_size
     for name, side, low in zip(("height", "width"), sides, minimum):
         if side < low:
-            raise ConversionError(
+            raise InputError(
                 f"A tile {name} of {side} pixels is smaller than the network's minimum input of {low}. "
                 f"Use tiles of at least {low}."
             )
@@ -150,7 +150,7 @@ def plan_tiles(size, grid: Geometry, tile) -> list[list[tiling.AxisTile]]:
 def pair(value, name: str) -> tuple[int, int]:
     values = (value, value) if np.isscalar(value) else tuple(value)
     if len(values) != 2 or any(int(v) != v or v < 1 for v in values):
-        raise ConversionError(f"Expected `{name}` to be a positive integer or a pair of them. Received: {value!r}")
+        raise InputError(f"Expected `{name}` to be a positive integer or a pair of them. Received: {value!r}")
     return (int(values[0]), int(values[1]))
 
 

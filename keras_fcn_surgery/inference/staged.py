@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 import keras
 import numpy as np
 
-from keras_fcn_surgery.errors import ConversionError
+from keras_fcn_surgery.errors import ConversionError, InputError
 from keras_fcn_surgery.graph import (
     describe,
     flat_nodes,
@@ -213,11 +213,11 @@ def plan_prediction(
     size = tuple(int(d) for d in image_size)
     budget = DEFAULT_MEMORY_BUDGET if memory_budget is None else int(memory_budget)
     if batch_size is not None and batch_size < 1:
-        raise ConversionError(f"Expected `batch_size` >= 1. Received: batch_size={batch_size}")
+        raise InputError(f"Expected `batch_size` >= 1. Received: batch_size={batch_size}")
     if budget < 0:
-        raise ConversionError(f"Expected `memory_budget` >= 0 bytes. Received: memory_budget={memory_budget}")
+        raise InputError(f"Expected `memory_budget` >= 0 bytes. Received: memory_budget={memory_budget}")
     if staged not in (None, True, False):
-        raise ConversionError(f"Expected `staged` to be None, True or False. Received: staged={staged!r}")
+        raise InputError(f"Expected `staged` to be None, True or False. Received: staged={staged!r}")
     key = (size, None if tile is None else runner.pair(tile, "tile"), staged, batch_size, budget)
     per_model = _PLAN_CACHE.setdefault(fcn, {})
     if key not in per_model:
