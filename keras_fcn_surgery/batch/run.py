@@ -9,7 +9,6 @@ read or computed is recorded as failed, by name, and the others go on.
 from __future__ import annotations
 
 import os
-import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -399,22 +398,7 @@ def _check_class_names(fcn, class_names) -> None:
         raise ModelFileError(f"{len(class_names)} class names were given; the model has {classes} classes.")
 
 
-class _NoBar:
-    def __enter__(self):
-        return self
+def _bar(total: int, progress: bool | None, unit: str = "images"):
+    from keras_fcn_surgery.inference.runner import progress_bar
 
-    def __exit__(self, *exc):
-        return False
-
-    def update(self, n: int = 1) -> None:
-        pass
-
-
-def _bar(total: int, progress: bool | None, unit: str = "image"):
-    if progress is None:
-        progress = total > 1 and sys.stderr.isatty()
-    if not progress:
-        return _NoBar()
-    from tqdm import tqdm
-
-    return tqdm(total=total, unit=unit, leave=False)
+    return progress_bar(total, progress, unit)
