@@ -80,6 +80,7 @@ def test_sigterm_while_checking_a_written_savedmodel_leaves_nothing(tmp_path, mo
     assert not export_dir.exists()  # the folder this export created goes too
 
 
+@pytest.mark.heavy  # a slow export in a subprocess; the default run covers the same path for SavedModel
 def test_sigint_during_an_onnx_export_leaves_an_existing_file_untouched(tmp_path, model_file):
     pytest.importorskip("tf2onnx")
     target = tmp_path / "fcn.onnx"

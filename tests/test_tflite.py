@@ -93,6 +93,7 @@ def test_savedmodel_converts_with_tflite_converter_for_its_tensor_signatures(tmp
         np.testing.assert_allclose(by_pixels, want, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.heavy  # the library tests cover the export; this adds the CLI's flag handling
 def test_cli_writes_tflite_and_refuses_options_of_other_formats(tmp_path, capsys):
     model_file = tmp_path / "small.keras"
     small_flatten_cnn().save(model_file)
