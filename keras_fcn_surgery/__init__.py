@@ -44,7 +44,7 @@ _PUBLIC = {
     "export_tflite": "export.tflite",
     "log_graphs": "export.tensorboard",
     "VerificationResult": "surgery.verify",
-    "verify": "surgery.verify",
+    "verify": "surgery.convert",
     "segmenter": "segmentation.segmenter",
     "segmentation_loss": "segmentation.losses",
     "segment_image": "segmentation.predict",
@@ -137,7 +137,7 @@ if TYPE_CHECKING:
     from keras_fcn_surgery.segmentation.losses import segmentation_loss
     from keras_fcn_surgery.segmentation.predict import segment_image
     from keras_fcn_surgery.segmentation.segmenter import segmenter
-    from keras_fcn_surgery.surgery.convert import HEADS, convert, plan
+    from keras_fcn_surgery.surgery.convert import HEADS, convert, plan, verify
     from keras_fcn_surgery.surgery.plan import ConversionPlan
     from keras_fcn_surgery.surgery.rules.base import RewriteKind
-    from keras_fcn_surgery.surgery.verify import VerificationResult, verify
+    from keras_fcn_surgery.surgery.verify import VerificationResult

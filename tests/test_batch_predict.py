@@ -231,7 +231,7 @@ def test_channels_first_model_with_a_mask(tmp_path):
 def test_sigterm_during_the_command_leaves_no_partial_output(mixed_folder, model_file, tmp_path, monkeypatch, capsys):
     import signal
 
-    from keras_fcn_surgery.batch import run as batch_run
+    from keras_fcn_surgery.batch import job as batch_job
 
     calls = []
 
@@ -244,7 +244,7 @@ def test_sigterm_during_the_command_leaves_no_partial_output(mixed_folder, model
 
         return hook
 
-    monkeypatch.setattr(batch_run, "preprocess_fn", terminate_on_second_image)
+    monkeypatch.setattr(batch_job, "preprocess_fn", terminate_on_second_image)
     out = tmp_path / "maps"
     before = signal.getsignal(signal.SIGTERM)
     code = cli.main(["predict", model_file, str(mixed_folder), "--out", str(out), "--format", "npz,zarr,csv"])

@@ -14,7 +14,7 @@ import shutil
 import tempfile
 import time
 
-from keras_fcn_surgery.batch.run import BatchOptions, InputResult, predict_source
+from keras_fcn_surgery.batch.job import BatchOptions, InputResult, predict_source
 from keras_fcn_surgery.batch.sources import Source
 from keras_fcn_surgery.errors import ModelFileError
 

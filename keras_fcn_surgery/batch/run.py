@@ -10,63 +10,17 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-import numpy as np
-
 from keras_fcn_surgery.batch import writers
-from keras_fcn_surgery.batch.cells import plan_tiles
-from keras_fcn_surgery.batch.masks import cell_mask, read_mask, thumbnail, tissue_mask
-from keras_fcn_surgery.batch.readers import LevelArray, choose_level, open_reader
-from keras_fcn_surgery.batch.sources import IMAGE_SUFFIXES, Source, find_sources
-from keras_fcn_surgery.errors import ConversionError, ModelFileError, first_line
+from keras_fcn_surgery.batch.job import BatchOptions, InputResult, predict_source
+from keras_fcn_surgery.batch.sources import find_sources
+from keras_fcn_surgery.errors import ModelFileError
+from keras_fcn_surgery.inference.runner import progress_bar
+from keras_fcn_surgery.options import PREPROCESS_MODES
 
-# Images with a side longer than this are tiled when no tile is given (memory stays bounded).
-LARGE_SIDE = 2048
-# The tile side used then, and for skipping masked-out regions.
-DEFAULT_TILE = 1024
-PREPROCESS_MODES = ("none", "caffe", "tf", "torch")
 ENGINES = ("local", "ray")
-
-
-@dataclass(frozen=True)
-class BatchOptions:
-    """How each input is computed and written (see `predict_images` for the meaning of each)."""
-
-    formats: tuple[str, ...] = ("npz",)
-    tile: int | tuple[int, int] | None = None
-    batch_size: int | None = None
-    preprocess: str | Callable | None = None
-    level: int | None = None
-    mpp: float | None = None
-    mask: str | None = None
-    overwrite: bool = False
-    class_names: tuple[str, ...] | None = None
-    progress: bool | None = None
-
-
-@dataclass(frozen=True)
-class InputResult:
-    """What happened to one input.
-
-    Attributes:
-        source: the input file.
-        status: ``"done"``, ``"skipped"`` (its outputs existed) or ``"failed"``.
-        outputs: the files written (or found, when skipped).
-        message: why it failed.
-        megapixels: pixels of the level the map was computed on, in millions.
-        computed_fraction: the fraction of the image's tiles computed.
-        seconds: time spent on it.
-    """
-
-    source: str
-    status: str
-    outputs: tuple[str, ...] = ()
-    message: str = ""
-    megapixels: float = 0.0
-    computed_fraction: float = 0.0
-    seconds: float = 0.0
 
 
 @dataclass
@@ -202,7 +156,7 @@ def predict_images(
         results = run_on_ray(fcn, sources, out_dir, options, address=ray_address, workers=workers)
     else:
         results = []
-        with _bar(len(sources), progress) as bar:
+        with progress_bar(len(sources), progress, "images") as bar:
             for source in sources:
                 results.append(predict_source(fcn, source, out_dir, options))
                 bar.update(1)
@@ -219,154 +173,6 @@ def prepare_model(model, *, head: str = "window", input_size=None):
     if is_fully_convolutional(model):
         return model
     return convert(model, head=head, input_size=input_size)
-
-
-def predict_source(fcn, source: Source, out_dir: str, options: BatchOptions) -> InputResult:
-    """Compute and write the outputs of one input; never raises for a bad input (the result says why)."""
-    start = time.perf_counter()
-    paths = writers.output_paths(out_dir, source.name, options.formats)
-    missing = paths if options.overwrite else {f: p for f, p in paths.items() if not os.path.exists(p)}
-    if not missing:
-        return InputResult(source.path, "skipped", tuple(paths.values()))
-    try:
-        megapixels, fraction = _compute_and_write(fcn, source, missing, options)
-    except (ConversionError, OSError) as error:
-        return _failed(source, str(error), start)
-    except Exception as error:  # a decoder's or the network's error on this input must not stop the others
-        return _failed(source, f"{type(error).__name__}: {first_line(str(error))}", start)
-    return InputResult(
-        source.path, "done", tuple(paths.values()), "", megapixels, fraction, time.perf_counter() - start
-    )
-
-
-def _failed(source: Source, message: str, start: float) -> InputResult:
-    if source.path not in message:
-        message = f"'{source.path}': {message}"
-    return InputResult(source.path, "failed", message=message, seconds=time.perf_counter() - start)
-
-
-def _compute_and_write(fcn, source: Source, paths: dict[str, str], options: BatchOptions) -> tuple[float, float]:
-    import keras_fcn_surgery as kfs
-    from keras_fcn_surgery.graph import model_layout
-
-    layout = model_layout(fcn)
-    channels = int(layout.channels(fcn.inputs[0].shape))
-    classes = int(layout.channels(fcn.outputs[0].shape))
-    with open_reader(source.path) as reader:
-        level = choose_level(reader, level=options.level, mpp=options.mpp)
-        size = reader.levels[level].size
-        view = LevelArray(reader, level, channels, layout)
-        grid = kfs.geometry(fcn).at(size)
-        map_size = grid.output_size(size)
-        kept = _kept_cells(reader, source, options.mask, size, grid, map_size)
-        with writers.staged_outputs(paths, overwrite=options.overwrite) as temporary:
-            shape = (map_size[0], map_size[1], classes)
-            if "zarr" in temporary:
-                scores = writers.create_zarr_scores(temporary["zarr"], shape)
-            else:
-                scores = np.full(shape, np.nan, dtype=np.float32)
-            fraction = _compute(fcn, view, layout, grid, size, kept, scores, options)
-            info = writers.MapInfo(
-                source=source.path,
-                level=level,
-                downsample=reader.levels[level].downsample,
-                level_size=size,
-                stride=grid.stride,
-                offset=grid.offset,
-                receptive_field=grid.receptive_field,
-                computed_fraction=fraction,
-            )
-            if "zarr" in temporary:
-                writers.finish_zarr(temporary["zarr"], info)
-            if "npz" in temporary:
-                writers.write_npz(temporary["npz"], scores, info)
-            if "geojson" in temporary:
-                writers.write_geojson(temporary["geojson"], scores, info, options.class_names)
-            if "csv" in temporary:
-                writers.write_csv(temporary["csv"], scores, info, options.class_names)
-    return size[0] * size[1] / 1e6, fraction
-
-
-def _compute(fcn, view, layout, grid, size, kept, scores, options: BatchOptions) -> float:
-    """Fill ``scores`` (channels-last, NaN-filled) and return the fraction of the tiles computed."""
-    import keras_fcn_surgery as kfs
-
-    preprocess = preprocess_fn(options.preprocess, layout)
-    tile = options.tile
-    if tile is None and max(size) > LARGE_SIDE and not grid.global_context:  # such networks cannot be tiled
-        tile = DEFAULT_TILE
-    if kept is None or grid.global_context:
-        if layout.channels_last:
-            kfs.predict_map(
-                fcn,
-                view,
-                tile=tile,
-                out=scores,
-                batch_size=options.batch_size,
-                preprocess=preprocess,
-                progress=options.progress,
-            )
-        else:
-            whole = kfs.predict_map(
-                fcn, view, tile=tile, batch_size=options.batch_size, preprocess=preprocess, progress=options.progress
-            )
-            scores[:] = layout.image_to_channels_last(whole)
-        if kept is not None:  # a network with global context: nothing to skip, but the mask still applies
-            _apply_mask(scores, kept)
-        return 1.0
-    tiles = plan_tiles(size, grid, tile or DEFAULT_TILE)
-    computed = 0
-    with _bar(len(tiles), options.progress, unit="tile") as bar:
-        for rows, cols in tiles:
-            out_rows, out_cols = slice(rows.out_start, rows.out_stop), slice(cols.out_start, cols.out_stop)
-            keep = kept[out_rows, out_cols]
-            bar.update(1)
-            if not keep.any():
-                continue
-            computed += 1
-            pixels = view[layout.image_index(slice(rows.start, rows.stop), slice(cols.start, cols.stop))]
-            cell_map = kfs.predict_map(fcn, pixels, preprocess=preprocess, batch_size=1, progress=False)
-            cell_map = layout.image_to_channels_last(cell_map)[
-                rows.keep_start : rows.keep_stop, cols.keep_start : cols.keep_stop
-            ]
-            scores[out_rows, out_cols] = np.where(keep[..., None], cell_map, np.float32(np.nan))
-    return computed / len(tiles)
-
-
-def _apply_mask(scores, kept) -> None:
-    for first in range(0, scores.shape[0], 256):
-        band = np.asarray(scores[first : first + 256])
-        band[~kept[first : first + 256]] = np.nan
-        scores[first : first + 256] = band
-
-
-def _kept_cells(reader, source: Source, mask, size, grid, map_size):
-    if mask is None:
-        return None
-    if mask == "auto":
-        picture = tissue_mask(thumbnail(reader))
-    elif os.path.isdir(mask):
-        picture = read_mask(_mask_file_for(mask, source))
-    else:
-        picture = read_mask(mask)
-    return cell_mask(picture, size, grid, map_size)
-
-
-def _mask_file_for(folder: str, source: Source) -> str:
-    stem = os.path.basename(source.name)
-    for suffix in IMAGE_SUFFIXES:
-        for candidate in (stem + suffix, stem + suffix.upper()):
-            path = os.path.join(folder, candidate)
-            if os.path.isfile(path):
-                return path
-    raise ModelFileError(f"Mask folder '{folder}' has no mask image named '{stem}' (.png, .tif...).")
-
-
-def preprocess_fn(preprocess, layout):
-    """The function applied to each tile: None, a keras.applications mode's ``preprocess_input``, or ``preprocess``."""
-    from keras_fcn_surgery.export.preprocessing import pixel_function
-
-    return pixel_function(preprocess, layout.data_format)
 
 
 def _check_preprocess(preprocess):
@@ -396,9 +202,3 @@ def _check_class_names(fcn, class_names) -> None:
     classes = int(model_layout(fcn).channels(fcn.outputs[0].shape))
     if len(class_names) != classes:
         raise ModelFileError(f"{len(class_names)} class names were given; the model has {classes} classes.")
-
-
-def _bar(total: int, progress: bool | None, unit: str = "images"):
-    from keras_fcn_surgery.inference.runner import progress_bar
-
-    return progress_bar(total, progress, unit)

@@ -273,6 +273,72 @@ class Conversion:
             )
 
 
+def verify(
+    source,
+    fcn,
+    *,
+    head: str = "window",
+    inputs=None,
+    input_size=None,
+    batch_size: int = 2,
+    seed: int = 0,
+    tolerance=None,
+) -> VerificationResult:
+    """Run a classifier and its FCN on the same batch at the original size and compare.
+
+    Where the source ends in a softmax or sigmoid (a Dense or Activation with
+    that activation, or a Softmax layer), the logits before it are compared:
+    the activation would hide differences (a softmax ignores a shift of every
+    logit). ``result.compared`` says which tensors were compared.
+
+    Args:
+        source: the classifier.
+        fcn: what `convert` returned for it.
+        head: the ``head`` it was converted with. A ``head="dense"`` FCN of a
+            global-pooling classifier gives a map at the original size; it
+            differs from the ``head="window"`` conversion only by the removed
+            pooling (every other layer and weight comes from the same rules),
+            so that conversion is the one compared.
+        inputs: the batch to compare on, ``(N, H, W, C)`` at the original
+            size (a list of batches for several inputs); default: random
+            numbers. Real images make the check meaningful for any network.
+        input_size: ``(H, W)`` the classifier was trained at, when its input
+            takes any size.
+        batch_size: images in the random batch (more than one catches batch
+            mixing).
+        seed: seed of the random batch.
+        tolerance: allowed ``max_rel_diff``; default from the compute dtype.
+
+    Returns:
+        A `VerificationResult`; ``result.passed`` tells whether they agree.
+        NaN (or the same infinity) in both models at the same place counts
+        as equal; a source whose outputs are all NaN or Inf cannot be
+        verified (``passed`` is False: nothing was compared).
+
+    Raises:
+        ConversionError: when ``fcn`` takes another number of channels than
+            ``source``, its output does not reduce to the source's at the
+            original size, or ``inputs`` do not fit the source.
+        VerificationError: when ``fcn`` fails to run where ``source`` runs.
+
+    Warns:
+        UninformativeVerificationWarning: when the source's scores hardly
+            vary across the batch, so the check proves little.
+    """
+    reference = fcn
+    if head == "dense":
+        reference = Conversion.of(source, head="dense", input_size=input_size, warn=False).reference(fcn)
+    elif head != "window":
+        raise ConversionError(f"Expected `head` to be 'window' or 'dense'. Received: head={head!r}")
+    if inputs is None:
+        inputs = random_inputs(source, input_size=input_size, batch_size=batch_size, seed=seed)
+    else:
+        inputs = check_inputs(source, inputs, input_size=input_size, argument="inputs")
+    result = compare_models(source, reference, inputs, tolerance=tolerance)
+    warn_if_uninformative(source, result, stacklevel=2)
+    return result
+
+
 def nonfinite_weights(model) -> dict[str, list[str]]:
     """The weights holding NaN or Inf, by layer: ``{"'fc1' (Dense)": ["kernel"], ...}``, nested layers included."""
     found: dict[str, list[str]] = {}
