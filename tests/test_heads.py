@@ -112,3 +112,34 @@ def test_dense_head_converts_with_verification(pooling):
     assert verify_conversion(source, dense, head="dense").passed
     with pytest.raises(kfs.ConversionError, match="head='dense'"):
         kfs.verify(source, dense)
+
+
+def test_bfloat16_window_pooling_stays_within_tolerance():
+    # Found by the fuzz campaign: a bfloat16 AveragePooling2D over the whole 21x19 map drifted past the
+    # tolerance once LayerNormalization amplified it; the window pooling now computes in float32.
+    keras.config.set_dtype_policy("mixed_bfloat16")
+    try:
+        inner = keras.Sequential(
+            [
+                keras.Input((22, 21, 4)),
+                layers.Cropping2D(((1, 0), (2, 0))),
+                layers.GlobalAveragePooling2D(name="pool"),
+                layers.Dense(5, activation="relu", use_bias=False),
+                layers.LayerNormalization(),
+                layers.Dense(3, use_bias=False),
+                layers.LayerNormalization(),
+                layers.Dense(3, use_bias=False),
+            ]
+        )
+    finally:
+        keras.config.set_dtype_policy("float32")
+    model = keras.Sequential([keras.Input((22, 21, 4)), inner])
+    rng = np.random.default_rng(65536)
+    for variable in model.weights:
+        if variable.name in ("beta", "gamma"):
+            variable.assign(rng.normal(1.0 if variable.name == "gamma" else 0.0, 0.3, variable.shape))
+    for head in kfs.HEADS:
+        fcn = kfs.convert(model, head=head)
+        assert kfs.verify(model, fcn, head=head).passed
+    pooling = kfs.convert(model, verify=False).get_layer(inner.name).get_layer("pool")
+    assert pooling.compute_dtype == "float32"
