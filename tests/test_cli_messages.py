@@ -140,3 +140,30 @@ def test_heatmap_tile_below_the_minimum_is_an_input_error(flatten_model_file, tm
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "Use tiles of at least" in err
     assert not output.exists()
+
+
+def test_channels_first_without_onednn_is_one_clean_line(tmp_path):
+    # With oneDNN off, TensorFlow's CPU Conv2D has no channels-first kernel: the source itself cannot run.
+    import keras
+    from keras import layers
+
+    model = keras.Sequential(
+        [keras.Input((3, 16, 16)), layers.Conv2D(4, 3, data_format="channels_first"), layers.Flatten(), layers.Dense(2)]
+    )
+    source = tmp_path / "nchw.keras"
+    model.save(source)
+    env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
+    env["TF_ENABLE_ONEDNN_OPTS"] = "0"
+    code = "import sys; from keras_fcn_surgery.cli import main; sys.exit(main(sys.argv[1:]))"
+    result = subprocess.run(
+        [sys.executable, "-c", code, "convert", str(source), str(tmp_path / "fcn.keras")],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+        cwd=REPO,
+    )
+    assert result.returncode == 1, result.stderr
+    assert result.stderr.count("\n") == 1 and result.stderr.startswith("error: "), result.stderr
+    assert "TF_ENABLE_ONEDNN_OPTS=1" in result.stderr and "--no-verify" in result.stderr
+    assert sorted(os.listdir(tmp_path)) == ["nchw.keras"]

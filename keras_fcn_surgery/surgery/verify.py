@@ -165,6 +165,14 @@ def check_inputs(model, inputs, *, input_size=None, argument: str = "verify_inpu
     return checked
 
 
+_NO_KERNEL_ADVICE = (
+    "If an operation has no kernel on this device (TensorFlow's CPU runs channels-first convolutions only "
+    "with oneDNN, which it turns on by default only on AVX-512 processors: set TF_ENABLE_ONEDNN_OPTS=1 "
+    "before TensorFlow starts; it has no float16 channels-first Conv2D at all), verify on a device that has "
+    "it, or pass `verify=False`."
+)
+
+
 def compare_models(source, fcn, inputs: list[np.ndarray], *, tolerance=None) -> VerificationResult:
     """Run ``source`` and ``fcn`` on ``inputs`` and compare their logits, or else their outputs.
 
@@ -177,17 +185,22 @@ def compare_models(source, fcn, inputs: list[np.ndarray], *, tolerance=None) -> 
         compared = "logits of " + ", ".join(f"'{layer.name}'" for _, layer, _ in source_taps)
     else:
         source_taps = fcn_taps = None
-    with _scores_before_activation(source, source_taps) as source_scores:
-        expected = _as_list(source_scores(_single(inputs), training=False))
+    try:
+        with _scores_before_activation(source, source_taps) as source_scores:
+            expected = _as_list(source_scores(_single(inputs), training=False))
+    except Exception as error:
+        raise VerificationError(
+            f"The source model '{source.name}' itself fails on the check batch {tuple(inputs[0].shape)}: "
+            f"{type(error).__name__}: {first_line(str(error))} {_NO_KERNEL_ADVICE}"
+        ) from error
     try:
         with _scores_before_activation(fcn, fcn_taps) as fcn_scores:
             actual = _as_list(fcn_scores(_single(inputs), training=False))
     except Exception as error:
         raise VerificationError(
             f"The converted model '{fcn.name}' fails on the batch {tuple(inputs[0].shape)} that its source "
-            f"'{source.name}' runs: {type(error).__name__}: {first_line(str(error))} "
-            "If an operation has no kernel on this device (TensorFlow's CPU has no float16 channels-first "
-            "Conv2D), verify on a device that has it, or pass `verify=False`; otherwise please report the model."
+            f"'{source.name}' runs: {type(error).__name__}: {first_line(str(error))} {_NO_KERNEL_ADVICE} "
+            "Otherwise please report the model."
         ) from error
     if len(expected) != len(actual):
         raise ConversionError(f"Model '{source.name}' has {len(expected)} outputs but its FCN has {len(actual)}.")
