@@ -156,15 +156,10 @@ def prepare_fcn(model, *, convert: bool = True, head: str = "window", input_size
         ExportError: for a model with several inputs or outputs, or a
             classifier with ``convert=False``.
     """
-    from keras_fcn_surgery.saving.loading import load_model
+    from keras_fcn_surgery.saving.loading import as_model
     from keras_fcn_surgery.surgery.convert import convert as convert_model
 
-    if isinstance(model, (str, os.PathLike)):
-        model = load_model(model, custom_objects=custom_objects)
-    if not isinstance(model, keras.Model):
-        raise ExportError(
-            f"Expected a `keras.Model` or a path to a `.keras`/`.h5` file. Received: {type(model).__name__}"
-        )
+    model = as_model(model, custom_objects, error_class=ExportError)
     if len(model.inputs) != 1 or len(model.outputs) != 1:
         raise ExportError(
             f"Model '{model.name}' has {len(model.inputs)} inputs and {len(model.outputs)} outputs; a serving "

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import functools
 import math
-import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -154,16 +153,10 @@ class _ScoreMap:
 
 
 def _as_fcn(model, head: str, custom_objects) -> keras.Model:
+    from keras_fcn_surgery.saving.loading import as_model
     from keras_fcn_surgery.surgery.convert import convert
 
-    if isinstance(model, (str, os.PathLike)):
-        from keras_fcn_surgery.saving.loading import load_model
-
-        model = load_model(model, custom_objects=custom_objects)
-    if not isinstance(model, keras.Model):
-        raise ConversionError(
-            f"Expected a `keras.Model` or a path to a `.keras`/`.h5` file. Received: {type(model).__name__}"
-        )
+    model = as_model(model, custom_objects, error_class=ConversionError)
     if len(model.inputs) != 1 or len(model.outputs) != 1:
         raise ConversionError(
             f"Model '{model.name}' has {len(model.inputs)} inputs and {len(model.outputs)} outputs; "
