@@ -174,3 +174,28 @@ def test_atomic_output_removes_its_temporary_on_keyboard_interrupt(tmp_path):
         assert os.path.basename(os.path.dirname(temporary)).startswith(f".out.keras.partial-{os.getpid()}-")
         raise KeyboardInterrupt
     assert os.listdir(tmp_path) == []
+
+
+def test_removing_a_temporary_outlasts_a_writer_that_is_still_adding_files(tmp_path):
+    """An interrupted zarr write can still land from its I/O thread: the folder must end up gone all the same."""
+    import threading
+
+    folder = tmp_path / ".partial-writer"
+    folder.mkdir()
+    stop = time.monotonic() + 0.5
+
+    def keep_writing():
+        count = 0
+        while time.monotonic() < stop:
+            # Like zarr's local store: recreate the parent folders, then write a chunk.
+            (folder / "scores" / "c").mkdir(parents=True, exist_ok=True)
+            (folder / "scores" / "c" / str(count)).write_bytes(b"x" * 64)
+            count += 1
+
+    writer = threading.Thread(target=keep_writing)
+    writer.start()
+    time.sleep(0.05)
+    atomic.remove_tree(folder, settle=0.2)
+    gone = not folder.exists()  # a single shutil.rmtree leaves it (the writer recreates it at once)
+    writer.join()
+    assert gone

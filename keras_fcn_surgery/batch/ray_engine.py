@@ -17,6 +17,7 @@ import time
 from keras_fcn_surgery.batch.job import BatchOptions, InputResult, predict_source
 from keras_fcn_surgery.batch.sources import Source
 from keras_fcn_surgery.errors import ModelFileError
+from keras_fcn_surgery.saving.atomic import remove_tree
 
 RAY_EXTRA = "pip install 'keras-fcn-surgery[ray]'"
 _RESULT_FIELDS = ("path", "status", "outputs", "message", "megapixels", "computed_fraction", "seconds")
@@ -143,7 +144,7 @@ def _remove_partial_outputs(out_dir: str, since: float) -> None:
         for name in list(subfolders):
             path = os.path.join(folder, name)
             if name.startswith(".partial-") and os.path.getmtime(path) >= since - 1:
-                shutil.rmtree(path, ignore_errors=True)
+                remove_tree(path)
                 subfolders.remove(name)
 
 

@@ -11,7 +11,6 @@ import contextlib
 import csv
 import json
 import os
-import shutil
 import tempfile
 from dataclasses import asdict, dataclass
 
@@ -19,6 +18,7 @@ import numpy as np
 
 from keras_fcn_surgery.batch.cells import cell_edges
 from keras_fcn_surgery.errors import ModelFileError
+from keras_fcn_surgery.saving.atomic import make_temporary_dir, remove_stale_temporaries, remove_tree
 
 FORMATS = ("npz", "zarr", "geojson", "csv")
 SUFFIXES = {"npz": ".npz", "zarr": ".zarr", "geojson": ".geojson", "csv": ".csv"}
@@ -82,14 +82,18 @@ def staged_outputs(paths: dict[str, str], *, overwrite: bool):
         if os.path.exists(path) and not overwrite:
             raise ModelFileError(f"Output '{path}' exists; pass overwrite=True (CLI: --overwrite) to replace it.")
     (folder,) = folders
-    work = tempfile.mkdtemp(prefix=".partial-", dir=folder)
+    remove_stale_temporaries(folder)  # left by a run that was killed (SIGKILL, power loss)
+    work = make_temporary_dir(folder, what="output folder")
     try:
         temporary = {f: os.path.join(work, os.path.basename(p)) for f, p in paths.items()}
         yield temporary
         for fmt, path in paths.items():
             _replace(temporary[fmt], path, overwrite)
+    except BaseException:
+        remove_tree(work, settle=0.2)  # an interrupted zarr write may still land from its I/O thread
+        raise
     finally:
-        shutil.rmtree(work, ignore_errors=True)
+        remove_tree(work)
 
 
 def _replace(source: str, target: str, overwrite: bool) -> None:
@@ -100,7 +104,7 @@ def _replace(source: str, target: str, overwrite: bool) -> None:
         old = tempfile.mkdtemp(prefix=".old-", dir=os.path.dirname(target))
         os.replace(target, os.path.join(old, "old"))
         os.replace(source, target)
-        shutil.rmtree(old, ignore_errors=True)
+        remove_tree(old)
         return
     if os.path.exists(target) and not overwrite:
         raise ModelFileError(f"Output '{target}' appeared while writing; pass overwrite=True to replace it.")

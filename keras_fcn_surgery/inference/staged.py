@@ -18,7 +18,6 @@ reports it all; `predict_map` runs it.
 
 from __future__ import annotations
 
-import shutil
 import tempfile
 import weakref
 from dataclasses import dataclass, field
@@ -42,6 +41,7 @@ from keras_fcn_surgery.grid.geometry import geometry
 from keras_fcn_surgery.inference import runner
 from keras_fcn_surgery.inference.cost import pass_cost
 from keras_fcn_surgery.inference.store import DiskMap
+from keras_fcn_surgery.saving.atomic import remove_tree
 
 # Bytes of stored maps kept in memory when `memory_budget` is not given; larger ones go to disk.
 DEFAULT_MEMORY_BUDGET = 512 << 20
@@ -481,7 +481,7 @@ def run_plan(plan: PredictionPlan, image, out, *, preprocess, forward_for, progr
             if isinstance(store, DiskMap):
                 store.close()
         if folder is not None:
-            shutil.rmtree(folder, ignore_errors=True)
+            remove_tree(folder)
 
 
 def _image_shape(run: _StageRun, stage: StagePlan, plan: PredictionPlan, index: int) -> tuple:

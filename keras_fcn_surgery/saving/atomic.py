@@ -108,6 +108,26 @@ def make_temporary_dir(folder, *, stem: str = "", what: str = "folder") -> str:
         raise ModelFileError(f"Cannot write in {what} '{folder}': {error.strerror or error}.") from error
 
 
+def remove_tree(path, *, patience: float = 10.0, settle: float = 0.0) -> None:
+    """Remove the folder ``path`` and everything in it, or nothing when it is absent.
+
+    Retries for up to ``patience`` seconds: after an interruption, a writer
+    that runs in another thread (zarr's I/O loop finishing a chunk) can still
+    add a file while the folder is being removed, and a single
+    ``shutil.rmtree`` then leaves the folder behind. With ``settle`` > 0 the
+    folder must also stay absent that long (such a writer may recreate it).
+    """
+    path = os.fspath(path)
+    deadline = time.monotonic() + patience
+    while True:
+        shutil.rmtree(path, ignore_errors=True)
+        if not os.path.lexists(path) and settle > 0:
+            time.sleep(settle)
+        if not os.path.lexists(path) or time.monotonic() > deadline:
+            return
+        time.sleep(0.05)
+
+
 def is_stale_temporary(name: str) -> bool:
     """True for a temporary name whose writer is no longer running (the pid is gone or now another process)."""
     match = _TEMPORARY_NAME.match(name)
@@ -139,7 +159,7 @@ def remove_stale_temporaries(folder) -> list[str]:
         if is_stale_temporary(name):
             path = os.path.join(folder, name)
             if os.path.isdir(path) and not os.path.islink(path):
-                shutil.rmtree(path, ignore_errors=True)
+                remove_tree(path, patience=1.0)
             else:
                 with contextlib.suppress(OSError):
                     os.remove(path)
@@ -170,7 +190,7 @@ def atomic_output(path, *, suffix: str, overwrite: bool = False):
             raise ModelFileError(f"Output '{path}' appeared while writing; pass overwrite=True to replace it.")
         os.replace(temporary, path)
     finally:
-        shutil.rmtree(work, ignore_errors=True)
+        remove_tree(work)
 
 
 @contextlib.contextmanager
@@ -195,7 +215,7 @@ def atomic_folder(path, *, overwrite: bool = False, what: str = "folder"):
         _refuse_existing_folder(path, overwrite)  # another writer may have published meanwhile
         _publish_folder(written, path, work, overwrite)
     finally:
-        shutil.rmtree(work, ignore_errors=True)
+        remove_tree(work)
 
 
 def save_model(model, path, *, overwrite: bool = False) -> None:
