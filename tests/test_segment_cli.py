@@ -56,3 +56,51 @@ def test_segment_refuses_existing_output_before_any_work(tmp_path, capsys):
     assert cli.main(["segment", "missing.keras", "image.png", "-o", os.fspath(out)]) == 2
     assert out.read_bytes() == b"keep"
     assert "--overwrite" in capsys.readouterr().err
+
+
+def test_predict_command_writes_a_segmenters_logits_per_pixel_whole_tiled_and_masked(tmp_path):
+    import zarr
+
+    model = kfs.segmenter(pooled_net(), num_classes=3, keep_classes=[0, 1, 2])
+    model_path = os.fspath(tmp_path / "seg.keras")
+    model.save(model_path)
+    image_path, pixels = _image(tmp_path, (100, 110))
+    expected = segment_image(model, pixels)
+    scale = float(np.abs(expected).max())
+    assert scale > 0 and float(expected.std()) > 1e-3 * scale  # a map that can tell right from wrong
+
+    whole = tmp_path / "whole"
+    assert cli.main(["predict", model_path, image_path, "--out", os.fspath(whole), "--format", "npz,zarr"]) == 0
+    with np.load(whole / "image.npz") as written:
+        np.testing.assert_allclose(written["scores"], expected, rtol=0, atol=1e-5 * scale)
+        assert tuple(written["stride"]) == (1, 1) and tuple(written["offset"]) == (0, 0)
+    np.testing.assert_allclose(zarr.open_group(whole / "image.zarr")["scores"][:], expected, rtol=0, atol=1e-5 * scale)
+
+    margin, period = reach(model)
+    side = 2 * max(margin) + 2 * max(period)
+    tiled = tmp_path / "tiled"
+    assert cli.main(["predict", model_path, image_path, "--out", os.fspath(tiled), "--tile", str(side)]) == 0
+    with np.load(tiled / "image.npz") as written:
+        np.testing.assert_allclose(written["scores"], expected, rtol=0, atol=1e-5 * scale)
+
+    mask = np.zeros((100, 110), np.uint8)
+    mask[:30] = 255  # the top 30 rows
+    Image.fromarray(mask).save(tmp_path / "mask.png")
+    masked = tmp_path / "masked"
+    arguments = ["predict", model_path, image_path, "--out", os.fspath(masked), "--tile", str(side)]
+    assert cli.main([*arguments, "--mask", os.fspath(tmp_path / "mask.png")]) == 0
+    with np.load(masked / "image.npz") as written:
+        scores = written["scores"]
+        np.testing.assert_allclose(scores[:30], expected[:30], rtol=0, atol=1e-5 * scale)
+        assert np.isnan(scores[30:]).all()
+        assert 0 < float(written["computed_fraction"]) < 1  # tiles of the bottom rows were not computed
+
+
+def test_predict_command_refuses_per_cell_formats_for_a_segmenter_before_any_work(tmp_path, capsys):
+    model = kfs.segmenter(pooled_net(), num_classes=3)
+    model_path = os.fspath(tmp_path / "seg.keras")
+    model.save(model_path)
+    image_path, _ = _image(tmp_path)
+    out = tmp_path / "out"
+    assert cli.main(["predict", model_path, image_path, "--out", os.fspath(out), "--format", "npz,geojson"]) == 2
+    assert "segmenter" in capsys.readouterr().err and not out.exists()

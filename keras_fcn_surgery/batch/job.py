@@ -15,11 +15,13 @@ from dataclasses import dataclass
 import numpy as np
 
 from keras_fcn_surgery.batch import writers
-from keras_fcn_surgery.batch.cells import plan_tiles
+from keras_fcn_surgery.batch.cells import PixelGrid, plan_tiles
 from keras_fcn_surgery.batch.masks import cell_mask, read_mask, thumbnail, tissue_mask
 from keras_fcn_surgery.batch.readers import LevelArray, choose_level, open_reader
 from keras_fcn_surgery.batch.sources import IMAGE_SUFFIXES, Source
 from keras_fcn_surgery.errors import ConversionError, ModelFileError, first_line
+from keras_fcn_surgery.grid.geometry import Geometry
+from keras_fcn_surgery.segmentation.predict import is_segmenter, kept_part, plan_segment_tiles
 
 # Images with a side longer than this are tiled when no tile is given (memory stays bounded).
 LARGE_SIDE = 2048
@@ -97,11 +99,12 @@ def _compute_and_write(fcn, source: Source, paths: dict[str, str], options: Batc
     layout = model_layout(fcn)
     channels = int(layout.channels(fcn.inputs[0].shape))
     classes = int(layout.channels(fcn.outputs[0].shape))
+    per_pixel = is_segmenter(fcn)
     with open_reader(source.path) as reader:
         level = choose_level(reader, level=options.level, mpp=options.mpp)
         size = reader.levels[level].size
         view = LevelArray(reader, level, channels, layout)
-        grid = kfs.geometry(fcn).at(size)
+        grid: Geometry | PixelGrid = PixelGrid() if per_pixel else kfs.geometry(fcn).at(size)
         map_size = grid.output_size(size)
         kept = _kept_cells(reader, source, options.mask, size, grid, map_size)
         with writers.staged_outputs(paths, overwrite=options.overwrite) as temporary:
@@ -110,7 +113,10 @@ def _compute_and_write(fcn, source: Source, paths: dict[str, str], options: Batc
                 scores = writers.create_zarr_scores(temporary["zarr"], shape)
             else:
                 scores = np.full(shape, np.nan, dtype=np.float32)
-            fraction = _compute(fcn, view, layout, grid, size, kept, scores, options)
+            if per_pixel:
+                fraction = _segment(fcn, view, layout, size, kept, scores, options)
+            else:
+                fraction = _compute(fcn, view, layout, grid, size, kept, scores, options)
             info = writers.MapInfo(
                 source=source.path,
                 level=level,
@@ -175,6 +181,37 @@ def _compute(fcn, view, layout, grid, size, kept, scores, options: BatchOptions)
                 rows.keep_start : rows.keep_stop, cols.keep_start : cols.keep_stop
             ]
             scores[out_rows, out_cols] = np.where(keep[..., None], cell_map, np.float32(np.nan))
+    return computed / len(tiles)
+
+
+def _segment(model, view, layout, size, kept, scores, options: BatchOptions) -> float:
+    """A segmenter's logits, one per pixel, into ``scores``; returns the fraction of the tiles computed.
+
+    The exact tiles of `segment_image` (overlapping by the network's reach),
+    read one at a time from ``view``; tiles without a kept pixel are skipped.
+    """
+    preprocess = preprocess_fn(options.preprocess, layout)
+    tile = options.tile
+    if tile is None and max(size) > LARGE_SIDE:
+        tile = DEFAULT_TILE
+    tiles = plan_segment_tiles(model, size, tile)
+    computed = 0
+    with _bar(len(tiles), options.progress, unit="tile") as bar:
+        for rows, cols in tiles:
+            owned = (slice(rows.keep_start, rows.keep_stop), slice(cols.keep_start, cols.keep_stop))
+            keep = None if kept is None else kept[owned]
+            bar.update(1)
+            if keep is not None and not keep.any():
+                continue
+            computed += 1
+            pixels = np.asarray(
+                view[layout.image_index(slice(rows.start, rows.stop), slice(cols.start, cols.stop))], np.float32
+            )
+            if preprocess is not None:
+                pixels = np.asarray(preprocess(pixels), np.float32)
+            logits = layout.image_to_channels_last(np.asarray(model(pixels[None], training=False))[0])
+            logits = logits[kept_part(rows, cols)]
+            scores[owned] = logits if keep is None else np.where(keep[..., None], logits, np.float32(np.nan))
     return computed / len(tiles)
 
 

@@ -12,7 +12,7 @@ import os
 
 import numpy as np
 
-from keras_fcn_surgery.batch.cells import cell_edges
+from keras_fcn_surgery.batch.cells import PixelGrid, cell_edges
 from keras_fcn_surgery.batch.readers import SLIDES_EXTRA, Reader, adapt_channels
 from keras_fcn_surgery.errors import ModelFileError, first_line
 from keras_fcn_surgery.grid.geometry import Geometry
@@ -97,7 +97,7 @@ def read_mask(path) -> np.ndarray:
         raise ModelFileError(f"Mask '{path}' could not be read ({first_line(str(error))}).") from error
 
 
-def cell_mask(mask: np.ndarray, image_size, grid: Geometry, map_size) -> np.ndarray:
+def cell_mask(mask: np.ndarray, image_size, grid: Geometry | PixelGrid, map_size) -> np.ndarray:
     """The score-map cells a mask keeps.
 
     Each cell owns the stride-sized box at the centre of its window (these
@@ -107,7 +107,8 @@ def cell_mask(mask: np.ndarray, image_size, grid: Geometry, map_size) -> np.ndar
     Args:
         mask: boolean ``(h, w)``.
         image_size: ``(H, W)`` of the image the map is computed on.
-        grid: the network's geometry at ``image_size`` (``geometry(fcn).at(image_size)``).
+        grid: the network's geometry at ``image_size`` (``geometry(fcn).at(image_size)``), or a
+            `PixelGrid` for a per-pixel map.
         map_size: ``(H', W')``.
 
     Returns:

@@ -90,7 +90,9 @@ def predict_images(
         inputs: image files, folders (searched recursively) and glob patterns.
         out_dir: the output folder (created when missing). Files found in a
             folder keep their path below it.
-        formats: ``"npz"`` (``scores`` (H', W', K) float32 with the geometry),
+        formats: ``"npz"`` (``scores`` (H', W', K) float32 with the geometry;
+            for a segmenter (`segmenter`), ``(H, W, K)`` logits, one per
+            pixel, with stride 1, offset 0 and a one-pixel window),
             ``"zarr"`` (the same, chunked, written as tiles finish),
             ``"geojson"`` or ``"csv"`` (one polygon per cell, in level-0
             pixels, with its top class and probability); several as a list or
@@ -148,6 +150,7 @@ def predict_images(
         raise ModelFileError(f"Output folder '{out_dir}' is a file.")
     fcn = prepare_model(model, head=head, input_size=input_size)
     _check_class_names(fcn, options.class_names)
+    _check_per_pixel_formats(fcn, options.formats)
     os.makedirs(out_dir, exist_ok=True)
     start = time.perf_counter()
     if engine == "ray":
@@ -192,6 +195,17 @@ def _check_mask(mask):
     if not os.path.exists(mask):
         raise ModelFileError(f"Mask '{mask}' does not exist. Give `auto`, `none`, a mask image or a folder of them.")
     return mask
+
+
+def _check_per_pixel_formats(fcn, formats) -> None:
+    from keras_fcn_surgery.segmentation.predict import is_segmenter
+
+    per_cell = [f for f in formats if f in ("geojson", "csv")]
+    if per_cell and is_segmenter(fcn):
+        raise ModelFileError(
+            f"Model '{fcn.name}' is a segmenter: its map has one cell per pixel, and the {' and '.join(per_cell)} "
+            "formats write one polygon or row per cell. Use npz or zarr (CLI: --format npz,zarr)."
+        )
 
 
 def _check_class_names(fcn, class_names) -> None:

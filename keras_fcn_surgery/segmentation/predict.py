@@ -10,7 +10,7 @@ import numpy as np
 from keras_fcn_surgery.errors import ConversionError
 from keras_fcn_surgery.graph import model_layout
 from keras_fcn_surgery.grid.geometry import geometry
-from keras_fcn_surgery.segmentation.tiles import plan_tiles
+from keras_fcn_surgery.segmentation.tiles import AxisTile, plan_tiles
 
 
 def is_segmenter(model) -> bool:
@@ -76,6 +76,30 @@ def segment_image(model, image, *, tile=None) -> np.ndarray:
     if image.ndim != 3:
         raise ConversionError(f"Expected one image of rank 3 in the model's layout. Received shape {image.shape}.")
     size = layout.image_size(image.shape)
+    out = None
+    for rows, cols in plan_segment_tiles(model, size, tile):
+        piece = image[layout.image_index(slice(rows.start, rows.stop), slice(cols.start, cols.stop))]
+        logits = np.asarray(model(piece[None], training=False))[0]
+        if out is None:
+            classes = logits.shape[layout.image_channel_axis]
+            out = np.empty(layout.image_shape(size[0], size[1], classes), np.float32)
+        out[layout.image_index(slice(rows.keep_start, rows.keep_stop), slice(cols.keep_start, cols.keep_stop))] = (
+            logits[layout.image_index(*kept_part(rows, cols))]
+        )
+    assert out is not None  # plan_tiles returns at least one tile per axis
+    return out
+
+
+def plan_segment_tiles(model, size, tile=None) -> list[tuple[AxisTile, AxisTile]]:
+    """The exact tiles of a segmenter over an image of ``size`` ``(H, W)``, row-major.
+
+    Each tile reads ``[start, stop)`` and owns ``[keep_start, keep_stop)`` on
+    each axis; every pixel is owned by exactly one tile. Without ``tile`` (or
+    with one at least as large as the image) there is one tile, the image.
+
+    Raises:
+        ConversionError: for an image smaller than `minimum_size`, or tiles too small.
+    """
     smallest = minimum_size(model)
     if size[0] < smallest[0] or size[1] < smallest[1]:
         raise ConversionError(
@@ -83,7 +107,7 @@ def segment_image(model, image, *, tile=None) -> np.ndarray:
             f"'{model.name}' needs. Pad it, or use a larger image."
         )
     if tile is None:
-        return np.asarray(model(image[None], training=False))[0]
+        return [(AxisTile(0, size[0], 0, size[0]), AxisTile(0, size[1], 0, size[1]))]
     sides = tuple(int(t) for t in tile) if isinstance(tile, (tuple, list)) else (int(tile), int(tile))
     margin, period = reach(model)
     try:
@@ -97,17 +121,12 @@ def segment_image(model, image, *, tile=None) -> np.ndarray:
                 f"Tiles of {sides[axis]} pixels leave a {short[0].stop - short[0].start}-pixel tile, smaller than "
                 f"the {smallest[axis]} pixels '{model.name}' needs. Use larger tiles."
             )
-    out = None
-    for rows, cols in itertools.product(*plans):
-        piece = image[layout.image_index(slice(rows.start, rows.stop), slice(cols.start, cols.stop))]
-        logits = np.asarray(model(piece[None], training=False))[0]
-        if out is None:
-            classes = logits.shape[layout.image_channel_axis]
-            out = np.empty(layout.image_shape(size[0], size[1], classes), np.float32)
-        keep_rows = slice(rows.keep_start - rows.start, rows.keep_stop - rows.start)
-        keep_cols = slice(cols.keep_start - cols.start, cols.keep_stop - cols.start)
-        out[layout.image_index(slice(rows.keep_start, rows.keep_stop), slice(cols.keep_start, cols.keep_stop))] = (
-            logits[layout.image_index(keep_rows, keep_cols)]
-        )
-    assert out is not None  # plan_tiles returns at least one tile per axis
-    return out
+    return list(itertools.product(plans[0], plans[1]))
+
+
+def kept_part(rows: AxisTile, cols: AxisTile) -> tuple[slice, slice]:
+    """The slices of a tile's logits that the tile owns (rows, columns)."""
+    return (
+        slice(rows.keep_start - rows.start, rows.keep_stop - rows.start),
+        slice(cols.keep_start - cols.start, cols.keep_stop - cols.start),
+    )
