@@ -168,3 +168,25 @@ def test_an_image_too_large_for_pillow_points_to_tiled_tiff(tmp_path, monkeypatc
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # 64 x 64 is then past Pillow's bomb limit
     with pytest.raises(ModelFileError, match=r"huge\.png.*pyramidal TIFF"):
         open_reader(str(tmp_path / "huge.png"))
+
+
+def test_regions_of_a_label_map_are_polygons_with_holes_counted_exactly():
+    from keras_fcn_surgery.batch.regions import regions
+
+    labels = np.full((9, 10), -1, np.int32)  # -1: not computed, in no region
+    labels[1:8, 1:8] = 1
+    labels[3:6, 3:6] = 2  # an island of class 2 makes a hole in class 1's square
+    labels[0, 9] = 1  # a second region of class 1, one pixel, not touching the first
+    probability = np.full(labels.shape, 0.5, np.float32)
+    probability[labels == 2] = 0.9
+    found = {(r.label, r.pixels): r for r in regions(labels, probability)}
+    assert set(found) == {(1, 40), (2, 9), (1, 1)}
+    square = found[(1, 40)]
+    assert square.box == (1, 1, 8, 8) and len(square.rings) == 2
+    outer, hole = square.rings
+    assert outer[:, 0].min() == 1 and outer[:, 0].max() == 8 and outer[:, 1].min() == 1 and outer[:, 1].max() == 8
+    assert hole[:, 0].min() == 3 and hole[:, 0].max() == 6  # the hole's edges are the island's pixel edges
+    assert found[(2, 9)].mean_probability == pytest.approx(0.9) and len(found[(2, 9)].rings) == 1
+    area = [0.5 * np.sum(r[:, 0] * np.roll(-r[:, 1], -1) - np.roll(r[:, 0], -1) * -r[:, 1]) for r in square.rings]
+    assert area[0] > 0 > area[1]  # outer counter-clockwise, hole clockwise (y up), GeoJSON's right-hand rule
+    assert area[0] + area[1] == pytest.approx(40, abs=4)  # four corners of each ring cut by half a pixel squared

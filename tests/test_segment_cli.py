@@ -96,11 +96,33 @@ def test_predict_command_writes_a_segmenters_logits_per_pixel_whole_tiled_and_ma
         assert 0 < float(written["computed_fraction"]) < 1  # tiles of the bottom rows were not computed
 
 
-def test_predict_command_refuses_per_cell_formats_for_a_segmenter_before_any_work(tmp_path, capsys):
-    model = kfs.segmenter(pooled_net(), num_classes=3)
+def test_predict_command_writes_a_segmenters_regions_as_geojson_and_csv(tmp_path):
+    import csv
+    import json
+
+    model = kfs.segmenter(pooled_net(), num_classes=3, keep_classes=[0, 1, 2])
     model_path = os.fspath(tmp_path / "seg.keras")
     model.save(model_path)
-    image_path, _ = _image(tmp_path)
+    image_path, pixels = _image(tmp_path, (60, 70))
+    labels = segment_image(model, pixels).argmax(-1)
     out = tmp_path / "out"
-    assert cli.main(["predict", model_path, image_path, "--out", os.fspath(out), "--format", "npz,geojson"]) == 2
-    assert "segmenter" in capsys.readouterr().err and not out.exists()
+    arguments = ["predict", model_path, image_path, "--out", os.fspath(out), "--format", "geojson,csv"]
+    assert cli.main(arguments) == 0
+    features = json.loads((out / "image.geojson").read_text())["features"]
+    rows = list(csv.DictReader((out / "image.csv").open()))
+    assert len(features) == len(rows) >= 1
+    for k in range(3):  # every pixel of a class is in one of that class's regions
+        counted = sum(f["properties"]["measurements"]["pixels"] for f in features if f["properties"]["class"] == k)
+        assert counted == int((labels == k).sum())
+        assert counted == sum(int(r["pixels"]) for r in rows if int(r["class"]) == k)
+    for feature in features:  # the polygon's area is the region's, within the corners cut by marching squares
+        outer, *holes = feature["geometry"]["coordinates"]
+        area = _ring_area(outer) - sum(_ring_area(h) for h in holes)
+        pixels_in = feature["properties"]["measurements"]["pixels"]
+        assert abs(area - pixels_in) <= 0.5 * sum(len(r) for r in (outer, *holes)), (area, pixels_in)
+
+
+def _ring_area(ring):
+    points = np.asarray(ring)
+    x, y = points[:, 0], points[:, 1]
+    return abs(0.5 * float(np.sum(x * np.roll(y, -1) - np.roll(x, -1) * y)))

@@ -126,6 +126,7 @@ def _compute_and_write(fcn, source: Source, paths: dict[str, str], options: Batc
                 offset=grid.offset,
                 receptive_field=grid.receptive_field,
                 computed_fraction=fraction,
+                per_pixel=per_pixel,
             )
             if "zarr" in temporary:
                 writers.finish_zarr(temporary["zarr"], info)

@@ -95,7 +95,9 @@ def predict_images(
             pixel, with stride 1, offset 0 and a one-pixel window),
             ``"zarr"`` (the same, chunked, written as tiles finish),
             ``"geojson"`` or ``"csv"`` (one polygon per cell, in level-0
-            pixels, with its top class and probability); several as a list or
+            pixels, with its top class and probability; for a segmenter, one
+            polygon with holes per connected region of a class, with its
+            pixel count and mean probability); several as a list or
             ``"npz,geojson"``.
         tile: tile side in pixels (exact tiling); default: whole images up to
             2048 pixels a side, tiles of 1024 above.
@@ -150,7 +152,6 @@ def predict_images(
         raise ModelFileError(f"Output folder '{out_dir}' is a file.")
     fcn = prepare_model(model, head=head, input_size=input_size)
     _check_class_names(fcn, options.class_names)
-    _check_per_pixel_formats(fcn, options.formats)
     os.makedirs(out_dir, exist_ok=True)
     start = time.perf_counter()
     if engine == "ray":
@@ -195,17 +196,6 @@ def _check_mask(mask):
     if not os.path.exists(mask):
         raise ModelFileError(f"Mask '{mask}' does not exist. Give `auto`, `none`, a mask image or a folder of them.")
     return mask
-
-
-def _check_per_pixel_formats(fcn, formats) -> None:
-    from keras_fcn_surgery.segmentation.predict import is_segmenter
-
-    per_cell = [f for f in formats if f in ("geojson", "csv")]
-    if per_cell and is_segmenter(fcn):
-        raise ModelFileError(
-            f"Model '{fcn.name}' is a segmenter: its map has one cell per pixel, and the {' and '.join(per_cell)} "
-            "formats write one polygon or row per cell. Use npz or zarr (CLI: --format npz,zarr)."
-        )
 
 
 def _check_class_names(fcn, class_names) -> None:

@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from keras_fcn_surgery.batch import regions
 from keras_fcn_surgery.batch.cells import cell_edges
 from keras_fcn_surgery.errors import ModelFileError
 from keras_fcn_surgery.saving.atomic import make_temporary_dir, remove_stale_temporaries, remove_tree
@@ -39,6 +40,8 @@ class MapInfo:
         offset: where cell ``(0, 0)``'s window starts, in that level's pixels.
         receptive_field: the window of one cell.
         computed_fraction: the fraction of the image's tiles computed (less than 1 with a mask).
+        per_pixel: a segmenter's map, one cell per pixel (GeoJSON and CSV then
+            describe regions, not cells).
     """
 
     source: str
@@ -49,6 +52,7 @@ class MapInfo:
     offset: tuple[int, int]
     receptive_field: tuple[int, int]
     computed_fraction: float
+    per_pixel: bool = False
 
 
 def check_formats(formats) -> tuple[str, ...]:
@@ -178,8 +182,12 @@ def write_geojson(path: str, scores, info: MapInfo, class_names=None) -> None:
 
     Each feature is a QuPath detection whose classification is the top class
     and whose measurements hold its probability; ``row``/``col`` locate the
-    cell in the score map.
+    cell in the score map. A per-pixel map (a segmenter's) gives one QuPath
+    annotation per connected region of a class instead (see `regions`).
     """
+    if info.per_pixel:
+        _write_region_geojson(path, scores, info, class_names)
+        return
     with open(path, "w", encoding="utf-8") as handle:
         handle.write('{"type": "FeatureCollection", "features": [')
         separator = "\n"
@@ -205,7 +213,14 @@ def write_geojson(path: str, scores, info: MapInfo, class_names=None) -> None:
 
 
 def write_csv(path: str, scores, info: MapInfo, class_names=None) -> None:
-    """One row per computed cell: map position, box in level-0 pixels, top class and its probability."""
+    """One row per computed cell: map position, box in level-0 pixels, top class and its probability.
+
+    A per-pixel map (a segmenter's) gives one row per connected region of a
+    class: its class, pixel count, mean probability and box in level-0 pixels.
+    """
+    if info.per_pixel:
+        _write_region_csv(path, scores, info, class_names)
+        return
     with open(path, "w", encoding="utf-8", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(["row", "col", "x0", "y0", "x1", "y1", "class", "class_name", "probability"])
@@ -226,6 +241,52 @@ def write_csv(path: str, scores, info: MapInfo, class_names=None) -> None:
                         f"{float(probabilities[n]):.6g}",
                     ]
                 )
+
+
+def _write_region_geojson(path: str, scores, info: MapInfo, class_names) -> None:
+    labels, probability = regions.label_map(scores, top_classes)
+    dy, dx = info.downsample
+    with open(path, "w", encoding="utf-8") as handle:
+        handle.write('{"type": "FeatureCollection", "features": [')
+        separator = "\n"
+        for region in regions.regions(labels, probability):
+            rings = [[[float(x) * dx, float(y) * dy] for x, y in ring] for ring in region.rings]
+            feature = {
+                "type": "Feature",
+                "geometry": {"type": "Polygon", "coordinates": rings},
+                "properties": {
+                    "objectType": "annotation",
+                    "classification": {"name": _class_name(region.label, class_names)},
+                    "measurements": {"pixels": region.pixels, "mean probability": region.mean_probability},
+                    "class": region.label,
+                },
+            }
+            handle.write(separator + json.dumps(feature))
+            separator = ",\n"
+        handle.write("\n]}\n")
+
+
+def _write_region_csv(path: str, scores, info: MapInfo, class_names) -> None:
+    labels, probability = regions.label_map(scores, top_classes)
+    dy, dx = info.downsample
+    with open(path, "w", encoding="utf-8", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["region", "class", "class_name", "pixels", "mean_probability", "x0", "y0", "x1", "y1"])
+        for number, region in enumerate(regions.regions(labels, probability)):
+            top, left, bottom, right = region.box
+            writer.writerow(
+                [
+                    number,
+                    region.label,
+                    _class_name(region.label, class_names),
+                    region.pixels,
+                    f"{region.mean_probability:.6g}",
+                    left * dx,
+                    top * dy,
+                    right * dx,
+                    bottom * dy,
+                ]
+            )
 
 
 def _class_name(k: int, class_names) -> str:

@@ -88,7 +88,7 @@ def predict_map(
             than plain exact tiles, True to require staging (a
             `ConversionError` says why a network cannot be staged), False for
             plain tiles. Ignored without ``tile``.
-        memory_budget: bytes of stored stage maps kept in memory (default 512
+        memory_budget: bytes of stored stage maps kept in memory (default 64
             MiB); larger maps are written to temporary files in ``spill_dir``
             and removed at the end, even when the pass is interrupted.
         prefetch: read and preprocess the next batch of tiles on a background

@@ -43,8 +43,14 @@ from keras_fcn_surgery.inference.cost import pass_cost
 from keras_fcn_surgery.inference.store import DiskMap
 from keras_fcn_surgery.saving.atomic import remove_tree
 
-# Bytes of stored maps kept in memory when `memory_budget` is not given; larger ones go to disk.
-DEFAULT_MEMORY_BUDGET = 512 << 20
+# Bytes of stored maps kept in memory when `memory_budget` is not given; larger ones go to disk. Spilling
+# costs little (VGG16 at 4096x4096: 235 CPU-s all on disk against 228 with a 512 MiB map in memory), and
+# at 8192x8192 a 128 MiB map in memory took the peak resident growth to 1559 MiB, over the 1.5 GiB target.
+DEFAULT_MEMORY_BUDGET = 64 << 20
+# What TensorFlow's runtime adds on a first pass whatever the image size: traced graphs, compiled kernels,
+# allocator slack. Fitted to VGG16's peak resident growth (2048x2048 whole: 2330 MiB for 2048 MiB of
+# planned activations; staged: 1301 MiB for 601 MiB at 2048, 1187 MiB for 465 MiB at 4096, all on disk).
+_RUNTIME_BYTES = 768 << 20
 # Costs in multiply-accumulates (what the cut choice minimises) of the work that is not arithmetic:
 # one forward call, and writing then reading back one element of a stored map in memory or on disk.
 _MACS_PER_CALL = 50_000_000
@@ -112,7 +118,8 @@ class PredictionPlan:
             to keep any cell.
         peak_bytes: estimated peak memory of the pass beyond the model's
             weights and the result: the largest batch's activations plus the
-            stored maps held in memory meanwhile.
+            stored maps held in memory meanwhile, plus about 0.75 GiB that
+            TensorFlow's runtime takes on a first pass (fitted to VGG16).
     """
 
     image_size: tuple[int, int]
@@ -199,7 +206,7 @@ def plan_prediction(
             exact tiles, True to require it, False for plain tiles.
         batch_size: tiles per forward call; default: chosen per stage from the
             tiles' activations.
-        memory_budget: bytes of stored stage maps kept in memory (default 512
+        memory_budget: bytes of stored stage maps kept in memory (default 64
             MiB); larger maps go to temporary files on disk.
 
     Returns:
@@ -427,7 +434,7 @@ class _Planner:
             stages=tuple(plans),
             whole_macs=whole_macs,
             plain_macs=plain_macs,
-            peak_bytes=peak,
+            peak_bytes=peak + _RUNTIME_BYTES,
             _runs=tuple(runs),
         )
 
