@@ -19,7 +19,7 @@ import numpy as np
 from keras_fcn_surgery.batch import regions
 from keras_fcn_surgery.batch.cells import cell_edges
 from keras_fcn_surgery.errors import ModelFileError
-from keras_fcn_surgery.saving.atomic import make_temporary_dir, remove_stale_temporaries, remove_tree
+from keras_fcn_surgery.saving.atomic import make_temporary_dir, remove_tree
 
 FORMATS = ("npz", "zarr", "geojson", "csv")
 SUFFIXES = {"npz": ".npz", "zarr": ".zarr", "geojson": ".geojson", "csv": ".csv"}
@@ -86,7 +86,8 @@ def staged_outputs(paths: dict[str, str], *, overwrite: bool):
         if os.path.exists(path) and not overwrite:
             raise ModelFileError(f"Output '{path}' exists; pass overwrite=True (CLI: --overwrite) to replace it.")
     (folder,) = folders
-    remove_stale_temporaries(folder)  # left by a run that was killed (SIGKILL, power loss)
+    # Stale temporaries are not swept here: Ray workers on other machines may share this folder, and
+    # their pids mean nothing on this one. The pid in the name lets a user tell what is whose.
     work = make_temporary_dir(folder, what="output folder")
     try:
         temporary = {f: os.path.join(work, os.path.basename(p)) for f, p in paths.items()}
