@@ -187,6 +187,6 @@ def test_regions_of_a_label_map_are_polygons_with_holes_counted_exactly():
     assert outer[:, 0].min() == 1 and outer[:, 0].max() == 8 and outer[:, 1].min() == 1 and outer[:, 1].max() == 8
     assert hole[:, 0].min() == 3 and hole[:, 0].max() == 6  # the hole's edges are the island's pixel edges
     assert found[(2, 9)].mean_probability == pytest.approx(0.9) and len(found[(2, 9)].rings) == 1
-    area = [0.5 * np.sum(r[:, 0] * np.roll(-r[:, 1], -1) - np.roll(r[:, 0], -1) * -r[:, 1]) for r in square.rings]
-    assert area[0] > 0 > area[1]  # outer counter-clockwise, hole clockwise (y up), GeoJSON's right-hand rule
+    area = [0.5 * np.sum(r[:, 0] * np.roll(r[:, 1], -1) - np.roll(r[:, 0], -1) * r[:, 1]) for r in square.rings]
+    assert area[0] > 0 > area[1]  # outer counter-clockwise, hole clockwise as written: GeoJSON's right-hand rule
     assert area[0] + area[1] == pytest.approx(40, abs=4)  # four corners of each ring cut by half a pixel squared

@@ -35,8 +35,9 @@ class Region:
         rings: the outer ring first, then the holes; each an ``(n, 2)`` array
             of ``(x, y)`` points in map pixels (pixel ``(i, j)`` covers
             ``[j, j + 1] x [i, i + 1]``), closed (last point = first). The
-            outer ring runs counter-clockwise and holes clockwise in ``(x, y)``
-            with ``y`` pointing up, GeoJSON's right-hand rule.
+            outer ring is counter-clockwise and holes clockwise in these
+            coordinates taken as written (GeoJSON's right-hand rule; on screen,
+            with ``y`` pointing down, they look the other way round).
     """
 
     label: int
@@ -88,8 +89,8 @@ def regions(labels: np.ndarray, probability: np.ndarray) -> Iterator[Region]:
 
 
 def _signed_area(ring: np.ndarray) -> float:
-    """Shoelace area; positive for a counter-clockwise ring with ``y`` pointing up."""
-    x, y = ring[:, 0], -ring[:, 1]
+    """Shoelace area of the ring's ``(x, y)`` as written; positive when counter-clockwise."""
+    x, y = ring[:, 0], ring[:, 1]
     return 0.5 * float(np.sum(x * np.roll(y, -1) - np.roll(x, -1) * y))
 
 
