@@ -11,9 +11,10 @@ from keras import layers
 
 import keras_fcn_surgery as kfs
 from keras_fcn_surgery.grid.stages import cheapest_chain, memory_scale, place_stores, scaled_tile
+from keras_fcn_surgery.inference import runner
 from keras_fcn_surgery.inference.runner import wants_xla
 from keras_fcn_surgery.inference.staged import plan_prediction
-from keras_fcn_surgery.inference.store import DiskMap
+from keras_fcn_surgery.inference.store import DiskMap, file_backed
 
 ATOL = 2e-5
 STRIDES = {1: [1, 1], 2: [2, 1], 4: [2, 2], 8: [2, 2, 2], 16: [2, 2, 2, 2], 32: [2, 2, 2, 2, 2]}
@@ -233,6 +234,67 @@ def test_disk_map_reads_back_what_it_wrote(tmp_path):
         with pytest.raises(ValueError, match="step 1"):
             stored[::2]
         stored.close()
+
+
+def _resident_kib(path) -> int:
+    """KiB of ``path``'s pages mapped into this process (from /proc/self/smaps)."""
+    total, inside = 0, False
+    with open("/proc/self/smaps") as smaps:
+        for line in smaps:
+            head = line.split()
+            if head and "-" in head[0] and len(head) >= 5:
+                inside = len(head) >= 6 and head[-1] == str(path)
+            elif inside and head[:1] == ["Rss:"]:
+                total += int(head[1])
+    return total
+
+
+def test_memory_mapped_images_are_read_through_their_file(tmp_path):
+    rng = np.random.default_rng(3)
+    pixels = rng.uniform(0, 1, (90, 77, 2)).astype("float32")
+    np.save(tmp_path / "image.npy", pixels)
+    mapped = np.load(tmp_path / "image.npy", mmap_mode="r")
+    reader = file_backed(mapped)
+    assert isinstance(reader, DiskMap)
+    np.testing.assert_array_equal(reader[5:50, 3:70, :], pixels[5:50, 3:70, :])
+    reader.close()
+    # What a writable map holds but has not flushed is what the file reads (the pages are shared).
+    raw = np.memmap(tmp_path / "raw.bin", dtype="uint8", mode="w+", offset=16, shape=(40, 30))
+    raw[:] = rng.integers(0, 256, raw.shape, dtype=np.uint8)
+    reader = file_backed(raw)
+    np.testing.assert_array_equal(reader[7:33, 2:29], raw[7:33, 2:29])
+    reader.close()
+    for kept in (mapped[1:], np.load(tmp_path / "image.npy", mmap_mode="c"), pixels):
+        assert file_backed(kept) is kept, "slices, copy-on-write maps and arrays are read as they are"
+
+    if not os.path.exists("/proc/self/smaps"):
+        pytest.skip("no /proc/self/smaps on this system to see resident pages")
+    model = _strided_fcn("same", [2, 2])
+    whole = _whole(model, pixels)
+    descriptors = len(os.listdir("/proc/self/fd"))
+    assert _resident_kib(tmp_path / "image.npy") == 0
+    for tile in (None, 40):
+        np.testing.assert_allclose(kfs.predict_map(model, mapped, tile=tile), whole, atol=ATOL)
+    assert _resident_kib(tmp_path / "image.npy") == 0, "the image was read through its memory map"
+    assert len(os.listdir("/proc/self/fd")) == descriptors, "a file was left open"
+
+
+def test_every_stage_compiles_as_the_whole_network_chooses():
+    inputs = keras.Input((None, None, 2))
+    x = layers.MaxPooling2D(2, name="pool1")(layers.Conv2D(8, 3, activation="relu")(inputs))
+    x = layers.MaxPooling2D(2, name="pool2")(layers.Conv2D(8, 3, activation="relu")(x))
+    head = keras.Model(inputs, layers.Conv2D(3, 1)(layers.Conv2D(512, 5, activation="relu", name="fc6")(x)))
+    image = random_images((157, 149, 2), seed=8)
+    plan = plan_prediction(head, image.shape[:2], tile=60, staged=True)
+    _check_stages(plan)
+    first = plan._runs[0].model
+    assert wants_xla(head) and not wants_xla(first), "the first stage holds no large kernel"
+    whole = _whole(head, image)
+    staged = kfs.predict_map(head, image, tile=60, staged=True)
+    np.testing.assert_allclose(staged, whole, atol=1e-5 * np.abs(whole).max())
+    assert set(runner._FORWARD_CACHE[first]) == {(True, None)}, "the first stage ran without XLA"
+    kfs.predict_map(head, image, tile=60, staged=True, jit_compile=False)
+    assert (False, None) in runner._FORWARD_CACHE[first]
 
 
 def test_cheapest_chain():

@@ -477,7 +477,7 @@ def run_plan(plan: PredictionPlan, image, out, *, preprocess, forward_for, progr
                     bar=bar,
                     prefetch=prefetch,
                 )
-                if isinstance(source, DiskMap):
+                if isinstance(source, DiskMap) and source is not image:
                     source.close()
                 source = target
         return out

@@ -1,14 +1,17 @@
-"""Where a stage's output map is kept between stages: memory, or a file on disk.
+"""Arrays in files read and written by tiles: stored stage maps, and memory-mapped images.
 
 A `DiskMap` reads and writes with ``pread``/``pwrite`` rather than a memory
 map: pages of a memory map count as the process's resident memory until the
 kernel evicts them, while file I/O leaves them in the page cache, which the
 kernel reclaims as it needs. Resident memory then stays bounded by the tiles
-in flight, whatever the map's size.
+in flight, whatever the map's size. `file_backed` gives the same to an image
+the caller passes as an ``np.memmap`` (a slide of 30000 x 30000 pixels read
+through its memory map would add 2.5 GiB of resident pages).
 """
 
 from __future__ import annotations
 
+import mmap
 import os
 
 import numpy as np
@@ -20,12 +23,21 @@ class DiskMap:
     Only basic slices with step 1 are supported (what tiled passes use).
     """
 
-    def __init__(self, path: str, shape, dtype="float32"):
+    def __init__(self, path: str, shape, dtype="float32", *, offset: int = 0, create: bool = True):
+        """A map of ``shape`` in the file ``path``, starting ``offset`` bytes in.
+
+        With ``create`` (the default) the file is created or emptied and sized
+        for the map; otherwise an existing file is opened for reading only.
+        """
         self.shape = tuple(int(d) for d in shape)
         self.dtype = np.dtype(dtype)
         self.path = path
-        self._fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
-        os.ftruncate(self._fd, int(np.prod(self.shape)) * self.dtype.itemsize)
+        self._offset = int(offset)
+        if create:
+            self._fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+            os.ftruncate(self._fd, self._offset + int(np.prod(self.shape)) * self.dtype.itemsize)
+        else:
+            self._fd = os.open(path, os.O_RDONLY)
         strides, step = [], self.dtype.itemsize
         for dim in reversed(self.shape):
             strides.append(step)
@@ -58,7 +70,7 @@ class DiskMap:
         run = int(np.prod([stop - start for start, stop in ranges[inner:]]))
         outer = [range(start, stop) for start, stop in ranges[:inner]]
         positions = np.ndindex(*[len(r) for r in outer]) if outer else [()]
-        base = sum(start * stride for (start, _), stride in zip(ranges[inner:], self._strides[inner:]))
+        base = self._offset + sum(start * stride for (start, _), stride in zip(ranges[inner:], self._strides[inner:]))
         for position in positions:
             offset = base + sum((r.start + p) * s for r, p, s in zip(outer, position, self._strides))
             yield offset, position, run
@@ -89,3 +101,22 @@ class DiskMap:
     def __array__(self, dtype=None, copy=None):
         whole = self[tuple(slice(None) for _ in self.shape)]
         return whole if dtype is None else whole.astype(dtype)
+
+
+def file_backed(image):
+    """``image``, or a read-only `DiskMap` of the same file when it is a whole ``np.memmap``.
+
+    Only a memory map of a whole array as numpy lays it out (``np.load(...,
+    mmap_mode="r")``, ``np.memmap(...)``, not a slice of one, C order, a
+    shared map whose file holds what it shows) is read through the file;
+    anything else is returned as it is.
+    """
+    if not isinstance(image, np.memmap) or not isinstance(image.base, mmap.mmap):
+        return image
+    # Modes other than "c" (copy-on-write) share their pages with the file's, so pread sees what they show.
+    if image.mode == "c" or not image.flags.c_contiguous or image.filename is None:
+        return image
+    try:
+        return DiskMap(image.filename, image.shape, image.dtype, offset=image.offset, create=False)
+    except OSError:  # the file is gone or unreadable (the map outlives it): read through the map
+        return image
