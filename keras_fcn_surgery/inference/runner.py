@@ -15,6 +15,7 @@ from keras_fcn_surgery.errors import ConversionError, InputError
 from keras_fcn_surgery.graph import iter_layers, model_layout
 from keras_fcn_surgery.grid import tiling
 from keras_fcn_surgery.grid.geometry import Geometry
+from keras_fcn_surgery.inference.blas import is_large_kernel_conv, split_forward
 from keras_fcn_surgery.layout import Layout
 
 # Input pixels per forward pass when `batch_size` is not given: tiles of 1024 x 1024
@@ -171,7 +172,7 @@ def output_dtype(model) -> str:
     return dtype if dtype.startswith("float") else "float32"
 
 
-def forward_fn(model, jit_compile: bool | None, precision: str | None = None):
+def forward_fn(model, jit_compile: bool | None, precision: str | None = None, *, blas: bool = False):
     """``numpy batch -> numpy outputs``, traced once per input shape and cached per model.
 
     Args:
@@ -179,48 +180,50 @@ def forward_fn(model, jit_compile: bool | None, precision: str | None = None):
         jit_compile: XLA or not; None chooses (`wants_xla`).
         precision: None, or a Keras dtype policy such as ``"mixed_float16"``
             to run a copy of the model under.
+        blas: on a CPU, run a large-kernel head convolution as matrix
+            products in numpy's BLAS (`blas.split_forward`) where the graph
+            allows; the rest as ``jit_compile`` says.
     """
     import tensorflow as tf
 
     if jit_compile is None:
         jit_compile = wants_xla(model)
+    blas = blas and precision is None and not tf.config.list_logical_devices("GPU")
     per_model = _FORWARD_CACHE.setdefault(model, {})
-    key = (bool(jit_compile), precision)
+    key = (bool(jit_compile), precision, blas)
     if key not in per_model:
-        reference = weakref.ref(model)  # the cache must not keep the model alive
-        copy = policy_copy(model, precision) if precision else None
-
-        def call(x):
-            live = copy if copy is not None else reference()
-            assert live is not None, "the model is alive while its cached function runs"
-            return live(x, training=False)
-
-        compiled = tf.function(call, jit_compile=bool(jit_compile))
-        per_model[key] = lambda batch: np.asarray(compiled(tf.constant(batch)))
+        split = split_forward(model, lambda part: forward_fn(part, jit_compile)) if blas else None
+        per_model[key] = split if split is not None else _traced(model, bool(jit_compile), precision)
     return per_model[key]
 
 
-# A convolution whose kernel covers at least this many cells, with at least this many filters, is
-# a classifier's head turned into a convolution (fc6 of VGG16: 7 x 7, 4096): TensorFlow's default
-# CPU kernel runs it at well under half the speed of the same arithmetic as one matrix product,
-# while XLA compiles it to one.
-_LARGE_KERNEL_CELLS = 25
-_LARGE_KERNEL_FILTERS = 512
+def _traced(model, jit_compile: bool, precision: str | None):
+    import tensorflow as tf
+
+    reference = weakref.ref(model)  # the cache must not keep the model alive
+    copy = policy_copy(model, precision) if precision else None
+
+    def call(x):
+        live = copy if copy is not None else reference()
+        assert live is not None, "the model is alive while its cached function runs"
+        return live(x, training=False)
+
+    compiled = tf.function(call, jit_compile=jit_compile)
+    return lambda batch: np.asarray(compiled(tf.constant(batch)))
 
 
 def wants_xla(model) -> bool:
-    """Whether XLA pays for this model: on a GPU, or where it holds a large-kernel convolution."""
+    """Whether XLA pays for this model: on a GPU, or where it holds a large-kernel convolution.
+
+    TensorFlow's default CPU kernel runs a converted classifier's head (VGG16's
+    7 x 7 fc6 with 4096 filters) at well under half the speed of the same
+    arithmetic as one matrix product, while XLA compiles it to one.
+    """
     import tensorflow as tf
 
     if tf.config.list_logical_devices("GPU"):
         return True
-    for layer in iter_layers(model):
-        if isinstance(layer, keras.layers.Conv2D) and not isinstance(
-            layer, (keras.layers.DepthwiseConv2D, keras.layers.SeparableConv2D, keras.layers.Conv2DTranspose)
-        ):
-            if int(np.prod(layer.kernel_size)) >= _LARGE_KERNEL_CELLS and layer.filters >= _LARGE_KERNEL_FILTERS:
-                return True
-    return False
+    return any(is_large_kernel_conv(layer) for layer in iter_layers(model))
 
 
 _POLICY_COPIES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()

@@ -1,0 +1,93 @@
+"""A large-kernel head convolution run as blocked matrix products in numpy equals TensorFlow's."""
+
+import keras
+import numpy as np
+import pytest
+from conftest import random_images
+from keras import layers
+
+import keras_fcn_surgery as kfs
+from keras_fcn_surgery.inference import blas, runner
+
+
+def _head_model(data_format="channels_last", activation="relu", branch=False):
+    """conv + pooling, then a 5x5 "fc6" of 512 filters, a 1x1 "fc7", optionally a skip around fc6."""
+    shape = (None, None, 2) if data_format == "channels_last" else (2, None, None)
+    inputs = keras.Input(shape)
+    x = layers.Conv2D(8, 3, strides=2, activation="relu", data_format=data_format)(inputs)
+    x = layers.MaxPooling2D(2, data_format=data_format)(x)
+    y = layers.Conv2D(512, 5, activation=activation, name="fc6", data_format=data_format)(x)
+    if branch:  # a branch around fc6: the graph cannot be split at it
+        y = layers.Concatenate(axis=-1 if data_format == "channels_last" else 1)(
+            [y, layers.Cropping2D(2, data_format=data_format)(x)]
+        )
+    return keras.Model(inputs, layers.Conv2D(3, 1, data_format=data_format, name="fc7")(y))
+
+
+@pytest.mark.parametrize("relu", [False, True])
+def test_valid_conv_equals_tensorflow(relu, monkeypatch):
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((2, 13, 11, 5)).astype("float32")
+    kernel = rng.standard_normal((4, 3, 5, 7)).astype("float32")
+    bias = rng.standard_normal(7).astype("float32")
+    expected = np.asarray(keras.ops.conv(x, kernel, padding="valid")) + bias
+    if relu:
+        expected = np.maximum(expected, 0)
+    for block in (1 << 20, 3 * 9 * 5):  # one block of rows, then blocks of 3 rows (the last of 1)
+        monkeypatch.setattr(blas, "_BLOCK_ELEMENTS", block)
+        result = blas.valid_conv(x, kernel, bias, relu)
+        np.testing.assert_allclose(result, expected, atol=1e-5 * np.abs(expected).max())
+    assert blas.valid_conv(x, kernel, None, False).shape == (2, 10, 9, 7)
+    assert blas.valid_conv(x[:, :3], kernel, None, False).shape == (2, 0, 9, 7)
+
+
+def test_predict_map_runs_the_head_in_numpy_by_default_and_stays_exact(monkeypatch):
+    calls = []
+    real = blas.valid_conv
+
+    def counted(*args):
+        calls.append(args[0].shape)
+        return real(*args)
+
+    monkeypatch.setattr(blas, "valid_conv", counted)
+    model = _head_model()
+    image = random_images((77, 69, 2), seed=4)
+    whole = np.asarray(model(image[None], training=False))[0]
+    scale = np.abs(whole).max()
+    for options in ({}, {"tile": 44}, {"tile": 44, "staged": False}):
+        calls.clear()
+        result = kfs.predict_map(model, image, **options)
+        np.testing.assert_allclose(result, whole, atol=1e-5 * scale, err_msg=str(options))
+        assert calls, f"the head did not run in numpy with {options}"
+    calls.clear()
+    np.testing.assert_allclose(kfs.predict_map(model, image, jit_compile=False), whole, atol=1e-5 * scale)
+    np.testing.assert_allclose(kfs.predict_maps(model, [image, image])[1], whole, atol=1e-5 * scale)
+    assert len(calls) == 1, "jit_compile=False is TensorFlow only; predict_maps chooses as predict_map"
+
+
+def test_weights_changed_after_a_pass_are_used():
+    model = _head_model(activation=None)
+    image = random_images((45, 45, 2), seed=5)
+    kfs.predict_map(model, image)
+    fc6 = model.get_layer("fc6")
+    fc6.kernel.assign(fc6.kernel * 2.0)
+    fc6.bias.assign(fc6.bias + 1.0)
+    whole = np.asarray(model(image[None], training=False))[0]
+    np.testing.assert_allclose(kfs.predict_map(model, image), whole, atol=1e-5 * np.abs(whole).max())
+
+
+def test_heads_numpy_cannot_run_stay_in_tensorflow():
+    forward = runner.forward_fn
+    assert blas.split_forward(_head_model(branch=True), lambda m: forward(m, False)) is None
+    assert blas.split_forward(_head_model(activation="tanh"), lambda m: forward(m, False)) is None
+    assert blas.split_forward(_head_model(), lambda m: forward(m, False)) is not None
+    assert blas.split_forward(_head_model(activation=None), lambda m: forward(m, False)) is not None
+    for model in (_head_model(branch=True), _head_model(activation="tanh")):
+        image = random_images((45, 45, 2), seed=6)
+        whole = np.asarray(model(image[None], training=False))[0]
+        np.testing.assert_allclose(kfs.predict_map(model, image), whole, atol=1e-5 * np.abs(whole).max())
+
+
+def test_channels_first_heads_stay_in_tensorflow():
+    model = _head_model("channels_first")
+    assert blas.split_forward(model, lambda m: runner.forward_fn(m, False)) is None
