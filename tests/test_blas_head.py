@@ -10,7 +10,7 @@ import keras_fcn_surgery as kfs
 from keras_fcn_surgery.inference import blas, runner
 
 
-def _head_model(data_format="channels_last", activation="relu", branch=False):
+def _head_model(data_format="channels_last", activation="relu", branch=False, fc7_kernel=1):
     """conv + pooling, then a 5x5 "fc6" of 512 filters, a 1x1 "fc7", optionally a skip around fc6."""
     shape = (None, None, 2) if data_format == "channels_last" else (2, None, None)
     inputs = keras.Input(shape)
@@ -21,7 +21,7 @@ def _head_model(data_format="channels_last", activation="relu", branch=False):
         y = layers.Concatenate(axis=-1 if data_format == "channels_last" else 1)(
             [y, layers.Cropping2D(2, data_format=data_format)(x)]
         )
-    return keras.Model(inputs, layers.Conv2D(3, 1, data_format=data_format, name="fc7")(y))
+    return keras.Model(inputs, layers.Conv2D(3, fc7_kernel, data_format=data_format, name="fc7")(y))
 
 
 @pytest.mark.parametrize("relu", [False, True])
@@ -41,16 +41,18 @@ def test_valid_conv_equals_tensorflow(relu, monkeypatch):
     assert blas.valid_conv(x[:, :3], kernel, None, False).shape == (2, 0, 9, 7)
 
 
-def test_predict_map_runs_the_head_in_numpy_by_default_and_stays_exact(monkeypatch):
+@pytest.mark.parametrize("fc7_kernel", [1, 3])
+def test_predict_map_runs_the_head_in_numpy_by_default_and_stays_exact(fc7_kernel, monkeypatch):
     calls = []
-    real = blas.valid_conv
+    real = blas.conv_row_blocks
 
     def counted(*args):
         calls.append(args[0].shape)
         return real(*args)
 
-    monkeypatch.setattr(blas, "valid_conv", counted)
-    model = _head_model()
+    monkeypatch.setattr(blas, "conv_row_blocks", counted)
+    monkeypatch.setattr(blas, "_BLOCK_ELEMENTS", 4 * 5 * 5 * 8)  # several blocks of rows per tile
+    model = _head_model(fc7_kernel=fc7_kernel)  # fc7 1x1: run block by block; 3x3: on the whole map
     image = random_images((77, 69, 2), seed=4)
     whole = np.asarray(model(image[None], training=False))[0]
     scale = np.abs(whole).max()

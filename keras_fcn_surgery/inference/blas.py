@@ -18,6 +18,7 @@ import keras
 import numpy as np
 
 from keras_fcn_surgery.graph import graph_of, nodes_in_order, sub_model
+from keras_fcn_surgery.grid.geometry import geometry
 
 # A convolution whose kernel covers at least this many cells, with at least this many filters, is
 # a classifier's head turned into a convolution (fc6 of VGG16: 7 x 7, 4096; CaffeNet's 6 x 6).
@@ -61,33 +62,53 @@ def valid_conv(x: np.ndarray, kernel: np.ndarray, bias: np.ndarray | None, relu:
     Returns:
         ``(N, H - kh + 1, W - kw + 1, F)`` float32.
     """
+    batch, height, width, _ = x.shape
+    kh, kw, _, filters = kernel.shape
+    out = np.empty((batch, max(height - kh + 1, 0), max(width - kw + 1, 0), filters), dtype=np.float32)
+    for image, top, block in conv_row_blocks(x, kernel, bias, relu):
+        out[image, top : top + block.shape[0]] = block
+    return out
+
+
+def conv_row_blocks(x: np.ndarray, kernel: np.ndarray, bias: np.ndarray | None, relu: bool):
+    """`valid_conv`'s output a few rows at a time: ``(image, first row, rows)`` for each block.
+
+    Each yielded block is a buffer reused for the next one: copy it or use it before asking for more.
+    """
     batch, height, width, channels = x.shape
     kh, kw, _, filters = kernel.shape
     out_h, out_w = height - kh + 1, width - kw + 1
-    out = np.empty((batch, max(out_h, 0), max(out_w, 0), filters), dtype=np.float32)
-    if out.size == 0:
-        return out
+    if out_h < 1 or out_w < 1:
+        return
     rows_per_block = max(1, min(out_h, _BLOCK_ELEMENTS // (out_w * kw * channels)))
-    product = np.empty((rows_per_block * out_w, filters), dtype=np.float32)
+    total_buffer = np.empty((rows_per_block * out_w, filters), dtype=np.float32)
+    product = np.empty_like(total_buffer)
     for image in range(batch):
         for top in range(0, out_h, rows_per_block):
             rows = min(rows_per_block, out_h - top)
-            total = out[image, top : top + rows].reshape(rows * out_w, filters)  # a view: out is C-ordered
+            total = total_buffer[: rows * out_w]
             for i in range(kh):
                 band = x[image, top + i : top + i + rows]
                 windows = np.concatenate([band[:, j : j + out_w, :] for j in range(kw)], axis=-1)
                 weights = kernel[i].reshape(kw * channels, filters)  # (kw, C) flattened as the windows are laid
-                if i == 0:
-                    np.matmul(windows.reshape(rows * out_w, -1), weights, out=total)
-                else:
-                    part = product[: rows * out_w]
-                    np.matmul(windows.reshape(rows * out_w, -1), weights, out=part)
+                part = total if i == 0 else product[: rows * out_w]
+                np.matmul(windows.reshape(rows * out_w, -1), weights, out=part)
+                if i:
                     total += part
             if bias is not None:
                 total += bias
             if relu:
                 np.maximum(total, 0, out=total)
-    return out
+            yield image, top, total.reshape(rows, out_w, filters)
+
+
+def _pointwise(model) -> bool:
+    """True when each output cell of ``model`` depends on the same cell of its input only."""
+    try:
+        grid = geometry(model)
+    except Exception:  # a layer geometry cannot follow: treat the part as a whole
+        return False
+    return not grid.global_context and tuple(grid.receptive_field) == (1, 1) and tuple(grid.stride) == (1, 1)
 
 
 def split_forward(model, forward_fn):
@@ -118,15 +139,30 @@ def split_forward(model, forward_fn):
         return None
     head_before = forward_fn(before) if before is not None else None
     head_after = forward_fn(after) if after is not None else None
+    # A pointwise rest (VGG16's fc7, fc8, softmax) runs on each block of rows as it comes, so the
+    # convolution's 4096-channel output is never whole in memory.
+    by_blocks = after is not None and _pointwise(after)
     relu = layer.activation is keras.activations.relu
     parts = (before, after)  # forward_fn traces a model through a weak reference: keep the parts alive
 
     def forward(batch):
         assert parts, "the parts are alive"
         features = head_before(batch) if head_before is not None else np.asarray(batch, dtype=np.float32)
+        features = np.ascontiguousarray(features, dtype=np.float32)
         kernel = np.asarray(tf.convert_to_tensor(layer.kernel))  # a view of the variable's current value
         bias = np.asarray(tf.convert_to_tensor(layer.bias)) if layer.use_bias else None
-        scores = valid_conv(np.ascontiguousarray(features, dtype=np.float32), kernel, bias, relu)
-        return head_after(scores) if head_after is not None else scores
+        if not by_blocks:
+            scores = valid_conv(features, kernel, bias, relu)
+            return head_after(scores) if head_after is not None else scores
+        out = None
+        for image, top, block in conv_row_blocks(features, kernel, bias, relu):
+            result = head_after(block[None])[0]
+            if out is None:
+                height, width = features.shape[1] - kernel.shape[0] + 1, features.shape[2] - kernel.shape[1] + 1
+                out = np.empty((features.shape[0], height, width, result.shape[-1]), dtype=result.dtype)
+            out[image, top : top + result.shape[0]] = result
+        if out is None:  # no cell at all: let the rest say what it makes of an empty map
+            return head_after(valid_conv(features, kernel, bias, relu))
+        return out
 
     return forward
