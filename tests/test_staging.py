@@ -174,6 +174,26 @@ def test_the_plan_of_a_deep_network_computes_less_than_plain_tiles():
     np.testing.assert_allclose(kfs.predict_map(model, image, tile=96, staged=True), whole, atol=ATOL)
 
 
+def test_a_deeper_stage_runs_whole_when_one_call_can_hold_it():
+    """VGG16 at 2048 with tiles of 1024 (planned only): after blocks 1-2, the rest fits one call.
+
+    One call may hold the activations of a batch of about 1024 x 1024 pixels of
+    plain tiles; a single tile of a deeper stage may be as large, so the 512 x
+    512 map after block2_pool runs whole rather than in overlapping tiles.
+    """
+    fcn = kfs.convert(keras.applications.VGG16(weights=None), verify=False)
+    plan = plan_prediction(fcn, (2048, 2048), tile=1024)
+    _check_stages(plan)
+    assert [(s.stop, s.tiles) for s in plan.stages[1:]] == [("predictions", 1)], plan
+    assert plan.stages[0].tiles > 1 and plan.work_ratio < 1.02, plan
+    call_budget = 1024 * 1024 * (64 + 64) * 4  # block1's widest layer, input and output, for 1024 x 1024 pixels
+    assert all(s.peak_bytes <= call_budget for s in plan.stages), plan
+    # With tiles one at a time (batch_size=1), a deeper tile holds no more than one plain tile's activations.
+    single = plan_prediction(fcn, (2048, 2048), tile=1024, batch_size=1)
+    plain = plan_prediction(fcn, (2048, 2048), tile=1024, staged=False, batch_size=1)
+    assert all(s.peak_bytes <= plain.stages[0].peak_bytes for s in single.stages), single
+
+
 def test_a_nested_model_is_one_block():
     inner_inputs = keras.Input((None, None, 4))
     y = layers.Conv2D(4, 3, strides=2, padding="same", activation="relu")(inner_inputs)

@@ -11,7 +11,8 @@ map, equal those of the whole-image pass within float round-off.
 
 `plan_prediction` chooses the cuts (a cheapest chain over the candidate cuts,
 `grid.stages`), each stage's tile size (as large as keeps its activations
-within those of one of the requested tiles through the whole network) and
+within those one forward call may hold: a batch of about a million pixels of
+the requested tiles through the whole network) and
 where each stored map lives (memory, or a file on disk past a budget), and
 reports it all; `predict_map` runs it.
 """
@@ -376,13 +377,15 @@ class _Planner:
         return _Candidate(model, axis_plans, tile, tiles, one.macs, one.peak_elements, cost)
 
     def _deep_tile(self, model, in_size, channels):
-        """The requested tile scaled to a deeper stage's map, as large as the activation budget allows."""
+        """The requested tile scaled to a deeper stage's map, as large as one call's activation budget allows."""
         base = tuple(max(1, -(-t * n // s)) for t, n, s in zip(self.tile, in_size, self.size))
         try:
             base_peak = pass_cost(model, self._shape(base, channels)).peak_elements
         except Exception:  # a tile too small for the stage: let plan_tiles say so, then grow it
             return base
-        factor = max(1.0, stage_math.memory_scale(base_peak, self.activation_budget))
+        # One call may hold a batch's activations (`reference`); one larger tile holds no more than that.
+        budget = self.activation_budget if self.batch_size else max(self.activation_budget, self.reference)
+        factor = max(1.0, stage_math.memory_scale(base_peak, budget))
         return stage_math.scaled_tile(base, factor, in_size)
 
     def _build(self, stages, batches, whole_macs, plain_macs):
