@@ -93,3 +93,62 @@ def test_heads_numpy_cannot_run_stay_in_tensorflow():
 def test_channels_first_heads_stay_in_tensorflow():
     model = _head_model("channels_first")
     assert blas.split_forward(model, lambda m: runner.forward_fn(m, False)) is None
+
+
+def _pointwise_rest_model(stop_numpy_at_batchnorm=False):
+    """A large-kernel fc6, then a pointwise rest: dropout, 1x1 convolution, Dense, ReLU, softmax."""
+    inputs = keras.Input((None, None, 2))
+    x = layers.Conv2D(8, 3, strides=2, activation="relu")(inputs)
+    x = layers.MaxPooling2D(2)(x)
+    x = layers.Conv2D(512, 5, activation="relu", name="fc6")(x)
+    x = layers.Dropout(0.5)(x)
+    x = layers.Conv2D(64, 1, activation="relu", name="fc7")(x)
+    if stop_numpy_at_batchnorm:  # numpy stops here; the rest runs in TensorFlow
+        x = layers.BatchNormalization(beta_initializer="ones")(x)
+    x = layers.Dense(16, name="fc7b")(x)
+    x = layers.ReLU()(x)
+    return keras.Model(inputs, layers.Conv2D(5, 1, activation="softmax", name="fc8")(x))
+
+
+@pytest.mark.parametrize("stop_numpy_at_batchnorm", [False, True])
+def test_a_pointwise_rest_runs_its_leading_layers_in_numpy(stop_numpy_at_batchnorm, monkeypatch):
+    ran = []
+    real = blas._cell_functions
+
+    def recorded(steps):
+        ran.append([kind for kind, _, _ in steps])
+        return real(steps)
+
+    monkeypatch.setattr(blas, "_cell_functions", recorded)
+    monkeypatch.setattr(blas, "_BLOCK_ELEMENTS", 4 * 5 * 5 * 8)  # several blocks of rows per tile
+    model = _pointwise_rest_model(stop_numpy_at_batchnorm)
+    image = random_images((61, 57, 2), seed=7)
+    whole = np.asarray(model(image[None], training=False))[0]
+    for options in ({}, {"tile": 44}):
+        ran.clear()
+        result = kfs.predict_map(model, image, **options)
+        np.testing.assert_allclose(result, whole, atol=1e-5 * np.abs(whole).max(), err_msg=str(options))
+        expected = ["identity", "conv"] if stop_numpy_at_batchnorm else ["identity", "conv", "dense", "identity", "conv"]
+        assert ran and all(kinds == expected for kinds in ran), ran
+    # Weights changed after a pass are used by the numpy layers too.
+    fc7 = model.get_layer("fc7")
+    fc7.kernel.assign(fc7.kernel * -1.5)
+    whole = np.asarray(model(image[None], training=False))[0]
+    np.testing.assert_allclose(kfs.predict_map(model, image), whole, atol=1e-5 * np.abs(whole).max())
+    # Logits far past exp's float32 range: the softmax stays finite, as Keras's does.
+    fc8 = model.get_layer("fc8")
+    fc8.kernel.assign(fc8.kernel * 1e4)
+    whole = np.asarray(model(image[None], training=False))[0]
+    assert np.isfinite(whole).all()
+    np.testing.assert_allclose(kfs.predict_map(model, image), whole, atol=1e-5)
+
+
+def test_cell_steps_refuse_what_numpy_does_not_run_as_keras_does():
+    assert blas._cell_step(layers.ReLU(max_value=6.0)) is None
+    assert blas._cell_step(layers.Activation("tanh")) is None
+    assert blas._cell_step(layers.Conv2D(4, 3)) is None
+    assert blas._cell_step(layers.Conv2D(4, 1, strides=2)) is None
+    assert blas._cell_step(layers.Conv2D(4, 1, activation="gelu")) is None
+    assert blas._cell_step(layers.Dense(4, dtype="mixed_float16")) is None
+    assert blas._cell_step(layers.Softmax(axis=1)) is None
+    assert blas._cell_step(layers.Conv2D(4, 1, activation="softmax"))[0] == "conv"
