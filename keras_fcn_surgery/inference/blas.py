@@ -202,10 +202,13 @@ def _cell_function(weights, activation):
             cells = cells @ kernel
             if bias is not None:
                 cells += bias
+        # In place: ``cells`` is this step's own product, or the caller's block buffer, which is refilled
+        # for the next block only after this one is used.
         if activation == "relu":
-            cells = np.maximum(cells, 0)
+            np.maximum(cells, 0, out=cells)
         elif activation == "softmax":
-            cells = np.exp(cells - cells.max(axis=-1, keepdims=True))
+            cells -= cells.max(axis=-1, keepdims=True)
+            np.exp(cells, out=cells)
             cells /= cells.sum(axis=-1, keepdims=True)
         return cells
 
