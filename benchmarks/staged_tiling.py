@@ -18,7 +18,12 @@ memory-mapped ``.npy`` file, staged tiles of 1024, the map written into a zarr
 store (``out=``, as for a slide), in a fresh process (peak resident growth,
 target <= 1.5 GiB); then, in the same process, whole passes of a 2048 x 2048
 image: wall time per megapixel of the 8192 pass against theirs (target:
-within 10%). About 10 minutes on 2 cores; run it in the background.
+within 10%). Then, in a second fresh process, the 8192 pass again, timed stage
+by stage with a whole 2048 pass before it and after each stage: a pass of
+eight minutes sees the machine's speed drift by 10-25% on a shared machine,
+and this compares each stage with the whole passes around it
+(``--no-interleave`` skips it). About 20 minutes on 2 cores; run it in the
+background.
 
 Run it with TensorFlow's default oneDNN setting for the machine: with
 ``TF_ENABLE_ONEDNN_OPTS=1`` forced on an AVX2 CPU, a single 348 x 348 x 128
@@ -33,6 +38,7 @@ Run::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ctypes
 import gc
 import json
@@ -89,14 +95,18 @@ def child(config: dict) -> None:
         options["out"] = zarr.open_array(
             config["zarr_out"], mode="w", shape=(*cells, classes), chunks=(64, 64, classes), dtype="float32"
         )
+    if config.get("interleave"):  # time only, whole 2048 passes between the large pass's stages
+        print(json.dumps({**config, **interleaved(fcn, image, options, plan)}))
+        return
     gc.collect()
     _reset_peak()
     baseline, _ = _memory_mib()
     passes = []
-    for _ in range(config["passes"]):
-        wall, cpu = time.perf_counter(), time.process_time()
-        kfs.predict_map(fcn, image, **options)
-        passes.append((time.perf_counter() - wall, time.process_time() - cpu))
+    with timed_stages() as stages:
+        for _ in range(config["passes"]):
+            wall, cpu = time.perf_counter(), time.process_time()
+            kfs.predict_map(fcn, image, **options)
+            passes.append((time.perf_counter() - wall, time.process_time() - cpu))
     _, peak = _memory_mib()
     reference = []
     if config.get("reference_passes"):  # whole passes of a 2048 image, side by side with the large pass
@@ -118,8 +128,70 @@ def child(config: dict) -> None:
         "work": plan.work_ratio,
         "plan_peak_mib": plan.peak_bytes / 2**20,
         "reference_seconds": reference,
+        "stage_seconds": stages[-len(plan.stages) :] if plan.staged else [],
     }
     print(json.dumps({**config, **result}))
+
+
+@contextlib.contextmanager
+def timed_stages(between=None):
+    """Collects each stage's wall time of the staged passes run inside; calls ``between()`` after each stage."""
+    from keras_fcn_surgery.inference import runner
+
+    run_tiles, stages = runner.run_tiles, []
+
+    def timed_stage(*args, **kwargs):
+        wall = time.perf_counter()
+        result = run_tiles(*args, **kwargs)
+        stages.append(time.perf_counter() - wall)
+        if between is not None:
+            runner.run_tiles = run_tiles  # a pass run between stages is not one of them
+            try:
+                between()
+            finally:
+                runner.run_tiles = timed_stage
+        return result
+
+    runner.run_tiles = timed_stage
+    try:
+        yield stages
+    finally:
+        runner.run_tiles = run_tiles
+
+
+def interleaved(fcn, image, options: dict, plan) -> dict:
+    """Time one pass of ``image`` stage by stage, with a whole 2048 pass before it and after each stage.
+
+    Like the first pass of the other process, it traces and compiles each
+    stage's tile shape as it comes (the whole passes are warmed up first).
+
+    Robust to the machine's speed drifting over a pass of many minutes: each
+    stage is compared with the whole passes just before and after it, and the
+    reference is their mean weighted by the stage's time. The whole passes run
+    between stages, outside the stage timings, so they add nothing to them.
+    """
+    small = np.random.default_rng(1).uniform(0, 255, (2048, 2048, 3)).astype("float32")
+    kfs.predict_map(fcn, small)  # warm-up: traces and compiles the whole-image shape
+
+    def whole() -> float:
+        wall = time.perf_counter()
+        kfs.predict_map(fcn, small)
+        return time.perf_counter() - wall
+
+    wholes = [whole()]
+    with timed_stages(between=lambda: wholes.append(whole())) as stages:
+        wall = time.perf_counter()
+        kfs.predict_map(fcn, image, **options)
+        total = time.perf_counter() - wall - sum(wholes[1:])
+    assert len(stages) == len(plan.stages), "one timing a stage"
+    weights = [(a + b) / 2 for a, b in zip(wholes, wholes[1:])]
+    reference = sum(t * w for t, w in zip(stages, weights)) / sum(stages)
+    return {
+        "seconds": total,
+        "stage_seconds": stages,
+        "whole_seconds": wholes,
+        "weighted_whole": reference,
+    }
 
 
 def alternating(config: dict) -> None:
@@ -225,7 +297,7 @@ def table(fcn, sizes, tiles) -> None:
     print("staging wins wherever the tiles are much smaller than the image (the plain overhead is the overlap).")
 
 
-def large(fcn_path: str, whole_2048: dict | None, size: int, tile: int) -> None:
+def large(fcn_path: str, whole_2048: dict | None, size: int, tile: int, interleave: bool) -> None:
     print(f"\n== VGG16 on {size}x{size} from a memory-mapped file, staged tiles of {tile} (one pass) ==")
     folder = tempfile.mkdtemp(prefix="staged-large-")
     try:
@@ -247,6 +319,7 @@ def large(fcn_path: str, whole_2048: dict | None, size: int, tile: int) -> None:
             "reference_passes": 3,
         }
         row = run_child(config, timeout=7200)
+        turns = run_child({**config, "interleave": True}, timeout=7200) if interleave else None
     finally:
         shutil.rmtree(folder, ignore_errors=True)
     megapixels = size * size / 1e6
@@ -257,6 +330,7 @@ def large(fcn_path: str, whole_2048: dict | None, size: int, tile: int) -> None:
         f"(plan estimate {row['plan_peak_mib']:.0f} MiB; the map is written to a zarr store on disk, and the "
         f"growth includes the pages of the memory-mapped image read, {size * size * 3 / 2**20:.0f} MiB)"
     )
+    print(f"its stages took {' '.join(f'{t:.1f}' for t in row['stage_seconds'])} s")
     if row["reference_seconds"]:
         same = float(np.median(row["reference_seconds"])) / (2048**2 / 1e6)
         print(
@@ -267,6 +341,15 @@ def large(fcn_path: str, whole_2048: dict | None, size: int, tile: int) -> None:
     if whole_2048 is not None:
         reference = min(whole_2048["times"]) / (whole_2048["size"] ** 2 / 1e6)
         print(f"fastest whole 2048 pass of part 1: {reference:.3f} s/MP -> ratio {per_mp / reference:.2f}")
+    if turns is not None:
+        per_mp_turns = turns["seconds"] / megapixels
+        same = turns["weighted_whole"] / (2048**2 / 1e6)
+        print(
+            f"second pass, stage by stage ({' '.join(f'{t:.1f}' for t in turns['stage_seconds'])} s) with a whole "
+            f"2048 pass before it and after each stage ({' '.join(f'{t:.2f}' for t in turns['whole_seconds'])} s): "
+            f"{turns['seconds']:.1f} s = {per_mp_turns:.3f} s/MP against {same:.3f} s/MP (the whole passes around "
+            f"each stage, weighted by its time) -> ratio {per_mp_turns / same:.2f} (target <= 1.10)"
+        )
     print(
         f"growth target <= 1536 MiB: {'met' if row['growth_mib'] <= 1536 else 'NOT met'}. The 8192 map has "
         f"{(250 * 250 / 8192**2) / (58 * 58 / 2048**2):.2f}x the cells per pixel of the 2048 one (less border is "
@@ -282,6 +365,9 @@ def main(argv=None) -> int:
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--no-plain", action="store_true", help="skip the plain-tiles pass (the slowest)")
     parser.add_argument("--large-size", type=int, default=8192, help="image side of the bounded-memory pass")
+    parser.add_argument(
+        "--no-interleave", action="store_true", help="skip the second large pass timed between whole passes"
+    )
     parser.add_argument("--log", help="append each measurement to this JSON-lines file")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -304,7 +390,8 @@ def main(argv=None) -> int:
             size = 1536 if args.quick else 2048
             rows = measured(path, size, 1024, 1 if args.quick else args.rounds, not args.no_plain)
         if args.large or args.large_only:
-            large(path, rows[0] if rows and rows[0]["size"] == 2048 else None, args.large_size, 1024)
+            whole = rows[0] if rows and rows[0]["size"] == 2048 else None
+            large(path, whole, args.large_size, 1024, not args.no_interleave)
     finally:
         shutil.rmtree(folder, ignore_errors=True)
     print(f"\nload average at end {os.getloadavg()[0]:.2f} (other processes share these cores)")
