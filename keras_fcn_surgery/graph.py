@@ -12,22 +12,9 @@ import inspect
 import keras
 from keras.src.models.functional import Functional
 
+from keras_fcn_surgery import taxonomy
 from keras_fcn_surgery.errors import ConversionError
-from keras_fcn_surgery.layout import Layout
-
-_SPATIAL_LAYOUT_CLASSES = (
-    keras.layers.Conv2D,
-    keras.layers.DepthwiseConv2D,
-    keras.layers.SeparableConv2D,
-    keras.layers.Conv2DTranspose,
-    keras.layers.MaxPooling2D,
-    keras.layers.AveragePooling2D,
-    keras.layers.GlobalAveragePooling2D,
-    keras.layers.GlobalMaxPooling2D,
-    keras.layers.ZeroPadding2D,
-    keras.layers.Cropping2D,
-    keras.layers.UpSampling2D,
-)
+from keras_fcn_surgery.layout import Layout, common_layout
 
 
 def describe(layer) -> str:
@@ -92,19 +79,7 @@ def spatial_data_format(model) -> str:
     Raises:
         ConversionError: when the model mixes both layouts.
     """
-    formats: dict[str, object] = {}
-    for layer in iter_layers(model):
-        if isinstance(layer, _SPATIAL_LAYOUT_CLASSES):
-            formats.setdefault(layer.data_format, layer)
-    if len(formats) > 1:
-        first, second = formats["channels_last"], formats["channels_first"]
-        raise ConversionError(
-            f"Model '{model.name}' mixes layouts: {describe(first)} is channels_last while "
-            f"{describe(second)} is channels_first. Use one `data_format` for all spatial layers."
-        )
-    if formats:
-        return next(iter(formats))
-    return keras.config.image_data_format()
+    return model_layout(model).data_format
 
 
 def producer_of(tensor):
@@ -140,8 +115,13 @@ def node_arguments(node, values_by_id: dict):
 
 
 def model_layout(model) -> Layout:
-    """The `Layout` of the model's spatial maps (see `spatial_data_format`)."""
-    return Layout(spatial_data_format(model))
+    """The `Layout` of the model's spatial maps (see `spatial_data_format`).
+
+    Raises:
+        ConversionError: when the model mixes both layouts.
+    """
+    spatial = [layer for layer in iter_layers(model) if isinstance(layer, taxonomy.SPATIAL_LAYOUT)]
+    return common_layout(model.name, spatial, default=keras.config.image_data_format(), describe=describe)
 
 
 def is_fully_convolutional(model) -> bool:
@@ -314,42 +294,19 @@ def trace_call(node, spatial_axes):
         return None
 
 
-# keras.ops operations by what they do to each value, by class name (keras.src.ops.*).
-UNARY_OPERATIONS = frozenset(
-    """Abs Absolute Cast Ceil Celu Clip Cos Cosh Elu Erf Erfc Exp Exp2 Expm1 Fabs Floor Gelu HardShrink HardSigmoid
-    HardSilu HardTanh LeakyRelu Log Log10 Log1p Log2 LogSigmoid Negative NanToNum Reciprocal Relu Relu6 Round
-    Rsqrt SaturateCast Selu Sigmoid Sign Silu Sin Sinh SoftShrink Softplus Softsign SparsePlus SparseSigmoid
-    Sqrt Square Squareplus StopGradient Tan Tanh TanhShrink Threshold Trunc Copy""".split()
-)
-BINARY_OPERATIONS = frozenset(
-    """Add Subtract Multiply Divide TrueDivide DivideNoNan FloorDivide Power Maximum Minimum Mod Fmax Fmin
-    Fmod Hypot Logaddexp Arctan2""".split()
-)
-# Operations along one axis (their ``axis`` attribute) that keep the tensor's shape.
-AXIS_OPERATIONS = frozenset({"Softmax", "LogSoftmax", "Normalize", "Cumsum", "Cumprod"})
-# Reductions with ``axis`` and ``keepdims`` attributes.
-REDUCTION_OPERATIONS = frozenset({"Mean", "Sum", "Max", "Min", "Prod", "Amax", "Amin", "Logsumexp", "Std", "Var"})
-
-
 def operation_kind(operation) -> str:
-    """``"unary"``, ``"binary"``, ``"axis"``, ``"reduction"``, ``"concatenate"``, the class name otherwise.
+    """What a `keras.ops` operation does (see `taxonomy.operation_kind`); a custom one's class name.
 
     Only for `keras.ops` operations (see `is_layer`).
     """
     name = type(operation).__name__
-    if not is_builtin(operation):
-        return name
-    if name in UNARY_OPERATIONS:
-        return "unary"
-    if name in BINARY_OPERATIONS:
-        return "binary"
-    if name in AXIS_OPERATIONS:
-        return "axis"
-    if name in REDUCTION_OPERATIONS:
-        return "reduction"
-    if name == "Concatenate":
-        return "concatenate"
-    return name
+    return taxonomy.operation_kind(name) if is_builtin(operation) else name
+
+
+def call_argument(node, position: int, default=None):
+    """The positional argument ``position`` of a node's call as recorded (a symbolic tensor or a constant)."""
+    args = node.arguments.args
+    return args[position] if len(args) > position else default
 
 
 def with_axis(operation, axis):

@@ -27,6 +27,11 @@ class Layout:
         if self.data_format not in DATA_FORMATS:
             raise ValueError(f"Expected `data_format` to be one of {DATA_FORMATS}. Received: {self.data_format!r}")
 
+    @classmethod
+    def of(cls, layer) -> Layout:
+        """The layout a layer with a ``data_format`` (a convolution, a pooling, a Flatten) works in."""
+        return cls(layer.data_format)
+
     @property
     def channels_last(self) -> bool:
         return self.data_format == CHANNELS_LAST
@@ -101,3 +106,28 @@ class Layout:
     def image_from_channels_last(self, image):
         """One HWC image moved to this layout."""
         return image if self.channels_last else np.moveaxis(image, -1, 0)
+
+
+def common_layout(name: str, layers, *, default: str, describe) -> Layout:
+    """The one layout of ``layers`` (those with a ``data_format``), or ``default`` when there is none.
+
+    Args:
+        name: the model's name, for the message.
+        layers: layers with a ``data_format`` attribute.
+        default: the layout when ``layers`` is empty (Keras's ``image_data_format()``).
+        describe: how a message names a layer.
+
+    Raises:
+        ConversionError: when the layers mix both layouts, naming one of each.
+    """
+    from keras_fcn_surgery.errors import ConversionError
+
+    first: dict[str, object] = {}
+    for layer in layers:
+        first.setdefault(layer.data_format, layer)
+    if len(first) > 1:
+        raise ConversionError(
+            f"Model '{name}' mixes layouts: {describe(first[CHANNELS_LAST])} is channels_last while "
+            f"{describe(first[CHANNELS_FIRST])} is channels_first. Use one `data_format` for all spatial layers."
+        )
+    return Layout(next(iter(first))) if first else Layout(default)

@@ -17,7 +17,7 @@ to the image's length modulo that stride.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 
 @dataclass(frozen=True)
@@ -71,16 +71,14 @@ def apply_window(state: AxisState, kernel: int, stride: int, dilation: int, padd
         start = max(0, -((-(start + before)) // stride))
     if math.isfinite(stop):
         stop = min(size, (stop - effective + before) // stride + 1)
-    return AxisState(
+    return replace(
+        state,
         size=size,
         stride=state.stride * stride,
         offset=state.offset - before * state.stride,
         receptive_field=state.receptive_field + (effective - 1) * state.stride,
-        is_global=state.is_global,
-        global_context=state.global_context,
         exact_start=start,
         exact_stop=stop,
-        unknown=state.unknown,
     )
 
 
@@ -96,32 +94,21 @@ def apply_padding(state: AxisState, before: int, after: int) -> AxisState:
         start = max(0, start + before)
     if math.isfinite(stop):
         stop = min(size, stop + before)
-    return AxisState(
-        size=size,
-        stride=state.stride,
-        offset=state.offset - before * state.stride,
-        receptive_field=state.receptive_field,
-        is_global=state.is_global,
-        global_context=state.global_context,
-        exact_start=start,
-        exact_stop=stop,
-        unknown=state.unknown,
-    )
+    return replace(state, size=size, offset=state.offset - before * state.stride, exact_start=start, exact_stop=stop)
 
 
 def apply_global(state: AxisState) -> AxisState:
     """State after a global pooling: one cell that sees everything (exact only if the whole axis is)."""
     whole = math.isinf(state.exact_start) and math.isinf(state.exact_stop)
-    return AxisState(
+    return replace(
+        state,
         size=1 if state.size >= 1 else 0,
-        stride=state.stride,
         offset=0,
         receptive_field=state.size,
         is_global=True,
         global_context=True,
         exact_start=state.exact_start if whole else 0,
         exact_stop=state.exact_stop if whole else 0,
-        unknown=state.unknown,
     )
 
 
@@ -165,16 +152,13 @@ def apply_slice(state: AxisState, start: int, step: int, size: int) -> AxisState
         first = max(0, -((-(first - start)) // step))
     if math.isfinite(last):
         last = min(size, max(0, (last - 1 - start) // step + 1))
-    return AxisState(
+    return replace(
+        state,
         size=size,
         stride=state.stride * step,
         offset=state.offset + start * state.stride,
-        receptive_field=state.receptive_field,
-        is_global=state.is_global,
-        global_context=state.global_context,
         exact_start=first,
         exact_stop=last,
-        unknown=state.unknown,
     )
 
 
@@ -185,13 +169,10 @@ def apply_unknown(state: AxisState, size: int, step: int, why: str) -> AxisState
     otherwise); the receptive field and offset stay as they were and are
     marked unknown by ``why``, and no cell counts as equal to the whole image's.
     """
-    return AxisState(
+    return replace(
+        state,
         size=size,
         stride=state.stride * max(step, 1),
-        offset=state.offset,
-        receptive_field=state.receptive_field,
-        is_global=state.is_global,
-        global_context=state.global_context,
         exact_start=0,
         exact_stop=0,
         unknown=_union([state.unknown, (why,)]),

@@ -8,8 +8,10 @@ from dataclasses import dataclass
 
 import keras
 
+from keras_fcn_surgery import taxonomy
 from keras_fcn_surgery.errors import ConversionError
 from keras_fcn_surgery.graph import (
+    call_argument,
     describe,
     graph_of,
     is_builtin,
@@ -24,46 +26,6 @@ from keras_fcn_surgery.graph import (
 from keras_fcn_surgery.grid import axis as gm
 from keras_fcn_surgery.layout import Layout
 
-_WINDOW_LAYERS = (
-    keras.layers.Conv2D,
-    keras.layers.DepthwiseConv2D,
-    keras.layers.SeparableConv2D,
-    keras.layers.MaxPooling2D,
-    keras.layers.AveragePooling2D,
-)
-_GLOBAL_LAYERS = (keras.layers.GlobalAveragePooling2D, keras.layers.GlobalMaxPooling2D)
-# Layers that act on each position of a map alone (on its channels), so the grid goes through unchanged.
-_POINTWISE_LAYERS = (
-    keras.layers.InputLayer,
-    keras.layers.Activation,
-    keras.layers.ReLU,
-    keras.layers.LeakyReLU,
-    keras.layers.ELU,
-    keras.layers.PReLU,
-    keras.layers.Dropout,
-    keras.layers.SpatialDropout2D,
-    keras.layers.GaussianNoise,
-    keras.layers.GaussianDropout,
-    keras.layers.AlphaDropout,
-    keras.layers.ActivityRegularization,
-    keras.layers.Identity,
-    keras.layers.Rescaling,
-    keras.layers.Add,
-    keras.layers.Subtract,
-    keras.layers.Multiply,
-    keras.layers.Average,
-    keras.layers.Maximum,
-    keras.layers.Minimum,
-)
-# Pointwise as long as their axis is the channel axis.
-_CHANNEL_AXIS_LAYERS = (
-    keras.layers.BatchNormalization,
-    keras.layers.LayerNormalization,
-    keras.layers.UnitNormalization,
-    keras.layers.Softmax,
-    keras.layers.Concatenate,
-    keras.layers.Normalization,
-)
 # A stride measured from output lengths: the input grows by this many pixels (divisible by 1-10, 12, 14, 16...).
 _STRIDE_PROBE = 20160
 _MAX_TRACE_DEPTH = 8
@@ -358,19 +320,19 @@ def _first(states):
 
 def _transform(node, axis: int, layout: Layout):
     layer = node.operation
-    if isinstance(layer, _WINDOW_LAYERS):
+    if isinstance(layer, taxonomy.WINDOWS):
         kernel = (layer.pool_size if hasattr(layer, "pool_size") else layer.kernel_size)[axis]
         stride = layer.strides[axis]
         dilation = layer.dilation_rate[axis] if hasattr(layer, "dilation_rate") else 1
         padding = layer.padding
         return lambda states: gm.apply_window(states[0], kernel, stride, dilation, padding)
-    if isinstance(layer, keras.layers.ZeroPadding2D):
+    if isinstance(layer, taxonomy.PADDINGS):
         before, after = layer.padding[axis]
         return lambda states: gm.apply_padding(states[0], before, after)
-    if isinstance(layer, keras.layers.Cropping2D):
+    if isinstance(layer, taxonomy.CROPPINGS):
         before, after = layer.cropping[axis]
         return lambda states: gm.apply_padding(states[0], -before, -after)
-    if isinstance(layer, _GLOBAL_LAYERS):
+    if isinstance(layer, taxonomy.GLOBAL_POOLINGS):
         return lambda states: gm.apply_global(states[0])
     known = _pointwise_or_operation(node, axis, layout)
     if known is not None:
@@ -394,17 +356,19 @@ def _pointwise_or_operation(node, axis: int, layout: Layout):
     layer = node.operation
     rank = len(node.input_tensors[0].shape) if node.input_tensors else 0
     if is_layer(layer):
-        if isinstance(layer, _POINTWISE_LAYERS):
+        if isinstance(layer, taxonomy.POINTWISE):
             return lambda states: _merge(layer, states)
-        if isinstance(layer, keras.layers.Dense) and layout.channels_last:
+        if isinstance(layer, taxonomy.DENSE) and layout.channels_last:
             return lambda states: _merge(layer, states)
-        if isinstance(layer, _CHANNEL_AXIS_LAYERS) and _on_channel_axis(layer.axis, rank, layout):
+        if isinstance(layer, (*taxonomy.CHANNEL_AXIS, keras.layers.Concatenate)) and _on_channel_axis(
+            layer.axis, rank, layout
+        ):
             return lambda states: _merge(layer, states)
         return None
     kind = operation_kind(layer)
     if kind in ("unary", "binary"):
         return lambda states: _merge(layer, states)
-    if kind in ("axis", "concatenate", "Split", "ArraySplit") and _on_channel_axis(layer.axis, rank, layout):
+    if kind in ("axis", "concatenate", "split") and _on_channel_axis(layer.axis, rank, layout):
         return lambda states: _merge(layer, states)
     if kind == "reduction" and rank == 4:
         axes = _axes(layer.axis, rank)
@@ -436,7 +400,7 @@ def _on_channel_axis(axis, rank: int, layout: Layout) -> bool:
 
 def _slice_transform(node, spatial_axis: int):
     """``x[:, a:b:s, ...]``: keeps every s-th cell from a on; None for other keys (integers, new axes)."""
-    key = node.arguments.args[1] if len(node.arguments.args) > 1 else None
+    key = call_argument(node, 1)
     key = tuple(key) if isinstance(key, (tuple, list)) else (key,)
     if Ellipsis in key or any(k is None for k in key) or not all(isinstance(k, slice) for k in key):
         return None

@@ -20,30 +20,19 @@ from __future__ import annotations
 import keras
 import numpy as np
 
+from keras_fcn_surgery import taxonomy
 from keras_fcn_surgery.graph import graph_of, nodes_in_order, sub_model
 from keras_fcn_surgery.grid.geometry import geometry
+from keras_fcn_surgery.layout import Layout
 
-# A convolution whose kernel covers at least this many cells, with at least this many filters, is
-# a classifier's head turned into a convolution (fc6 of VGG16: 7 x 7, 4096; CaffeNet's 6 x 6).
-LARGE_KERNEL_CELLS = 25
-LARGE_KERNEL_FILTERS = 512
 # Elements of the input windows of one block of output rows (about 64 MiB in float32).
 _BLOCK_ELEMENTS = 16 << 20
 
 
-def is_large_kernel_conv(layer) -> bool:
-    """True for a 2-D convolution with a large kernel and many filters (a converted classifier's head)."""
-    if not isinstance(layer, keras.layers.Conv2D) or isinstance(
-        layer, (keras.layers.DepthwiseConv2D, keras.layers.SeparableConv2D, keras.layers.Conv2DTranspose)
-    ):
-        return False
-    return int(np.prod(layer.kernel_size)) >= LARGE_KERNEL_CELLS and layer.filters >= LARGE_KERNEL_FILTERS
-
-
 def _runs_as_rows(layer) -> bool:
     return (
-        is_large_kernel_conv(layer)
-        and layer.data_format == "channels_last"
+        taxonomy.is_large_kernel_conv(layer)
+        and Layout.of(layer).channels_last
         and layer.padding == "valid"
         and tuple(layer.strides) == (1, 1)
         and tuple(layer.dilation_rate) == (1, 1)
@@ -126,8 +115,8 @@ def _activation_name(function) -> str | None:
 
 def _cell_step(operation) -> tuple | None:
     """``(kind, layer, activation)`` when numpy can run ``operation`` on a ``(cells, channels)`` matrix."""
-    if isinstance(operation, (keras.layers.Dropout, keras.layers.SpatialDropout2D, keras.layers.Identity)):
-        return ("identity", operation, "linear")  # identity at inference
+    if isinstance(operation, taxonomy.INFERENCE_IDENTITY):
+        return ("identity", operation, "linear")
     if isinstance(operation, keras.layers.ReLU):
         config = operation.get_config()
         plain = config.get("max_value") is None and not config.get("negative_slope") and not config.get("threshold")
@@ -142,17 +131,14 @@ def _cell_step(operation) -> tuple | None:
     name = _activation_name(getattr(operation, "activation", None))
     if name is None:
         return None
-    if isinstance(operation, keras.layers.Dense):
+    if isinstance(operation, taxonomy.DENSE):
         return ("dense", operation, name)
     pointwise_conv = (
         isinstance(operation, keras.layers.Conv2D)
-        and not isinstance(
-            operation, (keras.layers.DepthwiseConv2D, keras.layers.SeparableConv2D, keras.layers.Conv2DTranspose)
-        )
         and tuple(operation.kernel_size) == (1, 1)
         and tuple(operation.strides) == (1, 1)
         and operation.groups == 1
-        and operation.data_format == "channels_last"
+        and Layout.of(operation).channels_last
     )
     return ("conv", operation, name) if pointwise_conv else None
 
@@ -246,7 +232,7 @@ def split_forward(model, forward_fn):
     # A pointwise rest (VGG16's fc7, fc8, softmax) runs on each block of rows as it comes, so the
     # convolution's 4096-channel output is never whole in memory.
     by_blocks = after is not None and _pointwise(after)
-    steps, rest = _cell_steps(after) if by_blocks and layer.data_format == "channels_last" else ([], after)
+    steps, rest = _cell_steps(after) if by_blocks and Layout.of(layer).channels_last else ([], after)
     head_rest = forward_fn(rest) if by_blocks and rest is not None else None
     relu = layer.activation is keras.activations.relu
     parts = (before, after, rest)  # forward_fn traces a model through a weak reference: keep the parts alive

@@ -33,11 +33,11 @@ def layer_macs(layer, input_shape, output_shape) -> int:
     if isinstance(layer, keras.layers.DepthwiseConv2D):
         return out * int(np.prod(layer.kernel_size))
     if isinstance(layer, keras.layers.SeparableConv2D):
-        channels = int(Layout(layer.data_format).channels(input_shape))
+        channels = int(Layout.of(layer).channels(input_shape))
         depthwise = int(np.prod(input_shape[1:])) * layer.depth_multiplier * int(np.prod(layer.kernel_size))
         return depthwise + out * channels * layer.depth_multiplier
     if isinstance(layer, keras.layers.Conv2D):
-        channels = int(Layout(layer.data_format).channels(input_shape))
+        channels = int(Layout.of(layer).channels(input_shape))
         return out * int(np.prod(layer.kernel_size)) * channels // layer.groups
     if isinstance(layer, keras.layers.Dense):
         return out * int(input_shape[-1])

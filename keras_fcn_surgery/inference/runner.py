@@ -15,8 +15,9 @@ from keras_fcn_surgery.errors import ConversionError, InputError
 from keras_fcn_surgery.graph import iter_layers, model_layout
 from keras_fcn_surgery.grid import tiling
 from keras_fcn_surgery.grid.geometry import Geometry
-from keras_fcn_surgery.inference.blas import is_large_kernel_conv, split_forward
+from keras_fcn_surgery.inference.blas import split_forward
 from keras_fcn_surgery.layout import Layout
+from keras_fcn_surgery.taxonomy import is_large_kernel_conv
 
 # Input pixels per forward pass when `batch_size` is not given: tiles of 1024 x 1024
 # or more go one at a time (batching them would defeat the memory bound of tiling).

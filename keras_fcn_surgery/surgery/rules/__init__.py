@@ -1,16 +1,19 @@
-"""Head rules: each one knows how to carry one kind of layer call onto a score map.
+"""The rules: each one knows how to carry one kind of layer call onto a score map.
 
 The engine asks them in order; the first that claims a call wins. A new head
-pattern is a new `Rule` in this list.
+pattern is a new `Rule` in this list. The body rules come last: a call on
+feature maps that no head rule claims is refused when it ties the map to one
+size, and copied otherwise.
 """
 
 from keras_fcn_surgery.surgery.rules.base import Context, NodeView, Rewrite, Rule, Step
+from keras_fcn_surgery.surgery.rules.body import BodyRule, SizeBoundRule
 from keras_fcn_surgery.surgery.rules.flatten_dense import (
     BatchNormOnFlattenedMapRule,
     DenseOnFlattenedMapRule,
     FlattenRule,
 )
-from keras_fcn_surgery.surgery.rules.global_pooling import GlobalPoolingRule
+from keras_fcn_surgery.surgery.rules.global_pooling import GlobalPoolingRule, SqueezeExcitationRule
 from keras_fcn_surgery.surgery.rules.operations import OperationRule
 from keras_fcn_surgery.surgery.rules.vector_layers import (
     ChannelAxisRule,
@@ -25,6 +28,7 @@ DEFAULT_RULES: tuple[Rule, ...] = (
     FlattenRule(),
     DenseOnFlattenedMapRule(),
     BatchNormOnFlattenedMapRule(),
+    SqueezeExcitationRule(),
     GlobalPoolingRule(),
     DenseOnVectorMapRule(),
     ElementwiseRule(),
@@ -33,6 +37,8 @@ DEFAULT_RULES: tuple[Rule, ...] = (
     ReshapeRule(),
     UnitMapConvRule(),
     OperationRule(),
+    SizeBoundRule(),
+    BodyRule(),
 )
 
 __all__ = ["DEFAULT_RULES", "Context", "NodeView", "Rewrite", "Rule", "Step"]

@@ -143,13 +143,33 @@ class NodeView:
     input_shapes: list[tuple]
     output_shapes: list[tuple]
     context: Context
-    # For global poolings: whether the pooled vector is multiplied or added back
-    # into a feature map (squeeze-and-excitation), which makes it part of the body.
-    feeds_back_into_map: bool = False
+    # The nodes of the same graph that read each tensor, by ``id(tensor)``: what follows this call.
+    consumers: dict = field(default_factory=dict)
 
     @property
     def only_mode(self) -> Mode | None:
         return self.input_modes[0] if len(self.input_modes) == 1 else None
+
+    def downstream(self):
+        """Every call that depends on this call's outputs (in this graph), each once, nearest first.
+
+        Yields ``(node, outsiders)``: the call, and its input tensors that do
+        not depend on this call.
+        """
+        reached = {id(t) for t in self.node.outputs}
+        frontier = list(self.node.outputs)
+        seen: set[int] = set()
+        while frontier:
+            tensor = frontier.pop(0)
+            for consumer in self.consumers.get(id(tensor), []):
+                if id(consumer) in seen:
+                    continue
+                seen.add(id(consumer))
+                yield consumer, [t for t in consumer.input_tensors if id(t) not in reached]
+                for output in consumer.outputs:
+                    if id(output) not in reached:
+                        reached.add(id(output))
+                        frontier.append(output)
 
 
 class Rule:

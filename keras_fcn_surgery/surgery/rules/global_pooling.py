@@ -11,26 +11,58 @@ from __future__ import annotations
 
 import keras
 
+from keras_fcn_surgery import taxonomy
 from keras_fcn_surgery.errors import ConversionError
 from keras_fcn_surgery.graph import describe
-from keras_fcn_surgery.surgery.rules.base import NodeView, Rewrite, RewriteKind, Rule, Spatial, Step, VectorMap, remove
+from keras_fcn_surgery.surgery.rules.base import (
+    SPATIAL,
+    NodeView,
+    Rewrite,
+    RewriteKind,
+    Rule,
+    Spatial,
+    Step,
+    VectorMap,
+    copy_layer,
+    remove,
+)
 
-_REPLACEMENTS = {
-    keras.layers.GlobalAveragePooling2D: keras.layers.AveragePooling2D,
-    keras.layers.GlobalMaxPooling2D: keras.layers.MaxPooling2D,
-}
+
+class SqueezeExcitationRule(Rule):
+    """A global pooling whose result is merged back into a feature map belongs to the body.
+
+    That is squeeze-and-excitation (EfficientNet, MobileNetV3): the pooled
+    vector gates the map it came from. In the FCN it keeps pooling over the
+    whole image (`keras_fcn_surgery.geometry` reports ``global_context``).
+    """
+
+    layers = taxonomy.GLOBAL_POOLINGS
+    modes = (Spatial,)
+
+    def claim(self, view: NodeView) -> Step | None:
+        for consumer, outsiders in view.downstream():
+            if isinstance(consumer.operation, taxonomy.MERGES_INTO_MAP) and any(
+                _is_large_map(t, view) for t in outsiders
+            ):
+                return copy_layer(view, SPATIAL)
+        return None
+
+
+def _is_large_map(tensor, view: NodeView) -> bool:
+    shape = tuple(tensor.shape)
+    return len(shape) == 4 and any(d is None or d > 1 for d in view.context.spatial_shape(shape))
 
 
 class GlobalPoolingRule(Rule):
     """The head's global pooling becomes a window pooling or disappears."""
 
-    layers = tuple(_REPLACEMENTS)
+    layers = taxonomy.GLOBAL_POOLINGS
     modes = (Spatial,)
 
     def claim(self, view: NodeView) -> Step | None:
         layer = view.layer
-        replacement = _REPLACEMENTS.get(type(layer))
-        if replacement is None or view.feeds_back_into_map:
+        replacement = taxonomy.WINDOW_POOLING_OF.get(type(layer))
+        if replacement is None:
             return None
         context = view.context
         keepdims = bool(layer.keepdims)

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import keras
-import numpy as np
 
+from keras_fcn_surgery import taxonomy
 from keras_fcn_surgery.errors import ConversionError
 from keras_fcn_surgery.graph import describe
 from keras_fcn_surgery.surgery.kernels import dense_to_pointwise_kernel
@@ -26,54 +26,9 @@ from keras_fcn_surgery.surgery.rules.convolutions import (
     dense_rewrite,
 )
 
-# Layers that act on each value alone: right on any layout, even on a Flatten's output.
-ELEMENTWISE_LAYERS = (
-    keras.layers.Dropout,
-    keras.layers.GaussianNoise,
-    keras.layers.GaussianDropout,
-    keras.layers.AlphaDropout,
-    keras.layers.ReLU,
-    keras.layers.LeakyReLU,
-    keras.layers.ELU,
-    keras.layers.Identity,
-    keras.layers.ActivityRegularization,
-    keras.layers.Rescaling,
-)
-
-# Element-wise layers that do nothing at inference.
-_INFERENCE_IDENTITY_LAYERS = (
-    keras.layers.Dropout,
-    keras.layers.GaussianNoise,
-    keras.layers.GaussianDropout,
-    keras.layers.AlphaDropout,
-    keras.layers.Identity,
-    keras.layers.ActivityRegularization,
-)
-
-# Layers that act along one axis, which must be the channel axis of the map.
-CHANNEL_AXIS_LAYERS = (
-    keras.layers.Softmax,
-    keras.layers.BatchNormalization,
-    keras.layers.LayerNormalization,
-    keras.layers.UnitNormalization,
-)
-
-MERGE_LAYERS = (
-    keras.layers.Add,
-    keras.layers.Subtract,
-    keras.layers.Multiply,
-    keras.layers.Average,
-    keras.layers.Maximum,
-    keras.layers.Minimum,
-    keras.layers.Concatenate,
-)
-
-_AXIS_ACTIVATIONS = ("softmax", "log_softmax")
-
 
 def _activation_name(layer) -> str:
-    activation = layer.get_config().get("activation")
-    return activation if isinstance(activation, str) else getattr(activation, "__name__", "")
+    return taxonomy.activation_name(layer.get_config().get("activation"))
 
 
 def _is_channel_axis(axis, rank: int, context) -> bool:
@@ -134,23 +89,19 @@ class ElementwiseRule(Rule):
         if mode is None:
             return None
         layer = view.layer
-        is_elementwise = isinstance(layer, ELEMENTWISE_LAYERS) or (
-            isinstance(layer, keras.layers.Activation) and _activation_name(layer) not in _AXIS_ACTIVATIONS
-        )
-        if isinstance(layer, keras.layers.Rescaling):
-            # A per-feature scale or offset would hit the wrong values on a map.
-            is_elementwise = np.ndim(layer.scale) == 0 and np.ndim(layer.offset) == 0
+        # A per-feature scale or offset (Rescaling) would hit the wrong values on a map.
+        elementwise = taxonomy.is_elementwise(layer)
         if isinstance(mode, FlattenedMap) and mode.affine is not None:
             # A folded BatchNormalization must reach the Dense unchanged: only layers that
             # are the identity at inference may sit between them.
-            is_elementwise = isinstance(layer, _INFERENCE_IDENTITY_LAYERS)
-        return copy_layer(view) if is_elementwise else None
+            elementwise = isinstance(layer, taxonomy.INFERENCE_IDENTITY)
+        return copy_layer(view) if elementwise else None
 
 
 class ChannelAxisRule(Rule):
     """Softmax, BatchNormalization, LayerNormalization... keep acting on the channel axis."""
 
-    layers = (keras.layers.Activation, *CHANNEL_AXIS_LAYERS)
+    layers = (keras.layers.Activation, *taxonomy.CHANNEL_AXIS)
     modes = (VectorMap,)
 
     def claim(self, view: NodeView) -> Step | None:
@@ -161,7 +112,7 @@ class ChannelAxisRule(Rule):
         context = view.context
         rank = len(view.input_shapes[0])
         if isinstance(layer, keras.layers.Activation):
-            if _activation_name(layer) not in _AXIS_ACTIVATIONS:
+            if _activation_name(layer) not in taxonomy.AXIS_ACTIVATIONS:
                 return None
             if context.layout.channels_last:
                 return copy_layer(view)
@@ -195,7 +146,7 @@ class ChannelAxisRule(Rule):
 class MergeRule(Rule):
     """Add, Concatenate and friends of per-window vectors from parallel head branches."""
 
-    layers = MERGE_LAYERS
+    layers = taxonomy.MERGES
     modes = (VectorMap,)
 
     def claim(self, view: NodeView) -> Step | None:

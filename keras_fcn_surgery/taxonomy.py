@@ -1,0 +1,193 @@
+"""What each Keras layer and `keras.ops` operation does to an image map: one classification for the package.
+
+The surgery (which layers carry over to a score map), the geometry (which
+layers move or widen a cell's window) and the inference (which layers the
+BLAS head runs) all ask these questions; the answers live here only, so that
+they cannot disagree. Layer kinds are tuples of classes (for ``isinstance``);
+operation kinds are sets of `keras.ops` class names (Keras records ``x + 1``
+or ``ops.relu(x)`` in a graph as operations of those classes, which are not
+layers).
+"""
+
+from __future__ import annotations
+
+import keras
+
+_layers = keras.layers
+
+# Layers ------------------------------------------------------------------------------------------------
+
+# The identity at inference.
+INFERENCE_IDENTITY = (
+    _layers.Dropout,
+    _layers.SpatialDropout1D,
+    _layers.SpatialDropout2D,
+    _layers.SpatialDropout3D,
+    _layers.GaussianNoise,
+    _layers.GaussianDropout,
+    _layers.AlphaDropout,
+    _layers.Identity,
+    _layers.ActivityRegularization,
+)
+
+# A function of each value alone, with no per-feature parameter: right on any layout, even on a
+# Flatten's output. (`Rescaling` only with a scalar scale and offset: see `is_elementwise`.)
+ELEMENTWISE = (
+    *INFERENCE_IDENTITY,
+    _layers.ReLU,
+    _layers.LeakyReLU,
+    _layers.ELU,
+    _layers.Rescaling,
+)
+
+# Element-wise with parameters per feature (laid along the feature axis, or shared over some axes).
+PARAMETRIC_ELEMENTWISE = (_layers.PReLU,)
+
+# Layers that act along one axis (their ``axis``); on a map, pointwise when that is the channel axis.
+CHANNEL_AXIS = (
+    _layers.BatchNormalization,
+    _layers.LayerNormalization,
+    _layers.UnitNormalization,
+    _layers.Normalization,
+    _layers.Softmax,
+)
+
+# Element-wise merges of tensors of one shape.
+ELEMENTWISE_MERGES = (
+    _layers.Add,
+    _layers.Subtract,
+    _layers.Multiply,
+    _layers.Average,
+    _layers.Maximum,
+    _layers.Minimum,
+)
+MERGES = (*ELEMENTWISE_MERGES, _layers.Concatenate)
+# Merges that put a broadcast vector back into a map: squeeze-and-excitation's gate.
+MERGES_INTO_MAP = (_layers.Multiply, _layers.Add, _layers.Subtract)
+
+# Sliding windows over the spatial axes (kernel or pool size, strides, dilation, padding).
+CONVOLUTIONS = (_layers.Conv2D, _layers.DepthwiseConv2D, _layers.SeparableConv2D)
+POOLINGS = (_layers.MaxPooling2D, _layers.AveragePooling2D)
+WINDOWS = (*CONVOLUTIONS, *POOLINGS)
+PADDINGS = (_layers.ZeroPadding2D,)
+CROPPINGS = (_layers.Cropping2D,)
+
+GLOBAL_POOLINGS = (_layers.GlobalAveragePooling2D, _layers.GlobalMaxPooling2D)
+# What a global pooling becomes when it pools one window of the original size.
+WINDOW_POOLING_OF = {
+    _layers.GlobalAveragePooling2D: _layers.AveragePooling2D,
+    _layers.GlobalMaxPooling2D: _layers.MaxPooling2D,
+}
+
+# Learnable upsampling: what makes a model a segmenter (per-pixel logits).
+UPSAMPLINGS = (_layers.Conv2DTranspose, _layers.Conv3DTranspose)
+
+# Layers whose ``data_format`` says where a map's channels are.
+SPATIAL_LAYOUT = (
+    *WINDOWS,
+    *GLOBAL_POOLINGS,
+    *PADDINGS,
+    *CROPPINGS,
+    _layers.Conv2DTranspose,
+    _layers.UpSampling2D,
+)
+
+# Dense: a matrix product on the last axis.
+DENSE = (_layers.Dense,)
+
+# Layers with no weights and no effect on a cell's window: the model's input.
+INPUTS = (_layers.InputLayer,)
+
+# Layers that act on each position of a map alone (on its channels), whatever the layout.
+POINTWISE = (*INPUTS, *ELEMENTWISE, *PARAMETRIC_ELEMENTWISE, _layers.Activation, *ELEMENTWISE_MERGES)
+
+# Layers that tie a map to one size when they act on it.
+RESHAPES = (_layers.Reshape, _layers.Permute, _layers.Flatten)
+RESIZINGS = (_layers.Resizing,)
+
+
+def is_elementwise(layer) -> bool:
+    """True for a layer that applies one function to each value alone (no per-feature parameter)."""
+    if isinstance(layer, _layers.Rescaling):
+        import numpy as np
+
+        return np.ndim(layer.scale) == 0 and np.ndim(layer.offset) == 0
+    if isinstance(layer, _layers.Activation):
+        return activation_name(layer.activation) not in AXIS_ACTIVATIONS
+    return isinstance(layer, ELEMENTWISE)
+
+
+def is_large_kernel_conv(layer) -> bool:
+    """True for a convolution with a large kernel and many filters: a classifier's head turned into one.
+
+    VGG16's fc6 (7 x 7, 4096 filters) and CaffeNet's (6 x 6) are; a network's own
+    convolutions, with kernels of at most 5 x 5 or few filters, are not.
+    """
+    return (
+        isinstance(layer, _layers.Conv2D)
+        and layer.kernel_size[0] * layer.kernel_size[1] >= LARGE_KERNEL_CELLS
+        and layer.filters >= LARGE_KERNEL_FILTERS
+    )
+
+
+LARGE_KERNEL_CELLS = 25
+LARGE_KERNEL_FILTERS = 512
+
+# Activations ---------------------------------------------------------------------------------------------
+
+# Activations that act along an axis (the features), not on each value alone.
+AXIS_ACTIVATIONS = frozenset({"softmax", "log_softmax"})
+# Final activations whose input (the logits) a check compares instead: a softmax hides a shift of every
+# logit and saturates, a sigmoid flattens large logits.
+SQUASHING_ACTIVATIONS = frozenset({"softmax", "sigmoid"})
+
+
+def activation_name(activation) -> str:
+    """The name of a Keras activation (a function, a string, or None for linear)."""
+    if activation is None:
+        return "linear"
+    if isinstance(activation, str):
+        return activation
+    return getattr(activation, "__name__", "")
+
+
+# keras.ops operations, by class name --------------------------------------------------------------------
+
+UNARY_OPERATIONS = frozenset(
+    """Abs Absolute Cast Ceil Celu Clip Cos Cosh Elu Erf Erfc Exp Exp2 Expm1 Fabs Floor Gelu HardShrink HardSigmoid
+    HardSilu HardTanh LeakyRelu Log Log10 Log1p Log2 LogSigmoid Negative NanToNum Reciprocal Relu Relu6 Round
+    Rsqrt SaturateCast Selu Sigmoid Sign Silu Sin Sinh SoftShrink Softplus Softsign SparsePlus SparseSigmoid
+    Sqrt Square Squareplus StopGradient Tan Tanh TanhShrink Threshold Trunc Copy""".split()
+)
+BINARY_OPERATIONS = frozenset(
+    """Add Subtract Multiply Divide TrueDivide DivideNoNan FloorDivide Power Maximum Minimum Mod Fmax Fmin
+    Fmod Hypot Logaddexp Arctan2""".split()
+)
+# Operations along one axis (their ``axis`` attribute) that keep the tensor's shape.
+AXIS_OPERATIONS = frozenset({"Softmax", "LogSoftmax", "Normalize", "Cumsum", "Cumprod"})
+# Reductions with ``axis`` and ``keepdims`` attributes.
+REDUCTION_OPERATIONS = frozenset({"Mean", "Sum", "Max", "Min", "Prod", "Amax", "Amin", "Logsumexp", "Std", "Var"})
+# Operations that split a tensor along an axis.
+SPLIT_OPERATIONS = frozenset({"Split", "ArraySplit"})
+# Operations that move values between axes: on a feature map they tie it to one size.
+RESHAPING_OPERATIONS = frozenset({"Reshape", "Transpose", "Swapaxes", "Moveaxis", "Ravel", "Flatten", "Squeeze"})
+
+
+def operation_kind(name: str) -> str:
+    """``"unary"``, ``"binary"``, ``"axis"``, ``"reduction"``, ``"concatenate"``, ``"split"``,
+    ``"reshaping"``, or the class name itself for any other built-in operation."""
+    if name in UNARY_OPERATIONS:
+        return "unary"
+    if name in BINARY_OPERATIONS:
+        return "binary"
+    if name in AXIS_OPERATIONS:
+        return "axis"
+    if name in REDUCTION_OPERATIONS:
+        return "reduction"
+    if name in SPLIT_OPERATIONS:
+        return "split"
+    if name in RESHAPING_OPERATIONS:
+        return "reshaping"
+    if name == "Concatenate":
+        return "concatenate"
+    return name
