@@ -97,9 +97,7 @@ def write_slide(path: str, side: int) -> None:
 
 def run_folder(model_path: str, folder: str, skip_ray: bool) -> None:
     import keras_fcn_surgery as kfs
-    from keras_fcn_surgery.batch.run import prepare_model
-
-    fcn = prepare_model(model_path)
+    fcn = kfs.as_fcn(model_path)
     count = len(os.listdir(folder))
     with tempfile.TemporaryDirectory() as out:
         kfs.predict_images(fcn, [os.path.join(folder, "image0000.jpg")], os.path.join(out, "warm"))  # trace once
@@ -130,9 +128,10 @@ def _report(label: str, summary) -> None:
 
 def run_slide_child(model_path: str, slide: str, mask: str) -> None:
     """In a fresh process: load the model, note resident memory, predict the slide, print JSON."""
-    from keras_fcn_surgery.batch.run import predict_images, prepare_model
+    from keras_fcn_surgery.batch.run import predict_images
+    from keras_fcn_surgery.surgery.fcn import as_fcn
 
-    fcn = prepare_model(model_path)
+    fcn = as_fcn(model_path)
     with tempfile.TemporaryDirectory() as out:
         predict_images(fcn, [slide], os.path.join(out, "warm"), level=len(_levels(slide)) - 1)  # trace once
         before = _rss_mb()

@@ -13,6 +13,9 @@ from typing import TYPE_CHECKING
 _PUBLIC = {
     "HEADS": "surgery.convert",
     "convert": "surgery.convert",
+    "as_fcn": "surgery.fcn",
+    "FcnSpec": "surgery.fcn",
+    "fcn_spec": "surgery.fcn",
     "plan": "surgery.convert",
     "ConversionError": "errors",
     "InputError": "errors",
@@ -59,6 +62,7 @@ __all__ = [
     "ConversionPlan",
     "ExportError",
     "ExportResult",
+    "FcnSpec",
     "Geometry",
     "HEADS",
     "InputError",
@@ -71,7 +75,9 @@ __all__ = [
     "StagePlan",
     "VerificationError",
     "VerificationResult",
+    "as_fcn",
     "convert",
+    "fcn_spec",
     "export_onnx",
     "export_savedmodel",
     "export_tflite",
@@ -138,6 +144,7 @@ if TYPE_CHECKING:
     from keras_fcn_surgery.segmentation.predict import segment_image
     from keras_fcn_surgery.segmentation.segmenter import segmenter
     from keras_fcn_surgery.surgery.convert import HEADS, convert, plan, verify
+    from keras_fcn_surgery.surgery.fcn import FcnSpec, as_fcn, fcn_spec
     from keras_fcn_surgery.surgery.plan import ConversionPlan
     from keras_fcn_surgery.surgery.rules.base import RewriteKind
     from keras_fcn_surgery.surgery.verify import VerificationResult

@@ -124,20 +124,6 @@ def model_layout(model) -> Layout:
     return common_layout(model.name, spatial, default=keras.config.image_data_format(), describe=describe)
 
 
-def is_fully_convolutional(model) -> bool:
-    """True for a one-input, one-output model on images of any size that returns a rank-4 map.
-
-    That is what `convert` returns, and what `predict_map`, the exports and the
-    CLI take as they are; anything else is a classifier to convert first.
-    """
-    if len(model.inputs) != 1 or len(model.outputs) != 1:
-        return False
-    shape, output = tuple(model.inputs[0].shape), tuple(model.outputs[0].shape)
-    if len(shape) != 4 or len(output) != 4:
-        return False
-    return all(d is None for d in model_layout(model).spatial_shape(shape))
-
-
 def patch_tf2onnx() -> None:
     """Keras's compatibility patch that lets tf2onnx run under numpy 2 (idempotent)."""
     from keras.src.export.tf2onnx_lib import patch_tf2onnx as keras_patch

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from keras_fcn_surgery.batch import writers
-from keras_fcn_surgery.batch.cells import PixelGrid, plan_tiles
+from keras_fcn_surgery.batch.cells import PixelGrid
 from keras_fcn_surgery.batch.masks import cell_mask, read_mask, thumbnail, tissue_mask
 from keras_fcn_surgery.batch.readers import LevelArray, choose_level, open_reader
 from keras_fcn_surgery.batch.sources import IMAGE_SUFFIXES, Source
@@ -55,7 +55,7 @@ class InputResult:
         outputs: the files written (or found, when skipped).
         message: why it failed.
         megapixels: pixels of the level the map was computed on, in millions.
-        computed_fraction: the fraction of the image's tiles computed.
+        computed_fraction: the share of the unmasked pass's work computed.
         seconds: time spent on it.
     """
 
@@ -140,49 +140,33 @@ def _compute_and_write(fcn, source: Source, paths: dict[str, str], options: Batc
 
 
 def _compute(fcn, view, layout, grid, size, kept, scores, options: BatchOptions) -> float:
-    """Fill ``scores`` (channels-last, NaN-filled) and return the fraction of the tiles computed."""
+    """Fill ``scores`` (channels-last, NaN-filled) and return the share of the unmasked work computed.
+
+    A mask reaches `predict_map` as its ``keep``: the staged plan then runs
+    only the tiles the kept cells need, batched and prefetched as any pass.
+    """
     import keras_fcn_surgery as kfs
 
     preprocess = preprocess_fn(options.preprocess, layout)
     tile = options.tile
     if tile is None and max(size) > LARGE_SIDE and not grid.global_context:  # such networks cannot be tiled
         tile = DEFAULT_TILE
-    if kept is None or grid.global_context:
-        if layout.channels_last:
-            kfs.predict_map(
-                fcn,
-                view,
-                tile=tile,
-                out=scores,
-                batch_size=options.batch_size,
-                preprocess=preprocess,
-                progress=options.progress,
-            )
-        else:
-            whole = kfs.predict_map(
-                fcn, view, tile=tile, batch_size=options.batch_size, preprocess=preprocess, progress=options.progress
-            )
-            scores[:] = layout.image_to_channels_last(whole)
-        if kept is not None:  # a network with global context: nothing to skip, but the mask still applies
-            _apply_mask(scores, kept)
-        return 1.0
-    tiles = plan_tiles(size, grid, tile or DEFAULT_TILE)
-    computed = 0
-    with _bar(len(tiles), options.progress, unit="tile") as bar:
-        for rows, cols in tiles:
-            out_rows, out_cols = slice(rows.out_start, rows.out_stop), slice(cols.out_start, cols.out_stop)
-            keep = kept[out_rows, out_cols]
-            bar.update(1)
-            if not keep.any():
-                continue
-            computed += 1
-            pixels = view[layout.image_index(slice(rows.start, rows.stop), slice(cols.start, cols.stop))]
-            cell_map = kfs.predict_map(fcn, pixels, preprocess=preprocess, batch_size=1, progress=False)
-            cell_map = layout.image_to_channels_last(cell_map)[
-                rows.keep_start : rows.keep_stop, cols.keep_start : cols.keep_stop
-            ]
-            scores[out_rows, out_cols] = np.where(keep[..., None], cell_map, np.float32(np.nan))
-    return computed / len(tiles)
+    if kept is not None and tile is None and not grid.global_context:
+        tile = DEFAULT_TILE  # tiles to skip
+    keep = None if kept is None or grid.global_context else kept
+    fraction = 1.0
+    if keep is not None:
+        planned = kfs.plan_prediction(fcn, size, tile=tile, batch_size=options.batch_size, keep=keep)
+        whole = kfs.plan_prediction(fcn, size, tile=tile, batch_size=options.batch_size)
+        fraction = planned.macs / max(whole.macs, 1)
+    arguments = dict(tile=tile, batch_size=options.batch_size, preprocess=preprocess, progress=options.progress)
+    if layout.channels_last:
+        kfs.predict_map(fcn, view, out=scores, keep=keep, **arguments)
+    else:
+        scores[:] = layout.image_to_channels_last(kfs.predict_map(fcn, view, keep=keep, **arguments))
+    if kept is not None and keep is None:  # a network with global context: nothing to skip, but the mask applies
+        _apply_mask(scores, kept)
+    return fraction
 
 
 def _segment(model, view, layout, size, kept, scores, options: BatchOptions) -> float:

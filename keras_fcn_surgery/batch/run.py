@@ -150,7 +150,9 @@ def predict_images(
     out_dir = os.path.abspath(os.fspath(out_dir))
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise ModelFileError(f"Output folder '{out_dir}' is a file.")
-    fcn = prepare_model(model, head=head, input_size=input_size)
+    from keras_fcn_surgery.surgery.fcn import as_fcn
+
+    fcn = as_fcn(model, head=head, input_size=input_size)
     _check_class_names(fcn, options.class_names)
     os.makedirs(out_dir, exist_ok=True)
     start = time.perf_counter()
@@ -165,18 +167,6 @@ def predict_images(
                 results.append(predict_source(fcn, source, out_dir, options))
                 bar.update(1)
     return BatchSummary(results, time.perf_counter() - start)
-
-
-def prepare_model(model, *, head: str = "window", input_size=None):
-    """The FCN to run: ``model`` (or the file it names) as is when fully convolutional, else converted and verified."""
-    from keras_fcn_surgery.graph import is_fully_convolutional
-    from keras_fcn_surgery.saving.loading import as_model
-    from keras_fcn_surgery.surgery.convert import convert
-
-    model = as_model(model)
-    if is_fully_convolutional(model):
-        return model
-    return convert(model, head=head, input_size=input_size)
 
 
 def _check_preprocess(preprocess):

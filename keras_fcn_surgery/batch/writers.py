@@ -39,7 +39,7 @@ class MapInfo:
         stride: the network's stride in that level's pixels.
         offset: where cell ``(0, 0)``'s window starts, in that level's pixels.
         receptive_field: the window of one cell.
-        computed_fraction: the fraction of the image's tiles computed (less than 1 with a mask).
+        computed_fraction: the share of the unmasked pass's work computed (less than 1 with a mask).
         per_pixel: a segmenter's map, one cell per pixel (GeoJSON and CSV then
             describe regions, not cells).
     """

@@ -46,13 +46,12 @@ def run(args) -> int:
 
     import keras_fcn_surgery as kfs
     from keras_fcn_surgery.export.preprocessing import pixel_function
-    from keras_fcn_surgery.graph import is_fully_convolutional, model_layout
+    from keras_fcn_surgery.graph import model_layout
     from keras_fcn_surgery.inference.heatmap import class_probabilities, heat_range
     from keras_fcn_surgery.saving.atomic import atomic_output, check_output_path
 
     check_output_path(args.output, suffix=".png", overwrite=args.overwrite)  # before any work
-    model = kfs.load_model(args.model)
-    fcn = model if is_fully_convolutional(model) else kfs.convert(model, head=args.head, input_size=args.input_size)
+    fcn = kfs.as_fcn(kfs.load_model(args.model), head=args.head, input_size=args.input_size)
     layout = model_layout(fcn)
     channels = int(layout.channels(fcn.inputs[0].shape))
     if channels not in (1, 3):

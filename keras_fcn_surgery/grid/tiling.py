@@ -18,6 +18,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
+
 from keras_fcn_surgery.errors import ConversionError, InputError
 
 
@@ -143,3 +145,44 @@ def plan_axis(length: int, tile: int, stride: int, cells: int, margin_before: in
         written = origin + keep_stop
         origin += step
     return tiles
+
+
+def tiles_touching(mask, rows: list[AxisTile], cols: list[AxisTile]):
+    """Which tiles keep at least one True cell of ``mask``: a ``(len(rows), len(cols))`` boolean array.
+
+    Args:
+        mask: a boolean ``(H', W')`` array over the cells the tiles write.
+        rows, cols: the tiles along each axis (`plan_axis`).
+    """
+    counts = np.zeros((mask.shape[0] + 1, mask.shape[1] + 1), dtype=np.int64)
+    counts[1:, 1:] = np.cumsum(np.cumsum(np.asarray(mask, dtype=bool), axis=0, dtype=np.int64), axis=1)
+    r0, r1 = (np.array([getattr(t, f) for t in rows]) for f in ("out_start", "out_stop"))
+    c0, c1 = (np.array([getattr(t, f) for t in cols]) for f in ("out_start", "out_stop"))
+    inside = (
+        counts[r1[:, None], c1[None, :]]
+        - counts[r0[:, None], c1[None, :]]
+        - counts[r1[:, None], c0[None, :]]
+        + counts[r0[:, None], c0[None, :]]
+    )
+    return inside > 0
+
+
+def pixels_read(size, rows: list[AxisTile], cols: list[AxisTile], selected):
+    """The input cells that the ``selected`` tiles read: a boolean ``size`` array, True inside any of them.
+
+    Args:
+        size: ``(H, W)`` of the tiles' input.
+        rows, cols: the tiles along each axis.
+        selected: a boolean ``(len(rows), len(cols))`` array.
+    """
+    marks = np.zeros((size[0] + 1, size[1] + 1), dtype=np.int64)
+    i, j = np.nonzero(np.asarray(selected, dtype=bool))
+    r0 = np.array([t.start for t in rows])[i]
+    r1 = np.array([t.stop for t in rows])[i]
+    c0 = np.array([t.start for t in cols])[j]
+    c1 = np.array([t.stop for t in cols])[j]
+    np.add.at(marks, (r0, c0), 1)
+    np.add.at(marks, (r0, c1), -1)
+    np.add.at(marks, (r1, c0), -1)
+    np.add.at(marks, (r1, c1), 1)
+    return np.cumsum(np.cumsum(marks, axis=0), axis=1)[: size[0], : size[1]] > 0

@@ -34,6 +34,7 @@ def predict_map(
     prefetch: bool = True,
     mixed_precision: bool = False,
     spill_dir: str | None = None,
+    keep=None,
 ):
     """The score map of one image, computed whole or in exact tiles.
 
@@ -56,7 +57,8 @@ def predict_map(
 
     Args:
         fcn: a fully convolutional model from `convert` (input ``(None, None,
-            None, C)``, or ``(None, C, None, None)`` for channels-first).
+            None, C)``, or ``(None, C, None, None)`` for channels-first); for a
+            classifier, ``kfs.as_fcn(classifier)`` converts it once.
         image: one image, ``(H, W, C)`` (``(C, H, W)`` for channels-first
             models; ``(H, W)`` when ``C == 1``): a numpy array or any array
             that supports slicing (``np.memmap``, zarr). Values are fed as they
@@ -104,6 +106,12 @@ def predict_map(
             matches the float32 one to float16 precision only.
         spill_dir: the folder for spilled stage maps (default: the system's
             temporary folder).
+        keep: None, or a boolean ``(H', W')`` array over the map's cells (a
+            tissue mask on the map's grid): only the kept cells are computed
+            and the others are NaN. Each stage runs only the tiles those
+            cells need, so the work follows the kept area; kept cells equal
+            the unmasked map's. `plan_prediction` with the same ``keep``
+            shows the plan.
 
     Returns:
         The map, ``(H', W', K)`` (``(K, H', W')`` for channels-first), as a
@@ -128,7 +136,9 @@ def predict_map(
     """
     spec, classes = runner.check_fcn(fcn)
     size = runner.image_size_of(runner.with_channel_axis(image, spec), spec)
-    plan = plan_prediction(fcn, size, tile=tile, staged=staged, batch_size=batch_size, memory_budget=memory_budget)
+    plan = plan_prediction(
+        fcn, size, tile=tile, staged=staged, batch_size=batch_size, memory_budget=memory_budget, keep=keep
+    )
     shape = spec.layout.image_shape(plan.map_size[0], plan.map_size[1], classes)
     out = runner.output_array(out, shape, fcn)
     precision = "mixed_float16" if mixed_precision else None

@@ -12,11 +12,12 @@ import keras
 import numpy as np
 
 from keras_fcn_surgery.errors import ConversionError, InputError
-from keras_fcn_surgery.graph import iter_layers, model_layout
+from keras_fcn_surgery.graph import iter_layers
 from keras_fcn_surgery.grid import tiling
 from keras_fcn_surgery.grid.geometry import Geometry
 from keras_fcn_surgery.inference.blas import split_forward
 from keras_fcn_surgery.layout import Layout
+from keras_fcn_surgery.surgery.fcn import fcn_spec
 from keras_fcn_surgery.taxonomy import is_large_kernel_conv
 
 # Input pixels per forward pass when `batch_size` is not given: tiles of 1024 x 1024
@@ -35,22 +36,9 @@ class ImageSpec:
 
 
 def check_fcn(fcn) -> tuple[ImageSpec, int]:
-    if not isinstance(fcn, keras.Model):
-        raise ConversionError(f"Expected a `keras.Model` from `convert`. Received: {type(fcn).__name__}")
-    if len(fcn.inputs) != 1 or len(fcn.outputs) != 1:
-        raise ConversionError(
-            f"Model '{fcn.name}' has {len(fcn.inputs)} inputs and {len(fcn.outputs)} outputs; score maps need "
-            "one image input and one output."
-        )
-    model_format = model_layout(fcn)
-    in_shape, out_shape = tuple(fcn.inputs[0].shape), tuple(fcn.outputs[0].shape)
-    if len(in_shape) != 4 or any(d is not None for d in model_format.spatial_shape(in_shape)) or len(out_shape) != 4:
-        raise ConversionError(
-            f"Model '{fcn.name}' takes {in_shape} and returns {out_shape}: not a fully convolutional model. "
-            "Convert the classifier first: `fcn = keras_fcn_surgery.convert(model)`."
-        )
-    channels, classes = model_format.channels(in_shape), model_format.channels(out_shape)
-    return ImageSpec(model_format, int(channels)), int(classes)
+    """The image spec and class count of a fully convolutional model (`fcn_spec`, which raises for others)."""
+    spec = fcn_spec(fcn)
+    return ImageSpec(spec.layout, spec.channels), spec.classes
 
 
 def with_channel_axis(image, spec: ImageSpec):
@@ -267,27 +255,58 @@ def progress_bar(total: int, progress: bool | None, unit: str):
     return tqdm(total=total, unit=unit[:-1] if unit.endswith("s") else unit, leave=False)
 
 
-def run_tiles(forward, source, spec: ImageSpec, axis_plans, out, *, batch_size: int, preprocess, dtype, bar, prefetch):
-    """Run ``forward`` over every tile of ``source`` and write the cells each tile keeps into ``out``.
+def run_tiles(
+    forward,
+    source,
+    spec: ImageSpec,
+    axis_plans,
+    out,
+    *,
+    batch_size: int,
+    preprocess,
+    dtype,
+    bar,
+    prefetch,
+    selected=None,
+    keep=None,
+):
+    """Run ``forward`` over the tiles of ``source`` and write the cells each tile keeps into ``out``.
 
     With ``prefetch``, the next batch of tiles is read (and preprocessed) on a
-    background thread while the model computes the current one.
+    background thread while the model computes the current one. ``selected``
+    (a boolean array over the ``(rows, cols)`` tiles) runs only those tiles;
+    with ``keep`` (a boolean array over ``out``'s cells) the cells outside it
+    are written as NaN, those of tiles not run included.
     """
-    tiles = list(itertools.product(*axis_plans))
+    pairs = list(itertools.product(*(enumerate(axis) for axis in axis_plans)))
+    if selected is None:
+        tiles, skipped = [(rows, cols) for (_, rows), (_, cols) in pairs], []
+    else:
+        tiles = [(rows, cols) for (i, rows), (j, cols) in pairs if selected[i, j]]
+        skipped = [(rows, cols) for (i, rows), (j, cols) in pairs if not selected[i, j]]
     batches = [tiles[first : first + batch_size] for first in range(0, len(tiles), batch_size)]
 
     def load(batch):
         return np.stack([read_tile(source, spec, rows, cols, preprocess, dtype) for rows, cols in batch])
 
+    def target_of(rows, cols):
+        return spec.layout.image_index(slice(rows.out_start, rows.out_stop), slice(cols.out_start, cols.out_stop))
+
     def write(batch, maps):
         for (rows, cols), cell_map in zip(batch, maps):
-            keep = spec.layout.image_index(
+            index = spec.layout.image_index(
                 slice(rows.keep_start, rows.keep_stop), slice(cols.keep_start, cols.keep_stop)
             )
-            target = spec.layout.image_index(slice(rows.out_start, rows.out_stop), slice(cols.out_start, cols.out_stop))
-            out[target] = cell_map[keep]
+            cells = cell_map[index]
+            if keep is not None:
+                kept = keep[rows.out_start : rows.out_stop, cols.out_start : cols.out_stop]
+                cells = np.where(np.expand_dims(kept, spec.layout.image_channel_axis), cells, np.nan)
+            out[target_of(rows, cols)] = cells
         bar.update(len(batch))
 
+    if keep is not None:
+        for rows, cols in skipped:
+            out[target_of(rows, cols)] = np.nan
     if not prefetch or len(batches) < 2:
         for batch in batches:
             write(batch, forward(load(batch)))

@@ -19,9 +19,10 @@ reports it all; `predict_map` runs it.
 
 from __future__ import annotations
 
+import itertools
 import tempfile
 import weakref
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import keras
 import numpy as np
@@ -38,6 +39,7 @@ from keras_fcn_surgery.graph import (
     tensor_shapes,
 )
 from keras_fcn_surgery.grid import stages as stage_math
+from keras_fcn_surgery.grid import tiling
 from keras_fcn_surgery.grid.geometry import geometry
 from keras_fcn_surgery.inference import runner
 from keras_fcn_surgery.inference.cost import pass_cost
@@ -124,6 +126,9 @@ class PredictionPlan:
             weights and the result: the largest batch's activations plus the
             stored maps held in memory meanwhile, plus about 0.75 GiB that
             TensorFlow's runtime takes on a first pass (fitted to VGG16).
+        kept_fraction: the share of map cells a ``keep`` mask keeps (1.0
+            without one); each stage then computes only the tiles the kept
+            cells need, and ``macs`` counts only those.
     """
 
     image_size: tuple[int, int]
@@ -133,6 +138,7 @@ class PredictionPlan:
     whole_macs: int
     plain_macs: int
     peak_bytes: int
+    kept_fraction: float = 1.0
     _runs: tuple = field(default=(), repr=False, compare=False)
 
     @property
@@ -152,6 +158,8 @@ class PredictionPlan:
     def __str__(self) -> str:
         kind = f"{len(self.stages)} stages" if self.staged else "one stage"
         tile = "whole image" if self.tile is None else f"tile {self.tile[0]}x{self.tile[1]}"
+        if self.kept_fraction < 1:
+            kind += f", {self.kept_fraction:.0%} of the cells kept"
         lines = [
             f"{self.image_size[0]}x{self.image_size[1]} -> map {self.map_size[0]}x{self.map_size[1]}, {tile}, "
             f"{kind}: {self.macs / 1e9:.1f} GMAC = {self.work_ratio:.2f} x one whole pass "
@@ -178,6 +186,8 @@ class _StageRun:
     axis_plans: list
     batch_size: int
     store: str
+    selected: object = None  # (rows, cols) boolean array of the tiles to run; None: all
+    keep: object = None  # the last stage's boolean cell mask; cells outside it are written as NaN
 
 
 @dataclass(frozen=True)
@@ -199,6 +209,7 @@ def plan_prediction(
     staged: bool | None = None,
     batch_size: int | None = None,
     memory_budget: int | None = None,
+    keep=None,
 ) -> PredictionPlan:
     """The plan `predict_map` follows for an image of this size: stages, tiles, work and memory.
 
@@ -212,6 +223,11 @@ def plan_prediction(
             tiles' activations.
         memory_budget: bytes of stored stage maps kept in memory (default 64
             MiB); larger maps go to temporary files on disk.
+        keep: None, or a boolean ``(H', W')`` array over the map's cells:
+            only the kept cells are needed. Working back from them, each
+            stage runs only the tiles whose output those cells need (its
+            receptive field), and may use smaller tiles than the unmasked
+            plan where that computes less.
 
     Returns:
         A `PredictionPlan`; ``print(plan)`` shows it as a table.
@@ -235,7 +251,104 @@ def plan_prediction(
         if len(per_model) >= _PLANS_PER_MODEL:  # slides of many sizes: forget the oldest plan
             per_model.pop(next(iter(per_model)))
         per_model[key] = _Planner(fcn, size, key[1], batch_size, budget).plan(staged)
-    return per_model[key]
+    if keep is None:
+        return per_model[key]
+    return _masked(per_model[key], _keep_mask(keep, per_model[key].map_size), batch_given=batch_size is not None)
+
+
+def _keep_mask(keep, map_size) -> np.ndarray:
+    mask = np.asarray(keep)
+    if mask.shape != tuple(map_size):
+        raise InputError(
+            f"`keep` has shape {mask.shape}, but the map of this image has {map_size[0]}x{map_size[1]} cells. "
+            "Give one boolean per map cell (`geometry(fcn).output_size((H, W))`)."
+        )
+    return mask.astype(bool, copy=False)
+
+
+def _masked(plan: PredictionPlan, keep: np.ndarray, *, batch_given: bool) -> PredictionPlan:
+    """``plan`` restricted to what the kept cells need, working back from the last stage.
+
+    Each stage keeps the tiles that write a cell the kept cells depend on
+    (for the last stage, a kept cell; for the others, a cell in the windows
+    of the needed cells of the stage after); where smaller tiles of the same
+    stage compute less for that region (tissue covering part of a slide),
+    they replace the planned ones.
+    """
+    needed = keep
+    stages, runs = list(plan.stages), list(plan._runs)
+    for index in reversed(range(len(stages))):
+        stage, run = stages[index], runs[index]
+        options = [(run.axis_plans, stage.tile, stage.batch_size)]
+        if plan.tile is not None:
+            options += _finer_tilings(run, stage, batch_given)
+        best: tuple | None = None
+        for axis_plans, tile, batch in options:
+            selected = tiling.tiles_touching(needed, *axis_plans)
+            count = int(selected.sum())
+            tile_macs = pass_cost(run.model, run.spec.layout.batch_shape(1, tile[0], tile[1], run.spec.channels)).macs
+            cost = count * tile_macs + -(-count // batch) * _MACS_PER_CALL
+            if best is None or cost < best[0]:
+                best = (cost, axis_plans, tile, batch, selected, count * tile_macs)
+        assert best is not None  # the planned tiling is always an option
+        _, axis_plans, tile, batch, selected, macs = best
+        read = _cells_read(run.model, stage.input_size, needed)
+        area = sum(
+            (r.stop - r.start) * (c.stop - c.start)
+            for (i, r), (j, c) in itertools.product(enumerate(axis_plans[0]), enumerate(axis_plans[1]))
+            if selected[i, j]
+        )
+        stages[index] = replace(
+            stage,
+            tile=tile,
+            tiles=int(selected.sum()),
+            batch_size=batch,
+            computed_area=area / (stage.input_size[0] * stage.input_size[1]),
+            macs=macs,
+        )
+        last = index == len(stages) - 1
+        runs[index] = replace(
+            run, axis_plans=axis_plans, batch_size=batch, selected=selected, keep=keep if last else None
+        )
+        needed = read
+    return replace(plan, stages=tuple(stages), _runs=tuple(runs), kept_fraction=float(keep.mean()))
+
+
+def _cells_read(model, input_size, needed: np.ndarray) -> np.ndarray:
+    """The input cells whose values the ``needed`` output cells depend on: each cell's window, unioned.
+
+    The stage's tiles read more (their overlaps, and whole tiles around the
+    needed cells); cells read but not needed are left unwritten (zeros) by
+    the stage before and only reach output cells that are not needed either.
+    """
+    grid = geometry(model).at(input_size)
+    windows = []
+    for length, cells, stride, offset, field_ in zip(
+        input_size, needed.shape, grid.stride, grid.offset, grid.receptive_field
+    ):
+        starts = [min(max(offset + i * stride, 0), length) for i in range(cells)]
+        windows.append(
+            [tiling.AxisTile(start, min(max(start + field_, 0), length), 0, 1, i) for i, start in enumerate(starts)]
+        )
+    return tiling.pixels_read(input_size, windows[0], windows[1], needed)
+
+
+def _finer_tilings(run: _StageRun, stage: StagePlan, batch_given: bool) -> list:
+    """The stage's exact tilings at a half, a quarter... of its tile side, as long as they keep cells."""
+    grid = geometry(run.model)
+    found, side = [], stage.tile
+    while min(side) >= 2:
+        side = (max(1, side[0] // 2), max(1, side[1] // 2))
+        try:
+            axis_plans = runner.plan_tiles(stage.input_size, grid, side)
+        except ConversionError:
+            break
+        tile = _tile_size(axis_plans)
+        if tile == stage.tile:
+            continue
+        scale = (stage.tile[0] * stage.tile[1]) // max(1, tile[0] * tile[1])
+        found.append((axis_plans, tile, stage.batch_size if batch_given else max(1, stage.batch_size * scale)))
+    return found
 
 
 class _Planner:
@@ -463,7 +576,7 @@ def run_plan(plan: PredictionPlan, image, out, *, preprocess, forward_for, progr
                     shape = _image_shape(run, stage, plan, index)
                     dtype = runner.output_dtype(run.model)
                     if run.store == "memory":
-                        target = np.empty(shape, dtype=dtype)
+                        target = np.zeros(shape, dtype=dtype)  # cells a masked plan skips stay finite
                     else:
                         folder = folder or tempfile.mkdtemp(prefix="kfs-stages-", dir=spill_dir)
                         target = DiskMap(f"{folder}/stage{index}.bin", shape, dtype)
@@ -479,6 +592,8 @@ def run_plan(plan: PredictionPlan, image, out, *, preprocess, forward_for, progr
                     dtype=runner.input_dtype(run.model),
                     bar=bar,
                     prefetch=prefetch,
+                    selected=run.selected,
+                    keep=run.keep,
                 )
                 if isinstance(source, DiskMap) and source is not image:
                     source.close()

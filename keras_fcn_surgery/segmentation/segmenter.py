@@ -28,6 +28,7 @@ from keras_fcn_surgery.grid.geometry import geometry
 from keras_fcn_surgery.layout import Layout
 from keras_fcn_surgery.segmentation.alignment import AxisAlignment, align_axis, cell_centre
 from keras_fcn_surgery.segmentation.bilinear import diagonal_kernel
+from keras_fcn_surgery.surgery.fcn import as_fcn
 
 _ACTIVATION_LAYERS = (keras.layers.Activation, keras.layers.Softmax)
 # Most weights of a class-to-class upsampling kernel (16 MiB of float32); beyond it one kernel is shared.
@@ -153,26 +154,11 @@ class _ScoreMap:
 
 
 def _as_fcn(model, head: str, custom_objects) -> keras.Model:
-    from keras_fcn_surgery.saving.loading import as_model
-    from keras_fcn_surgery.surgery.convert import convert
-
-    model = as_model(model, custom_objects, error_class=ConversionError)
-    if len(model.inputs) != 1 or len(model.outputs) != 1:
-        raise ConversionError(
-            f"Model '{model.name}' has {len(model.inputs)} inputs and {len(model.outputs)} outputs; "
-            "a segmenter needs one image input and one score output."
-        )
-    layout = model_layout(model)
-    input_shape = tuple(model.inputs[0].shape)
-    is_fcn = (
-        len(input_shape) == 4
-        and all(d is None for d in layout.spatial_shape(input_shape))
-        and len(model.outputs[0].shape) == 4
-    )
-    if not is_fcn:
-        return convert(model, head=head)
-    copy = keras.models.clone_model(model)
-    copy.set_weights(model.get_weights())
+    """A copy of the FCN to build on: the segmenter retrains its layers, which ``model`` (or the conversion
+    `as_fcn` keeps for later calls) must not share."""
+    fcn = as_fcn(model, head=head, custom_objects=custom_objects)
+    copy = keras.models.clone_model(fcn)
+    copy.set_weights(fcn.get_weights())
     return copy
 
 
