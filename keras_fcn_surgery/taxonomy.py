@@ -82,6 +82,9 @@ WINDOW_POOLING_OF = {
 # Learnable upsampling: what makes a model a segmenter (per-pixel logits).
 UPSAMPLINGS = (_layers.Conv2DTranspose, _layers.Conv3DTranspose)
 
+# Layers that only apply an activation: stepped over to find the layer that computes a model's scores.
+ACTIVATION_LAYERS = (_layers.Activation, _layers.Softmax)
+
 # Layers whose ``data_format`` says where a map's channels are.
 SPATIAL_LAYOUT = (
     *WINDOWS,

@@ -93,8 +93,8 @@ def _failed(source: Source, message: str, start: float) -> InputResult:
 
 
 def _compute_and_write(fcn, source: Source, paths: dict[str, str], options: BatchOptions) -> tuple[float, float]:
-    import keras_fcn_surgery as kfs
     from keras_fcn_surgery.graph import model_layout
+    from keras_fcn_surgery.grid.geometry import geometry
 
     layout = model_layout(fcn)
     channels = int(layout.channels(fcn.inputs[0].shape))
@@ -104,7 +104,7 @@ def _compute_and_write(fcn, source: Source, paths: dict[str, str], options: Batc
         level = choose_level(reader, level=options.level, mpp=options.mpp)
         size = reader.levels[level].size
         view = LevelArray(reader, level, channels, layout)
-        grid: Geometry | PixelGrid = PixelGrid() if per_pixel else kfs.geometry(fcn).at(size)
+        grid: Geometry | PixelGrid = PixelGrid() if per_pixel else geometry(fcn).at(size)
         map_size = grid.output_size(size)
         kept = _kept_cells(reader, source, options.mask, size, grid, map_size)
         with writers.staged_outputs(paths, overwrite=options.overwrite) as temporary:
@@ -145,7 +145,8 @@ def _compute(fcn, view, layout, grid, size, kept, scores, options: BatchOptions)
     A mask reaches `predict_map` as its ``keep``: the staged plan then runs
     only the tiles the kept cells need, batched and prefetched as any pass.
     """
-    import keras_fcn_surgery as kfs
+    from keras_fcn_surgery.inference.predict import predict_map
+    from keras_fcn_surgery.inference.staged import plan_prediction
 
     preprocess = preprocess_fn(options.preprocess, layout)
     tile = options.tile
@@ -156,14 +157,14 @@ def _compute(fcn, view, layout, grid, size, kept, scores, options: BatchOptions)
     keep = None if kept is None or grid.global_context else kept
     fraction = 1.0
     if keep is not None:
-        planned = kfs.plan_prediction(fcn, size, tile=tile, batch_size=options.batch_size, keep=keep)
-        whole = kfs.plan_prediction(fcn, size, tile=tile, batch_size=options.batch_size)
+        planned = plan_prediction(fcn, size, tile=tile, batch_size=options.batch_size, keep=keep)
+        whole = plan_prediction(fcn, size, tile=tile, batch_size=options.batch_size)
         fraction = planned.macs / max(whole.macs, 1)
     arguments = dict(tile=tile, batch_size=options.batch_size, preprocess=preprocess, progress=options.progress)
     if layout.channels_last:
-        kfs.predict_map(fcn, view, out=scores, keep=keep, **arguments)
+        predict_map(fcn, view, out=scores, keep=keep, **arguments)
     else:
-        scores[:] = layout.image_to_channels_last(kfs.predict_map(fcn, view, keep=keep, **arguments))
+        scores[:] = layout.image_to_channels_last(predict_map(fcn, view, keep=keep, **arguments))
     if kept is not None and keep is None:  # a network with global context: nothing to skip, but the mask applies
         _apply_mask(scores, kept)
     return fraction

@@ -110,7 +110,7 @@ class PredictWorker:
     def __init__(self, model: list, out_dir: str, options: BatchOptions):
         import ray
 
-        import keras_fcn_surgery as kfs
+        from keras_fcn_surgery.saving.loading import load_model
 
         (reference,) = model
         payload = ray.get(reference)
@@ -119,7 +119,7 @@ class PredictWorker:
         try:
             with open(path, "wb") as handle:
                 handle.write(payload)
-            self.fcn = kfs.load_model(path)
+            self.fcn = load_model(path)
         finally:
             shutil.rmtree(folder, ignore_errors=True)
         self.out_dir, self.options = out_dir, options

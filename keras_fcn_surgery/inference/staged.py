@@ -32,9 +32,9 @@ from keras_fcn_surgery.graph import (
     describe,
     flat_nodes,
     graph_of,
+    model_layout,
     nodes_in_order,
     producer_of,
-    spatial_data_format,
     sub_model,
     tensor_shapes,
 )
@@ -459,7 +459,7 @@ class _Planner:
         start, stop = self.bounds[i], self.bounds[j]
         model = _stage_model(self.fcn, start, stop)
         try:
-            if spatial_data_format(model) != self.spec.layout.data_format:
+            if model_layout(model) != self.spec.layout:
                 return None
             grid = geometry(model)
         except ConversionError:

@@ -11,12 +11,12 @@ from keras_fcn_surgery.errors import ConversionError
 from keras_fcn_surgery.graph import model_layout
 from keras_fcn_surgery.grid.geometry import geometry
 from keras_fcn_surgery.segmentation.tiles import AxisTile, plan_tiles
+from keras_fcn_surgery.taxonomy import UPSAMPLINGS
 
 
 def is_segmenter(model) -> bool:
     """True for a model with learnable upsampling (a transposed convolution), as `segmenter` builds."""
-    upsampling = (keras.layers.Conv2DTranspose, keras.layers.Conv3DTranspose)
-    return any(isinstance(layer, upsampling) for layer in model.layers)
+    return any(isinstance(layer, UPSAMPLINGS) for layer in model.layers)
 
 
 def _grids(model) -> list:

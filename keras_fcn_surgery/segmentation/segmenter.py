@@ -29,8 +29,8 @@ from keras_fcn_surgery.layout import Layout
 from keras_fcn_surgery.segmentation.alignment import AxisAlignment, align_axis, cell_centre
 from keras_fcn_surgery.segmentation.bilinear import diagonal_kernel
 from keras_fcn_surgery.surgery.fcn import as_fcn
+from keras_fcn_surgery.taxonomy import ACTIVATION_LAYERS
 
-_ACTIVATION_LAYERS = (keras.layers.Activation, keras.layers.Softmax)
 # Most weights of a class-to-class upsampling kernel (16 MiB of float32); beyond it one kernel is shared.
 FULL_KERNEL_LIMIT = 1 << 22
 
@@ -165,7 +165,7 @@ def _as_fcn(model, head: str, custom_objects) -> keras.Model:
 def _score_layer(fcn):
     """The layer that computes the class scores: the output's producer, activation layers stepped over."""
     layer = producer_of(fcn.outputs[0])
-    while isinstance(layer, _ACTIVATION_LAYERS):
+    while isinstance(layer, ACTIVATION_LAYERS):
         layer = producer_of(layer.input)
     if not isinstance(layer, keras.layers.Conv2D) or type(layer) is not keras.layers.Conv2D:
         found = describe(layer) if layer is not None else "an input"
