@@ -197,8 +197,9 @@ def test_bad_options_fail_before_any_work(mixed_folder, fcn, tmp_path, capsys):
     out = tmp_path / "maps"
     assert cli.main(["predict", "missing.keras", str(mixed_folder), "--out", str(out)]) == 2
     assert "missing.keras" in capsys.readouterr().err
-    with pytest.raises(kfs.ModelFileError, match="formats"):
+    with pytest.raises(kfs.InputError, match="formats") as info:
         predict_images(fcn, [str(mixed_folder)], out, formats="png")
+    assert not isinstance(info.value, kfs.ModelFileError)  # an option, not a file (issue 22)
     with pytest.raises(kfs.ModelFileError, match="nowhere.png"):
         predict_images(fcn, [str(mixed_folder)], out, mask=str(tmp_path / "nowhere.png"))
     assert not out.exists()

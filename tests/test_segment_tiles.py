@@ -8,8 +8,8 @@ from hypothesis import strategies as st
 from test_segment import pooled_net, same_net
 
 import keras_fcn_surgery as kfs
+from keras_fcn_surgery.grid.tiling import plan_pixels
 from keras_fcn_surgery.segmentation.predict import reach, segment_image
-from keras_fcn_surgery.segmentation.tiles import plan_tiles
 
 
 @settings(deadline=None, max_examples=200)
@@ -21,21 +21,22 @@ from keras_fcn_surgery.segmentation.tiles import plan_tiles
 )
 def test_tiles_cover_every_pixel_once_and_pad_like_the_image(length, tile, margin, period):
     try:
-        tiles = plan_tiles(length, tile, margin, period)
+        tiles = plan_pixels(length, tile, margin, period)
     except ValueError as error:
         assert tile - 2 * margin < period + period  # only refused when the kept band is too thin
         assert "at least" in str(error)
         return
-    assert tiles[0].keep_start == 0 and tiles[-1].keep_stop == length
+    # The kept pixels, in image coordinates: [out_start, out_stop) (`keep_*` count from the tile's start).
+    assert tiles[0].out_start == 0 and tiles[-1].out_stop == length
     for tile_, following in zip(tiles, tiles[1:]):
-        assert tile_.keep_stop == following.keep_start
+        assert tile_.out_stop == following.out_start
     for t in tiles:
         assert t.start % period == 0
         assert (t.stop - t.start) % period == length % period
         assert t.stop - t.start <= max(tile, length if len(tiles) == 1 else 0)
-        assert t.keep_start < t.keep_stop
-        assert t.keep_start == 0 or t.keep_start - t.start >= margin
-        assert t.keep_stop == length or t.stop - t.keep_stop >= margin
+        assert t.keep_start < t.keep_stop and t.out_start - t.start == t.keep_start
+        assert t.out_start == 0 or t.out_start - t.start >= margin
+        assert t.out_stop == length or t.stop - t.out_stop >= margin
 
 
 @pytest.mark.parametrize("factory", [pooled_net, same_net])
@@ -44,7 +45,7 @@ def test_tiled_segmentation_equals_one_pass(factory):
     margin, period = reach(model)
     side = 3 * max(margin)
     image = random_images((side + 37, side + 45, 3))
-    assert all(len(plan_tiles(n, side, max(margin), max(period))) >= 2 for n in image.shape[:2])
+    assert all(len(plan_pixels(n, side, max(margin), max(period))) >= 2 for n in image.shape[:2])
     whole = segment_image(model, image)
     tiled = segment_image(model, image, tile=side)
     np.testing.assert_allclose(tiled, whole, rtol=0, atol=1e-5 * np.abs(whole).max())

@@ -21,7 +21,7 @@ from keras_fcn_surgery.batch.readers import LevelArray, choose_level, open_reade
 from keras_fcn_surgery.batch.sources import IMAGE_SUFFIXES, Source
 from keras_fcn_surgery.errors import ConversionError, ModelFileError, first_line
 from keras_fcn_surgery.grid.geometry import Geometry
-from keras_fcn_surgery.segmentation.predict import is_segmenter, kept_part, plan_segment_tiles
+from keras_fcn_surgery.segmentation.predict import is_segmenter, run_segmenter
 
 # Images with a side longer than this are tiled when no tile is given (memory stays bounded).
 LARGE_SIDE = 2048
@@ -171,34 +171,24 @@ def _compute(fcn, view, layout, grid, size, kept, scores, options: BatchOptions)
 
 
 def _segment(model, view, layout, size, kept, scores, options: BatchOptions) -> float:
-    """A segmenter's logits, one per pixel, into ``scores``; returns the fraction of the tiles computed.
+    """A segmenter's logits, one per pixel, into ``scores``; returns the share of the tiles computed.
 
-    The exact tiles of `segment_image` (overlapping by the network's reach),
-    read one at a time from ``view``; tiles without a kept pixel are skipped.
+    The exact tiles of `segment_image`, through the same tile loop (batched,
+    prefetched); tiles without a kept pixel are skipped.
     """
     preprocess = preprocess_fn(options.preprocess, layout)
     tile = options.tile
-    if tile is None and max(size) > LARGE_SIDE:
+    if tile is None and (max(size) > LARGE_SIDE or kept is not None):
         tile = DEFAULT_TILE
-    tiles = plan_segment_tiles(model, size, tile)
-    computed = 0
-    with _bar(len(tiles), options.progress, unit="tile") as bar:
-        for rows, cols in tiles:
-            owned = (slice(rows.keep_start, rows.keep_stop), slice(cols.keep_start, cols.keep_stop))
-            keep = None if kept is None else kept[owned]
-            bar.update(1)
-            if keep is not None and not keep.any():
-                continue
-            computed += 1
-            pixels = np.asarray(
-                view[layout.image_index(slice(rows.start, rows.stop), slice(cols.start, cols.stop))], np.float32
-            )
-            if preprocess is not None:
-                pixels = np.asarray(preprocess(pixels), np.float32)
-            logits = layout.image_to_channels_last(np.asarray(model(pixels[None], training=False))[0])
-            logits = logits[kept_part(rows, cols)]
-            scores[owned] = logits if keep is None else np.where(keep[..., None], logits, np.float32(np.nan))
-    return computed / len(tiles)
+    arguments = dict(
+        tile=tile, keep=kept, preprocess=preprocess, batch_size=options.batch_size, progress=options.progress
+    )
+    if layout.channels_last:
+        return run_segmenter(model, view, scores, **arguments)
+    logits = np.empty(layout.image_shape(size[0], size[1], scores.shape[-1]), np.float32)
+    fraction = run_segmenter(model, view, logits, **arguments)
+    scores[:] = layout.image_to_channels_last(logits)
+    return fraction
 
 
 def _apply_mask(scores, kept) -> None:
@@ -236,8 +226,3 @@ def preprocess_fn(preprocess, layout):
 
     return pixel_function(preprocess, layout.data_format)
 
-
-def _bar(total: int, progress: bool | None, unit: str = "images"):
-    from keras_fcn_surgery.inference.runner import progress_bar
-
-    return progress_bar(total, progress, unit)

@@ -14,7 +14,7 @@ import numpy as np
 
 from keras_fcn_surgery.batch.cells import PixelGrid, cell_edges
 from keras_fcn_surgery.batch.readers import SLIDES_EXTRA, Reader, adapt_channels
-from keras_fcn_surgery.errors import ModelFileError, first_line
+from keras_fcn_surgery.errors import InputError, ModelFileError, first_line
 from keras_fcn_surgery.grid.geometry import Geometry
 
 # Longest side of the picture a tissue mask is computed on.
@@ -142,4 +142,4 @@ def _skimage(module: str):
     try:
         return importlib.import_module(f"skimage.{module}")
     except ImportError as error:
-        raise ModelFileError(f"Tissue masks (`mask='auto'`) need scikit-image: {SLIDES_EXTRA}.") from error
+        raise InputError(f"Tissue masks (`mask='auto'`) need scikit-image: {SLIDES_EXTRA}.") from error

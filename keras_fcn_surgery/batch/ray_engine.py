@@ -16,7 +16,7 @@ import time
 
 from keras_fcn_surgery.batch.job import BatchOptions, InputResult, predict_source
 from keras_fcn_surgery.batch.sources import Source
-from keras_fcn_surgery.errors import ModelFileError
+from keras_fcn_surgery.errors import InputError
 from keras_fcn_surgery.saving.atomic import remove_tree
 
 RAY_EXTRA = "pip install 'keras-fcn-surgery[ray]'"
@@ -53,7 +53,7 @@ def run_on_ray(
         gpus = int(resources.get("GPU", 0))
         count = workers or (gpus if gpus else max(1, int(resources.get("CPU", 1))))
         if count < 1:
-            raise ModelFileError(f"Expected at least one Ray worker. Received: workers={workers}")
+            raise InputError(f"Expected at least one Ray worker. Received: workers={workers}")
         context = ray.data.DataContext.get_current()
         context.enable_progress_bars = bool(options.progress)
         items = [{"path": s.path, "name": s.name} for s in sources]
@@ -164,5 +164,5 @@ def _ray():
         import ray
         import ray.data  # noqa: F401
     except ImportError as error:
-        raise ModelFileError(f"The Ray engine needs Ray Data: {RAY_EXTRA}.") from error
+        raise InputError(f"The Ray engine needs Ray Data: {RAY_EXTRA}.") from error
     return ray

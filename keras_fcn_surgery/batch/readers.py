@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from keras_fcn_surgery.batch.sources import OPENSLIDE_SUFFIXES, TIFF_SUFFIXES
-from keras_fcn_surgery.errors import ModelFileError, first_line
+from keras_fcn_surgery.errors import InputError, ModelFileError, first_line
 from keras_fcn_surgery.layout import Layout
 
 SLIDES_EXTRA = "pip install 'keras-fcn-surgery[slides]'"
@@ -102,7 +102,7 @@ def choose_level(reader: Reader, *, level: int | None = None, mpp: float | None 
             records no resolution.
     """
     if level is not None and mpp is not None:
-        raise ModelFileError("Give a pyramid level or a resolution in microns per pixel, not both.")
+        raise InputError("Give a pyramid level or a resolution in microns per pixel, not both.")
     if level is not None:
         if not 0 <= level < len(reader.levels):
             raise ModelFileError(
@@ -112,7 +112,7 @@ def choose_level(reader: Reader, *, level: int | None = None, mpp: float | None 
         return level
     if mpp is not None:
         if mpp <= 0:
-            raise ModelFileError(f"Expected a positive resolution in microns per pixel. Received: mpp={mpp}")
+            raise InputError(f"Expected a positive resolution in microns per pixel. Received: mpp={mpp}")
         if reader.mpp is None:
             raise ModelFileError(
                 f"Image '{reader.path}' records no resolution (microns per pixel); choose a pyramid level instead "
@@ -174,7 +174,7 @@ def adapt_channels(region: np.ndarray, channels: int) -> np.ndarray:
     if have == 3 and channels == 1:
         luma = region.astype(np.float32) @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
         return luma[..., None]
-    raise ModelFileError(f"Cannot turn {have}-channel pixels into the model's {channels} channels.")
+    raise InputError(f"Cannot turn {have}-channel pixels into the model's {channels} channels.")
 
 
 def _full_scale(dtype) -> float:
@@ -283,4 +283,4 @@ def _require(module: str, what: str):
     try:
         return importlib.import_module(module)
     except ImportError as error:
-        raise ModelFileError(f"Reading {what} needs the `{module}` package: {SLIDES_EXTRA}.") from error
+        raise InputError(f"Reading {what} needs the `{module}` package: {SLIDES_EXTRA}.") from error

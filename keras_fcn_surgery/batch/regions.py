@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from keras_fcn_surgery.batch.readers import SLIDES_EXTRA
-from keras_fcn_surgery.errors import ModelFileError
+from keras_fcn_surgery.errors import InputError
 
 # Points closer than this (in map pixels) to the line through their neighbours are dropped.
 _TOLERANCE = 0.1
@@ -104,4 +104,4 @@ def _measure():
         return importlib.import_module("skimage.measure")
     except ImportError as error:
         what = "Regions of a segmenter's map (GeoJSON, CSV)"
-        raise ModelFileError(f"{what} need scikit-image: {SLIDES_EXTRA}.") from error
+        raise InputError(f"{what} need scikit-image: {SLIDES_EXTRA}.") from error

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from keras_fcn_surgery.batch import writers
 from keras_fcn_surgery.batch.job import BatchOptions, InputResult, predict_source
 from keras_fcn_surgery.batch.sources import find_sources
-from keras_fcn_surgery.errors import ModelFileError
+from keras_fcn_surgery.errors import InputError, ModelFileError
 from keras_fcn_surgery.inference.runner import progress_bar
 from keras_fcn_surgery.options import PREPROCESS_MODES
 
@@ -126,8 +126,11 @@ def predict_images(
         A `BatchSummary`.
 
     Raises:
-        ModelFileError: for inputs that name no file, a model that cannot be
-            loaded, or an unusable option; raised before any input is computed.
+        ModelFileError: for inputs that name no file, or a model that cannot
+            be loaded; raised before any input is computed.
+        InputError: for an unusable option (formats, level with mpp,
+            preprocess, engine, class names, a missing optional package),
+            also before any input is computed.
         ConversionError: for a classifier that cannot be converted.
     """
     options = BatchOptions(
@@ -143,9 +146,9 @@ def predict_images(
         progress=progress,
     )
     if level is not None and mpp is not None:
-        raise ModelFileError("Give a pyramid level or a resolution in microns per pixel (mpp), not both.")
+        raise InputError("Give a pyramid level or a resolution in microns per pixel (mpp), not both.")
     if engine not in ENGINES:
-        raise ModelFileError(f"Expected `engine` to be one of {ENGINES}. Received: engine={engine!r}")
+        raise InputError(f"Expected `engine` to be one of {ENGINES}. Received: engine={engine!r}")
     sources = find_sources(inputs)
     out_dir = os.path.abspath(os.fspath(out_dir))
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
@@ -172,7 +175,7 @@ def predict_images(
 def _check_preprocess(preprocess):
     if preprocess is None or callable(preprocess) or preprocess in PREPROCESS_MODES:
         return preprocess
-    raise ModelFileError(
+    raise InputError(
         f"Expected `preprocess` to be a function or one of {PREPROCESS_MODES}. Received: preprocess={preprocess!r}"
     )
 
@@ -195,4 +198,4 @@ def _check_class_names(fcn, class_names) -> None:
 
     classes = int(model_layout(fcn).channels(fcn.outputs[0].shape))
     if len(class_names) != classes:
-        raise ModelFileError(f"{len(class_names)} class names were given; the model has {classes} classes.")
+        raise InputError(f"{len(class_names)} class names were given; the model has {classes} classes.")

@@ -18,7 +18,7 @@ import numpy as np
 
 from keras_fcn_surgery.batch import regions
 from keras_fcn_surgery.batch.cells import cell_edges
-from keras_fcn_surgery.errors import ModelFileError
+from keras_fcn_surgery.errors import InputError, ModelFileError
 from keras_fcn_surgery.saving.atomic import make_temporary_dir, remove_tree
 
 FORMATS = ("npz", "zarr", "geojson", "csv")
@@ -62,7 +62,7 @@ def check_formats(formats) -> tuple[str, ...]:
     chosen = tuple(dict.fromkeys(f.strip().lower() for f in formats if f.strip()))
     unknown = [f for f in chosen if f not in FORMATS]
     if unknown or not chosen:
-        raise ModelFileError(f"Expected output formats among {', '.join(FORMATS)}. Received: {formats!r}")
+        raise InputError(f"Expected output formats among {', '.join(FORMATS)}. Received: {formats!r}")
     return chosen
 
 
@@ -308,5 +308,5 @@ def _zarr():
     try:
         import zarr
     except ImportError as error:
-        raise ModelFileError("The zarr output format needs the `zarr` package: pip install zarr.") from error
+        raise InputError("The zarr output format needs the `zarr` package: pip install zarr.") from error
     return zarr

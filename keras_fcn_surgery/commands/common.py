@@ -96,9 +96,10 @@ def read_class_names(path, classes: int | None = None) -> list[str] | None:
     packaged ImageNet names when the model has 1000 classes, else None.
 
     Raises:
-        ModelFileError: for a file that cannot be read, or whose count differs from ``classes``.
+        ModelFileError: for a file that cannot be read.
+        InputError: when its count differs from ``classes``.
     """
-    from keras_fcn_surgery.errors import ModelFileError
+    from keras_fcn_surgery.errors import InputError, ModelFileError
 
     if path is None:
         if classes == 1000:
@@ -112,7 +113,7 @@ def read_class_names(path, classes: int | None = None) -> list[str] | None:
     except OSError as error:
         raise ModelFileError(f"Class names file '{path}' could not be read ({error.strerror or error}).") from error
     if classes is not None and len(names) != classes:
-        raise ModelFileError(f"'{path}' lists {len(names)} class names; the model has {classes} classes.")
+        raise InputError(f"'{path}' lists {len(names)} class names; the model has {classes} classes.")
     return names
 
 

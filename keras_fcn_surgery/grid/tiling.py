@@ -98,24 +98,37 @@ def balanced_tile_length(
     return max(min_length, tile - (cells - needed) * stride)
 
 
-def plan_axis(length: int, tile: int, stride: int, cells: int, margin_before: int, margin_after: int) -> list[AxisTile]:
+def plan_axis(
+    length: int,
+    tile: int,
+    stride: int,
+    cells: int,
+    margin_before: int,
+    margin_after: int,
+    *,
+    cells_per_stride: int = 1,
+) -> list[AxisTile]:
     """Tiles covering one axis of the output map, each output cell written once.
 
     Args:
         length: the image's length along the axis.
         tile: the tile length, congruent to ``length`` modulo ``stride`` (see
             `tile_length`) or equal to ``length``.
-        stride: the network's total stride along the axis.
+        stride: tile origins lie on multiples of it (the network's total
+            stride along the axis).
         cells: output cells of one tile of length ``tile``.
         margin_before: cells lost at a tile start that lies inside the image.
         margin_after: cells lost at a tile end that lies inside the image.
+        cells_per_stride: output cells per ``stride`` input pixels: 1 for a
+            score map (one cell per stride), ``stride`` for a per-pixel map
+            (a segmenter's, see `plan_pixels`).
 
     Returns:
         `AxisTile` list in order; one tile when ``tile >= length``.
 
     Raises:
-        ConversionError: when the tile length is not aligned, or too short to
-            keep any cell of an inner tile.
+        ConversionError: when the tile length is not aligned.
+        InputError: when the tile is too short to keep any cell of an inner tile.
     """
     if tile >= length:
         return [AxisTile(0, length, 0, cells, 0)]
@@ -125,26 +138,49 @@ def plan_axis(length: int, tile: int, stride: int, cells: int, margin_before: in
             f"modulo the stride {stride}. Use `tile_length` to choose the tile."
         )
     step = cells - margin_before - margin_after
-    if step < 1:
-        needed = tile + stride * (1 - step)
+    if step < cells_per_stride:
+        needed = tile + stride * -(-(cells_per_stride - step) // cells_per_stride)
         raise InputError(
             f"A tile of {tile} pixels gives {cells} output cells, but {margin_before} + {margin_after} of them "
             f"see past the tile's edges: no cell of an inner tile would be exact. Use tiles of at least {needed} "
             "pixels (more keep more of each tile)."
         )
     last_origin = (length - tile) // stride
-    total = last_origin + cells
+    total = last_origin * cells_per_stride + cells
     tiles: list[AxisTile] = []
     written, origin = 0, 0
-    while written < total:
+    while written < total:  # each tile writes at least one cell
         origin = min(origin, last_origin)
-        is_last = origin == last_origin
-        keep_start = written - origin
-        keep_stop = cells if is_last else cells - margin_after
-        tiles.append(AxisTile(origin * stride, origin * stride + tile, keep_start, keep_stop, written))
-        written = origin + keep_stop
-        origin += step
+        first_cell = origin * cells_per_stride
+        keep_stop = cells if origin == last_origin else cells - margin_after
+        tiles.append(AxisTile(origin * stride, origin * stride + tile, written - first_cell, keep_stop, written))
+        written = first_cell + keep_stop
+        # The next tile starts as late as lets it keep `written` on: its first kept cell past its margin.
+        origin = (written - margin_before) // cells_per_stride
     return tiles
+
+
+def plan_pixels(length: int, tile: int, margin: int, period: int) -> list[AxisTile]:
+    """Tiles of a per-pixel map (a segmenter's logits) along one axis, each pixel written once.
+
+    Tiles start on multiples of ``period`` (the network's stride) and are as
+    long as the longest length up to ``tile`` congruent to ``length`` modulo
+    it, so every padding and alignment shift is the whole image's; pixels
+    within ``margin`` of an edge inside the image are not kept.
+
+    Raises:
+        InputError: when ``tile`` leaves no room for kept pixels between the margins.
+    """
+    if tile >= length:
+        return [AxisTile(0, length, 0, length, 0)]
+    size = tile - ((tile - length) % period)  # the longest length <= tile congruent to `length`
+    if size < 1 or size - 2 * margin < period:
+        smallest = 2 * margin + period + (length - 2 * margin - period) % period
+        raise InputError(
+            f"A tile of {tile} pixels keeps nothing: each side loses {margin} pixels and tiles move by "
+            f"multiples of {period}. Use tiles of at least {smallest} pixels."
+        )
+    return plan_axis(length, size, period, size, margin, margin, cells_per_stride=period)
 
 
 def tiles_touching(mask, rows: list[AxisTile], cols: list[AxisTile]):

@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-import itertools
-
 import keras
 import numpy as np
 
-from keras_fcn_surgery.errors import ConversionError
+from keras_fcn_surgery.errors import ConversionError, InputError
 from keras_fcn_surgery.graph import model_layout
+from keras_fcn_surgery.grid import tiling
 from keras_fcn_surgery.grid.geometry import geometry
-from keras_fcn_surgery.segmentation.tiles import AxisTile, plan_tiles
+from keras_fcn_surgery.grid.tiling import AxisTile
+from keras_fcn_surgery.inference import runner
 from keras_fcn_surgery.taxonomy import UPSAMPLINGS
 
 
@@ -58,44 +58,79 @@ def reach(model) -> tuple[tuple[int, int], tuple[int, int]]:
     return margin, period  # type: ignore[return-value]
 
 
-def segment_image(model, image, *, tile=None) -> np.ndarray:
+def segment_image(model, image, *, tile=None, batch_size: int | None = None, progress: bool | None = False):
     """The segmenter's logits for one image, ``(H, W, K)`` (``(K, H, W)`` for channels-first models).
 
     Args:
         model: a model from `segmenter` (or loaded from its ``.keras`` file).
-        image: one image in the model's layout, already preprocessed.
+        image: one image in the model's layout, already preprocessed: a
+            numpy array or any array that supports slicing.
         tile: tile side in pixels (an int or ``(h, w)``); None runs the image
             whole. Tiles overlap by the network's reach (see `reach`), so the
             result equals the whole-image pass within float32 round-off.
+        batch_size: tiles per forward pass; default: as many as make about
+            1 million pixels.
+        progress: show a progress bar over the tiles.
 
     Raises:
         ConversionError: for an image of the wrong rank, or tiles too small.
     """
     layout = model_layout(model)
-    image = np.asarray(image, dtype=np.float32)
-    if image.ndim != 3:
-        raise ConversionError(f"Expected one image of rank 3 in the model's layout. Received shape {image.shape}.")
-    size = layout.image_size(image.shape)
-    out = None
-    for rows, cols in plan_segment_tiles(model, size, tile):
-        piece = image[layout.image_index(slice(rows.start, rows.stop), slice(cols.start, cols.stop))]
-        logits = np.asarray(model(piece[None], training=False))[0]
-        if out is None:
-            classes = logits.shape[layout.image_channel_axis]
-            out = np.empty(layout.image_shape(size[0], size[1], classes), np.float32)
-        out[layout.image_index(slice(rows.keep_start, rows.keep_stop), slice(cols.keep_start, cols.keep_stop))] = (
-            logits[layout.image_index(*kept_part(rows, cols))]
-        )
-    assert out is not None  # plan_tiles returns at least one tile per axis
+    shape = tuple(getattr(image, "shape", np.shape(image)))
+    if len(shape) != 3:
+        raise ConversionError(f"Expected one image of rank 3 in the model's layout. Received shape {shape}.")
+    size = layout.image_size(shape)
+    classes = int(layout.channels(tuple(model.outputs[0].shape)))
+    out = np.empty(layout.image_shape(size[0], size[1], classes), np.float32)
+    run_segmenter(model, image, out, tile=tile, batch_size=batch_size, progress=progress)
     return out
 
 
-def plan_segment_tiles(model, size, tile=None) -> list[tuple[AxisTile, AxisTile]]:
-    """The exact tiles of a segmenter over an image of ``size`` ``(H, W)``, row-major.
+def run_segmenter(
+    model, image, out, *, tile=None, keep=None, preprocess=None, batch_size: int | None = None, progress=False
+) -> float:
+    """Write the segmenter's logits for ``image`` into ``out`` through the tile loop `predict_map` uses.
 
-    Each tile reads ``[start, stop)`` and owns ``[keep_start, keep_stop)`` on
-    each axis; every pixel is owned by exactly one tile. Without ``tile`` (or
-    with one at least as large as the image) there is one tile, the image.
+    With ``keep`` (a boolean ``(H, W)`` array), only the tiles holding a kept
+    pixel run and the other pixels are NaN.
+
+    Returns:
+        The share of the tiles computed.
+    """
+    layout = model_layout(model)
+    size = layout.image_size(tuple(image.shape))
+    axis_plans = plan_segment_tiles(model, size, tile)
+    selected = None if keep is None else tiling.tiles_touching(keep, *axis_plans)
+    count = len(axis_plans[0]) * len(axis_plans[1])
+    side = (axis_plans[0][0].stop - axis_plans[0][0].start, axis_plans[1][0].stop - axis_plans[1][0].start)
+    per_batch = batch_size or max(1, runner.PIXELS_PER_BATCH // (side[0] * side[1]))
+    computed = count if selected is None else int(selected.sum())
+    spec = runner.ImageSpec(layout, int(layout.channels(tuple(model.inputs[0].shape))))
+    with runner.progress_bar(computed, progress, "tiles") as bar:
+        runner.run_tiles(
+            runner.forward_fn(model, False),
+            image,
+            spec,
+            axis_plans,
+            out,
+            batch_size=per_batch,
+            preprocess=preprocess,
+            dtype=runner.input_dtype(model),
+            bar=bar,
+            prefetch=True,
+            selected=selected,
+            keep=keep,
+        )
+    return computed / count
+
+
+def plan_segment_tiles(model, size, tile=None) -> list[list[AxisTile]]:
+    """The exact tiles of a segmenter over an image of ``size`` ``(H, W)``: one `AxisTile` list per axis.
+
+    Each tile reads ``[start, stop)`` and writes the pixels ``[out_start,
+    out_stop)`` on each axis; every pixel is written by exactly one tile.
+    Without ``tile`` (or with one at least as large as the image) there is one
+    tile, the image.
 
     Raises:
         ConversionError: for an image smaller than `minimum_size`, or tiles too small.
@@ -107,26 +142,18 @@ def plan_segment_tiles(model, size, tile=None) -> list[tuple[AxisTile, AxisTile]
             f"'{model.name}' needs. Pad it, or use a larger image."
         )
     if tile is None:
-        return [(AxisTile(0, size[0], 0, size[0]), AxisTile(0, size[1], 0, size[1]))]
+        return [[AxisTile(0, size[0], 0, size[0], 0)], [AxisTile(0, size[1], 0, size[1], 0)]]
     sides = tuple(int(t) for t in tile) if isinstance(tile, (tuple, list)) else (int(tile), int(tile))
     margin, period = reach(model)
     try:
-        plans = [plan_tiles(size[a], sides[a], margin[a], period[a]) for a in (0, 1)]
+        plans = [tiling.plan_pixels(size[a], sides[a], margin[a], period[a]) for a in (0, 1)]
     except ValueError as error:
-        raise ConversionError(f"Cannot tile for '{model.name}': {error}") from error
+        raise InputError(f"Cannot tile for '{model.name}': {error}") from error
     for axis, plan in enumerate(plans):
         short = [t for t in plan if t.stop - t.start < smallest[axis]]
         if short:
-            raise ConversionError(
+            raise InputError(
                 f"Tiles of {sides[axis]} pixels leave a {short[0].stop - short[0].start}-pixel tile, smaller than "
                 f"the {smallest[axis]} pixels '{model.name}' needs. Use larger tiles."
             )
-    return list(itertools.product(plans[0], plans[1]))
-
-
-def kept_part(rows: AxisTile, cols: AxisTile) -> tuple[slice, slice]:
-    """The slices of a tile's logits that the tile owns (rows, columns)."""
-    return (
-        slice(rows.keep_start - rows.start, rows.keep_stop - rows.start),
-        slice(cols.keep_start - cols.start, cols.keep_stop - cols.start),
-    )
+    return plans
