@@ -22,15 +22,15 @@ _PUBLIC = {
     "UninformativeVerificationWarning": "errors",
     "IgnoredHeadWarning": "errors",
     "RewriteKind": "surgery.rules.base",
-    "ExportError": "export.pipeline",
-    "ExportResult": "export.pipeline",
+    "ExportError": "exporting.pipeline",
+    "ExportResult": "exporting.pipeline",
     "AxisGeometry": "grid.geometry",
     "Geometry": "grid.geometry",
     "geometry": "grid.geometry",
     "heatmap": "inference.heatmap",
     "imagenet_class_names": "inference.heatmap",
     "load_model": "saving.loading",
-    "export_onnx": "export.onnx",
+    "export_onnx": "exporting.onnx",
     "ConversionPlan": "surgery.plan",
     "predict_map": "inference.predict",
     "predict_images": "batch.run",
@@ -40,9 +40,9 @@ _PUBLIC = {
     "StagePlan": "inference.staged",
     "plan_prediction": "inference.staged",
     "sliding_window_predict": "inference.predict",
-    "export_savedmodel": "export.savedmodel",
-    "export_tflite": "export.tflite",
-    "log_graphs": "export.tensorboard",
+    "export_savedmodel": "exporting.savedmodel",
+    "export_tflite": "exporting.tflite",
+    "log_graphs": "exporting.tensorboard",
     "VerificationResult": "surgery.verify",
     "verify": "surgery.convert",
     "segmenter": "segmentation.segmenter",
@@ -123,11 +123,11 @@ if TYPE_CHECKING:
         UninformativeVerificationWarning,
         VerificationError,
     )
-    from keras_fcn_surgery.export.onnx import export_onnx
-    from keras_fcn_surgery.export.pipeline import ExportError, ExportResult
-    from keras_fcn_surgery.export.savedmodel import export_savedmodel
-    from keras_fcn_surgery.export.tensorboard import log_graphs
-    from keras_fcn_surgery.export.tflite import export_tflite
+    from keras_fcn_surgery.exporting.onnx import export_onnx
+    from keras_fcn_surgery.exporting.pipeline import ExportError, ExportResult
+    from keras_fcn_surgery.exporting.savedmodel import export_savedmodel
+    from keras_fcn_surgery.exporting.tensorboard import log_graphs
+    from keras_fcn_surgery.exporting.tflite import export_tflite
     from keras_fcn_surgery.grid.geometry import AxisGeometry, Geometry, geometry
     from keras_fcn_surgery.inference.heatmap import heatmap, imagenet_class_names
     from keras_fcn_surgery.inference.pictures import activations_picture, filters_picture

@@ -29,7 +29,7 @@ import warnings
 import numpy as np
 
 from keras_fcn_surgery.errors import ModelFileError, first_line
-from keras_fcn_surgery.export.pipeline import (
+from keras_fcn_surgery.exporting.pipeline import (
     ExportError,
     ExportResult,
     check_batches,
@@ -40,7 +40,7 @@ from keras_fcn_surgery.export.pipeline import (
     run_check_script,
     run_export,
 )
-from keras_fcn_surgery.export.savedmodel import INPUT_NAME, OUTPUT_NAME
+from keras_fcn_surgery.exporting.savedmodel import INPUT_NAME, OUTPUT_NAME
 from keras_fcn_surgery.graph import model_layout, patch_tf2onnx
 from keras_fcn_surgery.layout import Layout
 from keras_fcn_surgery.saving.atomic import atomic_output, check_output_path

@@ -21,7 +21,7 @@ from __future__ import annotations
 import os
 
 from keras_fcn_surgery.errors import ModelFileError, first_line
-from keras_fcn_surgery.export.pipeline import (
+from keras_fcn_surgery.exporting.pipeline import (
     ExportError,
     ExportResult,
     check_batches,
@@ -32,7 +32,7 @@ from keras_fcn_surgery.export.pipeline import (
     run_check_script,
     run_export,
 )
-from keras_fcn_surgery.export.savedmodel import INPUT_NAME, OUTPUT_NAME, SERVING_DEFAULT, serving_functions
+from keras_fcn_surgery.exporting.savedmodel import INPUT_NAME, OUTPUT_NAME, SERVING_DEFAULT, serving_functions
 from keras_fcn_surgery.options import QUANTIZE_MODES
 from keras_fcn_surgery.saving.atomic import atomic_output, check_output_path
 

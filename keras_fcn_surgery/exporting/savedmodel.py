@@ -35,7 +35,7 @@ import keras
 import numpy as np
 
 from keras_fcn_surgery.errors import ConversionError, ModelFileError, first_line
-from keras_fcn_surgery.export.pipeline import (
+from keras_fcn_surgery.exporting.pipeline import (
     ExportError,
     ExportResult,
     check_batches,
@@ -46,7 +46,7 @@ from keras_fcn_surgery.export.pipeline import (
     run_check_script,
     run_export,
 )
-from keras_fcn_surgery.export.preprocessing import PREPROCESS_MODES, decode_images, preprocess_images
+from keras_fcn_surgery.exporting.preprocessing import PREPROCESS_MODES, decode_images, preprocess_images
 from keras_fcn_surgery.graph import model_layout
 from keras_fcn_surgery.saving.atomic import atomic_folder
 from keras_fcn_surgery.surgery.verify import VerificationResult
