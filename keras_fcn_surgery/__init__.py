@@ -22,7 +22,7 @@ _PUBLIC = {
     "UninformativeVerificationWarning": "errors",
     "IgnoredHeadWarning": "errors",
     "RewriteKind": "surgery.rules.base",
-    "ExportError": "exporting.pipeline",
+    "ExportError": "errors",
     "ExportResult": "exporting.pipeline",
     "AxisGeometry": "grid.geometry",
     "Geometry": "grid.geometry",
@@ -116,6 +116,7 @@ if TYPE_CHECKING:
     from keras_fcn_surgery.batch.run import BatchSummary, predict_images
     from keras_fcn_surgery.errors import (
         ConversionError,
+        ExportError,
         IgnoredHeadWarning,
         InputError,
         ModelFileError,
@@ -124,7 +125,7 @@ if TYPE_CHECKING:
         VerificationError,
     )
     from keras_fcn_surgery.exporting.onnx import export_onnx
-    from keras_fcn_surgery.exporting.pipeline import ExportError, ExportResult
+    from keras_fcn_surgery.exporting.pipeline import ExportResult
     from keras_fcn_surgery.exporting.savedmodel import export_savedmodel
     from keras_fcn_surgery.exporting.tensorboard import log_graphs
     from keras_fcn_surgery.exporting.tflite import export_tflite

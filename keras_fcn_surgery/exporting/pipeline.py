@@ -19,15 +19,10 @@ from dataclasses import dataclass
 import keras
 import numpy as np
 
-from keras_fcn_surgery.errors import ConversionError
+from keras_fcn_surgery.errors import ConversionError, ExportError
 from keras_fcn_surgery.graph import model_layout
 from keras_fcn_surgery.saving.atomic import pause_point
 from keras_fcn_surgery.surgery.verify import VerificationResult, compare_arrays, tolerance_for
-
-
-class ExportError(ConversionError):
-    """An export that could not be built, or that does not reproduce the Keras model."""
-
 
 # Seconds the fresh process may take to load and run an export.
 CHECK_TIMEOUT = 900
