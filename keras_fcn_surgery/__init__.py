@@ -30,7 +30,8 @@ _PUBLIC = {
     "heatmap": "inference.heatmap",
     "imagenet_class_names": "inference.heatmap",
     "load_model": "saving.loading",
-    "export_onnx": "exporting.onnx",
+    "export": "exporting.api",
+    "export_onnx": "exporting.api",
     "ConversionPlan": "surgery.plan",
     "predict_map": "inference.predict",
     "predict_images": "batch.run",
@@ -40,8 +41,8 @@ _PUBLIC = {
     "StagePlan": "inference.staged",
     "plan_prediction": "inference.staged",
     "sliding_window_predict": "inference.predict",
-    "export_savedmodel": "exporting.savedmodel",
-    "export_tflite": "exporting.tflite",
+    "export_savedmodel": "exporting.api",
+    "export_tflite": "exporting.api",
     "log_graphs": "exporting.tensorboard",
     "VerificationResult": "surgery.verify",
     "verify": "surgery.convert",
@@ -72,6 +73,7 @@ __all__ = [
     "VerificationError",
     "VerificationResult",
     "convert",
+    "export",
     "export_onnx",
     "export_savedmodel",
     "export_tflite",
@@ -124,11 +126,9 @@ if TYPE_CHECKING:
         UninformativeVerificationWarning,
         VerificationError,
     )
-    from keras_fcn_surgery.exporting.onnx import export_onnx
+    from keras_fcn_surgery.exporting.api import export, export_onnx, export_savedmodel, export_tflite
     from keras_fcn_surgery.exporting.pipeline import ExportResult
-    from keras_fcn_surgery.exporting.savedmodel import export_savedmodel
     from keras_fcn_surgery.exporting.tensorboard import log_graphs
-    from keras_fcn_surgery.exporting.tflite import export_tflite
     from keras_fcn_surgery.grid.geometry import AxisGeometry, Geometry, geometry
     from keras_fcn_surgery.inference.heatmap import heatmap, imagenet_class_names
     from keras_fcn_surgery.inference.pictures import activations_picture, filters_picture
