@@ -24,13 +24,11 @@ from typing import Any, ClassVar, NamedTuple
 import keras
 import numpy as np
 
-from keras_fcn_surgery.errors import ConversionError, ExportError
+from keras_fcn_surgery.errors import ConversionError, ExportError  # ExportError: also importable from here
 from keras_fcn_surgery.graph import model_layout
 from keras_fcn_surgery.saving.atomic import atomic_output, check_output_path
 from keras_fcn_surgery.surgery.fcn import fcn_spec
 from keras_fcn_surgery.surgery.verify import VerificationResult, compare_arrays, tolerance_for
-
-__all__ = ["ExportError", "ExportFormat", "ExportResult", "FileFormat", "Destination"]
 
 # Seconds the fresh process may take to load and run an export.
 CHECK_TIMEOUT = 900
