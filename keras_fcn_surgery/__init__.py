@@ -25,15 +25,16 @@ _PUBLIC = {
     "UninformativeVerificationWarning": "errors",
     "IgnoredHeadWarning": "errors",
     "RewriteKind": "surgery.rules.base",
-    "ExportError": "export.pipeline",
-    "ExportResult": "export.pipeline",
+    "ExportError": "errors",
+    "ExportResult": "exporting.pipeline",
     "AxisGeometry": "grid.geometry",
     "Geometry": "grid.geometry",
     "geometry": "grid.geometry",
     "heatmap": "inference.heatmap",
     "imagenet_class_names": "inference.heatmap",
     "load_model": "saving.loading",
-    "export_onnx": "export.onnx",
+    "export": "exporting.api",
+    "export_onnx": "exporting.api",
     "ConversionPlan": "surgery.plan",
     "predict_map": "inference.predict",
     "predict_images": "batch.run",
@@ -43,9 +44,9 @@ _PUBLIC = {
     "StagePlan": "inference.staged",
     "plan_prediction": "inference.staged",
     "sliding_window_predict": "inference.predict",
-    "export_savedmodel": "export.savedmodel",
-    "export_tflite": "export.tflite",
-    "log_graphs": "export.tensorboard",
+    "export_savedmodel": "exporting.api",
+    "export_tflite": "exporting.api",
+    "log_graphs": "exporting.tensorboard",
     "VerificationResult": "surgery.verify",
     "verify": "surgery.convert",
     "segmenter": "segmentation.segmenter",
@@ -77,6 +78,7 @@ __all__ = [
     "VerificationResult",
     "as_fcn",
     "convert",
+    "export",
     "fcn_spec",
     "export_onnx",
     "export_savedmodel",
@@ -122,6 +124,7 @@ if TYPE_CHECKING:
     from keras_fcn_surgery.batch.run import BatchSummary, predict_images
     from keras_fcn_surgery.errors import (
         ConversionError,
+        ExportError,
         IgnoredHeadWarning,
         InputError,
         ModelFileError,
@@ -129,11 +132,9 @@ if TYPE_CHECKING:
         UninformativeVerificationWarning,
         VerificationError,
     )
-    from keras_fcn_surgery.export.onnx import export_onnx
-    from keras_fcn_surgery.export.pipeline import ExportError, ExportResult
-    from keras_fcn_surgery.export.savedmodel import export_savedmodel
-    from keras_fcn_surgery.export.tensorboard import log_graphs
-    from keras_fcn_surgery.export.tflite import export_tflite
+    from keras_fcn_surgery.exporting.api import export, export_onnx, export_savedmodel, export_tflite
+    from keras_fcn_surgery.exporting.pipeline import ExportResult
+    from keras_fcn_surgery.exporting.tensorboard import log_graphs
     from keras_fcn_surgery.grid.geometry import AxisGeometry, Geometry, geometry
     from keras_fcn_surgery.inference.heatmap import heatmap, imagenet_class_names
     from keras_fcn_surgery.inference.pictures import activations_picture, filters_picture

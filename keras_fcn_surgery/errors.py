@@ -26,6 +26,10 @@ class ModelFileError(InputError):
     """A model file that is missing, unreadable or needs custom objects."""
 
 
+class ExportError(ConversionError):
+    """An export that could not be built, or that does not reproduce the Keras model."""
+
+
 class NonFiniteWeightsWarning(UserWarning):
     """The source model holds NaN or Inf weights; the message names the layers.
 

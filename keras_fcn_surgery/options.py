@@ -7,7 +7,7 @@ loading TensorFlow.
 # What a global-pooling head becomes: see `keras_fcn_surgery.convert`.
 HEADS = ("window", "dense")
 
-# `keras.applications` preprocessing conventions: see `keras_fcn_surgery.export.preprocessing`.
+# `keras.applications` preprocessing conventions: see `keras_fcn_surgery.exporting.preprocessing`.
 PREPROCESS_MODES = ("none", "caffe", "tf", "torch")
 
 EXPORT_FORMATS = ("savedmodel", "onnx", "tflite")

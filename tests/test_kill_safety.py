@@ -11,7 +11,7 @@ import pytest
 from models import small_flatten_cnn
 
 import keras_fcn_surgery as kfs
-from keras_fcn_surgery.export.savedmodel import next_version
+from keras_fcn_surgery.exporting.savedmodel import next_version
 from keras_fcn_surgery.saving import atomic
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -10,8 +10,8 @@ from models import small_flatten_cnn, valid_gap_cnn
 
 import keras_fcn_surgery as kfs
 from keras_fcn_surgery import cli
-from keras_fcn_surgery.export import onnx as onnx_export
-from keras_fcn_surgery.export import pipeline as export_common
+from keras_fcn_surgery.exporting import onnx as onnx_export
+from keras_fcn_surgery.exporting import pipeline as export_common
 
 onnx = pytest.importorskip("onnx")
 onnxruntime = pytest.importorskip("onnxruntime")

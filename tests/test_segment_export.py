@@ -47,7 +47,7 @@ def test_onnx_export_matches_at_two_sizes(tmp_path):
 
 
 def test_export_check_sizes_of_a_segmenter_come_from_its_cells():
-    from keras_fcn_surgery.export.pipeline import resolve_check_sizes
+    from keras_fcn_surgery.exporting.pipeline import resolve_check_sizes
     from keras_fcn_surgery.segmentation.predict import minimum_size
 
     model = kfs.segmenter(pooled_net(classes=3), num_classes=3)

@@ -17,9 +17,9 @@ from PIL import Image
 
 import keras_fcn_surgery as kfs
 from keras_fcn_surgery import cli
-from keras_fcn_surgery.export import pipeline as export_common
-from keras_fcn_surgery.export import preprocessing
-from keras_fcn_surgery.export import savedmodel as serving
+from keras_fcn_surgery.exporting import pipeline as export_common
+from keras_fcn_surgery.exporting import preprocessing
+from keras_fcn_surgery.exporting import savedmodel as serving
 from keras_fcn_surgery.saving import atomic
 from keras_fcn_surgery.zoo import caffenet
 

@@ -8,7 +8,7 @@ from models import small_flatten_cnn
 
 import keras_fcn_surgery as kfs
 from keras_fcn_surgery import cli
-from keras_fcn_surgery.export.tensorboard import PLAN_TAG
+from keras_fcn_surgery.exporting.tensorboard import PLAN_TAG
 from keras_fcn_surgery.zoo import caffenet
 
 event_accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")

@@ -11,7 +11,7 @@ from models import small_flatten_cnn
 
 import keras_fcn_surgery as kfs
 from keras_fcn_surgery import cli
-from keras_fcn_surgery.export import pipeline as export_common
+from keras_fcn_surgery.exporting import pipeline as export_common
 
 
 def interpreter(path):

@@ -222,7 +222,7 @@ def _mask_file_for(folder: str, source: Source) -> str:
 
 def preprocess_fn(preprocess, layout):
     """The function applied to each tile: None, a keras.applications mode's ``preprocess_input``, or ``preprocess``."""
-    from keras_fcn_surgery.export.preprocessing import pixel_function
+    from keras_fcn_surgery.exporting.preprocessing import pixel_function
 
     return pixel_function(preprocess, layout.data_format)
 

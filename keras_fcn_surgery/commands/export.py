@@ -67,14 +67,10 @@ def run(args) -> int:
     options = dict(
         overwrite=args.overwrite, convert=not args.no_convert, head=args.head, input_size=args.input_size
     )
-    source = kfs.load_model(args.model)
-    if args.format == "onnx":
-        result = kfs.export_onnx(source, args.export_dir, **options)
+    if args.format == "savedmodel":
+        options.update(version=args.version, preprocess=args.preprocess)
     elif args.format == "tflite":
-        result = kfs.export_tflite(source, args.export_dir, quantize=args.quantize, **options)
-    else:
-        result = kfs.export_savedmodel(
-            source, args.export_dir, version=args.version, preprocess=args.preprocess, **options
-        )
+        options.update(quantize=args.quantize)
+    result = kfs.export(kfs.load_model(args.model), args.export_dir, format=args.format, **options)
     print(result)
     return EXIT_OK

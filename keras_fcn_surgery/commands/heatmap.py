@@ -45,7 +45,7 @@ def run(args) -> int:
     from PIL import Image, UnidentifiedImageError
 
     import keras_fcn_surgery as kfs
-    from keras_fcn_surgery.export.preprocessing import pixel_function
+    from keras_fcn_surgery.exporting.preprocessing import pixel_function
     from keras_fcn_surgery.graph import model_layout
     from keras_fcn_surgery.inference.heatmap import class_probabilities, heat_range
     from keras_fcn_surgery.saving.atomic import atomic_output, check_output_path

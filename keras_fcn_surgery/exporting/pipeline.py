@@ -1,33 +1,34 @@
-"""The one export pipeline shared by SavedModel, ONNX and TFLite.
+"""What every export format shares: the format protocol, the result, and the check in a fresh process.
 
-prepare (convert a classifier, pick the check sizes) -> temporary path (a
-hidden, pid-stamped name beside the output, see `saving.atomic`) -> write ->
-check in a fresh process against Keras -> publish (an atomic rename). Each
-format supplies only its writer and the small script that runs its file;
-`run_export` owns the order, the clean-up and the guarantees.
+`exporting.api.export` runs the one orchestration: make the format (its own
+options checked first) -> refuse a bad output path -> load or convert the
+model (`surgery.fcn.as_fcn`) -> the format's checks on the FCN -> pick the
+check sizes -> temporary path (a hidden, pid-stamped name beside the output,
+see `saving.atomic`) -> write -> check in a fresh process against Keras ->
+publish (an atomic rename). A format (`savedmodel.py`, `onnx.py`,
+`tflite.py`) is an `ExportFormat`: it writes its file and supplies the small
+script that runs it; nothing else.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
 import tempfile
-from collections.abc import Callable
+from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any, ClassVar, NamedTuple
 
 import keras
 import numpy as np
 
-from keras_fcn_surgery.errors import ConversionError
+from keras_fcn_surgery.errors import ConversionError, ExportError  # ExportError: also importable from here
 from keras_fcn_surgery.graph import model_layout
-from keras_fcn_surgery.saving.atomic import pause_point
+from keras_fcn_surgery.saving.atomic import atomic_output, check_output_path
+from keras_fcn_surgery.surgery.fcn import fcn_spec
 from keras_fcn_surgery.surgery.verify import VerificationResult, compare_arrays, tolerance_for
-
-
-class ExportError(ConversionError):
-    """An export that could not be built, or that does not reproduce the Keras model."""
-
 
 # Seconds the fresh process may take to load and run an export.
 CHECK_TIMEOUT = 900
@@ -65,29 +66,83 @@ class ExportResult:
         return max((check.max_rel_diff for check in self.checks), default=float("nan"))
 
 
-def run_export(staging, write: Callable[[str], None], check: Callable[[str], tuple]) -> tuple:
-    """Write an export under a temporary path, check it, and publish it; the steps every format shares.
+class Destination(NamedTuple):
+    """Where an export goes: ``staging`` yields the temporary path and publishes it to ``path`` on a clean exit."""
 
-    Args:
-        staging: a context manager yielding the temporary path and publishing
-            it on a clean exit (`saving.atomic.atomic_output` for a file,
-            `saving.atomic.atomic_folder` for a folder). Any exception,
-            `KeyboardInterrupt` and the CLI's `Interrupted` included, removes
-            the temporary and publishes nothing.
-        write: writes the export at the temporary path.
-        check: runs the written export (in a fresh process) and compares it
-            with Keras; raises `ExportError` on a mismatch.
+    staging: Any
+    path: str
+    version: int | None
 
-    Returns:
-        What ``check`` returned.
+
+@dataclass(frozen=True)
+class ExportFormat:
+    """One export format: how it writes its file and how that file is checked; the orchestration is `export`'s.
+
+    A format is a frozen dataclass of its own options, checked when it is made
+    (before any model is loaded or any file touched).
+
+    Class attributes:
+        name: the ``format=`` value (`options.EXPORT_FORMATS`).
+        what: how messages name the written export, with ``{name}`` for the model's name.
+        check_script: the script `run_check_script` runs on the written file
+            (loads PATH, runs every array of INPUTS.npz, saves OUTPUTS.npz).
     """
-    with staging as temporary:
-        pause_point("write")
-        write(temporary)
-        pause_point("check")
-        checks = check(temporary)
-        pause_point("publish")
-    return checks
+
+    name: ClassVar[str]
+    what: ClassVar[str]
+    check_script: ClassVar[str]
+
+    @property
+    def enforce(self) -> bool:
+        """Whether a difference from Keras above the tolerance fails the export (False: only measured)."""
+        return True
+
+    def output(self, path, *, overwrite: bool) -> str:
+        """The output path, refused before any work when it cannot be written."""
+        return os.fspath(path)
+
+    def accept(self, fcn) -> None:
+        """Refuse an FCN this format cannot hold (raises `ExportError`), before anything is written."""
+
+    def destination(self, path: str, *, overwrite: bool) -> contextlib.AbstractContextManager[Destination]:
+        """Where the export goes; leaving the context by an exception removes whatever it created."""
+        raise NotImplementedError
+
+    def write(self, fcn, path: str) -> None:
+        """Write ``fcn`` at the temporary ``path``."""
+        raise NotImplementedError
+
+    def check_inputs(self, fcn, batches: dict) -> dict:
+        """The channels-last check batches as the written file takes them."""
+        return batches
+
+    def check_outputs(self, fcn, outputs: dict) -> dict:
+        """The file's outputs, channels-last, as `compare_outputs` takes them."""
+        return outputs
+
+    def note(self, checks: tuple[VerificationResult, ...]) -> str:
+        """What the checks mean where they are not a pass/fail proof (`ExportResult.note`)."""
+        return ""
+
+
+@dataclass(frozen=True)
+class FileFormat(ExportFormat):
+    """A format written as one file ending in ``suffix``, whose folder must exist."""
+
+    suffix: ClassVar[str]
+
+    def output(self, path, *, overwrite: bool) -> str:
+        return check_output_path(path, suffix=self.suffix, overwrite=overwrite)
+
+    @contextlib.contextmanager
+    def destination(self, path: str, *, overwrite: bool) -> Iterator[Destination]:
+        yield Destination(atomic_output(path, suffix=self.suffix, overwrite=overwrite), path, None)
+
+
+def check_choice(option: str, value, choices) -> None:
+    """Refuse a format option's value that is not one of ``choices``."""
+    if value not in choices:
+        raise ExportError(f"Expected `{option}` to be one of {choices}. Received: {option}={value!r}")
 
 
 def run_check_script(script: str, path: str, inputs: dict, *, what: str, timeout: float = CHECK_TIMEOUT) -> dict:
@@ -141,53 +196,12 @@ sys.meta_path.insert(0, _RefuseThisPackage())
 """
 
 
-def is_fully_convolutional(model) -> bool:
-    """True for a one-input, one-output model on images of any size that returns a rank-4 map."""
-    if len(model.inputs) != 1 or len(model.outputs) != 1:
-        return False
-    shape, output = tuple(model.inputs[0].shape), tuple(model.outputs[0].shape)
-    return len(shape) == 4 and len(output) == 4 and all(d is None for d in _spatial(model, shape))
-
-
-def prepare_fcn(model, *, convert: bool = True, head: str = "window", input_size=None, custom_objects=None):
-    """The FCN to export and the classifier's original ``(H, W)`` (None when unknown).
-
-    Raises:
-        ExportError: for a model with several inputs or outputs, or a
-            classifier with ``convert=False``.
-    """
-    from keras_fcn_surgery.saving.loading import as_model
-    from keras_fcn_surgery.surgery.convert import convert as convert_model
-
-    model = as_model(model, custom_objects, error_class=ExportError)
-    if len(model.inputs) != 1 or len(model.outputs) != 1:
-        raise ExportError(
-            f"Model '{model.name}' has {len(model.inputs)} inputs and {len(model.outputs)} outputs; a serving "
-            "export takes one image input and returns one score map."
-        )
-    size = tuple(int(d) for d in input_size) if input_size is not None else None
-    if is_fully_convolutional(model):
-        return model, size
-    if not convert:
-        raise ExportError(
-            f"Model '{model.name}' takes input {tuple(model.inputs[0].shape)} and returns "
-            f"{tuple(model.outputs[0].shape)}: it is not fully convolutional. Let it be converted first "
-            "(drop convert=False / --no-convert)."
-        )
-    if size is None:
-        spatial = _spatial(model, tuple(model.inputs[0].shape))
-        size = tuple(int(d) for d in spatial) if all(d is not None for d in spatial) else None
-    fcn = convert_model(model, head=head, input_size=input_size)
-    return fcn, size
-
-
-def image_channels(model) -> int:
-    """The channel count of the model's image input."""
-    shape = tuple(model.inputs[0].shape)
-    channels = model_layout(model).channels(shape)
-    if channels is None:
-        raise ExportError(f"Model '{model.name}' takes input {shape} with an unknown number of channels.")
-    return int(channels)
+def image_channels(fcn) -> int:
+    """The channel count of a fully convolutional model's image input."""
+    try:
+        return fcn_spec(fcn).channels
+    except ConversionError as error:
+        raise ExportError(str(error)) from error
 
 
 def resolve_check_sizes(fcn, original, check_sizes=None) -> tuple[tuple[int, int], ...]:
@@ -282,7 +296,3 @@ def compare_outputs(
             raise ExportError(f"{what} differs from the Keras model: {result}. The export was not kept.")
         results.append(result)
     return tuple(results)
-
-
-def _spatial(model, shape):
-    return model_layout(model).spatial_shape(shape)

@@ -25,83 +25,62 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import warnings
+from dataclasses import dataclass
+from typing import ClassVar
 
 import numpy as np
 
-from keras_fcn_surgery.errors import ModelFileError, first_line
-from keras_fcn_surgery.export.pipeline import (
-    ExportError,
-    ExportResult,
-    check_batches,
-    compare_outputs,
-    image_channels,
-    prepare_fcn,
-    resolve_check_sizes,
-    run_check_script,
-    run_export,
-)
-from keras_fcn_surgery.export.savedmodel import INPUT_NAME, OUTPUT_NAME
+from keras_fcn_surgery.errors import ExportError, ModelFileError, first_line
+from keras_fcn_surgery.exporting.pipeline import FileFormat, image_channels
+from keras_fcn_surgery.exporting.savedmodel import INPUT_NAME, OUTPUT_NAME
 from keras_fcn_surgery.graph import model_layout, patch_tf2onnx
 from keras_fcn_surgery.layout import Layout
-from keras_fcn_surgery.saving.atomic import atomic_output, check_output_path
 
 ONNX_PACKAGES = ("onnx", "onnxruntime", "tf2onnx")
 
 
-def export_onnx(
-    model,
-    path,
-    *,
-    overwrite: bool = False,
-    convert: bool = True,
-    head: str = "window",
-    input_size=None,
-    check_sizes=None,
-    opset=None,
-    custom_objects=None,
-) -> ExportResult:
-    """Write a model as an ONNX file whose batch, height and width are symbolic, and prove it runs.
+_CHECK_SCRIPT = """
+import numpy as np
+import onnx
+import onnxruntime
 
-    The file is written under a temporary name in the target folder, checked
-    by ``onnx.checker`` and run with onnxruntime in a fresh process at two
-    image sizes, compared with the Keras model, and only then renamed into
-    place: a failure leaves no file (and an existing one
-    untouched).
+path, inputs_file, outputs_file = sys.argv[1:4]
+onnx.checker.check_model(path)
+session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
+inputs = np.load(inputs_file)
+outputs = {key: session.run(["scores"], {"images": inputs[key]})[0] for key in inputs.files}
+np.savez(outputs_file, **outputs)
+"""
 
-    Args:
-        model: a classifier (converted first), an already converted FCN, or a
-            path to a ``.keras``/``.h5`` file holding either.
-        path: the ``.onnx`` file to write; its folder must exist.
-        overwrite: replace an existing file.
-        convert: convert a classifier first; with False the model must
-            already be fully convolutional.
-        head: ``"window"`` or ``"dense"``, passed to `convert`.
-        input_size: ``(H, W)`` the classifier was trained at (see
-            `export_savedmodel`).
-        check_sizes: ``(H, W)`` sizes to check at; default as for
-            `export_savedmodel`.
+
+@dataclass(frozen=True)
+class OnnxFormat(FileFormat):
+    """An ``.onnx`` file in the model's own layout, checked by ``onnx.checker`` and onnxruntime.
+
+    Attributes:
         opset: ONNX opset version; default: tf2onnx's.
-        custom_objects: passed to `keras.models.load_model` for a path.
-
-    Returns:
-        An `ExportResult` (``version`` is None).
-
-    Raises:
-        ExportError: when the ONNX packages are missing, the conversion fails,
-            or onnxruntime's output differs from the Keras model's.
-        ModelFileError: for an existing file without ``overwrite``, or a path
-            that cannot be written.
     """
-    onnx, _ = _require_onnx()
-    path = check_output_path(path, suffix=".onnx", overwrite=overwrite)
-    fcn, original = prepare_fcn(model, convert=convert, head=head, input_size=input_size, custom_objects=custom_objects)
-    sizes = resolve_check_sizes(fcn, original, check_sizes)
-    checks = run_export(
-        atomic_output(path, suffix=".onnx", overwrite=overwrite),
-        lambda temporary: _write_onnx(fcn, temporary, onnx, opset),
-        lambda temporary: _check_with_onnxruntime(fcn, temporary, sizes),
-    )
-    return ExportResult(path=path, version=None, checks=checks)
+
+    opset: int | None = None
+
+    name: ClassVar[str] = "onnx"
+    suffix: ClassVar[str] = ".onnx"
+    what: ClassVar[str] = "The ONNX export of '{name}' (onnxruntime)"
+    check_script: ClassVar[str] = _CHECK_SCRIPT
+
+    def __post_init__(self) -> None:
+        _require_onnx()
+
+    def write(self, fcn, path: str) -> None:
+        _write_onnx(fcn, path, importlib.import_module("onnx"), self.opset)
+
+    def check_inputs(self, fcn, batches: dict) -> dict:
+        layout = model_layout(fcn)
+        return {key: layout.from_channels_last(images) for key, images in batches.items()}
+
+    def check_outputs(self, fcn, outputs: dict) -> dict:
+        layout = model_layout(fcn)
+        return {key: layout.to_channels_last(y) for key, y in outputs.items()}
 
 
 def _require_onnx():
@@ -262,28 +241,3 @@ def _name_io(proto, layout: Layout) -> None:
         for axis, name in zip(axes, names, strict=True):
             if not dims[axis].HasField("dim_value"):
                 dims[axis].dim_param = name
-
-
-_CHECK_SCRIPT = """
-import numpy as np
-import onnx
-import onnxruntime
-
-path, inputs_file, outputs_file = sys.argv[1:4]
-onnx.checker.check_model(path)
-session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
-inputs = np.load(inputs_file)
-outputs = {key: session.run(["scores"], {"images": inputs[key]})[0] for key in inputs.files}
-np.savez(outputs_file, **outputs)
-"""
-
-
-def _check_with_onnxruntime(fcn, path: str, sizes):
-    """Check the file with onnx's checker and run it with onnxruntime in a fresh process."""
-    layout = model_layout(fcn)
-    batches = check_batches(fcn, sizes)
-    what = f"The ONNX export of '{fcn.name}' (onnxruntime)"
-    model_layout_inputs = {key: layout.from_channels_last(images) for key, images in batches.items()}
-    outputs = run_check_script(_CHECK_SCRIPT, path, model_layout_inputs, what=what)
-    outputs = {key: layout.to_channels_last(y) for key, y in outputs.items()}
-    return compare_outputs(fcn, batches, outputs, what=what)

@@ -30,26 +30,18 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import ClassVar
 
 import keras
 import numpy as np
 
-from keras_fcn_surgery.errors import ConversionError, ModelFileError, first_line
-from keras_fcn_surgery.export.pipeline import (
-    ExportError,
-    ExportResult,
-    check_batches,
-    compare_outputs,
-    image_channels,
-    prepare_fcn,
-    resolve_check_sizes,
-    run_check_script,
-    run_export,
-)
-from keras_fcn_surgery.export.preprocessing import PREPROCESS_MODES, decode_images, preprocess_images
+from keras_fcn_surgery.errors import ConversionError, ExportError, ModelFileError, first_line
+from keras_fcn_surgery.exporting.pipeline import Destination, ExportFormat, check_choice, image_channels
+from keras_fcn_surgery.exporting.preprocessing import PREPROCESS_MODES, decode_images, preprocess_images
 from keras_fcn_surgery.graph import model_layout
 from keras_fcn_surgery.saving.atomic import atomic_folder
-from keras_fcn_surgery.surgery.verify import VerificationResult
 
 SERVING_DEFAULT = "serving_default"
 SERVING_BYTES = "serving_bytes"
@@ -65,95 +57,62 @@ DECODABLE_CHANNELS = (1, 3, 4)
 _VERSION_NAME = re.compile(r"^[0-9]+$")
 
 
-def export_savedmodel(
-    model,
-    export_dir,
-    *,
-    version=None,
-    preprocess: str = "none",
-    overwrite: bool = False,
-    convert: bool = True,
-    head: str = "window",
-    input_size=None,
-    check_sizes=None,
-    bytes_signature: bool = True,
-    custom_objects=None,
-) -> ExportResult:
-    """Write a model as a TF Serving SavedModel with free height and width, and prove it reloads.
+_CHECK_SCRIPT = """
+import numpy as np
+import tensorflow as tf
 
-    The SavedModel is written to a temporary folder beside the version folder,
-    reloaded in a fresh Python process that imports TensorFlow but not this
-    package, run through ``serving_default`` at two image sizes and compared
-    with the Keras model; only then is it renamed into place. A failure at any
-    step leaves no version folder behind (and an existing one untouched).
+path, inputs_file, outputs_file = sys.argv[1:4]
+serve = tf.saved_model.load(path).signatures["serving_default"]
+inputs = np.load(inputs_file)
+outputs = {key: serve(images=tf.constant(inputs[key]))["scores"].numpy() for key in inputs.files}
+np.savez(outputs_file, **outputs)
+"""
 
-    Args:
-        model: a classifier (converted first with `convert`), an already
-            converted FCN (input height and width ``None``, rank-4 output), or
-            a path to a ``.keras``/``.h5`` file holding either.
-        export_dir: the model's base folder; created when missing.
-        version: integer version folder; default: one more than the highest
-            numeric folder in ``export_dir`` (1 when there is none).
-        preprocess: what ``serving_bytes`` does to the decoded uint8 pixels
-            before the model: ``"none"`` (cast to float32), ``"caffe"``
-            (RGB->BGR, minus the ImageNet mean), ``"tf"`` (scaled to [-1, 1])
-            or ``"torch"`` (scaled to [0, 1], then ImageNet mean and std).
-            ``serving_default`` never preprocesses.
-        overwrite: replace an existing version folder.
-        convert: convert a classifier first. With False the model must
-            already be fully convolutional.
-        head: ``"window"`` or ``"dense"``, passed to `convert`.
-        input_size: ``(H, W)`` the classifier was trained at: needed to
-            convert a classifier that accepts any size; for an FCN it sets the
-            first check size.
-        check_sizes: the two (or more) ``(H, W)`` sizes to check at; default:
-            the original size and that size plus seven output strides.
-        bytes_signature: add ``serving_bytes``. Needs 1, 3 or 4 channels.
-        custom_objects: passed to `keras.models.load_model` for a path.
 
-    Returns:
-        An `ExportResult` with the version folder and the checks.
+@dataclass(frozen=True)
+class SavedModelFormat(ExportFormat):
+    """TF Serving's SavedModel: the output path is the model's base folder, the export one version folder in it.
 
-    Raises:
-        ModelFileError: for an existing version without ``overwrite``, or a
-            folder that cannot be written.
-        ExportError: when the model cannot be served this way, or the reloaded
-            SavedModel differs from the Keras model.
-
-    Example:
-
-    ```python
-    result = keras_fcn_surgery.export_savedmodel(classifier, "/models/fcn", preprocess="caffe")
-    result.path  # '/models/fcn/1'
-    ```
+    Attributes:
+        version: the version folder; None: one more than the highest there.
+        preprocess: what ``serving_pixels`` and ``serving_bytes`` apply (one
+            of `PREPROCESS_MODES`).
+        bytes_signature: add ``serving_bytes``.
     """
-    if preprocess not in PREPROCESS_MODES:
-        raise ExportError(f"Expected `preprocess` to be one of {PREPROCESS_MODES}. Received: preprocess={preprocess!r}")
-    if version is not None:
-        version = _check_version(version)
-    fcn, original = prepare_fcn(model, convert=convert, head=head, input_size=input_size, custom_objects=custom_objects)
-    channels = image_channels(fcn)
-    _check_preprocess_channels(fcn, channels, preprocess)
-    if bytes_signature:
-        _check_bytes_signature(fcn, channels)
-    sizes = resolve_check_sizes(fcn, original, check_sizes)
-    export_dir, created = _prepare_export_dir(export_dir)
-    if version is None:
-        version = next_version(export_dir)
-    final = os.path.join(export_dir, str(version))
 
-    staging = atomic_folder(final, overwrite=overwrite, what="export folder")
-    try:
-        checks = run_export(
-            staging,
-            lambda path: _write_savedmodel(fcn, path, preprocess, bytes_signature),
-            lambda path: _check_savedmodel(fcn, path, sizes),
-        )
-    except BaseException:
-        if created:
-            _remove_if_empty(export_dir)
-        raise
-    return ExportResult(path=final, version=version, checks=checks)
+    version: int | None = None
+    preprocess: str = "none"
+    bytes_signature: bool = True
+
+    name: ClassVar[str] = "savedmodel"
+    what: ClassVar[str] = "The reloaded SavedModel of '{name}'"
+    check_script: ClassVar[str] = _CHECK_SCRIPT
+
+    def __post_init__(self) -> None:
+        check_choice("preprocess", self.preprocess, PREPROCESS_MODES)
+        if self.version is not None:
+            object.__setattr__(self, "version", _check_version(self.version))
+
+    def accept(self, fcn) -> None:
+        channels = image_channels(fcn)
+        _check_preprocess_channels(fcn, channels, self.preprocess)
+        if self.bytes_signature:
+            _check_bytes_signature(fcn, channels)
+
+    @contextlib.contextmanager
+    def destination(self, path: str, *, overwrite: bool) -> Iterator[Destination]:
+        export_dir, created = _prepare_export_dir(path)
+        version = next_version(export_dir) if self.version is None else self.version
+        final = os.path.join(export_dir, str(version))
+        try:
+            yield Destination(atomic_folder(final, overwrite=overwrite, what="export folder"), final, version)
+        except BaseException:
+            if created:
+                _remove_if_empty(export_dir)
+            raise
+
+    def write(self, fcn, path: str) -> None:
+        _write_savedmodel(fcn, path, self.preprocess, self.bytes_signature)
 
 
 def next_version(export_dir) -> int:
@@ -289,23 +248,3 @@ def _write_savedmodel(fcn, path: str, preprocess: str, bytes_signature: bool) ->
             f"Could not write the SavedModel of '{fcn.name}' under '{os.path.dirname(path)}': "
             f"{first_line(str(error))}. Check the folder's permissions and free space."
         ) from error
-
-
-_CHECK_SCRIPT = """
-import numpy as np
-import tensorflow as tf
-
-path, inputs_file, outputs_file = sys.argv[1:4]
-serve = tf.saved_model.load(path).signatures["serving_default"]
-inputs = np.load(inputs_file)
-outputs = {key: serve(images=tf.constant(inputs[key]))["scores"].numpy() for key in inputs.files}
-np.savez(outputs_file, **outputs)
-"""
-
-
-def _check_savedmodel(fcn, path: str, sizes) -> tuple[VerificationResult, ...]:
-    """Load the SavedModel in a new interpreter (TensorFlow only) and compare it with the Keras model."""
-    batches = check_batches(fcn, sizes)
-    what = f"The reloaded SavedModel of '{fcn.name}'"
-    outputs = run_check_script(_CHECK_SCRIPT, path, batches, what=what)
-    return compare_outputs(fcn, batches, outputs, what=what)

@@ -1,0 +1,291 @@
+"""The one way out: `export(model, path, format=...)`, and the format-named shortcuts over it.
+
+`export` owns the orchestration every format shares (see `exporting.pipeline`):
+the formats (`savedmodel.SavedModelFormat`, `onnx.OnnxFormat`,
+`tflite.TfliteFormat`) only write their file and say how to check it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import fields
+
+from keras_fcn_surgery.errors import ConversionError, ExportError, InputError
+from keras_fcn_surgery.exporting.onnx import OnnxFormat
+from keras_fcn_surgery.exporting.pipeline import (
+    ExportFormat,
+    ExportResult,
+    check_batches,
+    compare_outputs,
+    resolve_check_sizes,
+    run_check_script,
+)
+from keras_fcn_surgery.exporting.savedmodel import SavedModelFormat
+from keras_fcn_surgery.exporting.tflite import TfliteFormat
+from keras_fcn_surgery.options import EXPORT_FORMATS
+from keras_fcn_surgery.saving.atomic import pause_point
+from keras_fcn_surgery.saving.loading import as_model
+from keras_fcn_surgery.surgery.fcn import as_fcn, original_size
+
+# The formats by name, in the order of `options.EXPORT_FORMATS` (the CLI's choices).
+FORMATS: dict[str, type[ExportFormat]] = {kind.name: kind for kind in (SavedModelFormat, OnnxFormat, TfliteFormat)}
+
+
+def export(
+    model,
+    path,
+    format: str = "savedmodel",
+    *,
+    convert: bool = True,
+    head: str = "window",
+    input_size=None,
+    custom_objects=None,
+    check_sizes=None,
+    overwrite: bool = False,
+    **options,
+) -> ExportResult:
+    """Write a model as a SavedModel, an ONNX or a TFLite file with free height and width, and prove it runs.
+
+    The export is written under a hidden temporary name beside ``path``,
+    loaded in a fresh Python process that cannot import this package, run at
+    two image sizes and compared with the Keras model; only then is it renamed
+    into place. A failure at any step (an interruption included) leaves
+    nothing behind, and an existing export untouched.
+
+    Args:
+        model: a classifier (converted first), an already converted FCN (or a
+            segmenter), or a path to a ``.keras``/``.h5`` file holding either.
+        path: ``"savedmodel"``: the model's base folder (created when
+            missing), the export goes to a version folder in it; ``"onnx"``,
+            ``"tflite"``: the file to write, ending in ``.onnx``/``.tflite``,
+            in a folder that exists.
+        format: ``"savedmodel"`` (TF Serving), ``"onnx"`` or ``"tflite"``.
+        convert: convert a classifier first; with False the model must
+            already be fully convolutional.
+        head: ``"window"`` or ``"dense"``, passed to `convert`.
+        input_size: ``(H, W)`` the classifier was trained at: needed to
+            convert a classifier that accepts any size; for an FCN it sets the
+            first check size.
+        custom_objects: passed to `keras.models.load_model` for a path.
+        check_sizes: the ``(H, W)`` sizes to check at; default: the original
+            size and that size plus seven output strides.
+        overwrite: replace an existing version folder or file.
+        **options: the format's own: ``version``, ``preprocess``,
+            ``bytes_signature`` (see `export_savedmodel`); ``opset`` (see
+            `export_onnx`); ``quantize`` (see `export_tflite`).
+
+    Returns:
+        An `ExportResult`: what was written, and the checks.
+
+    Raises:
+        InputError: for an unknown ``format``, or an option the format does
+            not take.
+        ModelFileError: for an output that exists (without ``overwrite``) or
+            cannot be written, or a model file that cannot be loaded.
+        ExportError: when the model cannot be exported in this format, or the
+            reloaded export differs from the Keras model.
+
+    Example:
+
+    ```python
+    result = keras_fcn_surgery.export(classifier, "fcn.onnx", format="onnx")
+    result.path  # '/abs/path/fcn.onnx'
+    ```
+    """
+    kind = export_format(format, **options)
+    path = kind.output(path, overwrite=overwrite)
+    source = as_model(model, custom_objects, error_class=ExportError)
+    fcn = _fcn_to_export(source, convert=convert, head=head, input_size=input_size)
+    kind.accept(fcn)
+    sizes = resolve_check_sizes(fcn, original_size(source, input_size), check_sizes)
+    with kind.destination(path, overwrite=overwrite) as destination, destination.staging as temporary:
+        pause_point("write")
+        kind.write(fcn, temporary)
+        pause_point("check")
+        checks = _check(kind, fcn, temporary, sizes)
+        pause_point("publish")
+    return ExportResult(path=destination.path, version=destination.version, checks=checks, note=kind.note(checks))
+
+
+def export_format(format: str, **options) -> ExportFormat:
+    """The `ExportFormat` named ``format`` with its own ``options`` (checked here).
+
+    Raises:
+        InputError: for an unknown format, or an option it does not take.
+        ExportError: for an option value it does not take.
+    """
+    kind = FORMATS.get(format) if isinstance(format, str) else None
+    if kind is None:
+        raise InputError(f"Expected `format` to be one of {EXPORT_FORMATS}. Received: format={format!r}")
+    known = [field.name for field in fields(kind)]
+    unknown = sorted(set(options) - set(known))
+    if unknown:
+        takes = f"its options are {', '.join(known)}" if known else "it takes no option of its own"
+        raise InputError(f"format={format!r} does not take {', '.join(unknown)}: {takes}.")
+    return kind(**options)
+
+
+def _fcn_to_export(source, *, convert: bool, head: str, input_size):
+    """The one-input, one-output FCN to export: ``source`` itself, or its conversion (`as_fcn`)."""
+    if len(source.inputs) != 1 or len(source.outputs) != 1:
+        raise ExportError(
+            f"Model '{source.name}' has {len(source.inputs)} inputs and {len(source.outputs)} outputs; a serving "
+            "export takes one image input and returns one score map."
+        )
+    try:
+        return as_fcn(source, head=head, input_size=input_size, convert=convert)
+    except ConversionError as error:
+        if convert or isinstance(error, ExportError):
+            raise
+        # convert=False refuses a classifier: this export cannot be made as asked.
+        raise ExportError(str(error)) from error
+
+
+def _check(kind: ExportFormat, fcn, path: str, sizes):
+    """Run the written export in a fresh process at each size and compare it with the Keras model."""
+    batches = check_batches(fcn, sizes)
+    what = kind.what.format(name=fcn.name)
+    outputs = run_check_script(kind.check_script, path, kind.check_inputs(fcn, batches), what=what)
+    return compare_outputs(fcn, batches, kind.check_outputs(fcn, outputs), what=what, enforce=kind.enforce)
+
+
+def export_savedmodel(
+    model,
+    export_dir,
+    *,
+    version=None,
+    preprocess: str = "none",
+    overwrite: bool = False,
+    convert: bool = True,
+    head: str = "window",
+    input_size=None,
+    check_sizes=None,
+    bytes_signature: bool = True,
+    custom_objects=None,
+) -> ExportResult:
+    """Write a model as a TF Serving SavedModel with free height and width, and prove it reloads.
+
+    ``export(model, export_dir, format="savedmodel", ...)``: the SavedModel is
+    written to a temporary folder beside the version folder, reloaded in a
+    fresh Python process that imports TensorFlow but not this package, run
+    through ``serving_default`` at two image sizes and compared with the Keras
+    model; only then is it renamed into place. A failure at any step leaves no
+    version folder behind (and an existing one untouched).
+
+    Args:
+        export_dir: the model's base folder; created when missing.
+        version: integer version folder; default: one more than the highest
+            numeric folder in ``export_dir`` (1 when there is none).
+        preprocess: what ``serving_bytes`` does to the decoded uint8 pixels
+            before the model: ``"none"`` (cast to float32), ``"caffe"``
+            (RGB->BGR, minus the ImageNet mean), ``"tf"`` (scaled to [-1, 1])
+            or ``"torch"`` (scaled to [0, 1], then ImageNet mean and std).
+            ``serving_default`` never preprocesses.
+        bytes_signature: add ``serving_bytes``. Needs 1, 3 or 4 channels.
+        model, overwrite, convert, head, input_size, check_sizes,
+        custom_objects: as for `export`.
+
+    Returns:
+        An `ExportResult` with the version folder and the checks.
+
+    Raises:
+        ModelFileError: for an existing version without ``overwrite``, or a
+            folder that cannot be written.
+        ExportError: when the model cannot be served this way, or the reloaded
+            SavedModel differs from the Keras model.
+
+    Example:
+
+    ```python
+    result = keras_fcn_surgery.export_savedmodel(classifier, "/models/fcn", preprocess="caffe")
+    result.path  # '/models/fcn/1'
+    ```
+    """
+    arguments = dict(locals(), format="savedmodel")
+    arguments["path"] = arguments.pop("export_dir")
+    return export(**arguments)
+
+
+def export_onnx(
+    model,
+    path,
+    *,
+    overwrite: bool = False,
+    convert: bool = True,
+    head: str = "window",
+    input_size=None,
+    check_sizes=None,
+    opset=None,
+    custom_objects=None,
+) -> ExportResult:
+    """Write a model as an ONNX file whose batch, height and width are symbolic, and prove it runs.
+
+    ``export(model, path, format="onnx", ...)``: the file is written under a
+    temporary name in the target folder, checked by ``onnx.checker`` and run
+    with onnxruntime in a fresh process at two image sizes, compared with the
+    Keras model, and only then renamed into place: a failure leaves no file
+    (and an existing one untouched).
+
+    Args:
+        path: the ``.onnx`` file to write; its folder must exist.
+        opset: ONNX opset version; default: tf2onnx's.
+        model, overwrite, convert, head, input_size, check_sizes,
+        custom_objects: as for `export`.
+
+    Returns:
+        An `ExportResult` (``version`` is None).
+
+    Raises:
+        ExportError: when the ONNX packages are missing, the conversion fails,
+            or onnxruntime's output differs from the Keras model's.
+        ModelFileError: for an existing file without ``overwrite``, or a path
+            that cannot be written.
+    """
+    return export(format="onnx", **locals())
+
+
+def export_tflite(
+    model,
+    path,
+    *,
+    quantize: str | None = None,
+    overwrite: bool = False,
+    convert: bool = True,
+    head: str = "window",
+    input_size=None,
+    check_sizes=None,
+    custom_objects=None,
+) -> ExportResult:
+    """Write a model as a TFLite flatbuffer whose batch, height and width are free, and prove it runs.
+
+    ``export(model, path, format="tflite", ...)``, with the guarantees of
+    `export_savedmodel` and `export_onnx`: the file is written under a hidden
+    temporary name beside ``path``, loaded in a fresh process by
+    ``tf.lite.Interpreter``, resized with ``resize_tensor_input`` to two image
+    sizes, compared with the Keras model, and only then renamed into place.
+
+    Args:
+        path: the ``.tflite`` file to write; its folder must exist.
+        quantize: None (float32, checked at the float32 tolerance),
+            ``"float16"`` or ``"dynamic"`` (int8 weights); a quantized
+            export's difference from Keras is measured and reported in the
+            result (``result.note``, ``result.max_rel_diff``), not enforced.
+        model, overwrite, convert, head, input_size, check_sizes,
+        custom_objects: as for `export`.
+
+    Returns:
+        An `ExportResult` (``version`` is None).
+
+    Raises:
+        ExportError: when the TFLite converter fails, or (float32) the
+            interpreter's output differs from the Keras model's.
+        ModelFileError: for an existing file without ``overwrite``, or a path
+            that cannot be written.
+
+    Example:
+
+    ```python
+    result = keras_fcn_surgery.export_tflite(classifier, "fcn.tflite", quantize="float16")
+    print(result)  # the checks, and the measured float16 difference
+    ```
+    """
+    return export(format="tflite", **locals())

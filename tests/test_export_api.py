@@ -1,0 +1,97 @@
+"""`kfs.export(model, path, format=...)`: the one export entry point, its formats and its refusals."""
+
+import os
+import subprocess
+import sys
+import types
+
+import keras
+import pytest
+from models import small_flatten_cnn
+
+import keras_fcn_surgery as kfs
+from keras_fcn_surgery import cli
+from keras_fcn_surgery.options import EXPORT_FORMATS
+
+
+def test_kfs_export_is_the_function_even_after_the_export_modules_are_imported():
+    code = (
+        "import importlib, pkgutil, types\n"
+        "import keras_fcn_surgery.exporting.api, keras_fcn_surgery.exporting.onnx\n"
+        "import keras_fcn_surgery as kfs\n"
+        "for module in pkgutil.walk_packages(kfs.exporting.__path__, 'keras_fcn_surgery.exporting.'):\n"
+        "    importlib.import_module(module.name)\n"
+        "assert isinstance(kfs.export, types.FunctionType), kfs.export\n"
+        "assert kfs.export is keras_fcn_surgery.exporting.api.export\n"
+    )
+    process = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert process.returncode == 0, process.stderr[-2000:]
+    assert isinstance(kfs.export, types.FunctionType) and "export" in kfs.__all__
+
+
+def test_every_format_the_cli_offers_is_a_format_of_export():
+    from keras_fcn_surgery.exporting.api import FORMATS
+
+    assert tuple(FORMATS) == EXPORT_FORMATS
+
+
+def test_savedmodel_by_format(tmp_path):
+    result = kfs.export(small_flatten_cnn(), tmp_path / "models", format="savedmodel", bytes_signature=False)
+    assert result.path == str(tmp_path / "models" / "1") and result.version == 1
+    assert len(result.checks) == 2 and all(check.passed for check in result.checks)
+    assert os.path.isfile(os.path.join(result.path, "saved_model.pb"))
+
+
+def test_onnx_by_format(tmp_path):
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("tf2onnx")
+    path = tmp_path / "fcn.onnx"
+    result = kfs.export(small_flatten_cnn(), path, format="onnx")
+    assert result.path == str(path) and result.version is None and path.is_file()
+    assert [check.input_shape[1:3] for check in result.checks] == [(32, 32), (60, 60)]
+    assert all(check.passed for check in result.checks)
+
+
+def test_tflite_by_format_passes_its_own_option(tmp_path):
+    path = tmp_path / "fcn.tflite"
+    result = kfs.export(small_flatten_cnn(), path, format="tflite", quantize="float16")
+    assert result.path == str(path) and path.is_file()
+    assert "quantize='float16'" in result.note and len(result.checks) == 2
+
+
+def test_unknown_format_is_an_input_error_naming_the_formats(tmp_path):
+    with pytest.raises(kfs.InputError, match=r"`format`.*'savedmodel', 'onnx', 'tflite'.*format='pdf'"):
+        kfs.export(small_flatten_cnn(), tmp_path / "fcn.pdf", format="pdf")
+    assert os.listdir(tmp_path) == []
+
+
+def test_an_option_of_another_format_is_an_input_error_naming_the_formats_options(tmp_path):
+    with pytest.raises(kfs.InputError, match="format='onnx' does not take quantize: its options are opset"):
+        kfs.export(small_flatten_cnn(), tmp_path / "fcn.onnx", format="onnx", quantize="float16")
+    with pytest.raises(kfs.InputError, match="does not take opset, preprocess"):
+        kfs.export(small_flatten_cnn(), tmp_path / "fcn.tflite", format="tflite", preprocess="caffe", opset=13)
+    assert os.listdir(tmp_path) == []
+
+
+def test_a_bad_option_value_and_a_model_of_two_outputs_are_export_errors(tmp_path):
+    with pytest.raises(kfs.ExportError, match="quantize"):
+        kfs.export(small_flatten_cnn(), tmp_path / "fcn.tflite", format="tflite", quantize="int4")
+    image = keras.Input((16, 16, 3))
+    features = keras.layers.Conv2D(4, 3)(image)
+    two_outputs = keras.Model(image, [features, keras.layers.Conv2D(2, 1)(features)], name="two_outputs")
+    with pytest.raises(kfs.ExportError, match="'two_outputs' has 1 inputs and 2 outputs; a serving export"):
+        kfs.export(two_outputs, tmp_path / "models")
+    assert os.listdir(tmp_path) == []
+
+
+def test_cli_export_goes_through_export_with_the_formats_options(tmp_path, monkeypatch):
+    model_file = tmp_path / "small.keras"
+    small_flatten_cnn().save(model_file)
+    calls = []
+    monkeypatch.setattr(kfs, "export", lambda model, path, **options: calls.append((path, options)) or "done")
+    out = str(tmp_path / "fcn.tflite")
+    assert cli.main(["export", str(model_file), out, "--format", "tflite", "--quantize", "dynamic"]) == 0
+    assert cli.main(["export", str(model_file), str(tmp_path / "m"), "--version", "3"]) == 0
+    (path, options), (folder, saved) = calls
+    assert path == out and options["format"] == "tflite" and options["quantize"] == "dynamic"
+    assert saved["format"] == "savedmodel" and saved["version"] == 3 and saved["preprocess"] == "none"
