@@ -8,13 +8,12 @@ a file (`read_mask`). `cell_mask` maps it onto the score map's grid.
 from __future__ import annotations
 
 import math
-import os
 
 import numpy as np
 
 from keras_fcn_surgery.batch.cells import PixelGrid, cell_edges
 from keras_fcn_surgery.batch.readers import SLIDES_EXTRA, Reader, adapt_channels
-from keras_fcn_surgery.errors import InputError, ModelFileError, first_line
+from keras_fcn_surgery.errors import InputError
 from keras_fcn_surgery.grid.geometry import Geometry
 
 # Longest side of the picture a tissue mask is computed on.
@@ -87,14 +86,9 @@ def read_mask(path) -> np.ndarray:
     Raises:
         ModelFileError: for a file Pillow cannot read, naming it.
     """
-    from PIL import Image
+    from keras_fcn_surgery.saving.images import read_image
 
-    path = os.fspath(path)
-    try:
-        with Image.open(path) as opened:
-            return np.asarray(opened.convert("L")) > 0
-    except (OSError, ValueError) as error:
-        raise ModelFileError(f"Mask '{path}' could not be read ({first_line(str(error))}).") from error
+    return read_image(path, 1)[..., 0] > 0
 
 
 def cell_mask(mask: np.ndarray, image_size, grid: Geometry | PixelGrid, map_size) -> np.ndarray:

@@ -10,7 +10,6 @@ from keras_fcn_surgery.commands.common import EXIT_OK, EXIT_USAGE, parse_size
 from keras_fcn_surgery.options import HEADS
 
 _IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
-_PILLOW_MODES = {1: "L", 3: "RGB", 4: "RGBA"}
 
 
 def add_parser(subparsers) -> None:
@@ -73,7 +72,9 @@ def run(args) -> int:
 def _load_images(folder: str, conversion):
     """The images of ``folder`` as one batch at the model's input size, or ``(None, problem)``."""
     import numpy as np
-    from PIL import Image, UnidentifiedImageError
+
+    from keras_fcn_surgery.errors import ModelFileError
+    from keras_fcn_surgery.saving.images import PILLOW_MODES, read_image
 
     model = conversion.model
     if len(model.inputs) != 1:
@@ -85,19 +86,15 @@ def _load_images(folder: str, conversion):
         return None, f"--verify-images '{folder}' holds no images ({', '.join(_IMAGE_SUFFIXES)})."
     layout = conversion.surgeon.context.layout
     channels = layout.channels(tuple(model.inputs[0].shape))
-    mode = _PILLOW_MODES.get(channels)
-    if mode is None:
+    if channels not in PILLOW_MODES:
         return None, f"--verify-images reads 1, 3 or 4-channel images; '{model.name}' takes {channels} channels."
     height, width = conversion.size
     batch = []
     for name in names:
         path = os.path.join(folder, name)
         try:
-            with Image.open(path) as image:
-                resized = image.convert(mode).resize((width, height), Image.Resampling.BILINEAR)
-                pixels = np.asarray(resized, dtype="float32")
-        except (OSError, UnidentifiedImageError) as error:
-            return None, f"--verify-images: '{path}' is not a readable image ({error})."
-        pixels = pixels.reshape(height, width, channels)
+            pixels = read_image(path, channels, size=(height, width))
+        except ModelFileError as error:
+            return None, f"--verify-images: {error}"
         batch.append(pixels if layout.channels_last else np.moveaxis(pixels, -1, 0))
     return np.stack(batch), None

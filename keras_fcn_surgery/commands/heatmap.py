@@ -41,29 +41,19 @@ def add_parser(subparsers) -> None:
 
 
 def run(args) -> int:
-    import numpy as np
-    from PIL import Image, UnidentifiedImageError
 
     import keras_fcn_surgery as kfs
     from keras_fcn_surgery.exporting.preprocessing import pixel_function
     from keras_fcn_surgery.graph import model_layout
     from keras_fcn_surgery.inference.heatmap import class_probabilities, heat_range
     from keras_fcn_surgery.saving.atomic import atomic_output, check_output_path
+    from keras_fcn_surgery.saving.images import read_image
 
     check_output_path(args.output, suffix=".png", overwrite=args.overwrite)  # before any work
     fcn = kfs.as_fcn(kfs.load_model(args.model), head=args.head, input_size=args.input_size)
     layout = model_layout(fcn)
     channels = int(layout.channels(fcn.inputs[0].shape))
-    if channels not in (1, 3):
-        raise kfs.ConversionError(f"Model '{fcn.name}' takes {channels} channels; image files give 1 or 3.")
-    try:
-        with Image.open(args.image) as opened:
-            picture = opened.convert("L" if channels == 1 else "RGB")
-    except (OSError, UnidentifiedImageError) as error:
-        raise kfs.ModelFileError(f"Image '{args.image}' could not be read by Pillow: {error}") from error
-    pixels = np.asarray(picture, dtype=np.float32)
-    if channels == 1:
-        pixels = pixels[..., None]
+    pixels = read_image(args.image, channels)
     scores = kfs.predict_map(
         fcn,
         layout.image_from_channels_last(pixels),

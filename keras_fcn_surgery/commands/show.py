@@ -19,30 +19,13 @@ def add_parser(subparsers) -> None:
     parser.set_defaults(run=run)
 
 
-def read_image(path, channels: int):
-    """An image file as float32 ``(H, W, channels)`` pixels in [0, 255]; 1 or 3 channels."""
-    import numpy as np
-    from PIL import Image, UnidentifiedImageError
-
-    import keras_fcn_surgery as kfs
-
-    if channels not in (1, 3):
-        raise kfs.ConversionError(f"The model takes {channels} channels; image files give 1 or 3.")
-    try:
-        with Image.open(path) as opened:
-            picture = opened.convert("L" if channels == 1 else "RGB")
-    except (OSError, UnidentifiedImageError) as error:
-        raise kfs.ModelFileError(f"Image '{path}' could not be read by Pillow: {error}") from error
-    pixels = np.asarray(picture, dtype=np.float32)
-    return pixels[..., None] if channels == 1 else pixels
-
-
 def run(args) -> int:
     import sys
 
     import keras_fcn_surgery as kfs
     from keras_fcn_surgery.graph import model_layout
     from keras_fcn_surgery.saving.atomic import check_output_path
+    from keras_fcn_surgery.saving.images import read_image
 
     if args.what == "activations" and args.image is None:
         print("error: `show activations` needs an IMAGE.", file=sys.stderr)

@@ -7,15 +7,39 @@
 
 from __future__ import annotations
 
-from keras_fcn_surgery.errors import ConversionError
+from dataclasses import dataclass
+
+import numpy as np
+
+from keras_fcn_surgery.errors import InputError
+from keras_fcn_surgery.layout import Layout
 from keras_fcn_surgery.options import PREPROCESS_MODES
 
-__all__ = ["PREPROCESS_MODES", "decode_images", "pixel_function", "preprocess_images"]
+__all__ = ["CONVENTIONS", "PREPROCESS_MODES", "decode_images", "pixel_function", "preprocess_images"]
 
 # keras.applications.imagenet_utils conventions.
 CAFFE_MEAN_BGR = (103.939, 116.779, 123.68)
 TORCH_MEAN = (0.485, 0.456, 0.406)
 TORCH_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class Convention:
+    """One preprocessing: channels reversed (RGB to BGR) or not, then ``(x / divisor - mean) / std``."""
+
+    reverse_channels: bool
+    divisor: float
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+
+# The one table both the NumPy (`pixel_function`) and the TensorFlow (`preprocess_images`) paths apply.
+CONVENTIONS = {
+    "none": Convention(False, 1.0, (0.0,), (1.0,)),
+    "caffe": Convention(True, 1.0, CAFFE_MEAN_BGR, (1.0,)),
+    "tf": Convention(False, 127.5, (1.0,), (1.0,)),
+    "torch": Convention(False, 255.0, TORCH_MEAN, TORCH_STD),
+}
 
 
 def pixel_function(mode, data_format: str = "channels_last"):
@@ -35,10 +59,21 @@ def pixel_function(mode, data_format: str = "channels_last"):
     if callable(mode):
         return mode
     if mode not in PREPROCESS_MODES:
-        raise ConversionError(f"Expected `preprocess` to be one of {PREPROCESS_MODES}. Received: {mode!r}")
-    from keras.applications import imagenet_utils
+        raise InputError(f"Expected `preprocess` to be one of {PREPROCESS_MODES}. Received: {mode!r}")
+    convention = CONVENTIONS[mode]
+    axis = -1 if Layout(data_format).channels_last else -3  # (H, W, C) / (C, H, W), batched or not
 
-    return lambda x: imagenet_utils.preprocess_input(x, data_format=data_format, mode=mode)
+    def preprocess(pixels):
+        x = np.asarray(pixels, dtype=np.float32)
+        if convention.reverse_channels:
+            x = np.flip(x, axis=axis)
+        shape = [1] * x.ndim
+        shape[axis] = -1
+        mean = np.asarray(convention.mean, np.float32).reshape(shape)
+        std = np.asarray(convention.std, np.float32).reshape(shape)
+        return (x / np.float32(convention.divisor) - mean) / std
+
+    return preprocess
 
 
 def preprocess_images(images, mode: str):
@@ -54,16 +89,16 @@ def preprocess_images(images, mode: str):
     """
     import tensorflow as tf
 
+    if mode not in CONVENTIONS:
+        raise InputError(f"Expected `mode` to be one of {PREPROCESS_MODES}. Received: mode={mode!r}")
+    convention = CONVENTIONS[mode]
     x = tf.cast(images, tf.float32)
     if mode == "none":
         return x
-    if mode == "caffe":
-        return x[..., ::-1] - tf.constant(CAFFE_MEAN_BGR, tf.float32)
-    if mode == "tf":
-        return x / 127.5 - 1.0
-    if mode == "torch":
-        return (x / 255.0 - tf.constant(TORCH_MEAN, tf.float32)) / tf.constant(TORCH_STD, tf.float32)
-    raise ConversionError(f"Expected `mode` to be one of {PREPROCESS_MODES}. Received: mode={mode!r}")
+    if convention.reverse_channels:
+        x = x[..., ::-1]
+    mean, std = tf.constant(convention.mean, tf.float32), tf.constant(convention.std, tf.float32)
+    return (x / convention.divisor - mean) / std
 
 
 def decode_images(image_bytes, channels: int):
