@@ -124,6 +124,9 @@ class PredictionPlan:
             weights and the result: the largest batch's activations plus the
             stored maps held in memory meanwhile, plus about 0.75 GiB that
             TensorFlow's runtime takes on a first pass (fitted to VGG16).
+        engine: the execution every stage runs under (``"tf"``, ``"xla"`` or
+            ``"blas"``, `inference.engines`), or None when not asked for.
+        engine_reason: why that engine (asked for, measured, cached...).
     """
 
     image_size: tuple[int, int]
@@ -134,6 +137,8 @@ class PredictionPlan:
     plain_macs: int
     peak_bytes: int
     _runs: tuple = field(default=(), repr=False, compare=False)
+    engine: str | None = None
+    engine_reason: str = ""
 
     @property
     def staged(self) -> bool:
@@ -157,6 +162,7 @@ class PredictionPlan:
             f"{kind}: {self.macs / 1e9:.1f} GMAC = {self.work_ratio:.2f} x one whole pass "
             f"(plain tiles {self.plain_macs / max(self.whole_macs, 1):.2f} x); "
             f"peak memory ~{self.peak_bytes / 2**20:.0f} MiB",
+            *([f"engine {self.engine}: {self.engine_reason}"] if self.engine else []),
             f"{'from':>14s} {'to':>14s} {'input':>11s} {'tile':>11s} {'tiles':>5s} {'batch':>5s} {'area':>5s} "
             f"{'GMAC':>7s} {'peak MiB':>8s} {'store':>6s} {'MiB':>7s}",
         ]
@@ -199,6 +205,7 @@ def plan_prediction(
     staged: bool | None = None,
     batch_size: int | None = None,
     memory_budget: int | None = None,
+    engine: str | None = None,
 ) -> PredictionPlan:
     """The plan `predict_map` follows for an image of this size: stages, tiles, work and memory.
 
@@ -212,6 +219,9 @@ def plan_prediction(
             tiles' activations.
         memory_budget: bytes of stored stage maps kept in memory (default 64
             MiB); larger maps go to temporary files on disk.
+        engine: None, or as for `predict_map` (``"auto"``, ``"tf"``,
+            ``"xla"``, ``"blas"``): the plan then says which execution runs
+            and why; ``"auto"`` measures on first use (`engines.choose_engine`).
 
     Returns:
         A `PredictionPlan`; ``print(plan)`` shows it as a table.
@@ -235,6 +245,10 @@ def plan_prediction(
         if len(per_model) >= _PLANS_PER_MODEL:  # slides of many sizes: forget the oldest plan
             per_model.pop(next(iter(per_model)))
         per_model[key] = _Planner(fcn, size, key[1], batch_size, budget).plan(staged)
+    if engine is not None:
+        from keras_fcn_surgery.inference.engines import with_engine
+
+        return with_engine(per_model[key], fcn, engine)
     return per_model[key]
 
 
