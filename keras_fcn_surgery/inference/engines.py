@@ -243,13 +243,24 @@ def choose_engine(model, batch_shape, engine: str = "auto", precision: str | Non
 
 
 def plan_batch_shape(plan, fcn) -> tuple[int, ...]:
-    """The input shape of one forward call of ``plan``'s first stage: its tiles, its batch, the image's channels."""
+    """The input shape of one forward call of the whole network that stands for ``plan``'s pass.
+
+    A plain plan: its tiles times its batch. A staged one (whose first stage
+    runs tiles too small for the whole network): one requested tile, within
+    the image and at least the network's minimum input.
+    """
+    from keras_fcn_surgery.grid.geometry import geometry
     from keras_fcn_surgery.inference.runner import check_fcn
 
     spec, _ = check_fcn(fcn)
     first = plan.stages[0]
-    batch = min(first.batch_size, first.tiles)
-    return tuple(spec.layout.batch_shape(batch, first.tile[0], first.tile[1], spec.channels))
+    if not plan.staged:
+        batch = min(first.batch_size, first.tiles)
+        return tuple(spec.layout.batch_shape(batch, first.tile[0], first.tile[1], spec.channels))
+    tile = plan.tile or plan.image_size
+    low = geometry(fcn).min_input_size
+    sides = [max(min(t, n), m) for t, n, m in zip(tile, plan.image_size, low)]
+    return tuple(spec.layout.batch_shape(1, sides[0], sides[1], spec.channels))
 
 
 def with_engine(plan, fcn, engine: str, precision: str | None = None):
@@ -268,7 +279,10 @@ def with_engine(plan, fcn, engine: str, precision: str | None = None):
 def _auto_choice(model, shape, precision) -> EngineChoice:
     from keras_fcn_surgery.inference.cost import pass_cost
 
-    macs = pass_cost(model, shape).macs
+    try:
+        macs = pass_cost(model, shape).macs
+    except Exception as error:  # a shape the model cannot take whole: nothing to measure on
+        return EngineChoice("tf", f"no measurable pass at {'x'.join(map(str, shape))} ({type(error).__name__})")
     if macs < MEASURE_MACS:
         return EngineChoice(
             "tf", f"{macs / 1e9:.2g} GMAC a call, below the {MEASURE_MACS / 1e9:.0f} GMAC worth measuring"
