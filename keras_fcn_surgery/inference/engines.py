@@ -277,10 +277,8 @@ def with_engine(plan, fcn, engine: str, precision: str | None = None):
 
 
 def _auto_choice(model, shape, precision) -> EngineChoice:
-    from keras_fcn_surgery.inference.cost import pass_cost
-
     try:
-        macs = pass_cost(model, shape).macs
+        macs = call_macs(model, shape)
     except Exception as error:  # a shape the model cannot take whole: nothing to measure on
         return EngineChoice("tf", f"no measurable pass at {'x'.join(map(str, shape))} ({type(error).__name__})")
     if macs < MEASURE_MACS:
@@ -312,23 +310,28 @@ def _by_time(item) -> float:
     return item[1]
 
 
-def probe_shape(model, shape, macs: int | None = None) -> tuple[int, ...]:
-    """``shape``, or a smaller input of about `PROBE_MACS` per call: one image first, then shorter sides."""
-    from keras_fcn_surgery.graph import model_layout
-    from keras_fcn_surgery.grid.geometry import geometry
+def call_macs(model, shape) -> int:
+    """Multiply-accumulates of one forward call on ``shape``, every image of the batch counted."""
     from keras_fcn_surgery.inference.cost import pass_cost
 
+    return pass_cost(model, shape).macs * int(shape[0])
+
+
+def probe_shape(model, shape, macs: int | None = None) -> tuple[int, ...]:
+    """``shape``, or a smaller input of about `PROBE_MACS` a call: fewer images first, then shorter sides."""
+    from keras_fcn_surgery.graph import model_layout
+    from keras_fcn_surgery.grid.geometry import geometry
+
     if macs is None:
-        macs = pass_cost(model, shape).macs
+        macs = call_macs(model, shape)
     if macs <= PROBE_MACS:
         return tuple(shape)
     layout = model_layout(model)
     height, width = (int(d) for d in layout.spatial_shape(shape))
     channels = int(layout.channels(shape))
-    batch = max(1, min(int(shape[0]), math.ceil(int(shape[0]) * PROBE_MACS / macs)))
-    one = macs * batch / int(shape[0])
+    one = macs / int(shape[0])
     if one <= PROBE_MACS:
-        return tuple(layout.batch_shape(batch, height, width, channels))
+        return tuple(layout.batch_shape(max(1, int(PROBE_MACS // one)), height, width, channels))
     scale = math.sqrt(PROBE_MACS / one)
     try:
         low = geometry(model).min_input_size
