@@ -17,9 +17,9 @@ from keras_fcn_surgery.inference import engines
 from keras_fcn_surgery.inference.cost import pass_cost
 
 
-def _head_model(branch=False):
+def _head_model(branch=False, channels=2):
     """conv + pooling, a 5x5 "fc6" of 512 filters (a large-kernel head), a 1x1 "fc7"; optionally a skip around fc6."""
-    inputs = keras.Input((None, None, 2))
+    inputs = keras.Input((None, None, channels))
     x = layers.Conv2D(8, 3, strides=2, activation="relu")(inputs)
     x = layers.MaxPooling2D(2)(x)
     y = layers.Conv2D(512, 5, activation="relu", name="fc6")(x)
@@ -196,3 +196,24 @@ def test_engine_errors():
         kfs.predict_map(model, image, engine="blas", mixed_precision=True)
     assert engines.candidates(_head_model(branch=True)) == ("tf", "xla")
     assert engines.candidates(model) == ("tf", "xla", "blas")
+
+
+def test_predict_images_and_the_cli_take_an_execution(tmp_path):
+    from PIL import Image
+
+    from keras_fcn_surgery.batch.run import predict_images
+    from keras_fcn_surgery.cli import main
+
+    model = _head_model(channels=3)
+    image = np.random.default_rng(8).integers(0, 256, (45, 45, 3)).astype("uint8")
+    Image.fromarray(image).save(tmp_path / "image.png")
+    with pytest.raises(InputError, match="'auto', 'tf', 'xla', 'blas'"):
+        predict_images(model, [str(tmp_path / "image.png")], tmp_path / "out", execution="fast")
+    summary = predict_images(model, [str(tmp_path / "image.png")], tmp_path / "out", execution="xla")
+    assert summary.ok, summary.line()
+    assert ("xla", None) in engines._FORWARDS[model]
+    scores = np.load(tmp_path / "out" / "image.npz")["scores"]
+    reference = kfs.predict_map(model, image.astype("float32"), engine="tf")
+    np.testing.assert_allclose(scores, reference, atol=1e-5 * np.abs(reference).max())
+    with pytest.raises(SystemExit):
+        main(["predict", "model.keras", "image.npy", "-o", str(tmp_path), "--execution", "fast"])

@@ -43,6 +43,7 @@ class BatchOptions:
     overwrite: bool = False
     class_names: tuple[str, ...] | None = None
     progress: bool | None = None
+    execution: str = "auto"
 
 
 @dataclass(frozen=True)
@@ -157,10 +158,17 @@ def _compute(fcn, view, layout, grid, size, kept, scores, options: BatchOptions)
                 batch_size=options.batch_size,
                 preprocess=preprocess,
                 progress=options.progress,
+                engine=options.execution,
             )
         else:
             whole = kfs.predict_map(
-                fcn, view, tile=tile, batch_size=options.batch_size, preprocess=preprocess, progress=options.progress
+                fcn,
+                view,
+                tile=tile,
+                batch_size=options.batch_size,
+                preprocess=preprocess,
+                progress=options.progress,
+                engine=options.execution,
             )
             scores[:] = layout.image_to_channels_last(whole)
         if kept is not None:  # a network with global context: nothing to skip, but the mask still applies
@@ -177,7 +185,9 @@ def _compute(fcn, view, layout, grid, size, kept, scores, options: BatchOptions)
                 continue
             computed += 1
             pixels = view[layout.image_index(slice(rows.start, rows.stop), slice(cols.start, cols.stop))]
-            cell_map = kfs.predict_map(fcn, pixels, preprocess=preprocess, batch_size=1, progress=False)
+            cell_map = kfs.predict_map(
+                fcn, pixels, preprocess=preprocess, batch_size=1, progress=False, engine=options.execution
+            )
             cell_map = layout.image_to_channels_last(cell_map)[
                 rows.keep_start : rows.keep_stop, cols.keep_start : cols.keep_stop
             ]
