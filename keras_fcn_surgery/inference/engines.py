@@ -345,8 +345,8 @@ def time_engines(model, names, shape, precision: str | None = None, rounds: int 
     """Seconds of the best call of each engine in ``names`` on a random input of ``shape``.
 
     Each engine is called once untimed (tracing, compiling); then every round
-    calls each in turn, in a rotated order, so that a slow spell of the
-    machine falls on all of them. A candidate over 1.5x the best after a
+    calls each in turn, in a new random order, so that a slow spell of the
+    machine, or the one engine's threads still spinning, falls on all of them. A candidate over 1.5x the best after a
     round is not called again; one that fails gets ``inf``.
     """
     from keras_fcn_surgery.inference.runner import input_dtype
@@ -362,9 +362,11 @@ def time_engines(model, names, shape, precision: str | None = None, rounds: int 
             continue
         functions[name], timings[name] = function, math.inf
     live = list(functions)
-    for round_index in range(rounds):
-        turn = live[round_index % len(live) :] + live[: round_index % len(live)] if live else []
-        for name in turn:
+    shuffle = np.random.default_rng(0)
+    for _ in range(rounds):
+        # A new order each round: an engine timed right after another can pay for it (numpy's BLAS threads
+        # spin a while after a call), and a fixed rotation would always put the same one after it.
+        for name in shuffle.permutation(live):
             start = time.perf_counter()
             functions[name](pixels)
             timings[name] = min(timings[name], time.perf_counter() - start)
