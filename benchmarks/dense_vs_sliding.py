@@ -7,7 +7,7 @@ window; the measured speedup is printed next to the ratio of
 multiply-accumulates (MACs of convolutions and dense layers, computed from the
 layers' shapes), the speedup an implementation with equal efficiency would get.
 Target: default `predict_map` >= 0.85 x that ratio (it picks XLA for
-large-kernel heads by itself); `jit_compile=False` is shown beside it.
+the fastest execution by itself, `engines`); `engine="tf"` is shown beside it.
 
 Part 2: one large image through the FCN whole and in exact tiles, each in a
 fresh process: time (second of two runs) and peak resident memory
@@ -131,7 +131,7 @@ def dense_vs_sliding(name: str, size: int, repeats: int, sliding_repeats: int, b
         "ideal": count * window_macs / fcn_macs,
         "one": best_time(lambda: one(crop), repeats),
         "fcn": best_time(lambda: kfs.predict_map(fcn, image), repeats),
-        "xla": best_time(lambda: kfs.predict_map(fcn, image, jit_compile=False), repeats),
+        "xla": best_time(lambda: kfs.predict_map(fcn, image, engine="tf"), repeats),
         "sliding": best_time(
             lambda: kfs.sliding_window_predict(classifier, image, STRIDE, batch_size=batch_size),
             sliding_repeats,
@@ -159,7 +159,7 @@ def print_dense_table(rows) -> None:
         )
     print(
         "\nspeedup = sliding window / FCN, and as a share of the ideal (the MAC ratio); target: default "
-        "`predict_map` >= 0.85 x ideal. 'no XLA': jit_compile=False. compile s: first call - best call of the "
+        "`predict_map` >= 0.85 x ideal. 'no XLA': engine='tf'. compile s: first call - best call of the "
         "default (tracing and XLA compilation, paid once per tile shape)"
     )
     print(

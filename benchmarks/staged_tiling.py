@@ -176,11 +176,11 @@ def interleaved(fcn, image, options: dict, plan, every: float = 45.0) -> dict:
     pass's time: the kernel's writeback is its cost, and must not slow the
     whole passes it would otherwise overlap.
     """
-    from keras_fcn_surgery.inference import runner
+    from keras_fcn_surgery.inference import engines
 
     small = np.random.default_rng(1).uniform(0, 255, (2048, 2048, 3)).astype("float32")
     kfs.predict_map(fcn, small)  # warm-up: traces and compiles the whole-image shape
-    # "active": functions made while patched stay in `runner`'s cache and must not checkpoint after the pass.
+    # "active": functions made while patched stay in `engines`'s cache and must not checkpoint after the pass.
     state = {"active": True, "inside_whole": False, "mark": 0.0, "excluded": 0.0}
     wholes: list[float] = []
     stretches: list[float] = []
@@ -202,7 +202,7 @@ def interleaved(fcn, image, options: dict, plan, every: float = 45.0) -> dict:
         stretches.append(time.perf_counter() - state["mark"])
         whole()
 
-    forward_fn = runner.forward_fn
+    forward_fn = engines.forward
 
     def forward_with_checkpoints(*args, **kwargs):
         forward = forward_fn(*args, **kwargs)
@@ -216,13 +216,13 @@ def interleaved(fcn, image, options: dict, plan, every: float = 45.0) -> dict:
         return call
 
     whole()
-    runner.forward_fn = forward_with_checkpoints
+    engines.forward = forward_with_checkpoints
     try:
         with timed_stages(excluded=lambda: state["excluded"], counted=lambda: not state["inside_whole"]) as stages:
             kfs.predict_map(fcn, image, **options)
             checkpoint()
     finally:
-        runner.forward_fn = forward_fn
+        engines.forward = forward_fn
         state["active"] = False
     assert len(stages) == len(plan.stages), "one timing a stage"
     reference = sum(t * (a + b) / 2 for t, a, b in zip(stretches, wholes, wholes[1:])) / sum(stretches)

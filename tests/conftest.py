@@ -13,6 +13,18 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _engine_cache_in_tmp(tmp_path_factory):
+    """The measured-engine cache (`inference.engines`) goes to a temporary folder, never to the home folder."""
+    before = os.environ.get("KFS_ENGINE_CACHE")
+    os.environ["KFS_ENGINE_CACHE"] = str(tmp_path_factory.mktemp("engine-cache") / "engines.json")
+    yield
+    if before is None:
+        os.environ.pop("KFS_ENGINE_CACHE", None)
+    else:
+        os.environ["KFS_ENGINE_CACHE"] = before
+
+
 @pytest.fixture(autouse=True)
 def _seeded():
     keras.utils.set_random_seed(1234)

@@ -42,7 +42,7 @@ def test_valid_conv_equals_tensorflow(relu, monkeypatch):
 
 
 @pytest.mark.parametrize("fc7_kernel", [1, 3])
-def test_predict_map_runs_the_head_in_numpy_by_default_and_stays_exact(fc7_kernel, monkeypatch):
+def test_predict_map_runs_the_head_in_numpy_with_engine_blas_and_stays_exact(fc7_kernel, monkeypatch):
     calls = []
     real = blas.conv_row_blocks
 
@@ -58,24 +58,24 @@ def test_predict_map_runs_the_head_in_numpy_by_default_and_stays_exact(fc7_kerne
     scale = np.abs(whole).max()
     for options in ({}, {"tile": 44}, {"tile": 44, "staged": False}):
         calls.clear()
-        result = kfs.predict_map(model, image, **options)
+        result = kfs.predict_map(model, image, engine="blas", **options)
         np.testing.assert_allclose(result, whole, atol=1e-5 * scale, err_msg=str(options))
         assert calls, f"the head did not run in numpy with {options}"
     calls.clear()
-    np.testing.assert_allclose(kfs.predict_map(model, image, jit_compile=False), whole, atol=1e-5 * scale)
-    np.testing.assert_allclose(kfs.predict_maps(model, [image, image])[1], whole, atol=1e-5 * scale)
-    assert len(calls) == 1, "jit_compile=False is TensorFlow only; predict_maps chooses as predict_map"
+    np.testing.assert_allclose(kfs.predict_map(model, image, engine="tf"), whole, atol=1e-5 * scale)
+    np.testing.assert_allclose(kfs.predict_maps(model, [image, image], engine="blas")[1], whole, atol=1e-5 * scale)
+    assert len(calls) == 1, "engine='tf' is TensorFlow only; predict_maps runs engines as predict_map"
 
 
 def test_weights_changed_after_a_pass_are_used():
     model = _head_model(activation=None)
     image = random_images((45, 45, 2), seed=5)
-    kfs.predict_map(model, image)
+    kfs.predict_map(model, image, engine="blas")
     fc6 = model.get_layer("fc6")
     fc6.kernel.assign(fc6.kernel * 2.0)
     fc6.bias.assign(fc6.bias + 1.0)
     whole = np.asarray(model(image[None], training=False))[0]
-    np.testing.assert_allclose(kfs.predict_map(model, image), whole, atol=1e-5 * np.abs(whole).max())
+    np.testing.assert_allclose(kfs.predict_map(model, image, engine="blas"), whole, atol=1e-5 * np.abs(whole).max())
 
 
 def test_heads_numpy_cannot_run_stay_in_tensorflow():
@@ -126,7 +126,7 @@ def test_a_pointwise_rest_runs_its_leading_layers_in_numpy(stop_numpy_at_batchno
     whole = np.asarray(model(image[None], training=False))[0]
     for options in ({}, {"tile": 44}):
         ran.clear()
-        result = kfs.predict_map(model, image, **options)
+        result = kfs.predict_map(model, image, engine="blas", **options)
         np.testing.assert_allclose(result, whole, atol=1e-5 * np.abs(whole).max(), err_msg=str(options))
         expected = ["identity", "conv"]
         if not stop_numpy_at_batchnorm:
@@ -136,13 +136,13 @@ def test_a_pointwise_rest_runs_its_leading_layers_in_numpy(stop_numpy_at_batchno
     fc7 = model.get_layer("fc7")
     fc7.kernel.assign(fc7.kernel * -1.5)
     whole = np.asarray(model(image[None], training=False))[0]
-    np.testing.assert_allclose(kfs.predict_map(model, image), whole, atol=1e-5 * np.abs(whole).max())
+    np.testing.assert_allclose(kfs.predict_map(model, image, engine="blas"), whole, atol=1e-5 * np.abs(whole).max())
     # Logits far past exp's float32 range: the softmax stays finite, as Keras's does.
     fc8 = model.get_layer("fc8")
     fc8.kernel.assign(fc8.kernel * 1e4)
     whole = np.asarray(model(image[None], training=False))[0]
     assert np.isfinite(whole).all()
-    np.testing.assert_allclose(kfs.predict_map(model, image), whole, atol=1e-5)
+    np.testing.assert_allclose(kfs.predict_map(model, image, engine="blas"), whole, atol=1e-5)
 
 
 def test_cell_steps_refuse_what_numpy_does_not_run_as_keras_does():

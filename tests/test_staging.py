@@ -11,7 +11,7 @@ from keras import layers
 
 import keras_fcn_surgery as kfs
 from keras_fcn_surgery.grid.stages import cheapest_chain, memory_scale, place_stores, scaled_tile
-from keras_fcn_surgery.inference import runner
+from keras_fcn_surgery.inference import engines
 from keras_fcn_surgery.inference.runner import wants_xla
 from keras_fcn_surgery.inference.staged import plan_prediction
 from keras_fcn_surgery.inference.store import DiskMap, file_backed
@@ -310,11 +310,11 @@ def test_every_stage_compiles_as_the_whole_network_chooses():
     first = plan._runs[0].model
     assert wants_xla(head) and not wants_xla(first), "the first stage holds no large kernel"
     whole = _whole(head, image)
-    staged = kfs.predict_map(head, image, tile=60, staged=True)
+    staged = kfs.predict_map(head, image, tile=60, staged=True, engine="xla")
     np.testing.assert_allclose(staged, whole, atol=1e-5 * np.abs(whole).max())
-    assert {jit for jit, *_ in runner._FORWARD_CACHE[first]} == {True}, "the first stage ran without XLA"
-    kfs.predict_map(head, image, tile=60, staged=True, jit_compile=False)
-    assert False in {jit for jit, *_ in runner._FORWARD_CACHE[first]}
+    assert {engine for engine, *_ in engines._FORWARDS[first]} == {"xla"}, "the first stage ran without XLA"
+    kfs.predict_map(head, image, tile=60, staged=True, engine="tf")
+    assert "tf" in {engine for engine, *_ in engines._FORWARDS[first]}
 
 
 def test_cheapest_chain():

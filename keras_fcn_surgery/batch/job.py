@@ -43,6 +43,7 @@ class BatchOptions:
     overwrite: bool = False
     class_names: tuple[str, ...] | None = None
     progress: bool | None = None
+    execution: str = "auto"
 
 
 @dataclass(frozen=True)
@@ -160,7 +161,13 @@ def _compute(fcn, view, layout, grid, size, kept, scores, options: BatchOptions)
         planned = plan_prediction(fcn, size, tile=tile, batch_size=options.batch_size, keep=keep)
         whole = plan_prediction(fcn, size, tile=tile, batch_size=options.batch_size)
         fraction = planned.macs / max(whole.macs, 1)
-    arguments = dict(tile=tile, batch_size=options.batch_size, preprocess=preprocess, progress=options.progress)
+    arguments = dict(
+        tile=tile,
+        batch_size=options.batch_size,
+        preprocess=preprocess,
+        progress=options.progress,
+        engine=options.execution,
+    )
     if layout.channels_last:
         predict_map(fcn, view, out=scores, keep=keep, **arguments)
     else:

@@ -17,6 +17,7 @@ from keras_fcn_surgery.batch import writers
 from keras_fcn_surgery.batch.job import BatchOptions, InputResult, predict_source
 from keras_fcn_surgery.batch.sources import find_sources
 from keras_fcn_surgery.errors import InputError, ModelFileError
+from keras_fcn_surgery.inference.engines import check_engine
 from keras_fcn_surgery.inference.runner import progress_bar
 from keras_fcn_surgery.options import PREPROCESS_MODES
 
@@ -75,6 +76,7 @@ def predict_images(
     ray_address: str | None = None,
     workers: int | None = None,
     progress: bool | None = None,
+    execution: str = "auto",
 ) -> BatchSummary:
     """Score maps for many images and whole slides, one output per input.
 
@@ -121,6 +123,10 @@ def predict_images(
             a local Ray started here).
         workers: Ray workers (default: one per CPU Ray sees, or per GPU).
         progress: tqdm bars over inputs and tiles; default when stderr is a terminal.
+        execution: how each forward pass runs, `predict_map`'s ``engine``:
+            ``"auto"`` (measured on this machine), ``"tf"``, ``"xla"`` or
+            ``"blas"``. (Here ``engine`` already names where the inputs run,
+            locally or on Ray.)
 
     Returns:
         A `BatchSummary`.
@@ -129,7 +135,8 @@ def predict_images(
         ModelFileError: for inputs that name no file, or a model that cannot
             be loaded; raised before any input is computed.
         InputError: for an unusable option (formats, level with mpp,
-            preprocess, engine, class names, a missing optional package),
+            preprocess, engine, execution, class names, a missing optional
+            package),
             also before any input is computed.
         ConversionError: for a classifier that cannot be converted.
     """
@@ -144,6 +151,7 @@ def predict_images(
         overwrite=overwrite,
         class_names=tuple(class_names) if class_names is not None else None,
         progress=progress,
+        execution=check_engine(execution),
     )
     if level is not None and mpp is not None:
         raise InputError("Give a pyramid level or a resolution in microns per pixel (mpp), not both.")

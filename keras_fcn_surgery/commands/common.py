@@ -143,3 +143,17 @@ def quiet_tensorflow_import() -> None:
             os.close(saved)
     # Python-side TensorFlow warnings (retracing notes from grouped convolutions) are noise here.
     logging.getLogger("tensorflow").setLevel(logging.ERROR)
+
+
+EXECUTIONS = ("auto", "tf", "xla", "blas")
+
+
+def add_execution_argument(parser) -> None:
+    """``--execution``: how each forward pass runs (`predict_map`'s ``engine``)."""
+    parser.add_argument(
+        "--execution",
+        choices=EXECUTIONS,
+        default="auto",
+        help="how each forward pass runs: auto (default: the fastest, measured on this machine on first use), "
+        "tf, xla (XLA-compiled), blas (the classifier head in numpy's BLAS; CPU only)",
+    )

@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import sys
 
-from keras_fcn_surgery.commands.common import EXIT_OK, EXIT_USAGE, parse_size, positive_int, read_class_names
+from keras_fcn_surgery.commands.common import (
+    EXIT_OK,
+    EXIT_USAGE,
+    add_execution_argument,
+    parse_size,
+    positive_int,
+    read_class_names,
+)
 from keras_fcn_surgery.options import HEADS, PREPROCESS_MODES
 
 
@@ -37,6 +44,7 @@ def add_parser(subparsers) -> None:
     )
     parser.add_argument("--head", choices=HEADS, default="window", help="global-pooling heads")
     parser.add_argument("--input-size", type=parse_size, help="original input size HxW when the model takes any size")
+    add_execution_argument(parser)
     parser.set_defaults(run=run)
 
 
@@ -60,6 +68,7 @@ def run(args) -> int:
         tile=args.tile,
         preprocess=pixel_function(args.preprocess, layout.data_format),
         progress=None,
+        engine=args.execution,
     )
     scores = layout.image_to_channels_last(scores)
     classes = scores.shape[-1]

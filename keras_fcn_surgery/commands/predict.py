@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import sys
 
-from keras_fcn_surgery.commands.common import EXIT_CONVERSION, EXIT_OK, parse_size, read_class_names
+from keras_fcn_surgery.commands.common import (
+    EXIT_CONVERSION,
+    EXIT_OK,
+    add_execution_argument,
+    parse_size,
+    read_class_names,
+)
 
 _FORMATS = "npz, zarr, geojson, csv"
 
@@ -46,6 +52,7 @@ def add_parser(subparsers) -> None:
     )
     parser.add_argument("--class-names", help="text file with one class name per line (GeoJSON/CSV)")
     parser.add_argument("--engine", choices=("local", "ray"), default="local", help="local (default) or Ray Data")
+    add_execution_argument(parser)
     parser.add_argument("--ray-address", help="Ray cluster to join (default: $RAY_ADDRESS, else a local Ray)")
     parser.add_argument("--workers", type=int, help="Ray workers (default: one per CPU, or per GPU)")
     parser.set_defaults(run=run)
@@ -71,6 +78,7 @@ def run(args) -> int:
         head=args.head,
         input_size=args.input_size,
         engine=args.engine,
+        execution=args.execution,
         ray_address=args.ray_address,
         workers=args.workers,
         progress=None,

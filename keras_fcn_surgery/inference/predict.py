@@ -10,7 +10,7 @@ from keras_fcn_surgery.errors import ConversionError, InputError
 from keras_fcn_surgery.graph import model_layout
 from keras_fcn_surgery.grid import tiling
 from keras_fcn_surgery.grid.geometry import geometry
-from keras_fcn_surgery.inference import runner
+from keras_fcn_surgery.inference import engines, runner
 from keras_fcn_surgery.inference.staged import plan_prediction, run_plan
 from keras_fcn_surgery.inference.store import DiskMap, file_backed
 
@@ -28,6 +28,7 @@ def predict_map(
     out=None,
     progress: bool | None = None,
     preprocess=None,
+    engine: str = "auto",
     jit_compile: bool | None = None,
     staged: bool | None = None,
     memory_budget: int | None = None,
@@ -83,14 +84,18 @@ def predict_map(
             such as
             ``keras.applications.vgg16.preprocess_input``. It must treat each
             pixel on its own, or tiles would differ from the whole image.
-        jit_compile: compile the forward pass with XLA (once per tile batch
-            shape). None (default) chooses: XLA where the network holds a
-            large-kernel convolution (a converted classifier's head), whose
-            TensorFlow CPU kernel is slow, or on a GPU; on a CPU that
-            convolution itself (channels-last, valid, stride 1, float32) then
-            runs as blocked matrix products in numpy's BLAS, about 1.8x as
-            fast (`inference.blas`). True or False: TensorFlow only, with or
-            without XLA.
+        engine: how the forward pass runs: ``"tf"`` (TensorFlow, no XLA),
+            ``"xla"`` (compiled with XLA once per tile batch shape),
+            ``"blas"`` (a converted classifier's large-kernel head convolution
+            as blocked matrix products in numpy's BLAS, the rest as
+            ``"tf"``; CPU and float32 only, `inference.blas`), or ``"auto"``
+            (default): the fastest of those on this machine, timed on first
+            use for the model and tile batch shape and remembered
+            (`inference.engines`; passes under about 4 GMAC a call run
+            ``"tf"`` untimed). Every stage runs under the same engine;
+            `plan_prediction` with ``engine=`` shows the choice and why.
+        jit_compile: deprecated; True is ``engine="xla"``, False
+            ``engine="tf"``.
         staged: None (default) to stage the network when that computes less
             than plain exact tiles, True to require staging (a
             `ConversionError` says why a network cannot be staged), False for
@@ -123,6 +128,8 @@ def predict_map(
             image of the wrong rank or channels or smaller than the network's
             minimum input, tiles too small to keep any cell, tiling a network
             with global context, or an ``out`` of the wrong shape.
+        InputError: for an unknown ``engine``, ``"blas"`` where it cannot
+            run, or both ``engine`` and ``jit_compile`` given.
 
     Example:
 
@@ -134,6 +141,7 @@ def predict_map(
     kfs.predict_map(fcn, image, tile=2048, out=scores)
     ```
     """
+    engine = engines.engine_from_options(engine, jit_compile)
     spec, classes = runner.check_fcn(fcn)
     size = runner.image_size_of(runner.with_channel_axis(image, spec), spec)
     plan = plan_prediction(
@@ -142,12 +150,12 @@ def predict_map(
     shape = spec.layout.image_shape(plan.map_size[0], plan.map_size[1], classes)
     out = runner.output_array(out, shape, fcn)
     precision = "mixed_float16" if mixed_precision else None
-    # Every stage compiles as the whole network would: XLA also speeds up VGG16's first stage (block 1-2
-    # convolutions: 62 against 56 GMAC/s on 928-px tiles), which on its own would not ask for it.
-    jit = runner.wants_xla(fcn) if jit_compile is None else jit_compile
+    # Every stage runs under the engine chosen for the whole network: XLA also sped up VGG16's first stage
+    # (block 1-2 convolutions: 62 against 56 GMAC/s on 928-px tiles), which on its own holds no head.
+    chosen = engines.with_engine(plan, fcn, engine, precision).engine
 
     def forward_for(model):
-        return runner.forward_fn(model, jit, precision=precision, blas=jit_compile is None)
+        return engines.forward(model, chosen, precision)
 
     pixels = file_backed(image)
     try:
@@ -173,6 +181,7 @@ def predict_maps(
     tile=None,
     batch_size: int | None = None,
     preprocess=None,
+    engine: str = "auto",
     jit_compile: bool | None = None,
     mixed_precision: bool = False,
     progress: bool | None = False,
@@ -192,7 +201,8 @@ def predict_maps(
         tile: as for `predict_map`.
         batch_size: images per forward pass; default: as many as make about
             1 million pixels.
-        preprocess, jit_compile, mixed_precision, progress: as for `predict_map`.
+        preprocess, engine, jit_compile, mixed_precision, progress: as for
+            `predict_map` (``"auto"`` chooses for each batch shape).
         **options: further keyword arguments of `predict_map`, for the images
             that go through it.
 
@@ -202,6 +212,7 @@ def predict_maps(
     Raises:
         ConversionError: as `predict_map`.
     """
+    engine = engines.engine_from_options(engine, jit_compile)
     spec, classes = runner.check_fcn(fcn)
     if batch_size is not None and batch_size < 1:
         raise InputError(f"Expected `batch_size` >= 1. Received: batch_size={batch_size}")
@@ -214,7 +225,6 @@ def predict_maps(
     requested = None if tile is None else runner.pair(tile, "tile")
     grid = geometry(fcn)
     precision = "mixed_float16" if mixed_precision else None
-    forward = runner.forward_fn(fcn, jit_compile, precision=precision, blas=jit_compile is None)
     dtype = runner.input_dtype(fcn)
     with runner.progress_bar(len(images), progress, "images") as bar:
         for size, indices in by_size.items():
@@ -226,7 +236,7 @@ def predict_maps(
                         tile=tile,
                         batch_size=batch_size,
                         preprocess=preprocess,
-                        jit_compile=jit_compile,
+                        engine=engine,
                         mixed_precision=mixed_precision,
                         **options,
                     )
@@ -235,6 +245,9 @@ def predict_maps(
             runner.check_image_size(size, grid)
             whole = tiling.AxisTile(0, size[0], 0, 0, 0), tiling.AxisTile(0, size[1], 0, 0, 0)
             per_batch = batch_size or max(1, runner.PIXELS_PER_BATCH // (size[0] * size[1]))
+            call_shape = spec.layout.batch_shape(min(per_batch, len(indices)), size[0], size[1], spec.channels)
+            chosen = engines.choose_engine(fcn, call_shape, engine, precision).engine
+            forward = engines.forward(fcn, chosen, precision)
             for first in range(0, len(indices), per_batch):
                 group = indices[first : first + per_batch]
                 pixels = np.stack([runner.read_tile(images[i], spec, *whole, preprocess, dtype) for i in group])
@@ -301,7 +314,7 @@ def sliding_window_predict(
     classes = int(model.outputs[0].shape[-1])
     positions = list(itertools.product(range(counts[0]), range(counts[1])))
     scores = np.empty((len(positions), classes), dtype=np.float32)
-    forward = runner.forward_fn(model, False)
+    forward = engines.forward(model, "tf")
     dtype = runner.input_dtype(model)
     batches = range(0, len(positions), batch_size)
     with runner.progress_bar(len(batches), progress, "batches") as bar:

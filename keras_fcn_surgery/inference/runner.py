@@ -4,18 +4,15 @@ from __future__ import annotations
 
 import itertools
 import sys
-import weakref
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-import keras
 import numpy as np
 
 from keras_fcn_surgery.errors import ConversionError, InputError
 from keras_fcn_surgery.graph import iter_layers
 from keras_fcn_surgery.grid import tiling
 from keras_fcn_surgery.grid.geometry import Geometry
-from keras_fcn_surgery.inference.blas import split_forward
 from keras_fcn_surgery.layout import Layout
 from keras_fcn_surgery.surgery.fcn import fcn_spec
 from keras_fcn_surgery.taxonomy import is_large_kernel_conv
@@ -23,8 +20,6 @@ from keras_fcn_surgery.taxonomy import is_large_kernel_conv
 # Input pixels per forward pass when `batch_size` is not given: tiles of 1024 x 1024
 # or more go one at a time (batching them would defeat the memory bound of tiling).
 PIXELS_PER_BATCH = 1 << 20
-# tf.function wrappers of each model's forward pass, by options.
-_FORWARD_CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 @dataclass(frozen=True)
@@ -162,76 +157,34 @@ def output_dtype(model) -> str:
 
 
 def forward_fn(model, jit_compile: bool | None, precision: str | None = None, *, blas: bool = False):
-    """``numpy batch -> numpy outputs``, traced once per input shape and cached per model.
+    """``numpy batch -> numpy outputs`` under a fixed execution (`engines.forward`), cached per model.
 
-    Args:
-        model: the model to run.
-        jit_compile: XLA or not; None chooses (`wants_xla`).
-        precision: None, or a Keras dtype policy such as ``"mixed_float16"``
-            to run a copy of the model under.
-        blas: on a CPU, run a large-kernel head convolution as matrix
-            products in numpy's BLAS (`blas.split_forward`) where the graph
-            allows; the rest as ``jit_compile`` says.
+    The older way to ask for an execution, kept for callers: ``blas=True`` is
+    the ``"blas"`` engine (TensorFlow where the BLAS head cannot run),
+    ``jit_compile`` True ``"xla"``, False ``"tf"``, None the static rule
+    `wants_xla`. `predict_map` chooses with `engines.choose_engine` instead.
     """
-    import tensorflow as tf
+    from keras_fcn_surgery.inference import engines
 
+    if blas:
+        return engines.forward(model, "blas", precision)
     if jit_compile is None:
         jit_compile = wants_xla(model)
-    blas = blas and precision is None and not tf.config.list_logical_devices("GPU")
-    per_model = _FORWARD_CACHE.setdefault(model, {})
-    key = (bool(jit_compile), precision, blas)
-    if key not in per_model:
-        split = split_forward(model, lambda part: forward_fn(part, jit_compile)) if blas else None
-        per_model[key] = split if split is not None else _traced(model, bool(jit_compile), precision)
-    return per_model[key]
-
-
-def _traced(model, jit_compile: bool, precision: str | None):
-    import tensorflow as tf
-
-    reference = weakref.ref(model)  # the cache must not keep the model alive
-    copy = policy_copy(model, precision) if precision else None
-
-    def call(x):
-        live = copy if copy is not None else reference()
-        assert live is not None, "the model is alive while its cached function runs"
-        return live(x, training=False)
-
-    compiled = tf.function(call, jit_compile=jit_compile)
-    return lambda batch: np.asarray(compiled(tf.constant(batch)))
+    return engines.forward(model, "xla" if jit_compile else "tf", precision)
 
 
 def wants_xla(model) -> bool:
-    """Whether XLA pays for this model: on a GPU, or where it holds a large-kernel convolution.
+    """The static rule earlier versions chose XLA by: on a GPU, or where the model holds a large-kernel convolution.
 
-    TensorFlow's default CPU kernel runs a converted classifier's head (VGG16's
-    7 x 7 fc6 with 4096 filters) at well under half the speed of the same
-    arithmetic as one matrix product, while XLA compiles it to one.
+    No longer decides `predict_map`'s default, which is measured on the
+    machine it runs on (`engines.choose_engine`): the rule was fitted on one
+    machine and was 2x slower than plain TensorFlow on another.
     """
     import tensorflow as tf
 
     if tf.config.list_logical_devices("GPU"):
         return True
     return any(is_large_kernel_conv(layer) for layer in iter_layers(model))
-
-
-_POLICY_COPIES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
-def policy_copy(model, policy: str):
-    """A copy of ``model`` whose layers compute under the dtype policy ``policy``, same weights."""
-    per_model = _POLICY_COPIES.setdefault(model, {})
-    if policy not in per_model:
-
-        def clone(layer):
-            config = layer.get_config()
-            config["dtype"] = policy
-            return layer.__class__.from_config(config)
-
-        copy = keras.models.clone_model(model, clone_function=clone)
-        copy.set_weights(model.get_weights())
-        per_model[policy] = copy
-    return per_model[policy]
 
 
 class NoBar:

@@ -129,6 +129,9 @@ class PredictionPlan:
         kept_fraction: the share of map cells a ``keep`` mask keeps (1.0
             without one); each stage then computes only the tiles the kept
             cells need, and ``macs`` counts only those.
+        engine: the execution every stage runs under (``"tf"``, ``"xla"`` or
+            ``"blas"``, `inference.engines`), or None when not asked for.
+        engine_reason: why that engine (asked for, measured, cached...).
     """
 
     image_size: tuple[int, int]
@@ -140,6 +143,8 @@ class PredictionPlan:
     peak_bytes: int
     kept_fraction: float = 1.0
     _runs: tuple = field(default=(), repr=False, compare=False)
+    engine: str | None = None
+    engine_reason: str = ""
 
     @property
     def staged(self) -> bool:
@@ -165,6 +170,7 @@ class PredictionPlan:
             f"{kind}: {self.macs / 1e9:.1f} GMAC = {self.work_ratio:.2f} x one whole pass "
             f"(plain tiles {self.plain_macs / max(self.whole_macs, 1):.2f} x); "
             f"peak memory ~{self.peak_bytes / 2**20:.0f} MiB",
+            *([f"engine {self.engine}: {self.engine_reason}"] if self.engine else []),
             f"{'from':>14s} {'to':>14s} {'input':>11s} {'tile':>11s} {'tiles':>5s} {'batch':>5s} {'area':>5s} "
             f"{'GMAC':>7s} {'peak MiB':>8s} {'store':>6s} {'MiB':>7s}",
         ]
@@ -210,6 +216,7 @@ def plan_prediction(
     batch_size: int | None = None,
     memory_budget: int | None = None,
     keep=None,
+    engine: str | None = None,
 ) -> PredictionPlan:
     """The plan `predict_map` follows for an image of this size: stages, tiles, work and memory.
 
@@ -228,6 +235,9 @@ def plan_prediction(
             stage runs only the tiles whose output those cells need (its
             receptive field), and may use smaller tiles than the unmasked
             plan where that computes less.
+        engine: None, or as for `predict_map` (``"auto"``, ``"tf"``,
+            ``"xla"``, ``"blas"``): the plan then says which execution runs
+            and why; ``"auto"`` measures on first use (`engines.choose_engine`).
 
     Returns:
         A `PredictionPlan`; ``print(plan)`` shows it as a table.
@@ -251,9 +261,14 @@ def plan_prediction(
         if len(per_model) >= _PLANS_PER_MODEL:  # slides of many sizes: forget the oldest plan
             per_model.pop(next(iter(per_model)))
         per_model[key] = _Planner(fcn, size, key[1], batch_size, budget).plan(staged)
-    if keep is None:
-        return per_model[key]
-    return _masked(per_model[key], _keep_mask(keep, per_model[key].map_size), batch_given=batch_size is not None)
+    plan = per_model[key]
+    if keep is not None:
+        plan = _masked(plan, _keep_mask(keep, plan.map_size), batch_given=batch_size is not None)
+    if engine is not None:
+        from keras_fcn_surgery.inference.engines import with_engine
+
+        plan = with_engine(plan, fcn, engine)
+    return plan
 
 
 def _keep_mask(keep, map_size) -> np.ndarray:

@@ -1,0 +1,463 @@
+"""How a forward pass runs, chosen by measurement on the machine it runs on.
+
+The same network can run through several executions whose speed depends on
+the host (processor, BLAS, core count) far more than on the network: on one
+2-core AVX-512 Xeon the BLAS head (`inference.blas`) ran VGG16's fc6 at 1.8x
+TensorFlow's speed, on a 2-core AVX2 EPYC it made CaffeNet twice as slow. So
+no rule fitted on one machine picks the default; `choose_engine` times the
+candidates the first time a (model, input shape) is run and keeps the fastest:
+
+- ``"tf"``: the model in a `tf.function`, without XLA;
+- ``"xla"``: the same compiled with XLA (``jit_compile=True``);
+- ``"blas"``: the large-kernel head convolution as blocked matrix products in
+  numpy's BLAS where the graph splits there (`blas.split_forward`), the rest
+  as ``"tf"``; only on a CPU, at float32.
+
+Passes below `MEASURE_MACS` multiply-accumulates per call run ``"tf"`` untimed
+(a measurement would cost more than any saving, and XLA's compile time alone
+exceeds such a pass). The choice is kept for the process and in a JSON file
+(`cache_path`) keyed by the model's architecture, the input shape, the
+TensorFlow version and the host, so that later processes skip the timing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+import os
+import platform
+import threading
+import time
+import weakref
+from dataclasses import dataclass, field
+
+import keras
+import numpy as np
+
+from keras_fcn_surgery.errors import InputError, ModelFileError
+
+ENGINES = ("auto", "tf", "xla", "blas")
+# Multiply-accumulates per forward call below which "auto" runs "tf" without measuring.
+MEASURE_MACS = 4_000_000_000
+# A probe call computes at most about this many multiply-accumulates: a larger input is shrunk (batch
+# first, then its sides) to fit. Large enough that a converted head keeps a fair share of the cost.
+PROBE_MACS = 100_000_000_000
+# Timed rounds after the warm-up call; a candidate over `_DROP_RATIO` x the best after a round stops.
+PROBE_ROUNDS = 3
+_DROP_RATIO = 1.5
+# The on-disk cache: this environment variable names the file ("" or "off" turns it off).
+CACHE_ENV = "KFS_ENGINE_CACHE"
+_CACHE_VERSION = 1
+_CACHE_ENTRIES = 512
+
+_FORWARDS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_CHOICES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_SPLITS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_POLICY_COPIES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_LOCK = threading.RLock()
+
+
+@dataclass(frozen=True)
+class EngineChoice:
+    """The execution chosen for a model at one input shape, and why.
+
+    Attributes:
+        engine: ``"tf"``, ``"xla"`` or ``"blas"``.
+        reason: a short sentence: asked for, below the measuring threshold,
+            measured now, or measured earlier (read from the cache file).
+        timings: seconds of the best probe call of each timed candidate
+            (empty when nothing was timed; ``inf`` for one that failed).
+    """
+
+    engine: str
+    reason: str
+    timings: dict = field(default_factory=dict)
+
+    def __str__(self) -> str:
+        return f"{self.engine} ({self.reason})"
+
+
+def check_engine(engine) -> str:
+    """``engine`` when it names an execution, else an `InputError` listing the allowed values."""
+    if engine not in ENGINES:
+        raise InputError(f"Expected `engine` to be one of {', '.join(map(repr, ENGINES))}. Received: {engine!r}")
+    return engine
+
+
+def engine_from_options(engine, jit_compile) -> str:
+    """The engine asked for by ``engine=`` and the deprecated ``jit_compile=`` (True: ``"xla"``, False: ``"tf"``).
+
+    Raises:
+        InputError: for an unknown engine, or both options given.
+    """
+    check_engine(engine)
+    if jit_compile is None:
+        return engine
+    import warnings
+
+    warnings.warn(
+        '`jit_compile=` is deprecated; use `engine=` ("xla" for True, "tf" for False, "auto" to measure).',
+        DeprecationWarning,
+        stacklevel=3,
+    )
+    if engine != "auto":
+        raise InputError(
+            f"Give `engine=` or the deprecated `jit_compile=`, not both. Received: engine={engine!r}, "
+            f"jit_compile={jit_compile!r}"
+        )
+    if jit_compile not in (True, False):
+        raise InputError(f"Expected `jit_compile` to be True, False or None. Received: {jit_compile!r}")
+    return "xla" if jit_compile else "tf"
+
+
+def blas_refusal(model, precision: str | None = None) -> str | None:
+    """Why the ``"blas"`` engine cannot run ``model`` here, or None when it can."""
+    import tensorflow as tf
+
+    if precision is not None:
+        return f"the BLAS head computes in float32 only (asked: {precision})"
+    if tf.config.list_logical_devices("GPU"):
+        return "the BLAS head runs on the CPU and a GPU is in use"
+    if not _splits(model):
+        return (
+            "the model has no head convolution that numpy can run (one large-kernel convolution, "
+            "channels-last, valid, stride 1, float32, linear or ReLU, that no branch crosses)"
+        )
+    return None
+
+
+def _splits(model) -> bool:
+    """Whether `blas.split_forward` splits ``model`` at a head convolution (cached per model)."""
+    from keras_fcn_surgery.inference.blas import split_forward
+
+    with _LOCK:
+        if model not in _SPLITS:
+            _SPLITS[model] = split_forward(model, lambda part: lambda batch: batch) is not None
+        return _SPLITS[model]
+
+
+def candidates(model, precision: str | None = None) -> tuple[str, ...]:
+    """The engines that can run ``model`` here, ``"tf"`` first."""
+    found = ("tf", "xla")
+    return found + ("blas",) if blas_refusal(model, precision) is None else found
+
+
+def forward(model, engine: str, precision: str | None = None):
+    """``numpy batch -> numpy outputs`` for ``model`` under ``engine``, built once and cached per model.
+
+    Args:
+        model: the model to run.
+        engine: ``"tf"``, ``"xla"`` or ``"blas"`` (where the BLAS head cannot
+            run this model, e.g. a stage without the head, it runs as ``"tf"``).
+        precision: None, or a Keras dtype policy such as ``"mixed_float16"``
+            to run a copy of the model under (``"blas"`` then runs as ``"tf"``).
+    """
+    import tensorflow as tf
+
+    from keras_fcn_surgery.inference.blas import split_forward
+
+    if engine not in ENGINES[1:]:
+        raise InputError(f"Expected an engine among 'tf', 'xla', 'blas'. Received: {engine!r}")
+    with _LOCK:
+        per_model = _FORWARDS.setdefault(model, {})
+        key = (engine, precision)
+        if key not in per_model:
+            split = None
+            if engine == "blas" and precision is None and not tf.config.list_logical_devices("GPU"):
+                split = split_forward(model, lambda part: forward(part, "tf"))
+            per_model[key] = split if split is not None else _traced(model, engine == "xla", precision)
+        return per_model[key]
+
+
+def _traced(model, jit_compile: bool, precision: str | None):
+    import tensorflow as tf
+
+    reference = weakref.ref(model)  # the cache must not keep the model alive
+    copy = policy_copy(model, precision) if precision else None
+
+    def call(x):
+        live = copy if copy is not None else reference()
+        assert live is not None, "the model is alive while its cached function runs"
+        return live(x, training=False)
+
+    compiled = tf.function(call, jit_compile=jit_compile)
+    return lambda batch: np.asarray(compiled(tf.constant(batch)))
+
+
+def policy_copy(model, policy: str):
+    """A copy of ``model`` whose layers compute under the dtype policy ``policy``, same weights."""
+    per_model = _POLICY_COPIES.setdefault(model, {})
+    if policy not in per_model:
+
+        def clone(layer):
+            config = layer.get_config()
+            config["dtype"] = policy
+            return layer.__class__.from_config(config)
+
+        copy = keras.models.clone_model(model, clone_function=clone)
+        copy.set_weights(model.get_weights())
+        per_model[policy] = copy
+    return per_model[policy]
+
+
+def choose_engine(model, batch_shape, engine: str = "auto", precision: str | None = None) -> EngineChoice:
+    """The engine that runs ``model`` on batches of ``batch_shape``, measured on first use under ``"auto"``.
+
+    Args:
+        model: the model (a whole FCN; its stages run under the same engine).
+        batch_shape: the shape of one forward call's input, batch included.
+        engine: ``"auto"`` to measure, or an engine to use as asked.
+        precision: None, or the dtype policy the pass runs under.
+
+    Returns:
+        An `EngineChoice`. Under ``"auto"``: ``"tf"`` untimed below
+        `MEASURE_MACS` per call; else the fastest candidate, from the process's
+        cache, the cache file, or a probe timed now (a warm-up call each, so
+        tracing and compiling are not counted, then `PROBE_ROUNDS` rounds in
+        turn, best of each, on ``batch_shape`` or a smaller one of about
+        `PROBE_MACS`).
+
+    Raises:
+        InputError: for an unknown engine, or ``"blas"`` where it cannot run.
+    """
+    check_engine(engine)
+    shape = tuple(int(d) for d in batch_shape)
+    if engine != "auto":
+        if engine == "blas":
+            refusal = blas_refusal(model, precision)
+            if refusal is not None:
+                raise InputError(
+                    f"engine='blas' cannot run model '{model.name}': {refusal}. Use 'auto', 'tf' or 'xla'."
+                )
+        return EngineChoice(engine, "asked for")
+    with _LOCK:
+        per_model = _CHOICES.setdefault(model, {})
+        key = (shape, precision)
+        if key in per_model:
+            return per_model[key]
+        choice = _auto_choice(model, shape, precision)
+        per_model[key] = choice
+        return choice
+
+
+def plan_batch_shape(plan, fcn) -> tuple[int, ...]:
+    """The input shape of one forward call of the whole network that stands for ``plan``'s pass.
+
+    A plain plan: its tiles times its batch. A staged one (whose first stage
+    runs tiles too small for the whole network): one requested tile, within
+    the image and at least the network's minimum input.
+    """
+    from keras_fcn_surgery.grid.geometry import geometry
+    from keras_fcn_surgery.inference.runner import check_fcn
+
+    spec, _ = check_fcn(fcn)
+    first = plan.stages[0]
+    if not plan.staged:
+        batch = min(first.batch_size, first.tiles)
+        return tuple(spec.layout.batch_shape(batch, first.tile[0], first.tile[1], spec.channels))
+    tile = plan.tile or plan.image_size
+    low = geometry(fcn).min_input_size
+    sides = [max(min(t, n), m) for t, n, m in zip(tile, plan.image_size, low)]
+    return tuple(spec.layout.batch_shape(1, sides[0], sides[1], spec.channels))
+
+
+def with_engine(plan, fcn, engine: str, precision: str | None = None):
+    """``plan`` (a `PredictionPlan`) with the engine its stages run under and why (`choose_engine`).
+
+    The choice is made for the whole network at the first stage's call shape
+    (tiles times batch): a staged plan runs every stage under it, as the
+    network's parts cost in about the same proportions in each.
+    """
+    import dataclasses
+
+    choice = choose_engine(fcn, plan_batch_shape(plan, fcn), engine, precision)
+    return dataclasses.replace(plan, engine=choice.engine, engine_reason=choice.reason)
+
+
+def _auto_choice(model, shape, precision) -> EngineChoice:
+    try:
+        macs = call_macs(model, shape)
+    except Exception as error:  # a shape the model cannot take whole: nothing to measure on
+        return EngineChoice("tf", f"no measurable pass at {'x'.join(map(str, shape))} ({type(error).__name__})")
+    if macs < MEASURE_MACS:
+        return EngineChoice(
+            "tf", f"{macs / 1e9:.2g} GMAC a call, below the {MEASURE_MACS / 1e9:.0f} GMAC worth measuring"
+        )
+    names = candidates(model, precision)
+    path = cache_path()
+    key = _cache_key(model, shape, precision) if path else None
+    if path and key:
+        entry = _read_cache(path).get(key)
+        if entry is not None and entry.get("engine") in names:
+            timings = {k: math.inf if v is None else float(v) for k, v in entry.get("timings", {}).items()}
+            return EngineChoice(entry["engine"], f"measured earlier on this host ({path})", timings)
+    probe = probe_shape(model, shape, macs)
+    timings = time_engines(model, names, probe, precision)
+    best = min(timings, key=lambda name: timings[name])
+    if not math.isfinite(timings[best]):
+        return EngineChoice("tf", "every candidate failed its probe", timings)
+    ranked = ", ".join(f"{name} {seconds * 1e3:.3g} ms" for name, seconds in sorted(timings.items(), key=_by_time))
+    where = "x".join(map(str, probe))
+    choice = EngineChoice(best, f"fastest measured at {where}: {ranked}", timings)
+    if path and key:
+        _write_cache(path, key, {"engine": best, "timings": timings, "probe": list(probe), "time": time.time()})
+    return choice
+
+
+def _by_time(item) -> float:
+    return item[1]
+
+
+def call_macs(model, shape) -> int:
+    """Multiply-accumulates of one forward call on ``shape``, every image of the batch counted."""
+    from keras_fcn_surgery.inference.cost import pass_cost
+
+    return pass_cost(model, shape).macs * int(shape[0])
+
+
+def probe_shape(model, shape, macs: int | None = None) -> tuple[int, ...]:
+    """``shape``, or a smaller input of about `PROBE_MACS` a call: fewer images first, then shorter sides."""
+    from keras_fcn_surgery.graph import model_layout
+    from keras_fcn_surgery.grid.geometry import geometry
+
+    if macs is None:
+        macs = call_macs(model, shape)
+    if macs <= PROBE_MACS:
+        return tuple(shape)
+    layout = model_layout(model)
+    height, width = (int(d) for d in layout.spatial_shape(shape))
+    channels = int(layout.channels(shape))
+    one = macs / int(shape[0])
+    if one <= PROBE_MACS:
+        return tuple(layout.batch_shape(max(1, int(PROBE_MACS // one)), height, width, channels))
+    scale = math.sqrt(PROBE_MACS / one)
+    try:
+        low = geometry(model).min_input_size
+    except Exception:  # a model geometry cannot follow: keep a side of at least 32
+        low = (32, 32)
+    sides = [max(int(low_side), min(side, round(side * scale))) for side, low_side in zip((height, width), low)]
+    return tuple(layout.batch_shape(1, sides[0], sides[1], channels))
+
+
+def time_engines(model, names, shape, precision: str | None = None, rounds: int = PROBE_ROUNDS) -> dict:
+    """Seconds of the best call of each engine in ``names`` on a random input of ``shape``.
+
+    Each engine is called once untimed (tracing, compiling); then every round
+    calls each in turn, in a new random order, so that a slow spell of the
+    machine, or the one engine's threads still spinning, falls on all of them. A candidate over 1.5x the best after a
+    round is not called again; one that fails gets ``inf``.
+    """
+    from keras_fcn_surgery.inference.runner import input_dtype
+
+    pixels = np.random.default_rng(0).uniform(0, 1, shape).astype(input_dtype(model))
+    functions, timings = {}, {}
+    for name in names:
+        try:
+            function = forward(model, name, precision)
+            function(pixels)
+        except Exception:  # an execution that cannot run this model (an XLA compile error): not a candidate
+            timings[name] = math.inf
+            continue
+        functions[name], timings[name] = function, math.inf
+    live = list(functions)
+    shuffle = np.random.default_rng(0)
+    for _ in range(rounds):
+        # A new order each round: an engine timed right after another can pay for it (numpy's BLAS threads
+        # spin a while after a call), and a fixed rotation would always put the same one after it.
+        for name in shuffle.permutation(live):
+            start = time.perf_counter()
+            functions[name](pixels)
+            timings[name] = min(timings[name], time.perf_counter() - start)
+        best = min((timings[name] for name in live), default=math.inf)
+        live = [name for name in live if timings[name] <= _DROP_RATIO * best]
+    return timings
+
+
+def clear_cache() -> None:
+    """Forget the choices made in this process (the cache file stays)."""
+    with _LOCK:
+        _CHOICES.clear()
+
+
+def cache_path() -> str | None:
+    """The cache file: ``$KFS_ENGINE_CACHE``, else ``$XDG_CACHE_HOME/keras_fcn_surgery/engines.json``
+    (``~/.cache/...`` without it); None when the variable is ``""`` or ``"off"``."""
+    value = os.environ.get(CACHE_ENV)
+    if value is not None:
+        return None if value.strip().lower() in ("", "off", "none", "0") else os.path.abspath(value)
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "keras_fcn_surgery", "engines.json")
+
+
+def model_fingerprint(model) -> str:
+    """A hash of the model's layers in order: their classes, configurations (names left out) and weight shapes."""
+    from keras_fcn_surgery.graph import iter_layers
+
+    parts = []
+    for layer in iter_layers(model):
+        try:
+            config = {k: v for k, v in layer.get_config().items() if k != "name"}
+        except Exception:  # a layer without a serialisable configuration: its class and weights only
+            config = {}
+        shapes = [tuple(int(d) for d in w.shape) for w in layer.weights]
+        parts.append([type(layer).__name__, config, shapes])
+    text = json.dumps(parts, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:32]
+
+
+def host_fingerprint() -> str:
+    """The processor model, core counts, machine type and visible GPUs, as one string."""
+    import tensorflow as tf
+
+    cpu = platform.processor() or ""
+    with contextlib.suppress(OSError):
+        with open("/proc/cpuinfo") as handle:
+            for line in handle:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    gpus = ",".join(sorted(d.name for d in tf.config.list_logical_devices("GPU")))
+    return f"{platform.machine()}|{cpu}|{os.cpu_count()} cores|{usable} usable|gpus:{gpus}"
+
+
+def _cache_key(model, shape, precision) -> str | None:
+    import tensorflow as tf
+
+    try:
+        model_part = model_fingerprint(model)
+    except Exception:  # pragma: no cover - an exotic model: measure every time rather than fail
+        return None
+    text = json.dumps([model_part, list(shape), precision, tf.__version__, keras.__version__, host_fingerprint()])
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _read_cache(path: str) -> dict:
+    try:
+        with open(path) as handle:
+            data = json.load(handle)
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(data, dict) or data.get("version") != _CACHE_VERSION or not isinstance(data.get("entries"), dict):
+        return {}
+    return data["entries"]
+
+
+def _write_cache(path: str, key: str, entry: dict) -> None:
+    """Add ``entry`` to the cache file, written atomically; a cache that cannot be written is skipped."""
+    from keras_fcn_surgery.saving.atomic import atomic_output
+
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        entries = _read_cache(path)
+        entries.pop(key, None)
+        entries[key] = {**entry, "timings": {k: (v if math.isfinite(v) else None) for k, v in entry["timings"].items()}}
+        while len(entries) > _CACHE_ENTRIES:
+            entries.pop(next(iter(entries)))
+        suffix = os.path.splitext(path)[1] or os.path.basename(path)
+        with atomic_output(path, suffix=suffix, overwrite=True) as temporary, open(temporary, "w") as handle:
+            json.dump({"version": _CACHE_VERSION, "entries": entries}, handle, indent=1)
+    except (OSError, ModelFileError):
+        pass
