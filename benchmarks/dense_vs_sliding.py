@@ -42,7 +42,7 @@ import numpy as np  # noqa: E402
 
 import keras_fcn_surgery as kfs  # noqa: E402
 from keras_fcn_surgery.graph import graph_of, is_graph_model, nodes_in_order  # noqa: E402
-from keras_fcn_surgery.inference.predict import _forward_fn  # noqa: E402
+from keras_fcn_surgery.inference import engines  # noqa: E402
 from keras_fcn_surgery.zoo import caffenet  # noqa: E402
 
 STRIDE = 32
@@ -118,7 +118,7 @@ def dense_vs_sliding(name: str, size: int, repeats: int, sliding_repeats: int, b
     count = ((size - window[0]) // STRIDE + 1) * ((size - window[1]) // STRIDE + 1)
     window_macs = count_macs(classifier, (1, *window, 3))
     fcn_macs = count_macs(fcn, (1, size, size, 3))
-    one = _forward_fn(classifier, False)
+    one = engines.forward(classifier, "tf")
     crop = image[None, : window[0], : window[1]]
     corner = image[: window[0] + 8 * STRIDE, : window[1] + 8 * STRIDE]  # 81 windows: traces the batch shape
     row = {

@@ -11,6 +11,7 @@ os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
+from keras import layers  # noqa: E402
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -45,3 +46,30 @@ def run_tool(name, *args, timeout=300):
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
     tool = os.path.join(repo, "tools", name)
     return subprocess.run([sys.executable, tool, *args], capture_output=True, text=True, env=env, timeout=timeout)
+
+
+# --- small FCNs for the tiling and staging tests (test_prediction.py, test_staging.py) -------------------
+
+# Body strides (one 3x3 convolution each) by the network's total stride.
+STRIDES = {1: [1, 1], 2: [2, 1], 4: [2, 2], 8: [2, 2, 2], 16: [2, 2, 2, 2], 32: [2, 2, 2, 2, 2]}
+
+
+def strided_fcn(padding, strides, channels=2, data_format="channels_last", head=1):
+    """3x3 tanh convolutions with these strides (a 3x3/1 max pooling after the second), then a head of 3 classes.
+
+    ``head`` is the head convolution's kernel side (same ``padding`` as the body): 1 for a 1x1 head
+    (test_prediction), 3 for a head that also looks at neighbouring cells (test_staging).
+    """
+    shape = (None, None, channels) if data_format == "channels_last" else (channels, None, None)
+    inputs = keras.Input(shape)
+    x = inputs
+    for index, stride in enumerate(strides):
+        x = layers.Conv2D(4, 3, strides=stride, padding=padding, activation="tanh", data_format=data_format)(x)
+        if index == 1:
+            x = layers.MaxPooling2D(3, strides=1, padding=padding, data_format=data_format)(x)
+    return keras.Model(inputs, layers.Conv2D(3, head, padding=padding, data_format=data_format)(x))
+
+
+def whole_map(model, image):
+    """The model's map of one image, in one call on the whole image."""
+    return np.asarray(model(image[None], training=False))[0]

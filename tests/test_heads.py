@@ -107,7 +107,6 @@ def test_dense_head_converts_with_verification(pooling):
     source = valid_gap_cnn(pooling=pooling)
     dense = kfs.convert(source, head="dense")
     assert tuple(dense(random_images((1, 24, 24, 3))).shape) == (1, 4, 4, 4)
-
     assert kfs.verify(source, dense, head="dense").passed
     with pytest.raises(kfs.ConversionError, match="head='dense'"):
         kfs.verify(source, dense)

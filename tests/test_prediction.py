@@ -9,25 +9,13 @@ import textwrap
 import keras
 import numpy as np
 import pytest
-from conftest import random_images
+from conftest import STRIDES, random_images, strided_fcn, whole_map
 from keras import layers
 
 import keras_fcn_surgery as kfs
-from keras_fcn_surgery.inference.predict import _plan
+from keras_fcn_surgery.inference.runner import plan_tiles
 
 ATOL = 2e-5
-
-
-def _strided_fcn(padding, strides, channels=2, data_format="channels_last"):
-    """3x3 convolutions with these strides (a max pooling after the second), then a 1x1 head of 3 classes."""
-    shape = (None, None, channels) if data_format == "channels_last" else (channels, None, None)
-    inputs = keras.Input(shape)
-    x = inputs
-    for index, stride in enumerate(strides):
-        x = layers.Conv2D(4, 3, strides=stride, padding=padding, activation="tanh", data_format=data_format)(x)
-        if index == 1:
-            x = layers.MaxPooling2D(3, strides=1, padding=padding, data_format=data_format)(x)
-    return keras.Model(inputs, layers.Conv2D(3, 1, data_format=data_format)(x))
 
 
 def _residual_fcn():
@@ -43,39 +31,32 @@ def _residual_fcn():
     return keras.Model(inputs, layers.Conv2D(5, 1, activation="softmax")(x))
 
 
-def _whole(model, image):
-    return np.asarray(model(image[None], training=False))[0]
-
-
-STRIDES = {1: [1, 1], 2: [2, 1], 4: [2, 2], 8: [2, 2, 2], 16: [2, 2, 2, 2], 32: [2, 2, 2, 2, 2]}
-
-
 @pytest.mark.parametrize("padding", ["same", "valid"])
 @pytest.mark.parametrize("stride", sorted(STRIDES))
 def test_tiled_equals_whole_image(padding, stride):
-    model = _strided_fcn(padding, STRIDES[stride])
+    model = strided_fcn(padding, STRIDES[stride])
     assert kfs.geometry(model).stride == (stride, stride)
     image = random_images((7 * stride + 61, 5 * stride + 47, 2), seed=stride)  # odd sides, not stride multiples
-    whole = _whole(model, image)
+    whole = whole_map(model, image)
     np.testing.assert_allclose(kfs.predict_map(model, image), whole, atol=ATOL)
     # A multiple of the stride, one that is not (rounded up), and unequal sides.
     for tile in (2 * stride + 40, 3 * stride + 41, (stride + 45, 4 * stride + 43)):
         tiled = kfs.predict_map(model, image, tile=tile, batch_size=3)
         np.testing.assert_allclose(tiled, whole, atol=ATOL, err_msg=f"tile={tile}")
-    rows, cols = _plan(image.shape[:2], kfs.geometry(model), 2 * stride + 40)
+    rows, cols = plan_tiles(image.shape[:2], kfs.geometry(model), 2 * stride + 40)
     assert len(rows) > 1 and len(cols) > 1, "the test image must be cut into several tiles"
 
 
 def test_tiled_equals_whole_image_for_a_residual_network_with_padding_and_pooling():
     model = _residual_fcn()
     image = random_images((203, 157, 3), seed=3)
-    whole = _whole(model, image)
+    whole = whole_map(model, image)
     for tile in (64, 100, (72, 130)):
         np.testing.assert_allclose(kfs.predict_map(model, image, tile=tile), whole, atol=ATOL, err_msg=f"tile={tile}")
 
 
 def test_tiled_equals_whole_image_channels_first():
-    model = _strided_fcn("same", [2, 2, 2], channels=3, data_format="channels_first")
+    model = strided_fcn("same", [2, 2, 2], channels=3, data_format="channels_first")
     image = random_images((3, 131, 97), seed=5)
     whole = np.asarray(model(image[None]))[0]
     tiled = kfs.predict_map(model, image, tile=48)
@@ -94,17 +75,17 @@ def test_tiled_caffenet_equals_whole_image():
 
 
 def test_an_image_smaller_than_one_tile_is_one_pass():
-    model = _strided_fcn("same", [2, 2])
+    model = strided_fcn("same", [2, 2])
     image = random_images((37, 29, 2))
-    rows, cols = _plan(image.shape[:2], kfs.geometry(model), 256)
+    rows, cols = plan_tiles(image.shape[:2], kfs.geometry(model), 256)
     assert len(rows) == len(cols) == 1
-    np.testing.assert_allclose(kfs.predict_map(model, image, tile=256), _whole(model, image), atol=ATOL)
+    np.testing.assert_allclose(kfs.predict_map(model, image, tile=256), whole_map(model, image), atol=ATOL)
 
 
 def test_tile_sides_are_rounded_up_to_the_stride_plus_the_image_remainder():
-    model = _strided_fcn("same", [2, 2, 2])
+    model = strided_fcn("same", [2, 2, 2])
     grid = kfs.geometry(model)
-    rows, cols = _plan((203, 190), grid, (33, 40))  # 33 -> 40 (+ 203 % 8 = 3), 40 -> 40 (+ 190 % 8 = 6)
+    rows, cols = plan_tiles((203, 190), grid, (33, 40))  # 33 -> 40 (+ 203 % 8 = 3), 40 -> 40 (+ 190 % 8 = 6)
     for tiles, side, largest in ((rows, 203, 43), (cols, 190, 46)):
         lengths = {t.stop - t.start for t in tiles}
         assert len(lengths) == 1, "equal tiles (batched together)"
@@ -112,18 +93,18 @@ def test_tile_sides_are_rounded_up_to_the_stride_plus_the_image_remainder():
         assert length <= largest and (side - length) % 8 == 0
         assert all(t.start % 8 == 0 for t in tiles)
     image = random_images((203, 190, 2))
-    np.testing.assert_allclose(kfs.predict_map(model, image, tile=(33, 40)), _whole(model, image), atol=ATOL)
+    np.testing.assert_allclose(kfs.predict_map(model, image, tile=(33, 40)), whole_map(model, image), atol=ATOL)
 
 
 def test_a_tile_too_small_to_keep_any_cell_is_refused_with_the_size_to_use():
-    model = _strided_fcn("valid", [2, 2, 2, 2])
+    model = strided_fcn("valid", [2, 2, 2, 2])
     image = random_images((300, 300, 2))
     with pytest.raises(kfs.ConversionError, match=r"at least \d+"):
         kfs.predict_map(model, image, tile=16)
 
 
 def test_an_image_smaller_than_the_receptive_field_is_refused():
-    model = _strided_fcn("valid", [2, 2, 2])
+    model = strided_fcn("valid", [2, 2, 2])
     with pytest.raises(kfs.ConversionError, match=r"12x40 pixels is smaller than the network's minimum input of 23x23"):
         kfs.predict_map(model, random_images((12, 40, 2)))
 
@@ -136,12 +117,12 @@ def test_tiling_a_network_with_global_context_is_refused():
     image = random_images((80, 64, 3))
     with pytest.raises(kfs.ConversionError, match="tile=None"):
         kfs.predict_map(model, image, tile=32)
-    np.testing.assert_allclose(kfs.predict_map(model, image), _whole(model, image), atol=ATOL)
-    np.testing.assert_allclose(kfs.predict_map(model, image, tile=200), _whole(model, image), atol=ATOL)
+    np.testing.assert_allclose(kfs.predict_map(model, image), whole_map(model, image), atol=ATOL)
+    np.testing.assert_allclose(kfs.predict_map(model, image, tile=200), whole_map(model, image), atol=ATOL)
 
 
 def test_bad_inputs_get_clear_errors():
-    model = _strided_fcn("same", [2])
+    model = strided_fcn("same", [2])
     with pytest.raises(kfs.ConversionError, match="2 channels"):
         kfs.predict_map(model, random_images((40, 40, 3)))
     with pytest.raises(kfs.ConversionError, match="one image"):
@@ -155,9 +136,9 @@ def test_bad_inputs_get_clear_errors():
 
 def test_out_may_be_a_numpy_or_zarr_array():
     zarr = pytest.importorskip("zarr")
-    model = _strided_fcn("same", [2, 2])
+    model = strided_fcn("same", [2, 2])
     image = random_images((90, 70, 2))
-    whole = _whole(model, image)
+    whole = whole_map(model, image)
     buffer = np.full(whole.shape, np.nan, dtype=np.float32)
     assert kfs.predict_map(model, image, tile=40, out=buffer) is buffer
     np.testing.assert_allclose(buffer, whole, atol=ATOL)
@@ -167,12 +148,12 @@ def test_out_may_be_a_numpy_or_zarr_array():
 
 
 def test_memmap_input_and_progress_bar(tmp_path, capsys):
-    model = _strided_fcn("same", [2, 2])
+    model = strided_fcn("same", [2, 2])
     image = np.lib.format.open_memmap(tmp_path / "image.npy", mode="w+", dtype=np.float32, shape=(150, 130, 2))
     image[:] = random_images((150, 130, 2))
     image.flush()
     image = np.load(tmp_path / "image.npy", mmap_mode="r")
-    expected = _whole(model, np.asarray(image))
+    expected = whole_map(model, np.asarray(image))
     np.testing.assert_allclose(kfs.predict_map(model, image, tile=48, progress=True), expected, atol=ATOL)
     assert "tile" in capsys.readouterr().err  # the tqdm bar
     kfs.predict_map(model, image, tile=48)  # default: no bar when stderr is not a terminal
@@ -180,9 +161,9 @@ def test_memmap_input_and_progress_bar(tmp_path, capsys):
 
 
 def test_grayscale_image_for_a_one_channel_network_and_preprocess():
-    model = _strided_fcn("same", [2, 2], channels=1)
+    model = strided_fcn("same", [2, 2], channels=1)
     image = random_images((50, 45))
-    expected = _whole(model, (image[..., None] * 2 + 1))
+    expected = whole_map(model, (image[..., None] * 2 + 1))
     result = kfs.predict_map(model, image, tile=24, preprocess=lambda x: x * 2 + 1)
     np.testing.assert_allclose(result, expected, atol=ATOL)
 
@@ -210,7 +191,7 @@ def test_valid_cnn_predict_map_equals_sliding_window_at_the_network_stride():
 
 
 def test_sliding_window_needs_a_fixed_size_classifier():
-    model = _strided_fcn("same", [2])
+    model = strided_fcn("same", [2])
     with pytest.raises(kfs.ConversionError, match="fixed input size"):
         kfs.sliding_window_predict(model, random_images((40, 40, 2)), 4)
 

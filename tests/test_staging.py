@@ -6,7 +6,7 @@ import os
 import keras
 import numpy as np
 import pytest
-from conftest import random_images
+from conftest import STRIDES, random_images, strided_fcn, whole_map
 from keras import layers
 
 import keras_fcn_surgery as kfs
@@ -17,23 +17,6 @@ from keras_fcn_surgery.inference.staged import plan_prediction
 from keras_fcn_surgery.inference.store import DiskMap, file_backed
 
 ATOL = 2e-5
-STRIDES = {1: [1, 1], 2: [2, 1], 4: [2, 2], 8: [2, 2, 2], 16: [2, 2, 2, 2], 32: [2, 2, 2, 2, 2]}
-
-
-def _strided_fcn(padding, strides, channels=2, data_format="channels_last"):
-    """3x3 convolutions with these strides, a 3x3/1 pooling after the second, then a 3x3 head of 3 classes."""
-    shape = (None, None, channels) if data_format == "channels_last" else (channels, None, None)
-    inputs = keras.Input(shape)
-    x = inputs
-    for index, stride in enumerate(strides):
-        x = layers.Conv2D(4, 3, strides=stride, padding=padding, activation="tanh", data_format=data_format)(x)
-        if index == 1:
-            x = layers.MaxPooling2D(3, strides=1, padding=padding, data_format=data_format)(x)
-    return keras.Model(inputs, layers.Conv2D(3, 3, padding=padding, data_format=data_format)(x))
-
-
-def _whole(model, image):
-    return np.asarray(model(image[None], training=False))[0]
 
 
 def _check_stages(plan):
@@ -48,9 +31,9 @@ def _check_stages(plan):
 @pytest.mark.parametrize("padding", ["same", "valid"])
 @pytest.mark.parametrize("stride", [2, 4, 8, 16, 32])
 def test_staged_equals_whole_image(padding, stride):
-    model = _strided_fcn(padding, STRIDES[stride])
+    model = strided_fcn(padding, STRIDES[stride], head=3)
     image = random_images((9 * stride + 61, 7 * stride + 47, 2), seed=stride)  # odd sides, not stride multiples
-    whole = _whole(model, image)
+    whole = whole_map(model, image)
     for tile in (2 * stride + 40, (stride + 45, 4 * stride + 43)):
         plan = plan_prediction(model, image.shape[:2], tile=tile, staged=True)
         _check_stages(plan)
@@ -60,13 +43,13 @@ def test_staged_equals_whole_image(padding, stride):
 
 
 def test_a_network_without_a_cut_cannot_be_staged_and_falls_back_to_plain_tiles():
-    model = _strided_fcn("same", STRIDES[1])
+    model = strided_fcn("same", STRIDES[1], head=3)
     image = random_images((61, 47, 2))
     with pytest.raises(kfs.ConversionError, match=r"cannot be staged.*`staged=None` or `staged=False`"):
         kfs.predict_map(model, image, tile=24, staged=True)
     plan = plan_prediction(model, image.shape[:2], tile=24)
     assert not plan.staged and plan.stages[0].tiles > 1
-    np.testing.assert_allclose(kfs.predict_map(model, image, tile=24), _whole(model, image), atol=ATOL)
+    np.testing.assert_allclose(kfs.predict_map(model, image, tile=24), whole_map(model, image), atol=ATOL)
 
 
 def test_a_network_with_global_context_cannot_be_staged():
@@ -78,7 +61,7 @@ def test_a_network_with_global_context_cannot_be_staged():
     image = random_images((80, 64, 3))
     with pytest.raises(kfs.ConversionError, match=r"cannot be staged: layer 'squeeze'.*`tile=None`"):
         kfs.predict_map(model, image, tile=32, staged=True)
-    np.testing.assert_allclose(kfs.predict_map(model, image, staged=True), _whole(model, image), atol=ATOL)
+    np.testing.assert_allclose(kfs.predict_map(model, image, staged=True), whole_map(model, image), atol=ATOL)
 
 
 def test_staged_residual_network_with_concatenation():
@@ -98,7 +81,7 @@ def test_staged_residual_network_with_concatenation():
     x = layers.Conv2D(8, 3, strides=2, activation="relu", name="reduce")(x)
     model = keras.Model(inputs, layers.Conv2D(5, 3, activation="softmax")(x))
     image = random_images((283, 221, 3), seed=3)
-    whole = _whole(model, image)
+    whole = whole_map(model, image)
     plan = plan_prediction(model, image.shape[:2], tile=96, staged=True)
     _check_stages(plan)
     inner = {"stem", "pool", "block2", "reduce"}
@@ -108,7 +91,7 @@ def test_staged_residual_network_with_concatenation():
 
 
 def test_staged_channels_first():
-    model = _strided_fcn("same", [2, 2, 2], channels=3, data_format="channels_first")
+    model = strided_fcn("same", [2, 2, 2], channels=3, data_format="channels_first", head=3)
     image = random_images((3, 131, 97), seed=5)
     whole = np.asarray(model(image[None]))[0]
     plan = plan_prediction(model, (131, 97), tile=48, staged=True)
@@ -120,7 +103,7 @@ def test_staged_channels_first():
 
 
 def test_spilled_maps_are_removed_even_when_the_pass_fails(tmp_path):
-    model = _strided_fcn("valid", [2, 2, 2])
+    model = strided_fcn("valid", [2, 2, 2], head=3)
     image = random_images((150, 130, 2))
     plan = plan_prediction(model, image.shape[:2], tile=48, staged=True, memory_budget=0)
     assert any(s.store == "disk" for s in plan.stages)
@@ -138,7 +121,7 @@ def test_spilled_maps_are_removed_even_when_the_pass_fails(tmp_path):
         )
     assert os.listdir(tmp_path) == []
     result = kfs.predict_map(model, image, tile=48, staged=True, memory_budget=0, spill_dir=str(tmp_path))
-    np.testing.assert_allclose(result, _whole(model, image), atol=ATOL)
+    np.testing.assert_allclose(result, whole_map(model, image), atol=ATOL)
     assert os.listdir(tmp_path) == []
 
 
@@ -165,7 +148,7 @@ def test_the_plan_of_a_deep_network_computes_less_than_plain_tiles():
         assert rows <= stage.input_size[0] and cols <= stage.input_size[1]
     text = str(plan)
     assert "stages" in text and "pool" in text and "GMAC" in text
-    whole = _whole(model, image)
+    whole = whole_map(model, image)
     np.testing.assert_allclose(kfs.predict_map(model, image, tile=160), whole, atol=ATOL)
     np.testing.assert_allclose(kfs.predict_map(model, image, tile=160, prefetch=False), whole, atol=ATOL)
     # Tiles too small for the whole network: plain tiles are refused, stages (asked for) work.
@@ -210,13 +193,13 @@ def test_a_nested_model_is_one_block():
     plan = plan_prediction(model, image.shape[:2], tile=40, staged=True)
     _check_stages(plan)
     assert {s.stop for s in plan.stages} <= {"stem", "inner", "head"}
-    np.testing.assert_allclose(kfs.predict_map(model, image, tile=40, staged=True), _whole(model, image), atol=ATOL)
+    np.testing.assert_allclose(kfs.predict_map(model, image, tile=40, staged=True), whole_map(model, image), atol=ATOL)
 
 
 def test_mixed_precision_matches_float32_to_half_precision():
-    model = _strided_fcn("same", [2, 2])
+    model = strided_fcn("same", [2, 2], head=3)
     image = random_images((70, 58, 2))
-    whole = _whole(model, image)
+    whole = whole_map(model, image)
     half = kfs.predict_map(model, image, tile=32, mixed_precision=True)
     assert half.dtype == np.float32 and half.shape == whole.shape
     scale = np.abs(whole).max()
@@ -231,9 +214,9 @@ def test_xla_is_chosen_for_large_kernel_heads_only_and_stays_exact():
     x = layers.MaxPooling2D(2)(x)
     head = keras.Model(inputs, layers.Conv2D(3, 1)(layers.Conv2D(512, 5, activation="relu", name="fc6")(x)))
     assert wants_xla(head)
-    assert not wants_xla(_strided_fcn("same", [2, 2]))
+    assert not wants_xla(strided_fcn("same", [2, 2], head=3))
     image = random_images((61, 53, 2), seed=6)
-    whole = _whole(head, image)
+    whole = whole_map(head, image)
     default = kfs.predict_map(head, image)
     scale = np.abs(whole).max()
     np.testing.assert_allclose(default, whole, atol=1e-5 * scale)  # float32 round-off: XLA sums in another order
@@ -289,8 +272,8 @@ def test_memory_mapped_images_are_read_through_their_file(tmp_path):
 
     if not os.path.exists("/proc/self/smaps"):
         pytest.skip("no /proc/self/smaps on this system to see resident pages")
-    model = _strided_fcn("same", [2, 2])
-    whole = _whole(model, pixels)
+    model = strided_fcn("same", [2, 2], head=3)
+    whole = whole_map(model, pixels)
     descriptors = len(os.listdir("/proc/self/fd"))
     assert _resident_kib(tmp_path / "image.npy") == 0
     for tile in (None, 40):
@@ -309,7 +292,7 @@ def test_every_stage_compiles_as_the_whole_network_chooses():
     _check_stages(plan)
     first = plan._runs[0].model
     assert wants_xla(head) and not wants_xla(first), "the first stage holds no large kernel"
-    whole = _whole(head, image)
+    whole = whole_map(head, image)
     staged = kfs.predict_map(head, image, tile=60, staged=True, engine="xla")
     np.testing.assert_allclose(staged, whole, atol=1e-5 * np.abs(whole).max())
     assert {engine for engine, *_ in engines._FORWARDS[first]} == {"xla"}, "the first stage ran without XLA"
@@ -336,20 +319,20 @@ def test_memory_helpers():
 
 
 def test_predict_maps_batches_images_of_one_size_and_tiles_the_large_ones():
-    model = _strided_fcn("same", [2, 2])
+    model = strided_fcn("same", [2, 2], head=3)
     images = [random_images((40, 36, 2), seed=s) for s in range(3)]
     images.insert(1, random_images((52, 44, 2), seed=7))
     images.append(random_images((150, 130, 2), seed=8))
     maps = kfs.predict_maps(model, images, tile=64, batch_size=2)
     assert len(maps) == len(images)
     for image, result in zip(images, maps):
-        np.testing.assert_allclose(result, _whole(model, image), atol=ATOL)
+        np.testing.assert_allclose(result, whole_map(model, image), atol=ATOL)
     with pytest.raises(kfs.ConversionError, match="2 channels"):
         kfs.predict_maps(model, [random_images((40, 40, 3))])
 
 
 def test_a_spill_folder_that_cannot_be_written_gets_a_clear_error(tmp_path):
-    model = _strided_fcn("valid", [2, 2, 2])
+    model = strided_fcn("valid", [2, 2, 2], head=3)
     missing = tmp_path / "missing" / "folder"
     with pytest.raises(kfs.ConversionError, match=r"spill_dir=.*memory_budget="):
         kfs.predict_map(

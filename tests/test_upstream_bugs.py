@@ -30,9 +30,33 @@ def test_channels_first_conv_bias_with_the_work_around(width):
         np.testing.assert_allclose(np.asarray(conv(x)), expected, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.xfail(reason="TensorFlow 2.21 oneDNN Conv2D: one input channel, width stride only, batch > 1")
+def _onednn_width_stride_bug_shows() -> bool:
+    """Whether this machine's TensorFlow gets the strided one-channel convolution below wrong.
+
+    The bug is in oneDNN's kernel for some processors: seen on AVX-512 Xeons with oneDNN on (as the tests
+    run it, see conftest.py), not on AVX2-only CPUs nor with ``TF_ENABLE_ONEDNN_OPTS=0``. Probed once, at
+    collection, with the raw op (not the Keras layer the test uses).
+    """
+    import tensorflow as tf
+
+    x = np.random.default_rng(1).standard_normal((3, 2, 3, 1)).astype("float32")
+    kernel = np.ones((1, 2, 1, 1), "float32")
+    batch = tf.nn.conv2d(x, kernel, (1, 2), "VALID").numpy()
+    one_by_one = np.concatenate([tf.nn.conv2d(x[i : i + 1], kernel, (1, 2), "VALID").numpy() for i in range(3)])
+    return not np.allclose(batch, one_by_one, rtol=1e-5, atol=1e-6)
+
+
+ONEDNN_WIDTH_STRIDE_BUG = _onednn_width_stride_bug_shows()
+
+
+# Strict where the probe sees the bug (a fixed TensorFlow then fails here, loudly); elsewhere the test must pass.
+@pytest.mark.xfail(
+    condition=ONEDNN_WIDTH_STRIDE_BUG,
+    strict=True,
+    reason="TensorFlow 2.21 oneDNN Conv2D on this CPU: one input channel, width stride only, batch > 1",
+)
 def test_one_channel_conv_with_a_width_stride_on_a_batch():
-    # Output width 1, height 2: with oneDNN on (TensorFlow's default on x86 CPUs)
+    # Output width 1, height 2: with oneDNN on, on the CPUs where the probe above sees it,
     # the second row of the batch's later images comes out as garbage
     # (e.g. -6.7e36). The fuzz generator avoids the pattern.
     x = np.random.default_rng(0).standard_normal((3, 2, 3, 1)).astype("float32")

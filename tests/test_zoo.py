@@ -10,7 +10,8 @@ import keras_fcn_surgery as kfs
 A = keras.applications
 
 
-@pytest.mark.parametrize("factory", [A.VGG16, A.VGG19], ids=["vgg16", "vgg19"])
+# VGG19 is VGG16's style with more layers: heavy (the default suite's 5-minute budget, issue 22).
+@pytest.mark.parametrize("factory", [A.VGG16, pytest.param(A.VGG19, marks=pytest.mark.heavy)], ids=["vgg16", "vgg19"])
 def test_vgg_with_top(factory):
     source = factory(weights=None)
     fcn = kfs.convert(source)  # verifies at 224 x 224
@@ -80,10 +81,22 @@ def test_squeeze_excitation_pooling_stays_in_the_body():
 # `check_classifier` converts with both heads (window verified), checks the map size against
 # `geometry(fcn).output_size` and `predict_map` against the FCN at a larger size.
 # Default run: the smallest member of each family not already covered above (ConvNeXt and
-# MobileNetV3 crashed on `keras.ops` nodes before). Every constructor: `-m heavy`.
+# MobileNetV3 crashed on `keras.ops` nodes before), nor of a style the default run already has
+# (the default suite's 5-minute budget, issue 22). Every constructor, these too: `-m heavy`.
 
 _COVERED_ABOVE = {"ResNet", "MobileNetV2", "MobileNet", "EfficientNet", "DenseNet", "VGG"}
-SMALLEST_OF_FAMILY = sorted(names[0] for family, names in APPLICATIONS.items() if family not in _COVERED_ABOVE)
+_STYLE_IN_THE_DEFAULT_RUN = {
+    # Inverted residual blocks with squeeze-and-excitation (fused ones: plain convolutions): EfficientNetB0 above.
+    "EfficientNetV2",
+    # Inception branches (InceptionV3 below), residual adds (ResNet50 above, ResNet50V2 below) and a custom
+    # scaling layer (the custom `Scale` layer of test_bad_inputs.py).
+    "InceptionResNetV2",
+}
+SMALLEST_OF_FAMILY = sorted(
+    names[0]
+    for family, names in APPLICATIONS.items()
+    if family not in _COVERED_ABOVE and family not in _STYLE_IN_THE_DEFAULT_RUN
+)
 
 
 @pytest.mark.parametrize("name", SMALLEST_OF_FAMILY)

@@ -14,10 +14,6 @@ from keras_fcn_surgery.inference import engines, runner
 from keras_fcn_surgery.inference.staged import plan_prediction, run_plan
 from keras_fcn_surgery.inference.store import DiskMap, file_backed
 
-# Older names, kept for callers of the private helpers (benchmarks).
-_plan = runner.plan_tiles
-_forward_fn = runner.forward_fn
-
 
 def predict_map(
     fcn,

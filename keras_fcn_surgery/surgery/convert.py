@@ -360,17 +360,6 @@ def _nonfinite_message(model, nonfinite: dict[str, list[str]]) -> str:
     )
 
 
-def verify_conversion(
-    model, fcn, *, head: str = "window", input_size=None, tolerance=None, raise_on_failure: bool = False
-):
-    """`verify` a conversion made by `convert`, whatever its head (kept for callers of the old name).
-
-    Prefer `keras_fcn_surgery.verify(model, fcn, head=...)`.
-    """
-    conversion = Conversion.of(model, head=head, input_size=input_size, warn=False)
-    return conversion.verify(fcn, tolerance=tolerance, raise_on_failure=raise_on_failure, stacklevel=3)
-
-
 def _raise_if_failed(model, result: VerificationResult) -> None:
     if result.finite_compared == 0:
         nonfinite = nonfinite_weights(model)
