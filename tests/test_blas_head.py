@@ -7,7 +7,7 @@ from conftest import random_images
 from keras import layers
 
 import keras_fcn_surgery as kfs
-from keras_fcn_surgery.inference import blas, runner
+from keras_fcn_surgery.inference import blas, engines
 
 
 def _head_model(data_format="channels_last", activation="relu", branch=False, fc7_kernel=1):
@@ -79,11 +79,13 @@ def test_weights_changed_after_a_pass_are_used():
 
 
 def test_heads_numpy_cannot_run_stay_in_tensorflow():
-    forward = runner.forward_fn
-    assert blas.split_forward(_head_model(branch=True), lambda m: forward(m, False)) is None
-    assert blas.split_forward(_head_model(activation="tanh"), lambda m: forward(m, False)) is None
-    assert blas.split_forward(_head_model(), lambda m: forward(m, False)) is not None
-    assert blas.split_forward(_head_model(activation=None), lambda m: forward(m, False)) is not None
+    def forward(m):
+        return engines.forward(m, "tf")
+
+    assert blas.split_forward(_head_model(branch=True), forward) is None
+    assert blas.split_forward(_head_model(activation="tanh"), forward) is None
+    assert blas.split_forward(_head_model(), forward) is not None
+    assert blas.split_forward(_head_model(activation=None), forward) is not None
     for model in (_head_model(branch=True), _head_model(activation="tanh")):
         image = random_images((45, 45, 2), seed=6)
         whole = np.asarray(model(image[None], training=False))[0]
@@ -92,7 +94,7 @@ def test_heads_numpy_cannot_run_stay_in_tensorflow():
 
 def test_channels_first_heads_stay_in_tensorflow():
     model = _head_model("channels_first")
-    assert blas.split_forward(model, lambda m: runner.forward_fn(m, False)) is None
+    assert blas.split_forward(model, lambda m: engines.forward(m, "tf")) is None
 
 
 def _pointwise_rest_model(stop_numpy_at_batchnorm=False):

@@ -217,3 +217,23 @@ def test_predict_images_and_the_cli_take_an_execution(tmp_path):
     np.testing.assert_allclose(scores, reference, atol=1e-5 * np.abs(reference).max())
     with pytest.raises(SystemExit):
         main(["predict", "model.keras", "image.npy", "-o", str(tmp_path), "--execution", "fast"])
+
+
+def test_each_stage_of_a_staged_plan_is_chosen_for_on_its_own(cache_file, timed, monkeypatch):
+    monkeypatch.setattr(engines, "MEASURE_MACS", 0)
+    model = _head_model()
+    image = random_images((150, 140, 2), seed=6)
+    plan = kfs.plan_prediction(model, image.shape[:2], tile=60, staged=True, engine="auto")
+    assert plan.staged
+    # One probe per stage, each on its own model's call shape (the conv stage holds no head: no "blas").
+    assert timed == [(tuple(engines.candidates(run.model)), run.call_shape()) for run in plan._runs]
+    assert "blas" not in timed[0][0] and "blas" in timed[-1][0]
+    assert all(stage.engine in ("tf", "xla", "blas") for stage in plan.stages)
+    assert plan.engine == "+".join(dict.fromkeys(stage.engine for stage in plan.stages))
+    assert plan.engine_reason.startswith("stage 1: ") and " engine" in str(plan).splitlines()[2]
+    whole = kfs.predict_map(model, image, engine="tf")
+    staged = kfs.predict_map(model, image, tile=60, staged=True)
+    np.testing.assert_allclose(staged, whole, atol=1e-5 * np.abs(whole).max())
+    assert len(timed) == len(plan.stages), "running the plan timed again"
+    blas = kfs.plan_prediction(model, image.shape[:2], tile=60, staged=True, engine="blas")
+    assert [stage.engine for stage in blas.stages] == ["tf"] * (len(blas.stages) - 1) + ["blas"]

@@ -12,9 +12,9 @@ from keras import layers
 import keras_fcn_surgery as kfs
 from keras_fcn_surgery.grid.stages import cheapest_chain, memory_scale, place_stores, scaled_tile
 from keras_fcn_surgery.inference import engines
-from keras_fcn_surgery.inference.runner import wants_xla
 from keras_fcn_surgery.inference.staged import plan_prediction
 from keras_fcn_surgery.inference.store import DiskMap, file_backed
+from keras_fcn_surgery.taxonomy import is_large_kernel_conv
 
 ATOL = 2e-5
 
@@ -213,8 +213,8 @@ def test_xla_is_chosen_for_large_kernel_heads_only_and_stays_exact():
     x = layers.Conv2D(8, 3, strides=2, activation="relu")(inputs)
     x = layers.MaxPooling2D(2)(x)
     head = keras.Model(inputs, layers.Conv2D(3, 1)(layers.Conv2D(512, 5, activation="relu", name="fc6")(x)))
-    assert wants_xla(head)
-    assert not wants_xla(strided_fcn("same", [2, 2], head=3))
+    assert any(is_large_kernel_conv(layer) for layer in head.layers)
+    assert not any(is_large_kernel_conv(layer) for layer in strided_fcn("same", [2, 2], head=3).layers)
     image = random_images((61, 53, 2), seed=6)
     whole = whole_map(head, image)
     default = kfs.predict_map(head, image)
@@ -291,7 +291,7 @@ def test_every_stage_compiles_as_the_whole_network_chooses():
     plan = plan_prediction(head, image.shape[:2], tile=60, staged=True)
     _check_stages(plan)
     first = plan._runs[0].model
-    assert wants_xla(head) and not wants_xla(first), "the first stage holds no large kernel"
+    assert not any(is_large_kernel_conv(layer) for layer in first.layers), "the first stage holds no large kernel"
     whole = whole_map(head, image)
     staged = kfs.predict_map(head, image, tile=60, staged=True, engine="xla")
     np.testing.assert_allclose(staged, whole, atol=1e-5 * np.abs(whole).max())

@@ -42,8 +42,9 @@ ENGINES = ("auto", "tf", "xla", "blas")
 # Multiply-accumulates per forward call below which "auto" runs "tf" without measuring.
 MEASURE_MACS = 4_000_000_000
 # A probe call computes at most about this many multiply-accumulates: a larger input is shrunk (batch
-# first, then its sides) to fit. Large enough that a converted head keeps a fair share of the cost.
-PROBE_MACS = 100_000_000_000
+# first, then its sides) to fit. Large enough to time VGG16 at 1024 x 1024 (about 400 GMAC) as it runs: at
+# half that side the head's share of the work differs, and so did the fastest engine (issue 22).
+PROBE_MACS = 500_000_000_000
 # Timed rounds after the warm-up call; a candidate over `_DROP_RATIO` x the best after a round stops.
 PROBE_ROUNDS = 3
 _DROP_RATIO = 1.5
@@ -242,38 +243,31 @@ def choose_engine(model, batch_shape, engine: str = "auto", precision: str | Non
         return choice
 
 
-def plan_batch_shape(plan, fcn) -> tuple[int, ...]:
-    """The input shape of one forward call of the whole network that stands for ``plan``'s pass.
-
-    A plain plan: its tiles times its batch. A staged one (whose first stage
-    runs tiles too small for the whole network): one requested tile, within
-    the image and at least the network's minimum input.
-    """
-    from keras_fcn_surgery.grid.geometry import geometry
-    from keras_fcn_surgery.inference.runner import check_fcn
-
-    spec, _ = check_fcn(fcn)
-    first = plan.stages[0]
-    if not plan.staged:
-        batch = min(first.batch_size, first.tiles)
-        return tuple(spec.layout.batch_shape(batch, first.tile[0], first.tile[1], spec.channels))
-    tile = plan.tile or plan.image_size
-    low = geometry(fcn).min_input_size
-    sides = [max(min(t, n), m) for t, n, m in zip(tile, plan.image_size, low)]
-    return tuple(spec.layout.batch_shape(1, sides[0], sides[1], spec.channels))
-
-
 def with_engine(plan, fcn, engine: str, precision: str | None = None):
-    """``plan`` (a `PredictionPlan`) with the engine its stages run under and why (`choose_engine`).
+    """``plan`` (a `PredictionPlan`) with the engine each stage runs under and why (`choose_engine`).
 
-    The choice is made for the whole network at the first stage's call shape
-    (tiles times batch): a staged plan runs every stage under it, as the
-    network's parts cost in about the same proportions in each.
+    Each stage is chosen for on its own model at its own call shape (its
+    largest tile times its batch): a converted classifier's convolutions and
+    its head may run fastest under different executions on one machine.
+    ``plan.engine`` names the stages' engines in order, each once.
     """
     import dataclasses
 
-    choice = choose_engine(fcn, plan_batch_shape(plan, fcn), engine, precision)
-    return dataclasses.replace(plan, engine=choice.engine, engine_reason=choice.reason)
+    check_engine(engine)
+    if engine == "blas":  # the whole network must hold the head; its other stages then run "tf"
+        refusal = blas_refusal(fcn, precision)
+        if refusal is not None:
+            raise InputError(f"engine='blas' cannot run model '{fcn.name}': {refusal}. Use 'auto', 'tf' or 'xla'.")
+    stages, reasons = [], []
+    for index, (stage, run) in enumerate(zip(plan.stages, plan._runs)):
+        if engine == "blas" and blas_refusal(run.model, precision) is not None:
+            choice = EngineChoice("tf", "blas asked for; this stage holds no head convolution")
+        else:
+            choice = choose_engine(run.model, run.call_shape(), engine, precision)
+        stages.append(dataclasses.replace(stage, engine=choice.engine))
+        reasons.append(choice.reason if len(plan.stages) == 1 else f"stage {index + 1}: {choice}")
+    names = list(dict.fromkeys(stage.engine for stage in stages))
+    return dataclasses.replace(plan, stages=tuple(stages), engine="+".join(names), engine_reason="; ".join(reasons))
 
 
 def _auto_choice(model, shape, precision) -> EngineChoice:

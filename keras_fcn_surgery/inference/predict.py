@@ -146,11 +146,9 @@ def predict_map(
     shape = spec.layout.image_shape(plan.map_size[0], plan.map_size[1], classes)
     out = runner.output_array(out, shape, fcn)
     precision = "mixed_float16" if mixed_precision else None
-    # Every stage runs under the engine chosen for the whole network: XLA also sped up VGG16's first stage
-    # (block 1-2 convolutions: 62 against 56 GMAC/s on 928-px tiles), which on its own holds no head.
-    chosen = engines.with_engine(plan, fcn, engine, precision).engine
+    plan = engines.with_engine(plan, fcn, engine, precision)  # each stage's own, measured under "auto"
 
-    def forward_for(model):
+    def forward_for(model, chosen):
         return engines.forward(model, chosen, precision)
 
     pixels = file_backed(image)

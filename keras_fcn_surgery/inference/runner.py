@@ -10,12 +10,10 @@ from dataclasses import dataclass
 import numpy as np
 
 from keras_fcn_surgery.errors import ConversionError, InputError
-from keras_fcn_surgery.graph import iter_layers
 from keras_fcn_surgery.grid import tiling
 from keras_fcn_surgery.grid.geometry import Geometry
 from keras_fcn_surgery.layout import Layout
 from keras_fcn_surgery.surgery.fcn import fcn_spec
-from keras_fcn_surgery.taxonomy import is_large_kernel_conv
 
 # Input pixels per forward pass when `batch_size` is not given: tiles of 1024 x 1024
 # or more go one at a time (batching them would defeat the memory bound of tiling).
@@ -154,37 +152,6 @@ def input_dtype(model) -> str:
 def output_dtype(model) -> str:
     dtype = str(model.outputs[0].dtype)
     return dtype if dtype.startswith("float") else "float32"
-
-
-def forward_fn(model, jit_compile: bool | None, precision: str | None = None, *, blas: bool = False):
-    """``numpy batch -> numpy outputs`` under a fixed execution (`engines.forward`), cached per model.
-
-    The older way to ask for an execution, kept for callers: ``blas=True`` is
-    the ``"blas"`` engine (TensorFlow where the BLAS head cannot run),
-    ``jit_compile`` True ``"xla"``, False ``"tf"``, None the static rule
-    `wants_xla`. `predict_map` chooses with `engines.choose_engine` instead.
-    """
-    from keras_fcn_surgery.inference import engines
-
-    if blas:
-        return engines.forward(model, "blas", precision)
-    if jit_compile is None:
-        jit_compile = wants_xla(model)
-    return engines.forward(model, "xla" if jit_compile else "tf", precision)
-
-
-def wants_xla(model) -> bool:
-    """The static rule earlier versions chose XLA by: on a GPU, or where the model holds a large-kernel convolution.
-
-    No longer decides `predict_map`'s default, which is measured on the
-    machine it runs on (`engines.choose_engine`): the rule was fitted on one
-    machine and was 2x slower than plain TensorFlow on another.
-    """
-    import tensorflow as tf
-
-    if tf.config.list_logical_devices("GPU"):
-        return True
-    return any(is_large_kernel_conv(layer) for layer in iter_layers(model))
 
 
 class NoBar:

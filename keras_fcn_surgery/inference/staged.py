@@ -93,6 +93,7 @@ class StagePlan:
         store: where its output goes: ``"memory"``, ``"disk"`` (a temporary
             file) or ``"out"`` (the result).
         store_bytes: bytes of its output map.
+        engine: the execution it runs under, once chosen (`inference.engines`).
     """
 
     start: str
@@ -107,6 +108,7 @@ class StagePlan:
     peak_bytes: int
     store: str
     store_bytes: int
+    engine: str | None = None
 
 
 @dataclass(frozen=True)
@@ -129,9 +131,10 @@ class PredictionPlan:
         kept_fraction: the share of map cells a ``keep`` mask keeps (1.0
             without one); each stage then computes only the tiles the kept
             cells need, and ``macs`` counts only those.
-        engine: the execution every stage runs under (``"tf"``, ``"xla"`` or
-            ``"blas"``, `inference.engines`), or None when not asked for.
-        engine_reason: why that engine (asked for, measured, cached...).
+        engine: the executions the stages run under (``"tf"``, ``"xla"`` or
+            ``"blas"``, `inference.engines`; several joined by ``+``), or None
+            when not asked for.
+        engine_reason: why (asked for, measured, cached...), stage by stage.
     """
 
     image_size: tuple[int, int]
@@ -171,14 +174,20 @@ class PredictionPlan:
             f"(plain tiles {self.plain_macs / max(self.whole_macs, 1):.2f} x); "
             f"peak memory ~{self.peak_bytes / 2**20:.0f} MiB",
             *([f"engine {self.engine}: {self.engine_reason}"] if self.engine else []),
-            f"{'from':>14s} {'to':>14s} {'input':>11s} {'tile':>11s} {'tiles':>5s} {'batch':>5s} {'area':>5s} "
-            f"{'GMAC':>7s} {'peak MiB':>8s} {'store':>6s} {'MiB':>7s}",
         ]
+        # Layer names are shown whole: the table widens for long ones.
+        width = max(4, *(len(name) for s in self.stages for name in (s.start, s.stop)))
+        engines = any(s.engine for s in self.stages)
+        lines.append(
+            f"{'from':>{width}s} {'to':>{width}s} {'input':>11s} {'tile':>11s} {'tiles':>5s} {'batch':>5s} "
+            f"{'area':>5s} {'GMAC':>7s} {'peak MiB':>8s} {'store':>6s} {'MiB':>7s}" + (" engine" if engines else "")
+        )
         for s in self.stages:
             lines.append(
-                f"{s.start[-14:]:>14s} {s.stop[-14:]:>14s} {s.input_size[0]:>5d}x{s.input_size[1]:<5d} "
+                f"{s.start:>{width}s} {s.stop:>{width}s} {s.input_size[0]:>5d}x{s.input_size[1]:<5d} "
                 f"{s.tile[0]:>5d}x{s.tile[1]:<5d} {s.tiles:>5d} {s.batch_size:>5d} {s.computed_area:>5.2f} "
                 f"{s.macs / 1e9:>7.1f} {s.peak_bytes / 2**20:>8.0f} {s.store:>6s} {s.store_bytes / 2**20:>7.0f}"
+                + (f" {s.engine or '':>6s}" if engines else "")
             )
         return "\n".join(lines)
 
@@ -194,6 +203,13 @@ class _StageRun:
     store: str
     selected: object = None  # (rows, cols) boolean array of the tiles to run; None: all
     keep: object = None  # the last stage's boolean cell mask; cells outside it are written as NaN
+
+    def call_shape(self) -> tuple[int, ...]:
+        """The input shape of one forward call: a batch of its tiles."""
+        rows, cols = self.axis_plans
+        count = len(rows) * len(cols) if self.selected is None else max(1, int(np.asarray(self.selected).sum()))
+        height, width = rows[0].stop - rows[0].start, cols[0].stop - cols[0].start
+        return tuple(self.spec.layout.batch_shape(min(self.batch_size, count), height, width, self.spec.channels))
 
 
 @dataclass(frozen=True)
@@ -597,7 +613,7 @@ def run_plan(plan: PredictionPlan, image, out, *, preprocess, forward_for, progr
                         target = DiskMap(f"{folder}/stage{index}.bin", shape, dtype)
                     stores.append(target)
                 runner.run_tiles(
-                    forward_for(run.model),
+                    forward_for(run.model, stage.engine),
                     source,
                     run.spec,
                     run.axis_plans,

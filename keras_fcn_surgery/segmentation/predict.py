@@ -10,7 +10,7 @@ from keras_fcn_surgery.graph import model_layout
 from keras_fcn_surgery.grid import tiling
 from keras_fcn_surgery.grid.geometry import geometry
 from keras_fcn_surgery.grid.tiling import AxisTile
-from keras_fcn_surgery.inference import runner
+from keras_fcn_surgery.inference import engines, runner
 from keras_fcn_surgery.taxonomy import UPSAMPLINGS
 
 
@@ -108,7 +108,7 @@ def run_segmenter(
     spec = runner.ImageSpec(layout, int(layout.channels(tuple(model.inputs[0].shape))))
     with runner.progress_bar(computed, progress, "tiles") as bar:
         runner.run_tiles(
-            runner.forward_fn(model, False),
+            engines.forward(model, "tf"),
             image,
             spec,
             axis_plans,
