@@ -61,12 +61,19 @@ def test_the_plan_follows_the_kept_area_and_runs_only_the_planned_tiles(monkeypa
     # Tiles and work follow the tissue: well under the unmasked pass, at most what tiles the kept cells need.
     assert sparse.macs < 0.8 * dense.macs  # 0.73 here: at this small size, tiles round the disc up
     assert all(s.tiles <= d.tiles or s.tile != d.tile for s, d in zip(sparse.stages, dense.stages))
+    # Tiles are cropped to the cells they must write: some run shorter than the stage's tile.
+    cropped = [
+        (rows.stop - rows.start, cols.stop - cols.start) != tuple(stage.tile)
+        for stage, run in zip(sparse.stages, sparse._runs)
+        for rows, cols in run.tiles
+    ]
+    assert any(cropped)
     calls = []
     real = runner.run_tiles
 
     def counting(*args, **kwargs):
-        selected = kwargs.get("selected")
-        calls.append(None if selected is None else int(np.sum(selected)))
+        tiles = kwargs.get("tiles")
+        calls.append(None if tiles is None else len(tiles))
         return real(*args, **kwargs)
 
     monkeypatch.setattr(runner, "run_tiles", counting)
@@ -107,3 +114,13 @@ def test_tiles_touching_and_pixels_read_are_rectangle_sums():
     box = np.zeros((40, 48), bool)
     box[rows[i].start : rows[i].stop, cols[j].start : cols[j].stop] = True
     np.testing.assert_array_equal(read, box)
+
+
+def test_crop_tile_drops_whole_strides_outside_the_margins():
+    tile = tiling.plan_axis(200, 64, 4, 14, 2, 2)[1]
+    assert tile == tiling.AxisTile(40, 104, 2, 12, 12)  # cells 10..23 of the map, keeps 12..21
+    cropped = tiling.crop_tile(tile, 14, 17, 19, 4, 2, 2)
+    assert cropped == tiling.AxisTile(60, 92, 2, 4, 17)  # 5 strides off the start, 3 off the end
+    assert tiling.crop_tile(tile, 14, 17, 19, 4, 2, 2, quantum=4) == tiling.AxisTile(56, 104, 3, 5, 17)
+    with pytest.raises(ValueError, match="not kept"):
+        tiling.crop_tile(tile, 14, 10, 12, 4, 2, 2)

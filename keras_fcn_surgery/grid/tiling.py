@@ -222,3 +222,42 @@ def pixels_read(size, rows: list[AxisTile], cols: list[AxisTile], selected):
     np.add.at(marks, (r1, c0), -1)
     np.add.at(marks, (r1, c1), 1)
     return np.cumsum(np.cumsum(marks, axis=0), axis=1)[: size[0], : size[1]] > 0
+
+
+def crop_tile(
+    tile: AxisTile,
+    cells: int,
+    need_start: int,
+    need_stop: int,
+    stride: int,
+    margin_before: int,
+    margin_after: int,
+    quantum: int = 1,
+) -> AxisTile:
+    """``tile`` shortened to write only the cells ``[need_start, need_stop)`` of the map (a score map's tile).
+
+    The tile loses whole strides at either end (so it still pads like the
+    image), as many as keep the needed cells clear of the new edges' margins,
+    rounded down to multiples of ``quantum`` cells (fewer distinct tile shapes
+    to trace); it then writes the needed cells only.
+
+    Args:
+        tile: a tile of `plan_axis`, ``cells`` output cells long.
+        need_start, need_stop: the map cells to write, within the tile's kept cells.
+        stride, margin_before, margin_after: as for `plan_axis`.
+        quantum: crop in multiples of this many cells.
+    """
+    origin = tile.start // stride
+    first, last = need_start - origin, need_stop - origin  # in the tile's own cells
+    if not tile.keep_start <= first < last <= tile.keep_stop:
+        raise ValueError(f"cells [{need_start}, {need_stop}) are not kept by {tile}")
+    quantum = max(1, quantum)
+    before = max(0, first - margin_before) // quantum * quantum
+    after = max(0, cells - last - margin_after) // quantum * quantum
+    return AxisTile(
+        tile.start + before * stride,
+        tile.stop - after * stride,
+        first - before,
+        last - before,
+        need_start,
+    )

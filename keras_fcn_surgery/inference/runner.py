@@ -187,30 +187,27 @@ def run_tiles(
     dtype,
     bar,
     prefetch,
-    selected=None,
+    tiles=None,
     keep=None,
 ):
     """Run ``forward`` over the tiles of ``source`` and write the cells each tile keeps into ``out``.
 
     With ``prefetch``, the next batch of tiles is read (and preprocessed) on a
-    background thread while the model computes the current one. ``selected``
-    (a boolean array over the ``(rows, cols)`` tiles) runs only those tiles;
-    with ``keep`` (a boolean array over ``out``'s cells) the cells outside it
-    are written as NaN, those of tiles not run included.
+    background thread while the model computes the current one. ``tiles`` (a
+    list of ``(rows, cols)`` `AxisTile` pairs, of any sizes) runs those
+    instead of every tile of ``axis_plans``; tiles of one size are batched
+    together. With ``keep`` (a boolean array over ``out``'s cells) every cell
+    outside it is NaN.
     """
-    pairs = list(itertools.product(*(enumerate(axis) for axis in axis_plans)))
-    if selected is None:
-        tiles, skipped = [(rows, cols) for (_, rows), (_, cols) in pairs], []
-    else:
-        tiles = [(rows, cols) for (i, rows), (j, cols) in pairs if selected[i, j]]
-        skipped = [(rows, cols) for (i, rows), (j, cols) in pairs if not selected[i, j]]
-    batches = [tiles[first : first + batch_size] for first in range(0, len(tiles), batch_size)]
+    if tiles is None:
+        tiles = list(itertools.product(*axis_plans))
+    by_shape: dict = {}
+    for rows, cols in tiles:
+        by_shape.setdefault((rows.stop - rows.start, cols.stop - cols.start), []).append((rows, cols))
+    batches = [group[i : i + batch_size] for group in by_shape.values() for i in range(0, len(group), batch_size)]
 
     def load(batch):
         return np.stack([read_tile(source, spec, rows, cols, preprocess, dtype) for rows, cols in batch])
-
-    def target_of(rows, cols):
-        return spec.layout.image_index(slice(rows.out_start, rows.out_stop), slice(cols.out_start, cols.out_stop))
 
     def write(batch, maps):
         for (rows, cols), cell_map in zip(batch, maps):
@@ -221,12 +218,13 @@ def run_tiles(
             if keep is not None:
                 kept = keep[rows.out_start : rows.out_stop, cols.out_start : cols.out_stop]
                 cells = np.where(np.expand_dims(kept, spec.layout.image_channel_axis), cells, np.nan)
-            out[target_of(rows, cols)] = cells
+            out[spec.layout.image_index(slice(rows.out_start, rows.out_stop), slice(cols.out_start, cols.out_stop))] = (
+                cells
+            )
         bar.update(len(batch))
 
     if keep is not None:
-        for rows, cols in skipped:
-            out[target_of(rows, cols)] = np.nan
+        fill_nan(out, spec.layout)
     if not prefetch or len(batches) < 2:
         for batch in batches:
             write(batch, forward(load(batch)))
@@ -238,3 +236,10 @@ def run_tiles(
             if index + 1 < len(batches):
                 pending = pool.submit(load, batches[index + 1])
             write(batch, forward(pixels))
+
+
+def fill_nan(out, layout: Layout, rows_per_write: int = 256) -> None:
+    """Set every cell of ``out`` (numpy, memmap or zarr) to NaN, a band of rows at a time."""
+    height = out.shape[layout.image_spatial_axes[0]]
+    for first in range(0, height, rows_per_write):
+        out[layout.image_index(slice(first, first + rows_per_write), slice(None))] = np.nan

@@ -19,7 +19,7 @@ reports it all; `predict_map` runs it.
 
 from __future__ import annotations
 
-import itertools
+import functools
 import tempfile
 import weakref
 from dataclasses import dataclass, field, replace
@@ -64,6 +64,8 @@ _MACS_PER_STORED_ELEMENT = 600
 _MACS_PER_SPILLED_ELEMENT = 800
 # Staging is chosen automatically only when it saves at least this share of the plain tiles' work.
 _MIN_SAVING = 0.05
+# A masked plan tries smaller tiles for a stage down to this many tiles.
+_MAX_MASKED_TILES = 2048
 # A candidate cut starts a new stride level when the map shrinks at least this much since the last.
 _STRIDE_STEP = 1.5
 
@@ -201,13 +203,13 @@ class _StageRun:
     axis_plans: list
     batch_size: int
     store: str
-    selected: object = None  # (rows, cols) boolean array of the tiles to run; None: all
+    tiles: tuple | None = None  # the (rows, cols) tiles to run, of a masked plan; None: all of axis_plans
     keep: object = None  # the last stage's boolean cell mask; cells outside it are written as NaN
 
     def call_shape(self) -> tuple[int, ...]:
-        """The input shape of one forward call: a batch of its tiles."""
+        """The input shape of one forward call: a batch of its (largest) tiles."""
         rows, cols = self.axis_plans
-        count = len(rows) * len(cols) if self.selected is None else max(1, int(np.asarray(self.selected).sum()))
+        count = len(rows) * len(cols) if self.tiles is None else max(1, len(self.tiles))
         height, width = rows[0].stop - rows[0].start, cols[0].stop - cols[0].start
         return tuple(self.spec.layout.batch_shape(min(self.batch_size, count), height, width, self.spec.channels))
 
@@ -300,11 +302,13 @@ def _keep_mask(keep, map_size) -> np.ndarray:
 def _masked(plan: PredictionPlan, keep: np.ndarray, *, batch_given: bool) -> PredictionPlan:
     """``plan`` restricted to what the kept cells need, working back from the last stage.
 
-    Each stage keeps the tiles that write a cell the kept cells depend on
-    (for the last stage, a kept cell; for the others, a cell in the windows
-    of the needed cells of the stage after); where smaller tiles of the same
-    stage compute less for that region (tissue covering part of a slide),
-    they replace the planned ones.
+    Each stage runs the tiles that write a cell the kept cells depend on (for
+    the last stage, a kept cell; for the others, a cell in the windows of the
+    needed cells of the stage after), each shortened to the needed cells it
+    writes (`tiling.crop_tile`); of the planned tiles and smaller ones, the
+    tiling that computes least is kept. The needed cells of the stage before
+    are the windows of this stage's needed cells, so tile overlaps do not add
+    up from stage to stage.
     """
     needed = keep
     stages, runs = list(plan.stages), list(plan._runs)
@@ -315,34 +319,82 @@ def _masked(plan: PredictionPlan, keep: np.ndarray, *, batch_given: bool) -> Pre
             options += _finer_tilings(run, stage, batch_given)
         best: tuple | None = None
         for axis_plans, tile, batch in options:
-            selected = tiling.tiles_touching(needed, *axis_plans)
-            count = int(selected.sum())
-            tile_macs = pass_cost(run.model, run.spec.layout.batch_shape(1, tile[0], tile[1], run.spec.channels)).macs
-            cost = count * tile_macs + -(-count // batch) * _MACS_PER_CALL
+            tiles = _needed_tiles(run.model, axis_plans, tile, needed)
+            macs, calls = 0, 0
+            for shape, count in _shape_counts(tiles).items():
+                macs += count * pass_cost(run.model, run.spec.layout.batch_shape(1, *shape, run.spec.channels)).macs
+                calls += -(-count // batch)
+            cost = macs + calls * _MACS_PER_CALL
             if best is None or cost < best[0]:
-                best = (cost, axis_plans, tile, batch, selected, count * tile_macs)
+                best = (cost, axis_plans, tile, batch, tiles, macs)
         assert best is not None  # the planned tiling is always an option
-        _, axis_plans, tile, batch, selected, macs = best
-        read = _cells_read(run.model, stage.input_size, needed)
-        area = sum(
-            (r.stop - r.start) * (c.stop - c.start)
-            for (i, r), (j, c) in itertools.product(enumerate(axis_plans[0]), enumerate(axis_plans[1]))
-            if selected[i, j]
-        )
+        _, axis_plans, tile, batch, tiles, macs = best
+        area = sum((r.stop - r.start) * (c.stop - c.start) for r, c in tiles)
         stages[index] = replace(
             stage,
             tile=tile,
-            tiles=int(selected.sum()),
+            tiles=len(tiles),
             batch_size=batch,
             computed_area=area / (stage.input_size[0] * stage.input_size[1]),
             macs=macs,
         )
         last = index == len(stages) - 1
         runs[index] = replace(
-            run, axis_plans=axis_plans, batch_size=batch, selected=selected, keep=keep if last else None
+            run, axis_plans=axis_plans, batch_size=batch, tiles=tuple(tiles), keep=keep if last else None
         )
-        needed = read
+        needed = _cells_read(run.model, stage.input_size, needed)
     return replace(plan, stages=tuple(stages), _runs=tuple(runs), kept_fraction=float(keep.mean()))
+
+
+def _needed_tiles(model, axis_plans, tile, needed: np.ndarray) -> list:
+    """The tiles that write a needed cell, each cropped to the needed cells it writes (rows, then columns)."""
+    grid = geometry(model)
+    cells = grid.output_size(tile)
+    inner = grid.exact_cells(tile, at_image_start=(False, False), at_image_end=(False, False))
+    margins = [(start, count - stop) for (start, stop), count in zip(inner, cells)]
+    # Crops in quarters of a tile: a few tile shapes per stage, each traced (or compiled) once.
+    quanta = [max(1, count // 4) for count in cells]
+    rows, cols = axis_plans
+    selected = tiling.tiles_touching(needed, rows, cols)
+    found: list = []
+    exact_cells = functools.lru_cache(maxsize=None)(
+        lambda size, starts, ends: grid.exact_cells(size, at_image_start=starts, at_image_end=ends)
+    )
+    for i, j in zip(*np.nonzero(selected)):
+        row, col = rows[i], cols[j]
+        block = needed[row.out_start : row.out_stop, col.out_start : col.out_stop]
+        used_rows, used_cols = np.flatnonzero(block.any(axis=1)), np.flatnonzero(block.any(axis=0))
+        cropped = []
+        for axis, (part, used) in enumerate(((row, used_rows), (col, used_cols))):
+            start, stop = part.out_start + int(used[0]), part.out_start + int(used[-1]) + 1
+            cropped.append(
+                tiling.crop_tile(part, cells[axis], start, stop, grid.stride[axis], *margins[axis], quanta[axis])
+            )
+        found.append(_exact_or_whole((row, col), tuple(cropped), exact_cells, axis_plans))
+    return found
+
+
+def _exact_or_whole(whole, cropped, exact_cells, axis_plans) -> tuple:
+    """``cropped`` where its written cells are exact for its new size and edges, else ``whole`` (as planned)."""
+    size = tuple(t.stop - t.start for t in cropped)
+    lengths = (axis_plans[0][-1].stop, axis_plans[1][-1].stop)
+    try:
+        exact = exact_cells(
+            size, tuple(t.start == 0 for t in cropped), tuple(t.stop == n for t, n in zip(cropped, lengths))
+        )
+    except ConversionError:
+        return whole
+    if all(start <= t.keep_start and t.keep_stop <= stop for t, (start, stop) in zip(cropped, exact)):
+        return cropped
+    return whole
+
+
+def _shape_counts(tiles) -> dict:
+    counts: dict = {}
+    for rows, cols in tiles:
+        shape = (rows.stop - rows.start, cols.stop - cols.start)
+        counts[shape] = counts.get(shape, 0) + 1
+    return counts
 
 
 def _cells_read(model, input_size, needed: np.ndarray) -> np.ndarray:
@@ -374,6 +426,8 @@ def _finer_tilings(run: _StageRun, stage: StagePlan, batch_given: bool) -> list:
             axis_plans = runner.plan_tiles(stage.input_size, grid, side)
         except ConversionError:
             break
+        if len(axis_plans[0]) * len(axis_plans[1]) > _MAX_MASKED_TILES:
+            break  # tiles this small overlap more than they save, and planning them takes seconds
         tile = _tile_size(axis_plans)
         if tile == stage.tile:
             continue
@@ -623,7 +677,7 @@ def run_plan(plan: PredictionPlan, image, out, *, preprocess, forward_for, progr
                     dtype=runner.input_dtype(run.model),
                     bar=bar,
                     prefetch=prefetch,
-                    selected=run.selected,
+                    tiles=run.tiles,
                     keep=run.keep,
                 )
                 if isinstance(source, DiskMap) and source is not image:

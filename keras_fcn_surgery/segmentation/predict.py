@@ -100,11 +100,14 @@ def run_segmenter(
     layout = model_layout(model)
     size = layout.image_size(tuple(image.shape))
     axis_plans = plan_segment_tiles(model, size, tile)
-    selected = None if keep is None else tiling.tiles_touching(keep, *axis_plans)
+    tiles = None
+    if keep is not None:
+        selected = tiling.tiles_touching(keep, *axis_plans)
+        tiles = [(axis_plans[0][i], axis_plans[1][j]) for i, j in zip(*np.nonzero(selected))]
     count = len(axis_plans[0]) * len(axis_plans[1])
     side = (axis_plans[0][0].stop - axis_plans[0][0].start, axis_plans[1][0].stop - axis_plans[1][0].start)
     per_batch = batch_size or max(1, runner.PIXELS_PER_BATCH // (side[0] * side[1]))
-    computed = count if selected is None else int(selected.sum())
+    computed = count if tiles is None else len(tiles)
     spec = runner.ImageSpec(layout, int(layout.channels(tuple(model.inputs[0].shape))))
     with runner.progress_bar(computed, progress, "tiles") as bar:
         runner.run_tiles(
@@ -118,7 +121,7 @@ def run_segmenter(
             dtype=runner.input_dtype(model),
             bar=bar,
             prefetch=True,
-            selected=selected,
+            tiles=tiles,
             keep=keep,
         )
     return computed / count
