@@ -189,3 +189,20 @@ def test_checks_leave_allowed_code_alone():
     tree = ast.parse(allowed)
     assert not keras_internals(tree) and not layout_comparisons(tree)
     assert not facade_imports(tree, {"predict_map"}) and not layer_kind_lists(tree)
+
+
+def named_layer_kinds(tree) -> list[str]:
+    """References to layer classes (``layers.X``) or to the taxonomy's lists."""
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Attribute) and ast.unparse(node.value).endswith("layers"):
+            found.append(f"line {node.lineno}: {ast.unparse(node)}")
+        elif isinstance(node, (ast.Import, ast.ImportFrom)) and "taxonomy" in ast.unparse(node):
+            found.append(f"line {node.lineno}: {ast.unparse(node)}")
+    return found
+
+
+def test_the_surgery_engine_knows_no_layer():
+    tree = ast.parse((PACKAGE / "surgery" / "engine.py").read_text(encoding="utf-8"))
+    assert named_layer_kinds(tree) == []
+    assert named_layer_kinds(ast.parse("if isinstance(layer, keras.layers.Reshape):\n    pass\n"))
