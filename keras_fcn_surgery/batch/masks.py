@@ -15,6 +15,7 @@ from keras_fcn_surgery.batch.cells import PixelGrid, cell_edges
 from keras_fcn_surgery.batch.readers import SLIDES_EXTRA, Reader, adapt_channels
 from keras_fcn_surgery.errors import InputError
 from keras_fcn_surgery.grid.geometry import Geometry
+from keras_fcn_surgery.grid.tiling import box_counts
 
 # Longest side of the picture a tissue mask is computed on.
 THUMBNAIL_SIDE = 2048
@@ -109,8 +110,6 @@ def cell_mask(mask: np.ndarray, image_size, grid: Geometry | PixelGrid, map_size
         Boolean ``(H', W')``.
     """
     mask = np.asarray(mask, dtype=bool)
-    integral = np.zeros((mask.shape[0] + 1, mask.shape[1] + 1), dtype=np.int64)
-    integral[1:, 1:] = mask.cumsum(axis=0).cumsum(axis=1)
     ranges = []
     for axis, (pixels, cells, mask_length) in enumerate(zip(image_size, map_size, mask.shape)):
         low_edge, high_edge = cell_edges(
@@ -121,13 +120,7 @@ def cell_mask(mask: np.ndarray, image_size, grid: Geometry | PixelGrid, map_size
         high = np.clip(np.ceil(high_edge * scale), low + 1, mask_length).astype(np.int64)
         ranges.append((low, high))
     (top, bottom), (left, right) = ranges
-    count = (
-        integral[bottom[:, None], right[None, :]]
-        - integral[top[:, None], right[None, :]]
-        - integral[bottom[:, None], left[None, :]]
-        + integral[top[:, None], left[None, :]]
-    )
-    return count > 0
+    return box_counts(mask, top, bottom, left, right) > 0
 
 
 def _skimage(module: str):

@@ -190,17 +190,25 @@ def tiles_touching(mask, rows: list[AxisTile], cols: list[AxisTile]):
         mask: a boolean ``(H', W')`` array over the cells the tiles write.
         rows, cols: the tiles along each axis (`plan_axis`).
     """
-    counts = np.zeros((mask.shape[0] + 1, mask.shape[1] + 1), dtype=np.int64)
-    counts[1:, 1:] = np.cumsum(np.cumsum(np.asarray(mask, dtype=bool), axis=0, dtype=np.int64), axis=1)
     r0, r1 = (np.array([getattr(t, f) for t in rows]) for f in ("out_start", "out_stop"))
     c0, c1 = (np.array([getattr(t, f) for t in cols]) for f in ("out_start", "out_stop"))
-    inside = (
-        counts[r1[:, None], c1[None, :]]
-        - counts[r0[:, None], c1[None, :]]
-        - counts[r1[:, None], c0[None, :]]
-        + counts[r0[:, None], c0[None, :]]
+    return box_counts(mask, r0, r1, c0, c1) > 0
+
+
+def box_counts(mask, top, bottom, left, right):
+    """True cells of ``mask`` in every box ``[top[i], bottom[i]) x [left[j], right[j])``: an ``(I, J)`` array.
+
+    One integral image of the mask, then four look-ups per box.
+    """
+    counts = np.zeros((mask.shape[0] + 1, mask.shape[1] + 1), dtype=np.int64)
+    counts[1:, 1:] = np.cumsum(np.cumsum(np.asarray(mask, dtype=bool), axis=0, dtype=np.int64), axis=1)
+    top, bottom, left, right = (np.asarray(edge, dtype=np.int64) for edge in (top, bottom, left, right))
+    return (
+        counts[bottom[:, None], right[None, :]]
+        - counts[top[:, None], right[None, :]]
+        - counts[bottom[:, None], left[None, :]]
+        + counts[top[:, None], left[None, :]]
     )
-    return inside > 0
 
 
 def pixels_read(size, rows: list[AxisTile], cols: list[AxisTile], selected):
