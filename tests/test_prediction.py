@@ -253,3 +253,20 @@ def test_a_large_zarr_image_streams_through_with_bounded_memory(tmp_path):
     x = layers.Conv2D(4, 3, strides=2, padding="same", activation="relu")(x)
     fcn = keras.Model(inputs, layers.Conv2D(2, 1)(x))
     np.testing.assert_allclose(out[:], kfs.predict_map(fcn, image[:]), atol=1e-4)
+
+
+@pytest.mark.parametrize("padding", ["same", "valid"])
+def test_the_smallest_tile_hint_is_the_true_minimum(padding):
+    import re
+
+    from keras_fcn_surgery.inference.runner import plan_tiles
+
+    model = strided_fcn(padding, [2, 2, 2], head=3)
+    grid = kfs.geometry(model)
+    size = (203, 190)  # remainders 3 and 6 modulo the stride 8
+    with pytest.raises(kfs.InputError, match=r"tile height of 9 pixels \(19 once aligned") as info:
+        plan_tiles(size, grid, 9)
+    hint = int(re.search(r"at least (\d+) pixels", str(info.value)).group(1))
+    plan_tiles(size, grid, hint)  # the hint works at once (issue 28: it used to be the tile plus one stride)
+    with pytest.raises(kfs.InputError):
+        plan_tiles(size, grid, (hint - grid.stride[0], size[1]))

@@ -183,7 +183,9 @@ def _traced(model, jit_compile: bool, precision: str | None):
         assert live is not None, "the model is alive while its cached function runs"
         return live(x, training=False)
 
-    compiled = tf.function(call, jit_compile=jit_compile)
+    # A second input shape (a masked plan's cropped tiles) generalises the trace instead of retracing per shape;
+    # XLA still compiles per shape. A pass with one tile shape keeps its first, exact-shape trace.
+    compiled = tf.function(call, jit_compile=jit_compile, reduce_retracing=True)
     return lambda batch: np.asarray(compiled(tf.constant(batch)))
 
 

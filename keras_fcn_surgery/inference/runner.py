@@ -110,13 +110,17 @@ def plan_tiles(size, grid: Geometry, tile) -> list[list[tiling.AxisTile]]:
             "so every cell depends on every pixel and no tiling is exact. Use `tile=None`."
         )
     minimum = grid.min_input_size
-    for name, side, low in zip(("height", "width"), sides, minimum):
-        if side < low:
-            raise InputError(
-                f"A tile {name} of {side} pixels is smaller than the network's minimum input of {low}. "
-                f"Use tiles of at least {low}."
-            )
     inner = {"at_image_start": (False, False), "at_image_end": (False, False)}
+    smallest = smallest_tiles(size, grid)
+    for axis, name in enumerate(("height", "width")):
+        if sides[axis] < smallest[axis][1]:
+            given = requested[axis]
+            aligned = f" ({sides[axis]} once aligned to the stride with the image's remainder)"
+            padded = "" if sides[axis] == given else aligned
+            raise InputError(
+                f"A tile {name} of {given} pixels{padded} keeps no exact cell of this network: the cells near a "
+                f"tile's inner edges see past it. Use tiles of at least {smallest[axis][0]} pixels, or no tiling."
+            )
     cells, exact = grid.output_size(sides), grid.exact_cells(sides, **inner)
     shortest = [low + (n - low) % s for low, n, s in zip(minimum, size, grid.stride)]
     sides = [
@@ -128,6 +132,28 @@ def plan_tiles(size, grid: Geometry, tile) -> list[list[tiling.AxisTile]]:
         tiling.plan_axis(n, t, s, c, start, c - stop)
         for n, t, s, c, (start, stop) in zip(size, sides, grid.stride, cells, exact)
     ]
+
+
+def smallest_tiles(size, grid: Geometry) -> tuple[tuple[int, int], ...]:
+    """Per axis, the smallest ``tile`` to ask for that keeps exact cells, and the tile length it gives.
+
+    Searched from the geometry (stride by stride, from the network's minimum
+    input), so the hint is the true minimum, not a guess.
+    """
+    found = []
+    for axis, (length, stride, low) in enumerate(zip(size, grid.stride, grid.min_input_size)):
+        side = tiling.tile_length(max(low, 1), length, stride)
+        while side < length:
+            if side >= low:
+                sides = [int(n) for n in size]
+                sides[axis] = side
+                start, stop = grid.exact_cells(sides, at_image_start=(False, False), at_image_end=(False, False))[axis]
+                if stop - start >= 1:
+                    break
+            side += stride
+        side = min(side, length)
+        found.append((side - length % stride if side < length else length, side))
+    return tuple(found)
 
 
 def pair(value, name: str) -> tuple[int, int]:
