@@ -7,8 +7,9 @@ loading TensorFlow.
 # What a global-pooling head becomes: see `keras_fcn_surgery.convert`.
 HEADS = ("window", "dense")
 
-# `keras.applications` preprocessing conventions: see `keras_fcn_surgery.exporting.preprocessing`.
-PREPROCESS_MODES = ("none", "caffe", "tf", "torch")
+# Preprocessing conventions: `keras.applications`' caffe, tf ([-1, 1]) and torch, and "unit" (pixels / 255, the
+# common Keras recipe `Rescaling(1 / 255)` left outside the model); see `keras_fcn_surgery.exporting.preprocessing`.
+PREPROCESS_MODES = ("none", "caffe", "tf", "torch", "unit")
 
 EXPORT_FORMATS = ("savedmodel", "onnx", "tflite")
 

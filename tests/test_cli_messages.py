@@ -79,6 +79,9 @@ def test_library_advice_is_spelt_as_flags(python, flags):
         ["heatmap", "m.keras", "x.png", "--class", "1", "-o", "o.png", "--tile", "0"],
         ["heatmap", "m.keras", "x.png", "--class", "1", "-o", "o.png", "--tile", "-5"],
         ["demo", "--size", "0"],
+        # One rule for every command's tile (issue 28: `predict` and `segment` took 0 and failed later).
+        ["predict", "m.keras", "slides", "--out", "maps", "--tile", "0"],
+        ["segment", "m.keras", "x.png", "-o", "mask.png", "--tile", "0"],
     ],
 )
 def test_bad_numbers_are_usage_errors(argv, capsys):

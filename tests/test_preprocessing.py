@@ -24,6 +24,14 @@ def test_numpy_and_graph_preprocessing_equal_keras_applications(mode, data_forma
 
 def test_none_passes_pixels_through_and_unknown_modes_are_refused():
     assert pixel_function(None) is None and pixel_function("none") is None
-    assert set(CONVENTIONS) == {"none", "caffe", "tf", "torch"}
+    assert set(CONVENTIONS) == {"none", "caffe", "tf", "torch", "unit"}
     with pytest.raises(kfs.InputError, match="preprocess"):
         pixel_function("imagenet")
+
+
+@pytest.mark.parametrize("data_format", ["channels_last", "channels_first"])
+def test_unit_mode_is_pixels_over_255_in_numpy_and_in_the_graph(data_format):
+    pixels = np.random.default_rng(1).uniform(0, 255, (2, 4, 5, 3)).astype(np.float32)
+    batch = pixels if data_format == "channels_last" else np.moveaxis(pixels, -1, 1)
+    np.testing.assert_array_equal(pixel_function("unit", data_format)(batch), batch / np.float32(255))
+    np.testing.assert_array_equal(np.asarray(preprocess_images(pixels, "unit")), pixels / np.float32(255))

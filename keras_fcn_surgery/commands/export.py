@@ -19,7 +19,7 @@ def parse_version(text: str) -> int:
 def add_parser(subparsers) -> None:
     parser = subparsers.add_parser(
         "export",
-        help="export a classifier's FCN as a TF Serving SavedModel (or ONNX), reloaded and checked",
+        help="export a classifier's FCN as a TF Serving SavedModel, ONNX or TFLite file, reloaded and checked",
         description=(
             "Convert MODEL (unless --no-convert) and write EXPORT_DIR/<version>/ with signatures "
             "serving_default (float32 model-ready images [-1,-1,-1,C] -> scores), serving_pixels (raw "

@@ -9,8 +9,10 @@ from keras_fcn_surgery.commands.common import (
     EXIT_OK,
     add_execution_argument,
     parse_size,
+    positive_int,
     read_class_names,
 )
+from keras_fcn_surgery.options import PREPROCESS_MODES
 
 _FORMATS = "npz, zarr, geojson, csv"
 
@@ -31,13 +33,13 @@ def add_parser(subparsers) -> None:
         "--format", default="npz", help=f"output formats, comma-separated, among {_FORMATS} (default npz)"
     )
     parser.add_argument("--overwrite", action="store_true", help="recompute inputs whose outputs exist")
-    parser.add_argument("--tile", type=int, help="tile side in pixels (exact; default 1024 above 2048 a side)")
+    parser.add_argument("--tile", type=positive_int, help="tile side in pixels (exact; default 1024 above 2048 a side)")
     parser.add_argument("--batch-size", type=int, help="tiles per forward pass")
     parser.add_argument(
         "--preprocess",
-        choices=("none", "caffe", "tf", "torch"),
+        choices=PREPROCESS_MODES,
         default="none",
-        help="pixel preprocessing of keras.applications (caffe: VGG/ResNet50, tf: MobileNet..., torch: DenseNet)",
+        help="pixel preprocessing (caffe: VGG/ResNet50, tf: MobileNet... [-1, 1], torch: DenseNet, unit: pixels / 255)",
     )
     parser.add_argument("--head", choices=("window", "dense"), default="window", help="global-pooling heads")
     parser.add_argument("--input-size", type=parse_size, help="original input size HxW when the model takes any size")

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-from keras_fcn_surgery.commands.common import EXIT_OK
-
-_PREPROCESS_MODES = ("none", "caffe", "tf", "torch")
+from keras_fcn_surgery.commands.common import EXIT_OK, positive_int
+from keras_fcn_surgery.options import PREPROCESS_MODES
 
 
 def add_parser(subparsers) -> None:
@@ -18,10 +17,12 @@ def add_parser(subparsers) -> None:
     parser.add_argument("image", help="image file (anything Pillow reads)")
     parser.add_argument("-o", "--output", required=True, help="PNG file to write: the overlay and its legend")
     parser.add_argument("--labels", help="also write the (H, W) label array to this .npy file")
-    parser.add_argument("--tile", type=int, help="tile side in pixels for large images (exact; default: one pass)")
+    parser.add_argument(
+        "--tile", type=positive_int, help="tile side in pixels for large images (exact; default: one pass)"
+    )
     parser.add_argument("--class-names", help="text file with one class name per line")
     parser.add_argument(
-        "--preprocess", choices=_PREPROCESS_MODES, default="none", help="pixel preprocessing of keras.applications"
+        "--preprocess", choices=PREPROCESS_MODES, default="none", help="pixel preprocessing of keras.applications"
     )
     parser.add_argument("--alpha", type=float, default=0.5, help="label colour weight over the image (default 0.5)")
     parser.add_argument("--overwrite", action="store_true", help="replace existing output files")

@@ -2,6 +2,7 @@
 
 ``caffe``: RGB to BGR, minus the ImageNet mean; ``tf``: scaled to [-1, 1];
 ``torch``: scaled to [0, 1], then ImageNet mean and standard deviation;
+``unit``: scaled to [0, 1] (pixels / 255, the common Keras recipe);
 ``none``: only cast to float32.
 """
 
@@ -39,6 +40,7 @@ CONVENTIONS = {
     "caffe": Convention(True, 1.0, CAFFE_MEAN_BGR, (1.0,)),
     "tf": Convention(False, 127.5, (1.0,), (1.0,)),
     "torch": Convention(False, 255.0, TORCH_MEAN, TORCH_STD),
+    "unit": Convention(False, 255.0, (0.0,), (1.0,)),
 }
 
 
