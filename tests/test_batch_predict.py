@@ -322,3 +322,13 @@ def test_a_network_with_global_context_runs_whole_and_the_mask_still_applies(tmp
     kept = ~np.isnan(scores).any(axis=-1)
     assert kept[:, :31].all() and not kept[:, 33:].any()
     assert_same_map(scores[kept], kfs.predict_map(model, image.astype(np.float32))[kept])
+
+
+def test_a_run_that_writes_nothing_leaves_no_output_folder(fcn, tmp_path):
+    (tmp_path / "broken.png").write_bytes(b"not an image")
+    out = tmp_path / "maps"
+    summary = predict_images(fcn, [str(tmp_path / "broken.png")], out)
+    assert summary.failed and not out.exists()  # issue 28: an empty folder was left behind
+    out.mkdir()
+    predict_images(fcn, [str(tmp_path / "broken.png")], out)
+    assert out.is_dir(), "a folder the user made is kept"

@@ -99,3 +99,32 @@ def test_show_command_writes_filters_and_activations(tmp_path, capsys):
     assert Image.open(acts).size == (2 * (6 + 1) + 1, 2 * (8 + 1) + 1)  # 4 maps of 8x6 from a 12x10 image
     assert cli.main(["show", "activations", model_path, "-o", os.fspath(tmp_path / "x.png")]) == 2
     assert "needs an IMAGE" in capsys.readouterr().err
+
+
+def test_a_classifiers_activations_on_a_photo_of_another_size():
+    keras.utils.set_random_seed(3)
+    classifier = keras.Sequential(
+        [keras.Input((12, 12, 3)), L.Conv2D(5, 3, activation="relu", name="conv"), L.Flatten(), L.Dense(2)],
+        name="small_classifier",
+    )
+    photo = random_images((20, 17, 3))  # not the classifier's 12 x 12 (issue 28: it used to be refused)
+    picture = kfs.activations_picture(classifier, photo, "conv")
+    conv = classifier.get_layer("conv")
+    maps = np.maximum(keras.ops.convert_to_numpy(keras.ops.conv(photo[None], conv.kernel))[0] + conv.bias.numpy(), 0)
+    assert maps.shape == (18, 15, 5)
+    assert picture.size == (3 * (15 + 1) + 1, 2 * (18 + 1) + 1)
+    tiles = np.asarray(picture)
+    low, high = maps.min(), maps.max()
+    expected = np.round((maps[..., 0] - low) / (high - low) * 255)
+    np.testing.assert_allclose(tiles[1 : 1 + 18, 1 : 1 + 15], expected, atol=1)
+
+
+def test_show_says_when_it_draws_only_the_first_filters(tmp_path, capsys):
+    model_path = _saved(rgb_net(), tmp_path)  # conv2: 4 filters of 6 input channels, 24 tiles
+    out = os.fspath(tmp_path / "filters.png")
+    argv = ["show", "filters", model_path, "--layer", "conv2", "-o", out, "--max-tiles", "12", "--scale", "1"]
+    assert cli.main(argv) == 0
+    assert "the first 2 of 4 filters (--max-tiles shows more)" in capsys.readouterr().out  # issue 28: silent
+    assert Image.open(out).size == (6 * 4 + 1, 2 * 4 + 1)  # two whole filters, one row each
+    assert cli.main(["show", "filters", model_path, "--layer", "conv2", "-o", out, "--overwrite"]) == 0
+    assert "of 4 filters" not in capsys.readouterr().out

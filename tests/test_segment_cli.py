@@ -126,3 +126,16 @@ def _ring_area(ring):
     points = np.asarray(ring)
     x, y = points[:, 0], points[:, 1]
     return abs(0.5 * float(np.sum(x * np.roll(y, -1) - np.roll(x, -1) * y)))
+
+
+def test_segment_names_the_classes_it_reports(tmp_path, capsys):
+    model = kfs.segmenter(pooled_net(), num_classes=3, keep_classes=[0, 1, 2])
+    model_path = os.fspath(tmp_path / "seg.keras")
+    model.save(model_path)
+    image_path, _ = _image(tmp_path, (40, 44))
+    names = tmp_path / "names.txt"
+    names.write_text("sky\nsea\nsand\n")
+    argv = ["segment", model_path, image_path, "-o", os.fspath(tmp_path / "m.png"), "--class-names", os.fspath(names)]
+    assert cli.main(argv) == 0
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("labels by share"))
+    assert any(f"{k} {name}: " in line for k, name in enumerate(("sky", "sea", "sand")))  # issue 28: indices only

@@ -165,18 +165,23 @@ def predict_images(
 
     fcn = as_fcn(model, head=head, input_size=input_size)
     _check_class_names(fcn, options.class_names)
+    created = not os.path.exists(out_dir)
     os.makedirs(out_dir, exist_ok=True)
     start = time.perf_counter()
-    if engine == "ray":
-        from keras_fcn_surgery.batch.ray_engine import run_on_ray
+    try:
+        if engine == "ray":
+            from keras_fcn_surgery.batch.ray_engine import run_on_ray
 
-        results = run_on_ray(fcn, sources, out_dir, options, address=ray_address, workers=workers)
-    else:
-        results = []
-        with progress_bar(len(sources), progress, "images") as bar:
-            for source in sources:
-                results.append(predict_source(fcn, source, out_dir, options))
-                bar.update(1)
+            results = run_on_ray(fcn, sources, out_dir, options, address=ray_address, workers=workers)
+        else:
+            results = []
+            with progress_bar(len(sources), progress, "images") as bar:
+                for source in sources:
+                    results.append(predict_source(fcn, source, out_dir, options))
+                    bar.update(1)
+    finally:
+        if created and not os.listdir(out_dir):  # nothing written (failed, interrupted): leave nothing behind
+            os.rmdir(out_dir)
     return BatchSummary(results, time.perf_counter() - start)
 
 

@@ -64,7 +64,8 @@ def run(args) -> int:
     with atomic_output(args.output, suffix=".png", overwrite=args.overwrite) as temporary:
         picture.save(temporary, format="PNG")
     counts = np.bincount(labels.ravel())
-    top = ", ".join(f"{k}: {100 * counts[k] / labels.size:.1f}%" for k in np.argsort(-counts)[:5] if counts[k])
+    label = (lambda k: f"{k} {names[k]}") if names else str
+    top = ", ".join(f"{label(k)}: {100 * counts[k] / labels.size:.1f}%" for k in np.argsort(-counts)[:5] if counts[k])
     print(f"labels by share of pixels: {top}")
     print(f"wrote {args.output} ({picture.width}x{picture.height})")
     return EXIT_OK

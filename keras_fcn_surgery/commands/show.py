@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from keras_fcn_surgery.commands.common import EXIT_OK, EXIT_USAGE
+from keras_fcn_surgery.commands.common import EXIT_OK, EXIT_USAGE, positive_int
 
 
 def add_parser(subparsers) -> None:
@@ -15,6 +15,7 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--layer", help="layer name (default: the first Conv2D)")
     parser.add_argument("-o", "--output", required=True, help="PNG file to write")
     parser.add_argument("--scale", type=int, help="display pixels per kernel tap / map cell (default 8 / 1)")
+    parser.add_argument("--max-tiles", type=positive_int, default=256, help="most tiles drawn (default 256)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     parser.set_defaults(run=run)
 
@@ -36,7 +37,9 @@ def run(args) -> int:
     check_output_path(args.output, suffix=".png", overwrite=args.overwrite)  # before any work
     model = kfs.load_model(args.model)
     if args.what == "filters":
-        picture = kfs.filters_picture(model, args.layer, args.output, scale=args.scale or 8, overwrite=args.overwrite)
+        picture = kfs.filters_picture(
+            model, args.layer, args.output, scale=args.scale or 8, max_tiles=args.max_tiles, overwrite=args.overwrite
+        )
     else:
         layout = model_layout(model)
         pixels = read_image(args.image, int(layout.channels(model.inputs[0].shape)))
@@ -46,7 +49,10 @@ def run(args) -> int:
             args.layer,
             args.output,
             scale=args.scale or 1,
+            max_tiles=args.max_tiles,
             overwrite=args.overwrite,
         )
-    print(f"wrote {args.output} ({picture.width}x{picture.height})")
+    shown, total, what = picture.info["shown"]
+    more = "" if shown == total else f"; the first {shown} of {total} {what} (--max-tiles shows more)"
+    print(f"wrote {args.output} ({picture.width}x{picture.height}{more})")
     return EXIT_OK

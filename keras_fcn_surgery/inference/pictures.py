@@ -112,11 +112,11 @@ def filters_picture(model, layer=None, path=None, *, scale: int = 8, max_tiles: 
         layer: a layer name, index or object; default: the first Conv2D.
         path: PNG file to write (atomically); None writes nothing.
         scale: display pixels per kernel tap.
-        max_tiles: most tiles shown (the first ones).
+        max_tiles: most tiles shown (the first whole filters).
         overwrite: replace an existing ``path``.
 
     Returns:
-        The PIL image.
+        The PIL image; ``picture.info["shown"]`` is ``(filters shown, filters, "filters")``.
 
     Raises:
         ConversionError: for a missing layer or one without a convolution kernel.
@@ -136,7 +136,10 @@ def filters_picture(model, layer=None, path=None, *, scale: int = 8, max_tiles: 
     else:
         per_channel = np.transpose(weights, (3, 2, 0, 1))  # (out, in, kh, kw)
         tiles = _normalised(per_channel.reshape(-1, weights.shape[0], weights.shape[1]))
-    picture = tile_grid(tiles[:max_tiles], scale=scale, columns=None if weights.shape[2] == 3 else weights.shape[2])
+    per_filter = 1 if weights.shape[2] == 3 else weights.shape[2]
+    shown = tiles[: max(per_filter, max_tiles - max_tiles % per_filter)]  # whole filters only
+    picture = tile_grid(shown, scale=scale, columns=None if weights.shape[2] == 3 else weights.shape[2])
+    picture.info["shown"] = (len(shown) // per_filter, weights.shape[3], "filters")
     if path is not None:
         _save(picture, path, overwrite)
     return picture
@@ -146,7 +149,9 @@ def activations_picture(model, image, layer=None, path=None, *, scale: int = 1, 
     """A grid of one layer's feature maps for one image (grey, one min-max over all maps), as ``vis_square``.
 
     Args:
-        model: a Keras model whose input takes ``image`` (an FCN takes any size).
+        model: a Keras model; a classifier with a fixed input size is
+            converted (`as_fcn`) when ``image`` has another size, and the
+            layer of the same name shows its maps over the whole image.
         image: one image in the model's layout, ``(H, W, C)`` or ``(C, H, W)``.
         layer: a layer name, index or object; default: the first Conv2D.
         path: PNG file to write (atomically); None writes nothing.
@@ -155,7 +160,7 @@ def activations_picture(model, image, layer=None, path=None, *, scale: int = 1, 
         overwrite: replace an existing ``path``.
 
     Returns:
-        The PIL image.
+        The PIL image; ``picture.info["shown"]`` is ``(maps shown, maps, "feature maps")``.
 
     Raises:
         ConversionError: for a missing layer, one whose output is not a
@@ -172,6 +177,13 @@ def activations_picture(model, image, layer=None, path=None, *, scale: int = 1, 
     image = np.asarray(image, dtype=np.float32)
     if image.ndim != 3:
         raise ConversionError(f"Expected one image of rank 3 in the model's layout. Received shape {image.shape}.")
+    fixed = layout.spatial_shape(tuple(model.inputs[0].shape))
+    if None not in fixed and tuple(fixed) != layout.image_size(image.shape):
+        # A classifier's layers take one size: its FCN's same-named layer takes this image (issue 28).
+        from keras_fcn_surgery.surgery.fcn import as_fcn
+
+        fcn = as_fcn(model)
+        model, output = fcn, fcn.get_layer(found.name).output
     probe = keras.Model(model.inputs[0], output)
     try:
         maps = np.asarray(probe(image[None]))[0]
@@ -183,6 +195,7 @@ def activations_picture(model, image, layer=None, path=None, *, scale: int = 1, 
     maps = layout.image_to_channels_last(maps)
     tiles = _normalised(np.moveaxis(maps, -1, 0)[:max_tiles])
     picture = tile_grid(tiles, scale=scale)
+    picture.info["shown"] = (len(tiles), maps.shape[-1], "feature maps")
     if path is not None:
         _save(picture, path, overwrite)
     return picture
