@@ -14,7 +14,13 @@ import re
 import sys
 
 from keras_fcn_surgery.commands import COMMAND_MODULES
-from keras_fcn_surgery.commands.common import EXIT_CONVERSION, EXIT_USAGE, quiet_tensorflow_import, run_interruptible
+from keras_fcn_surgery.commands.common import (
+    EXIT_CONVERSION,
+    EXIT_USAGE,
+    check_paths_first,
+    quiet_tensorflow_import,
+    run_interruptible,
+)
 
 # Library messages name Python arguments; on the command line the same advice names flags.
 _PYTHON_TO_FLAGS = (
@@ -56,10 +62,11 @@ def main(argv=None) -> int:
 
 
 def _run(args) -> int:
-    quiet_tensorflow_import()
     from keras_fcn_surgery.errors import ConversionError, InputError
 
     try:
+        check_paths_first(args)  # a wrong path is answered before TensorFlow starts
+        quiet_tensorflow_import()
         return args.run(args)
     except InputError as error:
         print(f"error: {cli_message(str(error))}", file=sys.stderr)

@@ -170,3 +170,27 @@ def test_channels_first_without_onednn_is_one_clean_line(tmp_path):
     assert result.stderr.count("\n") == 1 and result.stderr.startswith("error: "), result.stderr
     assert "TF_ENABLE_ONEDNN_OPTS=1" in result.stderr and "--no-verify" in result.stderr
     assert sorted(os.listdir(tmp_path)) == ["nchw.keras"]
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["convert", "missing.keras", "out.keras"],
+        ["heatmap", "missing.keras", "x.png", "--class", "1", "-o", "map.png"],
+        ["show", "filters", "missing.keras", "-o", "f.png"],
+        ["export", "missing.keras", "models"],
+        ["predict", "missing.keras", "slides", "--out", "maps"],
+    ],
+)
+def test_a_wrong_path_is_answered_before_tensorflow_starts(argv, tmp_path):
+    # Issue 28: every answer took ~9 s, TensorFlow starting before the paths were looked at.
+    code = (
+        "import sys\n"
+        "from keras_fcn_surgery import cli\n"
+        f"code = cli.main({argv!r})\n"
+        "assert 'tensorflow' not in sys.modules and 'keras' not in sys.modules, 'TensorFlow started'\n"
+        "sys.exit(code)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True)
+    assert result.returncode == EXIT_USAGE, result.stderr
+    assert result.stderr.strip() == "error: Model file 'missing.keras' does not exist. Check the path."

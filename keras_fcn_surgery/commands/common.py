@@ -16,6 +16,28 @@ EXIT_OK, EXIT_CONVERSION, EXIT_USAGE = 0, 1, 2
 TERMINATING_SIGNALS = ("SIGTERM", "SIGHUP")
 
 
+def check_paths_first(args) -> None:
+    """The checks of a command's paths that need no TensorFlow, run before it starts (well under a second).
+
+    The model file must exist (``args.model``), as must an input image
+    (``args.image``); an output (``args.output``, of the suffix the command
+    sets as ``output_suffix``) must not exist without ``--overwrite``.
+
+    Raises:
+        ModelFileError: naming the path and the way out.
+    """
+    from keras_fcn_surgery.saving.atomic import check_output_path
+    from keras_fcn_surgery.saving.paths import check_input_file, check_model_path
+
+    suffix = getattr(args, "output_suffix", None)
+    if suffix and getattr(args, "output", None):  # first: an output in the way is the cheapest mistake to fix
+        check_output_path(args.output, suffix=suffix, overwrite=getattr(args, "overwrite", False))
+    if getattr(args, "model", None):
+        check_model_path(args.model)
+    if getattr(args, "image", None):
+        check_input_file(args.image, "Image")
+
+
 def run_interruptible(function) -> int:
     """Call ``function()`` (returning an exit code) so that SIGINT, SIGTERM and SIGHUP end it cleanly.
 

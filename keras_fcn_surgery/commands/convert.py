@@ -32,7 +32,7 @@ def add_parser(subparsers) -> None:
         help="Python file defining the model's custom layers or functions (its CUSTOM_OBJECTS dict, "
         "or else its public classes and functions)",
     )
-    parser.set_defaults(run=run)
+    parser.set_defaults(run=run, output_suffix=".keras")
 
 
 def run(args) -> int:

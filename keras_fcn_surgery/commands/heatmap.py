@@ -45,7 +45,7 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--head", choices=HEADS, default="window", help="global-pooling heads")
     parser.add_argument("--input-size", type=parse_size, help="original input size HxW when the model takes any size")
     add_execution_argument(parser)
-    parser.set_defaults(run=run)
+    parser.set_defaults(run=run, output_suffix=".png")
 
 
 def run(args) -> int:

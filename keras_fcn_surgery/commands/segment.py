@@ -26,7 +26,7 @@ def add_parser(subparsers) -> None:
     )
     parser.add_argument("--alpha", type=float, default=0.5, help="label colour weight over the image (default 0.5)")
     parser.add_argument("--overwrite", action="store_true", help="replace existing output files")
-    parser.set_defaults(run=run)
+    parser.set_defaults(run=run, output_suffix=".png")
 
 
 def run(args) -> int:

@@ -17,7 +17,7 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--scale", type=int, help="display pixels per kernel tap / map cell (default 8 / 1)")
     parser.add_argument("--max-tiles", type=positive_int, default=256, help="most tiles drawn (default 256)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output file")
-    parser.set_defaults(run=run)
+    parser.set_defaults(run=run, output_suffix=".png")
 
 
 def run(args) -> int:

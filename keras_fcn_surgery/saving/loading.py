@@ -13,8 +13,7 @@ import h5py
 import keras
 
 from keras_fcn_surgery.errors import ModelFileError, first_line
-
-MODEL_SUFFIXES = (".keras", ".h5", ".hdf5")
+from keras_fcn_surgery.saving.paths import check_model_path
 
 
 def load_model(path, custom_objects=None) -> keras.Model:
@@ -28,16 +27,8 @@ def load_model(path, custom_objects=None) -> keras.Model:
         ModelFileError: for a missing, truncated or foreign file, or one that
             needs custom objects; the message names the file and the way out.
     """
-    path = os.fspath(path)
-    if not os.path.exists(path):
-        raise ModelFileError(f"Model file '{path}' does not exist. Check the path.")
-    if os.path.isdir(path):
-        raise ModelFileError(_folder_message(path))
+    path = check_model_path(path)
     suffix = os.path.splitext(path)[1].lower()
-    if suffix not in MODEL_SUFFIXES:
-        raise ModelFileError(
-            f"'{path}' is not a Keras model file: expected a name ending in {', '.join(MODEL_SUFFIXES)}."
-        )
     _check_container(path, suffix)
     try:
         return keras.models.load_model(path, custom_objects=custom_objects, compile=False)
@@ -60,24 +51,6 @@ def load_model(path, custom_objects=None) -> keras.Model:
             "It may be truncated or written by an incompatible Keras version; save it again with "
             "`model.save('model.keras')`."
         ) from error
-
-
-def _folder_message(path: str) -> str:
-    """Why a folder cannot be loaded, and how to get a model file from it."""
-    if os.path.isfile(os.path.join(path, "keras_metadata.pb")):
-        return (
-            f"'{path}' is a Keras 2 SavedModel folder (written by tf.keras / tf_keras), whose layer graph Keras 3 "
-            "cannot read. Re-save it as a file with Keras 2, then convert that: `pip install tf-keras`, then "
-            f"`python -c \"import tf_keras; tf_keras.models.load_model('{path}').save('model.h5')\"` "
-            "(a legacy `.h5` file, which Keras 3 loads). Custom layers must be importable there too."
-        )
-    if os.path.isfile(os.path.join(path, "saved_model.pb")):
-        return (
-            f"'{path}' is a TensorFlow SavedModel folder: it holds a TensorFlow graph but no Keras layers, so it "
-            "cannot be converted. Convert the `.keras` or `.h5` model it was exported from (`model.save("
-            "'model.keras')` before `model.export(...)`)."
-        )
-    return f"'{path}' is a folder. Give a `.keras` or `.h5` model file."
 
 
 def _check_container(path: str, suffix: str) -> None:
