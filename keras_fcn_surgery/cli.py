@@ -66,6 +66,10 @@ def _run(args) -> int:
 
     try:
         check_paths_first(args)  # a wrong path is answered before TensorFlow starts
+        early = getattr(args, "early", None)
+        answer = early(args) if early is not None else None  # a command with nothing to do says so at once
+        if answer is not None:
+            return answer
         quiet_tensorflow_import()
         return args.run(args)
     except InputError as error:

@@ -194,3 +194,26 @@ def test_a_wrong_path_is_answered_before_tensorflow_starts(argv, tmp_path):
     result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True)
     assert result.returncode == EXIT_USAGE, result.stderr
     assert result.stderr.strip() == "error: Model file 'missing.keras' does not exist. Check the path."
+
+
+def test_a_predict_rerun_with_nothing_to_do_answers_before_tensorflow_starts(tmp_path):
+    import keras
+    from PIL import Image
+
+    keras.Sequential(
+        [keras.Input((8, 8, 3)), keras.layers.Conv2D(2, 3), keras.layers.Flatten(), keras.layers.Dense(2)]
+    ).save(tmp_path / "m.keras")
+    (tmp_path / "images").mkdir()
+    for n in range(2):
+        Image.new("RGB", (16, 16), (n, 0, 0)).save(tmp_path / "images" / f"i{n}.png")
+    assert main(["predict", str(tmp_path / "m.keras"), str(tmp_path / "images"), "--out", str(tmp_path / "maps")]) == 0
+    code = (
+        "import sys\n"
+        "from keras_fcn_surgery import cli\n"
+        "code = cli.main(['predict', 'm.keras', 'images', '--out', 'maps'])\n"
+        "assert 'tensorflow' not in sys.modules, 'TensorFlow started'\n"
+        "sys.exit(code)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("predict: 0 done, 2 skipped, 0 failed in ")

@@ -17,6 +17,7 @@ import numpy as np
 from keras_fcn_surgery.batch import writers
 from keras_fcn_surgery.batch.cells import PixelGrid
 from keras_fcn_surgery.batch.masks import cell_mask, read_mask, thumbnail, tissue_mask
+from keras_fcn_surgery.batch.outputs import output_paths
 from keras_fcn_surgery.batch.readers import LevelArray, choose_level, open_reader
 from keras_fcn_surgery.batch.sources import IMAGE_SUFFIXES, Source
 from keras_fcn_surgery.errors import ConversionError, ModelFileError, first_line
@@ -72,7 +73,7 @@ class InputResult:
 def predict_source(fcn, source: Source, out_dir: str, options: BatchOptions) -> InputResult:
     """Compute and write the outputs of one input; never raises for a bad input (the result says why)."""
     start = time.perf_counter()
-    paths = writers.output_paths(out_dir, source.name, options.formats)
+    paths = output_paths(out_dir, source.name, options.formats)
     missing = paths if options.overwrite else {f: p for f, p in paths.items() if not os.path.exists(p)}
     if not missing:
         return InputResult(source.path, "skipped", tuple(paths.values()))

@@ -13,8 +13,8 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from keras_fcn_surgery.batch import writers
 from keras_fcn_surgery.batch.job import BatchOptions, InputResult, predict_source
+from keras_fcn_surgery.batch.outputs import check_formats, summary_line
 from keras_fcn_surgery.batch.sources import find_sources
 from keras_fcn_surgery.errors import InputError, ModelFileError
 from keras_fcn_surgery.inference.engines import check_engine
@@ -44,16 +44,7 @@ class BatchSummary:
 
     def line(self) -> str:
         """``"3 done, 1 skipped, 1 failed in 12.0 s (... MP/s ...)"``."""
-        done = [r for r in self.results if r.status == "done"]
-        megapixels = sum(r.megapixels for r in done)
-        text = f"{len(done)} done, {self.count('skipped')} skipped, {len(self.failed)} failed in {self.seconds:.1f} s"
-        if done and self.seconds > 0:
-            computed = sum(r.megapixels * r.computed_fraction for r in done) / max(megapixels, 1e-12)
-            text += (
-                f" ({len(done) / self.seconds:.2f} images/s, {megapixels / self.seconds:.2f} MP/s; "
-                f"{100 * computed:.1f}% of the pixels computed)"
-            )
-        return text
+        return summary_line(self.results, self.seconds)
 
 
 def predict_images(
@@ -141,7 +132,7 @@ def predict_images(
         ConversionError: for a classifier that cannot be converted.
     """
     options = BatchOptions(
-        formats=writers.check_formats(formats),
+        formats=check_formats(formats),
         tile=tile,
         batch_size=batch_size,
         preprocess=_check_preprocess(preprocess),

@@ -21,8 +21,6 @@ from keras_fcn_surgery.batch.cells import cell_edges
 from keras_fcn_surgery.errors import InputError, ModelFileError
 from keras_fcn_surgery.saving.atomic import make_temporary_dir, remove_tree
 
-FORMATS = ("npz", "zarr", "geojson", "csv")
-SUFFIXES = {"npz": ".npz", "zarr": ".zarr", "geojson": ".geojson", "csv": ".csv"}
 # Map rows read at a time when writing cells out of a (possibly zarr) score map.
 _ROWS_PER_BAND = 64
 
@@ -53,23 +51,6 @@ class MapInfo:
     receptive_field: tuple[int, int]
     computed_fraction: float
     per_pixel: bool = False
-
-
-def check_formats(formats) -> tuple[str, ...]:
-    """``"npz"``, ``"npz,geojson"`` or a sequence of names -> a tuple of known format names."""
-    if isinstance(formats, str):
-        formats = formats.split(",")
-    chosen = tuple(dict.fromkeys(f.strip().lower() for f in formats if f.strip()))
-    unknown = [f for f in chosen if f not in FORMATS]
-    if unknown or not chosen:
-        raise InputError(f"Expected output formats among {', '.join(FORMATS)}. Received: {formats!r}")
-    return chosen
-
-
-def output_paths(out_dir, name: str, formats) -> dict[str, str]:
-    """Where each format's output of the input named ``name`` goes."""
-    base = os.path.join(os.path.abspath(os.fspath(out_dir)), *name.split("/"))
-    return {f: base + SUFFIXES[f] for f in formats}
 
 
 @contextlib.contextmanager

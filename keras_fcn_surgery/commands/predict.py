@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 
 from keras_fcn_surgery.commands.common import (
@@ -57,7 +58,28 @@ def add_parser(subparsers) -> None:
     add_execution_argument(parser)
     parser.add_argument("--ray-address", help="Ray cluster to join (default: $RAY_ADDRESS, else a local Ray)")
     parser.add_argument("--workers", type=int, help="Ray workers (default: one per CPU, or per GPU)")
-    parser.set_defaults(run=run)
+    parser.set_defaults(run=run, early=nothing_to_do)
+
+
+def nothing_to_do(args) -> int | None:
+    """Before TensorFlow starts: when every input's outputs exist (and no --overwrite), say so and stop."""
+    import time
+    from types import SimpleNamespace
+
+    from keras_fcn_surgery.batch.outputs import check_formats, output_paths, summary_line
+    from keras_fcn_surgery.batch.sources import find_sources
+
+    if args.overwrite:
+        return None
+    start = time.perf_counter()
+    formats = check_formats(args.format)
+    sources = find_sources(args.inputs)
+    for source in sources:
+        if not all(os.path.exists(p) for p in output_paths(args.out, source.name, formats).values()):
+            return None
+    skipped = [SimpleNamespace(status="skipped", megapixels=0.0, computed_fraction=0.0) for _ in sources]
+    print(f"predict: {summary_line(skipped, time.perf_counter() - start)}")
+    return EXIT_OK
 
 
 def run(args) -> int:
