@@ -4,6 +4,7 @@ import os
 import subprocess
 import sys
 import types
+import warnings
 
 import keras
 import pytest
@@ -95,3 +96,36 @@ def test_cli_export_goes_through_export_with_the_formats_options(tmp_path, monke
     (path, options), (folder, saved) = calls
     assert path == out and options["format"] == "tflite" and options["quantize"] == "dynamic"
     assert saved["format"] == "savedmodel" and saved["version"] == 3 and saved["preprocess"] == "none"
+
+
+def test_an_export_whose_check_cannot_tell_right_from_wrong_warns(tmp_path, capsys):
+    # Issue 28: a softmax over collapsed features is a constant; the export check called it "equal".
+    collapsed = keras.Sequential(
+        [
+            keras.Input((8, 8, 3)),
+            keras.layers.Conv2D(2, 3, kernel_initializer="zeros", name="conv"),
+            keras.layers.Flatten(),
+            keras.layers.Dense(4, activation="softmax", name="fc"),
+        ],
+        name="collapsed",
+    )
+    with pytest.warns(kfs.UninformativeVerificationWarning, match="export of 'collapsed_fcn' proves little"):
+        result = kfs.export(collapsed, tmp_path / "models", format="savedmodel")
+    assert not all(check.informative for check in result.checks)
+    assert "uninformative" in str(result.checks[0])
+    model_file = str(tmp_path / "collapsed.keras")
+    collapsed.save(model_file)
+    assert cli.main(["export", model_file, str(tmp_path / "cli")]) == 0
+    assert "warning: The check of the savedmodel export of 'collapsed_fcn' proves little" in capsys.readouterr().err
+    keras.utils.set_random_seed(1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", kfs.UninformativeVerificationWarning)
+        kfs.export(small_flatten_cnn(), tmp_path / "fine", format="savedmodel")  # a varying model: no warning
+
+
+def test_scores_near_zero_make_a_check_uninformative():
+    from keras_fcn_surgery.surgery.verify import VerificationResult
+
+    tiny = VerificationResult(3e-17, 1e-6, 1e-4, 3e-11, (2, 8, 8, 3), finite_compared=8, input_spread=0.5)
+    assert not tiny.informative  # issue 28: MobileNetV2(weights=None) logits of 3e-11 counted as informative
+    assert VerificationResult(3e-7, 1e-6, 1e-4, 0.3, (2, 8, 8, 3), finite_compared=8, input_spread=0.5).informative

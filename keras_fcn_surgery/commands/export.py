@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 
 from keras_fcn_surgery.commands.common import EXIT_OK, EXIT_USAGE, parse_size
 from keras_fcn_surgery.options import EXPORT_FORMATS, HEADS, PREPROCESS_MODES, QUANTIZE_MODES
@@ -71,6 +72,13 @@ def run(args) -> int:
         options.update(version=args.version, preprocess=args.preprocess)
     elif args.format == "tflite":
         options.update(quantize=args.quantize)
-    result = kfs.export(kfs.load_model(args.model), args.export_dir, format=args.format, **options)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", kfs.UninformativeVerificationWarning)
+        try:
+            result = kfs.export(kfs.load_model(args.model), args.export_dir, format=args.format, **options)
+        finally:
+            for warning in caught:
+                if issubclass(warning.category, kfs.UninformativeVerificationWarning):
+                    print(f"warning: {warning.message}", file=sys.stderr)
     print(result)
     return EXIT_OK

@@ -7,9 +7,10 @@ the formats (`savedmodel.SavedModelFormat`, `onnx.OnnxFormat`,
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import fields
 
-from keras_fcn_surgery.errors import ConversionError, ExportError, InputError
+from keras_fcn_surgery.errors import ConversionError, ExportError, InputError, UninformativeVerificationWarning
 from keras_fcn_surgery.exporting.onnx import OnnxFormat
 from keras_fcn_surgery.exporting.pipeline import (
     ExportFormat,
@@ -103,6 +104,7 @@ def export(
         pause_point("check")
         checks = _check(kind, fcn, temporary, sizes)
         pause_point("publish")
+    _warn_if_uninformative(fcn, format, checks)
     return ExportResult(path=destination.path, version=destination.version, checks=checks, note=kind.note(checks))
 
 
@@ -138,6 +140,20 @@ def _fcn_to_export(source, *, convert: bool, head: str, input_size):
             raise
         # convert=False refuses a classifier: this export cannot be made as asked.
         raise ExportError(str(error)) from error
+
+
+def _warn_if_uninformative(fcn, format: str, checks) -> None:
+    """Warn when the export's check could not tell a right file from a wrong one (outputs constant or ~0)."""
+    if all(check.informative for check in checks):
+        return
+    warnings.warn(
+        f"The check of the {format} export of '{fcn.name}' proves little: the model's outputs hardly vary with "
+        "the check images, or are all near 0 (an untrained network, or a softmax over collapsed features gives "
+        "the same scores everywhere), so a broken export would pass too. Load trained weights, and verify the "
+        "conversion on real images: `convert(model, verify_inputs=images)` (CLI: `--verify-images DIR`).",
+        UninformativeVerificationWarning,
+        stacklevel=3,
+    )
 
 
 def _check(kind: ExportFormat, fcn, path: str, sizes):

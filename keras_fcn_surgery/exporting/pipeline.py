@@ -13,6 +13,7 @@ script that runs it; nothing else.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import subprocess
 import sys
@@ -28,7 +29,7 @@ from keras_fcn_surgery.errors import ConversionError, ExportError  # ExportError
 from keras_fcn_surgery.graph import model_layout
 from keras_fcn_surgery.saving.atomic import atomic_output, check_output_path
 from keras_fcn_surgery.surgery.fcn import fcn_spec
-from keras_fcn_surgery.surgery.verify import VerificationResult, compare_arrays, tolerance_for
+from keras_fcn_surgery.surgery.verify import VerificationResult, batch_spread, compare_arrays, tolerance_for
 
 # Seconds the fresh process may take to load and run an export.
 CHECK_TIMEOUT = 900
@@ -292,6 +293,7 @@ def compare_outputs(
                 "The export is broken; please report the model."
             )
         result = compare_arrays([(want, got)], tolerance=tolerance, input_shape=tuple(images.shape))
+        result = dataclasses.replace(result, input_spread=batch_spread([want], result.output_scale))
         if enforce and not result.passed:
             raise ExportError(f"{what} differs from the Keras model: {result}. The export was not kept.")
         results.append(result)
