@@ -1,11 +1,10 @@
 """Regions of a per-pixel label map as polygons (a segmenter's GeoJSON and CSV outputs).
 
-Each connected region of one class (4-connected, as marching squares traces
-it) becomes one polygon: its outer boundary and its holes, traced along the
-pixel edges with `skimage.measure.find_contours` at level 0.5 (corners are
-cut diagonally, so a polygon's area is within half a pixel per corner of its
-pixel count), then thinned of points that lie within a tenth of a pixel of a
-straight line.
+Each connected region of one class (4-connected) becomes one polygon: its
+outer boundary and its holes, traced exactly along the pixel edges (only the
+corners kept), so a polygon's area is its pixel count and the regions of a
+map tile it without gaps or overlaps. Where two pixels of a region touch only
+at a corner, the boundary passes through that corner twice.
 """
 
 from __future__ import annotations
@@ -19,8 +18,8 @@ import numpy as np
 from keras_fcn_surgery.batch.readers import SLIDES_EXTRA
 from keras_fcn_surgery.errors import InputError
 
-# Points closer than this (in map pixels) to the line through their neighbours are dropped.
-_TOLERANCE = 0.1
+# Unit steps along the pixel edges, in (row, column) of the corner grid: right, down, left, up.
+_STEPS = ((0, 1), (1, 0), (0, -1), (-1, 0))
 
 
 @dataclass(frozen=True)
@@ -68,13 +67,7 @@ def regions(labels: np.ndarray, probability: np.ndarray) -> Iterator[Region]:
     components = measure.label(labels + 1, background=0, connectivity=1)
     for properties in measure.regionprops(components):
         top, left, bottom, right = (int(v) for v in properties.bbox)
-        inside = np.pad(properties.image, 1)
-        rings = []
-        for contour in measure.find_contours(inside.astype(np.uint8), 0.5):
-            contour = measure.approximate_polygon(contour, _TOLERANCE)
-            # (row, col) of the padded crop -> (x, y) in map pixels: undo the pad, move to pixel edges.
-            points = np.stack([contour[:, 1] - 0.5 + left, contour[:, 0] - 0.5 + top], axis=1)
-            rings.append(points)
+        rings = [ring + np.array([left, top], dtype=np.float64) for ring in pixel_edge_rings(properties.image)]
         rings.sort(key=lambda ring: -abs(_signed_area(ring)))  # the outer ring encloses all the others
         rings = [_oriented(ring, outer=index == 0) for index, ring in enumerate(rings)]
         row, col = (int(v) for v in properties.coords[0])
@@ -86,6 +79,56 @@ def regions(labels: np.ndarray, probability: np.ndarray) -> Iterator[Region]:
             box=(top, left, bottom, right),
             rings=tuple(rings),
         )
+
+
+def pixel_edge_rings(mask: np.ndarray) -> list[np.ndarray]:
+    """The boundaries of a boolean mask's pixels, traced along pixel edges: closed ``(x, y)`` rings of corners.
+
+    Pixel ``(i, j)`` covers ``[j, j + 1] x [i, i + 1]``. Every edge between a
+    True pixel and a False one (or the outside) is walked once, the True pixel
+    always on the same side, so an outer boundary and a hole come out in
+    opposite directions. Where two True pixels meet only at a corner, the walk
+    stays with the pixel it came along (4-connectivity).
+    """
+    inside = np.pad(np.asarray(mask, dtype=bool), 1)
+    rows, cols = np.nonzero(inside)
+    # For each True pixel, its sides that face a False one: (start corner, step), walking with the pixel on the right.
+    sides = (
+        (~inside[rows - 1, cols], rows, cols, 0),  # top side, walked rightwards
+        (~inside[rows, cols + 1], rows, cols + 1, 1),  # right side, downwards
+        (~inside[rows + 1, cols], rows + 1, cols + 1, 2),  # bottom side, leftwards
+        (~inside[rows, cols - 1], rows + 1, cols, 3),  # left side, upwards
+    )
+    outgoing: dict = {}
+    for facing, start_rows, start_cols, step in sides:
+        for pixel_row, pixel_col, row, col in zip(rows[facing], cols[facing], start_rows[facing], start_cols[facing]):
+            outgoing.setdefault((int(row), int(col)), []).append((step, (int(pixel_row), int(pixel_col))))
+    rings = []
+    while outgoing:
+        start = next(iter(outgoing))
+        corner, step, pixel = start, -1, None
+        points: list[tuple[int, int]] = []
+        for _ in range(4 * len(rows) + 1):  # bounded: each pixel has four sides
+            choices = outgoing.get(corner)
+            if not choices:
+                break
+            # At a corner two pixels share diagonally, follow the side of the pixel just walked along.
+            index = next((k for k, (_, owner) in enumerate(choices) if owner == pixel), 0)
+            next_step, pixel = choices.pop(index)
+            if not choices:
+                del outgoing[corner]
+            if next_step != step:
+                points.append(corner)
+            step = next_step
+            corner = (corner[0] + _STEPS[step][0], corner[1] + _STEPS[step][1])
+            if corner == start:
+                break
+        if points[0] != corner or len(points) < 4:
+            raise AssertionError(f"pixel_edge_rings: an open boundary at {corner} (a bug: please report the mask)")
+        # (row, col) corners of the padded mask -> (x, y) of the mask's own pixels, closed.
+        ring = np.array([(col - 1, row - 1) for row, col in points + [points[0]]], dtype=np.float64)
+        rings.append(ring)
+    return rings
 
 
 def _signed_area(ring: np.ndarray) -> float:
