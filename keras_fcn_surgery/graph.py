@@ -305,3 +305,16 @@ def with_axis(operation, axis):
 def constant_arguments(node) -> list[tuple[int, object]]:
     """``(position, value)`` of a node's positional arguments that are not symbolic tensors."""
     return [(i, a) for i, a in enumerate(node.arguments.args) if not isinstance(a, keras.KerasTensor)]
+
+
+def call_inputs(model, arrays: list):
+    """``arrays`` (one per model input) in the structure ``model`` was built with: a list for a model built
+    as ``keras.Model([x], ...)`` (as Keras 2 files load), else the bare array of a one-input model.
+
+    Calling such a model with another structure works but warns ("The structure of `inputs` doesn't match").
+    """
+    structure = getattr(model, "_inputs_struct", None)
+    if structure is None:
+        return arrays[0] if len(arrays) == 1 else list(arrays)
+    return keras.tree.pack_sequence_as(structure, list(arrays))
+

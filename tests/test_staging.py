@@ -338,3 +338,16 @@ def test_a_spill_folder_that_cannot_be_written_gets_a_clear_error(tmp_path):
         kfs.predict_map(
             model, random_images((150, 130, 2)), tile=48, staged=True, memory_budget=0, spill_dir=str(missing)
         )
+
+
+def test_the_plan_table_shows_whole_layer_names():
+    # Issue 23: stage names were cut to 14 characters ("ax_pooling2d_1").
+    inputs = keras.Input((None, None, 2))
+    x = layers.Conv2D(4, 3, padding="same", name="a_rather_long_convolution_name")(inputs)
+    x = layers.MaxPooling2D(2, name="the_first_pooling_of_the_network")(x)
+    x = layers.Conv2D(4, 3, padding="same")(x)
+    x = layers.MaxPooling2D(2, name="the_second_pooling_of_the_network")(x)
+    model = keras.Model(inputs, layers.Conv2D(3, 5, name="a_head_with_a_long_name")(x))
+    plan = plan_prediction(model, (200, 180), tile=48, staged=True)
+    table = str(plan)
+    assert plan.staged and "the_first_pooling_of_the_network" in table and "a_head_with_a_long_name" in table

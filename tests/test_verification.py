@@ -281,3 +281,17 @@ def test_untrained_mobilenet_v2_is_checked_on_its_logits():
     predictions.kernel.assign(np.asarray(predictions.kernel) * 1.01)
     assert np.allclose(np.asarray(fcn(images)).reshape(probabilities.shape), probabilities, rtol=1e-6)
     assert not kfs.verify(source, fcn).passed
+
+
+def test_a_model_built_with_a_list_of_inputs_verifies_without_keras_structure_warnings():
+    # Issue 23: Keras 2 files load as `keras.Model([x], [y])`; verification called them with a bare tensor.
+    import warnings
+
+    inputs = keras.Input((8, 8, 3))
+    x = keras.layers.Flatten()(keras.layers.Conv2D(2, 3)(inputs))
+    model = keras.Model([inputs], [keras.layers.Dense(2, activation="softmax")(x)])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fcn = kfs.convert(model)
+    assert not [w for w in caught if "structure" in str(w.message)], [str(w.message) for w in caught]
+    assert kfs.verify(model, fcn).passed

@@ -16,7 +16,14 @@ from keras_fcn_surgery.errors import (
     VerificationError,
     first_line,
 )
-from keras_fcn_surgery.graph import is_graph_model, iter_layers, model_layout, producer_input, producer_of
+from keras_fcn_surgery.graph import (
+    call_inputs,
+    is_graph_model,
+    iter_layers,
+    model_layout,
+    producer_input,
+    producer_of,
+)
 
 # Allowed max |difference| relative to max |source output|, by compute dtype.
 # float32 leaves room for the different summation order of a convolution and a
@@ -193,7 +200,7 @@ def compare_models(source, fcn, inputs: list[np.ndarray], *, tolerance=None) -> 
         source_taps = fcn_taps = None
     try:
         with _scores_before_activation(source, source_taps) as source_scores:
-            expected = _as_list(source_scores(_single(inputs), training=False))
+            expected = _as_list(source_scores(call_inputs(source_scores, inputs), training=False))
     except Exception as error:
         raise VerificationError(
             f"The source model '{source.name}' itself fails on the check batch {tuple(inputs[0].shape)}: "
@@ -201,7 +208,7 @@ def compare_models(source, fcn, inputs: list[np.ndarray], *, tolerance=None) -> 
         ) from error
     try:
         with _scores_before_activation(fcn, fcn_taps) as fcn_scores:
-            actual = _as_list(fcn_scores(_single(inputs), training=False))
+            actual = _as_list(fcn_scores(call_inputs(fcn_scores, inputs), training=False))
     except Exception as error:
         raise VerificationError(
             f"The converted model '{fcn.name}' fails on the batch {tuple(inputs[0].shape)} that its source "
