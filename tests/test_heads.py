@@ -141,3 +141,21 @@ def test_bfloat16_window_pooling_stays_within_tolerance():
         assert kfs.verify(model, fcn, head=head).passed
     pooling = kfs.convert(model, verify=False).get_layer(inner.name).get_layer("pool")
     assert pooling.compute_dtype == "float32"
+
+
+@pytest.mark.parametrize("data_format", ["channels_last", "channels_first"])
+def test_a_per_feature_prelu_between_head_dense_layers_is_shared_over_the_map(data_format):
+    # Issue 23: mtcnn's RNet/ONet heads (Dense, PReLU, Dense) were refused.
+    shape = (10, 10, 3) if data_format == "channels_last" else (3, 10, 10)
+    inputs = keras.Input(shape)
+    x = layers.Flatten()(layers.Conv2D(4, 3, strides=2, data_format=data_format)(inputs))
+    x = layers.PReLU(alpha_initializer=keras.initializers.RandomUniform(-1, 1), name="prelu")(layers.Dense(8)(x))
+    source = keras.Model(inputs, layers.Dense(3)(x))
+    fcn = kfs.convert(source)
+    assert kfs.verify(source, fcn).passed
+    prelu = fcn.get_layer("prelu")
+    assert prelu.alpha.shape == ((1, 1, 8) if data_format == "channels_last" else (8, 1, 1))
+    image = random_images((16, 14, 3) if data_format == "channels_last" else (3, 16, 14))
+    expected = kfs.sliding_window_predict(source, image, 2)  # the classifier on every window, stride 2
+    got = np.asarray(fcn(image[None]))[0]
+    np.testing.assert_allclose(got, expected, atol=1e-5 * np.abs(expected).max())

@@ -20,6 +20,7 @@ from keras_fcn_surgery.surgery.rules.vector_layers import (
     DenseOnVectorMapRule,
     ElementwiseRule,
     MergeRule,
+    ParametricElementwiseRule,
     ReshapeRule,
     UnitMapConvRule,
 )
@@ -33,6 +34,7 @@ DEFAULT_RULES: tuple[Rule, ...] = (
     DenseOnVectorMapRule(),
     ElementwiseRule(),
     ChannelAxisRule(),
+    ParametricElementwiseRule(),
     MergeRule(),
     ReshapeRule(),
     UnitMapConvRule(),

@@ -143,6 +143,40 @@ class ChannelAxisRule(Rule):
         return Step([mode], build)
 
 
+class ParametricElementwiseRule(Rule):
+    """A per-feature PReLU on per-window vectors is a PReLU on the map that shares its weights over space.
+
+    Its ``alpha`` of shape ``(F,)`` becomes ``(1, 1, F)`` (``(F, 1, 1)`` for
+    channels-first) with the spatial axes shared: each cell's features meet
+    the same slopes as the classifier's vector did (mtcnn's RNet and ONet).
+    """
+
+    layers = taxonomy.PARAMETRIC_ELEMENTWISE
+    modes = (VectorMap,)
+
+    def claim(self, view: NodeView) -> Step | None:
+        mode = view.only_mode
+        layer = view.layer
+        if not isinstance(mode, VectorMap) or mode.unit_map or len(view.input_shapes[0]) != 2:
+            return None
+        if layer.shared_axes:  # on a vector, the only axis to share is the features': one slope for all
+            return None
+        context = view.context
+        spatial = [2, 3] if context.layout.channels_first else [1, 2]
+        features = int(view.input_shapes[0][-1])
+        shape = (features, 1, 1) if context.layout.channels_first else (1, 1, features)
+
+        def build(args, kwargs):
+            prelu = _clone_with(layer, shared_axes=spatial)
+            outputs = prelu(*args, **kwargs)
+            prelu.alpha.assign(keras.ops.reshape(layer.alpha.value, shape))
+            return [outputs]
+
+        kind = RewriteKind.AXIS_MOVED
+        rewrite = Rewrite(layer.name, "PReLU", ((features,),), "PReLU", (shape,), features, "shared over space", kind)
+        return Step([mode], build, rewrite)
+
+
 class MergeRule(Rule):
     """Add, Concatenate and friends of per-window vectors from parallel head branches."""
 
