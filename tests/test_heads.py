@@ -159,3 +159,30 @@ def test_a_per_feature_prelu_between_head_dense_layers_is_shared_over_the_map(da
     expected = kfs.sliding_window_predict(source, image, 2)  # the classifier on every window, stride 2
     got = np.asarray(fcn(image[None]))[0]
     np.testing.assert_allclose(got, expected, atol=1e-5 * np.abs(expected).max())
+
+
+@pytest.mark.parametrize(
+    ("data_format", "dims"), [("channels_last", (2, 1, 3)), ("channels_last", (3, 2, 1)), ("channels_first", (1, 3, 2))]
+)
+def test_a_permute_before_the_flatten_folds_into_the_dense_kernel(data_format, dims):
+    # Issue 23: mtcnn's RNet/ONet swap height and width before flattening; it was refused.
+    shape = (11, 9, 3) if data_format == "channels_last" else (3, 11, 9)
+    inputs = keras.Input(shape)
+    x = layers.Conv2D(4, 3, strides=2, data_format=data_format, name="conv")(inputs)
+    x = layers.Flatten(name="flatten")(layers.Permute(dims, name="permute")(x))
+    source = keras.Model(inputs, layers.Dense(3, name="fc")(layers.Dense(6, name="fc1")(x)))
+    fcn = kfs.convert(source)
+    assert kfs.verify(source, fcn).passed
+    assert "permute" in str(kfs.plan(source)) and not any(isinstance(layer, layers.Permute) for layer in fcn.layers)
+    image = random_images((17, 15, 3) if data_format == "channels_last" else (3, 17, 15))
+    expected = kfs.sliding_window_predict(source, image, 2)  # the classifier on every window
+    got = np.asarray(fcn(image[None]))[0]
+    np.testing.assert_allclose(got, expected, atol=1e-5 * np.abs(expected).max())
+
+
+def test_a_permute_that_feeds_more_than_a_flatten_is_still_refused_by_name():
+    inputs = keras.Input((8, 8, 3))
+    x = layers.Permute((2, 1, 3), name="swap")(layers.Conv2D(4, 3)(inputs))
+    x = layers.Flatten()(layers.Conv2D(2, 3)(x))
+    with pytest.raises(kfs.ConversionError, match="'swap'.*Permute is folded only where Flatten"):
+        kfs.convert(keras.Model(inputs, layers.Dense(2)(x)))

@@ -22,13 +22,15 @@ from keras_fcn_surgery.layout import Layout
 CONV_AXIS_ORDER = ("h", "w", "c")
 
 
-def flatten_axis_order(flatten_data_format: str, tensor_data_format: str) -> tuple[str, ...]:
+def flatten_axis_order(flatten_data_format: str, tensor_data_format: str, stored=None) -> tuple[str, ...]:
     """Order in which a Flatten lays out the axes of a rank-4 map.
 
     Args:
         flatten_data_format: the Flatten layer's ``data_format``.
         tensor_data_format: the layout of the map it flattens
             (the convolutions' ``data_format``).
+        stored: the map's axes as stored, when a Permute reordered them
+            (e.g. ``("w", "h", "c")``); default: the layout's own order.
 
     Returns:
         A permutation of ``("h", "w", "c")``, slowest-varying axis first.
@@ -37,7 +39,9 @@ def flatten_axis_order(flatten_data_format: str, tensor_data_format: str) -> tup
     ``channels_first`` one with axes ``(0, 2, 3, 1)`` before reshaping, so it
     reads the tensor's stored axes in the order (2, 3, 1) in that case.
     """
-    stored = ("h", "w", "c") if Layout(tensor_data_format).channels_last else ("c", "h", "w")
+    if stored is None:
+        stored = ("h", "w", "c") if Layout(tensor_data_format).channels_last else ("c", "h", "w")
+    stored = tuple(stored)
     if Layout(flatten_data_format).channels_last:
         return stored
     return (stored[1], stored[2], stored[0])

@@ -12,6 +12,7 @@ from keras_fcn_surgery.surgery.rules.flatten_dense import (
     BatchNormOnFlattenedMapRule,
     DenseOnFlattenedMapRule,
     FlattenRule,
+    PermuteBeforeFlattenRule,
 )
 from keras_fcn_surgery.surgery.rules.global_pooling import GlobalPoolingRule, SqueezeExcitationRule
 from keras_fcn_surgery.surgery.rules.operations import OperationRule
@@ -26,6 +27,7 @@ from keras_fcn_surgery.surgery.rules.vector_layers import (
 )
 
 DEFAULT_RULES: tuple[Rule, ...] = (
+    PermuteBeforeFlattenRule(),
     FlattenRule(),
     DenseOnFlattenedMapRule(),
     BatchNormOnFlattenedMapRule(),

@@ -61,8 +61,17 @@ class VectorMap:
     unit_map: bool = False
 
 
+@dataclass(frozen=True)
+class PermutedMap:
+    """A Permute's output that only Flatten layers read: the converted graph keeps the map unpermuted, and
+    the Dense after the Flatten reads its features in the permuted order (its kernel is laid out for it)."""
+
+    axes: tuple[str, ...]  # the source tensor's stored axes after the Permute, e.g. ("w", "h", "c")
+    permute_name: str
+
+
 SPATIAL = Spatial()
-Mode = Spatial | FlattenedMap | VectorMap
+Mode = Spatial | FlattenedMap | VectorMap | PermutedMap
 
 
 class RewriteKind(enum.Enum):

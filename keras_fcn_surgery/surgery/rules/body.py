@@ -79,7 +79,8 @@ def _refuse_size_bound_layer(view: NodeView) -> None:
     if isinstance(layer, keras.layers.Permute) and is_map and tuple(layer.dims) != (1, 2, 3):
         raise ConversionError(
             f"Layer {describe(layer)} permutes the axes of a feature map; the converter needs one "
-            "fixed layout. Use `data_format` on the layers instead of Permute."
+            "fixed layout. A Permute is folded only where Flatten layers alone read it (its order goes into the "
+            "Dense's kernel); elsewhere use `data_format` on the layers instead."
         )
     if isinstance(layer, keras.layers.Resizing):
         raise ConversionError(

@@ -17,6 +17,7 @@ from keras_fcn_surgery.surgery.kernels import (
 from keras_fcn_surgery.surgery.rules.base import (
     FlattenedMap,
     NodeView,
+    PermutedMap,
     Rewrite,
     RewriteKind,
     Rule,
@@ -42,10 +43,16 @@ class FlattenRule(Rule):
     """
 
     layers = (keras.layers.Flatten,)
-    modes = (Spatial, VectorMap)
+    modes = (Spatial, VectorMap, PermutedMap)
 
     def claim(self, view: NodeView) -> Step | None:
         mode = view.only_mode
+        if isinstance(mode, PermutedMap):
+            sizes = dict(zip(mode.axes, (int(d) for d in view.input_shapes[0][1:])))
+            order = flatten_axis_order(view.layer.data_format, view.context.data_format, stored=mode.axes)
+            flattened = FlattenedMap(sizes["h"], sizes["w"], sizes["c"], order, view.layer.name)
+            detail = f"keeps the {sizes['h']}x{sizes['w']}x{sizes['c']} map (features in {''.join(order)} order)"
+            return remove(view, flattened, detail)
         if isinstance(mode, VectorMap):
             if mode.unit_map:
                 return remove(view, VectorMap(origin=mode.origin), "flattens a 1x1 map")
@@ -66,6 +73,29 @@ class FlattenRule(Rule):
         order = flatten_axis_order(view.layer.data_format, view.context.data_format)
         mode = FlattenedMap(int(height), int(width), int(channels), order, view.layer.name)
         return remove(view, mode, f"keeps the {height}x{width}x{channels} map")
+
+
+class PermuteBeforeFlattenRule(Rule):
+    """A Permute of the last map, read only by Flatten layers, folds into the Dense after them.
+
+    It reorders the features the Dense reads (mtcnn's RNet and ONet swap height
+    and width before flattening); the converted graph keeps the map as it is
+    and lays the Dense's kernel out in that order, which is exact.
+    """
+
+    layers = (keras.layers.Permute,)
+    modes = (Spatial,)
+
+    def claim(self, view: NodeView) -> Step | None:
+        if not isinstance(view.only_mode, Spatial) or len(view.input_shapes[0]) != 4:
+            return None
+        readers = view.consumers.get(id(view.node.outputs[0]), [])
+        if not readers or not all(isinstance(node.operation, keras.layers.Flatten) for node in readers):
+            return None
+        stored = ("h", "w", "c") if view.context.layout.channels_last else ("c", "h", "w")
+        axes = tuple(stored[d - 1] for d in view.layer.dims)
+        mode = PermutedMap(axes, view.layer.name)
+        return remove(view, mode, f"folded into the Dense after the Flatten ({''.join(axes)})", RewriteKind.FOLDED)
 
 
 class DenseOnFlattenedMapRule(Rule):
