@@ -82,3 +82,23 @@ def test_log_graph_tool(tmp_path):
     usage = run_tool("log_graph.py", "--model", model_file)
     assert usage.returncode == 2
     assert usage.stderr.strip().splitlines()[-1].startswith("error: flag --logdir")
+
+
+def test_the_tools_keep_tensorflows_start_up_log_off_the_terminal(tmp_path):
+    # Issue 28: tools/log_graph.py and tools/export_savedmodel.py printed CUDA and absl lines on every run.
+    import subprocess
+    import sys
+
+    model_file = str(tmp_path / "small.keras")
+    small_flatten_cnn().save(model_file)
+    env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
+    tool = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools", "log_graph.py")
+    done = subprocess.run(
+        [sys.executable, tool, "--model", model_file, "--logdir", str(tmp_path / "logs")],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert not [line for line in done.stderr.splitlines() if "cuda" in line.lower() or "oneDNN" in line], done.stderr

@@ -14,14 +14,11 @@ Exit codes: 0 written, 1 conversion failure, 2 file or usage error.
 from __future__ import annotations
 
 import argparse
-import os
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+from absl import app, flags
 
-from absl import app, flags  # noqa: E402
-
-from keras_fcn_surgery.commands.absl_tool import flags_parser, run_tool  # noqa: E402
-from keras_fcn_surgery.options import HEADS  # noqa: E402
+from keras_fcn_surgery.commands.absl_tool import flags_parser, run_tool
+from keras_fcn_surgery.options import HEADS
 
 flags.DEFINE_string("model", None, "Source model file (.keras or .h5).")
 flags.DEFINE_string("logdir", None, "Folder for the TensorBoard runs `source` and `fcn`.")
