@@ -24,6 +24,7 @@ _PUBLIC = {
     "VerificationError": "errors",
     "UninformativeVerificationWarning": "errors",
     "IgnoredHeadWarning": "errors",
+    "SlowTilingWarning": "errors",
     "RewriteKind": "surgery.rules.base",
     "ExportError": "errors",
     "ExportResult": "exporting.pipeline",
@@ -71,6 +72,7 @@ __all__ = [
     "ModelFileError",
     "NonFiniteWeightsWarning",
     "RewriteKind",
+    "SlowTilingWarning",
     "UninformativeVerificationWarning",
     "PredictionPlan",
     "StagePlan",
@@ -129,6 +131,7 @@ if TYPE_CHECKING:
         InputError,
         ModelFileError,
         NonFiniteWeightsWarning,
+        SlowTilingWarning,
         UninformativeVerificationWarning,
         VerificationError,
     )

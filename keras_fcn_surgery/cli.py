@@ -12,6 +12,7 @@ import argparse
 import importlib
 import re
 import sys
+import warnings
 
 from keras_fcn_surgery.commands import COMMAND_MODULES
 from keras_fcn_surgery.commands.common import (
@@ -28,6 +29,7 @@ _PYTHON_TO_FLAGS = (
     (re.compile(r"`?overwrite=True`?"), "--overwrite"),
     (re.compile(r"`?verify=False`?"), "--no-verify"),
     (re.compile(r"`?tile=None`?"), "no --tile"),
+    (re.compile(r"\(tile=\((\d+), (\d+)\)\)"), r"(--tile \1)"),
     (re.compile(r"`?custom_objects=\{[^}]*\}\}?`?"), "--custom-objects FILE.py"),
     (re.compile(r"`?head='(window|dense)'`?"), r"--head \1"),
     (re.compile(r"`?verify_inputs=[a-z_]*`?"), "--verify-images DIR"),
@@ -61,8 +63,18 @@ def main(argv=None) -> int:
     return run_interruptible(lambda: _run(args))
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None, *, shown=warnings.showwarning):
+    """Our warnings as one line with the advice spelt as flags; others as Python shows them."""
+    if category.__module__ == "keras_fcn_surgery.errors":
+        print(f"warning: {cli_message(str(message))}", file=sys.stderr)
+    else:
+        shown(message, category, filename, lineno, file, line)
+
+
 def _run(args) -> int:
     from keras_fcn_surgery.errors import ConversionError, InputError
+
+    warnings.showwarning = _show_warning
 
     try:
         check_paths_first(args)  # a wrong path is answered before TensorFlow starts

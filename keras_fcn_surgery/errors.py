@@ -49,6 +49,14 @@ class UninformativeVerificationWarning(UserWarning):
     """
 
 
+class SlowTilingWarning(UserWarning):
+    """The requested tiles make a pass compute several times the image (they overlap by the network's reach).
+
+    The message gives the work against one whole pass and a tile size (or no
+    tiling) that computes far less.
+    """
+
+
 class IgnoredHeadWarning(UserWarning):
     """``head="dense"`` was asked for a model without a global-pooling head, where it changes nothing."""
 

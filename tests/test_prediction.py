@@ -270,3 +270,28 @@ def test_the_smallest_tile_hint_is_the_true_minimum(padding):
     plan_tiles(size, grid, hint)  # the hint works at once (issue 28: it used to be the tile plus one stride)
     with pytest.raises(kfs.InputError):
         plan_tiles(size, grid, (hint - grid.stride[0], size[1]))
+
+
+def test_tiles_that_compute_many_times_the_image_warn_with_a_faster_choice():
+    # Issue 28: `--tile 63` ran 100x slower than no tiling, without a word.
+    import warnings
+
+    model = strided_fcn("same", [2, 2, 2], head=3)
+    image = random_images((200, 200, 2))
+    with pytest.warns(kfs.SlowTilingWarning, match=r"computes \d+\.\dx one whole-image pass; (tiles of|no tiling)"):
+        tiled = kfs.predict_map(model, image, tile=48, staged=False)  # 23x the work of one pass
+    np.testing.assert_allclose(tiled, whole_map(model, image), atol=ATOL)  # slow, but exact
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", kfs.SlowTilingWarning)
+        kfs.predict_map(model, image, tile=128)  # a sensible tile: no warning
+        kfs.predict_map(model, image)
+
+
+def test_a_segmenter_tiled_in_slivers_warns(tmp_path):
+    from test_segment import pooled_net
+
+    seg = kfs.segmenter(pooled_net(), num_classes=2)
+    margin, period = kfs.segment_image.__globals__["reach"](seg)
+    side = 2 * max(margin) + max(period)  # the smallest tile that keeps anything: a sliver per tile
+    with pytest.warns(kfs.SlowTilingWarning):
+        kfs.segment_image(seg, random_images((160, 160, 3)), tile=side)

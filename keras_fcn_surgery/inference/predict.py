@@ -146,6 +146,10 @@ def predict_map(
     shape = spec.layout.image_shape(plan.map_size[0], plan.map_size[1], classes)
     out = runner.output_array(out, shape, fcn)
     precision = "mixed_float16" if mixed_precision else None
+    if keep is None:
+        runner.warn_if_wasteful(
+            plan.work_ratio, plan.tile, lambda side: plan_prediction(fcn, size, tile=side).work_ratio, size
+        )
     plan = engines.with_engine(plan, fcn, engine, precision)  # each stage's own, measured under "auto"
 
     def forward_for(model, chosen):

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import itertools
 import sys
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
 
-from keras_fcn_surgery.errors import ConversionError, InputError
+from keras_fcn_surgery.errors import ConversionError, InputError, SlowTilingWarning
 from keras_fcn_surgery.grid import tiling
 from keras_fcn_surgery.grid.geometry import Geometry
 from keras_fcn_surgery.layout import Layout
@@ -154,6 +155,40 @@ def smallest_tiles(size, grid: Geometry) -> tuple[tuple[int, int], ...]:
         side = min(side, length)
         found.append((side - length % stride if side < length else length, side))
     return tuple(found)
+
+
+# Tiles computing more than this many times the image's own work get a `SlowTilingWarning`.
+WASTEFUL_WORK = 3.0
+
+
+def warn_if_wasteful(work_ratio: float, tile, work_at, size) -> None:
+    """Warn `SlowTilingWarning` when tiles of ``tile`` cost over `WASTEFUL_WORK` x one pass, naming a better tile.
+
+    Args:
+        work_ratio: the tiled pass's work over one whole pass.
+        tile: the requested ``(T_h, T_w)``, or None.
+        work_at: the work ratio at another tile side (a function of ``(T_h, T_w)``).
+        size: the image's ``(H, W)``.
+    """
+    if tile is None or work_ratio <= WASTEFUL_WORK:
+        return
+    side = tuple(tile)
+    better = None
+    while better is None and any(s < n for s, n in zip(side, size)):
+        side = tuple(min(2 * s, n) for s, n in zip(side, size))
+        try:
+            if work_at(side) <= 1.5:
+                better = side
+        except ConversionError:
+            continue
+    advice = f"tiles of {better[0]}x{better[1]}" if better is not None and better != tuple(size) else "no tiling"
+    warnings.warn(
+        f"Tiles of {tile[0]}x{tile[1]} pixels overlap by the network's reach so much that the pass computes "
+        f"{work_ratio:.1f}x one whole-image pass; {advice} (tile={'None' if advice == 'no tiling' else better}) "
+        "computes far less.",
+        SlowTilingWarning,
+        stacklevel=3,
+    )
 
 
 def pair(value, name: str) -> tuple[int, int]:

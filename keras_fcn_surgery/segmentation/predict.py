@@ -82,8 +82,19 @@ def segment_image(model, image, *, tile=None, batch_size: int | None = None, pro
     size = layout.image_size(shape)
     classes = int(layout.channels(tuple(model.outputs[0].shape)))
     out = np.empty(layout.image_shape(size[0], size[1], classes), np.float32)
+    axis_plans = plan_segment_tiles(model, size, tile)
+    runner.warn_if_wasteful(
+        _tiled_area(axis_plans) / (size[0] * size[1]),
+        None if tile is None else runner.pair(tile, "tile"),
+        lambda side: _tiled_area(plan_segment_tiles(model, size, side)) / (size[0] * size[1]),
+        size,
+    )
     run_segmenter(model, image, out, tile=tile, batch_size=batch_size, progress=progress)
     return out
+
+
+def _tiled_area(axis_plans) -> int:
+    return sum(t.stop - t.start for t in axis_plans[0]) * sum(t.stop - t.start for t in axis_plans[1])
 
 
 def run_segmenter(
