@@ -193,7 +193,7 @@ def main(argv=None) -> int:
     parser.add_argument("--lines", help="only mutants on these lines, e.g. 120-160")
     parser.add_argument("--list", action="store_true", help="list the mutants and exit")
     parser.add_argument("--goal", type=float, default=95.0, help="percent to reach (exit code)")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)
 
     module = os.path.relpath(os.path.abspath(args.module), ROOT)
     if not module.startswith(PACKAGE + os.sep):
