@@ -2,6 +2,7 @@
 
 import math
 
+import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -288,3 +289,40 @@ def test_balancing_never_adds_tiles_and_stays_within_its_bounds(stride, length, 
         one_less = balanced - stride
         if cells_of(one_less) - before - after >= 1:
             assert len(plan_axis(length, one_less, stride, cells_of(one_less), before, after)) > len(original)
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    rows=st.integers(1, 9),
+    cols=st.integers(1, 9),
+    seed=st.integers(0, 1000),
+    boxes=st.lists(st.tuples(st.integers(0, 9), st.integers(0, 9), st.integers(0, 9), st.integers(0, 9)), max_size=4),
+)
+def test_box_counts_and_pixels_read_are_brute_force_sums(rows, cols, seed, boxes):
+    mask = np.random.default_rng(seed).random((rows, cols)) < 0.5
+    tops, bottoms, lefts, rights = [], [], [], []
+    for a, b, c, d in boxes:
+        tops.append(min(a, b, rows)), bottoms.append(min(max(a, b), rows))
+        lefts.append(min(c, d, cols)), rights.append(min(max(c, d), cols))
+    if not boxes:
+        tops, bottoms, lefts, rights = [1], [rows], [1], [cols]
+    counts = tiling.box_counts(mask, tops, bottoms, lefts, rights)
+    expected = [[mask[t:b, left:right].sum() for left, right in zip(lefts, rights)] for t, b in zip(tops, bottoms)]
+    np.testing.assert_array_equal(counts, expected)
+    row_tiles = [AxisTile(t, b, 0, 0, 0) for t, b in zip(tops, bottoms)]
+    col_tiles = [AxisTile(left, right, 0, 0, 0) for left, right in zip(lefts, rights)]
+    selected = np.random.default_rng(seed + 1).random((len(tops), len(lefts))) < 0.5
+    read = tiling.pixels_read((rows, cols), row_tiles, col_tiles, selected)
+    brute = np.zeros((rows, cols), bool)
+    for i, j in zip(*np.nonzero(selected)):
+        brute[tops[i] : bottoms[i], lefts[j] : rights[j]] = True
+    np.testing.assert_array_equal(read, brute)
+
+
+def test_crop_tile_in_quanta_of_cells():
+    tile = plan_axis(200, 64, 4, 14, 2, 2)[1]  # AxisTile(40, 104, 2, 12, 12): cells 10..23, keeps 12..21
+    # Needed cells 17, 18 (tile cells 7, 8): 5 cells may go before (7 - 2) and 3 after (14 - 9 - 2).
+    assert tiling.crop_tile(tile, 14, 17, 19, 4, 2, 2, quantum=2) == AxisTile(56, 96, 3, 5, 17)
+    assert tiling.crop_tile(tile, 14, 17, 19, 4, 2, 2, quantum=3) == AxisTile(52, 92, 4, 6, 17)
+    assert tiling.crop_tile(tile, 14, 17, 19, 4, 2, 2, quantum=0) == tiling.crop_tile(tile, 14, 17, 19, 4, 2, 2)
+    assert tiling.crop_tile(tile, 14, 12, 22, 4, 2, 2) == tile  # every kept cell needed: nothing to crop

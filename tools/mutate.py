@@ -62,7 +62,22 @@ SYMBOL = {
 }
 
 # Equivalent mutants: (module, the source line stripped, the mutation) -> why no test can kill it.
-EQUIVALENT: dict[tuple[str, str, str], str] = {}
+EQUIVALENT: dict[tuple[str, str, str], str] = {
+    ("keras_fcn_surgery/grid/tiling.py", "if step < 1:", "`<` -> `<=`"): (
+        "balanced_tile_length at step == 1: count = total - lost tiles, so needed = "
+        "1 + lost * (total - lost) / (total - lost) = cells and it returns max(min_length, tile) = tile anyway"
+    ),
+    ("keras_fcn_surgery/grid/tiling.py", "if step < 1:", "1 -> 2"): "the same case as `<` -> `<=` (step == 1)",
+    ("keras_fcn_surgery/grid/tiling.py", "count = max(2, -(-(total - lost) // step))", "2 -> 1"): (
+        "reached only for an aligned tile < length: total >= cells + 1, so ceil((total - lost) / step) >= 2"
+    ),
+    ("keras_fcn_surgery/grid/tiling.py", "if size < 1 or size - 2 * margin < period:", "`or` -> `and`"): (
+        "plan_pixels: size < 1 implies size - 2 * margin <= 0 < period (margin >= 0), so `or` and `and` agree"
+    ),
+    ("keras_fcn_surgery/grid/tiling.py", "quantum: int = 1,", "1 -> 0"): (
+        "crop_tile's default quantum: 0 and 1 both become 1 in `quantum = max(1, quantum)`"
+    ),
+}
 
 
 @dataclass
