@@ -61,22 +61,29 @@ SYMBOL = {
     ast.Or: "or",
 }
 
-# Equivalent mutants: (module, the source line stripped, the mutation) -> why no test can kill it.
-EQUIVALENT: dict[tuple[str, str, str], str] = {
-    ("keras_fcn_surgery/grid/tiling.py", "if step < 1:", "`<` -> `<=`"): (
+# Equivalent mutants: (module, the source line stripped, the column, the mutation) -> why no test can kill it.
+TILING, STAGES = "keras_fcn_surgery/grid/tiling.py", "keras_fcn_surgery/grid/stages.py"
+EQUIVALENT: dict[tuple[str, str, int, str], str] = {
+    (TILING, "if step < 1:", 7, "`<` -> `<=`"): (
         "balanced_tile_length at step == 1: count = total - lost tiles, so needed = "
         "1 + lost * (total - lost) / (total - lost) = cells and it returns max(min_length, tile) = tile anyway"
     ),
-    ("keras_fcn_surgery/grid/tiling.py", "if step < 1:", "1 -> 2"): "the same case as `<` -> `<=` (step == 1)",
-    ("keras_fcn_surgery/grid/tiling.py", "count = max(2, -(-(total - lost) // step))", "2 -> 1"): (
+    (TILING, "if step < 1:", 14, "1 -> 2"): "the same case as `<` -> `<=` (step == 1)",
+    (TILING, "count = max(2, -(-(total - lost) // step))", 16, "2 -> 1"): (
         "reached only for an aligned tile < length: total >= cells + 1, so ceil((total - lost) / step) >= 2"
     ),
-    ("keras_fcn_surgery/grid/tiling.py", "if size < 1 or size - 2 * margin < period:", "`or` -> `and`"): (
+    (TILING, "if size < 1 or size - 2 * margin < period:", 7, "`or` -> `and`"): (
         "plan_pixels: size < 1 implies size - 2 * margin <= 0 < period (margin >= 0), so `or` and `and` agree"
     ),
-    ("keras_fcn_surgery/grid/tiling.py", "quantum: int = 1,", "1 -> 0"): (
-        "crop_tile's default quantum: 0 and 1 both become 1 in `quantum = max(1, quantum)`"
+    (TILING, "quantum: int = 1,", 19, "1 -> 0"): "crop_tile's default quantum: 0 becomes 1 in `max(1, quantum)`",
+    (STAGES, "for j in range(1, count + 1):", 19, "1 -> 0"): "j = 0 has no i < 0: that pass does nothing",
+    (STAGES, "best = [math.inf] * (count + 1)", 33, "1 -> 2"): "one more entry, never read",
+    (STAGES, "previous = [-1] * (count + 1)", 31, "1 -> 2"): "one more entry, never read",
+    (STAGES, "previous = [-1] * (count + 1)", 17, "1 -> 2"): (
+        "the initial predecessor (-2 for -1) is read only at boundary 0, where the read-back stops, or for "
+        "boundaries no chain reaches"
     ),
+    (STAGES, "previous = [-1] * (count + 1)", 17, "1 -> 0"): "as above (-0 for -1)",
 }
 
 
@@ -254,7 +261,7 @@ def main(argv=None) -> int:
 
         results: list[Result] = []
         for number, (mutant, how) in enumerate(chosen, 1):
-            why = EQUIVALENT.get((module, mutant.source_line, mutant.description))
+            why = EQUIVALENT.get((module, mutant.source_line, mutant.column, mutant.description))
             if why:
                 results.append(Result(mutant, "equivalent", why))
                 continue
