@@ -137,3 +137,8 @@ def test_a_global_pooling_sees_the_whole_axis_from_its_start():
     pooled = gm.apply_global(state)
     assert (pooled.size, pooled.offset, pooled.receptive_field, pooled.stride) == (1, 0, 11, 2)
     assert pooled.is_global and pooled.global_context
+
+
+def test_merge_refuses_maps_of_one_size_but_different_strides():
+    with pytest.raises(ValueError, match=r"strides \[1, 2\]"):
+        gm.merge([gm.AxisState(size=5, stride=1), gm.AxisState(size=5, stride=2)])

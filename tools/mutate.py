@@ -63,6 +63,7 @@ SYMBOL = {
 
 # Equivalent mutants: (module, the source line stripped, the column, the mutation) -> why no test can kill it.
 TILING, STAGES = "keras_fcn_surgery/grid/tiling.py", "keras_fcn_surgery/grid/stages.py"
+AXIS = "keras_fcn_surgery/grid/axis.py"
 EQUIVALENT: dict[tuple[str, str, int, str], str] = {
     (TILING, "if step < 1:", 7, "`<` -> `<=`"): (
         "balanced_tile_length at step == 1: count = total - lost tiles, so needed = "
@@ -76,6 +77,8 @@ EQUIVALENT: dict[tuple[str, str, int, str], str] = {
         "plan_pixels: size < 1 implies size - 2 * margin <= 0 < period (margin >= 0), so `or` and `and` agree"
     ),
     (TILING, "quantum: int = 1,", 19, "1 -> 0"): "crop_tile's default quantum: 0 becomes 1 in `max(1, quantum)`",
+    (AXIS, "size = window_output_size(state.size, kernel, stride, dilation, padding) if state.size >= 1 else 0", 94,
+     "1 -> 0"): "apply_window: window_output_size(0, ...) is 0 too (sizes are never negative)",
     (STAGES, "for j in range(1, count + 1):", 19, "1 -> 0"): "j = 0 has no i < 0: that pass does nothing",
     (STAGES, "best = [math.inf] * (count + 1)", 33, "1 -> 2"): "one more entry, never read",
     (STAGES, "previous = [-1] * (count + 1)", 31, "1 -> 2"): "one more entry, never read",
