@@ -129,6 +129,9 @@ def test_a_slice_of_step_one_shifts_by_its_start():
     assert (edged.exact_start, edged.exact_stop) == (0, 5)
     edged = gm.apply_slice(gm.AxisState(size=10, exact_start=4, exact_stop=7), 1, 1, 8)
     assert (edged.exact_start, edged.exact_stop) == (3, 6)
+    # Exact cells only before the slice's start: none kept.
+    edged = gm.apply_slice(gm.AxisState(size=10, exact_start=0, exact_stop=2), 3, 1, 5)
+    assert (edged.exact_start, edged.exact_stop) == (0, 0)
 
 
 def test_a_global_pooling_sees_the_whole_axis_from_its_start():
@@ -137,8 +140,18 @@ def test_a_global_pooling_sees_the_whole_axis_from_its_start():
     pooled = gm.apply_global(state)
     assert (pooled.size, pooled.offset, pooled.receptive_field, pooled.stride) == (1, 0, 11, 2)
     assert pooled.is_global and pooled.global_context
+    inner = gm.apply_global(gm.AxisState(size=10, exact_start=2, exact_stop=8))
+    assert (inner.exact_start, inner.exact_stop) == (0, 0)  # a tile's pooling is exact nowhere
 
 
 def test_merge_refuses_maps_of_one_size_but_different_strides():
     with pytest.raises(ValueError, match=r"strides \[1, 2\]"):
         gm.merge([gm.AxisState(size=5, stride=1), gm.AxisState(size=5, stride=2)])
+
+
+def test_merge_of_one_map_with_a_broadcast_vector_keeps_the_maps_grid():
+    a = gm.AxisState(size=5, stride=2, offset=-1, receptive_field=3)
+    merged = gm.merge([a, gm.apply_global(gm.input_state(9))])
+    assert (merged.size, merged.stride, merged.offset, merged.receptive_field) == (5, 2, -1, 3)
+    empty = gm.merge([gm.AxisState(size=0, stride=4), gm.apply_global(gm.input_state(9))])
+    assert (empty.size, empty.stride, empty.global_context) == (0, 4, True)

@@ -63,7 +63,8 @@ SYMBOL = {
 
 # Equivalent mutants: (module, the source line stripped, the column, the mutation) -> why no test can kill it.
 TILING, STAGES = "keras_fcn_surgery/grid/tiling.py", "keras_fcn_surgery/grid/stages.py"
-AXIS = "keras_fcn_surgery/grid/axis.py"
+AXIS, KERNELS = "keras_fcn_surgery/grid/axis.py", "keras_fcn_surgery/surgery/kernels.py"
+IDENTITY = "dense_to_conv_kernel: a shortcut only; transposing by the identity permutation gives the same kernel"
 EQUIVALENT: dict[tuple[str, str, int, str], str] = {
     (TILING, "if step < 1:", 7, "`<` -> `<=`"): (
         "balanced_tile_length at step == 1: count = total - lost tiles, so needed = "
@@ -79,6 +80,16 @@ EQUIVALENT: dict[tuple[str, str, int, str], str] = {
     (TILING, "quantum: int = 1,", 19, "1 -> 0"): "crop_tile's default quantum: 0 becomes 1 in `max(1, quantum)`",
     (AXIS, "size = window_output_size(state.size, kernel, stride, dilation, padding) if state.size >= 1 else 0", 94,
      "1 -> 0"): "apply_window: window_output_size(0, ...) is 0 too (sizes are never negative)",
+    (AXIS, "stride=maps[0].stride,", 20, "0 -> -1"): "merge: every map's stride is equal by then (else it raised)",
+    (AXIS, "size=maps[0].size,", 18, "0 -> -1"): "merge: every map's size is equal by then (else it raised)",
+    (KERNELS, "if permutation == [0, 1, 2, 3]:", 23, "0 -> 1"): IDENTITY,
+    (KERNELS, "if permutation == [0, 1, 2, 3]:", 23, "0 -> -1"): IDENTITY,
+    (KERNELS, "if permutation == [0, 1, 2, 3]:", 26, "1 -> 2"): IDENTITY,
+    (KERNELS, "if permutation == [0, 1, 2, 3]:", 26, "1 -> 0"): IDENTITY,
+    (KERNELS, "if permutation == [0, 1, 2, 3]:", 29, "2 -> 3"): IDENTITY,
+    (KERNELS, "if permutation == [0, 1, 2, 3]:", 29, "2 -> 1"): IDENTITY,
+    (KERNELS, "if permutation == [0, 1, 2, 3]:", 32, "3 -> 4"): IDENTITY,
+    (KERNELS, "if permutation == [0, 1, 2, 3]:", 32, "3 -> 2"): IDENTITY,
     (STAGES, "for j in range(1, count + 1):", 19, "1 -> 0"): "j = 0 has no i < 0: that pass does nothing",
     (STAGES, "best = [math.inf] * (count + 1)", 33, "1 -> 2"): "one more entry, never read",
     (STAGES, "previous = [-1] * (count + 1)", 31, "1 -> 2"): "one more entry, never read",
