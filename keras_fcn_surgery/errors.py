@@ -61,6 +61,20 @@ class IgnoredHeadWarning(UserWarning):
     """``head="dense"`` was asked for a model without a global-pooling head, where it changes nothing."""
 
 
+class InternalError(RuntimeError):
+    """A loop or invariant of the package's own arithmetic went wrong: a bug in keras_fcn_surgery, not in
+    the model or the input. The message names the function and its arguments, to quote in a report."""
+
+
+def loop_bound_exceeded(function: str, bound: int, **arguments) -> InternalError:
+    """The error for a planning loop that ran past the bound its inputs give (it would never have ended)."""
+    given = ", ".join(f"{name}={value!r}" for name, value in arguments.items())
+    return InternalError(
+        f"Internal error: {function}({given}) ran past {bound} iterations, the most its inputs allow. "
+        "This is a bug in keras_fcn_surgery; please report it with this message."
+    )
+
+
 def first_line(text: str) -> str:
     """The gist of another library's error message, for quoting inside ours.
 

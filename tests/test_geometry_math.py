@@ -1,8 +1,9 @@
 """Pure per-axis geometry functions."""
 
-import keras
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from keras_fcn_surgery.grid import axis as gm
 
@@ -12,6 +13,8 @@ from keras_fcn_surgery.grid import axis as gm
 def test_same_padding_before_matches_tensorflow(size, kernel, stride):
     # With input 1..size and a kernel that picks its last tap, output cell 0
     # holds input[kernel - 1 - pad_before], i.e. the value kernel - pad_before.
+    import keras  # here, so that the pure tests below run without starting TensorFlow
+
     values = np.arange(1, size + 1, dtype="float32").reshape(1, size, 1)
     picker = np.zeros((kernel, 1, 1), dtype="float32")
     picker[-1] = 1
@@ -94,3 +97,61 @@ def test_unknown_window_is_carried_through_every_later_step():
     merged = gm.merge([later, gm.apply_unknown(later, later.size, 1, "layer 'y' (Y)")])
     assert merged.unknown == ("layer 'x' (X)", "layer 'y' (Y)")
     assert gm.apply_global(merged).unknown == merged.unknown
+
+
+# --- the gaps mutation testing found (issue 29) --------------------------------------------------------------
+
+
+def test_a_valid_window_as_long_as_its_input_gives_one_cell():
+    assert gm.window_output_size(3, 3, 1, 1, "valid") == 1
+    assert gm.window_output_size(2, 3, 1, 1, "valid") == 0
+    assert gm.window_output_size(7, 3, 2, 3, "valid") == 1  # dilated: an effective window of 7
+
+
+@settings(max_examples=200, deadline=None)
+@given(kernel=st.integers(1, 9), stride=st.integers(1, 8), dilation=st.integers(1, 4), extra=st.integers(0, 40))
+def test_valid_window_output_size_is_the_number_of_whole_windows(kernel, stride, dilation, extra):
+    effective = dilation * (kernel - 1) + 1
+    assert gm.window_output_size(effective, kernel, stride, dilation, "valid") == 1
+    size = effective + extra
+    starts = [a for a in range(size) if a + effective <= size and a % stride == 0]
+    assert gm.window_output_size(size, kernel, stride, dilation, "valid") == len(starts)
+    assert gm.window_output_size(size, kernel, stride, dilation, "same") == len(range(0, size, stride))
+    state = gm.apply_window(gm.input_state(size), kernel, stride, dilation, "valid")
+    assert (state.size, state.stride, state.offset, state.receptive_field) == (len(starts), stride, 0, effective)
+
+
+def test_a_slice_of_step_one_shifts_by_its_start():
+    state = gm.apply_window(gm.input_state(21), 3, 2, 1, "same")  # 11 cells, stride 2, offset -1
+    sliced = gm.apply_slice(state, 3, 1, 5)
+    assert (sliced.size, sliced.stride, sliced.offset, sliced.receptive_field) == (5, 2, 5, 3)
+    edged = gm.apply_slice(gm.AxisState(size=10, exact_start=2, exact_stop=9), 3, 1, 5)
+    assert (edged.exact_start, edged.exact_stop) == (0, 5)
+    edged = gm.apply_slice(gm.AxisState(size=10, exact_start=4, exact_stop=7), 1, 1, 8)
+    assert (edged.exact_start, edged.exact_stop) == (3, 6)
+    # Exact cells only before the slice's start: none kept.
+    edged = gm.apply_slice(gm.AxisState(size=10, exact_start=0, exact_stop=2), 3, 1, 5)
+    assert (edged.exact_start, edged.exact_stop) == (0, 0)
+
+
+def test_a_global_pooling_sees_the_whole_axis_from_its_start():
+    state = gm.apply_window(gm.input_state(21), 3, 2, 1, "same")  # 11 cells, offset -1, stride 2
+    assert state.offset == -1
+    pooled = gm.apply_global(state)
+    assert (pooled.size, pooled.offset, pooled.receptive_field, pooled.stride) == (1, 0, 11, 2)
+    assert pooled.is_global and pooled.global_context
+    inner = gm.apply_global(gm.AxisState(size=10, exact_start=2, exact_stop=8))
+    assert (inner.exact_start, inner.exact_stop) == (0, 0)  # a tile's pooling is exact nowhere
+
+
+def test_merge_refuses_maps_of_one_size_but_different_strides():
+    with pytest.raises(ValueError, match=r"strides \[1, 2\]"):
+        gm.merge([gm.AxisState(size=5, stride=1), gm.AxisState(size=5, stride=2)])
+
+
+def test_merge_of_one_map_with_a_broadcast_vector_keeps_the_maps_grid():
+    a = gm.AxisState(size=5, stride=2, offset=-1, receptive_field=3)
+    merged = gm.merge([a, gm.apply_global(gm.input_state(9))])
+    assert (merged.size, merged.stride, merged.offset, merged.receptive_field) == (5, 2, -1, 3)
+    empty = gm.merge([gm.AxisState(size=0, stride=4), gm.apply_global(gm.input_state(9))])
+    assert (empty.size, empty.stride, empty.global_context) == (0, 4, True)

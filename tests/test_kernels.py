@@ -114,3 +114,10 @@ def test_batch_norm_affine_matches_keras_batchnorm_at_inference():
     x = rng.standard_normal((3, 5)).astype("float32")
     scale, shift = batch_norm_affine(layer.gamma, layer.beta, layer.moving_mean, layer.moving_variance, 1e-3)
     np.testing.assert_allclose(x * scale + shift, np.asarray(layer(x, training=False)), rtol=1e-5, atol=1e-6)
+
+
+def test_fold_affine_into_dense_refuses_a_scale_or_a_shift_alone_of_the_wrong_shape():
+    kernel = np.ones((6, 4))
+    for scale, shift in ((np.ones(5), np.ones(6)), (np.ones(6), np.ones(5)), (np.ones((6, 1)), np.ones(6))):
+        with pytest.raises(ValueError, match=r"shape \(6,\)"):
+            fold_affine_into_dense(kernel, None, scale, shift)

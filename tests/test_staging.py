@@ -1,6 +1,5 @@
 """Staged tiling: each stage tiled on the stored map of the stage before equals the whole-image pass."""
 
-import math
 import os
 
 import keras
@@ -10,7 +9,6 @@ from conftest import STRIDES, random_images, strided_fcn, whole_map
 from keras import layers
 
 import keras_fcn_surgery as kfs
-from keras_fcn_surgery.grid.stages import cheapest_chain, memory_scale, place_stores, scaled_tile
 from keras_fcn_surgery.inference import engines
 from keras_fcn_surgery.inference.staged import plan_prediction
 from keras_fcn_surgery.inference.store import DiskMap, file_backed
@@ -298,24 +296,6 @@ def test_every_stage_compiles_as_the_whole_network_chooses():
     assert {engine for engine, *_ in engines._FORWARDS[first]} == {"xla"}, "the first stage ran without XLA"
     kfs.predict_map(head, image, tile=60, staged=True, engine="tf")
     assert "tf" in {engine for engine, *_ in engines._FORWARDS[first]}
-
-
-def test_cheapest_chain():
-    costs = {(0, 1): 1.0, (1, 3): 1.0, (0, 3): 5.0, (0, 2): 0.5, (2, 3): 3.0, (1, 2): 0.1}
-    assert cheapest_chain(3, lambda i, j: costs.get((i, j))) == ([0, 1, 3], 2.0)
-    costs[(1, 3)] = None
-    assert cheapest_chain(3, lambda i, j: costs.get((i, j))) == ([0, 2, 3], 3.5)
-    assert cheapest_chain(2, lambda i, j: None) == ([], math.inf)
-    assert cheapest_chain(1, lambda i, j: 7.0) == ([0, 1], 7.0)
-
-
-def test_memory_helpers():
-    assert place_stores([100, 50, 60, 70], 120) == [True, False, True, False]
-    assert place_stores([100, 10], 110) == [True, True]
-    assert place_stores([], 0) == []
-    assert memory_scale(100, 400) == 2.0 and memory_scale(0, 10) == 1.0
-    assert scaled_tile((10, 20), 2.5, (100, 30)) == (25, 30)
-    assert scaled_tile((10, 20), 0.01, (100, 30)) == (1, 1)
 
 
 def test_predict_maps_batches_images_of_one_size_and_tiles_the_large_ones():

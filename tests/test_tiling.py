@@ -2,13 +2,15 @@
 
 import math
 
+import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from keras_fcn_surgery.errors import ConversionError
+from keras_fcn_surgery.errors import ConversionError, InputError, InternalError
 from keras_fcn_surgery.grid import axis as gm
-from keras_fcn_surgery.grid.tiling import balanced_tile_length, plan_axis, tile_length
+from keras_fcn_surgery.grid import tiling
+from keras_fcn_surgery.grid.tiling import AxisTile, balanced_tile_length, plan_axis, plan_pixels, tile_length
 
 
 def _check_plan(tiles, length, tile, stride, cells, before, after):
@@ -136,3 +138,191 @@ def test_a_global_pooling_is_exact_only_over_the_whole_axis():
     assert math.isinf(whole.exact_start) and math.isinf(whole.exact_stop)
     merged = gm.merge([gm.input_state(20, 0, math.inf), inner])
     assert merged.exact_start >= merged.exact_stop
+
+
+# --- the gaps mutation testing found (issue 29), and the planning loop's bound --------------------------------
+
+
+def test_a_tile_as_long_as_the_image_is_one_tile_even_when_its_margins_take_every_cell():
+    # tile_length returns the length itself for a small image; its margins do not matter (no inner edge).
+    assert tile_length(224, 100, 32) == 100
+    (only,) = plan_axis(100, 100, 32, 3, 2, 2)
+    assert (only.start, only.stop, only.keep_start, only.keep_stop, only.out_start) == (0, 100, 0, 3, 0)
+    assert plan_pixels(50, 50, 30, 8) == [AxisTile(0, 50, 0, 50, 0)]
+
+
+def test_a_tile_whose_cells_all_lie_in_its_margins_is_refused_not_looped_on():
+    # step == 0: cells equal the two margins; the next tile would start where this one did.
+    with pytest.raises(InputError, match="at least 44 pixels"):
+        plan_axis(100, 40, 4, 5, 2, 3)
+    # step == cells_per_stride - 1 for a per-pixel map: each tile would keep less than one stride.
+    with pytest.raises(InputError, match="at least 40 pixels"):
+        plan_axis(100, 36, 4, 36, 16, 17, cells_per_stride=4)
+
+
+def test_balancing_down_to_two_tiles():
+    # 100 pixels, stride 1, tiles of 60 with 5 + 5 lost: 2 tiles; 55 pixels still keep 2 tiles (50 + 50 >= 100).
+    balanced = balanced_tile_length(100, 60, 1, 60, 5, 5, 11)
+    assert balanced == 55
+    assert len(plan_axis(100, balanced, 1, balanced, 5, 5)) == len(plan_axis(100, 60, 1, 60, 5, 5)) == 2
+    assert balanced_tile_length(100, 60, 1, 60, 5, 5, 58) == 58  # never below the network's minimum
+
+
+def test_plan_pixels_worked_example():
+    # 100 pixels, period 4, tiles of up to 42 (40 is congruent to 100 mod 4), 6 lost at each inner edge.
+    tiles = plan_pixels(100, 42, 6, 4)
+    assert [(t.start, t.stop, t.keep_start, t.keep_stop, t.out_start) for t in tiles] == [
+        (0, 40, 0, 34, 0),
+        (28, 68, 6, 34, 34),
+        (56, 96, 6, 34, 62),
+        (60, 100, 30, 40, 90),
+    ]
+    with pytest.raises(InputError, match="at least 16 pixels"):
+        plan_pixels(100, 15, 6, 4)
+
+
+def test_plan_axis_stops_with_an_internal_error_past_its_bound(monkeypatch):
+    # A broken step (every tile clamped back to origin 0) would plan tiles forever: the loop stops at `total`.
+    calls = []
+
+    def stuck(origin, last_origin):
+        calls.append(origin)
+        return 0
+
+    monkeypatch.setattr(tiling, "min", stuck, raising=False)
+    with pytest.raises(InternalError, match=r"plan_axis\(length=102, tile=42, .*bug in keras_fcn_surgery"):
+        plan_axis(102, 42, 4, 10, 2, 3)
+    assert len(calls) == (102 - 42) // 4 + 10  # exactly `total` tiles planned, not one more
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    stride=st.sampled_from([1, 2, 3, 4, 8, 16, 32]),
+    blocks=st.integers(1, 12),
+    length=st.integers(1, 2000),
+    before=st.integers(0, 40),
+    after=st.integers(0, 40),
+    k=st.integers(1, 8),
+)
+def test_every_tile_lies_in_the_image_and_every_cell_is_written_once(stride, blocks, length, before, after, k):
+    # A map of `k` cells per stride (k = stride: a per-pixel map), of `cells` cells per tile.
+    tile = tile_length(blocks * stride, length, stride)
+    cells = -(-tile // stride) * k
+    total = (length - tile) // stride * k + cells if tile < length else cells
+    try:
+        tiles = plan_axis(length, tile, stride, cells, before, after, cells_per_stride=k)
+    except InputError:
+        assert tile < length and cells - before - after < k  # refused only when an inner tile keeps < a stride
+        return
+    written = []
+    for t in tiles:
+        assert 0 <= t.start < t.stop <= length and t.start % stride == 0 and t.stop - t.start == min(tile, length)
+        assert t.keep_start >= (0 if t.start == 0 else before)
+        assert t.keep_stop <= (cells if t.stop == length else cells - after)
+        assert t.out_start == t.start // stride * k + t.keep_start and t.keep_start < t.keep_stop
+        written.extend(range(t.out_start, t.out_stop))
+    assert written == list(range(total))
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    period=st.sampled_from([1, 2, 4, 8, 16, 32]),
+    length=st.integers(1, 1500),
+    tile=st.integers(1, 1500),
+    margin=st.integers(0, 60),
+)
+def test_plan_pixels_is_plan_axis_with_one_cell_per_pixel(period, length, tile, margin):
+    try:
+        tiles = plan_pixels(length, tile, margin, period)
+    except InputError:
+        size = tile - (tile - length) % period
+        assert tile < length and (size < 1 or size - 2 * margin < period)
+        return
+    if tile >= length:
+        assert tiles == [AxisTile(0, length, 0, length, 0)]
+        return
+    size = tiles[0].stop
+    assert size <= tile and (length - size) % period == 0 and size + period > tile  # the longest allowed
+    assert tiles == plan_axis(length, size, period, size, margin, margin, cells_per_stride=period)
+    written = []
+    for t in tiles:
+        assert 0 <= t.start < t.stop <= length and t.start % period == 0
+        assert t.keep_start >= (0 if t.start == 0 else margin)
+        assert t.keep_stop <= size - (0 if t.stop == length else margin)
+        assert t.out_start == t.start + t.keep_start  # a pixel map: a tile's cell j is the image's pixel start + j
+        written.extend(range(t.out_start, t.out_stop))
+    assert written == list(range(length))
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    stride=st.sampled_from([1, 2, 4, 8, 32]),
+    length=st.integers(1, 3000),
+    tile=st.integers(1, 3000),
+    before=st.integers(0, 6),
+    after=st.integers(0, 6),
+    head=st.integers(0, 6),
+    low_blocks=st.integers(0, 20),
+)
+def test_balancing_never_adds_tiles_and_stays_within_its_bounds(stride, length, tile, before, after, head, low_blocks):
+    def cells_of(pixels):
+        return pixels // stride - head
+
+    tile = tile_length(tile, length, stride)
+    shortest = (head + before + after + 1 + low_blocks) * stride + length % stride
+    if shortest > min(tile, length):
+        return  # callers pass a minimum the tile meets
+    balanced = balanced_tile_length(length, tile, stride, cells_of(tile), before, after, shortest)
+    if tile >= length:
+        assert balanced == length
+        return
+    if cells_of(tile) - before - after < 1:
+        assert balanced == tile
+        return
+    assert (length - balanced) % stride == 0 and shortest <= balanced <= tile
+    if cells_of(balanced) - before - after < 1:
+        return
+    original = plan_axis(length, tile, stride, cells_of(tile), before, after)
+    shorter = plan_axis(length, balanced, stride, cells_of(balanced), before, after)
+    assert len(shorter) <= len(original)
+    if balanced > shortest:  # not held up by the minimum: one stride shorter needs more tiles
+        one_less = balanced - stride
+        if cells_of(one_less) - before - after >= 1:
+            assert len(plan_axis(length, one_less, stride, cells_of(one_less), before, after)) > len(original)
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    rows=st.integers(1, 9),
+    cols=st.integers(1, 9),
+    seed=st.integers(0, 1000),
+    boxes=st.lists(st.tuples(st.integers(0, 9), st.integers(0, 9), st.integers(0, 9), st.integers(0, 9)), max_size=4),
+)
+def test_box_counts_and_pixels_read_are_brute_force_sums(rows, cols, seed, boxes):
+    mask = np.random.default_rng(seed).random((rows, cols)) < 0.5
+    tops, bottoms, lefts, rights = [], [], [], []
+    for a, b, c, d in boxes:
+        tops.append(min(a, b, rows)), bottoms.append(min(max(a, b), rows))
+        lefts.append(min(c, d, cols)), rights.append(min(max(c, d), cols))
+    if not boxes:
+        tops, bottoms, lefts, rights = [1], [rows], [1], [cols]
+    counts = tiling.box_counts(mask, tops, bottoms, lefts, rights)
+    expected = [[mask[t:b, left:right].sum() for left, right in zip(lefts, rights)] for t, b in zip(tops, bottoms)]
+    np.testing.assert_array_equal(counts, expected)
+    row_tiles = [AxisTile(t, b, 0, 0, 0) for t, b in zip(tops, bottoms)]
+    col_tiles = [AxisTile(left, right, 0, 0, 0) for left, right in zip(lefts, rights)]
+    selected = np.random.default_rng(seed + 1).random((len(tops), len(lefts))) < 0.5
+    read = tiling.pixels_read((rows, cols), row_tiles, col_tiles, selected)
+    brute = np.zeros((rows, cols), bool)
+    for i, j in zip(*np.nonzero(selected)):
+        brute[tops[i] : bottoms[i], lefts[j] : rights[j]] = True
+    np.testing.assert_array_equal(read, brute)
+
+
+def test_crop_tile_in_quanta_of_cells():
+    tile = plan_axis(200, 64, 4, 14, 2, 2)[1]  # AxisTile(40, 104, 2, 12, 12): cells 10..23, keeps 12..21
+    # Needed cells 17, 18 (tile cells 7, 8): 5 cells may go before (7 - 2) and 3 after (14 - 9 - 2).
+    assert tiling.crop_tile(tile, 14, 17, 19, 4, 2, 2, quantum=2) == AxisTile(56, 96, 3, 5, 17)
+    assert tiling.crop_tile(tile, 14, 17, 19, 4, 2, 2, quantum=3) == AxisTile(52, 92, 4, 6, 17)
+    assert tiling.crop_tile(tile, 14, 17, 19, 4, 2, 2, quantum=0) == tiling.crop_tile(tile, 14, 17, 19, 4, 2, 2)
+    assert tiling.crop_tile(tile, 14, 12, 22, 4, 2, 2) == tile  # every kept cell needed: nothing to crop

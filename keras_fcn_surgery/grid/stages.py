@@ -12,6 +12,8 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 
+from keras_fcn_surgery.errors import loop_bound_exceeded
+
 
 def cheapest_chain(count: int, cost: Callable[[int, int], float | None]) -> tuple[list[int], float]:
     """The cheapest increasing chain of boundaries from 0 to ``count``.
@@ -38,10 +40,20 @@ def cheapest_chain(count: int, cost: Callable[[int, int], float | None]) -> tupl
                 best[j], previous[j] = best[i] + step, i
     if math.isinf(best[count]):
         return [], math.inf
+    return _chain_back(previous, count), best[count]
+
+
+def _chain_back(previous: Sequence[int], count: int) -> list[int]:
+    """The chain ending at ``count`` read back through ``previous`` (each boundary's predecessor), 0 first.
+
+    Predecessors decrease, so a chain has at most ``count + 1`` boundaries; more is a bug.
+    """
     chain = [count]
     while chain[-1] != 0:
+        if len(chain) > count:
+            raise loop_bound_exceeded("cheapest_chain", count + 1, count=count, previous=list(previous))
         chain.append(previous[chain[-1]])
-    return chain[::-1], best[count]
+    return chain[::-1]
 
 
 def scaled_tile(base: Sequence[int], factor: float, limit: Sequence[int]) -> tuple[int, ...]:

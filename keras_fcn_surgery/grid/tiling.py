@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from keras_fcn_surgery.errors import ConversionError, InputError
+from keras_fcn_surgery.errors import ConversionError, InputError, loop_bound_exceeded
 
 
 @dataclass(frozen=True)
@@ -129,6 +129,7 @@ def plan_axis(
     Raises:
         ConversionError: when the tile length is not aligned.
         InputError: when the tile is too short to keep any cell of an inner tile.
+        InternalError: past ``total`` tiles (each writes a cell): a bug, never a bad input.
     """
     if tile >= length:
         return [AxisTile(0, length, 0, cells, 0)]
@@ -149,7 +150,19 @@ def plan_axis(
     total = last_origin * cells_per_stride + cells
     tiles: list[AxisTile] = []
     written, origin = 0, 0
-    while written < total:  # each tile writes at least one cell
+    while written < total:  # each tile writes at least one cell, so `total` tiles at most
+        if len(tiles) >= total:
+            raise loop_bound_exceeded(
+                "plan_axis",
+                total,
+                length=length,
+                tile=tile,
+                stride=stride,
+                cells=cells,
+                margin_before=margin_before,
+                margin_after=margin_after,
+                cells_per_stride=cells_per_stride,
+            )
         origin = min(origin, last_origin)
         first_cell = origin * cells_per_stride
         keep_stop = cells if origin == last_origin else cells - margin_after
