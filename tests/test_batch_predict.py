@@ -11,6 +11,7 @@ from PIL import Image
 import keras_fcn_surgery as kfs
 from keras_fcn_surgery import cli
 from keras_fcn_surgery.batch.run import predict_images
+from keras_fcn_surgery.batch.sources import find_sources
 
 tifffile = pytest.importorskip("tifffile")
 pytest.importorskip("skimage")
@@ -98,7 +99,7 @@ def test_an_interrupted_run_leaves_no_partial_output(mixed_folder, fcn, tmp_path
 
     def interrupt_on_second_image(x):
         calls.append(1)
-        if len(calls) == 2:
+        if len(calls) == 3:
             raise KeyboardInterrupt
         return x
 
@@ -332,3 +333,24 @@ def test_a_run_that_writes_nothing_leaves_no_output_folder(fcn, tmp_path):
     out.mkdir()
     predict_images(fcn, [str(tmp_path / "broken.png")], out)
     assert out.is_dir(), "a folder the user made is kept"
+
+
+def test_an_interrupted_predict_says_how_many_inputs_finished(model_file, mixed_folder, tmp_path, capsys, monkeypatch):
+    # Issue 28: after Ctrl-C the user could not tell how far the run had got.
+    from keras_fcn_surgery.batch import run as batch_run
+
+    real, calls = batch_run.predict_source, []
+
+    def interrupted_third(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(batch_run, "predict_source", interrupted_third)
+    out = tmp_path / "maps"
+    assert cli.main(["predict", model_file, str(mixed_folder), "--out", str(out)]) == 130
+    err = capsys.readouterr().err
+    total, written = len(find_sources([str(mixed_folder)])), len(list(out.rglob("*.npz")))
+    assert written == 1 and total == 4  # corrupt.jpg failed, grey.png done, then Ctrl-C
+    assert f"interrupted (SIGINT); no partial output left behind. {written} of {total} inputs have their outputs" in err

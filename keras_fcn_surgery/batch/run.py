@@ -156,6 +156,9 @@ def predict_images(
 
     fcn = as_fcn(model, head=head, input_size=input_size)
     _check_class_names(fcn, options.class_names)
+    from keras_fcn_surgery.saving.atomic import Interrupted
+
+    results: list = []
     created = not os.path.exists(out_dir)
     os.makedirs(out_dir, exist_ok=True)
     start = time.perf_counter()
@@ -165,11 +168,15 @@ def predict_images(
 
             results = run_on_ray(fcn, sources, out_dir, options, address=ray_address, workers=workers)
         else:
-            results = []
             with progress_bar(len(sources), progress, "images") as bar:
                 for source in sources:
                     results.append(predict_source(fcn, source, out_dir, options))
                     bar.update(1)
+    except (KeyboardInterrupt, Interrupted) as stop:
+        if engine != "ray":  # Ray's results come back at the end: none is known here
+            done = sum(r.status in ("done", "skipped") for r in results)
+            stop.add_note(f"{done} of {len(sources)} inputs have their outputs; rerun to do the rest.")
+        raise
     finally:
         if created and not os.listdir(out_dir):  # nothing written (failed, interrupted): leave nothing behind
             os.rmdir(out_dir)

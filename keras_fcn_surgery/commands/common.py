@@ -38,6 +38,11 @@ def check_paths_first(args) -> None:
         check_input_file(args.image, "Image")
 
 
+def _notes(error: BaseException) -> list[str]:
+    """What the code on the way out added to an interruption (`BaseException.add_note`): e.g. inputs finished."""
+    return list(getattr(error, "__notes__", []))
+
+
 def run_interruptible(function) -> int:
     """Call ``function()`` (returning an exit code) so that SIGINT, SIGTERM and SIGHUP end it cleanly.
 
@@ -52,12 +57,12 @@ def run_interruptible(function) -> int:
     previous = _raise_on_signals(Interrupted)
     try:
         return function()
-    except KeyboardInterrupt:
-        print("interrupted (SIGINT); no partial output left behind.", file=sys.stderr)
+    except KeyboardInterrupt as stop:
+        print(" ".join(["interrupted (SIGINT); no partial output left behind.", *_notes(stop)]), file=sys.stderr)
         return 128 + signal.SIGINT
     except Interrupted as stop:
         name = signal.Signals(stop.signal_number).name
-        print(f"terminated ({name}); no partial output left behind.", file=sys.stderr)
+        print(" ".join([f"terminated ({name}); no partial output left behind.", *_notes(stop)]), file=sys.stderr)
         return 128 + stop.signal_number
     finally:
         for number, handler in previous.items():
