@@ -143,12 +143,12 @@ def _fcn_to_export(source, *, convert: bool, head: str, input_size):
 
 
 def _warn_if_uninformative(fcn, format: str, checks) -> None:
-    """Warn when the export's check could not tell a right file from a wrong one (outputs constant or ~0)."""
+    """Warn when the export's check could not tell a right file from a wrong one (its outputs hardly vary)."""
     if all(check.informative for check in checks):
         return
     warnings.warn(
         f"The check of the {format} export of '{fcn.name}' proves little: the model's outputs hardly vary with "
-        "the check images, or are all near 0 (an untrained network, or a softmax over collapsed features gives "
+        "the check images (an untrained network, or a softmax over collapsed features gives "
         "the same scores everywhere), so a broken export would pass too. Load trained weights, and verify the "
         "conversion on real images: `convert(model, verify_inputs=images)` (CLI: `--verify-images DIR`).",
         UninformativeVerificationWarning,
