@@ -123,3 +123,46 @@ def test_bad_arguments_are_refused_before_writing(tmp_path):
     with pytest.raises(kfs.ModelFileError, match="must end in `.tflite`"):
         kfs.export_tflite(small_flatten_cnn(), tmp_path / "a.onnx")
     assert os.listdir(tmp_path) == []
+
+
+def test_the_converter_keeps_its_log_off_the_terminal(tmp_path):
+    # Issue 28: `kfs.export_tflite` printed the converter's absl lines ("Ignored output_format", ...).
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "sys.path.insert(0, sys.argv[2])\n"
+        "import tensorflow, keras_fcn_surgery as kfs\n"
+        "from models import small_flatten_cnn\n"
+        "print('START', file=sys.stderr, flush=True)\n"
+        "kfs.export_tflite(small_flatten_cnn(), sys.argv[1])\n"
+    )
+    tests = os.path.dirname(os.path.abspath(__file__))
+    done = subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path / "m.tflite"), tests], capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    after_import = done.stderr.split("START", 1)[1]
+    assert "Ignored output_format" not in after_import and "W0000" not in after_import, after_import
+
+
+def test_a_failing_call_shows_what_it_logged():
+    from keras_fcn_surgery.native_log import native_stderr_captured
+
+    read, write = os.pipe()
+    saved = os.dup(2)
+    os.dup2(write, 2)
+    try:
+        with native_stderr_captured():
+            os.write(2, b"quiet when all goes well\n")
+        with pytest.raises(RuntimeError), native_stderr_captured():
+            os.write(2, b"shown when the call fails\n")
+            raise RuntimeError("boom")
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(write)
+    shown = os.read(read, 4096).decode()
+    os.close(read)
+    assert "shown when the call fails" in shown and "quiet when all goes well" not in shown

@@ -8,7 +8,6 @@ import logging
 import os
 import signal
 import sys
-import tempfile
 
 EXIT_OK, EXIT_CONVERSION, EXIT_USAGE = 0, 1, 2
 
@@ -154,20 +153,10 @@ def quiet_tensorflow_import() -> None:
     if "tensorflow" in sys.modules or os.environ.get("TF_CPP_MIN_LOG_LEVEL", "3") != "3":
         return
     os.environ["TF_CPP_MIN_LOG_LEVEL"] = "3"
-    sys.stderr.flush()
-    saved = os.dup(2)
-    with tempfile.TemporaryFile() as captured:
-        os.dup2(captured.fileno(), 2)
-        try:
-            importlib.import_module("tensorflow")
-        except BaseException:
-            os.dup2(saved, 2)
-            captured.seek(0)
-            sys.stderr.write(captured.read().decode(errors="replace"))
-            raise
-        finally:
-            os.dup2(saved, 2)
-            os.close(saved)
+    from keras_fcn_surgery.native_log import native_stderr_captured
+
+    with native_stderr_captured():
+        importlib.import_module("tensorflow")
     # Python-side TensorFlow warnings (retracing notes from grouped convolutions) are noise here.
     logging.getLogger("tensorflow").setLevel(logging.ERROR)
 

@@ -25,6 +25,7 @@ from typing import ClassVar
 from keras_fcn_surgery.errors import ExportError, ModelFileError, first_line
 from keras_fcn_surgery.exporting.pipeline import FileFormat, check_choice
 from keras_fcn_surgery.exporting.savedmodel import INPUT_NAME, OUTPUT_NAME, SERVING_DEFAULT, serving_functions
+from keras_fcn_surgery.native_log import native_stderr_captured
 from keras_fcn_surgery.options import QUANTIZE_MODES
 
 _CHECK_SCRIPT = f"""
@@ -103,7 +104,8 @@ def _write_tflite(fcn, temporary: str, quantize: str | None) -> None:
     if quantize == "float16":
         converter.target_spec.supported_types = [tf.float16]
     try:
-        flatbuffer = converter.convert()
+        with native_stderr_captured():  # the converter's absl notices ("Ignored output_format"), shown on failure
+            flatbuffer = converter.convert()
     except Exception as error:
         raise ExportError(
             f"The TFLite converter could not convert model '{fcn.name}' ({type(error).__name__}: "
