@@ -217,3 +217,33 @@ def test_a_predict_rerun_with_nothing_to_do_answers_before_tensorflow_starts(tmp
     result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("predict: 0 done, 2 skipped, 0 failed in ")
+
+
+def test_an_image_smaller_than_the_network_is_a_usage_error_in_every_command(tmp_path, capsys):
+    # Issue 28: exit 2 in heatmap, but 1 in segment and show activations.
+    import keras
+    from PIL import Image
+
+    from keras_fcn_surgery.segmentation.segmenter import segmenter
+
+    classifier = keras.Sequential(
+        [
+            keras.Input((16, 16, 3)),
+            keras.layers.Conv2D(4, 3, name="conv"),
+            keras.layers.MaxPooling2D(2),
+            keras.layers.Conv2D(4, 3, name="conv2"),
+            keras.layers.Flatten(),
+            keras.layers.Dense(2),
+        ]
+    )
+    classifier.save(tmp_path / "clf.keras")
+    segmenter(classifier, num_classes=2, skips=()).save(tmp_path / "seg.keras")
+    Image.new("RGB", (5, 6)).save(tmp_path / "tiny.png")
+    tiny, out = str(tmp_path / "tiny.png"), str(tmp_path / "out.png")
+    for argv in (
+        ["segment", str(tmp_path / "seg.keras"), tiny, "-o", out],
+        ["show", "activations", str(tmp_path / "clf.keras"), tiny, "--layer", "conv2", "-o", out],
+        ["heatmap", str(tmp_path / "clf.keras"), tiny, "--class", "0", "-o", out],
+    ):
+        assert main(argv) == EXIT_USAGE, (argv, capsys.readouterr().err)
+        assert capsys.readouterr().err.startswith("error: ")

@@ -8,7 +8,7 @@ import keras
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from keras_fcn_surgery.errors import ConversionError
+from keras_fcn_surgery.errors import ConversionError, InputError, first_line
 from keras_fcn_surgery.graph import describe, model_layout
 from keras_fcn_surgery.inference.heatmap import _display_pixels, class_color
 
@@ -187,10 +187,10 @@ def activations_picture(model, image, layer=None, path=None, *, scale: int = 1, 
     probe = keras.Model(model.inputs[0], output)
     try:
         maps = np.asarray(probe(image[None]))[0]
-    except ValueError as error:
-        raise ConversionError(
-            f"Model '{model.name}' does not take an image of shape {image.shape}: "
-            f"{str(error).splitlines()[0]}"
+    except Exception as error:  # Keras's ValueError or TensorFlow's InvalidArgumentError: the image does not fit
+        raise InputError(
+            f"Model '{model.name}' does not take an image of shape {image.shape} up to layer {describe(found)}: "
+            f"{first_line(str(error))} Use a larger image."
         ) from error
     maps = layout.image_to_channels_last(maps)
     tiles = _normalised(np.moveaxis(maps, -1, 0)[:max_tiles])

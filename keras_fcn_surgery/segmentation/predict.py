@@ -147,11 +147,11 @@ def plan_segment_tiles(model, size, tile=None) -> list[list[AxisTile]]:
     tile, the image.
 
     Raises:
-        ConversionError: for an image smaller than `minimum_size`, or tiles too small.
+        InputError: for an image smaller than `minimum_size`, or tiles too small.
     """
     smallest = minimum_size(model)
     if size[0] < smallest[0] or size[1] < smallest[1]:
-        raise ConversionError(
+        raise InputError(
             f"An image of {size[0]}x{size[1]} pixels is smaller than the {smallest[0]}x{smallest[1]} that "
             f"'{model.name}' needs. Pad it, or use a larger image."
         )
