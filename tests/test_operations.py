@@ -5,6 +5,8 @@ the like as `Operation` nodes that are not layers. Each test here failed on the
 landed main with a raw ``AttributeError`` or a silently wrong geometry.
 """
 
+import re
+
 import keras
 import numpy as np
 import pytest
@@ -115,7 +117,9 @@ def test_operations_that_would_mix_windows_are_refused_by_name(head_operation, f
     model = keras.Model(inputs, head_operation(layers.Dense(10, name="fc")(x)))
     with pytest.raises(kfs.ConversionError, match="gmp") as info:
         kfs.convert(model)
-    assert fragment in str(info.value)
+    # Keras numbers an operation's name by how many of its kind the process made before ('cumsum_2'): the test's
+    # neighbours in an xdist worker decide that, so the number is dropped before comparing.
+    assert fragment in re.sub(r"'([a-z_]+?)_\d+' \(", r"'\1' (", str(info.value))
 
 
 def test_operation_mixing_head_and_map_is_refused():
