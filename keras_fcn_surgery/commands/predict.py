@@ -15,7 +15,7 @@ from keras_fcn_surgery.commands.common import (
 )
 from keras_fcn_surgery.options import PREPROCESS_MODES
 
-_FORMATS = "npz, zarr, geojson, csv"
+_FORMATS = "npz, zarr, ome-zarr, geojson, csv"
 
 
 def add_parser(subparsers) -> None:
