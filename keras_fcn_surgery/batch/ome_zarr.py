@@ -278,9 +278,9 @@ def _label_level0(scores, labels) -> tuple[list[float], list[float]]:
             values = np.asarray(scores[channels, rows, cols], dtype=np.float32)
             top.update(channels, values)
             flat = values.reshape(values.shape[0], -1)
-            if not np.isnan(flat).all():
-                low[channels] = np.fmin(low[channels], np.nanmin(np.where(np.isnan(flat), np.inf, flat), axis=1))
-                high[channels] = np.fmax(high[channels], np.nanmax(np.where(np.isnan(flat), -np.inf, flat), axis=1))
+            computed = ~np.isnan(flat)
+            low[channels] = np.minimum(low[channels], np.where(computed, flat, np.inf).min(axis=1))
+            high[channels] = np.maximum(high[channels], np.where(computed, flat, -np.inf).max(axis=1))
         labels[0, rows, cols] = top.labels.astype(labels.dtype)
     empty = ~np.isfinite(low)
     low[empty], high[empty] = 0.0, 1.0
@@ -349,6 +349,9 @@ class ChannelsLast:
 
     def __setitem__(self, index, value) -> None:
         channels, rows, cols = self._index(index)
+        if np.ndim(value) == 0:  # a fill (NaN before a masked pass): zarr fills chunk by chunk
+            self.array[channels, rows, cols] = float(value)
+            return
         shape = tuple(len(range(*item.indices(dim))) for item, dim in zip((rows, cols, channels), self.shape))
         block = np.broadcast_to(np.asarray(value, dtype=np.float32), shape)
         self.array[channels, rows, cols] = np.moveaxis(block, -1, 0)
