@@ -17,9 +17,9 @@ Coordinates follow NGFF's convention (the centre of array element 0 is at
 coordinate 0): a cell's coordinate is the centre of its window on the slide,
 in level-0 pixels of the slide (pixel ``p`` spans ``[p - 0.5, p + 0.5)``),
 times the slide's microns per pixel when it records them (then in
-micrometres). Level k's cell ``j`` is the mean of level 0's cells
-``2**k * j ... 2**k * (j + 1) - 1`` on each axis (NaN cells left out), so its
-coordinate is the mean of theirs.
+micrometres). Level k holds the 2 x 2 means of level k - 1 (NaN cells left
+out): its cell ``j`` covers level 0's cells ``2**k * j ... 2**k * (j + 1) -
+1`` on each axis, and its coordinate is the mean of theirs.
 """
 
 from __future__ import annotations
@@ -110,50 +110,47 @@ def finish(path: str, scores, info: MapInfo, *, mpp: float | None = None, class_
         _halve_level(arrays[level - 1], arrays[level], label_arrays[level])
     names = [_class_name(k, class_names) for k in range(classes)]
     transforms = [level_transforms(info, mpp, level) for level in range(len(sizes))]
-    axes = _axes(mpp)
-    geometry = _geometry_attributes(info, mpp)
-    group.attrs.update(
-        {
-            "ome": {
-                "version": NGFF_VERSION,
-                "multiscales": [_multiscale("scores", axes, transforms, "mean", _SCORE_PYRAMID)],
-                "omero": {
-                    "channels": [
-                        {
-                            "label": names[k],
-                            "color": _hex(_colour(k)),
-                            "window": {"min": low[k], "max": high[k], "start": low[k], "end": high[k]},
-                            "active": classes <= 8,
-                            "coefficient": 1,
-                            "family": "linear",
-                            "inverted": False,
-                        }
-                        for k in range(classes)
-                    ],
-                    "rdefs": {"model": "color"},
-                },
-            },
-            "keras_fcn_surgery": geometry,
-        }
-    )
+    geometry, axes = _geometry_attributes(info, mpp), _axes(mpp)
+    group.attrs.update({"ome": _image_metadata(names, axes, transforms, low, high), "keras_fcn_surgery": geometry})
     labels.attrs.update({"ome": {"version": NGFF_VERSION, "labels": [LABELS]}})
-    classes_group.attrs.update(
+    classes_group.attrs.update({"ome": _label_metadata(names, axes, transforms), "keras_fcn_surgery": geometry})
+
+
+def _image_metadata(names, axes, transforms, low, high) -> dict:
+    """The score image's ``ome`` attributes: its multiscale and one omero channel per class."""
+    channels = [
         {
-            "ome": {
-                "version": NGFF_VERSION,
-                "multiscales": [_multiscale(LABELS, axes, transforms, "argmax", _LABEL_PYRAMID)],
-                "image-label": {
-                    "version": NGFF_VERSION,
-                    "colors": [{"label-value": 0, "rgba": [0, 0, 0, 0]}]
-                    + [{"label-value": k + 1, "rgba": [*_colour(k), 255]} for k in range(classes)],
-                    "properties": [{"label-value": 0, "class": "not computed"}]
-                    + [{"label-value": k + 1, "class": names[k], "class-index": k} for k in range(classes)],
-                    "source": {"image": "../../"},
-                },
-            },
-            "keras_fcn_surgery": geometry,
+            "label": name,
+            "color": _hex(_colour(k)),
+            "window": {"min": low[k], "max": high[k], "start": low[k], "end": high[k]},
+            "active": len(names) <= 8,
+            "coefficient": 1,
+            "family": "linear",
+            "inverted": False,
         }
-    )
+        for k, name in enumerate(names)
+    ]
+    return {
+        "version": NGFF_VERSION,
+        "multiscales": [_multiscale("scores", axes, transforms, "mean", _SCORE_PYRAMID)],
+        "omero": {"channels": channels, "rdefs": {"model": "color"}},
+    }
+
+
+def _label_metadata(names, axes, transforms) -> dict:
+    """The labels image's ``ome`` attributes: its multiscale, and a colour and class name per label value."""
+    return {
+        "version": NGFF_VERSION,
+        "multiscales": [_multiscale(LABELS, axes, transforms, "argmax", _LABEL_PYRAMID)],
+        "image-label": {
+            "version": NGFF_VERSION,
+            "colors": [{"label-value": 0, "rgba": [0, 0, 0, 0]}]
+            + [{"label-value": k + 1, "rgba": [*_colour(k), 255]} for k in range(len(names))],
+            "properties": [{"label-value": 0, "class": "not computed"}]
+            + [{"label-value": k + 1, "class": name, "class-index": k} for k, name in enumerate(names)],
+            "source": {"image": "../../"},
+        },
+    }
 
 
 _SCORE_PYRAMID = "level k: the mean of each 2 x 2 block of level k - 1 (cells not computed, NaN, left out)"
