@@ -163,3 +163,33 @@ def test_a_functional_model_calling_a_subclassed_model_converts():
     expected = _crops(model, image, 2, 20, [(0, 0), (4, 2)])
     got = np.stack([scores[0, 0], scores[4, 2]])
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5 * np.abs(expected).max())
+
+
+class MeanHead(keras.Model):
+    """A head pooled with `keras.ops` (``ops.mean``/``ops.max`` over the spatial axes), as subclassed nets often do."""
+
+    def __init__(self, reduction, keepdims, **kwargs):
+        super().__init__(**kwargs)
+        self.reduction, self.keepdims = reduction, keepdims
+        self.conv = layers.Conv2D(5, 3, activation="relu")
+        self.flatten = layers.Flatten()
+        self.dense = layers.Dense(3)
+
+    def call(self, x):
+        pooled = getattr(keras.ops, self.reduction)(self.conv(x), axis=(1, 2), keepdims=self.keepdims)
+        return self.dense(self.flatten(pooled) if self.keepdims else pooled)
+
+
+@pytest.mark.parametrize("reduction, keepdims", [("mean", False), ("max", True)])
+def test_a_head_pooled_with_keras_ops_becomes_a_window_pooling(reduction, keepdims):
+    model = MeanHead(reduction, keepdims)
+    model(random_images((1, 12, 12, 3)))
+    fcn = kfs.convert(model)
+    assert any(isinstance(layer, (layers.AveragePooling2D, layers.MaxPooling2D)) for layer in fcn.layers)
+    image = random_images((17, 15, 3), seed=4)
+    scores = np.asarray(fcn(image[None]))[0]
+    assert scores.shape[:2] == (6, 4)
+    cells = [(0, 0), (5, 3), (2, 1)]
+    expected = _crops(model, image, 1, 12, cells)
+    got = np.stack([scores[i, j] for i, j in cells])
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5 * np.abs(expected).max())

@@ -237,4 +237,3 @@ def preprocess_fn(preprocess, layout):
     from keras_fcn_surgery.exporting.preprocessing import pixel_function
 
     return pixel_function(preprocess, layout.data_format)
-

@@ -270,9 +270,7 @@ class Conversion:
         """Warn `NonFiniteWeightsWarning` when the source holds NaN or Inf weights."""
         nonfinite = nonfinite_weights(self.model)
         if nonfinite:
-            warnings.warn(
-                _nonfinite_message(self.model, nonfinite), NonFiniteWeightsWarning, stacklevel=stacklevel
-            )
+            warnings.warn(_nonfinite_message(self.model, nonfinite), NonFiniteWeightsWarning, stacklevel=stacklevel)
 
 
 def verify(

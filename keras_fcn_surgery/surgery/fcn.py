@@ -108,9 +108,7 @@ def as_fcn(
         check_trace(loaded)
         return loaded
     if not convert:
-        raise ConversionError(
-            f"{_why_not_fcn(loaded)} Let it be converted (drop convert=False / --no-convert)."
-        )
+        raise ConversionError(f"{_why_not_fcn(loaded)} Let it be converted (drop convert=False / --no-convert).")
     from keras_fcn_surgery.surgery.convert import convert as convert_model
 
     key = (head, None if input_size is None else tuple(int(d) for d in input_size), verify)
