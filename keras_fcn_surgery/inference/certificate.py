@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -212,6 +212,34 @@ def make_certificate(
     spec, classes = runner.check_fcn(fcn)
     image = runner.with_channel_axis(image, spec)
     size = runner.image_size_of(image, spec)
+    plan = _plan_crops(fcn, size, crop, int(n), keep, seed)
+    expected_shape = spec.layout.image_shape(plan.map_size[0], plan.map_size[1], classes)
+    if tuple(getattr(score_map, "shape", ())) != tuple(expected_shape):
+        raise InputError(
+            f"The map has shape {tuple(getattr(score_map, 'shape', ()))}, but model '{model.name}' gives "
+            f"{tuple(expected_shape)} on this {size[0]}x{size[1]} image: give the map computed on this image "
+            "by this model."
+        )
+    (expected,) = _run_on_crops(runs_on, image, spec, plan.origins, crop, preprocess)  # one output per map
+    tolerance = float(tolerance if tolerance is not None else tolerance_for(fcn))
+    return _compare(plan, expected, _cell_values(score_map, plan.cells, spec.layout), against, tolerance, spec)
+
+
+@dataclass(frozen=True)
+class _CropPlan:
+    """The sampled cells of a map and the crops they stand for (one plan serves every output of a model)."""
+
+    grid: Geometry
+    at_crop: Geometry
+    map_size: tuple[int, int]
+    crop: tuple[int, int]
+    eligible: int
+    cells: tuple[tuple[int, int], ...]
+    origins: tuple[tuple[int, int], ...]
+
+
+def _plan_crops(fcn, size, crop, n: int, keep, seed: int) -> _CropPlan:
+    """Which cells to compare, among those whose crop lies inside the image, and where their crops start."""
     grid = geometry(fcn)
     if not grid.exact:
         raise UncertifiableMapError(
@@ -219,72 +247,62 @@ def make_certificate(
             "certified against the classifier."
         )
     map_size = grid.output_size(size)
-    expected_shape = spec.layout.image_shape(map_size[0], map_size[1], classes)
-    if tuple(getattr(score_map, "shape", ())) != tuple(expected_shape):
-        raise InputError(
-            f"The map has shape {tuple(getattr(score_map, 'shape', ()))}, but model '{model.name}' gives "
-            f"{tuple(expected_shape)} on this {size[0]}x{size[1]} image: give the map computed on this image "
-            "by this model."
-        )
     at_crop = _at_crop_size(grid, crop, fcn)
-    at_image = grid.at(size)
+    # Where cell 0's crop starts on each axis: its one window must be the map's cell's window.
+    starts = [offset - own for offset, own in zip(grid.at(size).offset, at_crop.offset)]
     rows, cols = (
-        _eligible(offset - own, stride, length, side, cells)
-        for offset, own, stride, length, side, cells in zip(
-            at_image.offset, at_crop.offset, grid.stride, size, crop, map_size
-        )
+        _eligible(start, stride, length, side, cells)
+        for start, stride, length, side, cells in zip(starts, grid.stride, size, crop, map_size)
     )
     if keep is not None:
         keep = np.asarray(keep, dtype=bool)
         if keep.shape != tuple(map_size):
             raise InputError(f"`keep` has shape {keep.shape}; the map has {map_size[0]}x{map_size[1]} cells.")
-    eligible = (
-        len(rows) * len(cols)
-        if keep is None
-        else int(np.count_nonzero(keep[rows.start : rows.stop, cols.start : cols.stop]))
-    )
+        eligible = int(np.count_nonzero(keep[rows.start : rows.stop, cols.start : cols.stop]))
+    else:
+        eligible = len(rows) * len(cols)
     if eligible == 0:
         raise UncertifiableMapError(
             f"No cell of this {map_size[0]}x{map_size[1]} map has its {crop[0]}x{crop[1]} crop inside the "
             f"{size[0]}x{size[1]} image{' among the kept cells' if keep is not None else ''}: there is nothing to "
             "compare with the classifier. Certify on a larger image."
         )
-    cells = sample_cells(rows, cols, int(n), seed=seed, keep=keep)
-    origins = [
-        tuple(
-            offset - own + index * stride
-            for offset, own, index, stride in zip(at_image.offset, at_crop.offset, cell, grid.stride)
-        )
-        for cell in cells
-    ]
-    expected = _run_on_crops(runs_on, image, spec, origins, crop, preprocess)
-    layout = spec.layout
-    actual = np.stack(
+    cells = tuple(sample_cells(rows, cols, n, seed=seed, keep=keep))
+    origins = tuple((starts[0] + i * grid.stride[0], starts[1] + j * grid.stride[1]) for i, j in cells)
+    return _CropPlan(grid, at_crop, tuple(map_size), tuple(crop), eligible, cells, origins)  # type: ignore[arg-type]
+
+
+def _cell_values(score_map, cells, layout) -> np.ndarray:
+    """``(n, K)`` float64 values of ``cells`` of a map laid out as ``layout`` (read one cell at a time: zarr)."""
+    return np.stack(
         [
             np.asarray(score_map[layout.image_index(slice(i, i + 1), slice(j, j + 1))], dtype=np.float64).reshape(-1)
             for i, j in cells
         ]
     )
-    tolerance = float(tolerance if tolerance is not None else tolerance_for(fcn))
+
+
+def _compare(plan: _CropPlan, expected, actual, against: str, tolerance: float, spec) -> MapCertificate:
+    """The certificate of one output: its map's cells (``actual``) against the crops' scores (``expected``)."""
     comparison = compare_arrays(
         [(expected, actual)],
         tolerance=tolerance,
-        input_shape=layout.batch_shape(len(cells), crop[0], crop[1], spec.channels),
+        input_shape=spec.layout.batch_shape(len(plan.cells), plan.crop[0], plan.crop[1], spec.channels),
     )
     both = np.all(np.isfinite(expected), axis=1) & np.all(np.isfinite(actual), axis=1)
     agree = np.argmax(expected[both], axis=1) == np.argmax(actual[both], axis=1)
     certificate = MapCertificate(
-        cells=tuple(cells),
-        eligible=eligible,
-        map_size=tuple(map_size),  # type: ignore[arg-type]
-        crop_size=crop,
+        cells=plan.cells,
+        eligible=plan.eligible,
+        map_size=plan.map_size,
+        crop_size=plan.crop,
         against=against,
         comparison=comparison,
         top_class_agreement=float(np.mean(agree)) if len(agree) else 0.0,
     )
-    if not certificate.exact:
-        certificate = MapCertificate(**{**certificate.__dict__, "reason": _why_inexact(grid, at_crop, crop)})
-    return certificate
+    if certificate.exact:
+        return certificate
+    return replace(certificate, reason=_why_inexact(plan.grid, plan.at_crop, plan.crop))
 
 
 def certificate_or_reason(model, image, score_map, n: int, **options) -> tuple[MapCertificate | None, str]:
@@ -446,12 +464,13 @@ def _eligible(start: int, stride: int, length: int, side: int, cells: int) -> ra
     return range(first, max(first, min(last + 1, cells)))
 
 
-def _run_on_crops(model, image, spec: runner.ImageSpec, origins, crop, preprocess) -> np.ndarray:
-    """``(n, K)`` float64 scores of ``model`` on the crops at ``origins``, in batches of about a million pixels."""
+def _run_on_crops(model, image, spec: runner.ImageSpec, origins, crop, preprocess) -> list[np.ndarray]:
+    """Per output of ``model``, ``(n, K)`` float64 scores on the crops at ``origins``, in batches of about a
+    million pixels."""
     forward = engines.forward(model, "tf")
     dtype = runner.input_dtype(model)
     per_batch = max(1, runner.PIXELS_PER_BATCH // (crop[0] * crop[1]))
-    scores = []
+    batches = []
     for first in range(0, len(origins), per_batch):
         crops = [
             runner.read_tile(
@@ -464,9 +483,10 @@ def _run_on_crops(model, image, spec: runner.ImageSpec, origins, crop, preproces
             )
             for top, left in origins[first : first + per_batch]
         ]
-        outputs = np.asarray(forward(np.stack(crops)), dtype=np.float64)
-        scores.append(outputs.reshape(len(crops), -1))
-    return np.concatenate(scores)
+        outputs = forward(np.stack(crops))
+        outputs = outputs if isinstance(outputs, (list, tuple)) else [outputs]
+        batches.append([np.asarray(output, dtype=np.float64).reshape(len(crops), -1) for output in outputs])
+    return [np.concatenate(per_output) for per_output in zip(*batches)]
 
 
 def _why_inexact(grid: Geometry, at_crop: Geometry, crop) -> str:
