@@ -218,3 +218,12 @@ def test_heatmap_command_prints_the_certificate(model_files, tmp_path, capsys):
     captured = capsys.readouterr()
     assert "certificate: 8 of" in captured.out and "DIFFERENT" in captured.out
     assert "warning: The map differs" in captured.err
+
+
+def test_predict_maps_certifies_every_map():
+    fcn = kfs.convert(_net("valid"))
+    images = [_image(30, 30), _image(30, 30, seed=1), _image(40, 36, seed=2)]
+    certified = kfs.predict_maps(fcn, images, tile=32, certify=4)  # the first two batched, the third tiled
+    for image, (scores, certificate) in zip(images, certified):
+        np.testing.assert_allclose(scores, kfs.predict_map(fcn, image), rtol=0, atol=1e-6)
+        assert certificate.exact and len(certificate.cells) == 4

@@ -189,9 +189,14 @@ def predict_map(
             pixels.close()
     if not certify:
         return scores
+    return _certified(fcn, image, scores, certify, preprocess=preprocess, keep=keep, mixed_precision=mixed_precision)
+
+
+def _certified(fcn, image, scores, certify: int, *, preprocess, keep, mixed_precision: bool) -> CertifiedMap:
+    """``scores`` with its certificate, warned about (at the caller of the public function) when inexact."""
     tolerance = RELATIVE_TOLERANCE["float16"] if mixed_precision else None
     certificate = make_certificate(fcn, image, scores, certify, preprocess=preprocess, keep=keep, tolerance=tolerance)
-    warn_if_inexact(certificate, stacklevel=2)
+    warn_if_inexact(certificate, stacklevel=3)
     return CertifiedMap(scores, certificate)
 
 
@@ -225,15 +230,19 @@ def predict_maps(
         preprocess, engine, jit_compile, mixed_precision, progress: as for
             `predict_map` (``"auto"`` chooses for each batch shape).
         **options: further keyword arguments of `predict_map`, for the images
-            that go through it.
+            that go through it; ``certify`` applies to every image.
 
     Returns:
-        The maps, in the order of ``images``.
+        The maps, in the order of ``images`` (with ``certify``, a
+        `CertifiedMap` for each).
 
     Raises:
         ConversionError: as `predict_map`.
     """
     engine = engines.engine_from_options(engine, jit_compile)
+    certify = options.pop("certify", None)
+    if certify:
+        check_cell_count(certify, "certify")
     spec, classes = runner.check_fcn(fcn)
     if batch_size is not None and batch_size < 1:
         raise InputError(f"Expected `batch_size` >= 1. Received: batch_size={batch_size}")
@@ -276,6 +285,13 @@ def predict_maps(
                 for index, cell_map in zip(group, maps):
                     results[index] = np.asarray(cell_map, dtype=runner.output_dtype(fcn))
                 bar.update(len(group))
+    if not certify:
+        return results
+    keep = options.get("keep")
+    for index, (image, scores) in enumerate(zip(images, results)):  # a loop: warnings point at the caller
+        results[index] = _certified(
+            fcn, image, scores, certify, preprocess=preprocess, keep=keep, mixed_precision=mixed_precision
+        )
     return results
 
 
