@@ -168,7 +168,9 @@ def model_files(tmp_path_factory):
 
 
 def test_predict_writes_the_certificate_into_the_npz(model_files, tmp_path):
-    summary = kfs.predict_images(model_files / "valid.keras", [model_files / "images"], tmp_path / "out")
+    summary = kfs.predict_images(
+        model_files / "valid.keras", [model_files / "images"], tmp_path / "out", formats="npz,zarr"
+    )
     assert summary.ok and summary.count("done") == 2
     for result in summary.results:
         assert result.certificate.startswith("certificate: 8 of") and result.certificate.endswith("exact")
@@ -181,6 +183,11 @@ def test_predict_writes_the_certificate_into_the_npz(model_files, tmp_path):
         scores = saved["scores"]
         for i, j in saved["certificate_cells"]:  # the recorded cells are the map's, and their crops agree
             assert np.all(np.isfinite(scores[i, j]))
+        cells = saved["certificate_cells"].tolist()
+    zarr = pytest.importorskip("zarr")
+    attributes = zarr.open_group(str(tmp_path / "out" / "a.zarr"), mode="r").attrs
+    assert attributes["certificate_exact"] is True and attributes["certificate_cells"] == cells
+    assert attributes["certificate_max_rel_diff"] <= 1e-5 and attributes["certificate_eligible"] == 11 * 13
     bare = kfs.predict_images(model_files / "valid.keras", [model_files / "images"], tmp_path / "bare", certify=0)
     assert all(result.certificate == "" for result in bare.results)
     with np.load(tmp_path / "bare" / "a.npz") as saved:
