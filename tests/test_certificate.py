@@ -159,6 +159,8 @@ def model_files(tmp_path_factory):
     keras.utils.set_random_seed(5)
     _net("valid").save(folder / "valid.keras")
     _net("same").save(folder / "same.keras")
+    kfs.convert(_net("valid")).save(folder / "valid_fcn.keras")
+    valid_gap_cnn(input_size=(16, 16), classes=3).save(folder / "gap.keras")
     images = folder / "images"
     images.mkdir()
     rng = np.random.default_rng(0)
@@ -234,3 +236,17 @@ def test_predict_maps_certifies_every_map():
     for image, (scores, certificate) in zip(images, certified):
         np.testing.assert_allclose(scores, kfs.predict_map(fcn, image), rtol=0, atol=1e-6)
         assert certificate.exact and len(certificate.cells) == 4
+
+
+def test_heatmap_command_on_an_fcn_file_and_on_a_dense_map(model_files, tmp_path, capsys):
+    image = str(model_files / "images" / "a.png")
+    argv = ["heatmap", str(model_files / "valid_fcn.keras"), image, "--class", "0", "-o", str(tmp_path / "f.png")]
+    assert main(argv) == 0
+    line = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("certificate:"))
+    assert "at its smallest input size" in line and "--input-size HxW" in line and line.endswith("exact")
+    assert main([*argv, "--input-size", "16x16", "--overwrite"]) == 0
+    line = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("certificate:"))
+    assert "at the classifier's input size on their 16x16 crops" in line and line.endswith("exact")
+    dense = ["heatmap", str(model_files / "gap.keras"), image, "--class", "0", "-o", str(tmp_path / "d.png")]
+    assert main([*dense, "--head", "dense"]) == 0  # the map is fine; it is not a sliding window
+    assert "no certificate: " in capsys.readouterr().out

@@ -53,6 +53,7 @@ def add_parser(subparsers) -> None:
 def run(args) -> int:
 
     import keras_fcn_surgery as kfs
+    from keras_fcn_surgery.cli import cli_message
     from keras_fcn_surgery.exporting.preprocessing import pixel_function
     from keras_fcn_surgery.graph import model_layout
     from keras_fcn_surgery.inference.certificate import certificate_or_reason
@@ -73,7 +74,7 @@ def run(args) -> int:
         _, line = certificate_or_reason(
             fcn, image, scores, args.certify, input_size=args.input_size, preprocess=preprocess
         )
-        print(line)
+        print(cli_message(line))
     scores = layout.image_to_channels_last(scores)
     classes = scores.shape[-1]
     if not 0 <= args.class_index < classes:

@@ -86,6 +86,7 @@ def nothing_to_do(args) -> int | None:
 
 def run(args) -> int:
     from keras_fcn_surgery.batch.run import predict_images
+    from keras_fcn_surgery.cli import cli_message
 
     # SIGINT/SIGTERM unwind through the writers (cli.main installs the handlers), so nothing partial stays.
     summary = predict_images(
@@ -114,7 +115,7 @@ def run(args) -> int:
         if result.status == "done" and args.mask != "none":
             print(f"{result.source}: {100 * result.computed_fraction:.1f}% of the tiles computed")
         if result.status == "done" and result.certificate:
-            print(f"{result.source}: {result.certificate}")
+            print(f"{result.source}: {cli_message(result.certificate)}")
     for result in summary.failed:
         print(f"failed: {result.message}", file=sys.stderr)
     print(f"predict: {summary.line()}")

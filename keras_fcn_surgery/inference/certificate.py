@@ -432,7 +432,8 @@ def _what_runs(model, input_size):
         size = recorded
     else:
         size = geometry(model).min_input_size
-        return model, model, size, f"FCN '{model.name}' at its smallest input size (pass `input_size=(H, W)`)"
+        unknown = "the classifier's is not known here: pass `input_size=(H, W)`"
+        return model, model, size, f"FCN '{model.name}' at its smallest input size ({unknown})"
     if source is not None and original_size(source) == size and len(source.outputs) == 1:
         return model, source, size, f"classifier '{source.name}'"
     return model, model, size, f"FCN '{model.name}' at the classifier's input size"
