@@ -153,6 +153,10 @@ def test_cells_that_are_not_classifier_windows_are_not_certified():
         kfs.predict_map(kfs.convert(gap), image, certify=-1)
 
 
+# Pixels / 255 (the crops go through it too): on raw 0..255 pixels these random nets saturate their softmax.
+UNIT = ("--preprocess", "unit")
+
+
 @pytest.fixture(scope="module")
 def model_files(tmp_path_factory):
     folder = tmp_path_factory.mktemp("certify")
@@ -171,13 +175,14 @@ def model_files(tmp_path_factory):
 
 def test_predict_writes_the_certificate_into_the_npz(model_files, tmp_path):
     summary = kfs.predict_images(
-        model_files / "valid.keras", [model_files / "images"], tmp_path / "out", formats="npz,zarr"
+        model_files / "valid.keras", [model_files / "images"], tmp_path / "out", formats="npz,zarr", preprocess="unit"
     )
     assert summary.ok and summary.count("done") == 2
     for result in summary.results:
         assert result.certificate.startswith("certificate: 8 of") and result.certificate.endswith("exact")
     with np.load(tmp_path / "out" / "a.npz") as saved:
         assert bool(saved["certificate_exact"]) and float(saved["certificate_max_rel_diff"]) <= 1e-5
+        assert bool(saved["certificate_informative"])  # the crops' scores vary: the equality means something
         assert float(saved["certificate_top_class_agreement"]) == 1.0
         assert saved["certificate_cells"].shape == (8, 2) and int(saved["certificate_eligible"]) == 11 * 13
         assert tuple(saved["certificate_crop_size"]) == (16, 16)
@@ -206,7 +211,10 @@ def test_predict_command_prints_each_certificate(model_files, tmp_path, capsys):
     assert "warning: The map differs from the sliding window" in captured.err and "padding" in captured.err
     with np.load(out / "b.npz") as saved:
         assert not bool(saved["certificate_exact"]) and "padding" in str(saved["certificate_reason"])
-    assert main(["predict", str(model_files / "valid.keras"), str(model_files / "images"), "-o", str(out / "v")]) == 0
+    assert (
+        main(["predict", str(model_files / "valid.keras"), str(model_files / "images"), "-o", str(out / "v"), *UNIT])
+        == 0
+    )
     lines = [line for line in capsys.readouterr().out.splitlines() if ": certificate: " in line]
     assert len(lines) == 2 and all(line.endswith(": exact") for line in lines)
     off = ["predict", str(model_files / "valid.keras"), str(model_files / "images"), "-o", str(out / "off")]
@@ -217,7 +225,7 @@ def test_predict_command_prints_each_certificate(model_files, tmp_path, capsys):
 def test_heatmap_command_prints_the_certificate(model_files, tmp_path, capsys):
     image = model_files / "images" / "a.png"
     argv = ["heatmap", str(model_files / "valid.keras"), str(image), "--class", "1", "-o", str(tmp_path / "a.png")]
-    assert main([*argv, "--certify", "3"]) == 0
+    assert main([*argv, "--certify", "3", *UNIT]) == 0
     printed = capsys.readouterr().out
     assert "certificate: 3 of 143 eligible cells" in printed and printed.count("exact") == 1
     assert (
@@ -241,12 +249,26 @@ def test_predict_maps_certifies_every_map():
 def test_heatmap_command_on_an_fcn_file_and_on_a_dense_map(model_files, tmp_path, capsys):
     image = str(model_files / "images" / "a.png")
     argv = ["heatmap", str(model_files / "valid_fcn.keras"), image, "--class", "0", "-o", str(tmp_path / "f.png")]
-    assert main(argv) == 0
+    assert main([*argv, *UNIT]) == 0
     line = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("certificate:"))
     assert "at its smallest input size" in line and "--input-size HxW" in line and line.endswith("exact")
-    assert main([*argv, "--input-size", "16x16", "--overwrite"]) == 0
+    assert main([*argv, "--input-size", "16x16", "--overwrite", *UNIT]) == 0
     line = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("certificate:"))
     assert "at the classifier's input size on their 16x16 crops" in line and line.endswith("exact")
     dense = ["heatmap", str(model_files / "gap.keras"), image, "--class", "0", "-o", str(tmp_path / "d.png")]
     assert main([*dense, "--head", "dense"]) == 0  # the map is fine; it is not a sliding window
     assert "no certificate: " in capsys.readouterr().out
+
+
+def test_a_certificate_on_scores_that_ignore_the_image_says_it_proves_little():
+    classifier = _net("valid")
+    last = classifier.layers[-1]
+    kernel, bias = last.get_weights()
+    last.set_weights([np.zeros_like(kernel), bias + np.arange(3)])  # the same scores on every crop
+    fcn = kfs.convert(classifier, verify=False)
+    image = _image(30, 30)
+    scores, certificate = kfs.predict_map(fcn, image, certify=6)
+    assert certificate.exact and not certificate.informative
+    assert str(certificate).endswith("uninformative: the classifier's scores hardly vary across these crops")
+    informative = kfs.certify_map(kfs.convert(_net("valid")), image, kfs.predict_map(kfs.convert(_net("valid")), image))
+    assert informative.informative

@@ -33,7 +33,7 @@ from keras_fcn_surgery.grid.geometry import Geometry, geometry
 from keras_fcn_surgery.inference import engines, runner
 from keras_fcn_surgery.options import CERTIFIED_CELLS
 from keras_fcn_surgery.surgery.fcn import as_fcn, is_fully_convolutional, original_size, source_of
-from keras_fcn_surgery.surgery.verify import VerificationResult, compare_arrays, tolerance_for
+from keras_fcn_surgery.surgery.verify import VerificationResult, batch_spread, compare_arrays, tolerance_for
 
 # Cells `certify_map`, `predict_images` and the CLI's `predict` and `heatmap` certify unless told otherwise.
 DEFAULT_CELLS = CERTIFIED_CELLS
@@ -90,6 +90,12 @@ class MapCertificate:
         """Whether every sampled cell equals its crop's scores within the tolerance."""
         return self.comparison.passed
 
+    @property
+    def informative(self) -> bool:
+        """False when the classifier's scores hardly vary across the sampled crops (an untrained or collapsed
+        network, a saturated softmax): a map that ignored the image would pass too (`VerificationResult`)."""
+        return self.comparison.informative
+
     def metadata(self) -> dict:
         """The figures as plain values (numbers, lists, strings), for npz and zarr metadata."""
         return {
@@ -103,11 +109,14 @@ class MapCertificate:
             "output_scale": self.comparison.output_scale,
             "top_class_agreement": self.top_class_agreement,
             "exact": self.exact,
+            "informative": self.informative,
             "reason": self.reason,
         }
 
     def __str__(self) -> str:
         verdict = "exact" if self.exact else "DIFFERENT"
+        if self.exact and not self.informative:
+            verdict = "exact, but uninformative: the classifier's scores hardly vary across these crops"
         return (
             f"{len(self.cells)} of {self.eligible} eligible cells (map {self.map_size[0]}x{self.map_size[1]}) "
             f"against {self.against} on their {self.crop_size[0]}x{self.crop_size[1]} crops: max abs diff "
@@ -289,6 +298,7 @@ def _compare(plan: _CropPlan, expected, actual, against: str, tolerance: float, 
         tolerance=tolerance,
         input_shape=spec.layout.batch_shape(len(plan.cells), plan.crop[0], plan.crop[1], spec.channels),
     )
+    comparison = replace(comparison, input_spread=batch_spread([expected], comparison.output_scale))
     both = np.all(np.isfinite(expected), axis=1) & np.all(np.isfinite(actual), axis=1)
     agree = np.argmax(expected[both], axis=1) == np.argmax(actual[both], axis=1)
     certificate = MapCertificate(
@@ -332,7 +342,10 @@ def warn_if_inexact(certificate: MapCertificate, stacklevel: int = 2) -> None:
     if certificate.exact:
         return
     warnings.warn(
-        f"The map differs from the sliding window it replaces: {certificate}. {certificate.reason}",
+        f"The map differs from the sliding window it replaces: on {len(certificate.cells)} sampled cells, "
+        f"max abs diff {certificate.max_abs_diff:.3g}, max rel diff {certificate.max_rel_diff:.3g} (tolerance "
+        f"{certificate.tolerance:g}) against {certificate.against} on their crops, top class equal in "
+        f"{100 * certificate.top_class_agreement:.0f}%. {certificate.reason}",
         InexactMapWarning,
         stacklevel=stacklevel + 1,
     )
