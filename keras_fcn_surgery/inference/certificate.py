@@ -447,7 +447,7 @@ def _what_runs(model, input_size):
         size = geometry(model).min_input_size
         unknown = "the classifier's is not known here: pass `input_size=(H, W)`"
         return model, model, size, f"FCN '{model.name}' at its smallest input size ({unknown})"
-    if source is not None and original_size(source) == size and len(source.outputs) == 1:
+    if source is not None and original_size(source) in (None, size) and len(source.outputs) == 1:
         return model, source, size, f"classifier '{source.name}'"
     return model, model, size, f"FCN '{model.name}' at the classifier's input size"
 
