@@ -195,6 +195,11 @@ def test_predict_writes_the_certificate_into_the_npz(model_files, tmp_path):
     attributes = zarr.open_group(str(tmp_path / "out" / "a.zarr"), mode="r").attrs
     assert attributes["certificate_exact"] is True and attributes["certificate_cells"] == cells
     assert attributes["certificate_max_rel_diff"] <= 1e-5 and attributes["certificate_eligible"] == 11 * 13
+    kfs.predict_images(
+        model_files / "valid.keras", [model_files / "images"], tmp_path / "ome", formats="ome-zarr", preprocess="unit"
+    )
+    recorded = zarr.open_group(str(tmp_path / "ome" / "a.ome.zarr"), mode="r").attrs["keras_fcn_surgery"]["map"]
+    assert recorded["certificate_exact"] is True and recorded["certificate_cells"] == cells
     bare = kfs.predict_images(model_files / "valid.keras", [model_files / "images"], tmp_path / "bare", certify=0)
     assert all(result.certificate == "" for result in bare.results)
     with np.load(tmp_path / "bare" / "a.npz") as saved:
