@@ -38,6 +38,11 @@ _PUBLIC = {
     "export_onnx": "exporting.api",
     "ConversionPlan": "surgery.plan",
     "predict_map": "inference.predict",
+    "certify_map": "inference.certificate",
+    "MapCertificate": "inference.certificate",
+    "CertifiedMap": "inference.certificate",
+    "InexactMapWarning": "errors",
+    "UncertifiableMapError": "errors",
     "predict_images": "batch.run",
     "BatchSummary": "batch.run",
     "predict_maps": "inference.predict",
@@ -60,6 +65,7 @@ _PUBLIC = {
 __all__ = [
     "AxisGeometry",
     "BatchSummary",
+    "CertifiedMap",
     "ConversionError",
     "ConversionPlan",
     "ExportError",
@@ -69,16 +75,20 @@ __all__ = [
     "HEADS",
     "InputError",
     "IgnoredHeadWarning",
+    "InexactMapWarning",
+    "MapCertificate",
     "ModelFileError",
     "NonFiniteWeightsWarning",
     "RewriteKind",
     "SlowTilingWarning",
     "UninformativeVerificationWarning",
+    "UncertifiableMapError",
     "PredictionPlan",
     "StagePlan",
     "VerificationError",
     "VerificationResult",
     "as_fcn",
+    "certify_map",
     "convert",
     "export",
     "fcn_spec",
@@ -128,10 +138,12 @@ if TYPE_CHECKING:
         ConversionError,
         ExportError,
         IgnoredHeadWarning,
+        InexactMapWarning,
         InputError,
         ModelFileError,
         NonFiniteWeightsWarning,
         SlowTilingWarning,
+        UncertifiableMapError,
         UninformativeVerificationWarning,
         VerificationError,
     )
@@ -139,6 +151,7 @@ if TYPE_CHECKING:
     from keras_fcn_surgery.exporting.pipeline import ExportResult
     from keras_fcn_surgery.exporting.tensorboard import log_graphs
     from keras_fcn_surgery.grid.geometry import AxisGeometry, Geometry, geometry
+    from keras_fcn_surgery.inference.certificate import CertifiedMap, MapCertificate, certify_map
     from keras_fcn_surgery.inference.heatmap import heatmap, imagenet_class_names
     from keras_fcn_surgery.inference.pictures import activations_picture, filters_picture
     from keras_fcn_surgery.inference.predict import predict_map, predict_maps, sliding_window_predict

@@ -22,6 +22,7 @@ from keras_fcn_surgery.batch.readers import LevelArray, choose_level, open_reade
 from keras_fcn_surgery.batch.sources import IMAGE_SUFFIXES, Source
 from keras_fcn_surgery.errors import ConversionError, ModelFileError, first_line
 from keras_fcn_surgery.grid.geometry import Geometry
+from keras_fcn_surgery.inference.certificate import certificate_or_reason
 from keras_fcn_surgery.segmentation.predict import is_segmenter, run_segmenter
 
 # Images with a side longer than this are tiled when no tile is given (memory stays bounded).
@@ -45,6 +46,8 @@ class BatchOptions:
     class_names: tuple[str, ...] | None = None
     progress: bool | None = None
     execution: str = "auto"
+    certify: int = 0
+    certify_size: tuple[int, int] | None = None
 
 
 @dataclass(frozen=True)
@@ -59,6 +62,8 @@ class InputResult:
         megapixels: pixels of the level the map was computed on, in millions.
         computed_fraction: the share of the unmasked pass's work computed.
         seconds: time spent on it.
+        certificate: the map's certificate in one line (`MapCertificate`), or
+            why it has none; "" when not asked for.
     """
 
     source: str
@@ -68,6 +73,7 @@ class InputResult:
     megapixels: float = 0.0
     computed_fraction: float = 0.0
     seconds: float = 0.0
+    certificate: str = ""
 
 
 def predict_source(fcn, source: Source, out_dir: str, options: BatchOptions) -> InputResult:
@@ -78,13 +84,13 @@ def predict_source(fcn, source: Source, out_dir: str, options: BatchOptions) -> 
     if not missing:
         return InputResult(source.path, "skipped", tuple(paths.values()))
     try:
-        megapixels, fraction = _compute_and_write(fcn, source, missing, options)
+        megapixels, fraction, certificate = _compute_and_write(fcn, source, missing, options)
     except (ConversionError, OSError) as error:
         return _failed(source, str(error), start)
     except Exception as error:  # a decoder's or the network's error on this input must not stop the others
         return _failed(source, f"{type(error).__name__}: {first_line(str(error))}", start)
     return InputResult(
-        source.path, "done", tuple(paths.values()), "", megapixels, fraction, time.perf_counter() - start
+        source.path, "done", tuple(paths.values()), "", megapixels, fraction, time.perf_counter() - start, certificate
     )
 
 
@@ -94,7 +100,7 @@ def _failed(source: Source, message: str, start: float) -> InputResult:
     return InputResult(source.path, "failed", message=message, seconds=time.perf_counter() - start)
 
 
-def _compute_and_write(fcn, source: Source, paths: dict[str, str], options: BatchOptions) -> tuple[float, float]:
+def _compute_and_write(fcn, source: Source, paths: dict[str, str], options: BatchOptions) -> tuple[float, float, str]:
     from keras_fcn_surgery.graph import model_layout
     from keras_fcn_surgery.grid.geometry import geometry
 
@@ -117,10 +123,21 @@ def _compute_and_write(fcn, source: Source, paths: dict[str, str], options: Batc
                 scores = ome_zarr.create_scores(temporary["ome-zarr"], shape)
             else:
                 scores = np.full(shape, np.nan, dtype=np.float32)
+            certificate, line = None, ""
             if per_pixel:
                 fraction = _segment(fcn, view, layout, size, kept, scores, options)
             else:
-                fraction = _compute(fcn, view, layout, grid, size, kept, scores, options)
+                fraction, computed = _compute(fcn, view, layout, grid, size, kept, scores, options)
+                if options.certify:
+                    certificate, line = certificate_or_reason(
+                        fcn,
+                        view,
+                        computed,
+                        options.certify,
+                        input_size=options.certify_size,
+                        preprocess=preprocess_fn(options.preprocess, layout),
+                        keep=kept,
+                    )
             info = writers.MapInfo(
                 source=source.path,
                 level=level,
@@ -131,6 +148,7 @@ def _compute_and_write(fcn, source: Source, paths: dict[str, str], options: Batc
                 receptive_field=grid.receptive_field,
                 computed_fraction=fraction,
                 per_pixel=per_pixel,
+                certificate=certificate.metadata() if certificate is not None else None,
             )
             if "zarr" in temporary:
                 writers.finish_zarr(temporary["zarr"], info)
@@ -142,11 +160,12 @@ def _compute_and_write(fcn, source: Source, paths: dict[str, str], options: Batc
                 writers.write_geojson(temporary["geojson"], scores, info, options.class_names)
             if "csv" in temporary:
                 writers.write_csv(temporary["csv"], scores, info, options.class_names)
-    return size[0] * size[1] / 1e6, fraction
+    return size[0] * size[1] / 1e6, fraction, line
 
 
-def _compute(fcn, view, layout, grid, size, kept, scores, options: BatchOptions) -> float:
-    """Fill ``scores`` (channels-last, NaN-filled) and return the share of the unmasked work computed.
+def _compute(fcn, view, layout, grid, size, kept, scores, options: BatchOptions):
+    """Fill ``scores`` (channels-last, NaN-filled); return the share of the unmasked work computed and the map
+    in the model's layout (``scores`` itself for channels-last).
 
     A mask reaches `predict_map` as its ``keep``: the staged plan then runs
     only the tiles the kept cells need, batched and prefetched as any pass.
@@ -174,12 +193,13 @@ def _compute(fcn, view, layout, grid, size, kept, scores, options: BatchOptions)
         engine=options.execution,
     )
     if layout.channels_last:
-        predict_map(fcn, view, out=scores, keep=keep, **arguments)
+        computed = predict_map(fcn, view, out=scores, keep=keep, **arguments)
     else:
-        scores[:] = layout.image_to_channels_last(predict_map(fcn, view, keep=keep, **arguments))
+        computed = predict_map(fcn, view, keep=keep, **arguments)
+        scores[:] = layout.image_to_channels_last(computed)
     if kept is not None and keep is None:  # a network with global context: nothing to skip, but the mask applies
         _apply_mask(scores, kept)
-    return fraction
+    return fraction, computed
 
 
 def _segment(model, view, layout, size, kept, scores, options: BatchOptions) -> float:

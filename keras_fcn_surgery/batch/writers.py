@@ -40,6 +40,9 @@ class MapInfo:
         computed_fraction: the share of the unmasked pass's work computed (less than 1 with a mask).
         per_pixel: a segmenter's map, one cell per pixel (GeoJSON and CSV then
             describe regions, not cells).
+        certificate: the figures of the map's `MapCertificate` (its
+            ``metadata()``), stored as ``certificate_<name>``; None when the
+            map was not certified.
     """
 
     source: str
@@ -51,6 +54,14 @@ class MapInfo:
     receptive_field: tuple[int, int]
     computed_fraction: float
     per_pixel: bool = False
+    certificate: dict | None = None
+
+    def fields(self) -> dict:
+        """The metadata as flat values: the certificate's as ``certificate_<name>`` (none without one)."""
+        values = asdict(self)
+        certificate = values.pop("certificate") or {}
+        values.update({f"certificate_{name}": value for name, value in certificate.items()})
+        return values
 
 
 @contextlib.contextmanager
@@ -108,12 +119,12 @@ def create_zarr_scores(path: str, shape, *, chunk_rows: int = 256):
 def finish_zarr(path: str, info: MapInfo) -> None:
     """Record ``info`` in the attributes of the zarr group at ``path``."""
     group = _zarr().open_group(path, mode="r+")
-    group.attrs.update(_plain(asdict(info)))
+    group.attrs.update(_plain(info.fields()))
 
 
 def write_npz(path: str, scores, info: MapInfo) -> None:
     """``scores`` (H', W', K float32) and ``info``'s fields as arrays of one npz file."""
-    arrays = {key: np.asarray(value) for key, value in asdict(info).items()}
+    arrays = {key: np.asarray(value) for key, value in info.fields().items()}
     arrays["scores"] = np.asarray(scores, dtype=np.float32)
     with open(path, "wb") as handle:
         np.savez(handle, **arrays)  # type: ignore[arg-type]

@@ -164,6 +164,31 @@ def quiet_tensorflow_import() -> None:
 EXECUTIONS = ("auto", "tf", "xla", "blas")
 
 
+def non_negative_int(text: str) -> int:
+    """An integer >= 0, for counts where 0 turns something off."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
+    return value
+
+
+def add_certify_argument(parser) -> None:
+    """``--certify N``: cells of each map compared with the classifier on their crops (0: none)."""
+    from keras_fcn_surgery.options import CERTIFIED_CELLS
+
+    parser.add_argument(
+        "--certify",
+        type=non_negative_int,
+        default=CERTIFIED_CELLS,
+        metavar="N",
+        help=f"compare N sampled map cells with the classifier on the crops they stand for and print the "
+        f"differences (default {CERTIFIED_CELLS}; 0: off); `same` padding makes them differ",
+    )
+
+
 def add_execution_argument(parser) -> None:
     """``--execution``: how each forward pass runs (`predict_map`'s ``engine``)."""
     parser.add_argument(

@@ -7,6 +7,7 @@ import sys
 from keras_fcn_surgery.commands.common import (
     EXIT_OK,
     EXIT_USAGE,
+    add_certify_argument,
     add_execution_argument,
     parse_size,
     positive_int,
@@ -45,31 +46,35 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--head", choices=HEADS, default="window", help="global-pooling heads")
     parser.add_argument("--input-size", type=parse_size, help="original input size HxW when the model takes any size")
     add_execution_argument(parser)
+    add_certify_argument(parser)
     parser.set_defaults(run=run, output_suffix=".png")
 
 
 def run(args) -> int:
 
     import keras_fcn_surgery as kfs
+    from keras_fcn_surgery.cli import cli_message
     from keras_fcn_surgery.exporting.preprocessing import pixel_function
     from keras_fcn_surgery.graph import model_layout
+    from keras_fcn_surgery.inference.certificate import certificate_or_reason
     from keras_fcn_surgery.inference.heatmap import class_probabilities, heat_range
     from keras_fcn_surgery.saving.atomic import atomic_output, check_output_path
     from keras_fcn_surgery.saving.images import read_image
 
     check_output_path(args.output, suffix=".png", overwrite=args.overwrite)  # before any work
-    fcn = kfs.as_fcn(kfs.load_model(args.model), head=args.head, input_size=args.input_size)
+    model = kfs.load_model(args.model)  # kept: the certificate runs the classifier on crops
+    fcn = kfs.as_fcn(model, head=args.head, input_size=args.input_size)
     layout = model_layout(fcn)
     channels = int(layout.channels(fcn.inputs[0].shape))
     pixels = read_image(args.image, channels)
-    scores = kfs.predict_map(
-        fcn,
-        layout.image_from_channels_last(pixels),
-        tile=args.tile,
-        preprocess=pixel_function(args.preprocess, layout.data_format),
-        progress=None,
-        engine=args.execution,
-    )
+    image = layout.image_from_channels_last(pixels)
+    preprocess = pixel_function(args.preprocess, layout.data_format)
+    scores = kfs.predict_map(fcn, image, tile=args.tile, preprocess=preprocess, progress=None, engine=args.execution)
+    if args.certify:
+        _, line = certificate_or_reason(
+            fcn, image, scores, args.certify, input_size=args.input_size, preprocess=preprocess
+        )
+        print(cli_message(line))
     scores = layout.image_to_channels_last(scores)
     classes = scores.shape[-1]
     if not 0 <= args.class_index < classes:

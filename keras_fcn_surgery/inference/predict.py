@@ -11,8 +11,15 @@ from keras_fcn_surgery.graph import model_layout
 from keras_fcn_surgery.grid import tiling
 from keras_fcn_surgery.grid.geometry import geometry
 from keras_fcn_surgery.inference import engines, runner
+from keras_fcn_surgery.inference.certificate import (
+    CertifiedMap,
+    check_cell_count,
+    make_certificate,
+    warn_if_inexact,
+)
 from keras_fcn_surgery.inference.staged import plan_prediction, run_plan
 from keras_fcn_surgery.inference.store import DiskMap, file_backed
+from keras_fcn_surgery.surgery.verify import RELATIVE_TOLERANCE
 
 
 def predict_map(
@@ -32,6 +39,7 @@ def predict_map(
     mixed_precision: bool = False,
     spill_dir: str | None = None,
     keep=None,
+    certify: int | None = None,
 ):
     """The score map of one image, computed whole or in exact tiles.
 
@@ -113,11 +121,16 @@ def predict_map(
             cells need, so the work follows the kept area; kept cells equal
             the unmasked map's. `plan_prediction` with the same ``keep``
             shows the plan.
+        certify: None or 0 (default), or a number of cells to compare with the
+            classifier on the crops they stand for, once the map is done
+            (`certify_map`: an `InexactMapWarning` when they differ, as they
+            do near windows that reach into ``same`` padding).
 
     Returns:
         The map, ``(H', W', K)`` (``(K, H', W')`` for channels-first), as a
         float array, or ``out`` when given. ``geometry(fcn).output_size((H, W))``
-        is ``(H', W')``.
+        is ``(H', W')``. With ``certify``, a `CertifiedMap` ``(scores,
+        certificate)`` instead: the map and its `MapCertificate`.
 
     Raises:
         ConversionError: for a model that is not fully convolutional, an
@@ -126,6 +139,8 @@ def predict_map(
             with global context, or an ``out`` of the wrong shape.
         InputError: for an unknown ``engine``, ``"blas"`` where it cannot
             run, or both ``engine`` and ``jit_compile`` given.
+        UncertifiableMapError: with ``certify``, for a map whose cells are
+            not the classifier on crops (see `certify_map`).
 
     Example:
 
@@ -138,6 +153,8 @@ def predict_map(
     ```
     """
     engine = engines.engine_from_options(engine, jit_compile)
+    if certify:
+        check_cell_count(certify, "certify")  # before the pass, not after it
     spec, classes = runner.check_fcn(fcn)
     size = runner.image_size_of(runner.with_channel_axis(image, spec), spec)
     plan = plan_prediction(
@@ -157,7 +174,7 @@ def predict_map(
 
     pixels = file_backed(image)
     try:
-        return run_plan(
+        scores = run_plan(
             plan,
             runner.with_channel_axis(pixels, spec),
             out,
@@ -170,6 +187,17 @@ def predict_map(
     finally:
         if isinstance(pixels, DiskMap):
             pixels.close()
+    if not certify:
+        return scores
+    return _certified(fcn, image, scores, certify, preprocess=preprocess, keep=keep, mixed_precision=mixed_precision)
+
+
+def _certified(fcn, image, scores, certify: int, *, preprocess, keep, mixed_precision: bool) -> CertifiedMap:
+    """``scores`` with its certificate, warned about (at the caller of the public function) when inexact."""
+    tolerance = RELATIVE_TOLERANCE["float16"] if mixed_precision else None
+    certificate = make_certificate(fcn, image, scores, certify, preprocess=preprocess, keep=keep, tolerance=tolerance)
+    warn_if_inexact(certificate, stacklevel=3)
+    return CertifiedMap(scores, certificate)
 
 
 def predict_maps(
@@ -202,15 +230,19 @@ def predict_maps(
         preprocess, engine, jit_compile, mixed_precision, progress: as for
             `predict_map` (``"auto"`` chooses for each batch shape).
         **options: further keyword arguments of `predict_map`, for the images
-            that go through it.
+            that go through it; ``certify`` applies to every image.
 
     Returns:
-        The maps, in the order of ``images``.
+        The maps, in the order of ``images`` (with ``certify``, a
+        `CertifiedMap` for each).
 
     Raises:
         ConversionError: as `predict_map`.
     """
     engine = engines.engine_from_options(engine, jit_compile)
+    certify = options.pop("certify", None)
+    if certify:
+        check_cell_count(certify, "certify")
     spec, classes = runner.check_fcn(fcn)
     if batch_size is not None and batch_size < 1:
         raise InputError(f"Expected `batch_size` >= 1. Received: batch_size={batch_size}")
@@ -253,6 +285,13 @@ def predict_maps(
                 for index, cell_map in zip(group, maps):
                     results[index] = np.asarray(cell_map, dtype=runner.output_dtype(fcn))
                 bar.update(len(group))
+    if not certify:
+        return results
+    keep = options.get("keep")
+    for index, (image, scores) in enumerate(zip(images, results)):  # a loop: warnings point at the caller
+        results[index] = _certified(
+            fcn, image, scores, certify, preprocess=preprocess, keep=keep, mixed_precision=mixed_precision
+        )
     return results
 
 
