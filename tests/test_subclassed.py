@@ -93,13 +93,17 @@ def test_as_fcn_and_predict_map_take_a_subclassed_classifier():
     np.testing.assert_allclose(scores[[0, 5], [0, 5]], expected, rtol=1e-5, atol=1e-5 * np.abs(expected).max())
 
 
-class Branching(keras.Model):
+class ConvDense(keras.Model):
+    """Conv2D, Flatten, Dense: subclasses write `call`."""
+
     def __init__(self, **kwargs):
         super().__init__(**kwargs)
         self.conv = layers.Conv2D(4, 3)
         self.flatten = layers.Flatten()
         self.dense = layers.Dense(2)
 
+
+class Branching(ConvDense):
     def call(self, x):
         x = self.conv(x)
         if keras.ops.mean(x) > 0:  # data-dependent Python control flow: cannot be traced
@@ -118,13 +122,7 @@ def test_data_dependent_control_flow_is_refused_naming_the_line():
     assert "keras.ops.where" in message
 
 
-class Noisy(keras.Model):
-    def __init__(self, **kwargs):
-        super().__init__(**kwargs)
-        self.conv = layers.Conv2D(4, 3)
-        self.flatten = layers.Flatten()
-        self.dense = layers.Dense(2)
-
+class Noisy(ConvDense):
     def call(self, x):
         # NumPy noise drawn at each call: a trace freezes one draw, so the twin is not the model.
         noise = np.random.default_rng().standard_normal((1, 6, 6, 4)).astype("float32")

@@ -82,15 +82,19 @@ def parse_size(text: str) -> tuple[int, int]:
     return (values[0], values[1])
 
 
-def positive_int(text: str) -> int:
-    """An integer >= 1, for sizes and counts (argparse turns the error into exit code 2)."""
+def _int_at_least(text: str, low: int, what: str) -> int:
     try:
         value = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+    if value < low:
+        raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
     return value
+
+
+def positive_int(text: str) -> int:
+    """An integer >= 1, for sizes and counts (argparse turns the error into exit code 2)."""
+    return _int_at_least(text, 1, "a positive integer")
 
 
 def _raise_on_signals(exception_class) -> dict:
@@ -166,13 +170,7 @@ EXECUTIONS = ("auto", "tf", "xla", "blas")
 
 def non_negative_int(text: str) -> int:
     """An integer >= 0, for counts where 0 turns something off."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
-    return value
+    return _int_at_least(text, 0, "an integer >= 0")
 
 
 def add_certify_argument(parser) -> None:
