@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from keras_fcn_surgery.batch import writers
+from keras_fcn_surgery.batch import ome_zarr, writers
 from keras_fcn_surgery.batch.cells import PixelGrid
 from keras_fcn_surgery.batch.masks import cell_mask, read_mask, thumbnail, tissue_mask
 from keras_fcn_surgery.batch.outputs import output_paths
@@ -114,6 +114,8 @@ def _compute_and_write(fcn, source: Source, paths: dict[str, str], options: Batc
             shape = (map_size[0], map_size[1], classes)
             if "zarr" in temporary:
                 scores = writers.create_zarr_scores(temporary["zarr"], shape)
+            elif "ome-zarr" in temporary:
+                scores = ome_zarr.create_scores(temporary["ome-zarr"], shape)
             else:
                 scores = np.full(shape, np.nan, dtype=np.float32)
             if per_pixel:
@@ -133,6 +135,8 @@ def _compute_and_write(fcn, source: Source, paths: dict[str, str], options: Batc
             )
             if "zarr" in temporary:
                 writers.finish_zarr(temporary["zarr"], info)
+            if "ome-zarr" in temporary:
+                ome_zarr.finish(temporary["ome-zarr"], scores, info, mpp=reader.mpp, class_names=options.class_names)
             if "npz" in temporary:
                 writers.write_npz(temporary["npz"], scores, info)
             if "geojson" in temporary:

@@ -77,7 +77,8 @@ def predict_images(
     A classifier is converted once (and verified); a fully convolutional model
     is used as it is. Each input is read level by level and region by region
     (pyramidal TIFF, OpenSlide formats), so memory stays bounded whatever its
-    size. Outputs go to ``out_dir/<name>.<format>``, written atomically; an
+    size; a DICOM whole-slide image is a folder of its instances (or one of
+    them), read through OpenSlide 4. Outputs go to ``out_dir/<name>.<format>``, written atomically; an
     input whose outputs all exist is skipped unless ``overwrite``; one that
     fails is recorded with its error and the others go on.
 
@@ -90,6 +91,12 @@ def predict_images(
             for a segmenter (`segmenter`), ``(H, W, K)`` logits, one per
             pixel, with stride 1, offset 0 and a one-pixel window),
             ``"zarr"`` (the same, chunked, written as tiles finish),
+            ``"ome-zarr"`` (``<name>.ome.zarr``: an OME-Zarr 0.5 image for
+            viewers, written as tiles finish: the scores as channels ``c, y,
+            x`` named by ``class_names``, a pyramid of 2 x 2 means, top-class
+            labels (class k as k + 1, 0 where not computed), each cell placed
+            at its window's centre on the slide, in micrometres when the
+            slide records its resolution; see `batch.ome_zarr`),
             ``"geojson"`` (polygons in level-0 pixels: see ``geojson``),
             ``"csv"`` (one row per cell: its box in level-0 pixels, top class
             and probability; for a segmenter, one row per connected region
@@ -109,14 +116,15 @@ def predict_images(
             modes), a function of a pixel array, or None.
         level: the pyramid level to read (0, full resolution, by default).
         mpp: instead of ``level``, the level nearest this many microns per
-            pixel (for files that record their resolution).
+            pixel (for files that record their resolution: TIFF tags, OME-XML,
+            Aperio, OpenSlide and DICOM properties).
         mask: None or ``"none"``, ``"auto"`` (a tissue mask by Otsu's
             threshold on the smallest level), a mask image file (any
             resolution, non-zero is foreground), or a folder of mask images
             named like the inputs. Tiles without foreground are neither read
             nor computed; cells outside the mask are NaN.
         overwrite: recompute and replace existing outputs.
-        class_names: names of the K classes for GeoJSON/CSV.
+        class_names: names of the K classes for GeoJSON/CSV/OME-Zarr.
         head: for a classifier with a global-pooling head, see `convert`.
         input_size: the classifier's original input size when it takes any size.
         engine: ``"local"`` or ``"ray"`` (Ray Data; extra ``ray``).

@@ -15,7 +15,7 @@ from keras_fcn_surgery.commands.common import (
 )
 from keras_fcn_surgery.options import GEOJSON_FEATURES, PREPROCESS_MODES
 
-_FORMATS = "npz, zarr, geojson, csv"
+_FORMATS = "npz, zarr, ome-zarr, geojson, csv"
 
 
 def add_parser(subparsers) -> None:
@@ -28,7 +28,12 @@ def add_parser(subparsers) -> None:
         ),
     )
     parser.add_argument("model", help="classifier (.keras/.h5, converted here) or an already converted FCN")
-    parser.add_argument("inputs", nargs="+", metavar="INPUT", help="image files, folders (recursive) or glob patterns")
+    parser.add_argument(
+        "inputs",
+        nargs="+",
+        metavar="INPUT",
+        help="image files, folders (recursive; a folder of DICOM instances is one slide) or glob patterns",
+    )
     parser.add_argument("-o", "--out", required=True, help="output folder (created when missing)")
     parser.add_argument(
         "--format", default="npz", help=f"output formats, comma-separated, among {_FORMATS} (default npz)"
@@ -60,7 +65,7 @@ def add_parser(subparsers) -> None:
         help="auto (tissue by Otsu on a low-resolution level), none, a mask image, or a folder of masks named "
         "like the inputs",
     )
-    parser.add_argument("--class-names", help="text file with one class name per line (GeoJSON/CSV)")
+    parser.add_argument("--class-names", help="text file with one class name per line (GeoJSON/CSV/OME-Zarr)")
     parser.add_argument("--engine", choices=("local", "ray"), default="local", help="local (default) or Ray Data")
     add_execution_argument(parser)
     parser.add_argument("--ray-address", help="Ray cluster to join (default: $RAY_ADDRESS, else a local Ray)")

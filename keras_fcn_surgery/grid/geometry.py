@@ -22,6 +22,7 @@ from keras_fcn_surgery.graph import (
     operation_kind,
     probe_output_shapes,
     trace_call,
+    traced_model,
 )
 from keras_fcn_surgery.grid import axis as gm
 from keras_fcn_surgery.layout import Layout
@@ -234,6 +235,7 @@ def geometry(model, input_size=None, *, head: str = "window") -> Geometry:
     Returns:
         A `Geometry`.
     """
+    model = traced_model(model)
     reference = tuple(int(d) for d in input_size) if input_size is not None else None
     if any(d is not None for d in _input_spatial(model)):
         from keras_fcn_surgery.surgery.convert import convert

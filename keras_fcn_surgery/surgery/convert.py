@@ -29,6 +29,7 @@ from keras_fcn_surgery.surgery.rules.base import SPATIAL, Context, FlattenedMap,
 from keras_fcn_surgery.surgery.verify import (
     VerificationResult,
     check_inputs,
+    check_trace,
     compare_models,
     random_inputs,
     source_input_shapes,
@@ -178,6 +179,7 @@ class Conversion:
                 global-pooling head (unless ``warn`` is False).
         """
         model = as_model(model, custom_objects, error_class=ConversionError)
+        check_trace(model)
         if head not in HEADS:
             raise ConversionError(f"Expected `head` to be one of {HEADS}. Received: head={head!r}")
         graph = graph_of(model)
@@ -292,7 +294,8 @@ def verify(
     logit). ``result.compared`` says which tensors were compared.
 
     Args:
-        source: the classifier.
+        source: the classifier (a subclassed one is compared through its
+            traced twin, itself compared with the model).
         fcn: what `convert` returned for it.
         head: the ``head`` it was converted with. A ``head="dense"`` FCN of a
             global-pooling classifier gives a map at the original size; it
@@ -325,6 +328,8 @@ def verify(
         UninformativeVerificationWarning: when the source's scores hardly
             vary across the batch, so the check proves little.
     """
+    source = as_model(source, error_class=ConversionError)
+    check_trace(source)
     reference = fcn
     if head == "dense":
         reference = Conversion.of(source, head="dense", input_size=input_size, warn=False).reference(fcn)
