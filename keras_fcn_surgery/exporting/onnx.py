@@ -44,12 +44,12 @@ import numpy as np
 import onnx
 import onnxruntime
 
-path, inputs_file, outputs_file = sys.argv[1:4]
-onnx.checker.check_model(path)
-session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
-inputs = np.load(inputs_file)
-outputs = {key: session.run(["scores"], {"images": inputs[key]})[0] for key in inputs.files}
-np.savez(outputs_file, **outputs)
+inputs = np.load(sys.argv[1])
+for path, outputs_file in zip(sys.argv[2::2], sys.argv[3::2]):
+    onnx.checker.check_model(path)
+    session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
+    outputs = {key: session.run(["scores"], {"images": inputs[key]})[0] for key in inputs.files}
+    np.savez(outputs_file, **outputs)
 """
 
 
