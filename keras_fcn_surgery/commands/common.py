@@ -165,7 +165,7 @@ def quiet_tensorflow_import() -> None:
     logging.getLogger("tensorflow").setLevel(logging.ERROR)
 
 
-EXECUTIONS = ("auto", "tf", "xla", "blas")
+EXECUTIONS = ("auto", "tf", "xla", "blas", "jax")
 
 
 def non_negative_int(text: str) -> int:
@@ -194,5 +194,6 @@ def add_execution_argument(parser) -> None:
         choices=EXECUTIONS,
         default="auto",
         help="how each forward pass runs: auto (default: the fastest, measured on this machine on first use), "
-        "tf, xla (XLA-compiled), blas (the classifier head in numpy's BLAS; CPU only)",
+        "tf, xla (XLA-compiled), blas (the classifier head in numpy's BLAS; CPU only), jax (jax.jit; "
+        "KERAS_BACKEND=jax)",
     )

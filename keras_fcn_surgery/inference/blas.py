@@ -165,17 +165,24 @@ def _cell_steps(model):
     return steps, sub_model(model, tensor, graph.outputs[0], name=f"{model.name}_rest")
 
 
+def _value(variable) -> np.ndarray:
+    """A Keras variable's current value as a numpy array, without a copy where the backend allows one."""
+    if keras.backend.backend() == "tensorflow":
+        import tensorflow as tf
+
+        return np.asarray(tf.convert_to_tensor(variable))  # a view of the variable's current value
+    return np.asarray(keras.ops.convert_to_numpy(variable.value))
+
+
 def _cell_functions(steps) -> list:
     """``(cells, channels) -> (cells, channels')`` for each step, with the weights as they are now."""
-    import tensorflow as tf
-
     functions = []
     for kind, layer, activation in steps:
         weights = None
         if kind != "identity":
-            kernel = np.asarray(tf.convert_to_tensor(layer.kernel))  # a view of the variable's current value
+            kernel = _value(layer.kernel)
             kernel = kernel.reshape(kernel.shape[-2], kernel.shape[-1])
-            bias = np.asarray(tf.convert_to_tensor(layer.bias)) if layer.use_bias else None
+            bias = _value(layer.bias) if layer.use_bias else None
             weights = (kernel, bias)
         functions.append(_cell_function(weights, activation))
     return functions
@@ -209,8 +216,6 @@ def split_forward(model, forward_fn):
     and its input carries everything after it (no branch crosses it); the
     parts before and after it run through ``forward_fn(sub_model)``.
     """
-    import tensorflow as tf
-
     try:
         graph = graph_of(model)
     except Exception:
@@ -241,8 +246,8 @@ def split_forward(model, forward_fn):
         assert parts, "the parts are alive"
         features = head_before(batch) if head_before is not None else np.asarray(batch, dtype=np.float32)
         features = np.ascontiguousarray(features, dtype=np.float32)
-        kernel = np.asarray(tf.convert_to_tensor(layer.kernel))  # a view of the variable's current value
-        bias = np.asarray(tf.convert_to_tensor(layer.bias)) if layer.use_bias else None
+        kernel = _value(layer.kernel)
+        bias = _value(layer.bias) if layer.use_bias else None
         if not by_blocks:
             scores = valid_conv(features, kernel, bias, relu)
             return head_after(scores) if head_after is not None else scores

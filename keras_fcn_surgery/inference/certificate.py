@@ -481,7 +481,7 @@ def _eligible(start: int, stride: int, length: int, side: int, cells: int) -> ra
 def _run_on_crops(model, image, spec: runner.ImageSpec, origins, crop, preprocess) -> list[np.ndarray]:
     """Per output of ``model``, ``(n, K)`` float64 scores on the crops at ``origins``, in batches of about a
     million pixels."""
-    forward = engines.forward(model, "tf")
+    forward = engines.forward(model, engines.native())
     dtype = runner.input_dtype(model)
     per_batch = max(1, runner.PIXELS_PER_BATCH // (crop[0] * crop[1]))
     batches = []

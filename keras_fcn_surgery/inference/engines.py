@@ -9,15 +9,22 @@ candidates the first time a (model, input shape) is run and keeps the fastest:
 
 - ``"tf"``: the model in a `tf.function`, without XLA;
 - ``"xla"``: the same compiled with XLA (``jit_compile=True``);
+- ``"jax"``: the model's stateless call in `jax.jit` (its weights passed as
+  arguments, not baked in as constants);
 - ``"blas"``: the large-kernel head convolution as blocked matrix products in
   numpy's BLAS where the graph splits there (`blas.split_forward`), the rest
-  as ``"tf"``; only on a CPU, at float32.
+  under the backend's own execution; only on a CPU, at float32.
 
-Passes below `MEASURE_MACS` multiply-accumulates per call run ``"tf"`` untimed
-(a measurement would cost more than any saving, and XLA's compile time alone
-exceeds such a pass). The choice is kept for the process and in a JSON file
-(`cache_path`) keyed by the model's architecture, the input shape, the
-TensorFlow version and the host, so that later processes skip the timing.
+``"tf"`` and ``"xla"`` need Keras on TensorFlow, ``"jax"`` Keras on JAX
+(``KERAS_BACKEND``); `native` names the backend's own execution, the one
+``"auto"`` compares with ``"blas"`` (and ``"xla"`` on TensorFlow).
+
+Passes below `MEASURE_MACS` multiply-accumulates per call run the native
+engine untimed (a measurement would cost more than any saving, and XLA's
+compile time alone exceeds such a pass). The choice is kept for the process
+and in a JSON file (`cache_path`) keyed by the model's architecture, the input
+shape, the backend and its version, and the host, so that later processes skip
+the timing.
 """
 
 from __future__ import annotations
@@ -38,8 +45,10 @@ import numpy as np
 
 from keras_fcn_surgery.errors import InputError, ModelFileError
 
-ENGINES = ("auto", "tf", "xla", "blas")
-# Multiply-accumulates per forward call below which "auto" runs "tf" without measuring.
+ENGINES = ("auto", "tf", "xla", "blas", "jax")
+# The engines each Keras backend can run itself, its own execution first ("blas" runs on any of them).
+_BACKEND_ENGINES = {"tensorflow": ("tf", "xla"), "jax": ("jax",)}
+# Multiply-accumulates per forward call below which "auto" runs the native engine ("tf", "jax") without measuring.
 MEASURE_MACS = 4_000_000_000
 # A probe call computes at most about this many multiply-accumulates: a larger input is shrunk (batch
 # first, then its sides) to fit. Large enough to time VGG16 at 1024 x 1024 (about 400 GMAC) as it runs: at
@@ -65,7 +74,7 @@ class EngineChoice:
     """The execution chosen for a model at one input shape, and why.
 
     Attributes:
-        engine: ``"tf"``, ``"xla"`` or ``"blas"``.
+        engine: ``"tf"``, ``"xla"``, ``"jax"`` or ``"blas"``.
         reason: a short sentence: asked for, below the measuring threshold,
             measured now, or measured earlier (read from the cache file).
         timings: seconds of the best probe call of each timed candidate
@@ -85,6 +94,38 @@ def check_engine(engine) -> str:
     if engine not in ENGINES:
         raise InputError(f"Expected `engine` to be one of {', '.join(map(repr, ENGINES))}. Received: {engine!r}")
     return engine
+
+
+def backend_name() -> str:
+    """The Keras backend this process runs on (``"tensorflow"``, ``"jax"``, ...)."""
+    return keras.backend.backend()
+
+
+def native() -> str:
+    """The backend's own execution: ``"tf"`` on TensorFlow, ``"jax"`` on JAX.
+
+    Raises:
+        InputError: on a backend this library cannot run a forward pass on.
+    """
+    backend = backend_name()
+    if backend not in _BACKEND_ENGINES:
+        raise InputError(
+            f"Dense maps run on Keras's TensorFlow or JAX backend; this process runs Keras on {backend!r}. "
+            "Set KERAS_BACKEND=tensorflow or KERAS_BACKEND=jax before Keras is imported."
+        )
+    return _BACKEND_ENGINES[backend][0]
+
+
+def backend_refusal(engine: str) -> str | None:
+    """Why ``engine`` cannot run on this process's Keras backend, or None when it can."""
+    backend = backend_name()
+    if engine in ("auto", "blas") or engine in _BACKEND_ENGINES.get(backend, ()):
+        return None
+    needs = next(name for name, owned in _BACKEND_ENGINES.items() if engine in owned)
+    return (
+        f"engine={engine!r} needs Keras on {needs} and this process runs Keras on {backend} (KERAS_BACKEND); "
+        f"use 'auto' or {native()!r}"
+    )
 
 
 def engine_from_options(engine, jit_compile) -> str:
@@ -113,13 +154,25 @@ def engine_from_options(engine, jit_compile) -> str:
     return "xla" if jit_compile else "tf"
 
 
+def accelerators() -> list[str]:
+    """The GPUs (or other accelerators) the Keras backend computes on, by name; empty on a CPU-only host."""
+    backend = backend_name()
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        return sorted(d.name for d in tf.config.list_logical_devices("GPU"))
+    if backend == "jax":
+        import jax
+
+        return sorted(str(d) for d in jax.devices() if d.platform != "cpu")
+    return []
+
+
 def blas_refusal(model, precision: str | None = None) -> str | None:
     """Why the ``"blas"`` engine cannot run ``model`` here, or None when it can."""
-    import tensorflow as tf
-
     if precision is not None:
         return f"the BLAS head computes in float32 only (asked: {precision})"
-    if tf.config.list_logical_devices("GPU"):
+    if accelerators():
         return "the BLAS head runs on the CPU and a GPU is in use"
     if not _splits(model):
         return (
@@ -140,8 +193,9 @@ def _splits(model) -> bool:
 
 
 def candidates(model, precision: str | None = None) -> tuple[str, ...]:
-    """The engines that can run ``model`` here, ``"tf"`` first."""
-    found = ("tf", "xla")
+    """The engines that can run ``model`` here, the backend's own (`native`) first."""
+    native()  # a clear error on a backend without one
+    found = _BACKEND_ENGINES[backend_name()]
     return found + ("blas",) if blas_refusal(model, precision) is None else found
 
 
@@ -150,25 +204,36 @@ def forward(model, engine: str, precision: str | None = None):
 
     Args:
         model: the model to run.
-        engine: ``"tf"``, ``"xla"`` or ``"blas"`` (where the BLAS head cannot
-            run this model, e.g. a stage without the head, it runs as ``"tf"``).
+        engine: ``"tf"``, ``"xla"``, ``"jax"`` or ``"blas"`` (where the BLAS
+            head cannot run this model, e.g. a stage without the head, it runs
+            under the backend's own execution, `native`).
         precision: None, or a Keras dtype policy such as ``"mixed_float16"``
-            to run a copy of the model under (``"blas"`` then runs as ``"tf"``).
-    """
-    import tensorflow as tf
+            to run a copy of the model under (``"blas"`` then runs natively).
 
+    Raises:
+        InputError: for an unknown engine, or one the Keras backend cannot run.
+    """
     from keras_fcn_surgery.inference.blas import split_forward
 
     if engine not in ENGINES[1:]:
-        raise InputError(f"Expected an engine among 'tf', 'xla', 'blas'. Received: {engine!r}")
+        raise InputError(f"Expected an engine among {', '.join(map(repr, ENGINES[1:]))}. Received: {engine!r}")
+    refusal = backend_refusal(engine)
+    if refusal is not None:
+        raise InputError(f"Cannot run model '{model.name}': {refusal}.")
     with _LOCK:
         per_model = _FORWARDS.setdefault(model, {})
         key = (engine, precision)
         if key not in per_model:
             split = None
-            if engine == "blas" and precision is None and not tf.config.list_logical_devices("GPU"):
-                split = split_forward(model, lambda part: forward(part, "tf"))
-            per_model[key] = split if split is not None else _traced(model, engine == "xla", precision)
+            own = native()
+            if engine == "blas" and precision is None and not accelerators():
+                split = split_forward(model, lambda part: forward(part, own))
+            if split is not None:
+                per_model[key] = split
+            elif (own if engine == "blas" else engine) == "jax":
+                per_model[key] = _jitted(model, precision)
+            else:
+                per_model[key] = _traced(model, engine == "xla", precision)
         return per_model[key]
 
 
@@ -187,6 +252,35 @@ def _traced(model, jit_compile: bool, precision: str | None):
     # XLA still compiles per shape. A pass with one tile shape keeps its first, exact-shape trace.
     compiled = tf.function(call, jit_compile=jit_compile, reduce_retracing=True)
     return lambda batch: np.asarray(compiled(tf.constant(batch)))
+
+
+def _jitted(model, precision: str | None):
+    """``numpy batch -> numpy outputs``: the model's stateless call under `jax.jit`, its weights as arguments."""
+    import jax
+
+    reference = weakref.ref(model)  # the cache must not keep the model alive
+    copy = policy_copy(model, precision) if precision else None
+
+    def live():
+        found = copy if copy is not None else reference()
+        assert found is not None, "the model is alive while its cached function runs"
+        return found
+
+    def call(trainable, non_trainable, x):
+        outputs, _ = live().stateless_call(trainable, non_trainable, x, training=False)
+        return outputs
+
+    # The weights go in as arguments: baked in as constants they would be compiled into the program (slow for
+    # VGG16's 500 MB) and stale after a `set_weights`. jit compiles once per input shape, as XLA does.
+    compiled = jax.jit(call)
+
+    def run(batch):
+        model = live()
+        trainable = [v.value for v in model.trainable_variables]
+        non_trainable = [v.value for v in model.non_trainable_variables]
+        return np.asarray(compiled(trainable, non_trainable, batch))
+
+    return run
 
 
 def policy_copy(model, policy: str):
@@ -215,7 +309,7 @@ def choose_engine(model, batch_shape, engine: str = "auto", precision: str | Non
         precision: None, or the dtype policy the pass runs under.
 
     Returns:
-        An `EngineChoice`. Under ``"auto"``: ``"tf"`` untimed below
+        An `EngineChoice`. Under ``"auto"``: `native` untimed below
         `MEASURE_MACS` per call; else the fastest candidate, from the process's
         cache, the cache file, or a probe timed now (a warm-up call each, so
         tracing and compiling are not counted, then `PROBE_ROUNDS` rounds in
@@ -228,11 +322,14 @@ def choose_engine(model, batch_shape, engine: str = "auto", precision: str | Non
     check_engine(engine)
     shape = tuple(int(d) for d in batch_shape)
     if engine != "auto":
+        refusal = backend_refusal(engine)
+        if refusal is not None:
+            raise InputError(f"Cannot run model '{model.name}': {refusal}.")
         if engine == "blas":
             refusal = blas_refusal(model, precision)
             if refusal is not None:
                 raise InputError(
-                    f"engine='blas' cannot run model '{model.name}': {refusal}. Use 'auto', 'tf' or 'xla'."
+                    f"engine='blas' cannot run model '{model.name}': {refusal}. Use 'auto' or {native()!r}."
                 )
         return EngineChoice(engine, "asked for")
     with _LOCK:
@@ -256,14 +353,17 @@ def with_engine(plan, fcn, engine: str, precision: str | None = None):
     import dataclasses
 
     check_engine(engine)
-    if engine == "blas":  # the whole network must hold the head; its other stages then run "tf"
+    refusal = backend_refusal(engine)
+    if refusal is not None:
+        raise InputError(f"Cannot run model '{fcn.name}': {refusal}.")
+    if engine == "blas":  # the whole network must hold the head; its other stages then run natively
         refusal = blas_refusal(fcn, precision)
         if refusal is not None:
-            raise InputError(f"engine='blas' cannot run model '{fcn.name}': {refusal}. Use 'auto', 'tf' or 'xla'.")
+            raise InputError(f"engine='blas' cannot run model '{fcn.name}': {refusal}. Use 'auto' or {native()!r}.")
     stages, reasons = [], []
     for index, (stage, run) in enumerate(zip(plan.stages, plan._runs)):
         if engine == "blas" and blas_refusal(run.model, precision) is not None:
-            choice = EngineChoice("tf", "blas asked for; this stage holds no head convolution")
+            choice = EngineChoice(native(), "blas asked for; this stage holds no head convolution")
         else:
             choice = choose_engine(run.model, run.call_shape(), engine, precision)
         stages.append(dataclasses.replace(stage, engine=choice.engine))
@@ -276,10 +376,10 @@ def _auto_choice(model, shape, precision) -> EngineChoice:
     try:
         macs = call_macs(model, shape)
     except Exception as error:  # a shape the model cannot take whole: nothing to measure on
-        return EngineChoice("tf", f"no measurable pass at {'x'.join(map(str, shape))} ({type(error).__name__})")
+        return EngineChoice(native(), f"no measurable pass at {'x'.join(map(str, shape))} ({type(error).__name__})")
     if macs < MEASURE_MACS:
         return EngineChoice(
-            "tf", f"{macs / 1e9:.2g} GMAC a call, below the {MEASURE_MACS / 1e9:.0f} GMAC worth measuring"
+            native(), f"{macs / 1e9:.2g} GMAC a call, below the {MEASURE_MACS / 1e9:.0f} GMAC worth measuring"
         )
     names = candidates(model, precision)
     path = cache_path()
@@ -293,7 +393,7 @@ def _auto_choice(model, shape, precision) -> EngineChoice:
     timings = time_engines(model, names, probe, precision)
     best = min(timings, key=lambda name: timings[name])
     if not math.isfinite(timings[best]):
-        return EngineChoice("tf", "every candidate failed its probe", timings)
+        return EngineChoice(native(), "every candidate failed its probe", timings)
     ranked = ", ".join(f"{name} {seconds * 1e3:.3g} ms" for name, seconds in sorted(timings.items(), key=_by_time))
     where = "x".join(map(str, probe))
     choice = EngineChoice(best, f"fastest measured at {where}: {ranked}", timings)
@@ -405,8 +505,6 @@ def model_fingerprint(model) -> str:
 
 def host_fingerprint() -> str:
     """The processor model, core counts, machine type and visible GPUs, as one string."""
-    import tensorflow as tf
-
     cpu = platform.processor() or ""
     with contextlib.suppress(OSError):
         with open("/proc/cpuinfo") as handle:
@@ -415,18 +513,31 @@ def host_fingerprint() -> str:
                     cpu = line.split(":", 1)[1].strip()
                     break
     usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    gpus = ",".join(sorted(d.name for d in tf.config.list_logical_devices("GPU")))
+    gpus = ",".join(accelerators())
     return f"{platform.machine()}|{cpu}|{os.cpu_count()} cores|{usable} usable|gpus:{gpus}"
 
 
-def _cache_key(model, shape, precision) -> str | None:
-    import tensorflow as tf
+def backend_version() -> str:
+    """The version of the framework under Keras: TensorFlow's as it is, else the backend's name and version."""
+    backend = backend_name()
+    if backend == "tensorflow":
+        import tensorflow as tf
 
+        return tf.__version__
+    try:
+        import importlib.metadata
+
+        return f"{backend} {importlib.metadata.version(backend)}"
+    except Exception:  # pragma: no cover - a backend without distribution metadata
+        return backend
+
+
+def _cache_key(model, shape, precision) -> str | None:
     try:
         model_part = model_fingerprint(model)
     except Exception:  # pragma: no cover - an exotic model: measure every time rather than fail
         return None
-    text = json.dumps([model_part, list(shape), precision, tf.__version__, keras.__version__, host_fingerprint()])
+    text = json.dumps([model_part, list(shape), precision, backend_version(), keras.__version__, host_fingerprint()])
     return hashlib.sha256(text.encode()).hexdigest()
 
 

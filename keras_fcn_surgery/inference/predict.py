@@ -92,11 +92,13 @@ def predict_map(
             ``"xla"`` (compiled with XLA once per tile batch shape),
             ``"blas"`` (a converted classifier's large-kernel head convolution
             as blocked matrix products in numpy's BLAS, the rest as
-            ``"tf"``; CPU and float32 only, `inference.blas`), or ``"auto"``
+            ``"tf"``; CPU and float32 only, `inference.blas`), ``"jax"``
+            (`jax.jit`, under ``KERAS_BACKEND=jax``, where ``"tf"`` and
+            ``"xla"`` are refused), or ``"auto"``
             (default): the fastest of those on this machine, timed on first
             use for the model and tile batch shape and remembered
             (`inference.engines`; passes under about 4 GMAC a call run
-            ``"tf"`` untimed). Every stage runs under the same engine;
+            the backend's own, ``"tf"`` or ``"jax"``, untimed). Every stage runs under the same engine;
             `plan_prediction` with ``engine=`` shows the choice and why.
         jit_compile: deprecated; True is ``engine="xla"``, False
             ``engine="tf"``.
@@ -351,7 +353,7 @@ def sliding_window_predict(
     classes = int(model.outputs[0].shape[-1])
     positions = list(itertools.product(range(counts[0]), range(counts[1])))
     scores = np.empty((len(positions), classes), dtype=np.float32)
-    forward = engines.forward(model, "tf")
+    forward = engines.forward(model, engines.native())
     dtype = runner.input_dtype(model)
     batches = range(0, len(positions), batch_size)
     with runner.progress_bar(len(batches), progress, "batches") as bar:

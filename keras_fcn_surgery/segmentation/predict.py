@@ -122,7 +122,7 @@ def run_segmenter(
     spec = runner.ImageSpec(layout, int(layout.channels(tuple(model.inputs[0].shape))))
     with runner.progress_bar(computed, progress, "tiles") as bar:
         runner.run_tiles(
-            engines.forward(model, "tf"),
+            engines.forward(model, engines.native()),
             image,
             spec,
             axis_plans,
