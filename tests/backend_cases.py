@@ -1,0 +1,93 @@
+"""The same conversions, geometry and dense maps on any Keras backend, for tests/test_backends.py.
+
+`save_models` writes small classifiers and an FCN as ``.keras`` files (a format every backend reads);
+`results` converts and runs them on the backend of the process that calls it. The test calls it under
+TensorFlow and runs this file as a script under ``KERAS_BACKEND=jax``, with TensorFlow made unimportable,
+so the JAX side also shows that the surgery and the maps need no TensorFlow:
+
+    KERAS_BACKEND=jax python tests/backend_cases.py MODELS_DIR OUT.npz
+"""
+
+import json
+import os
+import sys
+
+MODELS = ("flatten_cnn", "bn_residual_gap", "strided_fcn")
+
+
+def save_models(folder) -> None:
+    """The test models, with seeded random weights, as ``.keras`` files in ``folder``."""
+    import keras
+    from conftest import STRIDES, strided_fcn
+    from keras import layers
+    from models import small_flatten_cnn
+
+    keras.utils.set_random_seed(26)
+    inputs = keras.Input((28, 28, 3))
+    x = layers.Conv2D(8, 3, activation="relu")(inputs)
+    y = layers.BatchNormalization()(layers.Conv2D(8, 3, padding="same")(x))
+    x = layers.Activation("relu")(layers.Add()([x, y]))
+    x = layers.MaxPooling2D(2)(x)
+    x = layers.GlobalAveragePooling2D()(layers.Conv2D(12, 3, activation="relu")(x))
+    residual = keras.Model(inputs, layers.Dense(4, activation="softmax")(x), name="bn_residual_gap")
+    # BatchNormalization's moving statistics away from 0 and 1, so that its non-trainable weights matter.
+    batch_norm = next(layer for layer in residual.layers if isinstance(layer, layers.BatchNormalization))
+    gamma, beta, mean, variance = batch_norm.get_weights()
+    batch_norm.set_weights([gamma * 1.5, beta + 0.2, mean + 0.3, variance * 2.0])
+    models = {
+        "flatten_cnn": small_flatten_cnn(),
+        "bn_residual_gap": residual,
+        "strided_fcn": strided_fcn("same", STRIDES[8], head=3),
+    }
+    for name, model in models.items():
+        model.save(os.path.join(folder, f"{name}.keras"))
+
+
+def results(folder) -> tuple[dict, dict]:
+    """``(arrays, texts)``: the maps of the models in ``folder`` and what the library says about them."""
+    import keras
+    import numpy as np
+
+    import keras_fcn_surgery as kfs
+    from keras_fcn_surgery.inference.staged import plan_prediction
+
+    def path(name):
+        return os.path.join(folder, f"{name}.keras")
+
+    rng = np.random.default_rng(26)
+    arrays, texts = {}, {"backend": keras.backend.backend()}
+    image = rng.uniform(0, 1, (77, 90, 3)).astype("float32")
+    for name, head in (("flatten_cnn", "window"), ("bn_residual_gap", "window"), ("bn_residual_gap", "dense")):
+        key = f"{name}-{head}"
+        texts[f"{key}-plan"] = str(kfs.plan(path(name), head=head))
+        fcn = kfs.convert(path(name), head=head)  # verified against the classifier on this backend
+        texts[f"{key}-geometry"] = str(kfs.geometry(fcn))
+        arrays[f"{key}-whole"] = kfs.predict_map(fcn, image)
+        arrays[f"{key}-tiled"] = kfs.predict_map(fcn, image, tile=40, batch_size=3)
+        cells = arrays[f"{key}-whole"].shape[:2]
+        keep = np.zeros(cells, bool)
+        keep[: cells[0] // 2, cells[1] // 3 :] = True
+        arrays[f"{key}-masked"] = np.nan_to_num(kfs.predict_map(fcn, image, tile=40, keep=keep), nan=-1.0)
+        texts[f"{key}-engine"] = plan_prediction(fcn, image.shape[:2], engine="auto").engine
+    fcn = keras.models.load_model(path("strided_fcn"))
+    strided = rng.standard_normal((131, 101, 2)).astype("float32")
+    texts["strided_fcn-geometry"] = str(kfs.geometry(fcn))
+    arrays["strided_fcn-whole"] = kfs.predict_map(fcn, strided)
+    arrays["strided_fcn-staged"] = kfs.predict_map(fcn, strided, tile=60, staged=True, batch_size=2)
+    texts["strided_fcn-stages"] = str(len(plan_prediction(fcn, strided.shape[:2], tile=60, staged=True).stages))
+    return arrays, texts
+
+
+def main(models_dir, out_path) -> None:
+    sys.modules["tensorflow"] = None  # type: ignore[assignment]  # `import tensorflow` now raises ImportError
+    import numpy as np
+
+    arrays, texts = results(models_dir)
+    np.savez(out_path, **arrays)
+    with open(out_path + ".json", "w") as handle:
+        json.dump({**texts, "tensorflow_imported": sys.modules.get("tensorflow") is not None}, handle)
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # conftest.py, models.py
+    main(sys.argv[1], sys.argv[2])

@@ -1,0 +1,98 @@
+"""Keras's JAX backend: the same conversions, geometry and dense maps as TensorFlow's (issue 26).
+
+Keras reads ``KERAS_BACKEND`` once, when it is first imported, so the JAX side runs in a subprocess
+(tests/backend_cases.py), with TensorFlow made unimportable there: the surgery and the maps must not need it.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from backend_cases import results, save_models
+
+import keras_fcn_surgery as kfs
+from keras_fcn_surgery.inference import engines
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def run_under_jax(*args, timeout=600):
+    """``python *args`` under ``KERAS_BACKEND=jax``, this checkout first on the import path."""
+    pytest.importorskip("jax")  # the `jax` extra (in the test extra: CI has it)
+    environment = {
+        **os.environ,
+        "KERAS_BACKEND": "jax",
+        "JAX_PLATFORMS": "cpu",
+        "PYTHONPATH": os.pathsep.join([os.path.dirname(HERE), os.environ.get("PYTHONPATH", "")]),
+    }
+    return subprocess.run(
+        [sys.executable, *args], env=environment, capture_output=True, text=True, timeout=timeout, cwd=HERE
+    )
+
+
+def test_jax_converts_and_maps_as_tensorflow_does_without_tensorflow(tmp_path):
+    save_models(str(tmp_path))
+    out = str(tmp_path / "jax.npz")
+    done = run_under_jax(os.path.join(HERE, "backend_cases.py"), str(tmp_path), out)
+    assert done.returncode == 0, done.stderr[-4000:]
+    with open(out + ".json") as handle:
+        jax_texts = json.load(handle)
+    jax_arrays = dict(np.load(out))
+    assert jax_texts.pop("backend") == "jax"
+    assert jax_texts.pop("tensorflow_imported") is False
+    tf_arrays, tf_texts = results(str(tmp_path))
+    assert tf_texts.pop("backend") == "tensorflow"
+    for key, text in tf_texts.items():
+        if key.endswith("-engine"):  # below the measuring threshold: each backend's own execution
+            assert (text, jax_texts[key]) == ("tf", "jax"), key
+        else:
+            assert jax_texts[key] == text, key
+    assert sorted(jax_arrays) == sorted(tf_arrays)
+    for key, expected in tf_arrays.items():
+        assert jax_arrays[key].shape == expected.shape, key
+        scale = float(np.abs(expected).max())
+        np.testing.assert_allclose(jax_arrays[key], expected, rtol=0, atol=1e-5 * scale, err_msg=key)
+
+
+JAX_ENGINES = """
+import keras, numpy as np, keras_fcn_surgery as kfs
+from keras import layers
+from keras_fcn_surgery.inference import engines
+
+head = [layers.Flatten(), layers.Dense(512, activation="relu"), layers.Dense(64, activation="relu"), layers.Dense(5)]
+classifier = keras.Sequential([keras.Input((14, 14, 3)), layers.Conv2D(8, 3, strides=2, activation="relu"), *head])
+fcn = kfs.as_fcn(classifier)  # its head: a 6 x 6 convolution of 512 filters, which the BLAS engine runs
+image = np.random.default_rng(0).uniform(0, 1, (150, 140, 3)).astype("float32")
+reference = kfs.predict_map(fcn, image, engine="jax")
+np.testing.assert_allclose(kfs.predict_map(fcn, image, engine="blas"), reference, atol=1e-5 * abs(reference).max())
+assert engines.candidates(fcn) == ("jax", "blas"), engines.candidates(fcn)
+choice = engines.choose_engine(fcn, (1, 150, 140, 3))
+assert choice.engine == "jax", choice
+timings = engines.time_engines(fcn, ("jax", "blas"), (1, 150, 140, 3), rounds=1)
+assert set(timings) == {"jax", "blas"} and all(np.isfinite(list(timings.values()))), timings
+for engine in ("tf", "xla"):
+    try:
+        kfs.predict_map(fcn, image, engine=engine)
+    except kfs.InputError as error:
+        assert "needs Keras on tensorflow" in str(error) and "KERAS_BACKEND" in str(error), error
+    else:
+        raise AssertionError(engine + " ran under JAX")
+print("ok")
+"""
+
+
+def test_under_jax_the_engines_are_jit_and_blas_and_tensorflow_ones_are_refused():
+    done = run_under_jax("-c", JAX_ENGINES)
+    assert done.returncode == 0 and "ok" in done.stdout, done.stderr[-4000:]
+
+
+def test_under_tensorflow_the_jax_engine_is_refused():
+    from models import small_flatten_cnn
+
+    fcn = kfs.as_fcn(small_flatten_cnn())
+    with pytest.raises(kfs.InputError, match="engine='jax' needs Keras on jax .*use 'auto' or 'tf'"):
+        kfs.predict_map(fcn, np.zeros((40, 40, 3), "float32"), engine="jax")
+    assert engines.native() == "tf" and "jax" not in engines.candidates(fcn)
