@@ -19,11 +19,12 @@ from keras_fcn_surgery.inference import engines
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-def run_under_jax(*args, timeout=600):
+def run_under_jax(*args, environment=None, timeout=600):
     """``python *args`` under ``KERAS_BACKEND=jax``, this checkout first on the import path."""
     pytest.importorskip("jax")  # the `jax` extra (in the test extra: CI has it)
     environment = {
         **os.environ,
+        **(environment or {}),
         "KERAS_BACKEND": "jax",
         "JAX_PLATFORMS": "cpu",
         "PYTHONPATH": os.pathsep.join([os.path.dirname(HERE), os.environ.get("PYTHONPATH", "")]),
@@ -96,3 +97,22 @@ def test_under_tensorflow_the_jax_engine_is_refused():
     with pytest.raises(kfs.InputError, match="engine='jax' needs Keras on jax .*use 'auto' or 'tf'"):
         kfs.predict_map(fcn, np.zeros((40, 40, 3), "float32"), engine="jax")
     assert engines.native() == "tf" and "jax" not in engines.candidates(fcn)
+
+
+@pytest.mark.heavy  # about 2-4 min on 2 cores: JAX compiles each eager operation of each new model once
+def test_the_fuzz_campaign_under_jax():
+    """Random classifiers converted and mapped under JAX: each exact against its source there, or refused by name."""
+    environment = {"KFS_FUZZ_EXAMPLES": os.environ.get("KFS_JAX_FUZZ_EXAMPLES", "30")}
+    done = run_under_jax(
+        "-m",
+        "pytest",
+        "-q",
+        "-n",
+        "0",
+        "-p",
+        "no:cacheprovider",
+        os.path.join(HERE, "test_fuzz.py"),
+        environment=environment,
+        timeout=1800,
+    )
+    assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
