@@ -12,14 +12,32 @@ from dataclasses import dataclass
 
 import keras
 
-from keras_fcn_surgery.errors import ConversionError
-from keras_fcn_surgery.graph import model_layout
+from keras_fcn_surgery.errors import ConversionError, InputError
+from keras_fcn_surgery.graph import model_layout, output_names, producer_of
 from keras_fcn_surgery.layout import Layout
 from keras_fcn_surgery.saving.loading import as_model
+from keras_fcn_surgery.taxonomy import squashing_activation
 
 # Conversions of in-memory classifiers, by model and options: `predict_map(classifier, ...)` in a loop
 # converts (and verifies) once.
 _CONVERSIONS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+@dataclass(frozen=True)
+class MapOutput:
+    """One output of a fully convolutional model: one map per image.
+
+    Attributes:
+        name: its name (`graph.output_names`): the key `predict_map` returns
+            its map under when the model has several outputs.
+        classes: channels of its map.
+        activation: ``"softmax"`` or ``"sigmoid"`` when the map ends in one
+            (its values are probabilities), else None.
+    """
+
+    name: str
+    classes: int
+    activation: str | None = None
 
 
 @dataclass(frozen=True)
@@ -29,16 +47,57 @@ class FcnSpec:
     Attributes:
         layout: where its maps keep their channels.
         channels: channels of the image it takes.
-        classes: channels of the map it returns.
+        classes: channels of the map it returns (of its first output, when it
+            has several).
+        outputs: every output's `MapOutput`, in the model's order.
     """
 
     layout: Layout
     channels: int
     classes: int
+    outputs: tuple[MapOutput, ...] = ()
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        """The outputs' names, in order."""
+        return tuple(output.name for output in self.outputs)
+
+    @property
+    def several(self) -> bool:
+        """Whether the model has more than one output (`predict_map` then returns a dict of maps)."""
+        return len(self.outputs) > 1
+
+    def output_index(self, output: str | None) -> int:
+        """The position of the output named ``output``; None: `default_output`'s.
+
+        Raises:
+            InputError: for a name the model has no output of, or None when
+                several outputs and none ends in a softmax or sigmoid.
+        """
+        if output is None:
+            output = self.default_output()
+        if output is None:
+            raise InputError(
+                f"The model has {len(self.outputs)} outputs ({', '.join(map(repr, self.names))}) and none ends in a "
+                "softmax or sigmoid. Name the one to use: `output=NAME` (CLI: --output-name NAME)."
+            )
+        if output not in self.names:
+            raise InputError(
+                f"The model has no output named {output!r}; its outputs are {', '.join(map(repr, self.names))}. "
+                "Use one of those: `output=NAME` (CLI: --output-name NAME)."
+            )
+        return self.names.index(output)
+
+    def default_output(self) -> str | None:
+        """The output a picture or a per-cell table shows by default: the only one, or the first that ends
+        in a softmax or sigmoid (None when the model has several and none does)."""
+        if len(self.outputs) == 1:
+            return self.outputs[0].name
+        return next((o.name for o in self.outputs if o.activation is not None), None)
 
 
 def is_fully_convolutional(model) -> bool:
-    """True for a one-input, one-output model on images of any size that returns a rank-4 map.
+    """True for a one-input model on images of any size whose every output is a rank-4 map.
 
     That is what `convert` returns (and what `segmenter` builds); anything else
     is a classifier to convert first.
@@ -67,7 +126,16 @@ def fcn_spec(model) -> FcnSpec:
             f"Model '{model.name}' takes input {tuple(model.inputs[0].shape)} with an unknown number of channels; "
             "give its Input a fixed channel count."
         )
-    return FcnSpec(layout, int(channels), int(layout.channels(tuple(model.outputs[0].shape))))
+    outputs = tuple(
+        MapOutput(name, int(layout.channels(tuple(tensor.shape))), _activation(tensor))
+        for name, tensor in zip(output_names(model), model.outputs)
+    )
+    return FcnSpec(layout, int(channels), outputs[0].classes, outputs)
+
+
+def _activation(tensor) -> str | None:
+    operation = producer_of(tensor)
+    return None if operation is None else squashing_activation(operation)
 
 
 def as_fcn(
@@ -130,16 +198,18 @@ def original_size(model, input_size=None) -> tuple[int, int] | None:
 
 def _why_not_fcn(model) -> str | None:
     """Why ``model`` is not fully convolutional (one sentence), or None when it is."""
-    if len(model.inputs) != 1 or len(model.outputs) != 1:
+    if len(model.inputs) != 1 or not model.outputs:
         return (
             f"Model '{model.name}' has {len(model.inputs)} inputs and {len(model.outputs)} outputs; a score map "
-            "needs one image input and one output."
+            "needs one image input and at least one output."
         )
-    shape, output = tuple(model.inputs[0].shape), tuple(model.outputs[0].shape)
+    shape = tuple(model.inputs[0].shape)
+    outputs = [tuple(tensor.shape) for tensor in model.outputs]
     spatial = model_layout(model).spatial_shape(shape) if len(shape) == 4 else (0,)
-    if len(shape) != 4 or len(output) != 4 or any(d is not None for d in spatial):
+    if len(shape) != 4 or any(len(output) != 4 for output in outputs) or any(d is not None for d in spatial):
+        returned = outputs[0] if len(outputs) == 1 else outputs
         return (
-            f"Model '{model.name}' takes {shape} and returns {output}: it is not fully convolutional. "
+            f"Model '{model.name}' takes {shape} and returns {returned}: it is not fully convolutional. "
             "Convert the classifier first: `fcn = keras_fcn_surgery.convert(model)`."
         )
     return None
