@@ -46,6 +46,10 @@ def export(
 ) -> ExportResult:
     """Write a model as a SavedModel, an ONNX or a TFLite file with free height and width, and prove it runs.
 
+    A model with several outputs keeps them all: the export returns one map
+    per output, named by the output's name (`signature_outputs`; ``scores``
+    for a model of one output), and the check compares every one.
+
     The export is written under a hidden temporary name beside ``path``,
     loaded in a fresh Python process that cannot import this package, run at
     two image sizes and compared with the Keras model; only then is it renamed
@@ -127,11 +131,11 @@ def export_format(format: str, **options) -> ExportFormat:
 
 
 def _fcn_to_export(source, *, convert: bool, head: str, input_size):
-    """The one-input, one-output FCN to export: ``source`` itself, or its conversion (`as_fcn`)."""
-    if len(source.inputs) != 1 or len(source.outputs) != 1:
+    """The one-input FCN to export: ``source`` itself, or its conversion (`as_fcn`); one map per output."""
+    if len(source.inputs) != 1:
         raise ExportError(
             f"Model '{source.name}' has {len(source.inputs)} inputs and {len(source.outputs)} outputs; a serving "
-            "export takes one image input and returns one score map."
+            "export takes one image input (and returns one score map per output)."
         )
     try:
         return as_fcn(source, head=head, input_size=input_size, convert=convert)

@@ -7,12 +7,13 @@ import itertools
 import numpy as np
 
 from keras_fcn_surgery.errors import ConversionError, InputError
-from keras_fcn_surgery.graph import model_layout, output_names
+from keras_fcn_surgery.graph import model_layout
 from keras_fcn_surgery.grid import tiling
 from keras_fcn_surgery.grid.geometry import geometry
 from keras_fcn_surgery.inference import engines, runner
 from keras_fcn_surgery.inference.staged import plan_prediction, run_plan
 from keras_fcn_surgery.inference.store import DiskMap, file_backed
+from keras_fcn_surgery.surgery.fcn import OutputMaps, map_outputs
 
 
 def predict_map(
@@ -120,9 +121,9 @@ def predict_map(
         float array, or ``out`` when given. ``geometry(fcn).output_size((H, W))``
         is ``(H', W')``.
 
-        For a model with several outputs (a class score and a box, say), a
-        dict of maps keyed by output name (`FcnSpec.names`), in the model's
-        order, each with its own channels and
+        For a model with several outputs (a class score and a box, say), an
+        `OutputMaps`: a dict of maps keyed by output name (`FcnSpec.names`),
+        in the model's order, each with its own channels and
         ``geometry(fcn, output=name).output_size((H, W))`` cells. Tiles and
         stages serve every output at once, exactly, when their maps share one
         grid (`geometry(fcn)` without ``output``); outputs on different grids
@@ -180,7 +181,7 @@ def predict_map(
     finally:
         if isinstance(pixels, DiskMap):
             pixels.close()
-    return dict(zip(outputs.names, targets)) if outputs.several else targets[0]
+    return OutputMaps(outputs.outputs, targets) if outputs.several else targets[0]
 
 
 def predict_maps(
@@ -265,7 +266,7 @@ def predict_maps(
                 maps = runner.as_maps(forward(pixels))
                 for position, index in enumerate(group):
                     each = [np.asarray(m[position], dtype=runner.output_dtype(fcn, k)) for k, m in enumerate(maps)]
-                    results[index] = dict(zip(outputs.names, each)) if outputs.several else each[0]
+                    results[index] = OutputMaps(outputs.outputs, each) if outputs.several else each[0]
                 bar.update(len(group))
     return results
 
@@ -347,4 +348,4 @@ def sliding_window_predict(
                 target[first : first + len(crops)] = result
             bar.update(1)
     grids = [model_format.image_from_channels_last(s.reshape(counts[0], counts[1], -1)) for s in scores]
-    return dict(zip(output_names(model), grids)) if len(grids) > 1 else grids[0]
+    return OutputMaps(map_outputs(model), grids) if len(grids) > 1 else grids[0]

@@ -67,33 +67,96 @@ class FcnSpec:
         """Whether the model has more than one output (`predict_map` then returns a dict of maps)."""
         return len(self.outputs) > 1
 
-    def output_index(self, output: str | None) -> int:
-        """The position of the output named ``output``; None: `default_output`'s.
+    def output_index(self, output: str | None = None) -> int:
+        """The position of the output named ``output``; None: the default (see `choose_output`).
 
         Raises:
-            InputError: for a name the model has no output of, or None when
-                several outputs and none ends in a softmax or sigmoid.
+            InputError: as `choose_output`.
         """
-        if output is None:
-            output = self.default_output()
-        if output is None:
-            raise InputError(
-                f"The model has {len(self.outputs)} outputs ({', '.join(map(repr, self.names))}) and none ends in a "
-                "softmax or sigmoid. Name the one to use: `output=NAME` (CLI: --output-name NAME)."
-            )
-        if output not in self.names:
-            raise InputError(
-                f"The model has no output named {output!r}; its outputs are {', '.join(map(repr, self.names))}. "
-                "Use one of those: `output=NAME` (CLI: --output-name NAME)."
-            )
-        return self.names.index(output)
+        return self.names.index(choose_output(self.outputs, output))
 
-    def default_output(self) -> str | None:
-        """The output a picture or a per-cell table shows by default: the only one, or the first that ends
-        in a softmax or sigmoid (None when the model has several and none does)."""
-        if len(self.outputs) == 1:
-            return self.outputs[0].name
-        return next((o.name for o in self.outputs if o.activation is not None), None)
+
+def choose_output(outputs, output: str | None = None) -> str:
+    """The name of the output to show where one is shown (a heatmap, a per-cell table).
+
+    Args:
+        outputs: the `MapOutput` of each output, in the model's order.
+        output: a name, or None for the default: the only output, else the
+            first that ends in a softmax or sigmoid (its values are class
+            probabilities).
+
+    Raises:
+        InputError: for a name among none of ``outputs``, or None when there
+            are several and none ends in a softmax or sigmoid.
+    """
+    names = [o.name for o in outputs]
+    listed = ", ".join(map(repr, names))
+    if output is None:
+        if len(outputs) == 1:
+            return names[0]
+        found = next((o.name for o in outputs if o.activation is not None), None)
+        if found is None:
+            raise InputError(
+                f"The model has {len(names)} outputs ({listed}) and none ends in a softmax or sigmoid. "
+                "Name the one to use: `output=NAME` (CLI: --output-name NAME)."
+            )
+        return found
+    if output not in names:
+        raise InputError(
+            f"The model has no output named {output!r}; its outputs are {listed}. Use one of those: "
+            "`output=NAME` (CLI: --output-name NAME)."
+        )
+    return output
+
+
+class OutputMaps(dict):
+    """The maps of a model with several outputs: a dict of arrays by output name, in the model's order.
+
+    What `predict_map` returns for such a model. Beside the maps it keeps
+    each output's `MapOutput` (``outputs``), so that `pick` (and `heatmap`)
+    can choose the map of class probabilities by default.
+    """
+
+    def __init__(self, outputs, maps):
+        super().__init__(zip((o.name for o in outputs), maps))
+        self.outputs = tuple(outputs)
+
+    def pick(self, output: str | None = None):
+        """``(name, map)`` of the output named ``output``; None: see `choose_output`."""
+        name = choose_output(self.outputs, output)
+        return name, self[name]
+
+
+def pick_map(maps, output: str | None = None):
+    """``(name, map)``: the one map of ``maps`` to show.
+
+    Args:
+        maps: one map (an array; its name is then ``""``), an `OutputMaps`,
+            or a dict of maps by output name.
+        output: the name of the map in ``maps``; None: the default of
+            `choose_output` (for a plain dict, which does not know which
+            outputs end in a softmax or sigmoid, only a dict of one map).
+
+    Raises:
+        InputError: for an unknown name, a name given for a single map, or
+            None for a plain dict of several maps.
+    """
+    if isinstance(maps, OutputMaps):
+        return maps.pick(output)
+    if isinstance(maps, dict):
+        if output is None and len(maps) > 1:
+            raise InputError(
+                f"{len(maps)} maps were given ({', '.join(map(repr, maps))}): name the one to use with "
+                "`output=NAME`. (The dict `predict_map` returns knows its class probabilities' map.)"
+            )
+        name = choose_output([MapOutput(str(name), 0) for name in maps], output)
+        return name, maps[name]
+    if output is not None:
+        raise InputError(
+            f"`output={output!r}` names one of several maps, but one map was given. Pass the dict of maps "
+            "`predict_map` returns for a model with several outputs, or no `output`."
+        )
+    return "", maps
 
 
 def is_fully_convolutional(model) -> bool:
@@ -126,16 +189,21 @@ def fcn_spec(model) -> FcnSpec:
             f"Model '{model.name}' takes input {tuple(model.inputs[0].shape)} with an unknown number of channels; "
             "give its Input a fixed channel count."
         )
-    outputs = tuple(
-        MapOutput(name, int(layout.channels(tuple(tensor.shape))), _activation(tensor))
-        for name, tensor in zip(output_names(model), model.outputs)
-    )
+    outputs = map_outputs(model)
     return FcnSpec(layout, int(channels), outputs[0].classes, outputs)
 
 
-def _activation(tensor) -> str | None:
-    operation = producer_of(tensor)
-    return None if operation is None else squashing_activation(operation)
+def map_outputs(model) -> tuple[MapOutput, ...]:
+    """Every output's `MapOutput`, in the model's order: an FCN's maps, or a classifier's score vectors."""
+    layout = model_layout(model)
+    found = []
+    for name, tensor in zip(output_names(model), model.outputs):
+        shape = tuple(tensor.shape)
+        classes = layout.channels(shape) if len(shape) == 4 else shape[-1]
+        operation = producer_of(tensor)
+        activation = None if operation is None else squashing_activation(operation)
+        found.append(MapOutput(name, int(classes) if classes is not None else 0, activation))
+    return tuple(found)
 
 
 def as_fcn(
