@@ -23,6 +23,7 @@ from keras_fcn_surgery.batch.sources import IMAGE_SUFFIXES, Source
 from keras_fcn_surgery.errors import ConversionError, ModelFileError, first_line
 from keras_fcn_surgery.grid.geometry import Geometry
 from keras_fcn_surgery.segmentation.predict import is_segmenter, run_segmenter
+from keras_fcn_surgery.surgery.fcn import OutputMaps, fcn_spec
 
 # Images with a side longer than this are tiled when no tile is given (memory stays bounded).
 LARGE_SIDE = 2048
@@ -45,6 +46,7 @@ class BatchOptions:
     class_names: tuple[str, ...] | None = None
     progress: bool | None = None
     execution: str = "auto"
+    output: str | None = None
 
 
 @dataclass(frozen=True)
@@ -99,22 +101,25 @@ def _compute_and_write(fcn, source: Source, paths: dict[str, str], options: Batc
     from keras_fcn_surgery.grid.geometry import geometry
 
     layout = model_layout(fcn)
-    channels = int(layout.channels(fcn.inputs[0].shape))
-    classes = int(layout.channels(fcn.outputs[0].shape))
+    spec = fcn_spec(fcn)
     per_pixel = is_segmenter(fcn)
     with open_reader(source.path) as reader:
         level = choose_level(reader, level=options.level, mpp=options.mpp)
         size = reader.levels[level].size
-        view = LevelArray(reader, level, channels, layout)
+        view = LevelArray(reader, level, spec.channels, layout)
         grid: Geometry | PixelGrid = PixelGrid() if per_pixel else geometry(fcn).at(size)
         map_size = grid.output_size(size)
         kept = _kept_cells(reader, source, options.mask, size, grid, map_size)
         with writers.staged_outputs(paths, overwrite=options.overwrite) as temporary:
-            shape = (map_size[0], map_size[1], classes)
-            if "zarr" in temporary:
-                scores = writers.create_zarr_scores(temporary["zarr"], shape)
-            else:
-                scores = np.full(shape, np.nan, dtype=np.float32)
+            maps = {}
+            for output in spec.outputs:
+                shape = (map_size[0], map_size[1], output.classes)
+                name = output.name if spec.several else writers.SCORES
+                if "zarr" in temporary:
+                    maps[output.name] = writers.create_zarr_scores(temporary["zarr"], shape, name=name)
+                else:
+                    maps[output.name] = np.full(shape, np.nan, dtype=np.float32)
+            scores = OutputMaps(spec.outputs, list(maps.values())) if spec.several else maps[spec.names[0]]
             if per_pixel:
                 fraction = _segment(fcn, view, layout, size, kept, scores, options)
             else:
@@ -131,18 +136,21 @@ def _compute_and_write(fcn, source: Source, paths: dict[str, str], options: Batc
                 per_pixel=per_pixel,
             )
             if "zarr" in temporary:
-                writers.finish_zarr(temporary["zarr"], info)
+                writers.finish_zarr(temporary["zarr"], info, spec.names if spec.several else ())
             if "npz" in temporary:
                 writers.write_npz(temporary["npz"], scores, info)
+            # GeoJSON and CSV describe one map: the output asked for, or the class probabilities.
+            shown = maps[spec.names[spec.output_index(options.output)]] if {"geojson", "csv"} & set(temporary) else None
             if "geojson" in temporary:
-                writers.write_geojson(temporary["geojson"], scores, info, options.class_names)
+                writers.write_geojson(temporary["geojson"], shown, info, options.class_names)
             if "csv" in temporary:
-                writers.write_csv(temporary["csv"], scores, info, options.class_names)
+                writers.write_csv(temporary["csv"], shown, info, options.class_names)
     return size[0] * size[1] / 1e6, fraction
 
 
 def _compute(fcn, view, layout, grid, size, kept, scores, options: BatchOptions) -> float:
-    """Fill ``scores`` (channels-last, NaN-filled) and return the share of the unmasked work computed.
+    """Fill ``scores`` (channels-last, NaN-filled; an `OutputMaps` of them for several outputs) and return the
+    share of the unmasked work computed.
 
     A mask reaches `predict_map` as its ``keep``: the staged plan then runs
     only the tiles the kept cells need, batched and prefetched as any pass.
@@ -169,12 +177,16 @@ def _compute(fcn, view, layout, grid, size, kept, scores, options: BatchOptions)
         progress=options.progress,
         engine=options.execution,
     )
+    targets = list(scores.values()) if isinstance(scores, dict) else [scores]
     if layout.channels_last:
         predict_map(fcn, view, out=scores, keep=keep, **arguments)
     else:
-        scores[:] = layout.image_to_channels_last(predict_map(fcn, view, keep=keep, **arguments))
+        maps = predict_map(fcn, view, keep=keep, **arguments)
+        for target, cell_map in zip(targets, maps.values() if isinstance(maps, dict) else [maps]):
+            target[:] = layout.image_to_channels_last(cell_map)
     if kept is not None and keep is None:  # a network with global context: nothing to skip, but the mask applies
-        _apply_mask(scores, kept)
+        for target in targets:
+            _apply_mask(target, kept)
     return fraction
 
 

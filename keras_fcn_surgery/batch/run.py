@@ -68,6 +68,7 @@ def predict_images(
     workers: int | None = None,
     progress: bool | None = None,
     execution: str = "auto",
+    output: str | None = None,
 ) -> BatchSummary:
     """Score maps for many images and whole slides, one output per input.
 
@@ -85,10 +86,13 @@ def predict_images(
             folder keep their path below it.
         formats: ``"npz"`` (``scores`` (H', W', K) float32 with the geometry;
             for a segmenter (`segmenter`), ``(H, W, K)`` logits, one per
-            pixel, with stride 1, offset 0 and a one-pixel window),
+            pixel, with stride 1, offset 0 and a one-pixel window; for a
+            model with several outputs, each output's map under its name,
+            and ``outputs``, the names in order),
             ``"zarr"`` (the same, chunked, written as tiles finish),
             ``"geojson"`` or ``"csv"`` (one polygon per cell, in level-0
-            pixels, with its top class and probability; for a segmenter, one
+            pixels, with its top class and probability, of the output named
+            by ``output``; for a segmenter, one
             polygon with holes per connected region of a class, with its
             pixel count and mean probability); several as a list or
             ``"npz,geojson"``.
@@ -106,7 +110,8 @@ def predict_images(
             named like the inputs. Tiles without foreground are neither read
             nor computed; cells outside the mask are NaN.
         overwrite: recompute and replace existing outputs.
-        class_names: names of the K classes for GeoJSON/CSV.
+        class_names: names of the K classes for GeoJSON/CSV (of the output
+            they describe).
         head: for a classifier with a global-pooling head, see `convert`.
         input_size: the classifier's original input size when it takes any size.
         engine: ``"local"`` or ``"ray"`` (Ray Data; extra ``ray``).
@@ -118,6 +123,10 @@ def predict_images(
             ``"auto"`` (measured on this machine), ``"tf"``, ``"xla"`` or
             ``"blas"``. (Here ``engine`` already names where the inputs run,
             locally or on Ray.)
+        output: for a model with several outputs, the one GeoJSON and CSV
+            describe; default: the first that ends in a softmax or sigmoid
+            (npz and zarr hold every output). The outputs must share one grid
+            (`geometry`).
 
     Returns:
         A `BatchSummary`.
@@ -143,6 +152,7 @@ def predict_images(
         class_names=tuple(class_names) if class_names is not None else None,
         progress=progress,
         execution=check_engine(execution),
+        output=output,
     )
     if level is not None and mpp is not None:
         raise InputError("Give a pyramid level or a resolution in microns per pixel (mpp), not both.")
@@ -155,7 +165,7 @@ def predict_images(
     from keras_fcn_surgery.surgery.fcn import as_fcn
 
     fcn = as_fcn(model, head=head, input_size=input_size)
-    _check_class_names(fcn, options.class_names)
+    _check_outputs(fcn, options)
     from keras_fcn_surgery.saving.atomic import Interrupted
 
     results: list = []
@@ -202,11 +212,21 @@ def _check_mask(mask):
     return mask
 
 
-def _check_class_names(fcn, class_names) -> None:
-    if class_names is None:
-        return
-    from keras_fcn_surgery.graph import model_layout
+def _check_outputs(fcn, options) -> None:
+    """Before any input: the output GeoJSON/CSV describe, its class names, and maps every format can hold."""
+    from keras_fcn_surgery.surgery.fcn import fcn_spec
 
-    classes = int(model_layout(fcn).channels(fcn.outputs[0].shape))
-    if len(class_names) != classes:
-        raise InputError(f"{len(class_names)} class names were given; the model has {classes} classes.")
+    spec = fcn_spec(fcn)
+    if options.output is not None or options.class_names is not None or {"geojson", "csv"} & set(options.formats):
+        shown = spec.outputs[spec.output_index(options.output)]  # an unknown name is refused here
+        if options.class_names is not None and len(options.class_names) != shown.classes:
+            where = f" (output {shown.name!r})" if spec.several else ""
+            raise InputError(
+                f"{len(options.class_names)} class names were given; the model has {shown.classes} classes{where}."
+            )
+    if spec.several:
+        from keras_fcn_surgery.batch.writers import check_map_names
+        from keras_fcn_surgery.grid.geometry import geometry
+
+        check_map_names(spec.names)
+        geometry(fcn)  # raises, naming each output's grid, when the outputs do not share one

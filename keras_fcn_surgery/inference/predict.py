@@ -253,8 +253,8 @@ def predict_maps(
                     )
                     bar.update(1)
                 continue
-            for each in grids:
-                runner.check_image_size(size, each)
+            for grid in grids:
+                runner.check_image_size(size, grid)
             whole = tiling.AxisTile(0, size[0], 0, 0, 0), tiling.AxisTile(0, size[1], 0, 0, 0)
             per_batch = batch_size or max(1, runner.PIXELS_PER_BATCH // (size[0] * size[1]))
             call_shape = spec.layout.batch_shape(min(per_batch, len(indices)), size[0], size[1], spec.channels)
@@ -265,8 +265,8 @@ def predict_maps(
                 pixels = np.stack([runner.read_tile(images[i], spec, *whole, preprocess, dtype) for i in group])
                 maps = runner.as_maps(forward(pixels))
                 for position, index in enumerate(group):
-                    each = [np.asarray(m[position], dtype=runner.output_dtype(fcn, k)) for k, m in enumerate(maps)]
-                    results[index] = OutputMaps(outputs.outputs, each) if outputs.several else each[0]
+                    own = [np.asarray(m[position], dtype=runner.output_dtype(fcn, k)) for k, m in enumerate(maps)]
+                    results[index] = OutputMaps(outputs.outputs, own) if outputs.several else own[0]
                 bar.update(len(group))
     return results
 
