@@ -8,6 +8,9 @@ the functions here, so a Keras release that moves them breaks one file.
 from __future__ import annotations
 
 import inspect
+import os
+import traceback
+import weakref
 
 import keras
 from keras.src.models.functional import Functional
@@ -27,12 +30,19 @@ def is_graph_model(layer) -> bool:
     return isinstance(layer, (keras.Sequential, Functional))
 
 
+def is_subclassed_model(layer) -> bool:
+    """True for a `keras.Model` subclass whose graph is Python code (not a Sequential or functional model)."""
+    return isinstance(layer, keras.Model) and not is_graph_model(layer)
+
+
 def graph_of(model):
-    """The functional graph behind a Sequential or functional model.
+    """The functional graph behind a Sequential, functional or subclassed model.
+
+    A subclassed model's graph is its `traced_model`.
 
     Raises:
-        ConversionError: for subclassed models, or a Sequential that was never
-            given an input shape.
+        ConversionError: for a Sequential that was never given an input shape,
+            or a subclassed model whose ``call`` does not trace.
     """
     if isinstance(model, keras.Sequential):
         graph = model._functional
@@ -44,11 +54,122 @@ def graph_of(model):
         return graph
     if isinstance(model, Functional):
         return model
+    return traced_model(model)
+
+
+# Traced twins of subclassed models, by model: every caller sees one twin (and one set of layer nodes).
+_TRACED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_SOURCES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def traced_model(model) -> keras.Model:
+    """A functional model that computes what a subclassed model's ``call`` does, on the same layers.
+
+    The ``call`` runs once on symbolic inputs of the model's built shape: the
+    layers and `keras.ops` operations it calls are recorded as a graph, and
+    subclassed models it calls are traced in turn (they become nested
+    functional models). The weights are the model's own, shared, not copied.
+    `surgery.verify.check_trace` compares the twin with the model (a ``call``
+    may depend on what tracing cannot see). A Sequential or functional model is returned as it is, unless
+    it calls subclassed models (then they are traced in it).
+
+    Raises:
+        ConversionError: when the input shape is unknown, or when ``call`` does
+            not trace (Python control flow on tensor values, backend
+            functions), naming the line.
+    """
+    twin = _TRACED.get(model)
+    if twin is None:
+        if is_subclassed_model(model):
+            twin = _trace(model)
+        else:
+            graph = graph_of(model)
+            twin = _inline_subclassed(graph)
+            if twin is graph:
+                return model
+        _TRACED[model] = twin
+        _SOURCES[twin] = model
+    return twin
+
+
+def traced_from(model):
+    """The model ``model`` is the `traced_model` of, or None for a model that is not a traced twin."""
+    return _SOURCES.get(model)
+
+
+def _built_input_shape(model) -> tuple:
+    """The input shape (batch axis included) a subclassed model was built or first called with."""
+    shapes = [s for s in (getattr(model, "_build_shapes_dict", None) or {}).values() if s is not None]
+    if len(shapes) > 1:
+        raise ConversionError(
+            f"Model {describe(model)} is a subclassed model with {len(shapes)} inputs; only one-image-input "
+            "subclassed models are traced. Rebuild it as a functional model (`keras.Model(inputs, outputs)`)."
+        )
+    if shapes:
+        return tuple(shapes[0])
+    default = inspect.signature(model.build).parameters.get("input_shape")
+    if default is not None and isinstance(default.default, (tuple, list)):
+        return tuple(default.default)
+    # Keras records no shape when its own symbolic build of `call` failed; the first layer's input is a
+    # guess that the trace and the twin check confirm (or refute, naming the line that does not trace).
+    for layer in model._flatten_layers(include_self=False, recursive=True):
+        recorded = [s for s in (getattr(layer, "_build_shapes_dict", None) or {}).values() if s is not None]
+        if recorded and len(recorded[0]) == 4:
+            return tuple(recorded[0])
     raise ConversionError(
-        f"Model '{model.name}' ({model.__class__.__name__}) is a subclassed model: its layer graph is "
-        "Python code that cannot be rewritten. Rebuild it as a Sequential or functional model "
-        "(for example `keras.Model(inputs, outputs)`) and load its weights into that."
+        f"Model {describe(model)} is a subclassed model whose input shape is unknown. Call it once on a batch "
+        "of the size it was trained at (`model(x)`) or build it (`model.build((None, H, W, C))`) first."
     )
+
+
+def _trace(model) -> keras.Model:
+    shape = _built_input_shape(model)
+    inputs = keras.Input(batch_shape=(None, *shape[1:]), name=f"{model.name}_input")
+    try:
+        outputs = model.call(inputs)
+    except Exception as error:  # noqa: BLE001 - any failure of user code is reported with its line
+        raise ConversionError(
+            f"Model {describe(model)} is a subclassed model whose `call` could not be traced on symbolic "
+            f"inputs{_user_line(error)}: {type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}. "
+            "Write data-dependent steps with `keras.ops` (e.g. `keras.ops.where`), or rebuild the model as a "
+            "functional model (`keras.Model(inputs, outputs)`) and load its weights into that."
+        ) from error
+    flat = keras.tree.flatten(outputs)
+    if not flat or not all(isinstance(t, keras.KerasTensor) for t in flat):
+        raise ConversionError(
+            f"Model {describe(model)} is a subclassed model whose `call` returns something other than tensors "
+            "computed from its input; rebuild it as a functional model (`keras.Model(inputs, outputs)`)."
+        )
+    return _inline_subclassed(Functional(inputs, outputs, name=model.name))
+
+
+def _inline_subclassed(graph) -> keras.Model:
+    """``graph`` with every call of a subclassed model replaced by a call of its traced twin."""
+    nodes = nodes_in_order(graph)
+    if not any(is_subclassed_model(node.operation) for node in nodes):
+        return graph
+    values = {id(t): t for t in graph.inputs}
+    for node in nodes:
+        operation = node.operation
+        if is_subclassed_model(operation):
+            operation = traced_model(operation)
+        args, kwargs = node.arguments.fill_in(values)
+        outputs = keras.tree.flatten(operation(*args, **kwargs))
+        for tensor, value in zip(node.outputs, outputs):
+            values[id(tensor)] = value
+    outputs = keras.tree.pack_sequence_as(graph._outputs_struct, [values[id(t)] for t in graph.outputs])
+    return Functional(graph._inputs_struct, outputs, name=graph.name)
+
+
+def _user_line(error: BaseException) -> str:
+    """`` at file.py:12 (`code`)``: the deepest frame of the failure outside Keras and TensorFlow, or ''."""
+    library = (os.sep + "keras" + os.sep, os.sep + "tensorflow" + os.sep, os.sep + "keras_fcn_surgery" + os.sep)
+    frames = [f for f in traceback.extract_tb(error.__traceback__) if not any(part in f.filename for part in library)]
+    if not frames:
+        return ""
+    frame = frames[-1]
+    code = f" (`{frame.line.strip()}`)" if frame.line else ""
+    return f" at {os.path.basename(frame.filename)}:{frame.lineno}{code}"
 
 
 def nodes_in_order(graph):

@@ -25,19 +25,21 @@ def test_conversion_error_is_a_value_error():
     assert issubclass(kfs.ConversionError, ValueError)
 
 
-def test_subclassed_model():
+def test_subclassed_model_with_an_unsupported_head_is_refused_naming_its_layer():
+    # Subclassed models are traced into functional graphs (tests/test_subclassed.py); what cannot become a score
+    # map in them is refused like in any other model: here a Dense on `keras.ops.mean` over the map.
     class Classifier(keras.Model):
         def __init__(self):
             super().__init__(name="my_classifier")
             self.conv = layers.Conv2D(4, 3)
-            self.head = layers.Dense(2)
+            self.head = layers.Dense(2, name="scores")
 
         def call(self, x):
             return self.head(keras.ops.mean(self.conv(x), axis=(1, 2)))
 
     model = Classifier()
     model(keras.ops.zeros((1, 8, 8, 3)))
-    _raises(model, "'my_classifier'", "subclassed", "functional")
+    _raises(model, "'scores' (Dense)", "does not come from a Flatten + Dense or global-pooling head")
 
 
 def test_dense_after_rnn():

@@ -23,6 +23,7 @@ from keras_fcn_surgery.graph import (
     output_names,
     probe_output_shapes,
     trace_call,
+    traced_model,
 )
 from keras_fcn_surgery.grid import axis as gm
 from keras_fcn_surgery.layout import Layout
@@ -248,6 +249,7 @@ def geometry(model, input_size=None, *, head: str = "window", output: str | None
             different grids (say, one at stride 16 and one at stride 32): the
             message names each output's stride; ask for one by name.
     """
+    model = traced_model(model)
     reference = tuple(int(d) for d in input_size) if input_size is not None else None
     if any(d is not None for d in _input_spatial(model)):
         from keras_fcn_surgery.surgery.convert import convert

@@ -13,6 +13,7 @@ import h5py
 import keras
 
 from keras_fcn_surgery.errors import ModelFileError, first_line
+from keras_fcn_surgery.graph import traced_model
 from keras_fcn_surgery.saving.paths import check_model_path
 
 
@@ -136,14 +137,18 @@ def custom_objects_from_file(path) -> dict:
 def as_model(model, custom_objects=None, error_class: type[Exception] = ModelFileError) -> keras.Model:
     """A `keras.Model` given as itself or as a path to a model file (loaded with `load_model`).
 
+    A subclassed model (or one that calls subclassed models) comes back as its
+    functional twin (`graph.traced_model`): same layers, same weights.
+
     Raises:
         ModelFileError: for a path that cannot be loaded.
         error_class: for anything that is neither a model nor a path.
+        ConversionError: for a subclassed model whose ``call`` does not trace.
     """
     if isinstance(model, (str, os.PathLike)):
-        return load_model(model, custom_objects=custom_objects)
+        return traced_model(load_model(model, custom_objects=custom_objects))
     if not isinstance(model, keras.Model):
         raise error_class(
             f"Expected a `keras.Model` or a path to a `.keras`/`.h5` file. Received: {type(model).__name__}"
         )
-    return model
+    return traced_model(model)

@@ -29,6 +29,7 @@ from keras_fcn_surgery.surgery.rules.base import SPATIAL, Context, FlattenedMap,
 from keras_fcn_surgery.surgery.verify import (
     VerificationResult,
     check_inputs,
+    check_trace,
     compare_models,
     random_inputs,
     source_input_shapes,
@@ -178,6 +179,7 @@ class Conversion:
                 global-pooling head (unless ``warn`` is False).
         """
         model = as_model(model, custom_objects, error_class=ConversionError)
+        check_trace(model)
         if head not in HEADS:
             raise ConversionError(f"Expected `head` to be one of {HEADS}. Received: head={head!r}")
         graph = graph_of(model)

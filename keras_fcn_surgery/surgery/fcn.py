@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import keras
 
 from keras_fcn_surgery.errors import ConversionError, InputError
-from keras_fcn_surgery.graph import model_layout, output_names, producer_of
+from keras_fcn_surgery.graph import model_layout, output_names, producer_of, traced_model
 from keras_fcn_surgery.layout import Layout
 from keras_fcn_surgery.saving.loading import as_model
 from keras_fcn_surgery.taxonomy import squashing_activation
@@ -179,6 +179,7 @@ def fcn_spec(model) -> FcnSpec:
         raise ConversionError(
             f"Expected a `keras.Model` (a classifier or the FCN `convert` returns). Received: {type(model).__name__}"
         )
+    model = traced_model(model)
     problem = _why_not_fcn(model)
     if problem is not None:
         raise ConversionError(problem)
@@ -238,6 +239,9 @@ def as_fcn(
     """
     loaded = as_model(model, custom_objects, error_class=ConversionError)
     if is_fully_convolutional(loaded):
+        from keras_fcn_surgery.surgery.verify import check_trace
+
+        check_trace(loaded)
         return loaded
     if not convert:
         raise ConversionError(
@@ -257,6 +261,7 @@ def original_size(model, input_size=None) -> tuple[int, int] | None:
     """The ``(H, W)`` a classifier was built for: ``input_size`` when given, else its fixed input size, or None."""
     if input_size is not None:
         return (int(input_size[0]), int(input_size[1]))
+    model = traced_model(model)
     shape = tuple(model.inputs[0].shape)
     if len(shape) != 4:
         return None
@@ -266,6 +271,7 @@ def original_size(model, input_size=None) -> tuple[int, int] | None:
 
 def _why_not_fcn(model) -> str | None:
     """Why ``model`` is not fully convolutional (one sentence), or None when it is."""
+    model = traced_model(model)
     if len(model.inputs) != 1 or not model.outputs:
         return (
             f"Model '{model.name}' has {len(model.inputs)} inputs and {len(model.outputs)} outputs; a score map "

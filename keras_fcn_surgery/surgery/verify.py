@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import warnings
+import weakref
 from dataclasses import dataclass, replace
 
 import keras
@@ -18,11 +19,13 @@ from keras_fcn_surgery.errors import (
 )
 from keras_fcn_surgery.graph import (
     call_inputs,
+    describe,
     is_graph_model,
     iter_layers,
     model_layout,
     producer_input,
     producer_of,
+    traced_from,
 )
 
 # Allowed max |difference| relative to max |source output|, by compute dtype.
@@ -313,6 +316,43 @@ def _scores_before_activation(model, taps):
     finally:
         for layer, activation in zip(linear, saved):
             layer.activation = activation
+
+
+# Traced twins already compared with their subclassed model.
+_CHECKED_TRACES: weakref.WeakSet = weakref.WeakSet()
+
+
+def check_trace(model) -> None:
+    """Compare a traced twin (`graph.traced_model`) with the subclassed model it came from, on a random batch.
+
+    A ``call`` may depend on what a trace cannot see (Python state, the
+    ``training`` flag, random numbers drawn outside Keras): then the twin, and
+    any conversion of it, is not the model. Nothing to do for other models.
+
+    Raises:
+        ConversionError: when they differ beyond the dtype's tolerance, with the difference.
+    """
+    source = traced_from(model)
+    if source is None or model in _CHECKED_TRACES:
+        return
+    tensor = model.inputs[0]
+    dtype = _input_dtype(tensor)
+    batch = np.random.default_rng(0).uniform(-1.0, 1.0, (2, *tuple(tensor.shape)[1:])).astype(dtype)
+    expected = [np.asarray(keras.ops.convert_to_numpy(t)) for t in keras.tree.flatten(source(batch))]
+    got = [np.asarray(keras.ops.convert_to_numpy(t)) for t in keras.tree.flatten(model(call_inputs(model, [batch])))]
+    tolerance = RELATIVE_TOLERANCE.get(dtype, RELATIVE_TOLERANCE["float32"])
+    if len(expected) != len(got) or any(a.shape != b.shape for a, b in zip(expected, got)):
+        result = None
+    else:
+        result = compare_arrays(list(zip(expected, got)), tolerance=tolerance, input_shape=batch.shape)
+    if result is None or not result.passed:
+        difference = "other outputs" if result is None else f"max relative difference {result.max_rel_diff:.2g}"
+        raise ConversionError(
+            f"Model {describe(source)} is a subclassed model whose traced graph differs from its `call` "
+            f"({difference}); its `call` depends on something tracing cannot see (Python state, the `training` "
+            "flag, random numbers). Rebuild it as a functional model (`keras.Model(inputs, outputs)`)."
+        )
+    _CHECKED_TRACES.add(model)
 
 
 def compare_arrays(pairs, *, tolerance: float, input_shape: tuple[int, ...]) -> VerificationResult:
