@@ -107,6 +107,31 @@ def test_masked_and_batched_maps_of_several_outputs(models):
     assert str(kfs.geometry(fcn)) == str(kfs.geometry(fcn, output="prob")) == str(kfs.geometry(classifier))
 
 
+class _TwoHeads(keras.Model):
+    """A subclassed classifier of two outputs (as mtcnn's nets are written)."""
+
+    def __init__(self):
+        super().__init__(name="two_heads")
+        self.body = layers.Conv2D(3, 5, strides=2, activation="relu")
+        self.flatten = layers.Flatten()
+        self.score = layers.Dense(2, activation="softmax", name="score")
+        self.box = layers.Dense(4, name="offsets")
+
+    def call(self, x):
+        features = self.flatten(self.body(x))
+        return self.score(features), self.box(features)
+
+
+def test_a_subclassed_classifier_of_two_outputs_slides_and_maps_alike():
+    model = _TwoHeads()
+    model(np.zeros((1, 11, 11, 3), "float32"))
+    image = random_images((27, 23, 3), seed=8)
+    slid = kfs.sliding_window_predict(model, image, 2)
+    maps = kfs.predict_map(kfs.as_fcn(model), image, tile=15)
+    assert list(slid) == list(maps) == ["score", "offsets"] and maps.pick()[0] == "score"
+    assert_same_maps(maps, slid)
+
+
 def test_outputs_on_different_grids_run_whole_and_refuse_tiles_naming_the_strides():
     image_input = keras.Input((None, None, 3))
     features = layers.Conv2D(4, 3, activation="relu")(image_input)

@@ -7,7 +7,7 @@ import itertools
 import numpy as np
 
 from keras_fcn_surgery.errors import ConversionError, InputError
-from keras_fcn_surgery.graph import model_layout
+from keras_fcn_surgery.graph import model_layout, traced_model
 from keras_fcn_surgery.grid import tiling
 from keras_fcn_surgery.grid.geometry import geometry
 from keras_fcn_surgery.inference import engines, runner
@@ -298,6 +298,7 @@ def sliding_window_predict(
         ConversionError: for a model without a fixed input size or a vector
             output, or an image smaller than one window.
     """
+    model = traced_model(model)  # a subclassed classifier: its functional twin, same layers
     model_format = model_layout(model)
     shape = tuple(model.inputs[0].shape)
     if len(shape) != 4 or any(d is None for d in model_format.spatial_shape(shape)):
