@@ -195,16 +195,21 @@ def test_cli_heatmap_takes_an_output_name(files, tmp_path, capsys):
     assert "--output-name NAME" in error and "output=NAME" not in error
 
 
-def test_predict_writes_every_output_and_describes_the_one_named(models, files, tmp_path):
+def test_predict_writes_every_output_and_describes_the_one_named(models, files, tmp_path, capsys):
     _, fcn = models
     folder, pixels = files
-    summary = kfs.predict_images(folder / "classifier.keras", [folder / "image.png"], tmp_path, formats="npz,csv")
+    import zarr
+
+    summary = kfs.predict_images(folder / "classifier.keras", [folder / "image.png"], tmp_path, formats="npz,zarr,csv")
     assert summary.ok, summary.failed
     want = kfs.predict_map(fcn, pixels.astype(np.float32))
     with np.load(tmp_path / "image.npz") as stored:
         assert list(stored["outputs"]) == NAMES and "scores" not in stored.files
         assert_same_maps({name: stored[name] for name in NAMES}, want)
         assert tuple(stored["stride"]) == (2, 2)
+    group = zarr.open_group(str(tmp_path / "image.zarr"), mode="r")
+    assert group.attrs["outputs"] == NAMES and sorted(group.array_keys()) == NAMES
+    assert_same_maps({name: group[name][:] for name in NAMES}, want)
     with open(tmp_path / "image.csv") as table:
         classes = {line.split(",")[6] for line in list(table)[1:]}
     assert classes <= {"0", "1"}  # from prob, the default
@@ -217,6 +222,9 @@ def test_predict_writes_every_output_and_describes_the_one_named(models, files, 
     assert max(classes) <= 5 and classes - {0, 1}  # from the six landmark channels
     with pytest.raises(kfs.InputError, match="no output named 'face'"):
         kfs.predict_images(fcn, [folder / "image.png"], tmp_path / "other", formats="csv", output="face")
+    argv = ["predict", str(folder / "classifier.keras"), str(folder / "image.png"), "--out", str(tmp_path / "other")]
+    assert main([*argv, "--format", "geojson", "--output-name", "face"]) == 2
+    assert "its outputs are 'box', 'landmarks', 'prob'" in capsys.readouterr().err
     assert not (tmp_path / "other").exists()
 
 
