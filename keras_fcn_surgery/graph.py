@@ -183,10 +183,10 @@ def nodes_in_order(graph):
 
 
 def iter_layers(model):
-    """Every layer of a model, nested models entered, depth first."""
+    """Every layer of a model, nested models (subclassed ones too) entered, depth first."""
     for layer in model.layers:
         yield layer
-        if is_graph_model(layer):
+        if isinstance(layer, keras.Model):
             yield from iter_layers(layer)
 
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from keras_fcn_surgery.batch import writers
+from keras_fcn_surgery.batch import ome_zarr, writers
 from keras_fcn_surgery.batch.cells import PixelGrid
 from keras_fcn_surgery.batch.masks import cell_mask, read_mask, thumbnail, tissue_mask
 from keras_fcn_surgery.batch.outputs import output_paths
@@ -25,6 +25,8 @@ from keras_fcn_surgery.grid.geometry import Geometry
 from keras_fcn_surgery.segmentation.predict import is_segmenter, run_segmenter
 from keras_fcn_surgery.surgery.fcn import OutputMaps, fcn_spec
 
+# The formats that describe one map: of a model with several outputs, the one `BatchOptions.output` names.
+ONE_MAP_FORMATS = ("geojson", "csv", "ome-zarr")
 # Images with a side longer than this are tiled when no tile is given (memory stays bounded).
 LARGE_SIDE = 2048
 # The tile side used then, and for skipping masked-out regions.
@@ -111,12 +113,16 @@ def _compute_and_write(fcn, source: Source, paths: dict[str, str], options: Batc
         map_size = grid.output_size(size)
         kept = _kept_cells(reader, source, options.mask, size, grid, map_size)
         with writers.staged_outputs(paths, overwrite=options.overwrite) as temporary:
+            # GeoJSON, CSV and OME-Zarr describe one map: the output asked for, or the class probabilities.
+            shown = spec.names[spec.output_index(options.output)] if set(ONE_MAP_FORMATS) & set(temporary) else None
             maps = {}
             for output in spec.outputs:
                 shape = (map_size[0], map_size[1], output.classes)
-                name = output.name if spec.several else writers.SCORES
                 if "zarr" in temporary:
+                    name = output.name if spec.several else writers.SCORES
                     maps[output.name] = writers.create_zarr_scores(temporary["zarr"], shape, name=name)
+                elif "ome-zarr" in temporary and output.name == shown:
+                    maps[output.name] = ome_zarr.create_scores(temporary["ome-zarr"], shape)
                 else:
                     maps[output.name] = np.full(shape, np.nan, dtype=np.float32)
             scores = OutputMaps(spec.outputs, list(maps.values())) if spec.several else maps[spec.names[0]]
@@ -137,14 +143,15 @@ def _compute_and_write(fcn, source: Source, paths: dict[str, str], options: Batc
             )
             if "zarr" in temporary:
                 writers.finish_zarr(temporary["zarr"], info, spec.names if spec.several else ())
+            if "ome-zarr" in temporary:
+                names = options.class_names
+                ome_zarr.finish(temporary["ome-zarr"], maps[shown], info, mpp=reader.mpp, class_names=names)
             if "npz" in temporary:
                 writers.write_npz(temporary["npz"], scores, info)
-            # GeoJSON and CSV describe one map: the output asked for, or the class probabilities.
-            shown = maps[spec.names[spec.output_index(options.output)]] if {"geojson", "csv"} & set(temporary) else None
             if "geojson" in temporary:
-                writers.write_geojson(temporary["geojson"], shown, info, options.class_names)
+                writers.write_geojson(temporary["geojson"], maps[shown], info, options.class_names)
             if "csv" in temporary:
-                writers.write_csv(temporary["csv"], shown, info, options.class_names)
+                writers.write_csv(temporary["csv"], maps[shown], info, options.class_names)
     return size[0] * size[1] / 1e6, fraction
 
 

@@ -7,8 +7,8 @@ import os
 
 from keras_fcn_surgery.errors import InputError
 
-FORMATS = ("npz", "zarr", "geojson", "csv")
-SUFFIXES = {"npz": ".npz", "zarr": ".zarr", "geojson": ".geojson", "csv": ".csv"}
+FORMATS = ("npz", "zarr", "ome-zarr", "geojson", "csv")
+SUFFIXES = {"npz": ".npz", "zarr": ".zarr", "ome-zarr": ".ome.zarr", "geojson": ".geojson", "csv": ".csv"}
 
 
 def check_formats(formats) -> tuple[str, ...]:

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from keras_fcn_surgery.batch.sources import OPENSLIDE_SUFFIXES, TIFF_SUFFIXES
+from keras_fcn_surgery.batch.sources import OPENSLIDE_SUFFIXES, TIFF_SUFFIXES, dicom_files, is_dicom
 from keras_fcn_surgery.errors import InputError, ModelFileError, first_line
 from keras_fcn_surgery.layout import Layout
 
@@ -60,7 +60,9 @@ def open_reader(path) -> Reader:
 
     TIFF files (BigTIFF, tiled, pyramidal with SubIFDs or pages) are read with
     tifffile region by region; OpenSlide formats (SVS, NDPI, MRXS...) with
-    openslide-python; anything else with Pillow, whole.
+    openslide-python, and so are DICOM whole-slide images (a folder of a
+    slide's instances, or one of them; OpenSlide 4); anything else with
+    Pillow, whole.
 
     Raises:
         ModelFileError: for a file that cannot be opened, naming it, or a
@@ -73,6 +75,8 @@ def open_reader(path) -> Reader:
         opener = _TiffReader
     elif suffix in OPENSLIDE_SUFFIXES:
         opener = _OpenSlideReader
+    elif os.path.isdir(path) or is_dicom(path):
+        opener = _DicomReader
     try:
         return opener(path)
     except ModelFileError:
@@ -223,7 +227,9 @@ class _TiffReader(Reader):
             self.levels = tuple(Level(s, (base[0] / s[0], base[1] / s[1])) for s in shapes)
             self.channels = int(series.shape[2]) if axes == "YXS" else 1
             self.channels -= 1 if self.channels in (2, 4) else 0
-            self.mpp = _tiff_mpp(self._file.pages[0])
+            self.mpp = _ome_mpp(self._file)
+            if self.mpp is None:
+                self.mpp = _tiff_mpp(self._file.pages[0])
             self._arrays = [zarr.open(series.aszarr(level=i), mode="r") for i in range(len(shapes))]
         except BaseException:
             self._file.close()
@@ -234,6 +240,42 @@ class _TiffReader(Reader):
 
     def close(self):
         self._file.close()
+
+
+# OME's length units (its UnitsLength) in micrometres; "µm" is written with the micro sign or the Greek mu.
+_OME_MICROMETRES = {
+    "pm": 1e-6,
+    "Å": 1e-4,
+    "nm": 1e-3,
+    "µm": 1.0,
+    "μm": 1.0,
+    "um": 1.0,
+    "mm": 1e3,
+    "cm": 1e4,
+    "dm": 1e5,
+    "m": 1e6,
+}
+
+
+def _ome_mpp(tiff) -> float | None:
+    """The first image's PhysicalSizeX in an OME-TIFF's OME-XML, in microns (None when absent or unusable)."""
+    if not tiff.is_ome:
+        return None
+    import xml.etree.ElementTree as ElementTree
+
+    try:
+        root = ElementTree.fromstring(tiff.ome_metadata)
+    except ElementTree.ParseError:
+        return None
+    pixels = next((element for element in root.iter() if element.tag.rsplit("}", 1)[-1] == "Pixels"), None)
+    if pixels is None or "PhysicalSizeX" not in pixels.attrib:
+        return None
+    factor = _OME_MICROMETRES.get(pixels.attrib.get("PhysicalSizeXUnit", "µm"))
+    try:
+        size = float(pixels.attrib["PhysicalSizeX"])
+    except ValueError:
+        return None
+    return size * factor if factor is not None and size > 0 else None
 
 
 def _tiff_mpp(page) -> float | None:
@@ -275,6 +317,26 @@ class _OpenSlideReader(Reader):
 
     def close(self):
         self._slide.close()
+
+
+class _DicomReader(_OpenSlideReader):
+    """A DICOM whole-slide image through OpenSlide 4: a folder of one slide's instances, or one instance file
+    (OpenSlide finds the slide's other instances beside it)."""
+
+    def __init__(self, path: str):
+        openslide = _require("openslide", "DICOM whole-slide images")
+        candidates = dicom_files(path) if os.path.isdir(path) else [path]
+        if not candidates:
+            raise ModelFileError(f"Folder '{path}' holds no images and no DICOM files.")
+        readable = [file for file in candidates if openslide.OpenSlide.detect_format(file) == "dicom"]
+        if not readable:
+            raise ModelFileError(
+                f"'{path}' holds no DICOM whole-slide image that OpenSlide {openslide.__library_version__} reads. "
+                "OpenSlide 4 reads DICOM WSI (VL Whole Slide Microscopy Image instances): "
+                "pip install 'openslide-bin>=4'."
+            )
+        super().__init__(readable[0])
+        self.path = path
 
 
 def _require(module: str, what: str):

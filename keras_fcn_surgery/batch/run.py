@@ -13,7 +13,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from keras_fcn_surgery.batch.job import BatchOptions, InputResult, predict_source
+from keras_fcn_surgery.batch.job import ONE_MAP_FORMATS, BatchOptions, InputResult, predict_source
 from keras_fcn_surgery.batch.outputs import check_formats, summary_line
 from keras_fcn_surgery.batch.sources import find_sources
 from keras_fcn_surgery.errors import InputError, ModelFileError
@@ -75,7 +75,8 @@ def predict_images(
     A classifier is converted once (and verified); a fully convolutional model
     is used as it is. Each input is read level by level and region by region
     (pyramidal TIFF, OpenSlide formats), so memory stays bounded whatever its
-    size. Outputs go to ``out_dir/<name>.<format>``, written atomically; an
+    size; a DICOM whole-slide image is a folder of its instances (or one of
+    them), read through OpenSlide 4. Outputs go to ``out_dir/<name>.<format>``, written atomically; an
     input whose outputs all exist is skipped unless ``overwrite``; one that
     fails is recorded with its error and the others go on.
 
@@ -90,9 +91,14 @@ def predict_images(
             model with several outputs, each output's map under its name,
             and ``outputs``, the names in order),
             ``"zarr"`` (the same, chunked, written as tiles finish),
+            ``"ome-zarr"`` (``<name>.ome.zarr``: an OME-Zarr 0.5 image for
+            viewers, written as tiles finish: the scores as channels ``c, y,
+            x`` named by ``class_names``, a pyramid of 2 x 2 means, top-class
+            labels (class k as k + 1, 0 where not computed), each cell placed
+            at its window's centre on the slide, in micrometres when the
+            slide records its resolution; see `batch.ome_zarr`),
             ``"geojson"`` or ``"csv"`` (one polygon per cell, in level-0
-            pixels, with its top class and probability, of the output named
-            by ``output``; for a segmenter, one
+            pixels, with its top class and probability; for a segmenter, one
             polygon with holes per connected region of a class, with its
             pixel count and mean probability); several as a list or
             ``"npz,geojson"``.
@@ -103,15 +109,16 @@ def predict_images(
             modes), a function of a pixel array, or None.
         level: the pyramid level to read (0, full resolution, by default).
         mpp: instead of ``level``, the level nearest this many microns per
-            pixel (for files that record their resolution).
+            pixel (for files that record their resolution: TIFF tags, OME-XML,
+            Aperio, OpenSlide and DICOM properties).
         mask: None or ``"none"``, ``"auto"`` (a tissue mask by Otsu's
             threshold on the smallest level), a mask image file (any
             resolution, non-zero is foreground), or a folder of mask images
             named like the inputs. Tiles without foreground are neither read
             nor computed; cells outside the mask are NaN.
         overwrite: recompute and replace existing outputs.
-        class_names: names of the K classes for GeoJSON/CSV (of the output
-            they describe).
+        class_names: names of the K classes for GeoJSON/CSV/OME-Zarr (of the
+            output they describe).
         head: for a classifier with a global-pooling head, see `convert`.
         input_size: the classifier's original input size when it takes any size.
         engine: ``"local"`` or ``"ray"`` (Ray Data; extra ``ray``).
@@ -123,10 +130,10 @@ def predict_images(
             ``"auto"`` (measured on this machine), ``"tf"``, ``"xla"`` or
             ``"blas"``. (Here ``engine`` already names where the inputs run,
             locally or on Ray.)
-        output: for a model with several outputs, the one GeoJSON and CSV
-            describe; default: the first that ends in a softmax or sigmoid
-            (npz and zarr hold every output). The outputs must share one grid
-            (`geometry`).
+        output: for a model with several outputs, the one GeoJSON, CSV and
+            OME-Zarr describe; default: the first that ends in a softmax or
+            sigmoid (npz and zarr hold every output, each under its name).
+            The outputs must share one grid (`geometry`).
 
     Returns:
         A `BatchSummary`.
@@ -217,7 +224,7 @@ def _check_outputs(fcn, options) -> None:
     from keras_fcn_surgery.surgery.fcn import fcn_spec
 
     spec = fcn_spec(fcn)
-    if options.output is not None or options.class_names is not None or {"geojson", "csv"} & set(options.formats):
+    if options.output is not None or options.class_names is not None or set(ONE_MAP_FORMATS) & set(options.formats):
         shown = spec.outputs[spec.output_index(options.output)]  # an unknown name is refused here
         if options.class_names is not None and len(options.class_names) != shown.classes:
             where = f" (output {shown.name!r})" if spec.several else ""

@@ -317,9 +317,11 @@ def _plain(value):
     return value
 
 
-def _zarr():
+def _zarr(output_format: str = "zarr"):
     try:
         import zarr
     except ImportError as error:
-        raise InputError("The zarr output format needs the `zarr` package: pip install zarr.") from error
+        raise InputError(
+            f"The {output_format} output format needs the `zarr` package: pip install 'keras-fcn-surgery[ome]'."
+        ) from error
     return zarr

@@ -15,7 +15,7 @@ from keras_fcn_surgery.commands.common import (
 )
 from keras_fcn_surgery.options import PREPROCESS_MODES
 
-_FORMATS = "npz, zarr, geojson, csv"
+_FORMATS = "npz, zarr, ome-zarr, geojson, csv"
 
 
 def add_parser(subparsers) -> None:
@@ -28,7 +28,12 @@ def add_parser(subparsers) -> None:
         ),
     )
     parser.add_argument("model", help="classifier (.keras/.h5, converted here) or an already converted FCN")
-    parser.add_argument("inputs", nargs="+", metavar="INPUT", help="image files, folders (recursive) or glob patterns")
+    parser.add_argument(
+        "inputs",
+        nargs="+",
+        metavar="INPUT",
+        help="image files, folders (recursive; a folder of DICOM instances is one slide) or glob patterns",
+    )
     parser.add_argument("-o", "--out", required=True, help="output folder (created when missing)")
     parser.add_argument(
         "--format", default="npz", help=f"output formats, comma-separated, among {_FORMATS} (default npz)"
@@ -56,10 +61,10 @@ def add_parser(subparsers) -> None:
     parser.add_argument(
         "--output-name",
         metavar="NAME",
-        help="for a model with several outputs, the one GeoJSON/CSV describe (default: the first ending in a "
-        "softmax or sigmoid; npz/zarr hold every output)",
+        help="for a model with several outputs, the one GeoJSON/CSV/OME-Zarr describe (default: the first ending "
+        "in a softmax or sigmoid; npz/zarr hold every output)",
     )
-    parser.add_argument("--class-names", help="text file with one class name per line (GeoJSON/CSV)")
+    parser.add_argument("--class-names", help="text file with one class name per line (GeoJSON/CSV/OME-Zarr)")
     parser.add_argument("--engine", choices=("local", "ray"), default="local", help="local (default) or Ray Data")
     add_execution_argument(parser)
     parser.add_argument("--ray-address", help="Ray cluster to join (default: $RAY_ADDRESS, else a local Ray)")

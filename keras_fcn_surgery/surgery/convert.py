@@ -294,7 +294,8 @@ def verify(
     logit). ``result.compared`` says which tensors were compared.
 
     Args:
-        source: the classifier.
+        source: the classifier (a subclassed one is compared through its
+            traced twin, itself compared with the model).
         fcn: what `convert` returned for it.
         head: the ``head`` it was converted with. A ``head="dense"`` FCN of a
             global-pooling classifier gives a map at the original size; it
@@ -327,6 +328,8 @@ def verify(
         UninformativeVerificationWarning: when the source's scores hardly
             vary across the batch, so the check proves little.
     """
+    source = as_model(source, error_class=ConversionError)
+    check_trace(source)
     reference = fcn
     if head == "dense":
         reference = Conversion.of(source, head="dense", input_size=input_size, warn=False).reference(fcn)
