@@ -114,7 +114,8 @@ def _compute_and_write(fcn, source: Source, paths: dict[str, str], options: Batc
         kept = _kept_cells(reader, source, options.mask, size, grid, map_size)
         with writers.staged_outputs(paths, overwrite=options.overwrite) as temporary:
             # GeoJSON, CSV and OME-Zarr describe one map: the output asked for, or the class probabilities.
-            shown = spec.names[spec.output_index(options.output)] if set(ONE_MAP_FORMATS) & set(temporary) else None
+            described = set(ONE_MAP_FORMATS) & set(temporary)
+            shown = spec.names[spec.output_index(options.output) if described else 0]
             maps = {}
             for output in spec.outputs:
                 shape = (map_size[0], map_size[1], output.classes)
