@@ -213,13 +213,16 @@ def test_predict_writes_every_output_and_describes_the_one_named(models, files, 
     with open(tmp_path / "image.csv") as table:
         classes = {line.split(",")[6] for line in list(table)[1:]}
     assert classes <= {"0", "1"}  # from prob, the default
+    formats = "csv,ome-zarr"
     summary = kfs.predict_images(
-        folder / "classifier.keras", [folder / "image.png"], tmp_path, formats="csv", output="landmarks", overwrite=True
+        folder / "classifier.keras", [folder / "image.png"], tmp_path, formats=formats, output="landmarks", overwrite=True
     )
     assert summary.ok, summary.failed
     with open(tmp_path / "image.csv") as table:
         classes = {int(line.split(",")[6]) for line in list(table)[1:]}
     assert max(classes) <= 5 and classes - {0, 1}  # from the six landmark channels
+    level0 = zarr.open_group(str(tmp_path / "image.ome.zarr"), mode="r")["0"][:]
+    assert_same_maps({"landmarks": np.moveaxis(level0, 0, -1)}, {"landmarks": want["landmarks"]})
     with pytest.raises(kfs.InputError, match="no output named 'face'"):
         kfs.predict_images(fcn, [folder / "image.png"], tmp_path / "other", formats="csv", output="face")
     argv = ["predict", str(folder / "classifier.keras"), str(folder / "image.png"), "--out", str(tmp_path / "other")]
