@@ -213,9 +213,9 @@ def test_predict_writes_every_output_and_describes_the_one_named(models, files, 
     with open(tmp_path / "image.csv") as table:
         classes = {line.split(",")[6] for line in list(table)[1:]}
     assert classes <= {"0", "1"}  # from prob, the default
-    formats = "csv,ome-zarr"
     summary = kfs.predict_images(
-        folder / "classifier.keras", [folder / "image.png"], tmp_path, formats=formats, output="landmarks", overwrite=True
+        folder / "classifier.keras", [folder / "image.png"], tmp_path, formats="csv,ome-zarr", output="landmarks",
+        overwrite=True,
     )
     assert summary.ok, summary.failed
     with open(tmp_path / "image.csv") as table:
