@@ -40,6 +40,11 @@ _PUBLIC = {
     "export_onnx": "exporting.api",
     "ConversionPlan": "surgery.plan",
     "predict_map": "inference.predict",
+    "certify_map": "inference.certificate",
+    "MapCertificate": "inference.certificate",
+    "CertifiedMap": "inference.certificate",
+    "InexactMapWarning": "errors",
+    "UncertifiableMapError": "errors",
     "predict_images": "batch.run",
     "BatchSummary": "batch.run",
     "predict_maps": "inference.predict",
@@ -63,6 +68,7 @@ _PUBLIC = {
 __all__ = [
     "AxisGeometry",
     "BatchSummary",
+    "CertifiedMap",
     "ConversionError",
     "ConversionPlan",
     "ExportError",
@@ -74,17 +80,21 @@ __all__ = [
     "HEADS",
     "InputError",
     "IgnoredHeadWarning",
+    "InexactMapWarning",
+    "MapCertificate",
     "ModelFileError",
     "NonFiniteWeightsWarning",
     "RewriteKind",
     "SlowTilingWarning",
     "UninformativeVerificationWarning",
+    "UncertifiableMapError",
     "PredictionPlan",
     "StagePlan",
     "PlannedOutput",
     "VerificationError",
     "VerificationResult",
     "as_fcn",
+    "certify_map",
     "convert",
     "export",
     "fcn_spec",
@@ -134,10 +144,12 @@ if TYPE_CHECKING:
         ConversionError,
         ExportError,
         IgnoredHeadWarning,
+        InexactMapWarning,
         InputError,
         ModelFileError,
         NonFiniteWeightsWarning,
         SlowTilingWarning,
+        UncertifiableMapError,
         UninformativeVerificationWarning,
         VerificationError,
     )
@@ -145,6 +157,7 @@ if TYPE_CHECKING:
     from keras_fcn_surgery.exporting.pipeline import ExportResult
     from keras_fcn_surgery.exporting.tensorboard import log_graphs
     from keras_fcn_surgery.grid.geometry import AxisGeometry, Geometry, geometry
+    from keras_fcn_surgery.inference.certificate import CertifiedMap, MapCertificate, certify_map
     from keras_fcn_surgery.inference.heatmap import heatmap, imagenet_class_names
     from keras_fcn_surgery.inference.pictures import activations_picture, filters_picture
     from keras_fcn_surgery.inference.predict import predict_map, predict_maps, sliding_window_predict

@@ -436,6 +436,13 @@ def operation_kind(operation) -> str:
     return taxonomy.operation_kind(name) if is_builtin(operation) else name
 
 
+def reduction_of(operation) -> tuple[tuple[int, ...] | None, bool]:
+    """``(axes, keepdims)`` of a `keras.ops` reduction (``ops.mean``, ``ops.max``...): axes None for all."""
+    axis = getattr(operation, "axis", None)
+    axes = None if axis is None else tuple(int(a) for a in (axis if isinstance(axis, (list, tuple)) else [axis]))
+    return axes, bool(getattr(operation, "keepdims", False))
+
+
 def call_argument(node, position: int, default=None):
     """The positional argument ``position`` of a node's call as recorded (a symbolic tensor or a constant)."""
     args = node.arguments.args
@@ -464,4 +471,3 @@ def call_inputs(model, arrays: list):
     if structure is None:
         return arrays[0] if len(arrays) == 1 else list(arrays)
     return keras.tree.pack_sequence_as(structure, list(arrays))
-

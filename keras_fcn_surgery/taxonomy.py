@@ -79,6 +79,13 @@ WINDOW_POOLING_OF = {
     _layers.GlobalMaxPooling2D: _layers.MaxPooling2D,
 }
 
+# `keras.ops` reductions that pool a map when they reduce its two spatial axes, and the window pooling each becomes.
+WINDOW_POOLING_OF_REDUCTION = {
+    "Mean": _layers.AveragePooling2D,
+    "Max": _layers.MaxPooling2D,
+    "Amax": _layers.MaxPooling2D,
+}
+
 # Learnable upsampling: what makes a model a segmenter (per-pixel logits).
 UPSAMPLINGS = (_layers.Conv2DTranspose, _layers.Conv3DTranspose)
 

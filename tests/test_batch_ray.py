@@ -33,6 +33,8 @@ def test_ray_engine_matches_the_local_engine(tmp_path):
         (os.path.basename(r.source), r.status) for r in local.results
     ]
     assert "corrupt.png" in distributed.failed[0].message
+    done = [r for r in distributed.results if r.status == "done"]  # certificates come back from the workers
+    assert done and all(r.certificate.startswith("certificate: 8 of") for r in done)
     for name in ("image0", "image1", "image2", "slide"):
         expected = np.load(tmp_path / "local" / f"{name}.npz")["scores"]
         np.testing.assert_array_equal(np.load(tmp_path / "ray" / f"{name}.npz")["scores"], expected)

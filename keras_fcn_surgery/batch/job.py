@@ -20,8 +20,9 @@ from keras_fcn_surgery.batch.masks import cell_mask, read_mask, thumbnail, tissu
 from keras_fcn_surgery.batch.outputs import output_paths
 from keras_fcn_surgery.batch.readers import LevelArray, choose_level, open_reader
 from keras_fcn_surgery.batch.sources import IMAGE_SUFFIXES, Source
-from keras_fcn_surgery.errors import ConversionError, ModelFileError, first_line
+from keras_fcn_surgery.errors import ConversionError, InputError, ModelFileError, first_line
 from keras_fcn_surgery.grid.geometry import Geometry
+from keras_fcn_surgery.inference.certificate import certificate_or_reason
 from keras_fcn_surgery.segmentation.predict import is_segmenter, run_segmenter
 from keras_fcn_surgery.surgery.fcn import OutputMaps, fcn_spec
 
@@ -49,6 +50,8 @@ class BatchOptions:
     progress: bool | None = None
     execution: str = "auto"
     output: str | None = None
+    certify: int = 0
+    certify_size: tuple[int, int] | None = None
 
 
 @dataclass(frozen=True)
@@ -63,6 +66,8 @@ class InputResult:
         megapixels: pixels of the level the map was computed on, in millions.
         computed_fraction: the share of the unmasked pass's work computed.
         seconds: time spent on it.
+        certificate: the map's certificate in one line (`MapCertificate`), or
+            why it has none; "" when not asked for.
     """
 
     source: str
@@ -72,6 +77,7 @@ class InputResult:
     megapixels: float = 0.0
     computed_fraction: float = 0.0
     seconds: float = 0.0
+    certificate: str = ""
 
 
 def predict_source(fcn, source: Source, out_dir: str, options: BatchOptions) -> InputResult:
@@ -82,13 +88,13 @@ def predict_source(fcn, source: Source, out_dir: str, options: BatchOptions) -> 
     if not missing:
         return InputResult(source.path, "skipped", tuple(paths.values()))
     try:
-        megapixels, fraction = _compute_and_write(fcn, source, missing, options)
+        megapixels, fraction, certificate = _compute_and_write(fcn, source, missing, options)
     except (ConversionError, OSError) as error:
         return _failed(source, str(error), start)
     except Exception as error:  # a decoder's or the network's error on this input must not stop the others
         return _failed(source, f"{type(error).__name__}: {first_line(str(error))}", start)
     return InputResult(
-        source.path, "done", tuple(paths.values()), "", megapixels, fraction, time.perf_counter() - start
+        source.path, "done", tuple(paths.values()), "", megapixels, fraction, time.perf_counter() - start, certificate
     )
 
 
@@ -98,7 +104,7 @@ def _failed(source: Source, message: str, start: float) -> InputResult:
     return InputResult(source.path, "failed", message=message, seconds=time.perf_counter() - start)
 
 
-def _compute_and_write(fcn, source: Source, paths: dict[str, str], options: BatchOptions) -> tuple[float, float]:
+def _compute_and_write(fcn, source: Source, paths: dict[str, str], options: BatchOptions) -> tuple[float, float, str]:
     from keras_fcn_surgery.graph import model_layout
     from keras_fcn_surgery.grid.geometry import geometry
 
@@ -113,9 +119,9 @@ def _compute_and_write(fcn, source: Source, paths: dict[str, str], options: Batc
         map_size = grid.output_size(size)
         kept = _kept_cells(reader, source, options.mask, size, grid, map_size)
         with writers.staged_outputs(paths, overwrite=options.overwrite) as temporary:
-            # GeoJSON, CSV and OME-Zarr describe one map: the output asked for, or the class probabilities.
-            described = set(ONE_MAP_FORMATS) & set(temporary)
-            shown = spec.names[spec.output_index(options.output) if described else 0]
+            # GeoJSON, CSV and OME-Zarr describe one map, and the certificate certifies it: the output asked
+            # for, or the class probabilities (None: several outputs, none of probabilities, none asked for).
+            shown = _shown_output(spec, options.output, required=bool(set(ONE_MAP_FORMATS) & set(temporary)))
             maps = {}
             for output in spec.outputs:
                 shape = (map_size[0], map_size[1], output.classes)
@@ -127,10 +133,25 @@ def _compute_and_write(fcn, source: Source, paths: dict[str, str], options: Batc
                 else:
                     maps[output.name] = np.full(shape, np.nan, dtype=np.float32)
             scores = OutputMaps(spec.outputs, list(maps.values())) if spec.several else maps[spec.names[0]]
+            shown_map = maps[shown] if shown is not None else None  # there is one wherever a format needs it
+            certificate, line = None, ""
             if per_pixel:
                 fraction = _segment(fcn, view, layout, size, kept, scores, options)
             else:
-                fraction = _compute(fcn, view, layout, grid, size, kept, scores, options)
+                fraction, computed = _compute(fcn, view, layout, grid, size, kept, scores, options)
+                if options.certify and shown is None:
+                    line = f"no certificate: {_NO_SHOWN_OUTPUT}"
+                elif options.certify:
+                    certificate, line = certificate_or_reason(
+                        fcn,
+                        view,
+                        computed,
+                        options.certify,
+                        input_size=options.certify_size,
+                        preprocess=preprocess_fn(options.preprocess, layout),
+                        keep=kept,
+                        output=shown if spec.several else None,
+                    )
             info = writers.MapInfo(
                 source=source.path,
                 level=level,
@@ -141,24 +162,50 @@ def _compute_and_write(fcn, source: Source, paths: dict[str, str], options: Batc
                 receptive_field=grid.receptive_field,
                 computed_fraction=fraction,
                 per_pixel=per_pixel,
+                certificate=_certificate_metadata(certificate, shown if spec.several else None),
             )
             if "zarr" in temporary:
                 writers.finish_zarr(temporary["zarr"], info, spec.names if spec.several else ())
             if "ome-zarr" in temporary:
                 names = options.class_names
-                ome_zarr.finish(temporary["ome-zarr"], maps[shown], info, mpp=reader.mpp, class_names=names)
+                ome_zarr.finish(temporary["ome-zarr"], shown_map, info, mpp=reader.mpp, class_names=names)
             if "npz" in temporary:
                 writers.write_npz(temporary["npz"], scores, info)
             if "geojson" in temporary:
-                writers.write_geojson(temporary["geojson"], maps[shown], info, options.class_names)
+                writers.write_geojson(temporary["geojson"], shown_map, info, options.class_names)
             if "csv" in temporary:
-                writers.write_csv(temporary["csv"], maps[shown], info, options.class_names)
-    return size[0] * size[1] / 1e6, fraction
+                writers.write_csv(temporary["csv"], shown_map, info, options.class_names)
+    return size[0] * size[1] / 1e6, fraction, line
 
 
-def _compute(fcn, view, layout, grid, size, kept, scores, options: BatchOptions) -> float:
-    """Fill ``scores`` (channels-last, NaN-filled; an `OutputMaps` of them for several outputs) and return the
-    share of the unmasked work computed.
+_NO_SHOWN_OUTPUT = (
+    "the model has several outputs and none ends in a softmax or sigmoid: name the one to certify with "
+    "`output=NAME` (CLI: --output-name NAME)."
+)
+
+
+def _shown_output(spec, output: str | None, *, required: bool) -> str | None:
+    """The output GeoJSON, CSV, OME-Zarr and the certificate describe; None when there is no default and
+    nothing ``required`` one (`FcnSpec.output_index` raises then)."""
+    try:
+        return spec.names[spec.output_index(output)]
+    except InputError:
+        if required or output is not None:
+            raise
+        return None
+
+
+def _certificate_metadata(certificate, output: str | None) -> dict | None:
+    """The certificate's figures for the map's metadata, with the output it certifies among several."""
+    if certificate is None:
+        return None
+    return {**certificate.metadata(), **({"output": output} if output is not None else {})}
+
+
+def _compute(fcn, view, layout, grid, size, kept, scores, options: BatchOptions):
+    """Fill ``scores`` (channels-last, NaN-filled; an `OutputMaps` of them for several outputs); return the
+    share of the unmasked work computed and the map in the model's layout (``scores`` itself for
+    channels-last).
 
     A mask reaches `predict_map` as its ``keep``: the staged plan then runs
     only the tiles the kept cells need, batched and prefetched as any pass.
@@ -187,15 +234,15 @@ def _compute(fcn, view, layout, grid, size, kept, scores, options: BatchOptions)
     )
     targets = list(scores.values()) if isinstance(scores, dict) else [scores]
     if layout.channels_last:
-        predict_map(fcn, view, out=scores, keep=keep, **arguments)
+        computed = predict_map(fcn, view, out=scores, keep=keep, **arguments)
     else:
-        maps = predict_map(fcn, view, keep=keep, **arguments)
-        for target, cell_map in zip(targets, maps.values() if isinstance(maps, dict) else [maps]):
+        computed = predict_map(fcn, view, keep=keep, **arguments)
+        for target, cell_map in zip(targets, computed.values() if isinstance(computed, dict) else [computed]):
             target[:] = layout.image_to_channels_last(cell_map)
     if kept is not None and keep is None:  # a network with global context: nothing to skip, but the mask applies
         for target in targets:
             _apply_mask(target, kept)
-    return fraction
+    return fraction, computed
 
 
 def _segment(model, view, layout, size, kept, scores, options: BatchOptions) -> float:
@@ -253,4 +300,3 @@ def preprocess_fn(preprocess, layout):
     from keras_fcn_surgery.exporting.preprocessing import pixel_function
 
     return pixel_function(preprocess, layout.data_format)
-

@@ -20,7 +20,16 @@ from keras_fcn_surgery.errors import InputError
 from keras_fcn_surgery.saving.atomic import remove_tree
 
 RAY_EXTRA = "pip install 'keras-fcn-surgery[ray]'"
-_RESULT_FIELDS = ("path", "status", "outputs", "message", "megapixels", "computed_fraction", "seconds")
+_RESULT_FIELDS = (
+    "path",
+    "status",
+    "outputs",
+    "message",
+    "megapixels",
+    "computed_fraction",
+    "seconds",
+    "certificate",
+)
 
 
 def run_on_ray(
@@ -99,6 +108,7 @@ def run_on_ray(
                 float(row["megapixels"]),
                 float(row["computed_fraction"]),
                 float(row["seconds"]),
+                str(row["certificate"]),
             )
         )
     return results
@@ -135,6 +145,7 @@ class PredictWorker:
             columns["megapixels"].append(result.megapixels)
             columns["computed_fraction"].append(result.computed_fraction)
             columns["seconds"].append(result.seconds)
+            columns["certificate"].append(result.certificate)
         return columns
 
 

@@ -11,12 +11,13 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from keras_fcn_surgery.batch.job import ONE_MAP_FORMATS, BatchOptions, InputResult, predict_source
 from keras_fcn_surgery.batch.outputs import check_formats, summary_line
 from keras_fcn_surgery.batch.sources import find_sources
 from keras_fcn_surgery.errors import InputError, ModelFileError
+from keras_fcn_surgery.inference.certificate import DEFAULT_CELLS, check_cell_count
 from keras_fcn_surgery.inference.engines import check_engine
 from keras_fcn_surgery.inference.runner import progress_bar
 from keras_fcn_surgery.options import PREPROCESS_MODES
@@ -68,6 +69,7 @@ def predict_images(
     workers: int | None = None,
     progress: bool | None = None,
     execution: str = "auto",
+    certify: int = DEFAULT_CELLS,
     output: str | None = None,
 ) -> BatchSummary:
     """Score maps for many images and whole slides, one output per input.
@@ -130,10 +132,18 @@ def predict_images(
             ``"auto"`` (measured on this machine), ``"tf"``, ``"xla"`` or
             ``"blas"``. (Here ``engine`` already names where the inputs run,
             locally or on Ray.)
+        certify: cells of each score map to compare with the classifier on
+            the crops they stand for (`certify_map`; 0: none). The figures go
+            into the npz/zarr metadata as ``certificate_<name>`` and into
+            each `InputResult`'s ``certificate`` line; an `InexactMapWarning`
+            says when cells differ (``same`` padding). Segmenters' per-pixel
+            maps are not certified; of a model with several outputs, the map
+            of ``output`` is (``certificate_output`` names it).
         output: for a model with several outputs, the one GeoJSON, CSV and
-            OME-Zarr describe; default: the first that ends in a softmax or
-            sigmoid (npz and zarr hold every output, each under its name).
-            The outputs must share one grid (`geometry`).
+            OME-Zarr describe and ``certify`` certifies; default: the first
+            that ends in a softmax or sigmoid (npz and zarr hold every
+            output, each under its name). The outputs must share one grid
+            (`geometry`).
 
     Returns:
         A `BatchSummary`.
@@ -169,9 +179,16 @@ def predict_images(
     out_dir = os.path.abspath(os.fspath(out_dir))
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise ModelFileError(f"Output folder '{out_dir}' is a file.")
-    from keras_fcn_surgery.surgery.fcn import as_fcn
+    from keras_fcn_surgery.errors import ConversionError
+    from keras_fcn_surgery.saving.loading import as_model
+    from keras_fcn_surgery.surgery.fcn import as_fcn, source_of
 
-    fcn = as_fcn(model, head=head, input_size=input_size)
+    if certify:
+        check_cell_count(certify, "certify")
+    loaded = as_model(model, None, error_class=ConversionError)  # kept: the certificates run the classifier
+    fcn = as_fcn(loaded, head=head, input_size=input_size)
+    if certify:  # Ray's workers get the FCN without its record of the classifier's size
+        options = replace(options, certify=certify, certify_size=source_of(fcn)[1] or _pair_or_none(input_size))
     _check_outputs(fcn, options)
     from keras_fcn_surgery.saving.atomic import Interrupted
 
@@ -198,6 +215,10 @@ def predict_images(
         if created and not os.listdir(out_dir):  # nothing written (failed, interrupted): leave nothing behind
             os.rmdir(out_dir)
     return BatchSummary(results, time.perf_counter() - start)
+
+
+def _pair_or_none(size):
+    return None if size is None else (int(size[0]), int(size[1]))
 
 
 def _check_preprocess(preprocess):

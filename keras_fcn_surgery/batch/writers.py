@@ -44,6 +44,9 @@ class MapInfo:
         computed_fraction: the share of the unmasked pass's work computed (less than 1 with a mask).
         per_pixel: a segmenter's map, one cell per pixel (GeoJSON and CSV then
             describe regions, not cells).
+        certificate: the figures of the map's `MapCertificate` (its
+            ``metadata()``), stored as ``certificate_<name>``; None when the
+            map was not certified.
     """
 
     source: str
@@ -55,6 +58,14 @@ class MapInfo:
     receptive_field: tuple[int, int]
     computed_fraction: float
     per_pixel: bool = False
+    certificate: dict | None = None
+
+    def fields(self) -> dict:
+        """The metadata as flat values: the certificate's as ``certificate_<name>`` (none without one)."""
+        values = asdict(self)
+        certificate = values.pop("certificate") or {}
+        values.update({f"certificate_{name}": value for name, value in certificate.items()})
+        return values
 
 
 @contextlib.contextmanager
@@ -114,7 +125,7 @@ def finish_zarr(path: str, info: MapInfo, outputs=()) -> None:
     """Record ``info`` in the attributes of the zarr group at ``path`` (and ``outputs``, the maps' names in
     order, for a model with several)."""
     group = _zarr().open_group(path, mode="r+")
-    group.attrs.update(_plain(asdict(info)))
+    group.attrs.update(_plain(info.fields()))
     if outputs:
         group.attrs[OUTPUTS] = list(outputs)
 
@@ -125,12 +136,12 @@ def check_map_names(names) -> None:
     Raises:
         InputError: naming the output that clashes.
     """
-    fields = sorted([*MapInfo.__dataclass_fields__, OUTPUTS])
-    clashes = [name for name in names if name in fields]
+    fields = sorted({*MapInfo.__dataclass_fields__, OUTPUTS} - {"certificate"})
+    clashes = [name for name in names if name in fields or name.startswith("certificate_")]
     if clashes:
         raise InputError(
             f"The model's output {clashes[0]!r} has the name of a field the npz output stores beside the maps "
-            f"({', '.join(fields)}); rename that output's layer."
+            f"({', '.join(fields)}, certificate_*); rename that output's layer."
         )
 
 
@@ -140,7 +151,7 @@ def write_npz(path: str, scores, info: MapInfo) -> None:
     ``scores`` may be a dict of maps by output name (a model with several
     outputs): each is stored under its name, and ``outputs`` lists the names.
     """
-    arrays = {key: np.asarray(value) for key, value in asdict(info).items()}
+    arrays = {key: np.asarray(value) for key, value in info.fields().items()}
     maps = scores if isinstance(scores, dict) else {SCORES: scores}
     if isinstance(scores, dict):
         check_map_names(maps)

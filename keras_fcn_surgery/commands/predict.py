@@ -8,6 +8,7 @@ import sys
 from keras_fcn_surgery.commands.common import (
     EXIT_CONVERSION,
     EXIT_OK,
+    add_certify_argument,
     add_execution_argument,
     parse_size,
     positive_int,
@@ -67,6 +68,7 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--class-names", help="text file with one class name per line (GeoJSON/CSV/OME-Zarr)")
     parser.add_argument("--engine", choices=("local", "ray"), default="local", help="local (default) or Ray Data")
     add_execution_argument(parser)
+    add_certify_argument(parser)
     parser.add_argument("--ray-address", help="Ray cluster to join (default: $RAY_ADDRESS, else a local Ray)")
     parser.add_argument("--workers", type=int, help="Ray workers (default: one per CPU, or per GPU)")
     parser.set_defaults(run=run, early=nothing_to_do)
@@ -95,6 +97,7 @@ def nothing_to_do(args) -> int | None:
 
 def run(args) -> int:
     from keras_fcn_surgery.batch.run import predict_images
+    from keras_fcn_surgery.cli import cli_message
 
     # SIGINT/SIGTERM unwind through the writers (cli.main installs the handlers), so nothing partial stays.
     summary = predict_images(
@@ -118,10 +121,13 @@ def run(args) -> int:
         workers=args.workers,
         progress=None,
         output=args.output_name,
+        certify=args.certify,
     )
     for result in summary.results:
         if result.status == "done" and args.mask != "none":
             print(f"{result.source}: {100 * result.computed_fraction:.1f}% of the tiles computed")
+        if result.status == "done" and result.certificate:
+            print(f"{result.source}: {cli_message(result.certificate)}")
     for result in summary.failed:
         print(f"failed: {result.message}", file=sys.stderr)
     print(f"predict: {summary.line()}")

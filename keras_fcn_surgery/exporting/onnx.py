@@ -92,8 +92,7 @@ def _require_onnx():
     missing = [name for name in ONNX_PACKAGES if importlib.util.find_spec(name) is None]
     if missing:
         raise ExportError(
-            f"ONNX export needs {', '.join(missing)}, which is not installed: "
-            "pip install keras-fcn-surgery[onnx]"
+            f"ONNX export needs {', '.join(missing)}, which is not installed: pip install keras-fcn-surgery[onnx]"
         )
     return importlib.import_module("onnx"), importlib.import_module("onnxruntime")
 
@@ -165,9 +164,7 @@ def _convert_structure(fcn, onnx, opset):
             # Keras's tf2onnx patch probes the removed `np.object` and warns about it.
             warnings.simplefilter("ignore", FutureWarning)
             patch_tf2onnx()
-            proto, _ = tf2onnx.convert.from_function(
-                function, input_signature=[image_spec, *weight_specs], opset=opset
-            )
+            proto, _ = tf2onnx.convert.from_function(function, input_signature=[image_spec, *weight_specs], opset=opset)
     except ImportError as error:
         raise ExportError(f"ONNX export failed: {error}. pip install keras-fcn-surgery[onnx]") from error
     except Exception as error:

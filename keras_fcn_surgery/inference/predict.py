@@ -11,9 +11,16 @@ from keras_fcn_surgery.graph import model_layout, traced_model
 from keras_fcn_surgery.grid import tiling
 from keras_fcn_surgery.grid.geometry import geometry
 from keras_fcn_surgery.inference import engines, runner
+from keras_fcn_surgery.inference.certificate import (
+    CertifiedMap,
+    check_cell_count,
+    make_certificate,
+    warn_if_inexact,
+)
 from keras_fcn_surgery.inference.staged import plan_prediction, run_plan
 from keras_fcn_surgery.inference.store import DiskMap, file_backed
 from keras_fcn_surgery.surgery.fcn import OutputMaps, map_outputs
+from keras_fcn_surgery.surgery.verify import RELATIVE_TOLERANCE
 
 
 def predict_map(
@@ -33,6 +40,7 @@ def predict_map(
     mixed_precision: bool = False,
     spill_dir: str | None = None,
     keep=None,
+    certify: int | None = None,
 ):
     """The score map of one image, computed whole or in exact tiles.
 
@@ -115,11 +123,17 @@ def predict_map(
             cells need, so the work follows the kept area; kept cells equal
             the unmasked map's. `plan_prediction` with the same ``keep``
             shows the plan.
+        certify: None or 0 (default), or a number of cells to compare with the
+            classifier on the crops they stand for, once the map is done
+            (`certify_map`: an `InexactMapWarning` when they differ, as they
+            do near windows that reach into ``same`` padding).
 
     Returns:
         The map, ``(H', W', K)`` (``(K, H', W')`` for channels-first), as a
         float array, or ``out`` when given. ``geometry(fcn).output_size((H, W))``
-        is ``(H', W')``.
+        is ``(H', W')``. With ``certify``, a `CertifiedMap` ``(scores,
+        certificate)`` instead: the map and its `MapCertificate` (for a model
+        with several outputs, a dict of them by output name).
 
         For a model with several outputs (a class score and a box, say), an
         `OutputMaps`: a dict of maps keyed by output name (`FcnSpec.names`),
@@ -137,6 +151,8 @@ def predict_map(
             of the wrong shape.
         InputError: for an unknown ``engine``, ``"blas"`` where it cannot
             run, or both ``engine`` and ``jit_compile`` given.
+        UncertifiableMapError: with ``certify``, for a map whose cells are
+            not the classifier on crops (see `certify_map`).
 
     Example:
 
@@ -149,6 +165,8 @@ def predict_map(
     ```
     """
     engine = engines.engine_from_options(engine, jit_compile)
+    if certify:
+        check_cell_count(certify, "certify")  # before the pass, not after it
     spec, outputs = runner.check_fcn(fcn)
     size = runner.image_size_of(runner.with_channel_axis(image, spec), spec)
     plan = plan_prediction(
@@ -181,7 +199,18 @@ def predict_map(
     finally:
         if isinstance(pixels, DiskMap):
             pixels.close()
-    return OutputMaps(outputs.outputs, targets) if outputs.several else targets[0]
+    scores = OutputMaps(outputs.outputs, targets) if outputs.several else targets[0]
+    if not certify:
+        return scores
+    return _certified(fcn, image, scores, certify, preprocess=preprocess, keep=keep, mixed_precision=mixed_precision)
+
+
+def _certified(fcn, image, scores, certify: int, *, preprocess, keep, mixed_precision: bool) -> CertifiedMap:
+    """``scores`` with its certificate, warned about (at the caller of the public function) when inexact."""
+    tolerance = RELATIVE_TOLERANCE["float16"] if mixed_precision else None
+    certificate = make_certificate(fcn, image, scores, certify, preprocess=preprocess, keep=keep, tolerance=tolerance)
+    warn_if_inexact(certificate, stacklevel=3)
+    return CertifiedMap(scores, certificate)
 
 
 def predict_maps(
@@ -214,16 +243,20 @@ def predict_maps(
         preprocess, engine, jit_compile, mixed_precision, progress: as for
             `predict_map` (``"auto"`` chooses for each batch shape).
         **options: further keyword arguments of `predict_map`, for the images
-            that go through it.
+            that go through it; ``certify`` applies to every image.
 
     Returns:
         The maps, in the order of ``images`` (for a model with several
-        outputs, a dict of maps by output name each, as `predict_map`).
+        outputs, an `OutputMaps` each, as `predict_map`; with ``certify``, a
+        `CertifiedMap` for each).
 
     Raises:
         ConversionError: as `predict_map`.
     """
     engine = engines.engine_from_options(engine, jit_compile)
+    certify = options.pop("certify", None)
+    if certify:
+        check_cell_count(certify, "certify")
     spec, outputs = runner.check_fcn(fcn)
     if batch_size is not None and batch_size < 1:
         raise InputError(f"Expected `batch_size` >= 1. Received: batch_size={batch_size}")
@@ -268,6 +301,13 @@ def predict_maps(
                     own = [np.asarray(m[position], dtype=runner.output_dtype(fcn, k)) for k, m in enumerate(maps)]
                     results[index] = OutputMaps(outputs.outputs, own) if outputs.several else own[0]
                 bar.update(len(group))
+    if not certify:
+        return results
+    keep = options.get("keep")
+    for index, (image, scores) in enumerate(zip(images, results)):  # a loop: warnings point at the caller
+        results[index] = _certified(
+            fcn, image, scores, certify, preprocess=preprocess, keep=keep, mixed_precision=mixed_precision
+        )
     return results
 
 

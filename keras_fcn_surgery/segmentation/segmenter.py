@@ -131,7 +131,7 @@ def segmenter(
         alignments = _alignments(fused, skip.stride, skip.centres, period, first)
         upsampled = upsample(fused.tensor, alignments, name=f"up{name}")
         aligned = _gather(upsampled, skip.tensor, image, alignments, layout, f"up{name}")
-        total = keras.layers.Add(name=f"fuse_{name[len('score_'):]}")([aligned, skip.tensor])
+        total = keras.layers.Add(name=f"fuse_{name[len('score_') :]}")([aligned, skip.tensor])
         fused = _ScoreMap(total, skip.centres, skip.stride)
     pixels = [[0.0] * (2 * p) for p in period]
     alignments = _alignments(fused, (1, 1), pixels, period, first)

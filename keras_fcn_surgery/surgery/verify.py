@@ -433,7 +433,6 @@ def _check_same_channels(source, fcn) -> None:
             )
 
 
-
 def _input_dtype(tensor) -> str:
     dtype = str(tensor.dtype)
     return dtype if dtype.startswith("float") else "float32"
