@@ -132,6 +132,20 @@ def test_a_subclassed_classifier_of_two_outputs_slides_and_maps_alike():
     assert_same_maps(maps, slid)
 
 
+def test_every_output_is_certified_against_the_classifier_on_its_crops(models):
+    classifier, fcn = models
+    image = random_images((37, 33, 3), seed=9)
+    maps, certificates = kfs.predict_map(fcn, image, tile=20, certify=6)
+    assert list(maps) == list(certificates) == NAMES
+    for name, certificate in certificates.items():
+        assert certificate.exact and len(certificate.cells) == 6, (name, certificate)
+        assert certificate.against == "classifier 'three_heads'"
+    one = kfs.certify_map(classifier, image, maps, 6, output="landmarks")
+    assert one.cells == certificates["landmarks"].cells and one.exact
+    with pytest.raises(kfs.InputError, match="give the dict of their maps"):
+        kfs.certify_map(fcn, image, maps["prob"], 6)
+
+
 def test_outputs_on_different_grids_run_whole_and_refuse_tiles_naming_the_strides():
     image_input = keras.Input((None, None, 3))
     features = layers.Conv2D(4, 3, activation="relu")(image_input)
@@ -182,7 +196,9 @@ def test_cli_heatmap_takes_an_output_name(files, tmp_path, capsys):
     folder, _ = files
     argv = ["heatmap", str(folder / "classifier.keras"), str(folder / "image.png"), "-o", str(tmp_path / "a.png")]
     assert main([*argv, "--class", "1"]) == 0
-    assert "output 'prob' of 3 (the others: box, landmarks" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "output 'prob' of 3 (the others: box, landmarks" in printed
+    assert "certificate of 'prob': 8 of 99 eligible cells" in printed and ": exact" in printed
     assert main([*argv, "--class", "5", "--overwrite"]) == 2  # prob has 2 classes
     assert "out of range: the model has 2 classes" in capsys.readouterr().err
     assert main([*argv, "--class", "5", "--overwrite", "--output-name", "landmarks"]) == 0
@@ -207,6 +223,7 @@ def test_predict_writes_every_output_and_describes_the_one_named(models, files, 
         assert list(stored["outputs"]) == NAMES and "scores" not in stored.files
         assert_same_maps({name: stored[name] for name in NAMES}, want)
         assert tuple(stored["stride"]) == (2, 2)
+        assert str(stored["certificate_output"]) == "prob" and bool(stored["certificate_exact"])
     group = zarr.open_group(str(tmp_path / "image.zarr"), mode="r")
     assert group.attrs["outputs"] == NAMES and sorted(group.array_keys()) == NAMES
     assert_same_maps({name: group[name][:] for name in NAMES}, want)
