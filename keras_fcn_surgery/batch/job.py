@@ -39,6 +39,7 @@ class BatchOptions:
     """How each input is computed and written (see `predict_images` for the meaning of each)."""
 
     formats: tuple[str, ...] = ("npz",)
+    geojson: str = "regions"
     tile: int | tuple[int, int] | None = None
     batch_size: int | None = None
     preprocess: str | Callable | None = None
@@ -172,7 +173,9 @@ def _compute_and_write(fcn, source: Source, paths: dict[str, str], options: Batc
             if "npz" in temporary:
                 writers.write_npz(temporary["npz"], scores, info)
             if "geojson" in temporary:
-                writers.write_geojson(temporary["geojson"], shown_map, info, options.class_names)
+                writers.write_geojson(
+                    temporary["geojson"], shown_map, info, options.class_names, geojson=options.geojson
+                )
             if "csv" in temporary:
                 writers.write_csv(temporary["csv"], shown_map, info, options.class_names)
     return size[0] * size[1] / 1e6, fraction, line

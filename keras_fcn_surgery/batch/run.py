@@ -15,7 +15,9 @@ from dataclasses import dataclass, field, replace
 
 from keras_fcn_surgery.batch.job import ONE_MAP_FORMATS, BatchOptions, InputResult, predict_source
 from keras_fcn_surgery.batch.outputs import check_formats, summary_line
+from keras_fcn_surgery.batch.regions import check_available as check_regions_available
 from keras_fcn_surgery.batch.sources import find_sources
+from keras_fcn_surgery.batch.writers import check_geojson
 from keras_fcn_surgery.errors import InputError, ModelFileError
 from keras_fcn_surgery.inference.certificate import DEFAULT_CELLS, check_cell_count
 from keras_fcn_surgery.inference.engines import check_engine
@@ -54,6 +56,7 @@ def predict_images(
     out_dir,
     *,
     formats="npz",
+    geojson: str = "regions",
     tile=None,
     batch_size: int | None = None,
     preprocess=None,
@@ -99,11 +102,18 @@ def predict_images(
             labels (class k as k + 1, 0 where not computed), each cell placed
             at its window's centre on the slide, in micrometres when the
             slide records its resolution; see `batch.ome_zarr`),
-            ``"geojson"`` or ``"csv"`` (one polygon per cell, in level-0
-            pixels, with its top class and probability; for a segmenter, one
-            polygon with holes per connected region of a class, with its
-            pixel count and mean probability); several as a list or
-            ``"npz,geojson"``.
+            ``"geojson"`` (polygons in level-0 pixels: see ``geojson``),
+            ``"csv"`` (one row per cell: its box in level-0 pixels, top class
+            and probability; for a segmenter, one row per connected region
+            of a class, with its pixel count, mean probability and box);
+            several as a list or ``"npz,geojson"``.
+        geojson: what a GeoJSON output holds: ``"regions"`` (default), one
+            polygon (with holes) per connected region of neighbouring cells
+            with the same top class, covering exactly the union of their
+            boxes, with the class, cell count and the mean and largest
+            probability of the class (needs scikit-image); or ``"cells"``,
+            one polygon per computed cell (a segmenter's: per pixel) with its
+            top class and probability.
         tile: tile side in pixels (exact tiling); default: whole images up to
             2048 pixels a side, tiles of 1024 above.
         batch_size: tiles per forward pass (see `predict_map`).
@@ -151,7 +161,7 @@ def predict_images(
     Raises:
         ModelFileError: for inputs that name no file, or a model that cannot
             be loaded; raised before any input is computed.
-        InputError: for an unusable option (formats, level with mpp,
+        InputError: for an unusable option (formats, geojson, level with mpp,
             preprocess, engine, execution, class names, a missing optional
             package),
             also before any input is computed.
@@ -159,6 +169,7 @@ def predict_images(
     """
     options = BatchOptions(
         formats=check_formats(formats),
+        geojson=check_geojson(geojson),
         tile=tile,
         batch_size=batch_size,
         preprocess=_check_preprocess(preprocess),
@@ -175,6 +186,8 @@ def predict_images(
         raise InputError("Give a pyramid level or a resolution in microns per pixel (mpp), not both.")
     if engine not in ENGINES:
         raise InputError(f"Expected `engine` to be one of {ENGINES}. Received: engine={engine!r}")
+    if "geojson" in options.formats and options.geojson == "regions":
+        check_regions_available()
     sources = find_sources(inputs)
     out_dir = os.path.abspath(os.fspath(out_dir))
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):

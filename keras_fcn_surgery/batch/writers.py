@@ -19,6 +19,7 @@ import numpy as np
 from keras_fcn_surgery.batch import regions
 from keras_fcn_surgery.batch.cells import cell_edges
 from keras_fcn_surgery.errors import InputError, ModelFileError
+from keras_fcn_surgery.options import GEOJSON_FEATURES
 from keras_fcn_surgery.saving.atomic import make_temporary_dir, remove_tree
 
 # Map rows read at a time when writing cells out of a (possibly zarr) score map.
@@ -202,15 +203,31 @@ def cell_polygons(rows, cols, info: MapInfo):
     return left * dx, top * dy, right * dx, bottom * dy
 
 
-def write_geojson(path: str, scores, info: MapInfo, class_names=None) -> None:
-    """One GeoJSON Polygon feature per computed cell, in level-0 pixels, for QuPath.
+def corner_positions(x, y, info: MapInfo):
+    """Corners ``(x, y)`` of the cell grid (corner ``(j, i)``: the top-left corner of cell ``(i, j)``'s box) in
+    level-0 pixels: where the boxes of `cell_polygons` meet, so a polygon along cell edges covers exactly the
+    union of its cells' boxes."""
+    left, _ = cell_edges(x, info.stride[1], info.receptive_field[1], info.offset[1])
+    top, _ = cell_edges(y, info.stride[0], info.receptive_field[0], info.offset[0])
+    dy, dx = info.downsample
+    return left * dx, top * dy
 
-    Each feature is a QuPath detection whose classification is the top class
-    and whose measurements hold its probability; ``row``/``col`` locate the
-    cell in the score map. A per-pixel map (a segmenter's) gives one QuPath
-    annotation per connected region of a class instead (see `regions`).
+
+def write_geojson(path: str, scores, info: MapInfo, class_names=None, *, geojson: str = "regions") -> None:
+    """A GeoJSON FeatureCollection of the computed cells, in level-0 pixels, for QuPath.
+
+    ``geojson="regions"`` (the default): one QuPath annotation per connected
+    region of neighbouring cells with the same top class (see `regions`), a
+    Polygon with holes along the cells' box edges, so it covers exactly the
+    union of its cells' boxes; its measurements hold its number of cells
+    (``pixels`` for a segmenter's per-pixel map) and the mean and largest
+    probability of its class over them. ``geojson="cells"``: one QuPath
+    detection per computed cell whose classification is the top class and
+    whose measurements hold its probability; ``row``/``col`` locate the cell
+    in the score map. Cells not computed (NaN, masked out) are in no feature.
     """
-    if info.per_pixel:
+    check_geojson(geojson)
+    if geojson == "regions":
         _write_region_geojson(path, scores, info, class_names)
         return
     with open(path, "w", encoding="utf-8") as handle:
@@ -235,6 +252,13 @@ def write_geojson(path: str, scores, info: MapInfo, class_names=None) -> None:
                 handle.write(separator + json.dumps(feature))
                 separator = ",\n"
         handle.write("\n]}\n")
+
+
+def check_geojson(geojson) -> str:
+    """``geojson`` when it is one of `GEOJSON_FEATURES`; else `InputError`."""
+    if geojson not in GEOJSON_FEATURES:
+        raise InputError(f"Expected `geojson` to be one of {GEOJSON_FEATURES}. Received: geojson={geojson!r}")
+    return geojson
 
 
 def write_csv(path: str, scores, info: MapInfo, class_names=None) -> None:
@@ -270,19 +294,26 @@ def write_csv(path: str, scores, info: MapInfo, class_names=None) -> None:
 
 def _write_region_geojson(path: str, scores, info: MapInfo, class_names) -> None:
     labels, probability = regions.label_map(scores, top_classes)
-    dy, dx = info.downsample
+    count = "pixels" if info.per_pixel else "cells"
     with open(path, "w", encoding="utf-8") as handle:
         handle.write('{"type": "FeatureCollection", "features": [')
         separator = "\n"
         for region in regions.regions(labels, probability):
-            rings = [[[float(x) * dx, float(y) * dy] for x, y in ring] for ring in region.rings]
+            rings = []
+            for ring in region.rings:
+                x, y = corner_positions(ring[:, 0], ring[:, 1], info)
+                rings.append(np.stack([x, y], axis=-1).tolist())
             feature = {
                 "type": "Feature",
                 "geometry": {"type": "Polygon", "coordinates": rings},
                 "properties": {
                     "objectType": "annotation",
                     "classification": {"name": _class_name(region.label, class_names)},
-                    "measurements": {"pixels": region.pixels, "mean probability": region.mean_probability},
+                    "measurements": {
+                        count: region.pixels,
+                        "mean probability": region.mean_probability,
+                        "max probability": region.max_probability,
+                    },
                     "class": region.label,
                 },
             }

@@ -14,7 +14,7 @@ from keras_fcn_surgery.commands.common import (
     positive_int,
     read_class_names,
 )
-from keras_fcn_surgery.options import PREPROCESS_MODES
+from keras_fcn_surgery.options import GEOJSON_FEATURES, PREPROCESS_MODES
 
 _FORMATS = "npz, zarr, ome-zarr, geojson, csv"
 
@@ -38,6 +38,13 @@ def add_parser(subparsers) -> None:
     parser.add_argument("-o", "--out", required=True, help="output folder (created when missing)")
     parser.add_argument(
         "--format", default="npz", help=f"output formats, comma-separated, among {_FORMATS} (default npz)"
+    )
+    parser.add_argument(
+        "--geojson",
+        choices=GEOJSON_FEATURES,
+        default="regions",
+        help="GeoJSON features: regions (default: one polygon per connected region of neighbouring cells with the "
+        "same top class) or cells (one polygon per cell)",
     )
     parser.add_argument("--overwrite", action="store_true", help="recompute inputs whose outputs exist")
     parser.add_argument("--tile", type=positive_int, help="tile side in pixels (exact; default 1024 above 2048 a side)")
@@ -105,6 +112,7 @@ def run(args) -> int:
         args.inputs,
         args.out,
         formats=args.format,
+        geojson=args.geojson,
         tile=args.tile,
         batch_size=args.batch_size,
         preprocess=args.preprocess,

@@ -45,16 +45,16 @@ import numpy as np
 import onnx
 import onnxruntime
 
-path, inputs_file, outputs_file = sys.argv[1:4]
-onnx.checker.check_model(path)
-session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
-names = [output.name for output in session.get_outputs()]
-inputs = np.load(inputs_file)
-outputs = {}
-for key in inputs.files:
-    for name, value in zip(names, session.run(names, {"images": inputs[key]})):
-        outputs[key + "/" + name] = value
-np.savez(outputs_file, **outputs)
+inputs = np.load(sys.argv[1])
+for path, outputs_file in zip(sys.argv[2::2], sys.argv[3::2]):
+    onnx.checker.check_model(path)
+    session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
+    names = [output.name for output in session.get_outputs()]
+    outputs = {}
+    for key in inputs.files:
+        for name, value in zip(names, session.run(names, {"images": inputs[key]})):
+            outputs[key + "/" + name] = value
+    np.savez(outputs_file, **outputs)
 """
 
 
