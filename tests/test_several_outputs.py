@@ -294,3 +294,12 @@ def test_file_exports_carry_and_check_every_output(models, format, tmp_path):
     result = kfs.export(fcn, tmp_path / f"fcn.{format}", format=format, input_size=(WINDOW, WINDOW))
     assert [check.compared for check in result.checks] == [f"output '{name}'" for name in NAMES] * 2
     assert all(check.passed for check in result.checks)
+
+
+def test_an_export_of_outputs_that_all_end_in_softmax_checks_each_ones_logits(tmp_path):
+    image = keras.Input((WINDOW, WINDOW, 3))
+    x = layers.Flatten()(layers.Conv2D(3, 5, strides=2, activation="relu")(image))
+    heads = [layers.Dense(3, activation="softmax", name="kind")(x), layers.Softmax(name="age")(layers.Dense(2)(x))]
+    result = kfs.export(keras.Model(image, heads), tmp_path / "heads.tflite", format="tflite")
+    assert [check.compared for check in result.checks] == ["logits of output 'kind'", "logits of output 'age'"] * 2
+    assert [check.compared for check in result.output_checks] == ["output 'kind'", "output 'age'"] * 2

@@ -208,6 +208,7 @@ def _check(kind: ExportFormat, fcn, path: str, sizes):
             tolerance=tolerance,
             compared=compared,
             names=logit_names,
+            labels=signature_outputs(fcn),
         )
     output_checks = compare_outputs(
         expected,

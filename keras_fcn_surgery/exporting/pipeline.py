@@ -319,6 +319,7 @@ def compare_outputs(
     tolerance: float,
     compared: str = "outputs",
     names=("scores",),
+    labels=None,
 ) -> tuple[VerificationResult, ...]:
     """Compare an export's outputs with the Keras model's (`keras_maps`) on the same batches, by the one
     verification rule (`surgery.verify.compare_scores`).
@@ -336,6 +337,8 @@ def compare_outputs(
             (`surgery.verify.logits_of`).
         names: the export's names of the model's outputs, in order
             (`savedmodel.signature_outputs`).
+        labels: how the results name those outputs (default: ``names``; a
+            logits twin's are those of the file it checks).
 
     Returns:
         One `VerificationResult` per batch and output, batch by batch; for a
@@ -348,7 +351,7 @@ def compare_outputs(
     results = []
     for key, images in batches.items():
         wants = expected[key] if isinstance(expected[key], list) else [expected[key]]
-        for name, want in zip(names, wants, strict=True):
+        for name, label, want in zip(names, labels or names, wants, strict=True):
             want = np.asarray(want, dtype=np.float64)
             if output_key(key, name) not in outputs:
                 raise ExportError(
@@ -363,7 +366,7 @@ def compare_outputs(
                 )
             which = compared
             if len(names) > 1:
-                which = f"output '{name}'" if compared == "outputs" else f"{compared}: output '{name}'"
+                which = f"output '{label}'" if compared == "outputs" else f"logits of output '{label}'"
             result = compare_scores([(want, got)], tolerance=tolerance, input_shape=tuple(images.shape), compared=which)
             if enforce and not result.passed:
                 raise ExportError(f"{what} differs from the Keras model: {result}. The export was not kept.")
