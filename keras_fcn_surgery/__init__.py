@@ -15,6 +15,8 @@ _PUBLIC = {
     "convert": "surgery.convert",
     "as_fcn": "surgery.fcn",
     "FcnSpec": "surgery.fcn",
+    "MapOutput": "surgery.fcn",
+    "OutputMaps": "surgery.fcn",
     "fcn_spec": "surgery.fcn",
     "plan": "surgery.convert",
     "ConversionError": "errors",
@@ -48,6 +50,7 @@ _PUBLIC = {
     "predict_maps": "inference.predict",
     "PredictionPlan": "inference.staged",
     "StagePlan": "inference.staged",
+    "PlannedOutput": "inference.staged",
     "plan_prediction": "inference.staged",
     "sliding_window_predict": "inference.predict",
     "export_savedmodel": "exporting.api",
@@ -71,6 +74,8 @@ __all__ = [
     "ExportError",
     "ExportResult",
     "FcnSpec",
+    "MapOutput",
+    "OutputMaps",
     "Geometry",
     "HEADS",
     "InputError",
@@ -85,6 +90,7 @@ __all__ = [
     "UncertifiableMapError",
     "PredictionPlan",
     "StagePlan",
+    "PlannedOutput",
     "VerificationError",
     "VerificationResult",
     "as_fcn",
@@ -155,13 +161,13 @@ if TYPE_CHECKING:
     from keras_fcn_surgery.inference.heatmap import heatmap, imagenet_class_names
     from keras_fcn_surgery.inference.pictures import activations_picture, filters_picture
     from keras_fcn_surgery.inference.predict import predict_map, predict_maps, sliding_window_predict
-    from keras_fcn_surgery.inference.staged import PredictionPlan, StagePlan, plan_prediction
+    from keras_fcn_surgery.inference.staged import PlannedOutput, PredictionPlan, StagePlan, plan_prediction
     from keras_fcn_surgery.saving.loading import load_model
     from keras_fcn_surgery.segmentation.losses import segmentation_loss
     from keras_fcn_surgery.segmentation.predict import segment_image
     from keras_fcn_surgery.segmentation.segmenter import segmenter
     from keras_fcn_surgery.surgery.convert import HEADS, convert, plan, verify
-    from keras_fcn_surgery.surgery.fcn import FcnSpec, as_fcn, fcn_spec
+    from keras_fcn_surgery.surgery.fcn import FcnSpec, MapOutput, OutputMaps, as_fcn, fcn_spec
     from keras_fcn_surgery.surgery.plan import ConversionPlan
     from keras_fcn_surgery.surgery.rules.base import RewriteKind
     from keras_fcn_surgery.surgery.verify import VerificationResult

@@ -218,6 +218,32 @@ def producer_input(tensor):
     return inputs[0] if len(inputs) == 1 else None
 
 
+def output_names(model) -> tuple[str, ...]:
+    """Each output's name, in the order of ``model.outputs``.
+
+    The key of a model built with a dict of outputs (nested keys joined by
+    ``/``); otherwise the name of the layer or operation that produces the
+    output (Keras's ``output_names``). A name that repeats gets ``_2``,
+    ``_3``... in order, so names are unique.
+    """
+    structure = getattr(model, "_outputs_struct", None)
+    if isinstance(structure, dict):
+        names = ["/".join(str(part) for part in path) for path, _ in keras.tree.flatten_with_path(structure)]
+    else:
+        names = []
+        for index, tensor in enumerate(model.outputs):
+            operation = producer_of(tensor)
+            names.append(operation.name if operation is not None else f"output_{index}")
+    unique: list[str] = []
+    for name in names:
+        candidate, count = name, 1
+        while candidate in unique:
+            count += 1
+            candidate = f"{name}_{count}"
+        unique.append(candidate)
+    return tuple(unique)
+
+
 def input_name(tensor, default: str | None = None) -> str:
     """The name of the `keras.Input` behind a model input tensor."""
     operation = producer_of(tensor)

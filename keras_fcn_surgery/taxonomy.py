@@ -161,6 +161,21 @@ def activation_name(activation) -> str:
     return getattr(activation, "__name__", "")
 
 
+def squashing_activation(operation) -> str | None:
+    """``"softmax"`` or ``"sigmoid"`` when ``operation``'s output is one's (see `SQUASHING_ACTIVATIONS`), else None.
+
+    A `Softmax` layer, a layer whose own activation is one (a Dense, a
+    convolution, an `Activation`), or the `keras.ops` operation itself.
+    """
+    if isinstance(operation, _layers.Softmax):
+        return "softmax"
+    if isinstance(operation, _layers.Layer):
+        name = activation_name(getattr(operation, "activation", None))
+        return name if name in SQUASHING_ACTIVATIONS else None
+    name = type(operation).__name__.lower()
+    return name if name in SQUASHING_ACTIVATIONS else None
+
+
 # keras.ops operations, by class name --------------------------------------------------------------------
 
 UNARY_OPERATIONS = frozenset(

@@ -13,7 +13,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 
-from keras_fcn_surgery.batch.job import BatchOptions, InputResult, predict_source
+from keras_fcn_surgery.batch.job import ONE_MAP_FORMATS, BatchOptions, InputResult, predict_source
 from keras_fcn_surgery.batch.outputs import check_formats, summary_line
 from keras_fcn_surgery.batch.regions import check_available as check_regions_available
 from keras_fcn_surgery.batch.sources import find_sources
@@ -73,6 +73,7 @@ def predict_images(
     progress: bool | None = None,
     execution: str = "auto",
     certify: int = DEFAULT_CELLS,
+    output: str | None = None,
 ) -> BatchSummary:
     """Score maps for many images and whole slides, one output per input.
 
@@ -91,7 +92,9 @@ def predict_images(
             folder keep their path below it.
         formats: ``"npz"`` (``scores`` (H', W', K) float32 with the geometry;
             for a segmenter (`segmenter`), ``(H, W, K)`` logits, one per
-            pixel, with stride 1, offset 0 and a one-pixel window),
+            pixel, with stride 1, offset 0 and a one-pixel window; for a
+            model with several outputs, each output's map under its name,
+            and ``outputs``, the names in order),
             ``"zarr"`` (the same, chunked, written as tiles finish),
             ``"ome-zarr"`` (``<name>.ome.zarr``: an OME-Zarr 0.5 image for
             viewers, written as tiles finish: the scores as channels ``c, y,
@@ -126,7 +129,8 @@ def predict_images(
             named like the inputs. Tiles without foreground are neither read
             nor computed; cells outside the mask are NaN.
         overwrite: recompute and replace existing outputs.
-        class_names: names of the K classes for GeoJSON/CSV/OME-Zarr.
+        class_names: names of the K classes for GeoJSON/CSV/OME-Zarr (of the
+            output they describe).
         head: for a classifier with a global-pooling head, see `convert`.
         input_size: the classifier's original input size when it takes any size.
         engine: ``"local"`` or ``"ray"`` (Ray Data; extra ``ray``).
@@ -143,7 +147,13 @@ def predict_images(
             into the npz/zarr metadata as ``certificate_<name>`` and into
             each `InputResult`'s ``certificate`` line; an `InexactMapWarning`
             says when cells differ (``same`` padding). Segmenters' per-pixel
-            maps are not certified.
+            maps are not certified; of a model with several outputs, the map
+            of ``output`` is (``certificate_output`` names it).
+        output: for a model with several outputs, the one GeoJSON, CSV and
+            OME-Zarr describe and ``certify`` certifies; default: the first
+            that ends in a softmax or sigmoid (npz and zarr hold every
+            output, each under its name). The outputs must share one grid
+            (`geometry`).
 
     Returns:
         A `BatchSummary`.
@@ -170,6 +180,7 @@ def predict_images(
         class_names=tuple(class_names) if class_names is not None else None,
         progress=progress,
         execution=check_engine(execution),
+        output=output,
     )
     if level is not None and mpp is not None:
         raise InputError("Give a pyramid level or a resolution in microns per pixel (mpp), not both.")
@@ -191,7 +202,7 @@ def predict_images(
     fcn = as_fcn(loaded, head=head, input_size=input_size)
     if certify:  # Ray's workers get the FCN without its record of the classifier's size
         options = replace(options, certify=certify, certify_size=source_of(fcn)[1] or _pair_or_none(input_size))
-    _check_class_names(fcn, options.class_names)
+    _check_outputs(fcn, options)
     from keras_fcn_surgery.saving.atomic import Interrupted
 
     results: list = []
@@ -242,11 +253,21 @@ def _check_mask(mask):
     return mask
 
 
-def _check_class_names(fcn, class_names) -> None:
-    if class_names is None:
-        return
-    from keras_fcn_surgery.graph import model_layout
+def _check_outputs(fcn, options) -> None:
+    """Before any input: the output GeoJSON/CSV describe, its class names, and maps every format can hold."""
+    from keras_fcn_surgery.surgery.fcn import fcn_spec
 
-    classes = int(model_layout(fcn).channels(fcn.outputs[0].shape))
-    if len(class_names) != classes:
-        raise InputError(f"{len(class_names)} class names were given; the model has {classes} classes.")
+    spec = fcn_spec(fcn)
+    if options.output is not None or options.class_names is not None or set(ONE_MAP_FORMATS) & set(options.formats):
+        shown = spec.outputs[spec.output_index(options.output)]  # an unknown name is refused here
+        if options.class_names is not None and len(options.class_names) != shown.classes:
+            where = f" (output {shown.name!r})" if spec.several else ""
+            raise InputError(
+                f"{len(options.class_names)} class names were given; the model has {shown.classes} classes{where}."
+            )
+    if spec.several:
+        from keras_fcn_surgery.batch.writers import check_map_names
+        from keras_fcn_surgery.grid.geometry import geometry
+
+        check_map_names(spec.names)
+        geometry(fcn)  # raises, naming each output's grid, when the outputs do not share one

@@ -24,6 +24,10 @@ from keras_fcn_surgery.saving.atomic import make_temporary_dir, remove_tree
 
 # Map rows read at a time when writing cells out of a (possibly zarr) score map.
 _ROWS_PER_BAND = 64
+# The key (npz) and array name (zarr) of a one-output model's map; a model with several outputs writes each
+# map under its output's name instead, and lists the names, in order, under `OUTPUTS`.
+SCORES = "scores"
+OUTPUTS = "outputs"
 
 
 @dataclass(frozen=True)
@@ -109,24 +113,52 @@ def _replace(source: str, target: str, overwrite: bool) -> None:
     os.replace(source, target)
 
 
-def create_zarr_scores(path: str, shape, *, chunk_rows: int = 256):
-    """A float32 zarr array ``scores`` of ``shape`` ``(H', W', K)``, NaN until written, in a new group at ``path``."""
+def create_zarr_scores(path: str, shape, *, name: str = SCORES, chunk_rows: int = 256):
+    """A float32 zarr array ``name`` of ``shape`` ``(H', W', K)``, NaN until written, in the group at ``path``
+    (created when missing: one array per output of a model with several)."""
     zarr = _zarr()
-    group = zarr.open_group(path, mode="w")
+    group = zarr.open_group(path, mode="a")
     chunks = (min(chunk_rows, shape[0]), min(chunk_rows, shape[1]), shape[2])
-    return group.create_array("scores", shape=tuple(shape), chunks=chunks, dtype="float32", fill_value=np.nan)
+    return group.create_array(name, shape=tuple(shape), chunks=chunks, dtype="float32", fill_value=np.nan)
 
 
-def finish_zarr(path: str, info: MapInfo) -> None:
-    """Record ``info`` in the attributes of the zarr group at ``path``."""
+def finish_zarr(path: str, info: MapInfo, outputs=()) -> None:
+    """Record ``info`` in the attributes of the zarr group at ``path`` (and ``outputs``, the maps' names in
+    order, for a model with several)."""
     group = _zarr().open_group(path, mode="r+")
     group.attrs.update(_plain(info.fields()))
+    if outputs:
+        group.attrs[OUTPUTS] = list(outputs)
+
+
+def check_map_names(names) -> None:
+    """Refuse output names that the npz output could not store beside its metadata fields.
+
+    Raises:
+        InputError: naming the output that clashes.
+    """
+    fields = sorted({*MapInfo.__dataclass_fields__, OUTPUTS} - {"certificate"})
+    clashes = [name for name in names if name in fields or name.startswith("certificate_")]
+    if clashes:
+        raise InputError(
+            f"The model's output {clashes[0]!r} has the name of a field the npz output stores beside the maps "
+            f"({', '.join(fields)}, certificate_*); rename that output's layer."
+        )
 
 
 def write_npz(path: str, scores, info: MapInfo) -> None:
-    """``scores`` (H', W', K float32) and ``info``'s fields as arrays of one npz file."""
+    """``scores`` (H', W', K float32) and ``info``'s fields as arrays of one npz file.
+
+    ``scores`` may be a dict of maps by output name (a model with several
+    outputs): each is stored under its name, and ``outputs`` lists the names.
+    """
     arrays = {key: np.asarray(value) for key, value in info.fields().items()}
-    arrays["scores"] = np.asarray(scores, dtype=np.float32)
+    maps = scores if isinstance(scores, dict) else {SCORES: scores}
+    if isinstance(scores, dict):
+        check_map_names(maps)
+        arrays[OUTPUTS] = np.asarray(list(maps))
+    for name, cell_map in maps.items():
+        arrays[name] = np.asarray(cell_map, dtype=np.float32)
     with open(path, "wb") as handle:
         np.savez(handle, **arrays)  # type: ignore[arg-type]
 

@@ -34,6 +34,11 @@ def add_parser(subparsers) -> None:
     parser.add_argument(
         "--tile", type=positive_int, help="tile side in pixels for large images (exact; default: one pass)"
     )
+    parser.add_argument(
+        "--output-name",
+        metavar="NAME",
+        help="for a model with several outputs, the one to show (default: the first ending in a softmax or sigmoid)",
+    )
     parser.add_argument("--class-names", help="text file with one class name per line (default: ImageNet if K=1000)")
     parser.add_argument("--top", type=positive_int, default=5, help="how many top classes to print (default 5)")
     parser.add_argument(
@@ -64,24 +69,34 @@ def run(args) -> int:
     check_output_path(args.output, suffix=".png", overwrite=args.overwrite)  # before any work
     model = kfs.load_model(args.model)  # kept: the certificate runs the classifier on crops
     fcn = kfs.as_fcn(model, head=args.head, input_size=args.input_size)
+    spec = kfs.fcn_spec(fcn)
+    shown = spec.names[spec.output_index(args.output_name)]  # an unknown name is refused before any work
     layout = model_layout(fcn)
-    channels = int(layout.channels(fcn.inputs[0].shape))
-    pixels = read_image(args.image, channels)
+    pixels = read_image(args.image, spec.channels)
     image = layout.image_from_channels_last(pixels)
     preprocess = pixel_function(args.preprocess, layout.data_format)
-    scores = kfs.predict_map(fcn, image, tile=args.tile, preprocess=preprocess, progress=None, engine=args.execution)
+    maps = kfs.predict_map(fcn, image, tile=args.tile, preprocess=preprocess, progress=None, engine=args.execution)
+    if spec.several:
+        others = ", ".join(name for name in spec.names if name != shown)
+        print(f"output {shown!r} of {len(spec.names)} (the others: {others}; --output-name to choose)")
     if args.certify:
         _, line = certificate_or_reason(
-            fcn, image, scores, args.certify, input_size=args.input_size, preprocess=preprocess
+            fcn,
+            image,
+            maps,
+            args.certify,
+            input_size=args.input_size,
+            preprocess=preprocess,
+            output=shown if spec.several else None,
         )
         print(cli_message(line))
-    scores = layout.image_to_channels_last(scores)
+    scores = layout.image_to_channels_last(maps[shown] if spec.several else maps)
     classes = scores.shape[-1]
     if not 0 <= args.class_index < classes:
         print(f"error: --class {args.class_index} is out of range: the model has {classes} classes.", file=sys.stderr)
         return EXIT_USAGE
     names = read_class_names(args.class_names, classes)
-    grid = kfs.geometry(fcn)
+    grid = kfs.geometry(fcn, output=shown if spec.several else None)
     probabilities = class_probabilities(scores)
     _print_top(probabilities, names, grid, pixels.shape[:2], args.top)
     value_range = (0.0, 1.0) if args.absolute else heat_range(probabilities[..., args.class_index])

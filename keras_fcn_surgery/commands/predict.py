@@ -66,6 +66,12 @@ def add_parser(subparsers) -> None:
         help="auto (tissue by Otsu on a low-resolution level), none, a mask image, or a folder of masks named "
         "like the inputs",
     )
+    parser.add_argument(
+        "--output-name",
+        metavar="NAME",
+        help="for a model with several outputs, the one GeoJSON/CSV/OME-Zarr describe (default: the first ending "
+        "in a softmax or sigmoid; npz/zarr hold every output)",
+    )
     parser.add_argument("--class-names", help="text file with one class name per line (GeoJSON/CSV/OME-Zarr)")
     parser.add_argument("--engine", choices=("local", "ray"), default="local", help="local (default) or Ray Data")
     add_execution_argument(parser)
@@ -122,6 +128,7 @@ def run(args) -> int:
         ray_address=args.ray_address,
         workers=args.workers,
         progress=None,
+        output=args.output_name,
         certify=args.certify,
     )
     for result in summary.results:

@@ -23,7 +23,7 @@ from keras_fcn_surgery.exporting.pipeline import (
     resolve_check_sizes,
     run_check_script,
 )
-from keras_fcn_surgery.exporting.savedmodel import SavedModelFormat
+from keras_fcn_surgery.exporting.savedmodel import SavedModelFormat, signature_outputs
 from keras_fcn_surgery.exporting.tflite import TfliteFormat
 from keras_fcn_surgery.options import EXPORT_FORMATS
 from keras_fcn_surgery.saving.atomic import pause_point
@@ -49,6 +49,10 @@ def export(
     **options,
 ) -> ExportResult:
     """Write a model as a SavedModel, an ONNX or a TFLite file with free height and width, and prove it runs.
+
+    A model with several outputs keeps them all: the export returns one map
+    per output, named by the output's name (`signature_outputs`; ``scores``
+    for a model of one output), and the check compares every one.
 
     The export is written under a hidden temporary name beside ``path``,
     loaded in a fresh Python process that cannot import this package, run at
@@ -137,11 +141,11 @@ def export_format(format: str, **options) -> ExportFormat:
 
 
 def _fcn_to_export(source, *, convert: bool, head: str, input_size):
-    """The one-input, one-output FCN to export: ``source`` itself, or its conversion (`as_fcn`)."""
-    if len(source.inputs) != 1 or len(source.outputs) != 1:
+    """The one-input FCN to export: ``source`` itself, or its conversion (`as_fcn`); one map per output."""
+    if len(source.inputs) != 1:
         raise ExportError(
             f"Model '{source.name}' has {len(source.inputs)} inputs and {len(source.outputs)} outputs; a serving "
-            "export takes one image input and returns one score map."
+            "export takes one image input (and returns one score map per output)."
         )
     try:
         return as_fcn(source, head=head, input_size=input_size, convert=convert)
@@ -191,6 +195,7 @@ def _check(kind: ExportFormat, fcn, path: str, sizes):
                 paths.append(os.path.join(scratch, "logits" + os.path.splitext(path)[1]))
                 kind.twin().write(logits, paths[1])
                 expected_logits = keras_maps(logits, batches)
+                logit_names = signature_outputs(logits)
         outputs = run_check_script(kind.check_script, paths, inputs, what=what)
     logit_checks: tuple = ()
     if compared != "outputs":
@@ -202,9 +207,17 @@ def _check(kind: ExportFormat, fcn, path: str, sizes):
             enforce=kind.enforce,
             tolerance=tolerance,
             compared=compared,
+            names=logit_names,
+            labels=signature_outputs(fcn),
         )
     output_checks = compare_outputs(
-        expected, batches, kind.check_outputs(fcn, outputs[0]), what=what, enforce=kind.enforce, tolerance=tolerance
+        expected,
+        batches,
+        kind.check_outputs(fcn, outputs[0]),
+        what=what,
+        enforce=kind.enforce,
+        tolerance=tolerance,
+        names=signature_outputs(fcn),
     )
     return (logit_checks, output_checks) if logit_checks else (output_checks, ())
 

@@ -97,7 +97,8 @@ class ExportFormat:
         name: the ``format=`` value (`options.EXPORT_FORMATS`).
         what: how messages name the written export, with ``{name}`` for the model's name.
         check_script: the script `run_check_script` runs on the written file
-            (loads PATH, runs every array of INPUTS.npz, saves OUTPUTS.npz).
+            (loads PATH, runs every array of INPUTS.npz, saves each output's
+            map in OUTPUTS.npz under `output_key`).
     """
 
     name: ClassVar[str]
@@ -169,8 +170,9 @@ def run_check_script(
 
     ``script`` is run as ``python -I -c script INPUTS.npz PATH OUTPUTS.npz
     [PATH OUTPUTS.npz ...]``: for each PATH it loads the export there, runs
-    it on every array of INPUTS.npz and saves the results under the same
-    keys in its OUTPUTS.npz. Importing ``keras_fcn_surgery`` fails in that
+    it on every array of INPUTS.npz and saves each output's result in its
+    OUTPUTS.npz under the input's key and the output's name (`output_key`:
+    ``"size0/scores"``). Importing ``keras_fcn_surgery`` fails in that
     process: an export must not need it.
 
     Raises:
@@ -272,13 +274,24 @@ def _segmenter_check_sizes(fcn):
     return (base, (base[0] + 7 * period[0], base[1] + 7 * period[1]))
 
 
-def keras_scores(fcn, images: np.ndarray) -> np.ndarray:
-    """The Keras model's map for a channels-last batch, channels-last, as float32 numpy."""
+def keras_scores(fcn, images: np.ndarray):
+    """The Keras model's map for a channels-last batch, channels-last, as float32 numpy.
+
+    For a model with several outputs, a list of maps in the model's order.
+    """
     layout = model_layout(fcn)
     x = layout.from_channels_last(images)
-    y = np.asarray(keras.ops.convert_to_numpy(fcn(x.astype(str(fcn.inputs[0].dtype)), training=False)))
-    y = layout.to_channels_last(y)
-    return y.astype(np.float32)
+    result = fcn(x.astype(str(fcn.inputs[0].dtype)), training=False)
+    maps = [
+        layout.to_channels_last(np.asarray(keras.ops.convert_to_numpy(y))).astype(np.float32)
+        for y in keras.tree.flatten(result)
+    ]
+    return maps if len(maps) > 1 else maps[0]
+
+
+def output_key(batch: str, output: str) -> str:
+    """The key of one output's map for one check batch in a check script's results (``"size0/scores"``)."""
+    return f"{batch}/{output}"
 
 
 def check_batches(fcn, sizes, *, batch_size: int = 2, seed: int = 0) -> dict[str, np.ndarray]:
@@ -291,8 +304,8 @@ def check_batches(fcn, sizes, *, batch_size: int = 2, seed: int = 0) -> dict[str
     }
 
 
-def keras_maps(fcn, batches: dict) -> dict[str, np.ndarray]:
-    """`keras_scores` of every check batch, by key."""
+def keras_maps(fcn, batches: dict) -> dict:
+    """`keras_scores` of every check batch, by key (a list of maps each, for a model with several outputs)."""
     return {key: keras_scores(fcn, images) for key, images in batches.items()}
 
 
@@ -305,32 +318,57 @@ def compare_outputs(
     enforce: bool = True,
     tolerance: float,
     compared: str = "outputs",
+    names=("scores",),
+    labels=None,
 ) -> tuple[VerificationResult, ...]:
     """Compare an export's outputs with the Keras model's (`keras_maps`) on the same batches, by the one
     verification rule (`surgery.verify.compare_scores`).
 
+    Every output is compared, each relative to its own scale (a box's
+    pixel offsets do not hide a class probability's difference).
+
     Args:
+        outputs: the export's maps by `output_key` (the batch's key, then the
+            export's name of the output: `signature_outputs`).
         enforce: raise when a difference exceeds the tolerance; False only
             measures it (a quantized export, whose difference is reported).
         tolerance: relative tolerance (`tolerance_for` the model).
         compared: what the arrays are: ``"outputs"``, or the logits
             (`surgery.verify.logits_of`).
+        names: the export's names of the model's outputs, in order
+            (`savedmodel.signature_outputs`).
+        labels: how the results name those outputs (default: ``names``; a
+            logits twin's are those of the file it checks).
+
+    Returns:
+        One `VerificationResult` per batch and output, batch by batch; for a
+        model with several outputs each says which (``compared``).
 
     Raises:
-        ExportError: when a shape differs, or (with ``enforce``) a difference
-            exceeds the tolerance.
+        ExportError: when an output is missing or its shape differs, or (with
+            ``enforce``) a difference exceeds the tolerance.
     """
     results = []
     for key, images in batches.items():
-        want = np.asarray(expected[key], dtype=np.float64)
-        got = np.asarray(outputs[key], dtype=np.float64)
-        if got.shape != want.shape:
-            raise ExportError(
-                f"{what} returns shape {got.shape} for input {images.shape}, the Keras model {want.shape}. "
-                "The export is broken; please report the model."
-            )
-        result = compare_scores([(want, got)], tolerance=tolerance, input_shape=tuple(images.shape), compared=compared)
-        if enforce and not result.passed:
-            raise ExportError(f"{what} differs from the Keras model: {result}. The export was not kept.")
-        results.append(result)
+        wants = expected[key] if isinstance(expected[key], list) else [expected[key]]
+        for name, label, want in zip(names, labels or names, wants, strict=True):
+            want = np.asarray(want, dtype=np.float64)
+            if output_key(key, name) not in outputs:
+                raise ExportError(
+                    f"{what} has no output '{name}' (it returns {sorted(outputs)}). The export is broken; "
+                    "please report the model."
+                )
+            got = np.asarray(outputs[output_key(key, name)], dtype=np.float64)
+            if got.shape != want.shape:
+                raise ExportError(
+                    f"{what} returns shape {got.shape} for output '{name}' of input {images.shape}, the Keras "
+                    f"model {want.shape}. The export is broken; please report the model."
+                )
+            which = compared
+            if len(names) > 1:
+                which = f"output '{label}'" if compared == "outputs" else f"logits of output '{label}'"
+            result = compare_scores([(want, got)], tolerance=tolerance, input_shape=tuple(images.shape), compared=which)
+            if enforce and not result.passed:
+                raise ExportError(f"{what} differs from the Keras model: {result}. The export was not kept.")
+            results.append(result)
     return tuple(results)

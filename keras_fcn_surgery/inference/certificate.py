@@ -32,7 +32,7 @@ from keras_fcn_surgery.grid import tiling
 from keras_fcn_surgery.grid.geometry import Geometry, geometry
 from keras_fcn_surgery.inference import engines, runner
 from keras_fcn_surgery.options import CERTIFIED_CELLS
-from keras_fcn_surgery.surgery.fcn import as_fcn, is_fully_convolutional, original_size, source_of
+from keras_fcn_surgery.surgery.fcn import as_fcn, choose_output, is_fully_convolutional, original_size, source_of
 from keras_fcn_surgery.surgery.verify import VerificationResult, batch_spread, compare_arrays, tolerance_for
 
 # Cells `certify_map`, `predict_images` and the CLI's `predict` and `heatmap` certify unless told otherwise.
@@ -146,7 +146,8 @@ def certify_map(
     keep=None,
     tolerance: float | None = None,
     seed: int = 0,
-) -> MapCertificate:
+    output: str | None = None,
+):
     """Compare ``n`` sampled cells of a score map with the classifier run on the crops they stand for.
 
     The cells are drawn deterministically (``seed``) among those whose crop
@@ -174,9 +175,13 @@ def certify_map(
         tolerance: the relative tolerance; default: the one `convert`
             verifies at for the model's dtype.
         seed: the seed of the sampling.
+        output: for a model with several outputs (``score_map`` then the
+            dict of their maps `predict_map` returns), the one to certify;
+            None: every one.
 
     Returns:
-        A `MapCertificate`.
+        A `MapCertificate`; for a model with several outputs and no
+        ``output``, a dict of them by output name.
 
     Raises:
         UncertifiableMapError: when the map's cells are not the classifier on
@@ -207,31 +212,73 @@ def certify_map(
         keep=keep,
         tolerance=tolerance,
         seed=seed,
+        output=output,
     )
     warn_if_inexact(certificate, stacklevel=2)
     return certificate
 
 
 def make_certificate(
-    model, image, score_map, n: int, *, input_size=None, preprocess=None, keep=None, tolerance=None, seed: int = 0
-) -> MapCertificate:
-    """`certify_map` without the warning (the caller warns: `warn_if_inexact`)."""
+    model,
+    image,
+    score_map,
+    n: int,
+    *,
+    input_size=None,
+    preprocess=None,
+    keep=None,
+    tolerance=None,
+    seed: int = 0,
+    output: str | None = None,
+):
+    """`certify_map` without the warning (the caller warns: `warn_if_inexact`).
+
+    For a model with several outputs, ``score_map`` is the dict of its maps
+    (`OutputMaps`), and the result a dict of `MapCertificate` by output name,
+    or with ``output``, that output's certificate alone. Outputs on one grid
+    share their cells and crops (the crops run once).
+    """
     check_cell_count(n, "n")
     fcn, runs_on, crop, against = _what_runs(model, input_size)
-    spec, classes = runner.check_fcn(fcn)
+    spec, outputs = runner.check_fcn(fcn)
     image = runner.with_channel_axis(image, spec)
     size = runner.image_size_of(image, spec)
-    plan = _plan_crops(fcn, size, crop, int(n), keep, seed)
-    expected_shape = spec.layout.image_shape(plan.map_size[0], plan.map_size[1], classes)
-    if tuple(getattr(score_map, "shape", ())) != tuple(expected_shape):
-        raise InputError(
-            f"The map has shape {tuple(getattr(score_map, 'shape', ()))}, but model '{model.name}' gives "
-            f"{tuple(expected_shape)} on this {size[0]}x{size[1]} image: give the map computed on this image "
-            "by this model."
-        )
-    (expected,) = _run_on_crops(runs_on, image, spec, plan.origins, crop, preprocess)  # one output per map
+    if outputs.several:
+        if not isinstance(score_map, dict) or set(score_map) != set(outputs.names):
+            given = sorted(score_map) if isinstance(score_map, dict) else type(score_map).__name__
+            raise InputError(
+                f"Model '{model.name}' has {len(outputs.names)} outputs ({', '.join(map(repr, outputs.names))}): "
+                f"give the dict of their maps `predict_map` returns. Received: {given}"
+            )
+        names = list(outputs.names) if output is None else [choose_output(outputs.outputs, output)]
+    elif output is not None:
+        names = [choose_output(outputs.outputs, output)]
+    else:
+        names = [outputs.names[0]]
     tolerance = float(tolerance if tolerance is not None else tolerance_for(fcn))
-    return _compare(plan, expected, _cell_values(score_map, plan.cells, spec.layout), against, tolerance, spec)
+    crops_run: dict = {}
+    certificates = {}
+    for name in names:
+        index = outputs.names.index(name)
+        plan = _plan_crops(fcn, size, crop, int(n), keep, seed, output=name if outputs.several else None)
+        cell_map = score_map[name] if outputs.several else score_map
+        classes = outputs.outputs[index].classes
+        expected_shape = spec.layout.image_shape(plan.map_size[0], plan.map_size[1], classes)
+        if tuple(getattr(cell_map, "shape", ())) != tuple(expected_shape):
+            which = f" of output '{name}'" if outputs.several else ""
+            raise InputError(
+                f"The map{which} has shape {tuple(getattr(cell_map, 'shape', ()))}, but model '{model.name}' gives "
+                f"{tuple(expected_shape)} on this {size[0]}x{size[1]} image: give the map computed on this image "
+                "by this model."
+            )
+        if plan.origins not in crops_run:  # outputs on one grid: the same crops, run once for all
+            crops_run[plan.origins] = _run_on_crops(runs_on, image, spec, plan.origins, crop, preprocess)
+        expected = crops_run[plan.origins][index]
+        actual = _cell_values(cell_map, plan.cells, spec.layout)
+        certificates[name] = _compare(plan, expected, actual, against, tolerance, spec)
+    if outputs.several and output is None:
+        return certificates
+    return certificates[names[0]]
 
 
 @dataclass(frozen=True)
@@ -247,9 +294,10 @@ class _CropPlan:
     origins: tuple[tuple[int, int], ...]
 
 
-def _plan_crops(fcn, size, crop, n: int, keep, seed: int) -> _CropPlan:
-    """Which cells to compare, among those whose crop lies inside the image, and where their crops start."""
-    grid = geometry(fcn)
+def _plan_crops(fcn, size, crop, n: int, keep, seed: int, output: str | None = None) -> _CropPlan:
+    """Which cells to compare, among those whose crop lies inside the image, and where their crops start
+    (of the map of ``output``, for a model with several)."""
+    grid = geometry(fcn, output=output)
     if not grid.exact:
         raise UncertifiableMapError(
             f"Which crop a cell of this map stands for is unknown: {grid.unknown[0]}, so the map cannot be "
@@ -317,13 +365,17 @@ def _compare(plan: _CropPlan, expected, actual, against: str, tolerance: float, 
 
 def certificate_or_reason(model, image, score_map, n: int, **options) -> tuple[MapCertificate | None, str]:
     """`certify_map` for a command: the certificate (warned about when inexact) and its one-line summary, or
-    None and why there is none: an `UncertifiableMapError` is not a failure of the map."""
+    None and why there is none: an `UncertifiableMapError` is not a failure of the map.
+
+    For a model with several outputs, give ``output=`` (the map the command
+    shows): its certificate, named in the line."""
+    named = f" of '{options['output']}'" if options.get("output") is not None and isinstance(score_map, dict) else ""
     try:
         certificate = make_certificate(model, image, score_map, n, **options)
     except UncertifiableMapError as error:
-        return None, f"no certificate: {error}"
+        return None, f"no certificate{named}: {error}"
     warn_if_inexact(certificate, stacklevel=2)
-    return certificate, f"certificate: {certificate}"
+    return certificate, f"certificate{named}: {certificate}"
 
 
 def check_cell_count(n, argument: str) -> None:
@@ -334,15 +386,25 @@ def check_cell_count(n, argument: str) -> None:
         )
 
 
-def warn_if_inexact(certificate: MapCertificate, stacklevel: int = 2) -> None:
+def warn_if_inexact(certificate, stacklevel: int = 2) -> None:
     """Warn `InexactMapWarning` when ``certificate`` shows cells different from their crops.
 
-    ``stacklevel`` counts from the caller of this function (2: its caller's caller).
+    ``certificate`` is a `MapCertificate`, or a dict of them by output name
+    (one warning per inexact output). ``stacklevel`` counts from the caller of
+    this function (2: its caller's caller).
     """
+    if isinstance(certificate, dict):
+        for name, each in certificate.items():
+            _warn_if_inexact(each, stacklevel + 1, f" (output '{name}')")
+        return
+    _warn_if_inexact(certificate, stacklevel + 1, "")
+
+
+def _warn_if_inexact(certificate: MapCertificate, stacklevel: int, which: str) -> None:
     if certificate.exact:
         return
     warnings.warn(
-        f"The map differs from the sliding window it replaces: on {len(certificate.cells)} sampled cells, "
+        f"The map{which} differs from the sliding window it replaces: on {len(certificate.cells)} sampled cells, "
         f"max abs diff {certificate.max_abs_diff:.3g}, max rel diff {certificate.max_rel_diff:.3g} (tolerance "
         f"{certificate.tolerance:g}) against {certificate.against} on their crops, top class equal in "
         f"{100 * certificate.top_class_agreement:.0f}%. {certificate.reason}",
@@ -447,7 +509,7 @@ def _what_runs(model, input_size):
         size = geometry(model).min_input_size
         unknown = "the classifier's is not known here: pass `input_size=(H, W)`"
         return model, model, size, f"FCN '{model.name}' at its smallest input size ({unknown})"
-    if source is not None and original_size(source) in (None, size) and len(source.outputs) == 1:
+    if source is not None and original_size(source) in (None, size) and len(source.outputs) == len(model.outputs):
         return model, source, size, f"classifier '{source.name}'"
     return model, model, size, f"FCN '{model.name}' at the classifier's input size"
 

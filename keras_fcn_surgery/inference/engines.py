@@ -177,7 +177,8 @@ def blas_refusal(model, precision: str | None = None) -> str | None:
     if not _splits(model):
         return (
             "the model has no head convolution that numpy can run (one large-kernel convolution, "
-            "channels-last, valid, stride 1, float32, linear or ReLU, that no branch crosses)"
+            "channels-last, valid, stride 1, float32, linear or ReLU, that no branch crosses, in a model of "
+            "one output)"
         )
     return None
 
@@ -201,6 +202,8 @@ def candidates(model, precision: str | None = None) -> tuple[str, ...]:
 
 def forward(model, engine: str, precision: str | None = None):
     """``numpy batch -> numpy outputs`` for ``model`` under ``engine``, built once and cached per model.
+
+    A model with several outputs gives a list of arrays, in the order of ``model.outputs``.
 
     Args:
         model: the model to run.
@@ -251,7 +254,16 @@ def _traced(model, jit_compile: bool, precision: str | None):
     # A second input shape (a masked plan's cropped tiles) generalises the trace instead of retracing per shape;
     # XLA still compiles per shape. A pass with one tile shape keeps its first, exact-shape trace.
     compiled = tf.function(call, jit_compile=jit_compile, reduce_retracing=True)
-    return lambda batch: np.asarray(compiled(tf.constant(batch)))
+    single = len(model.outputs) == 1
+    return lambda batch: _arrays(compiled(tf.constant(batch)), single)
+
+
+def _arrays(outputs, single: bool):
+    """A forward call's outputs as numpy: one array, or with several outputs one each, in the order of
+    `model.outputs` (a dict of outputs flattens to it)."""
+    if single:
+        return np.asarray(outputs)
+    return [np.asarray(y) for y in keras.tree.flatten(outputs)]
 
 
 def _jitted(model, precision: str | None):
@@ -273,12 +285,13 @@ def _jitted(model, precision: str | None):
     # The weights go in as arguments: baked in as constants they would be compiled into the program (slow for
     # VGG16's 500 MB) and stale after a `set_weights`. jit compiles once per input shape, as XLA does.
     compiled = jax.jit(call)
+    single = len(model.outputs) == 1
 
     def run(batch):
         model = live()
         trainable = [v.value for v in model.trainable_variables]
         non_trainable = [v.value for v in model.non_trainable_variables]
-        return np.asarray(compiled(trainable, non_trainable, batch))
+        return _arrays(compiled(trainable, non_trainable, batch), single)
 
     return run
 

@@ -23,7 +23,7 @@ import numpy as np
 from keras import ops
 
 from keras_fcn_surgery.errors import ConversionError
-from keras_fcn_surgery.graph import describe, model_layout, producer_of
+from keras_fcn_surgery.graph import describe, model_layout, output_names, producer_of
 from keras_fcn_surgery.grid.geometry import geometry
 from keras_fcn_surgery.layout import Layout
 from keras_fcn_surgery.segmentation.alignment import AxisAlignment, align_axis, cell_centre
@@ -164,6 +164,13 @@ def _as_fcn(model, head: str, custom_objects) -> keras.Model:
 
 def _score_layer(fcn):
     """The layer that computes the class scores: the output's producer, activation layers stepped over."""
+    if len(fcn.outputs) != 1:
+        names = ", ".join(map(repr, output_names(fcn)))
+        raise ConversionError(
+            f"Model '{fcn.name}' has {len(fcn.outputs)} outputs ({names}); a segmenter upsamples one map of "
+            "class scores. Build it on a model of that output alone: "
+            "`keras.Model(model.input, model.get_layer(NAME).output)`."
+        )
     layer = producer_of(fcn.outputs[0])
     while isinstance(layer, ACTIVATION_LAYERS):
         layer = producer_of(layer.input)
