@@ -12,7 +12,7 @@ import json
 import os
 import sys
 
-MODELS = ("flatten_cnn", "bn_residual_gap", "strided_fcn")
+MODELS = ("flatten_cnn", "bn_residual_gap", "strided_fcn", "two_outputs")
 
 
 def save_models(folder) -> None:
@@ -34,13 +34,21 @@ def save_models(folder) -> None:
     batch_norm = next(layer for layer in residual.layers if isinstance(layer, layers.BatchNormalization))
     gamma, beta, mean, variance = batch_norm.get_weights()
     batch_norm.set_weights([gamma * 1.5, beta + 0.2, mean + 0.3, variance * 2.0])
+    inputs = keras.Input((None, None, 3))
+    x = layers.Conv2D(6, 3, strides=2, activation="relu")(inputs)
+    score = layers.Conv2D(3, 1, activation="softmax", name="score")(x)
+    box = layers.Conv2D(4, 3, name="box")(x)
     models = {
+        "two_outputs": keras.Model(inputs, [score, box], name="two_outputs"),
         "flatten_cnn": small_flatten_cnn(),
         "bn_residual_gap": residual,
         "strided_fcn": strided_fcn("same", STRIDES[8], head=3),
     }
     for name, model in models.items():
         model.save(os.path.join(folder, f"{name}.keras"))
+    import keras_fcn_surgery as kfs
+
+    kfs.segmenter(models["flatten_cnn"], num_classes=3).save(os.path.join(folder, "segmenter.keras"))
 
 
 def results(folder) -> tuple[dict, dict]:
@@ -75,6 +83,19 @@ def results(folder) -> tuple[dict, dict]:
     arrays["strided_fcn-whole"] = kfs.predict_map(fcn, strided)
     arrays["strided_fcn-staged"] = kfs.predict_map(fcn, strided, tile=60, staged=True, batch_size=2)
     texts["strided_fcn-stages"] = str(len(plan_prediction(fcn, strided.shape[:2], tile=60, staged=True).stages))
+    # A segmenter built on this backend: the same layers as TensorFlow's (its new layers' random initial weights
+    # differ by backend: those of the one built there are set), the same per-pixel maps, whole and tiled.
+    built = kfs.segmenter(path("flatten_cnn"), num_classes=3)
+    saved = keras.models.load_model(path("segmenter"))
+    texts["segmenter-layers"] = " ".join(f"{type(layer).__name__}:{layer.name}" for layer in built.layers)
+    built.set_weights(saved.get_weights())
+    pixels = rng.standard_normal((45, 53, 3)).astype("float32")
+    arrays["segmenter-whole"] = kfs.segment_image(built, pixels)
+    arrays["segmenter-tiled"] = kfs.segment_image(saved, pixels, tile=32)
+    fcn = keras.models.load_model(path("two_outputs"))  # a map per output, by name
+    for kind, tile in (("whole", None), ("tiled", 40)):
+        for output, scores in kfs.predict_map(fcn, image, tile=tile).items():
+            arrays[f"two_outputs-{kind}-{output}"] = scores
     return arrays, texts
 
 

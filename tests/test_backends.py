@@ -19,7 +19,7 @@ from keras_fcn_surgery.inference import engines
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-def run_under_jax(*args, environment=None, timeout=600):
+def run_under_jax(*args, environment=None, timeout=600, cwd=HERE):
     """``python *args`` under ``KERAS_BACKEND=jax``, this checkout first on the import path."""
     pytest.importorskip("jax")  # the `jax` extra (in the test extra: CI has it)
     environment = {
@@ -30,7 +30,7 @@ def run_under_jax(*args, environment=None, timeout=600):
         "PYTHONPATH": os.pathsep.join([os.path.dirname(HERE), os.environ.get("PYTHONPATH", "")]),
     }
     return subprocess.run(
-        [sys.executable, *args], env=environment, capture_output=True, text=True, timeout=timeout, cwd=HERE
+        [sys.executable, *args], env=environment, capture_output=True, text=True, timeout=timeout, cwd=cwd
     )
 
 
@@ -116,3 +116,34 @@ def test_the_fuzz_campaign_under_jax():
         timeout=850,  # under the per-test limit (setup.cfg), so that a hang fails here with its output
     )
     assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
+
+
+CLI_WITHOUT_TENSORFLOW = """
+import sys
+sys.modules["tensorflow"] = None  # `import tensorflow` now raises ImportError
+from keras_fcn_surgery.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_the_command_line_converts_and_maps_under_jax_without_tensorflow(tmp_path):
+    from models import small_flatten_cnn
+    from PIL import Image
+
+    small_flatten_cnn().save(tmp_path / "classifier.keras")
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (70, 60, 3), dtype=np.uint8)).save(tmp_path / "a.png")
+    convert = run_under_jax("-c", CLI_WITHOUT_TENSORFLOW, "convert", "classifier.keras", "fcn.keras", cwd=tmp_path)
+    assert convert.returncode == 0, convert.stderr[-3000:]
+    assert "verified" in convert.stdout, convert.stdout
+    heatmap = run_under_jax(
+        "-c", CLI_WITHOUT_TENSORFLOW, "heatmap", "fcn.keras", "a.png", "--class", "1", "-o", "map.png",
+        "--execution", "jax", cwd=tmp_path,
+    )  # fmt: skip
+    assert heatmap.returncode == 0, heatmap.stderr[-3000:]
+    assert (tmp_path / "map.png").exists()
+    refused = run_under_jax(
+        "-c", CLI_WITHOUT_TENSORFLOW, "heatmap", "fcn.keras", "a.png", "--class", "1", "-o", "xla.png",
+        "--execution", "xla", cwd=tmp_path,
+    )  # fmt: skip
+    assert refused.returncode == 2, refused.stderr[-3000:]
+    assert "needs Keras on tensorflow" in refused.stderr and "Traceback" not in refused.stderr, refused.stderr
