@@ -37,7 +37,7 @@ def save_models(folder) -> None:
     inputs = keras.Input((None, None, 3))
     x = layers.Conv2D(6, 3, strides=2, activation="relu")(inputs)
     score = layers.Conv2D(3, 1, activation="softmax", name="score")(x)
-    box = layers.Conv2D(4, 3, name="box")(x)
+    box = layers.Conv2D(4, 1, name="box")(x)
     models = {
         "two_outputs": keras.Model(inputs, [score, box], name="two_outputs"),
         "flatten_cnn": small_flatten_cnn(),
@@ -89,9 +89,9 @@ def results(folder) -> tuple[dict, dict]:
     saved = keras.models.load_model(path("segmenter"))
     texts["segmenter-layers"] = " ".join(f"{type(layer).__name__}:{layer.name}" for layer in built.layers)
     built.set_weights(saved.get_weights())
-    pixels = rng.standard_normal((45, 53, 3)).astype("float32")
+    pixels = rng.standard_normal((101, 93, 3)).astype("float32")
     arrays["segmenter-whole"] = kfs.segment_image(built, pixels)
-    arrays["segmenter-tiled"] = kfs.segment_image(saved, pixels, tile=32)
+    arrays["segmenter-tiled"] = kfs.segment_image(saved, pixels, tile=72)
     fcn = keras.models.load_model(path("two_outputs"))  # a map per output, by name
     for kind, tile in (("whole", None), ("tiled", 40)):
         for output, scores in kfs.predict_map(fcn, image, tile=tile).items():

@@ -126,6 +126,7 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
+@pytest.mark.heavy  # about a minute on 2 cores: three command-line runs, each starting JAX
 def test_the_command_line_converts_and_maps_under_jax_without_tensorflow(tmp_path):
     from models import small_flatten_cnn
     from PIL import Image
