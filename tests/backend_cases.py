@@ -99,14 +99,28 @@ def results(folder) -> tuple[dict, dict]:
     return arrays, texts
 
 
+class _NoTensorFlow:
+    """A finder that makes ``import tensorflow`` (and its submodules) fail as if it were not installed."""
+
+    def find_spec(self, name, path=None, target=None):
+        if name == "tensorflow" or name.startswith("tensorflow."):
+            raise ModuleNotFoundError(f"No module named {name!r} (hidden by tests/backend_cases.py)", name=name)
+        return None
+
+
+def hide_tensorflow() -> None:
+    """From now on, this process cannot import TensorFlow."""
+    sys.meta_path.insert(0, _NoTensorFlow())
+
+
 def main(models_dir, out_path) -> None:
-    sys.modules["tensorflow"] = None  # type: ignore[assignment]  # `import tensorflow` now raises ImportError
+    hide_tensorflow()
     import numpy as np
 
     arrays, texts = results(models_dir)
     np.savez(out_path, **arrays)
     with open(out_path + ".json", "w") as handle:
-        json.dump({**texts, "tensorflow_imported": sys.modules.get("tensorflow") is not None}, handle)
+        json.dump({**texts, "tensorflow_imported": "tensorflow" in sys.modules}, handle)
 
 
 if __name__ == "__main__":

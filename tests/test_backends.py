@@ -27,7 +27,7 @@ def run_under_jax(*args, environment=None, timeout=600, cwd=HERE):
         **(environment or {}),
         "KERAS_BACKEND": "jax",
         "JAX_PLATFORMS": "cpu",
-        "PYTHONPATH": os.pathsep.join([os.path.dirname(HERE), os.environ.get("PYTHONPATH", "")]),
+        "PYTHONPATH": os.pathsep.join([os.path.dirname(HERE), HERE, os.environ.get("PYTHONPATH", "")]),
     }
     return subprocess.run(
         [sys.executable, *args], env=environment, capture_output=True, text=True, timeout=timeout, cwd=cwd
@@ -120,17 +120,19 @@ def test_the_fuzz_campaign_under_jax():
 
 CLI_WITHOUT_TENSORFLOW = """
 import sys
-sys.modules["tensorflow"] = None  # `import tensorflow` now raises ImportError
+from backend_cases import hide_tensorflow
+hide_tensorflow()
 from keras_fcn_surgery.cli import main
 sys.exit(main(sys.argv[1:]))
 """
 
 
 @pytest.mark.heavy  # about a minute on 2 cores: three command-line runs, each starting JAX
-def test_the_command_line_converts_and_maps_under_jax_without_tensorflow(tmp_path):
+def test_the_command_line_converts_and_maps_under_jax_without_tensorflow(tmp_path, monkeypatch):
     from models import small_flatten_cnn
     from PIL import Image
 
+    monkeypatch.setenv("TF_CPP_MIN_LOG_LEVEL", "3")  # as a user's shell has it: the CLI's quiet TensorFlow import runs
     small_flatten_cnn().save(tmp_path / "classifier.keras")
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (70, 60, 3), dtype=np.uint8)).save(tmp_path / "a.png")
     convert = run_under_jax("-c", CLI_WITHOUT_TENSORFLOW, "convert", "classifier.keras", "fcn.keras", cwd=tmp_path)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import importlib.util
 import logging
 import os
 import signal
@@ -157,13 +156,16 @@ def quiet_tensorflow_import() -> None:
     """
     if "tensorflow" in sys.modules or os.environ.get("TF_CPP_MIN_LOG_LEVEL", "3") != "3":
         return
-    if os.environ.get("KERAS_BACKEND", "tensorflow") != "tensorflow" and importlib.util.find_spec("tensorflow") is None:
-        return  # Keras on another backend (KERAS_BACKEND=jax) and no TensorFlow installed: nothing to quiet
     os.environ["TF_CPP_MIN_LOG_LEVEL"] = "3"
     from keras_fcn_surgery.native_log import native_stderr_captured
 
     with native_stderr_captured():
-        importlib.import_module("tensorflow")
+        try:
+            importlib.import_module("tensorflow")
+        except ImportError:
+            if os.environ.get("KERAS_BACKEND", "tensorflow") == "tensorflow":
+                raise
+            return  # Keras on another backend (KERAS_BACKEND=jax) and no TensorFlow installed: nothing to quiet
     # Python-side TensorFlow warnings (retracing notes from grouped convolutions) are noise here.
     logging.getLogger("tensorflow").setLevel(logging.ERROR)
 
