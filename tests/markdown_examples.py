@@ -39,6 +39,7 @@ import subprocess
 import sys
 import tempfile
 import textwrap
+import time
 import traceback
 import warnings
 
@@ -230,8 +231,6 @@ class _InProcessCli:
         self.socket.listen()
 
     def serve_until_done(self, process: subprocess.Popen, timeout: float) -> None:
-        import time
-
         deadline = time.monotonic() + timeout
         while process.poll() is None:
             if time.monotonic() > deadline:
@@ -333,11 +332,13 @@ def run_page(page: Page, timeout: float = 600) -> None:
         with _served(page, folder):
             for block in page.runnable():
                 os.chdir(folder)
+                start = time.perf_counter()
                 if block.language in PYTHON:
                     # Blank lines before the code: a traceback's line numbers are the page's own.
                     exec(compile("\n" * (block.line - 1) + block.code, page.path, "exec"), namespace)  # noqa: S102
                 else:
                     _run_shell(page, block, folder, cli, bin_dir, timeout)
+                print(f"{page.name}:{block.line}: {block.language} block, {time.perf_counter() - start:.1f} s")
     finally:
         os.chdir(cwd)
         shutil.rmtree(folder, ignore_errors=True)
