@@ -310,9 +310,11 @@ def _run_shell(page: Page, block: Block, folder: str, cli: _InProcessCli, bin_di
         out.seek(0)
         output = out.read().decode(errors="replace")
     print(output)
-    if process.returncode != 0:
+    warned = [line for line in output.splitlines() if line.startswith("warning: ")]
+    if process.returncode != 0 or warned:
         raise AssertionError(
-            f"{page.name}:{block.line}: this bash block exited with {process.returncode}:\n"
+            f"{page.name}:{block.line}: this bash block exited with {process.returncode}"
+            f"{' and warned' if warned else ''}:\n"
             f"{block.code}\n{output[-4000:]}"
         )
 
@@ -334,14 +336,24 @@ def run_page(page: Page, timeout: float = 600) -> None:
                 os.chdir(folder)
                 start = time.perf_counter()
                 if block.language in PYTHON:
-                    # Blank lines before the code: a traceback's line numbers are the page's own.
-                    exec(compile("\n" * (block.line - 1) + block.code, page.path, "exec"), namespace)  # noqa: S102
+                    with warnings.catch_warnings():
+                        # Our warnings say that something is wrong; an example that shows one catches it.
+                        for category in _our_warnings():
+                            warnings.simplefilter("error", category)
+                        # Blank lines before the code: a traceback's line numbers are the page's own.
+                        exec(compile("\n" * (block.line - 1) + block.code, page.path, "exec"), namespace)  # noqa: S102
                 else:
                     _run_shell(page, block, folder, cli, bin_dir, timeout)
                 print(f"{page.name}:{block.line}: {block.language} block, {time.perf_counter() - start:.1f} s")
     finally:
         os.chdir(cwd)
         shutil.rmtree(folder, ignore_errors=True)
+
+
+def _our_warnings() -> list[type]:
+    from keras_fcn_surgery import errors
+
+    return [value for value in vars(errors).values() if isinstance(value, type) and issubclass(value, Warning)]
 
 
 @contextlib.contextmanager
