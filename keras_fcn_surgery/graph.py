@@ -183,10 +183,10 @@ def nodes_in_order(graph):
 
 
 def iter_layers(model):
-    """Every layer of a model, nested models entered, depth first."""
+    """Every layer of a model, nested models (subclassed ones too) entered, depth first."""
     for layer in model.layers:
         yield layer
-        if is_graph_model(layer):
+        if isinstance(layer, keras.Model):
             yield from iter_layers(layer)
 
 
@@ -216,6 +216,32 @@ def producer_input(tensor):
         return None
     inputs = history.operation._inbound_nodes[history.node_index].input_tensors
     return inputs[0] if len(inputs) == 1 else None
+
+
+def output_names(model) -> tuple[str, ...]:
+    """Each output's name, in the order of ``model.outputs``.
+
+    The key of a model built with a dict of outputs (nested keys joined by
+    ``/``); otherwise the name of the layer or operation that produces the
+    output (Keras's ``output_names``). A name that repeats gets ``_2``,
+    ``_3``... in order, so names are unique.
+    """
+    structure = getattr(model, "_outputs_struct", None)
+    if isinstance(structure, dict):
+        names = ["/".join(str(part) for part in path) for path, _ in keras.tree.flatten_with_path(structure)]
+    else:
+        names = []
+        for index, tensor in enumerate(model.outputs):
+            operation = producer_of(tensor)
+            names.append(operation.name if operation is not None else f"output_{index}")
+    unique: list[str] = []
+    for name in names:
+        candidate, count = name, 1
+        while candidate in unique:
+            count += 1
+            candidate = f"{name}_{count}"
+        unique.append(candidate)
+    return tuple(unique)
 
 
 def input_name(tensor, default: str | None = None) -> str:
@@ -410,6 +436,13 @@ def operation_kind(operation) -> str:
     return taxonomy.operation_kind(name) if is_builtin(operation) else name
 
 
+def reduction_of(operation) -> tuple[tuple[int, ...] | None, bool]:
+    """``(axes, keepdims)`` of a `keras.ops` reduction (``ops.mean``, ``ops.max``...): axes None for all."""
+    axis = getattr(operation, "axis", None)
+    axes = None if axis is None else tuple(int(a) for a in (axis if isinstance(axis, (list, tuple)) else [axis]))
+    return axes, bool(getattr(operation, "keepdims", False))
+
+
 def call_argument(node, position: int, default=None):
     """The positional argument ``position`` of a node's call as recorded (a symbolic tensor or a constant)."""
     args = node.arguments.args
@@ -438,4 +471,3 @@ def call_inputs(model, arrays: list):
     if structure is None:
         return arrays[0] if len(arrays) == 1 else list(arrays)
     return keras.tree.pack_sequence_as(structure, list(arrays))
-
