@@ -117,10 +117,23 @@ def unlabelled_blocks(page: Page) -> list[str]:
 
 
 def _classifier(path):
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    from models import small_flatten_cnn
+    """A small valid-padding classifier of 32 x 32 RGB patches, 5 classes (stride 4, a 32-pixel window)."""
+    import keras
+    from keras import layers
 
-    small_flatten_cnn(input_size=(32, 32), classes=5).save(path)
+    keras.Sequential(
+        [
+            keras.Input((32, 32, 3), name="image"),
+            layers.Conv2D(8, 3, activation="relu", name="conv1"),
+            layers.MaxPooling2D(2, name="pool1"),
+            layers.Conv2D(12, 3, strides=2, activation="relu", name="conv2"),
+            layers.Flatten(name="flatten"),
+            layers.Dense(16, activation="relu", name="fc1"),
+            layers.Dropout(0.5, name="drop1"),
+            layers.Dense(5, activation="softmax", name="fc2"),
+        ],
+        name="patches",
+    ).save(path)
 
 
 def _photo(path, size=(120, 160), seed=0):
