@@ -193,8 +193,12 @@ sys.exit(int(answer) if answer else 98)
 """
 
 _PIP_SHIM = """\
-import os, re, sys, tomllib
+import os, re, sys
 from importlib import metadata
+try:
+    import tomllib
+except ImportError:  # Python 3.10: pytest's own dependency
+    import tomli as tomllib
 from packaging.requirements import Requirement
 
 args = sys.argv[1:]
