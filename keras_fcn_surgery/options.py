@@ -15,3 +15,8 @@ EXPORT_FORMATS = ("savedmodel", "onnx", "tflite")
 
 # TFLite weight quantization: None (float32), float16, dynamic-range int8.
 QUANTIZE_MODES = (None, "float16", "dynamic")
+
+# How `predict_map` computes a classifier's map: its FCN, or windowed (a shared prefix, the rest on each window;
+# exact on every crop); "auto" picks the FCN where it is exact and at the stride asked; see
+# `keras_fcn_surgery.inference.windowed`.
+EXECUTIONS = ("auto", "fcn", "windowed")
