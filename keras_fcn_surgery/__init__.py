@@ -44,6 +44,7 @@ _PUBLIC = {
     "PredictionPlan": "inference.staged",
     "StagePlan": "inference.staged",
     "plan_prediction": "inference.staged",
+    "WindowedPlan": "inference.windowed",
     "sliding_window_predict": "inference.predict",
     "export_savedmodel": "exporting.api",
     "export_tflite": "exporting.api",
@@ -78,6 +79,7 @@ __all__ = [
     "StagePlan",
     "VerificationError",
     "VerificationResult",
+    "WindowedPlan",
     "as_fcn",
     "convert",
     "export",
@@ -143,6 +145,7 @@ if TYPE_CHECKING:
     from keras_fcn_surgery.inference.pictures import activations_picture, filters_picture
     from keras_fcn_surgery.inference.predict import predict_map, predict_maps, sliding_window_predict
     from keras_fcn_surgery.inference.staged import PredictionPlan, StagePlan, plan_prediction
+    from keras_fcn_surgery.inference.windowed import WindowedPlan
     from keras_fcn_surgery.saving.loading import load_model
     from keras_fcn_surgery.segmentation.losses import segmentation_loss
     from keras_fcn_surgery.segmentation.predict import segment_image

@@ -565,7 +565,10 @@ def plan_windows(
     for split in found.splits:
         if any(s % p for s, p in zip(strides, split.stride)):
             continue
-        shared = 0 if split.prefix is None else _region_macs(split, region, found)
+        shared = 0
+        if split.prefix is not None:
+            needed = _needed_cells(split, map_size, strides, found.window, mask)
+            shared = _region_macs(split, region, found) * (1.0 if needed is None else float(np.mean(needed)))
         cost = shared + windows * (split.strip_macs + split.tail_macs)
         if best_cost is None or cost <= best_cost:  # a tie goes to the deeper split (its elementwise layers)
             best, best_cost = split, cost
