@@ -478,6 +478,11 @@ def choose_execution(model, stride, execution: str):
     return "fcn", fcn
 
 
+def shared_stride(model) -> tuple[int, int]:
+    """The stride of the deepest map a classifier's windows can share: a windowed map's stride is a multiple of it."""
+    return analysis(model).splits[-1].stride
+
+
 def default_stride(model) -> tuple[int, int]:
     """The stride of a classifier's map when none is given: its FCN's.
 
