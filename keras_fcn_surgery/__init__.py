@@ -15,6 +15,8 @@ _PUBLIC = {
     "convert": "surgery.convert",
     "as_fcn": "surgery.fcn",
     "FcnSpec": "surgery.fcn",
+    "MapOutput": "surgery.fcn",
+    "OutputMaps": "surgery.fcn",
     "fcn_spec": "surgery.fcn",
     "plan": "surgery.convert",
     "ConversionError": "errors",
@@ -38,11 +40,17 @@ _PUBLIC = {
     "export_onnx": "exporting.api",
     "ConversionPlan": "surgery.plan",
     "predict_map": "inference.predict",
+    "certify_map": "inference.certificate",
+    "MapCertificate": "inference.certificate",
+    "CertifiedMap": "inference.certificate",
+    "InexactMapWarning": "errors",
+    "UncertifiableMapError": "errors",
     "predict_images": "batch.run",
     "BatchSummary": "batch.run",
     "predict_maps": "inference.predict",
     "PredictionPlan": "inference.staged",
     "StagePlan": "inference.staged",
+    "PlannedOutput": "inference.staged",
     "plan_prediction": "inference.staged",
     "WindowedPlan": "inference.windowed",
     "sliding_window_predict": "inference.predict",
@@ -61,26 +69,34 @@ _PUBLIC = {
 __all__ = [
     "AxisGeometry",
     "BatchSummary",
+    "CertifiedMap",
     "ConversionError",
     "ConversionPlan",
     "ExportError",
     "ExportResult",
     "FcnSpec",
+    "MapOutput",
+    "OutputMaps",
     "Geometry",
     "HEADS",
     "InputError",
     "IgnoredHeadWarning",
+    "InexactMapWarning",
+    "MapCertificate",
     "ModelFileError",
     "NonFiniteWeightsWarning",
     "RewriteKind",
     "SlowTilingWarning",
     "UninformativeVerificationWarning",
+    "UncertifiableMapError",
     "PredictionPlan",
     "StagePlan",
+    "PlannedOutput",
     "VerificationError",
     "VerificationResult",
     "WindowedPlan",
     "as_fcn",
+    "certify_map",
     "convert",
     "export",
     "fcn_spec",
@@ -130,10 +146,12 @@ if TYPE_CHECKING:
         ConversionError,
         ExportError,
         IgnoredHeadWarning,
+        InexactMapWarning,
         InputError,
         ModelFileError,
         NonFiniteWeightsWarning,
         SlowTilingWarning,
+        UncertifiableMapError,
         UninformativeVerificationWarning,
         VerificationError,
     )
@@ -141,17 +159,18 @@ if TYPE_CHECKING:
     from keras_fcn_surgery.exporting.pipeline import ExportResult
     from keras_fcn_surgery.exporting.tensorboard import log_graphs
     from keras_fcn_surgery.grid.geometry import AxisGeometry, Geometry, geometry
+    from keras_fcn_surgery.inference.certificate import CertifiedMap, MapCertificate, certify_map
     from keras_fcn_surgery.inference.heatmap import heatmap, imagenet_class_names
     from keras_fcn_surgery.inference.pictures import activations_picture, filters_picture
     from keras_fcn_surgery.inference.predict import predict_map, predict_maps, sliding_window_predict
-    from keras_fcn_surgery.inference.staged import PredictionPlan, StagePlan, plan_prediction
+    from keras_fcn_surgery.inference.staged import PlannedOutput, PredictionPlan, StagePlan, plan_prediction
     from keras_fcn_surgery.inference.windowed import WindowedPlan
     from keras_fcn_surgery.saving.loading import load_model
     from keras_fcn_surgery.segmentation.losses import segmentation_loss
     from keras_fcn_surgery.segmentation.predict import segment_image
     from keras_fcn_surgery.segmentation.segmenter import segmenter
     from keras_fcn_surgery.surgery.convert import HEADS, convert, plan, verify
-    from keras_fcn_surgery.surgery.fcn import FcnSpec, as_fcn, fcn_spec
+    from keras_fcn_surgery.surgery.fcn import FcnSpec, MapOutput, OutputMaps, as_fcn, fcn_spec
     from keras_fcn_surgery.surgery.plan import ConversionPlan
     from keras_fcn_surgery.surgery.rules.base import RewriteKind
     from keras_fcn_surgery.surgery.verify import VerificationResult

@@ -57,6 +57,27 @@ class SlowTilingWarning(UserWarning):
     """
 
 
+class UncertifiableMapError(ConversionError):
+    """A score map whose cells cannot be compared with the classifier on crops (`certify_map`).
+
+    The message says why: the cells are not one classifier window each (a
+    ``head="dense"`` map), which crop a cell stands for is unknown (a layer
+    whose window could not be derived), or no cell's crop lies inside the
+    image. The map itself may be fine.
+    """
+
+
+class InexactMapWarning(UserWarning):
+    """Sampled cells of a score map differ from the classifier on the crops they stand for (`certify_map`).
+
+    The message gives the differences and the reason: typically ``same``
+    padding, where the classifier on a crop sees zeros past the crop's edge
+    but the map's cell sees the neighbouring pixels, or a network that pools
+    over the whole image. The map is still what the FCN computes (its tiles
+    are exact); it is not the sliding window of the classifier there.
+    """
+
+
 class IgnoredHeadWarning(UserWarning):
     """``head="dense"`` was asked for a model without a global-pooling head, where it changes nothing."""
 

@@ -184,10 +184,10 @@ def nodes_in_order(graph):
 
 
 def iter_layers(model):
-    """Every layer of a model, nested models entered, depth first."""
+    """Every layer of a model, nested models (subclassed ones too) entered, depth first."""
     for layer in model.layers:
         yield layer
-        if is_graph_model(layer):
+        if isinstance(layer, keras.Model):
             yield from iter_layers(layer)
 
 
@@ -217,6 +217,32 @@ def producer_input(tensor):
         return None
     inputs = history.operation._inbound_nodes[history.node_index].input_tensors
     return inputs[0] if len(inputs) == 1 else None
+
+
+def output_names(model) -> tuple[str, ...]:
+    """Each output's name, in the order of ``model.outputs``.
+
+    The key of a model built with a dict of outputs (nested keys joined by
+    ``/``); otherwise the name of the layer or operation that produces the
+    output (Keras's ``output_names``). A name that repeats gets ``_2``,
+    ``_3``... in order, so names are unique.
+    """
+    structure = getattr(model, "_outputs_struct", None)
+    if isinstance(structure, dict):
+        names = ["/".join(str(part) for part in path) for path, _ in keras.tree.flatten_with_path(structure)]
+    else:
+        names = []
+        for index, tensor in enumerate(model.outputs):
+            operation = producer_of(tensor)
+            names.append(operation.name if operation is not None else f"output_{index}")
+    unique: list[str] = []
+    for name in names:
+        candidate, count = name, 1
+        while candidate in unique:
+            count += 1
+            candidate = f"{name}_{count}"
+        unique.append(candidate)
+    return tuple(unique)
 
 
 def input_name(tensor, default: str | None = None) -> str:
@@ -411,6 +437,13 @@ def operation_kind(operation) -> str:
     return taxonomy.operation_kind(name) if is_builtin(operation) else name
 
 
+def reduction_of(operation) -> tuple[tuple[int, ...] | None, bool]:
+    """``(axes, keepdims)`` of a `keras.ops` reduction (``ops.mean``, ``ops.max``...): axes None for all."""
+    axis = getattr(operation, "axis", None)
+    axes = None if axis is None else tuple(int(a) for a in (axis if isinstance(axis, (list, tuple)) else [axis]))
+    return axes, bool(getattr(operation, "keepdims", False))
+
+
 def call_argument(node, position: int, default=None):
     """The positional argument ``position`` of a node's call as recorded (a symbolic tensor or a constant)."""
     args = node.arguments.args
@@ -497,16 +530,18 @@ class FlatTrace:
         output_ids = {id(t) for t in self.outputs}
         return [
             i
-            for i in cut_positions(self.nodes, [self.input])
+            for i in cut_positions(self.nodes, [self.input], self.outputs)
             if i < 0 or (len(self.nodes[i].outputs) == 1 and id(self.nodes[i].outputs[0]) not in output_ids)
         ]
 
 
-def cut_positions(nodes, inputs) -> list[int]:
+def cut_positions(nodes, inputs, outputs=()) -> list[int]:
     """Positions ``p`` (-1 for the inputs) in ``nodes`` (each after its inputs) that no edge crosses.
 
     No tensor made before ``nodes[p]`` (or an input, made at -1) is read after
-    it: what ``nodes[p]`` outputs carries all later computation.
+    it: what ``nodes[p]`` outputs carries all later computation. ``outputs``
+    count as read after the last node (a cut must not drop an output made
+    before it).
     """
     position = {id(t): -1 for t in inputs}
     for index, node in enumerate(nodes):
@@ -514,11 +549,11 @@ def cut_positions(nodes, inputs) -> list[int]:
             position[id(tensor)] = index
     count = len(nodes)
     reach = [-1] * (count + 1)  # reach[p + 1]: the latest read of a tensor made before position p
-    for index, node in enumerate(nodes):
-        for tensor in node.input_tensors:
-            made = position.get(id(tensor), -1)
-            if made + 2 <= count:
-                reach[made + 2] = max(reach[made + 2], index)
+    reads = [(index, tensor) for index, node in enumerate(nodes) for tensor in node.input_tensors]
+    for index, tensor in reads + [(count, tensor) for tensor in outputs]:
+        made = position.get(id(tensor), -1)
+        if made + 2 <= count:
+            reach[made + 2] = max(reach[made + 2], index)
     latest, found = -1, []
     for index in range(-1, count):
         latest = max(latest, reach[index + 1])

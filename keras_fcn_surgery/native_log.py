@@ -1,9 +1,10 @@
-"""Keeping the C++ log lines TensorFlow writes straight to file descriptor 2 off the terminal.
+"""Keeping the C++ log lines TensorFlow and Ray write straight to file descriptor 2 off the terminal.
 
 TensorFlow's runtime and converters log through absl to the process's stderr
 descriptor, past Python's `sys.stderr` and `warnings`: CUDA probes when it
-loads, "Ignored output_format" from the TFLite converter. They are captured
-while such a call runs and shown only when it fails, where they may explain why.
+loads, "Ignored output_format" from the TFLite converter; so does Ray's core
+worker in the driver during a batch on Ray. They are captured while such a
+call runs and shown only when it fails, where they may explain why.
 """
 
 from __future__ import annotations

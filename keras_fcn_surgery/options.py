@@ -16,6 +16,13 @@ EXPORT_FORMATS = ("savedmodel", "onnx", "tflite")
 # TFLite weight quantization: None (float32), float16, dynamic-range int8.
 QUANTIZE_MODES = (None, "float16", "dynamic")
 
+# Cells of each map that `predict` and `heatmap` compare with the classifier on their crops (`certify_map`).
+CERTIFIED_CELLS = 8
+
+# What a GeoJSON output holds: one polygon per connected region of neighbouring cells with the same top class
+# (the default), or one per computed cell; see `keras_fcn_surgery.predict_images`.
+GEOJSON_FEATURES = ("regions", "cells")
+
 # How `predict_map` computes a classifier's map: its FCN, or windowed (a shared prefix, the rest on each window;
 # exact on every crop); "auto" picks the FCN where it is exact and at the stride asked; see
 # `keras_fcn_surgery.inference.windowed`.

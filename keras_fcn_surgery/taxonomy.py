@@ -79,6 +79,13 @@ WINDOW_POOLING_OF = {
     _layers.GlobalMaxPooling2D: _layers.MaxPooling2D,
 }
 
+# `keras.ops` reductions that pool a map when they reduce its two spatial axes, and the window pooling each becomes.
+WINDOW_POOLING_OF_REDUCTION = {
+    "Mean": _layers.AveragePooling2D,
+    "Max": _layers.MaxPooling2D,
+    "Amax": _layers.MaxPooling2D,
+}
+
 # Learnable upsampling: what makes a model a segmenter (per-pixel logits).
 UPSAMPLINGS = (_layers.Conv2DTranspose, _layers.Conv3DTranspose)
 
@@ -152,6 +159,21 @@ def activation_name(activation) -> str:
     if isinstance(activation, str):
         return activation
     return getattr(activation, "__name__", "")
+
+
+def squashing_activation(operation) -> str | None:
+    """``"softmax"`` or ``"sigmoid"`` when ``operation``'s output is one's (see `SQUASHING_ACTIVATIONS`), else None.
+
+    A `Softmax` layer, a layer whose own activation is one (a Dense, a
+    convolution, an `Activation`), or the `keras.ops` operation itself.
+    """
+    if isinstance(operation, _layers.Softmax):
+        return "softmax"
+    if isinstance(operation, _layers.Layer):
+        name = activation_name(getattr(operation, "activation", None))
+        return name if name in SQUASHING_ACTIVATIONS else None
+    name = type(operation).__name__.lower()
+    return name if name in SQUASHING_ACTIVATIONS else None
 
 
 # keras.ops operations, by class name --------------------------------------------------------------------

@@ -286,6 +286,7 @@ class DenseSpec:
     dropout: float | None = None  # a Dropout before this Dense
     norm: str | None = None  # "batch" or "layer": a normalization before this Dense (after the Dropout)
     use_bias: bool = True
+    prelu: bool = False  # a per-feature PReLU after this Dense (as mtcnn's heads)
 
 
 @dataclass(frozen=True)
@@ -307,6 +308,7 @@ class Head:
     flatten_format: str | None = None
     final: str | None = None
     ops: tuple[str, ...] = ()  # `HEAD_OPS` applied after the last layer (functional heads only)
+    permute: tuple[int, int, int] | None = None  # a Permute before the Flatten (kind "flatten"; as mtcnn's nets)
 
 
 # The architecture ----------------------------------------------------------------
@@ -321,6 +323,11 @@ class Architecture:
     into a Sequential sub-model named "head"; ``wrap`` puts the whole classifier
     into an outer Sequential named "wrapper". ``policy`` is a global dtype
     policy set while building ("mixed_float16", "mixed_bfloat16").
+    ``subclass`` turns the classifier into a subclassed `keras.Model` (before
+    ``wrap``): "wrapper" calls the built model from its ``call``; "steps"
+    (Sequential containers) holds its layers and calls them one by one.
+    ``second_output`` adds a second output (functional heads only): a linear
+    Dense of that many units on the head's features, beside the first.
     """
 
     data_format: str
@@ -335,6 +342,8 @@ class Architecture:
     policy: str | None = None
     wrap: bool = False
     feature_shape: tuple[int, int, int] = field(default=(1, 1, 1))  # (H, W, C) at the head, from the generator
+    subclass: str | None = None
+    second_output: int = 0
 
     @property
     def input_shape(self) -> tuple[int, int, int]:
@@ -372,9 +381,35 @@ def randomize_weights(model, seed):
             value = rng.uniform(0.5, 1.5, shape)
         elif variable.name in ("beta", "moving_mean", "bias"):
             value = rng.normal(0.0, 0.3, shape)
+        elif variable.name == "alpha":
+            value = rng.uniform(-0.5, 0.5, shape)
         else:
             continue
         variable.assign(value.astype(variable.dtype))
+
+
+class Wrapper(keras.Model):
+    """A subclassed classifier whose `call` calls a built model."""
+
+    def __init__(self, inner, **kwargs):
+        super().__init__(**kwargs)
+        self.inner = inner
+
+    def call(self, x):
+        return self.inner(x)
+
+
+class Steps(keras.Model):
+    """A subclassed classifier holding the layers of a Sequential and calling them one by one."""
+
+    def __init__(self, steps, **kwargs):
+        super().__init__(**kwargs)
+        self.steps = list(steps)
+
+    def call(self, x):
+        for step in self.steps:
+            x = step(x)
+        return x
 
 
 '''
@@ -408,6 +443,10 @@ class _Writer:
             self.sequential_model()
         else:
             self.functional_model()
+        if arch.subclass is not None:
+            kind = "Wrapper(model" if arch.subclass == "wrapper" else "Steps(model.layers"
+            self.emit(1, f'model = {kind}, name="subclassed")')
+            self.emit(1, f'model(np.zeros((1, *{arch.input_shape}), "float32"))')
         if arch.wrap:
             self.emit(1, f'model = keras.Sequential([keras.Input({arch.input_shape}), model], name="wrapper")')
         if arch.policy is not None:
@@ -451,15 +490,27 @@ class _Writer:
             self.emit(1, f'average = layers.GlobalAveragePooling2D(data_format="{data_format}", name="avg_pool")(x)')
             self.emit(1, f'maximum = layers.GlobalMaxPooling2D(data_format="{data_format}", name="max_pool")(x)')
             self.emit(1, f'x = layers.Concatenate(axis={axis}, name="pools")([average, maximum])')
+            if arch.second_output:
+                self.emit(1, "features = x")
             for expression in self.dense_layers():
                 self.emit(1, f"x = {expression}(x)")
         else:
-            for expression in self.head_layers():
+            dense = self.dense_layers()
+            before = self.head_layers()[: -len(dense)]
+            for expression in before:
+                self.emit(1, f"x = {expression}(x)")
+            if arch.second_output:
+                self.emit(1, "features = x")
+            for expression in dense:
                 self.emit(1, f"x = {expression}(x)")
         if not arch.nest_head:
             for line in self.head_operations():
                 self.emit(1, line)
-        self.emit(1, 'model = keras.Model(inputs, x, name="fuzz_model")')
+        if arch.second_output and not arch.nest_head:
+            self.emit(1, f'second = layers.Dense({arch.second_output}, name="second_output")(features)')
+            self.emit(1, 'model = keras.Model(inputs, [x, second], name="fuzz_model")')
+        else:
+            self.emit(1, 'model = keras.Model(inputs, x, name="fuzz_model")')
 
     def head_operations(self) -> list[str]:
         units = self.arch.head.dense[-1].units
@@ -516,6 +567,8 @@ class _Writer:
         data_format = arch.data_format
         out: list[str] = []
         if head.kind == "flatten":
+            if head.permute is not None:
+                out.append(f'layers.Permute({head.permute}, name="permute")')
             out.append(_flatten(head.flatten_format, "flatten"))
         else:
             pooling = "GlobalAveragePooling2D" if head.kind == "avg" else "GlobalMaxPooling2D"
@@ -544,6 +597,8 @@ class _Writer:
             out.append(
                 f'layers.Dense({dense.units}, activation={dense.activation!r}, use_bias={dense.use_bias}, name="fc{i}")'
             )
+            if dense.prelu:
+                out.append(f'layers.PReLU(name="prelu{i}")')
         if head.final == "softmax":
             out.append('layers.Softmax(name="probabilities")')
         elif head.final == "activation_softmax":
@@ -768,10 +823,20 @@ def heads(draw, data_format, feature_shape, allow_branches):
         norm = None
         if draw(st.integers(0, 9 if i == 0 and kind == "flatten" else 3)) == 0:
             norm = draw(st.sampled_from(("batch", "layer")))
-        dense.append(DenseSpec(draw(st.integers(1, 8)), activation, dropout, norm, use_bias=draw(st.booleans())))
+        prelu = activation is None and draw(st.integers(0, 3)) == 0
+        dense.append(
+            DenseSpec(draw(st.integers(1, 8)), activation, dropout, norm, use_bias=draw(st.booleans()), prelu=prelu)
+        )
     final = draw(st.sampled_from((None, None, "softmax", "activation_softmax")))
     head_ops = tuple(draw(st.lists(st.sampled_from(HEAD_OPS), max_size=2))) if allow_branches else ()
-    return Head(kind, tuple(dense), keepdims, after, flatten_format, final, head_ops)
+    permute = None
+    if kind == "flatten" and draw(st.integers(0, 3)) == 0:
+        permute = draw(st.sampled_from(PERMUTATIONS))
+    return Head(kind, tuple(dense), keepdims, after, flatten_format, final, head_ops, permute)
+
+
+# Permute's dims before a Flatten: height and width swapped (mtcnn's (2, 1, 3) in channels-last), or channels moved.
+PERMUTATIONS = ((2, 1, 3), (1, 3, 2), (3, 1, 2), (2, 3, 1), (3, 2, 1))
 
 
 @st.composite
@@ -811,7 +876,17 @@ def architectures(draw):
         policy=policy,
         wrap=draw(st.integers(0, 4)) == 0,
         feature_shape=feature_shape,
+        subclass=_subclass(draw, outer),
+        second_output=draw(st.integers(1, 4))
+        if outer == "functional" and not nest_head and draw(st.integers(0, 3)) == 0
+        else 0,
     )
+
+
+def _subclass(draw, outer: str) -> str | None:
+    if draw(st.integers(0, 3)) != 0:
+        return None
+    return "steps" if outer == "sequential" and draw(st.booleans()) else "wrapper"
 
 
 @functools.cache

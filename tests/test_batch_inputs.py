@@ -10,7 +10,7 @@ from keras_fcn_surgery.batch.cells import cell_edges
 from keras_fcn_surgery.batch.masks import cell_mask, read_mask, thumbnail, tissue_mask
 from keras_fcn_surgery.batch.readers import LevelArray, adapt_channels, choose_level, open_reader
 from keras_fcn_surgery.batch.sources import find_sources
-from keras_fcn_surgery.errors import ModelFileError
+from keras_fcn_surgery.errors import InputError, ModelFileError
 from keras_fcn_surgery.layout import Layout
 
 tifffile = pytest.importorskip("tifffile")
@@ -219,12 +219,119 @@ def test_region_polygons_follow_pixel_edges_exactly_and_tile_the_map():
     centres_x, centres_y = cols + 0.5, rows + 0.5
     covered = np.zeros(labels.shape, np.int32)
     for region in found:
-        area = sum(
-            0.5 * np.sum(r[:, 0] * np.roll(r[:, 1], -1) - np.roll(r[:, 0], -1) * r[:, 1]) for r in region.rings
-        )
+        area = sum(0.5 * np.sum(r[:, 0] * np.roll(r[:, 1], -1) - np.roll(r[:, 0], -1) * r[:, 1]) for r in region.rings)
         assert area == region.pixels, region  # outer minus holes, exactly
         assert all(np.all(r == np.round(r)) for r in region.rings), "a corner off the pixel grid"
         mine = _inside(region.rings, centres_x, centres_y)
         assert np.all(labels[mine] == region.label) and mine.sum() == region.pixels
         covered += mine
     np.testing.assert_array_equal(covered, (labels >= 0).astype(np.int32))  # every labelled pixel once
+
+
+def _classifier_map(shape=(23, 31), classes=3, seed=6):
+    """Scores with patches of one top class (blocks, with noise), a few NaN cells and a NaN band (masked out)."""
+    rng = np.random.default_rng(seed)
+    block = rng.integers(0, classes, (shape[0] // 4 + 1, shape[1] // 4 + 1))
+    top = np.kron(block, np.ones((4, 4), np.int64))[: shape[0], : shape[1]]
+    noisy = rng.random(shape) < 0.15
+    top[noisy] = rng.integers(0, classes, int(noisy.sum()))
+    scores = rng.normal(0, 1, (*shape, classes)).astype(np.float32)
+    scores[np.arange(shape[0])[:, None], np.arange(shape[1]), top] += 4.0
+    scores[rng.random(shape) < 0.05] = np.nan
+    scores[9:11, 5:20] = np.nan
+    return scores
+
+
+def _classifier_info(shape):
+    from keras_fcn_surgery.batch.writers import MapInfo
+
+    # A geometry with everything unequal: strides, windows, offsets and downsample differ per axis.
+    return MapInfo(
+        source="slide.tif",
+        level=1,
+        downsample=(2.0, 3.0),
+        level_size=(shape[0] * 4, shape[1] * 8),
+        stride=(4, 8),
+        offset=(-3, 2),
+        receptive_field=(11, 15),
+        computed_fraction=1.0,
+    )
+
+
+def _polygon_area(rings):
+    return sum(0.5 * np.sum(r[:, 0] * np.roll(r[:, 1], -1) - np.roll(r[:, 0], -1) * r[:, 1]) for r in rings)
+
+
+def test_geojson_regions_of_a_classifier_map_are_the_exact_union_of_their_cells_boxes(tmp_path):
+    # Issue 28: one detection per cell made 233 MB for a slide; neighbouring cells of one class are one region.
+    import json
+
+    from keras_fcn_surgery.batch.writers import cell_polygons, top_classes, write_geojson
+
+    scores = _classifier_map()
+    info = _classifier_info(scores.shape)
+    write_geojson(str(tmp_path / "map.geojson"), scores, info, class_names=["a", "b", "c"])
+    with open(tmp_path / "map.geojson", encoding="utf-8") as handle:
+        features = json.load(handle)["features"]
+    labels = np.full(scores.shape[:2], -1)
+    probability = np.zeros(scores.shape[:2])
+    for rows, cols, classes, probabilities in top_classes(scores):
+        labels[rows, cols], probability[rows, cols] = classes, probabilities
+    rows, cols = np.mgrid[: labels.shape[0], : labels.shape[1]]
+    x0, y0, x1, y1 = cell_polygons(rows, cols, info)
+    box_area = (x1 - x0)[0, 0] * (y1 - y0)[0, 0]
+    assert box_area == 4 * 2 * 8 * 3
+    owner = np.full(labels.shape, -1)
+    assert 0 < len(features) < (labels >= 0).sum() / 3
+    for number, feature in enumerate(features):
+        properties = feature["properties"]
+        k, cells = properties["class"], properties["measurements"]["cells"]
+        assert feature["geometry"]["type"] == "Polygon"
+        assert properties["classification"]["name"] == "abc"[k] and properties["objectType"] == "annotation"
+        rings = [np.asarray(ring, np.float64) for ring in feature["geometry"]["coordinates"]]
+        assert all(len(r) >= 5 and (r[0] == r[-1]).all() for r in rings)
+        assert _polygon_area(rings[:1]) > 0 and all(_polygon_area([r]) < 0 for r in rings[1:])  # right-hand rule
+        assert _polygon_area(rings) == cells * box_area  # outer minus holes: exactly the cells' boxes
+        mine = _inside(rings, (x0 + x1) / 2, (y0 + y1) / 2)  # the cells whose box centre the polygon holds
+        assert mine.sum() == cells and (labels[mine] == k).all()
+        assert (owner[mine] == -1).all()  # no cell in two regions
+        owner[mine] = number
+        assert properties["measurements"]["mean probability"] == pytest.approx(probability[mine].mean(), rel=1e-6)
+        assert properties["measurements"]["max probability"] == pytest.approx(probability[mine].max(), rel=1e-6)
+    np.testing.assert_array_equal(owner >= 0, labels >= 0)  # every kept cell in a region; NaN cells in none
+    # Regions of one class never touch along an edge: neighbouring cells of one class share their region.
+    for a, b in ((np.s_[1:, :], np.s_[:-1, :]), (np.s_[:, 1:], np.s_[:, :-1])):
+        same_class = (labels[a] == labels[b]) & (labels[a] >= 0)
+        np.testing.assert_array_equal(owner[a][same_class], owner[b][same_class])
+
+
+def test_geojson_cells_gives_one_detection_per_computed_cell(tmp_path):
+    import json
+
+    from keras_fcn_surgery.batch.writers import cell_polygons, top_classes, write_geojson
+
+    scores = _classifier_map()
+    info = _classifier_info(scores.shape)
+    write_geojson(str(tmp_path / "map.geojson"), scores, info, geojson="cells")
+    with open(tmp_path / "map.geojson", encoding="utf-8") as handle:
+        features = json.load(handle)["features"]
+    expected = []
+    for rows, cols, classes, probabilities in top_classes(scores):
+        x0, y0, x1, y1 = cell_polygons(rows, cols, info)
+        for n in range(len(rows)):
+            ring = [[x0[n], y0[n]], [x1[n], y0[n]], [x1[n], y1[n]], [x0[n], y1[n]], [x0[n], y0[n]]]
+            properties = {
+                "objectType": "detection",
+                "classification": {"name": f"class {classes[n]}"},
+                "measurements": {"probability": float(probabilities[n])},
+                "row": int(rows[n]),
+                "col": int(cols[n]),
+                "class": int(classes[n]),
+            }
+            expected.append(
+                {"type": "Feature", "geometry": {"type": "Polygon", "coordinates": [ring]}, "properties": properties}
+            )
+    assert len(features) == (~np.isnan(scores).any(axis=-1)).sum()
+    assert features == expected
+    with pytest.raises(InputError, match="geojson"):
+        write_geojson(str(tmp_path / "other.geojson"), scores, info, geojson="polygons")

@@ -106,8 +106,13 @@ def test_an_interrupted_run_leaves_no_partial_output(mixed_folder, fcn, tmp_path
 
     out = tmp_path / "maps"
     with pytest.raises(KeyboardInterrupt):
-        predict_images(
-            fcn, [str(mixed_folder)], out, formats="npz,zarr,geojson", preprocess=interrupt_on_the_third_image_read
+        predict_images(  # certify=0: the certificate's crops would go through `preprocess` too
+            fcn,
+            [str(mixed_folder)],
+            out,
+            formats="npz,zarr,geojson",
+            preprocess=interrupt_on_the_third_image_read,
+            certify=0,
         )
     left = sorted(os.path.relpath(os.path.join(d, f), out) for d, _, files in os.walk(out) for f in files)
     finished, interrupted = calls[:-1], calls[-1]
@@ -122,8 +127,8 @@ def test_pyramid_level_one_with_zarr_geojson_and_csv(fcn, tmp_path):
     image = np.random.default_rng(3).integers(0, 255, (256, 320, 3), dtype=np.uint8)
     write_pyramid(str(tmp_path / "slide.tif"), image, levels=3, tile=64)
     out = tmp_path / "maps"
-    summary = predict_images(
-        fcn, [str(tmp_path / "slide.tif")], out, level=1, formats=["npz", "zarr", "geojson", "csv"]
+    summary = predict_images(  # geojson="cells": one detection per cell, the GeoJSON written before regions
+        fcn, [str(tmp_path / "slide.tif")], out, level=1, formats=["npz", "zarr", "geojson", "csv"], geojson="cells"
     )
     assert summary.ok and summary.results[0].megapixels == pytest.approx(128 * 160 / 1e6)
     level_one = image[::2, ::2].astype(np.float32)
@@ -160,6 +165,22 @@ def test_pyramid_level_one_with_zarr_geojson_and_csv(fcn, tmp_path):
     assert rows[0].startswith("row,col,x0,y0,x1,y1,class") and len(rows) == len(features) + 1
 
 
+def test_predict_command_writes_regions_or_cells_as_asked(mixed_folder, model_file, tmp_path):
+    image = str(mixed_folder / "wide.png")
+    for choice, kind in (
+        ([], "annotation"),
+        (["--geojson", "cells"], "detection"),
+        (["--geojson", "regions"], "annotation"),
+    ):
+        out = tmp_path / (choice[-1] if choice else "default")
+        assert cli.main(["predict", model_file, image, "--out", str(out), "--format", "geojson", *choice]) == 0
+        features = json.loads((out / "wide.geojson").read_text())["features"]
+        assert {f["properties"]["objectType"] for f in features} == {kind}
+    with pytest.raises(SystemExit) as stop:
+        cli.main(["predict", model_file, image, "--out", str(tmp_path / "x"), "--format", "geojson", "--geojson", "x"])
+    assert stop.value.code == 2
+
+
 def test_auto_mask_skips_empty_glass_and_keeps_cells_exact(fcn, tmp_path):
     picture = slide_picture(size=(512, 640), patch=(slice(40, 160), slice(60, 220)))
     path = str(tmp_path / "slide.tif")
@@ -182,7 +203,9 @@ def test_auto_mask_skips_empty_glass_and_keeps_cells_exact(fcn, tmp_path):
     assert centres_x.min() > 60 - 16 and centres_x.max() < 220 + 16
     assert kept.sum() > 0.8 * (120 * 160) / (grid.stride[0] * grid.stride[1])
     with open(out / "slide.geojson", encoding="utf-8") as handle:
-        assert len(json.load(handle)["features"]) == kept.sum()
+        features = json.load(handle)["features"]  # regions of neighbouring cells of one class, by default
+    assert sum(f["properties"]["measurements"]["cells"] for f in features) == kept.sum()
+    assert len(features) < kept.sum() / 4
 
 
 def test_mask_file_at_another_resolution(fcn, tmp_path):

@@ -33,6 +33,8 @@ def test_ray_engine_matches_the_local_engine(tmp_path):
         (os.path.basename(r.source), r.status) for r in local.results
     ]
     assert "corrupt.png" in distributed.failed[0].message
+    done = [r for r in distributed.results if r.status == "done"]  # certificates come back from the workers
+    assert done and all(r.certificate.startswith("certificate: 8 of") for r in done)
     for name in ("image0", "image1", "image2", "slide"):
         expected = np.load(tmp_path / "local" / f"{name}.npz")["scores"]
         np.testing.assert_array_equal(np.load(tmp_path / "ray" / f"{name}.npz")["scores"], expected)
@@ -41,3 +43,22 @@ def test_ray_engine_matches_the_local_engine(tmp_path):
         ).read_text()
     rerun = kfs.predict_images(fcn, [str(folder)], tmp_path / "ray", engine="ray", workers=2, **options)
     assert rerun.count("skipped") == 4 and rerun.count("failed") == 1
+
+
+@pytest.mark.heavy
+def test_a_ray_run_prints_nothing_of_rays_own(tmp_path, capfd):
+    # Issue 28: every run printed Ray's token-authentication warning, Ray Data's execution lines and an
+    # error-level core-worker line about actor constructor arguments.
+    import logging
+
+    import ray.data  # noqa: F401  (configures the `ray.data` logger)
+
+    fcn = kfs.convert(small_flatten_cnn(input_size=(32, 32), classes=3))
+    Image.fromarray(np.random.default_rng(1).integers(0, 255, (64, 80, 3), dtype=np.uint8)).save(tmp_path / "a.png")
+    levels = {name: logging.getLogger(name).level for name in ("ray", "ray.data")}
+    capfd.readouterr()
+    summary = kfs.predict_images(fcn, [str(tmp_path / "a.png")], tmp_path / "maps", engine="ray", workers=1)
+    captured = capfd.readouterr()
+    assert summary.ok and (tmp_path / "maps" / "a.npz").is_file()
+    assert captured.out == "" and captured.err == "", captured
+    assert {name: logging.getLogger(name).level for name in levels} == levels  # Ray's own settings restored

@@ -27,7 +27,7 @@ def test_conversion_error_is_a_value_error():
 
 def test_subclassed_model_with_an_unsupported_head_is_refused_naming_its_layer():
     # Subclassed models are traced into functional graphs (tests/test_subclassed.py); what cannot become a score
-    # map in them is refused like in any other model: here a Dense on `keras.ops.mean` over the map.
+    # map in them is refused like in any other model: here a Dense on `keras.ops.std` over the map.
     class Classifier(keras.Model):
         def __init__(self):
             super().__init__(name="my_classifier")
@@ -35,7 +35,7 @@ def test_subclassed_model_with_an_unsupported_head_is_refused_naming_its_layer()
             self.head = layers.Dense(2, name="scores")
 
         def call(self, x):
-            return self.head(keras.ops.mean(self.conv(x), axis=(1, 2)))
+            return self.head(keras.ops.std(self.conv(x), axis=(1, 2)))
 
     model = Classifier()
     model(keras.ops.zeros((1, 8, 8, 3)))

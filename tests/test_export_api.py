@@ -7,6 +7,7 @@ import types
 import warnings
 
 import keras
+import numpy as np
 import pytest
 from models import small_flatten_cnn
 
@@ -76,14 +77,14 @@ def test_an_option_of_another_format_is_an_input_error_naming_the_formats_option
     assert os.listdir(tmp_path) == []
 
 
-def test_a_bad_option_value_and_a_model_of_two_outputs_are_export_errors(tmp_path):
+def test_a_bad_option_value_and_a_model_of_two_inputs_are_export_errors(tmp_path):
     with pytest.raises(kfs.ExportError, match="quantize"):
         kfs.export(small_flatten_cnn(), tmp_path / "fcn.tflite", format="tflite", quantize="int4")
-    image = keras.Input((16, 16, 3))
-    features = keras.layers.Conv2D(4, 3)(image)
-    two_outputs = keras.Model(image, [features, keras.layers.Conv2D(2, 1)(features)], name="two_outputs")
-    with pytest.raises(kfs.ExportError, match="'two_outputs' has 1 inputs and 2 outputs; a serving export"):
-        kfs.export(two_outputs, tmp_path / "models")
+    images = [keras.Input((16, 16, 3)), keras.Input((16, 16, 3))]
+    features = keras.layers.Conv2D(4, 3)(keras.layers.Add()(images))
+    two_inputs = keras.Model(images, features, name="two_inputs")
+    with pytest.raises(kfs.ExportError, match="'two_inputs' has 2 inputs and 1 outputs; a serving export"):
+        kfs.export(two_inputs, tmp_path / "models")
     assert os.listdir(tmp_path) == []
 
 
@@ -119,3 +120,58 @@ def test_an_export_whose_check_cannot_tell_right_from_wrong_warns(tmp_path, caps
     collapsed.save(model_file)
     assert cli.main(["export", model_file, str(tmp_path / "cli")]) == 0
     assert "warning: The check of the savedmodel export of 'collapsed_fcn' proves little" in capsys.readouterr().err
+
+
+def _tiny_logits_classifier():
+    """A classifier whose logits vary but are ~1e-9: its float32 softmax is exactly 1/5 everywhere."""
+    model = small_flatten_cnn(classes=5)
+    last = model.get_layer("fc2")
+    last.kernel.assign(last.kernel * 1e-9)
+    last.bias.assign(last.bias + 1e-9)
+    return model
+
+
+def test_an_export_checks_the_logits_where_its_probabilities_are_constant(tmp_path):
+    # Issue 28: exports compared softmax outputs, a constant 1/K here, and reported "equal".
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("tf2onnx")
+    model = _tiny_logits_classifier()
+    probabilities = kfs.convert(model)(np.random.default_rng(0).standard_normal((2, 40, 40, 3)))
+    assert np.ptp(np.asarray(probabilities)) == 0  # the file's outputs cannot tell a right file from a wrong one
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", kfs.UninformativeVerificationWarning)  # its logits vary: no warning
+        result = kfs.export(model, tmp_path / "fcn.onnx", format="onnx")
+    assert [check.compared for check in result.checks] == ["logits of 'fc2'"] * 2
+    assert all(check.passed and check.informative for check in result.checks)
+    assert all(check.output_scale < 1e-7 for check in result.checks)  # relative to the logits' own scale
+    assert len(result.output_checks) == 2 and all(check.passed for check in result.output_checks)
+    assert "verified logits of 'fc2'" in str(result) and "file outputs: verified" in str(result)
+
+
+def test_an_export_whose_writer_breaks_the_logits_is_refused_even_when_its_probabilities_agree(tmp_path, monkeypatch):
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("tf2onnx")
+    from keras_fcn_surgery.exporting.onnx import OnnxFormat
+
+    real_write = OnnxFormat.write
+
+    def write_with_a_wrong_kernel(self, fcn, path):  # a writer bug: the last kernel 1% off in the file
+        kernel = fcn.get_layer("fc2").kernel
+        saved = keras.ops.convert_to_numpy(kernel)
+        kernel.assign(saved * 1.01)
+        try:
+            real_write(self, fcn, path)
+        finally:
+            kernel.assign(saved)
+
+    monkeypatch.setattr(OnnxFormat, "write", write_with_a_wrong_kernel)
+    with pytest.raises(kfs.ExportError, match=r"differs from the Keras model: verified logits of 'fc2'.*DIFFERENT"):
+        kfs.export(_tiny_logits_classifier(), tmp_path / "fcn.onnx", format="onnx")
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.heavy  # the shared check runs by default above; this is the issue's own command
+def test_a_quantized_tflite_export_reports_its_difference_on_the_logits(tmp_path):
+    result = kfs.export(_tiny_logits_classifier(), tmp_path / "fcn.tflite", format="tflite", quantize="dynamic")
+    assert 1e-4 < result.max_rel_diff < 0.1  # int8 weights change the logits: not "max rel diff 0 ... equal"
+    assert "logits of 'fc2'" in result.note

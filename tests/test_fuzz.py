@@ -45,7 +45,7 @@ from hypothesis import strategies as st
 from keras_bugs import channels_first_bias_fixed
 
 import keras_fcn_surgery as kfs
-from keras_fcn_surgery.graph import graph_of, is_graph_model, iter_layers, nodes_in_order
+from keras_fcn_surgery.graph import graph_of, is_graph_model, iter_layers, nodes_in_order, traced_model
 from keras_fcn_surgery.surgery.verify import tolerance_for
 
 EXAMPLES = int(os.environ.get("KFS_FUZZ_EXAMPLES", "100"))
@@ -65,8 +65,13 @@ class PropertyViolation(AssertionError):
 
 
 def layer_names(model) -> set[str]:
-    """Names of every layer, nested models and input layers included."""
-    names = {layer.name for layer in iter_layers(model)}
+    """Names of every layer, nested models and input layers included (a subclassed model's: its traced graph's)."""
+    names = {model.name}
+    try:
+        model = traced_model(model)
+    except kfs.ConversionError:
+        return names | {layer.name for layer in model._flatten_layers(include_self=False, recursive=True)}
+    names |= {layer.name for layer in iter_layers(model)}
     for layer in iter_layers(model):
         if hasattr(layer, "inputs") and hasattr(layer, "layers"):
             names.update(t._keras_history.operation.name for t in layer.inputs)
@@ -153,18 +158,22 @@ def _checked_map(arch: Architecture, model, fcn, head: str, code: str) -> str:
                 raise
             continue
         image = np.random.default_rng(0).standard_normal(_image_shape(arch, size)).astype("float32")
-        scores = np.asarray(fcn(image[None], training=False), dtype="float64")[0]
-        if arch.data_format == "channels_first":
-            scores = np.moveaxis(scores, 0, -1)
-        if scores.shape[:2] != expected:
-            raise PropertyViolation(
-                f"head={head!r}: at input {size} the map is {scores.shape[:2]}, geometry says {expected}\n{code}"
-            )
-        checked = image, scores
+        for scores in _maps(arch, fcn(image[None], training=False)):
+            if scores.shape[:2] != expected:
+                raise PropertyViolation(
+                    f"head={head!r}: at input {size} a map is {scores.shape[:2]}, geometry says {expected}\n{code}"
+                )
+        checked = image
     if head == "window" and _is_sliding_window(arch) and checked is not None:
-        _check_cells_are_crops(arch, model, fcn, checked[0], grid.stride, code)
+        _check_cells_are_crops(arch, model, fcn, checked, grid.stride, code)
         return "converted (map cells checked against crops)"
     return "converted"
+
+
+def _maps(arch: Architecture, outputs) -> list[np.ndarray]:
+    """Each output's map of a batch of one, channels last, in float64."""
+    maps = [np.asarray(output, dtype="float64")[0] for output in (outputs if isinstance(outputs, list) else [outputs])]
+    return [np.moveaxis(m, 0, -1) if arch.data_format == "channels_first" else m for m in maps]
 
 
 def _image_shape(arch: Architecture, size) -> tuple[int, int, int]:
@@ -197,14 +206,13 @@ def _check_cells_are_crops(arch: Architecture, model, fcn, image, stride, code: 
     equals its channels, at different places in the FCN and in the crops.
     """
     with channels_first_bias_fixed():
-        scores = np.asarray(fcn(image[None], training=False), dtype="float64")[0]
-        _compare_cells_with_crops(arch, model, image, scores, stride, code)
+        maps = _maps(arch, fcn(image[None], training=False))
+        _compare_cells_with_crops(arch, model, image, maps, stride, code)
 
 
-def _compare_cells_with_crops(arch: Architecture, model, image, scores, stride, code: str) -> None:
-    if arch.data_format == "channels_first":
-        scores = np.moveaxis(scores, 0, -1)
+def _compare_cells_with_crops(arch: Architecture, model, image, maps, stride, code: str) -> None:
     height, width = arch.input_size
+    scores = maps[0]
     big_h, big_w = image.shape[:2] if arch.data_format == "channels_last" else image.shape[1:]
     cells = [
         (i, j)
@@ -218,16 +226,18 @@ def _compare_cells_with_crops(arch: Architecture, model, image, scores, stride, 
     for i, j in cells:
         rows, cols = slice(i * stride[0], i * stride[0] + height), slice(j * stride[1], j * stride[1] + width)
         crops.append(image[rows, cols] if arch.data_format == "channels_last" else image[:, rows, cols])
-    # A head that keeps a 1 x 1 map returns (N, 1, 1, K) or (N, K, 1, 1): compare as (N, K).
-    expected = np.asarray(model(np.stack(crops), training=False), dtype="float64").reshape(len(cells), -1)
-    got = np.stack([scores[i, j] for i, j in cells])
-    difference = float(np.max(np.abs(got - expected)))
-    scale = max(float(np.max(np.abs(expected))), 1e-30)
-    if difference > tolerance_for(model) * scale:
-        raise PropertyViolation(
-            f"head='window': map cells differ from the classifier on the matching crops at stride {stride} "
-            f"(max abs diff {difference:.3g}, scale {scale:.3g})\n{code}"
-        )
+    outputs = model(np.stack(crops), training=False)
+    for index, (scores, output) in enumerate(zip(maps, outputs if isinstance(outputs, list) else [outputs])):
+        # A head that keeps a 1 x 1 map returns (N, 1, 1, K) or (N, K, 1, 1): compare as (N, K).
+        expected = np.asarray(output, dtype="float64").reshape(len(cells), -1)
+        got = np.stack([scores[i, j] for i, j in cells])
+        difference = float(np.max(np.abs(got - expected)))
+        scale = max(float(np.max(np.abs(expected))), 1e-30)
+        if difference > tolerance_for(model) * scale:
+            raise PropertyViolation(
+                f"head='window': output {index}'s map cells differ from the classifier on the matching crops at "
+                f"stride {stride} (max abs diff {difference:.3g}, scale {scale:.3g})\n{code}"
+            )
 
 
 @pytest.mark.filterwarnings("ignore:You are using a softmax over axis")  # a generated Dense(1) + softmax

@@ -162,6 +162,32 @@ def test_a_per_feature_prelu_between_head_dense_layers_is_shared_over_the_map(da
 
 
 @pytest.mark.parametrize(
+    ("data_format", "keepdims", "shared"),
+    [("channels_last", True, False), ("channels_first", True, False), ("channels_last", False, True)],
+)
+def test_a_prelu_on_a_pooled_head_or_with_one_shared_slope_carries_over(data_format, keepdims, shared):
+    # A Dense on the 1 x 1 map of a keepdims pooling, then a PReLU (alpha (1, 1, F)), and a PReLU whose one
+    # slope is shared by every feature (alpha (1,)): both were refused by name (fuzz campaign, issue 23).
+    shape = (10, 10, 3) if data_format == "channels_last" else (3, 10, 10)
+    inputs = keras.Input(shape)
+    x = layers.Conv2D(4, 3, data_format=data_format)(inputs)
+    x = layers.GlobalAveragePooling2D(data_format=data_format, keepdims=keepdims)(x)
+    x = layers.Dense(6)(x) if not keepdims or data_format == "channels_last" else x
+    prelu = layers.PReLU(
+        alpha_initializer=keras.initializers.RandomUniform(-1, 1),
+        shared_axes=[1] if shared else ([2, 3] if keepdims and data_format == "channels_first" else None),
+        name="prelu",
+    )
+    source = keras.Model(inputs, layers.Dense(3)(layers.Flatten()(prelu(x))))
+    fcn = kfs.convert(source)
+    assert kfs.verify(source, fcn).passed
+    image = random_images((13, 12, 3) if data_format == "channels_last" else (3, 13, 12))
+    expected = kfs.sliding_window_predict(source, image, 1)
+    got = np.asarray(fcn(image[None]))[0]
+    np.testing.assert_allclose(got, expected, atol=1e-5 * np.abs(expected).max())
+
+
+@pytest.mark.parametrize(
     ("data_format", "dims"), [("channels_last", (2, 1, 3)), ("channels_last", (3, 2, 1)), ("channels_first", (1, 3, 2))]
 )
 def test_a_permute_before_the_flatten_folds_into_the_dense_kernel(data_format, dims):

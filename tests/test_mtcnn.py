@@ -66,3 +66,33 @@ def test_mtcnn_rnet_converts_from_the_command_line(tmp_path):
     assert "folded into the Dense after the Flatten" in result.stdout
     assert ": equal" in result.stdout
     assert target.exists()
+
+
+def test_mtcnn_onet_three_maps_come_out_of_predict_map_predict_and_a_savedmodel(tmp_path):
+    from PIL import Image
+
+    model = StageONet()._model
+    fcn = kfs.as_fcn(model)
+    names = list(kfs.fcn_spec(fcn).names)
+    assert len(names) == 3 and kfs.fcn_spec(fcn).outputs[2].activation == "softmax"
+    image = skimage.data.astronaut()[40:360:2, 100:420:2].astype("float32")  # 160 x 160
+    pixels = (image - 127.5) / 128
+    whole = kfs.predict_map(fcn, pixels)
+    assert list(whole) == names and whole.pick()[0] == names[2]
+    for staged in (False, True):
+        tiled = kfs.predict_map(fcn, pixels, tile=96, staged=staged)
+        for name in names:
+            scale = np.abs(whole[name]).max()
+            assert np.abs(tiled[name] - whole[name]).max() <= 1e-5 * scale, (staged, name)
+    Image.fromarray(image.astype(np.uint8)).save(tmp_path / "face.png")
+    prepare = lambda p: (p - 127.5) / 128  # noqa: E731
+    with pytest.warns(kfs.InexactMapWarning, match="'same'|`same`"):  # ONet pools with `same` padding
+        summary = kfs.predict_images(model, [tmp_path / "face.png"], tmp_path / "maps", preprocess=prepare)
+    assert summary.ok, summary.failed
+    assert summary.results[0].certificate.startswith(f"certificate of '{names[2]}':")
+    with np.load(tmp_path / "maps" / "face.npz") as stored:
+        assert list(stored["outputs"]) == names
+        for name in names:
+            np.testing.assert_allclose(stored[name], whole[name], atol=1e-5 * np.abs(whole[name]).max())
+    result = kfs.export_savedmodel(model, tmp_path / "onet", bytes_signature=False)
+    assert [check.compared for check in result.checks] == [f"output '{name}'" for name in names] * 2

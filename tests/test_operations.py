@@ -126,7 +126,8 @@ def test_operation_mixing_head_and_map_is_refused():
     inputs = keras.Input((12, 12, 3))
     x = layers.Conv2D(4, 3, name="conv")(inputs)
     pooled = layers.GlobalAveragePooling2D(name="gap")(x)
-    model = keras.Model(inputs, layers.Dense(4)(pooled) + ops.mean(x, axis=(1, 2)))
+    # `ops.std` over the map is no pooling the FCN can have (`ops.mean` would be: a window pooling).
+    model = keras.Model(inputs, layers.Dense(4)(pooled) + ops.std(x, axis=(1, 2)))
     with pytest.raises(kfs.ConversionError, match="'add(_\\d+)?' \\(Add\\) mixes"):
         kfs.convert(model)
 

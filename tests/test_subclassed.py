@@ -93,13 +93,17 @@ def test_as_fcn_and_predict_map_take_a_subclassed_classifier():
     np.testing.assert_allclose(scores[[0, 5], [0, 5]], expected, rtol=1e-5, atol=1e-5 * np.abs(expected).max())
 
 
-class Branching(keras.Model):
+class ConvDense(keras.Model):
+    """Conv2D, Flatten, Dense: subclasses write `call`."""
+
     def __init__(self, **kwargs):
         super().__init__(**kwargs)
         self.conv = layers.Conv2D(4, 3)
         self.flatten = layers.Flatten()
         self.dense = layers.Dense(2)
 
+
+class Branching(ConvDense):
     def call(self, x):
         x = self.conv(x)
         if keras.ops.mean(x) > 0:  # data-dependent Python control flow: cannot be traced
@@ -118,13 +122,7 @@ def test_data_dependent_control_flow_is_refused_naming_the_line():
     assert "keras.ops.where" in message
 
 
-class Noisy(keras.Model):
-    def __init__(self, **kwargs):
-        super().__init__(**kwargs)
-        self.conv = layers.Conv2D(4, 3)
-        self.flatten = layers.Flatten()
-        self.dense = layers.Dense(2)
-
+class Noisy(ConvDense):
     def call(self, x):
         # NumPy noise drawn at each call: a trace freezes one draw, so the twin is not the model.
         noise = np.random.default_rng().standard_normal((1, 6, 6, 4)).astype("float32")
@@ -162,4 +160,34 @@ def test_a_functional_model_calling_a_subclassed_model_converts():
     scores = np.asarray(fcn(image[None]))[0]
     expected = _crops(model, image, 2, 20, [(0, 0), (4, 2)])
     got = np.stack([scores[0, 0], scores[4, 2]])
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5 * np.abs(expected).max())
+
+
+class MeanHead(keras.Model):
+    """A head pooled with `keras.ops` (``ops.mean``/``ops.max`` over the spatial axes), as subclassed nets often do."""
+
+    def __init__(self, reduction, keepdims, **kwargs):
+        super().__init__(**kwargs)
+        self.reduction, self.keepdims = reduction, keepdims
+        self.conv = layers.Conv2D(5, 3, activation="relu")
+        self.flatten = layers.Flatten()
+        self.dense = layers.Dense(3)
+
+    def call(self, x):
+        pooled = getattr(keras.ops, self.reduction)(self.conv(x), axis=(1, 2), keepdims=self.keepdims)
+        return self.dense(self.flatten(pooled) if self.keepdims else pooled)
+
+
+@pytest.mark.parametrize("reduction, keepdims", [("mean", False), ("max", True)])
+def test_a_head_pooled_with_keras_ops_becomes_a_window_pooling(reduction, keepdims):
+    model = MeanHead(reduction, keepdims)
+    model(random_images((1, 12, 12, 3)))
+    fcn = kfs.convert(model)
+    assert any(isinstance(layer, (layers.AveragePooling2D, layers.MaxPooling2D)) for layer in fcn.layers)
+    image = random_images((17, 15, 3), seed=4)
+    scores = np.asarray(fcn(image[None]))[0]
+    assert scores.shape[:2] == (6, 4)
+    cells = [(0, 0), (5, 3), (2, 1)]
+    expected = _crops(model, image, 1, 12, cells)
+    got = np.stack([scores[i, j] for i, j in cells])
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5 * np.abs(expected).max())

@@ -81,9 +81,14 @@ def features(arch) -> set[str]:
             ("nested head", arch.nest_head),
             ("wrapped", arch.wrap),
             ("keepdims", arch.head.keepdims),
+            ("permute before flatten", arch.head.permute is not None),
+            ("head PReLU", any(dense.prelu for dense in arch.head.dense)),
+            ("second output", arch.second_output > 0),
         )
         if present
     }
+    if arch.subclass is not None:
+        found.add(f"subclassed {arch.subclass}")
     found |= {f"head op {kind}" for kind in arch.head.ops}
     stack = list(arch.body)
     while stack:

@@ -20,10 +20,14 @@ from keras_fcn_surgery.batch.masks import cell_mask, read_mask, thumbnail, tissu
 from keras_fcn_surgery.batch.outputs import output_paths
 from keras_fcn_surgery.batch.readers import LevelArray, choose_level, open_reader
 from keras_fcn_surgery.batch.sources import IMAGE_SUFFIXES, Source
-from keras_fcn_surgery.errors import ConversionError, ModelFileError, first_line
+from keras_fcn_surgery.errors import ConversionError, InputError, ModelFileError, first_line
 from keras_fcn_surgery.grid.geometry import Geometry
+from keras_fcn_surgery.inference.certificate import certificate_or_reason
 from keras_fcn_surgery.segmentation.predict import is_segmenter, run_segmenter
+from keras_fcn_surgery.surgery.fcn import OutputMaps, fcn_spec
 
+# The formats that describe one map: of a model with several outputs, the one `BatchOptions.output` names.
+ONE_MAP_FORMATS = ("geojson", "csv", "ome-zarr")
 # Images with a side longer than this are tiled when no tile is given (memory stays bounded).
 LARGE_SIDE = 2048
 # The tile side used then, and for skipping masked-out regions.
@@ -35,6 +39,7 @@ class BatchOptions:
     """How each input is computed and written (see `predict_images` for the meaning of each)."""
 
     formats: tuple[str, ...] = ("npz",)
+    geojson: str = "regions"
     tile: int | tuple[int, int] | None = None
     batch_size: int | None = None
     preprocess: str | Callable | None = None
@@ -45,6 +50,9 @@ class BatchOptions:
     class_names: tuple[str, ...] | None = None
     progress: bool | None = None
     execution: str = "auto"
+    output: str | None = None
+    certify: int = 0
+    certify_size: tuple[int, int] | None = None
 
 
 @dataclass(frozen=True)
@@ -59,6 +67,8 @@ class InputResult:
         megapixels: pixels of the level the map was computed on, in millions.
         computed_fraction: the share of the unmasked pass's work computed.
         seconds: time spent on it.
+        certificate: the map's certificate in one line (`MapCertificate`), or
+            why it has none; "" when not asked for.
     """
 
     source: str
@@ -68,6 +78,7 @@ class InputResult:
     megapixels: float = 0.0
     computed_fraction: float = 0.0
     seconds: float = 0.0
+    certificate: str = ""
 
 
 def predict_source(fcn, source: Source, out_dir: str, options: BatchOptions) -> InputResult:
@@ -78,13 +89,13 @@ def predict_source(fcn, source: Source, out_dir: str, options: BatchOptions) -> 
     if not missing:
         return InputResult(source.path, "skipped", tuple(paths.values()))
     try:
-        megapixels, fraction = _compute_and_write(fcn, source, missing, options)
+        megapixels, fraction, certificate = _compute_and_write(fcn, source, missing, options)
     except (ConversionError, OSError) as error:
         return _failed(source, str(error), start)
     except Exception as error:  # a decoder's or the network's error on this input must not stop the others
         return _failed(source, f"{type(error).__name__}: {first_line(str(error))}", start)
     return InputResult(
-        source.path, "done", tuple(paths.values()), "", megapixels, fraction, time.perf_counter() - start
+        source.path, "done", tuple(paths.values()), "", megapixels, fraction, time.perf_counter() - start, certificate
     )
 
 
@@ -94,33 +105,54 @@ def _failed(source: Source, message: str, start: float) -> InputResult:
     return InputResult(source.path, "failed", message=message, seconds=time.perf_counter() - start)
 
 
-def _compute_and_write(fcn, source: Source, paths: dict[str, str], options: BatchOptions) -> tuple[float, float]:
+def _compute_and_write(fcn, source: Source, paths: dict[str, str], options: BatchOptions) -> tuple[float, float, str]:
     from keras_fcn_surgery.graph import model_layout
     from keras_fcn_surgery.grid.geometry import geometry
 
     layout = model_layout(fcn)
-    channels = int(layout.channels(fcn.inputs[0].shape))
-    classes = int(layout.channels(fcn.outputs[0].shape))
+    spec = fcn_spec(fcn)
     per_pixel = is_segmenter(fcn)
     with open_reader(source.path) as reader:
         level = choose_level(reader, level=options.level, mpp=options.mpp)
         size = reader.levels[level].size
-        view = LevelArray(reader, level, channels, layout)
+        view = LevelArray(reader, level, spec.channels, layout)
         grid: Geometry | PixelGrid = PixelGrid() if per_pixel else geometry(fcn).at(size)
         map_size = grid.output_size(size)
         kept = _kept_cells(reader, source, options.mask, size, grid, map_size)
         with writers.staged_outputs(paths, overwrite=options.overwrite) as temporary:
-            shape = (map_size[0], map_size[1], classes)
-            if "zarr" in temporary:
-                scores = writers.create_zarr_scores(temporary["zarr"], shape)
-            elif "ome-zarr" in temporary:
-                scores = ome_zarr.create_scores(temporary["ome-zarr"], shape)
-            else:
-                scores = np.full(shape, np.nan, dtype=np.float32)
+            # GeoJSON, CSV and OME-Zarr describe one map, and the certificate certifies it: the output asked
+            # for, or the class probabilities (None: several outputs, none of probabilities, none asked for).
+            shown = _shown_output(spec, options.output, required=bool(set(ONE_MAP_FORMATS) & set(temporary)))
+            maps = {}
+            for output in spec.outputs:
+                shape = (map_size[0], map_size[1], output.classes)
+                if "zarr" in temporary:
+                    name = output.name if spec.several else writers.SCORES
+                    maps[output.name] = writers.create_zarr_scores(temporary["zarr"], shape, name=name)
+                elif "ome-zarr" in temporary and output.name == shown:
+                    maps[output.name] = ome_zarr.create_scores(temporary["ome-zarr"], shape)
+                else:
+                    maps[output.name] = np.full(shape, np.nan, dtype=np.float32)
+            scores = OutputMaps(spec.outputs, list(maps.values())) if spec.several else maps[spec.names[0]]
+            shown_map = maps[shown] if shown is not None else None  # there is one wherever a format needs it
+            certificate, line = None, ""
             if per_pixel:
                 fraction = _segment(fcn, view, layout, size, kept, scores, options)
             else:
-                fraction = _compute(fcn, view, layout, grid, size, kept, scores, options)
+                fraction, computed = _compute(fcn, view, layout, grid, size, kept, scores, options)
+                if options.certify and shown is None:
+                    line = f"no certificate: {_NO_SHOWN_OUTPUT}"
+                elif options.certify:
+                    certificate, line = certificate_or_reason(
+                        fcn,
+                        view,
+                        computed,
+                        options.certify,
+                        input_size=options.certify_size,
+                        preprocess=preprocess_fn(options.preprocess, layout),
+                        keep=kept,
+                        output=shown if spec.several else None,
+                    )
             info = writers.MapInfo(
                 source=source.path,
                 level=level,
@@ -131,22 +163,52 @@ def _compute_and_write(fcn, source: Source, paths: dict[str, str], options: Batc
                 receptive_field=grid.receptive_field,
                 computed_fraction=fraction,
                 per_pixel=per_pixel,
+                certificate=_certificate_metadata(certificate, shown if spec.several else None),
             )
             if "zarr" in temporary:
-                writers.finish_zarr(temporary["zarr"], info)
+                writers.finish_zarr(temporary["zarr"], info, spec.names if spec.several else ())
             if "ome-zarr" in temporary:
-                ome_zarr.finish(temporary["ome-zarr"], scores, info, mpp=reader.mpp, class_names=options.class_names)
+                names = options.class_names
+                ome_zarr.finish(temporary["ome-zarr"], shown_map, info, mpp=reader.mpp, class_names=names)
             if "npz" in temporary:
                 writers.write_npz(temporary["npz"], scores, info)
             if "geojson" in temporary:
-                writers.write_geojson(temporary["geojson"], scores, info, options.class_names)
+                writers.write_geojson(
+                    temporary["geojson"], shown_map, info, options.class_names, geojson=options.geojson
+                )
             if "csv" in temporary:
-                writers.write_csv(temporary["csv"], scores, info, options.class_names)
-    return size[0] * size[1] / 1e6, fraction
+                writers.write_csv(temporary["csv"], shown_map, info, options.class_names)
+    return size[0] * size[1] / 1e6, fraction, line
 
 
-def _compute(fcn, view, layout, grid, size, kept, scores, options: BatchOptions) -> float:
-    """Fill ``scores`` (channels-last, NaN-filled) and return the share of the unmasked work computed.
+_NO_SHOWN_OUTPUT = (
+    "the model has several outputs and none ends in a softmax or sigmoid: name the one to certify with "
+    "`output=NAME` (CLI: --output-name NAME)."
+)
+
+
+def _shown_output(spec, output: str | None, *, required: bool) -> str | None:
+    """The output GeoJSON, CSV, OME-Zarr and the certificate describe; None when there is no default and
+    nothing ``required`` one (`FcnSpec.output_index` raises then)."""
+    try:
+        return spec.names[spec.output_index(output)]
+    except InputError:
+        if required or output is not None:
+            raise
+        return None
+
+
+def _certificate_metadata(certificate, output: str | None) -> dict | None:
+    """The certificate's figures for the map's metadata, with the output it certifies among several."""
+    if certificate is None:
+        return None
+    return {**certificate.metadata(), **({"output": output} if output is not None else {})}
+
+
+def _compute(fcn, view, layout, grid, size, kept, scores, options: BatchOptions):
+    """Fill ``scores`` (channels-last, NaN-filled; an `OutputMaps` of them for several outputs); return the
+    share of the unmasked work computed and the map in the model's layout (``scores`` itself for
+    channels-last).
 
     A mask reaches `predict_map` as its ``keep``: the staged plan then runs
     only the tiles the kept cells need, batched and prefetched as any pass.
@@ -173,13 +235,17 @@ def _compute(fcn, view, layout, grid, size, kept, scores, options: BatchOptions)
         progress=options.progress,
         engine=options.execution,
     )
+    targets = list(scores.values()) if isinstance(scores, dict) else [scores]
     if layout.channels_last:
-        predict_map(fcn, view, out=scores, keep=keep, **arguments)
+        computed = predict_map(fcn, view, out=scores, keep=keep, **arguments)
     else:
-        scores[:] = layout.image_to_channels_last(predict_map(fcn, view, keep=keep, **arguments))
+        computed = predict_map(fcn, view, keep=keep, **arguments)
+        for target, cell_map in zip(targets, computed.values() if isinstance(computed, dict) else [computed]):
+            target[:] = layout.image_to_channels_last(cell_map)
     if kept is not None and keep is None:  # a network with global context: nothing to skip, but the mask applies
-        _apply_mask(scores, kept)
-    return fraction
+        for target in targets:
+            _apply_mask(target, kept)
+    return fraction, computed
 
 
 def _segment(model, view, layout, size, kept, scores, options: BatchOptions) -> float:
@@ -237,4 +303,3 @@ def preprocess_fn(preprocess, layout):
     from keras_fcn_surgery.exporting.preprocessing import pixel_function
 
     return pixel_function(preprocess, layout.data_format)
-

@@ -25,7 +25,6 @@ out): its cell ``j`` covers level 0's cells ``2**k * j ... 2**k * (j + 1) -
 from __future__ import annotations
 
 import colorsys
-from dataclasses import asdict
 
 import numpy as np
 
@@ -214,7 +213,7 @@ def _axes(mpp) -> list[dict]:
 
 def _geometry_attributes(info: MapInfo, mpp) -> dict:
     return {
-        "map": _plain(asdict(info)),
+        "map": _plain(info.fields()),
         "mpp": mpp,
         "coordinates": "micrometer" if mpp is not None else "level-0 pixels of the slide",
         "convention": "NGFF: the centre of array element 0 is at coordinate 0; a cell sits at its window's centre",

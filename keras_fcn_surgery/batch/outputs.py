@@ -28,7 +28,6 @@ def output_paths(out_dir, name: str, formats) -> dict[str, str]:
     return {f: base + SUFFIXES[f] for f in formats}
 
 
-
 def summary_line(results, seconds: float) -> str:
     """``"3 done, 1 skipped, 1 failed in 12.0 s (... MP/s ...)"`` for results with ``status``, ``megapixels``
     and ``computed_fraction``."""

@@ -8,6 +8,7 @@ shared output folder. The driver only gathers the per-input results.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
@@ -17,10 +18,20 @@ import time
 from keras_fcn_surgery.batch.job import BatchOptions, InputResult, predict_source
 from keras_fcn_surgery.batch.sources import Source
 from keras_fcn_surgery.errors import InputError
+from keras_fcn_surgery.native_log import native_stderr_captured
 from keras_fcn_surgery.saving.atomic import remove_tree
 
 RAY_EXTRA = "pip install 'keras-fcn-surgery[ray]'"
-_RESULT_FIELDS = ("path", "status", "outputs", "message", "megapixels", "computed_fraction", "seconds")
+_RESULT_FIELDS = (
+    "path",
+    "status",
+    "outputs",
+    "message",
+    "megapixels",
+    "computed_fraction",
+    "seconds",
+    "certificate",
+)
 
 
 def run_on_ray(
@@ -39,14 +50,19 @@ def run_on_ray(
     worker under the same path (a shared file system on a cluster).
     """
     ray = _ray()
+    with _ray_kept_quiet(ray, shown=bool(options.progress)):
+        return _run(ray, fcn, sources, out_dir, options, address=address, workers=workers)
+
+
+def _run(ray, fcn, sources, out_dir, options, *, address, workers) -> list[InputResult]:
     started = time.time()
     started_here = not ray.is_initialized()
     if started_here:
         ray.init(
             address=address or os.environ.get("RAY_ADDRESS") or None,
-            log_to_driver=False,
+            log_to_driver=False,  # the workers' own output stays in their log files
             include_dashboard=False,
-            logging_level=logging.WARNING,
+            logging_level=logging.ERROR,  # Ray's notices ("Token authentication is enabled...") stay off
         )
     try:
         resources = ray.cluster_resources()
@@ -54,8 +70,6 @@ def run_on_ray(
         count = workers or (gpus if gpus else max(1, int(resources.get("CPU", 1))))
         if count < 1:
             raise InputError(f"Expected at least one Ray worker. Received: workers={workers}")
-        context = ray.data.DataContext.get_current()
-        context.enable_progress_bars = bool(options.progress)
         items = [{"path": s.path, "name": s.name} for s in sources]
         dataset = ray.data.from_items(items, override_num_blocks=max(1, len(items)))
         dataset = dataset.map_batches(
@@ -99,9 +113,42 @@ def run_on_ray(
                 float(row["megapixels"]),
                 float(row["computed_fraction"]),
                 float(row["seconds"]),
+                str(row["certificate"]),
             )
         )
     return results
+
+
+@contextlib.contextmanager
+def _ray_kept_quiet(ray, *, shown: bool):
+    """Keep Ray's and Ray Data's own log lines off the terminal while a batch runs, unless progress is ``shown``.
+
+    Ray's Python loggers (``ray``, ``ray.data``: "Starting execution of
+    Dataset...", "Progress bars disabled...") are raised to ERROR and Ray
+    Data's execution notice is turned off for the run, then restored. The
+    driver's C++ core worker writes to file descriptor 2 (an error-level
+    line for every actor pool Ray Data starts, Ray's own doing:
+    ray-project/ray#57733); that is captured and shown only if the run
+    fails. With ``shown`` (``progress=True``), Ray Data draws its progress and
+    nothing is hidden.
+    """
+    context = ray.data.DataContext.get_current()
+    saved = (context.enable_progress_bars, context.print_on_execution_start)
+    loggers = [logging.getLogger(name) for name in ("ray", "ray.data")]
+    levels = [logger.level for logger in loggers]
+    context.enable_progress_bars = context.print_on_execution_start = shown
+    try:
+        if shown:
+            yield
+            return
+        for logger in loggers:
+            logger.setLevel(logging.ERROR)
+        with native_stderr_captured():
+            yield
+    finally:
+        context.enable_progress_bars, context.print_on_execution_start = saved
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
 
 
 class PredictWorker:
@@ -135,6 +182,7 @@ class PredictWorker:
             columns["megapixels"].append(result.megapixels)
             columns["computed_fraction"].append(result.computed_fraction)
             columns["seconds"].append(result.seconds)
+            columns["certificate"].append(result.certificate)
         return columns
 
 

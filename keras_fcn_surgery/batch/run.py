@@ -11,12 +11,15 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
-from keras_fcn_surgery.batch.job import BatchOptions, InputResult, predict_source
+from keras_fcn_surgery.batch.job import ONE_MAP_FORMATS, BatchOptions, InputResult, predict_source
 from keras_fcn_surgery.batch.outputs import check_formats, summary_line
+from keras_fcn_surgery.batch.regions import check_available as check_regions_available
 from keras_fcn_surgery.batch.sources import find_sources
+from keras_fcn_surgery.batch.writers import check_geojson
 from keras_fcn_surgery.errors import InputError, ModelFileError
+from keras_fcn_surgery.inference.certificate import DEFAULT_CELLS, check_cell_count
 from keras_fcn_surgery.inference.engines import check_engine
 from keras_fcn_surgery.inference.runner import progress_bar
 from keras_fcn_surgery.options import PREPROCESS_MODES
@@ -53,6 +56,7 @@ def predict_images(
     out_dir,
     *,
     formats="npz",
+    geojson: str = "regions",
     tile=None,
     batch_size: int | None = None,
     preprocess=None,
@@ -68,6 +72,8 @@ def predict_images(
     workers: int | None = None,
     progress: bool | None = None,
     execution: str = "auto",
+    certify: int = DEFAULT_CELLS,
+    output: str | None = None,
 ) -> BatchSummary:
     """Score maps for many images and whole slides, one output per input.
 
@@ -86,7 +92,9 @@ def predict_images(
             folder keep their path below it.
         formats: ``"npz"`` (``scores`` (H', W', K) float32 with the geometry;
             for a segmenter (`segmenter`), ``(H, W, K)`` logits, one per
-            pixel, with stride 1, offset 0 and a one-pixel window),
+            pixel, with stride 1, offset 0 and a one-pixel window; for a
+            model with several outputs, each output's map under its name,
+            and ``outputs``, the names in order),
             ``"zarr"`` (the same, chunked, written as tiles finish),
             ``"ome-zarr"`` (``<name>.ome.zarr``: an OME-Zarr 0.5 image for
             viewers, written as tiles finish: the scores as channels ``c, y,
@@ -94,11 +102,18 @@ def predict_images(
             labels (class k as k + 1, 0 where not computed), each cell placed
             at its window's centre on the slide, in micrometres when the
             slide records its resolution; see `batch.ome_zarr`),
-            ``"geojson"`` or ``"csv"`` (one polygon per cell, in level-0
-            pixels, with its top class and probability; for a segmenter, one
-            polygon with holes per connected region of a class, with its
-            pixel count and mean probability); several as a list or
-            ``"npz,geojson"``.
+            ``"geojson"`` (polygons in level-0 pixels: see ``geojson``),
+            ``"csv"`` (one row per cell: its box in level-0 pixels, top class
+            and probability; for a segmenter, one row per connected region
+            of a class, with its pixel count, mean probability and box);
+            several as a list or ``"npz,geojson"``.
+        geojson: what a GeoJSON output holds: ``"regions"`` (default), one
+            polygon (with holes) per connected region of neighbouring cells
+            with the same top class, covering exactly the union of their
+            boxes, with the class, cell count and the mean and largest
+            probability of the class (needs scikit-image); or ``"cells"``,
+            one polygon per computed cell (a segmenter's: per pixel) with its
+            top class and probability.
         tile: tile side in pixels (exact tiling); default: whole images up to
             2048 pixels a side, tiles of 1024 above.
         batch_size: tiles per forward pass (see `predict_map`).
@@ -114,7 +129,8 @@ def predict_images(
             named like the inputs. Tiles without foreground are neither read
             nor computed; cells outside the mask are NaN.
         overwrite: recompute and replace existing outputs.
-        class_names: names of the K classes for GeoJSON/CSV/OME-Zarr.
+        class_names: names of the K classes for GeoJSON/CSV/OME-Zarr (of the
+            output they describe).
         head: for a classifier with a global-pooling head, see `convert`.
         input_size: the classifier's original input size when it takes any size.
         engine: ``"local"`` or ``"ray"`` (Ray Data; extra ``ray``).
@@ -126,6 +142,18 @@ def predict_images(
             ``"auto"`` (measured on this machine), ``"tf"``, ``"xla"`` or
             ``"blas"``. (Here ``engine`` already names where the inputs run,
             locally or on Ray.)
+        certify: cells of each score map to compare with the classifier on
+            the crops they stand for (`certify_map`; 0: none). The figures go
+            into the npz/zarr metadata as ``certificate_<name>`` and into
+            each `InputResult`'s ``certificate`` line; an `InexactMapWarning`
+            says when cells differ (``same`` padding). Segmenters' per-pixel
+            maps are not certified; of a model with several outputs, the map
+            of ``output`` is (``certificate_output`` names it).
+        output: for a model with several outputs, the one GeoJSON, CSV and
+            OME-Zarr describe and ``certify`` certifies; default: the first
+            that ends in a softmax or sigmoid (npz and zarr hold every
+            output, each under its name). The outputs must share one grid
+            (`geometry`).
 
     Returns:
         A `BatchSummary`.
@@ -133,7 +161,7 @@ def predict_images(
     Raises:
         ModelFileError: for inputs that name no file, or a model that cannot
             be loaded; raised before any input is computed.
-        InputError: for an unusable option (formats, level with mpp,
+        InputError: for an unusable option (formats, geojson, level with mpp,
             preprocess, engine, execution, class names, a missing optional
             package),
             also before any input is computed.
@@ -141,6 +169,7 @@ def predict_images(
     """
     options = BatchOptions(
         formats=check_formats(formats),
+        geojson=check_geojson(geojson),
         tile=tile,
         batch_size=batch_size,
         preprocess=_check_preprocess(preprocess),
@@ -151,19 +180,29 @@ def predict_images(
         class_names=tuple(class_names) if class_names is not None else None,
         progress=progress,
         execution=check_engine(execution),
+        output=output,
     )
     if level is not None and mpp is not None:
         raise InputError("Give a pyramid level or a resolution in microns per pixel (mpp), not both.")
     if engine not in ENGINES:
         raise InputError(f"Expected `engine` to be one of {ENGINES}. Received: engine={engine!r}")
+    if "geojson" in options.formats and options.geojson == "regions":
+        check_regions_available()
     sources = find_sources(inputs)
     out_dir = os.path.abspath(os.fspath(out_dir))
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise ModelFileError(f"Output folder '{out_dir}' is a file.")
-    from keras_fcn_surgery.surgery.fcn import as_fcn
+    from keras_fcn_surgery.errors import ConversionError
+    from keras_fcn_surgery.saving.loading import as_model
+    from keras_fcn_surgery.surgery.fcn import as_fcn, source_of
 
-    fcn = as_fcn(model, head=head, input_size=input_size)
-    _check_class_names(fcn, options.class_names)
+    if certify:
+        check_cell_count(certify, "certify")
+    loaded = as_model(model, None, error_class=ConversionError)  # kept: the certificates run the classifier
+    fcn = as_fcn(loaded, head=head, input_size=input_size)
+    if certify:  # Ray's workers get the FCN without its record of the classifier's size
+        options = replace(options, certify=certify, certify_size=source_of(fcn)[1] or _pair_or_none(input_size))
+    _check_outputs(fcn, options)
     from keras_fcn_surgery.saving.atomic import Interrupted
 
     results: list = []
@@ -191,6 +230,10 @@ def predict_images(
     return BatchSummary(results, time.perf_counter() - start)
 
 
+def _pair_or_none(size):
+    return None if size is None else (int(size[0]), int(size[1]))
+
+
 def _check_preprocess(preprocess):
     if preprocess is None or callable(preprocess) or preprocess in PREPROCESS_MODES:
         return preprocess
@@ -210,11 +253,21 @@ def _check_mask(mask):
     return mask
 
 
-def _check_class_names(fcn, class_names) -> None:
-    if class_names is None:
-        return
-    from keras_fcn_surgery.graph import model_layout
+def _check_outputs(fcn, options) -> None:
+    """Before any input: the output GeoJSON/CSV describe, its class names, and maps every format can hold."""
+    from keras_fcn_surgery.surgery.fcn import fcn_spec
 
-    classes = int(model_layout(fcn).channels(fcn.outputs[0].shape))
-    if len(class_names) != classes:
-        raise InputError(f"{len(class_names)} class names were given; the model has {classes} classes.")
+    spec = fcn_spec(fcn)
+    if options.output is not None or options.class_names is not None or set(ONE_MAP_FORMATS) & set(options.formats):
+        shown = spec.outputs[spec.output_index(options.output)]  # an unknown name is refused here
+        if options.class_names is not None and len(options.class_names) != shown.classes:
+            where = f" (output {shown.name!r})" if spec.several else ""
+            raise InputError(
+                f"{len(options.class_names)} class names were given; the model has {shown.classes} classes{where}."
+            )
+    if spec.several:
+        from keras_fcn_surgery.batch.writers import check_map_names
+        from keras_fcn_surgery.grid.geometry import geometry
+
+        check_map_names(spec.names)
+        geometry(fcn)  # raises, naming each output's grid, when the outputs do not share one

@@ -19,10 +19,15 @@ import numpy as np
 from keras_fcn_surgery.batch import regions
 from keras_fcn_surgery.batch.cells import cell_edges
 from keras_fcn_surgery.errors import InputError, ModelFileError
+from keras_fcn_surgery.options import GEOJSON_FEATURES
 from keras_fcn_surgery.saving.atomic import make_temporary_dir, remove_tree
 
 # Map rows read at a time when writing cells out of a (possibly zarr) score map.
 _ROWS_PER_BAND = 64
+# The key (npz) and array name (zarr) of a one-output model's map; a model with several outputs writes each
+# map under its output's name instead, and lists the names, in order, under `OUTPUTS`.
+SCORES = "scores"
+OUTPUTS = "outputs"
 
 
 @dataclass(frozen=True)
@@ -40,6 +45,9 @@ class MapInfo:
         computed_fraction: the share of the unmasked pass's work computed (less than 1 with a mask).
         per_pixel: a segmenter's map, one cell per pixel (GeoJSON and CSV then
             describe regions, not cells).
+        certificate: the figures of the map's `MapCertificate` (its
+            ``metadata()``), stored as ``certificate_<name>``; None when the
+            map was not certified.
     """
 
     source: str
@@ -51,6 +59,14 @@ class MapInfo:
     receptive_field: tuple[int, int]
     computed_fraction: float
     per_pixel: bool = False
+    certificate: dict | None = None
+
+    def fields(self) -> dict:
+        """The metadata as flat values: the certificate's as ``certificate_<name>`` (none without one)."""
+        values = asdict(self)
+        certificate = values.pop("certificate") or {}
+        values.update({f"certificate_{name}": value for name, value in certificate.items()})
+        return values
 
 
 @contextlib.contextmanager
@@ -97,24 +113,52 @@ def _replace(source: str, target: str, overwrite: bool) -> None:
     os.replace(source, target)
 
 
-def create_zarr_scores(path: str, shape, *, chunk_rows: int = 256):
-    """A float32 zarr array ``scores`` of ``shape`` ``(H', W', K)``, NaN until written, in a new group at ``path``."""
+def create_zarr_scores(path: str, shape, *, name: str = SCORES, chunk_rows: int = 256):
+    """A float32 zarr array ``name`` of ``shape`` ``(H', W', K)``, NaN until written, in the group at ``path``
+    (created when missing: one array per output of a model with several)."""
     zarr = _zarr()
-    group = zarr.open_group(path, mode="w")
+    group = zarr.open_group(path, mode="a")
     chunks = (min(chunk_rows, shape[0]), min(chunk_rows, shape[1]), shape[2])
-    return group.create_array("scores", shape=tuple(shape), chunks=chunks, dtype="float32", fill_value=np.nan)
+    return group.create_array(name, shape=tuple(shape), chunks=chunks, dtype="float32", fill_value=np.nan)
 
 
-def finish_zarr(path: str, info: MapInfo) -> None:
-    """Record ``info`` in the attributes of the zarr group at ``path``."""
+def finish_zarr(path: str, info: MapInfo, outputs=()) -> None:
+    """Record ``info`` in the attributes of the zarr group at ``path`` (and ``outputs``, the maps' names in
+    order, for a model with several)."""
     group = _zarr().open_group(path, mode="r+")
-    group.attrs.update(_plain(asdict(info)))
+    group.attrs.update(_plain(info.fields()))
+    if outputs:
+        group.attrs[OUTPUTS] = list(outputs)
+
+
+def check_map_names(names) -> None:
+    """Refuse output names that the npz output could not store beside its metadata fields.
+
+    Raises:
+        InputError: naming the output that clashes.
+    """
+    fields = sorted({*MapInfo.__dataclass_fields__, OUTPUTS} - {"certificate"})
+    clashes = [name for name in names if name in fields or name.startswith("certificate_")]
+    if clashes:
+        raise InputError(
+            f"The model's output {clashes[0]!r} has the name of a field the npz output stores beside the maps "
+            f"({', '.join(fields)}, certificate_*); rename that output's layer."
+        )
 
 
 def write_npz(path: str, scores, info: MapInfo) -> None:
-    """``scores`` (H', W', K float32) and ``info``'s fields as arrays of one npz file."""
-    arrays = {key: np.asarray(value) for key, value in asdict(info).items()}
-    arrays["scores"] = np.asarray(scores, dtype=np.float32)
+    """``scores`` (H', W', K float32) and ``info``'s fields as arrays of one npz file.
+
+    ``scores`` may be a dict of maps by output name (a model with several
+    outputs): each is stored under its name, and ``outputs`` lists the names.
+    """
+    arrays = {key: np.asarray(value) for key, value in info.fields().items()}
+    maps = scores if isinstance(scores, dict) else {SCORES: scores}
+    if isinstance(scores, dict):
+        check_map_names(maps)
+        arrays[OUTPUTS] = np.asarray(list(maps))
+    for name, cell_map in maps.items():
+        arrays[name] = np.asarray(cell_map, dtype=np.float32)
     with open(path, "wb") as handle:
         np.savez(handle, **arrays)  # type: ignore[arg-type]
 
@@ -159,15 +203,31 @@ def cell_polygons(rows, cols, info: MapInfo):
     return left * dx, top * dy, right * dx, bottom * dy
 
 
-def write_geojson(path: str, scores, info: MapInfo, class_names=None) -> None:
-    """One GeoJSON Polygon feature per computed cell, in level-0 pixels, for QuPath.
+def corner_positions(x, y, info: MapInfo):
+    """Corners ``(x, y)`` of the cell grid (corner ``(j, i)``: the top-left corner of cell ``(i, j)``'s box) in
+    level-0 pixels: where the boxes of `cell_polygons` meet, so a polygon along cell edges covers exactly the
+    union of its cells' boxes."""
+    left, _ = cell_edges(x, info.stride[1], info.receptive_field[1], info.offset[1])
+    top, _ = cell_edges(y, info.stride[0], info.receptive_field[0], info.offset[0])
+    dy, dx = info.downsample
+    return left * dx, top * dy
 
-    Each feature is a QuPath detection whose classification is the top class
-    and whose measurements hold its probability; ``row``/``col`` locate the
-    cell in the score map. A per-pixel map (a segmenter's) gives one QuPath
-    annotation per connected region of a class instead (see `regions`).
+
+def write_geojson(path: str, scores, info: MapInfo, class_names=None, *, geojson: str = "regions") -> None:
+    """A GeoJSON FeatureCollection of the computed cells, in level-0 pixels, for QuPath.
+
+    ``geojson="regions"`` (the default): one QuPath annotation per connected
+    region of neighbouring cells with the same top class (see `regions`), a
+    Polygon with holes along the cells' box edges, so it covers exactly the
+    union of its cells' boxes; its measurements hold its number of cells
+    (``pixels`` for a segmenter's per-pixel map) and the mean and largest
+    probability of its class over them. ``geojson="cells"``: one QuPath
+    detection per computed cell whose classification is the top class and
+    whose measurements hold its probability; ``row``/``col`` locate the cell
+    in the score map. Cells not computed (NaN, masked out) are in no feature.
     """
-    if info.per_pixel:
+    check_geojson(geojson)
+    if geojson == "regions":
         _write_region_geojson(path, scores, info, class_names)
         return
     with open(path, "w", encoding="utf-8") as handle:
@@ -192,6 +252,13 @@ def write_geojson(path: str, scores, info: MapInfo, class_names=None) -> None:
                 handle.write(separator + json.dumps(feature))
                 separator = ",\n"
         handle.write("\n]}\n")
+
+
+def check_geojson(geojson) -> str:
+    """``geojson`` when it is one of `GEOJSON_FEATURES`; else `InputError`."""
+    if geojson not in GEOJSON_FEATURES:
+        raise InputError(f"Expected `geojson` to be one of {GEOJSON_FEATURES}. Received: geojson={geojson!r}")
+    return geojson
 
 
 def write_csv(path: str, scores, info: MapInfo, class_names=None) -> None:
@@ -227,19 +294,26 @@ def write_csv(path: str, scores, info: MapInfo, class_names=None) -> None:
 
 def _write_region_geojson(path: str, scores, info: MapInfo, class_names) -> None:
     labels, probability = regions.label_map(scores, top_classes)
-    dy, dx = info.downsample
+    count = "pixels" if info.per_pixel else "cells"
     with open(path, "w", encoding="utf-8") as handle:
         handle.write('{"type": "FeatureCollection", "features": [')
         separator = "\n"
         for region in regions.regions(labels, probability):
-            rings = [[[float(x) * dx, float(y) * dy] for x, y in ring] for ring in region.rings]
+            rings = []
+            for ring in region.rings:
+                x, y = corner_positions(ring[:, 0], ring[:, 1], info)
+                rings.append(np.stack([x, y], axis=-1).tolist())
             feature = {
                 "type": "Feature",
                 "geometry": {"type": "Polygon", "coordinates": rings},
                 "properties": {
                     "objectType": "annotation",
                     "classification": {"name": _class_name(region.label, class_names)},
-                    "measurements": {"pixels": region.pixels, "mean probability": region.mean_probability},
+                    "measurements": {
+                        count: region.pixels,
+                        "mean probability": region.mean_probability,
+                        "max probability": region.max_probability,
+                    },
                     "class": region.label,
                 },
             }

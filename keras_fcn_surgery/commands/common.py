@@ -82,15 +82,19 @@ def parse_size(text: str) -> tuple[int, int]:
     return (values[0], values[1])
 
 
-def positive_int(text: str) -> int:
-    """An integer >= 1, for sizes and counts (argparse turns the error into exit code 2)."""
+def _int_at_least(text: str, low: int, what: str) -> int:
     try:
         value = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+    if value < low:
+        raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
     return value
+
+
+def positive_int(text: str) -> int:
+    """An integer >= 1, for sizes and counts (argparse turns the error into exit code 2)."""
+    return _int_at_least(text, 1, "a positive integer")
 
 
 def _raise_on_signals(exception_class) -> dict:
@@ -162,6 +166,25 @@ def quiet_tensorflow_import() -> None:
 
 
 EXECUTIONS = ("auto", "tf", "xla", "blas")
+
+
+def non_negative_int(text: str) -> int:
+    """An integer >= 0, for counts where 0 turns something off."""
+    return _int_at_least(text, 0, "an integer >= 0")
+
+
+def add_certify_argument(parser) -> None:
+    """``--certify N``: cells of each map compared with the classifier on their crops (0: none)."""
+    from keras_fcn_surgery.options import CERTIFIED_CELLS
+
+    parser.add_argument(
+        "--certify",
+        type=non_negative_int,
+        default=CERTIFIED_CELLS,
+        metavar="N",
+        help=f"compare N sampled map cells with the classifier on the crops they stand for and print the "
+        f"differences (default {CERTIFIED_CELLS}; 0: off); `same` padding makes them differ",
+    )
 
 
 def add_execution_argument(parser) -> None:

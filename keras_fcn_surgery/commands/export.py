@@ -65,9 +65,7 @@ def run(args) -> int:
     if args.quantize and args.format != "tflite":
         print("error: --quantize applies to --format tflite only.", file=sys.stderr)
         return EXIT_USAGE
-    options = dict(
-        overwrite=args.overwrite, convert=not args.no_convert, head=args.head, input_size=args.input_size
-    )
+    options = dict(overwrite=args.overwrite, convert=not args.no_convert, head=args.head, input_size=args.input_size)
     if args.format == "savedmodel":
         options.update(version=args.version, preprocess=args.preprocess)
     elif args.format == "tflite":

@@ -7,6 +7,7 @@ import sys
 from keras_fcn_surgery.commands.common import (
     EXIT_OK,
     EXIT_USAGE,
+    add_certify_argument,
     add_execution_argument,
     parse_size,
     positive_int,
@@ -33,6 +34,11 @@ def add_parser(subparsers) -> None:
     parser.add_argument(
         "--tile", type=positive_int, help="tile side in pixels for large images (exact; default: one pass)"
     )
+    parser.add_argument(
+        "--output-name",
+        metavar="NAME",
+        help="for a model with several outputs, the one to show (default: the first ending in a softmax or sigmoid)",
+    )
     parser.add_argument("--class-names", help="text file with one class name per line (default: ImageNet if K=1000)")
     parser.add_argument("--top", type=positive_int, default=5, help="how many top classes to print (default 5)")
     parser.add_argument(
@@ -45,38 +51,52 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--head", choices=HEADS, default="window", help="global-pooling heads")
     parser.add_argument("--input-size", type=parse_size, help="original input size HxW when the model takes any size")
     add_execution_argument(parser)
+    add_certify_argument(parser)
     parser.set_defaults(run=run, output_suffix=".png")
 
 
 def run(args) -> int:
 
     import keras_fcn_surgery as kfs
+    from keras_fcn_surgery.cli import cli_message
     from keras_fcn_surgery.exporting.preprocessing import pixel_function
     from keras_fcn_surgery.graph import model_layout
+    from keras_fcn_surgery.inference.certificate import certificate_or_reason
     from keras_fcn_surgery.inference.heatmap import class_probabilities, heat_range
     from keras_fcn_surgery.saving.atomic import atomic_output, check_output_path
     from keras_fcn_surgery.saving.images import read_image
 
     check_output_path(args.output, suffix=".png", overwrite=args.overwrite)  # before any work
-    fcn = kfs.as_fcn(kfs.load_model(args.model), head=args.head, input_size=args.input_size)
+    model = kfs.load_model(args.model)  # kept: the certificate runs the classifier on crops
+    fcn = kfs.as_fcn(model, head=args.head, input_size=args.input_size)
+    spec = kfs.fcn_spec(fcn)
+    shown = spec.names[spec.output_index(args.output_name)]  # an unknown name is refused before any work
     layout = model_layout(fcn)
-    channels = int(layout.channels(fcn.inputs[0].shape))
-    pixels = read_image(args.image, channels)
-    scores = kfs.predict_map(
-        fcn,
-        layout.image_from_channels_last(pixels),
-        tile=args.tile,
-        preprocess=pixel_function(args.preprocess, layout.data_format),
-        progress=None,
-        engine=args.execution,
-    )
-    scores = layout.image_to_channels_last(scores)
+    pixels = read_image(args.image, spec.channels)
+    image = layout.image_from_channels_last(pixels)
+    preprocess = pixel_function(args.preprocess, layout.data_format)
+    maps = kfs.predict_map(fcn, image, tile=args.tile, preprocess=preprocess, progress=None, engine=args.execution)
+    if spec.several:
+        others = ", ".join(name for name in spec.names if name != shown)
+        print(f"output {shown!r} of {len(spec.names)} (the others: {others}; --output-name to choose)")
+    if args.certify:
+        _, line = certificate_or_reason(
+            fcn,
+            image,
+            maps,
+            args.certify,
+            input_size=args.input_size,
+            preprocess=preprocess,
+            output=shown if spec.several else None,
+        )
+        print(cli_message(line))
+    scores = layout.image_to_channels_last(maps[shown] if spec.several else maps)
     classes = scores.shape[-1]
     if not 0 <= args.class_index < classes:
         print(f"error: --class {args.class_index} is out of range: the model has {classes} classes.", file=sys.stderr)
         return EXIT_USAGE
     names = read_class_names(args.class_names, classes)
-    grid = kfs.geometry(fcn)
+    grid = kfs.geometry(fcn, output=shown if spec.several else None)
     probabilities = class_probabilities(scores)
     _print_top(probabilities, names, grid, pixels.shape[:2], args.top)
     value_range = (0.0, 1.0) if args.absolute else heat_range(probabilities[..., args.class_index])

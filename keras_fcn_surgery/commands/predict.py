@@ -8,12 +8,13 @@ import sys
 from keras_fcn_surgery.commands.common import (
     EXIT_CONVERSION,
     EXIT_OK,
+    add_certify_argument,
     add_execution_argument,
     parse_size,
     positive_int,
     read_class_names,
 )
-from keras_fcn_surgery.options import PREPROCESS_MODES
+from keras_fcn_surgery.options import GEOJSON_FEATURES, PREPROCESS_MODES
 
 _FORMATS = "npz, zarr, ome-zarr, geojson, csv"
 
@@ -38,6 +39,13 @@ def add_parser(subparsers) -> None:
     parser.add_argument(
         "--format", default="npz", help=f"output formats, comma-separated, among {_FORMATS} (default npz)"
     )
+    parser.add_argument(
+        "--geojson",
+        choices=GEOJSON_FEATURES,
+        default="regions",
+        help="GeoJSON features: regions (default: one polygon per connected region of neighbouring cells with the "
+        "same top class) or cells (one polygon per cell)",
+    )
     parser.add_argument("--overwrite", action="store_true", help="recompute inputs whose outputs exist")
     parser.add_argument("--tile", type=positive_int, help="tile side in pixels (exact; default 1024 above 2048 a side)")
     parser.add_argument("--batch-size", type=int, help="tiles per forward pass")
@@ -58,9 +66,16 @@ def add_parser(subparsers) -> None:
         help="auto (tissue by Otsu on a low-resolution level), none, a mask image, or a folder of masks named "
         "like the inputs",
     )
+    parser.add_argument(
+        "--output-name",
+        metavar="NAME",
+        help="for a model with several outputs, the one GeoJSON/CSV/OME-Zarr describe (default: the first ending "
+        "in a softmax or sigmoid; npz/zarr hold every output)",
+    )
     parser.add_argument("--class-names", help="text file with one class name per line (GeoJSON/CSV/OME-Zarr)")
     parser.add_argument("--engine", choices=("local", "ray"), default="local", help="local (default) or Ray Data")
     add_execution_argument(parser)
+    add_certify_argument(parser)
     parser.add_argument("--ray-address", help="Ray cluster to join (default: $RAY_ADDRESS, else a local Ray)")
     parser.add_argument("--workers", type=int, help="Ray workers (default: one per CPU, or per GPU)")
     parser.set_defaults(run=run, early=nothing_to_do)
@@ -89,6 +104,7 @@ def nothing_to_do(args) -> int | None:
 
 def run(args) -> int:
     from keras_fcn_surgery.batch.run import predict_images
+    from keras_fcn_surgery.cli import cli_message
 
     # SIGINT/SIGTERM unwind through the writers (cli.main installs the handlers), so nothing partial stays.
     summary = predict_images(
@@ -96,6 +112,7 @@ def run(args) -> int:
         args.inputs,
         args.out,
         formats=args.format,
+        geojson=args.geojson,
         tile=args.tile,
         batch_size=args.batch_size,
         preprocess=args.preprocess,
@@ -111,10 +128,14 @@ def run(args) -> int:
         ray_address=args.ray_address,
         workers=args.workers,
         progress=None,
+        output=args.output_name,
+        certify=args.certify,
     )
     for result in summary.results:
         if result.status == "done" and args.mask != "none":
             print(f"{result.source}: {100 * result.computed_fraction:.1f}% of the tiles computed")
+        if result.status == "done" and result.certificate:
+            print(f"{result.source}: {cli_message(result.certificate)}")
     for result in summary.failed:
         print(f"failed: {result.message}", file=sys.stderr)
     print(f"predict: {summary.line()}")

@@ -7,6 +7,8 @@ the formats (`savedmodel.SavedModelFormat`, `onnx.OnnxFormat`,
 
 from __future__ import annotations
 
+import os
+import tempfile
 import warnings
 from dataclasses import fields
 
@@ -17,15 +19,17 @@ from keras_fcn_surgery.exporting.pipeline import (
     ExportResult,
     check_batches,
     compare_outputs,
+    keras_maps,
     resolve_check_sizes,
     run_check_script,
 )
-from keras_fcn_surgery.exporting.savedmodel import SavedModelFormat
+from keras_fcn_surgery.exporting.savedmodel import SavedModelFormat, signature_outputs
 from keras_fcn_surgery.exporting.tflite import TfliteFormat
 from keras_fcn_surgery.options import EXPORT_FORMATS
 from keras_fcn_surgery.saving.atomic import pause_point
 from keras_fcn_surgery.saving.loading import as_model
 from keras_fcn_surgery.surgery.fcn import as_fcn, original_size
+from keras_fcn_surgery.surgery.verify import logits_of, tolerance_for
 
 # The formats by name, in the order of `options.EXPORT_FORMATS` (the CLI's choices).
 FORMATS: dict[str, type[ExportFormat]] = {kind.name: kind for kind in (SavedModelFormat, OnnxFormat, TfliteFormat)}
@@ -45,6 +49,10 @@ def export(
     **options,
 ) -> ExportResult:
     """Write a model as a SavedModel, an ONNX or a TFLite file with free height and width, and prove it runs.
+
+    A model with several outputs keeps them all: the export returns one map
+    per output, named by the output's name (`signature_outputs`; ``scores``
+    for a model of one output), and the check compares every one.
 
     The export is written under a hidden temporary name beside ``path``,
     loaded in a fresh Python process that cannot import this package, run at
@@ -102,10 +110,16 @@ def export(
         pause_point("write")
         kind.write(fcn, temporary)
         pause_point("check")
-        checks = _check(kind, fcn, temporary, sizes)
+        checks, output_checks = _check(kind, fcn, temporary, sizes)
         pause_point("publish")
     _warn_if_uninformative(fcn, format, checks)
-    return ExportResult(path=destination.path, version=destination.version, checks=checks, note=kind.note(checks))
+    return ExportResult(
+        path=destination.path,
+        version=destination.version,
+        checks=checks,
+        note=kind.note(checks),
+        output_checks=output_checks,
+    )
 
 
 def export_format(format: str, **options) -> ExportFormat:
@@ -127,11 +141,11 @@ def export_format(format: str, **options) -> ExportFormat:
 
 
 def _fcn_to_export(source, *, convert: bool, head: str, input_size):
-    """The one-input, one-output FCN to export: ``source`` itself, or its conversion (`as_fcn`)."""
-    if len(source.inputs) != 1 or len(source.outputs) != 1:
+    """The one-input FCN to export: ``source`` itself, or its conversion (`as_fcn`); one map per output."""
+    if len(source.inputs) != 1:
         raise ExportError(
             f"Model '{source.name}' has {len(source.inputs)} inputs and {len(source.outputs)} outputs; a serving "
-            "export takes one image input and returns one score map."
+            "export takes one image input (and returns one score map per output)."
         )
     try:
         return as_fcn(source, head=head, input_size=input_size, convert=convert)
@@ -143,13 +157,14 @@ def _fcn_to_export(source, *, convert: bool, head: str, input_size):
 
 
 def _warn_if_uninformative(fcn, format: str, checks) -> None:
-    """Warn when the export's check could not tell a right file from a wrong one (its outputs hardly vary)."""
+    """Warn when the export's check could not tell a right file from a wrong one: what it compares (the logits,
+    as `convert` does, where the model has them) hardly varies with the check images."""
     if all(check.informative for check in checks):
         return
     warnings.warn(
-        f"The check of the {format} export of '{fcn.name}' proves little: the model's outputs hardly vary with "
-        "the check images (an untrained network, or a softmax over collapsed features gives "
-        "the same scores everywhere), so a broken export would pass too. Load trained weights, and verify the "
+        f"The check of the {format} export of '{fcn.name}' proves little: the model's {checks[0].compared} hardly "
+        "vary with the check images (an untrained network, or collapsed features give the same scores "
+        "everywhere), so a broken export would pass too. Load trained weights, and verify the "
         "conversion on real images: `convert(model, verify_inputs=images)` (CLI: `--verify-images DIR`).",
         UninformativeVerificationWarning,
         stacklevel=3,
@@ -157,11 +172,54 @@ def _warn_if_uninformative(fcn, format: str, checks) -> None:
 
 
 def _check(kind: ExportFormat, fcn, path: str, sizes):
-    """Run the written export in a fresh process at each size and compare it with the Keras model."""
+    """Run the written export in a fresh process at each size and compare it with the Keras model.
+
+    Returns ``(checks, output_checks)`` (see `ExportResult`). For a model
+    ending in a softmax or sigmoid, ``checks`` compare what `convert`
+    compares, the logits: the same writer also writes a *twin* of the export
+    that stops before that activation (`surgery.verify.logits_of`), run in
+    the same process; its logits are checked first, then the file's own
+    outputs. Probabilities alone prove little: a softmax of tiny logits is
+    constant, and a confident one saturates, whatever the file computes
+    before it.
+    """
     batches = check_batches(fcn, sizes)
     what = kind.what.format(name=fcn.name)
-    outputs = run_check_script(kind.check_script, path, kind.check_inputs(fcn, batches), what=what)
-    return compare_outputs(fcn, batches, kind.check_outputs(fcn, outputs), what=what, enforce=kind.enforce)
+    tolerance = tolerance_for(fcn)
+    expected = keras_maps(fcn, batches)
+    inputs = kind.check_inputs(fcn, batches)
+    with tempfile.TemporaryDirectory(prefix="kfs-twin-") as scratch:
+        with logits_of(fcn) as (logits, compared):
+            paths = [path]
+            if compared != "outputs":
+                paths.append(os.path.join(scratch, "logits" + os.path.splitext(path)[1]))
+                kind.twin().write(logits, paths[1])
+                expected_logits = keras_maps(logits, batches)
+                logit_names = signature_outputs(logits)
+        outputs = run_check_script(kind.check_script, paths, inputs, what=what)
+    logit_checks: tuple = ()
+    if compared != "outputs":
+        logit_checks = compare_outputs(
+            expected_logits,
+            batches,
+            kind.check_outputs(fcn, outputs[1]),
+            what=f"{what} (checked on its {compared}: a twin of the file, written without the final activation)",
+            enforce=kind.enforce,
+            tolerance=tolerance,
+            compared=compared,
+            names=logit_names,
+            labels=signature_outputs(fcn),
+        )
+    output_checks = compare_outputs(
+        expected,
+        batches,
+        kind.check_outputs(fcn, outputs[0]),
+        what=what,
+        enforce=kind.enforce,
+        tolerance=tolerance,
+        names=signature_outputs(fcn),
+    )
+    return (logit_checks, output_checks) if logit_checks else (output_checks, ())
 
 
 def export_savedmodel(

@@ -3,7 +3,8 @@
 Needs the optional packages ``onnx``, ``onnxruntime`` and ``tf2onnx``
 (``pip install keras-fcn-surgery[onnx]``). The input is named ``images``
 with dimensions ``batch``, ``height``, ``width``, and the output ``scores``
-with ``batch``, ``map_height``, ``map_width``. Unlike the SavedModel, the
+with ``batch``, ``map_height``, ``map_width`` (a model with several outputs:
+one per output, named by its name, with ``NAME_height``, ``NAME_width``). Unlike the SavedModel, the
 ONNX graph keeps the model's own layout: NCHW for a channels-first model.
 
 Memory: tf2onnx converts a *frozen* graph, and a frozen graph carries every
@@ -32,7 +33,7 @@ import numpy as np
 
 from keras_fcn_surgery.errors import ExportError, ModelFileError, first_line
 from keras_fcn_surgery.exporting.pipeline import FileFormat, image_channels
-from keras_fcn_surgery.exporting.savedmodel import INPUT_NAME, OUTPUT_NAME
+from keras_fcn_surgery.exporting.savedmodel import INPUT_NAME, signature_outputs
 from keras_fcn_surgery.graph import model_layout, patch_tf2onnx
 from keras_fcn_surgery.layout import Layout
 
@@ -44,12 +45,16 @@ import numpy as np
 import onnx
 import onnxruntime
 
-path, inputs_file, outputs_file = sys.argv[1:4]
-onnx.checker.check_model(path)
-session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
-inputs = np.load(inputs_file)
-outputs = {key: session.run(["scores"], {"images": inputs[key]})[0] for key in inputs.files}
-np.savez(outputs_file, **outputs)
+inputs = np.load(sys.argv[1])
+for path, outputs_file in zip(sys.argv[2::2], sys.argv[3::2]):
+    onnx.checker.check_model(path)
+    session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
+    names = [output.name for output in session.get_outputs()]
+    outputs = {}
+    for key in inputs.files:
+        for name, value in zip(names, session.run(names, {"images": inputs[key]})):
+            outputs[key + "/" + name] = value
+    np.savez(outputs_file, **outputs)
 """
 
 
@@ -87,8 +92,7 @@ def _require_onnx():
     missing = [name for name in ONNX_PACKAGES if importlib.util.find_spec(name) is None]
     if missing:
         raise ExportError(
-            f"ONNX export needs {', '.join(missing)}, which is not installed: "
-            "pip install keras-fcn-surgery[onnx]"
+            f"ONNX export needs {', '.join(missing)}, which is not installed: pip install keras-fcn-surgery[onnx]"
         )
     return importlib.import_module("onnx"), importlib.import_module("onnxruntime")
 
@@ -111,7 +115,7 @@ _PROTOBUF_LIMIT = 2**31 - 1
 def _write_onnx(fcn, temporary: str, onnx, opset) -> None:
     """Convert the weight-free structure with tf2onnx, then stream the weights into the file."""
     structure, weight_inputs = _convert_structure(fcn, onnx, opset)
-    _name_io(structure, model_layout(fcn))
+    _name_io(structure, model_layout(fcn), signature_outputs(fcn))
     variables = list(fcn.trainable_variables) + list(fcn.non_trainable_variables)
     used = {name for node in structure.graph.node for name in node.input} | {v.name for v in structure.graph.output}
     initializers = []
@@ -160,9 +164,7 @@ def _convert_structure(fcn, onnx, opset):
             # Keras's tf2onnx patch probes the removed `np.object` and warns about it.
             warnings.simplefilter("ignore", FutureWarning)
             patch_tf2onnx()
-            proto, _ = tf2onnx.convert.from_function(
-                function, input_signature=[image_spec, *weight_specs], opset=opset
-            )
+            proto, _ = tf2onnx.convert.from_function(function, input_signature=[image_spec, *weight_specs], opset=opset)
     except ImportError as error:
         raise ExportError(f"ONNX export failed: {error}. pip install keras-fcn-surgery[onnx]") from error
     except Exception as error:
@@ -227,15 +229,20 @@ def _rename(graph, old: str, new: str) -> None:
             value.name = new
 
 
-def _name_io(proto, layout: Layout) -> None:
-    """Rename the graph output to ``scores`` and give the free dimensions readable names."""
+def _name_io(proto, layout: Layout, outputs) -> None:
+    """Name the graph outputs ``outputs`` (`signature_outputs`) and give the free dimensions readable names."""
     graph = proto.graph
-    if len(graph.output) != 1:
-        raise ExportError(f"Expected one ONNX output, got {len(graph.output)}.")
-    _rename(graph, graph.output[0].name, OUTPUT_NAME)
+    if len(graph.output) != len(outputs):
+        raise ExportError(f"Expected {len(outputs)} ONNX outputs ({', '.join(outputs)}), got {len(graph.output)}.")
+    for value, name in zip(list(graph.output), outputs):
+        _rename(graph, value.name, name)
     image = [value for value in graph.input if value.name == INPUT_NAME]
     axes = (0, *layout.spatial_axes)
-    named = ((image[0], ("batch", "height", "width")), (graph.output[0], ("batch", "map_height", "map_width")))
+    one = len(outputs) == 1
+    named = [(image[0], ("batch", "height", "width"))]
+    for value in graph.output:
+        prefix = "map" if one else value.name
+        named.append((value, ("batch", f"{prefix}_height", f"{prefix}_width")))
     for value, names in named:
         dims = value.type.tensor_type.shape.dim
         for axis, name in zip(axes, names, strict=True):

@@ -5,15 +5,17 @@ options checked first) -> refuse a bad output path -> load or convert the
 model (`surgery.fcn.as_fcn`) -> the format's checks on the FCN -> pick the
 check sizes -> temporary path (a hidden, pid-stamped name beside the output,
 see `saving.atomic`) -> write -> check in a fresh process against Keras ->
-publish (an atomic rename). A format (`savedmodel.py`, `onnx.py`,
-`tflite.py`) is an `ExportFormat`: it writes its file and supplies the small
-script that runs it; nothing else.
+publish (an atomic rename). The check compares what `convert` compares, by
+the same rule: the logits where the model ends in a softmax or sigmoid (a
+twin of the file written without it, run in the same process), then the
+file's own outputs. A format (`savedmodel.py`, `onnx.py`, `tflite.py`) is an
+`ExportFormat`: it writes its file and supplies the small script that runs
+it; nothing else.
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import os
 import subprocess
 import sys
@@ -29,7 +31,7 @@ from keras_fcn_surgery.errors import ConversionError, ExportError  # ExportError
 from keras_fcn_surgery.graph import model_layout
 from keras_fcn_surgery.saving.atomic import atomic_output, check_output_path
 from keras_fcn_surgery.surgery.fcn import fcn_spec
-from keras_fcn_surgery.surgery.verify import VerificationResult, batch_spread, compare_arrays, tolerance_for
+from keras_fcn_surgery.surgery.verify import VerificationResult, compare_scores
 
 # Seconds the fresh process may take to load and run an export.
 CHECK_TIMEOUT = 900
@@ -42,21 +44,30 @@ class ExportResult:
     Attributes:
         path: the version folder (SavedModel), the ``.onnx`` or ``.tflite`` file.
         version: the SavedModel version, or None for the other formats.
-        checks: one `VerificationResult` per checked input size, comparing the
-            reloaded export with the Keras model.
+        checks: one `VerificationResult` per checked input size, comparing
+            the reloaded export with the Keras model on what `convert`
+            compares: for a model ending in a softmax or sigmoid, the logits
+            (``compared``: ``"logits of 'fc8'"``), from a twin of the file
+            written by the same writer without that activation; else the
+            file's outputs.
         note: what the checks mean where they are not a pass/fail proof
             (a quantized TFLite model: its measured difference, reported,
             not enforced); empty otherwise.
+        output_checks: where ``checks`` are on the twin's logits, one per
+            size on the written file's own outputs (probabilities), held to
+            the same tolerance; empty otherwise.
     """
 
     path: str
     version: int | None
     checks: tuple[VerificationResult, ...]
     note: str = ""
+    output_checks: tuple[VerificationResult, ...] = ()
 
     def __str__(self) -> str:
         lines = [f"wrote {self.path}" + (f" (version {self.version})" if self.version is not None else "")]
         lines += [f"  {check}" for check in self.checks]
+        lines += [f"  file outputs: {check}" for check in self.output_checks]
         if self.note:
             lines.append(f"  note: {self.note}")
         return "\n".join(lines)
@@ -86,7 +97,8 @@ class ExportFormat:
         name: the ``format=`` value (`options.EXPORT_FORMATS`).
         what: how messages name the written export, with ``{name}`` for the model's name.
         check_script: the script `run_check_script` runs on the written file
-            (loads PATH, runs every array of INPUTS.npz, saves OUTPUTS.npz).
+            (loads PATH, runs every array of INPUTS.npz, saves each output's
+            map in OUTPUTS.npz under `output_key`).
     """
 
     name: ClassVar[str]
@@ -112,6 +124,11 @@ class ExportFormat:
     def write(self, fcn, path: str) -> None:
         """Write ``fcn`` at the temporary ``path``."""
         raise NotImplementedError
+
+    def twin(self) -> ExportFormat:
+        """The format a check's logits twin is written in (see `exporting.api.export`): this one, less what the
+        check does not run."""
+        return self
 
     def check_inputs(self, fcn, batches: dict) -> dict:
         """The channels-last check batches as the written file takes them."""
@@ -146,26 +163,31 @@ def check_choice(option: str, value, choices) -> None:
         raise ExportError(f"Expected `{option}` to be one of {choices}. Received: {option}={value!r}")
 
 
-def run_check_script(script: str, path: str, inputs: dict, *, what: str, timeout: float = CHECK_TIMEOUT) -> dict:
-    """Run an export in a fresh Python that cannot import this package; returns its outputs by key.
+def run_check_script(
+    script: str, paths, inputs: dict, *, what: str, timeout: float = CHECK_TIMEOUT
+) -> list[dict[str, np.ndarray]]:
+    """Run exports in one fresh Python that cannot import this package; returns each one's outputs by key.
 
-    ``script`` is run as ``python -I -c script PATH INPUTS.npz OUTPUTS.npz``:
-    it loads the export at PATH, runs it on every array of INPUTS.npz and
-    saves the results under the same keys in OUTPUTS.npz. Importing
-    ``keras_fcn_surgery`` fails in that process: an export must not need it.
+    ``script`` is run as ``python -I -c script INPUTS.npz PATH OUTPUTS.npz
+    [PATH OUTPUTS.npz ...]``: for each PATH it loads the export there, runs
+    it on every array of INPUTS.npz and saves each output's result in its
+    OUTPUTS.npz under the input's key and the output's name (`output_key`:
+    ``"size0/scores"``). Importing ``keras_fcn_surgery`` fails in that
+    process: an export must not need it.
 
     Raises:
         ExportError: when the process fails or times out.
     """
     with tempfile.TemporaryDirectory(prefix="kfs-check-") as scratch:
         inputs_file = os.path.join(scratch, "inputs.npz")
-        outputs_file = os.path.join(scratch, "outputs.npz")
+        outputs_files = [os.path.join(scratch, f"outputs{n}.npz") for n in range(len(paths))]
         np.savez(inputs_file, **inputs)
         env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
         env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+        arguments = [inputs_file] + [item for pair in zip(paths, outputs_files) for item in pair]
         try:
             process = subprocess.run(
-                [sys.executable, "-I", "-c", _REFUSE_THIS_PACKAGE + script, path, inputs_file, outputs_file],
+                [sys.executable, "-I", "-c", _REFUSE_THIS_PACKAGE + script, *arguments],
                 cwd=scratch,
                 env=env,
                 capture_output=True,
@@ -180,8 +202,11 @@ def run_check_script(script: str, path: str, inputs: dict, *, what: str, timeout
                 f"{what} could not be loaded and run in a fresh process (exit {process.returncode}): {tail}. "
                 "The export was not kept."
             )
-        with np.load(outputs_file) as loaded:
-            return {key: loaded[key] for key in loaded.files}
+        results = []
+        for outputs_file in outputs_files:
+            with np.load(outputs_file) as loaded:
+                results.append({key: loaded[key] for key in loaded.files})
+        return results
 
 
 _REFUSE_THIS_PACKAGE = """
@@ -249,13 +274,24 @@ def _segmenter_check_sizes(fcn):
     return (base, (base[0] + 7 * period[0], base[1] + 7 * period[1]))
 
 
-def keras_scores(fcn, images: np.ndarray) -> np.ndarray:
-    """The Keras model's map for a channels-last batch, channels-last, as float32 numpy."""
+def keras_scores(fcn, images: np.ndarray):
+    """The Keras model's map for a channels-last batch, channels-last, as float32 numpy.
+
+    For a model with several outputs, a list of maps in the model's order.
+    """
     layout = model_layout(fcn)
     x = layout.from_channels_last(images)
-    y = np.asarray(keras.ops.convert_to_numpy(fcn(x.astype(str(fcn.inputs[0].dtype)), training=False)))
-    y = layout.to_channels_last(y)
-    return y.astype(np.float32)
+    result = fcn(x.astype(str(fcn.inputs[0].dtype)), training=False)
+    maps = [
+        layout.to_channels_last(np.asarray(keras.ops.convert_to_numpy(y))).astype(np.float32)
+        for y in keras.tree.flatten(result)
+    ]
+    return maps if len(maps) > 1 else maps[0]
+
+
+def output_key(batch: str, output: str) -> str:
+    """The key of one output's map for one check batch in a check script's results (``"size0/scores"``)."""
+    return f"{batch}/{output}"
 
 
 def check_batches(fcn, sizes, *, batch_size: int = 2, seed: int = 0) -> dict[str, np.ndarray]:
@@ -268,33 +304,71 @@ def check_batches(fcn, sizes, *, batch_size: int = 2, seed: int = 0) -> dict[str
     }
 
 
+def keras_maps(fcn, batches: dict) -> dict:
+    """`keras_scores` of every check batch, by key (a list of maps each, for a model with several outputs)."""
+    return {key: keras_scores(fcn, images) for key, images in batches.items()}
+
+
 def compare_outputs(
-    fcn, batches: dict, outputs: dict, *, what: str, enforce: bool = True, tolerance=None
+    expected: dict,
+    batches: dict,
+    outputs: dict,
+    *,
+    what: str,
+    enforce: bool = True,
+    tolerance: float,
+    compared: str = "outputs",
+    names=("scores",),
+    labels=None,
 ) -> tuple[VerificationResult, ...]:
-    """Compare an export's outputs with the Keras model's on the same batches.
+    """Compare an export's outputs with the Keras model's (`keras_maps`) on the same batches, by the one
+    verification rule (`surgery.verify.compare_scores`).
+
+    Every output is compared, each relative to its own scale (a box's
+    pixel offsets do not hide a class probability's difference).
 
     Args:
+        outputs: the export's maps by `output_key` (the batch's key, then the
+            export's name of the output: `signature_outputs`).
         enforce: raise when a difference exceeds the tolerance; False only
             measures it (a quantized export, whose difference is reported).
-        tolerance: relative tolerance; default from the model's dtypes.
+        tolerance: relative tolerance (`tolerance_for` the model).
+        compared: what the arrays are: ``"outputs"``, or the logits
+            (`surgery.verify.logits_of`).
+        names: the export's names of the model's outputs, in order
+            (`savedmodel.signature_outputs`).
+        labels: how the results name those outputs (default: ``names``; a
+            logits twin's are those of the file it checks).
+
+    Returns:
+        One `VerificationResult` per batch and output, batch by batch; for a
+        model with several outputs each says which (``compared``).
 
     Raises:
-        ExportError: when a shape differs, or (with ``enforce``) a difference
-            exceeds the tolerance.
+        ExportError: when an output is missing or its shape differs, or (with
+            ``enforce``) a difference exceeds the tolerance.
     """
-    tolerance = tolerance_for(fcn) if tolerance is None else tolerance
     results = []
     for key, images in batches.items():
-        want = keras_scores(fcn, images).astype(np.float64)
-        got = np.asarray(outputs[key], dtype=np.float64)
-        if got.shape != want.shape:
-            raise ExportError(
-                f"{what} returns shape {got.shape} for input {images.shape}, the Keras model {want.shape}. "
-                "The export is broken; please report the model."
-            )
-        result = compare_arrays([(want, got)], tolerance=tolerance, input_shape=tuple(images.shape))
-        result = dataclasses.replace(result, input_spread=batch_spread([want], result.output_scale))
-        if enforce and not result.passed:
-            raise ExportError(f"{what} differs from the Keras model: {result}. The export was not kept.")
-        results.append(result)
+        wants = expected[key] if isinstance(expected[key], list) else [expected[key]]
+        for name, label, want in zip(names, labels or names, wants, strict=True):
+            want = np.asarray(want, dtype=np.float64)
+            if output_key(key, name) not in outputs:
+                raise ExportError(
+                    f"{what} has no output '{name}' (it returns {sorted(outputs)}). The export is broken; "
+                    "please report the model."
+                )
+            got = np.asarray(outputs[output_key(key, name)], dtype=np.float64)
+            if got.shape != want.shape:
+                raise ExportError(
+                    f"{what} returns shape {got.shape} for output '{name}' of input {images.shape}, the Keras "
+                    f"model {want.shape}. The export is broken; please report the model."
+                )
+            which = compared
+            if len(names) > 1:
+                which = f"output '{label}'" if compared == "outputs" else f"logits of output '{label}'"
+            result = compare_scores([(want, got)], tolerance=tolerance, input_shape=tuple(images.shape), compared=which)
+            if enforce and not result.passed:
+                raise ExportError(f"{what} differs from the Keras model: {result}. The export was not kept.")
+            results.append(result)
     return tuple(results)

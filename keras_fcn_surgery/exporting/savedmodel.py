@@ -2,7 +2,8 @@
 
 The layout is TF Serving's: ``<export_dir>/<version>/saved_model.pb`` plus
 ``variables/``. Up to three signatures, all with output ``scores``, float32
-``[-1, -1, -1, K]``:
+``[-1, -1, -1, K]`` (a model with several outputs: one output per map, each
+named by its output's name, such as ``prob`` and ``box``; `signature_outputs`):
 
 - ``serving_default``: input ``images``, float32 ``[-1, -1, -1, C]`` (height
   and width free), the model-ready tensor the Keras model itself takes:
@@ -28,6 +29,7 @@ channels-first model (the signature transposes).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import re
 from collections.abc import Iterator
@@ -40,7 +42,7 @@ import numpy as np
 from keras_fcn_surgery.errors import ConversionError, ExportError, ModelFileError, first_line
 from keras_fcn_surgery.exporting.pipeline import Destination, ExportFormat, check_choice, image_channels
 from keras_fcn_surgery.exporting.preprocessing import PREPROCESS_MODES, decode_images, preprocess_images
-from keras_fcn_surgery.graph import model_layout
+from keras_fcn_surgery.graph import model_layout, output_names
 from keras_fcn_surgery.saving.atomic import atomic_folder
 
 SERVING_DEFAULT = "serving_default"
@@ -61,11 +63,14 @@ _CHECK_SCRIPT = """
 import numpy as np
 import tensorflow as tf
 
-path, inputs_file, outputs_file = sys.argv[1:4]
-serve = tf.saved_model.load(path).signatures["serving_default"]
-inputs = np.load(inputs_file)
-outputs = {key: serve(images=tf.constant(inputs[key]))["scores"].numpy() for key in inputs.files}
-np.savez(outputs_file, **outputs)
+inputs = np.load(sys.argv[1])
+for path, outputs_file in zip(sys.argv[2::2], sys.argv[3::2]):
+    serve = tf.saved_model.load(path).signatures["serving_default"]
+    outputs = {}
+    for key in inputs.files:
+        for name, value in serve(images=tf.constant(inputs[key])).items():
+            outputs[key + "/" + name] = value.numpy()
+    np.savez(outputs_file, **outputs)
 """
 
 
@@ -114,6 +119,9 @@ class SavedModelFormat(ExportFormat):
     def write(self, fcn, path: str) -> None:
         _write_savedmodel(fcn, path, self.preprocess, self.bytes_signature)
 
+    def twin(self) -> SavedModelFormat:
+        return dataclasses.replace(self, preprocess="none", bytes_signature=False)  # the check runs serving_default
+
 
 def next_version(export_dir) -> int:
     """One more than the highest numeric folder in ``export_dir`` (1 when there is none)."""
@@ -128,6 +136,13 @@ def next_version(export_dir) -> int:
     return max(versions, default=0) + 1
 
 
+def signature_outputs(fcn) -> tuple[str, ...]:
+    """The names of an export's outputs, in the model's order: ``("scores",)`` for a model of one output,
+    else each output's own name (`graph.output_names`)."""
+    names = output_names(fcn)
+    return (OUTPUT_NAME,) if len(names) == 1 else names
+
+
 def serving_functions(fcn, preprocess: str | None = "none", *, bytes_signature=True, call=None) -> dict:
     """The signature functions, keyed by signature name, with their input signatures.
 
@@ -140,7 +155,8 @@ def serving_functions(fcn, preprocess: str | None = "none", *, bytes_signature=T
         call: what computes the model (default: ``fcn`` itself).
 
     Returns:
-        ``{name: (function, [tf.TensorSpec])}``.
+        ``{name: (function, [tf.TensorSpec])}``; each function returns a dict
+        of maps by `signature_outputs` name.
     """
     import tensorflow as tf
 
@@ -149,23 +165,27 @@ def serving_functions(fcn, preprocess: str | None = "none", *, bytes_signature=T
     dtype = fcn.inputs[0].dtype
     call = fcn if call is None else call
 
+    names = signature_outputs(fcn)
+
     def scores(images):
         x = tf.cast(images, dtype)
         if channels_first:
             x = tf.transpose(x, [0, 3, 1, 2])
-        y = call(x, training=False)
-        if channels_first:
-            y = tf.transpose(y, [0, 2, 3, 1])
-        return tf.cast(y, tf.float32)
+        maps = {}
+        for name, y in zip(names, keras.tree.flatten(call(x, training=False)), strict=True):
+            if channels_first:
+                y = tf.transpose(y, [0, 2, 3, 1])
+            maps[name] = tf.cast(y, tf.float32)
+        return maps
 
     def serve(images):
-        return {OUTPUT_NAME: scores(images)}
+        return scores(images)
 
     def serve_pixels(pixels):
-        return {OUTPUT_NAME: scores(preprocess_images(pixels, preprocess))}
+        return scores(preprocess_images(pixels, preprocess))
 
     def serve_bytes(image_bytes):
-        return {OUTPUT_NAME: scores(preprocess_images(decode_images(image_bytes, channels), preprocess))}
+        return scores(preprocess_images(decode_images(image_bytes, channels), preprocess))
 
     images = tf.TensorSpec([None, None, None, channels], tf.float32, name=INPUT_NAME)
     functions = {SERVING_DEFAULT: (serve, [images])}

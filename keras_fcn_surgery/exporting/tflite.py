@@ -2,7 +2,8 @@
 
 The flatbuffer has one signature, ``serving_default``: input ``images``,
 float32 ``[-1, -1, -1, C]`` channels-last (a channels-first model is
-transposed inside, as in the SavedModel), output ``scores``. The tensors'
+transposed inside, as in the SavedModel), output ``scores`` (one output per
+map, named by its output's name, for a model with several). The tensors'
 ``shape_signature`` is ``[-1, -1, -1, C]``: call
 ``interpreter.resize_tensor_input(index, (N, H, W, C))`` then
 ``allocate_tensors()`` for each new size (the signature runner does it by
@@ -24,7 +25,7 @@ from typing import ClassVar
 
 from keras_fcn_surgery.errors import ExportError, ModelFileError, first_line
 from keras_fcn_surgery.exporting.pipeline import FileFormat, check_choice
-from keras_fcn_surgery.exporting.savedmodel import INPUT_NAME, OUTPUT_NAME, SERVING_DEFAULT, serving_functions
+from keras_fcn_surgery.exporting.savedmodel import INPUT_NAME, SERVING_DEFAULT, serving_functions
 from keras_fcn_surgery.native_log import native_stderr_captured
 from keras_fcn_surgery.options import QUANTIZE_MODES
 
@@ -35,24 +36,27 @@ import numpy as np
 import tensorflow as tf
 
 warnings.simplefilter("ignore")  # tf.lite.Interpreter's notice that it moves to ai-edge-litert
-path, inputs_file, outputs_file = sys.argv[1:4]
-interpreter = tf.lite.Interpreter(model_path=path)
-(image,) = interpreter.get_input_details()
-assert list(image["shape_signature"][:3]) == [-1, -1, -1], image["shape_signature"]
-runner = tf.lite.Interpreter(model_path=path).get_signature_runner("{SERVING_DEFAULT}")
-(output_index,) = [detail["index"] for detail in interpreter.get_output_details()]
-inputs = np.load(inputs_file)
-outputs = {{}}
-for key in inputs.files:
-    interpreter.resize_tensor_input(image["index"], inputs[key].shape)
-    interpreter.allocate_tensors()
-    interpreter.set_tensor(image["index"], inputs[key])
-    interpreter.invoke()
-    outputs[key] = interpreter.get_tensor(output_index).copy()
-    # The signature runner (what most clients call) must agree with the raw tensor API.
-    by_name = runner(**{{"{INPUT_NAME}": inputs[key]}})["{OUTPUT_NAME}"]
-    assert np.array_equal(by_name, outputs[key])
-np.savez(outputs_file, **outputs)
+inputs = np.load(sys.argv[1])
+for path, outputs_file in zip(sys.argv[2::2], sys.argv[3::2]):
+    interpreter = tf.lite.Interpreter(model_path=path)
+    (image,) = interpreter.get_input_details()
+    assert list(image["shape_signature"][:3]) == [-1, -1, -1], image["shape_signature"]
+    runner = tf.lite.Interpreter(model_path=path).get_signature_runner("{SERVING_DEFAULT}")
+    # Each output's tensor, by its signature name (the same file: the same tensor indices in both interpreters).
+    indices = {{name: detail["index"] for name, detail in runner.get_output_details().items()}}
+    assert sorted(indices.values()) == sorted(detail["index"] for detail in interpreter.get_output_details())
+    outputs = {{}}
+    for key in inputs.files:
+        interpreter.resize_tensor_input(image["index"], inputs[key].shape)
+        interpreter.allocate_tensors()
+        interpreter.set_tensor(image["index"], inputs[key])
+        interpreter.invoke()
+        # The signature runner (what most clients call) must agree with the raw tensor API.
+        by_name = runner(**{{"{INPUT_NAME}": inputs[key]}})
+        for name, index in indices.items():
+            outputs[key + "/" + name] = interpreter.get_tensor(index).copy()
+            assert np.array_equal(by_name[name], outputs[key + "/" + name])
+    np.savez(outputs_file, **outputs)
 """
 
 
@@ -88,8 +92,8 @@ class TfliteFormat(FileFormat):
             return ""
         worst = max(check.max_rel_diff for check in checks)
         return (
-            f"quantize={self.quantize!r}: measured max rel diff {worst:.3g} from the float32 Keras model, "
-            f"reported, not enforced (the tolerance {checks[0].tolerance:g} is for float32)"
+            f"quantize={self.quantize!r}: measured max rel diff {worst:.3g} ({checks[0].compared}) from the "
+            f"float32 Keras model, reported, not enforced (the tolerance {checks[0].tolerance:g} is for float32)"
         )
 
 

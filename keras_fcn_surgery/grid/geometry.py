@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import keras
 
 from keras_fcn_surgery import taxonomy
-from keras_fcn_surgery.errors import ConversionError
+from keras_fcn_surgery.errors import ConversionError, InputError
 from keras_fcn_surgery.graph import (
     call_argument,
     describe,
@@ -20,6 +20,7 @@ from keras_fcn_surgery.graph import (
     model_layout,
     nodes_in_order,
     operation_kind,
+    output_names,
     probe_output_shapes,
     trace_call,
     traced_model,
@@ -214,7 +215,7 @@ class Geometry:
         )
 
 
-def geometry(model, input_size=None, *, head: str = "window") -> Geometry:
+def geometry(model, input_size=None, *, head: str = "window", output: str | None = None) -> Geometry:
     """The output stride, receptive field and offsets of a fully convolutional model.
 
     Computed from the layers' configurations (kernel size, stride, dilation and
@@ -231,9 +232,22 @@ def geometry(model, input_size=None, *, head: str = "window") -> Geometry:
         input_size: ``(H, W)`` at which to report offsets; default: the
             classifier's input size, or the smallest valid size of an FCN.
         head: used only when ``model`` is a classifier.
+        output: for a model with several outputs, the name of the one to
+            describe (`graph.output_names`: the producing layer's name, or the
+            key of a dict of outputs). None: all of them together, as the
+            tiles of `predict_map` must serve them: their maps must lie on
+            one grid (the same stride and size at every input size); the
+            receptive field then covers every output's window, and a tile's
+            exact cells are those exact in every output.
 
     Returns:
         A `Geometry`.
+
+    Raises:
+        InputError: for an ``output`` the model does not have.
+        ConversionError: with ``output=None``, for outputs whose maps lie on
+            different grids (say, one at stride 16 and one at stride 32): the
+            message names each output's stride; ask for one by name.
     """
     model = traced_model(model)
     reference = tuple(int(d) for d in input_size) if input_size is not None else None
@@ -243,7 +257,7 @@ def geometry(model, input_size=None, *, head: str = "window") -> Geometry:
         if reference is None:
             reference = tuple(int(d) for d in _input_spatial(model))
         model = convert(model, head=head, verify=False)
-    programs = _axis_programs(model)
+    programs = _axis_programs(model, output)
     if reference is None:
         reference = tuple(_smallest_valid(p) for p in programs)
     return _geometry_from_programs(programs, reference)
@@ -275,17 +289,27 @@ def _input_spatial(model):
     return model_layout(model).spatial_shape(shape)
 
 
-def _axis_programs(model) -> tuple:
-    return tuple(_program(model, axis) for axis in (0, 1))
-
-
-def _program(model, axis: int) -> tuple:
-    """``(steps, output key)``: each step ``(output keys, input keys, transform)`` in graph order."""
+def _axis_programs(model, output: str | None = None) -> tuple:
     graph = graph_of(model)
+    names = output_names(model)
+    if output is not None and output not in names:
+        raise InputError(
+            f"Model '{model.name}' has no output named {output!r}; its outputs are "
+            f"{', '.join(map(repr, names))}."
+        )
+    keys = [(name, _tensor_key(tensor)) for name, tensor in zip(names, graph.outputs)]
+    if output is not None:
+        keys = [key for key in keys if key[0] == output]
+    return tuple(_program(graph, model_layout(model), axis, keys) for axis in (0, 1))
+
+
+def _program(graph, layout: Layout, axis: int, outputs: list) -> tuple:
+    """``(steps, output)``: each step ``(output keys, input keys, transform)`` in graph order; ``output`` the
+    output's key, or for several outputs together, their ``(name, key)`` pairs (see `_joint_outputs`)."""
     steps: list = []
     names = {id(t): "input" if i == 0 else f"input{i}" for i, t in enumerate(graph.inputs)}
-    _compile(graph, axis, model_layout(model), steps, names, 0)
-    return tuple(steps), _tensor_key(graph.outputs[0])
+    _compile(graph, axis, layout, steps, names, 0)
+    return tuple(steps), outputs[0][1] if len(outputs) == 1 else tuple(outputs)
 
 
 def _tensor_key(tensor) -> str:
@@ -524,7 +548,37 @@ def _run(program, size: int, first: gm.AxisState | None = None, lenient: bool = 
             result = error.fallback
         for target in targets:
             values[target] = result
-    return values[output]
+    if isinstance(output, str):
+        return values[output]
+    return _joint_outputs([(name, values[key]) for name, key in output], lenient)
+
+
+def _joint_outputs(named_states, lenient: bool) -> gm.AxisState:
+    """Several outputs' states as one, as tiles that serve them all see them: a merge of their maps.
+
+    With ``lenient``, outputs of different sizes give the smaller size (enough
+    to tell whether the input is large enough).
+
+    Raises:
+        ConversionError: for outputs at different strides or of different
+            sizes (no one tiling serves them all).
+    """
+    states = [state for _, state in named_states]
+    maps = [state for state in states if not state.is_global] or states
+    if len({state.stride for state in maps}) > 1:
+        each = ", ".join(f"{name!r} stride {state.stride}" for name, state in named_states)
+    elif len({state.size for state in maps}) > 1 and all(state.size >= 1 for state in maps):
+        if lenient:
+            return gm.AxisState(size=min(state.size for state in maps), stride=maps[0].stride)
+        each = ", ".join(f"{name!r} {state.size} cells" for name, state in named_states)
+    else:
+        return gm.merge(states)
+    raise ConversionError(
+        f"The model's outputs lie on different grids ({each}): no one geometry or tiling serves them all. "
+        "Ask for one output's geometry "
+        "(`geometry(model, output=NAME)`); a tiled or masked `predict_map` needs outputs on one grid "
+        "(use `tile=None` and no `keep`)."
+    )
 
 
 def _smallest_valid(program) -> int:

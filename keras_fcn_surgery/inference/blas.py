@@ -204,7 +204,7 @@ def _cell_function(weights, activation):
 def split_forward(model, forward_fn):
     """``numpy batch -> numpy outputs`` with the model's large-kernel head convolution in numpy, or None.
 
-    The model must be a functional graph in which one such convolution
+    The model must be a functional graph with one output in which one such convolution
     (channels-last, valid, stride 1, float32, linear or ReLU) is called once
     and its input carries everything after it (no branch crosses it); the
     parts before and after it run through ``forward_fn(sub_model)``.
@@ -214,6 +214,8 @@ def split_forward(model, forward_fn):
     try:
         graph = graph_of(model)
     except Exception:
+        return None
+    if len(graph.outputs) != 1:  # several maps: the row blocks below assemble one
         return None
     nodes = [node for node in nodes_in_order(graph) if _runs_as_rows(node.operation)]
     if len(nodes) != 1:  # none, or several (a shared layer called twice included)

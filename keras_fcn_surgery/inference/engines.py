@@ -124,7 +124,8 @@ def blas_refusal(model, precision: str | None = None) -> str | None:
     if not _splits(model):
         return (
             "the model has no head convolution that numpy can run (one large-kernel convolution, "
-            "channels-last, valid, stride 1, float32, linear or ReLU, that no branch crosses)"
+            "channels-last, valid, stride 1, float32, linear or ReLU, that no branch crosses, in a model of "
+            "one output)"
         )
     return None
 
@@ -147,6 +148,8 @@ def candidates(model, precision: str | None = None) -> tuple[str, ...]:
 
 def forward(model, engine: str, precision: str | None = None):
     """``numpy batch -> numpy outputs`` for ``model`` under ``engine``, built once and cached per model.
+
+    A model with several outputs gives a list of arrays, in the order of ``model.outputs``.
 
     Args:
         model: the model to run.
@@ -186,7 +189,10 @@ def _traced(model, jit_compile: bool, precision: str | None):
     # A second input shape (a masked plan's cropped tiles) generalises the trace instead of retracing per shape;
     # XLA still compiles per shape. A pass with one tile shape keeps its first, exact-shape trace.
     compiled = tf.function(call, jit_compile=jit_compile, reduce_retracing=True)
-    return lambda batch: np.asarray(compiled(tf.constant(batch)))
+    if len(model.outputs) == 1:
+        return lambda batch: np.asarray(compiled(tf.constant(batch)))
+    # Several outputs: one array each, in the order of `model.outputs` (a dict of outputs flattens to it).
+    return lambda batch: [np.asarray(y) for y in keras.tree.flatten(compiled(tf.constant(batch)))]
 
 
 def policy_copy(model, policy: str):

@@ -16,6 +16,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from keras_fcn_surgery.errors import ConversionError
 from keras_fcn_surgery.grid.geometry import Geometry
+from keras_fcn_surgery.surgery.fcn import pick_map
 
 # Layout of the picture: [overlay | class map | legend], the legend LEGEND_WIDTH wide.
 LEGEND_WIDTH = 240
@@ -107,6 +108,7 @@ def heatmap(
     grid: Geometry,
     class_index: int,
     *,
+    output: str | None = None,
     class_names=None,
     probabilities: bool | None = None,
     alpha: float = 0.6,
@@ -119,9 +121,15 @@ def heatmap(
     Args:
         image: the image the map was computed on, ``(H, W, 3)``, ``(H, W, 1)``
             or ``(H, W)``; uint8, or floats in [0, 1] or [0, 255]; or a PIL image.
-        scores: its map, ``(H', W', K)`` (channels last), e.g. from `predict_map`.
-        grid: the network's geometry, ``geometry(fcn)``; it places the cells.
+        scores: its map, ``(H', W', K)`` (channels last), e.g. from `predict_map`;
+            or the maps of a model with several outputs (`OutputMaps`, or a
+            dict of maps by output name), of which ``output`` is shown.
+        grid: the network's geometry, ``geometry(fcn)`` (for outputs on
+            different grids, ``geometry(fcn, output=name)``); it places the cells.
         class_index: the class whose probability is overlaid.
+        output: the name of the map to show among several; default: the
+            first output that ends in a softmax or sigmoid (see
+            `choose_output`; a plain dict of several maps needs the name).
         class_names: ``K`` names for the legend; default: the indices.
         probabilities: whether ``scores`` are probabilities already (see
             `class_probabilities`); default: guessed.
@@ -139,8 +147,11 @@ def heatmap(
 
     Raises:
         ConversionError: for a map or class index that does not fit.
+        InputError: for an ``output`` the maps do not hold (the message lists
+            their names), or none among several maps of a plain dict.
     """
     pixels = _display_pixels(image)
+    _, scores = pick_map(scores, output)
     scores = np.asarray(scores)
     if scores.ndim != 3:
         raise ConversionError(f"Expected a score map shaped (H', W', K). Received shape {scores.shape}.")

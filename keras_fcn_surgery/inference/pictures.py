@@ -125,9 +125,7 @@ def filters_picture(model, layer=None, path=None, *, scale: int = 8, max_tiles: 
     found = _find_layer(model, layer, "a convolution")
     kernel = getattr(found, "kernel", None)
     if kernel is None or len(kernel.shape) != 4:
-        raise ConversionError(
-            f"Layer {describe(found)} has no 2-D convolution kernel to draw; pick a Conv2D layer."
-        )
+        raise ConversionError(f"Layer {describe(found)} has no 2-D convolution kernel to draw; pick a Conv2D layer.")
     weights = np.asarray(keras.ops.convert_to_numpy(kernel))  # (kh, kw, in, out)
     if isinstance(found, keras.layers.Conv2DTranspose):
         weights = np.swapaxes(weights, 2, 3)

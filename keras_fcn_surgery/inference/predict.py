@@ -7,12 +7,21 @@ import itertools
 import numpy as np
 
 from keras_fcn_surgery.errors import ConversionError, InputError
-from keras_fcn_surgery.graph import model_layout
+from keras_fcn_surgery.graph import model_layout, traced_model
 from keras_fcn_surgery.grid import tiling
 from keras_fcn_surgery.grid.geometry import geometry
 from keras_fcn_surgery.inference import engines, runner, windowed
+from keras_fcn_surgery.inference.certificate import (
+    CertifiedMap,
+    check_cell_count,
+    make_certificate,
+    warn_if_inexact,
+    windowed_certificate,
+)
 from keras_fcn_surgery.inference.staged import plan_prediction, run_plan
 from keras_fcn_surgery.inference.store import DiskMap, file_backed
+from keras_fcn_surgery.surgery.fcn import OutputMaps, map_outputs
+from keras_fcn_surgery.surgery.verify import RELATIVE_TOLERANCE
 
 
 def predict_map(
@@ -34,6 +43,7 @@ def predict_map(
     keep=None,
     stride=None,
     execution: str = "auto",
+    certify: int | None = None,
 ):
     """The score map of one image, computed whole or in exact tiles.
 
@@ -90,7 +100,8 @@ def predict_map(
             million input pixels (one tile of 1024 x 1024 or more), and for
             deeper stages as many as hold as many activations.
         out: an array of the map's shape to write into (numpy, memmap or
-            zarr) instead of allocating one.
+            zarr) instead of allocating one; for a model with several
+            outputs, a dict of such arrays, one per output name.
         progress: show a tqdm bar over the tiles; default: when there is more
             than one tile and stderr is a terminal.
         preprocess: a function applied to each tile's pixels (a float32
@@ -140,19 +151,36 @@ def predict_map(
             FCN, only its own stride is accepted.
         execution: ``"auto"``, ``"fcn"`` or ``"windowed"``, for a classifier
             (see above).
+        certify: None or 0 (default), or a number of cells to compare with the
+            classifier on the crops they stand for, once the map is done
+            (`certify_map`: an `InexactMapWarning` when they differ, as they
+            do near windows that reach into ``same`` padding).
 
     Returns:
         The map, ``(H', W', K)`` (``(K, H', W')`` for channels-first), as a
         float array, or ``out`` when given. ``geometry(fcn).output_size((H, W))``
-        is ``(H', W')``.
+        is ``(H', W')``. With ``certify``, a `CertifiedMap` ``(scores,
+        certificate)`` instead: the map and its `MapCertificate` (for a model
+        with several outputs, a dict of them by output name).
+
+        For a model with several outputs (a class score and a box, say), an
+        `OutputMaps`: a dict of maps keyed by output name (`FcnSpec.names`),
+        in the model's order, each with its own channels and
+        ``geometry(fcn, output=name).output_size((H, W))`` cells. Tiles and
+        stages serve every output at once, exactly, when their maps share one
+        grid (`geometry(fcn)` without ``output``); outputs on different grids
+        run in one whole-image pass only (``tile=None``, no ``keep``).
 
     Raises:
         ConversionError: for a model that is not fully convolutional, an
             image of the wrong rank or channels or smaller than the network's
             minimum input, tiles too small to keep any cell, tiling a network
-            with global context, or an ``out`` of the wrong shape.
+            with global context or outputs on different grids, or an ``out``
+            of the wrong shape.
         InputError: for an unknown ``engine``, ``"blas"`` where it cannot
             run, or both ``engine`` and ``jit_compile`` given.
+        UncertifiableMapError: with ``certify``, for a map whose cells are
+            not the classifier on crops (see `certify_map`).
 
     Example:
 
@@ -165,12 +193,14 @@ def predict_map(
     ```
     """
     engine = engines.engine_from_options(engine, jit_compile)
+    if certify:
+        check_cell_count(certify, "certify")  # before the pass, not after it
     model = fcn
     chosen, fcn = windowed.route(model, stride, execution)
     if chosen == "windowed":
         if mixed_precision:
             raise InputError("A windowed map runs in float32 only; drop `mixed_precision`.")
-        return windowed.predict_windowed(
+        scores = windowed.predict_windowed(
             model,
             image,
             stride=stride,
@@ -186,13 +216,20 @@ def predict_map(
             spill_dir=spill_dir,
             keep=keep,
         )
-    spec, classes = runner.check_fcn(fcn)
+        if not certify:
+            return scores
+        certificate = windowed_certificate(
+            model, image, scores, certify, stride=stride, preprocess=preprocess, keep=keep
+        )
+        warn_if_inexact(certificate, stacklevel=2)
+        return CertifiedMap(scores, certificate)
+    spec, outputs = runner.check_fcn(fcn)
     size = runner.image_size_of(runner.with_channel_axis(image, spec), spec)
     plan = plan_prediction(
         fcn, size, tile=tile, staged=staged, batch_size=batch_size, memory_budget=memory_budget, keep=keep
     )
-    shape = spec.layout.image_shape(plan.map_size[0], plan.map_size[1], classes)
-    out = runner.output_array(out, shape, fcn)
+    shapes = {o.name: spec.layout.image_shape(o.map_size[0], o.map_size[1], o.classes) for o in plan.outputs}
+    targets = runner.output_arrays(out, shapes, fcn)
     precision = "mixed_float16" if mixed_precision else None
     if keep is None:
         runner.warn_if_wasteful(
@@ -205,10 +242,10 @@ def predict_map(
 
     pixels = file_backed(image)
     try:
-        return run_plan(
+        run_plan(
             plan,
             runner.with_channel_axis(pixels, spec),
-            out,
+            targets,
             preprocess=preprocess,
             forward_for=forward_for,
             progress=progress,
@@ -218,6 +255,18 @@ def predict_map(
     finally:
         if isinstance(pixels, DiskMap):
             pixels.close()
+    scores = OutputMaps(outputs.outputs, targets) if outputs.several else targets[0]
+    if not certify:
+        return scores
+    return _certified(fcn, image, scores, certify, preprocess=preprocess, keep=keep, mixed_precision=mixed_precision)
+
+
+def _certified(fcn, image, scores, certify: int, *, preprocess, keep, mixed_precision: bool) -> CertifiedMap:
+    """``scores`` with its certificate, warned about (at the caller of the public function) when inexact."""
+    tolerance = RELATIVE_TOLERANCE["float16"] if mixed_precision else None
+    certificate = make_certificate(fcn, image, scores, certify, preprocess=preprocess, keep=keep, tolerance=tolerance)
+    warn_if_inexact(certificate, stacklevel=3)
+    return CertifiedMap(scores, certificate)
 
 
 def predict_maps(
@@ -250,16 +299,21 @@ def predict_maps(
         preprocess, engine, jit_compile, mixed_precision, progress: as for
             `predict_map` (``"auto"`` chooses for each batch shape).
         **options: further keyword arguments of `predict_map`, for the images
-            that go through it.
+            that go through it; ``certify`` applies to every image.
 
     Returns:
-        The maps, in the order of ``images``.
+        The maps, in the order of ``images`` (for a model with several
+        outputs, an `OutputMaps` each, as `predict_map`; with ``certify``, a
+        `CertifiedMap` for each).
 
     Raises:
         ConversionError: as `predict_map`.
     """
     engine = engines.engine_from_options(engine, jit_compile)
-    spec, classes = runner.check_fcn(fcn)
+    certify = options.pop("certify", None)
+    if certify:
+        check_cell_count(certify, "certify")
+    spec, outputs = runner.check_fcn(fcn)
     if batch_size is not None and batch_size < 1:
         raise InputError(f"Expected `batch_size` >= 1. Received: batch_size={batch_size}")
     images = [runner.with_channel_axis(image, spec) for image in images]
@@ -269,7 +323,7 @@ def predict_maps(
     for index, size in enumerate(sizes):
         by_size.setdefault(size, []).append(index)
     requested = None if tile is None else runner.pair(tile, "tile")
-    grid = geometry(fcn)
+    grids = [geometry(fcn, output=name) for name in outputs.names] if outputs.several else [geometry(fcn)]
     precision = "mixed_float16" if mixed_precision else None
     dtype = runner.input_dtype(fcn)
     with runner.progress_bar(len(images), progress, "images") as bar:
@@ -288,7 +342,8 @@ def predict_maps(
                     )
                     bar.update(1)
                 continue
-            runner.check_image_size(size, grid)
+            for grid in grids:
+                runner.check_image_size(size, grid)
             whole = tiling.AxisTile(0, size[0], 0, 0, 0), tiling.AxisTile(0, size[1], 0, 0, 0)
             per_batch = batch_size or max(1, runner.PIXELS_PER_BATCH // (size[0] * size[1]))
             call_shape = spec.layout.batch_shape(min(per_batch, len(indices)), size[0], size[1], spec.channels)
@@ -297,10 +352,18 @@ def predict_maps(
             for first in range(0, len(indices), per_batch):
                 group = indices[first : first + per_batch]
                 pixels = np.stack([runner.read_tile(images[i], spec, *whole, preprocess, dtype) for i in group])
-                maps = forward(pixels)
-                for index, cell_map in zip(group, maps):
-                    results[index] = np.asarray(cell_map, dtype=runner.output_dtype(fcn))
+                maps = runner.as_maps(forward(pixels))
+                for position, index in enumerate(group):
+                    own = [np.asarray(m[position], dtype=runner.output_dtype(fcn, k)) for k, m in enumerate(maps)]
+                    results[index] = OutputMaps(outputs.outputs, own) if outputs.several else own[0]
                 bar.update(len(group))
+    if not certify:
+        return results
+    keep = options.get("keep")
+    for index, (image, scores) in enumerate(zip(images, results)):  # a loop: warnings point at the caller
+        results[index] = _certified(
+            fcn, image, scores, certify, preprocess=preprocess, keep=keep, mixed_precision=mixed_precision
+        )
     return results
 
 
@@ -324,12 +387,14 @@ def sliding_window_predict(
 
     Returns:
         ``(H', W', K)`` scores (``(K, H', W')`` for channels-first models),
-        one cell per window.
+        one cell per window; for a classifier with several outputs, a dict of
+        such maps by output name (as `predict_map` returns for its FCN).
 
     Raises:
         ConversionError: for a model without a fixed input size or a vector
             output, or an image smaller than one window.
     """
+    model = traced_model(model)  # a subclassed classifier: its functional twin, same layers
     model_format = model_layout(model)
     shape = tuple(model.inputs[0].shape)
     if len(shape) != 4 or any(d is None for d in model_format.spatial_shape(shape)):
@@ -339,11 +404,12 @@ def sliding_window_predict(
         )
     spec = runner.ImageSpec(model_format, int(model_format.channels(shape)))
     window = tuple(int(d) for d in model_format.spatial_shape(shape))
-    if len(model.outputs[0].shape) != 2:
-        raise ConversionError(
-            f"Model '{model.name}' outputs shape {tuple(model.outputs[0].shape)}; the sliding window needs a "
-            "classifier that returns one vector of scores per image."
-        )
+    for tensor in model.outputs:
+        if len(tensor.shape) != 2:
+            raise ConversionError(
+                f"Model '{model.name}' outputs shape {tuple(tensor.shape)}; the sliding window needs a "
+                "classifier that returns one vector of scores per image (from each output)."
+            )
     if batch_size < 1:
         raise InputError(f"Expected `batch_size` >= 1. Received: batch_size={batch_size}")
     image = runner.with_channel_axis(image, spec)
@@ -357,9 +423,8 @@ def sliding_window_predict(
                 f"'{model.name}'. Use a larger image."
             )
         counts.append((length - side) // step + 1)
-    classes = int(model.outputs[0].shape[-1])
     positions = list(itertools.product(range(counts[0]), range(counts[1])))
-    scores = np.empty((len(positions), classes), dtype=np.float32)
+    scores = [np.empty((len(positions), int(tensor.shape[-1])), dtype=np.float32) for tensor in model.outputs]
     forward = engines.forward(model, "tf")
     dtype = runner.input_dtype(model)
     batches = range(0, len(positions), batch_size)
@@ -376,7 +441,8 @@ def sliding_window_predict(
                 )
                 for i, j in positions[first : first + batch_size]
             ]
-            scores[first : first + len(crops)] = forward(np.stack(crops))
+            for target, result in zip(scores, runner.as_maps(forward(np.stack(crops)))):
+                target[first : first + len(crops)] = result
             bar.update(1)
-    grid = scores.reshape(counts[0], counts[1], classes)
-    return model_format.image_from_channels_last(grid)
+    grids = [model_format.image_from_channels_last(s.reshape(counts[0], counts[1], -1)) for s in scores]
+    return OutputMaps(map_outputs(model), grids) if len(grids) > 1 else grids[0]

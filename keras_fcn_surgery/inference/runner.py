@@ -14,7 +14,7 @@ from keras_fcn_surgery.errors import ConversionError, InputError, SlowTilingWarn
 from keras_fcn_surgery.grid import tiling
 from keras_fcn_surgery.grid.geometry import Geometry
 from keras_fcn_surgery.layout import Layout
-from keras_fcn_surgery.surgery.fcn import fcn_spec
+from keras_fcn_surgery.surgery.fcn import FcnSpec, fcn_spec
 
 # Input pixels per forward pass when `batch_size` is not given: tiles of 1024 x 1024
 # or more go one at a time (batching them would defeat the memory bound of tiling).
@@ -29,10 +29,10 @@ class ImageSpec:
     channels: int
 
 
-def check_fcn(fcn) -> tuple[ImageSpec, int]:
-    """The image spec and class count of a fully convolutional model (`fcn_spec`, which raises for others)."""
+def check_fcn(fcn) -> tuple[ImageSpec, FcnSpec]:
+    """The image spec and `FcnSpec` of a fully convolutional model (`fcn_spec`, which raises for others)."""
     spec = fcn_spec(fcn)
-    return ImageSpec(spec.layout, spec.channels), spec.classes
+    return ImageSpec(spec.layout, spec.channels), spec
 
 
 def with_channel_axis(image, spec: ImageSpec):
@@ -84,16 +84,41 @@ def check_image_size(size, grid: Geometry) -> None:
         )
 
 
-def output_array(out, shape, fcn):
+def output_arrays(out, shapes: dict, fcn) -> list:
+    """One array per output to write its map into: ``out``'s, or new ones.
+
+    Args:
+        out: None; for a one-output model an array; for several outputs a dict
+            of arrays by output name, one for each output.
+        shapes: each output's map shape, by name, in the model's order.
+    """
+    names = list(shapes)
     if out is None:
-        return np.empty(shape, dtype=output_dtype(fcn))
+        return [np.empty(shape, dtype=output_dtype(fcn, index)) for index, shape in enumerate(shapes.values())]
+    if len(names) == 1:
+        return [_checked_out(out, shapes[names[0]], "`out`")]
+    if not isinstance(out, dict) or set(out) != set(names):
+        given = sorted(out) if isinstance(out, dict) else type(out).__name__
+        raise InputError(
+            f"The model has {len(names)} outputs ({', '.join(map(repr, names))}): give `out` as a dict of one "
+            f"array per output name. Received: {given}"
+        )
+    return [_checked_out(out[name], shape, f"`out[{name!r}]`") for name, shape in shapes.items()]
+
+
+def _checked_out(out, shape, what: str):
     given = tuple(getattr(out, "shape", ()))
     if given != shape:
         raise InputError(
-            f"`out` has shape {given}, but the map of this image has shape {shape}. Allocate it with that shape "
+            f"{what} has shape {given}, but the map of this image has shape {shape}. Allocate it with that shape "
             "(`geometry(fcn).output_size((H, W))` gives the map's height and width)."
         )
     return out
+
+
+def as_maps(result) -> list:
+    """A forward pass's result as a list of arrays, one per output (a one-output model's bare array included)."""
+    return list(result) if isinstance(result, (list, tuple)) else [result]
 
 
 def plan_tiles(size, grid: Geometry, tile) -> list[list[tiling.AxisTile]]:
@@ -210,8 +235,8 @@ def input_dtype(model) -> str:
     return dtype if dtype.startswith("float") else "float32"
 
 
-def output_dtype(model) -> str:
-    dtype = str(model.outputs[0].dtype)
+def output_dtype(model, index: int = 0) -> str:
+    dtype = str(model.outputs[index].dtype)
     return dtype if dtype.startswith("float") else "float32"
 
 
@@ -259,9 +284,18 @@ def run_tiles(
     instead of every tile of ``axis_plans``; tiles of one size are batched
     together. With ``keep`` (a boolean array over ``out``'s cells) every cell
     outside it is NaN.
+
+    A model with several outputs writes each into its own array: ``out`` is
+    then a list of arrays in the model's order, and a tile's cells go to the
+    same places in each (the outputs share one grid, `geometry`). A tile that
+    is the whole input writes each map whole, so outputs on different grids
+    run as one whole pass.
     """
     if tiles is None:
         tiles = list(itertools.product(*axis_plans))
+    targets = as_maps(out)
+    rows_axis, cols_axis = spec.layout.image_spatial_axes
+    size = (source.shape[rows_axis], source.shape[cols_axis])
     by_shape: dict = {}
     for rows, cols in tiles:
         by_shape.setdefault((rows.stop - rows.start, cols.stop - cols.start), []).append((rows, cols))
@@ -270,22 +304,29 @@ def run_tiles(
     def load(batch):
         return np.stack([read_tile(source, spec, rows, cols, preprocess, dtype) for rows, cols in batch])
 
-    def write(batch, maps):
-        for (rows, cols), cell_map in zip(batch, maps):
-            index = spec.layout.image_index(
-                slice(rows.keep_start, rows.keep_stop), slice(cols.keep_start, cols.keep_stop)
-            )
-            cells = cell_map[index]
-            if keep is not None:
-                kept = keep[rows.out_start : rows.out_stop, cols.out_start : cols.out_stop]
-                cells = np.where(np.expand_dims(kept, spec.layout.image_channel_axis), cells, np.nan)
-            out[spec.layout.image_index(slice(rows.out_start, rows.out_stop), slice(cols.out_start, cols.out_stop))] = (
-                cells
-            )
+    def write(batch, result):
+        maps = as_maps(result)
+        for position, (rows, cols) in enumerate(batch):
+            whole = (rows.start, rows.stop, cols.start, cols.stop) == (0, size[0], 0, size[1])
+            for target, output_maps in zip(targets, maps):
+                cell_map = output_maps[position]
+                if whole:
+                    cells_rows, cells_cols = (cell_map.shape[axis] for axis in spec.layout.image_spatial_axes)
+                    here = (slice(0, cells_rows), slice(0, cells_cols))
+                    there = here
+                else:
+                    here = (slice(rows.keep_start, rows.keep_stop), slice(cols.keep_start, cols.keep_stop))
+                    there = (slice(rows.out_start, rows.out_stop), slice(cols.out_start, cols.out_stop))
+                cells = cell_map[spec.layout.image_index(*here)]
+                if keep is not None:
+                    kept = keep[there]
+                    cells = np.where(np.expand_dims(kept, spec.layout.image_channel_axis), cells, np.nan)
+                target[spec.layout.image_index(*there)] = cells
         bar.update(len(batch))
 
     if keep is not None:
-        fill_nan(out, spec.layout)
+        for target in targets:
+            fill_nan(target, spec.layout)
     if not prefetch or len(batches) < 2:
         for batch in batches:
             write(batch, forward(load(batch)))

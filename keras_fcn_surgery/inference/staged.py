@@ -115,12 +115,28 @@ class StagePlan:
 
 
 @dataclass(frozen=True)
+class PlannedOutput:
+    """One map a prediction plan writes: an output of the model.
+
+    Attributes:
+        name: the output's name (the key of its map when the model has several).
+        map_size: ``(H', W')`` of its map.
+        classes: its channels.
+    """
+
+    name: str
+    map_size: tuple[int, int]
+    classes: int
+
+
+@dataclass(frozen=True)
 class PredictionPlan:
     """How `predict_map` computes one image's map: its stages, tiles, work and memory.
 
     Attributes:
         image_size: ``(H, W)`` of the image.
-        map_size: ``(H', W')`` of the map.
+        map_size: ``(H', W')`` of the map (of the first output's, when the
+            model has several: see ``outputs``).
         tile: the requested tile, ``(T_h, T_w)`` in pixels, or None.
         stages: the `StagePlan` of each stage, in order (one for a plain pass).
         whole_macs: multiply-accumulates of one whole-image pass.
@@ -138,6 +154,10 @@ class PredictionPlan:
             ``"blas"``, `inference.engines`; several joined by ``+``), or None
             when not asked for.
         engine_reason: why (asked for, measured, cached...), stage by stage.
+        outputs: the `PlannedOutput` of each of the model's outputs, in its
+            order: the last stage writes every one. Tiles serve them all
+            (their maps share one grid), or, for outputs on different grids,
+            the plan is one whole-image pass.
     """
 
     image_size: tuple[int, int]
@@ -151,6 +171,7 @@ class PredictionPlan:
     _runs: tuple = field(default=(), repr=False, compare=False)
     engine: str | None = None
     engine_reason: str = ""
+    outputs: tuple[PlannedOutput, ...] = ()
 
     @property
     def staged(self) -> bool:
@@ -183,6 +204,9 @@ class PredictionPlan:
             f"peak memory ~{self.peak_bytes / 2**20:.0f} MiB",
             *([f"engine {self.engine}: {self.engine_reason}"] if self.engine else []),
         ]
+        if len(self.outputs) > 1:
+            maps = ", ".join(f"{o.name} {o.map_size[0]}x{o.map_size[1]}x{o.classes}" for o in self.outputs)
+            lines.append(f"{len(self.outputs)} outputs: {maps}")
         # Layer names are shown whole: the table widens for long ones.
         width = max(4, *(len(name) for s in self.stages for name in (s.start, s.stop)))
         engines = any(s.engine for s in self.stages)
@@ -470,10 +494,25 @@ def _finer_tilings(run: _StageRun, stage: StagePlan, batch_given: bool) -> list:
 class _Planner:
     def __init__(self, fcn, size, tile, batch_size, budget):
         self.fcn, self.size, self.tile, self.batch_size, self.budget = fcn, size, tile, batch_size, budget
-        self.spec, _ = runner.check_fcn(fcn)
-        self.grid = geometry(fcn)
-        runner.check_image_size(size, self.grid)
-        self.map_size = self.grid.output_size(size)
+        self.spec, outputs = runner.check_fcn(fcn)
+        try:
+            self.grid = geometry(fcn)
+            grids = [self.grid] * len(outputs.outputs)
+        except ConversionError as apart:
+            if not outputs.several:
+                raise
+            # Each output's own geometry raises what is wrong with it; if none does, the outputs lie on
+            # different grids: one whole pass serves them, tiles cannot.
+            grids = [geometry(fcn, output=name) for name in outputs.names]
+            if tile is not None and any(t < n for t, n in zip(tile, size)):
+                raise apart
+            self.grid = grids[0]
+        for grid in grids:
+            runner.check_image_size(size, grid)
+        self.outputs = tuple(
+            PlannedOutput(o.name, grid.output_size(size), o.classes) for o, grid in zip(outputs.outputs, grids)
+        )
+        self.map_size = self.outputs[0].map_size
         self.itemsize = np.dtype(runner.output_dtype(fcn)).itemsize
 
     def _shape(self, spatial, channels, batch=1):
@@ -546,7 +585,7 @@ class _Planner:
                     "Use `staged=None` or `staged=False` (plain exact tiles)."
                 )
             return None
-        bounds = [None, *cuts, graph.outputs[0]]
+        bounds = [None, *cuts, _outputs_bound(graph.outputs)]
         self.shapes, self.bounds = shapes, bounds
         cache: dict = {}
 
@@ -633,9 +672,7 @@ class _Planner:
             if start is not None:
                 channels = int(self.spec.layout.channels(self.shapes[id(start)]))
             store = "out" if index == last else ("memory" if in_memory[index] else "disk")
-            store_bytes = (
-                sizes[index] if index < last else int(np.prod(self.map_size)) * self._classes() * self.itemsize
-            )
+            store_bytes = sizes[index] if index < last else self._maps_bytes()
             area = sum((r.stop - r.start) * (c.stop - c.start) for r in axis_plans[0] for c in axis_plans[1])
             peak_bytes = batch * candidate.tile_peak * self.itemsize
             held = peak_bytes
@@ -647,7 +684,7 @@ class _Planner:
             plans.append(
                 StagePlan(
                     start="input" if start is None else _producer_name(start),
-                    stop=_producer_name(stop if stop is not None else self.fcn.outputs[0]),
+                    stop=_producer_name(stop if stop is not None else _outputs_bound(self.fcn.outputs)),
                     input_size=in_size,
                     output_size=out_size,
                     tile=candidate.tile,
@@ -671,10 +708,11 @@ class _Planner:
             plain_macs=plain_macs,
             peak_bytes=peak + _RUNTIME_BYTES,
             _runs=tuple(runs),
+            outputs=self.outputs,
         )
 
-    def _classes(self) -> int:
-        return int(self.spec.layout.channels(tuple(self.fcn.outputs[0].shape)))
+    def _maps_bytes(self) -> int:
+        return sum(int(np.prod(o.map_size)) * o.classes for o in self.outputs) * self.itemsize
 
 
 def run_plan(plan: PredictionPlan, image, out, *, preprocess, forward_for, progress, prefetch, spill_dir=None):
@@ -738,17 +776,25 @@ def _tile_size(axis_plans) -> tuple[int, int]:
     return (rows[0].stop - rows[0].start, cols[0].stop - cols[0].start)
 
 
+def _outputs_bound(outputs):
+    """The last stage's stop: the one output tensor, or the tuple of them all."""
+    return outputs[0] if len(outputs) == 1 else tuple(outputs)
+
+
 def _producer_name(tensor) -> str:
+    if isinstance(tensor, tuple):
+        return "+".join(_producer_name(t) for t in tensor)
     operation = producer_of(tensor)
     return operation.name if operation is not None else str(tensor.name)
 
 
 def _stage_model(fcn, start, stop):
     per_model = _SUB_MODEL_CACHE.setdefault(fcn, {})
-    key = (id(start), id(stop))
+    key = (id(start), tuple(map(id, stop)) if isinstance(stop, tuple) else id(stop))
     if key not in per_model:
         name = f"{fcn.name}_stage_{_producer_name(start) if start is not None else 'input'}_{_producer_name(stop)}"
-        per_model[key] = sub_model(fcn, start, stop, name=name)
+        name = name.replace("+", "_")  # several outputs' names: '+' is no valid model name
+        per_model[key] = sub_model(fcn, start, list(stop) if isinstance(stop, tuple) else stop, name=name)
     return per_model[key]
 
 
@@ -760,7 +806,7 @@ def _cut_tensors(graph, shapes, layout) -> list:
     over it. Nested models count as one node.
     """
     nodes = nodes_in_order(graph)
-    uncrossed = set(cut_positions(nodes, graph.inputs))
+    uncrossed = set(cut_positions(nodes, graph.inputs, graph.outputs))
     output_ids = {id(t) for t in graph.outputs}
     cuts, level = [], None
     for index, node in enumerate(nodes[:-1]):

@@ -464,6 +464,8 @@ def choose_execution(model, stride, execution: str):
         if execution == "fcn":
             raise
         return "windowed", None
+    if execution == "auto" and stride is None and len(fcn.outputs) > 1:
+        return "fcn", fcn  # a windowed map takes one output; its FCN's maps of every output
     grid = geometry(fcn)
     requested = None if stride is None else runner.pair(stride, "stride")
     if execution == "fcn":
@@ -570,7 +572,7 @@ def plan_windows(
     for split in found.splits:
         if any(s % p for s, p in zip(strides, split.stride)):
             continue
-        shared = 0
+        shared = 0.0
         if split.prefix is not None:
             needed = _needed_cells(split, map_size, strides, found.window, mask)
             shared = _region_macs(split, region, found) * (1.0 if needed is None else float(np.mean(needed)))
@@ -683,7 +685,7 @@ def predict_windowed(
         keep=keep,
     )
     shape = found.layout.image_shape(plan.map_size[0], plan.map_size[1], found.classes)
-    out = runner.output_array(out, shape, found.model)
+    out = runner.output_arrays(out, {"scores": shape}, found.model)[0]
     split: _Split = plan._split  # type: ignore[assignment]
     mask = None if keep is None else np.asarray(keep, dtype=bool)
     if mask is not None:

@@ -86,7 +86,6 @@ def _check_container(path: str, suffix: str) -> None:
             ) from error
 
 
-
 def custom_objects_from_file(path) -> dict:
     """The custom objects a Python file defines, for `load_model`'s ``custom_objects``.
 

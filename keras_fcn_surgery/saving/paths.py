@@ -57,5 +57,3 @@ def _folder_message(path: str) -> str:
             "'model.keras')` before `model.export(...)`)."
         )
     return f"'{path}' is a folder. Give a `.keras` or `.h5` model file."
-
-

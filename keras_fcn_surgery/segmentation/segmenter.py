@@ -23,7 +23,7 @@ import numpy as np
 from keras import ops
 
 from keras_fcn_surgery.errors import ConversionError
-from keras_fcn_surgery.graph import describe, model_layout, producer_of
+from keras_fcn_surgery.graph import describe, model_layout, output_names, producer_of
 from keras_fcn_surgery.grid.geometry import geometry
 from keras_fcn_surgery.layout import Layout
 from keras_fcn_surgery.segmentation.alignment import AxisAlignment, align_axis, cell_centre
@@ -131,7 +131,7 @@ def segmenter(
         alignments = _alignments(fused, skip.stride, skip.centres, period, first)
         upsampled = upsample(fused.tensor, alignments, name=f"up{name}")
         aligned = _gather(upsampled, skip.tensor, image, alignments, layout, f"up{name}")
-        total = keras.layers.Add(name=f"fuse_{name[len('score_'):]}")([aligned, skip.tensor])
+        total = keras.layers.Add(name=f"fuse_{name[len('score_') :]}")([aligned, skip.tensor])
         fused = _ScoreMap(total, skip.centres, skip.stride)
     pixels = [[0.0] * (2 * p) for p in period]
     alignments = _alignments(fused, (1, 1), pixels, period, first)
@@ -164,6 +164,13 @@ def _as_fcn(model, head: str, custom_objects) -> keras.Model:
 
 def _score_layer(fcn):
     """The layer that computes the class scores: the output's producer, activation layers stepped over."""
+    if len(fcn.outputs) != 1:
+        names = ", ".join(map(repr, output_names(fcn)))
+        raise ConversionError(
+            f"Model '{fcn.name}' has {len(fcn.outputs)} outputs ({names}); a segmenter upsamples one map of "
+            "class scores. Build it on a model of that output alone: "
+            "`keras.Model(model.input, model.get_layer(NAME).output)`."
+        )
     layer = producer_of(fcn.outputs[0])
     while isinstance(layer, ACTIVATION_LAYERS):
         layer = producer_of(layer.input)

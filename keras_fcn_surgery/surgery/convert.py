@@ -24,6 +24,7 @@ from keras_fcn_surgery.graph import (
 from keras_fcn_surgery.options import HEADS
 from keras_fcn_surgery.saving.loading import as_model
 from keras_fcn_surgery.surgery.engine import GraphPlan, Surgeon
+from keras_fcn_surgery.surgery.fcn import remember_source
 from keras_fcn_surgery.surgery.plan import ConversionPlan
 from keras_fcn_surgery.surgery.rules.base import SPATIAL, Context, FlattenedMap, RewriteKind, Spatial
 from keras_fcn_surgery.surgery.verify import (
@@ -225,6 +226,7 @@ class Conversion:
             inputs = [_relaxed_input(source, context) for source in self.graph_plan.graph.inputs]
             outputs = self.surgeon.build(self.graph_plan, inputs)
             self._fcn = keras.Model(_single(inputs), _single(outputs), name=f"{self.model.name}_fcn")
+            remember_source(self._fcn, self.model, self.size)
         return self._fcn
 
     def reference(self, fcn=None) -> keras.Model:
@@ -270,9 +272,7 @@ class Conversion:
         """Warn `NonFiniteWeightsWarning` when the source holds NaN or Inf weights."""
         nonfinite = nonfinite_weights(self.model)
         if nonfinite:
-            warnings.warn(
-                _nonfinite_message(self.model, nonfinite), NonFiniteWeightsWarning, stacklevel=stacklevel
-            )
+            warnings.warn(_nonfinite_message(self.model, nonfinite), NonFiniteWeightsWarning, stacklevel=stacklevel)
 
 
 def verify(
@@ -294,7 +294,8 @@ def verify(
     logit). ``result.compared`` says which tensors were compared.
 
     Args:
-        source: the classifier.
+        source: the classifier (a subclassed one is compared through its
+            traced twin, itself compared with the model).
         fcn: what `convert` returned for it.
         head: the ``head`` it was converted with. A ``head="dense"`` FCN of a
             global-pooling classifier gives a map at the original size; it
@@ -327,6 +328,8 @@ def verify(
         UninformativeVerificationWarning: when the source's scores hardly
             vary across the batch, so the check proves little.
     """
+    source = as_model(source, error_class=ConversionError)
+    check_trace(source)
     reference = fcn
     if head == "dense":
         reference = Conversion.of(source, head="dense", input_size=input_size, warn=False).reference(fcn)

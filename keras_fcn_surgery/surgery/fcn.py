@@ -12,14 +12,35 @@ from dataclasses import dataclass
 
 import keras
 
-from keras_fcn_surgery.errors import ConversionError
-from keras_fcn_surgery.graph import model_layout, traced_model
+from keras_fcn_surgery.errors import ConversionError, InputError
+from keras_fcn_surgery.graph import model_layout, output_names, producer_of, traced_model
 from keras_fcn_surgery.layout import Layout
 from keras_fcn_surgery.saving.loading import as_model
+from keras_fcn_surgery.taxonomy import squashing_activation
 
 # Conversions of in-memory classifiers, by model and options: `predict_map(classifier, ...)` in a loop
 # converts (and verifies) once.
 _CONVERSIONS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+# What each FCN built in this process was converted from: its classifier (held weakly) and that classifier's
+# input size. `certify_map` reads it to know which crop a cell stands for and what to run on it.
+_SOURCES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+@dataclass(frozen=True)
+class MapOutput:
+    """One output of a fully convolutional model: one map per image.
+
+    Attributes:
+        name: its name (`graph.output_names`): the key `predict_map` returns
+            its map under when the model has several outputs.
+        classes: channels of its map.
+        activation: ``"softmax"`` or ``"sigmoid"`` when the map ends in one
+            (its values are probabilities), else None.
+    """
+
+    name: str
+    classes: int
+    activation: str | None = None
 
 
 @dataclass(frozen=True)
@@ -29,16 +50,120 @@ class FcnSpec:
     Attributes:
         layout: where its maps keep their channels.
         channels: channels of the image it takes.
-        classes: channels of the map it returns.
+        classes: channels of the map it returns (of its first output, when it
+            has several).
+        outputs: every output's `MapOutput`, in the model's order.
     """
 
     layout: Layout
     channels: int
     classes: int
+    outputs: tuple[MapOutput, ...] = ()
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        """The outputs' names, in order."""
+        return tuple(output.name for output in self.outputs)
+
+    @property
+    def several(self) -> bool:
+        """Whether the model has more than one output (`predict_map` then returns a dict of maps)."""
+        return len(self.outputs) > 1
+
+    def output_index(self, output: str | None = None) -> int:
+        """The position of the output named ``output``; None: the default (see `choose_output`).
+
+        Raises:
+            InputError: as `choose_output`.
+        """
+        return self.names.index(choose_output(self.outputs, output))
+
+
+def choose_output(outputs, output: str | None = None) -> str:
+    """The name of the output to show where one is shown (a heatmap, a per-cell table).
+
+    Args:
+        outputs: the `MapOutput` of each output, in the model's order.
+        output: a name, or None for the default: the only output, else the
+            first that ends in a softmax or sigmoid (its values are class
+            probabilities).
+
+    Raises:
+        InputError: for a name among none of ``outputs``, or None when there
+            are several and none ends in a softmax or sigmoid.
+    """
+    names = [o.name for o in outputs]
+    listed = ", ".join(map(repr, names))
+    if output is None:
+        if len(outputs) == 1:
+            return names[0]
+        found = next((o.name for o in outputs if o.activation is not None), None)
+        if found is None:
+            raise InputError(
+                f"The model has {len(names)} outputs ({listed}) and none ends in a softmax or sigmoid. "
+                "Name the one to use: `output=NAME` (CLI: --output-name NAME)."
+            )
+        return found
+    if output not in names:
+        raise InputError(
+            f"The model has no output named {output!r}; its outputs are {listed}. Use one of those: "
+            "`output=NAME` (CLI: --output-name NAME)."
+        )
+    return output
+
+
+class OutputMaps(dict):
+    """The maps of a model with several outputs: a dict of arrays by output name, in the model's order.
+
+    What `predict_map` returns for such a model. Beside the maps it keeps
+    each output's `MapOutput` (``outputs``), so that `pick` (and `heatmap`)
+    can choose the map of class probabilities by default.
+    """
+
+    def __init__(self, outputs, maps):
+        super().__init__(zip((o.name for o in outputs), maps))
+        self.outputs = tuple(outputs)
+
+    def pick(self, output: str | None = None):
+        """``(name, map)`` of the output named ``output``; None: see `choose_output`."""
+        name = choose_output(self.outputs, output)
+        return name, self[name]
+
+
+def pick_map(maps, output: str | None = None):
+    """``(name, map)``: the one map of ``maps`` to show.
+
+    Args:
+        maps: one map (an array; its name is then ``""``), an `OutputMaps`,
+            or a dict of maps by output name.
+        output: the name of the map in ``maps``; None: the default of
+            `choose_output` (for a plain dict, which does not know which
+            outputs end in a softmax or sigmoid, only a dict of one map).
+
+    Raises:
+        InputError: for an unknown name, a name given for a single map, or
+            None for a plain dict of several maps.
+    """
+    if isinstance(maps, OutputMaps):
+        return maps.pick(output)
+    if isinstance(maps, dict):
+        if output is None and len(maps) > 1:
+            raise InputError(
+                f"{len(maps)} maps were given ({', '.join(map(repr, maps))}): name the one to use with "
+                "`output=NAME`. (The dict `predict_map` returns knows its class probabilities' map.)"
+            )
+        name = choose_output([MapOutput(str(name), 0) for name in maps], output)
+        return name, maps[name]
+    if output is not None:
+        raise InputError(
+            f"`output={output!r}` names one of several maps, but one map was given. Pass the dict of maps "
+            "`predict_map` returns for a model with several outputs, or no `output`."
+        )
+    return "", maps
 
 
 def is_fully_convolutional(model) -> bool:
-    """True for a one-input, one-output model on images of any size that returns a rank-4 map.
+    """True for a one-input model on images of any size whose every output is a rank-4 map.
 
     That is what `convert` returns (and what `segmenter` builds); anything else
     is a classifier to convert first.
@@ -68,7 +193,21 @@ def fcn_spec(model) -> FcnSpec:
             f"Model '{model.name}' takes input {tuple(model.inputs[0].shape)} with an unknown number of channels; "
             "give its Input a fixed channel count."
         )
-    return FcnSpec(layout, int(channels), int(layout.channels(tuple(model.outputs[0].shape))))
+    outputs = map_outputs(model)
+    return FcnSpec(layout, int(channels), outputs[0].classes, outputs)
+
+
+def map_outputs(model) -> tuple[MapOutput, ...]:
+    """Every output's `MapOutput`, in the model's order: an FCN's maps, or a classifier's score vectors."""
+    layout = model_layout(model)
+    found = []
+    for name, tensor in zip(output_names(model), model.outputs):
+        shape = tuple(tensor.shape)
+        classes = layout.channels(shape) if len(shape) == 4 else shape[-1]
+        operation = producer_of(tensor)
+        activation = None if operation is None else squashing_activation(operation)
+        found.append(MapOutput(name, int(classes) if classes is not None else 0, activation))
+    return tuple(found)
 
 
 def as_fcn(
@@ -108,9 +247,7 @@ def as_fcn(
         check_trace(loaded)
         return loaded
     if not convert:
-        raise ConversionError(
-            f"{_why_not_fcn(loaded)} Let it be converted (drop convert=False / --no-convert)."
-        )
+        raise ConversionError(f"{_why_not_fcn(loaded)} Let it be converted (drop convert=False / --no-convert).")
     from keras_fcn_surgery.surgery.convert import convert as convert_model
 
     key = (head, None if input_size is None else tuple(int(d) for d in input_size), verify)
@@ -133,19 +270,37 @@ def original_size(model, input_size=None) -> tuple[int, int] | None:
     return (int(spatial[0]), int(spatial[1])) if all(d is not None for d in spatial) else None
 
 
+def remember_source(fcn, source, size) -> None:
+    """Record that ``fcn`` was converted from ``source`` at input size ``size`` (``(H, W)``), for `source_of`."""
+    _SOURCES[fcn] = (weakref.ref(source), (int(size[0]), int(size[1])))
+
+
+def source_of(fcn) -> tuple[keras.Model | None, tuple[int, int] | None]:
+    """The classifier ``fcn`` was converted from in this process and that classifier's ``(H, W)``.
+
+    ``(None, size)`` when the classifier is gone (garbage-collected), ``(None,
+    None)`` for an FCN not converted in this process (loaded from a file: the
+    file does not record it).
+    """
+    reference, size = _SOURCES.get(fcn, (None, None))
+    return (reference() if reference is not None else None), size
+
+
 def _why_not_fcn(model) -> str | None:
     """Why ``model`` is not fully convolutional (one sentence), or None when it is."""
     model = traced_model(model)
-    if len(model.inputs) != 1 or len(model.outputs) != 1:
+    if len(model.inputs) != 1 or not model.outputs:
         return (
             f"Model '{model.name}' has {len(model.inputs)} inputs and {len(model.outputs)} outputs; a score map "
-            "needs one image input and one output."
+            "needs one image input and at least one output."
         )
-    shape, output = tuple(model.inputs[0].shape), tuple(model.outputs[0].shape)
+    shape = tuple(model.inputs[0].shape)
+    outputs = [tuple(tensor.shape) for tensor in model.outputs]
     spatial = model_layout(model).spatial_shape(shape) if len(shape) == 4 else (0,)
-    if len(shape) != 4 or len(output) != 4 or any(d is not None for d in spatial):
+    if len(shape) != 4 or any(len(output) != 4 for output in outputs) or any(d is not None for d in spatial):
+        returned = outputs[0] if len(outputs) == 1 else outputs
         return (
-            f"Model '{model.name}' takes {shape} and returns {output}: it is not fully convolutional. "
+            f"Model '{model.name}' takes {shape} and returns {returned}: it is not fully convolutional. "
             "Convert the classifier first: `fcn = keras_fcn_surgery.convert(model)`."
         )
     return None

@@ -193,11 +193,10 @@ def compare_models(source, fcn, inputs: list[np.ndarray], *, tolerance=None) -> 
     """
     _check_same_channels(source, fcn)
     source_taps, fcn_taps = _logit_taps(source), _logit_taps(fcn)
-    compared = "outputs"
-    if source_taps is not None and fcn_taps is not None and len(source_taps) == len(fcn_taps):
-        compared = "logits of " + ", ".join(f"'{layer.name}'" for _, layer, _ in source_taps)
-    else:
+    compared = _compared(source_taps)
+    if source_taps is None or fcn_taps is None or len(source_taps) != len(fcn_taps):
         source_taps = fcn_taps = None
+        compared = "outputs"
     try:
         with _scores_before_activation(source, source_taps) as source_scores:
             expected = _as_list(source_scores(call_inputs(source_scores, inputs), training=False))
@@ -230,9 +229,38 @@ def compare_models(source, fcn, inputs: list[np.ndarray], *, tolerance=None) -> 
             )
         pairs.append((want, got.reshape(want.shape)))
     tolerance = float(tolerance if tolerance is not None else tolerance_for(source))
-    result = compare_arrays(pairs, tolerance=tolerance, input_shape=tuple(inputs[0].shape))
-    spread = batch_spread([want for want, _ in pairs], result.output_scale)
+    return compare_scores(pairs, tolerance=tolerance, input_shape=tuple(inputs[0].shape), compared=compared)
+
+
+def compare_scores(pairs, *, tolerance: float, input_shape: tuple[int, ...], compared: str = "outputs"):
+    """The one verification rule, for `convert` and every export: ``(expected, actual)`` pairs compared
+    relative to the expected values' scale (`compare_arrays`), and how much the expected values vary over the
+    batch (`batch_spread`: `VerificationResult.informative`). ``compared`` names what the arrays are
+    (`logits_of`)."""
+    result = compare_arrays(pairs, tolerance=tolerance, input_shape=input_shape)
+    spread = batch_spread([np.asarray(want, dtype=np.float64) for want, _ in pairs], result.output_scale)
     return replace(result, compared=compared, input_spread=spread)
+
+
+@contextlib.contextmanager
+def logits_of(model):
+    """Yield ``(runner, compared)``: what a check compares of ``model``.
+
+    For a model whose every output ends in a softmax or sigmoid (a
+    ``Softmax`` layer, or a layer's own ``activation``), ``runner`` computes
+    the logits, the inputs of those activations (a layer's own activation is
+    switched off while the context lasts), and ``compared`` reads
+    ``"logits of 'fc8'"``: a softmax hides a shift of every logit and
+    saturates, so its outputs can be equal where the logits are not. Else
+    ``(model, "outputs")``.
+    """
+    taps = _logit_taps(model)
+    with _scores_before_activation(model, taps) as runner:
+        yield runner, _compared(taps)
+
+
+def _compared(taps) -> str:
+    return "outputs" if taps is None else "logits of " + ", ".join(f"'{layer.name}'" for _, layer, _ in taps)
 
 
 def warn_if_uninformative(source, result: VerificationResult, stacklevel: int = 2) -> None:
@@ -431,7 +459,6 @@ def _check_same_channels(source, fcn) -> None:
                 f"{ours.shape[axis]} ({layout.data_format}); verify compares a classifier with its own conversion: "
                 "pass the model that `convert` returned for this classifier."
             )
-
 
 
 def _input_dtype(tensor) -> str:

@@ -14,7 +14,11 @@ from keras_fcn_surgery.surgery.rules.flatten_dense import (
     FlattenRule,
     PermuteBeforeFlattenRule,
 )
-from keras_fcn_surgery.surgery.rules.global_pooling import GlobalPoolingRule, SqueezeExcitationRule
+from keras_fcn_surgery.surgery.rules.global_pooling import (
+    GlobalPoolingRule,
+    GlobalReductionRule,
+    SqueezeExcitationRule,
+)
 from keras_fcn_surgery.surgery.rules.operations import OperationRule
 from keras_fcn_surgery.surgery.rules.vector_layers import (
     ChannelAxisRule,
@@ -33,6 +37,7 @@ DEFAULT_RULES: tuple[Rule, ...] = (
     BatchNormOnFlattenedMapRule(),
     SqueezeExcitationRule(),
     GlobalPoolingRule(),
+    GlobalReductionRule(),
     DenseOnVectorMapRule(),
     ElementwiseRule(),
     ChannelAxisRule(),

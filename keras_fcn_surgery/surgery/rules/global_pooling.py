@@ -13,7 +13,7 @@ import keras
 
 from keras_fcn_surgery import taxonomy
 from keras_fcn_surgery.errors import ConversionError
-from keras_fcn_surgery.graph import describe
+from keras_fcn_surgery.graph import describe, is_layer, reduction_of
 from keras_fcn_surgery.surgery.rules.base import (
     SPATIAL,
     NodeView,
@@ -64,42 +64,72 @@ class GlobalPoolingRule(Rule):
         replacement = taxonomy.WINDOW_POOLING_OF.get(type(layer))
         if replacement is None:
             return None
-        context = view.context
-        keepdims = bool(layer.keepdims)
-        output_mode = VectorMap(origin=layer.name, unit_map=keepdims)
-        if context.head == "dense":
-            return remove(view, output_mode, "classifier at every position", RewriteKind.POOLING_REMOVED)
-        height, width = context.spatial_shape(view.input_shapes[0])
-        if height is None or width is None:
-            raise ConversionError(
-                f"Layer {describe(layer)} pools a map of unknown size, so the window of the "
-                "`head='window'` pooling is unknown. Pass `input_size=(H, W)`, the size the "
-                "classifier was trained at, or use `head='dense'`."
-            )
-        pool_size = (int(height), int(width))
+        return _pooled_head(view, replacement, bool(layer.keepdims))
 
-        def build(args, kwargs):
-            pooling = replacement(
-                pool_size=pool_size,
-                strides=1,
-                padding="valid",
-                data_format=context.data_format,
-                name=layer.name,
-                dtype=_accumulating_policy(layer.dtype_policy),
-            )
-            return [pooling(args[0])]
 
-        rewrite = Rewrite(
-            layer.name,
-            type(layer).__name__,
-            (),
-            replacement.__name__,
-            (),
-            0,
-            f"pool {height}x{width}, stride 1",
-            RewriteKind.POOL_WINDOW,
+class GlobalReductionRule(Rule):
+    """``keras.ops.mean`` / ``keras.ops.max`` over a map's two spatial axes in the head: a global pooling.
+
+    Subclassed models often pool this way (``ops.mean(x, axis=(1, 2))``).
+    It is rewritten as the layer would be; one that gates the map it came
+    from (squeeze-and-excitation) is left to the body, like the layer.
+    """
+
+    modes = (Spatial,)
+
+    def claim(self, view: NodeView) -> Step | None:
+        operation = view.layer
+        if is_layer(operation) or len(view.input_shapes) != 1 or len(view.input_shapes[0]) != 4:
+            return None
+        replacement = taxonomy.WINDOW_POOLING_OF_REDUCTION.get(type(operation).__name__)
+        axes, keepdims = reduction_of(operation)
+        spatial = sorted(a % 4 for a in view.context.layout.spatial_axes) if replacement is not None else None
+        if axes is None or sorted(a % 4 for a in axes) != spatial:
+            return None
+        if SqueezeExcitationRule().claim(view) is not None:
+            return None
+        return _pooled_head(view, replacement, keepdims)
+
+
+def _pooled_head(view: NodeView, replacement, keepdims: bool) -> Step:
+    """A global pooling of the head (a layer or an operation) as ``replacement`` over one original window."""
+    layer = view.layer
+    context = view.context
+    output_mode = VectorMap(origin=layer.name, unit_map=keepdims)
+    if context.head == "dense":
+        return remove(view, output_mode, "classifier at every position", RewriteKind.POOLING_REMOVED)
+    height, width = context.spatial_shape(view.input_shapes[0])
+    if height is None or width is None:
+        raise ConversionError(
+            f"Layer {describe(layer)} pools a map of unknown size, so the window of the "
+            "`head='window'` pooling is unknown. Pass `input_size=(H, W)`, the size the "
+            "classifier was trained at, or use `head='dense'`."
         )
-        return Step([output_mode], build, rewrite)
+    pool_size = (int(height), int(width))
+    policy = layer.dtype_policy if is_layer(layer) else keras.config.dtype_policy()
+
+    def build(args, kwargs):
+        pooling = replacement(
+            pool_size=pool_size,
+            strides=1,
+            padding="valid",
+            data_format=context.data_format,
+            name=layer.name,
+            dtype=_accumulating_policy(policy),
+        )
+        return [pooling(args[0])]
+
+    rewrite = Rewrite(
+        layer.name,
+        type(layer).__name__,
+        (),
+        replacement.__name__,
+        (),
+        0,
+        f"pool {height}x{width}, stride 1",
+        RewriteKind.POOL_WINDOW,
+    )
+    return Step([output_mode], build, rewrite)
 
 
 def _accumulating_policy(policy):

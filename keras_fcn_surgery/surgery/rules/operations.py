@@ -98,7 +98,12 @@ class OperationRule(Rule):
             return [operation(*args, **kwargs)]
 
         rewrite = Rewrite(
-            operation.name, type(operation).__name__, (), type(operation).__name__, (), 0,
+            operation.name,
+            type(operation).__name__,
+            (),
+            type(operation).__name__,
+            (),
+            0,
             "per-feature constant laid along the channel axis",
         )
         return Step([mode], build, rewrite)
@@ -150,7 +155,12 @@ class OperationRule(Rule):
             return self._unchanged(view, mode)
         moved = with_axis(operation, channel_axis)
         rewrite = Rewrite(
-            operation.name, type(operation).__name__, (), type(moved).__name__, (), 0,
+            operation.name,
+            type(operation).__name__,
+            (),
+            type(moved).__name__,
+            (),
+            0,
             f"axis {operation.axis} -> {channel_axis}",
         )
         return Step([mode], lambda args, kwargs: [moved(*args, **kwargs)], rewrite)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import keras
+import numpy as np
 
 from keras_fcn_surgery import taxonomy
 from keras_fcn_surgery.errors import ConversionError
@@ -144,11 +145,13 @@ class ChannelAxisRule(Rule):
 
 
 class ParametricElementwiseRule(Rule):
-    """A per-feature PReLU on per-window vectors is a PReLU on the map that shares its weights over space.
+    """A PReLU on per-window vectors is a PReLU on the map that shares its weights over space.
 
-    Its ``alpha`` of shape ``(F,)`` becomes ``(1, 1, F)`` (``(F, 1, 1)`` for
-    channels-first) with the spatial axes shared: each cell's features meet
-    the same slopes as the classifier's vector did (mtcnn's RNet and ONet).
+    Its per-feature ``alpha`` of shape ``(F,)`` (or ``(1, 1, F)`` on a head's
+    ``1 x 1`` map) becomes ``(1, 1, F)`` (``(F, 1, 1)`` for channels-first)
+    with the spatial axes shared: each cell's features meet the same slopes as
+    the classifier's vector did (mtcnn's RNet and ONet). A slope shared by
+    every feature stays one slope, shared over the map's every axis.
     """
 
     layers = taxonomy.PARAMETRIC_ELEMENTWISE
@@ -157,23 +160,27 @@ class ParametricElementwiseRule(Rule):
     def claim(self, view: NodeView) -> Step | None:
         mode = view.only_mode
         layer = view.layer
-        if not isinstance(mode, VectorMap) or mode.unit_map or len(view.input_shapes[0]) != 2:
-            return None
-        if layer.shared_axes:  # on a vector, the only axis to share is the features': one slope for all
+        if not isinstance(mode, VectorMap) or len(view.input_shapes[0]) != (4 if mode.unit_map else 2):
             return None
         context = view.context
+        channel_axis = 1 if context.layout.channels_first else 3
         spatial = [2, 3] if context.layout.channels_first else [1, 2]
-        features = int(view.input_shapes[0][-1])
-        shape = (features, 1, 1) if context.layout.channels_first else (1, 1, features)
+        slopes = int(np.prod(tuple(layer.alpha.shape)))
+        features = int(context.channels(view.input_shapes[0]) if mode.unit_map else view.input_shapes[0][-1])
+        if slopes not in (1, features):
+            return None
+        shared = spatial if slopes == features else sorted([*spatial, channel_axis])
+        shape = (slopes, 1, 1) if context.layout.channels_first else (1, 1, slopes)
 
         def build(args, kwargs):
-            prelu = _clone_with(layer, shared_axes=spatial)
+            prelu = _clone_with(layer, shared_axes=shared)
             outputs = prelu(*args, **kwargs)
             prelu.alpha.assign(keras.ops.reshape(layer.alpha.value, shape))
             return [outputs]
 
         kind = RewriteKind.AXIS_MOVED
-        rewrite = Rewrite(layer.name, "PReLU", ((features,),), "PReLU", (shape,), features, "shared over space", kind)
+        before = tuple(layer.alpha.shape)
+        rewrite = Rewrite(layer.name, "PReLU", (before,), "PReLU", (shape,), slopes, "shared over space", kind)
         return Step([mode], build, rewrite)
 
 
