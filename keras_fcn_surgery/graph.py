@@ -706,5 +706,10 @@ class _GraphPart(keras.Model):
         self.start_shape = tuple(start.shape)
         self.built = True
 
+    @property
+    def outputs(self) -> list:
+        """The symbolic tensors it computes (as a functional model's ``outputs``)."""
+        return list(self._replay.stops)
+
     def call(self, inputs, training=False):
         return self._replay.run(inputs)

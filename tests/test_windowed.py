@@ -13,6 +13,7 @@ from zoo_cases import hub_classifier
 import keras_fcn_surgery as kfs
 from keras_fcn_surgery.graph import cut_positions, flat_trace, graph_part
 from keras_fcn_surgery.inference import windowed
+from keras_fcn_surgery.inference.certificate import windowed_certificate
 
 L = keras.layers
 TOLERANCE = 1e-5
@@ -261,3 +262,13 @@ def test_bad_arguments_are_refused():
         kfs.predict_map(fcn, image, stride=8)
     with pytest.raises(kfs.InputError, match="float32"):
         kfs.predict_map(model, image, stride=4, execution="windowed", mixed_precision=True)
+
+
+def test_a_windowed_map_is_certified_against_the_classifier_on_its_crops():
+    model = se_classifier()
+    image = image_for((33, 29), 4)
+    scores, certificate = kfs.predict_map(model, image, stride=4, execution="windowed", certify=6)
+    assert certificate.exact and certificate.informative and len(certificate.cells) == 6
+    assert certificate.eligible == scores.shape[0] * scores.shape[1] and "classifier 'se_net'" in str(certificate)
+    scores[certificate.cells[0]] += 1.0  # a wrong cell is caught
+    assert not windowed_certificate(model, image, scores, 6, stride=4).exact
