@@ -171,6 +171,12 @@ def predict_map(
         grid (`geometry(fcn)` without ``output``); outputs on different grids
         run in one whole-image pass only (``tile=None``, no ``keep``).
 
+        A windowed map has one cell per window: ``H' = (H - h) // s_h + 1``
+        for windows of ``h`` pixels at stride ``s_h``; cell ``(i, j)`` is the
+        classifier's output on the crop at ``(i * s_h, j * s_w)``
+        (`plan_prediction` gives ``map_size``). It takes one-output
+        classifiers.
+
     Raises:
         ConversionError: for a model that is not fully convolutional, an
             image of the wrong rank or channels or smaller than the network's

@@ -32,6 +32,12 @@ A valid patch embedding (ViT, DeiT, Swin) needs no strips.
 Of the splits (the input itself, where nothing is shared, to the deepest
 one), the plan takes the one that computes least for the image and stride
 (`plan_windows`).
+
+A classifier is analysed once (`analysis`: its trace, its prefixes'
+conversions), as `as_fcn` converts it once: the prefixes' weights are copied
+then, and values a layer computes from its weights alone (a position
+embedding at fixed positions) are recorded then. Give a model whose weights
+changed since as a new model object.
 """
 
 from __future__ import annotations
