@@ -302,8 +302,11 @@ def predict_maps(
         tile: as for `predict_map`.
         batch_size: images per forward pass; default: as many as make about
             1 million pixels.
-        preprocess, engine, jit_compile, mixed_precision, progress: as for
-            `predict_map` (``"auto"`` chooses for each batch shape).
+        preprocess: as for `predict_map`.
+        engine: as for `predict_map` (``"auto"`` chooses for each batch shape).
+        jit_compile: as for `predict_map`.
+        mixed_precision: as for `predict_map`.
+        progress: as for `predict_map`.
         **options: further keyword arguments of `predict_map`, for the images
             that go through it; ``certify`` applies to every image.
 
