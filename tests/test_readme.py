@@ -1,38 +1,54 @@
-"""Every shell block of the README runs as written: at least, bash parses each one."""
+"""The README: its two set-up commands, its length, and every example in it runs as written (issue 25).
+
+The examples run through tests/markdown_examples.py, as the documentation site's do (tests/test_docs.py).
+"""
 
 import os
 import re
-import subprocess
-import sys
+import shlex
 
-import pytest
+from markdown_examples import README, REPO, SHELL, read_page, run_page, unlabelled_blocks
 
-README = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")
-_SHELL_BLOCK = re.compile(r"^```(?:bash|sh|shell|console)\n(.*?)^```", re.MULTILINE | re.DOTALL)
+PAGE = read_page(README)
+DEMO_COMMAND = "pip install . && keras-fcn-surgery demo"
 
 
-def _shell_blocks() -> list[str]:
+def _setup_commands() -> list[str]:
+    return [block.code.strip() for block in PAGE.blocks if block.language in SHELL and "pip install" in block.code]
+
+
+def test_the_readme_has_exactly_the_two_setup_commands():
+    demo, tests = _setup_commands()
+    assert demo == DEMO_COMMAND
+    assert tests.startswith('pip install -e ".[test]" && ') and tests.endswith(" && pytest"), tests
+
+
+def _normalised(command: str) -> list[str]:
+    words = shlex.split(command)
+    if words[:2] == ["python", "-m"]:
+        words = words[2:]
+    return [word for word in words if word != "-q"]
+
+
+def test_ci_runs_the_readme_test_command():
+    _, tests = _setup_commands()
+    with open(os.path.join(REPO, ".ci", "run"), encoding="utf-8") as handle:
+        ci = [_normalised(line) for line in handle.read().splitlines() if line.strip() and not line.startswith("#")]
+    for part in tests.split("&&"):
+        assert _normalised(part) in ci, f".ci/run does not run `{part.strip()}` from the README's test command"
+
+
+def test_the_readme_is_short_and_links_to_existing_pages():
     with open(README, encoding="utf-8") as handle:
-        return _SHELL_BLOCK.findall(handle.read())
+        text = handle.read()
+    assert text.count("\n") <= 250
+    links = re.findall(r"\]\((?!https?://|#)([^)#]+)", text)
+    assert links and [link for link in links if not os.path.exists(os.path.join(REPO, link))] == []
 
 
-def test_the_readme_has_the_two_setup_commands():
-    blocks = _shell_blocks()
-    assert any("pip install" in block and "keras-fcn-surgery demo" in block for block in blocks)
-    assert any("pip install" in block and "pytest" in block for block in blocks)
+def test_every_block_is_run_or_declared_output():
+    assert unlabelled_blocks(PAGE) == []
 
 
-def test_the_python_tour_runs_as_written(tmp_path):
-    # Issue 28: the tour used an undefined `images_320`. The other Python blocks continue a session
-    # (`classifier`, `image`, files of the reader's own) and are not run alone.
-    with open(README, encoding="utf-8") as handle:
-        tour = re.search(r"^## Python API\n+```python\n(.*?)^```", handle.read(), re.MULTILINE | re.DOTALL).group(1)
-    check = "\nassert scores.shape == (2, 4, 4, 1000) and tuple(grid.output_size((320, 320))) == (4, 4)\n"
-    result = subprocess.run([sys.executable, "-c", tour + check], cwd=tmp_path, capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr[-3000:]
-
-
-@pytest.mark.parametrize("block", _shell_blocks(), ids=lambda block: block.splitlines()[0][:40])
-def test_shell_block_parses(block):
-    result = subprocess.run(["bash", "-n"], input=block, capture_output=True, text=True, timeout=30)
-    assert result.returncode == 0, f"bash -n rejects this README block:\n{block}\n{result.stderr}"
+def test_the_readme_examples_run_as_written():
+    run_page(PAGE)

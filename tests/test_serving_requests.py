@@ -1,25 +1,15 @@
 """TF Serving's client request formats, run against the exported SavedModel through a minimal stand-in.
 
-No TF Serving server can be installed here, but its client protocol can: the
-``tensorflow-serving-api`` wheel (``pip install --no-deps``) holds the gRPC
-stubs and protos. The stand-in below applies TF Serving's documented mapping
-(https://www.tensorflow.org/tfx/serving/api_rest) to the SavedModel: the
-signature is looked up by ``signature_name`` (default ``serving_default``),
-inputs by their alias, ``{"b64": ...}`` values are base64-decoded; the row
-format (``instances``) answers ``predictions``, the columnar one (``inputs``)
-answers ``outputs``. REST requests travel over HTTP and gRPC ones over a gRPC
-channel, as they would against ``tensorflow_model_server``; the answers are
-compared with the Keras model.
+The stand-in (tests/serving_standin.py) applies TF Serving's documented request mapping to the SavedModel;
+REST requests travel over HTTP and gRPC ones over a gRPC channel, as they would against
+``tensorflow_model_server``; the answers are compared with the Keras model.
 """
 
 import base64
 import io
 import json
-import threading
 import urllib.error
 import urllib.request
-from concurrent import futures
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import grpc
 import keras
@@ -39,115 +29,7 @@ prediction_service_pb2_grpc = pytest.importorskip(
     "tensorflow_serving.apis.prediction_service_pb2_grpc", reason=_NOT_INSTALLED
 )
 
-MODEL_NAME = "fcn"
-
-
-# --- the stand-in: TF Serving's documented request mapping ------------------------------------------
-
-
-class StandIn:
-    """The part of tensorflow_model_server a client sees: signatures by name, inputs by alias, b64 strings."""
-
-    def __init__(self, saved_model_dir):
-        self.loaded = tf.saved_model.load(saved_model_dir)
-
-    def signature(self, name):
-        name = name or "serving_default"
-        if name not in self.loaded.signatures:
-            raise KeyError(f"Serving signature name: \"{name}\" not found in signature def")
-        return self.loaded.signatures[name]
-
-    def run(self, signature_name, inputs: dict) -> dict:
-        function = self.signature(signature_name)
-        specs = function.structured_input_signature[1]
-        if set(inputs) != set(specs):
-            raise KeyError(f"inputs {sorted(inputs)} do not match the signature's {sorted(specs)}")
-        tensors = {alias: tf.constant(value, dtype=specs[alias].dtype) for alias, value in inputs.items()}
-        return {alias: tensor.numpy() for alias, tensor in function(**tensors).items()}
-
-    def rest_predict(self, body: dict) -> dict:
-        """``POST /v1/models/<name>:predict`` with a JSON body."""
-        function = self.signature(body.get("signature_name"))
-        aliases = list(function.structured_input_signature[1])
-        if "instances" in body:  # row format: one entry per batch element
-            rows = [_decode_b64(row) for row in body["instances"]]
-            if isinstance(rows[0], dict):
-                inputs = {alias: [row[alias] for row in rows] for alias in rows[0]}
-            else:
-                (alias,) = aliases
-                inputs = {alias: rows}
-            outputs = self.run(body.get("signature_name"), inputs)
-            if len(outputs) == 1:
-                (value,) = outputs.values()
-                return {"predictions": value.tolist()}
-            size = len(next(iter(outputs.values())))
-            rows = [{alias: value[i].tolist() for alias, value in outputs.items()} for i in range(size)]
-            return {"predictions": rows}
-        columns = _decode_b64(body["inputs"])
-        if not isinstance(columns, dict):
-            (alias,) = aliases
-            columns = {alias: columns}
-        outputs = self.run(body.get("signature_name"), columns)
-        if len(outputs) == 1:
-            (value,) = outputs.values()
-            return {"outputs": value.tolist()}
-        return {"outputs": {alias: value.tolist() for alias, value in outputs.items()}}
-
-    def grpc_predict(self, request: predict_pb2.PredictRequest) -> predict_pb2.PredictResponse:
-        inputs = {alias: tf.make_ndarray(proto) for alias, proto in request.inputs.items()}
-        outputs = self.run(request.model_spec.signature_name, inputs)
-        response = predict_pb2.PredictResponse()
-        response.model_spec.CopyFrom(request.model_spec)
-        for alias, value in outputs.items():
-            response.outputs[alias].CopyFrom(tf.make_tensor_proto(value))
-        return response
-
-
-def _decode_b64(value):
-    if isinstance(value, dict):
-        if set(value) == {"b64"}:
-            return base64.b64decode(value["b64"])
-        return {key: _decode_b64(item) for key, item in value.items()}
-    if isinstance(value, list):
-        return [_decode_b64(item) for item in value]
-    return value
-
-
-class _Servicer(prediction_service_pb2_grpc.PredictionServiceServicer):
-    def __init__(self, stand_in):
-        self.stand_in = stand_in
-
-    def Predict(self, request, context):  # noqa: N802  (the gRPC method's name)
-        try:
-            return self.stand_in.grpc_predict(request)
-        except (KeyError, tf.errors.InvalidArgumentError) as error:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
-
-
-def _rest_handler(stand_in):
-    class Handler(BaseHTTPRequestHandler):
-        def do_POST(self):  # noqa: N802
-            if self.path != f"/v1/models/{MODEL_NAME}:predict":
-                return self._reply(404, {"error": f"no model at {self.path}"})
-            try:
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                return self._reply(200, stand_in.rest_predict(body))
-            except (KeyError, tf.errors.InvalidArgumentError) as error:
-                return self._reply(400, {"error": str(error)})
-
-        def _reply(self, status, payload):
-            data = json.dumps(payload).encode()
-            self.send_response(status)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
-
-        def log_message(self, *args):
-            pass
-
-    return Handler
-
+from serving_standin import MODEL_NAME, StandIn, serving  # noqa: E402
 
 # --- fixtures: one export with --preprocess caffe, served over HTTP and gRPC ---------------------------
 
@@ -158,17 +40,10 @@ def served(tmp_path_factory):
     fcn = kfs.convert(source)
     result = kfs.export_savedmodel(fcn, tmp_path_factory.mktemp("serving"), preprocess="caffe", input_size=(32, 32))
     stand_in = StandIn(result.path)
-    http = ThreadingHTTPServer(("127.0.0.1", 0), _rest_handler(stand_in))
-    threading.Thread(target=http.serve_forever, daemon=True).start()
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
-    prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(_Servicer(stand_in), server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    server.start()
-    channel = grpc.insecure_channel(f"127.0.0.1:{port}")
-    yield fcn, f"http://127.0.0.1:{http.server_address[1]}/v1/models/{MODEL_NAME}:predict", channel
-    channel.close()
-    server.stop(None)
-    http.shutdown()
+    with serving(lambda: stand_in) as (url, target):
+        channel = grpc.insecure_channel(target)
+        yield fcn, url, channel
+        channel.close()
 
 
 def post(url, body: dict):

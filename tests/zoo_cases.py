@@ -1,7 +1,7 @@
 """Every image classifier of keras.applications and keras-hub, built offline, and the check each must pass.
 
 Used by ``tests/test_zoo.py``, ``tests/test_keras_hub.py`` and
-``tools/coverage.py`` (which writes the README's coverage table). Random
+``tools/coverage.py`` (which writes docs/coverage.md's table). Random
 weights throughout: nothing is downloaded.
 
 `check_classifier` is the contract: ``convert`` with both heads (``window``

@@ -11,10 +11,10 @@ does not convert, or its FCN pools over the whole image) is also put through
 ``check_windowed``: its windowed map equals the classifier on every crop.
 
     python tools/coverage.py --results coverage.jsonl            # run what is not in the file yet
-    python tools/coverage.py --results coverage.jsonl --readme README.md   # and write the table
+    python tools/coverage.py --results coverage.jsonl --page docs/coverage.md   # and write the table
 
 Results are appended to ``--results`` one JSON line per model as they come, so
-an interrupted run resumes where it stopped. ``--readme`` replaces the text
+an interrupted run resumes where it stopped. ``--page`` replaces the text
 between ``<!-- coverage:start -->`` and ``<!-- coverage:end -->``.
 
 Exit code: 0 when every model converted or was refused by name, 1 otherwise.
@@ -125,7 +125,7 @@ def _blocking(message: str) -> str:
 
 
 def table(results: dict) -> str:
-    """The README section's body: a summary line and one row per model (those not run yet say so)."""
+    """The coverage page's table: a summary line and one row per model (those not run yet say so)."""
     everything = {case: {"source": case[0], "name": case[1], "result": "not run", "seconds": ""} for case in cases()}
     everything.update(results)
     rows = [r for key, r in sorted(everything.items(), key=lambda item: _order(item[0]))]
@@ -182,7 +182,7 @@ def _order(key):
     return (1, list(APPLICATIONS).index(family), APPLICATIONS[family].index(name))
 
 
-def write_readme(path: str, body: str) -> None:
+def write_page(path: str, body: str) -> None:
     with open(path, encoding="utf-8") as handle:
         text = handle.read()
     if START not in text or END not in text:
@@ -196,7 +196,7 @@ def write_readme(path: str, body: str) -> None:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--results", default="coverage.jsonl", help="JSON-lines file of results (appended)")
-    parser.add_argument("--readme", default=None, help="README to write the table into")
+    parser.add_argument("--page", default=None, help="Markdown page to write the table into (docs/coverage.md)")
     parser.add_argument("--only", nargs="*", default=None, help="model names (constructors or keras-hub families)")
     parser.add_argument("--rerun", action="store_true", help="run models already in the results file again")
     args = parser.parse_args(argv)
@@ -211,8 +211,8 @@ def main(argv=None) -> int:
             handle.write(json.dumps(record) + "\n")
         print(f"{source:19s} {name:20s} {record['result']:9s} {record['seconds']:7.1f}s "
               f"{record.get('message', '')[:160]}", flush=True)
-    if args.readme:
-        write_readme(args.readme, table(results))
+    if args.page:
+        write_page(args.page, table(results))
     failures = [r for r in results.values() if r["result"] == "failure"]
     print(f"{len(results)} models: " + ", ".join(
         f"{sum(r['result'] == kind for r in results.values())} {kind}" for kind in ("converted", "refused", "failure")

@@ -255,7 +255,12 @@ def export_savedmodel(
             or ``"torch"`` (scaled to [0, 1], then ImageNet mean and std).
             ``serving_default`` never preprocesses.
         bytes_signature: add ``serving_bytes``. Needs 1, 3 or 4 channels.
-        model, overwrite, convert, head, input_size, check_sizes,
+        model: as for `export`.
+        overwrite: as for `export`.
+        convert: as for `export`.
+        head: as for `export`.
+        input_size: as for `export`.
+        check_sizes: as for `export`.
         custom_objects: as for `export`.
 
     Returns:
@@ -302,7 +307,12 @@ def export_onnx(
     Args:
         path: the ``.onnx`` file to write; its folder must exist.
         opset: ONNX opset version; default: tf2onnx's.
-        model, overwrite, convert, head, input_size, check_sizes,
+        model: as for `export`.
+        overwrite: as for `export`.
+        convert: as for `export`.
+        head: as for `export`.
+        input_size: as for `export`.
+        check_sizes: as for `export`.
         custom_objects: as for `export`.
 
     Returns:
@@ -343,7 +353,12 @@ def export_tflite(
             ``"float16"`` or ``"dynamic"`` (int8 weights); a quantized
             export's difference from Keras is measured and reported in the
             result (``result.note``, ``result.max_rel_diff``), not enforced.
-        model, overwrite, convert, head, input_size, check_sizes,
+        model: as for `export`.
+        overwrite: as for `export`.
+        convert: as for `export`.
+        head: as for `export`.
+        input_size: as for `export`.
+        check_sizes: as for `export`.
         custom_objects: as for `export`.
 
     Returns:

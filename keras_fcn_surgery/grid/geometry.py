@@ -42,11 +42,11 @@ class AxisGeometry:
 
     Attributes:
         stride: input pixels between neighbouring output cells.
-        receptive_field: input pixels one output cell sees.
+        receptive_field: input pixels one output cell sees; None when some
+            layer's window could not be derived (see `Geometry.unknown`).
         offset: input coordinate where cell 0's window starts (negative when the
-            window reaches into padding), at the geometry's ``input_size``.
-        (``receptive_field`` and ``offset`` are None when some layer's window
-        could not be derived; see `Geometry.unknown`.)
+            window reaches into padding), at the geometry's ``input_size``;
+            None when ``receptive_field`` is.
         input_size: the input length these numbers were computed at.
         output_size: the output length at that input length.
     """
