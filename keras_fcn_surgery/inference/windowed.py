@@ -459,16 +459,13 @@ def choose_execution(model, stride, execution: str):
         ConversionError: ``"fcn"`` for a classifier that does not convert.
         InputError: ``"fcn"`` with a ``stride`` other than the FCN's.
     """
-    from keras_fcn_surgery.surgery.fcn import as_fcn
-
     check_execution(execution)
     if execution == "windowed":
         return "windowed", None
-    try:
-        fcn = as_fcn(model)
-    except ConversionError:
+    fcn, refusal = _conversion(model)
+    if refusal is not None:
         if execution == "fcn":
-            raise
+            raise refusal
         return "windowed", None
     if execution == "auto" and stride is None and len(fcn.outputs) > 1:
         return "fcn", fcn  # a windowed map takes one output; its FCN's maps of every output
@@ -486,6 +483,27 @@ def choose_execution(model, stride, execution: str):
     return "fcn", fcn
 
 
+_REFUSALS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _conversion(model):
+    """``(fcn, None)`` for a classifier that converts (`as_fcn`), ``(None, error)`` for one that is refused.
+
+    A refusal is remembered per model as `as_fcn` remembers a conversion: a
+    transformer is not converted again on every call.
+    """
+    from keras_fcn_surgery.surgery.fcn import as_fcn
+
+    refusal = _REFUSALS.get(model)
+    if refusal is not None:
+        return None, refusal
+    try:
+        return as_fcn(model), None
+    except ConversionError as error:
+        _REFUSALS[model] = error
+        return None, error
+
+
 def shared_stride(model) -> tuple[int, int]:
     """The stride of the deepest map a classifier's windows can share: a windowed map's stride is a multiple of it."""
     return analysis(model).splits[-1].stride
@@ -497,18 +515,16 @@ def default_stride(model) -> tuple[int, int]:
     Raises:
         InputError: for a classifier that does not convert (a transformer).
     """
-    from keras_fcn_surgery.surgery.fcn import as_fcn
-
-    try:
-        return tuple(geometry(as_fcn(model)).stride)  # type: ignore[return-value]
-    except ConversionError as error:
-        found = analysis(model)
-        deepest = found.splits[-1]
-        raise InputError(
-            f"Model '{found.model.name}' has no FCN ({str(error).splitlines()[0]}), so its map needs a `stride=`: "
-            f"pixels between windows, a multiple of {deepest.stride[0]}x{deepest.stride[1]} (the stride of its "
-            f"shared part, up to '{deepest.name}')."
-        ) from error
+    fcn, error = _conversion(model)
+    if fcn is not None:
+        return tuple(geometry(fcn).stride)  # type: ignore[return-value]
+    found = analysis(model)
+    deepest = found.splits[-1]
+    raise InputError(
+        f"Model '{found.model.name}' has no FCN ({str(error).splitlines()[0]}), so its map needs a `stride=`: "
+        f"pixels between windows, a multiple of {deepest.stride[0]}x{deepest.stride[1]} (the stride of its "
+        f"shared part, up to '{deepest.name}')."
+    ) from error
 
 
 def plan_windows(
@@ -632,11 +648,8 @@ def _region_macs(split: _Split, region, found: _Analysis) -> int:
 
 
 def _fcn_macs(model, found: _Analysis, size) -> int | None:
-    from keras_fcn_surgery.surgery.fcn import as_fcn
-
-    try:
-        fcn = as_fcn(model)
-    except ConversionError:
+    fcn = _conversion(model)[0]
+    if fcn is None:
         return None
     return pass_cost(fcn, found.layout.batch_shape(1, size[0], size[1], found.channels)).macs
 
