@@ -14,14 +14,30 @@ largest difference between the two maps relative to their scale.
 The issue's cases: EfficientNetB0 at stride 32 and the ViT at strides 16 and
 64, on a 1024 x 1024 image. The ViT at stride 16 runs 2601 windows of 17.6
 GMAC each, twice: about an hour on 2 CPU cores, so by default it runs on a
-smaller image (``--vit16-size``); pass ``--vit16-size 1024`` for the full case.
+smaller image (``--vit16-size``, 416: 169 windows); pass ``--vit16-size 1024``
+for the full case.
 
 Run::
 
     python benchmarks/windowed.py [--size 1024] [--vit16-size 416] [--rounds 1] [--cases vit64,vit16,effnet32]
 
-Measured (2026-12, 2-core AVX-512 Xeon shared with other jobs, TensorFlow
-2.21 CPU, `--rounds 1`; see the report of issue 24 for the numbers).
+Measured (2026-12-02, 2 cores shared with other jobs, TensorFlow 2.21 CPU,
+``--size 1024 --vit16-size 320 --rounds 2``; best of 2, alternating; maps
+equal to the sliding window's bit for bit):
+
+| case | windows | split (stride) | MACs saved | windowed | sliding | speedup |
+|---|---|---|---|---|---|---|
+| EfficientNetB0, 1024^2, stride 32 | 676 | block1a_activation (2), 6-px strips on 4 sides | 3.2% | 22.0 s | 22.6 s | 1.03x |
+| ViT-B/16, 1024^2, stride 64 | 169 | patch_embedding (16), no strips | 0.9% | 52.3 s | 51.4 s | 0.98x |
+| ViT-B/16, 320^2, stride 16 | 49 | patch_embedding (16), no strips | 1.0% | 14.9 s | 15.5 s | 1.04x |
+
+What the prefix can share is small in both networks (a ViT-B/16's patch
+embedding is 0.7% of its work; EfficientNetB0's stem before the first
+squeeze-and-excitation block about 3%), so the windowed map costs what the
+sliding window costs, within the noise of a shared machine: its gain is
+exactness and the `predict_map` path (tiles, masks, `out=`, certificates),
+not speed. The ViT at stride 16 on 1024^2 (2601 windows, about 46 TMAC per
+execution) would take about an hour here.
 """
 
 from __future__ import annotations
