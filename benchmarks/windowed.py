@@ -27,7 +27,7 @@ equal to the sliding window's bit for bit):
 
 | case | windows | split (stride) | MACs saved | windowed | sliding | speedup |
 |---|---|---|---|---|---|---|
-| EfficientNetB0, 1024^2, stride 32 | 676 | block1a_activation (2), 6-px strips on 4 sides | 3.2% | 22.0 s | 22.6 s | 1.03x |
+| EfficientNetB0, 1024^2, stride 32 | 676 | block1a_activation (2), 6-px strips | 3.2% | 22.0 s | 22.6 s | 1.03x |
 | ViT-B/16, 1024^2, stride 64 | 169 | patch_embedding (16), no strips | 0.9% | 52.3 s | 51.4 s | 0.98x |
 | ViT-B/16, 320^2, stride 16 | 49 | patch_embedding (16), no strips | 1.0% | 14.9 s | 15.5 s | 1.04x |
 
