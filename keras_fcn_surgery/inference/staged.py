@@ -294,7 +294,8 @@ def plan_prediction(
         engine: None, or as for `predict_map` (``"auto"``, ``"tf"``,
             ``"xla"``, ``"blas"``): the plan then says which execution runs
             and why; ``"auto"`` measures on first use (`engines.choose_engine`).
-        stride, execution: for a classifier, as for `predict_map`.
+        stride: for a classifier, as for `predict_map`.
+        execution: for a classifier, as for `predict_map`.
 
     Returns:
         A `PredictionPlan` (or, for a windowed map, a

@@ -545,7 +545,9 @@ def plan_windows(
         image_size: ``(H, W)`` of the image.
         stride: pixels between windows, ``s`` or ``(s_h, s_w)``; a multiple
             of the stride of the deepest split. Default: the classifier's FCN's.
-        tile, staged, memory_budget: for the prefix's pass, as for `predict_map`.
+        tile: for the prefix's pass, as for `predict_map`.
+        staged: for the prefix's pass, as for `predict_map`.
+        memory_budget: for the prefix's pass, as for `predict_map`.
         batch_size: windows per call of the tail (default: about 1 million
             input pixels of windows).
         keep: None, or a boolean ``(H', W')`` array over the windows: only the
