@@ -227,7 +227,7 @@ def test_applications_with_squeeze_and_excitation_equal_their_crops(name, stride
 @pytest.mark.heavy
 @pytest.mark.parametrize("name", ["EfficientNetB0", "MobileNetV3Small"])
 def test_applications_at_their_own_size_equal_their_crops(name):
-    model = getattr(keras.applications, name)(weights=None, classifier_activation=None)
+    model = getattr(keras.applications, name)(weights=None, input_shape=(224, 224, 3), classifier_activation=None)
     image = np.random.default_rng(4).uniform(0, 255, (291, 263, 3)).astype("float32")
     assert_crops(model, image, 32, tile=256)
 
@@ -262,6 +262,9 @@ def test_bad_arguments_are_refused():
         kfs.predict_map(fcn, image, stride=8)
     with pytest.raises(kfs.InputError, match="float32"):
         kfs.predict_map(model, image, stride=4, execution="windowed", mixed_precision=True)
+    free = keras.Sequential([keras.Input((None, None, 3)), L.Conv2D(2, 3), L.GlobalAveragePooling2D()])
+    with pytest.raises(kfs.ConversionError, match="fixed input size.*input_shape"):
+        kfs.predict_map(free, image, stride=4, execution="windowed")
 
 
 def test_a_windowed_map_is_certified_against_the_classifier_on_its_crops():

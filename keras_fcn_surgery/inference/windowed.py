@@ -272,7 +272,8 @@ def _analyse(model) -> _Analysis:
     if len(shape) != 4 or any(d is None for d in layout.spatial_shape(shape)) or layout.channels(shape) is None:
         raise ConversionError(
             f"Model '{twin.name}' takes inputs of shape {shape}; a windowed map needs a classifier with a fixed "
-            "input size (the window). Give its Input a size, or convert it (`kfs.convert(model, input_size=...)`)."
+            "input size (the window): build it with one (`input_shape=(H, W, C)`), or compute the map of its FCN "
+            "(`kfs.predict_map(kfs.as_fcn(model, input_size=(H, W)), image)`)."
         )
     if len(twin.outputs) != 1 or len(twin.outputs[0].shape) != 2:
         outputs = ", ".join(str(tuple(t.shape)) for t in twin.outputs)
