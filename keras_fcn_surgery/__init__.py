@@ -52,6 +52,7 @@ _PUBLIC = {
     "StagePlan": "inference.staged",
     "PlannedOutput": "inference.staged",
     "plan_prediction": "inference.staged",
+    "WindowedPlan": "inference.windowed",
     "sliding_window_predict": "inference.predict",
     "export_savedmodel": "exporting.api",
     "export_tflite": "exporting.api",
@@ -93,6 +94,7 @@ __all__ = [
     "PlannedOutput",
     "VerificationError",
     "VerificationResult",
+    "WindowedPlan",
     "as_fcn",
     "certify_map",
     "convert",
@@ -162,6 +164,7 @@ if TYPE_CHECKING:
     from keras_fcn_surgery.inference.pictures import activations_picture, filters_picture
     from keras_fcn_surgery.inference.predict import predict_map, predict_maps, sliding_window_predict
     from keras_fcn_surgery.inference.staged import PlannedOutput, PredictionPlan, StagePlan, plan_prediction
+    from keras_fcn_surgery.inference.windowed import WindowedPlan
     from keras_fcn_surgery.saving.loading import load_model
     from keras_fcn_surgery.segmentation.losses import segmentation_loss
     from keras_fcn_surgery.segmentation.predict import segment_image

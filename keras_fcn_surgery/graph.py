@@ -11,6 +11,7 @@ import inspect
 import os
 import traceback
 import weakref
+from dataclasses import dataclass
 
 import keras
 from keras.src.models.functional import Functional
@@ -471,3 +472,244 @@ def call_inputs(model, arrays: list):
     if structure is None:
         return arrays[0] if len(arrays) == 1 else list(arrays)
     return keras.tree.pack_sequence_as(structure, list(arrays))
+
+
+# Flat traces: a classifier as one graph of the calls inside its layers ------------------------------------
+_FLAT_TRACE_DEPTH = 8
+
+
+@dataclass(frozen=True)
+class FlatTrace:
+    """A model's computation recorded as one graph, layers' insides included, at one batch size.
+
+    Nested models are inlined and every layer that is not a built-in one (a
+    custom or keras-hub block), or a built-in one made of sub-layers (such as
+    `keras.layers.MultiHeadAttention`), is replaced by the sub-layer calls and
+    `keras.ops` operations its ``call`` makes, recursively, where its ``call``
+    traces; a layer whose ``call`` does not trace stays one call. The layers
+    and weights are the model's own (shared, not copied); values a ``call``
+    computes from weights alone (a position embedding looked up at fixed
+    positions, a class token tiled to the batch) are recorded as constants of
+    that moment. Calls that mention the batch size (tiling a class token to
+    it) are recorded at ``batch_size``, so the trace runs at that batch size
+    only.
+
+    Attributes:
+        input: the symbolic image batch, ``(batch_size, ...)``.
+        outputs: the symbolic outputs, in the model's order.
+        nodes: the calls from ``input`` to ``outputs``, each after its inputs.
+    """
+
+    input: object
+    outputs: tuple
+    nodes: tuple
+
+    def index_of(self, tensor) -> int:
+        """The position in `nodes` of the call that produced ``tensor`` (-1 for `input`)."""
+        if tensor is self.input:
+            return -1
+        for index, node in enumerate(self.nodes):
+            if any(output is tensor for output in node.outputs):
+                return index
+        raise ValueError(f"{tensor} is not a tensor of this trace")
+
+    def output_of(self, index: int):
+        """The one output of the call at ``index`` (`input` for -1)."""
+        return self.input if index < 0 else self.nodes[index].outputs[0]
+
+    def operation_name(self, index: int) -> str:
+        """The name of the layer or operation at ``index`` (``"input"`` for -1)."""
+        return "input" if index < 0 else str(self.nodes[index].operation.name)
+
+    def cut_indices(self) -> list[int]:
+        """Positions (-1 for the input) whose one output carries all later computation.
+
+        After such a call nothing reads a tensor made before it: the trace
+        splits there into a part before and a part after.
+        """
+        output_ids = {id(t) for t in self.outputs}
+        return [
+            i
+            for i in cut_positions(self.nodes, [self.input], self.outputs)
+            if i < 0 or (len(self.nodes[i].outputs) == 1 and id(self.nodes[i].outputs[0]) not in output_ids)
+        ]
+
+
+def cut_positions(nodes, inputs, outputs=()) -> list[int]:
+    """Positions ``p`` (-1 for the inputs) in ``nodes`` (each after its inputs) that no edge crosses.
+
+    No tensor made before ``nodes[p]`` (or an input, made at -1) is read after
+    it: what ``nodes[p]`` outputs carries all later computation. ``outputs``
+    count as read after the last node (a cut must not drop an output made
+    before it).
+    """
+    position = {id(t): -1 for t in inputs}
+    for index, node in enumerate(nodes):
+        for tensor in node.outputs:
+            position[id(tensor)] = index
+    count = len(nodes)
+    reach = [-1] * (count + 1)  # reach[p + 1]: the latest read of a tensor made before position p
+    reads = [(index, tensor) for index, node in enumerate(nodes) for tensor in node.input_tensors]
+    for index, tensor in reads + [(count, tensor) for tensor in outputs]:
+        made = position.get(id(tensor), -1)
+        if made + 2 <= count:
+            reach[made + 2] = max(reach[made + 2], index)
+    latest, found = -1, []
+    for index in range(-1, count):
+        latest = max(latest, reach[index + 1])
+        if latest <= index:
+            found.append(index)
+    return found
+
+
+def flat_trace(model, batch_size: int) -> FlatTrace:
+    """The `FlatTrace` of a one-input model at ``batch_size``.
+
+    Raises:
+        ConversionError: for a model with several inputs or a graph that cannot
+            be read (see `graph_of`).
+    """
+    graph = graph_of(model)
+    if len(graph.inputs) != 1:
+        raise ConversionError(
+            f"Model '{model.name}' has {len(graph.inputs)} inputs; a windowed map needs one image input."
+        )
+    source = graph.inputs[0]
+    shape = (int(batch_size), *tuple(source.shape)[1:])
+    nodes, sources, targets = nodes_in_order(graph), list(graph.inputs), list(graph.outputs)
+    refused: set = set()
+    for _ in range(_FLAT_TRACE_DEPTH):
+        image = keras.Input(batch_shape=shape, dtype=source.dtype)
+        outputs = _record(nodes, sources, targets, [image], refused)
+        nodes, sources, targets = nodes_between([image], outputs), [image], outputs
+        if not any(_traceable(n.operation) and id(n.operation) not in refused for n in nodes):
+            break
+    return FlatTrace(sources[0], tuple(targets), tuple(nodes))
+
+
+def _record(nodes, sources, targets, inputs, refused: set) -> list:
+    """Call ``nodes`` again on ``inputs`` (in place of ``sources``): nested models inlined, layers traced."""
+    values = {id(t): v for t, v in zip(sources, inputs)}
+    for node in nodes:
+        operation = node.operation
+        outputs = None
+        if is_graph_model(operation):
+            inner = graph_of(operation)
+            arguments = [values[id(t)] for t in node.input_tensors]
+            outputs = _record(nodes_in_order(inner), inner.inputs, inner.outputs, arguments, refused)
+        elif _traceable(operation) and id(operation) not in refused:
+            outputs = _record_call(node, values)
+            if outputs is None:
+                refused.add(id(operation))
+        if outputs is None:
+            args, kwargs = node.arguments.fill_in(values)
+            outputs = keras.tree.flatten(operation(*args, **kwargs))
+        for tensor, value in zip(node.outputs, outputs):
+            values[id(tensor)] = value
+    return [values[id(t)] for t in targets]
+
+
+def _traceable(operation) -> bool:
+    if not is_layer(operation) or is_graph_model(operation):
+        return False
+    return not is_builtin(operation) or bool(sublayers(operation))
+
+
+def _record_call(node, values: dict):
+    """The outputs of the node's layer's ``call`` run on symbolic tensors (its inner calls recorded), or None."""
+    layer = node.operation
+    try:
+        args, kwargs = _call_arguments(node, values)
+        results = keras.tree.flatten(layer.call(*args, **kwargs))
+    except Exception:  # noqa: BLE001 - a call that does not trace stays one call
+        return None
+    if len(results) != len(node.outputs) or not all(isinstance(t, keras.KerasTensor) for t in results):
+        return None
+    inputs = [values[id(t)] for t in node.input_tensors]
+    if nodes_between(inputs, results, strict=False) is None:
+        return None  # the call reads something besides its inputs (a tensor of another graph)
+    return results
+
+
+def nodes_between(inputs, outputs, *, strict: bool = True):
+    """The calls that compute ``outputs`` from ``inputs``, each after its inputs.
+
+    Args:
+        inputs: symbolic tensors the walk stops at.
+        outputs: symbolic tensors to compute.
+        strict: raise when some output depends on a model input or a tensor
+            other than ``inputs`` (``inputs`` is not a cut); with False,
+            return None instead.
+
+    Raises:
+        ConversionError: with ``strict``, as above.
+    """
+    stops = {id(t) for t in inputs}
+    seen: set = set()
+    ordered: list = []
+    stack = [(t, False) for t in reversed(list(outputs))]
+    while stack:
+        tensor, expanded = stack.pop()
+        if id(tensor) in stops:
+            continue
+        history = getattr(tensor, "_keras_history", None)
+        node = None if history is None else history.operation._inbound_nodes[history.node_index]
+        if node is None or node.is_input:
+            if strict:
+                raise ConversionError(
+                    f"Tensor {getattr(tensor, 'name', tensor)} is computed from more than the given start: the "
+                    "graph has no cut there."
+                )
+            return None
+        if expanded:
+            if id(node) not in seen:
+                seen.add(id(node))
+                ordered.append(node)
+            continue
+        if id(node) in seen:
+            continue
+        stack.append((tensor, True))
+        stack.extend((t, False) for t in reversed(list(node.input_tensors)))
+    return ordered
+
+
+def graph_part(nodes, start, stops, name: str) -> keras.Model:
+    """A model that computes ``stops`` from ``start`` by running ``nodes`` (from `nodes_between`) again.
+
+    The calls are the recorded layers' own (shared weights); layer names need
+    not be unique, as a functional model requires. It runs at the batch size
+    the calls were recorded at (see `FlatTrace`).
+    """
+    return _GraphPart(tuple(nodes), start, tuple(stops), name=name)
+
+
+class _Replay:
+    """Recorded calls, kept out of Keras's attribute tracking."""
+
+    def __init__(self, nodes, start, stops):
+        self.nodes, self.start, self.stops = nodes, start, stops
+
+    def run(self, value):
+        values = {id(self.start): value}
+        for node in self.nodes:
+            args, kwargs = node.arguments.fill_in(values)
+            for tensor, result in zip(node.outputs, keras.tree.flatten(node.operation(*args, **kwargs))):
+                values[id(tensor)] = result
+        results = [values[id(t)] for t in self.stops]
+        return results[0] if len(results) == 1 else results
+
+
+class _GraphPart(keras.Model):
+    def __init__(self, nodes, start, stops, name: str):
+        super().__init__(name=name)
+        self._replay = _Replay(nodes, start, stops)
+        self.start_shape = tuple(start.shape)
+        self.built = True
+
+    @property
+    def outputs(self) -> list:
+        """The symbolic tensors it computes (as a functional model's ``outputs``)."""
+        return list(self._replay.stops)
+
+    def call(self, inputs, training=False):
+        return self._replay.run(inputs)

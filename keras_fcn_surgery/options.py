@@ -22,3 +22,8 @@ CERTIFIED_CELLS = 8
 # What a GeoJSON output holds: one polygon per connected region of neighbouring cells with the same top class
 # (the default), or one per computed cell; see `keras_fcn_surgery.predict_images`.
 GEOJSON_FEATURES = ("regions", "cells")
+
+# How `predict_map` computes a classifier's map: its FCN, or windowed (a shared prefix, the rest on each window;
+# exact on every crop); "auto" picks the FCN where it is exact and at the stride asked; see
+# `keras_fcn_surgery.inference.windowed`.
+EXECUTIONS = ("auto", "fcn", "windowed")

@@ -7,7 +7,7 @@ keras-hub is in the ``test`` extra.
 import keras
 import numpy as np
 import pytest
-from zoo_cases import HUB_CNN_FAMILIES, check_classifier, hub_classifier
+from zoo_cases import HUB_CNN_FAMILIES, check_classifier, check_windowed, hub_classifier
 
 import keras_fcn_surgery as kfs
 
@@ -21,6 +21,23 @@ def test_cnn_classifier_tasks_convert_verify_and_map(family):
     outcome = check_classifier(task, name=family)
     assert outcome.heads == list(kfs.HEADS)
     assert outcome.exact_geometry, family
+
+
+# The families whose FCN pools over the whole image (squeeze-and-excitation): exact maps run windowed.
+HUB_GLOBAL_CONTEXT = ["MobileNet", "EfficientNet", "MobileNetV5"]
+
+
+@pytest.mark.parametrize("family", HUB_GLOBAL_CONTEXT)
+def test_families_with_global_context_get_exact_windowed_maps_by_default(family):
+    task = hub_classifier(family)
+    assert check_windowed(task)[0] == "windowed"
+
+
+def test_the_other_cnn_families_run_as_their_fcn_by_default():
+    for family in sorted(set(HUB_CNN_FAMILIES + ["MobileNetV5"]) - set(HUB_GLOBAL_CONTEXT)):
+        task = hub_classifier(family)
+        size = tuple(int(d) for d in task.inputs[0].shape[1:3])
+        assert kfs.plan_prediction(task, (size[0] + 8, size[1] + 8)).execution == "fcn", family
 
 
 @pytest.mark.parametrize(

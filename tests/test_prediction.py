@@ -129,9 +129,14 @@ def test_bad_inputs_get_clear_errors():
         kfs.predict_map(model, random_images((1, 40, 40, 2)))
     with pytest.raises(kfs.ConversionError, match=r"`out` has shape \(5, 5, 3\).*\(20, 20, 3\)"):
         kfs.predict_map(model, random_images((40, 40, 2)), out=np.zeros((5, 5, 3)))
-    classifier = keras.Sequential([keras.Input((8, 8, 2)), layers.Flatten(), layers.Dense(3)])
     with pytest.raises(kfs.ConversionError, match="convert"):
-        kfs.predict_map(classifier, random_images((8, 8, 2)))
+        kfs.predict_map(object(), random_images((8, 8, 2)))
+    # A classifier is no bad input since issue 24: its map is its FCN's (exact here: no padding, no global context).
+    classifier = keras.Sequential([keras.Input((8, 8, 2)), layers.Flatten(), layers.Dense(3)])
+    image = random_images((11, 9, 2))
+    np.testing.assert_allclose(
+        kfs.predict_map(classifier, image), kfs.predict_map(kfs.as_fcn(classifier), image), atol=ATOL
+    )
 
 
 def test_out_may_be_a_numpy_or_zarr_array():

@@ -129,6 +129,42 @@ def check_classifier(model, *, name: str | None = None, larger_by: int = 71, pre
     return outcome
 
 
+def check_windowed(model, *, stride=None, larger_by: int = 3) -> tuple[str, tuple[int, int]]:
+    """``predict_map``'s default for the classifier, or its windowed map, equals the classifier on every crop.
+
+    The map at ``stride`` (default: the FCN's where the classifier converts, else
+    the stride its windows share) of an image of odd size holding 3 x 4
+    windows, whole and in tiles, against `sliding_window_predict` (1e-5 of the
+    output scale), on pixels in [0, 255]; the crops' scores must differ (an
+    informative check). Raises AssertionError.
+
+    Returns:
+        ``(execution, stride)``: what ``predict_map(model, image)`` runs by
+        default (``"fcn"`` or ``"windowed"``) and the stride checked.
+    """
+    from keras_fcn_surgery.inference import windowed
+
+    layout = model_layout(model)
+    height, width = (int(d) for d in layout.spatial_shape(tuple(model.inputs[0].shape)))
+    execution = windowed.choose_execution(model, None, "auto")[0]
+    if stride is None:
+        try:
+            stride = tuple(kfs.geometry(kfs.as_fcn(model)).stride)
+        except kfs.ConversionError:
+            stride = windowed.shared_stride(model)
+    steps = kfs.plan_prediction(model, (height, width), stride=stride, execution="windowed").stride
+    size = (height + 2 * steps[0] + larger_by, width + 3 * steps[1] + larger_by + 2)
+    channels = int(layout.channels(tuple(model.inputs[0].shape)))
+    image = np.random.default_rng(0).uniform(0, 255, layout.image_shape(*size, channels)).astype("float32")
+    want = kfs.sliding_window_predict(model, image, steps)
+    scale = float(np.max(np.abs(want)))
+    assert float(np.max(np.abs(want - want[:1, :1]))) > 1e-2 * scale, "the crops' scores hardly differ"
+    for tile in (None, max(height, width) + max(steps)):
+        got = kfs.predict_map(model, image, stride=steps, execution="windowed", tile=tile)
+        assert float(np.max(np.abs(got - want))) <= 1e-5 * scale, (tile, float(np.max(np.abs(got - want))) / scale)
+    return execution, steps
+
+
 # keras-hub ---------------------------------------------------------------------
 # Small explicit configs (presets would be downloaded). Each builder returns the
 # `*ImageClassifier` task itself: a functional subclass of `keras.Model`.

@@ -245,6 +245,9 @@ def export_savedmodel(
     model; only then is it renamed into place. A failure at any step leaves no
     version folder behind (and an existing one untouched).
 
+    The arguments not listed here (``model``, ``overwrite``, ``convert``,
+    ``head``, ``input_size``, ``check_sizes``, ``custom_objects``) are those of `export`.
+
     Args:
         export_dir: the model's base folder; created when missing.
         version: integer version folder; default: one more than the highest
@@ -255,13 +258,6 @@ def export_savedmodel(
             or ``"torch"`` (scaled to [0, 1], then ImageNet mean and std).
             ``serving_default`` never preprocesses.
         bytes_signature: add ``serving_bytes``. Needs 1, 3 or 4 channels.
-        model: as for `export`.
-        overwrite: as for `export`.
-        convert: as for `export`.
-        head: as for `export`.
-        input_size: as for `export`.
-        check_sizes: as for `export`.
-        custom_objects: as for `export`.
 
     Returns:
         An `ExportResult` with the version folder and the checks.
@@ -304,16 +300,11 @@ def export_onnx(
     Keras model, and only then renamed into place: a failure leaves no file
     (and an existing one untouched).
 
+    The arguments not listed here are those of `export`.
+
     Args:
         path: the ``.onnx`` file to write; its folder must exist.
         opset: ONNX opset version; default: tf2onnx's.
-        model: as for `export`.
-        overwrite: as for `export`.
-        convert: as for `export`.
-        head: as for `export`.
-        input_size: as for `export`.
-        check_sizes: as for `export`.
-        custom_objects: as for `export`.
 
     Returns:
         An `ExportResult` (``version`` is None).
@@ -347,19 +338,14 @@ def export_tflite(
     ``tf.lite.Interpreter``, resized with ``resize_tensor_input`` to two image
     sizes, compared with the Keras model, and only then renamed into place.
 
+    The arguments not listed here are those of `export`.
+
     Args:
         path: the ``.tflite`` file to write; its folder must exist.
         quantize: None (float32, checked at the float32 tolerance),
             ``"float16"`` or ``"dynamic"`` (int8 weights); a quantized
             export's difference from Keras is measured and reported in the
             result (``result.note``, ``result.max_rel_diff``), not enforced.
-        model: as for `export`.
-        overwrite: as for `export`.
-        convert: as for `export`.
-        head: as for `export`.
-        input_size: as for `export`.
-        check_sizes: as for `export`.
-        custom_objects: as for `export`.
 
     Returns:
         An `ExportResult` (``version`` is None).

@@ -341,26 +341,60 @@ def _cell_values(score_map, cells, layout) -> np.ndarray:
 
 def _compare(plan: _CropPlan, expected, actual, against: str, tolerance: float, spec) -> MapCertificate:
     """The certificate of one output: its map's cells (``actual``) against the crops' scores (``expected``)."""
-    comparison = compare_arrays(
-        [(expected, actual)],
-        tolerance=tolerance,
-        input_shape=spec.layout.batch_shape(len(plan.cells), plan.crop[0], plan.crop[1], spec.channels),
-    )
-    comparison = replace(comparison, input_spread=batch_spread([expected], comparison.output_scale))
-    both = np.all(np.isfinite(expected), axis=1) & np.all(np.isfinite(actual), axis=1)
-    agree = np.argmax(expected[both], axis=1) == np.argmax(actual[both], axis=1)
-    certificate = MapCertificate(
-        cells=plan.cells,
-        eligible=plan.eligible,
-        map_size=plan.map_size,
-        crop_size=plan.crop,
-        against=against,
-        comparison=comparison,
-        top_class_agreement=float(np.mean(agree)) if len(agree) else 0.0,
+    certificate = _measured(
+        plan.cells, plan.eligible, plan.map_size, plan.crop, against, expected, actual, tolerance, spec
     )
     if certificate.exact:
         return certificate
     return replace(certificate, reason=_why_inexact(plan.grid, plan.at_crop, plan.crop))
+
+
+def _measured(
+    cells, eligible, map_size, crop, against: str, expected, actual, tolerance: float, spec
+) -> MapCertificate:
+    comparison = compare_arrays(
+        [(expected, actual)],
+        tolerance=tolerance,
+        input_shape=spec.layout.batch_shape(len(cells), crop[0], crop[1], spec.channels),
+    )
+    comparison = replace(comparison, input_spread=batch_spread([expected], comparison.output_scale))
+    both = np.all(np.isfinite(expected), axis=1) & np.all(np.isfinite(actual), axis=1)
+    agree = np.argmax(expected[both], axis=1) == np.argmax(actual[both], axis=1)
+    return MapCertificate(
+        cells=tuple(cells),
+        eligible=eligible,
+        map_size=tuple(map_size),  # type: ignore[arg-type]
+        crop_size=tuple(crop),  # type: ignore[arg-type]
+        against=against,
+        comparison=comparison,
+        top_class_agreement=float(np.mean(agree)) if len(agree) else 0.0,
+    )
+
+
+def windowed_certificate(
+    model, image, score_map, n: int, *, stride=None, preprocess=None, keep=None, tolerance=None, seed: int = 0
+) -> MapCertificate:
+    """The certificate of a classifier's windowed map (`inference.windowed`), without the warning.
+
+    Cell ``(i, j)`` of such a map stands for the crop at ``(i * s_h, j *
+    s_w)``: ``n`` cells, sampled as `certify_map` samples them, are compared
+    with the classifier itself run on their crops.
+    """
+    from keras_fcn_surgery.inference import windowed
+
+    check_cell_count(n, "n")
+    found = windowed.analysis(model)
+    spec = runner.ImageSpec(found.layout, found.channels)
+    image = runner.with_channel_axis(image, spec)
+    plan = windowed.plan_windows(model, runner.image_size_of(image, spec), stride=stride, keep=keep)
+    rows, cols = range(plan.map_size[0]), range(plan.map_size[1])
+    cells = sample_cells(rows, cols, int(n), seed=seed, keep=keep)
+    origins = tuple((i * plan.stride[0], j * plan.stride[1]) for i, j in cells)
+    expected = _run_on_crops(found.model, image, spec, origins, found.window, preprocess)[0]
+    actual = _cell_values(score_map, cells, spec.layout)
+    tolerance = float(tolerance if tolerance is not None else tolerance_for(found.model))
+    against = f"classifier '{found.model.name}'"
+    return _measured(cells, plan.windows, plan.map_size, found.window, against, expected, actual, tolerance, spec)
 
 
 def certificate_or_reason(model, image, score_map, n: int, **options) -> tuple[MapCertificate | None, str]:

@@ -41,7 +41,19 @@ def layer_macs(layer, input_shape, output_shape) -> int:
         return out * int(np.prod(layer.kernel_size)) * channels // layer.groups
     if isinstance(layer, keras.layers.Dense):
         return out * int(input_shape[-1])
+    if isinstance(layer, keras.layers.EinsumDense):
+        return out * _einsum_contracted(layer)
     return 0
+
+
+def _einsum_contracted(layer) -> int:
+    """Kernel elements one output element of an `EinsumDense` sums over (its kernel's contracted axes)."""
+    operands, output = layer.equation.replace(" ", "").split("->")
+    kernel_letters = operands.split(",")[1]
+    shape = tuple(layer.kernel.shape)
+    if "." in kernel_letters or len(kernel_letters) != len(shape):
+        return 0
+    return int(np.prod([d for letter, d in zip(kernel_letters, shape) if letter not in output]))
 
 
 def pass_cost(model, input_shape) -> PassCost:

@@ -10,12 +10,13 @@ from keras_fcn_surgery.errors import ConversionError, InputError
 from keras_fcn_surgery.graph import model_layout, traced_model
 from keras_fcn_surgery.grid import tiling
 from keras_fcn_surgery.grid.geometry import geometry
-from keras_fcn_surgery.inference import engines, runner
+from keras_fcn_surgery.inference import engines, runner, windowed
 from keras_fcn_surgery.inference.certificate import (
     CertifiedMap,
     check_cell_count,
     make_certificate,
     warn_if_inexact,
+    windowed_certificate,
 )
 from keras_fcn_surgery.inference.staged import plan_prediction, run_plan
 from keras_fcn_surgery.inference.store import DiskMap, file_backed
@@ -40,6 +41,8 @@ def predict_map(
     mixed_precision: bool = False,
     spill_dir: str | None = None,
     keep=None,
+    stride=None,
+    execution: str = "auto",
     certify: int | None = None,
 ):
     """The score map of one image, computed whole or in exact tiles.
@@ -61,10 +64,26 @@ def predict_map(
     only; stored maps larger than ``memory_budget`` go to temporary files. The
     result is the same. `plan_prediction` shows the plan.
 
+    A classifier (a fixed input size, a vector of scores) is accepted too;
+    ``execution`` says how its map is computed. ``"fcn"``: its conversion
+    (`as_fcn`, made once), one cell per the network's stride, exact where no
+    window reaches into ``same`` padding and no layer pools over the whole
+    image (squeeze-and-excitation), else an approximation. ``"windowed"``
+    (`inference.windowed`): the classifier's output on every crop at
+    ``stride``, exactly, borders included; the part of the network that
+    commutes with cropping (a patch embedding, a convolutional stem) runs
+    once over the image as an FCN (tiled and staged as below), the rest (the
+    classifier's own layers) on each window's part of its map, in batches of
+    ``batch_size`` windows. Transformers (ViT, DeiT, Swin, MiT) run windowed
+    only. ``"auto"`` (default): the FCN where it converts, has no global
+    context and ``stride`` is None or its stride; else windowed.
+    ``plan_prediction`` with the same arguments says which execution runs
+    (its ``execution``) and what it computes.
+
     Args:
         fcn: a fully convolutional model from `convert` (input ``(None, None,
-            None, C)``, or ``(None, C, None, None)`` for channels-first); for a
-            classifier, ``kfs.as_fcn(classifier)`` converts it once.
+            None, C)``, or ``(None, C, None, None)`` for channels-first), or a
+            classifier (see ``execution``).
         image: one image, ``(H, W, C)`` (``(C, H, W)`` for channels-first
             models; ``(H, W)`` when ``C == 1``): a numpy array or any array
             that supports slicing (``np.memmap``, zarr). Values are fed as they
@@ -124,7 +143,16 @@ def predict_map(
             and the others are NaN. Each stage runs only the tiles those
             cells need, so the work follows the kept area; kept cells equal
             the unmasked map's. `plan_prediction` with the same ``keep``
-            shows the plan.
+            shows the plan. For a windowed map: a boolean array over its
+            windows; only the kept windows are computed (and only the part
+            of the shared map they read).
+        stride: for a classifier, pixels between windows, ``s`` or ``(s_h,
+            s_w)``: for a windowed map a multiple of the stride of its shared
+            part (an `InputError` names it otherwise); default: the stride of
+            the classifier's FCN (a classifier without one needs it). For an
+            FCN, only its own stride is accepted.
+        execution: ``"auto"``, ``"fcn"`` or ``"windowed"``, for a classifier
+            (see above).
         certify: None or 0 (default), or a number of cells to compare with the
             classifier on the crops they stand for, once the map is done
             (`certify_map`: an `InexactMapWarning` when they differ, as they
@@ -144,6 +172,12 @@ def predict_map(
         stages serve every output at once, exactly, when their maps share one
         grid (`geometry(fcn)` without ``output``); outputs on different grids
         run in one whole-image pass only (``tile=None``, no ``keep``).
+
+        A windowed map has one cell per window: ``H' = (H - h) // s_h + 1``
+        for windows of ``h`` pixels at stride ``s_h``; cell ``(i, j)`` is the
+        classifier's output on the crop at ``(i * s_h, j * s_w)``
+        (`plan_prediction` gives ``map_size``). It takes one-output
+        classifiers.
 
     Raises:
         ConversionError: for a model that is not fully convolutional, an
@@ -169,6 +203,34 @@ def predict_map(
     engine = engines.engine_from_options(engine, jit_compile)
     if certify:
         check_cell_count(certify, "certify")  # before the pass, not after it
+    model = fcn
+    chosen, fcn = windowed.route(model, stride, execution)
+    if chosen == "windowed":
+        if mixed_precision:
+            raise InputError("A windowed map runs in float32 only; drop `mixed_precision`.")
+        scores = windowed.predict_windowed(
+            model,
+            image,
+            stride=stride,
+            tile=tile,
+            batch_size=batch_size,
+            out=out,
+            progress=progress,
+            preprocess=preprocess,
+            engine=engine,
+            staged=staged,
+            memory_budget=memory_budget,
+            prefetch=prefetch,
+            spill_dir=spill_dir,
+            keep=keep,
+        )
+        if not certify:
+            return scores
+        certificate = windowed_certificate(
+            model, image, scores, certify, stride=stride, preprocess=preprocess, keep=keep
+        )
+        warn_if_inexact(certificate, stacklevel=2)
+        return CertifiedMap(scores, certificate)
     spec, outputs = runner.check_fcn(fcn)
     size = runner.image_size_of(runner.with_channel_axis(image, spec), spec)
     plan = plan_prediction(

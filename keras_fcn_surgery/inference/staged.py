@@ -29,6 +29,7 @@ import numpy as np
 
 from keras_fcn_surgery.errors import ConversionError, InputError
 from keras_fcn_surgery.graph import (
+    cut_positions,
     describe,
     flat_nodes,
     graph_of,
@@ -177,6 +178,11 @@ class PredictionPlan:
         return len(self.stages) > 1
 
     @property
+    def execution(self) -> str:
+        """``"fcn"``: the map of a fully convolutional network (see `inference.windowed.WindowedPlan`)."""
+        return "fcn"
+
+    @property
     def macs(self) -> int:
         """Multiply-accumulates of the planned pass, all stages and tiles."""
         return sum(stage.macs for stage in self.stages)
@@ -259,11 +265,19 @@ def plan_prediction(
     memory_budget: int | None = None,
     keep=None,
     engine: str | None = None,
-) -> PredictionPlan:
+    stride=None,
+    execution: str = "auto",
+):
     """The plan `predict_map` follows for an image of this size: stages, tiles, work and memory.
 
+    For a classifier, ``stride`` and ``execution`` choose the execution as in
+    `predict_map`: its FCN's plan, or a `WindowedPlan` (the split, the
+    windows, the strips, and the cost against the sliding window and the FCN
+    where one exists). Either plan's ``execution`` says which
+    (``"fcn"`` or ``"windowed"``).
+
     Args:
-        fcn: a fully convolutional model from `convert`.
+        fcn: a fully convolutional model from `convert`, or a classifier.
         image_size: ``(H, W)`` of the image.
         tile: as for `predict_map`: None (one pass) or the largest tile side.
         staged: None to stage the network when that computes less than plain
@@ -280,15 +294,33 @@ def plan_prediction(
         engine: None, or as for `predict_map` (``"auto"``, ``"tf"``,
             ``"xla"``, ``"blas"``): the plan then says which execution runs
             and why; ``"auto"`` measures on first use (`engines.choose_engine`).
+        stride: for a classifier, as for `predict_map`.
+        execution: for a classifier, as for `predict_map`.
 
     Returns:
-        A `PredictionPlan`; ``print(plan)`` shows it as a table.
+        A `PredictionPlan` (or, for a windowed map, a
+        `inference.windowed.WindowedPlan`); ``print(plan)`` shows it.
 
     Raises:
         ConversionError: as `predict_map`; with ``staged=True``, also when the
             network cannot be staged (it pools over the whole map, or has no
             cut between its input and output).
     """
+    from keras_fcn_surgery.inference import windowed
+
+    chosen, model = windowed.route(fcn, stride, execution)
+    if chosen == "windowed":
+        return windowed.plan_windows(
+            fcn,
+            image_size,
+            stride=stride,
+            tile=tile,
+            staged=staged,
+            batch_size=batch_size,
+            memory_budget=memory_budget,
+            keep=keep,
+        )
+    fcn = model
     size = tuple(int(d) for d in image_size)
     budget = DEFAULT_MEMORY_BUDGET if memory_budget is None else int(memory_budget)
     if batch_size is not None and batch_size < 1:
@@ -775,26 +807,14 @@ def _cut_tensors(graph, shapes, layout) -> list:
     over it. Nested models count as one node.
     """
     nodes = nodes_in_order(graph)
-    position = {id(t): -1 for t in graph.inputs}
-    for index, node in enumerate(nodes):
-        for tensor in node.outputs:
-            position[id(tensor)] = index
-    last_use: dict = {}
-    for index, node in enumerate(nodes):
-        for tensor in node.input_tensors:
-            last_use[id(tensor)] = index
-    for tensor in graph.outputs:  # an output is needed at the end: no cut after it may drop it
-        last_use[id(tensor)] = len(nodes)
+    uncrossed = set(cut_positions(nodes, graph.inputs, graph.outputs))
     output_ids = {id(t) for t in graph.outputs}
     cuts, level = [], None
-    spans = sorted((position.get(t, -1), use) for t, use in last_use.items())
     for index, node in enumerate(nodes[:-1]):
         if len(node.outputs) != 1 or id(node.outputs[0]) in output_ids:
             continue
         tensor = node.outputs[0]
-        crossing = any(
-            produced <= index < use and not (produced == index) for produced, use in spans if produced <= index
-        )
+        crossing = index not in uncrossed
         if crossing or len(shapes.get(id(tensor), ())) != 4:
             continue
         side = min(layout.spatial_shape(shapes[id(tensor)]))

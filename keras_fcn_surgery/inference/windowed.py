@@ -1,0 +1,856 @@
+"""Exact dense maps of any classifier: what convolves runs once over the image, the rest on each window.
+
+A classifier whose tail is tied to one input size (a transformer's tokens,
+class token and position embeddings) or looks at the whole window
+(squeeze-and-excitation) has no exact FCN. Its map at a stride ``s`` is still
+the classifier on every crop at that stride, and the crops share work: the
+part of the network up to a *split* that commutes with cropping (a patch
+embedding, a convolutional stem) computes, on a crop, a crop of what it
+computes on the whole image.
+
+The split is a tensor of the classifier's `graph.FlatTrace` (its layers'
+insides included) that carries all later computation, a spatial map, and
+whose *prefix* (the graph up to it) converts to an FCN whose geometry is
+exact and has no global context. The prefix runs once over the image as that
+FCN (`predict_map`: tiled, staged, masked as usual); the *tail* (the trace
+from the split to the outputs: the classifier's own layers and weights) runs
+on each window's part of the prefix's map, in batches.
+
+Why it is exact. Windows start on multiples of ``s``, a multiple of the
+prefix's stride ``P``, and the pass covers the image rows and columns the
+windows cover, whose length is congruent to the window's modulo ``P``. A
+window is then an exact tile of that region (`grid.tiling`): the cells of its
+prefix map whose windows stay inside it equal the region map's cells
+(`Geometry.exact_cells`). The other cells, near the window's edges where a
+``same`` padding of the prefix pads the crop but not the image, are the
+prefix run on a strip of the crop along that edge: a strip at the crop's edge
+whose length is congruent to the window's modulo ``P`` is an exact tile of
+the crop in turn. So every window's prefix map is the classifier's own prefix
+map of the crop, and the tail computes the classifier's output on the crop.
+A valid patch embedding (ViT, DeiT, Swin) needs no strips.
+
+Of the splits (the input itself, where nothing is shared, to the deepest
+one), the plan takes the one that computes least for the image and stride
+(`plan_windows`).
+
+A classifier is analysed once (`analysis`: its trace, its prefixes'
+conversions), as `as_fcn` converts it once: the prefixes' weights are copied
+then, and values a layer computes from its weights alone (a position
+embedding at fixed positions) are recorded then. Give a model whose weights
+changed since as a new model object.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import weakref
+from dataclasses import dataclass, field
+
+import keras
+import numpy as np
+
+from keras_fcn_surgery.errors import ConversionError, InputError, VerificationError
+from keras_fcn_surgery.graph import (
+    describe,
+    flat_trace,
+    graph_part,
+    model_layout,
+    nodes_between,
+    traced_model,
+)
+from keras_fcn_surgery.grid import tiling
+from keras_fcn_surgery.grid.geometry import Geometry, geometry
+from keras_fcn_surgery.inference import engines, runner
+from keras_fcn_surgery.inference.cost import layer_macs, pass_cost
+from keras_fcn_surgery.inference.store import DiskMap, file_backed
+from keras_fcn_surgery.layout import Layout
+from keras_fcn_surgery.options import EXECUTIONS
+from keras_fcn_surgery.saving.atomic import remove_tree
+
+# Bytes of the prefix's map kept in memory; a larger one goes to a temporary file.
+DEFAULT_MEMORY_BUDGET = 64 << 20
+
+_ANALYSES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+@dataclass(frozen=True)
+class _Band:
+    """One axis of a window's prefix map: which cells come from the shared map, which from strips.
+
+    Attributes:
+        cells: the window's prefix-map cells along the axis.
+        exact: ``(start, stop)``: the cells equal to the shared map's (for a
+            window whose edges lie inside the image).
+        before: pixels of the strip at the window's start whose prefix map
+            gives cells ``[0, start)``; None when ``start`` is 0.
+        after: pixels of the strip at the window's end that gives cells
+            ``[stop, cells)``; None when ``stop`` is ``cells``.
+    """
+
+    cells: int
+    exact: tuple[int, int]
+    before: int | None
+    after: int | None
+
+
+@dataclass(frozen=True)
+class _Split:
+    """One place to split a classifier into a shared prefix and a windowed tail."""
+
+    index: int  # position in the trace of the call whose output is the split (-1: the input)
+    name: str
+    prefix: keras.Model | None  # the prefix as an FCN; None at the input
+    grid: Geometry | None
+    stride: tuple[int, int]
+    cells: tuple[int, int]
+    channels: int
+    bands: tuple[_Band, _Band]
+    prefix_macs: int  # of the prefix on one window (from the trace)
+    strip_macs: int  # of the strips of one window
+    tail_macs: int  # of the tail on one window
+
+    def strips(self) -> list[tuple[int, str, int]]:
+        """``(axis, "before" | "after", length)`` of each strip one window computes."""
+        found = []
+        for axis, band in enumerate(self.bands):
+            for side in ("before", "after"):
+                length = getattr(band, side)
+                if length is not None:
+                    found.append((axis, side, length))
+        return found
+
+
+@dataclass
+class _Analysis:
+    """A classifier's splits, found once (`analysis`)."""
+
+    model: keras.Model  # the classifier (its traced twin for a subclassed one)
+    layout: Layout
+    window: tuple[int, int]
+    channels: int
+    classes: int
+    splits: list  # of _Split, shallowest first; splits[0] is the input
+    window_macs: int
+    blocked_by: str  # why the deepest split is not deeper
+    tails: dict = field(default_factory=dict)  # (split index, batch) -> tail model
+    traces: dict = field(default_factory=dict)  # batch -> FlatTrace
+    verified: set = field(default_factory=set)
+
+    def trace(self, batch: int):
+        if batch not in self.traces:
+            self.traces[batch] = flat_trace(self.model, batch)
+        return self.traces[batch]
+
+    def tail(self, split: _Split, batch: int) -> keras.Model:
+        key = (split.index, batch)
+        if key not in self.tails:
+            trace = self.trace(batch)
+            reference = self.trace(1)
+            if len(trace.nodes) != len(reference.nodes) or (
+                split.index >= 0 and trace.nodes[split.index].operation is not reference.nodes[split.index].operation
+            ):
+                raise ConversionError(
+                    f"Model '{self.model.name}' records a different graph at a batch of {batch}; its windowed map "
+                    "cannot be batched. Pass `batch_size=1`."
+                )
+            start = trace.output_of(split.index)
+            nodes = nodes_between([start], trace.outputs)
+            self.tails[key] = graph_part(nodes, start, trace.outputs, name=f"{self.model.name}_after_{split.name}")
+        return self.tails[key]
+
+
+@dataclass(frozen=True)
+class WindowedPlan:
+    """How `predict_map` computes a classifier's exact map window by window (the windowed execution).
+
+    Attributes:
+        image_size: ``(H, W)`` of the image.
+        map_size: ``(H', W')``: windows along each axis.
+        window: ``(h, w)``: the classifier's input size.
+        stride: ``(s_h, s_w)``: pixels between windows.
+        split: the layer or operation whose output is shared (``"input"``
+            when nothing is: every window runs the whole classifier).
+        prefix_stride: the stride of the shared map (every ``stride`` is a
+            multiple of it).
+        deepest_split: the deepest possible split, and ``blocked_by``: what
+            ends the shareable part there (a layer that pools over the whole
+            window, ties the model to one size, or is not exact).
+        region: ``(H_r, W_r)``: the image part the windows cover, which the
+            prefix runs over.
+        prefix_plan: the `PredictionPlan` of the prefix's pass over it
+            (tiles, stages), or None when nothing is shared.
+        windows: windows computed (the kept ones, with ``keep``).
+        batch_size: windows per call of the tail.
+        strips: per window, the strips along its edges on which the prefix
+            runs again (``"top 9"``: the top 9 pixel rows), where its ``same``
+            padding pads a crop differently from the image.
+        prefix_macs: multiply-accumulates of the prefix's pass.
+        strip_macs: of all windows' strips.
+        tail_macs: of all windows' tails.
+        sliding_macs: of the classifier on every computed window (the
+            naive sliding window).
+        fcn_macs: of one whole-image pass of the classifier's FCN where it
+            converts (approximate where it has global context), else None.
+        kept_fraction: the share of windows a ``keep`` mask keeps.
+    """
+
+    image_size: tuple[int, int]
+    map_size: tuple[int, int]
+    window: tuple[int, int]
+    stride: tuple[int, int]
+    split: str
+    prefix_stride: tuple[int, int]
+    deepest_split: str
+    blocked_by: str
+    region: tuple[int, int]
+    prefix_plan: object
+    windows: int
+    batch_size: int
+    strips: tuple[str, ...]
+    prefix_macs: int
+    strip_macs: int
+    tail_macs: int
+    sliding_macs: int
+    fcn_macs: int | None
+    kept_fraction: float = 1.0
+    _split: object = field(default=None, repr=False, compare=False)
+    _analysis: object = field(default=None, repr=False, compare=False)
+    _needed: object = field(default=None, repr=False, compare=False)
+
+    execution = "windowed"
+
+    @property
+    def macs(self) -> int:
+        """Multiply-accumulates of the whole windowed pass."""
+        return self.prefix_macs + self.strip_macs + self.tail_macs
+
+    @property
+    def saved(self) -> float:
+        """The share of the sliding window's computation the shared prefix saves (0 when nothing is shared)."""
+        return 1.0 - self.macs / self.sliding_macs if self.sliding_macs else 0.0
+
+    def __str__(self) -> str:
+        def gmac(value):
+            return f"{value / 1e9:.3g} GMAC"
+
+        strips = ", ".join(self.strips) if self.strips else "none"
+        lines = [
+            f"{self.image_size[0]}x{self.image_size[1]} -> map {self.map_size[0]}x{self.map_size[1]}, windowed: "
+            f"{self.windows} windows of {self.window[0]}x{self.window[1]} at stride {self.stride[0]}x{self.stride[1]}"
+            + (f" ({self.kept_fraction:.0%} kept)" if self.kept_fraction < 1 else ""),
+            f"split after '{self.split}' (shared map at stride {self.prefix_stride[0]}x{self.prefix_stride[1]}; "
+            f"deepest possible '{self.deepest_split}', then {self.blocked_by})",
+            f"prefix over {self.region[0]}x{self.region[1]} pixels: {gmac(self.prefix_macs)}; strips per window: "
+            f"{strips}: {gmac(self.strip_macs)}; tails in batches of {self.batch_size}: {gmac(self.tail_macs)}",
+            f"total {gmac(self.macs)} against {gmac(self.sliding_macs)} for the sliding window "
+            f"({self.saved:.1%} saved)"
+            + (f"; the FCN (not exact on crops) {gmac(self.fcn_macs)}" if self.fcn_macs is not None else ""),
+        ]
+        return "\n".join(lines)
+
+
+def analysis(model) -> _Analysis:
+    """The splits of a classifier, found once per model (its trace and its prefixes' conversions).
+
+    Raises:
+        ConversionError: for a model that does not take one fixed-size image
+            and return one vector of scores.
+    """
+    cached = _ANALYSES.get(model)
+    if cached is None:
+        cached = _analyse(model)
+        _ANALYSES[model] = cached
+    return cached
+
+
+def _analyse(model) -> _Analysis:
+    from keras_fcn_surgery.surgery.convert import convert
+
+    twin = traced_model(model)
+    layout = model_layout(twin)
+    shape = tuple(twin.inputs[0].shape)
+    if len(shape) != 4 or any(d is None for d in layout.spatial_shape(shape)) or layout.channels(shape) is None:
+        raise ConversionError(
+            f"Model '{twin.name}' takes inputs of shape {shape}; a windowed map needs a classifier with a fixed "
+            "input size (the window): build it with one (`input_shape=(H, W, C)`), or compute the map of its FCN "
+            "(`kfs.predict_map(kfs.as_fcn(model, input_size=(H, W)), image)`)."
+        )
+    if len(twin.outputs) != 1 or len(twin.outputs[0].shape) != 2:
+        outputs = ", ".join(str(tuple(t.shape)) for t in twin.outputs)
+        raise ConversionError(
+            f"Model '{twin.name}' returns {outputs}; a windowed map needs a classifier with one output, a vector "
+            "of scores per image."
+        )
+    height, width = (int(d) for d in layout.spatial_shape(shape))
+    window = (height, width)
+    channels = int(layout.channels(shape))
+    trace = flat_trace(twin, 1)
+    node_macs = [_node_macs(node) for node in trace.nodes]
+    total = sum(node_macs)
+    identity = _Split(
+        index=-1,
+        name="input",
+        prefix=None,
+        grid=None,
+        stride=(1, 1),
+        cells=(window[0], window[1]),
+        channels=channels,
+        bands=_whole_bands(window),
+        prefix_macs=0,
+        strip_macs=0,
+        tail_macs=total,
+    )
+    splits, blocked_by = [identity], "no later spatial map carries all the computation"
+    for index in trace.cut_indices():
+        tensor = trace.output_of(index)
+        if index < 0 or len(tensor.shape) != 4:
+            continue
+        name = trace.operation_name(index)
+        operation = describe(trace.nodes[index].operation)
+        try:
+            part = keras.Model(trace.input, tensor, name=f"{twin.name}_to_{name}")
+            prefix = convert(part, verify=False)
+            grid = geometry(prefix)
+        except (ConversionError, ValueError) as error:
+            blocked_by = f"{operation}'s part of the graph does not convert ({str(error).splitlines()[0]})"
+            break
+        if grid.global_context:
+            blocked_by = f"the part up to {operation} pools over the whole window"
+            break
+        if not grid.exact or model_layout(prefix) != layout:
+            blocked_by = f"the geometry up to {operation} is not exact" + (
+                f" ({grid.unknown[0]})" if grid.unknown else ""
+            )
+            break
+        cells = grid.output_size(window)
+        if tuple(cells) != tuple(int(d) for d in layout.spatial_shape(tuple(tensor.shape))):
+            blocked_by = f"the FCN of the part up to {operation} gives another map size"
+            break
+        bands = tuple(_band(grid, window, axis) for axis in (0, 1))
+        if any(b.before == window[a] or b.after == window[a] for a, b in enumerate(bands)):
+            continue  # its strips would be whole windows: nothing is shared
+        split_channels = int(layout.channels(tuple(tensor.shape)))
+        strip_macs = sum(
+            pass_cost(prefix, layout.batch_shape(1, *_strip_size(window, axis, length), channels)).macs
+            for axis, band in enumerate(bands)
+            for length in (band.before, band.after)
+            if length is not None
+        )
+        before = sum(node_macs[: index + 1])
+        splits.append(
+            _Split(
+                index=index,
+                name=name,
+                prefix=prefix,
+                grid=grid,
+                stride=grid.stride,
+                cells=(cells[0], cells[1]),
+                channels=split_channels,
+                bands=(bands[0], bands[1]),
+                prefix_macs=before,
+                strip_macs=strip_macs,
+                tail_macs=total - before,
+            )
+        )
+    return _Analysis(twin, layout, window, channels, int(twin.outputs[0].shape[-1]), splits, total, blocked_by)
+
+
+def _node_macs(node) -> int:
+    if not node.input_tensors or not node.outputs:
+        return 0
+    shapes = tuple(node.input_tensors[0].shape), tuple(node.outputs[0].shape)
+    if any(d is None for shape in shapes for d in shape):
+        return 0  # a size the trace does not know (a reshape to -1): not counted
+    return layer_macs(node.operation, *shapes)
+
+
+def _whole_bands(window) -> tuple[_Band, _Band]:
+    return tuple(_Band(n, (0, n), None, None) for n in window)  # type: ignore[return-value]
+
+
+def _strip_size(window, axis: int, length: int) -> tuple[int, int]:
+    size = list(window)
+    size[axis] = length
+    return (size[0], size[1])
+
+
+def _band(grid: Geometry, window, axis: int) -> _Band:
+    """Which cells of a window's prefix map along ``axis`` are shared, and the strips that give the others."""
+    cells = grid.output_size(window)[axis]
+    start, stop = grid.exact_cells(window, at_image_start=(False, False), at_image_end=(False, False))[axis]
+    if stop <= start:
+        start = stop = 0
+    before = None if start == 0 else _strip(grid, window, axis, cells, need=start, at_start=True)
+    after = None if stop == cells else _strip(grid, window, axis, cells, need=stop, at_start=False)
+    return _Band(cells, (start, stop) if stop > start else (0, 0), before, after)
+
+
+def _strip(grid: Geometry, window, axis: int, cells: int, *, need: int, at_start: bool) -> int:
+    """The shortest strip along a window's start (end) edge whose exact cells cover ``[0, need)`` (``[need, cells)``).
+
+    Strips keep the window's length modulo the prefix's stride, so each pads
+    like the window: cell ``k`` of the end strip is the window's cell
+    ``(window - length) / stride + k``. The whole window when no shorter strip does.
+    """
+    stride, length = grid.stride[axis], window[axis]
+    low = grid.min_input_size[axis]
+    first = low + (length - low) % stride
+    for side in range(first, length, stride):
+        size = _strip_size(window, axis, side)
+        starts, ends = [True, True], [True, True]
+        (ends if at_start else starts)[axis] = False
+        try:
+            begin, end = grid.exact_cells(size, at_image_start=tuple(starts), at_image_end=tuple(ends))[axis]
+            own = grid.output_size(size)[axis]
+        except ConversionError:
+            continue
+        if at_start and begin == 0 and end >= need:
+            return side
+        offset = (length - side) // stride
+        if not at_start and offset + own == cells and end == own and offset + begin <= need:
+            return side
+    return length
+
+
+def check_execution(execution) -> str:
+    if execution not in EXECUTIONS:
+        raise InputError(f"Expected `execution` among {', '.join(map(repr, EXECUTIONS))}. Received: {execution!r}")
+    return execution
+
+
+def route(model, stride, execution: str):
+    """``("fcn", fcn)`` or ``("windowed", None)``: how `predict_map` computes the map of ``model``.
+
+    An FCN runs as itself; a classifier as `choose_execution` says. Anything
+    else is returned as it is, for `predict_map`'s own checks to refuse.
+
+    Raises:
+        InputError: for ``execution="windowed"`` or a ``stride`` other than its
+            own with an FCN, or an unknown ``execution``.
+    """
+    from keras_fcn_surgery.surgery.fcn import is_fully_convolutional
+
+    check_execution(execution)
+    if not isinstance(model, keras.Model):
+        return "fcn", model
+    if not is_fully_convolutional(model):
+        return choose_execution(model, stride, execution)
+    if execution == "windowed":
+        raise InputError(
+            f"Model '{model.name}' is already fully convolutional: its map has one cell per stride. A windowed map "
+            "runs a classifier on every crop: pass the classifier itself."
+        )
+    if stride is not None:
+        requested, own = runner.pair(stride, "stride"), tuple(geometry(model).stride)
+        if requested != own:
+            raise InputError(
+                f"The FCN '{model.name}' has stride {own[0]}x{own[1]}; its map cannot be at stride "
+                f"{requested[0]}x{requested[1]}. Pass the classifier with `stride=` for a windowed map at that stride."
+            )
+    return "fcn", model
+
+
+def choose_execution(model, stride, execution: str):
+    """``("fcn", fcn)`` or ``("windowed", None)``: how `predict_map` computes a classifier's map.
+
+    ``"auto"``: the classifier's FCN (`as_fcn`) where it converts, has no
+    global context and ``stride`` is None or its stride; else windowed.
+
+    Raises:
+        ConversionError: ``"fcn"`` for a classifier that does not convert.
+        InputError: ``"fcn"`` with a ``stride`` other than the FCN's.
+    """
+    check_execution(execution)
+    if execution == "windowed":
+        return "windowed", None
+    fcn, refusal = _conversion(model)
+    if refusal is not None:
+        if execution == "fcn":
+            raise refusal
+        return "windowed", None
+    if execution == "auto" and stride is None and len(fcn.outputs) > 1:
+        return "fcn", fcn  # a windowed map takes one output; its FCN's maps of every output
+    grid = geometry(fcn)
+    requested = None if stride is None else runner.pair(stride, "stride")
+    if execution == "fcn":
+        if requested is not None and requested != tuple(grid.stride):
+            raise InputError(
+                f"The FCN of '{model.name}' has stride {grid.stride[0]}x{grid.stride[1]}; its map cannot be at "
+                f"stride {requested[0]}x{requested[1]}. Use `execution='windowed'` for exact maps at other strides."
+            )
+        return "fcn", fcn
+    if grid.global_context or (requested is not None and requested != tuple(grid.stride)):
+        return "windowed", None
+    return "fcn", fcn
+
+
+_REFUSALS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _conversion(model):
+    """``(fcn, None)`` for a classifier that converts (`as_fcn`), ``(None, error)`` for one that is refused.
+
+    A refusal is remembered per model as `as_fcn` remembers a conversion: a
+    transformer is not converted again on every call.
+    """
+    from keras_fcn_surgery.surgery.fcn import as_fcn
+
+    refusal = _REFUSALS.get(model)
+    if refusal is not None:
+        return None, refusal
+    try:
+        return as_fcn(model), None
+    except ConversionError as error:
+        _REFUSALS[model] = error
+        return None, error
+
+
+def shared_stride(model) -> tuple[int, int]:
+    """The stride of the deepest map a classifier's windows can share: a windowed map's stride is a multiple of it."""
+    return analysis(model).splits[-1].stride
+
+
+def default_stride(model) -> tuple[int, int]:
+    """The stride of a classifier's map when none is given: its FCN's.
+
+    Raises:
+        InputError: for a classifier that does not convert (a transformer).
+    """
+    fcn, error = _conversion(model)
+    if fcn is not None:
+        return tuple(geometry(fcn).stride)  # type: ignore[return-value]
+    found = analysis(model)
+    deepest = found.splits[-1]
+    raise InputError(
+        f"Model '{found.model.name}' has no FCN ({str(error).splitlines()[0]}), so its map needs a `stride=`: "
+        f"pixels between windows, a multiple of {deepest.stride[0]}x{deepest.stride[1]} (the stride of its "
+        f"shared part, up to '{deepest.name}')."
+    ) from error
+
+
+def plan_windows(
+    model,
+    image_size,
+    *,
+    stride=None,
+    tile=None,
+    staged: bool | None = None,
+    batch_size: int | None = None,
+    memory_budget: int | None = None,
+    keep=None,
+) -> WindowedPlan:
+    """The plan of a classifier's exact windowed map: the split, the windows and the cost.
+
+    Args:
+        model: a classifier with a fixed input size (the window).
+        image_size: ``(H, W)`` of the image.
+        stride: pixels between windows, ``s`` or ``(s_h, s_w)``; a multiple
+            of the stride of the deepest split. Default: the classifier's FCN's.
+        tile: for the prefix's pass, as for `predict_map`.
+        staged: for the prefix's pass, as for `predict_map`.
+        memory_budget: for the prefix's pass, as for `predict_map`.
+        batch_size: windows per call of the tail (default: about 1 million
+            input pixels of windows).
+        keep: None, or a boolean ``(H', W')`` array over the windows: only the
+            kept windows are computed.
+
+    Raises:
+        InputError: for a stride that is not a multiple of the deepest
+            split's, an image smaller than a window, or a ``keep`` of the
+            wrong shape.
+        ConversionError: for a model that is not such a classifier.
+    """
+    found = analysis(model)
+    size = tuple(int(d) for d in image_size)
+    strides = runner.pair(stride, "stride") if stride is not None else default_stride(model)
+    deepest = found.splits[-1]
+    if any(s % p for s, p in zip(strides, deepest.stride)):
+        raise InputError(
+            f"A stride of {strides[0]}x{strides[1]} pixels is not a multiple of {deepest.stride[0]}x"
+            f"{deepest.stride[1]}, the stride of the map '{found.model.name}' shares up to '{deepest.name}'. Use a "
+            f"multiple of it (such as {deepest.stride[0] * max(1, strides[0] // deepest.stride[0])}), or "
+            "`sliding_window_predict(model, image, stride)` to run the whole classifier on every crop."
+        )
+    if batch_size is not None and batch_size < 1:
+        raise InputError(f"Expected `batch_size` >= 1. Received: batch_size={batch_size}")
+    counts = []
+    for name, length, side, step in zip(("height", "width"), size, found.window, strides):
+        if length < side:
+            raise InputError(
+                f"Image {name} {length} is smaller than the window of {found.window[0]}x{found.window[1]} pixels "
+                f"of '{found.model.name}'. Use a larger image (or pad it)."
+            )
+        counts.append((length - side) // step + 1)
+    map_size = (counts[0], counts[1])
+    mask = None
+    if keep is not None:
+        mask = np.asarray(keep)
+        if mask.shape != map_size:
+            raise InputError(
+                f"`keep` has shape {mask.shape}, but the windowed map of this image has {map_size[0]}x{map_size[1]} "
+                "cells. Give one boolean per window."
+            )
+        mask = mask.astype(bool, copy=False)
+    windows = int(np.count_nonzero(mask)) if mask is not None else counts[0] * counts[1]
+    region = tuple((n - 1) * s + w for n, s, w in zip(counts, strides, found.window))
+    best, best_cost = found.splits[0], None
+    for split in found.splits:
+        if any(s % p for s, p in zip(strides, split.stride)):
+            continue
+        shared = 0.0
+        if split.prefix is not None:
+            needed = _needed_cells(split, map_size, strides, found.window, mask)
+            shared = _region_macs(split, region, found) * (1.0 if needed is None else float(np.mean(needed)))
+        cost = shared + windows * (split.strip_macs + split.tail_macs)
+        if best_cost is None or cost <= best_cost:  # a tie goes to the deeper split (its elementwise layers)
+            best, best_cost = split, cost
+    per_batch = batch_size or max(1, runner.PIXELS_PER_BATCH // (found.window[0] * found.window[1]))
+    per_batch = max(1, min(per_batch, windows))
+    needed = _needed_cells(best, map_size, strides, found.window, mask) if best.prefix is not None else None
+    prefix_plan, prefix_macs = None, 0
+    if best.prefix is not None and windows:
+        from keras_fcn_surgery.inference.staged import plan_prediction
+
+        prefix_plan = plan_prediction(
+            best.prefix, region, tile=tile, staged=staged, memory_budget=memory_budget, keep=needed
+        )
+        prefix_macs = prefix_plan.macs
+    return WindowedPlan(
+        image_size=size,  # type: ignore[arg-type]
+        map_size=map_size,
+        window=found.window,
+        stride=strides,
+        split=best.name,
+        prefix_stride=best.stride,
+        deepest_split=deepest.name,
+        blocked_by=found.blocked_by,
+        region=region,  # type: ignore[arg-type]
+        prefix_plan=prefix_plan,
+        windows=windows,
+        batch_size=per_batch,
+        strips=tuple(_strip_names(best)),
+        prefix_macs=prefix_macs,
+        strip_macs=windows * best.strip_macs,
+        tail_macs=windows * best.tail_macs,
+        sliding_macs=windows * found.window_macs,
+        fcn_macs=_fcn_macs(model, found, size),
+        kept_fraction=windows / (counts[0] * counts[1]),
+        _split=best,
+        _analysis=found,
+        _needed=needed,
+    )
+
+
+def _strip_names(split: _Split) -> list[str]:
+    names = {(0, "before"): "top", (0, "after"): "bottom", (1, "before"): "left", (1, "after"): "right"}
+    return [f"{names[(axis, side)]} {length}" for axis, side, length in split.strips()]
+
+
+def _region_macs(split: _Split, region, found: _Analysis) -> int:
+    return pass_cost(split.prefix, found.layout.batch_shape(1, region[0], region[1], found.channels)).macs
+
+
+def _fcn_macs(model, found: _Analysis, size) -> int | None:
+    fcn = _conversion(model)[0]
+    if fcn is None:
+        return None
+    return pass_cost(fcn, found.layout.batch_shape(1, size[0], size[1], found.channels)).macs
+
+
+def _needed_cells(split: _Split, map_size, strides, window, mask) -> np.ndarray | None:
+    """The cells of the prefix's map the kept windows read from it (None: all windows are kept)."""
+    if mask is None:
+        return None
+    axes = []
+    for count, step, band, stride in zip(map_size, strides, split.bands, split.stride):
+        first = [i * step // stride for i in range(count)]
+        axes.append([tiling.AxisTile(f + band.exact[0], f + band.exact[1], 0, 0, 0) for f in first])
+    size = split.grid.output_size(  # type: ignore[union-attr]
+        tuple((n - 1) * s + w for n, s, w in zip(map_size, strides, window))
+    )
+    return tiling.pixels_read(size, axes[0], axes[1], mask)
+
+
+def predict_windowed(
+    model,
+    image,
+    *,
+    stride=None,
+    tile=None,
+    batch_size: int | None = None,
+    out=None,
+    progress: bool | None = None,
+    preprocess=None,
+    engine: str = "auto",
+    staged: bool | None = None,
+    memory_budget: int | None = None,
+    prefetch: bool = True,
+    spill_dir: str | None = None,
+    keep=None,
+):
+    """A classifier's exact map: its output on every crop at ``stride``, through a shared prefix.
+
+    See `predict_map` (``execution="windowed"``) and `plan_windows`.
+    """
+    found = analysis(model)
+    spec = runner.ImageSpec(found.layout, found.channels)
+    image = runner.with_channel_axis(image, spec)
+    size = runner.image_size_of(image, spec)
+    plan = plan_windows(
+        model,
+        size,
+        stride=stride,
+        tile=tile,
+        staged=staged,
+        batch_size=batch_size,
+        memory_budget=memory_budget,
+        keep=keep,
+    )
+    shape = found.layout.image_shape(plan.map_size[0], plan.map_size[1], found.classes)
+    out = runner.output_arrays(out, {"scores": shape}, found.model)[0]
+    split: _Split = plan._split  # type: ignore[assignment]
+    mask = None if keep is None else np.asarray(keep, dtype=bool)
+    if mask is not None:
+        runner.fill_nan(out, found.layout)
+    pixels = file_backed(image)
+    folder = None
+    try:
+        shared: DiskMap | np.ndarray | None = None
+        if split.prefix is not None and plan.windows:
+            from keras_fcn_surgery.inference.predict import predict_map
+
+            cells = split.grid.output_size(plan.region)  # type: ignore[union-attr]
+            map_shape = found.layout.image_shape(cells[0], cells[1], split.channels)
+            budget = DEFAULT_MEMORY_BUDGET if memory_budget is None else memory_budget
+            if int(np.prod(map_shape)) * 4 > budget:
+                folder = tempfile.mkdtemp(prefix="kfs-windowed-", dir=spill_dir)
+                shared = DiskMap(f"{folder}/prefix.bin", map_shape, "float32")
+            else:
+                shared = np.zeros(map_shape, dtype=np.float32)
+            predict_map(
+                split.prefix,
+                _Region(pixels, found.layout, plan.region),
+                tile=tile,
+                out=shared,
+                progress=progress,
+                preprocess=preprocess,
+                engine=engine,
+                staged=staged,
+                memory_budget=memory_budget,
+                prefetch=prefetch,
+                spill_dir=spill_dir,
+                keep=plan._needed,
+            )
+        _run_windows(plan, found, split, pixels, spec, shared, out, mask, preprocess, engine, progress)
+        return out
+    except OSError as error:
+        raise ConversionError(
+            f"Could not write or read the shared map in {folder or spill_dir}: {error}. Free disk space, pass "
+            "`spill_dir=` on a larger disk, or raise `memory_budget=` to keep it in memory."
+        ) from error
+    finally:
+        if isinstance(shared, DiskMap):
+            shared.close()
+        if folder is not None:
+            remove_tree(folder)
+        if isinstance(pixels, DiskMap):
+            pixels.close()
+
+
+class _Region:
+    """The top-left ``size`` of an image, sliced lazily (the part the windows cover)."""
+
+    def __init__(self, image, layout: Layout, size):
+        self._image = image
+        shape = list(image.shape)
+        rows, cols = layout.image_spatial_axes
+        shape[rows], shape[cols] = size
+        self.shape = tuple(shape)
+
+    def __getitem__(self, index):
+        return self._image[index]
+
+
+def _run_windows(
+    plan: WindowedPlan, found: _Analysis, split: _Split, pixels, spec, shared, out, mask, preprocess, engine, progress
+) -> None:
+    layout = found.layout
+    rows, cols = np.nonzero(mask) if mask is not None else np.indices(plan.map_size).reshape(2, -1)
+    positions = list(zip(rows.tolist(), cols.tolist()))
+    dtype = runner.input_dtype(found.model)
+    chosen = "xla" if engine == "xla" else "tf"
+    batch = plan.batch_size
+    _verify_split(found, split)
+    with runner.progress_bar(len(positions), progress, "windows") as bar:
+        for first in range(0, len(positions), batch):
+            group = positions[first : first + batch]
+            if split.prefix is None:
+                inputs = np.stack([_crop(pixels, spec, plan, i, j, preprocess, dtype) for i, j in group])
+            else:
+                inputs = _window_maps(plan, found, split, pixels, spec, shared, group, preprocess, dtype)
+            scores = engines.forward(found.tail(split, len(group)), chosen)(inputs)
+            for (i, j), vector in zip(group, np.asarray(scores)):
+                out[layout.image_index(slice(i, i + 1), slice(j, j + 1))] = _cell(vector, layout)
+            bar.update(len(group))
+
+
+def _cell(vector, layout: Layout) -> np.ndarray:
+    return layout.image_from_channels_last(np.asarray(vector, dtype=np.float32).reshape(1, 1, -1))
+
+
+def _crop(pixels, spec, plan: WindowedPlan, i: int, j: int, preprocess, dtype, rows=None, cols=None) -> np.ndarray:
+    top, left = i * plan.stride[0], j * plan.stride[1]
+    first_row, last_row = rows if rows is not None else (0, plan.window[0])
+    first_col, last_col = cols if cols is not None else (0, plan.window[1])
+    return runner.read_tile(
+        pixels,
+        spec,
+        tiling.AxisTile(top + first_row, top + last_row, 0, 0, 0),
+        tiling.AxisTile(left + first_col, left + last_col, 0, 0, 0),
+        preprocess,
+        dtype,
+    )
+
+
+def _window_maps(plan: WindowedPlan, found: _Analysis, split: _Split, pixels, spec, shared, group, preprocess, dtype):
+    """The prefix's map of each window in ``group``: shared cells from ``shared``, the rest from strips."""
+    layout = found.layout
+    cells = split.cells
+    maps = np.empty((len(group), *layout.image_shape(cells[0], cells[1], split.channels)), dtype=np.float32)
+    for k, (i, j) in enumerate(group):
+        top, left = i * plan.stride[0] // split.stride[0], j * plan.stride[1] // split.stride[1]
+        maps[k] = shared[layout.image_index(slice(top, top + cells[0]), slice(left, left + cells[1]))]
+    forward = engines.forward(split.prefix, "tf")
+    for axis, side, length in split.strips():
+        band = split.bands[axis]
+        span = (0, length) if side == "before" else (plan.window[axis] - length, plan.window[axis])
+        rows, cols = (span, None) if axis == 0 else (None, span)
+        strips = np.stack([_crop(pixels, spec, plan, i, j, preprocess, dtype, rows, cols) for i, j in group])
+        computed = np.asarray(forward(strips), dtype=np.float32)
+        offset = span[0] // split.stride[axis]
+        wanted = (0, band.exact[0]) if side == "before" else (band.exact[1], band.cells)
+        target = [slice(None), slice(None)]
+        source = [slice(None), slice(None)]
+        target[axis] = slice(*wanted)
+        source[axis] = slice(wanted[0] - offset, wanted[1] - offset)
+        maps[(slice(None), *layout.image_index(*target))] = computed[(slice(None), *layout.image_index(*source))]
+    return maps
+
+
+def _verify_split(found: _Analysis, split: _Split) -> None:
+    """Check once that the prefix's FCN and the tail compose to the classifier (two random windows)."""
+    if split.index in found.verified:
+        return
+    from keras_fcn_surgery.surgery.verify import compare_arrays, tolerance_for
+
+    batch = np.random.default_rng(0).standard_normal((2, *tuple(found.model.inputs[0].shape)[1:])).astype("float32")
+    expected = np.asarray(keras.ops.convert_to_numpy(found.model(batch, training=False)))
+    middle = batch if split.prefix is None else np.asarray(split.prefix(batch, training=False))
+    got = np.asarray(keras.ops.convert_to_numpy(found.tail(split, 2)(middle)))
+    result = compare_arrays([(expected, got)], tolerance=tolerance_for(found.model), input_shape=batch.shape)
+    if not result.passed:
+        raise VerificationError(
+            f"Split after '{split.name}' of model '{found.model.name}' does not reproduce it ({result}). Please "
+            "report the model; `sliding_window_predict` runs it on every crop meanwhile."
+        )
+    found.verified.add(split.index)
