@@ -49,6 +49,9 @@ def save_models(folder) -> None:
     import keras_fcn_surgery as kfs
 
     kfs.segmenter(models["flatten_cnn"], num_classes=3).save(os.path.join(folder, "segmenter.keras"))
+    from test_windowed import se_classifier
+
+    se_classifier().save(os.path.join(folder, "se_classifier.keras"))
 
 
 def results(folder) -> tuple[dict, dict]:
@@ -92,6 +95,10 @@ def results(folder) -> tuple[dict, dict]:
     pixels = rng.standard_normal((101, 93, 3)).astype("float32")
     arrays["segmenter-whole"] = kfs.segment_image(built, pixels)
     arrays["segmenter-tiled"] = kfs.segment_image(saved, pixels, tile=72)
+    se = keras.models.load_model(path("se_classifier"))  # squeeze-and-excitation: a windowed map, tiled or not
+    windows = rng.standard_normal((33 + 3 * 4, 29 + 5 * 4, 3)).astype("float32")
+    for kind, tile in (("whole", None), ("tiled", 44)):
+        arrays[f"windowed-{kind}"] = kfs.predict_map(se, windows, stride=4, tile=tile, execution="windowed")
     fcn = keras.models.load_model(path("two_outputs"))  # a map per output, by name
     for kind, tile in (("whole", None), ("tiled", 40)):
         for output, scores in kfs.predict_map(fcn, image, tile=tile).items():

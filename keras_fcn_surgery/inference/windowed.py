@@ -778,7 +778,7 @@ def _run_windows(
     rows, cols = np.nonzero(mask) if mask is not None else np.indices(plan.map_size).reshape(2, -1)
     positions = list(zip(rows.tolist(), cols.tolist()))
     dtype = runner.input_dtype(found.model)
-    chosen = "xla" if engine == "xla" else "tf"
+    chosen = engine if engine in ("xla", "jax") else engines.native()  # the backend's own, or as asked
     batch = plan.batch_size
     _verify_split(found, split)
     with runner.progress_bar(len(positions), progress, "windows") as bar:
@@ -820,7 +820,7 @@ def _window_maps(plan: WindowedPlan, found: _Analysis, split: _Split, pixels, sp
     for k, (i, j) in enumerate(group):
         top, left = i * plan.stride[0] // split.stride[0], j * plan.stride[1] // split.stride[1]
         maps[k] = shared[layout.image_index(slice(top, top + cells[0]), slice(left, left + cells[1]))]
-    forward = engines.forward(split.prefix, "tf")
+    forward = engines.forward(split.prefix, engines.native())
     for axis, side, length in split.strips():
         band = split.bands[axis]
         span = (0, length) if side == "before" else (plan.window[axis] - length, plan.window[axis])
