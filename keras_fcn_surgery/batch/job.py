@@ -11,6 +11,7 @@ import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -53,6 +54,8 @@ class BatchOptions:
     output: str | None = None
     certify: int = 0
     certify_size: tuple[int, int] | None = None
+    shards: int | None = None
+    shard_rows: int | None = None
 
 
 @dataclass(frozen=True)
@@ -106,79 +109,117 @@ def _failed(source: Source, message: str, start: float) -> InputResult:
 
 
 def _compute_and_write(fcn, source: Source, paths: dict[str, str], options: BatchOptions) -> tuple[float, float, str]:
+    with open_reader(source.path) as reader:
+        job = open_input(fcn, reader, source, options)
+        with writers.staged_outputs(paths, overwrite=options.overwrite) as temporary:
+            # GeoJSON, CSV and OME-Zarr describe one map, and the certificate certifies it: the output asked
+            # for, or the class probabilities (None: several outputs, none of probabilities, none asked for).
+            shown = _shown_output(job.spec, options.output, required=bool(set(ONE_MAP_FORMATS) & set(temporary)))
+            maps = {}
+            for output in job.spec.outputs:
+                shape = (job.map_size[0], job.map_size[1], output.classes)
+                if "zarr" in temporary:
+                    name = output.name if job.spec.several else writers.SCORES
+                    maps[output.name] = writers.create_zarr_scores(temporary["zarr"], shape, name=name)
+                elif "ome-zarr" in temporary and output.name == shown:
+                    maps[output.name] = ome_zarr.create_scores(temporary["ome-zarr"], shape)
+                else:
+                    maps[output.name] = np.full(shape, np.nan, dtype=np.float32)
+            scores = job.scores(maps)
+            if job.per_pixel:
+                fraction, computed = _segment(fcn, job.view, job.layout, job.size, job.kept, scores, options), None
+            else:
+                fraction, computed = _compute(fcn, job.view, job.layout, job.grid, job.size, job.kept, scores, options)
+            certificate, line = certify(fcn, job, computed, shown, options)
+            write_outputs(temporary, job, maps, shown, fraction, certificate, options)
+    return job.size[0] * job.size[1] / 1e6, fraction, line
+
+
+@dataclass
+class OpenInput:
+    """One input opened for its map: the level read, its size, the map's grid and size, the kept cells."""
+
+    source: Source
+    reader: Any
+    level: int
+    size: tuple[int, int]
+    view: LevelArray
+    layout: Any
+    spec: Any
+    per_pixel: bool
+    grid: Geometry | PixelGrid
+    map_size: tuple[int, int]
+    kept: np.ndarray | None
+
+    def scores(self, maps: dict):
+        """The map(s) to fill: ``maps`` (arrays by output name) as `_compute` and `_segment` take them."""
+        return OutputMaps(self.spec.outputs, list(maps.values())) if self.spec.several else maps[self.spec.names[0]]
+
+    def info(self, fraction: float, certificate=None, shown: str | None = None) -> writers.MapInfo:
+        return writers.MapInfo(
+            source=self.source.path,
+            level=self.level,
+            downsample=self.reader.levels[self.level].downsample,
+            level_size=self.size,
+            stride=self.grid.stride,
+            offset=self.grid.offset,
+            receptive_field=self.grid.receptive_field,
+            computed_fraction=fraction,
+            per_pixel=self.per_pixel,
+            certificate=_certificate_metadata(certificate, shown if self.spec.several else None),
+        )
+
+
+def open_input(fcn, reader, source: Source, options: BatchOptions) -> OpenInput:
+    """The level of ``reader`` to compute, its map's grid and size, and the cells the mask keeps."""
     from keras_fcn_surgery.graph import model_layout
     from keras_fcn_surgery.grid.geometry import geometry
 
     layout = model_layout(fcn)
     spec = fcn_spec(fcn)
     per_pixel = is_segmenter(fcn)
-    with open_reader(source.path) as reader:
-        level = choose_level(reader, level=options.level, mpp=options.mpp)
-        size = reader.levels[level].size
-        view = LevelArray(reader, level, spec.channels, layout)
-        grid: Geometry | PixelGrid = PixelGrid() if per_pixel else geometry(fcn).at(size)
-        map_size = grid.output_size(size)
-        kept = _kept_cells(reader, source, options.mask, size, grid, map_size)
-        with writers.staged_outputs(paths, overwrite=options.overwrite) as temporary:
-            # GeoJSON, CSV and OME-Zarr describe one map, and the certificate certifies it: the output asked
-            # for, or the class probabilities (None: several outputs, none of probabilities, none asked for).
-            shown = _shown_output(spec, options.output, required=bool(set(ONE_MAP_FORMATS) & set(temporary)))
-            maps = {}
-            for output in spec.outputs:
-                shape = (map_size[0], map_size[1], output.classes)
-                if "zarr" in temporary:
-                    name = output.name if spec.several else writers.SCORES
-                    maps[output.name] = writers.create_zarr_scores(temporary["zarr"], shape, name=name)
-                elif "ome-zarr" in temporary and output.name == shown:
-                    maps[output.name] = ome_zarr.create_scores(temporary["ome-zarr"], shape)
-                else:
-                    maps[output.name] = np.full(shape, np.nan, dtype=np.float32)
-            scores = OutputMaps(spec.outputs, list(maps.values())) if spec.several else maps[spec.names[0]]
-            shown_map = maps[shown] if shown is not None else None  # there is one wherever a format needs it
-            certificate, line = None, ""
-            if per_pixel:
-                fraction = _segment(fcn, view, layout, size, kept, scores, options)
-            else:
-                fraction, computed = _compute(fcn, view, layout, grid, size, kept, scores, options)
-                if options.certify and shown is None:
-                    line = f"no certificate: {_NO_SHOWN_OUTPUT}"
-                elif options.certify:
-                    certificate, line = certificate_or_reason(
-                        fcn,
-                        view,
-                        computed,
-                        options.certify,
-                        input_size=options.certify_size,
-                        preprocess=preprocess_fn(options.preprocess, layout),
-                        keep=kept,
-                        output=shown if spec.several else None,
-                    )
-            info = writers.MapInfo(
-                source=source.path,
-                level=level,
-                downsample=reader.levels[level].downsample,
-                level_size=size,
-                stride=grid.stride,
-                offset=grid.offset,
-                receptive_field=grid.receptive_field,
-                computed_fraction=fraction,
-                per_pixel=per_pixel,
-                certificate=_certificate_metadata(certificate, shown if spec.several else None),
-            )
-            if "zarr" in temporary:
-                writers.finish_zarr(temporary["zarr"], info, spec.names if spec.several else ())
-            if "ome-zarr" in temporary:
-                names = options.class_names
-                ome_zarr.finish(temporary["ome-zarr"], shown_map, info, mpp=reader.mpp, class_names=names)
-            if "npz" in temporary:
-                writers.write_npz(temporary["npz"], scores, info)
-            if "geojson" in temporary:
-                writers.write_geojson(
-                    temporary["geojson"], shown_map, info, options.class_names, geojson=options.geojson
-                )
-            if "csv" in temporary:
-                writers.write_csv(temporary["csv"], shown_map, info, options.class_names)
-    return size[0] * size[1] / 1e6, fraction, line
+    level = choose_level(reader, level=options.level, mpp=options.mpp)
+    size = reader.levels[level].size
+    view = LevelArray(reader, level, spec.channels, layout)
+    grid: Geometry | PixelGrid = PixelGrid() if per_pixel else geometry(fcn).at(size)
+    map_size = grid.output_size(size)
+    kept = _kept_cells(reader, source, options.mask, size, grid, map_size)
+    return OpenInput(source, reader, level, size, view, layout, spec, per_pixel, grid, map_size, kept)
+
+
+def certify(fcn, job: OpenInput, computed, shown: str | None, options: BatchOptions):
+    """The certificate of the map ``computed`` (in the model's layout; None: a segmenter's) and its line."""
+    if computed is None or not options.certify:
+        return None, ""
+    if shown is None:
+        return None, f"no certificate: {_NO_SHOWN_OUTPUT}"
+    return certificate_or_reason(
+        fcn,
+        job.view,
+        computed,
+        options.certify,
+        input_size=options.certify_size,
+        preprocess=preprocess_fn(options.preprocess, job.layout),
+        keep=job.kept,
+        output=shown if job.spec.several else None,
+    )
+
+
+def write_outputs(temporary: dict, job: OpenInput, maps: dict, shown, fraction, certificate, options) -> None:
+    """Write every format of ``temporary`` (zarr: complete its attributes) from the filled ``maps``."""
+    info = job.info(fraction, certificate, shown)
+    shown_map = maps[shown] if shown is not None else None  # there is one wherever a format needs it
+    if "zarr" in temporary:
+        writers.finish_zarr(temporary["zarr"], info, job.spec.names if job.spec.several else ())
+    if "ome-zarr" in temporary:
+        names = options.class_names
+        ome_zarr.finish(temporary["ome-zarr"], shown_map, info, mpp=job.reader.mpp, class_names=names)
+    if "npz" in temporary:
+        writers.write_npz(temporary["npz"], job.scores(maps), info)
+    if "geojson" in temporary:
+        writers.write_geojson(temporary["geojson"], shown_map, info, options.class_names, geojson=options.geojson)
+    if "csv" in temporary:
+        writers.write_csv(temporary["csv"], shown_map, info, options.class_names)
 
 
 _NO_SHOWN_OUTPUT = (
@@ -214,20 +255,11 @@ def _compute(fcn, view, layout, grid, size, kept, scores, options: BatchOptions)
     only the tiles the kept cells need, batched and prefetched as any pass.
     """
     from keras_fcn_surgery.inference.predict import predict_map
-    from keras_fcn_surgery.inference.staged import plan_prediction
 
     preprocess = preprocess_fn(options.preprocess, layout)
-    tile = options.tile
-    if tile is None and max(size) > LARGE_SIDE and not grid.global_context:  # such networks cannot be tiled
-        tile = DEFAULT_TILE
-    if kept is not None and tile is None and not grid.global_context:
-        tile = DEFAULT_TILE  # tiles to skip
+    tile = map_tile(options, size, grid, kept)
     keep = None if kept is None or grid.global_context else kept
-    fraction = 1.0
-    if keep is not None:
-        planned = plan_prediction(fcn, size, tile=tile, batch_size=options.batch_size, keep=keep)
-        whole = plan_prediction(fcn, size, tile=tile, batch_size=options.batch_size)
-        fraction = planned.macs / max(whole.macs, 1)
+    fraction = work_fraction(fcn, size, tile, keep, options)
     arguments = dict(
         tile=tile,
         batch_size=options.batch_size,
@@ -248,6 +280,26 @@ def _compute(fcn, view, layout, grid, size, kept, scores, options: BatchOptions)
     return fraction, computed
 
 
+def map_tile(options: BatchOptions, size, grid, kept):
+    """The tile side of a score map's pass: the one asked for, else tiles for large images and for masks (tiles
+    to skip), else one pass (always for networks with global context, which cannot be tiled)."""
+    tile = options.tile
+    if tile is None and (max(size) > LARGE_SIDE or kept is not None) and not grid.global_context:
+        tile = DEFAULT_TILE
+    return tile
+
+
+def work_fraction(fcn, size, tile, keep, options: BatchOptions) -> float:
+    """The share of the unmasked pass's work (MACs) that the pass keeping ``keep`` computes."""
+    from keras_fcn_surgery.inference.staged import plan_prediction
+
+    if keep is None:
+        return 1.0
+    planned = plan_prediction(fcn, size, tile=tile, batch_size=options.batch_size, keep=keep)
+    whole = plan_prediction(fcn, size, tile=tile, batch_size=options.batch_size)
+    return planned.macs / max(whole.macs, 1)
+
+
 def _segment(model, view, layout, size, kept, scores, options: BatchOptions) -> float:
     """A segmenter's logits, one per pixel, into ``scores``; returns the share of the tiles computed.
 
@@ -255,9 +307,7 @@ def _segment(model, view, layout, size, kept, scores, options: BatchOptions) -> 
     prefetched); tiles without a kept pixel are skipped.
     """
     preprocess = preprocess_fn(options.preprocess, layout)
-    tile = options.tile
-    if tile is None and (max(size) > LARGE_SIDE or kept is not None):
-        tile = DEFAULT_TILE
+    tile = segment_tile(options, size, kept)
     arguments = dict(
         tile=tile, keep=kept, preprocess=preprocess, batch_size=options.batch_size, progress=options.progress
     )
@@ -267,6 +317,14 @@ def _segment(model, view, layout, size, kept, scores, options: BatchOptions) -> 
     fraction = run_segmenter(model, view, logits, **arguments)
     scores[:] = layout.image_to_channels_last(logits)
     return fraction
+
+
+def segment_tile(options: BatchOptions, size, kept):
+    """A segmenter's tile side: as `map_tile` (segmenters are always tiled)."""
+    tile = options.tile
+    if tile is None and (max(size) > LARGE_SIDE or kept is not None):
+        tile = DEFAULT_TILE
+    return tile
 
 
 def _apply_mask(scores, kept) -> None:

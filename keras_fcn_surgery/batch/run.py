@@ -16,6 +16,7 @@ from dataclasses import dataclass, field, replace
 from keras_fcn_surgery.batch.job import ONE_MAP_FORMATS, BatchOptions, InputResult, predict_source
 from keras_fcn_surgery.batch.outputs import check_formats, summary_line
 from keras_fcn_surgery.batch.regions import check_available as check_regions_available
+from keras_fcn_surgery.batch.shards import check_shard_rows, check_shards, predict_source_sharded
 from keras_fcn_surgery.batch.sources import find_sources
 from keras_fcn_surgery.batch.writers import check_geojson
 from keras_fcn_surgery.errors import InputError, ModelFileError
@@ -74,6 +75,8 @@ def predict_images(
     execution: str = "auto",
     certify: int = DEFAULT_CELLS,
     output: str | None = None,
+    shards: int | None = None,
+    shard_rows: int | None = None,
 ) -> BatchSummary:
     """Score maps for many images and whole slides, one output per input.
 
@@ -154,6 +157,17 @@ def predict_images(
             that ends in a softmax or sigmoid (npz and zarr hold every
             output, each under its name). The outputs must share one grid
             (`geometry`).
+        shards: None (each input in one piece), or cut each input's map
+            into up to this many regions, bands of whole chunk rows with
+            about the same number of kept cells, computed one by one (the
+            Ray engine: on any worker) into a zarr store in
+            ``out_dir/.shards-<name>/``; the outputs are written from it once
+            every region is done. The maps are the same bytes for any number
+            of shards; an interrupted run leaves that folder, and the next
+            run with the same model, input and options computes only the
+            regions not yet done (see `batch.shards`).
+        shard_rows: map rows (and columns) per chunk of that store, the
+            smallest region (default 256).
 
     Returns:
         A `BatchSummary`.
@@ -181,6 +195,8 @@ def predict_images(
         progress=progress,
         execution=check_engine(execution),
         output=output,
+        shards=check_shards(shards),
+        shard_rows=check_shard_rows(shard_rows),
     )
     if level is not None and mpp is not None:
         raise InputError("Give a pyramid level or a resolution in microns per pixel (mpp), not both.")
@@ -217,7 +233,10 @@ def predict_images(
         else:
             with progress_bar(len(sources), progress, "images") as bar:
                 for source in sources:
-                    results.append(predict_source(fcn, source, out_dir, options))
+                    if options.shards:
+                        results.append(predict_source_sharded(fcn, source, out_dir, options, options.shards))
+                    else:
+                        results.append(predict_source(fcn, source, out_dir, options))
                     bar.update(1)
     except (KeyboardInterrupt, Interrupted) as stop:
         if engine != "ray":  # Ray's results come back at the end: none is known here

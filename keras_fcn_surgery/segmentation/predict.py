@@ -111,10 +111,7 @@ def run_segmenter(
     layout = model_layout(model)
     size = layout.image_size(tuple(image.shape))
     axis_plans = plan_segment_tiles(model, size, tile)
-    tiles = None
-    if keep is not None:
-        selected = tiling.tiles_touching(keep, *axis_plans)
-        tiles = [(axis_plans[0][i], axis_plans[1][j]) for i, j in zip(*np.nonzero(selected))]
+    tiles = None if keep is None else _kept_tiles(axis_plans, keep)
     count = len(axis_plans[0]) * len(axis_plans[1])
     side = (axis_plans[0][0].stop - axis_plans[0][0].start, axis_plans[1][0].stop - axis_plans[1][0].start)
     per_batch = batch_size or max(1, runner.PIXELS_PER_BATCH // (side[0] * side[1]))
@@ -136,6 +133,17 @@ def run_segmenter(
             keep=keep,
         )
     return computed / count
+
+
+def _kept_tiles(axis_plans, keep) -> list:
+    selected = tiling.tiles_touching(keep, *axis_plans)
+    return [(axis_plans[0][i], axis_plans[1][j]) for i, j in zip(*np.nonzero(selected))]
+
+
+def tile_fraction(model, size, tile, keep) -> float:
+    """The share of a segmenter's tiles over an image of ``size`` that `run_segmenter` computes with ``keep``."""
+    axis_plans = plan_segment_tiles(model, size, tile)
+    return len(_kept_tiles(axis_plans, keep)) / (len(axis_plans[0]) * len(axis_plans[1]))
 
 
 def plan_segment_tiles(model, size, tile=None) -> list[list[AxisTile]]:
