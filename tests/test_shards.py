@@ -1,0 +1,171 @@
+"""Region shards: any number of regions gives the local map's bytes; an interrupted region is redone alone."""
+
+import os
+
+import numpy as np
+import pytest
+from conftest import strided_fcn
+from models import small_flatten_cnn
+from PIL import Image
+from test_batch_inputs import slide_picture
+from test_segment import pooled_net
+
+import keras_fcn_surgery as kfs
+from keras_fcn_surgery.batch import shards as shards_module
+from keras_fcn_surgery.batch.shards import RegionView, cut_regions, work_folder
+from keras_fcn_surgery.batch.sources import Source
+from keras_fcn_surgery.inference.staged import plan_prediction
+
+pytest.importorskip("zarr")
+pytest.importorskip("skimage")
+
+FORMATS = "npz,geojson,csv,zarr,ome-zarr"
+COUNTS = (1, 2, 3, 7)
+
+
+@pytest.fixture(scope="module")
+def picture(tmp_path_factory):
+    """A 200 x 300 image with a tissue patch, and a mask of the patch."""
+    folder = tmp_path_factory.mktemp("shards")
+    pixels = slide_picture(size=(200, 300), patch=(slice(40, 150), slice(60, 250)))
+    Image.fromarray(pixels).save(folder / "img.png")
+    Image.fromarray(((pixels.mean(-1) < 220) * 255).astype(np.uint8)).save(folder / "mask.png")
+    return folder
+
+
+def _files(folder):
+    found = {}
+    for root, _, names in os.walk(folder):
+        for name in names:
+            path = os.path.join(root, name)
+            found[os.path.relpath(path, folder)] = path
+    return found
+
+
+def _assert_same_outputs(got, expected):
+    """Every output file the same bytes; the zarr store's chunks may differ (its chunk rows are the shards'), its
+    arrays and attributes may not."""
+    import zarr
+
+    files, reference = _files(got), _files(expected)
+    plain = {name for name in reference if not name.startswith("img.zarr")}
+    assert plain <= set(files) and not [n for n in files if n.startswith(".")], sorted(files)
+    for name in plain:
+        with open(files[name], "rb") as a, open(reference[name], "rb") as b:
+            assert a.read() == b.read(), name
+    a, b = zarr.open_group(os.path.join(got, "img.zarr"), mode="r"), zarr.open_group(os.path.join(expected, "img.zarr"))
+    assert dict(a.attrs) == dict(b.attrs)
+    for name, array in b.arrays():
+        assert np.array_equal(a[name][:], array[:], equal_nan=True), name
+
+
+def _run(model, picture, out, **options):
+    summary = kfs.predict_images(
+        model, [str(picture / "img.png")], out, formats=FORMATS, execution="tf", certify=0, **options
+    )
+    assert summary.ok, summary.failed
+    return summary
+
+
+@pytest.mark.parametrize(
+    "case", ["classifier", "classifier-masked", "staged-masked", "segmenter-masked"], ids=lambda case: case
+)
+def test_sharded_outputs_are_the_bytes_of_the_local_outputs(picture, tmp_path, case):
+    options = {"mask": str(picture / "mask.png")} if case.endswith("masked") else {}
+    if case.startswith("classifier"):
+        model, rows = kfs.convert(small_flatten_cnn(input_size=(32, 32), classes=3)), 4
+    elif case.startswith("staged"):
+        model, rows = strided_fcn("same", (2, 2, 2), channels=3, head=3), 2
+        options["tile"] = 48
+        assert plan_prediction(model, (200, 300), tile=48).staged  # each region runs a staged plan
+    else:
+        model, rows = kfs.segmenter(pooled_net(), num_classes=3, keep_classes=[0, 1, 2]), 16
+    _run(model, picture, tmp_path / "local", **options)
+    for count in COUNTS:
+        out = tmp_path / f"shards{count}"
+        _run(model, picture, out, shards=count, shard_rows=rows, **options)
+        _assert_same_outputs(out, tmp_path / "local")
+    regions = shards_module.cut_regions(None, np.load(tmp_path / "local" / "img.npz")["scores"].shape[:2], 7, rows)
+    assert len(regions) == 7  # the image is cut as often as asked
+
+
+def test_regions_are_bands_of_whole_chunk_rows_balanced_by_kept_cells():
+    kept = np.zeros((40, 10), dtype=bool)
+    kept[10:30] = True
+    regions = cut_regions(kept, (40, 10), 2, chunk_rows=4)
+    assert [(r.start, r.stop, r.cells) for r in regions] == [(0, 20, 100), (20, 40, 100)]
+    assert [(r.start, r.stop) for r in cut_regions(None, (10, 3), 7, chunk_rows=4)] == [(0, 4), (4, 8), (8, 10)]
+    assert len(cut_regions(np.zeros((8, 8), bool), (8, 8), 3, chunk_rows=2)) == 1  # nothing kept: one region
+
+
+def test_a_region_writes_only_its_rows():
+    array = np.zeros((10, 4, 2), np.float32)
+    view = RegionView(array, 4, 8)
+    view[0:10] = np.nan  # the NaN fill of a masked pass: only the region's rows
+    view[2:6, 1:3] = np.ones((4, 2, 2))  # a tile across the region's top edge
+    assert np.isnan(array[4:8]).sum() == 4 * 4 * 2 - 2 * 2 * 2 and not np.isnan(array[:4]).any()
+    assert (array[4:6, 1:3] == 1).all() and (array[2:4] == 0).all() and not np.isnan(array[8:]).any()
+
+
+def test_an_interrupted_region_is_redone_alone_and_outputs_wait_for_every_region(picture, tmp_path, monkeypatch):
+    model = kfs.convert(small_flatten_cnn(input_size=(32, 32), classes=3))
+    options = {"mask": str(picture / "mask.png"), "shards": 3, "shard_rows": 4}
+    _run(model, picture, tmp_path / "local", mask=options["mask"])
+    real, computed, failures = shards_module.run_region, [], []
+
+    def failing_second(fcn, source, out_dir, batch_options, region):
+        if region.index == 1 and not failures:
+            failures.append(region.index)
+            computed.append("failed")
+            raise RuntimeError("worker lost")
+        computed.append(region.index)
+        return real(fcn, source, out_dir, batch_options, region)
+
+    monkeypatch.setattr(shards_module, "run_region", failing_second)
+    out = tmp_path / "sharded"
+    first = kfs.predict_images(
+        model, [str(picture / "img.png")], out, formats=FORMATS, execution="tf", certify=0, **options
+    )
+    assert first.count("failed") == 1 and "worker lost" in first.failed[0].message
+    assert computed == [0, "failed"]
+    work = work_folder(str(out), Source(str(picture / "img.png"), "img"))
+    assert sorted(os.listdir(out)) == [os.path.basename(work)]  # no output before every region is done
+    assert sorted(os.listdir(os.path.join(work, "done"))) == ["0.json"]
+    computed.clear()
+    _run(model, picture, out, **options)
+    assert computed == [1, 2]  # region 0 is not computed again
+    _assert_same_outputs(out, tmp_path / "local")
+    computed.clear()
+    assert _run(model, picture, out, **options).count("skipped") == 1 and not computed
+
+
+def test_a_changed_mask_starts_the_regions_again(picture, tmp_path, monkeypatch):
+    model = kfs.convert(small_flatten_cnn(input_size=(32, 32), classes=3))
+    out = tmp_path / "sharded"
+    calls = []
+    real = shards_module.run_region
+
+    def stop_after_first(fcn, source, out_dir, batch_options, region):
+        if region.index == 1:
+            raise KeyboardInterrupt
+        calls.append(region.index)
+        return real(fcn, source, out_dir, batch_options, region)
+
+    monkeypatch.setattr(shards_module, "run_region", stop_after_first)
+    with pytest.raises(KeyboardInterrupt):
+        _run(model, picture, out, shards=2, shard_rows=4)
+    monkeypatch.setattr(shards_module, "run_region", lambda *a: (calls.append(a[-1].index), real(*a)))
+    _run(model, picture, out, shards=2, shard_rows=4, mask=str(picture / "mask.png"))
+    assert calls == [0, 0, 1]  # the unmasked run's region 0 is not taken for the masked one's
+    _run(model, picture, tmp_path / "local", mask=str(picture / "mask.png"))
+    _assert_same_outputs(out, tmp_path / "local")
+
+
+@pytest.mark.parametrize("value", [0, -1, 2.5, True])
+def test_bad_shard_counts_are_refused(picture, tmp_path, value):
+    model = kfs.convert(small_flatten_cnn(input_size=(32, 32), classes=3))
+    with pytest.raises(kfs.InputError, match="shards"):
+        kfs.predict_images(model, [str(picture / "img.png")], tmp_path / "out", shards=value)
+    with pytest.raises(kfs.InputError, match="shard_rows"):
+        kfs.predict_images(model, [str(picture / "img.png")], tmp_path / "out", shards=2, shard_rows=value)
+    assert not (tmp_path / "out").exists()
