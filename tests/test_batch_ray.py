@@ -62,3 +62,41 @@ def test_a_ray_run_prints_nothing_of_rays_own(tmp_path, capfd):
     assert summary.ok and (tmp_path / "maps" / "a.npz").is_file()
     assert captured.out == "" and captured.err == "", captured
     assert {name: logging.getLogger(name).level for name in levels} == levels  # Ray's own settings restored
+
+
+@pytest.mark.heavy
+def test_ray_regions_of_one_slide_give_the_local_bytes_and_resume(tmp_path, monkeypatch):
+    from test_shards import _assert_same_outputs
+
+    from keras_fcn_surgery.batch import shards
+    from keras_fcn_surgery.batch.sources import Source
+
+    fcn = kfs.convert(small_flatten_cnn(input_size=(32, 32), classes=3))
+    write_pyramid(str(tmp_path / "img.tif"), slide_picture(size=(200, 300), patch=(slice(40, 150), slice(60, 250))))
+    options = {"formats": "npz,geojson,csv,zarr,ome-zarr", "mask": "auto", "execution": "tf", "certify": 0}
+    kfs.predict_images(fcn, [str(tmp_path / "img.tif")], tmp_path / "local", **options)
+    real = shards.run_region
+
+    def lost(fcn, source, out_dir, batch_options, region):  # an interrupted first run: region 0 only
+        if region.index > 0:
+            raise KeyboardInterrupt
+        return real(fcn, source, out_dir, batch_options, region)
+
+    monkeypatch.setattr(shards, "run_region", lost)
+    with pytest.raises(KeyboardInterrupt):
+        kfs.predict_images(fcn, [str(tmp_path / "img.tif")], tmp_path / "ray", shards=3, shard_rows=4, **options)
+    monkeypatch.setattr(shards, "run_region", real)
+    finish = shards.finish_input
+    done = os.path.join(shards.work_folder(str(tmp_path / "ray"), Source(str(tmp_path / "img.tif"), "img")), "done")
+    records = {}
+    monkeypatch.setattr(
+        shards, "finish_input", lambda *a, **k: (records.update(shards.region_records(a[1].work)), finish(*a, **k))[1]
+    )
+    summary = kfs.predict_images(
+        fcn, [str(tmp_path / "img.tif")], tmp_path / "ray", engine="ray", workers=2, shards=3, shard_rows=4, **options
+    )
+    assert summary.ok and not ray.is_initialized()
+    _assert_same_outputs(tmp_path / "ray", tmp_path / "local")
+    assert not os.path.exists(done)  # the work folder goes once the outputs are published
+    assert sorted(records) == [0, 1, 2] and records[0]["pid"] == os.getpid()  # region 0: the first run's
+    assert {records[1]["pid"], records[2]["pid"]}.isdisjoint({os.getpid()})  # the others: Ray's workers

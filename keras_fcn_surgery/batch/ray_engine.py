@@ -15,9 +15,11 @@ import shutil
 import tempfile
 import time
 
+from keras_fcn_surgery.batch import shards
 from keras_fcn_surgery.batch.job import BatchOptions, InputResult, predict_source
 from keras_fcn_surgery.batch.sources import Source
-from keras_fcn_surgery.errors import InputError
+from keras_fcn_surgery.errors import InputError, first_line
+from keras_fcn_surgery.inference.runner import progress_bar
 from keras_fcn_surgery.native_log import native_stderr_captured
 from keras_fcn_surgery.saving.atomic import remove_tree
 
@@ -70,6 +72,8 @@ def _run(ray, fcn, sources, out_dir, options, *, address, workers) -> list[Input
         count = workers or (gpus if gpus else max(1, int(resources.get("CPU", 1))))
         if count < 1:
             raise InputError(f"Expected at least one Ray worker. Received: workers={workers}")
+        if options.shards:
+            return _run_regions(ray, fcn, sources, out_dir, options, count, gpus)
         items = [{"path": s.path, "name": s.name} for s in sources]
         dataset = ray.data.from_items(items, override_num_blocks=max(1, len(items)))
         dataset = dataset.map_batches(
@@ -117,6 +121,61 @@ def _run(ray, fcn, sources, out_dir, options, *, address, workers) -> list[Input
             )
         )
     return results
+
+
+def _run_regions(ray, fcn, sources, out_dir, options, count: int, gpus: int) -> list[InputResult]:
+    """Every pending region of every input as one dataset, largest first; each input is finished (its outputs
+    written from its store and published) here as soon as its last region comes back."""
+    started = time.perf_counter()
+    plans = {s.path: shards.plan_input(fcn, s, out_dir, options, options.shards) for s in sources}
+    pending = [(p.source, r) for p in plans.values() if isinstance(p, shards.InputPlan) for r in p.pending]
+    pending.sort(key=lambda item: -item[1].cells)  # the regions with most work start first
+    items = [
+        {"path": source.path, "name": source.name, "region": r.index, "start": r.start, "stop": r.stop}
+        for source, r in pending
+    ]
+    results: dict[str, InputResult] = {p: r for p, r in plans.items() if isinstance(r, InputResult)}
+    waiting = {p: len(plan.pending) for p, plan in plans.items() if isinstance(plan, shards.InputPlan)}
+    errors: dict[str, str] = {}
+
+    def finish(path: str) -> None:
+        plan = plans[path]
+        assert isinstance(plan, shards.InputPlan)
+        if path in errors:
+            results[path] = InputResult(path, "failed", message=errors[path])
+        else:
+            results[path] = shards.finish_input(fcn, plan, out_dir, options, time.perf_counter() - started)
+
+    for path in [p for p, n in waiting.items() if n == 0]:  # every region done by an earlier run
+        finish(path)
+    if items:
+        dataset = ray.data.from_items(items, override_num_blocks=len(items))
+        dataset = dataset.map_batches(
+            RegionWorker,
+            fn_constructor_kwargs={
+                "model": [ray.put(_model_bytes(fcn))],
+                "out_dir": out_dir,
+                "options": BatchOptions(**{**options.__dict__, "progress": False}),
+            },
+            batch_size=1,
+            batch_format="numpy",
+            compute=ray.data.ActorPoolStrategy(size=count),
+            num_gpus=1 if gpus else 0,
+            num_cpus=1,
+        )
+        with progress_bar(len(items), options.progress, "regions") as bar:
+            for row in dataset.iter_rows():
+                path = str(row["path"])
+                if row["message"]:
+                    errors.setdefault(path, str(row["message"]))
+                waiting[path] -= 1
+                bar.update(1)
+                if waiting[path] == 0:
+                    finish(path)
+    return [results.get(s.path) or InputResult(s.path, "failed", message=_NO_RESULT.format(s.path)) for s in sources]
+
+
+_NO_RESULT = "'{}': no result came back from Ray."
 
 
 @contextlib.contextmanager
@@ -183,6 +242,28 @@ class PredictWorker:
             columns["computed_fraction"].append(result.computed_fraction)
             columns["seconds"].append(result.seconds)
             columns["certificate"].append(result.certificate)
+        return columns
+
+
+class RegionWorker(PredictWorker):
+    """A Ray Data callable class: loads the model once, then computes one region of an input's map per row
+    (`batch.shards.run_region`); a region that fails comes back with its message, to be redone by a rerun."""
+
+    def __call__(self, batch: dict) -> dict:
+        columns: dict[str, list] = {"path": [], "region": [], "message": []}
+        for path, name, index, start, stop in zip(
+            batch["path"], batch["name"], batch["region"], batch["start"], batch["stop"]
+        ):
+            source = Source(str(path), str(name))
+            region = shards.Region(int(index), int(start), int(stop), 0)
+            try:
+                shards.run_region(self.fcn, source, self.out_dir, self.options, region)
+                message = ""
+            except Exception as error:  # this region's failure must not stop the others
+                message = f"'{path}': region {int(index)}: {type(error).__name__}: {first_line(str(error))}"
+            columns["path"].append(str(path))
+            columns["region"].append(int(index))
+            columns["message"].append(message)
         return columns
 
 

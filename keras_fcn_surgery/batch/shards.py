@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import socket
 import time
 from dataclasses import dataclass
 
@@ -204,7 +205,7 @@ def run_region(fcn, source: Source, out_dir: str, options: BatchOptions, region:
 
     Raises whatever the computation raises (the region stays to be redone).
     """
-    work = work_folder(out_dir, source)
+    work, started = work_folder(out_dir, source), time.perf_counter()
     with open_reader(source.path) as reader:
         job = open_input(fcn, reader, source, options)
         band = np.zeros(job.map_size, dtype=bool)
@@ -216,7 +217,16 @@ def run_region(fcn, source: Source, out_dir: str, options: BatchOptions, region:
             _segment(fcn, job.view, job.layout, job.size, keep, scores, options)
         else:
             _compute(fcn, job.view, job.layout, job.grid, job.size, keep, scores, options)
-    _write_json(_marker(work, region.index), {"rows": [region.start, region.stop]})
+    seconds = time.perf_counter() - started
+    record = {"rows": [region.start, region.stop], "seconds": seconds, "host": socket.gethostname(), "pid": os.getpid()}
+    _write_json(_marker(work, region.index), record)
+
+
+def region_records(work: str) -> dict[int, dict]:
+    """The completed regions' records in a work folder, by region: rows, seconds, host and process."""
+    folder = os.path.join(work, _DONE)
+    names = sorted(os.listdir(folder)) if os.path.isdir(folder) else []
+    return {int(name.split(".")[0]): _read_json(os.path.join(folder, name)) for name in names if name.endswith(".json")}
 
 
 def finish_input(fcn, plan: InputPlan, out_dir: str, options: BatchOptions, seconds: float = 0.0) -> InputResult:
