@@ -170,3 +170,49 @@ def test_bad_shard_counts_are_refused(picture, tmp_path, value):
     with pytest.raises(kfs.InputError, match="shard_rows"):
         kfs.predict_images(model, [str(picture / "img.png")], tmp_path / "out", shards=2, shard_rows=value)
     assert not (tmp_path / "out").exists()
+
+
+def _peak_bytes(function):
+    import tracemalloc
+
+    tracemalloc.start()
+    try:
+        function()
+        return tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+def test_masks_over_large_maps_take_a_few_bytes_per_cell():
+    from keras_fcn_surgery.batch.cells import PixelGrid
+    from keras_fcn_surgery.batch.masks import cell_mask
+    from keras_fcn_surgery.grid import tiling
+
+    side = 3000  # 9 M cells: the integral image of the old tile test alone took 72 MB
+    mask = np.zeros((side, side), dtype=bool)
+    mask[1000:1200, 500:2500] = True
+    edges = [tiling.AxisTile(a, min(a + 100, side), 0, min(100, side - a), a) for a in range(0, side, 100)]
+    rows = cols = edges
+    touched = tiling.tiles_touching(mask, rows, cols)
+    assert touched.sum() == 2 * 20 and touched[10:12, 5:25].all()
+    assert _peak_bytes(lambda: tiling.tiles_touching(mask, rows, cols)) < side * 40  # a few bytes per column
+    picture = np.zeros((30, 30), dtype=bool)
+    picture[10:12] = True
+    kept = cell_mask(picture, (side, side), PixelGrid(), (side, side))
+    assert kept[1000:1200].all() and kept.sum() == 200 * side
+    # the kept cells (1 byte each) and a band of look-ups, not four int64 temporaries per cell
+    assert _peak_bytes(lambda: cell_mask(picture, (side, side), PixelGrid(), (side, side))) < side * side * 6
+
+
+def test_a_masked_plan_of_one_stage_needs_no_mask_of_the_image(monkeypatch):
+    from keras_fcn_surgery.inference import staged
+
+    model = kfs.convert(small_flatten_cnn(input_size=(32, 32), classes=3))
+    calls = []
+    real = staged._cells_read
+    monkeypatch.setattr(staged, "_cells_read", lambda *a: (calls.append(a[1]), real(*a))[1])
+    size = (400, 300)
+    keep = np.zeros(kfs.geometry(model).output_size(size), dtype=bool)
+    keep[5:9, 3:7] = True
+    plan = plan_prediction(model, size, tile=128, keep=keep, staged=False)
+    assert len(plan.stages) == 1 and calls == []  # an image-sized mask (8 bytes a pixel) was built and dropped

@@ -208,9 +208,9 @@ def run_region(fcn, source: Source, out_dir: str, options: BatchOptions, region:
     work, started = work_folder(out_dir, source), time.perf_counter()
     with open_reader(source.path) as reader:
         job = open_input(fcn, reader, source, options)
-        band = np.zeros(job.map_size, dtype=bool)
-        band[region.start : region.stop] = True
-        keep = band if job.kept is None else band & job.kept
+        keep = np.zeros(job.map_size, dtype=bool)  # the region's cells the mask keeps
+        keep[region.start : region.stop] = True if job.kept is None else job.kept[region.start : region.stop]
+        job.kept = None  # one map-sized mask at a time
         maps = {name: RegionView(array, region.start, region.stop) for name, array in _store_maps(work, job).items()}
         scores = job.scores(maps)
         if job.per_pixel:

@@ -78,6 +78,16 @@ def add_parser(subparsers) -> None:
     add_certify_argument(parser)
     parser.add_argument("--ray-address", help="Ray cluster to join (default: $RAY_ADDRESS, else a local Ray)")
     parser.add_argument("--workers", type=int, help="Ray workers (default: one per CPU, or per GPU)")
+    parser.add_argument(
+        "--shards",
+        type=positive_int,
+        metavar="N",
+        help="cut each input's map into up to N regions (bands of whole chunk rows), computed one by one or on "
+        "any Ray worker and resumed by region after an interruption; the same bytes for any N",
+    )
+    parser.add_argument(
+        "--shard-rows", type=positive_int, metavar="R", help="map rows per chunk of the regions' store (default 256)"
+    )
     parser.set_defaults(run=run, early=nothing_to_do)
 
 
@@ -130,6 +140,8 @@ def run(args) -> int:
         progress=None,
         output=args.output_name,
         certify=args.certify,
+        shards=args.shards,
+        shard_rows=args.shard_rows,
     )
     for result in summary.results:
         if result.status == "done" and args.mask != "none":

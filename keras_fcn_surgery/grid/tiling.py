@@ -199,29 +199,42 @@ def plan_pixels(length: int, tile: int, margin: int, period: int) -> list[AxisTi
 def tiles_touching(mask, rows: list[AxisTile], cols: list[AxisTile]):
     """Which tiles keep at least one True cell of ``mask``: a ``(len(rows), len(cols))`` boolean array.
 
+    One row of tiles at a time (the columns its band of the mask touches), so
+    memory stays a few bytes per map column whatever the map's size.
+
     Args:
         mask: a boolean ``(H', W')`` array over the cells the tiles write.
         rows, cols: the tiles along each axis (`plan_axis`).
     """
-    r0, r1 = (np.array([getattr(t, f) for t in rows]) for f in ("out_start", "out_stop"))
-    c0, c1 = (np.array([getattr(t, f) for t in cols]) for f in ("out_start", "out_stop"))
-    return box_counts(mask, r0, r1, c0, c1) > 0
+    mask = np.asarray(mask, dtype=bool)
+    c0, c1 = (np.array([getattr(t, f) for t in cols], dtype=np.int64) for f in ("out_start", "out_stop"))
+    touched = np.zeros((len(rows), len(cols)), dtype=bool)
+    for i, row in enumerate(rows):
+        counts = np.zeros(mask.shape[1] + 1, dtype=np.int64)
+        np.cumsum(mask[row.out_start : row.out_stop].any(axis=0), out=counts[1:])
+        touched[i] = counts[c1] - counts[c0] > 0
+    return touched
 
 
-def box_counts(mask, top, bottom, left, right):
+def box_counts(mask, top, bottom, left, right, *, rows_at_once: int = 256):
     """True cells of ``mask`` in every box ``[top[i], bottom[i]) x [left[j], right[j])``: an ``(I, J)`` array.
 
-    One integral image of the mask, then four look-ups per box.
+    One integral image of the mask, then four look-ups per box, for
+    ``rows_at_once`` rows of boxes at a time (the look-ups' temporaries stay
+    small however many boxes there are).
     """
+    mask = np.asarray(mask, dtype=bool)
     counts = np.zeros((mask.shape[0] + 1, mask.shape[1] + 1), dtype=np.int64)
-    counts[1:, 1:] = np.cumsum(np.cumsum(np.asarray(mask, dtype=bool), axis=0, dtype=np.int64), axis=1)
+    counts[1:, 1:] = np.cumsum(np.cumsum(mask, axis=0, dtype=np.int64), axis=1)
     top, bottom, left, right = (np.asarray(edge, dtype=np.int64) for edge in (top, bottom, left, right))
-    return (
-        counts[bottom[:, None], right[None, :]]
-        - counts[top[:, None], right[None, :]]
-        - counts[bottom[:, None], left[None, :]]
-        + counts[top[:, None], left[None, :]]
-    )
+    dtype = np.int32 if mask.size < 2**31 else np.int64
+    found = np.empty((len(top), len(left)), dtype=dtype)
+    for first in range(0, len(top), rows_at_once):
+        t, b = top[first : first + rows_at_once, None], bottom[first : first + rows_at_once, None]
+        found[first : first + rows_at_once] = (
+            counts[b, right[None, :]] - counts[t, right[None, :]] - counts[b, left[None, :]] + counts[t, left[None, :]]
+        )
+    return found
 
 
 def pixels_read(size, rows: list[AxisTile], cols: list[AxisTile], selected):

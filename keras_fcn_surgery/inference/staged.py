@@ -398,7 +398,8 @@ def _masked(plan: PredictionPlan, keep: np.ndarray, *, batch_given: bool) -> Pre
         runs[index] = replace(
             run, axis_plans=axis_plans, batch_size=batch, tiles=tuple(tiles), keep=keep if last else None
         )
-        needed = _cells_read(run.model, stage.input_size, needed)
+        if index:  # the cells the stage before must write (the first stage's input, the image, is all there)
+            needed = _cells_read(run.model, stage.input_size, needed)
     return replace(plan, stages=tuple(stages), _runs=tuple(runs), kept_fraction=float(keep.mean()))
 
 
