@@ -46,7 +46,8 @@ import numpy as np  # noqa: E402
 TIFF_TILE = 512
 TILE = 1024
 GLASS = 236
-BUFFERS = 64 << 20
+BUFFERS = 128 << 20
+MASK_BYTES_PER_PIXEL = 64  # the tissue mask of the smallest level: thumbnail, grey, Otsu, morphology
 SHARD_ROWS = 64  # map rows per chunk of the store (the smallest region): 2048 pixels at stride 32
 
 
@@ -103,7 +104,7 @@ def peak_rss() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def child(slide: str, shards: int, out: str) -> dict:
+def child(slide: str, shards: int, out: str, full: bool = False) -> dict:
     """One job in this process, region by region; what it measured."""
     import keras_fcn_surgery as kfs
     from keras_fcn_surgery.batch import shards as region_shards
@@ -123,9 +124,16 @@ def child(slide: str, shards: int, out: str) -> dict:
     map_cells = int(np.prod(kfs.geometry(fcn).output_size(size)))
     batch = max(s.batch_size for s in plan.stages)
     tile_bytes = batch * TILE * TILE * 3 * 4 * 2 + batch * (TILE // 2) ** 2 * 4 * 4
-    bound = baseline + tile_bytes + 4 * map_cells + BUFFERS
+    with tifffile.TiffFile(slide) as tif:
+        smallest = min((p.shape[0] * p.shape[1] for p in [tif.pages[0], *tif.pages[0].pages]), default=side * side)
+    bound = baseline + tile_bytes + MASK_BYTES_PER_PIXEL * smallest + 4 * map_cells + BUFFERS
     options = BatchOptions(
-        formats=("zarr",), mask="auto", tile=TILE, execution="tf", progress=False, shard_rows=SHARD_ROWS
+        formats=("zarr",),
+        mask=None if full else "auto",
+        tile=TILE,
+        execution="tf",
+        progress=False,
+        shard_rows=SHARD_ROWS,
     )
     source = Source(slide, "slide")
     start = time.perf_counter()
@@ -143,6 +151,7 @@ def child(slide: str, shards: int, out: str) -> dict:
     assert result.status == "done", result.message
     return {
         "side": side,
+        "full": full,
         "map_cells": map_cells,
         "kept": result.computed_fraction,
         "baseline": baseline,
@@ -211,7 +220,10 @@ def main() -> None:
     args = parser.parse_args()
     if args.child:
         kind, slide, out = args.child
-        print(json.dumps((ray_child if kind == "ray" else child)(slide, args.shards, out)))
+        if kind == "ray":
+            print(json.dumps(ray_child(slide, args.shards, out)))
+        else:
+            print(json.dumps(child(slide, args.shards, out, full=kind == "full")))
         return
     sides = [int(s) for s in args.sides.split(",")] + ([100_000] if args.huge else [])
     folder = args.folder or tempfile.mkdtemp(prefix="kfs-slide-scale-")
@@ -228,10 +240,17 @@ def main() -> None:
                 os.replace(slide + ".tmp", slide)
                 print(f"wrote {slide}: {os.path.getsize(slide) / 2**20:.0f} MiB in {time.perf_counter() - start:.0f} s")
             out = tempfile.mkdtemp(prefix="maps-", dir=folder)
-            command = [sys.executable, __file__, "--shards", str(args.shards), "--child", "job", slide, out]
-            found = json.loads(
-                subprocess.run(command, check=True, capture_output=True, text=True).stdout.splitlines()[-1]
-            )
+            command = [
+                sys.executable,
+                __file__,
+                "--shards",
+                str(args.shards),
+                "--child",
+                "full" if full else "job",
+                slide,
+                out,
+            ]
+            found = run_child(command)
             measured.append(found)
             regions = found["region_s"]
             print(
@@ -242,7 +261,7 @@ def main() -> None:
                 f"finish {found['finish_s']:.1f} s)",
                 flush=True,
             )
-    masked = [m for m in measured if m["kept"] < 0.9]
+    masked = [m for m in measured if not m["full"]]
     for before, after in zip(masked, masked[1:]):
         print(f"peak {before['side']:,}² -> {after['side']:,}²: {after['peak'] / before['peak'] - 1:+.1%}")
     if masked:
@@ -257,9 +276,9 @@ def main() -> None:
         out = tempfile.mkdtemp(prefix="ray-", dir=folder)
         command = [sys.executable, __file__, "--shards", str(args.shards), "--child", "ray", slide, out]
         found = run_child(command)
-        overhead = (found["ray_s"] - found["local_s"]) / args.shards
+        overhead = (found["ray_s"] - found["local_s"]) / found["regions"]
         print(
-            f"{sides[0]:,}² by {args.shards} regions: local {found['local_s']:.1f} s, Ray 2 workers "
+            f"{sides[0]:,}² by {found['regions']} regions: local {found['local_s']:.1f} s, Ray 2 workers "
             f"{found['ray_s']:.1f} s (+ ray.init {found['ray_init_s']:.1f} s), maps equal: {found['equal']}; "
             f"overhead per region {overhead:+.2f} s"
         )
