@@ -9,6 +9,7 @@ import time
 
 import pytest
 from models import small_flatten_cnn
+from PIL import Image
 
 import keras_fcn_surgery as kfs
 from keras_fcn_surgery.exporting.savedmodel import next_version
@@ -199,3 +200,37 @@ def test_removing_a_temporary_outlasts_a_writer_that_is_still_adding_files(tmp_p
     gone = not folder.exists()  # a single shutil.rmtree leaves it (the writer recreates it at once)
     writer.join()
     assert gone
+
+
+@pytest.mark.heavy  # two command-line runs; test_shards has the same resume without a real SIGKILL
+def test_sigkill_mid_region_leaves_that_region_to_the_next_run(tmp_path, model_file):
+    from test_batch_inputs import slide_picture
+    from test_shards import _assert_same_outputs
+
+    from keras_fcn_surgery.batch import shards
+
+    Image.fromarray(slide_picture(size=(200, 300))).save(tmp_path / "img.png")
+    arguments = ["predict", model_file, str(tmp_path / "img.png"), "--format", "npz,csv,zarr,ome-zarr,geojson"]
+    arguments += ["--execution", "tf", "--shards", "3", "--shard-rows", "4"]
+    out = tmp_path / "sharded"
+    process = start_cli([*arguments, "--out", str(out)], tmp_path, pause_at="region 1")
+    process.kill()  # SIGKILL after region 1's chunks, before its record
+    process.communicate(timeout=60)
+    (work,) = os.listdir(out)
+    assert work.startswith(".shards-") and os.listdir(out / work / "done") == ["0.json"]  # no output yet
+    rerun = subprocess.run(
+        [sys.executable, "-m", "keras_fcn_surgery.cli", *arguments, "--out", str(out)],
+        env={**os.environ, "PYTHONPATH": REPO, "TF_CPP_MIN_LOG_LEVEL": "2"},
+        capture_output=True,
+        text=True,
+    )
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    local = subprocess.run(
+        [sys.executable, "-m", "keras_fcn_surgery.cli", *arguments[:-4], "--out", str(tmp_path / "local")],
+        env={**os.environ, "PYTHONPATH": REPO, "TF_CPP_MIN_LOG_LEVEL": "2"},
+        capture_output=True,
+        text=True,
+    )
+    assert local.returncode == 0, local.stderr[-2000:]
+    _assert_same_outputs(out, tmp_path / "local")
+    assert shards.region_records(str(out / work)) == {}  # published, the work folder is gone

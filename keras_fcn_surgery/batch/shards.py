@@ -49,7 +49,7 @@ from keras_fcn_surgery.batch.outputs import output_paths
 from keras_fcn_surgery.batch.readers import open_reader
 from keras_fcn_surgery.batch.sources import Source
 from keras_fcn_surgery.errors import ConversionError, InputError, first_line
-from keras_fcn_surgery.saving.atomic import remove_tree
+from keras_fcn_surgery.saving.atomic import pause_point, remove_tree
 
 # Map rows per chunk of the store (and columns): regions are bands of whole chunk rows.
 CHUNK_ROWS = 256
@@ -217,6 +217,7 @@ def run_region(fcn, source: Source, out_dir: str, options: BatchOptions, region:
             _segment(fcn, job.view, job.layout, job.size, keep, scores, options)
         else:
             _compute(fcn, job.view, job.layout, job.grid, job.size, keep, scores, options)
+    pause_point(f"region {region.index}")  # test hook: a worker killed after writing, before the record
     seconds = time.perf_counter() - started
     record = {"rows": [region.start, region.stop], "seconds": seconds, "host": socket.gethostname(), "pid": os.getpid()}
     _write_json(_marker(work, region.index), record)
@@ -323,9 +324,10 @@ def _segment_fraction(fcn, job: OpenInput, options: BatchOptions) -> float:
 def _fingerprint(fcn, job: OpenInput, options: BatchOptions) -> str:
     """A hash of what the map depends on: the model's weights and names, the mask, the options."""
     digest = hashlib.sha256()
-    digest.update(json.dumps([fcn.name, [w.path for w in fcn.weights]]).encode())
-    for weight in fcn.weights:
-        digest.update(np.ascontiguousarray(np.asarray(weight)).tobytes())
+    for weight in fcn.weights:  # values and shapes, not names (Keras numbers them per process)
+        values = np.ascontiguousarray(np.asarray(weight))
+        digest.update(repr((values.shape, values.dtype.str)).encode())
+        digest.update(values.tobytes())
     if job.kept is not None:
         digest.update(np.packbits(job.kept).tobytes())
     chosen = {k: v for k, v in options.__dict__.items() if k not in ("progress", "overwrite", "formats")}
