@@ -216,3 +216,15 @@ def test_a_masked_plan_of_one_stage_needs_no_mask_of_the_image(monkeypatch):
     keep[5:9, 3:7] = True
     plan = plan_prediction(model, size, tile=128, keep=keep, staged=False)
     assert len(plan.stages) == 1 and calls == []  # an image-sized mask (8 bytes a pixel) was built and dropped
+
+
+def test_the_cells_a_stage_reads_take_a_few_bytes_per_cell():
+    from keras_fcn_surgery.grid import tiling
+
+    side = 3000  # a stage map of a large slide, in miniature
+    edges = [tiling.AxisTile(a, min(a + 120, side), 0, 100, a) for a in range(0, side, 100)]
+    selected = np.zeros((len(edges), len(edges)), dtype=bool)
+    selected[3:5, 7:9] = True
+    read = tiling.pixels_read((side, side), edges, edges, selected)
+    assert read.sum() == 220 * 220 and read[300:520, 700:920].all()
+    assert _peak_bytes(lambda: tiling.pixels_read((side, side), edges, edges, selected)) < side * side * 6

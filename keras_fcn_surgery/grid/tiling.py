@@ -245,8 +245,9 @@ def pixels_read(size, rows: list[AxisTile], cols: list[AxisTile], selected):
         rows, cols: the tiles along each axis.
         selected: a boolean ``(len(rows), len(cols))`` array.
     """
-    marks = np.zeros((size[0] + 1, size[1] + 1), dtype=np.int64)
     i, j = np.nonzero(np.asarray(selected, dtype=bool))
+    # 4 bytes a cell, summed in place: the stage maps of a large slide are large (the counts fit: <= len(i)).
+    marks = np.zeros((size[0] + 1, size[1] + 1), dtype=np.int32 if len(i) < 2**31 else np.int64)
     r0 = np.array([t.start for t in rows])[i]
     r1 = np.array([t.stop for t in rows])[i]
     c0 = np.array([t.start for t in cols])[j]
@@ -255,7 +256,9 @@ def pixels_read(size, rows: list[AxisTile], cols: list[AxisTile], selected):
     np.add.at(marks, (r0, c1), -1)
     np.add.at(marks, (r1, c0), -1)
     np.add.at(marks, (r1, c1), 1)
-    return np.cumsum(np.cumsum(marks, axis=0), axis=1)[: size[0], : size[1]] > 0
+    np.cumsum(marks, axis=0, out=marks)
+    np.cumsum(marks, axis=1, out=marks)
+    return marks[: size[0], : size[1]] > 0
 
 
 def crop_tile(
