@@ -211,7 +211,7 @@ def test_sigkill_mid_region_leaves_that_region_to_the_next_run(tmp_path, model_f
 
     Image.fromarray(slide_picture(size=(200, 300))).save(tmp_path / "img.png")
     arguments = ["predict", model_file, str(tmp_path / "img.png"), "--format", "npz,csv,zarr,ome-zarr,geojson"]
-    arguments += ["--execution", "tf", "--shards", "3", "--shard-rows", "4"]
+    arguments += ["--execution", "tf", "--tile", "64", "--shards", "3", "--shard-rows", "4"]
     out = tmp_path / "sharded"
     process = start_cli([*arguments, "--out", str(out)], tmp_path, pause_at="region 1")
     process.kill()  # SIGKILL after region 1's chunks, before its record

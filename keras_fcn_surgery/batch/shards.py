@@ -24,7 +24,7 @@ import json
 import os
 import socket
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -56,6 +56,7 @@ CHUNK_ROWS = 256
 _STORE = "store.zarr"
 _PLAN = "plan.json"
 _DONE = "done"
+_KEPT = "kept.npy"
 
 
 @dataclass(frozen=True)
@@ -178,7 +179,11 @@ def plan_input(fcn, source: Source, out_dir: str, options: BatchOptions, shards:
     try:
         with open_reader(source.path) as reader:
             job = open_input(fcn, reader, source, options)
-            count = 1 if getattr(job.grid, "global_context", False) else shards  # such maps cannot be cut
+            if job.per_pixel:
+                tile = segment_tile(options, job.size, job.kept)
+            else:
+                tile = None if job.grid.global_context else map_tile(options, job.size, job.grid, job.kept)
+            count = shards if tile is not None else 1  # one pass over the whole image cannot be cut
             regions = cut_regions(job.kept, job.map_size, count, _chunk_rows(options))
             work = work_folder(out_dir, source)
             record = {
@@ -191,6 +196,8 @@ def plan_input(fcn, source: Source, out_dir: str, options: BatchOptions, shards:
                 remove_tree(work)
                 os.makedirs(os.path.join(work, _DONE))
                 _create_store(os.path.join(work, _STORE), job, _chunk_rows(options))
+                if job.kept is not None:  # the mask once, not again in every region
+                    np.save(os.path.join(work, _KEPT), np.packbits(job.kept, axis=1))
                 _write_json(os.path.join(work, _PLAN), record)
     except (ConversionError, OSError) as error:
         return _failed(source, str(error), start)
@@ -207,10 +214,15 @@ def run_region(fcn, source: Source, out_dir: str, options: BatchOptions, region:
     """
     work, started = work_folder(out_dir, source), time.perf_counter()
     with open_reader(source.path) as reader:
-        job = open_input(fcn, reader, source, options)
-        keep = np.zeros(job.map_size, dtype=bool)  # the region's cells the mask keeps
-        keep[region.start : region.stop] = True if job.kept is None else job.kept[region.start : region.stop]
-        job.kept = None  # one map-sized mask at a time
+        job = open_input(fcn, reader, source, replace(options, mask=None))  # the mask: as planned
+        if options.mask is not None:
+            packed = np.load(os.path.join(work, _KEPT))
+            job.kept = np.unpackbits(packed, axis=1, count=job.map_size[1]).astype(bool)
+        keep = job.kept  # the whole map: the pass of an input in one piece
+        if (region.start, region.stop) != (0, job.map_size[0]):
+            keep = np.zeros(job.map_size, dtype=bool)  # the region's cells the mask keeps
+            keep[region.start : region.stop] = True if job.kept is None else job.kept[region.start : region.stop]
+            job.kept = None  # one map-sized mask at a time
         maps = {name: RegionView(array, region.start, region.stop) for name, array in _store_maps(work, job).items()}
         scores = job.scores(maps)
         if job.per_pixel:
