@@ -38,7 +38,7 @@ import keras
 import numpy as np
 
 from keras_fcn_surgery.errors import ConversionError, ExportError  # ExportError: also importable from here
-from keras_fcn_surgery.graph import model_layout
+from keras_fcn_surgery.graph import iter_layers, model_layout
 from keras_fcn_surgery.saving.atomic import atomic_output, check_output_path
 from keras_fcn_surgery.surgery.fcn import fcn_spec
 from keras_fcn_surgery.surgery.verify import VerificationResult, compare_scores
@@ -201,6 +201,15 @@ def write_export(kind: ExportFormat, model, path: str) -> None:
     if keras.backend.backend() == "tensorflow":
         kind.write(model, path)
         return
+    unimportable = [layer for layer in [model, *iter_layers(model)] if type(layer).__module__ == "__main__"]
+    if unimportable:
+        layer = unimportable[0]
+        raise ExportError(
+            f"Layer '{layer.name}' (class {type(layer).__name__}, defined in __main__) cannot be rebuilt in the "
+            f"TensorFlow process that writes {kind.name} exports when Keras runs on {keras.backend.backend()}: "
+            "define it in a module and register it (`keras.saving.register_keras_serializable`), or run the "
+            "export under KERAS_BACKEND=tensorflow."
+        )
     with tempfile.TemporaryDirectory(prefix="kfs-write-") as scratch:
         model_file = os.path.join(scratch, "model.keras")
         try:
