@@ -178,7 +178,7 @@ class PredictionPlan:
         return len(self.stages) > 1
 
     @property
-    def execution(self) -> str:
+    def method(self) -> str:
         """``"fcn"``: the map of a fully convolutional network (see `inference.windowed.WindowedPlan`)."""
         return "fcn"
 
@@ -266,14 +266,14 @@ def plan_prediction(
     keep=None,
     engine: str | None = None,
     stride=None,
-    execution: str = "auto",
+    method: str = "auto",
 ):
     """The plan `predict_map` follows for an image of this size: stages, tiles, work and memory.
 
-    For a classifier, ``stride`` and ``execution`` choose the execution as in
+    For a classifier, ``stride`` and ``method`` choose the method as in
     `predict_map`: its FCN's plan, or a `WindowedPlan` (the split, the
     windows, the strips, and the cost against the sliding window and the FCN
-    where one exists). Either plan's ``execution`` says which
+    where one exists). Either plan's ``method`` says which
     (``"fcn"`` or ``"windowed"``).
 
     Args:
@@ -295,7 +295,7 @@ def plan_prediction(
             ``"xla"``, ``"blas"``): the plan then says which execution runs
             and why; ``"auto"`` measures on first use (`engines.choose_engine`).
         stride: for a classifier, as for `predict_map`.
-        execution: for a classifier, as for `predict_map`.
+        method: for a classifier, as for `predict_map`.
 
     Returns:
         A `PredictionPlan` (or, for a windowed map, a
@@ -308,7 +308,7 @@ def plan_prediction(
     """
     from keras_fcn_surgery.inference import windowed
 
-    chosen, model = windowed.route(fcn, stride, execution)
+    chosen, model = windowed.route(fcn, stride, method)
     if chosen == "windowed":
         return windowed.plan_windows(
             fcn,

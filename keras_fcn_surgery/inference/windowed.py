@@ -64,7 +64,7 @@ from keras_fcn_surgery.inference import engines, runner
 from keras_fcn_surgery.inference.cost import layer_macs, pass_cost
 from keras_fcn_surgery.inference.store import DiskMap, file_backed
 from keras_fcn_surgery.layout import Layout
-from keras_fcn_surgery.options import EXECUTIONS
+from keras_fcn_surgery.options import MAP_METHODS
 from keras_fcn_surgery.saving.atomic import remove_tree
 
 # Bytes of the prefix's map kept in memory; a larger one goes to a temporary file.
@@ -161,7 +161,7 @@ class _Analysis:
 
 @dataclass(frozen=True)
 class WindowedPlan:
-    """How `predict_map` computes a classifier's exact map window by window (the windowed execution).
+    """How `predict_map` computes a classifier's exact map window by window (the windowed method).
 
     Attributes:
         image_size: ``(H, W)`` of the image.
@@ -217,7 +217,7 @@ class WindowedPlan:
     _analysis: object = field(default=None, repr=False, compare=False)
     _needed: object = field(default=None, repr=False, compare=False)
 
-    execution = "windowed"
+    method = "windowed"
 
     @property
     def macs(self) -> int:
@@ -412,30 +412,35 @@ def _strip(grid: Geometry, window, axis: int, cells: int, *, need: int, at_start
     return length
 
 
-def check_execution(execution) -> str:
-    if execution not in EXECUTIONS:
-        raise InputError(f"Expected `execution` among {', '.join(map(repr, EXECUTIONS))}. Received: {execution!r}")
-    return execution
+def check_method(method) -> str:
+    """``method`` when it is one of `options.MAP_METHODS`.
+
+    Raises:
+        InputError: otherwise.
+    """
+    if method not in MAP_METHODS:
+        raise InputError(f"Expected `method` among {', '.join(map(repr, MAP_METHODS))}. Received: {method!r}")
+    return method
 
 
-def route(model, stride, execution: str):
+def route(model, stride, method: str):
     """``("fcn", fcn)`` or ``("windowed", None)``: how `predict_map` computes the map of ``model``.
 
-    An FCN runs as itself; a classifier as `choose_execution` says. Anything
+    An FCN runs as itself; a classifier as `choose_method` says. Anything
     else is returned as it is, for `predict_map`'s own checks to refuse.
 
     Raises:
-        InputError: for ``execution="windowed"`` or a ``stride`` other than its
-            own with an FCN, or an unknown ``execution``.
+        InputError: for ``method="windowed"`` or a ``stride`` other than its
+            own with an FCN, or an unknown ``method``.
     """
     from keras_fcn_surgery.surgery.fcn import is_fully_convolutional
 
-    check_execution(execution)
+    check_method(method)
     if not isinstance(model, keras.Model):
         return "fcn", model
     if not is_fully_convolutional(model):
-        return choose_execution(model, stride, execution)
-    if execution == "windowed":
+        return choose_method(model, stride, method)
+    if method == "windowed":
         raise InputError(
             f"Model '{model.name}' is already fully convolutional: its map has one cell per stride. A windowed map "
             "runs a classifier on every crop: pass the classifier itself."
@@ -450,7 +455,7 @@ def route(model, stride, execution: str):
     return "fcn", model
 
 
-def choose_execution(model, stride, execution: str):
+def choose_method(model, stride, method: str):
     """``("fcn", fcn)`` or ``("windowed", None)``: how `predict_map` computes a classifier's map.
 
     ``"auto"``: the classifier's FCN (`as_fcn`) where it converts, has no
@@ -460,23 +465,23 @@ def choose_execution(model, stride, execution: str):
         ConversionError: ``"fcn"`` for a classifier that does not convert.
         InputError: ``"fcn"`` with a ``stride`` other than the FCN's.
     """
-    check_execution(execution)
-    if execution == "windowed":
+    check_method(method)
+    if method == "windowed":
         return "windowed", None
     fcn, refusal = _conversion(model)
     if refusal is not None:
-        if execution == "fcn":
+        if method == "fcn":
             raise refusal
         return "windowed", None
-    if execution == "auto" and stride is None and len(fcn.outputs) > 1:
+    if method == "auto" and stride is None and len(fcn.outputs) > 1:
         return "fcn", fcn  # a windowed map takes one output; its FCN's maps of every output
     grid = geometry(fcn)
     requested = None if stride is None else runner.pair(stride, "stride")
-    if execution == "fcn":
+    if method == "fcn":
         if requested is not None and requested != tuple(grid.stride):
             raise InputError(
                 f"The FCN of '{model.name}' has stride {grid.stride[0]}x{grid.stride[1]}; its map cannot be at "
-                f"stride {requested[0]}x{requested[1]}. Use `execution='windowed'` for exact maps at other strides."
+                f"stride {requested[0]}x{requested[1]}. Use `method='windowed'` for exact maps at other strides."
             )
         return "fcn", fcn
     if grid.global_context or (requested is not None and requested != tuple(grid.stride)):
@@ -690,7 +695,7 @@ def predict_windowed(
 ):
     """A classifier's exact map: its output on every crop at ``stride``, through a shared prefix.
 
-    See `predict_map` (``execution="windowed"``) and `plan_windows`.
+    See `predict_map` (``method="windowed"``) and `plan_windows`.
     """
     found = analysis(model)
     spec = runner.ImageSpec(found.layout, found.channels)
