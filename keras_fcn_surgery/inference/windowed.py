@@ -59,7 +59,7 @@ from keras_fcn_surgery.graph import (
     traced_model,
 )
 from keras_fcn_surgery.grid import tiling
-from keras_fcn_surgery.grid.geometry import Geometry, geometry
+from keras_fcn_surgery.grid.geometry import Geometry, WindowGrid, geometry
 from keras_fcn_surgery.inference import engines, runner
 from keras_fcn_surgery.inference.cost import layer_macs, pass_cost
 from keras_fcn_surgery.inference.store import DiskMap, file_backed
@@ -218,6 +218,11 @@ class WindowedPlan:
     _needed: object = field(default=None, repr=False, compare=False)
 
     method = "windowed"
+
+    @property
+    def grid(self) -> WindowGrid:
+        """Where the map's cells look: the window at ``stride``, offset 0 (for masks, boxes, pictures)."""
+        return WindowGrid(self.stride, self.window, self.image_size)
 
     @property
     def macs(self) -> int:
@@ -423,7 +428,7 @@ def check_method(method) -> str:
     return method
 
 
-def route(model, stride, method: str):
+def route(model, stride, method: str, *, head: str = "window", input_size=None):
     """``("fcn", fcn)`` or ``("windowed", None)``: how `predict_map` computes the map of ``model``.
 
     An FCN runs as itself; a classifier as `choose_method` says. Anything
@@ -439,7 +444,7 @@ def route(model, stride, method: str):
     if not isinstance(model, keras.Model):
         return "fcn", model
     if not is_fully_convolutional(model):
-        return choose_method(model, stride, method)
+        return choose_method(model, stride, method, head=head, input_size=input_size)
     if method == "windowed":
         raise InputError(
             f"Model '{model.name}' is already fully convolutional: its map has one cell per stride. A windowed map "
@@ -455,11 +460,13 @@ def route(model, stride, method: str):
     return "fcn", model
 
 
-def choose_method(model, stride, method: str):
+def choose_method(model, stride, method: str, *, head: str = "window", input_size=None):
     """``("fcn", fcn)`` or ``("windowed", None)``: how `predict_map` computes a classifier's map.
 
-    ``"auto"``: the classifier's FCN (`as_fcn`) where it converts, has no
-    global context and ``stride`` is None or its stride; else windowed.
+    ``"auto"``: the classifier's FCN (``as_fcn(model, head=head,
+    input_size=input_size)``) where it converts, has no global context and
+    ``stride`` is None or its stride; else windowed (a classifier that takes
+    any input size has no window: its FCN then, as long as ``stride`` is None).
 
     Raises:
         ConversionError: ``"fcn"`` for a classifier that does not convert.
@@ -468,7 +475,7 @@ def choose_method(model, stride, method: str):
     check_method(method)
     if method == "windowed":
         return "windowed", None
-    fcn, refusal = _conversion(model)
+    fcn, refusal = conversion(model, head, input_size)
     if refusal is not None:
         if method == "fcn":
             raise refusal
@@ -484,30 +491,75 @@ def choose_method(model, stride, method: str):
                 f"stride {requested[0]}x{requested[1]}. Use `method='windowed'` for exact maps at other strides."
             )
         return "fcn", fcn
-    if grid.global_context or (requested is not None and requested != tuple(grid.stride)):
+    if requested is not None and requested != tuple(grid.stride):
+        return "windowed", None
+    if grid.global_context and has_window(model):
         return "windowed", None
     return "fcn", fcn
+
+
+def has_window(model) -> bool:
+    """Whether ``model`` takes one fixed input size (a window), as a windowed map needs."""
+    twin = traced_model(model)
+    shape = tuple(twin.inputs[0].shape)
+    layout = model_layout(twin)
+    return len(shape) == 4 and all(d is not None for d in layout.spatial_shape(shape))
 
 
 _REFUSALS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def _conversion(model):
+def conversion(model, head: str = "window", input_size=None):
     """``(fcn, None)`` for a classifier that converts (`as_fcn`), ``(None, error)`` for one that is refused.
 
-    A refusal is remembered per model as `as_fcn` remembers a conversion: a
-    transformer is not converted again on every call.
+    A refusal is remembered per model (and head and size) as `as_fcn`
+    remembers a conversion: a transformer is not converted again on every call.
     """
     from keras_fcn_surgery.surgery.fcn import as_fcn
 
-    refusal = _REFUSALS.get(model)
-    if refusal is not None:
-        return None, refusal
+    key = (head, None if input_size is None else tuple(int(d) for d in input_size))
+    refusals = _REFUSALS.setdefault(model, {})
+    if key in refusals:
+        return None, refusals[key]
     try:
-        return as_fcn(model), None
+        return as_fcn(model, head=head, input_size=input_size), None
     except ConversionError as error:
-        _REFUSALS[model] = error
+        refusals[key] = error
         return None, error
+
+
+def check_stride(model, stride) -> tuple[int, int]:
+    """The stride of a classifier's windowed map: ``stride`` as ``(s_h, s_w)``, or its default (`default_stride`).
+
+    Raises:
+        InputError: for a stride that is not a multiple of the stride of the
+            deepest split (naming it), or none for a classifier without an FCN.
+        ConversionError: for a model that is not a classifier with a window.
+    """
+    found = analysis(model)
+    strides = runner.pair(stride, "stride") if stride is not None else default_stride(model)
+    deepest = found.splits[-1]
+    if any(s % p for s, p in zip(strides, deepest.stride)):
+        raise InputError(
+            f"A stride of {strides[0]}x{strides[1]} pixels is not a multiple of {deepest.stride[0]}x"
+            f"{deepest.stride[1]}, the stride of the map '{found.model.name}' shares up to '{deepest.name}'. Use a "
+            f"multiple of it (such as {deepest.stride[0] * max(1, strides[0] // deepest.stride[0])}), or "
+            "`sliding_window_predict(model, image, stride)` to run the whole classifier on every crop."
+        )
+    return strides
+
+
+def window_grid(model, stride=None) -> WindowGrid:
+    """The grid of a classifier's windowed map at ``stride`` (checked as `check_stride` does)."""
+    return WindowGrid(check_stride(model, stride), analysis(model).window)
+
+
+def map_spec(model):
+    """The `FcnSpec` of a classifier's windowed map: its layout, channels and one output's classes."""
+    from keras_fcn_surgery.surgery.fcn import FcnSpec, map_outputs
+
+    found = analysis(model)
+    return FcnSpec(found.layout, found.channels, found.classes, map_outputs(found.model))
 
 
 def shared_stride(model) -> tuple[int, int]:
@@ -521,7 +573,7 @@ def default_stride(model) -> tuple[int, int]:
     Raises:
         InputError: for a classifier that does not convert (a transformer).
     """
-    fcn, error = _conversion(model)
+    fcn, error = conversion(model)
     if fcn is not None:
         return tuple(geometry(fcn).stride)  # type: ignore[return-value]
     found = analysis(model)
@@ -567,15 +619,7 @@ def plan_windows(
     """
     found = analysis(model)
     size = tuple(int(d) for d in image_size)
-    strides = runner.pair(stride, "stride") if stride is not None else default_stride(model)
-    deepest = found.splits[-1]
-    if any(s % p for s, p in zip(strides, deepest.stride)):
-        raise InputError(
-            f"A stride of {strides[0]}x{strides[1]} pixels is not a multiple of {deepest.stride[0]}x"
-            f"{deepest.stride[1]}, the stride of the map '{found.model.name}' shares up to '{deepest.name}'. Use a "
-            f"multiple of it (such as {deepest.stride[0] * max(1, strides[0] // deepest.stride[0])}), or "
-            "`sliding_window_predict(model, image, stride)` to run the whole classifier on every crop."
-        )
+    strides = check_stride(model, stride)
     if batch_size is not None and batch_size < 1:
         raise InputError(f"Expected `batch_size` >= 1. Received: batch_size={batch_size}")
     counts = []
@@ -627,7 +671,7 @@ def plan_windows(
         stride=strides,
         split=best.name,
         prefix_stride=best.stride,
-        deepest_split=deepest.name,
+        deepest_split=found.splits[-1].name,
         blocked_by=found.blocked_by,
         region=region,  # type: ignore[arg-type]
         prefix_plan=prefix_plan,
@@ -656,7 +700,7 @@ def _region_macs(split: _Split, region, found: _Analysis) -> int:
 
 
 def _fcn_macs(model, found: _Analysis, size) -> int | None:
-    fcn = _conversion(model)[0]
+    fcn = conversion(model)[0]
     if fcn is None:
         return None
     return pass_cost(fcn, found.layout.batch_shape(1, size[0], size[1], found.channels)).macs
