@@ -142,6 +142,45 @@ def test_a_prefix_map_larger_than_the_memory_budget_goes_to_disk(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize("tile, masked", [(None, False), (24, True)])
+def test_bands_of_window_rows_give_the_unbanded_map(monkeypatch, tmp_path, tile, masked):
+    """Bands start on multiples of the stride: each band's shared map gives its windows' exact prefix maps."""
+    model = se_classifier()
+    image = image_for((33, 29), 4, extra=(23, 6))  # 8 window rows
+    keep = None
+    if masked:
+        keep = np.zeros(kfs.plan_prediction(model, image.shape[:2], stride=4).map_size, dtype=bool)
+        keep[1:3, 1:4] = keep[6:, -2:] = True
+    whole = kfs.predict_map(model, image, stride=4, tile=tile, keep=keep, memory_budget=1 << 30)
+    assert kfs.plan_prediction(model, image.shape[:2], stride=4, memory_budget=1 << 30).bands == 1
+    monkeypatch.setattr(windowed, "_OVERLAP_SHARE", 0)  # bands as small as the budget says
+    one_row = kfs.plan_prediction(model, image.shape[:2], stride=4, memory_budget=0)
+    assert one_row.band_rows == 1 and one_row.band_store == "disk"
+    budget = int(1.2 * one_row.band_bytes)  # bands of 2 window rows, in memory
+    plan = kfs.plan_prediction(model, image.shape[:2], stride=4, memory_budget=budget, keep=keep)
+    assert plan.bands >= 3 and plan.band_store == "memory" and plan.band_bytes <= budget
+    assert f"{plan.bands} bands" in str(plan)
+    for budget in (budget, 0):  # in memory; one window row a band, on disk
+        banded = kfs.predict_map(
+            model, image, stride=4, tile=tile, keep=keep, memory_budget=budget, spill_dir=str(tmp_path)
+        )
+        np.testing.assert_allclose(banded, whole, rtol=0, atol=1e-6 * float(np.nanmax(np.abs(whole))))
+        assert np.array_equal(np.isnan(banded), np.isnan(whole))
+    assert list(tmp_path.iterdir()) == []
+    want = kfs.sliding_window_predict(model, image, 4)
+    kept = ~np.isnan(whole).any(axis=-1)
+    assert float(np.max(np.abs(whole[kept] - want[kept]))) <= TOLERANCE * float(np.max(np.abs(want)))
+
+
+def test_bands_are_tall_enough_that_their_overlaps_cost_at_most_a_quarter_of_the_prefix():
+    model = se_classifier()
+    image = image_for((33, 29), 4, extra=(200, 6))
+    plan = kfs.plan_prediction(model, image.shape[:2], stride=4, memory_budget=0)
+    assert plan.band_rows == 29 and plan.bands == 2  # ceil(4 * (33 - 4) / 4) of 53 window rows a band
+    whole = kfs.plan_prediction(model, image.shape[:2], stride=4, memory_budget=1 << 30)
+    assert whole.bands == 1 and whole.prefix_macs < plan.prefix_macs <= 1.25 * whole.prefix_macs
+
+
 def test_batches_of_windows_of_any_size_give_the_same_map():
     model = se_classifier()
     image = image_for((33, 29), 4)
