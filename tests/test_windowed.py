@@ -160,9 +160,9 @@ def test_bands_of_window_rows_give_the_unbanded_map(monkeypatch, tmp_path, tile,
     plan = kfs.plan_prediction(model, image.shape[:2], stride=4, memory_budget=budget, keep=keep)
     assert plan.bands >= 3 and plan.band_store == "memory" and plan.band_bytes <= budget
     assert f"{plan.bands} bands" in str(plan)
-    for budget in (budget, 0):  # in memory; one window row a band, on disk
+    for bytes_kept in (budget, 0):  # in memory; one window row a band, on disk
         banded = kfs.predict_map(
-            model, image, stride=4, tile=tile, keep=keep, memory_budget=budget, spill_dir=str(tmp_path)
+            model, image, stride=4, tile=tile, keep=keep, memory_budget=bytes_kept, spill_dir=str(tmp_path)
         )
         np.testing.assert_allclose(banded, whole, rtol=0, atol=1e-6 * float(np.nanmax(np.abs(whole))))
         assert np.array_equal(np.isnan(banded), np.isnan(whole))

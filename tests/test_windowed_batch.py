@@ -161,7 +161,8 @@ def test_the_commands_run_a_transformer_windowed_and_refuse_a_bad_stride_in_one_
     assert boxes  # each top class's cell, and the crop it stands for
     for i, j, top, left, bottom, right in (tuple(map(int, box)) for box in boxes):
         assert (top, left, bottom, right) == (8 * i, 16 * j, 8 * i + 32, 16 * j + 32)
-    assert cli.main(["predict", vit_file, str(tmp_path / "scene.png"), "-o", str(tmp_path / "x"), "--stride", "12"]) == 2
+    bad = ["predict", vit_file, str(tmp_path / "scene.png"), "-o", str(tmp_path / "x"), "--stride", "12"]
+    assert cli.main(bad) == 2
     err = capsys.readouterr().err
     assert "not a multiple of 8x8" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
     assert cli.main([*args, "--overwrite", "--stride", "6"]) == 2

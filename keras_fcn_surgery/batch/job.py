@@ -242,10 +242,12 @@ def _compute(fcn, view, layout, grid, size, kept, scores, options: BatchOptions)
     keep = None if kept is None or grid.global_context else kept
     fraction = 1.0
     # A windowed map: `keep` is over its windows (the grid is the windowed map's), `tile` tiles the shared prefix.
-    route = {"method": options.method, "stride": options.stride}
+    method, stride = options.method, options.stride
     if keep is not None:
-        planned = plan_prediction(fcn, size, tile=tile, batch_size=options.batch_size, keep=keep, **route)
-        whole = plan_prediction(fcn, size, tile=tile, batch_size=options.batch_size, **route)
+        planned = plan_prediction(
+            fcn, size, tile=tile, batch_size=options.batch_size, keep=keep, method=method, stride=stride
+        )
+        whole = plan_prediction(fcn, size, tile=tile, batch_size=options.batch_size, method=method, stride=stride)
         fraction = planned.macs / max(whole.macs, 1)
     arguments = dict(
         tile=tile,
@@ -253,7 +255,8 @@ def _compute(fcn, view, layout, grid, size, kept, scores, options: BatchOptions)
         preprocess=preprocess,
         progress=options.progress,
         engine=options.execution,
-        **route,
+        method=method,
+        stride=stride,
     )
     targets = list(scores.values()) if isinstance(scores, dict) else [scores]
     if layout.channels_last:

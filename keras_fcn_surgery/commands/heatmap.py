@@ -62,6 +62,7 @@ def run(args) -> int:
     import keras_fcn_surgery as kfs
     from keras_fcn_surgery.cli import cli_message
     from keras_fcn_surgery.exporting.preprocessing import pixel_function
+    from keras_fcn_surgery.grid.geometry import Geometry, WindowGrid
     from keras_fcn_surgery.inference import windowed
     from keras_fcn_surgery.inference.certificate import certificate_or_reason
     from keras_fcn_surgery.inference.heatmap import class_probabilities, heat_range
@@ -111,6 +112,7 @@ def run(args) -> int:
         print(f"error: --class {args.class_index} is out of range: the model has {classes} classes.", file=sys.stderr)
         return EXIT_USAGE
     names = read_class_names(args.class_names, classes)
+    grid: Geometry | WindowGrid
     if stride is not None:
         grid = windowed.window_grid(model, stride)
     else:

@@ -144,6 +144,7 @@ class Scratch:
         import tempfile
 
         self.release(name)
+        array: DiskMap | np.ndarray
         if on_disk:
             self.folder = self.folder or tempfile.mkdtemp(prefix=self.prefix, dir=self.spill_dir)
             array = DiskMap(os.path.join(self.folder, f"{name}.bin"), shape, dtype)
@@ -165,10 +166,9 @@ class Scratch:
     def __enter__(self) -> Scratch:
         return self
 
-    def __exit__(self, *exc) -> bool:
+    def __exit__(self, *exc) -> None:
         for name in list(self._arrays):
             self.release(name)
         if self.folder is not None:
             remove_tree(self.folder)
             self.folder = None
-        return False
