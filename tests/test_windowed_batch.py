@@ -168,3 +168,22 @@ def test_the_commands_run_a_transformer_windowed_and_refuse_a_bad_stride_in_one_
     assert cli.main([*args, "--overwrite", "--stride", "6"]) == 2
     err = capsys.readouterr().err
     assert "not a multiple of 8x8" in err and "Traceback" not in err
+
+
+@pytest.mark.heavy
+def test_the_ray_engine_ships_the_classifier_and_writes_the_local_windowed_maps(tmp_path):
+    pytest.importorskip("ray")
+    model = se_classifier()
+    for n, size in enumerate([(61, 70), (45, 52)]):
+        write_image(tmp_path / f"image{n}.png", size, seed=n)
+    inputs = [str(tmp_path / "image0.png"), str(tmp_path / "image1.png")]
+    options = {"formats": "npz,geojson", "stride": 8}
+    local = predict_images(model, inputs, tmp_path / "local", **options)
+    distributed = predict_images(model, inputs, tmp_path / "ray", engine="ray", workers=1, **options)
+    assert local.ok and distributed.ok, distributed.failed
+    assert all(r.certificate.endswith("exact") for r in distributed.results)
+    for name in ("image0", "image1"):
+        expected = np.load(tmp_path / "local" / f"{name}.npz")
+        got = np.load(tmp_path / "ray" / f"{name}.npz")
+        np.testing.assert_array_equal(got["scores"], expected["scores"])
+        assert tuple(got["stride"]) == (8, 8) and tuple(got["receptive_field"]) == (33, 29)
