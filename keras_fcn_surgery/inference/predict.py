@@ -129,7 +129,10 @@ def predict_map(
             plain tiles. Ignored without ``tile``.
         memory_budget: bytes of stored stage maps kept in memory (default 64
             MiB); larger maps are written to temporary files in ``spill_dir``
-            and removed at the end, even when the pass is interrupted.
+            and removed at the end, even when the pass is interrupted. A
+            windowed map runs its windows in bands of window rows whose
+            shared maps fit it (`plan_prediction` shows the bands), so
+            neither the image nor the whole shared map is held.
         prefetch: read and preprocess the next batch of tiles on a background
             thread while the model computes the current one.
         mixed_precision: compute in float16 with float32 variables (Keras's
