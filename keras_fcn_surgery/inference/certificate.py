@@ -418,7 +418,7 @@ def _is_windowed(model, stride) -> bool:
 
     if not isinstance(model, keras.Model) or is_fully_convolutional(model):
         return False
-    return stride is not None or windowed.conversion(model)[1] is not None
+    return stride is not None or (windowed.has_window(model) and windowed.conversion(model)[1] is not None)
 
 
 def certificate_or_reason(model, image, score_map, n: int, **options) -> tuple[MapCertificate | None, str]:
