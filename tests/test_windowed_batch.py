@@ -144,6 +144,11 @@ def test_certify_map_certifies_a_windowed_map_given_its_stride(vit):
     scores = kfs.predict_map(vit, image, stride=8)
     certificate = kfs.certify_map(vit, image, scores, 5, stride=8)
     assert certificate.exact and len(certificate.cells) == 5 and certificate.eligible == scores.shape[0] * 3
+    scores[certificate.cells[0]] += 1.0  # a wrong cell is caught
+    with pytest.warns(kfs.InexactMapWarning):
+        assert not kfs.certify_map(vit, image, scores, 5, stride=8).exact
+    with pytest.raises(kfs.InputError, match="needs a `stride=`"):  # a transformer's map is windowed: at what stride?
+        kfs.certify_map(vit, image, scores)
 
 
 def test_the_commands_run_a_transformer_windowed_and_refuse_a_bad_stride_in_one_line(vit, vit_file, tmp_path, capsys):
