@@ -60,7 +60,7 @@ def test_predict_images_writes_the_windowed_maps_of_classifiers_without_an_exact
     image = write_image(tmp_path / "scene.png", (61, 70))
     out = tmp_path / "maps"
     summary = predict_images(
-        model, [str(tmp_path / "scene.png")], out, formats="npz,geojson,csv", geojson="cells", stride=stride
+        model, [str(tmp_path / "scene.png")], out, formats="npz,geojson,csv,ome-zarr", geojson="cells", stride=stride
     )
     assert summary.ok, summary.failed
     saved = np.load(out / "scene.npz")
@@ -84,6 +84,11 @@ def test_predict_images_writes_the_windowed_maps_of_classifiers_without_an_exact
         assert (min(xs), max(xs), min(ys), max(ys)) == (left, right, top, bottom)
         assert top + steps[0] / 2 == i * steps[0] + window[0] / 2  # centred on the crop at (i * s_h, j * s_w)
     assert (out / "scene.csv").read_text().count("\n") == cells[0] * cells[1] + 1
+    zarr = pytest.importorskip("zarr")
+    group = zarr.open_group(str(out / "scene.ome.zarr"), mode="r")
+    transforms = group.attrs["ome"]["multiscales"][0]["datasets"][0]["coordinateTransformations"]
+    scale, translation = (next(t[kind] for t in transforms if t["type"] == kind) for kind in ("scale", "translation"))
+    assert scale[1:] == list(steps) and translation[1:] == [w / 2 - 0.5 for w in window]  # each window's centre
 
 
 def test_a_mask_skips_the_windows_it_masks_out_in_the_windowed_grid(tmp_path, monkeypatch):
