@@ -26,7 +26,7 @@ CERTIFIED_CELLS = 8
 # (the default), or one per computed cell; see `keras_fcn_surgery.predict_images`.
 GEOJSON_FEATURES = ("regions", "cells")
 
-# How `predict_map` computes a classifier's map: its FCN, or windowed (a shared prefix, the rest on each window;
-# exact on every crop); "auto" picks the FCN where it is exact and at the stride asked; see
-# `keras_fcn_surgery.inference.windowed`.
-EXECUTIONS = ("auto", "fcn", "windowed")
+# How `predict_map` computes a classifier's map (its ``method``; not the forward pass's runtime, its ``engine``,
+# the CLI's --execution): its FCN, or windowed (a shared prefix, the rest on each window; exact on every crop);
+# "auto" picks the FCN where it is exact and at the stride asked; see `keras_fcn_surgery.inference.windowed`.
+MAP_METHODS = ("auto", "fcn", "windowed")

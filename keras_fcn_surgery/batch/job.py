@@ -21,7 +21,7 @@ from keras_fcn_surgery.batch.outputs import output_paths
 from keras_fcn_surgery.batch.readers import LevelArray, choose_level, open_reader
 from keras_fcn_surgery.batch.sources import IMAGE_SUFFIXES, Source
 from keras_fcn_surgery.errors import ConversionError, InputError, ModelFileError, first_line
-from keras_fcn_surgery.grid.geometry import Geometry
+from keras_fcn_surgery.grid.geometry import Geometry, WindowGrid
 from keras_fcn_surgery.inference.certificate import certificate_or_reason
 from keras_fcn_surgery.segmentation.predict import is_segmenter, run_segmenter
 from keras_fcn_surgery.surgery.fcn import OutputMaps, fcn_spec
@@ -50,6 +50,8 @@ class BatchOptions:
     class_names: tuple[str, ...] | None = None
     progress: bool | None = None
     execution: str = "auto"
+    method: str = "fcn"  # "windowed": the model is a classifier, its map the windowed map at `stride`
+    stride: tuple[int, int] | None = None
     output: str | None = None
     certify: int = 0
     certify_size: tuple[int, int] | None = None
@@ -105,18 +107,32 @@ def _failed(source: Source, message: str, start: float) -> InputResult:
     return InputResult(source.path, "failed", message=message, seconds=time.perf_counter() - start)
 
 
-def _compute_and_write(fcn, source: Source, paths: dict[str, str], options: BatchOptions) -> tuple[float, float, str]:
-    from keras_fcn_surgery.graph import model_layout
-    from keras_fcn_surgery.grid.geometry import geometry
+def map_spec_of(model, options: BatchOptions):
+    """The `FcnSpec` of the maps ``model`` computes: an FCN's, or a classifier's windowed map's."""
+    from keras_fcn_surgery.inference.windowed import map_spec
 
-    layout = model_layout(fcn)
-    spec = fcn_spec(fcn)
-    per_pixel = is_segmenter(fcn)
+    return map_spec(model) if options.method == "windowed" else fcn_spec(model)
+
+
+def _compute_and_write(fcn, source: Source, paths: dict[str, str], options: BatchOptions) -> tuple[float, float, str]:
+    from keras_fcn_surgery.grid.geometry import geometry
+    from keras_fcn_surgery.inference.windowed import window_grid
+
+    spec = map_spec_of(fcn, options)
+    layout = spec.layout
+    windowed = options.method == "windowed"
+    per_pixel = not windowed and is_segmenter(fcn)
     with open_reader(source.path) as reader:
         level = choose_level(reader, level=options.level, mpp=options.mpp)
         size = reader.levels[level].size
         view = LevelArray(reader, level, spec.channels, layout)
-        grid: Geometry | PixelGrid = PixelGrid() if per_pixel else geometry(fcn).at(size)
+        grid: Geometry | PixelGrid | WindowGrid
+        if per_pixel:
+            grid = PixelGrid()
+        elif windowed:  # the classifier's window at the stride asked for, offset 0
+            grid = window_grid(fcn, options.stride).at(size)
+        else:
+            grid = geometry(fcn).at(size)
         map_size = grid.output_size(size)
         kept = _kept_cells(reader, source, options.mask, size, grid, map_size)
         with writers.staged_outputs(paths, overwrite=options.overwrite) as temporary:
@@ -152,6 +168,7 @@ def _compute_and_write(fcn, source: Source, paths: dict[str, str], options: Batc
                         preprocess=preprocess_fn(options.preprocess, layout),
                         keep=kept,
                         output=shown if spec.several else None,
+                        stride=options.stride if windowed else None,
                     )
             info = writers.MapInfo(
                 source=source.path,
@@ -224,9 +241,13 @@ def _compute(fcn, view, layout, grid, size, kept, scores, options: BatchOptions)
         tile = DEFAULT_TILE  # tiles to skip
     keep = None if kept is None or grid.global_context else kept
     fraction = 1.0
+    # A windowed map: `keep` is over its windows (the grid is the windowed map's), `tile` tiles the shared prefix.
+    method, stride = options.method, options.stride
     if keep is not None:
-        planned = plan_prediction(fcn, size, tile=tile, batch_size=options.batch_size, keep=keep)
-        whole = plan_prediction(fcn, size, tile=tile, batch_size=options.batch_size)
+        planned = plan_prediction(
+            fcn, size, tile=tile, batch_size=options.batch_size, keep=keep, method=method, stride=stride
+        )
+        whole = plan_prediction(fcn, size, tile=tile, batch_size=options.batch_size, method=method, stride=stride)
         fraction = planned.macs / max(whole.macs, 1)
     arguments = dict(
         tile=tile,
@@ -234,6 +255,8 @@ def _compute(fcn, view, layout, grid, size, kept, scores, options: BatchOptions)
         preprocess=preprocess,
         progress=options.progress,
         engine=options.execution,
+        method=method,
+        stride=stride,
     )
     targets = list(scores.values()) if isinstance(scores, dict) else [scores]
     if layout.channels_last:
