@@ -3,7 +3,7 @@
 For a ViT-B/16-sized keras-hub classifier (224 x 224, 12 layers of width 768,
 random weights) and keras.applications' EfficientNetB0 (random weights), on
 one image: the time of ``predict_map(model, image, stride=s,
-execution="windowed")`` (the exact map: a shared prefix once, the tail on every
+method="windowed")`` (the exact map: a shared prefix once, the tail on every
 window) and of ``sliding_window_predict(model, image, s)`` (the classifier on
 every crop, batched), measured alternately, ``--rounds`` times each after a
 warm-up on a small image (tracing). Printed per case: the windows, the split,
@@ -37,7 +37,7 @@ squeeze-and-excitation block about 3%), so the windowed map costs what the
 sliding window costs, within the noise of a shared machine: its gain is
 exactness and the `predict_map` path (tiles, masks, `out=`, certificates),
 not speed. The ViT at stride 16 on 1024^2 (2601 windows, about 46 TMAC per
-execution) would take about an hour here.
+map) would take about an hour here.
 """
 
 from __future__ import annotations
@@ -84,7 +84,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", type=int, default=1024, help="image side (default 1024)")
     parser.add_argument("--vit16-size", type=int, default=416, help="image side for the ViT at stride 16")
-    parser.add_argument("--rounds", type=int, default=1, help="timed rounds of each execution, alternating")
+    parser.add_argument("--rounds", type=int, default=1, help="timed rounds of each method, alternating")
     parser.add_argument("--cases", default="effnet32,vit64,vit16", help=f"comma-separated among {', '.join(CASES)}")
     args = parser.parse_args()
     models: dict = {}
@@ -99,13 +99,13 @@ def main() -> None:
         image = rng.uniform(0, 255, (side, side, 3)).astype("float32")
         if label == "ViT-B/16":
             image = image / 127.5 - 1  # the classifier takes preprocessed pixels
-        plan = kfs.plan_prediction(model, image.shape[:2], stride=stride, execution="windowed")
-        warm = image[: 224 + stride, : 224 + stride]  # traces both executions' functions
-        kfs.predict_map(model, warm, stride=stride, execution="windowed")
+        plan = kfs.plan_prediction(model, image.shape[:2], stride=stride, method="windowed")
+        warm = image[: 224 + stride, : 224 + stride]  # traces both methods' functions
+        kfs.predict_map(model, warm, stride=stride, method="windowed")
         kfs.sliding_window_predict(model, warm, stride, batch_size=plan.batch_size)
         windowed_times, sliding_times = [], []
         for _ in range(args.rounds):
-            seconds, dense = timed(lambda: kfs.predict_map(model, image, stride=stride, execution="windowed"))
+            seconds, dense = timed(lambda: kfs.predict_map(model, image, stride=stride, method="windowed"))
             windowed_times.append(seconds)
             seconds, sliding = timed(
                 lambda: kfs.sliding_window_predict(model, image, stride, batch_size=plan.batch_size)

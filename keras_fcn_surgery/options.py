@@ -11,7 +11,10 @@ HEADS = ("window", "dense")
 # common Keras recipe `Rescaling(1 / 255)` left outside the model); see `keras_fcn_surgery.exporting.preprocessing`.
 PREPROCESS_MODES = ("none", "caffe", "tf", "torch", "unit")
 
-EXPORT_FORMATS = ("savedmodel", "onnx", "tflite")
+EXPORT_FORMATS = ("savedmodel", "onnx", "tflite", "openvino")
+
+# Who writes an ONNX file: this package (the weights streamed into it) or Keras's `model.export(format="onnx")`.
+ONNX_EXPORTERS = ("streamed", "keras")
 
 # TFLite weight quantization: None (float32), float16, dynamic-range int8.
 QUANTIZE_MODES = (None, "float16", "dynamic")
@@ -23,7 +26,7 @@ CERTIFIED_CELLS = 8
 # (the default), or one per computed cell; see `keras_fcn_surgery.predict_images`.
 GEOJSON_FEATURES = ("regions", "cells")
 
-# How `predict_map` computes a classifier's map: its FCN, or windowed (a shared prefix, the rest on each window;
-# exact on every crop); "auto" picks the FCN where it is exact and at the stride asked; see
-# `keras_fcn_surgery.inference.windowed`.
-EXECUTIONS = ("auto", "fcn", "windowed")
+# How `predict_map` computes a classifier's map (its ``method``; not the forward pass's runtime, its ``engine``,
+# the CLI's --execution): its FCN, or windowed (a shared prefix, the rest on each window; exact on every crop);
+# "auto" picks the FCN where it is exact and at the stride asked; see `keras_fcn_surgery.inference.windowed`.
+MAP_METHODS = ("auto", "fcn", "windowed")

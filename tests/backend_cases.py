@@ -98,7 +98,7 @@ def results(folder) -> tuple[dict, dict]:
     se = keras.models.load_model(path("se_classifier"))  # squeeze-and-excitation: a windowed map, tiled or not
     windows = rng.standard_normal((33 + 3 * 4, 29 + 5 * 4, 3)).astype("float32")
     for kind, tile in (("whole", None), ("tiled", 44)):
-        arrays[f"windowed-{kind}"] = kfs.predict_map(se, windows, stride=4, tile=tile, execution="windowed")
+        arrays[f"windowed-{kind}"] = kfs.predict_map(se, windows, stride=4, tile=tile, method="windowed")
     fcn = keras.models.load_model(path("two_outputs"))  # a map per output, by name
     for kind, tile in (("whole", None), ("tiled", 40)):
         for output, scores in kfs.predict_map(fcn, image, tile=tile).items():

@@ -150,3 +150,48 @@ def test_the_command_line_converts_and_maps_under_jax_without_tensorflow(tmp_pat
     )  # fmt: skip
     assert refused.returncode == 2, refused.stderr[-3000:]
     assert "needs Keras on tensorflow" in refused.stderr and "Traceback" not in refused.stderr, refused.stderr
+
+
+JAX_EXPORT = """
+import os, sys
+from backend_cases import hide_tensorflow
+hide_tensorflow()
+import keras, numpy as np, keras_fcn_surgery as kfs
+from models import small_flatten_cnn
+
+classifier = small_flatten_cnn()
+result = kfs.export(classifier, os.path.join(sys.argv[1], "fcn_ov"), format="openvino")
+assert [check.input_shape for check in result.checks] == [(2, 32, 32, 3), (2, 60, 60, 3)], result
+assert all(check.passed for check in (*result.checks, *result.output_checks)), result
+print(result)
+
+
+class Doubling(keras.layers.Layer):  # not registered: a TensorFlow process cannot rebuild it
+    def call(self, x):
+        return x * 2.0
+
+
+inputs = keras.Input((None, None, 3))
+x = Doubling()(keras.layers.Conv2D(4, 3)(inputs))
+custom = keras.Model(inputs, keras.layers.Conv2D(2, 1)(x), name="custom")
+try:
+    kfs.export(custom, os.path.join(sys.argv[1], "custom_ov"), format="openvino", convert=False, input_size=(16, 16))
+except kfs.ExportError as error:
+    print("refused:", error)
+else:
+    raise AssertionError("a layer TensorFlow cannot rebuild was exported")
+assert sorted(os.listdir(sys.argv[1])) == ["fcn_ov"], os.listdir(sys.argv[1])
+"""
+
+
+def test_under_jax_an_export_is_written_on_tensorflow_and_checked_against_jax(tmp_path):
+    """Every writer traces a tf.function: under JAX the model goes to a TensorFlow process as a .keras file; the
+    written file is checked against the model under JAX (this process needs no TensorFlow)."""
+    pytest.importorskip("openvino")
+    done = run_under_jax("-c", JAX_EXPORT, str(tmp_path))
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert "verified logits of 'fc2' on (2, 60, 60, 3)" in done.stdout, done.stdout
+    refusal = done.stdout.split("refused: ")[1]
+    assert "Layer 'doubling' (class Doubling, defined in __main__) cannot be rebuilt" in refusal, refusal
+    assert "run the export under KERAS_BACKEND=tensorflow" in refusal and "Traceback" not in refusal, refusal
+    assert sorted(os.listdir(tmp_path / "fcn_ov")) == ["model.bin", "model.xml"]

@@ -37,7 +37,7 @@ def test_the_other_cnn_families_run_as_their_fcn_by_default():
     for family in sorted(set(HUB_CNN_FAMILIES + ["MobileNetV5"]) - set(HUB_GLOBAL_CONTEXT)):
         task = hub_classifier(family)
         size = tuple(int(d) for d in task.inputs[0].shape[1:3])
-        assert kfs.plan_prediction(task, (size[0] + 8, size[1] + 8)).execution == "fcn", family
+        assert kfs.plan_prediction(task, (size[0] + 8, size[1] + 8)).method == "fcn", family
 
 
 @pytest.mark.parametrize(

@@ -97,6 +97,25 @@ def test_sigint_during_an_onnx_export_leaves_an_existing_file_untouched(tmp_path
     assert sorted(os.listdir(tmp_path)) == ["fcn.onnx"]
 
 
+@pytest.mark.heavy  # a slow export in a subprocess; the default run covers the same path for SavedModel
+def test_sigint_before_an_openvino_folder_is_published_leaves_the_existing_one_untouched(tmp_path, model_file):
+    pytest.importorskip("openvino")
+    target = tmp_path / "fcn_ov"
+    target.mkdir()
+    (target / "model.xml").write_text("previous export")
+    args = ["export", model_file, str(target), "--format", "openvino", "--overwrite"]
+    process = start_cli(args, tmp_path, pause_at="publish")
+    (partial,) = [name for name in os.listdir(tmp_path) if name.startswith(".fcn_ov.partial-")]
+    assert sorted(os.listdir(tmp_path / partial / "new")) == ["model.bin", "model.xml"]  # written, checked
+
+    code, out, err = finish_after(process, signal.SIGINT)
+
+    assert code == 130, err
+    assert own_lines(err) == ["interrupted (SIGINT); no partial output left behind."]
+    assert os.listdir(target) == ["model.xml"] and (target / "model.xml").read_text() == "previous export"
+    assert sorted(os.listdir(tmp_path)) == ["fcn_ov"]
+
+
 @pytest.mark.heavy
 def test_sigterm_before_a_conversion_is_published_leaves_nothing(tmp_path, model_file):
     process = start_cli(["convert", model_file, str(tmp_path / "fcn.keras")], tmp_path, pause_at="publish")

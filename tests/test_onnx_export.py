@@ -143,3 +143,25 @@ def test_protobuf_varints_match_the_reference_encoding():
 
     for value in (0, 1, 127, 128, 300, 2**31 - 1, 2**40 + 5):
         assert onnx_export._varint(value) == encoder._VarintBytes(value)
+
+
+def test_keras_exporter_gives_the_same_names_and_maps_at_two_sizes(tmp_path, capsys):
+    fcn = kfs.convert(small_flatten_cnn())
+    path = tmp_path / "keras.onnx"
+    result = kfs.export(fcn, path, format="onnx", exporter="keras", input_size=(32, 32))
+    assert [check.input_shape for check in result.checks] == [(2, 32, 32, 3), (2, 60, 60, 3)]
+    assert all(check.passed for check in (*result.checks, *result.output_checks))
+    proto = onnx.load(str(path))
+    assert [value.name for value in proto.graph.input] == ["images"]
+    assert [value.name for value in proto.graph.output] == ["scores"]
+    assert dims(proto.graph.input[0]) == ["batch", "height", "width", 3]
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    image = random_images((1, 71, 53, 3), seed=71)
+    np.testing.assert_allclose(session.run(["scores"], {"images": image})[0], np.asarray(fcn(image)), atol=1e-6)
+
+    model_file = str(tmp_path / "small.keras")
+    small_flatten_cnn().save(model_file)
+    assert cli.main(["export", model_file, str(tmp_path / "cli.onnx"), "--format", "onnx", "--exporter", "keras"]) == 0
+    assert "verified logits of 'fc2'" in capsys.readouterr().out
+    with pytest.raises(kfs.ExportError, match=r"`exporter`.*'streamed', 'keras'.*exporter='tf2onnx'"):
+        kfs.export(fcn, tmp_path / "bad.onnx", format="onnx", exporter="tf2onnx")

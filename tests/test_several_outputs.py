@@ -288,8 +288,10 @@ def test_savedmodel_signature_returns_every_output_by_name(models, tmp_path):
     assert_same_maps(got, crops_of(classifier, image[0]))
 
 
-@pytest.mark.parametrize("format", ["tflite", "onnx"])
+@pytest.mark.parametrize("format", ["tflite", "onnx", "openvino"])
 def test_file_exports_carry_and_check_every_output(models, format, tmp_path):
+    if format == "openvino":
+        pytest.importorskip("openvino")
     _, fcn = models
     result = kfs.export(fcn, tmp_path / f"fcn.{format}", format=format, input_size=(WINDOW, WINDOW))
     assert [check.compared for check in result.checks] == [f"output '{name}'" for name in NAMES] * 2

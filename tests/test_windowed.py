@@ -21,7 +21,7 @@ TOLERANCE = 1e-5
 
 def assert_crops(model, image, stride, **options):
     """The windowed map equals the classifier on every crop at ``stride``; returns the map."""
-    got = kfs.predict_map(model, image, stride=stride, execution="windowed", **options)
+    got = kfs.predict_map(model, image, stride=stride, method="windowed", **options)
     want = kfs.sliding_window_predict(model, image, stride)
     assert got.shape == want.shape
     scale = float(np.max(np.abs(want)))
@@ -108,8 +108,8 @@ def test_squeeze_and_excitation_net_equals_its_crops(stride, tile):
     model = se_classifier()
     image = image_for((33, 29), stride)
     assert_crops(model, image, stride, tile=tile)
-    plan = kfs.plan_prediction(model, image.shape[:2], stride=stride, tile=tile, execution="windowed")
-    assert plan.execution == "windowed" and plan.split != "input" and plan.strips
+    plan = kfs.plan_prediction(model, image.shape[:2], stride=stride, tile=tile, method="windowed")
+    assert plan.method == "windowed" and plan.split != "input" and plan.strips
 
 
 def test_without_strips_the_border_cells_of_a_same_padded_prefix_differ(monkeypatch):
@@ -118,15 +118,15 @@ def test_without_strips_the_border_cells_of_a_same_padded_prefix_differ(monkeypa
     image = image_for((33, 29), 4)
     want = kfs.sliding_window_predict(model, image, 4)
     monkeypatch.setattr(windowed._Split, "strips", lambda self: [])
-    got = kfs.predict_map(model, image, stride=4, execution="windowed")
+    got = kfs.predict_map(model, image, stride=4, method="windowed")
     assert float(np.max(np.abs(got - want))) > 1e-3 * float(np.max(np.abs(want)))
 
 
 def test_the_fcn_of_a_squeeze_and_excitation_net_is_not_its_crops_but_the_windowed_map_is():
     model = se_classifier(window=(32, 32))
     image = image_for((32, 32), 4, extra=(0, 0))
-    fcn_map = kfs.predict_map(model, image, execution="fcn")  # stride 4: the FCN's own
-    assert kfs.plan_prediction(model, image.shape[:2]).execution == "windowed"  # auto: global context
+    fcn_map = kfs.predict_map(model, image, method="fcn")  # stride 4: the FCN's own
+    assert kfs.plan_prediction(model, image.shape[:2]).method == "windowed"  # auto: global context
     want = kfs.sliding_window_predict(model, image, 4)
     exact = kfs.predict_map(model, image)  # auto, windowed at the FCN's stride
     assert exact.shape == fcn_map.shape == want.shape
@@ -142,13 +142,52 @@ def test_a_prefix_map_larger_than_the_memory_budget_goes_to_disk(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize("tile, masked", [(None, False), (24, True)])
+def test_bands_of_window_rows_give_the_unbanded_map(monkeypatch, tmp_path, tile, masked):
+    """Bands start on multiples of the stride: each band's shared map gives its windows' exact prefix maps."""
+    model = se_classifier()
+    image = image_for((33, 29), 4, extra=(23, 6))  # 8 window rows
+    keep = None
+    if masked:
+        keep = np.zeros(kfs.plan_prediction(model, image.shape[:2], stride=4).map_size, dtype=bool)
+        keep[1:3, 1:4] = keep[6:, -2:] = True
+    whole = kfs.predict_map(model, image, stride=4, tile=tile, keep=keep, memory_budget=1 << 30)
+    assert kfs.plan_prediction(model, image.shape[:2], stride=4, memory_budget=1 << 30).bands == 1
+    monkeypatch.setattr(windowed, "_OVERLAP_SHARE", 0)  # bands as small as the budget says
+    one_row = kfs.plan_prediction(model, image.shape[:2], stride=4, memory_budget=0)
+    assert one_row.band_rows == 1 and one_row.band_store == "disk"
+    budget = int(1.2 * one_row.band_bytes)  # bands of 2 window rows, in memory
+    plan = kfs.plan_prediction(model, image.shape[:2], stride=4, memory_budget=budget, keep=keep)
+    assert plan.bands >= 3 and plan.band_store == "memory" and plan.band_bytes <= budget
+    assert f"{plan.bands} bands" in str(plan)
+    for bytes_kept in (budget, 0):  # in memory; one window row a band, on disk
+        banded = kfs.predict_map(
+            model, image, stride=4, tile=tile, keep=keep, memory_budget=bytes_kept, spill_dir=str(tmp_path)
+        )
+        np.testing.assert_allclose(banded, whole, rtol=0, atol=1e-6 * float(np.nanmax(np.abs(whole))))
+        assert np.array_equal(np.isnan(banded), np.isnan(whole))
+    assert list(tmp_path.iterdir()) == []
+    want = kfs.sliding_window_predict(model, image, 4)
+    kept = ~np.isnan(whole).any(axis=-1)
+    assert float(np.max(np.abs(whole[kept] - want[kept]))) <= TOLERANCE * float(np.max(np.abs(want)))
+
+
+def test_bands_are_tall_enough_that_their_overlaps_cost_at_most_a_quarter_of_the_prefix():
+    model = se_classifier()
+    image = image_for((33, 29), 4, extra=(200, 6))
+    plan = kfs.plan_prediction(model, image.shape[:2], stride=4, memory_budget=0)
+    assert plan.band_rows == 29 and plan.bands == 2  # ceil(4 * (33 - 4) / 4) of 53 window rows a band
+    whole = kfs.plan_prediction(model, image.shape[:2], stride=4, memory_budget=1 << 30)
+    assert whole.bands == 1 and whole.prefix_macs < plan.prefix_macs <= 1.25 * whole.prefix_macs
+
+
 def test_batches_of_windows_of_any_size_give_the_same_map():
     model = se_classifier()
     image = image_for((33, 29), 4)
     whole = assert_crops(model, image, 4)
     for batch_size in (1, 5):
         np.testing.assert_allclose(
-            kfs.predict_map(model, image, stride=4, execution="windowed", batch_size=batch_size), whole, atol=1e-6
+            kfs.predict_map(model, image, stride=4, method="windowed", batch_size=batch_size), whole, atol=1e-6
         )
 
 
@@ -159,11 +198,11 @@ def test_masks_skip_windows_and_the_shared_cells_they_do_not_read():
     keep = np.zeros(whole.shape[:2], dtype=bool)
     keep[1:5, 2:7] = True
     keep[-1, -1] = True
-    masked = kfs.predict_map(model, image, stride=4, execution="windowed", keep=keep, tile=24)
+    masked = kfs.predict_map(model, image, stride=4, method="windowed", keep=keep, tile=24)
     np.testing.assert_allclose(masked[keep], whole[keep], atol=1e-6)
     assert np.isnan(masked[~keep]).all()
-    plan = kfs.plan_prediction(model, image.shape[:2], stride=4, keep=keep, execution="windowed", tile=24)
-    full = kfs.plan_prediction(model, image.shape[:2], stride=4, execution="windowed", tile=24)
+    plan = kfs.plan_prediction(model, image.shape[:2], stride=4, keep=keep, method="windowed", tile=24)
+    full = kfs.plan_prediction(model, image.shape[:2], stride=4, method="windowed", tile=24)
     assert plan.windows == 21 and plan.split == full.split != "input"
     assert plan.tail_macs * full.windows == full.tail_macs * 21 and plan.prefix_macs < full.prefix_macs
 
@@ -175,10 +214,10 @@ def test_a_plain_cnn_runs_as_its_fcn_unless_windows_are_asked_for():
     y = L.Conv2D(4, 3, strides=2, activation="relu")(y)
     model = keras.Model(x, L.Dense(3)(L.Flatten()(y)))
     image = image_for((15, 15), 8)
-    assert kfs.plan_prediction(model, image.shape[:2]).execution == "fcn"
+    assert kfs.plan_prediction(model, image.shape[:2]).method == "fcn"
     fcn_map = kfs.predict_map(model, image)
     np.testing.assert_allclose(fcn_map, kfs.sliding_window_predict(model, image, 4), atol=1e-5)
-    assert kfs.plan_prediction(model, image.shape[:2], stride=8).execution == "windowed"
+    assert kfs.plan_prediction(model, image.shape[:2], stride=8).method == "windowed"
     assert_crops(model, image, 8)
     plan = kfs.plan_prediction(model, image.shape[:2], stride=8)
     assert plan.strips == () and plan.saved > 0.3 and plan.fcn_macs is not None
@@ -200,13 +239,13 @@ def test_a_plain_cnn_runs_as_its_fcn_unless_windows_are_asked_for():
 def test_keras_hub_transformers_equal_their_crops(family, strides, split):
     task = hub_classifier(family)
     with pytest.raises(kfs.ConversionError):
-        kfs.predict_map(task, image_for((32, 32), 8), execution="fcn")
+        kfs.predict_map(task, image_for((32, 32), 8), method="fcn")
     for stride in strides:
         image = image_for((32, 32), stride)
         for tile in (None, 40):
             assert_crops(task, image, stride, tile=tile)
         plan = kfs.plan_prediction(task, image.shape[:2], stride=stride)
-        assert plan.execution == "windowed" and plan.saved > 0
+        assert plan.method == "windowed" and plan.saved > 0
         if split is not None:
             assert plan.split == split and plan.strips == ()  # valid patch embeddings need no strips
         else:  # MiT's overlapping patch embedding pads: its border cells come from strips
@@ -220,7 +259,7 @@ def test_applications_with_squeeze_and_excitation_equal_their_crops(name, stride
     for step, tile in zip(stride, (None, 80)):
         image = image_for((64, 64), step, extra=(1, 3), pixels=True)
         assert_crops(model, image, step, tile=tile)
-    plan = kfs.plan_prediction(model, image.shape[:2], stride=stride[1], execution="windowed")
+    plan = kfs.plan_prediction(model, image.shape[:2], stride=stride[1], method="windowed")
     assert plan.split != "input" and 0 < plan.saved < 0.5, str(plan)
 
 
@@ -249,28 +288,28 @@ def test_a_classifier_without_an_fcn_needs_a_stride():
 def test_bad_arguments_are_refused():
     model = se_classifier()
     image = image_for((33, 29), 4)
-    with pytest.raises(kfs.InputError, match="execution"):
-        kfs.predict_map(model, image, stride=4, execution="sliding")
+    with pytest.raises(kfs.InputError, match="`method`"):
+        kfs.predict_map(model, image, stride=4, method="sliding")
     with pytest.raises(kfs.InputError, match="`keep` has shape"):
-        kfs.predict_map(model, image, stride=4, execution="windowed", keep=np.ones((2, 2), bool))
+        kfs.predict_map(model, image, stride=4, method="windowed", keep=np.ones((2, 2), bool))
     with pytest.raises(kfs.InputError, match="smaller than the window"):
-        kfs.predict_map(model, image[:20], stride=4, execution="windowed")
+        kfs.predict_map(model, image[:20], stride=4, method="windowed")
     fcn = kfs.as_fcn(model)
     with pytest.raises(kfs.InputError, match="already fully convolutional"):
-        kfs.predict_map(fcn, image, execution="windowed")
+        kfs.predict_map(fcn, image, method="windowed")
     with pytest.raises(kfs.InputError, match="stride 4x4"):
         kfs.predict_map(fcn, image, stride=8)
     with pytest.raises(kfs.InputError, match="float32"):
-        kfs.predict_map(model, image, stride=4, execution="windowed", mixed_precision=True)
+        kfs.predict_map(model, image, stride=4, method="windowed", mixed_precision=True)
     free = keras.Sequential([keras.Input((None, None, 3)), L.Conv2D(2, 3), L.GlobalAveragePooling2D()])
     with pytest.raises(kfs.ConversionError, match="fixed input size.*input_shape"):
-        kfs.predict_map(free, image, stride=4, execution="windowed")
+        kfs.predict_map(free, image, stride=4, method="windowed")
 
 
 def test_a_windowed_map_is_certified_against_the_classifier_on_its_crops():
     model = se_classifier()
     image = image_for((33, 29), 4)
-    scores, certificate = kfs.predict_map(model, image, stride=4, execution="windowed", certify=6)
+    scores, certificate = kfs.predict_map(model, image, stride=4, method="windowed", certify=6)
     assert certificate.exact and certificate.informative and len(certificate.cells) == 6
     assert certificate.eligible == scores.shape[0] * scores.shape[1] and "classifier 'se_net'" in str(certificate)
     scores[certificate.cells[0]] += 1.0  # a wrong cell is caught

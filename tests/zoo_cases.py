@@ -139,20 +139,20 @@ def check_windowed(model, *, stride=None, larger_by: int = 3) -> tuple[str, tupl
     informative check). Raises AssertionError.
 
     Returns:
-        ``(execution, stride)``: what ``predict_map(model, image)`` runs by
+        ``(method, stride)``: what ``predict_map(model, image)`` runs by
         default (``"fcn"`` or ``"windowed"``) and the stride checked.
     """
     from keras_fcn_surgery.inference import windowed
 
     layout = model_layout(model)
     height, width = (int(d) for d in layout.spatial_shape(tuple(model.inputs[0].shape)))
-    execution = windowed.choose_execution(model, None, "auto")[0]
+    method = windowed.choose_method(model, None, "auto")[0]
     if stride is None:
         try:
             stride = tuple(kfs.geometry(kfs.as_fcn(model)).stride)
         except kfs.ConversionError:
             stride = windowed.shared_stride(model)
-    steps = kfs.plan_prediction(model, (height, width), stride=stride, execution="windowed").stride
+    steps = kfs.plan_prediction(model, (height, width), stride=stride, method="windowed").stride
     size = (height + 2 * steps[0] + larger_by, width + 3 * steps[1] + larger_by + 2)
     channels = int(layout.channels(tuple(model.inputs[0].shape)))
     image = np.random.default_rng(0).uniform(0, 255, layout.image_shape(*size, channels)).astype("float32")
@@ -160,9 +160,9 @@ def check_windowed(model, *, stride=None, larger_by: int = 3) -> tuple[str, tupl
     scale = float(np.max(np.abs(want)))
     assert float(np.max(np.abs(want - want[:1, :1]))) > 1e-2 * scale, "the crops' scores hardly differ"
     for tile in (None, max(height, width) + max(steps)):
-        got = kfs.predict_map(model, image, stride=steps, execution="windowed", tile=tile)
+        got = kfs.predict_map(model, image, stride=steps, method="windowed", tile=tile)
         assert float(np.max(np.abs(got - want))) <= 1e-5 * scale, (tile, float(np.max(np.abs(got - want))) / scale)
-    return execution, steps
+    return method, steps
 
 
 # keras-hub ---------------------------------------------------------------------

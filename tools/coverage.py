@@ -82,8 +82,8 @@ def run_case(source: str, name: str) -> dict:
         if source == "keras-hub":
             from keras_fcn_surgery.inference import windowed
 
-            record["execution"] = windowed.choose_execution(model, None, "auto")[0]
-            if record["execution"] == "windowed":
+            record["method"] = windowed.choose_method(model, None, "auto")[0]
+            if record["method"] == "windowed":
                 record["windowed_stride"] = list(check_windowed(model)[1])
                 record.setdefault("input_size", [int(d) for d in model.inputs[0].shape[1:3]])
     except kfs.ConversionError as error:
@@ -132,13 +132,13 @@ def table(results: dict) -> str:
     apps = [r for r in rows if r["source"] == "keras.applications"]
     hub = [r for r in rows if r["source"] == "keras-hub"]
     converted = sum(r["result"] == "converted" for r in apps)
-    windowed = [r for r in hub if r.get("execution") == "windowed"]
-    fcns = [r for r in hub if r["result"] == "converted" and r.get("execution") == "fcn"]
+    windowed = [r for r in hub if r.get("method") == "windowed"]
+    fcns = [r for r in hub if r["result"] == "converted" and r.get("method") == "fcn"]
     hub_line = (
         f"keras-hub `*ImageClassifier` tasks: {sum(r['result'] == 'converted' for r in hub)} of {len(hub)} "
         "families convert; the others are refused by name (rows below)."
     )
-    if any("execution" in r for r in hub):
+    if any("method" in r for r in hub):
         hub_line = (
             f"keras-hub `*ImageClassifier` tasks: **{len(fcns) + len(windowed)} of {len(hub)}** families give exact "
             f"dense maps: {len(fcns)} as their FCN, {len(windowed)} windowed (`predict_map`'s default where the "
@@ -160,14 +160,14 @@ def table(results: dict) -> str:
             size = "x".join(map(str, r["input_size"]))
             stride = "x".join(map(str, r["stride"]))
             result, exact = "converts, verified", "yes" if r["exact_geometry"] else "no"
-            if r.get("execution") == "windowed":
+            if r.get("method") == "windowed":
                 result += "; exact map windowed (its FCN pools over the whole image)"
         elif r["result"] == "not run":
             size, stride, exact, result = "", "", "", "not run yet"
         else:
             size, stride, exact = "", "", ""
             result = ("refused: " if r["result"] == "refused" else "**FAILURE**: ") + _blocking(r["message"])
-            if r.get("execution") == "windowed":
+            if r.get("method") == "windowed":
                 size, stride = ("x".join(map(str, r[key])) for key in ("input_size", "windowed_stride"))
                 result = f"exact map windowed (no FCN: {_blocking(r['message'])})"
         lines.append(f"| {r['source']} | {r['name']} | {size} | {result} | {stride} | {exact} | {r['seconds']} |")

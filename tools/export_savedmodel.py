@@ -2,7 +2,7 @@
 
     python tools/export_savedmodel.py --model classifier.keras --export_dir /models/fcn \
         [--version 3] [--head window|dense] [--preprocess none|caffe|tf|torch] [--overwrite] [--noconvert]
-        [--format savedmodel|onnx|tflite] [--quantize float16|dynamic]
+        [--format savedmodel|onnx|tflite|openvino] [--quantize float16|dynamic] [--exporter streamed|keras]
 
 A thin wrapper over `keras-fcn-surgery export` (the same code, output and
 exit codes). Writes <export_dir>/<version>/ (next version by default) with the
@@ -23,7 +23,7 @@ import argparse
 from absl import app, flags
 
 from keras_fcn_surgery.commands.absl_tool import flags_parser, run_tool
-from keras_fcn_surgery.options import EXPORT_FORMATS, HEADS, PREPROCESS_MODES, QUANTIZE_MODES
+from keras_fcn_surgery.options import EXPORT_FORMATS, HEADS, ONNX_EXPORTERS, PREPROCESS_MODES, QUANTIZE_MODES
 
 flags.DEFINE_string("model", None, "Source model file (.keras or .h5).")
 flags.DEFINE_string("export_dir", None, "SavedModel base folder; versions are its numbered subfolders.")
@@ -33,8 +33,11 @@ flags.DEFINE_enum(
     "preprocess", "none", list(PREPROCESS_MODES), "Preprocessing serving_pixels and serving_bytes apply."
 )
 flags.DEFINE_bool("overwrite", False, "Replace an existing version folder (or file).")
-flags.DEFINE_enum("format", "savedmodel", list(EXPORT_FORMATS), "savedmodel, onnx or tflite (export_dir: the file).")
+flags.DEFINE_enum(
+    "format", "savedmodel", list(EXPORT_FORMATS), "savedmodel, onnx, tflite (export_dir: a file), openvino (a folder)."
+)
 flags.DEFINE_enum("quantize", None, [m for m in QUANTIZE_MODES if m], "tflite only: float16 or dynamic.")
+flags.DEFINE_enum("exporter", None, list(ONNX_EXPORTERS), "onnx only: streamed (default) or keras (Keras's exporter).")
 flags.DEFINE_bool("convert", True, "Convert the model first; --noconvert exports an FCN file as it is.")
 flags.DEFINE_string("input_size", None, "Original input size HxW, for a classifier that takes any size.")
 flags.mark_flags_as_required(["model", "export_dir"])
@@ -56,6 +59,7 @@ def main(argv) -> int:
             overwrite=FLAGS.overwrite,
             format=FLAGS.format,
             quantize=FLAGS.quantize,
+            exporter=FLAGS.exporter,
             no_convert=not FLAGS.convert,
             input_size=input_size,
         )

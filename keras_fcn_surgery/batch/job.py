@@ -22,7 +22,7 @@ from keras_fcn_surgery.batch.outputs import output_paths
 from keras_fcn_surgery.batch.readers import LevelArray, choose_level, open_reader
 from keras_fcn_surgery.batch.sources import IMAGE_SUFFIXES, Source
 from keras_fcn_surgery.errors import ConversionError, InputError, ModelFileError, first_line
-from keras_fcn_surgery.grid.geometry import Geometry
+from keras_fcn_surgery.grid.geometry import Geometry, WindowGrid
 from keras_fcn_surgery.inference.certificate import certificate_or_reason
 from keras_fcn_surgery.segmentation.predict import is_segmenter, run_segmenter
 from keras_fcn_surgery.surgery.fcn import OutputMaps, fcn_spec
@@ -51,6 +51,8 @@ class BatchOptions:
     class_names: tuple[str, ...] | None = None
     progress: bool | None = None
     execution: str = "auto"
+    method: str = "fcn"  # "windowed": the model is a classifier, its map the windowed map at `stride`
+    stride: tuple[int, int] | None = None
     output: str | None = None
     certify: int = 0
     certify_size: tuple[int, int] | None = None
@@ -108,6 +110,13 @@ def _failed(source: Source, message: str, start: float) -> InputResult:
     return InputResult(source.path, "failed", message=message, seconds=time.perf_counter() - start)
 
 
+def map_spec_of(model, options: BatchOptions):
+    """The `FcnSpec` of the maps ``model`` computes: an FCN's, or a classifier's windowed map's."""
+    from keras_fcn_surgery.inference.windowed import map_spec
+
+    return map_spec(model) if options.method == "windowed" else fcn_spec(model)
+
+
 def _compute_and_write(fcn, source: Source, paths: dict[str, str], options: BatchOptions) -> tuple[float, float, str]:
     with open_reader(source.path) as reader:
         job = open_input(fcn, reader, source, options)
@@ -147,7 +156,7 @@ class OpenInput:
     layout: Any
     spec: Any
     per_pixel: bool
-    grid: Geometry | PixelGrid
+    grid: Geometry | PixelGrid | WindowGrid
     map_size: tuple[int, int]
     kept: np.ndarray | None
 
@@ -172,16 +181,23 @@ class OpenInput:
 
 def open_input(fcn, reader, source: Source, options: BatchOptions) -> OpenInput:
     """The level of ``reader`` to compute, its map's grid and size, and the cells the mask keeps."""
-    from keras_fcn_surgery.graph import model_layout
     from keras_fcn_surgery.grid.geometry import geometry
+    from keras_fcn_surgery.inference.windowed import window_grid
 
-    layout = model_layout(fcn)
-    spec = fcn_spec(fcn)
-    per_pixel = is_segmenter(fcn)
+    spec = map_spec_of(fcn, options)
+    layout = spec.layout
+    windowed = options.method == "windowed"
+    per_pixel = not windowed and is_segmenter(fcn)
     level = choose_level(reader, level=options.level, mpp=options.mpp)
     size = reader.levels[level].size
     view = LevelArray(reader, level, spec.channels, layout)
-    grid: Geometry | PixelGrid = PixelGrid() if per_pixel else geometry(fcn).at(size)
+    grid: Geometry | PixelGrid | WindowGrid
+    if per_pixel:
+        grid = PixelGrid()
+    elif windowed:  # the classifier's window at the stride asked for, offset 0
+        grid = window_grid(fcn, options.stride).at(size)
+    else:
+        grid = geometry(fcn).at(size)
     map_size = grid.output_size(size)
     kept = _kept_cells(reader, source, options.mask, size, grid, map_size)
     return OpenInput(source, reader, level, size, view, layout, spec, per_pixel, grid, map_size, kept)
@@ -202,6 +218,7 @@ def certify(fcn, job: OpenInput, computed, shown: str | None, options: BatchOpti
         preprocess=preprocess_fn(options.preprocess, job.layout),
         keep=job.kept,
         output=shown if job.spec.several else None,
+        stride=options.stride if options.method == "windowed" else None,
     )
 
 
@@ -260,12 +277,15 @@ def _compute(fcn, view, layout, grid, size, kept, scores, options: BatchOptions)
     tile = map_tile(options, size, grid, kept)
     keep = None if kept is None or grid.global_context else kept
     fraction = work_fraction(fcn, size, tile, keep, options)
+    method, stride = options.method, options.stride
     arguments = dict(
         tile=tile,
         batch_size=options.batch_size,
         preprocess=preprocess,
         progress=options.progress,
         engine=options.execution,
+        method=method,
+        stride=stride,
     )
     targets = list(scores.values()) if isinstance(scores, dict) else [scores]
     if layout.channels_last:
@@ -295,8 +315,12 @@ def work_fraction(fcn, size, tile, keep, options: BatchOptions) -> float:
 
     if keep is None:
         return 1.0
-    planned = plan_prediction(fcn, size, tile=tile, batch_size=options.batch_size, keep=keep)
-    whole = plan_prediction(fcn, size, tile=tile, batch_size=options.batch_size)
+    # A windowed map: `keep` is over its windows (the grid is the windowed map's), `tile` tiles the shared prefix.
+    method, stride = options.method, options.stride
+    planned = plan_prediction(
+        fcn, size, tile=tile, batch_size=options.batch_size, keep=keep, method=method, stride=stride
+    )
+    whole = plan_prediction(fcn, size, tile=tile, batch_size=options.batch_size, method=method, stride=stride)
     return planned.macs / max(whole.macs, 1)
 
 

@@ -13,7 +13,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 
-from keras_fcn_surgery.batch.job import ONE_MAP_FORMATS, BatchOptions, InputResult, predict_source
+from keras_fcn_surgery.batch.job import ONE_MAP_FORMATS, BatchOptions, InputResult, map_spec_of, predict_source
 from keras_fcn_surgery.batch.outputs import check_formats, summary_line
 from keras_fcn_surgery.batch.regions import check_available as check_regions_available
 from keras_fcn_surgery.batch.shards import check_shard_rows, check_shards, predict_source_sharded
@@ -75,13 +75,19 @@ def predict_images(
     execution: str = "auto",
     certify: int = DEFAULT_CELLS,
     output: str | None = None,
+    method: str = "auto",
+    stride=None,
     shards: int | None = None,
     shard_rows: int | None = None,
 ) -> BatchSummary:
     """Score maps for many images and whole slides, one output per input.
 
     A classifier is converted once (and verified); a fully convolutional model
-    is used as it is. Each input is read level by level and region by region
+    is used as it is. A classifier without an exact FCN (a transformer, which
+    does not convert, or a network that pools over the whole window:
+    squeeze-and-excitation) gets its windowed map (``method``): its output on
+    every crop at ``stride``, exactly, as `predict_map` computes it. Each
+    input is read level by level and region by region
     (pyramidal TIFF, OpenSlide formats), so memory stays bounded whatever its
     size; a DICOM whole-slide image is a folder of its instances (or one of
     them), read through OpenSlide 4. Outputs go to ``out_dir/<name>.<format>``, written atomically; an
@@ -157,6 +163,21 @@ def predict_images(
             that ends in a softmax or sigmoid (npz and zarr hold every
             output, each under its name). The outputs must share one grid
             (`geometry`).
+        method: how a classifier's maps are computed, as for `predict_map`:
+            ``"auto"`` (default: its FCN where that is exact at ``stride``,
+            else windowed), ``"fcn"`` or ``"windowed"`` (the classifier on
+            every crop at ``stride``, through a shared prefix; one cell per
+            window, ``H' = (H - h) // s_h + 1``). The outputs then record the
+            windowed map's geometry: stride ``stride``, the classifier's input
+            size as receptive field, offset 0, so GeoJSON boxes, CSV rows,
+            OME-Zarr placement and masks follow its windows; a mask skips the
+            windows whose cells it masks out; certificates compare cells with
+            the classifier on their crops (exact to float round-off).
+        stride: pixels between windows, ``s`` or ``(s_h, s_w)``, for a
+            windowed map: a multiple of the stride of the classifier's shared
+            prefix (an `InputError` names it otherwise); default: its FCN's
+            stride (a classifier without an FCN needs one). For an FCN only
+            its own stride is accepted.
         shards: None (each input in one piece), or cut each input's map
             into up to this many regions, bands of whole chunk rows with
             about the same number of kept cells, computed one by one (the
@@ -176,8 +197,8 @@ def predict_images(
         ModelFileError: for inputs that name no file, or a model that cannot
             be loaded; raised before any input is computed.
         InputError: for an unusable option (formats, geojson, level with mpp,
-            preprocess, engine, execution, class names, a missing optional
-            package),
+            preprocess, engine, execution, method, stride, class names, a
+            missing optional package),
             also before any input is computed.
         ConversionError: for a classifier that cannot be converted.
     """
@@ -210,13 +231,15 @@ def predict_images(
         raise ModelFileError(f"Output folder '{out_dir}' is a file.")
     from keras_fcn_surgery.errors import ConversionError
     from keras_fcn_surgery.saving.loading import as_model
-    from keras_fcn_surgery.surgery.fcn import as_fcn, source_of
+    from keras_fcn_surgery.surgery.fcn import source_of
 
     if certify:
         check_cell_count(certify, "certify")
     loaded = as_model(model, None, error_class=ConversionError)  # kept: the certificates run the classifier
-    fcn = as_fcn(loaded, head=head, input_size=input_size)
-    if certify:  # Ray's workers get the FCN without its record of the classifier's size
+    fcn, options = _route(loaded, options, method, stride, head=head, input_size=input_size)
+    if certify and options.method == "windowed":
+        options = replace(options, certify=certify)
+    elif certify:  # Ray's workers get the FCN without its record of the classifier's size
         options = replace(options, certify=certify, certify_size=source_of(fcn)[1] or _pair_or_none(input_size))
     _check_outputs(fcn, options)
     from keras_fcn_surgery.saving.atomic import Interrupted
@@ -249,6 +272,22 @@ def predict_images(
     return BatchSummary(results, time.perf_counter() - start)
 
 
+def _route(model, options: BatchOptions, method: str, stride, *, head: str, input_size):
+    """The model each input runs (an FCN, or the classifier for windowed maps) and the options that say which.
+
+    Decided once for the job, as `predict_map` decides for one image
+    (`inference.windowed.route`); a windowed map's stride is checked here,
+    before any input.
+    """
+    from keras_fcn_surgery.inference import windowed
+    from keras_fcn_surgery.surgery.fcn import as_fcn
+
+    chosen, _ = windowed.route(model, stride, method, head=head, input_size=input_size)
+    if chosen == "windowed":
+        return model, replace(options, method="windowed", stride=windowed.check_stride(model, stride))
+    return as_fcn(model, head=head, input_size=input_size), replace(options, method="fcn", stride=None)
+
+
 def _pair_or_none(size):
     return None if size is None else (int(size[0]), int(size[1]))
 
@@ -274,9 +313,8 @@ def _check_mask(mask):
 
 def _check_outputs(fcn, options) -> None:
     """Before any input: the output GeoJSON/CSV describe, its class names, and maps every format can hold."""
-    from keras_fcn_surgery.surgery.fcn import fcn_spec
 
-    spec = fcn_spec(fcn)
+    spec = map_spec_of(fcn, options)
     if options.output is not None or options.class_names is not None or set(ONE_MAP_FORMATS) & set(options.formats):
         shown = spec.outputs[spec.output_index(options.output)]  # an unknown name is refused here
         if options.class_names is not None and len(options.class_names) != shown.classes:

@@ -202,3 +202,24 @@ def add_execution_argument(parser) -> None:
         "tf, xla (XLA-compiled), blas (the classifier head in numpy's BLAS; CPU only), jax (jax.jit; "
         "KERAS_BACKEND=jax)",
     )
+
+
+def add_method_arguments(parser) -> None:
+    """``--method`` and ``--stride``: a classifier's FCN map or its exact windowed map (`predict_map`'s ``method``)."""
+    from keras_fcn_surgery.options import MAP_METHODS
+
+    parser.add_argument(
+        "--method",
+        choices=MAP_METHODS,
+        default="auto",
+        help="how a classifier's map is computed: auto (default: its FCN where that is exact at --stride, else "
+        "windowed), fcn, or windowed (the classifier on every crop at --stride, exactly: transformers, "
+        "squeeze-and-excitation)",
+    )
+    parser.add_argument(
+        "--stride",
+        type=parse_size,
+        metavar="N|HxW",
+        help="pixels between windows of a windowed map, a multiple of the stride of the classifier's shared part "
+        "(default: its FCN's stride; needed for a classifier without one, such as a transformer)",
+    )

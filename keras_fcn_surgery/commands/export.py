@@ -1,4 +1,5 @@
-"""``keras-fcn-surgery export MODEL EXPORT_DIR``: a TF Serving SavedModel (or ONNX, TFLite), checked after writing."""
+"""``keras-fcn-surgery export MODEL EXPORT_DIR``: a TF Serving SavedModel (or ONNX, TFLite, OpenVINO), checked after
+writing."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import sys
 import warnings
 
 from keras_fcn_surgery.commands.common import EXIT_OK, EXIT_USAGE, parse_size
-from keras_fcn_surgery.options import EXPORT_FORMATS, HEADS, PREPROCESS_MODES, QUANTIZE_MODES
+from keras_fcn_surgery.options import EXPORT_FORMATS, HEADS, ONNX_EXPORTERS, PREPROCESS_MODES, QUANTIZE_MODES
 
 
 def parse_version(text: str) -> int:
@@ -20,19 +21,21 @@ def parse_version(text: str) -> int:
 def add_parser(subparsers) -> None:
     parser = subparsers.add_parser(
         "export",
-        help="export a classifier's FCN as a TF Serving SavedModel, ONNX or TFLite file, reloaded and checked",
+        help="export a classifier's FCN as a TF Serving SavedModel, ONNX, TFLite or OpenVINO model, reloaded, checked",
         description=(
             "Convert MODEL (unless --no-convert) and write EXPORT_DIR/<version>/ with signatures "
             "serving_default (float32 model-ready images [-1,-1,-1,C] -> scores), serving_pixels (raw "
             "0..255 pixels, --preprocess applied; only with a --preprocess) and serving_bytes (encoded "
             "JPEG/PNG strings, all of one size per request, --preprocess applied). --format onnx or "
-            "tflite writes one file instead. The export is loaded in a fresh process and compared "
+            "tflite writes one file instead, --format openvino a folder with model.xml and model.bin. "
+            "The export is loaded in a fresh process and compared "
             "with Keras at two sizes before it is moved into place; SIGTERM or Ctrl-C leaves nothing."
         ),
     )
     parser.add_argument("model", help="source model file (.keras or .h5)")
     parser.add_argument(
-        "export_dir", help="SavedModel base folder (with --format onnx/tflite: the .onnx/.tflite file to write)"
+        "export_dir",
+        help="SavedModel base folder (--format onnx/tflite: the .onnx/.tflite file to write; openvino: the folder)",
     )
     parser.add_argument("--version", type=parse_version, help="version folder (default: the next integer)")
     parser.add_argument("--head", choices=HEADS, default="window", help="global-pooling heads")
@@ -44,7 +47,12 @@ def add_parser(subparsers) -> None:
     )
     parser.add_argument("--overwrite", action="store_true", help="replace an existing version (or .onnx file)")
     parser.add_argument(
-        "--format", choices=EXPORT_FORMATS, default="savedmodel", help="savedmodel (default), onnx or tflite"
+        "--format", choices=EXPORT_FORMATS, default="savedmodel", help="savedmodel (default), onnx, tflite or openvino"
+    )
+    parser.add_argument(
+        "--exporter",
+        choices=ONNX_EXPORTERS,
+        help="onnx only: streamed (default; the weights streamed into the file) or keras (Keras's model.export)",
     )
     parser.add_argument(
         "--quantize",
@@ -65,11 +73,16 @@ def run(args) -> int:
     if args.quantize and args.format != "tflite":
         print("error: --quantize applies to --format tflite only.", file=sys.stderr)
         return EXIT_USAGE
+    if args.exporter and args.format != "onnx":
+        print("error: --exporter applies to --format onnx only.", file=sys.stderr)
+        return EXIT_USAGE
     options = dict(overwrite=args.overwrite, convert=not args.no_convert, head=args.head, input_size=args.input_size)
     if args.format == "savedmodel":
         options.update(version=args.version, preprocess=args.preprocess)
     elif args.format == "tflite":
         options.update(quantize=args.quantize)
+    elif args.format == "onnx" and args.exporter:
+        options.update(exporter=args.exporter)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", kfs.UninformativeVerificationWarning)
         try:

@@ -9,6 +9,7 @@ from keras_fcn_surgery.commands.common import (
     EXIT_USAGE,
     add_certify_argument,
     add_execution_argument,
+    add_method_arguments,
     parse_size,
     positive_int,
     read_class_names,
@@ -51,6 +52,7 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--head", choices=HEADS, default="window", help="global-pooling heads")
     parser.add_argument("--input-size", type=parse_size, help="original input size HxW when the model takes any size")
     add_execution_argument(parser)
+    add_method_arguments(parser)
     add_certify_argument(parser)
     parser.set_defaults(run=run, output_suffix=".png")
 
@@ -60,7 +62,8 @@ def run(args) -> int:
     import keras_fcn_surgery as kfs
     from keras_fcn_surgery.cli import cli_message
     from keras_fcn_surgery.exporting.preprocessing import pixel_function
-    from keras_fcn_surgery.graph import model_layout
+    from keras_fcn_surgery.grid.geometry import Geometry, WindowGrid
+    from keras_fcn_surgery.inference import windowed
     from keras_fcn_surgery.inference.certificate import certificate_or_reason
     from keras_fcn_surgery.inference.heatmap import class_probabilities, heat_range
     from keras_fcn_surgery.saving.atomic import atomic_output, check_output_path
@@ -68,14 +71,26 @@ def run(args) -> int:
 
     check_output_path(args.output, suffix=".png", overwrite=args.overwrite)  # before any work
     model = kfs.load_model(args.model)  # kept: the certificate runs the classifier on crops
-    fcn = kfs.as_fcn(model, head=args.head, input_size=args.input_size)
-    spec = kfs.fcn_spec(fcn)
+    chosen, _ = windowed.route(model, args.stride, args.method, head=args.head, input_size=args.input_size)
+    stride = windowed.check_stride(model, args.stride) if chosen == "windowed" else None
+    # A windowed map is the classifier's own (its output on every crop at `stride`); else the FCN's.
+    fcn = model if stride is not None else kfs.as_fcn(model, head=args.head, input_size=args.input_size)
+    spec = windowed.map_spec(model) if stride is not None else kfs.fcn_spec(fcn)
     shown = spec.names[spec.output_index(args.output_name)]  # an unknown name is refused before any work
-    layout = model_layout(fcn)
+    layout = spec.layout
     pixels = read_image(args.image, spec.channels)
     image = layout.image_from_channels_last(pixels)
     preprocess = pixel_function(args.preprocess, layout.data_format)
-    maps = kfs.predict_map(fcn, image, tile=args.tile, preprocess=preprocess, progress=None, engine=args.execution)
+    maps = kfs.predict_map(
+        fcn,
+        image,
+        tile=args.tile,
+        preprocess=preprocess,
+        progress=None,
+        engine=args.execution,
+        method="windowed" if stride is not None else "fcn",
+        stride=stride,
+    )
     if spec.several:
         others = ", ".join(name for name in spec.names if name != shown)
         print(f"output {shown!r} of {len(spec.names)} (the others: {others}; --output-name to choose)")
@@ -88,6 +103,7 @@ def run(args) -> int:
             input_size=args.input_size,
             preprocess=preprocess,
             output=shown if spec.several else None,
+            stride=stride,
         )
         print(cli_message(line))
     scores = layout.image_to_channels_last(maps[shown] if spec.several else maps)
@@ -96,7 +112,11 @@ def run(args) -> int:
         print(f"error: --class {args.class_index} is out of range: the model has {classes} classes.", file=sys.stderr)
         return EXIT_USAGE
     names = read_class_names(args.class_names, classes)
-    grid = kfs.geometry(fcn, output=shown if spec.several else None)
+    grid: Geometry | WindowGrid
+    if stride is not None:
+        grid = windowed.window_grid(model, stride)
+    else:
+        grid = kfs.geometry(fcn, output=shown if spec.several else None)
     probabilities = class_probabilities(scores)
     _print_top(probabilities, names, grid, pixels.shape[:2], args.top)
     value_range = (0.0, 1.0) if args.absolute else heat_range(probabilities[..., args.class_index])

@@ -10,6 +10,7 @@ from keras_fcn_surgery.commands.common import (
     EXIT_OK,
     add_certify_argument,
     add_execution_argument,
+    add_method_arguments,
     parse_size,
     positive_int,
     read_class_names,
@@ -24,8 +25,9 @@ def add_parser(subparsers) -> None:
         "predict",
         help="score maps for many images and whole slides (folders, globs, pyramidal TIFF, SVS...), resumable",
         description=(
-            "Run a classifier (converted once and verified) or an FCN over every input and write one output per "
-            "input. Reruns skip inputs whose outputs exist. Exit code 1 when an input failed (the others finish)."
+            "Run a classifier (converted once and verified, or windowed where it has no exact FCN: --method) or an "
+            "FCN over every input and write one output per input. Reruns skip inputs whose outputs exist. Exit code "
+            "1 when an input failed (the others finish)."
         ),
     )
     parser.add_argument("model", help="classifier (.keras/.h5, converted here) or an already converted FCN")
@@ -75,6 +77,7 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--class-names", help="text file with one class name per line (GeoJSON/CSV/OME-Zarr)")
     parser.add_argument("--engine", choices=("local", "ray"), default="local", help="local (default) or Ray Data")
     add_execution_argument(parser)
+    add_method_arguments(parser)
     add_certify_argument(parser)
     parser.add_argument("--ray-address", help="Ray cluster to join (default: $RAY_ADDRESS, else a local Ray)")
     parser.add_argument("--workers", type=int, help="Ray workers (default: one per CPU, or per GPU)")
@@ -135,6 +138,8 @@ def run(args) -> int:
         input_size=args.input_size,
         engine=args.engine,
         execution=args.execution,
+        method=args.method,
+        stride=args.stride,
         ray_address=args.ray_address,
         workers=args.workers,
         progress=None,

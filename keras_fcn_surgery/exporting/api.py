@@ -2,7 +2,8 @@
 
 `export` owns the orchestration every format shares (see `exporting.pipeline`):
 the formats (`savedmodel.SavedModelFormat`, `onnx.OnnxFormat`,
-`tflite.TfliteFormat`) only write their file and say how to check it.
+`tflite.TfliteFormat`, `openvino.OpenvinoFormat`) only write their file and
+say how to check it.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from dataclasses import fields
 
 from keras_fcn_surgery.errors import ConversionError, ExportError, InputError, UninformativeVerificationWarning
 from keras_fcn_surgery.exporting.onnx import OnnxFormat
+from keras_fcn_surgery.exporting.openvino import OpenvinoFormat
 from keras_fcn_surgery.exporting.pipeline import (
     ExportFormat,
     ExportResult,
@@ -22,6 +24,7 @@ from keras_fcn_surgery.exporting.pipeline import (
     keras_maps,
     resolve_check_sizes,
     run_check_script,
+    write_export,
 )
 from keras_fcn_surgery.exporting.savedmodel import SavedModelFormat, signature_outputs
 from keras_fcn_surgery.exporting.tflite import TfliteFormat
@@ -32,7 +35,9 @@ from keras_fcn_surgery.surgery.fcn import as_fcn, original_size
 from keras_fcn_surgery.surgery.verify import logits_of, tolerance_for
 
 # The formats by name, in the order of `options.EXPORT_FORMATS` (the CLI's choices).
-FORMATS: dict[str, type[ExportFormat]] = {kind.name: kind for kind in (SavedModelFormat, OnnxFormat, TfliteFormat)}
+FORMATS: dict[str, type[ExportFormat]] = {
+    kind.name: kind for kind in (SavedModelFormat, OnnxFormat, TfliteFormat, OpenvinoFormat)
+}
 
 
 def export(
@@ -48,7 +53,8 @@ def export(
     overwrite: bool = False,
     **options,
 ) -> ExportResult:
-    """Write a model as a SavedModel, an ONNX or a TFLite file with free height and width, and prove it runs.
+    """Write a model as a SavedModel, an ONNX, a TFLite or an OpenVINO file with free height and width, and prove
+    it runs.
 
     A model with several outputs keeps them all: the export returns one map
     per output, named by the output's name (`signature_outputs`; ``scores``
@@ -60,14 +66,22 @@ def export(
     into place. A failure at any step (an interruption included) leaves
     nothing behind, and an existing export untouched.
 
+    Every format is written on Keras's TensorFlow backend; under another
+    (``KERAS_BACKEND=jax``) the model is handed to a fresh TensorFlow process
+    as a ``.keras`` file to write (`pipeline.write_export`), and the written
+    file is checked against the model on this process's backend.
+
     Args:
         model: a classifier (converted first), an already converted FCN (or a
             segmenter), or a path to a ``.keras``/``.h5`` file holding either.
         path: ``"savedmodel"``: the model's base folder (created when
             missing), the export goes to a version folder in it; ``"onnx"``,
             ``"tflite"``: the file to write, ending in ``.onnx``/``.tflite``,
-            in a folder that exists.
-        format: ``"savedmodel"`` (TF Serving), ``"onnx"`` or ``"tflite"``.
+            in a folder that exists; ``"openvino"``: the folder to write
+            ``model.xml`` and ``model.bin`` in (its parent must exist).
+        format: ``"savedmodel"`` (TF Serving), ``"onnx"``, ``"tflite"`` or
+            ``"openvino"`` (OpenVINO IR, checked as compiled with
+            ``{"INFERENCE_PRECISION_HINT": "f32"}``).
         convert: convert a classifier first; with False the model must
             already be fully convolutional.
         head: ``"window"`` or ``"dense"``, passed to `convert`.
@@ -79,8 +93,9 @@ def export(
             size and that size plus seven output strides.
         overwrite: replace an existing version folder or file.
         **options: the format's own: ``version``, ``preprocess``,
-            ``bytes_signature`` (see `export_savedmodel`); ``opset`` (see
-            `export_onnx`); ``quantize`` (see `export_tflite`).
+            ``bytes_signature`` (see `export_savedmodel`); ``opset`` and
+            ``exporter`` (see `export_onnx`); ``quantize`` (see
+            `export_tflite`); OpenVINO takes none.
 
     Returns:
         An `ExportResult`: what was written, and the checks.
@@ -108,7 +123,7 @@ def export(
     sizes = resolve_check_sizes(fcn, original_size(source, input_size), check_sizes)
     with kind.destination(path, overwrite=overwrite) as destination, destination.staging as temporary:
         pause_point("write")
-        kind.write(fcn, temporary)
+        write_export(kind, fcn, temporary)
         pause_point("check")
         checks, output_checks = _check(kind, fcn, temporary, sizes)
         pause_point("publish")
@@ -193,7 +208,7 @@ def _check(kind: ExportFormat, fcn, path: str, sizes):
             paths = [path]
             if compared != "outputs":
                 paths.append(os.path.join(scratch, "logits" + os.path.splitext(path)[1]))
-                kind.twin().write(logits, paths[1])
+                write_export(kind.twin(), logits, paths[1])
                 expected_logits = keras_maps(logits, batches)
                 logit_names = signature_outputs(logits)
         outputs = run_check_script(kind.check_script, paths, inputs, what=what)
@@ -290,6 +305,7 @@ def export_onnx(
     input_size=None,
     check_sizes=None,
     opset=None,
+    exporter: str = "streamed",
     custom_objects=None,
 ) -> ExportResult:
     """Write a model as an ONNX file whose batch, height and width are symbolic, and prove it runs.
@@ -305,6 +321,11 @@ def export_onnx(
     Args:
         path: the ``.onnx`` file to write; its folder must exist.
         opset: ONNX opset version; default: tf2onnx's.
+        exporter: ``"streamed"`` (default: this package's writer, which
+            streams the weights into the file: about one copy of the largest
+            weight above the loaded model) or ``"keras"`` (Keras's
+            ``model.export(format="onnx")``, tf2onnx on the frozen graph:
+            several copies of every weight; same names, same check).
 
     Returns:
         An `ExportResult` (``version`` is None).

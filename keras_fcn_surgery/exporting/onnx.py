@@ -19,6 +19,13 @@ structure's bytes followed by one ``graph.initializer`` record per weight).
 The peak above the loaded model is about one copy of the largest weight.
 onnxruntime folds the few layout ops (kernel transposes) that act on those
 initializers when it loads the file.
+
+``exporter="keras"`` writes the file with Keras's own exporter instead
+(``model.export(path, format="onnx")``: tf2onnx on the frozen graph, the
+whole model in memory several times over), then names its input and outputs
+as above; it is checked the same way. The default, ``"streamed"``, is this
+module's: the same graph for the same model, at a fraction of the memory, and
+a clear refusal above ONNX's 2 GiB limit.
 """
 
 from __future__ import annotations
@@ -29,13 +36,15 @@ import warnings
 from dataclasses import dataclass
 from typing import ClassVar
 
+import keras
 import numpy as np
 
 from keras_fcn_surgery.errors import ExportError, ModelFileError, first_line
-from keras_fcn_surgery.exporting.pipeline import FileFormat, image_channels
+from keras_fcn_surgery.exporting.pipeline import FileFormat, ModelLayoutIO, check_choice, image_channels
 from keras_fcn_surgery.exporting.savedmodel import INPUT_NAME, signature_outputs
 from keras_fcn_surgery.graph import model_layout, patch_tf2onnx
 from keras_fcn_surgery.layout import Layout
+from keras_fcn_surgery.options import ONNX_EXPORTERS
 
 ONNX_PACKAGES = ("onnx", "onnxruntime", "tf2onnx")
 
@@ -59,14 +68,19 @@ for path, outputs_file in zip(sys.argv[2::2], sys.argv[3::2]):
 
 
 @dataclass(frozen=True)
-class OnnxFormat(FileFormat):
+class OnnxFormat(ModelLayoutIO, FileFormat):
     """An ``.onnx`` file in the model's own layout, checked by ``onnx.checker`` and onnxruntime.
 
     Attributes:
         opset: ONNX opset version; default: tf2onnx's.
+        exporter: ``"streamed"`` (this module's writer: the weights streamed
+            into the file, little memory) or ``"keras"`` (Keras's
+            ``model.export(format="onnx")``, renamed to the same input and
+            output names).
     """
 
     opset: int | None = None
+    exporter: str = "streamed"
 
     name: ClassVar[str] = "onnx"
     suffix: ClassVar[str] = ".onnx"
@@ -74,18 +88,14 @@ class OnnxFormat(FileFormat):
     check_script: ClassVar[str] = _CHECK_SCRIPT
 
     def __post_init__(self) -> None:
+        check_choice("exporter", self.exporter, ONNX_EXPORTERS)
         _require_onnx()
 
     def write(self, fcn, path: str) -> None:
-        _write_onnx(fcn, path, importlib.import_module("onnx"), self.opset)
-
-    def check_inputs(self, fcn, batches: dict) -> dict:
-        layout = model_layout(fcn)
-        return {key: layout.from_channels_last(images) for key, images in batches.items()}
-
-    def check_outputs(self, fcn, outputs: dict) -> dict:
-        layout = model_layout(fcn)
-        return {key: layout.to_channels_last(y) for key, y in outputs.items()}
+        if self.exporter == "keras":
+            _write_keras_onnx(fcn, path, importlib.import_module("onnx"), self.opset)
+        else:
+            _write_onnx(fcn, path, importlib.import_module("onnx"), self.opset)
 
 
 def _require_onnx():
@@ -140,6 +150,33 @@ def _write_onnx(fcn, temporary: str, onnx, opset) -> None:
         raise ModelFileError(f"Could not write '{temporary}': {error.strerror or error}.") from error
 
 
+def _write_keras_onnx(fcn, temporary: str, onnx, opset) -> None:
+    """Keras's ``model.export(format="onnx")``, then this module's names for the input, outputs and free dims."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # Keras's tf2onnx patch probes the removed `np.object`
+            # The signature given: Keras infers it only for a model called in this process (not one just loaded).
+            image = fcn.inputs[0]
+            signature = [keras.InputSpec(shape=tuple(image.shape), dtype=str(image.dtype))]
+            fcn.export(temporary, format="onnx", verbose=False, opset_version=opset, input_signature=signature)
+        proto = onnx.load(temporary)
+    except ImportError as error:
+        raise ExportError(f"ONNX export failed: {error}. pip install keras-fcn-surgery[onnx]") from error
+    except Exception as error:
+        raise ExportError(
+            f"Keras's ONNX exporter could not convert model '{fcn.name}' ({type(error).__name__}: "
+            f"{first_line(str(error))})."
+        ) from error
+    if len(proto.graph.input) != 1:
+        raise ExportError(f"Expected one image input in Keras's ONNX graph of '{fcn.name}'.")
+    _rename(proto.graph, proto.graph.input[0].name, INPUT_NAME)
+    _name_io(proto, model_layout(fcn), signature_outputs(fcn))
+    try:
+        onnx.save(proto, temporary)
+    except OSError as error:
+        raise ModelFileError(f"Could not write '{temporary}': {error.strerror or error}.") from error
+
+
 def _convert_structure(fcn, onnx, opset):
     """tf2onnx's ModelProto of ``fcn`` with every weight as a graph input; and those inputs' names, in order."""
     import tensorflow as tf
@@ -189,7 +226,6 @@ def _nbytes(variable) -> int:
 
 def _write_initializer(handle, name: str, variable, onnx) -> None:
     """Append one ``graph.initializer`` record holding ``variable`` as little-endian raw data."""
-    import keras
 
     array = np.asarray(keras.ops.convert_to_numpy(variable))
     array = np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<"))

@@ -8,14 +8,24 @@ see `saving.atomic`) -> write -> check in a fresh process against Keras ->
 publish (an atomic rename). The check compares what `convert` compares, by
 the same rule: the logits where the model ends in a softmax or sigmoid (a
 twin of the file written without it, run in the same process), then the
-file's own outputs. A format (`savedmodel.py`, `onnx.py`, `tflite.py`) is an
-`ExportFormat`: it writes its file and supplies the small script that runs
-it; nothing else.
+file's own outputs. A format (`savedmodel.py`, `onnx.py`, `tflite.py`,
+`openvino.py`) is an `ExportFormat`: it writes its file and supplies the
+small script that runs it; nothing else.
+
+Backends: every writer runs on Keras's TensorFlow backend (tf2onnx, the TFLite
+converter, SavedModel, Keras's OpenVINO exporter all trace a `tf.function`).
+Under another backend (``KERAS_BACKEND=jax``) `write_export` saves the model
+as a ``.keras`` file (backend-neutral) and runs the same writer in a fresh
+process on TensorFlow (always installed: a dependency of this package); the
+check still compares the written file with the model on the process's own
+backend.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import json
 import os
 import subprocess
 import sys
@@ -28,7 +38,7 @@ import keras
 import numpy as np
 
 from keras_fcn_surgery.errors import ConversionError, ExportError  # ExportError: also importable from here
-from keras_fcn_surgery.graph import model_layout
+from keras_fcn_surgery.graph import iter_layers, model_layout
 from keras_fcn_surgery.saving.atomic import atomic_output, check_output_path
 from keras_fcn_surgery.surgery.fcn import fcn_spec
 from keras_fcn_surgery.surgery.verify import VerificationResult, compare_scores
@@ -42,7 +52,7 @@ class ExportResult:
     """What an export wrote and how it was checked.
 
     Attributes:
-        path: the version folder (SavedModel), the ``.onnx`` or ``.tflite`` file.
+        path: the version folder (SavedModel), the ``.onnx`` or ``.tflite`` file, the OpenVINO folder.
         version: the SavedModel version, or None for the other formats.
         checks: one `VerificationResult` per checked input size, comparing
             the reloaded export with the Keras model on what `convert`
@@ -143,6 +153,19 @@ class ExportFormat:
         return ""
 
 
+class ModelLayoutIO:
+    """For a format whose file keeps the model's own layout (NCHW for a channels-first model: ONNX, OpenVINO):
+    the check feeds it the batches in that layout and reads its maps back channels-last."""
+
+    def check_inputs(self, fcn, batches: dict) -> dict:
+        layout = model_layout(fcn)
+        return {key: layout.from_channels_last(images) for key, images in batches.items()}
+
+    def check_outputs(self, fcn, outputs: dict) -> dict:
+        layout = model_layout(fcn)
+        return {key: layout.to_channels_last(y) for key, y in outputs.items()}
+
+
 @dataclass(frozen=True)
 class FileFormat(ExportFormat):
     """A format written as one file ending in ``suffix``, whose folder must exist."""
@@ -161,6 +184,88 @@ def check_choice(option: str, value, choices) -> None:
     """Refuse a format option's value that is not one of ``choices``."""
     if value not in choices:
         raise ExportError(f"Expected `{option}` to be one of {choices}. Received: {option}={value!r}")
+
+
+def write_export(kind: ExportFormat, model, path: str) -> None:
+    """``kind.write(model, path)`` on Keras's TensorFlow backend: here, or in a fresh TensorFlow process.
+
+    Under another backend the model goes to that process as a ``.keras``
+    file: its layers must be Keras's, this package's, or registered with
+    `keras.saving.register_keras_serializable` (imported by the process
+    through its module).
+
+    Raises:
+        ExportError: when the model cannot be saved or reloaded there, or the
+            writer fails (its message).
+    """
+    if keras.backend.backend() == "tensorflow":
+        kind.write(model, path)
+        return
+    unimportable = [layer for layer in [model, *iter_layers(model)] if type(layer).__module__ == "__main__"]
+    if unimportable:
+        layer = unimportable[0]
+        raise ExportError(
+            f"Layer '{layer.name}' (class {type(layer).__name__}, defined in __main__) cannot be rebuilt in the "
+            f"TensorFlow process that writes {kind.name} exports when Keras runs on {keras.backend.backend()}: "
+            "define it in a module and register it (`keras.saving.register_keras_serializable`), or run the "
+            "export under KERAS_BACKEND=tensorflow."
+        )
+    with tempfile.TemporaryDirectory(prefix="kfs-write-") as scratch:
+        model_file = os.path.join(scratch, "model.keras")
+        try:
+            model.save(model_file)
+        except Exception as error:  # noqa: BLE001 - any saving failure is this one refusal
+            raise ExportError(
+                f"Could not save model '{model.name}' to hand it to TensorFlow, which writes {kind.name} exports "
+                f"({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}). Run the export "
+                "under KERAS_BACKEND=tensorflow."
+            ) from error
+        package_root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        env = {**os.environ, "KERAS_BACKEND": "tensorflow"}
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, os.environ.get("PYTHONPATH", "")) if p)
+        env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+        options = json.dumps(dataclasses.asdict(kind))  # type: ignore[call-overload]
+        try:
+            process = subprocess.run(
+                [sys.executable, "-c", _WRITE_SCRIPT, kind.name, options, model_file, path],
+                cwd=scratch,
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=CHECK_TIMEOUT,
+            )
+        except subprocess.TimeoutExpired as error:
+            raise ExportError(
+                f"Writing the {kind.name} export in a TensorFlow process took over {CHECK_TIMEOUT} s."
+            ) from error
+    if process.returncode != 0:
+        lines = process.stderr.strip().splitlines()
+        reason = lines[-1].rstrip(".") if lines else f"exit {process.returncode}"
+        raise ExportError(
+            f"Writing the {kind.name} export of '{model.name}' in a TensorFlow process (this process runs Keras on "
+            f"{keras.backend.backend()}) failed: {reason}. Run the export under KERAS_BACKEND=tensorflow."
+        )
+
+
+# Run by `write_export` under KERAS_BACKEND=tensorflow: FORMAT OPTIONS_JSON MODEL.keras PATH. Its last stderr line
+# is the reason of a failure.
+_WRITE_SCRIPT = """
+import json
+import sys
+
+try:
+    import keras
+
+    from keras_fcn_surgery.exporting.api import export_format
+
+    kind = export_format(sys.argv[1], **json.loads(sys.argv[2]))
+    model = keras.saving.load_model(sys.argv[3], compile=False, safe_mode=False)  # written a moment ago by us
+    kind.write(model, sys.argv[4])
+except Exception as error:
+    message = str(error).strip().splitlines()
+    print(f"{type(error).__name__}: {message[0] if message else ''}", file=sys.stderr)
+    sys.exit(1)
+"""
 
 
 def run_check_script(

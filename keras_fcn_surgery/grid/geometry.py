@@ -215,6 +215,59 @@ class Geometry:
         )
 
 
+@dataclass(frozen=True)
+class WindowGrid:
+    """Where each cell of a windowed map looks (`inference.windowed`): the classifier's window at a stride.
+
+    Cell ``(i, j)`` is the classifier on the crop of ``receptive_field``
+    pixels at ``(i * s_h, j * s_w)``: stride ``s``, offset 0, no padding and
+    no global context. It answers what a `Geometry` answers (``at``,
+    ``output_size``, ``input_box``), so masks, GeoJSON boxes, pictures and
+    the outputs' metadata place a windowed map's cells as they place an FCN's.
+
+    Attributes:
+        stride: ``(s_h, s_w)``: pixels between windows.
+        receptive_field: ``(h, w)``: the classifier's input size (the window).
+        input_size: the image size the grid is taken at (None: any).
+    """
+
+    stride: tuple[int, int]
+    receptive_field: tuple[int, int]
+    input_size: tuple[int, int] | None = None
+    offset: tuple[int, int] = (0, 0)
+    global_context: bool = False
+    unknown: tuple[str, ...] = ()
+
+    @property
+    def exact(self) -> bool:
+        return True
+
+    def output_size(self, input_size) -> tuple[int, int]:
+        """``(H', W')``: whole windows along each axis of an ``(H, W)`` image.
+
+        Raises:
+            InputError: for an image smaller than one window.
+        """
+        counts = []
+        for name, length, side, step in zip(("height", "width"), input_size, self.receptive_field, self.stride):
+            if int(length) < side:
+                raise InputError(
+                    f"Image {name} {int(length)} is smaller than the window of {self.receptive_field[0]}x"
+                    f"{self.receptive_field[1]} pixels. Use a larger image (or pad it)."
+                )
+            counts.append((int(length) - side) // step + 1)
+        return (counts[0], counts[1])
+
+    def input_box(self, i: int, j: int, input_size=None) -> tuple[int, int, int, int]:
+        """The crop of cell ``(i, j)``: ``(top, left, bottom, right)``, bottom/right exclusive."""
+        top, left = i * self.stride[0], j * self.stride[1]
+        return (top, left, top + self.receptive_field[0], left + self.receptive_field[1])
+
+    def at(self, input_size) -> WindowGrid:
+        """The same grid, recorded at ``input_size`` (a windowed grid does not depend on it)."""
+        return WindowGrid(self.stride, self.receptive_field, (int(input_size[0]), int(input_size[1])))
+
+
 def geometry(model, input_size=None, *, head: str = "window", output: str | None = None) -> Geometry:
     """The output stride, receptive field and offsets of a fully convolutional model.
 

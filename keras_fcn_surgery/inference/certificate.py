@@ -147,6 +147,7 @@ def certify_map(
     tolerance: float | None = None,
     seed: int = 0,
     output: str | None = None,
+    stride=None,
 ):
     """Compare ``n`` sampled cells of a score map with the classifier run on the crops they stand for.
 
@@ -178,6 +179,12 @@ def certify_map(
         output: for a model with several outputs (``score_map`` then the
             dict of their maps `predict_map` returns), the one to certify;
             None: every one.
+        stride: for a classifier's windowed map (``predict_map(classifier,
+            image, stride=s, method="windowed")``), its stride: cell ``(i,
+            j)`` then stands for the crop at ``(i * s_h, j * s_w)``, and a
+            windowed map is exact, so every sampled cell matches its crop to
+            float round-off. A classifier without an FCN (a transformer)
+            always has a windowed map; the stride it was computed at is needed.
 
     Returns:
         A `MapCertificate`; for a model with several outputs and no
@@ -213,6 +220,7 @@ def certify_map(
         tolerance=tolerance,
         seed=seed,
         output=output,
+        stride=stride,
     )
     warn_if_inexact(certificate, stacklevel=2)
     return certificate
@@ -230,6 +238,7 @@ def make_certificate(
     tolerance=None,
     seed: int = 0,
     output: str | None = None,
+    stride=None,
 ):
     """`certify_map` without the warning (the caller warns: `warn_if_inexact`).
 
@@ -239,6 +248,10 @@ def make_certificate(
     share their cells and crops (the crops run once).
     """
     check_cell_count(n, "n")
+    if _is_windowed(model, stride):
+        return windowed_certificate(
+            model, image, score_map, n, stride=stride, preprocess=preprocess, keep=keep, tolerance=tolerance, seed=seed
+        )
     fcn, runs_on, crop, against = _what_runs(model, input_size)
     spec, outputs = runner.check_fcn(fcn)
     image = runner.with_channel_axis(image, spec)
@@ -395,6 +408,17 @@ def windowed_certificate(
     tolerance = float(tolerance if tolerance is not None else tolerance_for(found.model))
     against = f"classifier '{found.model.name}'"
     return _measured(cells, plan.windows, plan.map_size, found.window, against, expected, actual, tolerance, spec)
+
+
+def _is_windowed(model, stride) -> bool:
+    """Whether a map of ``model`` is its windowed map: a classifier's, with a ``stride`` or without an FCN."""
+    import keras
+
+    from keras_fcn_surgery.inference import windowed
+
+    if not isinstance(model, keras.Model) or is_fully_convolutional(model):
+        return False
+    return stride is not None or (windowed.has_window(model) and windowed.conversion(model)[1] is not None)
 
 
 def certificate_or_reason(model, image, score_map, n: int, **options) -> tuple[MapCertificate | None, str]:

@@ -15,7 +15,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from keras_fcn_surgery.errors import ConversionError
-from keras_fcn_surgery.grid.geometry import Geometry
+from keras_fcn_surgery.grid.geometry import Geometry, WindowGrid
 from keras_fcn_surgery.surgery.fcn import pick_map
 
 # Layout of the picture: [overlay | class map | legend], the legend LEGEND_WIDTH wide.
@@ -53,7 +53,7 @@ def class_probabilities(scores, probabilities: bool | None = None) -> np.ndarray
     return shifted / shifted.sum(axis=-1, keepdims=True)
 
 
-def cell_coordinates(grid: Geometry, image_size, cells, scale: int = 1) -> tuple[np.ndarray, np.ndarray]:
+def cell_coordinates(grid: Geometry | WindowGrid, image_size, cells, scale: int = 1) -> tuple[np.ndarray, np.ndarray]:
     """Per displayed row and column, its position in map cells (fractional).
 
     Args:
@@ -105,7 +105,7 @@ def class_color(index: int) -> tuple[int, int, int]:
 def heatmap(
     image,
     scores,
-    grid: Geometry,
+    grid: Geometry | WindowGrid,
     class_index: int,
     *,
     output: str | None = None,
@@ -125,7 +125,8 @@ def heatmap(
             or the maps of a model with several outputs (`OutputMaps`, or a
             dict of maps by output name), of which ``output`` is shown.
         grid: the network's geometry, ``geometry(fcn)`` (for outputs on
-            different grids, ``geometry(fcn, output=name)``); it places the cells.
+            different grids, ``geometry(fcn, output=name)``; for a windowed
+            map, its plan's ``grid``); it places the cells.
         class_index: the class whose probability is overlaid.
         output: the name of the map to show among several; default: the
             first output that ends in a softmax or sigmoid (see

@@ -42,7 +42,7 @@ def predict_map(
     spill_dir: str | None = None,
     keep=None,
     stride=None,
-    execution: str = "auto",
+    method: str = "auto",
     certify: int | None = None,
 ):
     """The score map of one image, computed whole or in exact tiles.
@@ -65,7 +65,7 @@ def predict_map(
     result is the same. `plan_prediction` shows the plan.
 
     A classifier (a fixed input size, a vector of scores) is accepted too;
-    ``execution`` says how its map is computed. ``"fcn"``: its conversion
+    ``method`` says how its map is computed. ``"fcn"``: its conversion
     (`as_fcn`, made once), one cell per the network's stride, exact where no
     window reaches into ``same`` padding and no layer pools over the whole
     image (squeeze-and-excitation), else an approximation. ``"windowed"``
@@ -77,13 +77,13 @@ def predict_map(
     ``batch_size`` windows. Transformers (ViT, DeiT, Swin, MiT) run windowed
     only. ``"auto"`` (default): the FCN where it converts, has no global
     context and ``stride`` is None or its stride; else windowed.
-    ``plan_prediction`` with the same arguments says which execution runs
-    (its ``execution``) and what it computes.
+    ``plan_prediction`` with the same arguments says which method runs
+    (its ``method``) and what it computes.
 
     Args:
         fcn: a fully convolutional model from `convert` (input ``(None, None,
             None, C)``, or ``(None, C, None, None)`` for channels-first), or a
-            classifier (see ``execution``).
+            classifier (see ``method``).
         image: one image, ``(H, W, C)`` (``(C, H, W)`` for channels-first
             models; ``(H, W)`` when ``C == 1``): a numpy array or any array
             that supports slicing (``np.memmap``, zarr). Values are fed as they
@@ -129,7 +129,10 @@ def predict_map(
             plain tiles. Ignored without ``tile``.
         memory_budget: bytes of stored stage maps kept in memory (default 64
             MiB); larger maps are written to temporary files in ``spill_dir``
-            and removed at the end, even when the pass is interrupted.
+            and removed at the end, even when the pass is interrupted. A
+            windowed map runs its windows in bands of window rows whose
+            shared maps fit it (`plan_prediction` shows the bands), so
+            neither the image nor the whole shared map is held.
         prefetch: read and preprocess the next batch of tiles on a background
             thread while the model computes the current one.
         mixed_precision: compute in float16 with float32 variables (Keras's
@@ -151,7 +154,7 @@ def predict_map(
             part (an `InputError` names it otherwise); default: the stride of
             the classifier's FCN (a classifier without one needs it). For an
             FCN, only its own stride is accepted.
-        execution: ``"auto"``, ``"fcn"`` or ``"windowed"``, for a classifier
+        method: ``"auto"``, ``"fcn"`` or ``"windowed"``, for a classifier
             (see above).
         certify: None or 0 (default), or a number of cells to compare with the
             classifier on the crops they stand for, once the map is done
@@ -204,7 +207,7 @@ def predict_map(
     if certify:
         check_cell_count(certify, "certify")  # before the pass, not after it
     model = fcn
-    chosen, fcn = windowed.route(model, stride, execution)
+    chosen, fcn = windowed.route(model, stride, method)
     if chosen == "windowed":
         if mixed_precision:
             raise InputError("A windowed map runs in float32 only; drop `mixed_precision`.")

@@ -20,7 +20,6 @@ reports it all; `predict_map` runs it.
 from __future__ import annotations
 
 import functools
-import tempfile
 import weakref
 from dataclasses import dataclass, field, replace
 
@@ -44,8 +43,7 @@ from keras_fcn_surgery.grid import tiling
 from keras_fcn_surgery.grid.geometry import geometry
 from keras_fcn_surgery.inference import runner
 from keras_fcn_surgery.inference.cost import pass_cost
-from keras_fcn_surgery.inference.store import DiskMap
-from keras_fcn_surgery.saving.atomic import remove_tree
+from keras_fcn_surgery.inference.store import Scratch
 
 # Bytes of stored maps kept in memory when `memory_budget` is not given; larger ones go to disk. Spilling
 # costs little (VGG16 at 4096x4096: 235 CPU-s all on disk against 228 with a 512 MiB map in memory), and
@@ -178,7 +176,7 @@ class PredictionPlan:
         return len(self.stages) > 1
 
     @property
-    def execution(self) -> str:
+    def method(self) -> str:
         """``"fcn"``: the map of a fully convolutional network (see `inference.windowed.WindowedPlan`)."""
         return "fcn"
 
@@ -266,14 +264,14 @@ def plan_prediction(
     keep=None,
     engine: str | None = None,
     stride=None,
-    execution: str = "auto",
+    method: str = "auto",
 ):
     """The plan `predict_map` follows for an image of this size: stages, tiles, work and memory.
 
-    For a classifier, ``stride`` and ``execution`` choose the execution as in
+    For a classifier, ``stride`` and ``method`` choose the method as in
     `predict_map`: its FCN's plan, or a `WindowedPlan` (the split, the
     windows, the strips, and the cost against the sliding window and the FCN
-    where one exists). Either plan's ``execution`` says which
+    where one exists). Either plan's ``method`` says which
     (``"fcn"`` or ``"windowed"``).
 
     Args:
@@ -295,7 +293,7 @@ def plan_prediction(
             ``"xla"``, ``"blas"``): the plan then says which execution runs
             and why; ``"auto"`` measures on first use (`engines.choose_engine`).
         stride: for a classifier, as for `predict_map`.
-        execution: for a classifier, as for `predict_map`.
+        method: for a classifier, as for `predict_map`.
 
     Returns:
         A `PredictionPlan` (or, for a windowed map, a
@@ -308,7 +306,7 @@ def plan_prediction(
     """
     from keras_fcn_surgery.inference import windowed
 
-    chosen, model = windowed.route(fcn, stride, execution)
+    chosen, model = windowed.route(fcn, stride, method)
     if chosen == "windowed":
         return windowed.plan_windows(
             fcn,
@@ -720,23 +718,17 @@ class _Planner:
 def run_plan(plan: PredictionPlan, image, out, *, preprocess, forward_for, progress, prefetch, spill_dir=None):
     """Run every stage of ``plan`` on ``image``, the last one writing into ``out``."""
     runs = plan._runs
-    folder = None
-    stores: list = []
+    scratch = Scratch("kfs-stages-", spill_dir)
     try:
-        with runner.progress_bar(sum(s.tiles for s in plan.stages), progress, "tiles") as bar:
+        with scratch, runner.progress_bar(sum(s.tiles for s in plan.stages), progress, "tiles") as bar:
             source = image
             for index, (stage, run) in enumerate(zip(plan.stages, runs)):
                 if run.store == "out":
                     target = out
-                else:
+                else:  # zeros: cells a masked plan skips stay finite
                     shape = _image_shape(run, stage, plan, index)
                     dtype = runner.output_dtype(run.model)
-                    if run.store == "memory":
-                        target = np.zeros(shape, dtype=dtype)  # cells a masked plan skips stay finite
-                    else:
-                        folder = folder or tempfile.mkdtemp(prefix="kfs-stages-", dir=spill_dir)
-                        target = DiskMap(f"{folder}/stage{index}.bin", shape, dtype)
-                    stores.append(target)
+                    target = scratch.array(f"stage{index}", shape, dtype, on_disk=run.store == "disk")
                 runner.run_tiles(
                     forward_for(run.model, stage.engine),
                     source,
@@ -751,21 +743,15 @@ def run_plan(plan: PredictionPlan, image, out, *, preprocess, forward_for, progr
                     tiles=run.tiles,
                     keep=run.keep,
                 )
-                if isinstance(source, DiskMap) and source is not image:
-                    source.close()
+                if index:
+                    scratch.release(f"stage{index - 1}")  # read: no later stage needs it
                 source = target
         return out
     except OSError as error:
         raise ConversionError(
-            f"Could not write or read a stored stage map in {folder or spill_dir}: {error}. Free disk space, "
+            f"Could not write or read a stored stage map in {scratch.where()}: {error}. Free disk space, "
             "pass `spill_dir=` on a larger disk, or raise `memory_budget=` to keep the maps in memory."
         ) from error
-    finally:
-        for store in stores:
-            if isinstance(store, DiskMap):
-                store.close()
-        if folder is not None:
-            remove_tree(folder)
 
 
 def _image_shape(run: _StageRun, stage: StagePlan, plan: PredictionPlan, index: int) -> tuple:

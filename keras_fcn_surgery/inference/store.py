@@ -16,6 +16,8 @@ import os
 
 import numpy as np
 
+from keras_fcn_surgery.saving.atomic import remove_tree
+
 
 class DiskMap:
     """A C-ordered array in a raw file, sliced like a numpy array with one slice per axis.
@@ -120,3 +122,53 @@ def file_backed(image):
         return DiskMap(image.filename, image.shape, image.dtype, offset=image.offset, create=False)
     except OSError:  # the file is gone or unreadable (the map outlives it): read through the map
         return image
+
+
+class Scratch:
+    """Temporary arrays of a pass: in memory, or past a budget in files of one temporary folder.
+
+    The one place that chooses between ``np.zeros`` and a `DiskMap` (stored
+    stage maps, a windowed map's shared prefix map). Used as a context
+    manager: on exit every file is closed and the folder removed, even when
+    the pass is interrupted.
+    """
+
+    def __init__(self, prefix: str, spill_dir: str | None = None):
+        """Files go to a folder named ``prefix...`` in ``spill_dir`` (default: the system's temporary folder)."""
+        self.prefix, self.spill_dir = prefix, spill_dir
+        self.folder: str | None = None
+        self._arrays: dict = {}
+
+    def array(self, name: str, shape, dtype, *, on_disk: bool):
+        """A zero-filled array ``shape`` (a `DiskMap` in the folder when ``on_disk``), replacing ``name``'s."""
+        import tempfile
+
+        self.release(name)
+        array: DiskMap | np.ndarray
+        if on_disk:
+            self.folder = self.folder or tempfile.mkdtemp(prefix=self.prefix, dir=self.spill_dir)
+            array = DiskMap(os.path.join(self.folder, f"{name}.bin"), shape, dtype)
+        else:
+            array = np.zeros(shape, dtype=dtype)
+        self._arrays[name] = array
+        return array
+
+    def release(self, name: str) -> None:
+        """Forget ``name``'s array (closing its file)."""
+        array = self._arrays.pop(name, None)
+        if isinstance(array, DiskMap):
+            array.close()
+
+    def where(self) -> str | None:
+        """The folder of the files (None while none was needed): for error messages."""
+        return self.folder or self.spill_dir
+
+    def __enter__(self) -> Scratch:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for name in list(self._arrays):
+            self.release(name)
+        if self.folder is not None:
+            remove_tree(self.folder)
+            self.folder = None

@@ -33,6 +33,16 @@ Of the splits (the input itself, where nothing is shared, to the deepest
 one), the plan takes the one that computes least for the image and stride
 (`plan_windows`).
 
+Memory stays bounded on a slide: the windows run in horizontal *bands* of
+window rows, and the prefix runs over each band's pixel rows only (a band
+starts on a multiple of ``s``, so the argument above holds for a band as for
+the region; neighbouring bands overlap by a window less one stride, computed
+again). A band holds as many window rows as keep its shared map within the
+memory budget, and at least as many as keep that recomputation within a
+quarter of the prefix's work (past the budget such a band's map goes to a
+temporary file); the image is read tile by tile and the map written window
+by window, so neither is ever held whole.
+
 A classifier is analysed once (`analysis`: its trace, its prefixes'
 conversions), as `as_fcn` converts it once: the prefixes' weights are copied
 then, and values a layer computes from its weights alone (a position
@@ -42,7 +52,6 @@ changed since as a new model object.
 
 from __future__ import annotations
 
-import tempfile
 import weakref
 from dataclasses import dataclass, field
 
@@ -59,15 +68,14 @@ from keras_fcn_surgery.graph import (
     traced_model,
 )
 from keras_fcn_surgery.grid import tiling
-from keras_fcn_surgery.grid.geometry import Geometry, geometry
+from keras_fcn_surgery.grid.geometry import Geometry, WindowGrid, geometry
 from keras_fcn_surgery.inference import engines, runner
 from keras_fcn_surgery.inference.cost import layer_macs, pass_cost
-from keras_fcn_surgery.inference.store import DiskMap, file_backed
+from keras_fcn_surgery.inference.store import DiskMap, Scratch, file_backed
 from keras_fcn_surgery.layout import Layout
-from keras_fcn_surgery.options import EXECUTIONS
-from keras_fcn_surgery.saving.atomic import remove_tree
+from keras_fcn_surgery.options import MAP_METHODS
 
-# Bytes of the prefix's map kept in memory; a larger one goes to a temporary file.
+# Bytes of a band's shared prefix map kept in memory (bands are sized to it); a larger one goes to a temporary file.
 DEFAULT_MEMORY_BUDGET = 64 << 20
 
 _ANALYSES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -161,7 +169,7 @@ class _Analysis:
 
 @dataclass(frozen=True)
 class WindowedPlan:
-    """How `predict_map` computes a classifier's exact map window by window (the windowed execution).
+    """How `predict_map` computes a classifier's exact map window by window (the windowed method).
 
     Attributes:
         image_size: ``(H, W)`` of the image.
@@ -177,8 +185,8 @@ class WindowedPlan:
             window, ties the model to one size, or is not exact).
         region: ``(H_r, W_r)``: the image part the windows cover, which the
             prefix runs over.
-        prefix_plan: the `PredictionPlan` of the prefix's pass over it
-            (tiles, stages), or None when nothing is shared.
+        prefix_plan: the `PredictionPlan` of the prefix's pass over the
+            first band (tiles, stages), or None when nothing is shared.
         windows: windows computed (the kept ones, with ``keep``).
         batch_size: windows per call of the tail.
         strips: per window, the strips along its edges on which the prefix
@@ -192,6 +200,13 @@ class WindowedPlan:
         fcn_macs: of one whole-image pass of the classifier's FCN where it
             converts (approximate where it has global context), else None.
         kept_fraction: the share of windows a ``keep`` mask keeps.
+        bands: bands of window rows the windows run in (one: the whole
+            region at once).
+        band_rows: window rows per band (the last may have fewer).
+        band_bytes: bytes of one band's shared map: with the tiles and
+            batches in flight, the memory the pass holds (``band_store``
+            ``"disk"``: a temporary file instead, read window by window).
+        band_store: ``"memory"`` or ``"disk"``.
     """
 
     image_size: tuple[int, int]
@@ -213,11 +228,20 @@ class WindowedPlan:
     sliding_macs: int
     fcn_macs: int | None
     kept_fraction: float = 1.0
+    bands: int = 1
+    band_rows: int = 0
+    band_bytes: int = 0
+    band_store: str = "memory"
+    _bands: tuple = field(default=(), repr=False, compare=False)  # (first row, stop row, needed) per band
     _split: object = field(default=None, repr=False, compare=False)
     _analysis: object = field(default=None, repr=False, compare=False)
-    _needed: object = field(default=None, repr=False, compare=False)
 
-    execution = "windowed"
+    method = "windowed"
+
+    @property
+    def grid(self) -> WindowGrid:
+        """Where the map's cells look: the window at ``stride``, offset 0 (for masks, boxes, pictures)."""
+        return WindowGrid(self.stride, self.window, self.image_size)
 
     @property
     def macs(self) -> int:
@@ -242,6 +266,8 @@ class WindowedPlan:
             f"deepest possible '{self.deepest_split}', then {self.blocked_by})",
             f"prefix over {self.region[0]}x{self.region[1]} pixels: {gmac(self.prefix_macs)}; strips per window: "
             f"{strips}: {gmac(self.strip_macs)}; tails in batches of {self.batch_size}: {gmac(self.tail_macs)}",
+            f"{self.bands} band{'s' if self.bands != 1 else ''} of up to {self.band_rows} window rows, shared map "
+            f"{self.band_bytes / 2**20:.3g} MiB per band ({self.band_store})",
             f"total {gmac(self.macs)} against {gmac(self.sliding_macs)} for the sliding window "
             f"({self.saved:.1%} saved)"
             + (f"; the FCN (not exact on crops) {gmac(self.fcn_macs)}" if self.fcn_macs is not None else ""),
@@ -412,30 +438,35 @@ def _strip(grid: Geometry, window, axis: int, cells: int, *, need: int, at_start
     return length
 
 
-def check_execution(execution) -> str:
-    if execution not in EXECUTIONS:
-        raise InputError(f"Expected `execution` among {', '.join(map(repr, EXECUTIONS))}. Received: {execution!r}")
-    return execution
+def check_method(method) -> str:
+    """``method`` when it is one of `options.MAP_METHODS`.
+
+    Raises:
+        InputError: otherwise.
+    """
+    if method not in MAP_METHODS:
+        raise InputError(f"Expected `method` among {', '.join(map(repr, MAP_METHODS))}. Received: {method!r}")
+    return method
 
 
-def route(model, stride, execution: str):
+def route(model, stride, method: str, *, head: str = "window", input_size=None):
     """``("fcn", fcn)`` or ``("windowed", None)``: how `predict_map` computes the map of ``model``.
 
-    An FCN runs as itself; a classifier as `choose_execution` says. Anything
+    An FCN runs as itself; a classifier as `choose_method` says. Anything
     else is returned as it is, for `predict_map`'s own checks to refuse.
 
     Raises:
-        InputError: for ``execution="windowed"`` or a ``stride`` other than its
-            own with an FCN, or an unknown ``execution``.
+        InputError: for ``method="windowed"`` or a ``stride`` other than its
+            own with an FCN, or an unknown ``method``.
     """
     from keras_fcn_surgery.surgery.fcn import is_fully_convolutional
 
-    check_execution(execution)
+    check_method(method)
     if not isinstance(model, keras.Model):
         return "fcn", model
     if not is_fully_convolutional(model):
-        return choose_execution(model, stride, execution)
-    if execution == "windowed":
+        return choose_method(model, stride, method, head=head, input_size=input_size)
+    if method == "windowed":
         raise InputError(
             f"Model '{model.name}' is already fully convolutional: its map has one cell per stride. A windowed map "
             "runs a classifier on every crop: pass the classifier itself."
@@ -450,59 +481,106 @@ def route(model, stride, execution: str):
     return "fcn", model
 
 
-def choose_execution(model, stride, execution: str):
+def choose_method(model, stride, method: str, *, head: str = "window", input_size=None):
     """``("fcn", fcn)`` or ``("windowed", None)``: how `predict_map` computes a classifier's map.
 
-    ``"auto"``: the classifier's FCN (`as_fcn`) where it converts, has no
-    global context and ``stride`` is None or its stride; else windowed.
+    ``"auto"``: the classifier's FCN (``as_fcn(model, head=head,
+    input_size=input_size)``) where it converts, has no global context and
+    ``stride`` is None or its stride; else windowed (a classifier that takes
+    any input size has no window: its FCN then, as long as ``stride`` is None).
 
     Raises:
         ConversionError: ``"fcn"`` for a classifier that does not convert.
         InputError: ``"fcn"`` with a ``stride`` other than the FCN's.
     """
-    check_execution(execution)
-    if execution == "windowed":
+    check_method(method)
+    if method == "windowed":
         return "windowed", None
-    fcn, refusal = _conversion(model)
+    fcn, refusal = conversion(model, head, input_size)
     if refusal is not None:
-        if execution == "fcn":
+        if method == "fcn":
             raise refusal
         return "windowed", None
-    if execution == "auto" and stride is None and len(fcn.outputs) > 1:
+    if method == "auto" and stride is None and len(fcn.outputs) > 1:
         return "fcn", fcn  # a windowed map takes one output; its FCN's maps of every output
     grid = geometry(fcn)
     requested = None if stride is None else runner.pair(stride, "stride")
-    if execution == "fcn":
+    if method == "fcn":
         if requested is not None and requested != tuple(grid.stride):
             raise InputError(
                 f"The FCN of '{model.name}' has stride {grid.stride[0]}x{grid.stride[1]}; its map cannot be at "
-                f"stride {requested[0]}x{requested[1]}. Use `execution='windowed'` for exact maps at other strides."
+                f"stride {requested[0]}x{requested[1]}. Use `method='windowed'` for exact maps at other strides."
             )
         return "fcn", fcn
-    if grid.global_context or (requested is not None and requested != tuple(grid.stride)):
+    if requested is not None and requested != tuple(grid.stride):
+        return "windowed", None
+    if grid.global_context and has_window(model):
         return "windowed", None
     return "fcn", fcn
+
+
+def has_window(model) -> bool:
+    """Whether ``model`` takes one fixed input size (a window), as a windowed map needs."""
+    twin = traced_model(model)
+    shape = tuple(twin.inputs[0].shape)
+    layout = model_layout(twin)
+    return len(shape) == 4 and all(d is not None for d in layout.spatial_shape(shape))
 
 
 _REFUSALS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def _conversion(model):
+def conversion(model, head: str = "window", input_size=None):
     """``(fcn, None)`` for a classifier that converts (`as_fcn`), ``(None, error)`` for one that is refused.
 
-    A refusal is remembered per model as `as_fcn` remembers a conversion: a
-    transformer is not converted again on every call.
+    A refusal is remembered per model (and head and size) as `as_fcn`
+    remembers a conversion: a transformer is not converted again on every call.
     """
     from keras_fcn_surgery.surgery.fcn import as_fcn
 
-    refusal = _REFUSALS.get(model)
-    if refusal is not None:
-        return None, refusal
+    key = (head, None if input_size is None else tuple(int(d) for d in input_size))
+    refusals = _REFUSALS.setdefault(model, {})
+    if key in refusals:
+        return None, refusals[key]
     try:
-        return as_fcn(model), None
+        return as_fcn(model, head=head, input_size=input_size), None
     except ConversionError as error:
-        _REFUSALS[model] = error
+        refusals[key] = error
         return None, error
+
+
+def check_stride(model, stride) -> tuple[int, int]:
+    """The stride of a classifier's windowed map: ``stride`` as ``(s_h, s_w)``, or its default (`default_stride`).
+
+    Raises:
+        InputError: for a stride that is not a multiple of the stride of the
+            deepest split (naming it), or none for a classifier without an FCN.
+        ConversionError: for a model that is not a classifier with a window.
+    """
+    found = analysis(model)
+    strides = runner.pair(stride, "stride") if stride is not None else default_stride(model)
+    deepest = found.splits[-1]
+    if any(s % p for s, p in zip(strides, deepest.stride)):
+        raise InputError(
+            f"A stride of {strides[0]}x{strides[1]} pixels is not a multiple of {deepest.stride[0]}x"
+            f"{deepest.stride[1]}, the stride of the map '{found.model.name}' shares up to '{deepest.name}'. Use a "
+            f"multiple of it (such as {deepest.stride[0] * max(1, strides[0] // deepest.stride[0])}), or "
+            "`sliding_window_predict(model, image, stride)` to run the whole classifier on every crop."
+        )
+    return strides
+
+
+def window_grid(model, stride=None) -> WindowGrid:
+    """The grid of a classifier's windowed map at ``stride`` (checked as `check_stride` does)."""
+    return WindowGrid(check_stride(model, stride), analysis(model).window)
+
+
+def map_spec(model):
+    """The `FcnSpec` of a classifier's windowed map: its layout, channels and one output's classes."""
+    from keras_fcn_surgery.surgery.fcn import FcnSpec, map_outputs
+
+    found = analysis(model)
+    return FcnSpec(found.layout, found.channels, found.classes, map_outputs(found.model))
 
 
 def shared_stride(model) -> tuple[int, int]:
@@ -516,7 +594,7 @@ def default_stride(model) -> tuple[int, int]:
     Raises:
         InputError: for a classifier that does not convert (a transformer).
     """
-    fcn, error = _conversion(model)
+    fcn, error = conversion(model)
     if fcn is not None:
         return tuple(geometry(fcn).stride)  # type: ignore[return-value]
     found = analysis(model)
@@ -562,15 +640,7 @@ def plan_windows(
     """
     found = analysis(model)
     size = tuple(int(d) for d in image_size)
-    strides = runner.pair(stride, "stride") if stride is not None else default_stride(model)
-    deepest = found.splits[-1]
-    if any(s % p for s, p in zip(strides, deepest.stride)):
-        raise InputError(
-            f"A stride of {strides[0]}x{strides[1]} pixels is not a multiple of {deepest.stride[0]}x"
-            f"{deepest.stride[1]}, the stride of the map '{found.model.name}' shares up to '{deepest.name}'. Use a "
-            f"multiple of it (such as {deepest.stride[0] * max(1, strides[0] // deepest.stride[0])}), or "
-            "`sliding_window_predict(model, image, stride)` to run the whole classifier on every crop."
-        )
+    strides = check_stride(model, stride)
     if batch_size is not None and batch_size < 1:
         raise InputError(f"Expected `batch_size` >= 1. Received: batch_size={batch_size}")
     counts = []
@@ -606,15 +676,30 @@ def plan_windows(
             best, best_cost = split, cost
     per_batch = batch_size or max(1, runner.PIXELS_PER_BATCH // (found.window[0] * found.window[1]))
     per_batch = max(1, min(per_batch, windows))
-    needed = _needed_cells(best, map_size, strides, found.window, mask) if best.prefix is not None else None
-    prefix_plan, prefix_macs = None, 0
-    if best.prefix is not None and windows:
-        from keras_fcn_surgery.inference.staged import plan_prediction
+    budget = DEFAULT_MEMORY_BUDGET if memory_budget is None else int(memory_budget)
+    rows_per_band, band_bytes = _band_rows(best, found, map_size, strides, region, budget)
+    bands, prefix_plan, prefix_macs = [], None, 0
+    for first in range(0, map_size[0], rows_per_band):
+        stop = min(first + rows_per_band, map_size[0])
+        part = None if mask is None else mask[first:stop]
+        if part is not None and not part.any():
+            continue  # no kept window: nothing of the band runs
+        needed = None
+        if best.prefix is not None:
+            from keras_fcn_surgery.inference.staged import plan_prediction
 
-        prefix_plan = plan_prediction(
-            best.prefix, region, tile=tile, staged=staged, memory_budget=memory_budget, keep=needed
-        )
-        prefix_macs = prefix_plan.macs
+            needed = _needed_cells(best, (stop - first, map_size[1]), strides, found.window, part)
+            band_plan = plan_prediction(
+                best.prefix,
+                _band_size(first, stop, strides, found.window, region),
+                tile=tile,
+                staged=staged,
+                memory_budget=memory_budget,
+                keep=needed,
+            )
+            prefix_plan = prefix_plan or band_plan
+            prefix_macs += band_plan.macs
+        bands.append((first, stop, needed))
     return WindowedPlan(
         image_size=size,  # type: ignore[arg-type]
         map_size=map_size,
@@ -622,7 +707,7 @@ def plan_windows(
         stride=strides,
         split=best.name,
         prefix_stride=best.stride,
-        deepest_split=deepest.name,
+        deepest_split=found.splits[-1].name,
         blocked_by=found.blocked_by,
         region=region,  # type: ignore[arg-type]
         prefix_plan=prefix_plan,
@@ -635,9 +720,13 @@ def plan_windows(
         sliding_macs=windows * found.window_macs,
         fcn_macs=_fcn_macs(model, found, size),
         kept_fraction=windows / (counts[0] * counts[1]),
+        bands=len(bands),
+        band_rows=rows_per_band,
+        band_bytes=band_bytes,
+        band_store="disk" if band_bytes > budget else "memory",
+        _bands=tuple(bands),
         _split=best,
         _analysis=found,
-        _needed=needed,
     )
 
 
@@ -650,8 +739,47 @@ def _region_macs(split: _Split, region, found: _Analysis) -> int:
     return pass_cost(split.prefix, found.layout.batch_shape(1, region[0], region[1], found.channels)).macs
 
 
+# Bands overlap by a window less one stride, computed again: at least this many strides per window overlap keep
+# that within a quarter of the prefix's work.
+_OVERLAP_SHARE = 4
+
+
+def _band_size(first: int, stop: int, strides, window, region) -> tuple[int, int]:
+    """The pixels ``(rows, cols)`` of the band of window rows ``[first, stop)``."""
+    return ((stop - first - 1) * strides[0] + window[0], region[1])
+
+
+def _band_bytes(split: _Split, found: _Analysis, rows: int, strides, region) -> int:
+    if split.prefix is None:
+        return 0
+    cells = split.grid.output_size(_band_size(0, rows, strides, found.window, region))  # type: ignore[union-attr]
+    return cells[0] * cells[1] * split.channels * 4
+
+
+def _band_rows(split: _Split, found: _Analysis, map_size, strides, region, budget: int) -> tuple[int, int]:
+    """Window rows per band and the bytes of a band's shared map.
+
+    As many rows as keep the band's map within ``budget``, and at least as
+    many as keep the overlap's recomputation within a quarter of the
+    prefix's work (each band recomputes ``window - stride`` pixel rows).
+    """
+    total = map_size[0]
+    if split.prefix is None or _band_bytes(split, found, total, strides, region) <= budget:
+        return total, _band_bytes(split, found, total, strides, region)
+    low, high = 1, total  # the most rows within the budget (at least one)
+    while low < high:
+        middle = (low + high + 1) // 2
+        if _band_bytes(split, found, middle, strides, region) <= budget:
+            low = middle
+        else:
+            high = middle - 1
+    overlap = -(-_OVERLAP_SHARE * max(0, found.window[0] - strides[0]) // strides[0])
+    rows = min(total, max(low, overlap, 1))
+    return rows, _band_bytes(split, found, rows, strides, region)
+
+
 def _fcn_macs(model, found: _Analysis, size) -> int | None:
-    fcn = _conversion(model)[0]
+    fcn = conversion(model)[0]
     if fcn is None:
         return None
     return pass_cost(fcn, found.layout.batch_shape(1, size[0], size[1], found.channels)).macs
@@ -690,7 +818,7 @@ def predict_windowed(
 ):
     """A classifier's exact map: its output on every crop at ``stride``, through a shared prefix.
 
-    See `predict_map` (``execution="windowed"``) and `plan_windows`.
+    See `predict_map` (``method="windowed"``) and `plan_windows`.
     """
     found = analysis(model)
     spec = runner.ImageSpec(found.layout, found.channels)
@@ -713,81 +841,97 @@ def predict_windowed(
     if mask is not None:
         runner.fill_nan(out, found.layout)
     pixels = file_backed(image)
-    folder = None
+    scratch = Scratch("kfs-windowed-", spill_dir)
     try:
-        shared: DiskMap | np.ndarray | None = None
-        if split.prefix is not None and plan.windows:
-            from keras_fcn_surgery.inference.predict import predict_map
+        with scratch:
+            for first, stop, needed in plan._bands:  # bands of window rows: the shared map of one at a time
+                shared = None
+                if split.prefix is not None:
+                    from keras_fcn_surgery.inference.predict import predict_map
 
-            cells = split.grid.output_size(plan.region)  # type: ignore[union-attr]
-            map_shape = found.layout.image_shape(cells[0], cells[1], split.channels)
-            budget = DEFAULT_MEMORY_BUDGET if memory_budget is None else memory_budget
-            if int(np.prod(map_shape)) * 4 > budget:
-                folder = tempfile.mkdtemp(prefix="kfs-windowed-", dir=spill_dir)
-                shared = DiskMap(f"{folder}/prefix.bin", map_shape, "float32")
-            else:
-                shared = np.zeros(map_shape, dtype=np.float32)
-            predict_map(
-                split.prefix,
-                _Region(pixels, found.layout, plan.region),
-                tile=tile,
-                out=shared,
-                progress=progress,
-                preprocess=preprocess,
-                engine=engine,
-                staged=staged,
-                memory_budget=memory_budget,
-                prefetch=prefetch,
-                spill_dir=spill_dir,
-                keep=plan._needed,
-            )
-        _run_windows(plan, found, split, pixels, spec, shared, out, mask, preprocess, engine, progress)
+                    size = _band_size(first, stop, plan.stride, plan.window, plan.region)
+                    cells = split.grid.output_size(size)  # type: ignore[union-attr]
+                    shape = found.layout.image_shape(cells[0], cells[1], split.channels)
+                    shared = scratch.array("prefix", shape, "float32", on_disk=plan.band_store == "disk")
+                    predict_map(
+                        split.prefix,
+                        _Region(pixels, found.layout, size, top=first * plan.stride[0]),
+                        tile=tile,
+                        out=shared,
+                        progress=progress,
+                        preprocess=preprocess,
+                        engine=engine,
+                        staged=staged,
+                        memory_budget=memory_budget,
+                        prefetch=prefetch,
+                        spill_dir=spill_dir,
+                        keep=needed,
+                    )
+                rows = (first, stop)
+                _run_windows(plan, found, split, pixels, spec, shared, out, mask, preprocess, engine, progress, rows)
         return out
     except OSError as error:
         raise ConversionError(
-            f"Could not write or read the shared map in {folder or spill_dir}: {error}. Free disk space, pass "
+            f"Could not write or read the shared map in {scratch.where()}: {error}. Free disk space, pass "
             "`spill_dir=` on a larger disk, or raise `memory_budget=` to keep it in memory."
         ) from error
     finally:
-        if isinstance(shared, DiskMap):
-            shared.close()
-        if folder is not None:
-            remove_tree(folder)
         if isinstance(pixels, DiskMap):
             pixels.close()
 
 
 class _Region:
-    """The top-left ``size`` of an image, sliced lazily (the part the windows cover)."""
+    """``size`` pixels of an image from row ``top``, column 0, sliced lazily (the part a band of windows covers)."""
 
-    def __init__(self, image, layout: Layout, size):
+    def __init__(self, image, layout: Layout, size, top: int = 0):
         self._image = image
+        self._top = int(top)
         shape = list(image.shape)
-        rows, cols = layout.image_spatial_axes
-        shape[rows], shape[cols] = size
+        self._rows, cols = layout.image_spatial_axes
+        shape[self._rows], shape[cols] = size
         self.shape = tuple(shape)
 
     def __getitem__(self, index):
-        return self._image[index]
+        index = list(index if isinstance(index, tuple) else (index,))
+        index += [slice(None)] * (len(self.shape) - len(index))
+        start, stop, step = index[self._rows].indices(self.shape[self._rows])
+        index[self._rows] = slice(start + self._top, stop + self._top, step)
+        return self._image[tuple(index)]
 
 
 def _run_windows(
-    plan: WindowedPlan, found: _Analysis, split: _Split, pixels, spec, shared, out, mask, preprocess, engine, progress
+    plan: WindowedPlan,
+    found: _Analysis,
+    split: _Split,
+    pixels,
+    spec,
+    shared,
+    out,
+    mask,
+    preprocess,
+    engine,
+    progress,
+    band: tuple[int, int],
 ) -> None:
+    """The windows of rows ``band`` (``[first, stop)``), their prefix maps from ``shared``, the band's map."""
     layout = found.layout
-    rows, cols = np.nonzero(mask) if mask is not None else np.indices(plan.map_size).reshape(2, -1)
-    positions = list(zip(rows.tolist(), cols.tolist()))
+    first, stop = band
+    if mask is not None:
+        rows, cols = np.nonzero(mask[first:stop])
+    else:
+        rows, cols = np.indices((stop - first, plan.map_size[1])).reshape(2, -1)
+    positions = list(zip((rows + first).tolist(), cols.tolist()))
     dtype = runner.input_dtype(found.model)
     chosen = engine if engine in ("xla", "jax") else engines.native()  # the backend's own, or as asked
     batch = plan.batch_size
     _verify_split(found, split)
     with runner.progress_bar(len(positions), progress, "windows") as bar:
-        for first in range(0, len(positions), batch):
-            group = positions[first : first + batch]
+        for start in range(0, len(positions), batch):
+            group = positions[start : start + batch]
             if split.prefix is None:
                 inputs = np.stack([_crop(pixels, spec, plan, i, j, preprocess, dtype) for i, j in group])
             else:
-                inputs = _window_maps(plan, found, split, pixels, spec, shared, group, preprocess, dtype)
+                inputs = _window_maps(plan, found, split, pixels, spec, shared, group, preprocess, dtype, first)
             scores = engines.forward(found.tail(split, len(group)), chosen)(inputs)
             for (i, j), vector in zip(group, np.asarray(scores)):
                 out[layout.image_index(slice(i, i + 1), slice(j, j + 1))] = _cell(vector, layout)
@@ -812,13 +956,16 @@ def _crop(pixels, spec, plan: WindowedPlan, i: int, j: int, preprocess, dtype, r
     )
 
 
-def _window_maps(plan: WindowedPlan, found: _Analysis, split: _Split, pixels, spec, shared, group, preprocess, dtype):
-    """The prefix's map of each window in ``group``: shared cells from ``shared``, the rest from strips."""
+def _window_maps(
+    plan: WindowedPlan, found: _Analysis, split: _Split, pixels, spec, shared, group, preprocess, dtype, first: int
+):
+    """The prefix's map of each window in ``group``: shared cells from ``shared`` (the map of the band from
+    window row ``first``), the rest from strips."""
     layout = found.layout
     cells = split.cells
     maps = np.empty((len(group), *layout.image_shape(cells[0], cells[1], split.channels)), dtype=np.float32)
     for k, (i, j) in enumerate(group):
-        top, left = i * plan.stride[0] // split.stride[0], j * plan.stride[1] // split.stride[1]
+        top, left = (i - first) * plan.stride[0] // split.stride[0], j * plan.stride[1] // split.stride[1]
         maps[k] = shared[layout.image_index(slice(top, top + cells[0]), slice(left, left + cells[1]))]
     forward = engines.forward(split.prefix, engines.native())
     for axis, side, length in split.strips():
