@@ -9,6 +9,7 @@ from models import small_flatten_cnn
 from PIL import Image
 from test_batch_inputs import slide_picture
 from test_segment import pooled_net
+from test_windowed import se_classifier
 
 import keras_fcn_surgery as kfs
 from keras_fcn_surgery.batch import shards as shards_module
@@ -50,19 +51,31 @@ def _assert_same_outputs(got, expected):
     files, reference = _files(got), _files(expected)
     plain = {name for name in reference if not name.startswith("img.zarr")}
     assert plain <= set(files) and not [n for n in files if n.startswith(".")], sorted(files)
-    for name in plain:
+    differences = []
+    for name in sorted(plain):
         if name.endswith(".npz"):  # the zip records each entry's time of writing: its arrays' bytes, then
             a, b = np.load(files[name]), np.load(reference[name])
             assert a.files == b.files
-            for key in b.files:
-                assert a[key].dtype == b[key].dtype and a[key].tobytes() == b[key].tobytes(), (name, key)
+            differences += [
+                (name, key, a[key], b[key])
+                for key in b.files
+                if a[key].dtype != b[key].dtype or a[key].tobytes() != b[key].tobytes()
+            ]
             continue
         with open(files[name], "rb") as a, open(reference[name], "rb") as b:
-            assert a.read() == b.read(), name
+            written, expected_bytes = a.read(), b.read()
+            if written != expected_bytes:
+                differences.append((name, _first_difference(written, expected_bytes)))
+    assert not differences, differences
     a, b = zarr.open_group(os.path.join(got, "img.zarr"), mode="r"), zarr.open_group(os.path.join(expected, "img.zarr"))
     assert dict(a.attrs) == dict(b.attrs)
     for name, array in b.arrays():
         assert np.array_equal(a[name][:], array[:], equal_nan=True), name
+
+
+def _first_difference(got: bytes, want: bytes) -> str:
+    at = next((i for i, (a, b) in enumerate(zip(got, want)) if a != b), min(len(got), len(want)))
+    return f"at {at}: {got[max(0, at - 200) : at + 60]!r} against {want[max(0, at - 200) : at + 60]!r}"
 
 
 def _run(model, picture, out, **options):
@@ -73,18 +86,24 @@ def _run(model, picture, out, **options):
 
 
 @pytest.mark.parametrize(
-    "case", ["classifier", "classifier-masked", "staged-masked", "segmenter-masked"], ids=lambda case: case
+    "case",
+    ["classifier", "classifier-masked", "staged-masked", "segmenter-masked", "windowed-masked"],
+    ids=lambda case: case,
 )
 def test_sharded_outputs_are_the_bytes_of_the_local_outputs(picture, tmp_path, monkeypatch, case):
     options = {"mask": str(picture / "mask.png")} if case.endswith("masked") else {}
+    classifier = small_flatten_cnn(input_size=(32, 32), classes=3)  # held: certificates run it (a weak record)
     if case.startswith("classifier"):
-        model, rows = kfs.convert(small_flatten_cnn(input_size=(32, 32), classes=3)), 4
+        model, rows = kfs.convert(classifier), 4
         options["certify"] = 4 if case.endswith("masked") else 0  # certified from the completed store
         options["tile"] = 64  # (without a mask or tiles, an image this small is one pass, in one region)
     elif case.startswith("staged"):
         model, rows = strided_fcn("same", (2, 2, 2), channels=3, head=3), 2
         options["tile"] = 48
         assert plan_prediction(model, (200, 300), tile=48).staged  # each region runs a staged plan
+    elif case.startswith("windowed"):  # a classifier without an exact FCN: its windowed map
+        model, rows = se_classifier(), 1
+        options.update(stride=8, tile=96)
     else:
         model, rows = kfs.segmenter(pooled_net(), num_classes=3, keep_classes=[0, 1, 2]), 16
     _run(model, picture, tmp_path / "local", **options)
@@ -105,6 +124,9 @@ def test_regions_are_bands_of_whole_chunk_rows_balanced_by_kept_cells():
     assert [(r.start, r.stop, r.cells) for r in regions] == [(0, 20, 100), (20, 40, 100)]
     assert [(r.start, r.stop) for r in cut_regions(None, (10, 3), 7, chunk_rows=4)] == [(0, 4), (4, 8), (8, 10)]
     assert len(cut_regions(np.zeros((8, 8), bool), (8, 8), 3, chunk_rows=2)) == 1  # nothing kept: one region
+    kept[:] = False
+    kept[:8] = True  # the rows after the last kept one join the last region
+    assert [(r.start, r.stop) for r in cut_regions(kept, (40, 10), 2, chunk_rows=4)] == [(0, 4), (4, 40)]
 
 
 def test_a_region_writes_only_its_rows():

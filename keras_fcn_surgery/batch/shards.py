@@ -122,7 +122,11 @@ def cut_regions(kept: np.ndarray | None, map_size, shards: int, chunk_rows: int 
         if len(regions) + 1 < shards and cells and (before + cells) * shards >= total * (len(regions) + 1):
             regions.append(Region(len(regions), edges[start], edges[n + 1], cells))
             start, before, cells = n + 1, before + cells, 0
-    regions.append(Region(len(regions), edges[start], height, cells + counts[-1]))
+    cells += counts[-1]
+    if regions and not cells:  # trailing rows without a kept cell join the band before them
+        last = regions.pop()
+        start, cells = edges.index(last.start), last.cells
+    regions.append(Region(len(regions), edges[start], height, cells))
     return tuple(regions)
 
 
