@@ -126,7 +126,7 @@ def test_regions_are_bands_of_whole_chunk_rows_balanced_by_kept_cells():
     assert len(cut_regions(np.zeros((8, 8), bool), (8, 8), 3, chunk_rows=2)) == 1  # nothing kept: one region
     kept[:] = False
     kept[:8] = True  # the rows after the last kept one join the last region
-    assert [(r.start, r.stop) for r in cut_regions(kept, (40, 10), 2, chunk_rows=4)] == [(0, 4), (4, 40)]
+    assert [(r.start, r.stop) for r in cut_regions(kept, (40, 10), 3, chunk_rows=4)] == [(0, 4), (4, 40)]
 
 
 def test_a_region_writes_only_its_rows():
