@@ -53,10 +53,16 @@ def family_of(name: str) -> str:
     return next(family for family, names in APPLICATIONS.items() if name in names)
 
 
-def application(name: str, size: int | None = None):
-    """``keras.applications.<name>(weights=None)`` at ``size`` x ``size`` (default: its family's small size)."""
+def application(name: str, size: int | None = None, *, logits: bool = False):
+    """``keras.applications.<name>(weights=None)`` at ``size`` x ``size`` (default: its family's small size).
+
+    ``logits``: without the final softmax (``classifier_activation=None``):
+    with random weights, 1000 softmax probabilities are all near 1/1000, so a
+    comparison of them cannot tell a right map from a wrong one.
+    """
     size = size or SMALL_SIZE.get(family_of(name), DEFAULT_SMALL_SIZE)
-    return getattr(A, name)(weights=None, input_shape=(size, size, 3))
+    extra = {"classifier_activation": None} if logits else {}
+    return getattr(A, name)(weights=None, input_shape=(size, size, 3), **extra)
 
 
 @dataclass
