@@ -40,7 +40,13 @@ _PUBLIC = {
     "export_onnx": "exporting.api",
     "ConversionPlan": "surgery.plan",
     "predict_map": "inference.predict",
-    "certify_map": "inference.certificate",
+    "certify_map": "inference.predict",
+    "Mapper": "inference.mapper",
+    "prepare": "inference.mapper",
+    "Tiling": "inference.mapper",
+    "Execution": "inference.mapper",
+    "Inputs": "inference.mapper",
+    "MapMethod": "inference.mapper",
     "MapCertificate": "inference.certificate",
     "CertifiedMap": "inference.certificate",
     "InexactMapWarning": "errors",
@@ -82,6 +88,11 @@ __all__ = [
     "InputError",
     "IgnoredHeadWarning",
     "InexactMapWarning",
+    "Execution",
+    "Inputs",
+    "MapMethod",
+    "Mapper",
+    "Tiling",
     "MapCertificate",
     "ModelFileError",
     "NonFiniteWeightsWarning",
@@ -113,6 +124,7 @@ __all__ = [
     "plan_prediction",
     "predict_map",
     "predict_maps",
+    "prepare",
     "sliding_window_predict",
     "verify",
     "segmenter",
@@ -159,10 +171,11 @@ if TYPE_CHECKING:
     from keras_fcn_surgery.exporting.pipeline import ExportResult
     from keras_fcn_surgery.exporting.tensorboard import log_graphs
     from keras_fcn_surgery.grid.geometry import AxisGeometry, Geometry, geometry
-    from keras_fcn_surgery.inference.certificate import CertifiedMap, MapCertificate, certify_map
+    from keras_fcn_surgery.inference.certificate import CertifiedMap, MapCertificate
     from keras_fcn_surgery.inference.heatmap import heatmap, imagenet_class_names
+    from keras_fcn_surgery.inference.mapper import Execution, Inputs, MapMethod, Mapper, Tiling, prepare
     from keras_fcn_surgery.inference.pictures import activations_picture, filters_picture
-    from keras_fcn_surgery.inference.predict import predict_map, predict_maps, sliding_window_predict
+    from keras_fcn_surgery.inference.predict import certify_map, predict_map, predict_maps, sliding_window_predict
     from keras_fcn_surgery.inference.staged import PlannedOutput, PredictionPlan, StagePlan, plan_prediction
     from keras_fcn_surgery.inference.windowed import WindowedPlan
     from keras_fcn_surgery.saving.loading import load_model

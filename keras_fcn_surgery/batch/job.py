@@ -22,10 +22,11 @@ from keras_fcn_surgery.batch.outputs import output_paths
 from keras_fcn_surgery.batch.readers import LevelArray, choose_level, open_reader
 from keras_fcn_surgery.batch.sources import IMAGE_SUFFIXES, Source
 from keras_fcn_surgery.errors import ConversionError, InputError, ModelFileError, first_line
+from keras_fcn_surgery.exporting.preprocessing import pixel_function
 from keras_fcn_surgery.grid.geometry import Geometry, WindowGrid
-from keras_fcn_surgery.inference.certificate import certificate_or_reason
+from keras_fcn_surgery.inference.mapper import Mapper
 from keras_fcn_surgery.segmentation.predict import is_segmenter, run_segmenter
-from keras_fcn_surgery.surgery.fcn import OutputMaps, fcn_spec
+from keras_fcn_surgery.surgery.fcn import OutputMaps
 
 # The formats that describe one map: of a model with several outputs, the one `BatchOptions.output` names.
 ONE_MAP_FORMATS = ("geojson", "csv", "ome-zarr")
@@ -51,11 +52,10 @@ class BatchOptions:
     class_names: tuple[str, ...] | None = None
     progress: bool | None = None
     execution: str = "auto"
-    method: str = "fcn"  # "windowed": the model is a classifier, its map the windowed map at `stride`
+    method: str = "fcn"  # the mapper's (a record: the shards' fingerprint holds it); "windowed": at `stride`
     stride: tuple[int, int] | None = None
     output: str | None = None
     certify: int = 0
-    certify_size: tuple[int, int] | None = None
     shards: int | None = None
     shard_rows: int | None = None
 
@@ -86,15 +86,16 @@ class InputResult:
     certificate: str = ""
 
 
-def predict_source(fcn, source: Source, out_dir: str, options: BatchOptions) -> InputResult:
-    """Compute and write the outputs of one input; never raises for a bad input (the result says why)."""
+def predict_source(mapper: Mapper, source: Source, out_dir: str, options: BatchOptions) -> InputResult:
+    """Compute and write the outputs of one input with ``mapper``; never raises for a bad input (the result says
+    why)."""
     start = time.perf_counter()
     paths = output_paths(out_dir, source.name, options.formats)
     missing = paths if options.overwrite else {f: p for f, p in paths.items() if not os.path.exists(p)}
     if not missing:
         return InputResult(source.path, "skipped", tuple(paths.values()))
     try:
-        megapixels, fraction, certificate = _compute_and_write(fcn, source, missing, options)
+        megapixels, fraction, certificate = _compute_and_write(mapper, source, missing, options)
     except (ConversionError, OSError) as error:
         return _failed(source, str(error), start)
     except Exception as error:  # a decoder's or the network's error on this input must not stop the others
@@ -110,16 +111,9 @@ def _failed(source: Source, message: str, start: float) -> InputResult:
     return InputResult(source.path, "failed", message=message, seconds=time.perf_counter() - start)
 
 
-def map_spec_of(model, options: BatchOptions):
-    """The `FcnSpec` of the maps ``model`` computes: an FCN's, or a classifier's windowed map's."""
-    from keras_fcn_surgery.inference.windowed import map_spec
-
-    return map_spec(model) if options.method == "windowed" else fcn_spec(model)
-
-
-def _compute_and_write(fcn, source: Source, paths: dict[str, str], options: BatchOptions) -> tuple[float, float, str]:
+def _compute_and_write(mapper: Mapper, source: Source, paths: dict[str, str], options: BatchOptions):
     with open_reader(source.path) as reader:
-        job = open_input(fcn, reader, source, options)
+        job = open_input(mapper, reader, source, options)
         with writers.staged_outputs(paths, overwrite=options.overwrite) as temporary:
             # GeoJSON, CSV and OME-Zarr describe one map, and the certificate certifies it: the output asked
             # for, or the class probabilities (None: several outputs, none of probabilities, none asked for).
@@ -136,10 +130,12 @@ def _compute_and_write(fcn, source: Source, paths: dict[str, str], options: Batc
                     maps[output.name] = np.full(shape, np.nan, dtype=np.float32)
             scores = job.scores(maps)
             if job.per_pixel:
-                fraction, computed = _segment(fcn, job.view, job.layout, job.size, job.kept, scores, options), None
+                fraction, computed = _segment(mapper, job.view, job.layout, job.size, job.kept, scores, options), None
             else:
-                fraction, computed = _compute(fcn, job.view, job.layout, job.grid, job.size, job.kept, scores, options)
-            certificate, line = certify(fcn, job, computed, shown, options)
+                fraction, computed = _compute(
+                    mapper, job.view, job.layout, job.grid, job.size, job.kept, scores, options
+                )
+            certificate, line = certify(mapper, job, computed, shown, options)
             write_outputs(temporary, job, maps, shown, fraction, certificate, options)
     return job.size[0] * job.size[1] / 1e6, fraction, line
 
@@ -179,47 +175,32 @@ class OpenInput:
         )
 
 
-def open_input(fcn, reader, source: Source, options: BatchOptions) -> OpenInput:
+def open_input(mapper: Mapper, reader, source: Source, options: BatchOptions) -> OpenInput:
     """The level of ``reader`` to compute, its map's grid and size, and the cells the mask keeps."""
-    from keras_fcn_surgery.grid.geometry import geometry
-    from keras_fcn_surgery.inference.windowed import window_grid
-
-    spec = map_spec_of(fcn, options)
+    spec = mapper.spec
     layout = spec.layout
-    windowed = options.method == "windowed"
-    per_pixel = not windowed and is_segmenter(fcn)
+    per_pixel = mapper.method == "fcn" and is_segmenter(mapper.runnable)
     level = choose_level(reader, level=options.level, mpp=options.mpp)
     size = reader.levels[level].size
     view = LevelArray(reader, level, spec.channels, layout)
     grid: Geometry | PixelGrid | WindowGrid
     if per_pixel:
         grid = PixelGrid()
-    elif windowed:  # the classifier's window at the stride asked for, offset 0
-        grid = window_grid(fcn, options.stride).at(size)
-    else:
-        grid = geometry(fcn).at(size)
+    else:  # a windowed map's: the classifier's window at its stride, offset 0
+        grid = mapper.grid.at(size)
     map_size = grid.output_size(size)
     kept = _kept_cells(reader, source, options.mask, size, grid, map_size)
     return OpenInput(source, reader, level, size, view, layout, spec, per_pixel, grid, map_size, kept)
 
 
-def certify(fcn, job: OpenInput, computed, shown: str | None, options: BatchOptions):
+def certify(mapper: Mapper, job: OpenInput, computed, shown: str | None, options: BatchOptions):
     """The certificate of the map ``computed`` (in the model's layout; None: a segmenter's) and its line."""
     if computed is None or not options.certify:
         return None, ""
     if shown is None:
         return None, f"no certificate: {_NO_SHOWN_OUTPUT}"
-    return certificate_or_reason(
-        fcn,
-        job.view,
-        computed,
-        options.certify,
-        input_size=options.certify_size,
-        preprocess=preprocess_fn(options.preprocess, job.layout),
-        keep=job.kept,
-        output=shown if job.spec.several else None,
-        stride=options.stride if options.method == "windowed" else None,
-    )
+    output = shown if job.spec.several else None
+    return mapper.certificate_line(job.view, computed, options.certify, keep=job.kept, output=output)
 
 
 def write_outputs(temporary: dict, job: OpenInput, maps: dict, shown, fraction, certificate, options) -> None:
@@ -263,7 +244,7 @@ def _certificate_metadata(certificate, output: str | None) -> dict | None:
     return {**certificate.metadata(), **({"output": output} if output is not None else {})}
 
 
-def _compute(fcn, view, layout, grid, size, kept, scores, options: BatchOptions):
+def _compute(mapper: Mapper, view, layout, grid, size, kept, scores, options: BatchOptions):
     """Fill ``scores`` (channels-last, NaN-filled; an `OutputMaps` of them for several outputs); return the
     share of the unmasked work computed and the map in the model's layout (``scores`` itself for
     channels-last).
@@ -271,27 +252,15 @@ def _compute(fcn, view, layout, grid, size, kept, scores, options: BatchOptions)
     A mask reaches `predict_map` as its ``keep``: the staged plan then runs
     only the tiles the kept cells need, batched and prefetched as any pass.
     """
-    from keras_fcn_surgery.inference.predict import predict_map
-
-    preprocess = preprocess_fn(options.preprocess, layout)
     tile = map_tile(options, size, grid, kept)
     keep = None if kept is None or grid.global_context else kept
-    fraction = work_fraction(fcn, size, tile, keep, options)
-    method, stride = options.method, options.stride
-    arguments = dict(
-        tile=tile,
-        batch_size=options.batch_size,
-        preprocess=preprocess,
-        progress=options.progress,
-        engine=options.execution,
-        method=method,
-        stride=stride,
-    )
+    fraction = work_fraction(mapper, size, tile, keep, options)
+    mapper = mapper.with_options(tile=tile)
     targets = list(scores.values()) if isinstance(scores, dict) else [scores]
     if layout.channels_last:
-        computed = predict_map(fcn, view, out=scores, keep=keep, **arguments)
+        computed = mapper.map(view, out=scores, keep=keep, progress=options.progress)
     else:
-        computed = predict_map(fcn, view, keep=keep, **arguments)
+        computed = mapper.map(view, keep=keep, progress=options.progress)
         for target, cell_map in zip(targets, computed.values() if isinstance(computed, dict) else [computed]):
             target[:] = layout.image_to_channels_last(cell_map)
     if kept is not None and keep is None:  # a network with global context: nothing to skip, but the mask applies
@@ -309,28 +278,22 @@ def map_tile(options: BatchOptions, size, grid, kept):
     return tile
 
 
-def work_fraction(fcn, size, tile, keep, options: BatchOptions) -> float:
+def work_fraction(mapper: Mapper, size, tile, keep, options: BatchOptions) -> float:
     """The share of the unmasked pass's work (MACs) that the pass keeping ``keep`` computes."""
-    from keras_fcn_surgery.inference.staged import plan_prediction
-
     if keep is None:
         return 1.0
     # A windowed map: `keep` is over its windows (the grid is the windowed map's), `tile` tiles the shared prefix.
-    method, stride = options.method, options.stride
-    planned = plan_prediction(
-        fcn, size, tile=tile, batch_size=options.batch_size, keep=keep, method=method, stride=stride
-    )
-    whole = plan_prediction(fcn, size, tile=tile, batch_size=options.batch_size, method=method, stride=stride)
-    return planned.macs / max(whole.macs, 1)
+    mapper = mapper.with_options(tile=tile)
+    return mapper.plan(size, keep=keep).macs / max(mapper.plan(size).macs, 1)
 
 
-def _segment(model, view, layout, size, kept, scores, options: BatchOptions) -> float:
+def _segment(mapper: Mapper, view, layout, size, kept, scores, options: BatchOptions) -> float:
     """A segmenter's logits, one per pixel, into ``scores``; returns the share of the tiles computed.
 
     The exact tiles of `segment_image`, through the same tile loop (batched,
     prefetched); tiles without a kept pixel are skipped.
     """
-    preprocess = preprocess_fn(options.preprocess, layout)
+    model, preprocess = mapper.runnable, mapper.inputs.preprocess
     tile = segment_tile(options, size, kept)
     arguments = dict(
         tile=tile, keep=kept, preprocess=preprocess, batch_size=options.batch_size, progress=options.progress
@@ -382,6 +345,4 @@ def _mask_file_for(folder: str, source: Source) -> str:
 
 def preprocess_fn(preprocess, layout):
     """The function applied to each tile: None, a keras.applications mode's ``preprocess_input``, or ``preprocess``."""
-    from keras_fcn_surgery.exporting.preprocessing import pixel_function
-
     return pixel_function(preprocess, layout.data_format)

@@ -11,19 +11,18 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import shutil
-import tempfile
 import time
 
 from keras_fcn_surgery.batch import shards
 from keras_fcn_surgery.batch.job import BatchOptions, InputResult, predict_source
 from keras_fcn_surgery.batch.sources import Source
 from keras_fcn_surgery.errors import InputError, first_line
+from keras_fcn_surgery.inference.mapper import Mapper, MapperRecipe
 from keras_fcn_surgery.inference.runner import progress_bar
 from keras_fcn_surgery.native_log import native_stderr_captured
 from keras_fcn_surgery.saving.atomic import remove_tree
 
-RAY_EXTRA = "pip install 'keras-fcn-surgery[ray]'"
+RAY_EXTRA = "pip install 'keras-mapper-surgery[ray]'"
 _RESULT_FIELDS = (
     "path",
     "status",
@@ -37,7 +36,7 @@ _RESULT_FIELDS = (
 
 
 def run_on_ray(
-    fcn,
+    mapper: Mapper,
     sources: list[Source],
     out_dir: str,
     options: BatchOptions,
@@ -53,10 +52,10 @@ def run_on_ray(
     """
     ray = _ray()
     with _ray_kept_quiet(ray, shown=bool(options.progress)):
-        return _run(ray, fcn, sources, out_dir, options, address=address, workers=workers)
+        return _run(ray, mapper, sources, out_dir, options, address=address, workers=workers)
 
 
-def _run(ray, fcn, sources, out_dir, options, *, address, workers) -> list[InputResult]:
+def _run(ray, mapper, sources, out_dir, options, *, address, workers) -> list[InputResult]:
     started = time.time()
     started_here = not ray.is_initialized()
     if started_here:
@@ -73,13 +72,13 @@ def _run(ray, fcn, sources, out_dir, options, *, address, workers) -> list[Input
         if count < 1:
             raise InputError(f"Expected at least one Ray worker. Received: workers={workers}")
         if options.shards:
-            return _run_regions(ray, fcn, sources, out_dir, options, count, gpus)
+            return _run_regions(ray, mapper, sources, out_dir, options, count, gpus)
         items = [{"path": s.path, "name": s.name} for s in sources]
         dataset = ray.data.from_items(items, override_num_blocks=max(1, len(items)))
         dataset = dataset.map_batches(
             PredictWorker,
             fn_constructor_kwargs={
-                "model": [ray.put(_model_bytes(fcn))],  # in a list: fetched by the worker, not kept for restarts
+                "model": [ray.put(mapper.recipe())],  # in a list: fetched by the worker, not kept for restarts
                 "out_dir": out_dir,
                 "options": BatchOptions(**{**options.__dict__, "progress": False}),
             },
@@ -123,11 +122,11 @@ def _run(ray, fcn, sources, out_dir, options, *, address, workers) -> list[Input
     return results
 
 
-def _run_regions(ray, fcn, sources, out_dir, options, count: int, gpus: int) -> list[InputResult]:
+def _run_regions(ray, mapper, sources, out_dir, options, count: int, gpus: int) -> list[InputResult]:
     """Every pending region of every input as one dataset, largest first; each input is finished (its outputs
     written from its store and published) here as soon as its last region comes back."""
     started = time.perf_counter()
-    plans = {s.path: shards.plan_input(fcn, s, out_dir, options, options.shards) for s in sources}
+    plans = {s.path: shards.plan_input(mapper, s, out_dir, options, options.shards) for s in sources}
     pending = [(p.source, r) for p in plans.values() if isinstance(p, shards.InputPlan) for r in p.pending]
     pending.sort(key=lambda item: -item[1].cells)  # the regions with most work start first
     items = [
@@ -144,7 +143,7 @@ def _run_regions(ray, fcn, sources, out_dir, options, count: int, gpus: int) -> 
         if path in errors:
             results[path] = InputResult(path, "failed", message=errors[path])
         else:
-            results[path] = shards.finish_input(fcn, plan, out_dir, options, time.perf_counter() - started)
+            results[path] = shards.finish_input(mapper, plan, out_dir, options, time.perf_counter() - started)
 
     for path in [p for p, n in waiting.items() if n == 0]:  # every region done by an earlier run
         finish(path)
@@ -153,7 +152,7 @@ def _run_regions(ray, fcn, sources, out_dir, options, count: int, gpus: int) -> 
         dataset = dataset.map_batches(
             RegionWorker,
             fn_constructor_kwargs={
-                "model": [ray.put(_model_bytes(fcn))],
+                "model": [ray.put(mapper.recipe())],
                 "out_dir": out_dir,
                 "options": BatchOptions(**{**options.__dict__, "progress": False}),
             },
@@ -211,29 +210,20 @@ def _ray_kept_quiet(ray, *, shown: bool):
 
 
 class PredictWorker:
-    """A Ray Data callable class: loads the model once, then computes and writes one input per row."""
+    """A Ray Data callable class: rebuilds the job's `Mapper` once, then computes and writes one input per row."""
 
     def __init__(self, model: list, out_dir: str, options: BatchOptions):
         import ray
 
-        from keras_fcn_surgery.saving.loading import load_model
-
         (reference,) = model
-        payload = ray.get(reference)
-        folder = tempfile.mkdtemp(prefix="kfs-model-")
-        path = os.path.join(folder, "model.keras")
-        try:
-            with open(path, "wb") as handle:
-                handle.write(payload)
-            self.fcn = load_model(path)
-        finally:
-            shutil.rmtree(folder, ignore_errors=True)
+        recipe: MapperRecipe = ray.get(reference)
+        self.mapper = recipe.build()  # the job's mapper, rebuilt here: no table of the driver's process needed
         self.out_dir, self.options = out_dir, options
 
     def __call__(self, batch: dict) -> dict:
         columns: dict[str, list] = {name: [] for name in _RESULT_FIELDS}
         for path, name in zip(batch["path"], batch["name"]):
-            result = predict_source(self.fcn, Source(str(path), str(name)), self.out_dir, self.options)
+            result = predict_source(self.mapper, Source(str(path), str(name)), self.out_dir, self.options)
             columns["path"].append(result.source)
             columns["status"].append(result.status)
             columns["outputs"].append("\n".join(result.outputs))
@@ -257,7 +247,7 @@ class RegionWorker(PredictWorker):
             source = Source(str(path), str(name))
             region = shards.Region(int(index), int(start), int(stop), 0)
             try:
-                shards.run_region(self.fcn, source, self.out_dir, self.options, region)
+                shards.run_region(self.mapper, source, self.out_dir, self.options, region)
                 message = ""
             except Exception as error:  # this region's failure must not stop the others
                 message = f"'{path}': region {int(index)}: {type(error).__name__}: {first_line(str(error))}"
@@ -275,17 +265,6 @@ def _remove_partial_outputs(out_dir: str, since: float) -> None:
             if name.startswith(".partial-") and os.path.getmtime(path) >= since - 1:
                 remove_tree(path)
                 subfolders.remove(name)
-
-
-def _model_bytes(fcn) -> bytes:
-    folder = tempfile.mkdtemp(prefix="kfs-model-")
-    path = os.path.join(folder, "model.keras")
-    try:
-        fcn.save(path)
-        with open(path, "rb") as handle:
-            return handle.read()
-    finally:
-        shutil.rmtree(folder, ignore_errors=True)
 
 
 def _ray():

@@ -13,17 +13,21 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 
-from keras_fcn_surgery.batch.job import ONE_MAP_FORMATS, BatchOptions, InputResult, map_spec_of, predict_source
+from keras_fcn_surgery.batch.job import ONE_MAP_FORMATS, BatchOptions, InputResult, predict_source, preprocess_fn
 from keras_fcn_surgery.batch.outputs import check_formats, summary_line
+from keras_fcn_surgery.batch.ray_engine import run_on_ray
 from keras_fcn_surgery.batch.regions import check_available as check_regions_available
 from keras_fcn_surgery.batch.shards import check_shard_rows, check_shards, predict_source_sharded
 from keras_fcn_surgery.batch.sources import find_sources
-from keras_fcn_surgery.batch.writers import check_geojson
-from keras_fcn_surgery.errors import InputError, ModelFileError
+from keras_fcn_surgery.batch.writers import check_geojson, check_map_names
+from keras_fcn_surgery.errors import ConversionError, InputError, ModelFileError
 from keras_fcn_surgery.inference.certificate import DEFAULT_CELLS, check_cell_count
 from keras_fcn_surgery.inference.engines import check_engine
+from keras_fcn_surgery.inference.mapper import MapMethod, MapOptions, Mapper
 from keras_fcn_surgery.inference.runner import progress_bar
 from keras_fcn_surgery.options import PREPROCESS_MODES
+from keras_fcn_surgery.saving.atomic import Interrupted
+from keras_fcn_surgery.saving.loading import as_model
 
 ENGINES = ("local", "ray")
 
@@ -229,20 +233,12 @@ def predict_images(
     out_dir = os.path.abspath(os.fspath(out_dir))
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise ModelFileError(f"Output folder '{out_dir}' is a file.")
-    from keras_fcn_surgery.errors import ConversionError
-    from keras_fcn_surgery.saving.loading import as_model
-    from keras_fcn_surgery.surgery.fcn import source_of
-
     if certify:
         check_cell_count(certify, "certify")
     loaded = as_model(model, None, error_class=ConversionError)  # kept: the certificates run the classifier
-    fcn, options = _route(loaded, options, method, stride, head=head, input_size=input_size)
-    if certify and options.method == "windowed":
-        options = replace(options, certify=certify)
-    elif certify:  # Ray's workers get the FCN without its record of the classifier's size
-        options = replace(options, certify=certify, certify_size=source_of(fcn)[1] or _pair_or_none(input_size))
-    _check_outputs(fcn, options)
-    from keras_fcn_surgery.saving.atomic import Interrupted
+    mapper = prepare_mapper(loaded, options, MapMethod(method, stride, head, _pair_or_none(input_size)))
+    options = replace(options, method=mapper.method, stride=mapper.stride, certify=certify or 0)
+    _check_outputs(mapper, options)
 
     results: list = []
     created = not os.path.exists(out_dir)
@@ -250,16 +246,14 @@ def predict_images(
     start = time.perf_counter()
     try:
         if engine == "ray":
-            from keras_fcn_surgery.batch.ray_engine import run_on_ray
-
-            results = run_on_ray(fcn, sources, out_dir, options, address=ray_address, workers=workers)
+            results = run_on_ray(mapper, sources, out_dir, options, address=ray_address, workers=workers)
         else:
             with progress_bar(len(sources), progress, "images") as bar:
                 for source in sources:
                     if options.shards:
-                        results.append(predict_source_sharded(fcn, source, out_dir, options, options.shards))
+                        results.append(predict_source_sharded(mapper, source, out_dir, options, options.shards))
                     else:
-                        results.append(predict_source(fcn, source, out_dir, options))
+                        results.append(predict_source(mapper, source, out_dir, options))
                     bar.update(1)
     except (KeyboardInterrupt, Interrupted) as stop:
         if engine != "ray":  # Ray's results come back at the end: none is known here
@@ -272,20 +266,12 @@ def predict_images(
     return BatchSummary(results, time.perf_counter() - start)
 
 
-def _route(model, options: BatchOptions, method: str, stride, *, head: str, input_size):
-    """The model each input runs (an FCN, or the classifier for windowed maps) and the options that say which.
-
-    Decided once for the job, as `predict_map` decides for one image
-    (`inference.windowed.route`); a windowed map's stride is checked here,
-    before any input.
-    """
-    from keras_fcn_surgery.inference import windowed
-    from keras_fcn_surgery.surgery.fcn import as_fcn
-
-    chosen, _ = windowed.route(model, stride, method, head=head, input_size=input_size)
-    if chosen == "windowed":
-        return model, replace(options, method="windowed", stride=windowed.check_stride(model, stride))
-    return as_fcn(model, head=head, input_size=input_size), replace(options, method="fcn", stride=None)
+def prepare_mapper(model, options: BatchOptions, method: MapMethod) -> Mapper:
+    """The job's `Mapper`: the method routed once for every input (a windowed map's stride checked before any
+    input), with the job's execution and its pixels' preprocessing."""
+    mapper = Mapper(model, MapOptions(method=method))
+    preprocess = preprocess_fn(options.preprocess, mapper.spec.layout)
+    return mapper.with_options(batch_size=options.batch_size, engine=options.execution, preprocess=preprocess)
 
 
 def _pair_or_none(size):
@@ -311,10 +297,9 @@ def _check_mask(mask):
     return mask
 
 
-def _check_outputs(fcn, options) -> None:
+def _check_outputs(mapper: Mapper, options) -> None:
     """Before any input: the output GeoJSON/CSV describe, its class names, and maps every format can hold."""
-
-    spec = map_spec_of(fcn, options)
+    spec = mapper.spec
     if options.output is not None or options.class_names is not None or set(ONE_MAP_FORMATS) & set(options.formats):
         shown = spec.outputs[spec.output_index(options.output)]  # an unknown name is refused here
         if options.class_names is not None and len(options.class_names) != shown.classes:
@@ -323,8 +308,5 @@ def _check_outputs(fcn, options) -> None:
                 f"{len(options.class_names)} class names were given; the model has {shown.classes} classes{where}."
             )
     if spec.several:
-        from keras_fcn_surgery.batch.writers import check_map_names
-        from keras_fcn_surgery.grid.geometry import geometry
-
         check_map_names(spec.names)
-        geometry(fcn)  # raises, naming each output's grid, when the outputs do not share one
+        _ = mapper.grid  # raises, naming each output's grid, when the outputs do not share one

@@ -173,7 +173,7 @@ def work_folder(out_dir: str, source: Source) -> str:
     return os.path.join(os.path.dirname(base), f".shards-{os.path.basename(base)}")
 
 
-def plan_input(fcn, source: Source, out_dir: str, options: BatchOptions, shards: int) -> InputPlan | InputResult:
+def plan_input(mapper, source: Source, out_dir: str, options: BatchOptions, shards: int) -> InputPlan | InputResult:
     """Cut ``source``'s map into regions and prepare its work folder (kept from an interrupted run when it was
     made for the same model, input, mask and options); an `InputResult` when the input is skipped or fails."""
     start = time.perf_counter()
@@ -182,7 +182,7 @@ def plan_input(fcn, source: Source, out_dir: str, options: BatchOptions, shards:
         return InputResult(source.path, "skipped", tuple(paths.values()))
     try:
         with open_reader(source.path) as reader:
-            job = open_input(fcn, reader, source, options)
+            job = open_input(mapper, reader, source, options)
             if job.per_pixel:
                 tile = segment_tile(options, job.size, job.kept)
             else:
@@ -194,7 +194,7 @@ def plan_input(fcn, source: Source, out_dir: str, options: BatchOptions, shards:
                 "source": source.path,
                 "map_size": list(job.map_size),
                 "regions": [[r.start, r.stop] for r in regions],
-                "fingerprint": _fingerprint(fcn, job, options),
+                "fingerprint": _fingerprint(mapper, job, options),
             }
             if _read_json(os.path.join(work, _PLAN)) != record:
                 remove_tree(work)
@@ -211,14 +211,14 @@ def plan_input(fcn, source: Source, out_dir: str, options: BatchOptions, shards:
     return InputPlan(source, regions, pending, work)
 
 
-def run_region(fcn, source: Source, out_dir: str, options: BatchOptions, region: Region) -> None:
+def run_region(mapper, source: Source, out_dir: str, options: BatchOptions, region: Region) -> None:
     """Compute ``region`` of ``source``'s map into its work folder's store and mark it done.
 
     Raises whatever the computation raises (the region stays to be redone).
     """
     work, started = work_folder(out_dir, source), time.perf_counter()
     with open_reader(source.path) as reader:
-        job = open_input(fcn, reader, source, replace(options, mask=None))  # the mask: as planned
+        job = open_input(mapper, reader, source, replace(options, mask=None))  # the mask: as planned
         if options.mask is not None:
             packed = np.load(os.path.join(work, _KEPT))
             job.kept = np.unpackbits(packed, axis=1, count=job.map_size[1]).astype(bool)
@@ -230,9 +230,9 @@ def run_region(fcn, source: Source, out_dir: str, options: BatchOptions, region:
         maps = {name: RegionView(array, region.start, region.stop) for name, array in _store_maps(work, job).items()}
         scores = job.scores(maps)
         if job.per_pixel:
-            _segment(fcn, job.view, job.layout, job.size, keep, scores, options)
+            _segment(mapper, job.view, job.layout, job.size, keep, scores, options)
         else:
-            _compute(fcn, job.view, job.layout, job.grid, job.size, keep, scores, options)
+            _compute(mapper, job.view, job.layout, job.grid, job.size, keep, scores, options)
     pause_point(f"region {region.index}")  # test hook: a worker killed after writing, before the record
     seconds = time.perf_counter() - started
     record = {"rows": [region.start, region.stop], "seconds": seconds, "host": socket.gethostname(), "pid": os.getpid()}
@@ -246,7 +246,7 @@ def region_records(work: str) -> dict[int, dict]:
     return {int(name.split(".")[0]): _read_json(os.path.join(folder, name)) for name in names if name.endswith(".json")}
 
 
-def finish_input(fcn, plan: InputPlan, out_dir: str, options: BatchOptions, seconds: float = 0.0) -> InputResult:
+def finish_input(mapper, plan: InputPlan, out_dir: str, options: BatchOptions, seconds: float = 0.0) -> InputResult:
     """Write ``plan``'s outputs from its completed store and publish them; an `InputResult` either way."""
     start = time.perf_counter() - seconds
     source = plan.source
@@ -256,17 +256,17 @@ def finish_input(fcn, plan: InputPlan, out_dir: str, options: BatchOptions, seco
         return _failed(source, f"regions {missing} of its map were not computed; rerun to compute them.", start)
     try:
         with open_reader(source.path) as reader:
-            job = open_input(fcn, reader, source, options)
+            job = open_input(mapper, reader, source, options)
             maps = _store_maps(plan.work, job)
             with writers.staged_outputs(paths, overwrite=options.overwrite) as temporary:
                 shown = _shown_output(job.spec, options.output, required=bool(set(ONE_MAP_FORMATS) & set(temporary)))
                 if job.per_pixel:
-                    fraction, computed = _segment_fraction(fcn, job, options), None
+                    fraction, computed = _segment_fraction(mapper, job, options), None
                 else:
                     keep = None if job.kept is None or job.grid.global_context else job.kept
                     tile = map_tile(options, job.size, job.grid, job.kept)
-                    fraction, computed = work_fraction(fcn, job.size, tile, keep, options), _computed(job, maps)
-                certificate, line = certify(fcn, job, computed, shown, options)
+                    fraction, computed = work_fraction(mapper, job.size, tile, keep, options), _computed(job, maps)
+                certificate, line = certify(mapper, job, computed, shown, options)
                 store = os.path.join(plan.work, _STORE)
                 zarr_out = temporary.pop("zarr", None)
                 write_outputs(temporary, job, maps, shown, fraction, certificate, options)
@@ -285,20 +285,20 @@ def finish_input(fcn, plan: InputPlan, out_dir: str, options: BatchOptions, seco
     )
 
 
-def predict_source_sharded(fcn, source: Source, out_dir: str, options: BatchOptions, shards: int) -> InputResult:
+def predict_source_sharded(mapper, source: Source, out_dir: str, options: BatchOptions, shards: int) -> InputResult:
     """`predict_source` by regions in this process: plan, compute each region still to do, finish."""
     start = time.perf_counter()
-    plan = plan_input(fcn, source, out_dir, options, shards)
+    plan = plan_input(mapper, source, out_dir, options, shards)
     if isinstance(plan, InputResult):
         return plan
     for region in plan.pending:
         try:
-            run_region(fcn, source, out_dir, options, region)
+            run_region(mapper, source, out_dir, options, region)
         except (ConversionError, OSError) as error:
             return _failed(source, str(error), start)
         except Exception as error:
             return _failed(source, f"{type(error).__name__}: {first_line(str(error))}", start)
-    return finish_input(fcn, plan, out_dir, options, time.perf_counter() - start)
+    return finish_input(mapper, plan, out_dir, options, time.perf_counter() - start)
 
 
 def _chunk_rows(options: BatchOptions) -> int:
@@ -329,18 +329,18 @@ def _computed(job: OpenInput, maps: dict):
     return job.scores(moved)
 
 
-def _segment_fraction(fcn, job: OpenInput, options: BatchOptions) -> float:
+def _segment_fraction(mapper, job: OpenInput, options: BatchOptions) -> float:
     from keras_fcn_surgery.segmentation.predict import tile_fraction
 
     if job.kept is None:
         return 1.0
-    return tile_fraction(fcn, job.size, segment_tile(options, job.size, job.kept), job.kept)
+    return tile_fraction(mapper.runnable, job.size, segment_tile(options, job.size, job.kept), job.kept)
 
 
-def _fingerprint(fcn, job: OpenInput, options: BatchOptions) -> str:
+def _fingerprint(mapper, job: OpenInput, options: BatchOptions) -> str:
     """A hash of what the map depends on: the model's weights and names, the mask, the options."""
     digest = hashlib.sha256()
-    for weight in fcn.weights:  # values and shapes, not names (Keras numbers them per process)
+    for weight in mapper.runnable.weights:  # values and shapes, not names (Keras numbers them per process)
         values = np.ascontiguousarray(np.asarray(weight))
         digest.update(repr((values.shape, values.dtype.str)).encode())
         digest.update(values.tobytes())

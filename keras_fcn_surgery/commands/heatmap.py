@@ -62,49 +62,26 @@ def run(args) -> int:
     import keras_fcn_surgery as kfs
     from keras_fcn_surgery.cli import cli_message
     from keras_fcn_surgery.exporting.preprocessing import pixel_function
-    from keras_fcn_surgery.grid.geometry import Geometry, WindowGrid
-    from keras_fcn_surgery.inference import windowed
-    from keras_fcn_surgery.inference.certificate import certificate_or_reason
     from keras_fcn_surgery.inference.heatmap import class_probabilities, heat_range
     from keras_fcn_surgery.saving.atomic import atomic_output, check_output_path
     from keras_fcn_surgery.saving.images import read_image
 
     check_output_path(args.output, suffix=".png", overwrite=args.overwrite)  # before any work
     model = kfs.load_model(args.model)  # kept: the certificate runs the classifier on crops
-    chosen, _ = windowed.route(model, args.stride, args.method, head=args.head, input_size=args.input_size)
-    stride = windowed.check_stride(model, args.stride) if chosen == "windowed" else None
-    # A windowed map is the classifier's own (its output on every crop at `stride`); else the FCN's.
-    fcn = model if stride is not None else kfs.as_fcn(model, head=args.head, input_size=args.input_size)
-    spec = windowed.map_spec(model) if stride is not None else kfs.fcn_spec(fcn)
+    method = kfs.MapMethod(args.method, args.stride, args.head, args.input_size)
+    mapper = kfs.prepare(model, method=method, tile=args.tile, engine=args.execution)  # the method, chosen once
+    spec = mapper.spec
     shown = spec.names[spec.output_index(args.output_name)]  # an unknown name is refused before any work
     layout = spec.layout
     pixels = read_image(args.image, spec.channels)
     image = layout.image_from_channels_last(pixels)
-    preprocess = pixel_function(args.preprocess, layout.data_format)
-    maps = kfs.predict_map(
-        fcn,
-        image,
-        tile=args.tile,
-        preprocess=preprocess,
-        progress=None,
-        engine=args.execution,
-        method="windowed" if stride is not None else "fcn",
-        stride=stride,
-    )
+    mapper = mapper.with_options(preprocess=pixel_function(args.preprocess, layout.data_format))
+    maps = mapper.map(image)
     if spec.several:
         others = ", ".join(name for name in spec.names if name != shown)
         print(f"output {shown!r} of {len(spec.names)} (the others: {others}; --output-name to choose)")
     if args.certify:
-        _, line = certificate_or_reason(
-            fcn,
-            image,
-            maps,
-            args.certify,
-            input_size=args.input_size,
-            preprocess=preprocess,
-            output=shown if spec.several else None,
-            stride=stride,
-        )
+        _, line = mapper.certificate_line(image, maps, args.certify, output=shown if spec.several else None)
         print(cli_message(line))
     scores = layout.image_to_channels_last(maps[shown] if spec.several else maps)
     classes = scores.shape[-1]
@@ -112,11 +89,7 @@ def run(args) -> int:
         print(f"error: --class {args.class_index} is out of range: the model has {classes} classes.", file=sys.stderr)
         return EXIT_USAGE
     names = read_class_names(args.class_names, classes)
-    grid: Geometry | WindowGrid
-    if stride is not None:
-        grid = windowed.window_grid(model, stride)
-    else:
-        grid = kfs.geometry(fcn, output=shown if spec.several else None)
+    grid = mapper.grid_of(shown if spec.several else None)
     probabilities = class_probabilities(scores)
     _print_top(probabilities, names, grid, pixels.shape[:2], args.top)
     value_range = (0.0, 1.0) if args.absolute else heat_range(probabilities[..., args.class_index])

@@ -30,7 +30,7 @@ import numpy as np
 from keras_fcn_surgery.errors import ConversionError, InexactMapWarning, InputError, UncertifiableMapError
 from keras_fcn_surgery.grid import tiling
 from keras_fcn_surgery.grid.geometry import Geometry, geometry
-from keras_fcn_surgery.inference import engines, runner
+from keras_fcn_surgery.inference import engines, runner, windowed
 from keras_fcn_surgery.options import CERTIFIED_CELLS
 from keras_fcn_surgery.surgery.fcn import as_fcn, choose_output, is_fully_convolutional, original_size, source_of
 from keras_fcn_surgery.surgery.verify import VerificationResult, batch_spread, compare_arrays, tolerance_for
@@ -135,124 +135,28 @@ class CertifiedMap(NamedTuple):
     certificate: MapCertificate
 
 
-def certify_map(
-    model,
-    image,
-    score_map,
-    n: int = DEFAULT_CELLS,
-    *,
-    input_size=None,
-    preprocess=None,
-    keep=None,
-    tolerance: float | None = None,
-    seed: int = 0,
-    output: str | None = None,
-    stride=None,
+class CropRun(NamedTuple):
+    """What a certificate runs: the FCN whose map it is, the model run on crops, the crop size, its description."""
+
+    fcn: Any
+    runs_on: Any
+    crop: tuple[int, int]
+    against: str
+    model: Any = None  # the model as given (named in errors); None: ``fcn``
+
+
+def crop_certificate(
+    runs: CropRun, image, score_map, n: int, *, preprocess=None, keep=None, tolerance=None, seed: int = 0, output=None
 ):
-    """Compare ``n`` sampled cells of a score map with the classifier run on the crops they stand for.
-
-    The cells are drawn deterministically (``seed``) among those whose crop
-    lies inside the image: the four corners of that region first, then one
-    cell from each of a grid of blocks over it. Each crop is cut from
-    ``image``, preprocessed as the map's tiles were, and run through the
-    classifier: ``model`` itself when it is a classifier, the classifier an
-    FCN was converted from in this process (while it exists), or else the
-    FCN at the classifier's input size, where it computes what the
-    classifier computes (`convert` verified that).
-
-    Args:
-        model: the FCN that computed the map, or its classifier (converted
-            once, with ``head="window"``, for the geometry).
-        image: the image the map was computed on, laid out as for `predict_map`.
-        score_map: its map, ``(H', W', K)`` (``(K, H', W')`` channels-first):
-            an array or anything that reads by indexing (zarr).
-        n: how many cells to compare.
-        input_size: the classifier's ``(H, W)``; default: the classifier's own
-            size, the size an FCN was converted at in this process, or else the
-            FCN's smallest input size (said in `MapCertificate.against`).
-        preprocess: the function the map's tiles went through, as for `predict_map`.
-        keep: the boolean ``(H', W')`` mask the map was computed with (cells
-            outside it are NaN, and are not sampled).
-        tolerance: the relative tolerance; default: the one `convert`
-            verifies at for the model's dtype.
-        seed: the seed of the sampling.
-        output: for a model with several outputs (``score_map`` then the
-            dict of their maps `predict_map` returns), the one to certify;
-            None: every one.
-        stride: for a classifier's windowed map (``predict_map(classifier,
-            image, stride=s, method="windowed")``), its stride: cell ``(i,
-            j)`` then stands for the crop at ``(i * s_h, j * s_w)``, and a
-            windowed map is exact, so every sampled cell matches its crop to
-            float round-off. A classifier without an FCN (a transformer)
-            always has a windowed map; the stride it was computed at is needed.
-
-    Returns:
-        A `MapCertificate`; for a model with several outputs and no
-        ``output``, a dict of them by output name.
-
-    Raises:
-        UncertifiableMapError: when the map's cells are not the classifier on
-            crops (a ``head="dense"`` map: several cells at the classifier's
-            size), the windows of the network are unknown, or no cell's crop
-            lies inside the image.
-        InputError: for a map of the wrong shape or a bad ``n``.
-
-    Warns:
-        InexactMapWarning: when the cells differ from their crops beyond the
-            tolerance, with the numbers and the reason (``same`` padding, a
-            network that pools over the whole image).
-
-    Example:
-
-    ```python
-    scores = kfs.predict_map(fcn, image)
-    print(kfs.certify_map(fcn, image, scores))  # 8 of 120 eligible cells ...: exact
-    ```
-    """
-    certificate = make_certificate(
-        model,
-        image,
-        score_map,
-        n,
-        input_size=input_size,
-        preprocess=preprocess,
-        keep=keep,
-        tolerance=tolerance,
-        seed=seed,
-        output=output,
-        stride=stride,
-    )
-    warn_if_inexact(certificate, stacklevel=2)
-    return certificate
-
-
-def make_certificate(
-    model,
-    image,
-    score_map,
-    n: int,
-    *,
-    input_size=None,
-    preprocess=None,
-    keep=None,
-    tolerance=None,
-    seed: int = 0,
-    output: str | None = None,
-    stride=None,
-):
-    """`certify_map` without the warning (the caller warns: `warn_if_inexact`).
+    """The certificate of an FCN's map: ``n`` sampled cells against ``runs.runs_on`` on their crops.
 
     For a model with several outputs, ``score_map`` is the dict of its maps
     (`OutputMaps`), and the result a dict of `MapCertificate` by output name,
     or with ``output``, that output's certificate alone. Outputs on one grid
     share their cells and crops (the crops run once).
     """
-    check_cell_count(n, "n")
-    if _is_windowed(model, stride):
-        return windowed_certificate(
-            model, image, score_map, n, stride=stride, preprocess=preprocess, keep=keep, tolerance=tolerance, seed=seed
-        )
-    fcn, runs_on, crop, against = _what_runs(model, input_size)
+    fcn, runs_on, crop, against, model = runs
+    model = fcn if model is None else model
     spec, outputs = runner.check_fcn(fcn)
     image = runner.with_channel_axis(image, spec)
     size = runner.image_size_of(image, spec)
@@ -393,8 +297,6 @@ def windowed_certificate(
     s_w)``: ``n`` cells, sampled as `certify_map` samples them, are compared
     with the classifier itself run on their crops.
     """
-    from keras_fcn_surgery.inference import windowed
-
     check_cell_count(n, "n")
     found = windowed.analysis(model)
     spec = runner.ImageSpec(found.layout, found.channels)
@@ -408,32 +310,6 @@ def windowed_certificate(
     tolerance = float(tolerance if tolerance is not None else tolerance_for(found.model))
     against = f"classifier '{found.model.name}'"
     return _measured(cells, plan.windows, plan.map_size, found.window, against, expected, actual, tolerance, spec)
-
-
-def _is_windowed(model, stride) -> bool:
-    """Whether a map of ``model`` is its windowed map: a classifier's, with a ``stride`` or without an FCN."""
-    import keras
-
-    from keras_fcn_surgery.inference import windowed
-
-    if not isinstance(model, keras.Model) or is_fully_convolutional(model):
-        return False
-    return stride is not None or (windowed.has_window(model) and windowed.conversion(model)[1] is not None)
-
-
-def certificate_or_reason(model, image, score_map, n: int, **options) -> tuple[MapCertificate | None, str]:
-    """`certify_map` for a command: the certificate (warned about when inexact) and its one-line summary, or
-    None and why there is none: an `UncertifiableMapError` is not a failure of the map.
-
-    For a model with several outputs, give ``output=`` (the map the command
-    shows): its certificate, named in the line."""
-    named = f" of '{options['output']}'" if options.get("output") is not None and isinstance(score_map, dict) else ""
-    try:
-        certificate = make_certificate(model, image, score_map, n, **options)
-    except UncertifiableMapError as error:
-        return None, f"no certificate{named}: {error}"
-    warn_if_inexact(certificate, stacklevel=2)
-    return certificate, f"certificate{named}: {certificate}"
 
 
 def check_cell_count(n, argument: str) -> None:
@@ -548,8 +424,12 @@ def _nearest(corner: tuple[int, int], kept) -> tuple[int, int]:
     return int(i), int(j)
 
 
-def _what_runs(model, input_size):
-    """``(fcn, model to run on crops, crop size, its description)`` for a classifier or an FCN."""
+def what_runs(model, input_size=None, *, source=None) -> CropRun:
+    """What a certificate of ``model``'s map runs (`CropRun`), for a classifier or an FCN.
+
+    ``source``: the classifier an FCN was converted from, when the caller
+    holds it (a `Mapper`); default: the one `source_of` knows in this process.
+    """
     if not is_fully_convolutional(model):
         size = original_size(model, input_size)
         if size is None:
@@ -557,8 +437,11 @@ def _what_runs(model, input_size):
                 f"Model '{model.name}' takes images of any size, so the crops its cells stand for are unknown: "
                 "pass `input_size=(H, W)`, the size the classifier was trained at."
             )
-        return as_fcn(model, input_size=input_size), model, size, f"classifier '{model.name}'"
-    source, recorded = source_of(model)
+        return CropRun(as_fcn(model, input_size=input_size), model, size, f"classifier '{model.name}'", model)
+    known, recorded = source_of(model)
+    source = known if source is None else source
+    if recorded is None and source is not None:
+        recorded = original_size(source)
     if input_size is not None:
         size = (int(input_size[0]), int(input_size[1]))
     elif recorded is not None:
@@ -566,10 +449,10 @@ def _what_runs(model, input_size):
     else:
         size = geometry(model).min_input_size
         unknown = "the classifier's is not known here: pass `input_size=(H, W)`"
-        return model, model, size, f"FCN '{model.name}' at its smallest input size ({unknown})"
+        return CropRun(model, model, size, f"FCN '{model.name}' at its smallest input size ({unknown})")
     if source is not None and original_size(source) in (None, size) and len(source.outputs) == len(model.outputs):
-        return model, source, size, f"classifier '{source.name}'"
-    return model, model, size, f"FCN '{model.name}' at the classifier's input size"
+        return CropRun(model, source, size, f"classifier '{source.name}'")
+    return CropRun(model, model, size, f"FCN '{model.name}' at the classifier's input size")
 
 
 def _at_crop_size(grid: Geometry, crop, fcn) -> Geometry:

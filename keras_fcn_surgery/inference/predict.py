@@ -9,42 +9,13 @@ import numpy as np
 from keras_fcn_surgery.errors import ConversionError, InputError
 from keras_fcn_surgery.graph import model_layout, traced_model
 from keras_fcn_surgery.grid import tiling
-from keras_fcn_surgery.grid.geometry import geometry
-from keras_fcn_surgery.inference import engines, runner, windowed
-from keras_fcn_surgery.inference.certificate import (
-    CertifiedMap,
-    check_cell_count,
-    make_certificate,
-    warn_if_inexact,
-    windowed_certificate,
-)
-from keras_fcn_surgery.inference.staged import plan_prediction, run_plan
-from keras_fcn_surgery.inference.store import DiskMap, file_backed
-from keras_fcn_surgery.surgery.fcn import OutputMaps, map_outputs
-from keras_fcn_surgery.surgery.verify import RELATIVE_TOLERANCE
+from keras_fcn_surgery.inference import engines, runner
+from keras_fcn_surgery.inference.certificate import DEFAULT_CELLS, CertifiedMap, check_cell_count, warn_if_inexact
+from keras_fcn_surgery.inference.mapper import MapOptions, Mapper
+from keras_fcn_surgery.surgery.fcn import OutputMaps, is_fully_convolutional, map_outputs
 
 
-def predict_map(
-    fcn,
-    image,
-    *,
-    tile=None,
-    batch_size: int | None = None,
-    out=None,
-    progress: bool | None = None,
-    preprocess=None,
-    engine: str = "auto",
-    jit_compile: bool | None = None,
-    staged: bool | None = None,
-    memory_budget: int | None = None,
-    prefetch: bool = True,
-    mixed_precision: bool = False,
-    spill_dir: str | None = None,
-    keep=None,
-    stride=None,
-    method: str = "auto",
-    certify: int | None = None,
-):
+def predict_map(model, image, *, out=None, keep=None, certify: int | None = None, progress=None, **options):
     """The score map of one image, computed whole or in exact tiles.
 
     With ``tile``, the image is cut into overlapping tiles whose origins lie on
@@ -80,8 +51,14 @@ def predict_map(
     ``plan_prediction`` with the same arguments says which method runs
     (its ``method``) and what it computes.
 
+    Every option below is also a field of the option groups `prepare`
+    takes (`Tiling`, `Execution`, `Inputs`, `MapMethod`), which may be given
+    instead (``tiling=kfs.Tiling(tile=1024)``); a map in a loop is cheaper
+    through one `Mapper` (``kfs.prepare(model, tile=1024).map(image)``), which
+    routes the method and converts once.
+
     Args:
-        fcn: a fully convolutional model from `convert` (input ``(None, None,
+        model: a fully convolutional model from `convert` (input ``(None, None,
             None, C)``, or ``(None, C, None, None)`` for channels-first), or a
             classifier (see ``method``).
         image: one image, ``(H, W, C)`` (``(C, H, W)`` for channels-first
@@ -203,96 +180,23 @@ def predict_map(
     kfs.predict_map(fcn, image, tile=2048, out=scores)
     ```
     """
-    engine = engines.engine_from_options(engine, jit_compile)
     if certify:
-        check_cell_count(certify, "certify")  # before the pass, not after it
-    model = fcn
-    chosen, fcn = windowed.route(model, stride, method)
-    if chosen == "windowed":
-        if mixed_precision:
-            raise InputError("A windowed map runs in float32 only; drop `mixed_precision`.")
-        scores = windowed.predict_windowed(
-            model,
-            image,
-            stride=stride,
-            tile=tile,
-            batch_size=batch_size,
-            out=out,
-            progress=progress,
-            preprocess=preprocess,
-            engine=engine,
-            staged=staged,
-            memory_budget=memory_budget,
-            prefetch=prefetch,
-            spill_dir=spill_dir,
-            keep=keep,
-        )
-        if not certify:
-            return scores
-        certificate = windowed_certificate(
-            model, image, scores, certify, stride=stride, preprocess=preprocess, keep=keep
-        )
-        warn_if_inexact(certificate, stacklevel=2)
-        return CertifiedMap(scores, certificate)
-    spec, outputs = runner.check_fcn(fcn)
-    size = runner.image_size_of(runner.with_channel_axis(image, spec), spec)
-    plan = plan_prediction(
-        fcn, size, tile=tile, staged=staged, batch_size=batch_size, memory_budget=memory_budget, keep=keep
-    )
-    shapes = {o.name: spec.layout.image_shape(o.map_size[0], o.map_size[1], o.classes) for o in plan.outputs}
-    targets = runner.output_arrays(out, shapes, fcn)
-    precision = "mixed_float16" if mixed_precision else None
-    if keep is None:
-        runner.warn_if_wasteful(
-            plan.work_ratio, plan.tile, lambda side: plan_prediction(fcn, size, tile=side).work_ratio, size
-        )
-    plan = engines.with_engine(plan, fcn, engine, precision)  # each stage's own, measured under "auto"
-
-    def forward_for(model, chosen):
-        return engines.forward(model, chosen, precision)
-
-    pixels = file_backed(image)
-    try:
-        run_plan(
-            plan,
-            runner.with_channel_axis(pixels, spec),
-            targets,
-            preprocess=preprocess,
-            forward_for=forward_for,
-            progress=progress,
-            prefetch=prefetch,
-            spill_dir=spill_dir,
-        )
-    finally:
-        if isinstance(pixels, DiskMap):
-            pixels.close()
-    scores = OutputMaps(outputs.outputs, targets) if outputs.several else targets[0]
+        check_cell_count(certify, "certify")  # before the pass and before the model is prepared
+    mapper = prepare_map(model, "predict_map", options)
+    scores = mapper.map(image, out=out, keep=keep, progress=progress)
     if not certify:
         return scores
-    return _certified(fcn, image, scores, certify, preprocess=preprocess, keep=keep, mixed_precision=mixed_precision)
-
-
-def _certified(fcn, image, scores, certify: int, *, preprocess, keep, mixed_precision: bool) -> CertifiedMap:
-    """``scores`` with its certificate, warned about (at the caller of the public function) when inexact."""
-    tolerance = RELATIVE_TOLERANCE["float16"] if mixed_precision else None
-    certificate = make_certificate(fcn, image, scores, certify, preprocess=preprocess, keep=keep, tolerance=tolerance)
-    warn_if_inexact(certificate, stacklevel=3)
+    certificate = mapper.certificate(image, scores, certify, keep=keep)
+    warn_if_inexact(certificate, stacklevel=2)
     return CertifiedMap(scores, certificate)
 
 
-def predict_maps(
-    fcn,
-    images,
-    *,
-    tile=None,
-    batch_size: int | None = None,
-    preprocess=None,
-    engine: str = "auto",
-    jit_compile: bool | None = None,
-    mixed_precision: bool = False,
-    progress: bool | None = False,
-    **options,
-) -> list:
+def prepare_map(model, entry: str, options: dict) -> Mapper:
+    """The `Mapper` of one call of ``entry`` (its flat keywords or option groups, checked here once)."""
+    return Mapper(model, MapOptions.of(entry, **options))
+
+
+def predict_maps(model, images, *, keep=None, certify: int | None = None, progress: bool | None = False, **options):
     """The score maps of several images, small ones of equal size batched through the network together.
 
     Images of one size that each run as one pass (no ``tile``, or a tile at
@@ -301,19 +205,17 @@ def predict_maps(
     `predict_map` on its own (tiled, staged).
 
     Args:
-        fcn: a fully convolutional model from `convert`.
+        model: a fully convolutional model from `convert` (or a classifier, as
+            for `predict_map`).
         images: a sequence of images, each as for `predict_map` (sizes may
             differ).
-        tile: as for `predict_map`.
-        batch_size: images per forward pass; default: as many as make about
-            1 million pixels.
-        preprocess: as for `predict_map`.
-        engine: as for `predict_map` (``"auto"`` chooses for each batch shape).
-        jit_compile: as for `predict_map`.
-        mixed_precision: as for `predict_map`.
+        keep: as for `predict_map`, for the images that go through it.
+        certify: as for `predict_map`, for every image.
         progress: as for `predict_map`.
-        **options: further keyword arguments of `predict_map`, for the images
-            that go through it; ``certify`` applies to every image.
+        **options: the options of `predict_map` (``tile``, ``batch_size``:
+            images per forward pass, default as many as make about 1 million
+            pixels; ``preprocess``, ``engine``: ``"auto"`` chooses for each
+            batch shape; ``mixed_precision``...), or their groups.
 
     Returns:
         The maps, in the order of ``images`` (for a model with several
@@ -323,11 +225,16 @@ def predict_maps(
     Raises:
         ConversionError: as `predict_map`.
     """
-    engine = engines.engine_from_options(engine, jit_compile)
-    certify = options.pop("certify", None)
     if certify:
         check_cell_count(certify, "certify")
+    mapper = prepare_map(model, "predict_maps", options)
+    images = list(images)
+    if mapper.method == "windowed":
+        maps = [mapper.map(image, keep=keep, progress=False) for image in images]
+        return _certified(mapper, images, maps, certify, keep)
+    fcn, tiles, execution, preprocess = mapper.runnable, mapper.tiling, mapper.execution, mapper.inputs.preprocess
     spec, outputs = runner.check_fcn(fcn)
+    batch_size = tiles.batch_size
     if batch_size is not None and batch_size < 1:
         raise InputError(f"Expected `batch_size` >= 1. Received: batch_size={batch_size}")
     images = [runner.with_channel_axis(image, spec) for image in images]
@@ -336,32 +243,23 @@ def predict_maps(
     by_size: dict = {}
     for index, size in enumerate(sizes):
         by_size.setdefault(size, []).append(index)
-    requested = None if tile is None else runner.pair(tile, "tile")
-    grids = [geometry(fcn, output=name) for name in outputs.names] if outputs.several else [geometry(fcn)]
-    precision = "mixed_float16" if mixed_precision else None
+    requested = None if tiles.tile is None else runner.pair(tiles.tile, "tile")
+    grids = [mapper.grid_of(name) for name in outputs.names] if outputs.several else [mapper.grid]
+    precision = execution.precision
     dtype = runner.input_dtype(fcn)
     with runner.progress_bar(len(images), progress, "images") as bar:
         for size, indices in by_size.items():
             if requested is not None and any(t < n for t, n in zip(requested, size)):
                 for index in indices:
-                    results[index] = predict_map(
-                        fcn,
-                        images[index],
-                        tile=tile,
-                        batch_size=batch_size,
-                        preprocess=preprocess,
-                        engine=engine,
-                        mixed_precision=mixed_precision,
-                        **options,
-                    )
+                    results[index] = mapper.map(images[index], keep=keep, progress=False)
                     bar.update(1)
                 continue
             for grid in grids:
-                runner.check_image_size(size, grid)
+                runner.check_image_size(size, grid)  # type: ignore[arg-type]
             whole = tiling.AxisTile(0, size[0], 0, 0, 0), tiling.AxisTile(0, size[1], 0, 0, 0)
             per_batch = batch_size or max(1, runner.PIXELS_PER_BATCH // (size[0] * size[1]))
             call_shape = spec.layout.batch_shape(min(per_batch, len(indices)), size[0], size[1], spec.channels)
-            chosen = engines.choose_engine(fcn, call_shape, engine, precision).engine
+            chosen = engines.choose_engine(fcn, call_shape, execution.engine, precision).engine
             forward = engines.forward(fcn, chosen, precision)
             for first in range(0, len(indices), per_batch):
                 group = indices[first : first + per_batch]
@@ -371,14 +269,98 @@ def predict_maps(
                     own = [np.asarray(m[position], dtype=runner.output_dtype(fcn, k)) for k, m in enumerate(maps)]
                     results[index] = OutputMaps(outputs.outputs, own) if outputs.several else own[0]
                 bar.update(len(group))
+    return _certified(mapper, images, results, certify, keep)
+
+
+def _certified(mapper: Mapper, images, results: list, certify, keep) -> list:
     if not certify:
         return results
-    keep = options.get("keep")
     for index, (image, scores) in enumerate(zip(images, results)):  # a loop: warnings point at the caller
-        results[index] = _certified(
-            fcn, image, scores, certify, preprocess=preprocess, keep=keep, mixed_precision=mixed_precision
-        )
+        certificate = mapper.certificate(image, scores, certify, keep=keep)
+        warn_if_inexact(certificate, stacklevel=3)
+        results[index] = CertifiedMap(scores, certificate)
     return results
+
+
+def certify_map(
+    model,
+    image,
+    score_map,
+    n: int = DEFAULT_CELLS,
+    *,
+    keep=None,
+    tolerance: float | None = None,
+    seed: int = 0,
+    output: str | None = None,
+    **options,
+):
+    """Compare ``n`` sampled cells of a score map with the classifier run on the crops they stand for.
+
+    The cells are drawn deterministically (``seed``) among those whose crop
+    lies inside the image: the four corners of that region first, then one
+    cell from each of a grid of blocks over it. Each crop is cut from
+    ``image``, preprocessed as the map's tiles were, and run through the
+    classifier: ``model`` itself when it is a classifier, the classifier an
+    FCN was converted from in this process (while it exists), or else the
+    FCN at the classifier's input size, where it computes what the
+    classifier computes (`convert` verified that).
+
+    Args:
+        model: the FCN that computed the map, or its classifier (converted
+            once, with ``head="window"``, for the geometry).
+        image: the image the map was computed on, laid out as for `predict_map`.
+        score_map: its map, ``(H', W', K)`` (``(K, H', W')`` channels-first):
+            an array or anything that reads by indexing (zarr).
+        n: how many cells to compare.
+        input_size: the classifier's ``(H, W)``; default: the classifier's own
+            size, the size an FCN was converted at in this process, or else the
+            FCN's smallest input size (said in `MapCertificate.against`).
+        preprocess: the function the map's tiles went through, as for `predict_map`.
+        keep: the boolean ``(H', W')`` mask the map was computed with (cells
+            outside it are NaN, and are not sampled).
+        tolerance: the relative tolerance; default: the one `convert`
+            verifies at for the model's dtype.
+        seed: the seed of the sampling.
+        output: for a model with several outputs (``score_map`` then the
+            dict of their maps `predict_map` returns), the one to certify;
+            None: every one.
+        stride: for a classifier's windowed map (``predict_map(classifier,
+            image, stride=s, method="windowed")``), its stride: cell ``(i,
+            j)`` then stands for the crop at ``(i * s_h, j * s_w)``, and a
+            windowed map is exact, so every sampled cell matches its crop to
+            float round-off. A classifier without an FCN (a transformer)
+            always has a windowed map; the stride it was computed at is needed.
+
+    Returns:
+        A `MapCertificate`; for a model with several outputs and no
+        ``output``, a dict of them by output name.
+
+    Raises:
+        UncertifiableMapError: when the map's cells are not the classifier on
+            crops (a ``head="dense"`` map: several cells at the classifier's
+            size), the windows of the network are unknown, or no cell's crop
+            lies inside the image.
+        InputError: for a map of the wrong shape or a bad ``n``.
+
+    Warns:
+        InexactMapWarning: when the cells differ from their crops beyond the
+            tolerance, with the numbers and the reason (``same`` padding, a
+            network that pools over the whole image).
+
+    Example:
+
+    ```python
+    scores = kfs.predict_map(fcn, image)
+    print(kfs.certify_map(fcn, image, scores))  # 8 of 120 eligible cells ...: exact
+    ```
+    """
+    check_cell_count(n, "n")
+    if options.get("stride") is not None and "method" not in options and not is_fully_convolutional(model):
+        options["method"] = "windowed"  # a stride names the classifier's windowed map
+    mapper = prepare_map(model, "certify_map", options)
+    certificate = mapper.certificate(image, score_map, n, keep=keep, tolerance=tolerance, seed=seed, output=output)
+    warn_if_inexact(certificate, stacklevel=2)
+    return certificate
 
 
 def sliding_window_predict(

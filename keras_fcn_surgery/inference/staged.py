@@ -41,7 +41,7 @@ from keras_fcn_surgery.graph import (
 from keras_fcn_surgery.grid import stages as stage_math
 from keras_fcn_surgery.grid import tiling
 from keras_fcn_surgery.grid.geometry import geometry
-from keras_fcn_surgery.inference import runner
+from keras_fcn_surgery.inference import engines, runner
 from keras_fcn_surgery.inference.cost import pass_cost
 from keras_fcn_surgery.inference.store import Scratch
 
@@ -304,21 +304,26 @@ def plan_prediction(
             network cannot be staged (it pools over the whole map, or has no
             cut between its input and output).
     """
-    from keras_fcn_surgery.inference import windowed
+    from keras_fcn_surgery.inference.mapper import prepare
 
-    chosen, model = windowed.route(fcn, stride, method)
-    if chosen == "windowed":
-        return windowed.plan_windows(
-            fcn,
-            image_size,
-            stride=stride,
-            tile=tile,
-            staged=staged,
-            batch_size=batch_size,
-            memory_budget=memory_budget,
-            keep=keep,
-        )
-    fcn = model
+    mapper = prepare(
+        fcn, tile=tile, staged=staged, batch_size=batch_size, memory_budget=memory_budget, stride=stride, method=method
+    )
+    return mapper.plan(image_size, keep=keep, engine=engine)
+
+
+def plan_fcn(
+    fcn,
+    image_size,
+    *,
+    tile=None,
+    staged: bool | None = None,
+    batch_size: int | None = None,
+    memory_budget: int | None = None,
+    keep=None,
+    engine: str | None = None,
+) -> PredictionPlan:
+    """`plan_prediction` of an FCN (no method to choose); a `Mapper`'s plans and a windowed map's prefix use it."""
     size = tuple(int(d) for d in image_size)
     budget = DEFAULT_MEMORY_BUDGET if memory_budget is None else int(memory_budget)
     if batch_size is not None and batch_size < 1:
@@ -337,9 +342,7 @@ def plan_prediction(
     if keep is not None:
         plan = _masked(plan, _keep_mask(keep, plan.map_size), batch_given=batch_size is not None)
     if engine is not None:
-        from keras_fcn_surgery.inference.engines import with_engine
-
-        plan = with_engine(plan, fcn, engine)
+        plan = engines.with_engine(plan, fcn, engine)
     return plan
 
 

@@ -71,9 +71,13 @@ from keras_fcn_surgery.grid import tiling
 from keras_fcn_surgery.grid.geometry import Geometry, WindowGrid, geometry
 from keras_fcn_surgery.inference import engines, runner
 from keras_fcn_surgery.inference.cost import layer_macs, pass_cost
+from keras_fcn_surgery.inference.staged import plan_fcn
 from keras_fcn_surgery.inference.store import DiskMap, Scratch, file_backed
 from keras_fcn_surgery.layout import Layout
 from keras_fcn_surgery.options import MAP_METHODS
+from keras_fcn_surgery.surgery.convert import convert
+from keras_fcn_surgery.surgery.fcn import FcnSpec, as_fcn, is_fully_convolutional, map_outputs
+from keras_fcn_surgery.surgery.verify import compare_arrays, tolerance_for
 
 # Bytes of a band's shared prefix map kept in memory (bands are sized to it); a larger one goes to a temporary file.
 DEFAULT_MEMORY_BUDGET = 64 << 20
@@ -290,8 +294,6 @@ def analysis(model) -> _Analysis:
 
 
 def _analyse(model) -> _Analysis:
-    from keras_fcn_surgery.surgery.convert import convert
-
     twin = traced_model(model)
     layout = model_layout(twin)
     shape = tuple(twin.inputs[0].shape)
@@ -459,8 +461,6 @@ def route(model, stride, method: str, *, head: str = "window", input_size=None):
         InputError: for ``method="windowed"`` or a ``stride`` other than its
             own with an FCN, or an unknown ``method``.
     """
-    from keras_fcn_surgery.surgery.fcn import is_fully_convolutional
-
     check_method(method)
     if not isinstance(model, keras.Model):
         return "fcn", model
@@ -536,8 +536,6 @@ def conversion(model, head: str = "window", input_size=None):
     A refusal is remembered per model (and head and size) as `as_fcn`
     remembers a conversion: a transformer is not converted again on every call.
     """
-    from keras_fcn_surgery.surgery.fcn import as_fcn
-
     key = (head, None if input_size is None else tuple(int(d) for d in input_size))
     refusals = _REFUSALS.setdefault(model, {})
     if key in refusals:
@@ -577,8 +575,6 @@ def window_grid(model, stride=None) -> WindowGrid:
 
 def map_spec(model):
     """The `FcnSpec` of a classifier's windowed map: its layout, channels and one output's classes."""
-    from keras_fcn_surgery.surgery.fcn import FcnSpec, map_outputs
-
     found = analysis(model)
     return FcnSpec(found.layout, found.channels, found.classes, map_outputs(found.model))
 
@@ -686,10 +682,8 @@ def plan_windows(
             continue  # no kept window: nothing of the band runs
         needed = None
         if best.prefix is not None:
-            from keras_fcn_surgery.inference.staged import plan_prediction
-
             needed = _needed_cells(best, (stop - first, map_size[1]), strides, found.window, part)
-            band_plan = plan_prediction(
+            band_plan = plan_fcn(
                 best.prefix,
                 _band_size(first, stop, strides, found.window, region),
                 tile=tile,
@@ -799,41 +793,27 @@ def _needed_cells(split: _Split, map_size, strides, window, mask) -> np.ndarray 
     return tiling.pixels_read(size, axes[0], axes[1], mask)
 
 
-def predict_windowed(
-    model,
+def run_windowed(
+    plan: WindowedPlan,
     image,
     *,
-    stride=None,
-    tile=None,
-    batch_size: int | None = None,
     out=None,
-    progress: bool | None = None,
-    preprocess=None,
-    engine: str = "auto",
-    staged: bool | None = None,
-    memory_budget: int | None = None,
-    prefetch: bool = True,
-    spill_dir: str | None = None,
     keep=None,
+    prefix_pass,
+    preprocess=None,
+    engine="auto",
+    progress=None,
+    spill_dir=None,
 ):
-    """A classifier's exact map: its output on every crop at ``stride``, through a shared prefix.
+    """Run a windowed ``plan`` on ``image`` into ``out`` (allocated when None); a `Mapper` calls it.
 
-    See `predict_map` (``method="windowed"``) and `plan_windows`.
+    ``prefix_pass(prefix, region, shared, needed)`` computes the shared
+    prefix's map of one band's ``region`` of pixels into ``shared``, only the
+    ``needed`` cells (None: all): the mapper runs it as an FCN's map.
     """
-    found = analysis(model)
+    found: _Analysis = plan._analysis  # type: ignore[assignment]
     spec = runner.ImageSpec(found.layout, found.channels)
     image = runner.with_channel_axis(image, spec)
-    size = runner.image_size_of(image, spec)
-    plan = plan_windows(
-        model,
-        size,
-        stride=stride,
-        tile=tile,
-        staged=staged,
-        batch_size=batch_size,
-        memory_budget=memory_budget,
-        keep=keep,
-    )
     shape = found.layout.image_shape(plan.map_size[0], plan.map_size[1], found.classes)
     out = runner.output_arrays(out, {"scores": shape}, found.model)[0]
     split: _Split = plan._split  # type: ignore[assignment]
@@ -847,26 +827,12 @@ def predict_windowed(
             for first, stop, needed in plan._bands:  # bands of window rows: the shared map of one at a time
                 shared = None
                 if split.prefix is not None:
-                    from keras_fcn_surgery.inference.predict import predict_map
-
                     size = _band_size(first, stop, plan.stride, plan.window, plan.region)
                     cells = split.grid.output_size(size)  # type: ignore[union-attr]
                     shape = found.layout.image_shape(cells[0], cells[1], split.channels)
                     shared = scratch.array("prefix", shape, "float32", on_disk=plan.band_store == "disk")
-                    predict_map(
-                        split.prefix,
-                        _Region(pixels, found.layout, size, top=first * plan.stride[0]),
-                        tile=tile,
-                        out=shared,
-                        progress=progress,
-                        preprocess=preprocess,
-                        engine=engine,
-                        staged=staged,
-                        memory_budget=memory_budget,
-                        prefetch=prefetch,
-                        spill_dir=spill_dir,
-                        keep=needed,
-                    )
+                    region = _Region(pixels, found.layout, size, top=first * plan.stride[0])
+                    prefix_pass(split.prefix, region, shared, needed)
                 rows = (first, stop)
                 _run_windows(plan, found, split, pixels, spec, shared, out, mask, preprocess, engine, progress, rows)
         return out
@@ -988,8 +954,6 @@ def _verify_split(found: _Analysis, split: _Split) -> None:
     """Check once that the prefix's FCN and the tail compose to the classifier (two random windows)."""
     if split.index in found.verified:
         return
-    from keras_fcn_surgery.surgery.verify import compare_arrays, tolerance_for
-
     batch = np.random.default_rng(0).standard_normal((2, *tuple(found.model.inputs[0].shape)[1:])).astype("float32")
     expected = np.asarray(keras.ops.convert_to_numpy(found.model(batch, training=False)))
     middle = batch if split.prefix is None else np.asarray(split.prefix(batch, training=False))

@@ -1,0 +1,120 @@
+"""`predict_images` against `predict_map` on the same slide pixels: the batch job's overhead.
+
+VGG16 with random weights (``keras.applications.VGG16(weights=None)``), a
+pyramidal tiled TIFF of 2048 x 2048 pixels (and 4096 x 4096 with
+``--large``) written with tifffile. Each round times, in this one process and
+alternating, ``predict_images(model, slide, out, tile=1024)`` (npz output) and
+``predict_map(model, pixels, tile=1024)`` on the level-0 pixels read from the
+same file, without a certificate and with the default one
+(``certify=DEFAULT_CELLS``, which `predict_images` makes by default). The
+first round is a warm-up (conversion, compiled forwards, the execution
+timings); the best of the other rounds is reported, and the ratio
+``predict_images / predict_map`` (target: at most 1.05).
+
+Run (about 5 minutes on 2 CPU cores at 2048; ``--large`` adds 4096)::
+
+    python benchmarks/batch_vs_map.py [--rounds 3] [--large] [--execution tf]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import tempfile
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+import numpy as np  # noqa: E402
+
+TIFF_TILE = 256
+TILE = 1024
+
+
+def slide_pixels(side: int, seed: int = 0) -> np.ndarray:
+    """Slide-like RGB pixels: bright glass around an ellipse of textured tissue."""
+    rng = np.random.default_rng(seed)
+    ys = (np.arange(side) / side)[:, None]
+    xs = (np.arange(side) / side)[None, :]
+    tissue = ((ys - 0.45) / 0.33) ** 2 + ((xs - 0.5) / 0.29) ** 2 < 1
+    noise = rng.normal(0, 20, (side, side, 3)).astype(np.float32)
+    pixels = np.where(tissue[..., None], noise + [200, 110, 160], noise * 0.2 + 236)
+    return np.clip(pixels, 0, 255).astype(np.uint8)
+
+
+def write_pyramid(path: str, pixels: np.ndarray) -> None:
+    """A pyramidal tiled TIFF (SubIFD levels down to 512 pixels)."""
+    import tifffile
+
+    levels = 1
+    while pixels.shape[0] // 2**levels >= 512:
+        levels += 1
+    options = {"tile": (TIFF_TILE, TIFF_TILE), "photometric": "rgb", "compression": "zlib"}
+    with tifffile.TiffWriter(path, bigtiff=True) as tif:
+        tif.write(pixels, subifds=levels - 1, **options)
+        for level in range(1, levels):
+            tif.write(pixels[:: 2**level, :: 2**level], subfiletype=1, **options)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=3, help="timed rounds after the warm-up (default 3)")
+    parser.add_argument("--large", action="store_true", help="also 4096 x 4096")
+    parser.add_argument("--execution", default="tf", help="`engine` of every pass (default tf: no timing runs)")
+    parser.add_argument("--sides", default=None, help="comma-separated slide sides (default 2048[,4096])")
+    args = parser.parse_args()
+
+    import keras
+    import tifffile
+
+    import keras_fcn_surgery as kfs
+    from keras_fcn_surgery.inference.certificate import DEFAULT_CELLS
+
+    keras.utils.set_random_seed(0)
+    model = keras.applications.VGG16(weights=None)
+    sides = [int(s) for s in args.sides.split(",")] if args.sides else [2048] + ([4096] if args.large else [])
+    folder = tempfile.mkdtemp(prefix="kfs-batch-vs-map-")
+    try:
+        for side in sides:
+            slide = os.path.join(folder, f"slide{side}.tif")
+            write_pyramid(slide, slide_pixels(side))
+            pixels = tifffile.imread(slide)  # the same pixels predict_images reads
+            runs = {
+                ("images", 0): lambda out, c=0: kfs.predict_images(
+                    model, [slide], out, tile=TILE, certify=c, execution=args.execution, progress=False
+                ),
+                ("map", 0): lambda out, c=0: kfs.predict_map(
+                    model, pixels, tile=TILE, certify=c or None, engine=args.execution, progress=False
+                ),
+            }
+            runs[("images", DEFAULT_CELLS)] = lambda out: runs[("images", 0)](out, DEFAULT_CELLS)
+            runs[("map", DEFAULT_CELLS)] = lambda out: runs[("map", 0)](out, DEFAULT_CELLS)
+            best: dict = {}
+            for round_ in range(args.rounds + 1):
+                order = list(runs) if round_ % 2 == 0 else list(reversed(list(runs)))  # alternate the order too
+                for key in order:
+                    out = os.path.join(folder, f"out{side}")
+                    shutil.rmtree(out, ignore_errors=True)
+                    start = time.perf_counter()
+                    result = runs[key](out)
+                    seconds = time.perf_counter() - start
+                    if key[0] == "images" and not result.ok:
+                        raise SystemExit(f"predict_images failed: {result.failed[0].message}")
+                    label = "warm-up" if round_ == 0 else f"round {round_}"
+                    print(f"{side}² {label}: {key[0]:6s} certify={key[1]:<3d} {seconds:7.2f} s", flush=True)
+                    if round_ > 0:
+                        best[key] = min(best.get(key, np.inf), seconds)
+            for certify in (0, DEFAULT_CELLS):
+                images, single = best[("images", certify)], best[("map", certify)]
+                print(
+                    f"{side}² tile {TILE}, certify={certify}: predict_images {images:.2f} s, predict_map "
+                    f"{single:.2f} s: ratio {images / single:.3f}x (best of {args.rounds})",
+                    flush=True,
+                )
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
