@@ -238,13 +238,16 @@ class Mapper:
     - ``options``: the `MapOptions` (``tiling``, ``execution``, ``inputs``).
     """
 
-    def __init__(self, model, options: MapOptions | None = None, *, source=None):
+    def __init__(self, model, options: MapOptions | None = None, *, source=None, _fcn=None):
         self.options = options or MapOptions()
         if isinstance(model, (str, os.PathLike)):
             model = load_model(model)
         self.model = model
         how = self.options.method
-        chosen, fcn = windowed.route(model, how.stride, how.method, head=how.head, input_size=how.input_size)
+        if _fcn is not None:  # a windowed map's shared prefix: an FCN already, nothing to route
+            chosen, fcn = "fcn", _fcn
+        else:
+            chosen, fcn = windowed.route(model, how.stride, how.method, head=how.head, input_size=how.input_size)
         self.method: str = chosen
         self.stride: tuple[int, int] | None = None
         self._prefixes: dict = {}
@@ -425,7 +428,7 @@ class Mapper:
         """The mapper of a windowed map's shared prefix (an FCN), with this mapper's options, made once."""
         key = id(prefix)
         if key not in self._prefixes:
-            self._prefixes[key] = (prefix, Mapper(prefix, replace(self.options, method=MapMethod())))
+            self._prefixes[key] = (prefix, Mapper(prefix, replace(self.options, method=MapMethod()), _fcn=prefix))
         return self._prefixes[key][1]
 
     # --- certificates ------------------------------------------------------------------------------------------
