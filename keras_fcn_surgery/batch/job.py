@@ -24,7 +24,7 @@ from keras_fcn_surgery.batch.sources import IMAGE_SUFFIXES, Source
 from keras_fcn_surgery.errors import ConversionError, InputError, ModelFileError, first_line
 from keras_fcn_surgery.exporting.preprocessing import pixel_function
 from keras_fcn_surgery.grid.geometry import Geometry, WindowGrid
-from keras_fcn_surgery.inference.mapper import Mapper
+from keras_fcn_surgery.inference.mapper import MapMethod, MapOptions, Mapper
 from keras_fcn_surgery.segmentation.predict import is_segmenter, run_segmenter
 from keras_fcn_surgery.surgery.fcn import OutputMaps
 
@@ -103,6 +103,14 @@ def predict_source(mapper: Mapper, source: Source, out_dir: str, options: BatchO
     return InputResult(
         source.path, "done", tuple(paths.values()), "", megapixels, fraction, time.perf_counter() - start, certificate
     )
+
+
+def prepare_mapper(model, options: BatchOptions, method: MapMethod) -> Mapper:
+    """The job's `Mapper`: the method routed once for every input (a windowed map's stride checked before any
+    input), with the job's execution and its pixels' preprocessing."""
+    mapper = Mapper(model, MapOptions(method=method))
+    preprocess = preprocess_fn(options.preprocess, mapper.spec.layout)
+    return mapper.with_options(batch_size=options.batch_size, engine=options.execution, preprocess=preprocess)
 
 
 def _failed(source: Source, message: str, start: float) -> InputResult:

@@ -13,7 +13,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 
-from keras_fcn_surgery.batch.job import ONE_MAP_FORMATS, BatchOptions, InputResult, predict_source, preprocess_fn
+from keras_fcn_surgery.batch.job import ONE_MAP_FORMATS, BatchOptions, InputResult, predict_source, prepare_mapper
 from keras_fcn_surgery.batch.outputs import check_formats, summary_line
 from keras_fcn_surgery.batch.ray_engine import run_on_ray
 from keras_fcn_surgery.batch.regions import check_available as check_regions_available
@@ -23,7 +23,7 @@ from keras_fcn_surgery.batch.writers import check_geojson, check_map_names
 from keras_fcn_surgery.errors import ConversionError, InputError, ModelFileError
 from keras_fcn_surgery.inference.certificate import DEFAULT_CELLS, check_cell_count
 from keras_fcn_surgery.inference.engines import check_engine
-from keras_fcn_surgery.inference.mapper import MapMethod, MapOptions, Mapper
+from keras_fcn_surgery.inference.mapper import MapMethod, Mapper
 from keras_fcn_surgery.inference.runner import progress_bar
 from keras_fcn_surgery.options import PREPROCESS_MODES
 from keras_fcn_surgery.saving.atomic import Interrupted
@@ -264,14 +264,6 @@ def predict_images(
         if created and not os.listdir(out_dir):  # nothing written (failed, interrupted): leave nothing behind
             os.rmdir(out_dir)
     return BatchSummary(results, time.perf_counter() - start)
-
-
-def prepare_mapper(model, options: BatchOptions, method: MapMethod) -> Mapper:
-    """The job's `Mapper`: the method routed once for every input (a windowed map's stride checked before any
-    input), with the job's execution and its pixels' preprocessing."""
-    mapper = Mapper(model, MapOptions(method=method))
-    preprocess = preprocess_fn(options.preprocess, mapper.spec.layout)
-    return mapper.with_options(batch_size=options.batch_size, engine=options.execution, preprocess=preprocess)
 
 
 def _pair_or_none(size):
