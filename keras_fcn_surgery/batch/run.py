@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 
 from keras_fcn_surgery.batch.job import ONE_MAP_FORMATS, BatchOptions, InputResult, predict_source, prepare_mapper
@@ -30,6 +29,28 @@ from keras_fcn_surgery.saving.atomic import Interrupted
 from keras_fcn_surgery.saving.loading import as_model
 
 ENGINES = ("local", "ray")
+# `predict_images`'s keywords besides formats, engine, certify and progress, with their defaults.
+_JOB_OPTIONS = {
+    "geojson": "regions",
+    "tile": None,
+    "batch_size": None,
+    "preprocess": None,
+    "level": None,
+    "mpp": None,
+    "mask": None,
+    "overwrite": False,
+    "class_names": None,
+    "head": "window",
+    "input_size": None,
+    "ray_address": None,
+    "workers": None,
+    "execution": "auto",
+    "output": None,
+    "method": "auto",
+    "stride": None,
+    "shards": None,
+    "shard_rows": None,
+}
 
 
 @dataclass
@@ -61,28 +82,10 @@ def predict_images(
     out_dir,
     *,
     formats="npz",
-    geojson: str = "regions",
-    tile=None,
-    batch_size: int | None = None,
-    preprocess=None,
-    level: int | None = None,
-    mpp: float | None = None,
-    mask: str | None = None,
-    overwrite: bool = False,
-    class_names: Sequence[str] | None = None,
-    head: str = "window",
-    input_size=None,
     engine: str = "local",
-    ray_address: str | None = None,
-    workers: int | None = None,
-    progress: bool | None = None,
-    execution: str = "auto",
     certify: int = DEFAULT_CELLS,
-    output: str | None = None,
-    method: str = "auto",
-    stride=None,
-    shards: int | None = None,
-    shard_rows: int | None = None,
+    progress: bool | None = None,
+    **options,
 ) -> BatchSummary:
     """Score maps for many images and whole slides, one output per input.
 
@@ -101,98 +104,72 @@ def predict_images(
     Args:
         model: a `keras.Model` or the path of a ``.keras``/``.h5`` file.
         inputs: image files, folders (searched recursively) and glob patterns.
-        out_dir: the output folder (created when missing). Files found in a
-            folder keep their path below it.
-        formats: ``"npz"`` (``scores`` (H', W', K) float32 with the geometry;
-            for a segmenter (`segmenter`), ``(H, W, K)`` logits, one per
-            pixel, with stride 1, offset 0 and a one-pixel window; for a
-            model with several outputs, each output's map under its name,
-            and ``outputs``, the names in order),
-            ``"zarr"`` (the same, chunked, written as tiles finish),
-            ``"ome-zarr"`` (``<name>.ome.zarr``: an OME-Zarr 0.5 image for
-            viewers, written as tiles finish: the scores as channels ``c, y,
-            x`` named by ``class_names``, a pyramid of 2 x 2 means, top-class
-            labels (class k as k + 1, 0 where not computed), each cell placed
-            at its window's centre on the slide, in micrometres when the
-            slide records its resolution; see `batch.ome_zarr`),
-            ``"geojson"`` (polygons in level-0 pixels: see ``geojson``),
-            ``"csv"`` (one row per cell: its box in level-0 pixels, top class
-            and probability; for a segmenter, one row per connected region
-            of a class, with its pixel count, mean probability and box);
-            several as a list or ``"npz,geojson"``.
-        geojson: what a GeoJSON output holds: ``"regions"`` (default), one
-            polygon (with holes) per connected region of neighbouring cells
-            with the same top class, covering exactly the union of their
-            boxes, with the class, cell count and the mean and largest
-            probability of the class (needs scikit-image); or ``"cells"``,
-            one polygon per computed cell (a segmenter's: per pixel) with its
-            top class and probability.
-        tile: tile side in pixels (exact tiling); default: whole images up to
-            2048 pixels a side, tiles of 1024 above.
-        batch_size: tiles per forward pass (see `predict_map`).
-        preprocess: ``"caffe"``, ``"tf"``, ``"torch"`` (keras.applications
-            modes), a function of a pixel array, or None.
-        level: the pyramid level to read (0, full resolution, by default).
-        mpp: instead of ``level``, the level nearest this many microns per
-            pixel (for files that record their resolution: TIFF tags, OME-XML,
-            Aperio, OpenSlide and DICOM properties).
-        mask: None or ``"none"``, ``"auto"`` (a tissue mask by Otsu's
-            threshold on the smallest level), a mask image file (any
-            resolution, non-zero is foreground), or a folder of mask images
-            named like the inputs. Tiles without foreground are neither read
-            nor computed; cells outside the mask are NaN.
-        overwrite: recompute and replace existing outputs.
-        class_names: names of the K classes for GeoJSON/CSV/OME-Zarr (of the
-            output they describe).
-        head: for a classifier with a global-pooling head, see `convert`.
-        input_size: the classifier's original input size when it takes any size.
+        out_dir: the output folder (created when missing). Files found in a folder keep their path below it.
+        formats: ``"npz"`` (``scores`` (H', W', K) float32 with the geometry; for a segmenter (`segmenter`), ``(H,
+            W, K)`` logits, one per pixel, with stride 1, offset 0 and a one-pixel window; for a model with several
+            outputs, each output's map under its name, and ``outputs``, the names in order), ``"zarr"`` (the same,
+            chunked, written as tiles finish), ``"ome-zarr"`` (``<name>.ome.zarr``: an OME-Zarr 0.5 image for
+            viewers, written as tiles finish: the scores as channels ``c, y, x`` named by ``class_names``, a pyramid
+            of 2 x 2 means, top-class labels (class k as k + 1, 0 where not computed), each cell placed at its
+            window's centre on the slide, in micrometres when the slide records its resolution; see
+            `batch.ome_zarr`), ``"geojson"`` (polygons in level-0 pixels: see ``geojson``), ``"csv"`` (one row per
+            cell: its box in level-0 pixels, top class and probability; for a segmenter, one row per connected
+            region of a class, with its pixel count, mean probability and box); several as a list or
+            ``"npz,geojson"``.
         engine: ``"local"`` or ``"ray"`` (Ray Data; extra ``ray``).
-        ray_address: the Ray cluster to join (default: ``RAY_ADDRESS``, else
-            a local Ray started here).
-        workers: Ray workers (default: one per CPU Ray sees, or per GPU).
         progress: tqdm bars over inputs and tiles; default when stderr is a terminal.
-        execution: how each forward pass runs, `predict_map`'s ``engine``:
-            ``"auto"`` (measured on this machine), ``"tf"``, ``"xla"`` or
-            ``"blas"``. (Here ``engine`` already names where the inputs run,
-            locally or on Ray.)
-        certify: cells of each score map to compare with the classifier on
-            the crops they stand for (`certify_map`; 0: none). The figures go
-            into the npz/zarr metadata as ``certificate_<name>`` and into
-            each `InputResult`'s ``certificate`` line; an `InexactMapWarning`
-            says when cells differ (``same`` padding). Segmenters' per-pixel
-            maps are not certified; of a model with several outputs, the map
-            of ``output`` is (``certificate_output`` names it).
-        output: for a model with several outputs, the one GeoJSON, CSV and
-            OME-Zarr describe and ``certify`` certifies; default: the first
-            that ends in a softmax or sigmoid (npz and zarr hold every
-            output, each under its name). The outputs must share one grid
-            (`geometry`).
-        method: how a classifier's maps are computed, as for `predict_map`:
-            ``"auto"`` (default: its FCN where that is exact at ``stride``,
-            else windowed), ``"fcn"`` or ``"windowed"`` (the classifier on
-            every crop at ``stride``, through a shared prefix; one cell per
-            window, ``H' = (H - h) // s_h + 1``). The outputs then record the
-            windowed map's geometry: stride ``stride``, the classifier's input
-            size as receptive field, offset 0, so GeoJSON boxes, CSV rows,
-            OME-Zarr placement and masks follow its windows; a mask skips the
-            windows whose cells it masks out; certificates compare cells with
-            the classifier on their crops (exact to float round-off).
-        stride: pixels between windows, ``s`` or ``(s_h, s_w)``, for a
-            windowed map: a multiple of the stride of the classifier's shared
-            prefix (an `InputError` names it otherwise); default: its FCN's
-            stride (a classifier without an FCN needs one). For an FCN only
-            its own stride is accepted.
-        shards: None (each input in one piece), or cut each input's map
-            into up to this many regions, bands of whole chunk rows with
-            about the same number of kept cells, computed one by one (the
-            Ray engine: on any worker) into a zarr store in
-            ``out_dir/.shards-<name>/``; the outputs are written from it once
-            every region is done. The maps are the same bytes for any number
-            of shards; an interrupted run leaves that folder, and the next
-            run with the same model, input and options computes only the
-            regions not yet done (see `batch.shards`).
-        shard_rows: map rows (and columns) per chunk of that store, the
-            smallest region (default 256).
+        certify: cells of each score map to compare with the classifier on the crops they stand for (`certify_map`;
+            0: none). The figures go into the npz/zarr metadata as ``certificate_<name>`` and into each
+            `InputResult`'s ``certificate`` line; an `InexactMapWarning` says when cells differ (``same`` padding).
+            Segmenters' per-pixel maps are not certified; of a model with several outputs, the map of ``output`` is
+            (``certificate_output`` names it).
+        **options: the map and the job, as keywords (an unknown one is a `TypeError`):
+
+            - ``geojson``: what a GeoJSON output holds: ``"regions"`` (default), one polygon (with holes) per
+              connected region of neighbouring cells with the same top class, covering exactly the union of their
+              boxes, with the class, cell count and the mean and largest probability of the class (needs
+              scikit-image); or ``"cells"``, one polygon per computed cell (a segmenter's: per pixel) with its top
+              class and probability.
+            - ``tile``: tile side in pixels (exact tiling); default: whole images up to 2048 pixels a side, tiles of
+              1024 above.
+            - ``batch_size``: tiles per forward pass (see `predict_map`).
+            - ``preprocess``: ``"caffe"``, ``"tf"``, ``"torch"`` (keras.applications modes), a function of a pixel
+              array, or None.
+            - ``level``: the pyramid level to read (0, full resolution, by default).
+            - ``mpp``: instead of ``level``, the level nearest this many microns per pixel (for files that record
+              their resolution: TIFF tags, OME-XML, Aperio, OpenSlide and DICOM properties).
+            - ``mask``: None or ``"none"``, ``"auto"`` (a tissue mask by Otsu's threshold on the smallest level), a
+              mask image file (any resolution, non-zero is foreground), or a folder of mask images named like the
+              inputs. Tiles without foreground are neither read nor computed; cells outside the mask are NaN.
+            - ``overwrite``: recompute and replace existing outputs.
+            - ``class_names``: names of the K classes for GeoJSON/CSV/OME-Zarr (of the output they describe).
+            - ``head``: for a classifier with a global-pooling head, see `convert`.
+            - ``input_size``: the classifier's original input size when it takes any size.
+            - ``ray_address``: the Ray cluster to join (default: ``RAY_ADDRESS``, else a local Ray started here).
+            - ``workers``: Ray workers (default: one per CPU Ray sees, or per GPU).
+            - ``execution``: how each forward pass runs, `predict_map`'s ``engine``: ``"auto"`` (measured on this
+              machine), ``"tf"``, ``"xla"`` or ``"blas"``. (Here ``engine`` already names where the inputs run,
+              locally or on Ray.)
+            - ``output``: for a model with several outputs, the one GeoJSON, CSV and OME-Zarr describe and
+              ``certify`` certifies; default: the first that ends in a softmax or sigmoid (npz and zarr hold every
+              output, each under its name). The outputs must share one grid (`geometry`).
+            - ``method``: how a classifier's maps are computed, as for `predict_map`: ``"auto"`` (default: its FCN
+              where that is exact at ``stride``, else windowed), ``"fcn"`` or ``"windowed"`` (the classifier on
+              every crop at ``stride``, through a shared prefix; one cell per window, ``H' = (H - h) // s_h + 1``).
+              The outputs then record the windowed map's geometry: stride ``stride``, the classifier's input size as
+              receptive field, offset 0, so GeoJSON boxes, CSV rows, OME-Zarr placement and masks follow its
+              windows; a mask skips the windows whose cells it masks out; certificates compare cells with the
+              classifier on their crops (exact to float round-off).
+            - ``stride``: pixels between windows, ``s`` or ``(s_h, s_w)``, for a windowed map: a multiple of the
+              stride of the classifier's shared prefix (an `InputError` names it otherwise); default: its FCN's
+              stride (a classifier without an FCN needs one). For an FCN only its own stride is accepted.
+            - ``shards``: None (each input in one piece), or cut each input's map into up to this many regions,
+              bands of whole chunk rows with about the same number of kept cells, computed one by one (the Ray
+              engine: on any worker) into a zarr store in ``out_dir/.shards-<name>/``; the outputs are written from
+              it once every region is done. The maps are the same bytes for any number of shards; an interrupted run
+              leaves that folder, and the next run with the same model, input and options computes only the regions
+              not yet done (see `batch.shards`).
+            - ``shard_rows``: map rows (and columns) per chunk of that store, the smallest region (default 256).
 
     Returns:
         A `BatchSummary`.
@@ -206,9 +183,33 @@ def predict_images(
             also before any input is computed.
         ConversionError: for a classifier that cannot be converted.
     """
-    options = BatchOptions(
+    unknown = sorted(set(options) - set(_JOB_OPTIONS))
+    if unknown:
+        raise TypeError(
+            f"predict_images() got an unexpected keyword argument {unknown[0]!r}; it takes formats, engine, certify, "
+            f"progress, {', '.join(sorted(_JOB_OPTIONS))}"
+        )
+    given = {**_JOB_OPTIONS, **options}
+    tile, batch_size, preprocess, level, mpp, mask, overwrite, class_names, execution, output, shards, shard_rows = (
+        given[k]
+        for k in (
+            "tile",
+            "batch_size",
+            "preprocess",
+            "level",
+            "mpp",
+            "mask",
+            "overwrite",
+            "class_names",
+            "execution",
+            "output",
+            "shards",
+            "shard_rows",
+        )
+    )
+    job = BatchOptions(
         formats=check_formats(formats),
-        geojson=check_geojson(geojson),
+        geojson=check_geojson(given["geojson"]),
         tile=tile,
         batch_size=batch_size,
         preprocess=_check_preprocess(preprocess),
@@ -227,7 +228,7 @@ def predict_images(
         raise InputError("Give a pyramid level or a resolution in microns per pixel (mpp), not both.")
     if engine not in ENGINES:
         raise InputError(f"Expected `engine` to be one of {ENGINES}. Received: engine={engine!r}")
-    if "geojson" in options.formats and options.geojson == "regions":
+    if "geojson" in job.formats and job.geojson == "regions":
         check_regions_available()
     sources = find_sources(inputs)
     out_dir = os.path.abspath(os.fspath(out_dir))
@@ -236,9 +237,10 @@ def predict_images(
     if certify:
         check_cell_count(certify, "certify")
     loaded = as_model(model, None, error_class=ConversionError)  # kept: the certificates run the classifier
-    mapper = prepare_mapper(loaded, options, MapMethod(method, stride, head, _pair_or_none(input_size)))
-    options = replace(options, method=mapper.method, stride=mapper.stride, certify=certify or 0)
-    _check_outputs(mapper, options)
+    method = MapMethod(given["method"], given["stride"], given["head"], _pair_or_none(given["input_size"]))
+    mapper = prepare_mapper(loaded, job, method)
+    job = replace(job, method=mapper.method, stride=mapper.stride, certify=certify or 0)
+    _check_outputs(mapper, job)
 
     results: list = []
     created = not os.path.exists(out_dir)
@@ -246,14 +248,15 @@ def predict_images(
     start = time.perf_counter()
     try:
         if engine == "ray":
-            results = run_on_ray(mapper, sources, out_dir, options, address=ray_address, workers=workers)
+            where = {"address": given["ray_address"], "workers": given["workers"]}
+            results = run_on_ray(mapper, sources, out_dir, job, **where)
         else:
             with progress_bar(len(sources), progress, "images") as bar:
                 for source in sources:
-                    if options.shards:
-                        results.append(predict_source_sharded(mapper, source, out_dir, options, options.shards))
+                    if job.shards:
+                        results.append(predict_source_sharded(mapper, source, out_dir, job, job.shards))
                     else:
-                        results.append(predict_source(mapper, source, out_dir, options))
+                        results.append(predict_source(mapper, source, out_dir, job))
                     bar.update(1)
     except (KeyboardInterrupt, Interrupted) as stop:
         if engine != "ray":  # Ray's results come back at the end: none is known here
