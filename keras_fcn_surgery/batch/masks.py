@@ -16,6 +16,7 @@ from keras_fcn_surgery.batch.readers import SLIDES_EXTRA, Reader, adapt_channels
 from keras_fcn_surgery.errors import InputError
 from keras_fcn_surgery.grid.geometry import Geometry
 from keras_fcn_surgery.grid.tiling import box_counts
+from keras_fcn_surgery.saving.images import read_image
 
 # Longest side of the picture a tissue mask is computed on.
 THUMBNAIL_SIDE = 2048
@@ -87,7 +88,6 @@ def read_mask(path) -> np.ndarray:
     Raises:
         ModelFileError: for a file Pillow cannot read, naming it.
     """
-    from keras_fcn_surgery.saving.images import read_image
 
     return read_image(path, 1)[..., 0] > 0
 

@@ -50,6 +50,7 @@ from keras_fcn_surgery.batch.readers import open_reader
 from keras_fcn_surgery.batch.sources import Source
 from keras_fcn_surgery.errors import ConversionError, InputError, first_line
 from keras_fcn_surgery.saving.atomic import pause_point, remove_tree
+from keras_fcn_surgery.segmentation.predict import tile_fraction
 
 # Map rows per chunk of the store (and columns): regions are bands of whole chunk rows.
 CHUNK_ROWS = 256
@@ -330,7 +331,6 @@ def _computed(job: OpenInput, maps: dict):
 
 
 def _segment_fraction(mapper, job: OpenInput, options: BatchOptions) -> float:
-    from keras_fcn_surgery.segmentation.predict import tile_fraction
 
     if job.kept is None:
         return 1.0

@@ -44,6 +44,12 @@ import keras
 import numpy as np
 
 from keras_fcn_surgery.errors import InputError, ModelFileError
+from keras_fcn_surgery.graph import iter_layers, model_layout
+from keras_fcn_surgery.grid.geometry import geometry
+from keras_fcn_surgery.inference.blas import split_forward
+from keras_fcn_surgery.inference.cost import pass_cost
+from keras_fcn_surgery.inference.runner import input_dtype
+from keras_fcn_surgery.saving.atomic import atomic_output
 
 ENGINES = ("auto", "tf", "xla", "blas", "jax")
 # The engines each Keras backend can run itself, its own execution first ("blas" runs on any of them).
@@ -185,7 +191,6 @@ def blas_refusal(model, precision: str | None = None) -> str | None:
 
 def _splits(model) -> bool:
     """Whether `blas.split_forward` splits ``model`` at a head convolution (cached per model)."""
-    from keras_fcn_surgery.inference.blas import split_forward
 
     with _LOCK:
         if model not in _SPLITS:
@@ -216,7 +221,6 @@ def forward(model, engine: str, precision: str | None = None):
     Raises:
         InputError: for an unknown engine, or one the Keras backend cannot run.
     """
-    from keras_fcn_surgery.inference.blas import split_forward
 
     if engine not in ENGINES[1:]:
         raise InputError(f"Expected an engine among {', '.join(map(repr, ENGINES[1:]))}. Received: {engine!r}")
@@ -421,15 +425,12 @@ def _by_time(item) -> float:
 
 def call_macs(model, shape) -> int:
     """Multiply-accumulates of one forward call on ``shape``, every image of the batch counted."""
-    from keras_fcn_surgery.inference.cost import pass_cost
 
     return pass_cost(model, shape).macs * int(shape[0])
 
 
 def probe_shape(model, shape, macs: int | None = None) -> tuple[int, ...]:
     """``shape``, or a smaller input of about `PROBE_MACS` a call: fewer images first, then shorter sides."""
-    from keras_fcn_surgery.graph import model_layout
-    from keras_fcn_surgery.grid.geometry import geometry
 
     if macs is None:
         macs = call_macs(model, shape)
@@ -458,7 +459,6 @@ def time_engines(model, names, shape, precision: str | None = None, rounds: int 
     machine, or the one engine's threads still spinning, falls on all of them. A candidate over 1.5x the best after a
     round is not called again; one that fails gets ``inf``.
     """
-    from keras_fcn_surgery.inference.runner import input_dtype
 
     pixels = np.random.default_rng(0).uniform(0, 1, shape).astype(input_dtype(model))
     functions, timings = {}, {}
@@ -502,7 +502,6 @@ def cache_path() -> str | None:
 
 def model_fingerprint(model) -> str:
     """A hash of the model's layers in order: their classes, configurations (names left out) and weight shapes."""
-    from keras_fcn_surgery.graph import iter_layers
 
     parts = []
     for layer in iter_layers(model):
@@ -567,7 +566,6 @@ def _read_cache(path: str) -> dict:
 
 def _write_cache(path: str, key: str, entry: dict) -> None:
     """Add ``entry`` to the cache file, written atomically; a cache that cannot be written is skipped."""
-    from keras_fcn_surgery.saving.atomic import atomic_output
 
     try:
         os.makedirs(os.path.dirname(path), exist_ok=True)

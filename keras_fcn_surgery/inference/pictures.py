@@ -11,6 +11,8 @@ from PIL import Image, ImageDraw, ImageFont
 from keras_fcn_surgery.errors import ConversionError, InputError, first_line
 from keras_fcn_surgery.graph import describe, model_layout
 from keras_fcn_surgery.inference.heatmap import _display_pixels, class_color
+from keras_fcn_surgery.saving.atomic import atomic_output
+from keras_fcn_surgery.surgery.fcn import as_fcn
 
 _GAP = 1  # pixels between tiles
 _ROW = 16
@@ -95,7 +97,6 @@ def _find_layer(model, layer, wanted: str):
 
 
 def _save(picture: Image.Image, path, overwrite: bool) -> None:
-    from keras_fcn_surgery.saving.atomic import atomic_output
 
     with atomic_output(path, suffix=".png", overwrite=overwrite) as temporary:
         picture.save(temporary, format="PNG")
@@ -178,7 +179,6 @@ def activations_picture(model, image, layer=None, path=None, *, scale: int = 1, 
     fixed = layout.spatial_shape(tuple(model.inputs[0].shape))
     if None not in fixed and tuple(fixed) != layout.image_size(image.shape):
         # A classifier's layers take one size: its FCN's same-named layer takes this image (issue 28).
-        from keras_fcn_surgery.surgery.fcn import as_fcn
 
         fcn = as_fcn(model)
         model, output = fcn, fcn.get_layer(found.name).output
