@@ -206,3 +206,153 @@ def test_the_surgery_engine_knows_no_layer():
     tree = ast.parse((PACKAGE / "surgery" / "engine.py").read_text(encoding="utf-8"))
     assert named_layer_kinds(tree) == []
     assert named_layer_kinds(ast.parse("if isinstance(layer, keras.layers.Reshape):\n    pass\n"))
+
+
+# --- issue 35: the inference and batch half -------------------------------------------------------------------------
+
+# Folders whose modules import the package's own modules at module level only (the CLI's commands/ and
+# `__init__.py` stay lazy by design: `import keras_fcn_surgery` and quick CLI answers do not start TensorFlow).
+EAGER_FOLDERS = ("inference/", "batch/")
+# The one function-level import left there: `plan_prediction` keeps its public home in `inference.staged` (the
+# planner) while the mapper that routes it imports the planner; splitting the planner out of staged.py ends it.
+LAZY_ALLOWED = {("inference/staged.py", "keras_fcn_surgery.inference.mapper")}
+# The calls that choose a map's method, and the one module that may make them (`windowed.route` calls
+# `choose_method`, the rule itself).
+ROUTING = {"route", "choose_method"}
+ROUTERS = {"inference/mapper.py": {"route"}, "inference/windowed.py": {"choose_method"}}
+
+
+def _module_name(relative: str) -> str:
+    return "keras_fcn_surgery." + relative.removesuffix(".py").removesuffix("/__init__").replace("/", ".")
+
+
+def _imports(tree, name: str, *, function_level: bool):
+    """``(node, imported module)`` of the package's own modules, at module level or inside functions."""
+    inside = {
+        id(child)
+        for node in ast.walk(tree)
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
+        for child in ast.walk(node)
+    }
+    skipped = {id(c) for n in ast.walk(tree) if isinstance(n, ast.If) and "TYPE_CHECKING" in ast.unparse(n.test)
+               for c in ast.walk(n)}  # fmt: skip
+    for node in ast.walk(tree):
+        if not isinstance(node, (ast.Import, ast.ImportFrom)) or id(node) in skipped:
+            continue
+        if (id(node) in inside) != function_level:
+            continue
+        if isinstance(node, ast.Import):
+            targets = [a.name for a in node.names]
+        else:
+            targets = [node.module or ""] + [f"{node.module}.{a.name}" for a in node.names]
+        for target in targets:
+            if target.startswith("keras_fcn_surgery") and target != "keras_fcn_surgery" and target != name:
+                yield node, target
+
+
+def function_level_imports(tree, name: str = "") -> list[str]:
+    return sorted({f"line {node.lineno}: {target}" for node, target in _imports(tree, name, function_level=True)})
+
+
+def import_cycles(trees: dict[str, ast.Module], *, function_level: bool) -> list[list[str]]:
+    """Groups of modules that import each other (strongly connected, more than one), by module name."""
+    names = {_module_name(relative): tree for relative, tree in trees.items()}
+    graph: dict[str, set[str]] = {name: set() for name in names}
+    for name, tree in names.items():
+        for level in (False, True) if function_level else (False,):
+            graph[name] |= {t for _, t in _imports(tree, name, function_level=level) if t in names}
+    order, low, stack, found = {}, {}, [], []
+
+    def visit(v):
+        order[v] = low[v] = len(order)
+        stack.append(v)
+        for w in sorted(graph[v]):
+            if w not in order:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in stack:
+                low[v] = min(low[v], order[w])
+        if low[v] == order[v]:
+            group = []
+            while not group or group[-1] != v:
+                group.append(stack.pop())
+            if len(group) > 1:
+                found.append(sorted(group))
+
+    for v in sorted(graph):
+        if v not in order:
+            visit(v)
+    return found
+
+
+def routing_calls(tree) -> list[str]:
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call):
+            called = node.func.attr if isinstance(node.func, ast.Attribute) else getattr(node.func, "id", "")
+            if called in ROUTING:
+                found.append(f"line {node.lineno}: {called}")
+    return found
+
+
+def test_no_import_cycle_in_the_package():
+    assert import_cycles(dict(_modules()), function_level=False) == []
+
+
+def test_no_import_cycle_in_inference_and_batch_even_through_function_level_imports():
+    trees = {name: tree for name, tree in _modules() if name.startswith(EAGER_FOLDERS)}
+    for name, module in LAZY_ALLOWED:  # the one lazy import, named above, is left out
+        trees[name] = ast.parse(
+            "\n".join(
+                line
+                for line in (PACKAGE / name).read_text(encoding="utf-8").splitlines()
+                if module not in line or not line.startswith(" ")
+            )
+        )
+    assert import_cycles(trees, function_level=True) == []
+
+
+def test_inference_and_batch_import_the_package_at_module_level():
+    found = {}
+    for name, tree in _modules():
+        if name.startswith(EAGER_FOLDERS):
+            lazy = [
+                line
+                for line in function_level_imports(tree)
+                if not any(name == n and line.split(": ")[1].startswith(m) for n, m in LAZY_ALLOWED)
+            ]
+            if lazy:
+                found[name] = lazy
+    assert found == {}
+
+
+def test_a_maps_method_is_routed_in_one_place():
+    found = {}
+    for name, tree in _modules():
+        calls = [c for c in routing_calls(tree) if c.split(": ")[1] not in ROUTERS.get(name, set())]
+        if calls:
+            found[name] = calls
+    assert found == {}
+
+
+@pytest.mark.parametrize(
+    ("check", "source"),
+    [
+        (function_level_imports, "def f():\n    from keras_fcn_surgery.inference import windowed\n"),
+        (routing_calls, "chosen, fcn = windowed.route(model, None, 'auto')\n"),
+        (routing_calls, "chosen = choose_method(model, None, 'auto')\n"),
+    ],
+)
+def test_the_issue_35_checks_find_what_they_forbid(check, source):
+    assert check(ast.parse(source))
+
+
+def test_the_cycle_check_finds_a_cycle_and_a_lazy_one():
+    eager = {"a.py": ast.parse("from keras_fcn_surgery import b\n"), "b.py": ast.parse("import keras_fcn_surgery.a\n")}
+    assert import_cycles(eager, function_level=False) == [["keras_fcn_surgery.a", "keras_fcn_surgery.b"]]
+    lazy = {
+        "a.py": ast.parse("from keras_fcn_surgery import b\n"),
+        "b.py": ast.parse("def f():\n    import keras_fcn_surgery.a\n"),
+    }
+    assert import_cycles(lazy, function_level=False) == []
+    assert len(import_cycles(lazy, function_level=True)) == 1
