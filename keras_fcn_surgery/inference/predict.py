@@ -65,59 +65,11 @@ def predict_map(model, image, *, out=None, keep=None, certify: int | None = None
             models; ``(H, W)`` when ``C == 1``): a numpy array or any array
             that supports slicing (``np.memmap``, zarr). Values are fed as they
             are, cast to the model's input dtype, after ``preprocess``.
-        tile: ``None`` for one pass over the whole image, or the largest
-            tile side ``T`` or ``(T_h, T_w)`` in input pixels. Each side is
-            rounded up to a multiple of the network's stride, and the image
-            side's remainder modulo the stride is added (so tiles pad like the
-            image); a side at least the image's is not cut. The tiles are then
-            shortened evenly as far as that needs no more of them. With
-            staging, deeper stages use tiles as large as keep their
-            activations within those of one such tile through the network.
-        batch_size: tiles per forward pass; default: as many as make about 1
-            million input pixels (one tile of 1024 x 1024 or more), and for
-            deeper stages as many as hold as many activations.
         out: an array of the map's shape to write into (numpy, memmap or
             zarr) instead of allocating one; for a model with several
             outputs, a dict of such arrays, one per output name.
         progress: show a tqdm bar over the tiles; default: when there is more
             than one tile and stderr is a terminal.
-        preprocess: a function applied to each tile's pixels (a float32
-            array in the image's layout in, same shape out) before the model,
-            such as
-            ``keras.applications.vgg16.preprocess_input``. It must treat each
-            pixel on its own, or tiles would differ from the whole image.
-        engine: how the forward pass runs: ``"tf"`` (TensorFlow, no XLA),
-            ``"xla"`` (compiled with XLA once per tile batch shape),
-            ``"blas"`` (a converted classifier's large-kernel head convolution
-            as blocked matrix products in numpy's BLAS, the rest as
-            ``"tf"``; CPU and float32 only, `inference.blas`), ``"jax"``
-            (`jax.jit`, under ``KERAS_BACKEND=jax``, where ``"tf"`` and
-            ``"xla"`` are refused), or ``"auto"``
-            (default): the fastest of those on this machine, timed on first
-            use for the model and tile batch shape and remembered
-            (`inference.engines`; passes under about 4 GMAC a call run
-            the backend's own, ``"tf"`` or ``"jax"``, untimed). Every stage runs under the same engine;
-            `plan_prediction` with ``engine=`` shows the choice and why.
-        jit_compile: deprecated; True is ``engine="xla"``, False
-            ``engine="tf"``.
-        staged: None (default) to stage the network when that computes less
-            than plain exact tiles, True to require staging (a
-            `ConversionError` says why a network cannot be staged), False for
-            plain tiles. Ignored without ``tile``.
-        memory_budget: bytes of stored stage maps kept in memory (default 64
-            MiB); larger maps are written to temporary files in ``spill_dir``
-            and removed at the end, even when the pass is interrupted. A
-            windowed map runs its windows in bands of window rows whose
-            shared maps fit it (`plan_prediction` shows the bands), so
-            neither the image nor the whole shared map is held.
-        prefetch: read and preprocess the next batch of tiles on a background
-            thread while the model computes the current one.
-        mixed_precision: compute in float16 with float32 variables (Keras's
-            ``mixed_float16`` policy) on a copy of the model: about twice as
-            fast on GPUs with tensor cores, slower on CPUs. The map then
-            matches the float32 one to float16 precision only.
-        spill_dir: the folder for spilled stage maps (default: the system's
-            temporary folder).
         keep: None, or a boolean ``(H', W')`` array over the map's cells (a
             tissue mask on the map's grid): only the kept cells are computed
             and the others are NaN. Each stage runs only the tiles those
@@ -126,17 +78,68 @@ def predict_map(model, image, *, out=None, keep=None, certify: int | None = None
             shows the plan. For a windowed map: a boolean array over its
             windows; only the kept windows are computed (and only the part
             of the shared map they read).
-        stride: for a classifier, pixels between windows, ``s`` or ``(s_h,
-            s_w)``: for a windowed map a multiple of the stride of its shared
-            part (an `InputError` names it otherwise); default: the stride of
-            the classifier's FCN (a classifier without one needs it). For an
-            FCN, only its own stride is accepted.
-        method: ``"auto"``, ``"fcn"`` or ``"windowed"``, for a classifier
-            (see above).
         certify: None or 0 (default), or a number of cells to compare with the
             classifier on the crops they stand for, once the map is done
             (`certify_map`: an `InexactMapWarning` when they differ, as they
             do near windows that reach into ``same`` padding).
+        **options: the options, as keywords or as their groups (`Tiling`, `Execution`, `Inputs`,
+            `MapMethod`; see `prepare`); an unknown one is a `TypeError`:
+
+            - ``tile``: ``None`` for one pass over the whole image, or the largest
+              tile side ``T`` or ``(T_h, T_w)`` in input pixels. Each side is
+              rounded up to a multiple of the network's stride, and the image
+              side's remainder modulo the stride is added (so tiles pad like the
+              image); a side at least the image's is not cut. The tiles are then
+              shortened evenly as far as that needs no more of them. With
+              staging, deeper stages use tiles as large as keep their
+              activations within those of one such tile through the network.
+            - ``batch_size``: tiles per forward pass; default: as many as make about 1
+              million input pixels (one tile of 1024 x 1024 or more), and for
+              deeper stages as many as hold as many activations.
+            - ``preprocess``: a function applied to each tile's pixels (a float32
+              array in the image's layout in, same shape out) before the model,
+              such as
+              ``keras.applications.vgg16.preprocess_input``. It must treat each
+              pixel on its own, or tiles would differ from the whole image.
+            - ``engine``: how the forward pass runs: ``"tf"`` (TensorFlow, no XLA),
+              ``"xla"`` (compiled with XLA once per tile batch shape),
+              ``"blas"`` (a converted classifier's large-kernel head convolution
+              as blocked matrix products in numpy's BLAS, the rest as
+              ``"tf"``; CPU and float32 only, `inference.blas`), ``"jax"``
+              (`jax.jit`, under ``KERAS_BACKEND=jax``, where ``"tf"`` and
+              ``"xla"`` are refused), or ``"auto"``
+              (default): the fastest of those on this machine, timed on first
+              use for the model and tile batch shape and remembered
+              (`inference.engines`; passes under about 4 GMAC a call run
+              the backend's own, ``"tf"`` or ``"jax"``, untimed). Every stage runs under the same engine;
+              `plan_prediction` with ``engine=`` shows the choice and why.
+            - ``jit_compile``: deprecated; True is ``engine="xla"``, False
+              ``engine="tf"``.
+            - ``staged``: None (default) to stage the network when that computes less
+              than plain exact tiles, True to require staging (a
+              `ConversionError` says why a network cannot be staged), False for
+              plain tiles. Ignored without ``tile``.
+            - ``memory_budget``: bytes of stored stage maps kept in memory (default 64
+              MiB); larger maps are written to temporary files in ``spill_dir``
+              and removed at the end, even when the pass is interrupted. A
+              windowed map runs its windows in bands of window rows whose
+              shared maps fit it (`plan_prediction` shows the bands), so
+              neither the image nor the whole shared map is held.
+            - ``prefetch``: read and preprocess the next batch of tiles on a background
+              thread while the model computes the current one.
+            - ``mixed_precision``: compute in float16 with float32 variables (Keras's
+              ``mixed_float16`` policy) on a copy of the model: about twice as
+              fast on GPUs with tensor cores, slower on CPUs. The map then
+              matches the float32 one to float16 precision only.
+            - ``spill_dir``: the folder for spilled stage maps (default: the system's
+              temporary folder).
+            - ``stride``: for a classifier, pixels between windows, ``s`` or ``(s_h,
+              s_w)``: for a windowed map a multiple of the stride of its shared
+              part (an `InputError` names it otherwise); default: the stride of
+              the classifier's FCN (a classifier without one needs it). For an
+              FCN, only its own stride is accepted.
+            - ``method``: ``"auto"``, ``"fcn"`` or ``"windowed"``, for a classifier
+              (see above).
 
     Returns:
         The map, ``(H', W', K)`` (``(K, H', W')`` for channels-first), as a
@@ -312,10 +315,6 @@ def certify_map(
         score_map: its map, ``(H', W', K)`` (``(K, H', W')`` channels-first):
             an array or anything that reads by indexing (zarr).
         n: how many cells to compare.
-        input_size: the classifier's ``(H, W)``; default: the classifier's own
-            size, the size an FCN was converted at in this process, or else the
-            FCN's smallest input size (said in `MapCertificate.against`).
-        preprocess: the function the map's tiles went through, as for `predict_map`.
         keep: the boolean ``(H', W')`` mask the map was computed with (cells
             outside it are NaN, and are not sampled).
         tolerance: the relative tolerance; default: the one `convert`
@@ -324,12 +323,18 @@ def certify_map(
         output: for a model with several outputs (``score_map`` then the
             dict of their maps `predict_map` returns), the one to certify;
             None: every one.
-        stride: for a classifier's windowed map (``predict_map(classifier,
-            image, stride=s, method="windowed")``), its stride: cell ``(i,
-            j)`` then stands for the crop at ``(i * s_h, j * s_w)``, and a
-            windowed map is exact, so every sampled cell matches its crop to
-            float round-off. A classifier without an FCN (a transformer)
-            always has a windowed map; the stride it was computed at is needed.
+        **options: the map's options, as for `predict_map`, of which these matter here:
+
+            - ``input_size``: the classifier's ``(H, W)``; default: the classifier's own
+              size, the size an FCN was converted at in this process, or else the
+              FCN's smallest input size (said in `MapCertificate.against`).
+            - ``preprocess``: the function the map's tiles went through, as for `predict_map`.
+            - ``stride``: for a classifier's windowed map (``predict_map(classifier,
+              image, stride=s, method="windowed")``), its stride: cell ``(i,
+              j)`` then stands for the crop at ``(i * s_h, j * s_w)``, and a
+              windowed map is exact, so every sampled cell matches its crop to
+              float round-off. A classifier without an FCN (a transformer)
+              always has a windowed map; the stride it was computed at is needed.
 
     Returns:
         A `MapCertificate`; for a model with several outputs and no
