@@ -119,3 +119,26 @@ def test_a_mapper_on_a_ray_worker_certifies_against_the_same_classifier(tmp_path
     (here,), (there,) = local.results, remote.results
     assert "against classifier" in here.certificate
     assert there.certificate == here.certificate
+
+
+def test_a_masked_slide_is_planned_once(tmp_path, monkeypatch):
+    # Issue 35: the masked plan of one input was built for the work fraction, the pass and the certificate.
+    from PIL import Image
+
+    model = _padded_classifier()
+    pixels = np.random.default_rng(5).integers(0, 255, (72, 88, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(tmp_path / "scene.png")
+    mask = np.zeros((72, 88), np.uint8)
+    mask[:, :40] = 255
+    Image.fromarray(mask).save(tmp_path / "mask.png")
+    masked = []
+    real = windowed.plan_windows
+    monkeypatch.setattr(
+        windowed, "plan_windows", lambda *a, **k: (masked.append(k.get("keep") is not None), real(*a, **k))[1]
+    )
+    summary = kfs.predict_images(
+        model, [str(tmp_path / "scene.png")], tmp_path / "maps", mask=str(tmp_path / "mask.png"), stride=4, certify=4
+    )
+    assert summary.ok, summary.failed
+    assert "certificate: 4 of" in summary.results[0].certificate
+    assert masked.count(True) == 1

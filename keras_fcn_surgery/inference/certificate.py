@@ -289,9 +289,9 @@ def _measured(
 
 
 def windowed_certificate(
-    model, image, score_map, n: int, *, stride=None, preprocess=None, keep=None, tolerance=None, seed: int = 0
+    model, plan, image, score_map, n: int, *, preprocess=None, keep=None, tolerance=None, seed: int = 0
 ) -> MapCertificate:
-    """The certificate of a classifier's windowed map (`inference.windowed`), without the warning.
+    """The certificate of a classifier's windowed map (`inference.windowed`, made by ``plan``), without the warning.
 
     Cell ``(i, j)`` of such a map stands for the crop at ``(i * s_h, j *
     s_w)``: ``n`` cells, sampled as `certify_map` samples them, are compared
@@ -301,7 +301,6 @@ def windowed_certificate(
     found = windowed.analysis(model)
     spec = runner.ImageSpec(found.layout, found.channels)
     image = runner.with_channel_axis(image, spec)
-    plan = windowed.plan_windows(model, runner.image_size_of(image, spec), stride=stride, keep=keep)
     rows, cols = range(plan.map_size[0]), range(plan.map_size[1])
     cells = sample_cells(rows, cols, int(n), seed=seed, keep=keep)
     origins = tuple((i * plan.stride[0], j * plan.stride[1]) for i, j in cells)

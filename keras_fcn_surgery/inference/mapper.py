@@ -21,11 +21,13 @@ classifier included, with no table of this process.
 from __future__ import annotations
 
 import functools
+import hashlib
 import os
 import tempfile
 from dataclasses import dataclass, field, fields, replace
 
 import keras
+import numpy as np
 
 from keras_fcn_surgery.errors import InputError, UncertifiableMapError
 from keras_fcn_surgery.grid.geometry import Geometry, WindowGrid, geometry
@@ -251,6 +253,7 @@ class Mapper:
         self.method: str = chosen
         self.stride: tuple[int, int] | None = None
         self._prefixes: dict = {}
+        self._plans: dict = {}  # shared by the copies `with_options` makes: keyed by the tiling too
         self.analysis: windowed._Analysis | None = None
         if chosen == "windowed":
             if self.options.execution.mixed_precision:
@@ -314,6 +317,8 @@ class Mapper:
         made = MapOptions.of("with_options", **{**base, **options})
         mapper = Mapper.__new__(Mapper)
         mapper.__dict__.update(self.__dict__)
+        if self.method == "windowed" and made.execution.mixed_precision:
+            raise InputError("A windowed map runs in float32 only; drop `mixed_precision`.")
         mapper.options = replace(made, method=self.options.method)
         mapper._prefixes = {}
         return mapper
@@ -330,6 +335,17 @@ class Mapper:
                 `predict_map`'s ``engine``: each stage's execution, measured
                 for ``"auto"``.
         """
+        size = tuple(int(d) for d in image_size)
+        key = (size, self.tiling, engine, None if keep is None else _digest(keep))
+        plan = self._plans.pop(key, None)
+        if plan is None:
+            plan = self._plan(size, keep, engine)
+        self._plans[key] = plan  # the most recent last: a slide's plan is made once, whoever asks for it
+        while len(self._plans) > _PLANS_KEPT:
+            self._plans.pop(next(iter(self._plans)))
+        return plan
+
+    def _plan(self, image_size, keep, engine):
         tiling = self.tiling
         if self.method == "windowed":
             return windowed.plan_windows(
@@ -440,12 +456,17 @@ class Mapper:
         check_cell_count(n, "n")
         preprocess = self.inputs.preprocess
         if self.method == "windowed":
+            spec = runner.ImageSpec(self.spec.layout, self.spec.channels)
+            size = runner.image_size_of(runner.with_channel_axis(image, spec), spec)
+            # The cells and windows of the map, whatever the tiles of its prefix's pass: any plan made for it.
+            wanted = (size, None if keep is None else _digest(keep))
+            made = [p for (z, _, e, k), p in self._plans.items() if (z, k) == wanted and e is None]
             return windowed_certificate(
                 self.model,
+                made[-1] if made else self.plan(size, keep=keep),
                 image,
                 scores,
                 n,
-                stride=self.stride,
                 preprocess=preprocess,
                 keep=keep,
                 tolerance=tolerance,
@@ -512,6 +533,15 @@ class Mapper:
         name = getattr(self.model, "name", type(self.model).__name__)
         stride = f", stride {self.stride[0]}x{self.stride[1]}" if self.stride is not None else ""
         return f"Mapper('{name}', method={self.method!r}{stride})"
+
+
+# Plans a mapper keeps (by image size, tiling and mask): the inputs of a batch job, one after another.
+_PLANS_KEPT = 8
+
+
+def _digest(keep) -> tuple:
+    mask = np.asarray(keep, dtype=bool)
+    return mask.shape, hashlib.sha1(np.packbits(mask).tobytes()).hexdigest()
 
 
 def _model_bytes(model) -> bytes:
