@@ -289,18 +289,32 @@ def _measured(
 
 
 def windowed_certificate(
-    model, plan, image, score_map, n: int, *, preprocess=None, keep=None, tolerance=None, seed: int = 0
+    model,
+    image,
+    score_map,
+    n: int,
+    *,
+    stride=None,
+    plan=None,
+    preprocess=None,
+    keep=None,
+    tolerance=None,
+    seed: int = 0,
 ) -> MapCertificate:
-    """The certificate of a classifier's windowed map (`inference.windowed`, made by ``plan``), without the warning.
+    """The certificate of a classifier's windowed map (`inference.windowed`), without the warning.
 
     Cell ``(i, j)`` of such a map stands for the crop at ``(i * s_h, j *
     s_w)``: ``n`` cells, sampled as `certify_map` samples them, are compared
-    with the classifier itself run on their crops.
+    with the classifier itself run on their crops. ``plan``: the map's
+    `WindowedPlan` where the caller has it (a `Mapper`), else planned here at
+    ``stride``.
     """
     check_cell_count(n, "n")
     found = windowed.analysis(model)
     spec = runner.ImageSpec(found.layout, found.channels)
     image = runner.with_channel_axis(image, spec)
+    if plan is None:
+        plan = windowed.plan_windows(model, runner.image_size_of(image, spec), stride=stride, keep=keep)
     rows, cols = range(plan.map_size[0]), range(plan.map_size[1])
     cells = sample_cells(rows, cols, int(n), seed=seed, keep=keep)
     origins = tuple((i * plan.stride[0], j * plan.stride[1]) for i, j in cells)

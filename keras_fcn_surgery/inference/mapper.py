@@ -463,10 +463,10 @@ class Mapper:
             made = [p for (z, _, e, k), p in self._plans.items() if (z, k) == wanted and e is None]
             return windowed_certificate(
                 self.model,
-                made[-1] if made else self.plan(size, keep=keep),
                 image,
                 scores,
                 n,
+                plan=made[-1] if made else self.plan(size, keep=keep),
                 preprocess=preprocess,
                 keep=keep,
                 tolerance=tolerance,
