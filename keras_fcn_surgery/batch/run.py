@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 
 from keras_fcn_surgery.batch.job import ONE_MAP_FORMATS, BatchOptions, InputResult, map_spec_of, predict_source
+from keras_fcn_surgery.batch.ome_zarr import check_version as check_ome_zarr_version
 from keras_fcn_surgery.batch.outputs import check_formats, summary_line
 from keras_fcn_surgery.batch.regions import check_available as check_regions_available
 from keras_fcn_surgery.batch.shards import check_shard_rows, check_shards, predict_source_sharded
@@ -23,7 +24,7 @@ from keras_fcn_surgery.errors import InputError, ModelFileError
 from keras_fcn_surgery.inference.certificate import DEFAULT_CELLS, check_cell_count
 from keras_fcn_surgery.inference.engines import check_engine
 from keras_fcn_surgery.inference.runner import progress_bar
-from keras_fcn_surgery.options import PREPROCESS_MODES
+from keras_fcn_surgery.options import DEFAULT_OME_ZARR_VERSION, PREPROCESS_MODES
 
 ENGINES = ("local", "ray")
 
@@ -58,6 +59,7 @@ def predict_images(
     *,
     formats="npz",
     geojson: str = "regions",
+    ome_zarr_version: str = DEFAULT_OME_ZARR_VERSION,
     tile=None,
     batch_size: int | None = None,
     preprocess=None,
@@ -105,8 +107,8 @@ def predict_images(
             model with several outputs, each output's map under its name,
             and ``outputs``, the names in order),
             ``"zarr"`` (the same, chunked, written as tiles finish),
-            ``"ome-zarr"`` (``<name>.ome.zarr``: an OME-Zarr 0.5 image for
-            viewers, written as tiles finish: the scores as channels ``c, y,
+            ``"ome-zarr"`` (``<name>.ome.zarr``: an OME-Zarr image for
+            viewers, NGFF 0.4 or 0.5 (``ome_zarr_version``), written as tiles finish: the scores as channels ``c, y,
             x`` named by ``class_names``, a pyramid of 2 x 2 means, top-class
             labels (class k as k + 1, 0 where not computed), each cell placed
             at its window's centre on the slide, in micrometres when the
@@ -123,6 +125,10 @@ def predict_images(
             probability of the class (needs scikit-image); or ``"cells"``,
             one polygon per computed cell (a segmenter's: per pixel) with its
             top class and probability.
+        ome_zarr_version: the NGFF version of an OME-Zarr output: ``"0.4"``
+            on Zarr v2, which QuPath (through Bio-Formats), OMERO
+            and napari open, or ``"0.5"`` on Zarr v3, which napari (ome-zarr
+            >= 0.12) opens and the Java viewers do not yet.
         tile: tile side in pixels (exact tiling); default: whole images up to
             2048 pixels a side, tiles of 1024 above.
         batch_size: tiles per forward pass (see `predict_map`).
@@ -205,6 +211,7 @@ def predict_images(
     options = BatchOptions(
         formats=check_formats(formats),
         geojson=check_geojson(geojson),
+        ome_zarr_version=check_ome_zarr_version(ome_zarr_version),
         tile=tile,
         batch_size=batch_size,
         preprocess=_check_preprocess(preprocess),
