@@ -28,7 +28,7 @@ OUTPUT_FORMATS = ("npz", "zarr", "ome-zarr", "geojson", "csv")
 # The NGFF version of an OME-Zarr output: 0.4 on Zarr v2 (the default: QuPath, Bio-Formats, OMERO and napari
 # read it) or 0.5 on Zarr v3 (napari with ome-zarr >= 0.12); see `keras_fcn_surgery.batch.ome_zarr`.
 OME_ZARR_VERSIONS = ("0.4", "0.5")
-DEFAULT_OME_ZARR_VERSION = "0.5"
+DEFAULT_OME_ZARR_VERSION = "0.4"
 
 # What a GeoJSON output holds: one polygon per connected region of neighbouring cells with the same top class
 # (the default), or one per computed cell; see `keras_fcn_surgery.predict_images`.
