@@ -23,7 +23,7 @@ QUANTIZE_MODES = (None, "float16", "dynamic")
 CERTIFIED_CELLS = 8
 
 # The formats of `predict_images`' outputs (the CLI's --format), registered in `keras_fcn_surgery.batch.formats`.
-OUTPUT_FORMATS = ("npz", "zarr", "ome-zarr", "geojson", "csv")
+OUTPUT_FORMATS = ("npz", "zarr", "ome-zarr", "geojson", "csv", "dicom")
 
 # The NGFF version of an OME-Zarr output: 0.4 on Zarr v2 (the default: QuPath, Bio-Formats, OMERO and napari
 # read it) or 0.5 on Zarr v3 (napari with ome-zarr >= 0.12); see `keras_fcn_surgery.batch.ome_zarr`.

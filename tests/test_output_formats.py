@@ -3,6 +3,7 @@ lifecycle (allocate, write, publish), an input that fails leaves nothing, and no
 another's private helpers."""
 
 import ast
+import dataclasses
 import json
 import os
 import pathlib
@@ -18,6 +19,7 @@ from keras_fcn_surgery.options import OUTPUT_FORMATS
 zarr = pytest.importorskip("zarr")
 pytest.importorskip("skimage")
 
+ALL_BUT_DICOM = tuple(name for name in OUTPUT_FORMATS if name != "dicom")  # a DICOM map needs a DICOM slide
 PACKAGE = pathlib.Path(formats.__file__).resolve().parents[1]
 INFO = MapInfo(
     source="slide.tif",
@@ -29,6 +31,24 @@ INFO = MapInfo(
     receptive_field=(8, 8),
     computed_fraction=1.0,
 )
+
+
+@pytest.fixture(scope="module")
+def dicom_slide(tmp_path_factory):
+    """A DICOM slide (the input a DICOM map needs), 40 x 56 pixels at level 0."""
+    pytest.importorskip("highdicom")
+    from test_batch_inputs import slide_picture, write_pyramid
+    from test_dicom_inputs import dicomize
+
+    folder = tmp_path_factory.mktemp("dicom")
+    write_pyramid(str(folder / "slide.tif"), slide_picture(size=(40, 56), patch=(slice(5, 30), slice(5, 40))), mpp=0.5)
+    dicomize(str(folder / "slide.tif"), folder / "slide-dcm")
+    return str(folder / "slide-dcm")
+
+
+def source_for(name, request):
+    """The input each format can describe: any for most, a DICOM slide for dicom."""
+    return request.getfixturevalue("dicom_slide") if name == "dicom" else "slide.tif"
 
 
 def test_every_format_the_cli_offers_is_a_registered_class():
@@ -43,7 +63,7 @@ def test_every_format_the_cli_offers_is_a_registered_class():
         assert kind.write is not formats.OutputFormat.write, name
         assert kind.adopts_store == (kind.adopt is not formats.OutputFormat.adopt), name
     assert len(set(outputs.SUFFIXES.values())) == len(OUTPUT_FORMATS)
-    assert set(formats.ONE_MAP_FORMATS) == {"ome-zarr", "geojson", "csv"}
+    assert set(formats.ONE_MAP_FORMATS) == {"ome-zarr", "geojson", "csv", "dicom"}
     predict = cli.build_parser()._subparsers._group_actions[0].choices["predict"]
     (option,) = [action for action in predict._actions if "--format" in action.option_strings]
     assert ", ".join(OUTPUT_FORMATS) in option.help
@@ -58,17 +78,19 @@ def one_map(shape=(10, 14, 3), seed=0):
 
 
 @pytest.mark.parametrize("name", OUTPUT_FORMATS)
-def test_each_format_allocates_writes_and_is_published_only_at_the_end(tmp_path, name):
+def test_each_format_allocates_writes_and_is_published_only_at_the_end(tmp_path, name, request):
     expected = one_map()
     paths = outputs.output_paths(tmp_path, "slide", [name])
     chosen = formats.formats_for(BatchOptions(formats=(name,)))
-    shapes = formats.MapShapes({"scores": expected.shape}, several=False, shown="scores")
+    source = source_for(name, request)
+    shapes = formats.MapShapes({"scores": expected.shape}, several=False, shown="scores", source=source)
     with formats.staged(paths, chosen, overwrite=False) as staged:
         maps = staged.allocate(shapes)
         assert list(maps) == ["scores"] and maps["scores"].shape == expected.shape
         assert np.isnan(np.asarray(maps["scores"][:])).all()
         maps["scores"][:] = expected  # the pass
-        staged.write(formats.FilledMaps(maps, False, "scores", INFO, class_names=("a", "b", "c")))
+        info = dataclasses.replace(INFO, source=source)
+        staged.write(formats.FilledMaps(maps, False, "scores", info, class_names=("a", "b", "c")))
         assert not os.path.exists(paths[name])  # written, not yet published
         (work,) = [p for p in os.listdir(tmp_path) if p.startswith(".partial")]
     assert os.listdir(tmp_path) == [os.path.basename(paths[name])]
@@ -82,6 +104,13 @@ def test_each_format_allocates_writes_and_is_published_only_at_the_end(tmp_path,
     elif name == "geojson":
         features = json.loads(pathlib.Path(path).read_text())["features"]
         assert sum(f["properties"]["measurements"]["cells"] for f in features) == (~np.isnan(expected[..., 0])).sum()
+    elif name == "dicom":
+        import pydicom
+
+        from keras_fcn_surgery.batch.dicom import PARAMETRIC_MAP, total_pixel_matrix
+
+        written = pydicom.dcmread(os.path.join(path, PARAMETRIC_MAP))
+        np.testing.assert_array_equal(total_pixel_matrix(written), expected)
     else:
         rows = pathlib.Path(path).read_text().splitlines()
         assert len(rows) == 1 + (~np.isnan(expected[..., 0])).sum()
@@ -94,10 +123,11 @@ def test_zarr_allocates_every_output_and_ome_zarr_only_what_is_left():
 
 
 @pytest.mark.parametrize("name", OUTPUT_FORMATS)
-def test_a_format_for_a_failing_input_leaves_nothing_behind(tmp_path, name):
+def test_a_format_for_a_failing_input_leaves_nothing_behind(tmp_path, name, request):
     paths = outputs.output_paths(tmp_path / "out", "slide", [name])
     chosen = formats.formats_for(BatchOptions(formats=(name,)))
-    shapes = formats.MapShapes({"scores": (10, 14, 3)}, several=False, shown="scores")
+    source = source_for(name, request)
+    shapes = formats.MapShapes({"scores": (10, 14, 3)}, several=False, shown="scores", source=source)
     with pytest.raises(RuntimeError, match="the pass failed"):
         with formats.staged(paths, chosen, overwrite=False) as staged:
             maps = staged.allocate(shapes)
@@ -112,8 +142,8 @@ def test_a_failing_write_leaves_no_other_format_behind(tmp_path, monkeypatch):
         raise OSError("disk full")
 
     monkeypatch.setattr(formats.writers, "write_csv", broken)
-    paths = outputs.output_paths(tmp_path, "slide", OUTPUT_FORMATS)
-    chosen = formats.formats_for(BatchOptions(formats=OUTPUT_FORMATS))
+    paths = outputs.output_paths(tmp_path, "slide", ALL_BUT_DICOM)
+    chosen = formats.formats_for(BatchOptions(formats=ALL_BUT_DICOM))
     shapes = formats.MapShapes({"scores": (10, 14, 3)}, several=False, shown="scores")
     with pytest.raises(OSError, match="disk full"):
         with formats.staged(paths, chosen, overwrite=False) as staged:
@@ -142,7 +172,7 @@ def test_a_failing_input_of_a_batch_leaves_no_output_of_any_format(tmp_path, mon
     monkeypatch.setattr(job, "_compute", failing)
     fcn = kfs.convert(small_flatten_cnn(input_size=(32, 32), classes=3))
     source = Source(str(tmp_path / "picture.png"), "picture")
-    result = job.predict_source(fcn, source, str(tmp_path / "out"), BatchOptions(formats=OUTPUT_FORMATS))
+    result = job.predict_source(fcn, source, str(tmp_path / "out"), BatchOptions(formats=ALL_BUT_DICOM))
     assert result.status == "failed" and "the network failed" in result.message
     assert os.listdir(tmp_path / "out") == []
 

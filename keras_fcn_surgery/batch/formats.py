@@ -20,6 +20,7 @@ A format is a frozen dataclass of its own options (`OmeZarrFormat.version`,
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -27,7 +28,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from keras_fcn_surgery.batch import ome_zarr, writers
+from keras_fcn_surgery.batch import dicom, ome_zarr, writers
 from keras_fcn_surgery.batch.writers import MapInfo
 from keras_fcn_surgery.errors import InputError
 
@@ -40,11 +41,13 @@ class MapShapes:
         shapes: ``(H', W', K)`` of each output's map, by output name, in the model's order.
         several: whether the model has several outputs (npz and zarr then store each under its name).
         shown: the output the one-map formats describe (None: none, and no such format asked for).
+        source: the input file (a format may refuse an input it cannot describe before the pass).
     """
 
     shapes: dict[str, tuple[int, int, int]]
     several: bool
     shown: str | None
+    source: str = ""
 
 
 @dataclass(frozen=True)
@@ -98,6 +101,10 @@ class OutputFormat:
     def from_options(cls, options) -> OutputFormat:
         """The format with its options taken from a job's options (`BatchOptions`)."""
         return cls()
+
+    @classmethod
+    def check_available(cls) -> None:
+        """Refuse the format, before any input, when a package it needs is missing (`InputError`)."""
 
     def allocate(self, path: str, shapes: MapShapes, taken) -> dict[str, Any]:
         """Arrays, by output name, the pass writes straight into (none of ``taken``, already offered)."""
@@ -222,10 +229,31 @@ class CsvFormat(OutputFormat):
         writers.write_csv(path, filled.shown_map, filled.info, filled.class_names)
 
 
+@dataclass(frozen=True)
+class DicomFormat(OutputFormat):
+    """The shown output's scores as a tiled float32 DICOM Parametric Map beside a DICOM slide: `batch.dicom`."""
+
+    name: ClassVar[str] = "dicom"
+    suffix: ClassVar[str] = ".dicom"
+    one_map: ClassVar[bool] = True
+
+    @classmethod
+    def check_available(cls) -> None:
+        if importlib.util.find_spec("highdicom") is None:
+            raise InputError(dicom.MISSING_HIGHDICOM)
+
+    def allocate(self, path: str, shapes: MapShapes, taken) -> dict[str, Any]:
+        dicom.check_source(shapes.source)  # before the pass: a map of another input could not be written
+        return {}
+
+    def write(self, path: str, filled: FilledMaps) -> None:
+        dicom.write_parametric_map(path, filled.shown_map, filled.info, filled.class_names)
+
+
 # The formats by name, in the order of `options.OUTPUT_FORMATS` (the CLI's choices; a test holds them equal).
 # Allocation follows this order: zarr, which holds every output, before OME-Zarr, which holds one.
 FORMATS: dict[str, type[OutputFormat]] = {
-    kind.name: kind for kind in (NpzFormat, ZarrFormat, OmeZarrFormat, GeoJsonFormat, CsvFormat)
+    kind.name: kind for kind in (NpzFormat, ZarrFormat, OmeZarrFormat, GeoJsonFormat, CsvFormat, DicomFormat)
 }
 # The formats that describe one map: of a model with several outputs, the one `BatchOptions.output` names.
 ONE_MAP_FORMATS = tuple(name for name, kind in FORMATS.items() if kind.one_map)

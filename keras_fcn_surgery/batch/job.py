@@ -161,7 +161,7 @@ class OpenInput:
     def map_shapes(self, shown: str | None) -> MapShapes:
         """The maps its pass fills, for the output formats to allocate."""
         shapes = {o.name: (self.map_size[0], self.map_size[1], o.classes) for o in self.spec.outputs}
-        return MapShapes(shapes, self.spec.several, shown)
+        return MapShapes(shapes, self.spec.several, shown, self.source.path)
 
     def filled(self, maps: dict, shown: str | None, fraction: float, certificate, options: BatchOptions) -> FilledMaps:
         """The filled ``maps`` and what the output formats write beside them."""

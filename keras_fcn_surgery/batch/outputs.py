@@ -20,6 +20,8 @@ def check_formats(formats) -> tuple[str, ...]:
     unknown = [f for f in chosen if f not in FORMATS]
     if unknown or not chosen:
         raise InputError(f"Expected output formats among {', '.join(FORMATS)}. Received: {formats!r}")
+    for name in chosen:
+        _REGISTERED[name].check_available()
     return chosen
 
 

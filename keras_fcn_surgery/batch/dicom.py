@@ -1,0 +1,212 @@
+"""DICOM maps beside a DICOM slide: the class scores as a tiled float32 Parametric Map (highdicom).
+
+The output ``<name>.dicom/`` is a folder of DICOM instances, to store in the
+archive beside the slide (IDC, Slim, OHIF read them)::
+
+    slide.dicom/
+        parametric-map.dcm   the scores: one float32 channel per class, tiled frames
+
+The Parametric Map is in the slide's study and on its frame of reference, and
+references the slide's full-resolution image as its source. Its total pixel
+matrix is the score map, one pixel per cell: the pixel spacing is the map's
+stride times the level's downsample times the slide's pixel spacing, and
+pixel ``(0, 0)``'s centre (DICOM's Total Pixel Matrix Origin) is cell
+``(0, 0)``'s window centre on the slide, so each cell sits where its window
+is. Each class's real-world value mapping is the identity (the stored float32
+values are the scores, bit for bit; NaN where no cell was computed) named by
+its class.
+
+Only DICOM slide inputs are supported: a map of another input has no DICOM
+image to reference (new study identifiers and a made-up frame of reference,
+as the issue asks, are not written yet).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import numpy as np
+
+from keras_fcn_surgery.batch.sources import dicom_files, is_dicom
+from keras_fcn_surgery.batch.writers import MapInfo, class_name
+from keras_fcn_surgery.errors import InputError
+
+PARAMETRIC_MAP = "parametric-map.dcm"
+# Cells per frame side of the tiled Parametric Map.
+TILE = 256
+_MANUFACTURER = "keras-fcn-surgery"
+
+
+MISSING_HIGHDICOM = "The dicom output format needs the `highdicom` package: pip install 'keras-fcn-surgery[dicom]'."
+_WSI = "1.2.840.10008.5.1.4.1.1.77.1.6"  # VL Whole Slide Microscopy Image Storage
+
+
+def require_highdicom():
+    """The `highdicom` module, or `InputError` naming the extra that installs it."""
+    try:
+        import highdicom
+    except ImportError as error:
+        raise InputError(MISSING_HIGHDICOM) from error
+    return highdicom
+
+
+def check_source(source: str) -> None:
+    """Refuse an input that is not a DICOM slide (`InputError`), before its map is computed."""
+    source_image(source)
+
+
+def source_image(source: str):
+    """The slide's full-resolution VL Whole Slide Microscopy image (metadata only) that the map references.
+
+    Raises:
+        InputError: when ``source`` is not a DICOM slide.
+    """
+    import pydicom
+
+    folder = source if os.path.isdir(source) else os.path.dirname(source)
+    files = [source] if os.path.isfile(source) and is_dicom(source) else []
+    files = dicom_files(folder) if os.path.isdir(source) or files else []
+    volumes = []
+    for path in files:
+        dataset = pydicom.dcmread(path, stop_before_pixels=True)
+        if dataset.get("SOPClassUID") == _WSI and "VOLUME" in list(dataset.get("ImageType", [])):
+            volumes.append(dataset)
+    if not volumes:
+        raise InputError(
+            f"'{source}': the dicom output format writes maps of DICOM slides only (a folder of VL Whole Slide "
+            "Microscopy instances, or one of them); choose npz, zarr, ome-zarr, geojson or csv for other inputs."
+        )
+    return max(volumes, key=lambda d: int(d.TotalPixelMatrixRows) * int(d.TotalPixelMatrixColumns))
+
+
+def map_placement(source, info: MapInfo) -> tuple[tuple[float, float], tuple[float, float, float]]:
+    """``(pixel_spacing, origin)`` of the map on ``source``'s slide, in millimetres.
+
+    ``pixel_spacing`` is (between rows, between columns); ``origin`` the
+    slide coordinates of map pixel ``(0, 0)``'s centre: its window's centre,
+    at level-0 pixel ``(offset + receptive_field / 2) * downsample - 0.5``
+    (pixel centres at integers, as DICOM's origin is the first pixel's centre).
+    """
+    spacing = [float(v) for v in source.SharedFunctionalGroupsSequence[0].PixelMeasuresSequence[0].PixelSpacing]
+    origin = source.TotalPixelMatrixOriginSequence[0]
+    start = np.array([float(origin.XOffsetInSlideCoordinateSystem), float(origin.YOffsetInSlideCoordinateSystem)])
+    cosines = np.array([float(v) for v in source.ImageOrientationSlide], dtype=np.float64)
+    along_row, along_column = cosines[:3], cosines[3:]  # the directions of increasing column and row index
+    centre = [(info.offset[a] + info.receptive_field[a] / 2) * float(info.downsample[a]) - 0.5 for a in (0, 1)]
+    position = start + (centre[1] * spacing[1] * along_row + centre[0] * spacing[0] * along_column)[:2]
+    z = float(origin.get("ZOffsetInSlideCoordinateSystem", 0.0) or 0.0)
+    map_spacing = tuple(info.stride[a] * float(info.downsample[a]) * spacing[a] for a in (0, 1))
+    return (float(map_spacing[0]), float(map_spacing[1])), (float(position[0]), float(position[1]), z)
+
+
+def write_parametric_map(folder: str, scores, info: MapInfo, class_names=None) -> None:
+    """The ``(H', W', K)`` scores as a tiled float32 Parametric Map in ``folder`` (see the module's docstring).
+
+    Raises:
+        InputError: without highdicom, or when the map's input is not a DICOM slide.
+    """
+    hd = require_highdicom()
+    from pydicom.sr.codedict import codes
+
+    source = source_image(info.source)
+    values = np.asarray(scores[:], dtype=np.float32)
+    height, width, classes = values.shape
+    mappings = []
+    for k in range(classes):
+        channel = values[..., k]
+        finite = channel[np.isfinite(channel)]
+        low, high = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
+        name = class_name(k, class_names)
+        mappings.append(
+            [
+                hd.pm.RealWorldValueMapping(
+                    lut_label=name[:16],
+                    lut_explanation=f"score of {name}"[:64],
+                    unit=codes.UCUM.NoUnits,
+                    value_range=(low, high),
+                    slope=1.0,
+                    intercept=0.0,
+                )
+            ]
+        )
+    finite = values[np.isfinite(values)]
+    low, high = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
+    window = hd.VOILUTTransformation(  # LINEAR_EXACT: scores span less than 1, which plain LINEAR refuses
+        window_center=(low + high) / 2,
+        window_width=max(high - low, 1e-6),
+        window_explanation="scores",
+        voi_lut_function="LINEAR_EXACT",
+    )
+    spacing, origin = map_placement(source, info)
+    thickness = source.SharedFunctionalGroupsSequence[0].PixelMeasuresSequence[0].get("SliceThickness")
+    parametric_map = hd.pm.ParametricMap(
+        source_images=[source],
+        pixel_array=values[np.newaxis],
+        series_instance_uid=hd.UID(),
+        series_number=_series_number(source),
+        sop_instance_uid=hd.UID(),
+        instance_number=1,
+        manufacturer=_MANUFACTURER,
+        manufacturer_model_name=_MANUFACTURER,
+        software_versions=_version(),
+        device_serial_number="0",
+        contains_recognizable_visual_features=False,
+        real_world_value_mappings=mappings,
+        voi_lut_transformations=[window],
+        content_label="SCORES",
+        content_description="class scores of a network, one cell per pixel",
+        pixel_measures=hd.PixelMeasuresSequence(pixel_spacing=spacing, slice_thickness=thickness),
+        plane_orientation=hd.PlaneOrientationSequence(
+            coordinate_system="SLIDE", image_orientation=[float(v) for v in source.ImageOrientationSlide]
+        ),
+        plane_positions=[
+            hd.PlanePositionSequence(coordinate_system="SLIDE", image_position=origin, pixel_matrix_position=(1, 1))
+        ],
+        tile_pixel_array=True,
+        tile_size=(min(TILE, height), min(TILE, width)),
+    )
+    os.makedirs(folder, exist_ok=True)
+    parametric_map.save_as(os.path.join(folder, PARAMETRIC_MAP))
+
+
+def total_pixel_matrix(dataset) -> np.ndarray:
+    """A tiled multi-frame image's frames put back in place: ``(rows, columns[, channels])`` (for tests, readers)."""
+    rows, columns = int(dataset.TotalPixelMatrixRows), int(dataset.TotalPixelMatrixColumns)
+    tile_rows, tile_columns = int(dataset.Rows), int(dataset.Columns)
+    if "FloatPixelData" in dataset:  # uncompressed float32, read as stored (whatever pydicom's pixel options)
+        frames = np.frombuffer(dataset.FloatPixelData, dtype="<f4").reshape(-1, tile_rows, tile_columns)
+    else:
+        frames = np.asarray(dataset.pixel_array)
+    groups = dataset.PerFrameFunctionalGroupsSequence
+    channels: dict[Any, int] = {}
+    placed: dict[tuple[int, int, int], np.ndarray] = {}
+    for n, group in enumerate(groups):
+        position = group.PlanePositionSlideSequence[0]
+        top = int(position.RowPositionInTotalImagePixelMatrix) - 1
+        left = int(position.ColumnPositionInTotalImagePixelMatrix) - 1
+        channel = channels.setdefault(_frame_channel(group), len(channels))
+        placed[(channel, top, left)] = frames[n] if frames.ndim == 3 else frames
+    result = np.full((len(channels), rows, columns), np.nan, dtype=frames.dtype)
+    for (channel, top, left), frame in placed.items():
+        bottom, right = min(top + tile_rows, rows), min(left + tile_columns, columns)
+        result[channel, top:bottom, left:right] = frame[: bottom - top, : right - left]
+    return np.moveaxis(result, 0, -1)
+
+
+def _frame_channel(group):
+    mapping = group.get("RealWorldValueMappingSequence")
+    return (mapping[0].LUTLabel, mapping[0].LUTExplanation) if mapping else 0
+
+
+def _series_number(source) -> int:
+    return int(source.get("SeriesNumber", 0) or 0) + 100
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("keras-fcn-surgery")
+    except PackageNotFoundError:
+        return "unknown"
