@@ -1,5 +1,6 @@
-"""`predict --format dicom`: a DICOM slide's class scores as a tiled float32 Parametric Map in the slide's study,
-on its frame of reference, whose frames sit where their cells' windows are; dciodvfy finds no error."""
+"""`predict --format dicom`: a DICOM slide's class scores as a tiled float32 Parametric Map and their top class
+as a Segmentation, in the slide's study, on its frame of reference, whose frames sit where their cells' windows
+are; dciodvfy finds no error in either."""
 
 import os
 import shutil
@@ -47,7 +48,8 @@ def fcn():
 
 @pytest.fixture(scope="module")
 def written(fcn, slide, tmp_path_factory):
-    """The Parametric Map (frames of 16 x 16 cells) and the npz of one run on level 1 with a tissue mask."""
+    """The Parametric Map (frames of 16 x 16 cells), the npz and the DICOM folder of one run on level 1 with a
+    tissue mask."""
     folder, _ = slide
     out = tmp_path_factory.mktemp("maps")
     with pytest.MonkeyPatch.context() as patch:
@@ -56,7 +58,8 @@ def written(fcn, slide, tmp_path_factory):
             fcn, [folder], out, formats="dicom,npz", level=1, mask="auto", tile=64, class_names=CLASSES
         )
     assert summary.ok, summary.failed
-    return pydicom.dcmread(str(out / "slide-dcm.dicom" / dicom.PARAMETRIC_MAP)), np.load(out / "slide-dcm.npz")
+    folder = out / "slide-dcm.dicom"
+    return pydicom.dcmread(str(folder / dicom.PARAMETRIC_MAP)), np.load(out / "slide-dcm.npz"), folder
 
 
 def level0(folder):
@@ -65,7 +68,7 @@ def level0(folder):
 
 
 def test_the_parametric_map_holds_the_scores_bit_for_bit(written):
-    parametric_map, npz = written
+    parametric_map, npz, folder = written
     assert parametric_map.SOPClassUID == "1.2.840.10008.5.1.4.1.1.30"  # Parametric Map Storage
     assert parametric_map.BitsAllocated == 32 and "FloatPixelData" in parametric_map
     scores = npz["scores"]
@@ -83,7 +86,7 @@ def test_the_parametric_map_holds_the_scores_bit_for_bit(written):
 
 
 def test_it_is_in_the_slides_study_and_frame_of_reference_and_references_it(written, slide):
-    parametric_map, _ = written
+    parametric_map, _, _ = written
     source = level0(slide[0])
     assert parametric_map.StudyInstanceUID == source.StudyInstanceUID
     assert parametric_map.FrameOfReferenceUID == source.FrameOfReferenceUID
@@ -95,7 +98,7 @@ def test_it_is_in_the_slides_study_and_frame_of_reference_and_references_it(writ
 
 
 def test_each_frame_sits_where_its_cells_windows_are_on_the_slide(written, slide, fcn):
-    parametric_map, npz = written
+    parametric_map, npz, folder = written
     source = level0(slide[0])
     spacing = [float(v) for v in source.SharedFunctionalGroupsSequence[0].PixelMeasuresSequence[0].PixelSpacing]
     origin = source.TotalPixelMatrixOriginSequence[0]
@@ -124,15 +127,44 @@ def test_each_frame_sits_where_its_cells_windows_are_on_the_slide(written, slide
     assert positions == {(r, c) for r in range(0, rows, 16) for c in range(0, cols, 16)}
 
 
-def test_dciodvfy_finds_no_error(written, tmp_path):
+@pytest.mark.parametrize("name, kind", [(dicom.PARAMETRIC_MAP, "ParametricMap"), (dicom.SEGMENTATION, "Segmentation")])
+def test_dciodvfy_finds_no_error(written, name, kind):
     if shutil.which("dciodvfy") is None:
         pytest.skip("dciodvfy (Debian's dicom3tools) is not installed: apt-get install dicom3tools; .ci/run does")
-    parametric_map, _ = written
-    parametric_map.save_as(str(tmp_path / "map.dcm"))
-    checked = subprocess.run(["dciodvfy", str(tmp_path / "map.dcm")], capture_output=True, text=True, timeout=120)
+    _, _, folder = written
+    checked = subprocess.run(["dciodvfy", str(folder / name)], capture_output=True, text=True, timeout=120)
     report = checked.stdout + checked.stderr
-    assert "ParametricMap" in report
+    assert kind in report.splitlines()
     assert [line for line in report.splitlines() if line.startswith("Error")] == []
+
+
+def test_the_segmentation_is_the_top_class_of_each_computed_cell(written, slide):
+    import highdicom
+
+    parametric_map, npz, folder = written
+    segmentation = highdicom.seg.segread(str(folder / dicom.SEGMENTATION))
+    scores = npz["scores"]
+    computed = ~np.isnan(scores).any(axis=-1)
+    expected = np.where(computed, np.nan_to_num(scores, nan=-np.inf).argmax(axis=-1) + 1, 0)
+    np.testing.assert_array_equal(segmentation.get_total_pixel_matrix(combine_segments=True), expected)
+    assert computed.any() and not computed.all()  # (every class: test_output_formats.py's random map)
+    assert [s.SegmentLabel for s in segmentation.SegmentSequence] == list(CLASSES)
+    source = level0(slide[0])
+    assert segmentation.StudyInstanceUID == source.StudyInstanceUID
+    assert segmentation.FrameOfReferenceUID == source.FrameOfReferenceUID
+    # On the same grid as the Parametric Map: same spacing, same origin, same frames.
+    for name in ("SharedFunctionalGroupsSequence", "TotalPixelMatrixOriginSequence", "NumberOfFrames"):
+        if name == "NumberOfFrames":
+            assert int(segmentation.NumberOfFrames) == int(parametric_map.NumberOfFrames)
+            continue
+        assert _placement(getattr(segmentation, name)) == _placement(getattr(parametric_map, name))
+
+
+def _placement(sequence):
+    item = sequence[0]
+    if "PixelMeasuresSequence" in item:
+        return [float(v) for v in item.PixelMeasuresSequence[0].PixelSpacing]
+    return [float(item.XOffsetInSlideCoordinateSystem), float(item.YOffsetInSlideCoordinateSystem)]
 
 
 def test_a_non_dicom_input_fails_by_name_before_its_map_is_computed_and_leaves_nothing(fcn, slide, tmp_path):

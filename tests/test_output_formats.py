@@ -105,12 +105,17 @@ def test_each_format_allocates_writes_and_is_published_only_at_the_end(tmp_path,
         features = json.loads(pathlib.Path(path).read_text())["features"]
         assert sum(f["properties"]["measurements"]["cells"] for f in features) == (~np.isnan(expected[..., 0])).sum()
     elif name == "dicom":
+        import highdicom
         import pydicom
 
-        from keras_fcn_surgery.batch.dicom import PARAMETRIC_MAP, total_pixel_matrix
+        from keras_fcn_surgery.batch.dicom import PARAMETRIC_MAP, SEGMENTATION, total_pixel_matrix
 
         written = pydicom.dcmread(os.path.join(path, PARAMETRIC_MAP))
         np.testing.assert_array_equal(total_pixel_matrix(written), expected)
+        segmentation = highdicom.seg.segread(os.path.join(path, SEGMENTATION))
+        top = np.where(np.isnan(expected).any(axis=-1), 0, np.nan_to_num(expected).argmax(axis=-1) + 1)
+        assert set(np.unique(top)) == {0, 1, 2, 3}
+        np.testing.assert_array_equal(segmentation.get_total_pixel_matrix(combine_segments=True), top)
     else:
         rows = pathlib.Path(path).read_text().splitlines()
         assert len(rows) == 1 + (~np.isnan(expected[..., 0])).sum()

@@ -1,24 +1,27 @@
-"""DICOM maps beside a DICOM slide: the class scores as a tiled float32 Parametric Map (highdicom).
+"""DICOM maps beside a DICOM slide: the class scores as a tiled float32 Parametric Map and their top class as a
+Segmentation (highdicom).
 
 The output ``<name>.dicom/`` is a folder of DICOM instances, to store in the
 archive beside the slide (IDC, Slim, OHIF read them)::
 
     slide.dicom/
         parametric-map.dcm   the scores: one float32 channel per class, tiled frames
+        segmentation.dcm     the top class of each computed cell: a binary segment per class, named by it
 
-The Parametric Map is in the slide's study and on its frame of reference, and
-references the slide's full-resolution image as its source. Its total pixel
+Both are in the slide's study and on its frame of reference, and reference
+the slide's full-resolution image as their source. Their total pixel
 matrix is the score map, one pixel per cell: the pixel spacing is the map's
 stride times the level's downsample times the slide's pixel spacing, and
 pixel ``(0, 0)``'s centre (DICOM's Total Pixel Matrix Origin) is cell
 ``(0, 0)``'s window centre on the slide, so each cell sits where its window
 is. Each class's real-world value mapping is the identity (the stored float32
 values are the scores, bit for bit; NaN where no cell was computed) named by
-its class.
+its class; a cell not computed is in no segment.
 
 Only DICOM slide inputs are supported: a map of another input has no DICOM
-image to reference (new study identifiers and a made-up frame of reference,
-as the issue asks, are not written yet).
+image to reference (new study identifiers and a made-up frame of reference
+are not written yet), nor are the regions as Microscopy Bulk Simple
+Annotations.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from keras_fcn_surgery.batch.writers import MapInfo, class_name
 from keras_fcn_surgery.errors import InputError
 
 PARAMETRIC_MAP = "parametric-map.dcm"
+SEGMENTATION = "segmentation.dcm"
 # Cells per frame side of the tiled Parametric Map.
 TILE = 256
 _MANUFACTURER = "keras-fcn-surgery"
@@ -100,24 +104,58 @@ def map_placement(source, info: MapInfo) -> tuple[tuple[float, float], tuple[flo
     return (float(map_spacing[0]), float(map_spacing[1])), (float(position[0]), float(position[1]), z)
 
 
-def write_parametric_map(folder: str, scores, info: MapInfo, class_names=None) -> None:
-    """The ``(H', W', K)`` scores as a tiled float32 Parametric Map in ``folder`` (see the module's docstring).
+def write_maps(folder: str, scores, info: MapInfo, class_names=None) -> None:
+    """The ``(H', W', K)`` scores as a Parametric Map and their top class as a Segmentation, in ``folder``.
+
+    See the module's docstring.
 
     Raises:
         InputError: without highdicom, or when the map's input is not a DICOM slide.
     """
     hd = require_highdicom()
-    from pydicom.sr.codedict import codes
-
     source = source_image(info.source)
     values = np.asarray(scores[:], dtype=np.float32)
-    height, width, classes = values.shape
+    names = [class_name(k, class_names) for k in range(values.shape[-1])]
+    common = _common_arguments(hd, source, info, values.shape[:2])
+    os.makedirs(folder, exist_ok=True)
+    parametric_map(hd, source, values, names, common, series_number=_series_number(source)).save_as(
+        os.path.join(folder, PARAMETRIC_MAP)
+    )
+    segmentation(hd, source, values, names, common, series_number=_series_number(source) + 1).save_as(
+        os.path.join(folder, SEGMENTATION)
+    )
+
+
+def _common_arguments(hd, source, info: MapInfo, size) -> dict:
+    """What the map's objects share: the device, and the placement of their tiled total pixel matrix."""
+    spacing, origin = map_placement(source, info)
+    thickness = source.SharedFunctionalGroupsSequence[0].PixelMeasuresSequence[0].get("SliceThickness")
+    return dict(
+        source_images=[source],
+        instance_number=1,
+        manufacturer=_MANUFACTURER,
+        manufacturer_model_name=_MANUFACTURER,
+        software_versions=_version(),
+        device_serial_number="0",
+        pixel_measures=hd.PixelMeasuresSequence(pixel_spacing=spacing, slice_thickness=thickness),
+        plane_orientation=hd.PlaneOrientationSequence(
+            coordinate_system="SLIDE", image_orientation=[float(v) for v in source.ImageOrientationSlide]
+        ),
+        plane_positions=[
+            hd.PlanePositionSequence(coordinate_system="SLIDE", image_position=origin, pixel_matrix_position=(1, 1))
+        ],
+        tile_pixel_array=True,
+        tile_size=(min(TILE, int(size[0])), min(TILE, int(size[1]))),
+    )
+
+
+def parametric_map(hd, source, values: np.ndarray, names, common: dict, *, series_number: int):
+    """The float32 scores, one channel per class with an identity real-world value mapping named by the class."""
+    from pydicom.sr.codedict import codes
+
     mappings = []
-    for k in range(classes):
-        channel = values[..., k]
-        finite = channel[np.isfinite(channel)]
-        low, high = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
-        name = class_name(k, class_names)
+    for k, name in enumerate(names):
+        low, high = _finite_range(values[..., k])
         mappings.append(
             [
                 hd.pm.RealWorldValueMapping(
@@ -130,44 +168,69 @@ def write_parametric_map(folder: str, scores, info: MapInfo, class_names=None) -
                 )
             ]
         )
-    finite = values[np.isfinite(values)]
-    low, high = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
+    low, high = _finite_range(values)
     window = hd.VOILUTTransformation(  # LINEAR_EXACT: scores span less than 1, which plain LINEAR refuses
         window_center=(low + high) / 2,
         window_width=max(high - low, 1e-6),
         window_explanation="scores",
         voi_lut_function="LINEAR_EXACT",
     )
-    spacing, origin = map_placement(source, info)
-    thickness = source.SharedFunctionalGroupsSequence[0].PixelMeasuresSequence[0].get("SliceThickness")
-    parametric_map = hd.pm.ParametricMap(
-        source_images=[source],
+    return hd.pm.ParametricMap(
         pixel_array=values[np.newaxis],
         series_instance_uid=hd.UID(),
-        series_number=_series_number(source),
+        series_number=series_number,
         sop_instance_uid=hd.UID(),
-        instance_number=1,
-        manufacturer=_MANUFACTURER,
-        manufacturer_model_name=_MANUFACTURER,
-        software_versions=_version(),
-        device_serial_number="0",
         contains_recognizable_visual_features=False,
         real_world_value_mappings=mappings,
         voi_lut_transformations=[window],
         content_label="SCORES",
         content_description="class scores of a network, one cell per pixel",
-        pixel_measures=hd.PixelMeasuresSequence(pixel_spacing=spacing, slice_thickness=thickness),
-        plane_orientation=hd.PlaneOrientationSequence(
-            coordinate_system="SLIDE", image_orientation=[float(v) for v in source.ImageOrientationSlide]
-        ),
-        plane_positions=[
-            hd.PlanePositionSequence(coordinate_system="SLIDE", image_position=origin, pixel_matrix_position=(1, 1))
-        ],
-        tile_pixel_array=True,
-        tile_size=(min(TILE, height), min(TILE, width)),
+        **common,
     )
-    os.makedirs(folder, exist_ok=True)
-    parametric_map.save_as(os.path.join(folder, PARAMETRIC_MAP))
+
+
+def segmentation(hd, source, values: np.ndarray, names, common: dict, *, series_number: int):
+    """The top class of each computed cell as a binary Segmentation, one segment per class named by it."""
+    from pydicom.sr.codedict import codes
+
+    computed = ~np.isnan(values).any(axis=-1)
+    top = np.where(computed, np.nan_to_num(values, nan=-np.inf).argmax(axis=-1), -1)
+    masks = np.stack([top == k for k in range(len(names))], axis=-1)[np.newaxis].astype(np.uint8)
+    algorithm = hd.AlgorithmIdentificationSequence(
+        name=_MANUFACTURER, family=codes.DCM.ArtificialIntelligence, version=_version()
+    )
+    descriptions = [
+        hd.seg.SegmentDescription(
+            segment_number=k + 1,
+            segment_label=name[:64],
+            segmented_property_category=codes.SCT.Tissue,
+            segmented_property_type=codes.SCT.Tissue,
+            algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
+            algorithm_identification=algorithm,
+        )
+        for k, name in enumerate(names)
+    ]
+    written = hd.seg.Segmentation(
+        pixel_array=masks,
+        segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+        segment_descriptions=descriptions,
+        series_instance_uid=hd.UID(),
+        series_number=series_number,
+        sop_instance_uid=hd.UID(),
+        content_label="TOP_CLASS",
+        content_description="the class with the highest score of each cell",
+        omit_empty_frames=False,
+        **common,
+    )
+    # General Image's Type 2C Patient Orientation (no patient orientation on a slide: present, empty), which
+    # highdicom leaves out; dciodvfy reports it missing.
+    written.PatientOrientation = ""
+    return written
+
+
+def _finite_range(values: np.ndarray) -> tuple[float, float]:
+    finite = values[np.isfinite(values)]
+    return (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
 
 
 def total_pixel_matrix(dataset) -> np.ndarray:

@@ -231,7 +231,8 @@ class CsvFormat(OutputFormat):
 
 @dataclass(frozen=True)
 class DicomFormat(OutputFormat):
-    """The shown output's scores as a tiled float32 DICOM Parametric Map beside a DICOM slide: `batch.dicom`."""
+    """The shown output's scores (a tiled float32 Parametric Map) and top class (a Segmentation) beside a DICOM
+    slide: `batch.dicom`."""
 
     name: ClassVar[str] = "dicom"
     suffix: ClassVar[str] = ".dicom"
@@ -247,7 +248,7 @@ class DicomFormat(OutputFormat):
         return {}
 
     def write(self, path: str, filled: FilledMaps) -> None:
-        dicom.write_parametric_map(path, filled.shown_map, filled.info, filled.class_names)
+        dicom.write_maps(path, filled.shown_map, filled.info, filled.class_names)
 
 
 # The formats by name, in the order of `options.OUTPUT_FORMATS` (the CLI's choices; a test holds them equal).

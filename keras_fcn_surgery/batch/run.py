@@ -118,8 +118,9 @@ def predict_images(
             and probability; for a segmenter, one row per connected region
             of a class, with its pixel count, mean probability and box),
             ``"dicom"`` (``<name>.dicom/``: for a DICOM slide, its scores as
-            a tiled float32 DICOM Parametric Map in the slide's study; see
-            `batch.dicom`; needs highdicom);
+            a tiled float32 DICOM Parametric Map and their top class as a
+            Segmentation, in the slide's study; see `batch.dicom`; needs
+            highdicom);
             several as a list or ``"npz,geojson"``.
         geojson: what a GeoJSON output holds: ``"regions"`` (default), one
             polygon (with holes) per connected region of neighbouring cells
