@@ -167,12 +167,21 @@ def _placement(sequence):
     return [float(item.XOffsetInSlideCoordinateSystem), float(item.YOffsetInSlideCoordinateSystem)]
 
 
-def test_a_non_dicom_input_fails_by_name_before_its_map_is_computed_and_leaves_nothing(fcn, slide, tmp_path):
+@pytest.mark.parametrize("shards", [None, 2])
+def test_a_non_dicom_input_fails_by_name_before_its_map_is_computed_and_leaves_nothing(
+    fcn, slide, tmp_path, monkeypatch, shards
+):
+    from keras_fcn_surgery.batch import job
+
+    def computed(*args, **kwargs):
+        raise AssertionError("the map of an input the dicom format cannot describe was computed")
+
+    monkeypatch.setattr(job, "_compute", computed)
+    monkeypatch.setattr("keras_fcn_surgery.batch.shards._compute", computed)
     _, tiff = slide
-    summary = predict_images(fcn, [tiff], tmp_path / "out", formats="dicom,npz", level=2)
+    summary = predict_images(fcn, [tiff], tmp_path / "out", formats="dicom,npz", level=2, tile=32, shards=shards)
     (failed,) = summary.failed
     assert "DICOM slides only" in failed.message and tiff in failed.message
-    assert failed.megapixels == 0.0  # refused before the pass
     assert not (tmp_path / "out").exists()
 
 

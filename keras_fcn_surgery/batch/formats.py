@@ -106,6 +106,9 @@ class OutputFormat:
     def check_available(cls) -> None:
         """Refuse the format, before any input, when a package it needs is missing (`InputError`)."""
 
+    def check_input(self, source: str) -> None:
+        """Refuse an input this format cannot describe (`InputError`), before its map is computed."""
+
     def allocate(self, path: str, shapes: MapShapes, taken) -> dict[str, Any]:
         """Arrays, by output name, the pass writes straight into (none of ``taken``, already offered)."""
         return {}
@@ -243,9 +246,8 @@ class DicomFormat(OutputFormat):
         if importlib.util.find_spec("highdicom") is None:
             raise InputError(dicom.MISSING_HIGHDICOM)
 
-    def allocate(self, path: str, shapes: MapShapes, taken) -> dict[str, Any]:
-        dicom.check_source(shapes.source)  # before the pass: a map of another input could not be written
-        return {}
+    def check_input(self, source: str) -> None:
+        dicom.check_source(source)
 
     def write(self, path: str, filled: FilledMaps) -> None:
         dicom.write_maps(path, filled.shown_map, filled.info, filled.class_names)
@@ -265,6 +267,12 @@ def formats_for(options) -> dict[str, OutputFormat]:
     return {name: kind.from_options(options) for name, kind in FORMATS.items() if name in options.formats}
 
 
+def check_input(options, source: str) -> None:
+    """Refuse an input one of the formats ``options`` ask for cannot describe, before any of its work."""
+    for kind in formats_for(options).values():
+        kind.check_input(source)
+
+
 class InputOutputs:
     """One input's outputs at their temporary paths, between allocation and publication (see `staged`)."""
 
@@ -279,6 +287,8 @@ class InputOutputs:
 
     def allocate(self, shapes: MapShapes) -> dict[str, Any]:
         """Each output's map for the pass to fill, by name in the model's order: a format's array, else NaN numpy."""
+        for kind in self.formats.values():
+            kind.check_input(shapes.source)
         offered: dict[str, Any] = {}
         for name, kind in self.formats.items():
             offered.update(kind.allocate(self.temporary[name], shapes, tuple(offered)))

@@ -29,7 +29,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from keras_fcn_surgery.batch import writers
-from keras_fcn_surgery.batch.formats import ZarrFormat, formats_for, staged
+from keras_fcn_surgery.batch.formats import ZarrFormat, check_input, formats_for, staged
 from keras_fcn_surgery.batch.job import (
     BatchOptions,
     InputResult,
@@ -180,6 +180,7 @@ def plan_input(fcn, source: Source, out_dir: str, options: BatchOptions, shards:
     if not options.overwrite and all(os.path.exists(p) for p in paths.values()):
         return InputResult(source.path, "skipped", tuple(paths.values()))
     try:
+        check_input(options, source.path)  # before any region is computed
         with open_reader(source.path) as reader:
             job = open_input(fcn, reader, source, options)
             if job.per_pixel:
