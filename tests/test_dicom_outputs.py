@@ -168,9 +168,11 @@ def _placement(sequence):
 
 
 @pytest.mark.parametrize("shards", [None, 2])
-def test_a_non_dicom_input_fails_by_name_before_its_map_is_computed_and_leaves_nothing(
-    fcn, slide, tmp_path, monkeypatch, shards
+def test_an_input_without_a_resolution_fails_by_name_before_its_map_is_computed_and_leaves_nothing(
+    fcn, tmp_path, monkeypatch, shards
 ):
+    from PIL import Image
+
     from keras_fcn_surgery.batch import job
 
     def computed(*args, **kwargs):
@@ -178,10 +180,12 @@ def test_a_non_dicom_input_fails_by_name_before_its_map_is_computed_and_leaves_n
 
     monkeypatch.setattr(job, "_compute", computed)
     monkeypatch.setattr("keras_fcn_surgery.batch.shards._compute", computed)
-    _, tiff = slide
-    summary = predict_images(fcn, [tiff], tmp_path / "out", formats="dicom,npz", level=2, tile=32, shards=shards)
+    picture = str(tmp_path / "picture.png")  # a PNG records no microns per pixel
+    Image.fromarray(slide_picture(size=(96, 96), patch=(slice(10, 80), slice(10, 80)))).save(picture)
+    summary = predict_images(fcn, [picture], tmp_path / "out", formats="dicom,npz", tile=32, shards=shards)
     (failed,) = summary.failed
-    assert "DICOM slides only" in failed.message and tiff in failed.message
+    assert "records no resolution" in failed.message and picture in failed.message
+    assert "resolutionunit" in failed.message  # the way out: record it
     assert not (tmp_path / "out").exists()
 
 
@@ -208,16 +212,104 @@ def test_a_rerun_skips_a_finished_dicom_output(fcn, slide, tmp_path):
     assert [r.status for r in summary.results] == ["skipped"] and os.stat(written).st_mtime_ns == before
 
 
-def test_region_shards_write_the_same_parametric_map(fcn, slide, tmp_path):
-    folder, _ = slide
-    whole = predict_images(fcn, [folder], tmp_path / "whole", formats="dicom", level=1, tile=64)
+@pytest.mark.parametrize("which", [0, 1], ids=["dicom", "tiff"])
+def test_region_shards_write_the_same_parametric_map(fcn, slide, tmp_path, which):
+    given = slide[which]
+    whole = predict_images(fcn, [given], tmp_path / "whole", formats="dicom", level=1, tile=64)
     sharded = predict_images(
-        fcn, [folder], tmp_path / "shards", formats="dicom", level=1, tile=64, shards=3, shard_rows=8
+        fcn, [given], tmp_path / "shards", formats="dicom", level=1, tile=64, shards=3, shard_rows=8
     )
     assert whole.ok and sharded.ok, (whole.failed, sharded.failed)
+    name = os.path.splitext(os.path.basename(given))[0] + ".dicom"
     maps = [
-        dicom.total_pixel_matrix(pydicom.dcmread(str(tmp_path / run / "slide-dcm.dicom" / dicom.PARAMETRIC_MAP)))
+        dicom.total_pixel_matrix(pydicom.dcmread(str(tmp_path / run / name / dicom.PARAMETRIC_MAP)))
         for run in ("whole", "shards")
     ]
     np.testing.assert_array_equal(maps[1], maps[0])
-    assert sorted(os.listdir(tmp_path / "shards")) == ["slide-dcm.dicom"]  # the regions' work folder removed
+    assert sorted(os.listdir(tmp_path / "shards")) == [name]  # the regions' work folder removed
+
+
+@pytest.fixture(scope="module")
+def written_tiff(fcn, slide, tmp_path_factory):
+    """The DICOM folder and the npz of one run on the TIFF (no DICOM image; 0.5 microns per pixel), level 1, with
+    a tissue mask, frames of 16 x 16 cells."""
+    _, tiff = slide
+    out = tmp_path_factory.mktemp("tiff-maps")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(dicom, "TILE", 16)
+        summary = predict_images(
+            fcn, [tiff], out, formats="dicom,npz", level=1, mask="auto", tile=64, class_names=CLASSES
+        )
+    assert summary.ok, summary.failed
+    return out / "slide.dicom", np.load(out / "slide.npz")
+
+
+def test_a_tiffs_parametric_map_holds_its_scores_bit_for_bit_in_a_new_study(written_tiff, slide):
+    folder, npz = written_tiff
+    parametric_map = pydicom.dcmread(str(folder / dicom.PARAMETRIC_MAP))
+    assert parametric_map.SOPClassUID == "1.2.840.10008.5.1.4.1.1.30" and "FloatPixelData" in parametric_map
+    scores = npz["scores"]
+    assert int(parametric_map.NumberOfFrames) > len(CLASSES)
+    np.testing.assert_array_equal(dicom.total_pixel_matrix(parametric_map), scores)
+    assert np.isnan(scores).any() and not np.isnan(scores).all()
+    source = level0(slide[0])  # the DICOM slide made from the same TIFF: another study
+    assert parametric_map.StudyInstanceUID != source.StudyInstanceUID
+    assert parametric_map.FrameOfReferenceUID != source.FrameOfReferenceUID
+    assert parametric_map.PatientID == "" and parametric_map.ContainerIdentifier == "slide.tif"
+    assert "ReferencedSeriesSequence" not in parametric_map  # it references no image: there is none
+    for group in parametric_map.PerFrameFunctionalGroupsSequence:
+        assert "DerivationImageSequence" not in group
+
+
+def test_a_tiffs_frames_sit_at_its_cells_window_centres_from_its_resolution(written_tiff, fcn):
+    folder, npz = written_tiff
+    parametric_map = pydicom.dcmread(str(folder / dicom.PARAMETRIC_MAP))
+    downsample = 2  # level 1
+    grid = kfs.geometry(fcn).at(tuple(npz["level_size"]))
+    measures = parametric_map.SharedFunctionalGroupsSequence[0].PixelMeasuresSequence[0]
+    assert [float(v) for v in measures.PixelSpacing] == pytest.approx([MPP / 1000 * 4 * downsample] * 2)
+    assert [float(v) for v in parametric_map.ImageOrientationSlide] == [1, 0, 0, 0, 1, 0]
+    positions = set()
+    for group in parametric_map.PerFrameFunctionalGroupsSequence:
+        position = group.PlanePositionSlideSequence[0]
+        row = int(position.RowPositionInTotalImagePixelMatrix) - 1
+        col = int(position.ColumnPositionInTotalImagePixelMatrix) - 1
+        positions.add((row, col))
+        top, left, bottom, right = grid.input_box(row, col)
+        # Level-0 pixel centres at integers, pixel (0, 0)'s at the origin; X along columns, Y along rows; mm.
+        centre = [(left + right) * downsample / 2 - 0.5, (top + bottom) * downsample / 2 - 0.5]
+        placed = [float(position.XOffsetInSlideCoordinateSystem), float(position.YOffsetInSlideCoordinateSystem)]
+        np.testing.assert_allclose(placed, np.array(centre) * MPP / 1000, rtol=0, atol=1e-9)
+    rows, cols = npz["scores"].shape[:2]
+    assert positions == {(r, c) for r in range(0, rows, 16) for c in range(0, cols, 16)}
+
+
+def test_a_tiffs_segmentation_is_its_top_class_derived_from_its_parametric_map(written_tiff):
+    import highdicom
+
+    folder, npz = written_tiff
+    parametric_map = pydicom.dcmread(str(folder / dicom.PARAMETRIC_MAP))
+    segmentation = highdicom.seg.segread(str(folder / dicom.SEGMENTATION))
+    scores = npz["scores"]
+    computed = ~np.isnan(scores).any(axis=-1)
+    expected = np.where(computed, np.nan_to_num(scores, nan=-np.inf).argmax(axis=-1) + 1, 0)
+    np.testing.assert_array_equal(segmentation.get_total_pixel_matrix(combine_segments=True), expected)
+    assert [s.SegmentLabel for s in segmentation.SegmentSequence] == list(CLASSES)
+    assert segmentation.StudyInstanceUID == parametric_map.StudyInstanceUID
+    assert segmentation.FrameOfReferenceUID == parametric_map.FrameOfReferenceUID
+    (series,) = segmentation.ReferencedSeriesSequence
+    assert series.SeriesInstanceUID == parametric_map.SeriesInstanceUID
+    assert [i.ReferencedSOPInstanceUID for i in series.ReferencedInstanceSequence] == [parametric_map.SOPInstanceUID]
+    for name in ("SharedFunctionalGroupsSequence", "TotalPixelMatrixOriginSequence"):
+        assert _placement(getattr(segmentation, name)) == _placement(getattr(parametric_map, name))
+
+
+@pytest.mark.parametrize("name, kind", [(dicom.PARAMETRIC_MAP, "ParametricMap"), (dicom.SEGMENTATION, "Segmentation")])
+def test_dciodvfy_finds_no_error_in_a_tiffs_maps(written_tiff, name, kind):
+    if shutil.which("dciodvfy") is None:
+        pytest.skip("dciodvfy (Debian's dicom3tools) is not installed: apt-get install dicom3tools; .ci/run does")
+    folder, _ = written_tiff
+    checked = subprocess.run(["dciodvfy", str(folder / name)], capture_output=True, text=True, timeout=120)
+    report = checked.stdout + checked.stderr
+    assert kind in report.splitlines()
+    assert [line for line in report.splitlines() if line.startswith("Error")] == []

@@ -18,10 +18,16 @@ is. Each class's real-world value mapping is the identity (the stored float32
 values are the scores, bit for bit; NaN where no cell was computed) named by
 its class; a cell not computed is in no segment.
 
-Only DICOM slide inputs are supported: a map of another input has no DICOM
-image to reference (new study identifiers and a made-up frame of reference
-are not written yet), nor are the regions as Microscopy Bulk Simple
-Annotations.
+A map of another input (a TIFF, an OpenSlide slide, an image) has no DICOM
+image to reference: its objects are put in a new study of their own (new
+study, series and frame of reference identifiers, no patient), on a slide
+coordinate system whose origin is the centre of the input's level-0 pixel
+``(0, 0)``, rows along Y and columns along X, with the input's resolution
+(its microns per pixel) as the level-0 pixel spacing. The Parametric Map
+references no image; the Segmentation, the top class of its scores, is derived
+from it. An input that records no resolution is refused before its map is
+computed. The regions as Microscopy Bulk Simple Annotations are not written
+yet.
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ from typing import Any
 
 import numpy as np
 
+from keras_fcn_surgery.batch.readers import open_reader
 from keras_fcn_surgery.batch.sources import dicom_files, is_dicom
 from keras_fcn_surgery.batch.writers import MapInfo, class_name
 from keras_fcn_surgery.errors import InputError
@@ -56,8 +63,23 @@ def require_highdicom():
 
 
 def check_source(source: str) -> None:
-    """Refuse an input that is not a DICOM slide (`InputError`), before its map is computed."""
-    source_image(source)
+    """Refuse an input whose maps cannot be placed (`InputError`), before its map is computed: one that is neither
+    a DICOM slide nor records its resolution."""
+    if dicom_volume(source) is None:
+        with open_reader(source) as reader:
+            input_resolution(source, reader.mpp)
+
+
+def input_resolution(source: str, mpp: float | None) -> float:
+    """``mpp``, the microns per level-0 pixel of a non-DICOM input, or `InputError` naming it and the way out."""
+    if mpp is None or not mpp > 0:
+        raise InputError(
+            f"'{source}' records no resolution (microns per pixel), which the dicom output format needs for its "
+            "maps' pixel spacing. Record it in the file (a TIFF's XResolution and ResolutionUnit, e.g. "
+            "tifffile.imwrite(path, image, resolution=(10000 / mpp, 10000 / mpp), resolutionunit='CENTIMETER'), "
+            "or an OME-TIFF's PhysicalSizeX), or choose npz, zarr, ome-zarr, geojson or csv for it."
+        )
+    return float(mpp)
 
 
 def source_image(source: str):
@@ -66,6 +88,16 @@ def source_image(source: str):
     Raises:
         InputError: when ``source`` is not a DICOM slide.
     """
+    volume = dicom_volume(source)
+    if volume is None:
+        raise InputError(
+            f"'{source}' is not a DICOM slide (a folder of VL Whole Slide Microscopy instances, or one of them)."
+        )
+    return volume
+
+
+def dicom_volume(source: str):
+    """The full-resolution VL Whole Slide Microscopy image (metadata only) of a DICOM slide; None for another input."""
     import pydicom
 
     folder = source if os.path.isdir(source) else os.path.dirname(source)
@@ -77,10 +109,7 @@ def source_image(source: str):
         if dataset.get("SOPClassUID") == _WSI and "VOLUME" in list(dataset.get("ImageType", [])):
             volumes.append(dataset)
     if not volumes:
-        raise InputError(
-            f"'{source}': the dicom output format writes maps of DICOM slides only (a folder of VL Whole Slide "
-            "Microscopy instances, or one of them); choose npz, zarr, ome-zarr, geojson or csv for other inputs."
-        )
+        return None
     return max(volumes, key=lambda d: int(d.TotalPixelMatrixRows) * int(d.TotalPixelMatrixColumns))
 
 
@@ -104,26 +133,114 @@ def map_placement(source, info: MapInfo) -> tuple[tuple[float, float], tuple[flo
     return (float(map_spacing[0]), float(map_spacing[1])), (float(position[0]), float(position[1]), z)
 
 
-def write_maps(folder: str, scores, info: MapInfo, class_names=None) -> None:
+def write_maps(folder: str, scores, info: MapInfo, class_names=None, *, mpp: float | None = None) -> None:
     """The ``(H', W', K)`` scores as a Parametric Map and their top class as a Segmentation, in ``folder``.
 
     See the module's docstring.
 
+    Args:
+        folder: the output folder (made if missing).
+        scores: the map.
+        info: its geometry and provenance.
+        class_names: the classes' names, or None.
+        mpp: microns per level-0 pixel of a non-DICOM input (its pixel spacing); unused for a DICOM slide.
+
     Raises:
-        InputError: without highdicom, or when the map's input is not a DICOM slide.
+        InputError: without highdicom, or for a non-DICOM input without ``mpp``.
     """
     hd = require_highdicom()
-    source = source_image(info.source)
+    source = dicom_volume(info.source)
+    new_study = source is None
+    if source is None:
+        source = new_study_image(hd, info, input_resolution(info.source, mpp))
     values = np.asarray(scores[:], dtype=np.float32)
     names = [class_name(k, class_names) for k in range(values.shape[-1])]
     common = _common_arguments(hd, source, info, values.shape[:2])
+    scores_map = parametric_map(hd, source, values, names, common, series_number=_series_number(source))
+    if new_study:
+        # The stand-in source exists nowhere: the Parametric Map references no image, and the Segmentation, the top
+        # class of its scores, is derived from it.
+        _drop_references(scores_map)
+        common = dict(common, source_images=[scores_map])
+    top_class = segmentation(hd, source, values, names, common, series_number=_series_number(source) + 1)
     os.makedirs(folder, exist_ok=True)
-    parametric_map(hd, source, values, names, common, series_number=_series_number(source)).save_as(
-        os.path.join(folder, PARAMETRIC_MAP)
-    )
-    segmentation(hd, source, values, names, common, series_number=_series_number(source) + 1).save_as(
-        os.path.join(folder, SEGMENTATION)
-    )
+    scores_map.save_as(os.path.join(folder, PARAMETRIC_MAP))
+    top_class.save_as(os.path.join(folder, SEGMENTATION))
+
+
+def new_study_image(hd, info: MapInfo, mpp: float):
+    """A stand-in for the VL Whole Slide Microscopy image a non-DICOM input would be, in a new study, on a new frame
+    of reference (metadata only; never written: the Parametric Map's references to it are dropped).
+
+    Its slide coordinates: the origin at level-0 pixel ``(0, 0)``'s centre, columns along X, rows along Y, ``mpp``
+    microns apart.
+    """
+    from pydicom.dataset import Dataset
+
+    image = Dataset()
+    image.SOPClassUID = _WSI
+    image.SOPInstanceUID = hd.UID()
+    image.StudyInstanceUID = hd.UID()
+    image.SeriesInstanceUID = hd.UID()
+    image.FrameOfReferenceUID = hd.UID()
+    image.Modality = "SM"
+    for keyword in ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "AccessionNumber", "StudyID"):
+        setattr(image, keyword, "")
+    image.ReferringPhysicianName = ""
+    image.StudyDate, image.StudyTime = _now()
+    image.SeriesNumber = 1
+    image.ImageType = ["DERIVED", "PRIMARY", "VOLUME", "NONE"]
+    image.ContainerIdentifier = os.path.basename(os.path.normpath(info.source))[:64]
+    image.IssuerOfTheContainerIdentifierSequence = []
+    image.ContainerTypeCodeSequence = [_code("433466003", "SCT", "Microscope slide")]
+    specimen = Dataset()
+    specimen.SpecimenIdentifier = image.ContainerIdentifier
+    specimen.SpecimenUID = hd.UID()
+    specimen.IssuerOfTheSpecimenIdentifierSequence = []
+    specimen.SpecimenPreparationSequence = []
+    image.SpecimenDescriptionSequence = [specimen]
+    image.ImageOrientationSlide = [1.0, 0.0, 0.0, 0.0, 1.0, 0.0]
+    origin = Dataset()
+    origin.XOffsetInSlideCoordinateSystem = 0.0
+    origin.YOffsetInSlideCoordinateSystem = 0.0
+    image.TotalPixelMatrixOriginSequence = [origin]
+    measures = Dataset()
+    measures.PixelSpacing = [mpp / 1000.0, mpp / 1000.0]
+    # The section's thickness is unknown, and a Segmentation needs one: that of a cubic level-0 voxel.
+    measures.SliceThickness = mpp / 1000.0
+    shared = Dataset()
+    shared.PixelMeasuresSequence = [measures]
+    image.SharedFunctionalGroupsSequence = [shared]
+    image.TotalPixelMatrixRows = round(info.level_size[0] * float(info.downsample[0]))
+    image.TotalPixelMatrixColumns = round(info.level_size[1] * float(info.downsample[1]))
+    image.Rows, image.Columns, image.NumberOfFrames = TILE, TILE, 1
+    return image
+
+
+def _drop_references(dataset) -> None:
+    """Remove the references to a stand-in source image (`new_study_image`) that exists nowhere."""
+    for keyword in ("ReferencedSeriesSequence", "StudiesContainingOtherReferencedInstancesSequence"):
+        if keyword in dataset:
+            delattr(dataset, keyword)
+    for keyword in ("SharedFunctionalGroupsSequence", "PerFrameFunctionalGroupsSequence"):
+        for group in dataset.get(keyword, []):
+            if "DerivationImageSequence" in group:
+                delattr(group, "DerivationImageSequence")
+
+
+def _code(value: str, scheme: str, meaning: str):
+    from pydicom.dataset import Dataset
+
+    code = Dataset()
+    code.CodeValue, code.CodingSchemeDesignator, code.CodeMeaning = value, scheme, meaning
+    return code
+
+
+def _now() -> tuple[str, str]:
+    import datetime
+
+    now = datetime.datetime.now()
+    return now.strftime("%Y%m%d"), now.strftime("%H%M%S")
 
 
 def _common_arguments(hd, source, info: MapInfo, size) -> dict:

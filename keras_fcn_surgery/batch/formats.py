@@ -234,8 +234,8 @@ class CsvFormat(OutputFormat):
 
 @dataclass(frozen=True)
 class DicomFormat(OutputFormat):
-    """The shown output's scores (a tiled float32 Parametric Map) and top class (a Segmentation) beside a DICOM
-    slide: `batch.dicom`."""
+    """The shown output's scores (a tiled float32 Parametric Map) and top class (a Segmentation): in a DICOM slide's
+    study, or a new study for another input that records its resolution (`batch.dicom`)."""
 
     name: ClassVar[str] = "dicom"
     suffix: ClassVar[str] = ".dicom"
@@ -250,7 +250,7 @@ class DicomFormat(OutputFormat):
         dicom.check_source(source)
 
     def write(self, path: str, filled: FilledMaps) -> None:
-        dicom.write_maps(path, filled.shown_map, filled.info, filled.class_names)
+        dicom.write_maps(path, filled.shown_map, filled.info, filled.class_names, mpp=filled.mpp)
 
 
 # The formats by name, in the order of `options.OUTPUT_FORMATS` (the CLI's choices; a test holds them equal).
