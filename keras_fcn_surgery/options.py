@@ -22,6 +22,14 @@ QUANTIZE_MODES = (None, "float16", "dynamic")
 # Cells of each map that `predict` and `heatmap` compare with the classifier on their crops (`certify_map`).
 CERTIFIED_CELLS = 8
 
+# The formats of `predict_images`' outputs (the CLI's --format), registered in `keras_fcn_surgery.batch.formats`.
+OUTPUT_FORMATS = ("npz", "zarr", "ome-zarr", "geojson", "csv", "dicom")
+
+# The NGFF version of an OME-Zarr output: 0.4 on Zarr v2 (the default: QuPath, Bio-Formats, OMERO and napari
+# read it) or 0.5 on Zarr v3 (napari with ome-zarr >= 0.12); see `keras_fcn_surgery.batch.ome_zarr`.
+OME_ZARR_VERSIONS = ("0.4", "0.5")
+DEFAULT_OME_ZARR_VERSION = "0.4"
+
 # What a GeoJSON output holds: one polygon per connected region of neighbouring cells with the same top class
 # (the default), or one per computed cell; see `keras_fcn_surgery.predict_images`.
 GEOJSON_FEATURES = ("regions", "cells")

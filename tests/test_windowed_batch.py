@@ -86,7 +86,8 @@ def test_predict_images_writes_the_windowed_maps_of_classifiers_without_an_exact
     assert (out / "scene.csv").read_text().count("\n") == cells[0] * cells[1] + 1
     zarr = pytest.importorskip("zarr")
     group = zarr.open_group(str(out / "scene.ome.zarr"), mode="r")
-    transforms = group.attrs["ome"]["multiscales"][0]["datasets"][0]["coordinateTransformations"]
+    ngff = group.attrs.asdict()  # NGFF 0.4 (the default) at the top, 0.5 under "ome"
+    transforms = ngff.get("ome", ngff)["multiscales"][0]["datasets"][0]["coordinateTransformations"]
     scale, translation = (next(t[kind] for t in transforms if t["type"] == kind) for kind in ("scale", "translation"))
     assert scale[1:] == list(steps) and translation[1:] == [w / 2 - 0.5 for w in window]  # each window's centre
 

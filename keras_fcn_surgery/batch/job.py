@@ -15,8 +15,10 @@ from typing import Any
 
 import numpy as np
 
-from keras_fcn_surgery.batch import ome_zarr, writers
+from keras_fcn_surgery.batch import writers
 from keras_fcn_surgery.batch.cells import PixelGrid
+from keras_fcn_surgery.batch.formats import ONE_MAP_FORMATS as ONE_MAP_FORMATS
+from keras_fcn_surgery.batch.formats import FilledMaps, MapShapes, formats_for, staged
 from keras_fcn_surgery.batch.masks import cell_mask, read_mask, thumbnail, tissue_mask
 from keras_fcn_surgery.batch.outputs import output_paths
 from keras_fcn_surgery.batch.readers import LevelArray, choose_level, open_reader
@@ -25,11 +27,10 @@ from keras_fcn_surgery.errors import ConversionError, InputError, ModelFileError
 from keras_fcn_surgery.exporting.preprocessing import pixel_function
 from keras_fcn_surgery.grid.geometry import Geometry, WindowGrid
 from keras_fcn_surgery.inference.mapper import MapMethod, MapOptions, Mapper
+from keras_fcn_surgery.options import DEFAULT_OME_ZARR_VERSION
 from keras_fcn_surgery.segmentation.predict import is_segmenter, run_segmenter
 from keras_fcn_surgery.surgery.fcn import OutputMaps
 
-# The formats that describe one map: of a model with several outputs, the one `BatchOptions.output` names.
-ONE_MAP_FORMATS = ("geojson", "csv", "ome-zarr")
 # Images with a side longer than this are tiled when no tile is given (memory stays bounded).
 LARGE_SIDE = 2048
 # The tile side used then, and for skipping masked-out regions.
@@ -42,6 +43,7 @@ class BatchOptions:
 
     formats: tuple[str, ...] = ("npz",)
     geojson: str = "regions"
+    ome_zarr_version: str = DEFAULT_OME_ZARR_VERSION
     tile: int | tuple[int, int] | None = None
     batch_size: int | None = None
     preprocess: str | Callable | None = None
@@ -97,9 +99,9 @@ def predict_source(mapper: Mapper, source: Source, out_dir: str, options: BatchO
     try:
         megapixels, fraction, certificate = _compute_and_write(mapper, source, missing, options)
     except (ConversionError, OSError) as error:
-        return _failed(source, str(error), start)
+        return failed_result(source, str(error), start)
     except Exception as error:  # a decoder's or the network's error on this input must not stop the others
-        return _failed(source, f"{type(error).__name__}: {first_line(str(error))}", start)
+        return failed_result(source, f"{type(error).__name__}: {first_line(str(error))}", start)
     return InputResult(
         source.path, "done", tuple(paths.values()), "", megapixels, fraction, time.perf_counter() - start, certificate
     )
@@ -113,7 +115,8 @@ def prepare_mapper(model, options: BatchOptions, method: MapMethod) -> Mapper:
     return mapper.with_options(batch_size=options.batch_size, engine=options.execution, preprocess=preprocess)
 
 
-def _failed(source: Source, message: str, start: float) -> InputResult:
+def failed_result(source: Source, message: str, start: float) -> InputResult:
+    """The result of an input that failed: ``message``, naming its file, and the time spent since ``start``."""
     if source.path not in message:
         message = f"'{source.path}': {message}"
     return InputResult(source.path, "failed", message=message, seconds=time.perf_counter() - start)
@@ -122,20 +125,11 @@ def _failed(source: Source, message: str, start: float) -> InputResult:
 def _compute_and_write(mapper: Mapper, source: Source, paths: dict[str, str], options: BatchOptions):
     with open_reader(source.path) as reader:
         job = open_input(mapper, reader, source, options)
-        with writers.staged_outputs(paths, overwrite=options.overwrite) as temporary:
+        with staged(paths, formats_for(options), overwrite=options.overwrite) as outputs:
             # GeoJSON, CSV and OME-Zarr describe one map, and the certificate certifies it: the output asked
             # for, or the class probabilities (None: several outputs, none of probabilities, none asked for).
-            shown = _shown_output(job.spec, options.output, required=bool(set(ONE_MAP_FORMATS) & set(temporary)))
-            maps = {}
-            for output in job.spec.outputs:
-                shape = (job.map_size[0], job.map_size[1], output.classes)
-                if "zarr" in temporary:
-                    name = output.name if job.spec.several else writers.SCORES
-                    maps[output.name] = writers.create_zarr_scores(temporary["zarr"], shape, name=name)
-                elif "ome-zarr" in temporary and output.name == shown:
-                    maps[output.name] = ome_zarr.create_scores(temporary["ome-zarr"], shape)
-                else:
-                    maps[output.name] = np.full(shape, np.nan, dtype=np.float32)
+            shown = shown_output(job.spec, options.output, required=outputs.one_map)
+            maps = outputs.allocate(job.map_shapes(shown))
             scores = job.scores(maps)
             if job.per_pixel:
                 fraction, computed = _segment(mapper, job.view, job.layout, job.size, job.kept, scores, options), None
@@ -144,7 +138,7 @@ def _compute_and_write(mapper: Mapper, source: Source, paths: dict[str, str], op
                     mapper, job.view, job.layout, job.grid, job.size, job.kept, scores, options
                 )
             certificate, line = certify(mapper, job, computed, shown, options)
-            write_outputs(temporary, job, maps, shown, fraction, certificate, options)
+            outputs.write(job.filled(maps, shown, fraction, certificate, options))
     return job.size[0] * job.size[1] / 1e6, fraction, line
 
 
@@ -167,6 +161,16 @@ class OpenInput:
     def scores(self, maps: dict):
         """The map(s) to fill: ``maps`` (arrays by output name) as `_compute` and `_segment` take them."""
         return OutputMaps(self.spec.outputs, list(maps.values())) if self.spec.several else maps[self.spec.names[0]]
+
+    def map_shapes(self, shown: str | None) -> MapShapes:
+        """The maps its pass fills, for the output formats to allocate."""
+        shapes = {o.name: (self.map_size[0], self.map_size[1], o.classes) for o in self.spec.outputs}
+        return MapShapes(shapes, self.spec.several, shown, self.source.path)
+
+    def filled(self, maps: dict, shown: str | None, fraction: float, certificate, options: BatchOptions) -> FilledMaps:
+        """The filled ``maps`` and what the output formats write beside them."""
+        info = self.info(fraction, certificate, shown)
+        return FilledMaps(maps, self.spec.several, shown, info, self.reader.mpp, options.class_names)
 
     def info(self, fraction: float, certificate=None, shown: str | None = None) -> writers.MapInfo:
         return writers.MapInfo(
@@ -211,30 +215,13 @@ def certify(mapper: Mapper, job: OpenInput, computed, shown: str | None, options
     return mapper.certificate_line(job.view, computed, options.certify, keep=job.kept, output=output)
 
 
-def write_outputs(temporary: dict, job: OpenInput, maps: dict, shown, fraction, certificate, options) -> None:
-    """Write every format of ``temporary`` (zarr: complete its attributes) from the filled ``maps``."""
-    info = job.info(fraction, certificate, shown)
-    shown_map = maps[shown] if shown is not None else None  # there is one wherever a format needs it
-    if "zarr" in temporary:
-        writers.finish_zarr(temporary["zarr"], info, job.spec.names if job.spec.several else ())
-    if "ome-zarr" in temporary:
-        names = options.class_names
-        ome_zarr.finish(temporary["ome-zarr"], shown_map, info, mpp=job.reader.mpp, class_names=names)
-    if "npz" in temporary:
-        writers.write_npz(temporary["npz"], job.scores(maps), info)
-    if "geojson" in temporary:
-        writers.write_geojson(temporary["geojson"], shown_map, info, options.class_names, geojson=options.geojson)
-    if "csv" in temporary:
-        writers.write_csv(temporary["csv"], shown_map, info, options.class_names)
-
-
 _NO_SHOWN_OUTPUT = (
     "the model has several outputs and none ends in a softmax or sigmoid: name the one to certify with "
     "`output=NAME` (CLI: --output-name NAME)."
 )
 
 
-def _shown_output(spec, output: str | None, *, required: bool) -> str | None:
+def shown_output(spec, output: str | None, *, required: bool) -> str | None:
     """The output GeoJSON, CSV, OME-Zarr and the certificate describe; None when there is no default and
     nothing ``required`` one (`FcnSpec.output_index` raises then)."""
     try:

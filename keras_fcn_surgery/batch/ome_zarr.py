@@ -1,4 +1,10 @@
-"""OME-Zarr (NGFF 0.5, zarr v3) score maps for viewers: a pyramid of class scores and of top-class labels.
+"""OME-Zarr score maps for viewers: a pyramid of class scores and of top-class labels, NGFF 0.4 or 0.5.
+
+NGFF 0.4 on Zarr v2 (the default) is what QuPath (through Bio-Formats),
+OMERO and napari open; NGFF 0.5 on Zarr v3 is the newest spec, which napari
+(ome-zarr >= 0.12) opens and the Java viewers do not yet. Both hold the same
+arrays and metadata: 0.5 under an ``ome`` attribute in ``zarr.json``, 0.4 at
+the top of ``.zattrs``, chunk keys split by ``/``, Blosc-compressed.
 
 One image per map, axes ``c, y, x`` (the classes as channels)::
 
@@ -28,9 +34,13 @@ import colorsys
 
 import numpy as np
 
-from keras_fcn_surgery.batch.writers import MapInfo, _class_name, _plain, _zarr
+from keras_fcn_surgery.batch.writers import MapInfo, class_name, plain, require_zarr
+from keras_fcn_surgery.errors import InputError
+from keras_fcn_surgery.options import DEFAULT_OME_ZARR_VERSION, OME_ZARR_VERSIONS
 
-NGFF_VERSION = "0.5"
+# The NGFF versions written: 0.4 on Zarr v2, 0.5 on Zarr v3 (`options.OME_ZARR_VERSIONS`, the CLI's choices).
+NGFF_VERSIONS = dict(zip(OME_ZARR_VERSIONS, (2, 3)))
+DEFAULT_VERSION = DEFAULT_OME_ZARR_VERSION
 # Cells per chunk side, on every level, and the chunk's size on the channel axis: about 2 MiB of float32.
 CHUNK = 128
 _CHUNK_BYTES = 2 << 20
@@ -39,28 +49,33 @@ TOP_SIDE = 64
 LABELS = "classes"
 
 
-def create_scores(path: str, shape):
+def check_version(version) -> str:
+    """``version`` when it is one of `NGFF_VERSIONS`; else `InputError`."""
+    if version not in NGFF_VERSIONS:
+        raise InputError(
+            f"Expected the OME-Zarr version to be one of {tuple(NGFF_VERSIONS)} (CLI: --ome-zarr-version). "
+            f"Received: {version!r}"
+        )
+    return version
+
+
+def create_scores(path: str, shape, *, version: str = DEFAULT_VERSION):
     """A new OME-Zarr group at ``path`` whose level 0 holds a map of ``shape`` ``(H', W', K)``.
 
     Returns a channels-last view of level 0 (``shape`` ``(H', W', K)``,
     sliced like a numpy array, NaN until written) to pass as `predict_map`'s
     ``out``; call `finish` once it is written.
     """
-    zarr = _zarr("ome-zarr")
+    zarr = require_zarr("ome-zarr")
     height, width, classes = (int(d) for d in shape)
-    group = zarr.open_group(path, mode="w", zarr_format=3)
-    array = group.create_array(
-        "0",
-        shape=(classes, height, width),
-        chunks=_chunks(classes, height, width),
-        dtype="float32",
-        fill_value=np.nan,
-        dimension_names=("c", "y", "x"),
-    )
+    group = zarr.open_group(path, mode="w", zarr_format=NGFF_VERSIONS[check_version(version)])
+    array = _create_array(group, "0", (classes, height, width), _chunks(classes, height, width), np.float32, np.nan)
     return ChannelsLast(array, path)
 
 
-def finish(path: str, scores, info: MapInfo, *, mpp: float | None = None, class_names=None) -> None:
+def finish(
+    path: str, scores, info: MapInfo, *, mpp: float | None = None, class_names=None, version: str = DEFAULT_VERSION
+) -> None:
     """Complete the OME-Zarr at ``path``: level 0 (copied from ``scores`` unless it is this store's own view),
     the coarser levels, the labels and the NGFF metadata.
 
@@ -70,53 +85,68 @@ def finish(path: str, scores, info: MapInfo, *, mpp: float | None = None, class_
         info: the map's geometry.
         mpp: microns per pixel of the slide's level 0, when it records them.
         class_names: the K class names (channel and label names), or None.
+        version: the NGFF version, ``"0.4"`` (Zarr v2) or ``"0.5"`` (Zarr v3).
     """
-    zarr = _zarr("ome-zarr")
+    zarr = require_zarr("ome-zarr")
+    zarr_format = NGFF_VERSIONS[check_version(version)]
     height, width, classes = (int(d) for d in scores.shape)
     own = isinstance(scores, ChannelsLast) and scores.path == path
     if not own:
-        _copy_level0(create_scores(path, scores.shape), scores)
-    group = zarr.open_group(path, mode="r+", zarr_format=3)
+        _copy_level0(create_scores(path, scores.shape, version=version), scores)
+    group = zarr.open_group(path, mode="r+", zarr_format=zarr_format)
     sizes = level_sizes((height, width))
     label_dtype = _label_dtype(classes)
-    labels = zarr.open_group(path + "/labels", mode="w", zarr_format=3)
+    labels = zarr.open_group(path + "/labels", mode="w", zarr_format=zarr_format)
     classes_group = labels.create_group(LABELS)
     label_arrays = [
-        classes_group.create_array(
-            str(level),
-            shape=(1, *size),
-            chunks=(1, min(CHUNK, size[0]), min(CHUNK, size[1])),
-            dtype=label_dtype,
-            fill_value=0,
-            dimension_names=("c", "y", "x"),
+        _create_array(
+            classes_group, str(level), (1, *size), (1, min(CHUNK, size[0]), min(CHUNK, size[1])), label_dtype, 0
         )
         for level, size in enumerate(sizes)
     ]
     arrays = [group["0"]]
     for level, size in enumerate(sizes[1:], start=1):
-        arrays.append(
-            group.create_array(
-                str(level),
-                shape=(classes, *size),
-                chunks=_chunks(classes, *size),
-                dtype="float32",
-                fill_value=np.nan,
-                dimension_names=("c", "y", "x"),
-            )
-        )
+        arrays.append(_create_array(group, str(level), (classes, *size), _chunks(classes, *size), np.float32, np.nan))
     low, high = _label_level0(arrays[0], label_arrays[0])
     for level in range(1, len(sizes)):
         _halve_level(arrays[level - 1], arrays[level], label_arrays[level])
-    names = [_class_name(k, class_names) for k in range(classes)]
+    names = [class_name(k, class_names) for k in range(classes)]
     transforms = [level_transforms(info, mpp, level) for level in range(len(sizes))]
     geometry, axes = _geometry_attributes(info, mpp), _axes(mpp)
-    group.attrs.update({"ome": _image_metadata(names, axes, transforms, low, high), "keras_fcn_surgery": geometry})
-    labels.attrs.update({"ome": {"version": NGFF_VERSION, "labels": [LABELS]}})
-    classes_group.attrs.update({"ome": _label_metadata(names, axes, transforms), "keras_fcn_surgery": geometry})
+    image = _image_metadata(names, axes, transforms, low, high, version)
+    group.attrs.update({**_ome(image, version), "keras_fcn_surgery": geometry})
+    labels.attrs.update(_ome({"labels": [LABELS]}, version))
+    label = _label_metadata(names, axes, transforms, version)
+    classes_group.attrs.update({**_ome(label, version), "keras_fcn_surgery": geometry})
 
 
-def _image_metadata(names, axes, transforms, low, high) -> dict:
-    """The score image's ``ome`` attributes: its multiscale and one omero channel per class."""
+def _create_array(group, name: str, shape, chunks, dtype, fill_value):
+    """A chunked array of ``group``: Zarr v3 with named dimensions, or Zarr v2 as NGFF 0.4 wants it (chunk keys
+    split by ``/``; Blosc, which every Zarr v2 reader, Java's included, decodes)."""
+    if group.metadata.zarr_format == 3:
+        return group.create_array(
+            name, shape=shape, chunks=chunks, dtype=dtype, fill_value=fill_value, dimension_names=("c", "y", "x")
+        )
+    from numcodecs import Blosc
+
+    return group.create_array(
+        name,
+        shape=shape,
+        chunks=chunks,
+        dtype=dtype,
+        fill_value=fill_value,
+        chunk_key_encoding={"name": "v2", "separator": "/"},
+        compressors=Blosc(cname="lz4", clevel=5, shuffle=Blosc.SHUFFLE),
+    )
+
+
+def _ome(metadata: dict, version: str) -> dict:
+    """NGFF attributes as each version places them: 0.5 under ``ome`` with the version, 0.4 at the top."""
+    return {"ome": {"version": version, **metadata}} if version != "0.4" else metadata
+
+
+def _image_metadata(names, axes, transforms, low, high, version: str) -> dict:
+    """The score image's NGFF attributes: its multiscale and one omero channel per class."""
     channels = [
         {
             "label": name,
@@ -130,19 +160,17 @@ def _image_metadata(names, axes, transforms, low, high) -> dict:
         for k, name in enumerate(names)
     ]
     return {
-        "version": NGFF_VERSION,
-        "multiscales": [_multiscale("scores", axes, transforms, "mean", _SCORE_PYRAMID)],
+        "multiscales": [_multiscale("scores", axes, transforms, "mean", _SCORE_PYRAMID, version)],
         "omero": {"channels": channels, "rdefs": {"model": "color"}},
     }
 
 
-def _label_metadata(names, axes, transforms) -> dict:
-    """The labels image's ``ome`` attributes: its multiscale, and a colour and class name per label value."""
+def _label_metadata(names, axes, transforms, version: str) -> dict:
+    """The labels image's NGFF attributes: its multiscale, and a colour and class name per label value."""
     return {
-        "version": NGFF_VERSION,
-        "multiscales": [_multiscale(LABELS, axes, transforms, "argmax", _LABEL_PYRAMID)],
+        "multiscales": [_multiscale(LABELS, axes, transforms, "argmax", _LABEL_PYRAMID, version)],
         "image-label": {
-            "version": NGFF_VERSION,
+            "version": version,
             "colors": [{"label-value": 0, "rgba": [0, 0, 0, 0]}]
             + [{"label-value": k + 1, "rgba": [*_colour(k), 255]} for k in range(len(names))],
             "properties": [{"label-value": 0, "class": "not computed"}]
@@ -187,8 +215,9 @@ def level_transforms(info: MapInfo, mpp: float | None, level: int) -> tuple[list
     return scale, translation
 
 
-def _multiscale(name, axes, transforms, kind: str, description: str) -> dict:
+def _multiscale(name, axes, transforms, kind: str, description: str, version: str) -> dict:
     return {
+        **({"version": version} if version == "0.4" else {}),  # 0.5 has it once, beside the multiscales
         "name": name,
         "axes": axes,
         "datasets": [
@@ -213,7 +242,7 @@ def _axes(mpp) -> list[dict]:
 
 def _geometry_attributes(info: MapInfo, mpp) -> dict:
     return {
-        "map": _plain(info.fields()),
+        "map": plain(info.fields()),
         "mpp": mpp,
         "coordinates": "micrometer" if mpp is not None else "level-0 pixels of the slide",
         "convention": "NGFF: the centre of array element 0 is at coordinate 0; a cell sits at its window's centre",

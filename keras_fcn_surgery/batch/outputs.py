@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import os
 
+from keras_fcn_surgery.batch.formats import FORMATS as _REGISTERED
 from keras_fcn_surgery.errors import InputError
 
-FORMATS = ("npz", "zarr", "ome-zarr", "geojson", "csv")
-SUFFIXES = {"npz": ".npz", "zarr": ".zarr", "ome-zarr": ".ome.zarr", "geojson": ".geojson", "csv": ".csv"}
+FORMATS = tuple(_REGISTERED)
+SUFFIXES = {name: kind.suffix for name, kind in _REGISTERED.items()}
 
 
 def check_formats(formats) -> tuple[str, ...]:
@@ -19,6 +20,8 @@ def check_formats(formats) -> tuple[str, ...]:
     unknown = [f for f in chosen if f not in FORMATS]
     if unknown or not chosen:
         raise InputError(f"Expected output formats among {', '.join(FORMATS)}. Received: {formats!r}")
+    for name in chosen:
+        _REGISTERED[name].check_available()
     return chosen
 
 

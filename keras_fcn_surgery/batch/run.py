@@ -13,6 +13,7 @@ import time
 from dataclasses import dataclass, field, replace
 
 from keras_fcn_surgery.batch.job import ONE_MAP_FORMATS, BatchOptions, InputResult, predict_source, prepare_mapper
+from keras_fcn_surgery.batch.ome_zarr import check_version as check_ome_zarr_version
 from keras_fcn_surgery.batch.outputs import check_formats, summary_line
 from keras_fcn_surgery.batch.ray_engine import run_on_ray
 from keras_fcn_surgery.batch.regions import check_available as check_regions_available
@@ -24,7 +25,7 @@ from keras_fcn_surgery.inference.certificate import DEFAULT_CELLS, check_cell_co
 from keras_fcn_surgery.inference.engines import check_engine
 from keras_fcn_surgery.inference.mapper import MapMethod, Mapper
 from keras_fcn_surgery.inference.runner import progress_bar
-from keras_fcn_surgery.options import PREPROCESS_MODES
+from keras_fcn_surgery.options import DEFAULT_OME_ZARR_VERSION, PREPROCESS_MODES
 from keras_fcn_surgery.saving.atomic import Interrupted
 from keras_fcn_surgery.saving.loading import as_model
 
@@ -32,6 +33,7 @@ ENGINES = ("local", "ray")
 # `predict_images`'s keywords besides formats, engine, certify and progress, with their defaults.
 _JOB_OPTIONS = {
     "geojson": "regions",
+    "ome_zarr_version": DEFAULT_OME_ZARR_VERSION,
     "tile": None,
     "batch_size": None,
     "preprocess": None,
@@ -108,14 +110,16 @@ def predict_images(
         formats: ``"npz"`` (``scores`` (H', W', K) float32 with the geometry; for a segmenter (`segmenter`), ``(H,
             W, K)`` logits, one per pixel, with stride 1, offset 0 and a one-pixel window; for a model with several
             outputs, each output's map under its name, and ``outputs``, the names in order), ``"zarr"`` (the same,
-            chunked, written as tiles finish), ``"ome-zarr"`` (``<name>.ome.zarr``: an OME-Zarr 0.5 image for
-            viewers, written as tiles finish: the scores as channels ``c, y, x`` named by ``class_names``, a pyramid
+            chunked, written as tiles finish), ``"ome-zarr"`` (``<name>.ome.zarr``: an OME-Zarr image for
+            viewers, NGFF 0.4 or 0.5 (``ome_zarr_version``), written as tiles finish: the scores as channels ``c, y,
+            x`` named by ``class_names``, a pyramid
             of 2 x 2 means, top-class labels (class k as k + 1, 0 where not computed), each cell placed at its
             window's centre on the slide, in micrometres when the slide records its resolution; see
             `batch.ome_zarr`), ``"geojson"`` (polygons in level-0 pixels: see ``geojson``), ``"csv"`` (one row per
             cell: its box in level-0 pixels, top class and probability; for a segmenter, one row per connected
-            region of a class, with its pixel count, mean probability and box); several as a list or
-            ``"npz,geojson"``.
+            region of a class, with its pixel count, mean probability and box), ``"dicom"`` (``<name>.dicom/``: for
+            a DICOM slide, its scores as a tiled float32 DICOM Parametric Map and their top class as a Segmentation,
+            in the slide's study; see `batch.dicom`; needs highdicom); several as a list or ``"npz,geojson"``.
         engine: ``"local"`` or ``"ray"`` (Ray Data; extra ``ray``).
         progress: tqdm bars over inputs and tiles; default when stderr is a terminal.
         certify: cells of each score map to compare with the classifier on the crops they stand for (`certify_map`;
@@ -130,6 +134,9 @@ def predict_images(
               boxes, with the class, cell count and the mean and largest probability of the class (needs
               scikit-image); or ``"cells"``, one polygon per computed cell (a segmenter's: per pixel) with its top
               class and probability.
+            - ``ome_zarr_version``: the NGFF version of an OME-Zarr output: ``"0.4"`` on Zarr v2 (default), which
+              QuPath (through Bio-Formats), OMERO and napari open, or ``"0.5"`` on Zarr v3, which napari (ome-zarr
+              >= 0.12) opens and the Java viewers do not yet.
             - ``tile``: tile side in pixels (exact tiling); default: whole images up to 2048 pixels a side, tiles of
               1024 above.
             - ``batch_size``: tiles per forward pass (see `predict_map`).
@@ -210,6 +217,7 @@ def predict_images(
     job = BatchOptions(
         formats=check_formats(formats),
         geojson=check_geojson(given["geojson"]),
+        ome_zarr_version=check_ome_zarr_version(given["ome_zarr_version"]),
         tile=tile,
         batch_size=batch_size,
         preprocess=_check_preprocess(preprocess),

@@ -9,7 +9,7 @@ cells, so a staged plan computes only what the region needs; its writes
 land only in the region's rows (`RegionView`), whose chunks no other region
 owns, and a marker file records the region as done once they are written.
 `finish_input` writes every output from the completed store, moves them
-into place atomically (``writers.staged_outputs``) and removes the work
+into place atomically (``formats.staged``) and removes the work
 folder. An interrupted run leaves the work folder: the next run with the
 same model, input and options redoes only the regions without a marker.
 
@@ -29,21 +29,20 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from keras_fcn_surgery.batch import writers
+from keras_fcn_surgery.batch.formats import ZarrFormat, check_input, formats_for, staged
 from keras_fcn_surgery.batch.job import (
-    ONE_MAP_FORMATS,
     BatchOptions,
     InputResult,
     OpenInput,
     _compute,
-    _failed,
     _segment,
-    _shown_output,
     certify,
+    failed_result,
     map_tile,
     open_input,
     segment_tile,
+    shown_output,
     work_fraction,
-    write_outputs,
 )
 from keras_fcn_surgery.batch.outputs import output_paths
 from keras_fcn_surgery.batch.readers import open_reader
@@ -182,6 +181,7 @@ def plan_input(mapper, source: Source, out_dir: str, options: BatchOptions, shar
     if not options.overwrite and all(os.path.exists(p) for p in paths.values()):
         return InputResult(source.path, "skipped", tuple(paths.values()))
     try:
+        check_input(options, source.path)  # before any region is computed
         with open_reader(source.path) as reader:
             job = open_input(mapper, reader, source, options)
             if job.per_pixel:
@@ -205,9 +205,9 @@ def plan_input(mapper, source: Source, out_dir: str, options: BatchOptions, shar
                     np.save(os.path.join(work, _KEPT), np.packbits(job.kept, axis=1))
                 _write_json(os.path.join(work, _PLAN), record)
     except (ConversionError, OSError) as error:
-        return _failed(source, str(error), start)
+        return failed_result(source, str(error), start)
     except Exception as error:  # as `predict_source`: one input's error must not stop the others
-        return _failed(source, f"{type(error).__name__}: {first_line(str(error))}", start)
+        return failed_result(source, f"{type(error).__name__}: {first_line(str(error))}", start)
     pending = tuple(r for r in regions if not os.path.exists(_marker(work, r.index)))
     return InputPlan(source, regions, pending, work)
 
@@ -254,13 +254,13 @@ def finish_input(mapper, plan: InputPlan, out_dir: str, options: BatchOptions, s
     paths = output_paths(out_dir, source.name, options.formats)
     missing = [r.index for r in plan.regions if not os.path.exists(_marker(plan.work, r.index))]
     if missing:
-        return _failed(source, f"regions {missing} of its map were not computed; rerun to compute them.", start)
+        return failed_result(source, f"regions {missing} of its map were not computed; rerun to compute them.", start)
     try:
         with open_reader(source.path) as reader:
             job = open_input(mapper, reader, source, options)
             maps = _store_maps(plan.work, job)
-            with writers.staged_outputs(paths, overwrite=options.overwrite) as temporary:
-                shown = _shown_output(job.spec, options.output, required=bool(set(ONE_MAP_FORMATS) & set(temporary)))
+            with staged(paths, formats_for(options), overwrite=options.overwrite) as outputs:
+                shown = shown_output(job.spec, options.output, required=outputs.one_map)
                 if job.per_pixel:
                     fraction, computed = _segment_fraction(mapper, job, options), None
                 else:
@@ -268,18 +268,14 @@ def finish_input(mapper, plan: InputPlan, out_dir: str, options: BatchOptions, s
                     tile = map_tile(options, job.size, job.grid, job.kept)
                     fraction, computed = work_fraction(mapper, job.size, tile, keep, options), _computed(job, maps)
                 certificate, line = certify(mapper, job, computed, shown, options)
-                store = os.path.join(plan.work, _STORE)
-                zarr_out = temporary.pop("zarr", None)
-                write_outputs(temporary, job, maps, shown, fraction, certificate, options)
-                if zarr_out is not None:  # the store itself, moved last: until then a rerun can still use it
-                    os.replace(store, zarr_out)
-                    temporary["zarr"] = zarr_out
-                    write_outputs({"zarr": zarr_out}, job, maps, shown, fraction, certificate, options)
+                # The zarr output is the store itself, moved last: until then a rerun can still use it.
+                filled = job.filled(maps, shown, fraction, certificate, options)
+                outputs.write(filled, store=os.path.join(plan.work, _STORE))
             remove_tree(plan.work)
     except (ConversionError, OSError) as error:
-        return _failed(source, str(error), start)
+        return failed_result(source, str(error), start)
     except Exception as error:
-        return _failed(source, f"{type(error).__name__}: {first_line(str(error))}", start)
+        return failed_result(source, f"{type(error).__name__}: {first_line(str(error))}", start)
     megapixels = job.size[0] * job.size[1] / 1e6
     return InputResult(
         source.path, "done", tuple(paths.values()), "", megapixels, fraction, time.perf_counter() - start, line
@@ -296,9 +292,9 @@ def predict_source_sharded(mapper, source: Source, out_dir: str, options: BatchO
         try:
             run_region(mapper, source, out_dir, options, region)
         except (ConversionError, OSError) as error:
-            return _failed(source, str(error), start)
+            return failed_result(source, str(error), start)
         except Exception as error:
-            return _failed(source, f"{type(error).__name__}: {first_line(str(error))}", start)
+            return failed_result(source, f"{type(error).__name__}: {first_line(str(error))}", start)
     return finish_input(mapper, plan, out_dir, options, time.perf_counter() - start)
 
 
@@ -311,14 +307,11 @@ def _marker(work: str, index: int) -> str:
 
 
 def _create_store(path: str, job: OpenInput, chunk_rows: int) -> None:
-    for output in job.spec.outputs:
-        name = output.name if job.spec.several else writers.SCORES
-        shape = (job.map_size[0], job.map_size[1], output.classes)
-        writers.create_zarr_scores(path, shape, name=name, chunk_rows=chunk_rows)
+    ZarrFormat(chunk_rows=chunk_rows).allocate(path, job.map_shapes(None), ())
 
 
 def _store_maps(work: str, job: OpenInput) -> dict:
-    group = writers._zarr().open_group(os.path.join(work, _STORE), mode="r+")
+    group = writers.require_zarr().open_group(os.path.join(work, _STORE), mode="r+")
     return {o.name: group[o.name if job.spec.several else writers.SCORES] for o in job.spec.outputs}
 
 
@@ -346,9 +339,13 @@ def _fingerprint(mapper, job: OpenInput, options: BatchOptions) -> str:
         digest.update(values.tobytes())
     if job.kept is not None:
         digest.update(np.packbits(job.kept).tobytes())
-    chosen = {k: v for k, v in options.__dict__.items() if k not in ("progress", "overwrite", "formats")}
+    chosen = {k: v for k, v in options.__dict__.items() if k not in _OUTPUT_ONLY}
     digest.update(repr(sorted(chosen.items())).encode())
     return digest.hexdigest()
+
+
+# Options that change only how the outputs are written, not the map in the store.
+_OUTPUT_ONLY = ("progress", "overwrite", "formats", "ome_zarr_version")
 
 
 def _read_json(path: str):

@@ -28,6 +28,8 @@ _ROWS_PER_BAND = 64
 # map under its output's name instead, and lists the names, in order, under `OUTPUTS`.
 SCORES = "scores"
 OUTPUTS = "outputs"
+# Map rows (and columns) per chunk of a zarr output.
+ZARR_CHUNK_ROWS = 256
 
 
 @dataclass(frozen=True)
@@ -113,10 +115,10 @@ def _replace(source: str, target: str, overwrite: bool) -> None:
     os.replace(source, target)
 
 
-def create_zarr_scores(path: str, shape, *, name: str = SCORES, chunk_rows: int = 256):
+def create_zarr_scores(path: str, shape, *, name: str = SCORES, chunk_rows: int = ZARR_CHUNK_ROWS):
     """A float32 zarr array ``name`` of ``shape`` ``(H', W', K)``, NaN until written, in the group at ``path``
     (created when missing: one array per output of a model with several)."""
-    zarr = _zarr()
+    zarr = require_zarr()
     group = zarr.open_group(path, mode="a")
     chunks = (min(chunk_rows, shape[0]), min(chunk_rows, shape[1]), shape[2])
     return group.create_array(name, shape=tuple(shape), chunks=chunks, dtype="float32", fill_value=np.nan)
@@ -125,8 +127,8 @@ def create_zarr_scores(path: str, shape, *, name: str = SCORES, chunk_rows: int 
 def finish_zarr(path: str, info: MapInfo, outputs=()) -> None:
     """Record ``info`` in the attributes of the zarr group at ``path`` (and ``outputs``, the maps' names in
     order, for a model with several)."""
-    group = _zarr().open_group(path, mode="r+")
-    group.attrs.update(_plain(info.fields()))
+    group = require_zarr().open_group(path, mode="r+")
+    group.attrs.update(plain(info.fields()))
     if outputs:
         group.attrs[OUTPUTS] = list(outputs)
 
@@ -242,7 +244,7 @@ def write_geojson(path: str, scores, info: MapInfo, class_names=None, *, geojson
                     "geometry": {"type": "Polygon", "coordinates": [[[float(x), float(y)] for x, y in box]]},
                     "properties": {
                         "objectType": "detection",
-                        "classification": {"name": _class_name(int(classes[n]), class_names)},
+                        "classification": {"name": class_name(int(classes[n]), class_names)},
                         "measurements": {"probability": float(probabilities[n])},
                         "row": int(rows[n]),
                         "col": int(cols[n]),
@@ -286,7 +288,7 @@ def write_csv(path: str, scores, info: MapInfo, class_names=None) -> None:
                         x1[n],
                         y1[n],
                         k,
-                        _class_name(k, class_names),
+                        class_name(k, class_names),
                         f"{float(probabilities[n]):.6g}",
                     ]
                 )
@@ -308,7 +310,7 @@ def _write_region_geojson(path: str, scores, info: MapInfo, class_names) -> None
                 "geometry": {"type": "Polygon", "coordinates": rings},
                 "properties": {
                     "objectType": "annotation",
-                    "classification": {"name": _class_name(region.label, class_names)},
+                    "classification": {"name": class_name(region.label, class_names)},
                     "measurements": {
                         count: region.pixels,
                         "mean probability": region.mean_probability,
@@ -334,7 +336,7 @@ def _write_region_csv(path: str, scores, info: MapInfo, class_names) -> None:
                 [
                     number,
                     region.label,
-                    _class_name(region.label, class_names),
+                    class_name(region.label, class_names),
                     region.pixels,
                     f"{region.mean_probability:.6g}",
                     left * dx,
@@ -345,21 +347,24 @@ def _write_region_csv(path: str, scores, info: MapInfo, class_names) -> None:
             )
 
 
-def _class_name(k: int, class_names) -> str:
+def class_name(k: int, class_names) -> str:
+    """The name of class ``k``: ``class_names[k]``, or ``"class k"`` without names."""
     return class_names[k] if class_names is not None else f"class {k}"
 
 
-def _plain(value):
+def plain(value):
+    """``value`` with numpy scalars as Python ones and tuples as lists, for JSON attributes."""
     if isinstance(value, (tuple, list)):
-        return [_plain(v) for v in value]
+        return [plain(v) for v in value]
     if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
+        return {k: plain(v) for k, v in value.items()}
     if isinstance(value, np.generic):
         return value.item()
     return value
 
 
-def _zarr(output_format: str = "zarr"):
+def require_zarr(output_format: str = "zarr"):
+    """The `zarr` module, or `InputError` naming ``output_format`` and the extra that installs it."""
     try:
         import zarr
     except ImportError as error:

@@ -15,9 +15,15 @@ from keras_fcn_surgery.commands.common import (
     positive_int,
     read_class_names,
 )
-from keras_fcn_surgery.options import GEOJSON_FEATURES, PREPROCESS_MODES
+from keras_fcn_surgery.options import (
+    DEFAULT_OME_ZARR_VERSION,
+    GEOJSON_FEATURES,
+    OME_ZARR_VERSIONS,
+    OUTPUT_FORMATS,
+    PREPROCESS_MODES,
+)
 
-_FORMATS = "npz, zarr, ome-zarr, geojson, csv"
+_FORMATS = ", ".join(OUTPUT_FORMATS)
 
 
 def add_parser(subparsers) -> None:
@@ -47,6 +53,13 @@ def add_parser(subparsers) -> None:
         default="regions",
         help="GeoJSON features: regions (default: one polygon per connected region of neighbouring cells with the "
         "same top class) or cells (one polygon per cell)",
+    )
+    parser.add_argument(
+        "--ome-zarr-version",
+        choices=OME_ZARR_VERSIONS,
+        default=DEFAULT_OME_ZARR_VERSION,
+        help="NGFF version of --format ome-zarr: 0.4 (Zarr v2: QuPath/Bio-Formats, OMERO, napari) or 0.5 (Zarr v3: "
+        f"napari with ome-zarr >= 0.12); default {DEFAULT_OME_ZARR_VERSION}",
     )
     parser.add_argument("--overwrite", action="store_true", help="recompute inputs whose outputs exist")
     parser.add_argument("--tile", type=positive_int, help="tile side in pixels (exact; default 1024 above 2048 a side)")
@@ -126,6 +139,7 @@ def run(args) -> int:
         args.out,
         formats=args.format,
         geojson=args.geojson,
+        ome_zarr_version=args.ome_zarr_version,
         tile=args.tile,
         batch_size=args.batch_size,
         preprocess=args.preprocess,

@@ -1,0 +1,315 @@
+"""`predict --format dicom`: a DICOM slide's class scores as a tiled float32 Parametric Map and their top class
+as a Segmentation, in the slide's study, on its frame of reference, whose frames sit where their cells' windows
+are; dciodvfy finds no error in either."""
+
+import os
+import shutil
+import subprocess
+
+import numpy as np
+import pytest
+from models import small_flatten_cnn
+
+import keras_fcn_surgery as kfs
+from keras_fcn_surgery import cli
+from keras_fcn_surgery.batch import dicom
+from keras_fcn_surgery.batch.run import predict_images
+
+pytest.importorskip("highdicom")
+pytest.importorskip("tifffile")
+pytest.importorskip("openslide")
+pytest.importorskip("skimage")
+pydicom = pytest.importorskip("pydicom")
+
+from test_batch_inputs import slide_picture, write_pyramid  # noqa: E402
+from test_dicom_inputs import dicomize  # noqa: E402
+
+MPP = 0.5
+CLASSES = ("stroma", "tumour", "glass")
+
+
+@pytest.fixture(scope="module")
+def slide(tmp_path_factory):
+    """A DICOM slide (3 levels, 0.5 microns per pixel) and the TIFF it was made from."""
+    folder = tmp_path_factory.mktemp("dicom")
+    tiff = str(folder / "slide.tif")
+    write_pyramid(tiff, slide_picture(size=(300, 420), patch=(slice(30, 250), slice(40, 380))), mpp=MPP)
+    dicomize(tiff, folder / "slide-dcm")
+    return str(folder / "slide-dcm"), tiff
+
+
+@pytest.fixture(scope="module")
+def fcn():
+    import keras
+
+    keras.utils.set_random_seed(5)
+    return kfs.convert(small_flatten_cnn(input_size=(32, 32), classes=len(CLASSES)))
+
+
+@pytest.fixture(scope="module")
+def written(fcn, slide, tmp_path_factory):
+    """The Parametric Map (frames of 16 x 16 cells), the npz and the DICOM folder of one run on level 1 with a
+    tissue mask."""
+    folder, _ = slide
+    out = tmp_path_factory.mktemp("maps")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(dicom, "TILE", 16)
+        summary = predict_images(
+            fcn, [folder], out, formats="dicom,npz", level=1, mask="auto", tile=64, class_names=CLASSES
+        )
+    assert summary.ok, summary.failed
+    folder = out / "slide-dcm.dicom"
+    return pydicom.dcmread(str(folder / dicom.PARAMETRIC_MAP)), np.load(out / "slide-dcm.npz"), folder
+
+
+def level0(folder):
+    """The slide's full-resolution image (metadata)."""
+    return dicom.source_image(folder)
+
+
+def test_the_parametric_map_holds_the_scores_bit_for_bit(written):
+    parametric_map, npz, folder = written
+    assert parametric_map.SOPClassUID == "1.2.840.10008.5.1.4.1.1.30"  # Parametric Map Storage
+    assert parametric_map.BitsAllocated == 32 and "FloatPixelData" in parametric_map
+    scores = npz["scores"]
+    assert scores.shape[0] > 16 and scores.shape[1] > 16  # several frames a channel
+    assert int(parametric_map.NumberOfFrames) > len(CLASSES)
+    np.testing.assert_array_equal(dicom.total_pixel_matrix(parametric_map), scores)  # NaN where masked out
+    assert np.isnan(scores).any() and not np.isnan(scores).all()
+    labels = [
+        group.RealWorldValueMappingSequence[0].LUTLabel for group in parametric_map.PerFrameFunctionalGroupsSequence
+    ]
+    assert list(dict.fromkeys(labels)) == list(CLASSES)
+    for group in parametric_map.PerFrameFunctionalGroupsSequence:
+        mapping = group.RealWorldValueMappingSequence[0]
+        assert (float(mapping.RealWorldValueSlope), float(mapping.RealWorldValueIntercept)) == (1.0, 0.0)
+
+
+def test_it_is_in_the_slides_study_and_frame_of_reference_and_references_it(written, slide):
+    parametric_map, _, _ = written
+    source = level0(slide[0])
+    assert parametric_map.StudyInstanceUID == source.StudyInstanceUID
+    assert parametric_map.FrameOfReferenceUID == source.FrameOfReferenceUID
+    assert parametric_map.PatientID == source.PatientID
+    assert parametric_map.SeriesInstanceUID != source.SeriesInstanceUID
+    (series,) = parametric_map.ReferencedSeriesSequence
+    assert series.SeriesInstanceUID == source.SeriesInstanceUID
+    assert [i.ReferencedSOPInstanceUID for i in series.ReferencedInstanceSequence] == [source.SOPInstanceUID]
+
+
+def test_each_frame_sits_where_its_cells_windows_are_on_the_slide(written, slide, fcn):
+    parametric_map, npz, folder = written
+    source = level0(slide[0])
+    spacing = [float(v) for v in source.SharedFunctionalGroupsSequence[0].PixelMeasuresSequence[0].PixelSpacing]
+    origin = source.TotalPixelMatrixOriginSequence[0]
+    start = np.array([float(origin.XOffsetInSlideCoordinateSystem), float(origin.YOffsetInSlideCoordinateSystem)])
+    cosines = np.array([float(v) for v in source.ImageOrientationSlide])
+    downsample = 2  # level 1
+    grid = kfs.geometry(fcn).at(tuple(npz["level_size"]))
+
+    def on_slide(row, col):
+        """Slide coordinates (mm) of cell (row, col)'s window centre: level-0 pixel centres at integers."""
+        top, left, bottom, right = grid.input_box(row, col)
+        y, x = (top + bottom) * downsample / 2 - 0.5, (left + right) * downsample / 2 - 0.5
+        return start + (x * spacing[1] * cosines[:3] + y * spacing[0] * cosines[3:])[:2]
+
+    measures = parametric_map.SharedFunctionalGroupsSequence[0].PixelMeasuresSequence[0]
+    assert [float(v) for v in measures.PixelSpacing] == pytest.approx([s * 4 * downsample for s in spacing])
+    positions = set()
+    for group in parametric_map.PerFrameFunctionalGroupsSequence:
+        position = group.PlanePositionSlideSequence[0]
+        row = int(position.RowPositionInTotalImagePixelMatrix) - 1
+        col = int(position.ColumnPositionInTotalImagePixelMatrix) - 1
+        positions.add((row, col))
+        placed = [float(position.XOffsetInSlideCoordinateSystem), float(position.YOffsetInSlideCoordinateSystem)]
+        np.testing.assert_allclose(placed, on_slide(row, col), rtol=0, atol=1e-5)  # DS: 16 characters
+    rows, cols = npz["scores"].shape[:2]
+    assert positions == {(r, c) for r in range(0, rows, 16) for c in range(0, cols, 16)}
+
+
+@pytest.mark.parametrize("name, kind", [(dicom.PARAMETRIC_MAP, "ParametricMap"), (dicom.SEGMENTATION, "Segmentation")])
+def test_dciodvfy_finds_no_error(written, name, kind):
+    if shutil.which("dciodvfy") is None:
+        pytest.skip("dciodvfy (Debian's dicom3tools) is not installed: apt-get install dicom3tools; .ci/run does")
+    _, _, folder = written
+    checked = subprocess.run(["dciodvfy", str(folder / name)], capture_output=True, text=True, timeout=120)
+    report = checked.stdout + checked.stderr
+    assert kind in report.splitlines()
+    assert [line for line in report.splitlines() if line.startswith("Error")] == []
+
+
+def test_the_segmentation_is_the_top_class_of_each_computed_cell(written, slide):
+    import highdicom
+
+    parametric_map, npz, folder = written
+    segmentation = highdicom.seg.segread(str(folder / dicom.SEGMENTATION))
+    scores = npz["scores"]
+    computed = ~np.isnan(scores).any(axis=-1)
+    expected = np.where(computed, np.nan_to_num(scores, nan=-np.inf).argmax(axis=-1) + 1, 0)
+    np.testing.assert_array_equal(segmentation.get_total_pixel_matrix(combine_segments=True), expected)
+    assert computed.any() and not computed.all()  # (every class: test_output_formats.py's random map)
+    assert [s.SegmentLabel for s in segmentation.SegmentSequence] == list(CLASSES)
+    source = level0(slide[0])
+    assert segmentation.StudyInstanceUID == source.StudyInstanceUID
+    assert segmentation.FrameOfReferenceUID == source.FrameOfReferenceUID
+    # On the same grid as the Parametric Map: same spacing, same origin, same frames.
+    for name in ("SharedFunctionalGroupsSequence", "TotalPixelMatrixOriginSequence", "NumberOfFrames"):
+        if name == "NumberOfFrames":
+            assert int(segmentation.NumberOfFrames) == int(parametric_map.NumberOfFrames)
+            continue
+        assert _placement(getattr(segmentation, name)) == _placement(getattr(parametric_map, name))
+
+
+def _placement(sequence):
+    item = sequence[0]
+    if "PixelMeasuresSequence" in item:
+        return [float(v) for v in item.PixelMeasuresSequence[0].PixelSpacing]
+    return [float(item.XOffsetInSlideCoordinateSystem), float(item.YOffsetInSlideCoordinateSystem)]
+
+
+@pytest.mark.parametrize("shards", [None, 2])
+def test_an_input_without_a_resolution_fails_by_name_before_its_map_is_computed_and_leaves_nothing(
+    fcn, tmp_path, monkeypatch, shards
+):
+    from PIL import Image
+
+    from keras_fcn_surgery.batch import job
+
+    def computed(*args, **kwargs):
+        raise AssertionError("the map of an input the dicom format cannot describe was computed")
+
+    monkeypatch.setattr(job, "_compute", computed)
+    monkeypatch.setattr("keras_fcn_surgery.batch.shards._compute", computed)
+    picture = str(tmp_path / "picture.png")  # a PNG records no microns per pixel
+    Image.fromarray(slide_picture(size=(96, 96), patch=(slice(10, 80), slice(10, 80)))).save(picture)
+    summary = predict_images(fcn, [picture], tmp_path / "out", formats="dicom,npz", tile=32, shards=shards)
+    (failed,) = summary.failed
+    assert "records no resolution" in failed.message and picture in failed.message
+    assert "resolutionunit" in failed.message  # the way out: record it
+    assert not (tmp_path / "out").exists()
+
+
+def test_without_highdicom_the_format_is_refused_before_any_input(fcn, slide, tmp_path, monkeypatch, capsys):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "highdicom" else real(name, *a))
+    with pytest.raises(kfs.errors.InputError, match=r"pip install 'keras-fcn-surgery\[dicom\]'"):
+        predict_images(fcn, [slide[0]], tmp_path / "out", formats="dicom")
+    fcn.save(str(tmp_path / "fcn.keras"))
+    arguments = ["predict", str(tmp_path / "fcn.keras"), slide[0], "--out", str(tmp_path / "out"), "--format", "dicom"]
+    assert cli.main(arguments) == 2
+    assert "keras-fcn-surgery[dicom]" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_rerun_skips_a_finished_dicom_output(fcn, slide, tmp_path):
+    folder, _ = slide
+    assert predict_images(fcn, [folder], tmp_path, formats="dicom", level=2).ok
+    written = tmp_path / "slide-dcm.dicom" / dicom.PARAMETRIC_MAP
+    before = os.stat(written).st_mtime_ns
+    summary = predict_images(fcn, [folder], tmp_path, formats="dicom", level=2)
+    assert [r.status for r in summary.results] == ["skipped"] and os.stat(written).st_mtime_ns == before
+
+
+@pytest.mark.parametrize("which", [0, 1], ids=["dicom", "tiff"])
+def test_region_shards_write_the_same_parametric_map(fcn, slide, tmp_path, which):
+    given = slide[which]
+    whole = predict_images(fcn, [given], tmp_path / "whole", formats="dicom", level=1, tile=64)
+    sharded = predict_images(
+        fcn, [given], tmp_path / "shards", formats="dicom", level=1, tile=64, shards=3, shard_rows=8
+    )
+    assert whole.ok and sharded.ok, (whole.failed, sharded.failed)
+    name = os.path.splitext(os.path.basename(given))[0] + ".dicom"
+    maps = [
+        dicom.total_pixel_matrix(pydicom.dcmread(str(tmp_path / run / name / dicom.PARAMETRIC_MAP)))
+        for run in ("whole", "shards")
+    ]
+    np.testing.assert_array_equal(maps[1], maps[0])
+    assert sorted(os.listdir(tmp_path / "shards")) == [name]  # the regions' work folder removed
+
+
+@pytest.fixture(scope="module")
+def written_tiff(fcn, slide, tmp_path_factory):
+    """The DICOM folder and the npz of one run on the TIFF (no DICOM image; 0.5 microns per pixel), level 1, with
+    a tissue mask, frames of 16 x 16 cells."""
+    _, tiff = slide
+    out = tmp_path_factory.mktemp("tiff-maps")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(dicom, "TILE", 16)
+        summary = predict_images(
+            fcn, [tiff], out, formats="dicom,npz", level=1, mask="auto", tile=64, class_names=CLASSES
+        )
+    assert summary.ok, summary.failed
+    return out / "slide.dicom", np.load(out / "slide.npz")
+
+
+def test_a_tiffs_parametric_map_holds_its_scores_bit_for_bit_in_a_new_study(written_tiff, slide):
+    folder, npz = written_tiff
+    parametric_map = pydicom.dcmread(str(folder / dicom.PARAMETRIC_MAP))
+    assert parametric_map.SOPClassUID == "1.2.840.10008.5.1.4.1.1.30" and "FloatPixelData" in parametric_map
+    scores = npz["scores"]
+    assert int(parametric_map.NumberOfFrames) > len(CLASSES)
+    np.testing.assert_array_equal(dicom.total_pixel_matrix(parametric_map), scores)
+    assert np.isnan(scores).any() and not np.isnan(scores).all()
+    source = level0(slide[0])  # the DICOM slide made from the same TIFF: another study
+    assert parametric_map.StudyInstanceUID != source.StudyInstanceUID
+    assert parametric_map.FrameOfReferenceUID != source.FrameOfReferenceUID
+    assert parametric_map.PatientID == "" and parametric_map.ContainerIdentifier == "slide.tif"
+    assert "ReferencedSeriesSequence" not in parametric_map  # it references no image: there is none
+    for group in parametric_map.PerFrameFunctionalGroupsSequence:
+        assert "DerivationImageSequence" not in group
+
+
+def test_a_tiffs_frames_sit_at_its_cells_window_centres_from_its_resolution(written_tiff, fcn):
+    folder, npz = written_tiff
+    parametric_map = pydicom.dcmread(str(folder / dicom.PARAMETRIC_MAP))
+    downsample = 2  # level 1
+    grid = kfs.geometry(fcn).at(tuple(npz["level_size"]))
+    measures = parametric_map.SharedFunctionalGroupsSequence[0].PixelMeasuresSequence[0]
+    assert [float(v) for v in measures.PixelSpacing] == pytest.approx([MPP / 1000 * 4 * downsample] * 2)
+    assert [float(v) for v in parametric_map.ImageOrientationSlide] == [1, 0, 0, 0, 1, 0]
+    positions = set()
+    for group in parametric_map.PerFrameFunctionalGroupsSequence:
+        position = group.PlanePositionSlideSequence[0]
+        row = int(position.RowPositionInTotalImagePixelMatrix) - 1
+        col = int(position.ColumnPositionInTotalImagePixelMatrix) - 1
+        positions.add((row, col))
+        top, left, bottom, right = grid.input_box(row, col)
+        # Level-0 pixel centres at integers, pixel (0, 0)'s at the origin; X along columns, Y along rows; mm.
+        centre = [(left + right) * downsample / 2 - 0.5, (top + bottom) * downsample / 2 - 0.5]
+        placed = [float(position.XOffsetInSlideCoordinateSystem), float(position.YOffsetInSlideCoordinateSystem)]
+        np.testing.assert_allclose(placed, np.array(centre) * MPP / 1000, rtol=0, atol=1e-9)
+    rows, cols = npz["scores"].shape[:2]
+    assert positions == {(r, c) for r in range(0, rows, 16) for c in range(0, cols, 16)}
+
+
+def test_a_tiffs_segmentation_is_its_top_class_derived_from_its_parametric_map(written_tiff):
+    import highdicom
+
+    folder, npz = written_tiff
+    parametric_map = pydicom.dcmread(str(folder / dicom.PARAMETRIC_MAP))
+    segmentation = highdicom.seg.segread(str(folder / dicom.SEGMENTATION))
+    scores = npz["scores"]
+    computed = ~np.isnan(scores).any(axis=-1)
+    expected = np.where(computed, np.nan_to_num(scores, nan=-np.inf).argmax(axis=-1) + 1, 0)
+    np.testing.assert_array_equal(segmentation.get_total_pixel_matrix(combine_segments=True), expected)
+    assert [s.SegmentLabel for s in segmentation.SegmentSequence] == list(CLASSES)
+    assert segmentation.StudyInstanceUID == parametric_map.StudyInstanceUID
+    assert segmentation.FrameOfReferenceUID == parametric_map.FrameOfReferenceUID
+    (series,) = segmentation.ReferencedSeriesSequence
+    assert series.SeriesInstanceUID == parametric_map.SeriesInstanceUID
+    assert [i.ReferencedSOPInstanceUID for i in series.ReferencedInstanceSequence] == [parametric_map.SOPInstanceUID]
+    for name in ("SharedFunctionalGroupsSequence", "TotalPixelMatrixOriginSequence"):
+        assert _placement(getattr(segmentation, name)) == _placement(getattr(parametric_map, name))
+
+
+@pytest.mark.parametrize("name, kind", [(dicom.PARAMETRIC_MAP, "ParametricMap"), (dicom.SEGMENTATION, "Segmentation")])
+def test_dciodvfy_finds_no_error_in_a_tiffs_maps(written_tiff, name, kind):
+    if shutil.which("dciodvfy") is None:
+        pytest.skip("dciodvfy (Debian's dicom3tools) is not installed: apt-get install dicom3tools; .ci/run does")
+    folder, _ = written_tiff
+    checked = subprocess.run(["dciodvfy", str(folder / name)], capture_output=True, text=True, timeout=120)
+    report = checked.stdout + checked.stderr
+    assert kind in report.splitlines()
+    assert [line for line in report.splitlines() if line.startswith("Error")] == []
