@@ -231,7 +231,7 @@ def predict_images(
         raise ModelFileError(f"Output folder '{out_dir}' is a file.")
     from keras_fcn_surgery.errors import ConversionError
     from keras_fcn_surgery.saving.loading import as_model
-    from keras_fcn_surgery.surgery.fcn import source_of
+    from keras_fcn_surgery.saving.record import source_input_size
 
     if certify:
         check_cell_count(certify, "certify")
@@ -240,7 +240,7 @@ def predict_images(
     if certify and options.method == "windowed":
         options = replace(options, certify=certify)
     elif certify:  # Ray's workers get the FCN without its record of the classifier's size
-        options = replace(options, certify=certify, certify_size=source_of(fcn)[1] or _pair_or_none(input_size))
+        options = replace(options, certify=certify, certify_size=source_input_size(fcn) or _pair_or_none(input_size))
     _check_outputs(fcn, options)
     from keras_fcn_surgery.saving.atomic import Interrupted
 

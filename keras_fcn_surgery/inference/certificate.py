@@ -32,6 +32,7 @@ from keras_fcn_surgery.grid import tiling
 from keras_fcn_surgery.grid.geometry import Geometry, geometry
 from keras_fcn_surgery.inference import engines, runner
 from keras_fcn_surgery.options import CERTIFIED_CELLS
+from keras_fcn_surgery.saving.record import source_input_size
 from keras_fcn_surgery.surgery.fcn import as_fcn, choose_output, is_fully_convolutional, original_size, source_of
 from keras_fcn_surgery.surgery.verify import VerificationResult, batch_spread, compare_arrays, tolerance_for
 
@@ -558,7 +559,7 @@ def _what_runs(model, input_size):
                 "pass `input_size=(H, W)`, the size the classifier was trained at."
             )
         return as_fcn(model, input_size=input_size), model, size, f"classifier '{model.name}'"
-    source, recorded = source_of(model)
+    source, recorded = source_of(model)[0], source_input_size(model)  # the size also from a saved FCN's file
     if input_size is not None:
         size = (int(input_size[0]), int(input_size[1]))
     elif recorded is not None:

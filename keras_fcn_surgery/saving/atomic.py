@@ -247,13 +247,6 @@ def atomic_folder(path, *, overwrite: bool = False, what: str = "folder", own_na
         remove_tree(work)
 
 
-def save_model(model, path, *, overwrite: bool = False) -> None:
-    """Save ``model`` to a ``.keras`` file atomically (see `atomic_output`)."""
-    with atomic_output(path, suffix=".keras", overwrite=overwrite) as temporary:
-        model.save(temporary)
-        pause_point("publish")
-
-
 def pause_point(step: str) -> None:
     """Test hook: wait here when ``KFS_TEST_PAUSE_AT`` names this step (see `PAUSE_AT_ENV`)."""
     if os.environ.get(PAUSE_AT_ENV) != step:
