@@ -16,6 +16,7 @@ from dataclasses import dataclass, field, replace
 from keras_fcn_surgery.batch.job import ONE_MAP_FORMATS, BatchOptions, InputResult, map_spec_of, predict_source
 from keras_fcn_surgery.batch.outputs import check_formats, summary_line
 from keras_fcn_surgery.batch.regions import check_available as check_regions_available
+from keras_fcn_surgery.batch.requirements import check_packages
 from keras_fcn_surgery.batch.shards import check_shard_rows, check_shards, predict_source_sharded
 from keras_fcn_surgery.batch.sources import find_sources
 from keras_fcn_surgery.batch.writers import check_geojson
@@ -223,6 +224,7 @@ def predict_images(
         raise InputError("Give a pyramid level or a resolution in microns per pixel (mpp), not both.")
     if engine not in ENGINES:
         raise InputError(f"Expected `engine` to be one of {ENGINES}. Received: engine={engine!r}")
+    check_packages(options.formats, geojson=options.geojson, mask=options.mask, engine=engine)
     if "geojson" in options.formats and options.geojson == "regions":
         check_regions_available()
     sources = find_sources(inputs)

@@ -95,17 +95,20 @@ def add_parser(subparsers) -> None:
 
 
 def nothing_to_do(args) -> int | None:
-    """Before TensorFlow starts: when every input's outputs exist (and no --overwrite), say so and stop."""
+    """Before TensorFlow starts: refuse a job whose packages are missing (all named at once); when every
+    input's outputs exist (and no --overwrite), say so and stop."""
     import time
     from types import SimpleNamespace
 
     from keras_fcn_surgery.batch.outputs import check_formats, output_paths, summary_line
+    from keras_fcn_surgery.batch.requirements import check_packages
     from keras_fcn_surgery.batch.sources import find_sources
 
+    formats = check_formats(args.format)
+    check_packages(formats, geojson=args.geojson, mask=args.mask, engine=args.engine)  # all at once, first
     if args.overwrite:
         return None
     start = time.perf_counter()
-    formats = check_formats(args.format)
     sources = find_sources(args.inputs)
     for source in sources:
         if not all(os.path.exists(p) for p in output_paths(args.out, source.name, formats).values()):
