@@ -13,6 +13,12 @@ EXIT_OK, EXIT_CONVERSION, EXIT_USAGE = 0, 1, 2
 
 # Signals that end a command like Ctrl-C does: unwinding (so partial outputs are removed), then 128 + signal.
 TERMINATING_SIGNALS = ("SIGTERM", "SIGHUP")
+# The --preprocess help of the commands that read pixels from files (0..255), default included.
+PREPROCESS_HELP = (
+    "what is done to the 0-255 pixels read from the file before the model: none (default: the raw 0-255 "
+    "pixels), unit (pixels / 255), or keras.applications' caffe (VGG, ResNet50), tf (MobileNet...: [-1, 1]), "
+    "torch (DenseNet)"
+)
 
 
 def check_paths_first(args) -> None:

@@ -7,6 +7,7 @@ import sys
 from keras_fcn_surgery.commands.common import (
     EXIT_OK,
     EXIT_USAGE,
+    PREPROCESS_HELP,
     add_certify_argument,
     add_execution_argument,
     add_method_arguments,
@@ -30,7 +31,7 @@ def add_parser(subparsers) -> None:
         "--preprocess",
         choices=PREPROCESS_MODES,
         default="none",
-        help="pixel preprocessing of keras.applications (caffe: VGG/ResNet50, tf: MobileNet..., torch: DenseNet)",
+        help=PREPROCESS_HELP,
     )
     parser.add_argument(
         "--tile", type=positive_int, help="tile side in pixels for large images (exact; default: one pass)"

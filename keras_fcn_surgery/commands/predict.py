@@ -8,6 +8,7 @@ import sys
 from keras_fcn_surgery.commands.common import (
     EXIT_CONVERSION,
     EXIT_OK,
+    PREPROCESS_HELP,
     add_certify_argument,
     add_execution_argument,
     add_method_arguments,
@@ -55,7 +56,7 @@ def add_parser(subparsers) -> None:
         "--preprocess",
         choices=PREPROCESS_MODES,
         default="none",
-        help="pixel preprocessing (caffe: VGG/ResNet50, tf: MobileNet... [-1, 1], torch: DenseNet, unit: pixels / 255)",
+        help=PREPROCESS_HELP,
     )
     parser.add_argument("--head", choices=("window", "dense"), default="window", help="global-pooling heads")
     parser.add_argument("--input-size", type=parse_size, help="original input size HxW when the model takes any size")

@@ -32,6 +32,7 @@ from keras_fcn_surgery.grid import tiling
 from keras_fcn_surgery.grid.geometry import Geometry, geometry
 from keras_fcn_surgery.inference import engines, runner
 from keras_fcn_surgery.options import CERTIFIED_CELLS
+from keras_fcn_surgery.saving.arguments import public_arguments
 from keras_fcn_surgery.saving.record import source_input_size
 from keras_fcn_surgery.surgery.fcn import as_fcn, choose_output, is_fully_convolutional, original_size, source_of
 from keras_fcn_surgery.surgery.verify import VerificationResult, batch_spread, compare_arrays, tolerance_for
@@ -210,6 +211,7 @@ def certify_map(
     print(kfs.certify_map(fcn, image, scores))  # 8 of 120 eligible cells ...: exact
     ```
     """
+    model, image, preprocess = public_arguments(model, image, preprocess)  # paths, PIL images, preprocess names
     certificate = make_certificate(
         model,
         image,

@@ -16,6 +16,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from keras_fcn_surgery.errors import ConversionError
 from keras_fcn_surgery.grid.geometry import Geometry, WindowGrid
+from keras_fcn_surgery.saving.arguments import public_arguments
 from keras_fcn_surgery.surgery.fcn import pick_map
 
 # Layout of the picture: [overlay | class map | legend], the legend LEGEND_WIDTH wide.
@@ -120,7 +121,8 @@ def heatmap(
 
     Args:
         image: the image the map was computed on, ``(H, W, 3)``, ``(H, W, 1)``
-            or ``(H, W)``; uint8, or floats in [0, 1] or [0, 255]; or a PIL image.
+            or ``(H, W)``; uint8, or floats in [0, 1] or [0, 255]; or a PIL image,
+            or the path of an image file.
         scores: its map, ``(H', W', K)`` (channels last), e.g. from `predict_map`;
             or the maps of a model with several outputs (`OutputMaps`, or a
             dict of maps by output name), of which ``output`` is shown.
@@ -151,7 +153,7 @@ def heatmap(
         InputError: for an ``output`` the maps do not hold (the message lists
             their names), or none among several maps of a plain dict.
     """
-    pixels = _display_pixels(image)
+    pixels = _display_pixels(public_arguments(None, image)[1])  # an image file's path too
     _, scores = pick_map(scores, output)
     scores = np.asarray(scores)
     if scores.ndim != 3:

@@ -20,6 +20,7 @@ from keras_fcn_surgery.inference.certificate import (
 )
 from keras_fcn_surgery.inference.staged import plan_prediction, run_plan
 from keras_fcn_surgery.inference.store import DiskMap, file_backed
+from keras_fcn_surgery.saving.arguments import public_arguments
 from keras_fcn_surgery.surgery.fcn import OutputMaps, map_outputs
 from keras_fcn_surgery.surgery.verify import RELATIVE_TOLERANCE
 
@@ -203,6 +204,7 @@ def predict_map(
     kfs.predict_map(fcn, image, tile=2048, out=scores)
     ```
     """
+    fcn, image, preprocess = public_arguments(fcn, image, preprocess)  # paths, PIL images, preprocess names
     engine = engines.engine_from_options(engine, jit_compile)
     if certify:
         check_cell_count(certify, "certify")  # before the pass, not after it
@@ -323,6 +325,8 @@ def predict_maps(
     Raises:
         ConversionError: as `predict_map`.
     """
+    fcn, _, preprocess = public_arguments(fcn, None, preprocess)
+    images = [public_arguments(fcn, image)[1] for image in images]
     engine = engines.engine_from_options(engine, jit_compile)
     certify = options.pop("certify", None)
     if certify:
@@ -408,6 +412,7 @@ def sliding_window_predict(
         ConversionError: for a model without a fixed input size or a vector
             output, or an image smaller than one window.
     """
+    model, image, preprocess = public_arguments(model, image, preprocess)
     model = traced_model(model)  # a subclassed classifier: its functional twin, same layers
     model_format = model_layout(model)
     shape = tuple(model.inputs[0].shape)

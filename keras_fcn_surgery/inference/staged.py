@@ -44,6 +44,7 @@ from keras_fcn_surgery.grid.geometry import geometry
 from keras_fcn_surgery.inference import runner
 from keras_fcn_surgery.inference.cost import pass_cost
 from keras_fcn_surgery.inference.store import Scratch
+from keras_fcn_surgery.saving.arguments import public_arguments
 
 # Bytes of stored maps kept in memory when `memory_budget` is not given; larger ones go to disk. Spilling
 # costs little (VGG16 at 4096x4096: 235 CPU-s all on disk against 228 with a 512 MiB map in memory), and
@@ -306,6 +307,7 @@ def plan_prediction(
     """
     from keras_fcn_surgery.inference import windowed
 
+    fcn = public_arguments(fcn)[0]  # a model file's path too
     chosen, model = windowed.route(fcn, stride, method)
     if chosen == "windowed":
         return windowed.plan_windows(
