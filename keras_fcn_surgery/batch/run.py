@@ -23,6 +23,7 @@ from keras_fcn_surgery.batch.writers import check_geojson
 from keras_fcn_surgery.errors import InputError, ModelFileError
 from keras_fcn_surgery.inference.certificate import DEFAULT_CELLS, check_cell_count
 from keras_fcn_surgery.inference.engines import check_engine
+from keras_fcn_surgery.inference.heatmap import class_names_for
 from keras_fcn_surgery.inference.runner import progress_bar
 from keras_fcn_surgery.options import PREPROCESS_MODES
 
@@ -213,7 +214,7 @@ def predict_images(
         mpp=mpp,
         mask=_check_mask(mask),
         overwrite=overwrite,
-        class_names=tuple(class_names) if class_names is not None else None,
+        class_names=tuple(class_names_for(class_names, 1000)) if class_names == "imagenet" else _names(class_names),
         progress=progress,
         execution=check_engine(execution),
         output=output,
@@ -243,7 +244,7 @@ def predict_images(
         options = replace(options, certify=certify)
     elif certify:  # Ray's workers get the FCN without its record of the classifier's size
         options = replace(options, certify=certify, certify_size=source_input_size(fcn) or _pair_or_none(input_size))
-    _check_outputs(fcn, options)
+    options = _check_outputs(fcn, options)
     from keras_fcn_surgery.saving.atomic import Interrupted
 
     results: list = []
@@ -313,12 +314,19 @@ def _check_mask(mask):
     return mask
 
 
-def _check_outputs(fcn, options) -> None:
-    """Before any input: the output GeoJSON/CSV describe, its class names, and maps every format can hold."""
+def _names(class_names):
+    return tuple(class_names) if class_names is not None else None
+
+
+def _check_outputs(fcn, options):
+    """Before any input: the output GeoJSON/CSV describe, its class names (`class_names_for`: returned in the
+    options), and maps every format can hold."""
 
     spec = map_spec_of(fcn, options)
     if options.output is not None or options.class_names is not None or set(ONE_MAP_FORMATS) & set(options.formats):
         shown = spec.outputs[spec.output_index(options.output)]  # an unknown name is refused here
+        names = class_names_for(options.class_names, shown.classes)
+        options = replace(options, class_names=tuple(names) if names is not None else None)
         if options.class_names is not None and len(options.class_names) != shown.classes:
             where = f" (output {shown.name!r})" if spec.several else ""
             raise InputError(
@@ -330,3 +338,4 @@ def _check_outputs(fcn, options) -> None:
 
         check_map_names(spec.names)
         geometry(fcn)  # raises, naming each output's grid, when the outputs do not share one
+    return options

@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 
 from keras_fcn_surgery.commands.common import (
+    CLASS_NAMES_HELP,
     EXIT_OK,
     EXIT_USAGE,
     PREPROCESS_HELP,
@@ -41,15 +42,20 @@ def add_parser(subparsers) -> None:
         metavar="NAME",
         help="for a model with several outputs, the one to show (default: the first ending in a softmax or sigmoid)",
     )
-    parser.add_argument("--class-names", help="text file with one class name per line (default: ImageNet if K=1000)")
+    parser.add_argument("--class-names", help=CLASS_NAMES_HELP)
     parser.add_argument("--top", type=positive_int, default=5, help="how many top classes to print (default 5)")
     parser.add_argument(
         "--scale", type=positive_int, default=1, help="display magnification for small images (default 1)"
     )
     parser.add_argument("--alpha", type=float, default=0.6, help="heat colour weight over the image (default 0.6)")
-    parser.add_argument(
-        "--absolute", action="store_true", help="heat colours span p = 0..1 (default: this map's own range)"
+    scale = parser.add_mutually_exclusive_group()
+    scale.add_argument(
+        "--relative",
+        action="store_true",
+        help="heat colours span this map's own range of the class's probability, labelled relative "
+        "(default: the absolute scale, p = 0..1)",
     )
+    scale.add_argument("--absolute", action="store_true", help="heat colours span p = 0..1 (the default)")
     parser.add_argument("--head", choices=HEADS, default="window", help="global-pooling heads")
     parser.add_argument("--input-size", type=parse_size, help="original input size HxW when the model takes any size")
     add_execution_argument(parser)
@@ -66,7 +72,7 @@ def run(args) -> int:
     from keras_fcn_surgery.grid.geometry import Geometry, WindowGrid
     from keras_fcn_surgery.inference import windowed
     from keras_fcn_surgery.inference.certificate import certificate_or_reason
-    from keras_fcn_surgery.inference.heatmap import class_probabilities, heat_range
+    from keras_fcn_surgery.inference.heatmap import class_probabilities, heat_range, scale_labels
     from keras_fcn_surgery.saving.atomic import atomic_output, check_output_path
     from keras_fcn_surgery.saving.images import read_image
 
@@ -120,10 +126,11 @@ def run(args) -> int:
         grid = kfs.geometry(fcn, output=shown if spec.several else None)
     probabilities = class_probabilities(scores)
     _print_top(probabilities, names, grid, pixels.shape[:2], args.top)
-    value_range = (0.0, 1.0) if args.absolute else heat_range(probabilities[..., args.class_index])
+    value_range = heat_range(probabilities[..., args.class_index]) if args.relative else (0.0, 1.0)
+    low, high = scale_labels(value_range)
     print(
-        f"heat scale: black = p {value_range[0]:.4g}, white = p {value_range[1]:.4g}"
-        + ("" if args.absolute else " (this map's range; --absolute for 0..1)")
+        f"heat scale: black = p {low}, white = p {high}"
+        + (" (relative: this map's range; drop --relative for the absolute 0..1)" if args.relative else "")
     )
     picture = kfs.heatmap(
         pixels,
@@ -134,7 +141,7 @@ def run(args) -> int:
         probabilities=True,
         alpha=args.alpha,
         scale=args.scale,
-        value_range=value_range,
+        value_range="relative" if args.relative else value_range,
     )
     with atomic_output(args.output, suffix=".png", overwrite=args.overwrite) as temporary:
         picture.save(temporary, format="PNG")

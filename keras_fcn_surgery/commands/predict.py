@@ -6,6 +6,7 @@ import os
 import sys
 
 from keras_fcn_surgery.commands.common import (
+    CLASS_NAMES_HELP,
     EXIT_CONVERSION,
     EXIT_OK,
     PREPROCESS_HELP,
@@ -75,7 +76,7 @@ def add_parser(subparsers) -> None:
         help="for a model with several outputs, the one GeoJSON/CSV/OME-Zarr describe (default: the first ending "
         "in a softmax or sigmoid; npz/zarr hold every output)",
     )
-    parser.add_argument("--class-names", help="text file with one class name per line (GeoJSON/CSV/OME-Zarr)")
+    parser.add_argument("--class-names", help=f"{CLASS_NAMES_HELP} (GeoJSON/CSV/OME-Zarr)")
     parser.add_argument("--engine", choices=("local", "ray"), default="local", help="local (default) or Ray Data")
     add_execution_argument(parser)
     add_method_arguments(parser)
