@@ -74,6 +74,8 @@ class InputResult:
         seconds: time spent on it.
         certificate: the map's certificate in one line (`MapCertificate`), or
             why it has none; "" when not asked for.
+        input_error: it failed for the input itself (an `InputError`: an
+            image smaller than the network...), the user's to fix.
     """
 
     source: str
@@ -84,6 +86,7 @@ class InputResult:
     computed_fraction: float = 0.0
     seconds: float = 0.0
     certificate: str = ""
+    input_error: bool = False
 
 
 def predict_source(fcn, source: Source, out_dir: str, options: BatchOptions) -> InputResult:
@@ -96,7 +99,7 @@ def predict_source(fcn, source: Source, out_dir: str, options: BatchOptions) -> 
     try:
         megapixels, fraction, certificate = _compute_and_write(fcn, source, missing, options)
     except (ConversionError, OSError) as error:
-        return _failed(source, str(error), start)
+        return _failed(source, str(error), start, input_error=isinstance(error, InputError))
     except Exception as error:  # a decoder's or the network's error on this input must not stop the others
         return _failed(source, f"{type(error).__name__}: {first_line(str(error))}", start)
     return InputResult(
@@ -104,10 +107,11 @@ def predict_source(fcn, source: Source, out_dir: str, options: BatchOptions) -> 
     )
 
 
-def _failed(source: Source, message: str, start: float) -> InputResult:
+def _failed(source: Source, message: str, start: float, *, input_error: bool = False) -> InputResult:
     if source.path not in message:
         message = f"'{source.path}': {message}"
-    return InputResult(source.path, "failed", message=message, seconds=time.perf_counter() - start)
+    seconds = time.perf_counter() - start
+    return InputResult(source.path, "failed", message=message, seconds=seconds, input_error=input_error)
 
 
 def map_spec_of(model, options: BatchOptions):

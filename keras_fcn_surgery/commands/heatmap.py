@@ -84,6 +84,11 @@ def run(args) -> int:
     fcn = model if stride is not None else kfs.as_fcn(model, head=args.head, input_size=args.input_size)
     spec = windowed.map_spec(model) if stride is not None else kfs.fcn_spec(fcn)
     shown = spec.names[spec.output_index(args.output_name)]  # an unknown name is refused before any work
+    classes = spec.outputs[spec.output_index(args.output_name)].classes
+    if not 0 <= args.class_index < classes:  # before the map is computed
+        print(f"error: --class {args.class_index} is out of range: the model has {classes} classes.", file=sys.stderr)
+        return EXIT_USAGE
+    names = read_class_names(args.class_names, classes)  # a wrong file too
     layout = spec.layout
     pixels = read_image(args.image, spec.channels)
     image = layout.image_from_channels_last(pixels)
@@ -114,11 +119,6 @@ def run(args) -> int:
         )
         print(cli_message(line))
     scores = layout.image_to_channels_last(maps[shown] if spec.several else maps)
-    classes = scores.shape[-1]
-    if not 0 <= args.class_index < classes:
-        print(f"error: --class {args.class_index} is out of range: the model has {classes} classes.", file=sys.stderr)
-        return EXIT_USAGE
-    names = read_class_names(args.class_names, classes)
     grid: Geometry | WindowGrid
     if stride is not None:
         grid = windowed.window_grid(model, stride)

@@ -9,6 +9,7 @@ from keras_fcn_surgery.commands.common import (
     CLASS_NAMES_HELP,
     EXIT_CONVERSION,
     EXIT_OK,
+    EXIT_USAGE,
     PREPROCESS_HELP,
     add_certify_argument,
     add_execution_argument,
@@ -29,7 +30,8 @@ def add_parser(subparsers) -> None:
         description=(
             "Run a classifier (converted once and verified, or windowed where it has no exact FCN: --method) or an "
             "FCN over every input and write one output per input. Reruns skip inputs whose outputs exist. Exit code "
-            "1 when an input failed (the others finish)."
+            "1 when an input failed (the others finish), 2 when every failure is the input's own (an image "
+            "smaller than the network...)."
         ),
     )
     parser.add_argument("model", help="classifier (.keras/.h5, converted here) or an already converted FCN")
@@ -161,4 +163,7 @@ def run(args) -> int:
     for result in summary.failed:
         print(f"failed: {result.message}", file=sys.stderr)
     print(f"predict: {summary.line()}")
-    return EXIT_OK if summary.ok else EXIT_CONVERSION
+    if summary.ok:
+        return EXIT_OK
+    # Inputs that failed only for themselves (smaller than the network...) are usage errors, as in every command.
+    return EXIT_USAGE if all(result.input_error for result in summary.failed) else EXIT_CONVERSION
