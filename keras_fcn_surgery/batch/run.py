@@ -81,6 +81,7 @@ def predict_images(
     stride=None,
     shards: int | None = None,
     shard_rows: int | None = None,
+    on_result=None,
 ) -> BatchSummary:
     """Score maps for many images and whole slides, one output per input.
 
@@ -191,6 +192,9 @@ def predict_images(
             regions not yet done (see `batch.shards`).
         shard_rows: map rows (and columns) per chunk of that store, the
             smallest region (default 256).
+        on_result: called with each input's `InputResult` as soon as it is
+            finished (with Ray, once the job is), so that what is done is
+            reported even if the job is interrupted later.
 
     Returns:
         A `BatchSummary`.
@@ -256,6 +260,8 @@ def predict_images(
             from keras_fcn_surgery.batch.ray_engine import run_on_ray
 
             results = run_on_ray(fcn, sources, out_dir, options, address=ray_address, workers=workers)
+            for result in results if on_result is not None else ():
+                on_result(result)
         else:
             with progress_bar(len(sources), progress, "images") as bar:
                 for source in sources:
@@ -263,6 +269,8 @@ def predict_images(
                         results.append(predict_source_sharded(fcn, source, out_dir, options, options.shards))
                     else:
                         results.append(predict_source(fcn, source, out_dir, options))
+                    if on_result is not None:
+                        on_result(results[-1])
                     bar.update(1)
     except (KeyboardInterrupt, Interrupted) as stop:
         if engine != "ray":  # Ray's results come back at the end: none is known here

@@ -175,7 +175,7 @@ def write_npz(path: str, scores, info: MapInfo) -> None:
     for name, cell_map in maps.items():
         arrays[name] = np.asarray(cell_map, dtype=np.float32)
     with open(path, "wb") as handle:
-        np.savez(handle, **arrays)  # type: ignore[arg-type]
+        np.savez_compressed(handle, **arrays)  # type: ignore[arg-type]  # NaN (masked) cells compress to little
 
 
 def top_classes(scores, probabilities: bool | None = None):

@@ -154,16 +154,21 @@ def run(args) -> int:
         certify=args.certify,
         shards=args.shards,
         shard_rows=args.shard_rows,
+        on_result=lambda result: _report(result, args.mask, cli_message),
     )
-    for result in summary.results:
-        if result.status == "done" and args.mask != "none":
-            print(f"{result.source}: {100 * result.computed_fraction:.1f}% of the tiles computed")
-        if result.status == "done" and result.certificate:
-            print(f"{result.source}: {cli_message(result.certificate)}")
-    for result in summary.failed:
-        print(f"failed: {result.message}", file=sys.stderr)
     print(f"predict: {summary.line()}")
     if summary.ok:
         return EXIT_OK
     # Inputs that failed only for themselves (smaller than the network...) are usage errors, as in every command.
     return EXIT_USAGE if all(result.input_error for result in summary.failed) else EXIT_CONVERSION
+
+
+def _report(result, mask, cli_message) -> None:
+    """One input's lines, flushed as soon as it is finished: kept when stdout is a file and the job is
+    interrupted later."""
+    if result.status == "done" and mask != "none":
+        print(f"{result.source}: {100 * result.computed_fraction:.1f}% of the tiles computed", flush=True)
+    if result.status == "done" and result.certificate:
+        print(f"{result.source}: {cli_message(result.certificate)}", flush=True)
+    if result.status == "failed":
+        print(f"failed: {result.message}", file=sys.stderr, flush=True)
