@@ -30,8 +30,8 @@ def add_parser(subparsers) -> None:
         description=(
             "Run a classifier (converted once and verified, or windowed where it has no exact FCN: --method) or an "
             "FCN over every input and write one output per input. Reruns skip inputs whose outputs exist. Exit code "
-            "1 when an input failed (the others finish), 2 when every failure is the input's own (an image "
-            "smaller than the network...)."
+            "1 when an input failed (the others finish), 2 when every failure is the input's own (an unreadable "
+            "file, an image smaller than the network...)."
         ),
     )
     parser.add_argument("model", help="classifier (.keras/.h5, converted here) or an already converted FCN")
