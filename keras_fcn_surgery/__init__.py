@@ -36,6 +36,7 @@ _PUBLIC = {
     "heatmap": "inference.heatmap",
     "imagenet_class_names": "inference.heatmap",
     "load_model": "saving.loading",
+    "save_model": "saving.record",
     "export": "exporting.api",
     "export_onnx": "exporting.api",
     "ConversionPlan": "surgery.plan",
@@ -118,6 +119,7 @@ __all__ = [
     "heatmap",
     "imagenet_class_names",
     "load_model",
+    "save_model",
     "log_graphs",
     "plan",
     "predict_images",
@@ -179,6 +181,7 @@ if TYPE_CHECKING:
     from keras_fcn_surgery.inference.staged import PlannedOutput, PredictionPlan, StagePlan, plan_prediction
     from keras_fcn_surgery.inference.windowed import WindowedPlan
     from keras_fcn_surgery.saving.loading import load_model
+    from keras_fcn_surgery.saving.record import save_model
     from keras_fcn_surgery.segmentation.losses import segmentation_loss
     from keras_fcn_surgery.segmentation.predict import segment_image
     from keras_fcn_surgery.segmentation.segmenter import segmenter

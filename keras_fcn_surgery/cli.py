@@ -9,7 +9,9 @@ the CLI prints; the library raises.
 from __future__ import annotations
 
 import argparse
+import difflib
 import importlib
+import importlib.metadata
 import re
 import sys
 import warnings
@@ -51,16 +53,38 @@ def build_parser() -> argparse.ArgumentParser:
         prog="keras-fcn-surgery",
         description="Turn a Keras image classifier into an equivalent fully convolutional network.",
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     subparsers = parser.add_subparsers(dest="command", required=True)
     for name in COMMAND_MODULES:
         importlib.import_module(name).add_parser(subparsers)
+    parser.set_defaults(_commands=subparsers.choices)
     return parser
 
 
 def main(argv=None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:  # answered by the subcommand's own usage, with the flag it most likely meant
+        _refuse_unknown(args._commands[args.command], unknown)
     return run_interruptible(lambda: _run(args))
+
+
+def _refuse_unknown(command: argparse.ArgumentParser, unknown: list[str]) -> None:
+    flags = [flag for action in command._actions for flag in action.option_strings]
+    message = f"unrecognized arguments: {' '.join(unknown)}"
+    for word in unknown:
+        close = difflib.get_close_matches(word.split("=")[0], flags, n=1, cutoff=0.6) if word.startswith("-") else []
+        if close:
+            message += f" (did you mean {close[0]}?)"
+            break
+    command.error(message)
+
+
+def _version() -> str:
+    try:
+        return importlib.metadata.version("keras-fcn-surgery")
+    except importlib.metadata.PackageNotFoundError:  # run from a source tree that is not installed
+        return "unknown (not installed)"
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None, *, shown=warnings.showwarning):

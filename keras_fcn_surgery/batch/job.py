@@ -76,6 +76,8 @@ class InputResult:
         seconds: time spent on it.
         certificate: the map's certificate in one line (`MapCertificate`), or
             why it has none; "" when not asked for.
+        input_error: it failed for the input itself (an `InputError`: an
+            image smaller than the network...), the user's to fix.
     """
 
     source: str
@@ -86,6 +88,7 @@ class InputResult:
     computed_fraction: float = 0.0
     seconds: float = 0.0
     certificate: str = ""
+    input_error: bool = False
 
 
 def predict_source(mapper: Mapper, source: Source, out_dir: str, options: BatchOptions) -> InputResult:
@@ -99,7 +102,7 @@ def predict_source(mapper: Mapper, source: Source, out_dir: str, options: BatchO
     try:
         megapixels, fraction, certificate = _compute_and_write(mapper, source, missing, options)
     except (ConversionError, OSError) as error:
-        return failed_result(source, str(error), start)
+        return failed_result(source, str(error), start, input_error=isinstance(error, InputError))
     except Exception as error:  # a decoder's or the network's error on this input must not stop the others
         return failed_result(source, f"{type(error).__name__}: {first_line(str(error))}", start)
     return InputResult(
@@ -115,11 +118,12 @@ def prepare_mapper(model, options: BatchOptions, method: MapMethod) -> Mapper:
     return mapper.with_options(batch_size=options.batch_size, engine=options.execution, preprocess=preprocess)
 
 
-def failed_result(source: Source, message: str, start: float) -> InputResult:
+def failed_result(source: Source, message: str, start: float, *, input_error: bool = False) -> InputResult:
     """The result of an input that failed: ``message``, naming its file, and the time spent since ``start``."""
     if source.path not in message:
         message = f"'{source.path}': {message}"
-    return InputResult(source.path, "failed", message=message, seconds=time.perf_counter() - start)
+    seconds = time.perf_counter() - start
+    return InputResult(source.path, "failed", message=message, seconds=seconds, input_error=input_error)
 
 
 def _compute_and_write(mapper: Mapper, source: Source, paths: dict[str, str], options: BatchOptions):

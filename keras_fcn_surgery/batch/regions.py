@@ -4,7 +4,9 @@ Each connected region of one class (4-connected) becomes one polygon: its
 outer boundary and its holes, traced exactly along the cell edges (only the
 corners kept), so a polygon's area is its cell count and the regions of a map
 tile it without gaps or overlaps. Where two cells of a region touch only at a
-corner, the boundary passes through that corner twice.
+corner, the traced boundary passes through that corner twice: it is cut there
+into rings that touch at that corner, so that a hole touching the outline is
+an interior ring, and every polygon is valid (OGC: no ring touches itself).
 
 The whole map is traced at once with array operations (each boundary edge's
 successor is decided by the 2 x 2 cells around its end corner), so maps of
@@ -106,11 +108,15 @@ def regions(labels: np.ndarray, probability: np.ndarray) -> Iterator[Region]:
     if not np.array_equal(np.bincount(owners[outer], minlength=count + 1)[1:], np.ones(count, np.int64)):
         raise AssertionError("regions: a region without exactly one outer ring (a bug: please report the map)")
     by_region: list[list[np.ndarray]] = [[] for _ in range(count)]
-    for owner, ring, is_outer in zip(owners.tolist(), rings, outer.tolist()):
-        if is_outer:
-            by_region[owner - 1].insert(0, ring)
-        else:
-            by_region[owner - 1].append(ring)
+    pinched = _pinched(rings)
+    for index, (owner, ring, is_outer) in enumerate(zip(owners.tolist(), rings, outer.tolist())):
+        if index not in pinched:
+            by_region[owner - 1].insert(0, ring) if is_outer else by_region[owner - 1].append(ring)
+            continue
+        for loop in _simple_loops(ring):
+            by_region[owner - 1].insert(0, loop) if _signed_area(loop) > 0 else by_region[owner - 1].append(loop)
+    if any(len(found) and _signed_area(found[1]) > 0 for found in by_region if len(found) > 1):
+        raise AssertionError("regions: a region with two outer rings (a bug: please report the map)")
     for k in range(count):
         yield Region(
             label=int(classes[k]),
@@ -184,6 +190,47 @@ def edge_rings(components: np.ndarray) -> tuple[np.ndarray, list[np.ndarray], np
     areas = 0.5 * np.add.reduceat(x * y[following_point] - x[following_point] * y, bounds[:-1])
     rings = [np.concatenate([points[a:b], points[a : a + 1]]) for a, b in zip(bounds[:-1], bounds[1:])]
     return region[ring_of[bounds[:-1]]], rings, areas
+
+
+def _pinched(rings: list[np.ndarray]) -> set[int]:
+    """The rings that pass a corner twice (where two cells of a region, or of what surrounds it, meet only at
+    that corner)."""
+    if not rings:
+        return set()
+    lengths = np.array([len(ring) - 1 for ring in rings])
+    points = np.concatenate([ring[:-1] for ring in rings])
+    owner = np.repeat(np.arange(len(rings)), lengths)
+    order = np.lexsort((points[:, 1], points[:, 0], owner))
+    keys = np.column_stack([owner[order], points[order]])
+    repeated = np.all(keys[1:] == keys[:-1], axis=1)
+    return set(owner[order][1:][repeated].tolist())
+
+
+def _simple_loops(ring: np.ndarray) -> list[np.ndarray]:
+    """A closed ring cut at every corner it passes twice into closed loops that pass no corner twice, each in
+    the ring's direction of travel: OGC's valid rings (a ring may not touch itself), with the same total signed
+    area. A region's outer boundary that touches itself so yields its outer ring and the holes that touch it at
+    one corner; a hole's, holes that touch each other at one corner."""
+    loops = []
+    path: list[tuple[float, float]] = []
+    position: dict[tuple[float, float], int] = {}
+    for point in map(tuple, ring[:-1].tolist()):
+        start = position.get(point)
+        if start is None:
+            position[point] = len(path)
+            path.append(point)
+            continue
+        loops.append(np.array([*path[start:], point], dtype=np.float64))
+        for dropped in path[start + 1 :]:
+            del position[dropped]
+        del path[start + 1 :]
+    loops.append(np.array([*path, path[0]], dtype=np.float64))
+    return loops
+
+
+def _signed_area(ring: np.ndarray) -> float:
+    x, y = ring[:, 0], ring[:, 1]  # closed: the last point is the first
+    return 0.5 * float(np.dot(x[:-1], y[1:]) - np.dot(x[1:], y[:-1]))
 
 
 def _cycles(successor: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -17,12 +17,14 @@ from keras_fcn_surgery.batch.ome_zarr import check_version as check_ome_zarr_ver
 from keras_fcn_surgery.batch.outputs import check_formats, summary_line
 from keras_fcn_surgery.batch.ray_engine import run_on_ray
 from keras_fcn_surgery.batch.regions import check_available as check_regions_available
+from keras_fcn_surgery.batch.requirements import check_packages
 from keras_fcn_surgery.batch.shards import check_shard_rows, check_shards, predict_source_sharded
 from keras_fcn_surgery.batch.sources import find_sources
 from keras_fcn_surgery.batch.writers import check_geojson, check_map_names
 from keras_fcn_surgery.errors import ConversionError, InputError, ModelFileError
 from keras_fcn_surgery.inference.certificate import DEFAULT_CELLS, check_cell_count
 from keras_fcn_surgery.inference.engines import check_engine
+from keras_fcn_surgery.inference.heatmap import class_names_for
 from keras_fcn_surgery.inference.mapper import MapMethod, Mapper
 from keras_fcn_surgery.inference.runner import progress_bar
 from keras_fcn_surgery.options import DEFAULT_OME_ZARR_VERSION, PREPROCESS_MODES
@@ -52,6 +54,7 @@ _JOB_OPTIONS = {
     "stride": None,
     "shards": None,
     "shard_rows": None,
+    "on_result": None,
 }
 
 
@@ -177,6 +180,8 @@ def predict_images(
               leaves that folder, and the next run with the same model, input and options computes only the regions
               not yet done (see `batch.shards`).
             - ``shard_rows``: map rows (and columns) per chunk of that store, the smallest region (default 256).
+            - ``on_result``: called with each input's `InputResult` as soon as it is finished (with Ray, once the job
+              is), so that what is done is reported even if the job is interrupted later.
 
     Returns:
         A `BatchSummary`.
@@ -225,7 +230,7 @@ def predict_images(
         mpp=mpp,
         mask=_check_mask(mask),
         overwrite=overwrite,
-        class_names=tuple(class_names) if class_names is not None else None,
+        class_names=tuple(class_names_for(class_names, 1000)) if class_names == "imagenet" else _names(class_names),
         progress=progress,
         execution=check_engine(execution),
         output=output,
@@ -236,6 +241,7 @@ def predict_images(
         raise InputError("Give a pyramid level or a resolution in microns per pixel (mpp), not both.")
     if engine not in ENGINES:
         raise InputError(f"Expected `engine` to be one of {ENGINES}. Received: engine={engine!r}")
+    check_packages(job.formats, geojson=job.geojson, mask=job.mask, engine=engine)
     if "geojson" in job.formats and job.geojson == "regions":
         check_regions_available()
     sources = find_sources(inputs)
@@ -248,7 +254,8 @@ def predict_images(
     method = MapMethod(given["method"], given["stride"], given["head"], _pair_or_none(given["input_size"]))
     mapper = prepare_mapper(loaded, job, method)
     job = replace(job, method=mapper.method, stride=mapper.stride, certify=certify or 0)
-    _check_outputs(mapper, job)
+    job = _check_outputs(mapper, job)
+    on_result = given["on_result"]
 
     results: list = []
     created = not os.path.exists(out_dir)
@@ -258,6 +265,8 @@ def predict_images(
         if engine == "ray":
             where = {"address": given["ray_address"], "workers": given["workers"]}
             results = run_on_ray(mapper, sources, out_dir, job, **where)
+            for result in results if on_result is not None else ():
+                on_result(result)
         else:
             with progress_bar(len(sources), progress, "images") as bar:
                 for source in sources:
@@ -265,6 +274,8 @@ def predict_images(
                         results.append(predict_source_sharded(mapper, source, out_dir, job, job.shards))
                     else:
                         results.append(predict_source(mapper, source, out_dir, job))
+                    if on_result is not None:
+                        on_result(results[-1])
                     bar.update(1)
     except (KeyboardInterrupt, Interrupted) as stop:
         if engine != "ray":  # Ray's results come back at the end: none is known here
@@ -300,11 +311,20 @@ def _check_mask(mask):
     return mask
 
 
-def _check_outputs(mapper: Mapper, options) -> None:
-    """Before any input: the output GeoJSON/CSV describe, its class names, and maps every format can hold."""
+def _names(class_names):
+    return tuple(class_names) if class_names is not None else None
+
+
+def _check_outputs(mapper: Mapper, options):
+    """Before any input: the output GeoJSON/CSV describe, its class names (`class_names_for`: returned in the
+    options), and maps every format can hold."""
     spec = mapper.spec
     if options.output is not None or options.class_names is not None or set(ONE_MAP_FORMATS) & set(options.formats):
         shown = spec.outputs[spec.output_index(options.output)]  # an unknown name is refused here
+        names = class_names_for(options.class_names, shown.classes)
+        options = replace(options, class_names=tuple(names) if names is not None else None)
+        names = class_names_for(options.class_names, shown.classes)
+        options = replace(options, class_names=tuple(names) if names is not None else None)
         if options.class_names is not None and len(options.class_names) != shown.classes:
             where = f" (output {shown.name!r})" if spec.several else ""
             raise InputError(
@@ -313,3 +333,4 @@ def _check_outputs(mapper: Mapper, options) -> None:
     if spec.several:
         check_map_names(spec.names)
         _ = mapper.grid  # raises, naming each output's grid, when the outputs do not share one
+    return options

@@ -205,7 +205,7 @@ def plan_input(mapper, source: Source, out_dir: str, options: BatchOptions, shar
                     np.save(os.path.join(work, _KEPT), np.packbits(job.kept, axis=1))
                 _write_json(os.path.join(work, _PLAN), record)
     except (ConversionError, OSError) as error:
-        return failed_result(source, str(error), start)
+        return failed_result(source, str(error), start, input_error=isinstance(error, InputError))
     except Exception as error:  # as `predict_source`: one input's error must not stop the others
         return failed_result(source, f"{type(error).__name__}: {first_line(str(error))}", start)
     pending = tuple(r for r in regions if not os.path.exists(_marker(work, r.index)))

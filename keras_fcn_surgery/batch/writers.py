@@ -84,6 +84,7 @@ def staged_outputs(paths: dict[str, str], *, overwrite: bool):
     for path in paths.values():
         if os.path.exists(path) and not overwrite:
             raise ModelFileError(f"Output '{path}' exists; pass overwrite=True (CLI: --overwrite) to replace it.")
+        _refuse_foreign_folder(path)
     (folder,) = folders
     # Stale temporaries are not swept here: Ray workers on other machines may share this folder, and
     # their pids mean nothing on this one. The pid in the name lets a user tell what is whose.
@@ -98,6 +99,20 @@ def staged_outputs(paths: dict[str, str], *, overwrite: bool):
         raise
     finally:
         remove_tree(work)
+
+
+def _refuse_foreign_folder(path: str) -> None:
+    """``overwrite`` replaces a previous output, never anything else: an existing folder only where it is a zarr
+    store written as a ``.zarr`` output (what `_replace` would remove)."""
+    if not os.path.isdir(path):
+        return
+    markers = ("zarr.json", ".zgroup", ".zarray")
+    if path.endswith(".zarr") and any(os.path.exists(os.path.join(path, name)) for name in markers):
+        return
+    raise ModelFileError(
+        f"Output '{path}' is a folder that is not a previous zarr output; overwrite=True (CLI: --overwrite) "
+        "replaces previous outputs only, never other files: move it away, or choose another output folder."
+    )
 
 
 def _replace(source: str, target: str, overwrite: bool) -> None:
@@ -162,7 +177,7 @@ def write_npz(path: str, scores, info: MapInfo) -> None:
     for name, cell_map in maps.items():
         arrays[name] = np.asarray(cell_map, dtype=np.float32)
     with open(path, "wb") as handle:
-        np.savez(handle, **arrays)  # type: ignore[arg-type]
+        np.savez_compressed(handle, **arrays)  # type: ignore[arg-type]  # NaN (masked) cells compress to little
 
 
 def top_classes(scores, probabilities: bool | None = None):

@@ -13,6 +13,17 @@ EXIT_OK, EXIT_CONVERSION, EXIT_USAGE = 0, 1, 2
 
 # Signals that end a command like Ctrl-C does: unwinding (so partial outputs are removed), then 128 + signal.
 TERMINATING_SIGNALS = ("SIGTERM", "SIGHUP")
+IMAGENET = "imagenet"
+CLASS_NAMES_HELP = (
+    "text file with one class name per line, or imagenet (default: ImageNet's names for a model of 1000 classes, "
+    "else 'class K')"
+)
+# The --preprocess help of the commands that read pixels from files (0..255), default included.
+PREPROCESS_HELP = (
+    "what is done to the 0-255 pixels read from the file before the model: none (default: the raw 0-255 "
+    "pixels), unit (pixels / 255), or keras.applications' caffe (VGG, ResNet50), tf (MobileNet...: [-1, 1]), "
+    "torch (DenseNet)"
+)
 
 
 def check_paths_first(args) -> None:
@@ -122,8 +133,8 @@ def _raise_on_signals(exception_class) -> dict:
 
 
 def read_class_names(path, classes: int | None = None) -> list[str] | None:
-    """Class names from a text file, one a line (``#`` comments skipped); without a file, the
-    packaged ImageNet names when the model has 1000 classes, else None.
+    """Class names from a text file, one a line (``#`` comments skipped); ``imagenet``, or no file: the rule
+    of `inference.heatmap.class_names_for` (ImageNet's names for a 1000-class model, else the indices).
 
     Raises:
         ModelFileError: for a file that cannot be read.
@@ -131,12 +142,12 @@ def read_class_names(path, classes: int | None = None) -> list[str] | None:
     """
     from keras_fcn_surgery.errors import InputError, ModelFileError
 
-    if path is None:
-        if classes == 1000:
-            from keras_fcn_surgery.inference.heatmap import imagenet_class_names
+    if path is None or path == IMAGENET:
+        if classes is None:  # decided where the class count is known (`predict_images`)
+            return path
+        from keras_fcn_surgery.inference.heatmap import class_names_for
 
-            return imagenet_class_names()
-        return None
+        return class_names_for(path, classes)
     try:
         with open(path, encoding="utf-8") as handle:
             names = [line.strip() for line in handle if line.strip() and not line.startswith("#")]

@@ -37,8 +37,9 @@ def add_parser(subparsers) -> None:
 
 def run(args) -> int:
     import keras_fcn_surgery as kfs
-    from keras_fcn_surgery.saving.atomic import check_output_path, save_model
+    from keras_fcn_surgery.saving.atomic import check_output_path
     from keras_fcn_surgery.saving.loading import custom_objects_from_file
+    from keras_fcn_surgery.saving.record import save_model
     from keras_fcn_surgery.surgery.convert import Conversion
 
     check_output_path(args.output, suffix=".keras", overwrite=args.overwrite)

@@ -43,7 +43,7 @@ def add_parser(subparsers) -> None:
         "--preprocess",
         choices=PREPROCESS_MODES,
         default="none",
-        help="what serving_pixels and serving_bytes do to raw pixels",
+        help="what serving_pixels and serving_bytes do to the raw 0-255 pixels (default: none)",
     )
     parser.add_argument("--overwrite", action="store_true", help="replace an existing version (or .onnx file)")
     parser.add_argument(

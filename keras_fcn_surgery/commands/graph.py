@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib.util
+
 from keras_fcn_surgery.commands.common import EXIT_OK, parse_size
 from keras_fcn_surgery.options import HEADS
 
@@ -10,7 +12,10 @@ def add_parser(subparsers) -> None:
     parser = subparsers.add_parser(
         "graph",
         help="write the op graphs of the classifier and its FCN, and the plan, for TensorBoard",
-        description="Writes runs DIR/source and DIR/fcn; view them with `tensorboard --logdir DIR`.",
+        description=(
+            "Writes runs DIR/source and DIR/fcn; view them with `tensorboard --logdir DIR` "
+            '(TensorBoard: pip install "keras-fcn-surgery[tensorboard]").'
+        ),
     )
     parser.add_argument("model", help="source model file (.keras or .h5)")
     parser.add_argument("--logdir", required=True, help="folder for the TensorBoard runs")
@@ -28,4 +33,13 @@ def run(args) -> int:
     for run_dir in runs:
         print(f"wrote {run_dir}")
     print(f"view with: tensorboard --logdir {args.logdir}")
+    if not _installed("tensorboard"):  # TensorFlow 2.21 no longer installs it
+        print('(TensorBoard is not installed here: pip install "keras-fcn-surgery[tensorboard]")')
     return EXIT_OK
+
+
+def _installed(name: str) -> bool:
+    try:
+        return importlib.util.find_spec(name) is not None
+    except ImportError:  # a broken install, or one made unimportable
+        return False

@@ -5,8 +5,10 @@ from __future__ import annotations
 import sys
 
 from keras_fcn_surgery.commands.common import (
+    CLASS_NAMES_HELP,
     EXIT_OK,
     EXIT_USAGE,
+    PREPROCESS_HELP,
     add_certify_argument,
     add_execution_argument,
     add_method_arguments,
@@ -30,7 +32,7 @@ def add_parser(subparsers) -> None:
         "--preprocess",
         choices=PREPROCESS_MODES,
         default="none",
-        help="pixel preprocessing of keras.applications (caffe: VGG/ResNet50, tf: MobileNet..., torch: DenseNet)",
+        help=PREPROCESS_HELP,
     )
     parser.add_argument(
         "--tile", type=positive_int, help="tile side in pixels for large images (exact; default: one pass)"
@@ -40,15 +42,20 @@ def add_parser(subparsers) -> None:
         metavar="NAME",
         help="for a model with several outputs, the one to show (default: the first ending in a softmax or sigmoid)",
     )
-    parser.add_argument("--class-names", help="text file with one class name per line (default: ImageNet if K=1000)")
+    parser.add_argument("--class-names", help=CLASS_NAMES_HELP)
     parser.add_argument("--top", type=positive_int, default=5, help="how many top classes to print (default 5)")
     parser.add_argument(
         "--scale", type=positive_int, default=1, help="display magnification for small images (default 1)"
     )
     parser.add_argument("--alpha", type=float, default=0.6, help="heat colour weight over the image (default 0.6)")
-    parser.add_argument(
-        "--absolute", action="store_true", help="heat colours span p = 0..1 (default: this map's own range)"
+    scale = parser.add_mutually_exclusive_group()
+    scale.add_argument(
+        "--relative",
+        action="store_true",
+        help="heat colours span this map's own range of the class's probability, labelled relative "
+        "(default: the absolute scale, p = 0..1)",
     )
+    scale.add_argument("--absolute", action="store_true", help="heat colours span p = 0..1 (the default)")
     parser.add_argument("--head", choices=HEADS, default="window", help="global-pooling heads")
     parser.add_argument("--input-size", type=parse_size, help="original input size HxW when the model takes any size")
     add_execution_argument(parser)
@@ -62,7 +69,7 @@ def run(args) -> int:
     import keras_fcn_surgery as kfs
     from keras_fcn_surgery.cli import cli_message
     from keras_fcn_surgery.exporting.preprocessing import pixel_function
-    from keras_fcn_surgery.inference.heatmap import class_probabilities, heat_range
+    from keras_fcn_surgery.inference.heatmap import class_probabilities, heat_range, scale_labels
     from keras_fcn_surgery.saving.atomic import atomic_output, check_output_path
     from keras_fcn_surgery.saving.images import read_image
 
@@ -72,6 +79,11 @@ def run(args) -> int:
     mapper = kfs.prepare(model, method=method, tile=args.tile, engine=args.execution)  # the method, chosen once
     spec = mapper.spec
     shown = spec.names[spec.output_index(args.output_name)]  # an unknown name is refused before any work
+    classes = spec.outputs[spec.output_index(args.output_name)].classes
+    if not 0 <= args.class_index < classes:  # before the map is computed
+        print(f"error: --class {args.class_index} is out of range: the model has {classes} classes.", file=sys.stderr)
+        return EXIT_USAGE
+    names = read_class_names(args.class_names, classes)  # a wrong file too
     layout = spec.layout
     pixels = read_image(args.image, spec.channels)
     image = layout.image_from_channels_last(pixels)
@@ -84,18 +96,14 @@ def run(args) -> int:
         _, line = mapper.certificate_line(image, maps, args.certify, output=shown if spec.several else None)
         print(cli_message(line))
     scores = layout.image_to_channels_last(maps[shown] if spec.several else maps)
-    classes = scores.shape[-1]
-    if not 0 <= args.class_index < classes:
-        print(f"error: --class {args.class_index} is out of range: the model has {classes} classes.", file=sys.stderr)
-        return EXIT_USAGE
-    names = read_class_names(args.class_names, classes)
     grid = mapper.grid_of(shown if spec.several else None)
     probabilities = class_probabilities(scores)
     _print_top(probabilities, names, grid, pixels.shape[:2], args.top)
-    value_range = (0.0, 1.0) if args.absolute else heat_range(probabilities[..., args.class_index])
+    value_range = heat_range(probabilities[..., args.class_index]) if args.relative else (0.0, 1.0)
+    low, high = scale_labels(value_range)
     print(
-        f"heat scale: black = p {value_range[0]:.4g}, white = p {value_range[1]:.4g}"
-        + ("" if args.absolute else " (this map's range; --absolute for 0..1)")
+        f"heat scale: black = p {low}, white = p {high}"
+        + (" (relative: this map's range; drop --relative for the absolute 0..1)" if args.relative else "")
     )
     picture = kfs.heatmap(
         pixels,
@@ -106,7 +114,7 @@ def run(args) -> int:
         probabilities=True,
         alpha=args.alpha,
         scale=args.scale,
-        value_range=value_range,
+        value_range="relative" if args.relative else value_range,
     )
     with atomic_output(args.output, suffix=".png", overwrite=args.overwrite) as temporary:
         picture.save(temporary, format="PNG")

@@ -6,8 +6,11 @@ import os
 import sys
 
 from keras_fcn_surgery.commands.common import (
+    CLASS_NAMES_HELP,
     EXIT_CONVERSION,
     EXIT_OK,
+    EXIT_USAGE,
+    PREPROCESS_HELP,
     add_certify_argument,
     add_execution_argument,
     add_method_arguments,
@@ -33,7 +36,8 @@ def add_parser(subparsers) -> None:
         description=(
             "Run a classifier (converted once and verified, or windowed where it has no exact FCN: --method) or an "
             "FCN over every input and write one output per input. Reruns skip inputs whose outputs exist. Exit code "
-            "1 when an input failed (the others finish)."
+            "1 when an input failed (the others finish), 2 when every failure is the input's own (an unreadable "
+            "file, an image smaller than the network...)."
         ),
     )
     parser.add_argument("model", help="classifier (.keras/.h5, converted here) or an already converted FCN")
@@ -68,7 +72,7 @@ def add_parser(subparsers) -> None:
         "--preprocess",
         choices=PREPROCESS_MODES,
         default="none",
-        help="pixel preprocessing (caffe: VGG/ResNet50, tf: MobileNet... [-1, 1], torch: DenseNet, unit: pixels / 255)",
+        help=PREPROCESS_HELP,
     )
     parser.add_argument("--head", choices=("window", "dense"), default="window", help="global-pooling heads")
     parser.add_argument("--input-size", type=parse_size, help="original input size HxW when the model takes any size")
@@ -87,7 +91,7 @@ def add_parser(subparsers) -> None:
         help="for a model with several outputs, the one GeoJSON/CSV/OME-Zarr describe (default: the first ending "
         "in a softmax or sigmoid; npz/zarr hold every output)",
     )
-    parser.add_argument("--class-names", help="text file with one class name per line (GeoJSON/CSV/OME-Zarr)")
+    parser.add_argument("--class-names", help=f"{CLASS_NAMES_HELP} (GeoJSON/CSV/OME-Zarr)")
     parser.add_argument("--engine", choices=("local", "ray"), default="local", help="local (default) or Ray Data")
     add_execution_argument(parser)
     add_method_arguments(parser)
@@ -108,17 +112,20 @@ def add_parser(subparsers) -> None:
 
 
 def nothing_to_do(args) -> int | None:
-    """Before TensorFlow starts: when every input's outputs exist (and no --overwrite), say so and stop."""
+    """Before TensorFlow starts: refuse a job whose packages are missing (all named at once); when every
+    input's outputs exist (and no --overwrite), say so and stop."""
     import time
     from types import SimpleNamespace
 
     from keras_fcn_surgery.batch.outputs import check_formats, output_paths, summary_line
+    from keras_fcn_surgery.batch.requirements import check_packages
     from keras_fcn_surgery.batch.sources import find_sources
 
+    formats = check_formats(args.format)
+    check_packages(formats, geojson=args.geojson, mask=args.mask, engine=args.engine)  # all at once, first
     if args.overwrite:
         return None
     start = time.perf_counter()
-    formats = check_formats(args.format)
     sources = find_sources(args.inputs)
     for source in sources:
         if not all(os.path.exists(p) for p in output_paths(args.out, source.name, formats).values()):
@@ -161,13 +168,21 @@ def run(args) -> int:
         certify=args.certify,
         shards=args.shards,
         shard_rows=args.shard_rows,
+        on_result=lambda result: _report(result, args.mask, cli_message),
     )
-    for result in summary.results:
-        if result.status == "done" and args.mask != "none":
-            print(f"{result.source}: {100 * result.computed_fraction:.1f}% of the tiles computed")
-        if result.status == "done" and result.certificate:
-            print(f"{result.source}: {cli_message(result.certificate)}")
-    for result in summary.failed:
-        print(f"failed: {result.message}", file=sys.stderr)
     print(f"predict: {summary.line()}")
-    return EXIT_OK if summary.ok else EXIT_CONVERSION
+    if summary.ok:
+        return EXIT_OK
+    # Inputs that failed only for themselves (smaller than the network...) are usage errors, as in every command.
+    return EXIT_USAGE if all(result.input_error for result in summary.failed) else EXIT_CONVERSION
+
+
+def _report(result, mask, cli_message) -> None:
+    """One input's lines, flushed as soon as it is finished: kept when stdout is a file and the job is
+    interrupted later."""
+    if result.status == "done" and mask != "none":
+        print(f"{result.source}: {100 * result.computed_fraction:.1f}% of the tiles computed", flush=True)
+    if result.status == "done" and result.certificate:
+        print(f"{result.source}: {cli_message(result.certificate)}", flush=True)
+    if result.status == "failed":
+        print(f"failed: {result.message}", file=sys.stderr, flush=True)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from keras_fcn_surgery.commands.common import EXIT_OK, positive_int
+from keras_fcn_surgery.commands.common import EXIT_OK, PREPROCESS_HELP, positive_int
 from keras_fcn_surgery.options import PREPROCESS_MODES
 
 
@@ -21,9 +21,7 @@ def add_parser(subparsers) -> None:
         "--tile", type=positive_int, help="tile side in pixels for large images (exact; default: one pass)"
     )
     parser.add_argument("--class-names", help="text file with one class name per line")
-    parser.add_argument(
-        "--preprocess", choices=PREPROCESS_MODES, default="none", help="pixel preprocessing of keras.applications"
-    )
+    parser.add_argument("--preprocess", choices=PREPROCESS_MODES, default="none", help=PREPROCESS_HELP)
     parser.add_argument("--alpha", type=float, default=0.5, help="label colour weight over the image (default 0.5)")
     parser.add_argument("--overwrite", action="store_true", help="replace existing output files")
     parser.set_defaults(run=run, output_suffix=".png")

@@ -33,10 +33,11 @@ from typing import ClassVar
 from keras_fcn_surgery.errors import ExportError, ModelFileError, first_line
 from keras_fcn_surgery.exporting.pipeline import Destination, ExportFormat, ModelLayoutIO
 from keras_fcn_surgery.exporting.savedmodel import INPUT_NAME, signature_outputs
-from keras_fcn_surgery.saving.atomic import atomic_folder
+from keras_fcn_surgery.saving.atomic import atomic_folder, refuse_foreign_files
 
 # The files of an export folder.
 XML_NAME, BIN_NAME = "model.xml", "model.bin"
+OUTPUT_WHAT = "OpenVINO export"
 # The compile option the export is checked with (and that gives Keras's float32 numbers on any CPU).
 PRECISION_CONFIG = {"INFERENCE_PRECISION_HINT": "f32"}
 
@@ -87,13 +88,18 @@ class OpenvinoFormat(ModelLayoutIO, ExportFormat):
             raise ModelFileError(f"'{path}' exists and is not a folder; an OpenVINO export is a folder.")
         if os.path.lexists(path) and not overwrite:
             raise ModelFileError(f"Folder '{path}' exists; pass overwrite=True (CLI: --overwrite) to replace it.")
+        refuse_foreign_files(path, (XML_NAME, BIN_NAME), what=OUTPUT_WHAT)
         if not os.path.isdir(os.path.dirname(path)):
             raise ModelFileError(f"Folder '{os.path.dirname(path)}' for output '{path}' does not exist.")
         return path
 
     @contextlib.contextmanager
     def destination(self, path: str, *, overwrite: bool) -> Iterator[Destination]:
-        yield Destination(atomic_folder(path, overwrite=overwrite, what="OpenVINO folder"), path, None)
+        own = (XML_NAME, BIN_NAME)
+        staging = atomic_folder(
+            path, overwrite=overwrite, what="OpenVINO folder", own_names=own, output_what=OUTPUT_WHAT
+        )
+        yield Destination(staging, path, None)
 
     def write(self, fcn, path: str) -> None:
         _write_openvino(fcn, path)

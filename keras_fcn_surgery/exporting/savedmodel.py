@@ -43,7 +43,7 @@ from keras_fcn_surgery.errors import ConversionError, ExportError, ModelFileErro
 from keras_fcn_surgery.exporting.pipeline import Destination, ExportFormat, check_choice, image_channels
 from keras_fcn_surgery.exporting.preprocessing import PREPROCESS_MODES, decode_images, preprocess_images
 from keras_fcn_surgery.graph import model_layout, output_names
-from keras_fcn_surgery.saving.atomic import atomic_folder
+from keras_fcn_surgery.saving.atomic import atomic_folder, refuse_foreign_files
 
 SERVING_DEFAULT = "serving_default"
 SERVING_BYTES = "serving_bytes"
@@ -56,6 +56,10 @@ OUTPUT_NAME = "scores"
 # Channel counts tf.io.decode_image can produce.
 DECODABLE_CHANNELS = (1, 3, 4)
 
+# What a SavedModel version folder written here holds; `--overwrite` replaces no folder holding anything else
+# (TF Serving's assets.extra, a user's notes).
+SAVEDMODEL_NAMES = ("saved_model.pb", "fingerprint.pb", "variables", "assets")
+_OUTPUT_WHAT = "SavedModel version"
 _VERSION_NAME = re.compile(r"^[0-9]+$")
 
 
@@ -104,13 +108,22 @@ class SavedModelFormat(ExportFormat):
         if self.bytes_signature:
             _check_bytes_signature(fcn, channels)
 
+    def output(self, path, *, overwrite: bool) -> str:
+        path = os.fspath(path)
+        if self.version is not None and overwrite:  # before any work; `destination` checks again
+            refuse_foreign_files(os.path.join(path, str(self.version)), SAVEDMODEL_NAMES, what=_OUTPUT_WHAT)
+        return path
+
     @contextlib.contextmanager
     def destination(self, path: str, *, overwrite: bool) -> Iterator[Destination]:
         export_dir, created = _prepare_export_dir(path)
         version = next_version(export_dir) if self.version is None else self.version
         final = os.path.join(export_dir, str(version))
         try:
-            yield Destination(atomic_folder(final, overwrite=overwrite, what="export folder"), final, version)
+            staging = atomic_folder(
+                final, overwrite=overwrite, what="export folder", own_names=SAVEDMODEL_NAMES, output_what=_OUTPUT_WHAT
+            )
+            yield Destination(staging, final, version)
         except BaseException:
             if created:
                 _remove_if_empty(export_dir)

@@ -2,6 +2,10 @@
 
 Keras 3's TensorBoard callback writes no op graph, so the forward pass is
 traced with `tf.function` and its graph written with `tf.summary.graph`.
+The event files are written by TensorFlow alone (the text summary as
+TensorBoard's text plugin reads it, without importing `tensorboard`, which
+TensorFlow 2.21 no longer installs); viewing them takes TensorBoard:
+``pip install "keras-fcn-surgery[tensorboard]"`` (or ``pip install tensorboard``).
 """
 
 from __future__ import annotations
@@ -10,10 +14,13 @@ import os
 
 from keras_fcn_surgery.errors import ConversionError, ModelFileError, first_line
 from keras_fcn_surgery.graph import input_name
+from keras_fcn_surgery.saving.atomic import make_temporary_dir, remove_stale_temporaries, remove_tree
 
 SOURCE_RUN = "source"
 FCN_RUN = "fcn"
 PLAN_TAG = "conversion_plan"
+# TensorBoard's text plugin: its name in a summary's metadata (the plugin's content, version 0, serialises empty).
+TEXT_PLUGIN = "text"
 
 
 def log_graphs(
@@ -63,10 +70,32 @@ def log_graphs(
             f"({len(earlier)} event files); pass overwrite=True (CLI: --overwrite) to replace them, "
             "or choose another folder."
         )
-    for path in earlier:
-        os.remove(path)
-    _write_run(runs[0], traced_graph(model))
-    _write_run(runs[1], traced_graph(fcn), text={PLAN_TAG: plan_markdown(table)})
+    graphs = (traced_graph(model), traced_graph(fcn))
+    created = not os.path.exists(logdir)
+    try:
+        os.makedirs(logdir, exist_ok=True)
+    except OSError as error:
+        raise ModelFileError(f"Cannot create log folder '{logdir}': {error.strerror or error}.") from error
+    remove_stale_temporaries(logdir)
+    work = make_temporary_dir(logdir, stem="runs", what="log folder")
+    try:
+        # Both runs are written in a hidden folder first and moved into place only when complete: a failure
+        # leaves no run behind (and an earlier one untouched).
+        written = [os.path.join(work, os.path.basename(run)) for run in runs]
+        _write_run(written[0], graphs[0])
+        _write_run(written[1], graphs[1], text={PLAN_TAG: plan_markdown(table)})
+        for path in earlier:
+            os.remove(path)
+        for new, run in zip(written, runs):
+            os.makedirs(run, exist_ok=True)
+            for name in os.listdir(new):
+                os.replace(os.path.join(new, name), os.path.join(run, name))
+    except BaseException:
+        remove_tree(work)
+        if created:
+            remove_tree(logdir)
+        raise
+    remove_tree(work)
     return runs
 
 
@@ -108,7 +137,15 @@ def _write_run(folder: str, graph, text=None) -> None:
         with writer.as_default():
             tf.summary.graph(graph)
             for tag, value in (text or {}).items():
-                tf.summary.text(tag, value, step=0)
+                _write_text(tf, tag, value)
         writer.flush()
     finally:
         writer.close()
+
+
+def _write_text(tf, tag: str, value: str) -> None:
+    """What ``tf.summary.text`` writes (a string tensor for TensorBoard's text plugin), without TensorBoard."""
+    from tensorflow.core.framework import summary_pb2
+
+    metadata = summary_pb2.SummaryMetadata(plugin_data=summary_pb2.SummaryMetadata.PluginData(plugin_name=TEXT_PLUGIN))
+    tf.summary.write(tag, tf.constant(value, dtype=tf.string), step=0, metadata=metadata)

@@ -195,7 +195,7 @@ class Geometry:
                 ) from error
             if state.size < 1:
                 minimum = _smallest_valid(program)
-                raise ConversionError(
+                raise InputError(  # the input's to fix (CLI: exit 2), not the model's
                     f"An input {name} of {size} is smaller than the network's minimum of {minimum} "
                     f"(receptive field {state.receptive_field}): the score map would be empty. "
                     "Use a larger image (or pad it)."

@@ -32,6 +32,7 @@ from keras_fcn_surgery.grid import tiling
 from keras_fcn_surgery.grid.geometry import Geometry, geometry
 from keras_fcn_surgery.inference import engines, runner, windowed
 from keras_fcn_surgery.options import CERTIFIED_CELLS
+from keras_fcn_surgery.saving.record import source_input_size
 from keras_fcn_surgery.surgery.fcn import as_fcn, choose_output, is_fully_convolutional, original_size, source_of
 from keras_fcn_surgery.surgery.verify import VerificationResult, batch_spread, compare_arrays, tolerance_for
 
@@ -451,8 +452,9 @@ def what_runs(model, input_size=None, *, source=None) -> CropRun:
                 "pass `input_size=(H, W)`, the size the classifier was trained at."
             )
         return CropRun(as_fcn(model, input_size=input_size), model, size, f"classifier '{model.name}'", model)
-    known, recorded = source_of(model)
+    known = source_of(model)[0]
     source = known if source is None else source
+    recorded = source_input_size(model)  # the size also from a saved FCN's file
     if recorded is None and source is not None:
         recorded = original_size(source)
     if input_size is not None:

@@ -14,8 +14,9 @@ from importlib import resources
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from keras_fcn_surgery.errors import ConversionError
+from keras_fcn_surgery.errors import ConversionError, InputError
 from keras_fcn_surgery.grid.geometry import Geometry, WindowGrid
+from keras_fcn_surgery.saving.arguments import public_arguments
 from keras_fcn_surgery.surgery.fcn import pick_map
 
 # Layout of the picture: [overlay | class map | legend], the legend LEGEND_WIDTH wide.
@@ -32,6 +33,33 @@ def imagenet_class_names() -> list[str]:
     if len(names) != 1000:
         raise ConversionError(f"The packaged ImageNet class list has {len(names)} names instead of 1000; reinstall.")
     return names
+
+
+def class_names_for(class_names, classes: int):
+    """The one rule for the class names of a map, in `heatmap` and `predict` alike.
+
+    Args:
+        class_names: names given (returned as a list), ``"imagenet"`` (the
+            packaged ImageNet names; the map must have 1000 classes), or None.
+        classes: the map's class count.
+
+    Returns:
+        The names, or None (classes named by their index): without names
+        given, ImageNet's for a 1000-class map (a `keras.applications`
+        ImageNet classifier), else None.
+
+    Raises:
+        InputError: for ``"imagenet"`` on a map of another class count.
+    """
+    if isinstance(class_names, str):
+        if class_names != "imagenet":
+            raise InputError(f"Expected class names, None or 'imagenet'. Received: {class_names!r}")
+        if classes != 1000:
+            raise InputError(f"ImageNet's class names are 1000; the model has {classes} classes.")
+        return imagenet_class_names()
+    if class_names is None:
+        return imagenet_class_names() if classes == 1000 else None
+    return list(class_names)
 
 
 def class_probabilities(scores, probabilities: bool | None = None) -> np.ndarray:
@@ -114,13 +142,14 @@ def heatmap(
     alpha: float = 0.6,
     scale: int = 1,
     legend_entries: int = 12,
-    value_range: tuple[float, float] | None = None,
+    value_range: tuple[float, float] | str | None = None,
 ) -> Image.Image:
     """A picture of a score map: ``[class probability over the image | argmax class map | legend]``.
 
     Args:
         image: the image the map was computed on, ``(H, W, 3)``, ``(H, W, 1)``
-            or ``(H, W)``; uint8, or floats in [0, 1] or [0, 255]; or a PIL image.
+            or ``(H, W)``; uint8, or floats in [0, 1] or [0, 255]; or a PIL image,
+            or the path of an image file.
         scores: its map, ``(H', W', K)`` (channels last), e.g. from `predict_map`;
             or the maps of a model with several outputs (`OutputMaps`, or a
             dict of maps by output name), of which ``output`` is shown.
@@ -137,10 +166,11 @@ def heatmap(
         alpha: weight of the heat colours over the image.
         scale: integer display magnification (nearest pixels, smooth map).
         legend_entries: most classes listed in the legend (by area).
-        value_range: the probabilities shown as black and white, ``(low, high)``;
-            default: the class's lowest and highest probability on this map
-            (see `heat_range`), so an uncertain model's map is not all black.
-            ``(0.0, 1.0)`` gives an absolute scale.
+        value_range: the probabilities shown as black and white: default
+            ``(0.0, 1.0)``, the absolute probability scale; ``(low, high)``; or
+            ``"relative"``: the class's lowest and highest probability on this
+            map (see `heat_range`), labelled "relative" in the legend, which
+            shows an uncertain model's contrasts but makes p = 0.15 look white.
 
     Returns:
         A PIL RGB image ``(2 * W * scale + LEGEND_WIDTH)`` wide and
@@ -151,7 +181,7 @@ def heatmap(
         InputError: for an ``output`` the maps do not hold (the message lists
             their names), or none among several maps of a plain dict.
     """
-    pixels = _display_pixels(image)
+    pixels = _display_pixels(public_arguments(None, image)[1])  # an image file's path too
     _, scores = pick_map(scores, output)
     scores = np.asarray(scores)
     if scores.ndim != 3:
@@ -171,7 +201,11 @@ def heatmap(
             f"on a {height}x{width} image: they do not belong together."
         )
     probs = class_probabilities(scores, probabilities)
-    low, high = heat_range(probs[..., class_index]) if value_range is None else _checked_range(value_range)
+    relative = isinstance(value_range, str) and value_range == "relative"
+    if relative:
+        low, high = heat_range(probs[..., class_index])
+    else:
+        low, high = _checked_range((0.0, 1.0) if value_range is None else value_range)
     rows, cols = cell_coordinates(grid, (height, width), scores.shape[:2], scale)
     shown = np.repeat(np.repeat(pixels, scale, axis=0), scale, axis=1).astype(np.float64)
     heat = (upsample(probs[..., class_index], rows, cols) - low) / (high - low)
@@ -181,7 +215,7 @@ def heatmap(
     palette = np.array([class_color(k) for k in range(classes)], dtype=np.uint8)
     class_map = 0.35 * shown + 0.65 * palette[nearest]
     names = list(class_names) if class_names is not None else [str(k) for k in range(classes)]
-    legend = _legend(winners, probs, class_index, names, legend_entries, height * scale, (low, high))
+    legend = _legend(winners, probs, class_index, names, legend_entries, height * scale, (low, high), relative)
     canvas = Image.new("RGB", (2 * width * scale + LEGEND_WIDTH, max(height * scale, legend.height)), "white")
     canvas.paste(Image.fromarray(overlay.round().astype(np.uint8)), (0, 0))
     canvas.paste(Image.fromarray(class_map.round().astype(np.uint8)), (width * scale, 0))
@@ -201,6 +235,8 @@ def heat_range(values) -> tuple[float, float]:
 
 
 def _checked_range(value_range) -> tuple[float, float]:
+    if isinstance(value_range, str):
+        raise ConversionError(f"Expected `value_range` (low, high) or 'relative'. Received: {value_range!r}")
     low, high = (float(v) for v in value_range)
     if not high > low:
         raise ConversionError(f"Expected `value_range` (low, high) with high > low. Received: {value_range!r}")
@@ -230,7 +266,17 @@ def _display_pixels(image) -> np.ndarray:
     return values.round().astype(np.uint8)
 
 
-def _legend(winners, probs, class_index, names, entries, height, value_range) -> Image.Image:
+def scale_labels(value_range) -> tuple[str, str]:
+    """The two ends of a heat scale as text, with as many digits as it takes to tell them apart."""
+    low, high = value_range
+    for digits in range(3, 10):
+        texts = (f"{low:.{digits}g}", f"{high:.{digits}g}")
+        if texts[0] != texts[1]:
+            return texts
+    return texts
+
+
+def _legend(winners, probs, class_index, names, entries, height, value_range, relative=False) -> Image.Image:
     font = ImageFont.load_default(size=_FONT_SIZE)
     counts = np.bincount(winners.ravel(), minlength=probs.shape[-1])
     ranked = [k for k in np.argsort(-counts, kind="stable") if counts[k] > 0]
@@ -247,7 +293,9 @@ def _legend(winners, probs, class_index, names, entries, height, value_range) ->
     y += _ROW
     ramp = hot_colors(np.linspace(0, 1, LEGEND_WIDTH - 2 * x))[None].repeat(_SWATCH, axis=0)
     legend.paste(Image.fromarray(ramp), (x, y))
-    low_text, high_text = (f"{v:.3g}" for v in value_range)
+    low_text, high_text = scale_labels(value_range)
+    if relative:  # not probabilities 0..1: say so where the numbers are
+        low_text, high_text = f"{low_text} (relative)", high_text
     draw.text((x, y + _SWATCH), low_text, fill="black", font=font)
     draw.text((LEGEND_WIDTH - x - font.getlength(high_text), y + _SWATCH), high_text, fill="black", font=font)
     y += _ROW + _SWATCH

@@ -42,6 +42,7 @@ from keras_fcn_surgery.inference.certificate import (
     windowed_certificate,
 )
 from keras_fcn_surgery.inference.store import DiskMap, file_backed
+from keras_fcn_surgery.saving.arguments import public_arguments
 from keras_fcn_surgery.saving.loading import load_model
 from keras_fcn_surgery.surgery.fcn import OutputMaps, fcn_spec, source_of
 from keras_fcn_surgery.surgery.verify import RELATIVE_TOLERANCE
@@ -242,8 +243,10 @@ class Mapper:
 
     def __init__(self, model, options: MapOptions | None = None, *, source=None, _fcn=None):
         self.options = options or MapOptions()
-        if isinstance(model, (str, os.PathLike)):
-            model = load_model(model)
+        # One rule for what the API takes: a model or its file's path, ``preprocess`` as a function or a CLI name.
+        model, _, preprocess = public_arguments(model, None, self.options.inputs.preprocess)
+        if preprocess is not self.options.inputs.preprocess:
+            self.options = replace(self.options, inputs=replace(self.options.inputs, preprocess=preprocess))
         self.model = model
         how = self.options.method
         if _fcn is not None:  # a windowed map's shared prefix: an FCN already, nothing to route
@@ -319,6 +322,8 @@ class Mapper:
         mapper.__dict__.update(self.__dict__)
         if self.method == "windowed" and made.execution.mixed_precision:
             raise InputError("A windowed map runs in float32 only; drop `mixed_precision`.")
+        preprocess = public_arguments(self.model, None, made.inputs.preprocess)[2]
+        made = replace(made, inputs=replace(made.inputs, preprocess=preprocess))
         mapper.options = replace(made, method=self.options.method)
         mapper._prefixes = {}
         return mapper
@@ -375,6 +380,7 @@ class Mapper:
         """The map of ``image`` (see `predict_map` for the arguments and what it returns)."""
         if certify:
             check_cell_count(certify, "certify")  # before the pass, not after it
+        image = public_arguments(self.model, image)[1]  # an array, a PIL image or an image file's path
         if self.method == "windowed":
             scores = self._map_windowed(image, out, keep, progress)
         else:
@@ -454,6 +460,7 @@ class Mapper:
     ):
         """`certify` without the warning (the caller warns)."""
         check_cell_count(n, "n")
+        image = public_arguments(self.model, image)[1]
         preprocess = self.inputs.preprocess
         if self.method == "windowed":
             spec = runner.ImageSpec(self.spec.layout, self.spec.channels)

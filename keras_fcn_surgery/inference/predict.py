@@ -12,6 +12,7 @@ from keras_fcn_surgery.grid import tiling
 from keras_fcn_surgery.inference import engines, runner
 from keras_fcn_surgery.inference.certificate import DEFAULT_CELLS, CertifiedMap, check_cell_count, warn_if_inexact
 from keras_fcn_surgery.inference.mapper import MapOptions, Mapper
+from keras_fcn_surgery.saving.arguments import public_arguments
 from keras_fcn_surgery.surgery.fcn import OutputMaps, is_fully_convolutional, map_outputs
 
 
@@ -395,6 +396,7 @@ def sliding_window_predict(
         ConversionError: for a model without a fixed input size or a vector
             output, or an image smaller than one window.
     """
+    model, image, preprocess = public_arguments(model, image, preprocess)
     model = traced_model(model)  # a subclassed classifier: its functional twin, same layers
     model_format = model_layout(model)
     shape = tuple(model.inputs[0].shape)

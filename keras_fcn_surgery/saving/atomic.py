@@ -193,18 +193,45 @@ def atomic_output(path, *, suffix: str, overwrite: bool = False):
         remove_tree(work)
 
 
+def refuse_foreign_files(path, own_names, *, what: str) -> None:
+    """Refuse to replace the folder ``path`` when it holds anything but ``own_names`` (what ``what`` writes).
+
+    ``overwrite`` replaces a previous output, never files the output did not
+    write: a folder that holds other files is not a previous output.
+
+    Raises:
+        ModelFileError: naming the files that are not ``what``'s.
+    """
+    path = os.fspath(path)
+    if not os.path.isdir(path):
+        return
+    foreign = sorted(set(os.listdir(path)) - set(own_names))
+    if foreign:
+        shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+        raise ModelFileError(
+            f"Folder '{path}' is not a previous {what}: it holds {shown}, which {what} does not write. "
+            "overwrite=True (CLI: --overwrite) replaces a previous output only, never other files: "
+            "choose a new folder, or move those files out."
+        )
+
+
 @contextlib.contextmanager
-def atomic_folder(path, *, overwrite: bool = False, what: str = "folder"):
+def atomic_folder(path, *, overwrite: bool = False, what: str = "folder", own_names=None, output_what: str = "output"):
     """Yield a temporary folder path to fill; on success it is renamed to ``path``.
 
     Like `atomic_output`, for a folder output (a SavedModel version): the
     temporary is a hidden ``.<name>.partial-<pid>-<start>-XXXX`` folder beside
     ``path``; an existing ``path`` (with ``overwrite=True``) is moved aside
     and restored if the final rename fails. ``path``'s parent must exist.
+    With ``own_names`` (the names the output writes), an existing ``path``
+    that holds anything else is refused (`refuse_foreign_files`, naming it
+    ``output_what``).
     """
     path = os.path.abspath(os.fspath(path))
     folder = os.path.dirname(path)
     _refuse_existing_folder(path, overwrite)
+    if own_names is not None:
+        refuse_foreign_files(path, own_names, what=output_what)
     remove_stale_temporaries(folder)
     work = make_temporary_dir(folder, stem=os.path.basename(path), what=what)
     try:
@@ -213,16 +240,11 @@ def atomic_folder(path, *, overwrite: bool = False, what: str = "folder"):
         if not os.path.isdir(written):
             raise ModelFileError(f"Nothing was written for '{path}'.")
         _refuse_existing_folder(path, overwrite)  # another writer may have published meanwhile
+        if own_names is not None:
+            refuse_foreign_files(path, own_names, what=output_what)
         _publish_folder(written, path, work, overwrite)
     finally:
         remove_tree(work)
-
-
-def save_model(model, path, *, overwrite: bool = False) -> None:
-    """Save ``model`` to a ``.keras`` file atomically (see `atomic_output`)."""
-    with atomic_output(path, suffix=".keras", overwrite=overwrite) as temporary:
-        model.save(temporary)
-        pause_point("publish")
 
 
 def pause_point(step: str) -> None:

@@ -4,17 +4,24 @@ from __future__ import annotations
 
 import importlib.util
 import inspect
+import json
 import os
 import re
 import sys
+import weakref
 import zipfile
 
 import h5py
 import keras
 
 from keras_fcn_surgery.errors import ModelFileError, first_line
-from keras_fcn_surgery.graph import traced_model
+from keras_fcn_surgery.graph import traced_from, traced_model
 from keras_fcn_surgery.saving.paths import check_model_path
+
+# The JSON entry of a `.keras` file in which `saving.record.save_model` records an FCN's classifier (Keras
+# ignores it), and what loaded models' files recorded, by model.
+RECORD_NAME = "keras_fcn_surgery.json"
+_RECORDS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def load_model(path, custom_objects=None) -> keras.Model:
@@ -32,7 +39,7 @@ def load_model(path, custom_objects=None) -> keras.Model:
     suffix = os.path.splitext(path)[1].lower()
     _check_container(path, suffix)
     try:
-        return keras.models.load_model(path, custom_objects=custom_objects, compile=False)
+        model = keras.models.load_model(path, custom_objects=custom_objects, compile=False)
     except (TypeError, ValueError) as error:
         text = str(error)
         if "custom" in text.lower() or "Could not locate" in text or "Unknown" in text:
@@ -52,6 +59,37 @@ def load_model(path, custom_objects=None) -> keras.Model:
             "It may be truncated or written by an incompatible Keras version; save it again with "
             "`model.save('model.keras')`."
         ) from error
+    record = _read_record(path) if suffix == ".keras" else None
+    if record is not None:
+        _RECORDS[model] = record
+    return model
+
+
+def write_record(path: str, record: dict) -> None:
+    """Add ``record`` (what a converted model knows of its classifier) to the ``.keras`` file ``path``."""
+    with zipfile.ZipFile(path, "a") as archive:
+        archive.writestr(RECORD_NAME, json.dumps({"source": record}))
+
+
+def recorded_source(model) -> dict | None:
+    """What the file ``model`` was loaded from recorded of its classifier (``{"input_size": (H, W)}``), or None."""
+    record = _RECORDS.get(model)
+    if record is None and traced_from(model) is not None:
+        record = _RECORDS.get(traced_from(model))
+    return record
+
+
+def _read_record(path: str) -> dict | None:
+    """The record in a ``.keras`` file, or None (none written, or one this version cannot read: ignored)."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            if RECORD_NAME not in archive.namelist():
+                return None
+            source = json.loads(archive.read(RECORD_NAME))["source"]
+        height, width = source["input_size"]
+        return {"input_size": (int(height), int(width))}
+    except (OSError, KeyError, TypeError, ValueError, zipfile.BadZipFile):
+        return None
 
 
 def _check_container(path: str, suffix: str) -> None:
