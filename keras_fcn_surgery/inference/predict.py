@@ -232,7 +232,7 @@ def predict_maps(model, images, *, keep=None, certify: int | None = None, progre
     if certify:
         check_cell_count(certify, "certify")
     mapper = prepare_map(model, "predict_maps", options)
-    images = list(images)
+    images = [public_arguments(mapper.model, image)[1] for image in images]  # arrays, PIL images, paths
     if mapper.method == "windowed":
         maps = [mapper.map(image, keep=keep, progress=False) for image in images]
         return _certified(mapper, images, maps, certify, keep)
