@@ -44,6 +44,7 @@ import keras
 import numpy as np
 
 from keras_fcn_surgery.errors import InputError, ModelFileError
+from keras_fcn_surgery.names import runtime_name
 
 ENGINES = ("auto", "tf", "xla", "blas", "jax")
 # The engines each Keras backend can run itself, its own execution first ("blas" runs on any of them).
@@ -249,7 +250,9 @@ def _traced(model, jit_compile: bool, precision: str | None):
     def call(x):
         live = copy if copy is not None else reference()
         assert live is not None, "the model is alive while its cached function runs"
-        return live(x, training=False)
+        # A valid root scope: TensorFlow refuses one named after the model where that name starts with "_".
+        with tf.name_scope(runtime_name(live.name)):
+            return live(x, training=False)
 
     # A second input shape (a masked plan's cropped tiles) generalises the trace instead of retracing per shape;
     # XLA still compiles per shape. A pass with one tile shape keeps its first, exact-shape trace.
