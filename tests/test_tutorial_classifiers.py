@@ -218,3 +218,41 @@ def test_the_vit_custom_layers_reload_from_their_config(tmp_path):
     loaded = keras.models.load_model(path)
     x = IMAGE[None, :16, :16]
     np.testing.assert_allclose(np.asarray(loaded(x, training=False)), np.asarray(model(x, training=False)), atol=1e-5)
+
+
+def _cli(*args):
+    """The command line in a fresh interpreter, where the test's registered custom layers are unknown."""
+    import os
+    import subprocess
+    import sys
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "PYTHONPATH": repo}
+    script = "import sys; from keras_fcn_surgery.cli import main; sys.exit(main(sys.argv[1:]))"
+    return subprocess.run([sys.executable, "-c", script, *args], capture_output=True, text=True, env=env, timeout=300)
+
+
+@pytest.mark.heavy
+def test_the_commands_load_custom_layers_with_custom_objects(tmp_path):
+    import tutorial_classifiers
+
+    model = keras_io_vit()
+    path = str(tmp_path / "vit.keras")
+    model.save(path)
+    layers_file = tmp_path / "vit_layers.py"
+    source = "\n\n".join(
+        inspect.getsource(c) for c in (tutorial_classifiers.Patches, tutorial_classifiers.PatchEncoder)
+    )
+    layers_file.write_text("import keras\nfrom keras import layers, ops\n\n\n" + source, encoding="utf-8")
+    image = _image_file(tmp_path)
+    heatmap = ["heatmap", path, image, "--class", "0", "-o", str(tmp_path / "heat.png"), "--stride", "4"]
+    refused = _cli(*heatmap)
+    assert refused.returncode == 2 and "--custom-objects" in refused.stderr, refused.stderr
+    assert "Traceback" not in refused.stderr
+    done = _cli(*heatmap, "--custom-objects", str(layers_file))
+    assert done.returncode == 0 and "exact" in done.stdout, done.stderr
+    predict = ["predict", path, image, "-o", str(tmp_path / "maps"), "--stride", "4"]
+    assert _cli(*predict, "--custom-objects", str(layers_file)).returncode == 0
+    scores = np.load(tmp_path / "maps" / "scene.npz")["scores"]
+    want = kfs.predict_map(model, IMAGE, stride=4)
+    np.testing.assert_allclose(scores, want, rtol=1e-4, atol=1e-5 * float(np.abs(want).max()))

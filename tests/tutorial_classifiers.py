@@ -225,10 +225,11 @@ def keras_io_vit():
 
 @keras.saving.register_keras_serializable(package="tutorial")
 class _Net(keras.Model):
-    """A subclassed model whose class name starts with an underscore: Keras names it ``__net``."""
+    """A subclassed model whose class name starts with an underscore (Keras names it ``__net``), flipping first."""
 
     def __init__(self, **kwargs):
         super().__init__(**kwargs)
+        self.flip = layers.RandomFlip("horizontal")
         self.scale = layers.Rescaling(1.0 / 255)
         self.conv = layers.Conv2D(6, 3, activation="relu")
         self.drop = layers.Dropout(0.3)
@@ -237,7 +238,7 @@ class _Net(keras.Model):
         self.dense = layers.Dense(3)
 
     def call(self, x, training=False):
-        x = self.pool(self.conv(self.scale(x)))
+        x = self.pool(self.conv(self.scale(self.flip(x))))
         return self.dense(self.flatten(self.drop(x, training=training)))
 
 

@@ -8,8 +8,10 @@ from keras_fcn_surgery.commands.common import (
     EXIT_OK,
     EXIT_USAGE,
     add_certify_argument,
+    add_custom_objects_argument,
     add_execution_argument,
     add_method_arguments,
+    load_source,
     parse_size,
     positive_int,
     read_class_names,
@@ -54,6 +56,7 @@ def add_parser(subparsers) -> None:
     add_execution_argument(parser)
     add_method_arguments(parser)
     add_certify_argument(parser)
+    add_custom_objects_argument(parser)
     parser.set_defaults(run=run, output_suffix=".png")
 
 
@@ -70,7 +73,7 @@ def run(args) -> int:
     from keras_fcn_surgery.saving.images import read_image
 
     check_output_path(args.output, suffix=".png", overwrite=args.overwrite)  # before any work
-    model = kfs.load_model(args.model)  # kept: the certificate runs the classifier on crops
+    model = load_source(args)  # kept: the certificate runs the classifier on crops
     chosen, _ = windowed.route(model, args.stride, args.method, head=args.head, input_size=args.input_size)
     stride = windowed.check_stride(model, args.stride) if chosen == "windowed" else None
     # A windowed map is the classifier's own (its output on every crop at `stride`); else the FCN's.
