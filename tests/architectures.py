@@ -916,7 +916,7 @@ def architectures(draw):
         second_output=draw(st.integers(1, 4))
         if outer == "functional" and not nest_head and draw(st.integers(0, 3)) == 0
         else 0,
-        augment=tuple(draw(st.lists(st.sampled_from(sorted(_AUGMENTATION_ARGUMENTS)), max_size=3, unique=True)))
+        augment=tuple(draw(st.lists(st.sampled_from(AUGMENTATIONS), max_size=3, unique=True)))
         if draw(st.integers(0, 3)) == 0
         else (),
         normalization=policy is None and draw(st.integers(0, 4)) == 0,
@@ -935,6 +935,7 @@ _AUGMENTATION_ARGUMENTS = {
     "RandomContrast": "0.2, ",
     "RandomBrightness": "0.2, ",
 }
+AUGMENTATIONS = tuple(sorted(_AUGMENTATION_ARGUMENTS))
 
 
 def _subclass(draw, outer: str) -> str | None:
