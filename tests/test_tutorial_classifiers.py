@@ -201,8 +201,8 @@ def _assert_export(case, tmp_path):
     assert not {op for op in operators if "Random" in op or op == "Dropout"}, operators
 
 
-def test_an_augmented_classifier_exports_without_its_augmentation(tmp_path):
-    _assert_export(BY_NAME["augmented_rescaling_cnn"], tmp_path)
+def test_an_adapted_normalization_exports_to_onnx_with_its_mean_and_variance_as_constants(tmp_path):
+    _assert_export(BY_NAME["adapted_normalization"], tmp_path)  # its captured mean was a second "image input"
 
 
 @pytest.mark.heavy
