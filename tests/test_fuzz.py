@@ -307,4 +307,3 @@ def test_a_tutorial_front_end_converts_exactly(data_format, subclass):
     assert "__fuzz_model" in arch.to_code() and "norm.adapt(" in arch.to_code()
     assert check_conversion(arch, "window") == "converted (map cells checked against crops)"
     assert check_conversion(arch, "dense") == "converted"
-
