@@ -88,6 +88,8 @@ POOLINGS = (_layers.MaxPooling2D, _layers.AveragePooling2D)
 WINDOWS = (*CONVOLUTIONS, *POOLINGS)
 PADDINGS = (_layers.ZeroPadding2D,)
 CROPPINGS = (_layers.Cropping2D,)
+# A crop of the centre to a fixed size: at the size a classifier was built for, a Cropping2D.
+CENTER_CROPS = (_layers.CenterCrop,)
 
 GLOBAL_POOLINGS = (_layers.GlobalAveragePooling2D, _layers.GlobalMaxPooling2D)
 # What a global pooling becomes when it pools one window of the original size.

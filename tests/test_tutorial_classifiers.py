@@ -256,3 +256,11 @@ def test_the_commands_load_custom_layers_with_custom_objects(tmp_path):
     scores = np.load(tmp_path / "maps" / "scene.npz")["scores"]
     want = kfs.predict_map(model, IMAGE, stride=4)
     np.testing.assert_allclose(scores, want, rtol=1e-4, atol=1e-5 * float(np.abs(want).max()))
+
+
+def test_a_center_crop_of_the_input_converts_to_the_cropping_it_is():
+    model = BY_NAME["center_crop_first"].build()
+    fcn = kfs.convert(model)  # refused before: "gives a 15x16 map whatever the size of its input"
+    crop = fcn.get_layer("center_crop")
+    assert isinstance(crop, keras.layers.Cropping2D) and tuple(map(tuple, crop.cropping)) == ((2, 3), (2, 2))
+    assert kfs.predict_map(model, IMAGE, certify=8).certificate.exact

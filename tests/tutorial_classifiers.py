@@ -149,6 +149,18 @@ def multi_label():
     return keras.Model(inputs, outputs, name="multi_label")
 
 
+def center_crop_first():
+    """keras.io style: `CenterCrop` of the classifier's own 20 x 20 input to 15 x 16 (uneven margins), then a CNN."""
+    inputs = keras.Input((SIZE + 4, SIZE + 4, 3))
+    x = layers.CenterCrop(SIZE - 1, SIZE, name="center_crop")(inputs)
+    x = layers.Rescaling(1.0 / 255)(x)
+    x = layers.Conv2D(4, 3, activation="relu")(x)
+    x = layers.MaxPooling2D()(x)
+    x = layers.Flatten()(x)
+    outputs = layers.Dense(3)(x)
+    return keras.Model(inputs, outputs, name="center_crop_first")
+
+
 def resizing_first():
     """Transfer-learning code's `Resizing` first: nothing convolves at the caller's size, nothing is shared."""
     inputs = keras.Input((SIZE, SIZE, 3))
@@ -300,6 +312,7 @@ CASES = (
     Case("separable_residual", separable_residual, "fcn"),
     Case("same_padding_flatten", same_padding_flatten, "fcn"),
     Case("multi_label", multi_label, "fcn"),
+    Case("center_crop_first", center_crop_first, "fcn"),
     Case("resizing_first", resizing_first, "windowed", stride=4),
     Case("keras_io_vit", keras_io_vit, "windowed", stride=4),
     Case("subclassed_underscore", subclassed_underscore, "fcn"),
