@@ -58,4 +58,3 @@ class CenterCropRule(Rule):
         detail = f"crops {margins[0][0]},{margins[0][1]} rows and {margins[1][0]},{margins[1][1]} columns"
         rewrite = Rewrite(layer.name, type(layer).__name__, (tuple(shape),), "Cropping2D", (), 0, detail)
         return Step([mode], build, rewrite)
-
