@@ -19,6 +19,7 @@ from keras.src.models.functional import Functional
 from keras_fcn_surgery import taxonomy
 from keras_fcn_surgery.errors import ConversionError
 from keras_fcn_surgery.layout import Layout, common_layout
+from keras_fcn_surgery.names import runtime_name
 
 
 def describe(layer) -> str:
@@ -125,7 +126,7 @@ def _built_input_shape(model) -> tuple:
 
 def _trace(model) -> keras.Model:
     shape = _built_input_shape(model)
-    inputs = keras.Input(batch_shape=(None, *shape[1:]), name=f"{model.name}_input")
+    inputs = keras.Input(batch_shape=(None, *shape[1:]), name=runtime_name(model.name, "input"))
     try:
         outputs = model.call(inputs)
     except Exception as error:  # noqa: BLE001 - any failure of user code is reported with its line
@@ -343,6 +344,18 @@ def is_layer(operation) -> bool:
     return isinstance(operation, keras.layers.Layer)
 
 
+def finalize_state(layer) -> None:
+    """Recompute what a layer derives from its weights once they are assigned (an adapted `Normalization`'s mean).
+
+    A preprocessing layer keeps values computed from its variables (``mean``
+    and ``variance`` from ``adapt_mean`` and ``adapt_variance``); Keras
+    refreshes them when it loads weights, not when a variable is assigned.
+    """
+    refresh = getattr(layer, "finalize_state", None)
+    if callable(refresh) and getattr(layer, "built", False):
+        refresh()
+
+
 def weights_of(operation) -> list:
     """The weights of a layer; none for a `keras.ops` operation."""
     return list(operation.weights) if is_layer(operation) else []
@@ -423,7 +436,7 @@ def trace_call(node, spatial_axes):
         flat = keras.tree.flatten(outputs)
         if not flat or not all(isinstance(t, keras.KerasTensor) for t in flat):
             return None
-        return Functional(inputs, flat, name=f"{layer.name}_traced")
+        return Functional(inputs, flat, name=runtime_name(layer.name, "traced"))
     except Exception:  # noqa: BLE001 - a call that does not trace is reported as not exact by the caller
         return None
 
@@ -689,10 +702,14 @@ class _Replay:
     def __init__(self, nodes, start, stops):
         self.nodes, self.start, self.stops = nodes, start, stops
 
-    def run(self, value):
+    def run(self, value, training: bool = False):
         values = {id(self.start): value}
         for node in self.nodes:
             args, kwargs = node.arguments.fill_in(values)
+            if "training" in kwargs:
+                # A call records the ``training`` it resolved: ``True`` for a random augmentation built
+                # outside a model (a `Sequential` named ``data_augmentation``). The replay's own wins.
+                kwargs["training"] = training
             for tensor, result in zip(node.outputs, keras.tree.flatten(node.operation(*args, **kwargs))):
                 values[id(tensor)] = result
         results = [values[id(t)] for t in self.stops]
@@ -712,4 +729,4 @@ class _GraphPart(keras.Model):
         return list(self._replay.stops)
 
     def call(self, inputs, training=False):
-        return self._replay.run(inputs)
+        return self._replay.run(inputs, bool(training))

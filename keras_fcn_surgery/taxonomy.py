@@ -17,8 +17,25 @@ _layers = keras.layers
 
 # Layers ------------------------------------------------------------------------------------------------
 
-# The identity at inference.
+# Random image augmentations: each returns its input unchanged at inference (``training=False``), whatever
+# the image. `RandomCrop` is not one: at inference it crops or resizes to its size. Named, not imported, so
+# that a Keras without one of them still loads this module.
+_RANDOM_AUGMENTATION_NAMES = """RandomFlip RandomRotation RandomZoom RandomTranslation RandomContrast RandomBrightness
+    RandomHue RandomSaturation RandomSharpness RandomShear RandomGrayscale RandomInvert RandomPerspective
+    RandomElasticTransform RandomErasing RandomGaussianBlur RandomColorDegeneration RandomColorJitter
+    RandomPosterization AugMix RandAugment MixUp CutMix""".split()
+RANDOM_AUGMENTATIONS: tuple[type, ...] = tuple(
+    getattr(_layers, name) for name in _RANDOM_AUGMENTATION_NAMES if hasattr(_layers, name)
+)
+
+# Augmentations that are not the identity at inference: `RandomCrop` computes its output shape as its crop
+# size but returns its input unchanged at inference, so a model built on the crop fails there.
+NOT_IDENTITY_AUGMENTATIONS = (_layers.RandomCrop,)
+
+# The identity at inference: geometry, conversion, certificates, windowed maps and exports step over them
+# (the converted model and exported files leave them out).
 INFERENCE_IDENTITY = (
+    *RANDOM_AUGMENTATIONS,
     _layers.Dropout,
     _layers.SpatialDropout1D,
     _layers.SpatialDropout2D,
@@ -71,6 +88,8 @@ POOLINGS = (_layers.MaxPooling2D, _layers.AveragePooling2D)
 WINDOWS = (*CONVOLUTIONS, *POOLINGS)
 PADDINGS = (_layers.ZeroPadding2D,)
 CROPPINGS = (_layers.Cropping2D,)
+# A crop of the centre to a fixed size: at the size a classifier was built for, a Cropping2D.
+CENTER_CROPS = (_layers.CenterCrop,)
 
 GLOBAL_POOLINGS = (_layers.GlobalAveragePooling2D, _layers.GlobalMaxPooling2D)
 # What a global pooling becomes when it pools one window of the original size.

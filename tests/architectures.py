@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import functools
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from hypothesis import strategies as st
 
@@ -328,6 +328,10 @@ class Architecture:
     (Sequential containers) holds its layers and calls them one by one.
     ``second_output`` adds a second output (functional heads only): a linear
     Dense of that many units on the head's features, beside the first.
+    ``augment`` puts random augmentation layers first, in a nested Sequential
+    named "data_augmentation" (as the tutorials do); ``normalization`` an
+    adapted `Normalization` after them; ``underscore`` names the model (and
+    the augmentation block) with a leading underscore.
     """
 
     data_format: str
@@ -344,6 +348,9 @@ class Architecture:
     feature_shape: tuple[int, int, int] = field(default=(1, 1, 1))  # (H, W, C) at the head, from the generator
     subclass: str | None = None
     second_output: int = 0
+    augment: tuple[str, ...] = ()  # random augmentations first, in a nested Sequential (the identity at inference)
+    normalization: bool = False  # an adapted Normalization first (after the augmentations)
+    underscore: bool = False  # the model named as Keras names a class `_FuzzModel`: "__fuzz_model"
 
     @property
     def input_shape(self) -> tuple[int, int, int]:
@@ -428,6 +435,7 @@ class _Writer:
         self.emit(1, f"keras.utils.set_random_seed({arch.seed})")
         if arch.policy is not None:
             self.emit(1, f'keras.config.set_dtype_policy("{arch.policy}")')
+        self.preprocessing_blocks()
         if arch.nest_body:
             self.functional_body("body_input", "body")
         if arch.nest_head:
@@ -445,7 +453,7 @@ class _Writer:
             self.functional_model()
         if arch.subclass is not None:
             kind = "Wrapper(model" if arch.subclass == "wrapper" else "Steps(model.layers"
-            self.emit(1, f'model = {kind}, name="subclassed")')
+            self.emit(1, f'model = {kind}, name="{"_subclassed" if arch.underscore else "subclassed"}")')
             self.emit(1, f'model(np.zeros((1, *{arch.input_shape}), "float32"))')
         if arch.wrap:
             self.emit(1, f'model = keras.Sequential([keras.Input({arch.input_shape}), model], name="wrapper")')
@@ -458,9 +466,35 @@ class _Writer:
     def emit(self, indent: int, text: str) -> None:
         self.lines.append("    " * indent + text)
 
+    @property
+    def model_name(self) -> str:
+        return "__fuzz_model" if self.arch.underscore else "fuzz_model"
+
+    def preprocessing_blocks(self) -> None:
+        """``augment`` (a nested Sequential) and ``norm`` (adapted), as the tutorials put them first."""
+        arch = self.arch
+        data_format = arch.data_format
+        if arch.augment:
+            name = "_data_augmentation" if arch.underscore else "data_augmentation"
+            self.emit(1, "augment = keras.Sequential(")
+            self.emit(2, "[")
+            for kind in arch.augment:
+                self.emit(3, f'layers.{kind}({_AUGMENTATION_ARGUMENTS[kind]}data_format="{data_format}"),')
+            self.emit(2, "],")
+            self.emit(2, f'name="{name}",')
+            self.emit(1, ")")
+        if arch.normalization:
+            axis = -1 if data_format == "channels_last" else 1
+            self.emit(1, f'norm = layers.Normalization(axis={axis}, name="norm")')
+            shape = (4, *arch.input_shape)
+            self.emit(1, f'norm.adapt(np.random.default_rng({arch.seed}).normal(0.5, 2.0, {shape}).astype("float32"))')
+
+    def preprocessing_items(self) -> list[str]:
+        return (["augment"] if self.arch.augment else []) + (["norm"] if self.arch.normalization else [])
+
     def sequential_model(self) -> None:
         arch = self.arch
-        items = [f'keras.Input({arch.input_shape}, name="image")']
+        items = [f'keras.Input({arch.input_shape}, name="image")', *self.preprocessing_items()]
         if arch.nest_body:
             items.append("body")
         else:
@@ -471,16 +505,18 @@ class _Writer:
         for item in items:
             self.emit(3, f"{item},")
         self.emit(2, "],")
-        self.emit(2, 'name="fuzz_model",')
+        self.emit(2, f'name="{self.model_name}",')
         self.emit(1, ")")
 
     def functional_model(self) -> None:
         arch = self.arch
         self.emit(1, f'inputs = keras.Input({arch.input_shape}, name="image")')
+        self.emit(1, "x = inputs")
+        for item in self.preprocessing_items():
+            self.emit(1, f"x = {item}(x)")
         if arch.nest_body:
-            self.emit(1, "x = body(inputs)")
+            self.emit(1, "x = body(x)")
         else:
-            self.emit(1, "x = inputs")
             self.body_statements()
         if arch.nest_head:
             self.emit(1, "x = head(x)")
@@ -508,9 +544,9 @@ class _Writer:
                 self.emit(1, line)
         if arch.second_output and not arch.nest_head:
             self.emit(1, f'second = layers.Dense({arch.second_output}, name="second_output")(features)')
-            self.emit(1, 'model = keras.Model(inputs, [x, second], name="fuzz_model")')
+            self.emit(1, f'model = keras.Model(inputs, [x, second], name="{self.model_name}")')
         else:
-            self.emit(1, 'model = keras.Model(inputs, x, name="fuzz_model")')
+            self.emit(1, f'model = keras.Model(inputs, x, name="{self.model_name}")')
 
     def head_operations(self) -> list[str]:
         units = self.arch.head.dense[-1].units
@@ -863,7 +899,7 @@ def architectures(draw):
         policy = None
     if policy == "mixed_bfloat16" and _has_unequal_depthwise_strides(body):
         policy = None  # TensorFlow's CPU has no bfloat16 depthwise kernel for unequal strides either
-    return Architecture(
+    arch = Architecture(
         data_format=data_format,
         input_size=size,
         channels=channels,
@@ -880,7 +916,26 @@ def architectures(draw):
         second_output=draw(st.integers(1, 4))
         if outer == "functional" and not nest_head and draw(st.integers(0, 3)) == 0
         else 0,
+        augment=tuple(draw(st.lists(st.sampled_from(AUGMENTATIONS), max_size=3, unique=True)))
+        if draw(st.integers(0, 3)) == 0
+        else (),
+        normalization=policy is None and draw(st.integers(0, 4)) == 0,
+        underscore=draw(st.integers(0, 4)) == 0,
     )
+    # Keras itself cannot build a Sequential around a model named "__...": its symbolic build opens a root scope.
+    return replace(arch, underscore=False) if arch.wrap else arch
+
+
+# Random augmentations the generator puts first (the identity at inference), with their required arguments.
+_AUGMENTATION_ARGUMENTS = {
+    "RandomFlip": "",
+    "RandomRotation": "0.1, ",
+    "RandomZoom": "0.1, ",
+    "RandomTranslation": "0.1, 0.1, ",
+    "RandomContrast": "0.2, ",
+    "RandomBrightness": "0.2, ",
+}
+AUGMENTATIONS = tuple(sorted(_AUGMENTATION_ARGUMENTS))
 
 
 def _subclass(draw, outer: str) -> str | None:

@@ -39,7 +39,19 @@ import re
 
 import numpy as np
 import pytest
-from architectures import Architecture, Conv, OpNode, Pad, Pool, Residual, SqueezeExcite, architectures
+from architectures import (
+    AUGMENTATIONS,
+    Architecture,
+    Conv,
+    DenseSpec,
+    Head,
+    OpNode,
+    Pad,
+    Pool,
+    Residual,
+    SqueezeExcite,
+    architectures,
+)
 from hypothesis import HealthCheck, given, note, settings
 from hypothesis import strategies as st
 from keras_bugs import channels_first_bias_fixed
@@ -275,3 +287,23 @@ def test_convert_is_exact_or_names_the_layer():
     assert informative >= INFORMATIVE_FLOOR * converted, (
         f"fewer informative checks than {INFORMATIVE_FLOOR:.0%} of the conversions: {summary}"
     )
+
+
+@pytest.mark.parametrize("data_format, subclass", [("channels_last", None), ("channels_first", "wrapper")])
+def test_a_tutorial_front_end_converts_exactly(data_format, subclass):
+    """Every augmentation the generator draws, an adapted Normalization and underscore names, on one small CNN."""
+    arch = Architecture(
+        data_format=data_format,
+        input_size=(9, 11),
+        channels=3,
+        body=(Conv("Conv2D", 4, (3, 3), activation="relu"), Pool("MaxPooling2D", (2, 2), (2, 2))),
+        head=Head("flatten", (DenseSpec(5, activation="relu"), DenseSpec(3))),
+        feature_shape=(3, 4, 4),
+        subclass=subclass,
+        augment=AUGMENTATIONS,
+        normalization=True,
+        underscore=True,
+    )
+    assert "__fuzz_model" in arch.to_code() and "norm.adapt(" in arch.to_code()
+    assert check_conversion(arch, "window") == "converted (map cells checked against crops)"
+    assert check_conversion(arch, "dense") == "converted"

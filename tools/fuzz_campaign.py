@@ -84,12 +84,15 @@ def features(arch) -> set[str]:
             ("permute before flatten", arch.head.permute is not None),
             ("head PReLU", any(dense.prelu for dense in arch.head.dense)),
             ("second output", arch.second_output > 0),
+            ("adapted Normalization", arch.normalization),
+            ("underscore names", arch.underscore),
         )
         if present
     }
     if arch.subclass is not None:
         found.add(f"subclassed {arch.subclass}")
     found |= {f"head op {kind}" for kind in arch.head.ops}
+    found |= {f"augmentation {kind}" for kind in arch.augment}
     stack = list(arch.body)
     while stack:
         layer = stack.pop()

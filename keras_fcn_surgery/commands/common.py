@@ -234,3 +234,22 @@ def add_method_arguments(parser) -> None:
         help="pixels between windows of a windowed map, a multiple of the stride of the classifier's shared part "
         "(default: its FCN's stride; needed for a classifier without one, such as a transformer)",
     )
+
+
+def add_custom_objects_argument(parser) -> None:
+    """``--custom-objects PATH.py``: the model's custom layers (a keras.io ViT's ``Patches``), for loading it."""
+    parser.add_argument(
+        "--custom-objects",
+        metavar="PATH.py",
+        help="Python file defining the model's custom layers or functions (its CUSTOM_OBJECTS dict, "
+        "or else its public classes and functions)",
+    )
+
+
+def load_source(args):
+    """The model of ``args.model``, its custom objects from ``--custom-objects`` where given."""
+    import keras_fcn_surgery as kfs
+    from keras_fcn_surgery.saving.loading import custom_objects_from_file
+
+    path = getattr(args, "custom_objects", None)
+    return kfs.load_model(args.model, custom_objects=custom_objects_from_file(path) if path else None)

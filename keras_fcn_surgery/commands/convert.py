@@ -6,7 +6,7 @@ import os
 import sys
 import warnings
 
-from keras_fcn_surgery.commands.common import EXIT_OK, EXIT_USAGE, parse_size
+from keras_fcn_surgery.commands.common import EXIT_OK, EXIT_USAGE, add_custom_objects_argument, load_source, parse_size
 from keras_fcn_surgery.options import HEADS
 
 _IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
@@ -26,25 +26,18 @@ def add_parser(subparsers) -> None:
         help="verify on the images in DIR (resized to the model's input size, pixel values 0-255) instead of "
         "random numbers: needed for a meaningful check of untrained or saturated networks",
     )
-    parser.add_argument(
-        "--custom-objects",
-        metavar="PATH.py",
-        help="Python file defining the model's custom layers or functions (its CUSTOM_OBJECTS dict, "
-        "or else its public classes and functions)",
-    )
+    add_custom_objects_argument(parser)
     parser.set_defaults(run=run, output_suffix=".keras")
 
 
 def run(args) -> int:
     import keras_fcn_surgery as kfs
     from keras_fcn_surgery.saving.atomic import check_output_path
-    from keras_fcn_surgery.saving.loading import custom_objects_from_file
     from keras_fcn_surgery.saving.record import save_model
     from keras_fcn_surgery.surgery.convert import Conversion
 
     check_output_path(args.output, suffix=".keras", overwrite=args.overwrite)
-    custom_objects = custom_objects_from_file(args.custom_objects) if args.custom_objects else None
-    source = kfs.load_model(args.model, custom_objects=custom_objects)
+    source = load_source(args)
     with warnings.catch_warnings(record=True) as caught:
         for category in (kfs.NonFiniteWeightsWarning, kfs.UninformativeVerificationWarning, kfs.IgnoredHeadWarning):
             warnings.simplefilter("always", category)

@@ -7,7 +7,7 @@ import argparse
 import sys
 import warnings
 
-from keras_fcn_surgery.commands.common import EXIT_OK, EXIT_USAGE, parse_size
+from keras_fcn_surgery.commands.common import EXIT_OK, EXIT_USAGE, add_custom_objects_argument, load_source, parse_size
 from keras_fcn_surgery.options import EXPORT_FORMATS, HEADS, ONNX_EXPORTERS, PREPROCESS_MODES, QUANTIZE_MODES
 
 
@@ -61,6 +61,7 @@ def add_parser(subparsers) -> None:
     )
     parser.add_argument("--no-convert", action="store_true", help="MODEL is already an FCN: export it as it is")
     parser.add_argument("--input-size", type=parse_size, help="original input size HxW when the model takes any size")
+    add_custom_objects_argument(parser)
     parser.set_defaults(run=run)
 
 
@@ -86,7 +87,7 @@ def run(args) -> int:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", kfs.UninformativeVerificationWarning)
         try:
-            result = kfs.export(kfs.load_model(args.model), args.export_dir, format=args.format, **options)
+            result = kfs.export(load_source(args), args.export_dir, format=args.format, **options)
         finally:
             for warning in caught:
                 if issubclass(warning.category, kfs.UninformativeVerificationWarning):

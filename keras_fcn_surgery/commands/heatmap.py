@@ -10,8 +10,10 @@ from keras_fcn_surgery.commands.common import (
     EXIT_USAGE,
     PREPROCESS_HELP,
     add_certify_argument,
+    add_custom_objects_argument,
     add_execution_argument,
     add_method_arguments,
+    load_source,
     parse_size,
     positive_int,
     read_class_names,
@@ -61,6 +63,7 @@ def add_parser(subparsers) -> None:
     add_execution_argument(parser)
     add_method_arguments(parser)
     add_certify_argument(parser)
+    add_custom_objects_argument(parser)
     parser.set_defaults(run=run, output_suffix=".png")
 
 
@@ -74,7 +77,7 @@ def run(args) -> int:
     from keras_fcn_surgery.saving.images import read_image
 
     check_output_path(args.output, suffix=".png", overwrite=args.overwrite)  # before any work
-    model = kfs.load_model(args.model)  # kept: the certificate runs the classifier on crops
+    model = load_source(args)  # kept: the certificate runs the classifier on crops
     method = kfs.MapMethod(args.method, args.stride, args.head, args.input_size)
     mapper = kfs.prepare(model, method=method, tile=args.tile, engine=args.execution)  # the method, chosen once
     spec = mapper.spec

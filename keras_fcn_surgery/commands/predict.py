@@ -12,8 +12,10 @@ from keras_fcn_surgery.commands.common import (
     EXIT_USAGE,
     PREPROCESS_HELP,
     add_certify_argument,
+    add_custom_objects_argument,
     add_execution_argument,
     add_method_arguments,
+    load_source,
     parse_size,
     positive_int,
     read_class_names,
@@ -108,6 +110,7 @@ def add_parser(subparsers) -> None:
     parser.add_argument(
         "--shard-rows", type=positive_int, metavar="R", help="map rows per chunk of the regions' store (default 256)"
     )
+    add_custom_objects_argument(parser)
     parser.set_defaults(run=run, early=nothing_to_do)
 
 
@@ -141,7 +144,7 @@ def run(args) -> int:
 
     # SIGINT/SIGTERM unwind through the writers (cli.main installs the handlers), so nothing partial stays.
     summary = predict_images(
-        args.model,
+        load_source(args) if args.custom_objects else args.model,
         args.inputs,
         args.out,
         formats=args.format,

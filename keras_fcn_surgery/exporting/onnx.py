@@ -214,10 +214,30 @@ def _convert_structure(fcn, onnx, opset):
         matches = [name for name in names if name.split(":")[0] == spec.name]
         weight_inputs.append(matches[0] if matches else f"{spec.name}:0")
     image_inputs = [name for name in names if name not in set(weight_inputs)]
+    image_inputs = _constants_for_captures(proto, function, image_inputs, onnx)
     if len(image_inputs) != 1:
         raise ExportError(f"Expected one image input in the ONNX graph of '{fcn.name}'. Received: {image_inputs}")
     _rename(proto.graph, image_inputs[0], INPUT_NAME)
     return proto, weight_inputs
+
+
+def _constants_for_captures(proto, function, inputs: list, onnx) -> list:
+    """``inputs`` less those that are tensors the function captured (an adapted `Normalization`'s mean and
+    variance, computed from its weights once), which become constants of the graph; the rest, in order."""
+    concrete = function.get_concrete_function()
+    captured = {
+        tensor.name: np.asarray(value)
+        for tensor, value in zip(concrete.graph.internal_captures, concrete.captured_inputs)
+        if not hasattr(value, "handle")  # a variable's handle: weights are streamed, not captured
+    }
+    constants = [name for name in inputs if name in captured]
+    if not constants:
+        return inputs
+    kept = [value for value in proto.graph.input if value.name not in constants]
+    del proto.graph.input[:]
+    proto.graph.input.extend(kept)
+    proto.graph.initializer.extend(onnx.numpy_helper.from_array(captured[name], name) for name in constants)
+    return [name for name in inputs if name not in constants]
 
 
 def _nbytes(variable) -> int:

@@ -350,7 +350,9 @@ def _axis_programs(model, output: str | None = None) -> tuple:
             f"Model '{model.name}' has no output named {output!r}; its outputs are "
             f"{', '.join(map(repr, names))}."
         )
-    keys = [(name, _tensor_key(tensor)) for name, tensor in zip(names, graph.outputs)]
+    inputs = {id(t): "input" if i == 0 else f"input{i}" for i, t in enumerate(graph.inputs)}
+    # An output may be an input itself (a model of layers that are the identity at inference, left out).
+    keys = [(name, inputs.get(id(tensor), _tensor_key(tensor))) for name, tensor in zip(names, graph.outputs)]
     if output is not None:
         keys = [key for key in keys if key[0] == output]
     return tuple(_program(graph, model_layout(model), axis, keys) for axis in (0, 1))
@@ -381,9 +383,11 @@ def _compile(graph, axis: int, layout: Layout, steps: list, names: dict, depth: 
         elif _needs_tracing(layer) and depth < _MAX_TRACE_DEPTH:
             inner = trace_call(node, layout.spatial_axes)
         if inner is not None:
-            _compile(inner, axis, layout, steps, {id(t): s for t, s in zip(inner.inputs, sources)}, depth + 1)
+            inner_names = {id(t): s for t, s in zip(inner.inputs, sources)}
+            _compile(inner, axis, layout, steps, inner_names, depth + 1)
             for target, inner_output in zip(targets, inner.outputs):
-                steps.append(([target], [_tensor_key(inner_output)], _first))
+                # A nested model may return its input (a `Sequential` of augmentations, left out at inference).
+                steps.append(([target], [inner_names.get(id(inner_output), _tensor_key(inner_output))], _first))
         else:
             steps.append((targets, sources, _transform(node, axis, layout)))
 

@@ -24,6 +24,7 @@ from keras_fcn_surgery import taxonomy
 from keras_fcn_surgery.graph import graph_of, nodes_in_order, sub_model
 from keras_fcn_surgery.grid.geometry import geometry
 from keras_fcn_surgery.layout import Layout
+from keras_fcn_surgery.names import runtime_name
 
 # Elements of the input windows of one block of output rows (about 64 MiB in float32).
 _BLOCK_ELEMENTS = 16 << 20
@@ -162,7 +163,7 @@ def _cell_steps(model):
         return steps, None
     if not steps:
         return [], model
-    return steps, sub_model(model, tensor, graph.outputs[0], name=f"{model.name}_rest")
+    return steps, sub_model(model, tensor, graph.outputs[0], name=runtime_name(model.name, "rest"))
 
 
 def _value(variable) -> np.ndarray:
@@ -230,8 +231,9 @@ def split_forward(model, forward_fn):
     start, stop = node.input_tensors[0], node.outputs[0]
     try:
         output = graph.outputs[0]
-        before = None if start is graph.inputs[0] else sub_model(model, None, start, name=f"{model.name}_before")
-        after = None if stop is output else sub_model(model, stop, output, name=f"{model.name}_after")
+        name = runtime_name(model.name, "before")
+        before = None if start is graph.inputs[0] else sub_model(model, None, start, name=name)
+        after = None if stop is output else sub_model(model, stop, output, name=runtime_name(model.name, "after"))
     except Exception:  # a branch crosses the convolution: the graph does not split there
         return None
     head_before = forward_fn(before) if before is not None else None

@@ -49,6 +49,7 @@ from keras_fcn_surgery.grid.geometry import geometry
 from keras_fcn_surgery.inference.blas import split_forward
 from keras_fcn_surgery.inference.cost import pass_cost
 from keras_fcn_surgery.inference.runner import input_dtype
+from keras_fcn_surgery.names import runtime_name
 from keras_fcn_surgery.saving.atomic import atomic_output
 
 ENGINES = ("auto", "tf", "xla", "blas", "jax")
@@ -253,7 +254,9 @@ def _traced(model, jit_compile: bool, precision: str | None):
     def call(x):
         live = copy if copy is not None else reference()
         assert live is not None, "the model is alive while its cached function runs"
-        return live(x, training=False)
+        # A valid root scope: TensorFlow refuses one named after the model where that name starts with "_".
+        with tf.name_scope(runtime_name(live.name)):
+            return live(x, training=False)
 
     # A second input shape (a masked plan's cropped tiles) generalises the trace instead of retracing per shape;
     # XLA still compiles per shape. A pass with one tile shape keeps its first, exact-shape trace.

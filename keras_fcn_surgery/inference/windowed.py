@@ -58,13 +58,14 @@ from dataclasses import dataclass, field
 import keras
 import numpy as np
 
-from keras_fcn_surgery.errors import ConversionError, InputError, VerificationError
+from keras_fcn_surgery.errors import ConversionError, InputError, VerificationError, first_line
 from keras_fcn_surgery.graph import (
     describe,
     flat_trace,
     graph_part,
     model_layout,
     nodes_between,
+    sublayers,
     traced_model,
 )
 from keras_fcn_surgery.grid import tiling
@@ -74,10 +75,12 @@ from keras_fcn_surgery.inference.cost import layer_macs, pass_cost
 from keras_fcn_surgery.inference.staged import plan_fcn
 from keras_fcn_surgery.inference.store import DiskMap, Scratch, file_backed
 from keras_fcn_surgery.layout import Layout
+from keras_fcn_surgery.names import runtime_name
 from keras_fcn_surgery.options import MAP_METHODS
 from keras_fcn_surgery.surgery.convert import convert
 from keras_fcn_surgery.surgery.fcn import FcnSpec, as_fcn, is_fully_convolutional, map_outputs
 from keras_fcn_surgery.surgery.verify import compare_arrays, tolerance_for
+from keras_fcn_surgery.taxonomy import NOT_IDENTITY_AUGMENTATIONS
 
 # Bytes of a band's shared prefix map kept in memory (bands are sized to it); a larger one goes to a temporary file.
 DEFAULT_MEMORY_BUDGET = 64 << 20
@@ -167,7 +170,8 @@ class _Analysis:
                 )
             start = trace.output_of(split.index)
             nodes = nodes_between([start], trace.outputs)
-            self.tails[key] = graph_part(nodes, start, trace.outputs, name=f"{self.model.name}_after_{split.name}")
+            name = runtime_name(self.model.name, "after", split.name)
+            self.tails[key] = graph_part(nodes, start, trace.outputs, name=name)
         return self.tails[key]
 
 
@@ -274,6 +278,7 @@ class WindowedPlan:
             f"{self.band_bytes / 2**20:.3g} MiB per band ({self.band_store})",
             f"total {gmac(self.macs)} against {gmac(self.sliding_macs)} for the sliding window "
             f"({self.saved:.1%} saved)"
+            + ("; nothing is shared: this is the sliding window's cost" if self.split == "input" else "")
             + (f"; the FCN (not exact on crops) {gmac(self.fcn_macs)}" if self.fcn_macs is not None else ""),
         ]
         return "\n".join(lines)
@@ -336,7 +341,7 @@ def _analyse(model) -> _Analysis:
         name = trace.operation_name(index)
         operation = describe(trace.nodes[index].operation)
         try:
-            part = keras.Model(trace.input, tensor, name=f"{twin.name}_to_{name}")
+            part = keras.Model(trace.input, tensor, name=runtime_name(twin.name, "to", name))
             prefix = convert(part, verify=False)
             grid = geometry(prefix)
         except (ConversionError, ValueError) as error:
@@ -595,10 +600,19 @@ def default_stride(model) -> tuple[int, int]:
         return tuple(geometry(fcn).stride)  # type: ignore[return-value]
     found = analysis(model)
     deepest = found.splits[-1]
+    if deepest.index < 0:
+        shared = (
+            f"any number of pixels: nothing is shared between its windows ({found.blocked_by}), so each window "
+            "runs the whole classifier, as the sliding window does"
+        )
+    else:
+        shared = (
+            f"a multiple of {deepest.stride[0]}x{deepest.stride[1]} (the stride of its shared part, up to "
+            f"'{deepest.name}')"
+        )
     raise InputError(
         f"Model '{found.model.name}' has no FCN ({str(error).splitlines()[0]}), so its map needs a `stride=`: "
-        f"pixels between windows, a multiple of {deepest.stride[0]}x{deepest.stride[1]} (the stride of its "
-        f"shared part, up to '{deepest.name}')."
+        f"pixels between windows, {shared}."
     ) from error
 
 
@@ -955,7 +969,16 @@ def _verify_split(found: _Analysis, split: _Split) -> None:
     if split.index in found.verified:
         return
     batch = np.random.default_rng(0).standard_normal((2, *tuple(found.model.inputs[0].shape)[1:])).astype("float32")
-    expected = np.asarray(keras.ops.convert_to_numpy(found.model(batch, training=False)))
+    try:
+        expected = np.asarray(keras.ops.convert_to_numpy(found.model(batch, training=False)))
+    except Exception as error:  # noqa: BLE001 - the user's classifier fails on its own input size
+        inner = sublayers(found.model)
+        culprits = [describe(layer) for layer in inner if isinstance(layer, NOT_IDENTITY_AUGMENTATIONS)]
+        cause = f"; layer {culprits[0]} is not the identity at inference: remove it" if culprits else ""
+        raise ConversionError(
+            f"Model '{found.model.name}' fails at inference on images of its own input size "
+            f"{found.window[0]}x{found.window[1]} ({first_line(str(error))}), so it has no map{cause}."
+        ) from error
     middle = batch if split.prefix is None else np.asarray(split.prefix(batch, training=False))
     got = np.asarray(keras.ops.convert_to_numpy(found.tail(split, 2)(middle)))
     result = compare_arrays([(expected, got)], tolerance=tolerance_for(found.model), input_shape=batch.shape)

@@ -26,6 +26,7 @@ from keras_fcn_surgery.errors import ConversionError
 from keras_fcn_surgery.graph import describe, model_layout, output_names, producer_of
 from keras_fcn_surgery.grid.geometry import geometry
 from keras_fcn_surgery.layout import Layout
+from keras_fcn_surgery.names import runtime_name
 from keras_fcn_surgery.segmentation.alignment import AxisAlignment, align_axis, cell_centre
 from keras_fcn_surgery.segmentation.bilinear import diagonal_kernel
 from keras_fcn_surgery.surgery.fcn import as_fcn
@@ -137,7 +138,7 @@ def segmenter(
     alignments = _alignments(fused, (1, 1), pixels, period, first)
     upsampled = upsample(fused.tensor, alignments, name="upscore")
     logits = _gather(upsampled, image, image, alignments, layout, "upscore")
-    return keras.Model(image, logits, name=f"{fcn.name}_segmenter")
+    return keras.Model(image, logits, name=runtime_name(fcn.name, "segmenter"))
 
 
 @dataclass(frozen=True)

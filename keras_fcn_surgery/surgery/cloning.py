@@ -5,7 +5,7 @@ from __future__ import annotations
 from keras import ops
 
 from keras_fcn_surgery.errors import ConversionError
-from keras_fcn_surgery.graph import describe, is_layer
+from keras_fcn_surgery.graph import describe, finalize_state, is_layer
 
 
 def copy_weights(source, target) -> None:
@@ -26,6 +26,7 @@ def copy_weights(source, target) -> None:
                 f"but its copy has {tuple(new.shape)}."
             )
         new.assign(old.value)
+    finalize_state(target)
 
 
 def call_with_initial_values(layer, inputs, values: dict):

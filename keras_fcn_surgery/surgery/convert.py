@@ -21,6 +21,7 @@ from keras_fcn_surgery.graph import (
     model_layout,
     producer_of,
 )
+from keras_fcn_surgery.names import runtime_name
 from keras_fcn_surgery.options import HEADS
 from keras_fcn_surgery.saving.loading import as_model
 from keras_fcn_surgery.surgery.engine import GraphPlan, Surgeon
@@ -225,7 +226,7 @@ class Conversion:
             context = self.surgeon.context
             inputs = [_relaxed_input(source, context) for source in self.graph_plan.graph.inputs]
             outputs = self.surgeon.build(self.graph_plan, inputs)
-            self._fcn = keras.Model(_single(inputs), _single(outputs), name=f"{self.model.name}_fcn")
+            self._fcn = keras.Model(_single(inputs), _single(outputs), name=runtime_name(self.model.name, "fcn"))
             remember_source(self._fcn, self.model, self.size)
         return self._fcn
 

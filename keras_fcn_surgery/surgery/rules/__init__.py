@@ -19,6 +19,7 @@ from keras_fcn_surgery.surgery.rules.global_pooling import (
     GlobalReductionRule,
     SqueezeExcitationRule,
 )
+from keras_fcn_surgery.surgery.rules.identity import CenterCropRule, InferenceIdentityRule
 from keras_fcn_surgery.surgery.rules.operations import OperationRule
 from keras_fcn_surgery.surgery.rules.vector_layers import (
     ChannelAxisRule,
@@ -31,6 +32,8 @@ from keras_fcn_surgery.surgery.rules.vector_layers import (
 )
 
 DEFAULT_RULES: tuple[Rule, ...] = (
+    InferenceIdentityRule(),
+    CenterCropRule(),
     PermuteBeforeFlattenRule(),
     FlattenRule(),
     DenseOnFlattenedMapRule(),

@@ -7,7 +7,7 @@ import numpy as np
 
 from keras_fcn_surgery import taxonomy
 from keras_fcn_surgery.errors import ConversionError
-from keras_fcn_surgery.graph import describe
+from keras_fcn_surgery.graph import describe, finalize_state
 from keras_fcn_surgery.surgery.kernels import dense_to_pointwise_kernel
 from keras_fcn_surgery.surgery.rules.base import (
     FlattenedMap,
@@ -53,6 +53,7 @@ def _call_and_copy(layer, new_layer, args, kwargs):
     outputs = new_layer(*args, **kwargs)
     for old, new in zip(layer.weights, new_layer.weights):
         new.assign(old.value)
+    finalize_state(new_layer)
     return [outputs]
 
 
