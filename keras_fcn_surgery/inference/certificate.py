@@ -28,6 +28,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from keras_fcn_surgery.errors import ConversionError, InexactMapWarning, InputError, UncertifiableMapError
+from keras_fcn_surgery.graph import traced_model
 from keras_fcn_surgery.grid import tiling
 from keras_fcn_surgery.grid.geometry import Geometry, geometry
 from keras_fcn_surgery.inference import engines, runner, windowed
@@ -454,6 +455,8 @@ def what_runs(model, input_size=None, *, source=None) -> CropRun:
         return CropRun(as_fcn(model, input_size=input_size), model, size, f"classifier '{model.name}'", model)
     known = source_of(model)[0]
     source = known if source is None else source
+    if source is not None:
+        source = traced_model(source)  # a subclassed classifier: its functional twin (same layers), with outputs
     recorded = source_input_size(model)  # the size also from a saved FCN's file
     if recorded is None and source is not None:
         recorded = original_size(source)
