@@ -2,8 +2,9 @@
 
 A transformer (keras-hub ViT, small config) and a squeeze-and-excitation net
 have no exact FCN; every map here is compared with the classifier on every
-crop at the stride asked for (`sliding_window_predict`), relative to the
-output scale, and every output's geometry with the windows'.
+crop at the stride asked for, cut with plain numpy indexing (`crops.crop_scores`,
+which shares nothing with the package), relative to the output scale, and
+every output's geometry with the windows'.
 """
 
 import json
@@ -12,6 +13,7 @@ import re
 import keras
 import numpy as np
 import pytest
+from crops import crop_scores
 from models import small_flatten_cnn
 from PIL import Image
 from test_windowed import se_classifier
@@ -28,7 +30,7 @@ TOLERANCE = 1e-5
 
 def assert_crops(got, model, image, stride):
     """``got`` (channels last, NaN where masked) equals the classifier on every crop at ``stride``."""
-    want = kfs.sliding_window_predict(model, image, stride)
+    want = crop_scores(model, image, stride)
     assert got.shape == want.shape
     kept = ~np.isnan(got).any(axis=-1)
     scale = float(np.max(np.abs(want)))
@@ -120,14 +122,15 @@ def test_a_mask_skips_the_windows_it_masks_out_in_the_windowed_grid(tmp_path, mo
     assert 0 < summary.results[0].computed_fraction < 1
 
 
-def test_a_channels_first_classifier_gets_its_windowed_map(tmp_path):
+@pytest.mark.parametrize("stride", [8, (8, 12)])
+def test_a_channels_first_classifier_gets_its_windowed_map(tmp_path, stride):
     keras.utils.set_random_seed(11)
     model = small_flatten_cnn(input_size=(32, 32), classes=3, data_format="channels_first", softmax=False)
     image = write_image(tmp_path / "cf.png", (60, 75))
-    summary = predict_images(model, [str(tmp_path / "cf.png")], tmp_path / "maps", stride=8)  # FCN's is 4
+    summary = predict_images(model, [str(tmp_path / "cf.png")], tmp_path / "maps", stride=stride)  # FCN's is 4
     assert summary.ok, summary.failed
     scores = np.load(tmp_path / "maps" / "cf.npz")["scores"]
-    want = np.moveaxis(kfs.sliding_window_predict(model, np.moveaxis(image, -1, 0), 8), 0, -1)
+    want = crop_scores(model, np.moveaxis(image, -1, 0), stride, channels_first=True)
     scale = float(np.max(np.abs(want)))
     assert scores.shape == want.shape and float(np.max(np.abs(scores - want))) <= TOLERANCE * scale
     assert float(np.max(np.abs(want - want[:1, :1]))) > 1e-2 * scale
