@@ -22,6 +22,11 @@ L = keras.layers
 TOLERANCE = 1e-5
 
 
+def stride_id(stride) -> str:
+    """A parameter id: ``4`` or ``8x12``."""
+    return str(stride) if np.isscalar(stride) else "x".join(map(str, stride))
+
+
 def assert_crops(model, image, stride, **options):
     """The windowed map equals the classifier on every crop at ``stride`` (cut by numpy indexing); returns the map."""
     got = kfs.predict_map(model, image, stride=stride, method="windowed", **options)
@@ -105,7 +110,7 @@ def test_the_split_stops_before_squeeze_and_excitation_and_names_it():
 # Exact maps -------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("stride", [4, (8, 12)])
+@pytest.mark.parametrize("stride", [4, (8, 12)], ids=stride_id)
 @pytest.mark.parametrize("tile", [None, 44])
 def test_squeeze_and_excitation_net_equals_its_crops(stride, tile):
     model = se_classifier()
@@ -138,7 +143,7 @@ def test_the_fcn_of_a_squeeze_and_excitation_net_is_not_its_crops_but_the_window
     assert float(np.max(np.abs(fcn_map - want))) > 1e-3 * scale
 
 
-@pytest.mark.parametrize("stride", [8, (4, 12)])
+@pytest.mark.parametrize("stride", [8, (4, 12)], ids=stride_id)
 def test_a_prefix_map_larger_than_the_memory_budget_goes_to_disk(tmp_path, stride):
     model = se_classifier()
     image = image_for((33, 29), stride)
@@ -146,7 +151,9 @@ def test_a_prefix_map_larger_than_the_memory_budget_goes_to_disk(tmp_path, strid
     assert list(tmp_path.iterdir()) == []
 
 
-@pytest.mark.parametrize("tile, masked, stride", [(None, False, 4), (24, True, 4), (24, True, (4, 8))])
+@pytest.mark.parametrize(
+    "tile, masked, stride", [(None, False, 4), (24, True, 4), (24, True, (4, 8))], ids=["whole", "masked", "masked-4x8"]
+)
 def test_bands_of_window_rows_give_the_unbanded_map(monkeypatch, tmp_path, tile, masked, stride):
     """Bands start on multiples of the stride: each band's shared map gives its windows' exact prefix maps."""
     model = se_classifier()
@@ -185,7 +192,7 @@ def test_bands_are_tall_enough_that_their_overlaps_cost_at_most_a_quarter_of_the
     assert whole.bands == 1 and whole.prefix_macs < plan.prefix_macs <= 1.25 * whole.prefix_macs
 
 
-@pytest.mark.parametrize("stride", [4, (8, 4)])
+@pytest.mark.parametrize("stride", [4, (8, 4)], ids=stride_id)
 def test_batches_of_windows_of_any_size_give_the_same_map(stride):
     model = se_classifier()
     image = image_for((33, 29), stride)
@@ -318,7 +325,7 @@ def test_bad_arguments_are_refused():
         kfs.predict_map(free, image, stride=4, method="windowed")
 
 
-@pytest.mark.parametrize("stride", [4, (4, 8)])
+@pytest.mark.parametrize("stride", [4, (4, 8)], ids=stride_id)
 def test_a_windowed_map_is_certified_against_the_classifier_on_its_crops(stride):
     model = se_classifier()
     image = image_for((33, 29), stride)

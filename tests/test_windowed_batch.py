@@ -16,7 +16,7 @@ import pytest
 from crops import crop_scores
 from models import small_flatten_cnn
 from PIL import Image
-from test_windowed import se_classifier
+from test_windowed import se_classifier, stride_id
 from zoo_cases import hub_classifier
 
 import keras_fcn_surgery as kfs
@@ -56,7 +56,7 @@ def vit_file(vit, tmp_path_factory):
     return path
 
 
-@pytest.mark.parametrize("which, stride", [("vit", 8), ("se", (4, 8))])
+@pytest.mark.parametrize("which, stride", [("vit", 8), ("se", (4, 8))], ids=["vit-8", "se-4x8"])
 def test_predict_images_writes_the_windowed_maps_of_classifiers_without_an_exact_fcn(which, stride, vit, tmp_path):
     model = vit if which == "vit" else se_classifier()
     image = write_image(tmp_path / "scene.png", (61, 70))
@@ -122,7 +122,7 @@ def test_a_mask_skips_the_windows_it_masks_out_in_the_windowed_grid(tmp_path, mo
     assert 0 < summary.results[0].computed_fraction < 1
 
 
-@pytest.mark.parametrize("stride", [8, (8, 12)])
+@pytest.mark.parametrize("stride", [8, (8, 12)], ids=stride_id)
 def test_a_channels_first_classifier_gets_its_windowed_map(tmp_path, stride):
     keras.utils.set_random_seed(11)
     model = small_flatten_cnn(input_size=(32, 32), classes=3, data_format="channels_first", softmax=False)
