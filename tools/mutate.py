@@ -168,11 +168,9 @@ CASES: dict[str, Case] = {
         RUNNER,
         "return (int(values[0]), int(values[1]))",
         "return (int(values[1]), int(values[0]))",
-        (
-            *WIDE,
-            WINDOWED_TESTS + "test_squeeze_and_excitation_net_equals_its_crops[None-8x12]",
-            "tests/test_windowed_batch.py::test_a_channels_first_classifier_gets_its_windowed_map[8x12]",
-        ),
+        # Not through `predict_images`: the batch job stores the stride `check_stride` gives, and `predict_map`
+        # pairs it again, so there the swap undoes itself (the maps are right).
+        (*WIDE[:3], WINDOWED_TESTS + "test_squeeze_and_excitation_net_equals_its_crops[None-8x12]"),
         "the shared (h, w) helper swaps a stride or tile pair: `sliding_window_predict` shares it, the crops do not",
     ),
 }
