@@ -93,7 +93,8 @@ def test_predict_images_writes_the_windowed_maps_of_classifiers_without_an_exact
     assert scale[1:] == list(steps) and translation[1:] == [w / 2 - 0.5 for w in window]  # each window's centre
 
 
-def test_a_mask_skips_the_windows_it_masks_out_in_the_windowed_grid(tmp_path, monkeypatch):
+@pytest.mark.parametrize("stride", [4, (8, 4)], ids=stride_id)
+def test_a_mask_skips_the_windows_it_masks_out_in_the_windowed_grid(tmp_path, monkeypatch, stride):
     model = se_classifier()
     image = write_image(tmp_path / "scene.png", (81, 97))
     mask = np.zeros((81, 97), np.uint8)
@@ -108,14 +109,15 @@ def test_a_mask_skips_the_windows_it_masks_out_in_the_windowed_grid(tmp_path, mo
 
     monkeypatch.setattr(windowed, "_run_windows", counting)
     summary = predict_images(
-        model, [str(tmp_path / "scene.png")], tmp_path / "maps", mask=str(tmp_path / "mask.png"), stride=4
+        model, [str(tmp_path / "scene.png")], tmp_path / "maps", mask=str(tmp_path / "mask.png"), stride=stride
     )
     assert summary.ok, summary.failed
     scores = np.load(tmp_path / "maps" / "scene.npz")["scores"]
     kept = ~np.isnan(scores).any(axis=-1)
     assert np.isnan(scores[~kept]).all()
-    assert_crops(scores, model, image, 4)
-    # The mask in the windowed map's grid: a window is kept when its centre's 4-pixel box meets the mask's left 40.
+    assert_crops(scores, model, image, stride)
+    # The mask in the windowed map's grid: a window is kept when its centre's 4-pixel box (the column stride)
+    # meets the mask's left 40.
     centres = np.arange(scores.shape[1]) * 4 + 29 / 2
     np.testing.assert_array_equal(kept, np.broadcast_to(centres - 2 < 40, kept.shape))
     assert computed == [int(kept.sum())] and 0 < kept.sum() < kept.size  # only the kept windows ran

@@ -33,6 +33,16 @@ which: retarget it by editing its ``old`` and ``new`` strings.
 
     python tools/mutate.py --case all
     python tools/mutate.py --case region-row-past-end --case pair-swaps-h-w
+
+Samples over the modules those cases live in (a few minutes each on 2 cores):
+
+    python tools/mutate.py keras_fcn_surgery/grid/geometry.py tests/test_geometry.py --sample 6
+    python tools/mutate.py keras_fcn_surgery/inference/windowed.py \
+        tests/test_windowed.py::test_squeeze_and_excitation_net_equals_its_crops \
+        tests/test_windowed.py::test_masks_skip_windows_and_the_shared_cells_they_do_not_read --sample 6
+    python tools/mutate.py keras_fcn_surgery/batch/shards.py tests/test_shards.py::test_a_region_writes_only_its_rows \
+        tests/test_shards.py::test_regions_are_bands_of_whole_chunk_rows_balanced_by_kept_cells \
+        "tests/test_shards.py::test_sharded_outputs_are_the_bytes_of_the_local_outputs[classifier-masked]" --sample 6
 """
 
 from __future__ import annotations
