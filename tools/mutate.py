@@ -123,6 +123,15 @@ EQUIVALENT: dict[tuple[str, str, int, str], str] = {
         "boundaries no chain reaches"
     ),
     (STAGES, "previous = [-1] * (count + 1)", 17, "1 -> 0"): "as above (-0 for -1)",
+    (
+        "keras_fcn_surgery/batch/shards.py",
+        "if len(regions) + 1 < shards and cells and (before + cells) * shards >= total * (len(regions) + 1):",
+        11,
+        "`<` -> `<=`",
+    ): (
+        "cut_regions: a band closed as the last allowed one holds every kept cell left ((before + cells) * shards "
+        ">= total * shards), so the rows after it keep none and join it again: the same regions"
+    ),
 }
 
 
