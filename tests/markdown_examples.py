@@ -9,7 +9,9 @@ A page's fenced blocks run in document order, in one working folder of their own
   cores), on the block's own stdout and stderr, with its own exit code. ``python`` is this interpreter.
 - ``text`` (output samples, synopses) and the other languages in ``NOT_RUN`` are not run; a fence without
   a language, or in a language this module does not know, fails the page's test: a block is either run or
-  declared an output.
+  declared an output. A ``text`` block right after an ``<!-- output -->`` comment is what the run block
+  before it prints, exactly (trailing spaces and blank edge lines aside): it is compared, so a printed
+  sample that is deterministic cannot drift from what the code prints.
 
 The working folder holds links to the checkout's top-level entries (``examples/``, ``pyproject.toml``...),
 so that commands written for a checkout run as written, and the files a page's examples take from the
@@ -29,6 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import io
 import json
 import os
 import re
@@ -61,11 +64,15 @@ _FENCE = re.compile(
 _SETTINGS = re.compile(r"<!--\s*examples:\s*(?P<yaml>.*?)\s*-->", re.DOTALL)
 
 
+_OUTPUT_MARK = re.compile(r"<!--\s*output\s*-->\s*$")
+
+
 @dataclasses.dataclass(frozen=True)
 class Block:
     language: str
     code: str
     line: int  # the line of the block's first code line in its file (1-based)
+    printed: bool = False  # a text block marked `<!-- output -->`: what the run block before it prints
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,7 +98,8 @@ def read_page(path: str) -> Page:
     for match in _FENCE.finditer(text):
         language = match.group("info").strip().split(" ")[0].strip("{}.").lower()
         line = text.count("\n", 0, match.start("body")) + 1
-        blocks.append(Block(language, textwrap.dedent(match.group("body")), line))
+        printed = language in NOT_RUN and bool(_OUTPUT_MARK.search(text[: match.start()].rstrip()))
+        blocks.append(Block(language, textwrap.dedent(match.group("body")), line, printed))
     settings = _SETTINGS.search(text)
     options = yaml.safe_load(settings.group("yaml")) if settings else {}
     unknown = set(options) - {"files", "heavy", "serve"}
@@ -308,7 +316,7 @@ def _shims(folder: str) -> str:
     return bin_dir
 
 
-def _run_shell(page: Page, block: Block, folder: str, cli: _InProcessCli, bin_dir: str, timeout: float) -> None:
+def _run_shell(page: Page, block: Block, folder: str, cli: _InProcessCli, bin_dir: str, timeout: float) -> str:
     env = {
         **os.environ,
         "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
@@ -334,6 +342,39 @@ def _run_shell(page: Page, block: Block, folder: str, cli: _InProcessCli, bin_di
             f"{' and warned' if warned else ''}:\n"
             f"{block.code}\n{output[-4000:]}"
         )
+    return output
+
+
+class _Tee(io.StringIO):
+    """What a python block prints: kept, and shown as it is printed."""
+
+    def __init__(self, shown):
+        super().__init__()
+        self.shown = shown
+
+    def write(self, text: str) -> int:
+        self.shown.write(text)
+        return super().write(text)
+
+
+def _lines(text: str) -> list[str]:
+    lines = [line.rstrip() for line in text.splitlines()]
+    while lines and not lines[0]:
+        lines.pop(0)
+    while lines and not lines[-1]:
+        lines.pop()
+    return lines
+
+
+def check_printed(page: Page, block: Block, printed: str | None) -> None:
+    """A text block marked `<!-- output -->` equals what the run block before it printed."""
+    if printed is None:
+        raise AssertionError(f"{page.name}:{block.line}: an `<!-- output -->` block follows no run block")
+    if _lines(printed) != _lines(block.code):
+        import difflib
+
+        diff = "\n".join(difflib.unified_diff(_lines(block.code), _lines(printed), "the page", "printed", lineterm=""))
+        raise AssertionError(f"{page.name}:{block.line}: the output shown is not what the block above prints:\n{diff}")
 
 
 # --- pages --------------------------------------------------------------------------------------------------
@@ -348,19 +389,27 @@ def run_page(page: Page, timeout: float = 600) -> None:
         bin_dir = _shims(folder)
         cli = _InProcessCli(folder)
         namespace = {"__name__": "__main__"}
+        printed: str | None = None  # what the last run block printed
         with _served(page, folder):
-            for block in page.runnable():
+            for block in page.blocks:
+                if block.printed:
+                    check_printed(page, block, printed)
+                    continue
+                if block.language not in PYTHON | SHELL:
+                    continue
                 os.chdir(folder)
                 start = time.perf_counter()
                 if block.language in PYTHON:
-                    with warnings.catch_warnings():
+                    tee = _Tee(sys.stdout)
+                    with warnings.catch_warnings(), contextlib.redirect_stdout(tee):
                         # Our warnings say that something is wrong; an example that shows one catches it.
                         for category in _our_warnings():
                             warnings.simplefilter("error", category)
                         # Blank lines before the code: a traceback's line numbers are the page's own.
                         exec(compile("\n" * (block.line - 1) + block.code, page.path, "exec"), namespace)  # noqa: S102
+                    printed = tee.getvalue()
                 else:
-                    _run_shell(page, block, folder, cli, bin_dir, timeout)
+                    printed = _run_shell(page, block, folder, cli, bin_dir, timeout)
                 print(f"{page.name}:{block.line}: {block.language} block, {time.perf_counter() - start:.1f} s")
     finally:
         os.chdir(cwd)

@@ -6,6 +6,7 @@ Keras reads ``KERAS_BACKEND`` once, when it is first imported, so the JAX side r
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -128,7 +129,7 @@ sys.exit(main(sys.argv[1:]))
 
 
 @pytest.mark.heavy  # about a minute on 2 cores: three command-line runs, each starting JAX
-def test_the_command_line_converts_and_maps_under_jax_without_tensorflow(tmp_path, monkeypatch):
+def test_the_command_line_converts_and_maps_under_jax_without_tensorflow(tmp_path, monkeypatch, capsys):
     from models import small_flatten_cnn
     from PIL import Image
 
@@ -140,10 +141,26 @@ def test_the_command_line_converts_and_maps_under_jax_without_tensorflow(tmp_pat
     assert "verified" in convert.stdout, convert.stdout
     heatmap = run_under_jax(
         "-c", CLI_WITHOUT_TENSORFLOW, "heatmap", "fcn.keras", "a.png", "--class", "1", "-o", "map.png",
-        "--execution", "jax", cwd=tmp_path,
+        "--execution", "jax", "--preprocess", "unit", cwd=tmp_path,
     )  # fmt: skip
     assert heatmap.returncode == 0, heatmap.stderr[-3000:]
-    assert (tmp_path / "map.png").exists()
+    # The same command under TensorFlow (this process): the same picture, pixel for pixel to a level of
+    # rounding, and the same heat scale, whose range is not empty (the map shows something).
+    from keras_fcn_surgery.cli import main
+    from keras_fcn_surgery.inference.heatmap import LEGEND_WIDTH
+
+    # (pixels in [0, 1]: on raw pixels the random classifier's softmax saturates and the map is one colour)
+    tf_args = ["heatmap", str(tmp_path / "fcn.keras"), str(tmp_path / "a.png"), "--class", "1", "--preprocess", "unit"]
+    assert main([*tf_args, "-o", str(tmp_path / "tf.png"), "--execution", "tf"]) == 0
+    with Image.open(tmp_path / "map.png") as jax_png, Image.open(tmp_path / "tf.png") as tf_png:
+        got, want = (np.asarray(p.convert("RGB"), dtype=np.int16) for p in (jax_png, tf_png))
+    assert got.shape == want.shape and want.shape[1] == 2 * 60 + LEGEND_WIDTH
+    assert int(np.abs(got - want).max()) <= 2 and float(np.mean(got != want)) < 0.01
+    scale = re.compile(r"heat scale: black = p ([0-9.e-]+), white = p ([0-9.e-]+)")
+    (jax_scale,), tf_printed = scale.findall(heatmap.stdout), capsys.readouterr().out
+    (tf_scale,) = scale.findall(tf_printed)
+    np.testing.assert_allclose(np.float64(jax_scale), np.float64(tf_scale), rtol=2e-3)
+    assert float(tf_scale[1]) - float(tf_scale[0]) > 1e-2  # the class's probability varies over the map: heat shows
     refused = run_under_jax(
         "-c", CLI_WITHOUT_TENSORFLOW, "heatmap", "fcn.keras", "a.png", "--class", "1", "-o", "xla.png",
         "--execution", "xla", cwd=tmp_path,

@@ -100,3 +100,28 @@ def test_ray_regions_of_one_slide_give_the_local_bytes_and_resume(tmp_path, monk
     assert not os.path.exists(done)  # the work folder goes once the outputs are published
     assert sorted(records) == [0, 1, 2] and records[0]["pid"] == os.getpid()  # region 0: the first run's
     assert {records[1]["pid"], records[2]["pid"]}.isdisjoint({os.getpid()})  # the others: Ray's workers
+
+
+@pytest.mark.heavy
+def test_more_regions_than_workers_finishing_in_any_order_give_the_local_bytes(tmp_path, monkeypatch):
+    """Seven regions on two workers: they finish in whatever order Ray runs them (a region writing past its rows
+    would show here by chance only: test_shards.py runs them reversed and shuffled to see it every time)."""
+    from test_shards import _assert_same_outputs
+
+    from keras_fcn_surgery.batch import shards
+
+    fcn = kfs.convert(small_flatten_cnn(input_size=(32, 32), classes=3))
+    write_pyramid(str(tmp_path / "img.tif"), slide_picture(size=(200, 300), patch=(slice(40, 150), slice(60, 250))))
+    options = {"formats": "npz,geojson,csv,zarr,ome-zarr", "mask": "auto", "execution": "tf", "certify": 0}
+    kfs.predict_images(fcn, [str(tmp_path / "img.tif")], tmp_path / "local", **options)
+    finish, records = shards.finish_input, {}
+    monkeypatch.setattr(
+        shards, "finish_input", lambda *a, **k: (records.update(shards.region_records(a[1].work)), finish(*a, **k))[1]
+    )
+    summary = kfs.predict_images(
+        fcn, [str(tmp_path / "img.tif")], tmp_path / "ray", engine="ray", workers=2, shards=7, shard_rows=4, **options
+    )
+    assert summary.ok and not ray.is_initialized()
+    _assert_same_outputs(tmp_path / "ray", tmp_path / "local")
+    assert sorted(records) == list(range(7))  # seven regions, each computed once by the two workers
+    assert os.getpid() not in {record["pid"] for record in records.values()}

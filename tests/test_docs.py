@@ -6,7 +6,7 @@ import re
 
 import pytest
 import yaml
-from markdown_examples import DOCS, REPO, doc_pages, run_page, unlabelled_blocks
+from markdown_examples import DOCS, REPO, doc_pages, read_page, run_page, unlabelled_blocks
 
 import keras_fcn_surgery as kfs
 from keras_fcn_surgery.cli import build_parser
@@ -21,6 +21,18 @@ PAGES = doc_pages()
 )
 def test_the_page_examples_run_as_written(page):
     run_page(page)
+
+
+def test_a_marked_output_block_must_be_what_the_block_before_it_prints(tmp_path):
+    page = tmp_path / "page.md"
+    page.write_text(
+        "```python\nprint('a  ')\nprint('b')\n```\n\n<!-- output -->\n```text\na\nb\n```\n\n"
+        "```bash\necho c\n```\n\n<!-- output -->\n```text\nc\n```\n\n```text\nnot compared\n```\n"
+    )
+    run_page(read_page(str(page)))
+    page.write_text(page.read_text().replace("a\nb\n```", "a\nB\n```"))
+    with pytest.raises(AssertionError, match=r"page.md:8: the output shown is not what the block above prints"):
+        run_page(read_page(str(page)))
 
 
 def test_every_block_is_run_or_declared_output():

@@ -66,10 +66,10 @@ UNINFORMATIVE = "uninformative check"
 # was informative. Measured on the default 100 derandomized examples (hypothesis 6.x, TensorFlow 2.21):
 # 81 converted, 64 of them on an informative check (79%; 61 with the library's default zero-mean batch).
 # Most uninformative ones cannot be helped by any input: a 1-unit Dense before a LayerNormalization or a
-# softmax gives a constant. Applied from MIN_EXAMPLES_FOR_FLOORS examples on.
+# softmax gives a constant. Applied, as shares, at any number of examples: the JAX campaign's 30
+# (tests/test_backends.py) drew 30 converted, 27 on an informative check (under TensorFlow), 10 drew 10 and 9.
 CONVERTED_FLOOR = 0.75
 INFORMATIVE_FLOOR = 0.70
-MIN_EXAMPLES_FOR_FLOORS = 50
 
 
 class PropertyViolation(AssertionError):
@@ -278,8 +278,7 @@ def test_convert_is_exact_or_names_the_layer():
         f"{count} {outcome}" for outcome, count in outcomes.most_common()
     )
     print(summary)
-    if tried < MIN_EXAMPLES_FOR_FLOORS:
-        return
+    assert tried == EXAMPLES, summary  # every example reached the property (none rejected or cut short)
     # A generator drifting towards models the converter refuses, or towards collapsed networks whose
     # check proves nothing, would leave the property above true of almost nothing: hold both shares.
     assert converted >= CONVERTED_FLOOR * tried, f"fewer conversions than {CONVERTED_FLOOR:.0%}: {summary}"

@@ -1,6 +1,7 @@
 """Region shards: any number of regions gives the local map's bytes; an interrupted region is redone alone."""
 
 import os
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -21,7 +22,35 @@ pytest.importorskip("zarr")
 pytest.importorskip("skimage")
 
 FORMATS = "npz,geojson,csv,zarr,ome-zarr"
-COUNTS = (1, 2, 3, 7)
+# (regions, the order they run in): on Ray regions finish in any order, so a region that writes outside its
+# rows must not be hidden by the next region overwriting them (in order) -- hence reversed and shuffled runs.
+RUNS = ((1, "forward"), (2, "reversed"), (3, "shuffled"), (7, "forward"), (7, "reversed"))
+
+
+def run_order(count: int, order: str) -> list[int]:
+    """The region indices in the order a run computes them: forward, reversed or a fixed shuffle."""
+    if order == "forward":
+        return list(range(count))
+    if order == "reversed":
+        return list(range(count))[::-1]
+    shuffled = [int(i) for i in np.random.default_rng(5).permutation(count)]
+    assert shuffled not in (run_order(count, "forward"), run_order(count, "reversed")), shuffled
+    return shuffled
+
+
+def _in_order(monkeypatch, order: str):
+    """Make the local sharded run compute its pending regions in ``order``."""
+    real = shards_module.plan_input
+
+    def reordered(*args):
+        plan = real(*args)
+        if not isinstance(plan, shards_module.InputPlan):
+            return plan
+        by_index = {r.index: r for r in plan.pending}
+        wanted = [by_index[i] for i in run_order(len(plan.regions), order) if i in by_index]
+        return replace(plan, pending=tuple(wanted))
+
+    monkeypatch.setattr(shards_module, "plan_input", reordered)
 
 
 @pytest.fixture(scope="module")
@@ -109,12 +138,14 @@ def test_sharded_outputs_are_the_bytes_of_the_local_outputs(picture, tmp_path, m
     _run(model, picture, tmp_path / "local", **options)
     real, regions = shards_module.run_region, []
     monkeypatch.setattr(shards_module, "run_region", lambda *a: (regions.append(a[-1]), real(*a))[1])
-    for count in COUNTS:
-        out = tmp_path / f"shards{count}"
+    for count, order in RUNS:
+        out = tmp_path / f"shards{count}-{order}"
         regions.clear()
+        _in_order(monkeypatch, order)
         _run(model, picture, out, shards=count, shard_rows=rows, **options)
         _assert_same_outputs(out, tmp_path / "local")
-        assert len(regions) == count  # cut as often as asked, every region computed once
+        # cut as often as asked, every region computed once, in the order asked
+        assert [r.index for r in regions] == run_order(count, order), (count, order)
 
 
 def test_regions_are_bands_of_whole_chunk_rows_balanced_by_kept_cells():

@@ -4,7 +4,7 @@ import math
 
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import event, given, settings
 from hypothesis import strategies as st
 
 from keras_fcn_surgery.errors import ConversionError, InputError, InternalError
@@ -86,24 +86,34 @@ def test_balanced_tiles_are_shorter_but_as_few():
     assert balanced_tile_length(2048, 1024, 32, 6, 3, 3, 224) == 1024  # keeps no cell: left to plan_axis
 
 
+@st.composite
+def balanced_cases(draw, min_extra_blocks=0):
+    """A synthetic network (a tile of L pixels gives L // stride - head cells), its margins, and a tile shorter
+    than the image that keeps at least one cell: every case reaches the balancing property.
+
+    Returns ``(stride, length, tile, before, after, head, shortest)``: ``tile`` as `tile_length` gives it and
+    ``shortest`` the network's minimum (at least one kept cell, plus ``min_extra_blocks`` or more strides).
+    """
+    stride = draw(st.sampled_from([1, 2, 4, 8, 32]))
+    before, after, head = draw(st.integers(0, 6)), draw(st.integers(0, 6)), draw(st.integers(0, 6))
+    remainder = draw(st.integers(0, stride - 1))  # the image's length modulo the stride
+    low = head + before + after + 1 + draw(st.integers(min_extra_blocks, min_extra_blocks + 20))
+    shortest = low * stride + remainder
+    blocks = low + draw(st.integers(0, 12))
+    length = (blocks + draw(st.integers(1, 3000 // stride))) * stride + remainder
+    tile = tile_length(blocks * stride, length, stride)
+    assert tile == blocks * stride + remainder < length
+    return stride, length, tile, before, after, head, shortest
+
+
 @settings(max_examples=300, deadline=None)
-@given(
-    stride=st.sampled_from([1, 2, 4, 8, 32]),
-    blocks=st.integers(2, 12),
-    length=st.integers(1, 3000),
-    before=st.integers(0, 6),
-    after=st.integers(0, 6),
-    head=st.integers(0, 6),
-)
-def test_balanced_tiles_never_need_more_tiles(stride, blocks, length, before, after, head):
-    # A synthetic network: a tile of L pixels gives L // stride - head cells.
+@given(case=balanced_cases())
+def test_balanced_tiles_never_need_more_tiles(case):
+    stride, length, tile, before, after, head, shortest = case
+
     def cells_of(pixels):
         return pixels // stride - head
 
-    tile = tile_length(blocks * stride, length, stride)
-    shortest = (head + before + after + 1) * stride + length % stride
-    if tile >= length or cells_of(tile) - before - after < 1:
-        return
     balanced = balanced_tile_length(length, tile, stride, cells_of(tile), before, after, shortest)
     assert shortest <= balanced <= tile and (length - balanced) % stride == 0
     original = plan_axis(length, tile, stride, cells_of(tile), before, after)
@@ -195,25 +205,39 @@ def test_plan_axis_stops_with_an_internal_error_past_its_bound(monkeypatch):
     assert len(calls) == (102 - 42) // 4 + 10  # exactly `total` tiles planned, not one more
 
 
-@settings(max_examples=300, deadline=None)
-@given(
-    stride=st.sampled_from([1, 2, 3, 4, 8, 16, 32]),
-    blocks=st.integers(1, 12),
-    length=st.integers(1, 2000),
-    before=st.integers(0, 40),
-    after=st.integers(0, 40),
-    k=st.integers(1, 8),
-)
-def test_every_tile_lies_in_the_image_and_every_cell_is_written_once(stride, blocks, length, before, after, k):
-    # A map of `k` cells per stride (k = stride: a per-pixel map), of `cells` cells per tile.
+@st.composite
+def axis_cases(draw, refused=False):
+    """``(stride, length, tile, cells, before, after, k)`` for `plan_axis` with ``k`` cells per stride (k =
+    stride: a per-pixel map): with ``refused``, an inner tile that keeps less than a stride (refused); else a
+    plan (one tile, or inner tiles keeping at least a stride)."""
+    stride, k = draw(st.sampled_from([1, 2, 3, 4, 8, 16, 32])), draw(st.integers(1, 8))
+    before = draw(st.integers(0, 40))
+    if refused:
+        blocks = draw(st.integers(1, 6))
+        remainder = draw(st.integers(0, stride - 1))
+        cells = (blocks + (remainder > 0)) * k
+        after = max(0, cells - k + 1 - before) + draw(st.integers(0, 5))  # cells - before - after < k
+    else:
+        after = draw(st.integers(0, 40))
+        least = -(-(before + after + k) // k)  # the blocks that keep a stride's cells between the margins
+        blocks = draw(st.integers(least, least + 12))
+        remainder = draw(st.integers(0, stride - 1))
+    if refused or draw(st.booleans()):  # inner tiles
+        length = (blocks + draw(st.integers(1, 2000 // stride + 1))) * stride + remainder
+    else:  # an image no longer than the tile: one tile, whatever the margins
+        length = draw(st.integers(1, blocks * stride + remainder))
     tile = tile_length(blocks * stride, length, stride)
     cells = -(-tile // stride) * k
+    return stride, length, tile, cells, before, after, k
+
+
+@settings(max_examples=300, deadline=None)
+@given(case=axis_cases())
+def test_every_tile_lies_in_the_image_and_every_cell_is_written_once(case):
+    # A map of `k` cells per stride (k = stride: a per-pixel map), of `cells` cells per tile.
+    stride, length, tile, cells, before, after, k = case
     total = (length - tile) // stride * k + cells if tile < length else cells
-    try:
-        tiles = plan_axis(length, tile, stride, cells, before, after, cells_per_stride=k)
-    except InputError:
-        assert tile < length and cells - before - after < k  # refused only when an inner tile keeps < a stride
-        return
+    tiles = plan_axis(length, tile, stride, cells, before, after, cells_per_stride=k)
     written = []
     for t in tiles:
         assert 0 <= t.start < t.stop <= length and t.start % stride == 0 and t.stop - t.start == min(tile, length)
@@ -224,25 +248,35 @@ def test_every_tile_lies_in_the_image_and_every_cell_is_written_once(stride, blo
     assert written == list(range(total))
 
 
+@settings(max_examples=100, deadline=None)
+@given(case=axis_cases(refused=True))
+def test_an_inner_tile_that_keeps_less_than_a_stride_is_refused_with_a_length_that_works(case):
+    stride, length, tile, cells, before, after, k = case
+    assert tile < length and cells - before - after < k
+    with pytest.raises(InputError, match="Use tiles of at least") as refused:
+        plan_axis(length, tile, stride, cells, before, after, cells_per_stride=k)
+    needed = int(str(refused.value).split("at least ")[1].split()[0])
+    assert needed > tile and (needed - tile) % stride == 0  # the way out: aligned like the tile, and enough
+    more = -(-needed // stride) * k
+    assert more - before - after >= k or needed >= length
+
+
+@st.composite
+def pixel_cases(draw):
+    """``(period, length, tile, margin, size)``: a per-pixel map's axis cut into inner tiles of ``size`` pixels,
+    the longest up to ``tile`` congruent to ``length``, each keeping at least a period between its margins."""
+    period, margin = draw(st.sampled_from([1, 2, 4, 8, 16, 32])), draw(st.integers(0, 60))
+    size = 2 * margin + period + draw(st.integers(0, 300))
+    length = size + period * draw(st.integers(1, 1500 // period))
+    return period, length, size + draw(st.integers(0, period - 1)), margin, size
+
+
 @settings(max_examples=300, deadline=None)
-@given(
-    period=st.sampled_from([1, 2, 4, 8, 16, 32]),
-    length=st.integers(1, 1500),
-    tile=st.integers(1, 1500),
-    margin=st.integers(0, 60),
-)
-def test_plan_pixels_is_plan_axis_with_one_cell_per_pixel(period, length, tile, margin):
-    try:
-        tiles = plan_pixels(length, tile, margin, period)
-    except InputError:
-        size = tile - (tile - length) % period
-        assert tile < length and (size < 1 or size - 2 * margin < period)
-        return
-    if tile >= length:
-        assert tiles == [AxisTile(0, length, 0, length, 0)]
-        return
-    size = tiles[0].stop
-    assert size <= tile and (length - size) % period == 0 and size + period > tile  # the longest allowed
+@given(case=pixel_cases())
+def test_plan_pixels_is_plan_axis_with_one_cell_per_pixel(case):
+    period, length, tile, margin, size = case
+    tiles = plan_pixels(length, tile, margin, period)
+    assert tiles[0].stop == size and (length - size) % period == 0 and size + period > tile  # the longest allowed
     assert tiles == plan_axis(length, size, period, size, margin, margin, cells_per_stride=period)
     written = []
     for t in tiles:
@@ -254,41 +288,86 @@ def test_plan_pixels_is_plan_axis_with_one_cell_per_pixel(period, length, tile, 
     assert written == list(range(length))
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=100, deadline=None)
 @given(
-    stride=st.sampled_from([1, 2, 4, 8, 32]),
-    length=st.integers(1, 3000),
-    tile=st.integers(1, 3000),
-    before=st.integers(0, 6),
-    after=st.integers(0, 6),
-    head=st.integers(0, 6),
-    low_blocks=st.integers(0, 20),
+    period=st.sampled_from([1, 2, 4, 8, 16, 32]),
+    length=st.integers(1, 1500),
+    longer=st.integers(0, 100),
+    margin=st.integers(0, 60),
 )
-def test_balancing_never_adds_tiles_and_stays_within_its_bounds(stride, length, tile, before, after, head, low_blocks):
+def test_plan_pixels_gives_one_tile_when_the_image_fits(period, length, longer, margin):
+    assert plan_pixels(length, length + longer, margin, period) == [AxisTile(0, length, 0, length, 0)]
+
+
+@st.composite
+def thin_pixel_tiles(draw):
+    """``(period, length, tile, margin)``: an inner tile whose longest congruent length keeps less than a period."""
+    period = draw(st.sampled_from([1, 2, 4, 8, 16, 32]))
+    margin = draw(st.integers(1 if period == 1 else 0, 60))  # (a period of 1 and no margin keeps any tile)
+    size = draw(st.integers(2 - period, 2 * margin + period - 1))  # congruent to the length; < 1: none fits
+    length = max(size, 0) + period * draw(st.integers(1, 1500 // period))
+    tile = size + draw(st.integers(max(0, 1 - size), period - 1))  # size: the longest <= tile congruent to length
+    return period, length, tile, margin
+
+
+@settings(max_examples=100, deadline=None)
+@given(case=thin_pixel_tiles())
+def test_a_pixel_tile_too_thin_to_keep_a_period_is_refused_with_a_length_that_works(case):
+    period, length, tile, margin = case
+    assert tile < length
+    with pytest.raises(InputError, match="Use tiles of at least") as refused:
+        plan_pixels(length, tile, margin, period)
+    needed = int(str(refused.value).split("at least ")[1].split()[0])
+    assert needed > tile and plan_pixels(length, needed, margin, period)  # the way out plans tiles
+
+
+@settings(max_examples=300, deadline=None)
+@given(case=balanced_cases())
+def test_balancing_never_adds_tiles_and_stays_within_its_bounds(case):
+    stride, length, tile, before, after, head, shortest = case
+
     def cells_of(pixels):
         return pixels // stride - head
 
-    tile = tile_length(tile, length, stride)
-    shortest = (head + before + after + 1 + low_blocks) * stride + length % stride
-    if shortest > min(tile, length):
-        return  # callers pass a minimum the tile meets
     balanced = balanced_tile_length(length, tile, stride, cells_of(tile), before, after, shortest)
-    if tile >= length:
-        assert balanced == length
-        return
-    if cells_of(tile) - before - after < 1:
-        assert balanced == tile
-        return
     assert (length - balanced) % stride == 0 and shortest <= balanced <= tile
-    if cells_of(balanced) - before - after < 1:
-        return
+    assert cells_of(balanced) - before - after >= 1  # the minimum keeps a cell, so the balanced tile does
     original = plan_axis(length, tile, stride, cells_of(tile), before, after)
     shorter = plan_axis(length, balanced, stride, cells_of(balanced), before, after)
     assert len(shorter) <= len(original)
     if balanced > shortest:  # not held up by the minimum: one stride shorter needs more tiles
         one_less = balanced - stride
-        if cells_of(one_less) - before - after >= 1:
-            assert len(plan_axis(length, one_less, stride, cells_of(one_less), before, after)) > len(original)
+        assert cells_of(one_less) - before - after >= 1
+        assert len(plan_axis(length, one_less, stride, cells_of(one_less), before, after)) > len(original)
+    else:
+        event("held up by the minimum")
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    stride=st.sampled_from([1, 2, 4, 8, 32]),
+    remainder=st.integers(0, 31),
+    strides=st.integers(1, 90),
+    longer=st.integers(0, 100),
+    before=st.integers(0, 6),
+    after=st.integers(0, 6),
+    head=st.integers(1, 6),  # (no head and no margins: every tile keeps a cell)
+)
+def test_balancing_keeps_a_tile_of_the_image_or_one_without_kept_cells(
+    stride, remainder, strides, longer, before, after, head
+):
+    def cells_of(pixels):
+        return pixels // stride - head
+
+    blocks = head + before + after  # cells_of = blocks - head <= before + after: no kept cell
+    length = (blocks + strides) * stride + remainder % stride
+    # A tile as long as the image: the image.
+    whole = tile_length(length + longer, length, stride)
+    assert balanced_tile_length(length, whole, stride, cells_of(whole), before, after, 1) == length
+    # An inner tile whose cells all lie in its margins: kept as it is (plan_axis refuses it by name).
+    tile = tile_length(blocks * stride, length, stride)
+    assert tile < length and cells_of(tile) - before - after < 1
+    assert balanced_tile_length(length, tile, stride, cells_of(tile), before, after, 1) == tile
 
 
 @settings(max_examples=100, deadline=None)

@@ -1,13 +1,16 @@
 """Windowed maps (issue 24): a classifier's output on every crop at a stride, exactly, with a shared prefix.
 
-Every map is compared with `sliding_window_predict` (the classifier itself run
-on every crop) relative to the output scale, on images of odd sizes, whole
-and tiled.
+Every map is compared with the classifier itself run on every crop, cut with
+plain numpy indexing (`crops.crop_scores`: nothing shared with the package,
+not even `sliding_window_predict`'s stride and tile helpers), relative to the
+output scale, on non-square images of odd sizes, whole and tiled, at square
+and non-square strides.
 """
 
 import keras
 import numpy as np
 import pytest
+from crops import crop_scores
 from zoo_cases import hub_classifier
 
 import keras_fcn_surgery as kfs
@@ -19,10 +22,15 @@ L = keras.layers
 TOLERANCE = 1e-5
 
 
+def stride_id(stride) -> str:
+    """A parameter id: ``4`` or ``8x12``."""
+    return str(stride) if np.isscalar(stride) else "x".join(map(str, stride))
+
+
 def assert_crops(model, image, stride, **options):
-    """The windowed map equals the classifier on every crop at ``stride``; returns the map."""
+    """The windowed map equals the classifier on every crop at ``stride`` (cut by numpy indexing); returns the map."""
     got = kfs.predict_map(model, image, stride=stride, method="windowed", **options)
-    want = kfs.sliding_window_predict(model, image, stride)
+    want = crop_scores(model, image, stride)
     assert got.shape == want.shape
     scale = float(np.max(np.abs(want)))
     assert float(np.max(np.abs(got - want))) <= TOLERANCE * scale, (stride, options)
@@ -102,7 +110,7 @@ def test_the_split_stops_before_squeeze_and_excitation_and_names_it():
 # Exact maps -------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("stride", [4, (8, 12)])
+@pytest.mark.parametrize("stride", [4, (8, 12)], ids=stride_id)
 @pytest.mark.parametrize("tile", [None, 44])
 def test_squeeze_and_excitation_net_equals_its_crops(stride, tile):
     model = se_classifier()
@@ -115,10 +123,10 @@ def test_squeeze_and_excitation_net_equals_its_crops(stride, tile):
 def test_without_strips_the_border_cells_of_a_same_padded_prefix_differ(monkeypatch):
     """The strips are needed: the shared map alone is not the crops' prefix map near a window's edge."""
     model = se_classifier()
-    image = image_for((33, 29), 4)
-    want = kfs.sliding_window_predict(model, image, 4)
+    image = image_for((33, 29), (4, 8))
+    want = crop_scores(model, image, (4, 8))
     monkeypatch.setattr(windowed._Split, "strips", lambda self: [])
-    got = kfs.predict_map(model, image, stride=4, method="windowed")
+    got = kfs.predict_map(model, image, stride=(4, 8), method="windowed")
     assert float(np.max(np.abs(got - want))) > 1e-3 * float(np.max(np.abs(want)))
 
 
@@ -127,7 +135,7 @@ def test_the_fcn_of_a_squeeze_and_excitation_net_is_not_its_crops_but_the_window
     image = image_for((32, 32), 4, extra=(0, 0))
     fcn_map = kfs.predict_map(model, image, method="fcn")  # stride 4: the FCN's own
     assert kfs.plan_prediction(model, image.shape[:2]).method == "windowed"  # auto: global context
-    want = kfs.sliding_window_predict(model, image, 4)
+    want = crop_scores(model, image, 4)
     exact = kfs.predict_map(model, image)  # auto, windowed at the FCN's stride
     assert exact.shape == fcn_map.shape == want.shape
     scale = float(np.max(np.abs(want)))
@@ -135,39 +143,42 @@ def test_the_fcn_of_a_squeeze_and_excitation_net_is_not_its_crops_but_the_window
     assert float(np.max(np.abs(fcn_map - want))) > 1e-3 * scale
 
 
-def test_a_prefix_map_larger_than_the_memory_budget_goes_to_disk(tmp_path):
+@pytest.mark.parametrize("stride", [8, (4, 12)], ids=stride_id)
+def test_a_prefix_map_larger_than_the_memory_budget_goes_to_disk(tmp_path, stride):
     model = se_classifier()
-    image = image_for((33, 29), 8)
-    assert_crops(model, image, 8, memory_budget=0, spill_dir=str(tmp_path))
+    image = image_for((33, 29), stride)
+    assert_crops(model, image, stride, memory_budget=0, spill_dir=str(tmp_path))
     assert list(tmp_path.iterdir()) == []
 
 
-@pytest.mark.parametrize("tile, masked", [(None, False), (24, True)])
-def test_bands_of_window_rows_give_the_unbanded_map(monkeypatch, tmp_path, tile, masked):
+@pytest.mark.parametrize(
+    "tile, masked, stride", [(None, False, 4), (24, True, 4), (24, True, (4, 8))], ids=["whole", "masked", "masked-4x8"]
+)
+def test_bands_of_window_rows_give_the_unbanded_map(monkeypatch, tmp_path, tile, masked, stride):
     """Bands start on multiples of the stride: each band's shared map gives its windows' exact prefix maps."""
     model = se_classifier()
-    image = image_for((33, 29), 4, extra=(23, 6))  # 8 window rows
+    image = image_for((33, 29), stride, extra=(23, 6))  # 8 window rows
     keep = None
     if masked:
-        keep = np.zeros(kfs.plan_prediction(model, image.shape[:2], stride=4).map_size, dtype=bool)
+        keep = np.zeros(kfs.plan_prediction(model, image.shape[:2], stride=stride).map_size, dtype=bool)
         keep[1:3, 1:4] = keep[6:, -2:] = True
-    whole = kfs.predict_map(model, image, stride=4, tile=tile, keep=keep, memory_budget=1 << 30)
-    assert kfs.plan_prediction(model, image.shape[:2], stride=4, memory_budget=1 << 30).bands == 1
+    whole = kfs.predict_map(model, image, stride=stride, tile=tile, keep=keep, memory_budget=1 << 30)
+    assert kfs.plan_prediction(model, image.shape[:2], stride=stride, memory_budget=1 << 30).bands == 1
     monkeypatch.setattr(windowed, "_OVERLAP_SHARE", 0)  # bands as small as the budget says
-    one_row = kfs.plan_prediction(model, image.shape[:2], stride=4, memory_budget=0)
+    one_row = kfs.plan_prediction(model, image.shape[:2], stride=stride, memory_budget=0)
     assert one_row.band_rows == 1 and one_row.band_store == "disk"
     budget = int(1.2 * one_row.band_bytes)  # bands of 2 window rows, in memory
-    plan = kfs.plan_prediction(model, image.shape[:2], stride=4, memory_budget=budget, keep=keep)
+    plan = kfs.plan_prediction(model, image.shape[:2], stride=stride, memory_budget=budget, keep=keep)
     assert plan.bands >= 3 and plan.band_store == "memory" and plan.band_bytes <= budget
     assert f"{plan.bands} bands" in str(plan)
     for bytes_kept in (budget, 0):  # in memory; one window row a band, on disk
         banded = kfs.predict_map(
-            model, image, stride=4, tile=tile, keep=keep, memory_budget=bytes_kept, spill_dir=str(tmp_path)
+            model, image, stride=stride, tile=tile, keep=keep, memory_budget=bytes_kept, spill_dir=str(tmp_path)
         )
         np.testing.assert_allclose(banded, whole, rtol=0, atol=1e-6 * float(np.nanmax(np.abs(whole))))
         assert np.array_equal(np.isnan(banded), np.isnan(whole))
     assert list(tmp_path.iterdir()) == []
-    want = kfs.sliding_window_predict(model, image, 4)
+    want = crop_scores(model, image, stride)
     kept = ~np.isnan(whole).any(axis=-1)
     assert float(np.max(np.abs(whole[kept] - want[kept]))) <= TOLERANCE * float(np.max(np.abs(want)))
 
@@ -181,13 +192,14 @@ def test_bands_are_tall_enough_that_their_overlaps_cost_at_most_a_quarter_of_the
     assert whole.bands == 1 and whole.prefix_macs < plan.prefix_macs <= 1.25 * whole.prefix_macs
 
 
-def test_batches_of_windows_of_any_size_give_the_same_map():
+@pytest.mark.parametrize("stride", [4, (8, 4)], ids=stride_id)
+def test_batches_of_windows_of_any_size_give_the_same_map(stride):
     model = se_classifier()
-    image = image_for((33, 29), 4)
-    whole = assert_crops(model, image, 4)
+    image = image_for((33, 29), stride)
+    whole = assert_crops(model, image, stride)
     for batch_size in (1, 5):
         np.testing.assert_allclose(
-            kfs.predict_map(model, image, stride=4, method="windowed", batch_size=batch_size), whole, atol=1e-6
+            kfs.predict_map(model, image, stride=stride, method="windowed", batch_size=batch_size), whole, atol=1e-6
         )
 
 
@@ -205,6 +217,12 @@ def test_masks_skip_windows_and_the_shared_cells_they_do_not_read():
     full = kfs.plan_prediction(model, image.shape[:2], stride=4, method="windowed", tile=24)
     assert plan.windows == 21 and plan.split == full.split != "input"
     assert plan.tail_macs * full.windows == full.tail_macs * 21 and plan.prefix_macs < full.prefix_macs
+    wide = assert_crops(model, image, (8, 4))  # a non-square stride: rows and columns told apart
+    keep = np.zeros(wide.shape[:2], dtype=bool)
+    keep[1:3, 3:9] = keep[-1, 0] = True
+    masked = kfs.predict_map(model, image, stride=(8, 4), method="windowed", keep=keep, tile=24)
+    np.testing.assert_allclose(masked[keep], wide[keep], atol=1e-6 * float(np.max(np.abs(wide))))
+    assert np.isnan(masked[~keep]).all()
 
 
 def test_a_plain_cnn_runs_as_its_fcn_unless_windows_are_asked_for():
@@ -216,9 +234,10 @@ def test_a_plain_cnn_runs_as_its_fcn_unless_windows_are_asked_for():
     image = image_for((15, 15), 8)
     assert kfs.plan_prediction(model, image.shape[:2]).method == "fcn"
     fcn_map = kfs.predict_map(model, image)
-    np.testing.assert_allclose(fcn_map, kfs.sliding_window_predict(model, image, 4), atol=1e-5)
+    np.testing.assert_allclose(fcn_map, crop_scores(model, image, 4), atol=1e-5)
     assert kfs.plan_prediction(model, image.shape[:2], stride=8).method == "windowed"
     assert_crops(model, image, 8)
+    assert_crops(model, image, (8, 12))
     plan = kfs.plan_prediction(model, image.shape[:2], stride=8)
     assert plan.strips == () and plan.saved > 0.3 and plan.fcn_macs is not None
     assert "saved" in str(plan) and "FCN" in str(plan)
@@ -306,11 +325,12 @@ def test_bad_arguments_are_refused():
         kfs.predict_map(free, image, stride=4, method="windowed")
 
 
-def test_a_windowed_map_is_certified_against_the_classifier_on_its_crops():
+@pytest.mark.parametrize("stride", [4, (4, 8)], ids=stride_id)
+def test_a_windowed_map_is_certified_against_the_classifier_on_its_crops(stride):
     model = se_classifier()
-    image = image_for((33, 29), 4)
-    scores, certificate = kfs.predict_map(model, image, stride=4, method="windowed", certify=6)
+    image = image_for((33, 29), stride)
+    scores, certificate = kfs.predict_map(model, image, stride=stride, method="windowed", certify=6)
     assert certificate.exact and certificate.informative and len(certificate.cells) == 6
     assert certificate.eligible == scores.shape[0] * scores.shape[1] and "classifier 'se_net'" in str(certificate)
     scores[certificate.cells[0]] += 1.0  # a wrong cell is caught
-    assert not windowed_certificate(model, image, scores, 6, stride=4).exact
+    assert not windowed_certificate(model, image, scores, 6, stride=stride).exact

@@ -2,8 +2,9 @@
 
 A transformer (keras-hub ViT, small config) and a squeeze-and-excitation net
 have no exact FCN; every map here is compared with the classifier on every
-crop at the stride asked for (`sliding_window_predict`), relative to the
-output scale, and every output's geometry with the windows'.
+crop at the stride asked for, cut with plain numpy indexing (`crops.crop_scores`,
+which shares nothing with the package), relative to the output scale, and
+every output's geometry with the windows'.
 """
 
 import json
@@ -12,9 +13,10 @@ import re
 import keras
 import numpy as np
 import pytest
+from crops import crop_scores
 from models import small_flatten_cnn
 from PIL import Image
-from test_windowed import se_classifier
+from test_windowed import se_classifier, stride_id
 from zoo_cases import hub_classifier
 
 import keras_fcn_surgery as kfs
@@ -28,7 +30,7 @@ TOLERANCE = 1e-5
 
 def assert_crops(got, model, image, stride):
     """``got`` (channels last, NaN where masked) equals the classifier on every crop at ``stride``."""
-    want = kfs.sliding_window_predict(model, image, stride)
+    want = crop_scores(model, image, stride)
     assert got.shape == want.shape
     kept = ~np.isnan(got).any(axis=-1)
     scale = float(np.max(np.abs(want)))
@@ -54,7 +56,7 @@ def vit_file(vit, tmp_path_factory):
     return path
 
 
-@pytest.mark.parametrize("which, stride", [("vit", 8), ("se", (4, 8))])
+@pytest.mark.parametrize("which, stride", [("vit", 8), ("se", (4, 8))], ids=["vit-8", "se-4x8"])
 def test_predict_images_writes_the_windowed_maps_of_classifiers_without_an_exact_fcn(which, stride, vit, tmp_path):
     model = vit if which == "vit" else se_classifier()
     image = write_image(tmp_path / "scene.png", (61, 70))
@@ -92,7 +94,8 @@ def test_predict_images_writes_the_windowed_maps_of_classifiers_without_an_exact
     assert scale[1:] == list(steps) and translation[1:] == [w / 2 - 0.5 for w in window]  # each window's centre
 
 
-def test_a_mask_skips_the_windows_it_masks_out_in_the_windowed_grid(tmp_path, monkeypatch):
+@pytest.mark.parametrize("stride", [4, (8, 4)], ids=stride_id)
+def test_a_mask_skips_the_windows_it_masks_out_in_the_windowed_grid(tmp_path, monkeypatch, stride):
     model = se_classifier()
     image = write_image(tmp_path / "scene.png", (81, 97))
     mask = np.zeros((81, 97), np.uint8)
@@ -107,28 +110,30 @@ def test_a_mask_skips_the_windows_it_masks_out_in_the_windowed_grid(tmp_path, mo
 
     monkeypatch.setattr(windowed, "_run_windows", counting)
     summary = predict_images(
-        model, [str(tmp_path / "scene.png")], tmp_path / "maps", mask=str(tmp_path / "mask.png"), stride=4
+        model, [str(tmp_path / "scene.png")], tmp_path / "maps", mask=str(tmp_path / "mask.png"), stride=stride
     )
     assert summary.ok, summary.failed
     scores = np.load(tmp_path / "maps" / "scene.npz")["scores"]
     kept = ~np.isnan(scores).any(axis=-1)
     assert np.isnan(scores[~kept]).all()
-    assert_crops(scores, model, image, 4)
-    # The mask in the windowed map's grid: a window is kept when its centre's 4-pixel box meets the mask's left 40.
+    assert_crops(scores, model, image, stride)
+    # The mask in the windowed map's grid: a window is kept when its centre's 4-pixel box (the column stride)
+    # meets the mask's left 40.
     centres = np.arange(scores.shape[1]) * 4 + 29 / 2
     np.testing.assert_array_equal(kept, np.broadcast_to(centres - 2 < 40, kept.shape))
     assert computed == [int(kept.sum())] and 0 < kept.sum() < kept.size  # only the kept windows ran
     assert 0 < summary.results[0].computed_fraction < 1
 
 
-def test_a_channels_first_classifier_gets_its_windowed_map(tmp_path):
+@pytest.mark.parametrize("stride", [8, (8, 12)], ids=stride_id)
+def test_a_channels_first_classifier_gets_its_windowed_map(tmp_path, stride):
     keras.utils.set_random_seed(11)
     model = small_flatten_cnn(input_size=(32, 32), classes=3, data_format="channels_first", softmax=False)
     image = write_image(tmp_path / "cf.png", (60, 75))
-    summary = predict_images(model, [str(tmp_path / "cf.png")], tmp_path / "maps", stride=8)  # FCN's is 4
+    summary = predict_images(model, [str(tmp_path / "cf.png")], tmp_path / "maps", stride=stride)  # FCN's is 4
     assert summary.ok, summary.failed
     scores = np.load(tmp_path / "maps" / "cf.npz")["scores"]
-    want = np.moveaxis(kfs.sliding_window_predict(model, np.moveaxis(image, -1, 0), 8), 0, -1)
+    want = crop_scores(model, np.moveaxis(image, -1, 0), stride, channels_first=True)
     scale = float(np.max(np.abs(want)))
     assert scores.shape == want.shape and float(np.max(np.abs(scores - want))) <= TOLERANCE * scale
     assert float(np.max(np.abs(want - want[:1, :1]))) > 1e-2 * scale

@@ -3,7 +3,7 @@
 import keras
 import pytest
 from conftest import random_images
-from zoo_cases import APPLICATIONS, application, application_names, check_classifier
+from zoo_cases import APPLICATIONS, application, application_names, check_classifier, check_dense_head
 
 import keras_fcn_surgery as kfs
 
@@ -40,6 +40,8 @@ def _check_both_heads(factory, size):
         scores = fcn(random_images((1, larger, larger, 3)))
         assert tuple(scores.shape) == (1, *grid.output_size((larger, larger)), 1000), head
         assert grid.stride == (32, 32)
+        if head == "dense":
+            check_dense_head(source, fcn)  # the source's own head at every feature position
     window = kfs.convert(source, head="window", verify=False)
     result = kfs.verify(source, window)
     assert result.passed, result

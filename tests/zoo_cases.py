@@ -5,7 +5,9 @@ Used by ``tests/test_zoo.py``, ``tests/test_keras_hub.py`` and
 weights throughout: nothing is downloaded.
 
 `check_classifier` is the contract: ``convert`` with both heads (``window``
-verified against the source at the original size), the FCN's map size equal to
+verified against the source at the original size; ``dense`` compared with the
+source's own head run on every position of its pooled features, see
+`check_dense_head`), the FCN's map size equal to
 ``geometry(fcn).output_size`` at a larger size, and ``predict_map`` equal to
 the FCN's ``predict`` there.
 """
@@ -20,6 +22,7 @@ import numpy as np
 
 import keras_fcn_surgery as kfs
 from keras_fcn_surgery.graph import model_layout
+from keras_fcn_surgery.surgery.verify import logits_of
 
 A = keras.applications
 
@@ -130,9 +133,52 @@ def check_classifier(model, *, name: str | None = None, larger_by: int = 71, pre
         assert float(np.max(np.abs(scores - expected))) <= 1e-4 * scale, head
         if head == "window":
             outcome.stride, outcome.exact_geometry = grid.stride, grid.exact
+        else:
+            check_dense_head(model, fcn)
         outcome.heads.append(head)
     outcome.seconds = time.perf_counter() - started
     return outcome
+
+
+def check_dense_head(source, dense, tolerance: float = 1e-4) -> None:
+    """The ``head="dense"`` FCN at the source's own size equals the source's head (its layers after the global
+    pooling the dense head removes) run on the feature vector at every position of that pooling's input.
+
+    Logits are compared where the source ends in a softmax or sigmoid (with random weights a 1000-class
+    softmax is 1/1000 everywhere). Without a global pooling to remove, the dense FCN is the window one: their
+    maps must be equal. Raises AssertionError.
+    """
+    layout = model_layout(source)
+    shape = tuple(source.inputs[0].shape)
+    height, width = (int(d) for d in layout.spatial_shape(shape))
+    image = np.random.default_rng(2).standard_normal((1, *shape[1:])).astype("float32")
+    removed = [
+        r.layer_name
+        for r in kfs.plan(source, head="dense").rewrites
+        if r.new_class == "(removed)" and r.old_class.startswith("Global")
+    ]
+    if not removed:
+        window = kfs.convert(source, head="window", verify=False)
+        np.testing.assert_array_equal(
+            np.asarray(dense(image, training=False)), np.asarray(window(image, training=False))
+        )
+        return
+    assert len(removed) == 1, removed
+    pool = source.get_layer(removed[0])
+    body = keras.Model(source.inputs, pool.input)
+    head = keras.Model(pool.output, source.outputs[0])
+    features = layout.image_to_channels_last(np.asarray(body(image, training=False))[0])  # (h, w, C)
+    rows, cols, channels = features.shape
+    vectors = features.reshape(rows * cols, channels)
+    if len(pool.output.shape) == 4:  # keepdims: each position as a 1 x 1 map
+        vectors = np.stack([layout.image_from_channels_last(v.reshape(1, 1, channels)) for v in vectors])
+    with logits_of(head) as (head_logits, _):
+        want = np.asarray(head_logits(vectors, training=False)).reshape(rows, cols, -1)
+    with logits_of(dense) as (dense_logits, _):
+        got = layout.image_to_channels_last(np.asarray(dense_logits(image, training=False))[0])
+    assert got.shape == want.shape, (got.shape, want.shape, (height, width))
+    scale = max(float(np.max(np.abs(want))), 1e-30)
+    assert float(np.max(np.abs(got - want))) <= tolerance * scale, float(np.max(np.abs(got - want))) / scale
 
 
 def check_windowed(model, *, stride=None, larger_by: int = 3) -> tuple[str, tuple[int, int]]:
@@ -176,7 +222,15 @@ def check_windowed(model, *, stride=None, larger_by: int = 3) -> tuple[str, tupl
 # `*ImageClassifier` task itself: a functional subclass of `keras.Model`.
 
 HUB_CNN_FAMILIES = [
-    "ResNet v1", "ResNet v2", "VGG", "MobileNet", "EfficientNet", "DenseNet", "CSPNet", "Xception", "HGNetV2"
+    "ResNet v1",
+    "ResNet v2",
+    "VGG",
+    "MobileNet",
+    "EfficientNet",
+    "DenseNet",
+    "CSPNet",
+    "Xception",
+    "HGNetV2",
 ]
 HUB_TRANSFORMER_FAMILIES = ["ViT", "DeiT", "Swin", "MiT", "MobileNetV5"]
 

@@ -22,6 +22,27 @@ rather than run for ever.
 Mutants known to be equivalent (no test can tell them from the module: see
 ``EQUIVALENT``, each with why) are left out of the score. Exit code: 0 when
 the score is at least ``--goal`` percent and no mutant hangs, 1 otherwise.
+
+Named cases (``CASES``) are bugs injected by hand, each a small source edit
+of one file (a string replaced, found exactly once) and the key tests that
+must see it; ``--case NAME`` (repeatable) or ``--case all`` runs them, each
+against each of its key tests alone, and exits 1 when any key test passes
+on its case (is blind to it). A case whose
+source text is gone (the code was refactored) stops with a message saying
+which: retarget it by editing its ``old`` and ``new`` strings.
+
+    python tools/mutate.py --case all
+    python tools/mutate.py --case region-row-past-end --case pair-swaps-h-w
+
+Samples over the modules those cases live in (a few minutes each on 2 cores):
+
+    python tools/mutate.py keras_fcn_surgery/grid/geometry.py tests/test_geometry.py --sample 6
+    python tools/mutate.py keras_fcn_surgery/inference/windowed.py \
+        tests/test_windowed.py::test_squeeze_and_excitation_net_equals_its_crops \
+        tests/test_windowed.py::test_masks_skip_windows_and_the_shared_cells_they_do_not_read --sample 6
+    python tools/mutate.py keras_fcn_surgery/batch/shards.py tests/test_shards.py::test_a_region_writes_only_its_rows \
+        tests/test_shards.py::test_regions_are_bands_of_whole_chunk_rows_balanced_by_kept_cells \
+        "tests/test_shards.py::test_sharded_outputs_are_the_bytes_of_the_local_outputs[classifier-masked]" --sample 6
 """
 
 from __future__ import annotations
@@ -78,8 +99,12 @@ EQUIVALENT: dict[tuple[str, str, int, str], str] = {
         "plan_pixels: size < 1 implies size - 2 * margin <= 0 < period (margin >= 0), so `or` and `and` agree"
     ),
     (TILING, "quantum: int = 1,", 19, "1 -> 0"): "crop_tile's default quantum: 0 becomes 1 in `max(1, quantum)`",
-    (AXIS, "size = window_output_size(state.size, kernel, stride, dilation, padding) if state.size >= 1 else 0", 94,
-     "1 -> 0"): "apply_window: window_output_size(0, ...) is 0 too (sizes are never negative)",
+    (
+        AXIS,
+        "size = window_output_size(state.size, kernel, stride, dilation, padding) if state.size >= 1 else 0",
+        94,
+        "1 -> 0",
+    ): "apply_window: window_output_size(0, ...) is 0 too (sizes are never negative)",
     (AXIS, "stride=maps[0].stride,", 20, "0 -> -1"): "merge: every map's stride is equal by then (else it raised)",
     (AXIS, "size=maps[0].size,", 18, "0 -> -1"): "merge: every map's size is equal by then (else it raised)",
     (KERNELS, "if permutation == [0, 1, 2, 3]:", 23, "0 -> 1"): IDENTITY,
@@ -98,7 +123,117 @@ EQUIVALENT: dict[tuple[str, str, int, str], str] = {
         "boundaries no chain reaches"
     ),
     (STAGES, "previous = [-1] * (count + 1)", 17, "1 -> 0"): "as above (-0 for -1)",
+    (
+        "keras_fcn_surgery/batch/shards.py",
+        "if len(regions) + 1 < shards and cells and (before + cells) * shards >= total * (len(regions) + 1):",
+        11,
+        "`<` -> `<=`",
+    ): (
+        "cut_regions: a band closed as the last allowed one holds every kept cell left ((before + cells) * shards "
+        ">= total * shards), so the rows after it keep none and join it again: the same regions"
+    ),
 }
+
+
+@dataclass(frozen=True)
+class Case:
+    """A bug injected by hand: ``old`` replaced by ``new`` in ``module``; ``tests`` must fail on it."""
+
+    module: str
+    old: str
+    new: str
+    tests: tuple[str, ...]
+    why: str
+
+
+SHARDS, WINDOWED, RUNNER = (
+    "keras_fcn_surgery/batch/shards.py",
+    "keras_fcn_surgery/inference/windowed.py",
+    "keras_fcn_surgery/inference/runner.py",
+)
+SHARD_BYTES = "tests/test_shards.py::test_sharded_outputs_are_the_bytes_of_the_local_outputs"
+WINDOWED_TESTS = "tests/test_windowed.py::"
+# Non-square strides: where a row/column mix-up shows.
+WIDE = (
+    WINDOWED_TESTS + "test_batches_of_windows_of_any_size_give_the_same_map[8x4]",
+    WINDOWED_TESTS + "test_a_prefix_map_larger_than_the_memory_budget_goes_to_disk[4x12]",
+    WINDOWED_TESTS + "test_masks_skip_windows_and_the_shared_cells_they_do_not_read",
+    "tests/test_windowed_batch.py::test_predict_images_writes_the_windowed_maps_of_classifiers_without_an_exact_fcn"
+    "[se-4x8]",
+)
+CASES: dict[str, Case] = {
+    "region-row-past-end": Case(
+        SHARDS,
+        "low, high = max(first, self.start), min(last, self.stop)",
+        "low, high = max(first, self.start), min(last, self.stop + 1)",
+        (SHARD_BYTES + "[classifier-masked]", SHARD_BYTES + "[windowed-masked]"),
+        "RegionView writes one row past its region: hidden when regions run in order (the next one overwrites it)",
+    ),
+    "shared-map-column-at-row-stride": Case(
+        WINDOWED,
+        "j * plan.stride[1] // split.stride[1]",
+        "j * plan.stride[0] // split.stride[1]",
+        WIDE,
+        "a window's column in the shared map from the row stride: the same at square strides",
+    ),
+    "strip-crop-column-at-row-stride": Case(
+        WINDOWED,
+        "top, left = i * plan.stride[0], j * plan.stride[1]",
+        "top, left = i * plan.stride[0], j * plan.stride[0]",
+        WIDE,
+        "the strips' crops' left edge from the row stride: the same at square strides",
+    ),
+    "pair-swaps-h-w": Case(
+        RUNNER,
+        "return (int(values[0]), int(values[1]))",
+        "return (int(values[1]), int(values[0]))",
+        # Not through `predict_images`: the batch job stores the stride `check_stride` gives, and `predict_map`
+        # pairs it again, so there the swap undoes itself (the maps are right).
+        (*WIDE[:3], WINDOWED_TESTS + "test_squeeze_and_excitation_net_equals_its_crops[None-8x12]"),
+        "the shared (h, w) helper swaps a stride or tile pair: `sliding_window_predict` shares it, the crops do not",
+    ),
+}
+
+
+def run_cases(names: list[str], timeout: float | None) -> int:
+    """Each named case against each of its key tests alone, in a copy of the package; 1 unless every key test
+    fails on every case."""
+    chosen = list(CASES) if names == ["all"] else names
+    unknown = [name for name in chosen if name not in CASES]
+    if unknown:
+        raise SystemExit(f"unknown case(s) {unknown}; known: {', '.join(CASES)}")
+    blind = []
+    with tempfile.TemporaryDirectory(prefix="mutate-") as copy_root:
+        shutil.copytree(
+            os.path.join(ROOT, PACKAGE), os.path.join(copy_root, PACKAGE), ignore=shutil.ignore_patterns("__pycache__")
+        )
+        for name in chosen:
+            case = CASES[name]
+            target = os.path.join(copy_root, case.module)
+            with open(target) as handle:
+                source = handle.read()
+            if source.count(case.old) != 1:
+                raise SystemExit(
+                    f"case {name}: {case.old!r} occurs {source.count(case.old)} times in {case.module} (once "
+                    "expected): the code moved; retarget the case's `old` and `new` in tools/mutate.py"
+                )
+            print(f"{name} ({case.module}): {case.why}", flush=True)
+            try:
+                with open(target, "w") as handle:
+                    handle.write(source.replace(case.old, case.new))
+                for test in case.tests:
+                    outcome, _, seconds = run_tests([(test, [])], copy_root, timeout)
+                    print(f"  {'fails' if outcome != 'survived' else 'PASSES (blind)'}: {test} ({seconds:.1f} s)")
+                    if outcome == "survived":
+                        blind.append((name, test))
+            finally:
+                with open(target, "w") as handle:
+                    handle.write(source)
+    tests = sum(len(CASES[name].tests) for name in chosen)
+    print(f"\n{len(chosen)} named cases, {tests - len(blind)} of {tests} key tests fail on them")
+    for name, test in blind:
+        print(f"  blind: {test} on {name}")
+    return 1 if blind else 0
 
 
 @dataclass
@@ -219,7 +354,7 @@ def evenly(items: list, count: int | None) -> list:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("module", help="the module to mutate, e.g. keras_fcn_surgery/grid/tiling.py")
+    parser.add_argument("module", nargs="?", help="the module to mutate, e.g. keras_fcn_surgery/grid/tiling.py")
     parser.add_argument("tests", nargs="*", help="test files (or node ids), fastest first, run after --pure ones")
     parser.add_argument("--sample", type=int, help="run only N mutants spread evenly through the module")
     parser.add_argument("--timeout", type=float, help="seconds per mutant (default: 3x the unmutated run + 10)")
@@ -229,7 +364,16 @@ def main(argv=None) -> int:
     parser.add_argument("--lines", help="only mutants on these lines, e.g. 120-160")
     parser.add_argument("--list", action="store_true", help="list the mutants and exit")
     parser.add_argument("--goal", type=float, default=95.0, help="percent to reach (exit code)")
+    parser.add_argument(
+        "--case", action="append", default=[], help=f"a named injected bug ({', '.join(CASES)}), or all"
+    )
     args = parser.parse_intermixed_args(argv)
+    if args.case:
+        if args.module or args.tests:
+            parser.error("--case runs each case against its own key tests: give no module or tests")
+        return run_cases(args.case, args.timeout)
+    if args.module is None:
+        parser.error("give a module to mutate, or --case")
 
     module = os.path.relpath(os.path.abspath(args.module), ROOT)
     if not module.startswith(PACKAGE + os.sep):
