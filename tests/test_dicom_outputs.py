@@ -83,6 +83,8 @@ def test_the_parametric_map_holds_the_scores_bit_for_bit(written):
     for group in parametric_map.PerFrameFunctionalGroupsSequence:
         mapping = group.RealWorldValueMappingSequence[0]
         assert (float(mapping.RealWorldValueSlope), float(mapping.RealWorldValueIntercept)) == (1.0, 0.0)
+    (window,) = parametric_map.SharedFunctionalGroupsSequence[0].FrameVOILUTSequence
+    assert window.WindowCenterWidthExplanation == "scores"  # one value, not its characters
 
 
 def test_it_is_in_the_slides_study_and_frame_of_reference_and_references_it(written, slide):

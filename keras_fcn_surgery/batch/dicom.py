@@ -314,6 +314,7 @@ def parametric_map(hd, source, values: np.ndarray, names, common: dict, *, serie
         window_explanation="scores",
         voi_lut_function="LINEAR_EXACT",
     )
+    window.WindowCenterWidthExplanation = "scores"  # highdicom 0.28 writes a string as its characters, one a value
     return hd.pm.ParametricMap(
         pixel_array=values[np.newaxis],
         series_instance_uid=hd.UID(),
