@@ -441,3 +441,33 @@ def test_dciodvfy_finds_no_error_in_the_annotations(fixture, request):
     assert "MicroscopyBulkSimpleAnnotations" in report.splitlines()
     errors = [line for line in report.splitlines() if line.startswith("Error")]
     assert [line for line in errors if line != _DCIODVFY_2D_FALSE_ERROR] == []
+
+
+def test_regions_with_holes_are_annotated_as_hole_free_polygons_of_exactly_their_cells(slide, tmp_path):
+    from keras_fcn_surgery.batch.writers import MapInfo
+
+    picture = ["000000000", "011111110", "010020010", "012222210", "010020010", "011111110", "0000xx000"]
+    labels = np.array([[-1 if c == "x" else int(c) for c in row] for row in picture], dtype=np.int32)
+    scores = np.where(labels[..., None] == np.arange(3), 0.8, 0.1).astype(np.float32)
+    scores[labels < 0] = np.nan
+    info = MapInfo(
+        source=slide[1],
+        level=0,
+        downsample=(1.0, 1.0),
+        level_size=(40, 48),
+        stride=(4, 4),
+        offset=(0, 0),
+        receptive_field=(8, 8),
+        computed_fraction=1.0,
+    )
+    dicom.write_maps(str(tmp_path / "maps"), scores, info, CLASSES, mpp=MPP)
+    drawn, by_label = _read_annotations(tmp_path / "maps" / dicom.ANNOTATIONS)
+    assert sorted(by_label) == sorted(CLASSES)
+    assert len(by_label["tumour"]) > 1  # the ring around the cross, cut into pieces without holes
+    _check_polygons_are_regions({CLASSES.index(name): p for name, p in by_label.items()}, labels)
+    if shutil.which("dciodvfy") is not None:
+        checked = subprocess.run(
+            ["dciodvfy", str(tmp_path / "maps" / dicom.ANNOTATIONS)], capture_output=True, text=True
+        )
+        errors = [line for line in (checked.stdout + checked.stderr).splitlines() if line.startswith("Error")]
+        assert [line for line in errors if line != _DCIODVFY_2D_FALSE_ERROR] == []
