@@ -266,7 +266,7 @@ def test_geojson_regions_of_a_classifier_map_are_the_exact_union_of_their_cells_
     # Issue 28: one detection per cell made 233 MB for a slide; neighbouring cells of one class are one region.
     import json
 
-    from keras_fcn_surgery.batch.writers import cell_polygons, top_classes, write_geojson
+    from keras_fcn_surgery.batch.writers import cell_polygons, class_colour, top_classes, write_geojson
 
     scores = _classifier_map()
     info = _classifier_info(scores.shape)
@@ -288,6 +288,7 @@ def test_geojson_regions_of_a_classifier_map_are_the_exact_union_of_their_cells_
         k, cells = properties["class"], properties["measurements"]["cells"]
         assert feature["geometry"]["type"] == "Polygon"
         assert properties["classification"]["name"] == "abc"[k] and properties["objectType"] == "annotation"
+        assert properties["classification"]["color"] == list(class_colour(k))  # QuPath's class colour
         rings = [np.asarray(ring, np.float64) for ring in feature["geometry"]["coordinates"]]
         assert all(len(r) >= 5 and (r[0] == r[-1]).all() for r in rings)
         assert _polygon_area(rings[:1]) > 0 and all(_polygon_area([r]) < 0 for r in rings[1:])  # right-hand rule
@@ -308,7 +309,7 @@ def test_geojson_regions_of_a_classifier_map_are_the_exact_union_of_their_cells_
 def test_geojson_cells_gives_one_detection_per_computed_cell(tmp_path):
     import json
 
-    from keras_fcn_surgery.batch.writers import cell_polygons, top_classes, write_geojson
+    from keras_fcn_surgery.batch.writers import cell_polygons, class_colour, top_classes, write_geojson
 
     scores = _classifier_map()
     info = _classifier_info(scores.shape)
@@ -322,7 +323,7 @@ def test_geojson_cells_gives_one_detection_per_computed_cell(tmp_path):
             ring = [[x0[n], y0[n]], [x1[n], y0[n]], [x1[n], y1[n]], [x0[n], y1[n]], [x0[n], y0[n]]]
             properties = {
                 "objectType": "detection",
-                "classification": {"name": f"class {classes[n]}"},
+                "classification": {"name": f"class {classes[n]}", "color": list(class_colour(int(classes[n])))},
                 "measurements": {"probability": float(probabilities[n])},
                 "row": int(rows[n]),
                 "col": int(cols[n]),

@@ -1,5 +1,5 @@
-"""DICOM maps beside a DICOM slide: the class scores as a tiled float32 Parametric Map and their top class as a
-Segmentation (highdicom).
+"""DICOM maps: the class scores as a tiled float32 Parametric Map, their top class as a Segmentation and its regions
+as Microscopy Bulk Simple Annotations (highdicom).
 
 The output ``<name>.dicom/`` is a folder of DICOM instances, to store in the
 archive beside the slide (IDC, Slim, OHIF read them)::
@@ -7,6 +7,7 @@ archive beside the slide (IDC, Slim, OHIF read them)::
     slide.dicom/
         parametric-map.dcm   the scores: one float32 channel per class, tiled frames
         segmentation.dcm     the top class of each computed cell: a binary segment per class, named by it
+        annotations.dcm      the connected regions of each top class: one annotation group of polygons per class
 
 Both are in the slide's study and on its frame of reference, and reference
 the slide's full-resolution image as their source. Their total pixel
@@ -26,8 +27,16 @@ coordinate system whose origin is the centre of the input's level-0 pixel
 (its microns per pixel) as the level-0 pixel spacing. The Parametric Map
 references no image; the Segmentation, the top class of its scores, is derived
 from it. An input that records no resolution is refused before its map is
-computed. The regions as Microscopy Bulk Simple Annotations are not written
-yet.
+computed.
+
+The annotations are 2D polygons along the cells' box edges, in the total
+pixel matrix of the slide's full-resolution image (level-0 pixels, ``(0, 0)``
+the top left corner of its top left pixel) for a DICOM slide, of the
+Parametric Map (map cells) for another input; one group per class present,
+labelled by it. A DICOM polygon has no holes, so a region with holes is split
+into hole-free polygons of exactly its cells (`hole_free_polygons`): the
+polygons of a class cover its cells exactly, without overlaps. None is
+written when no cell was computed.
 """
 
 from __future__ import annotations
@@ -37,26 +46,32 @@ from typing import Any
 
 import numpy as np
 
+from keras_fcn_surgery.batch import regions
 from keras_fcn_surgery.batch.readers import open_reader
 from keras_fcn_surgery.batch.sources import dicom_files, is_dicom
-from keras_fcn_surgery.batch.writers import MapInfo, class_name
+from keras_fcn_surgery.batch.writers import MapInfo, class_name, corner_positions, top_classes
 from keras_fcn_surgery.errors import InputError
 
 PARAMETRIC_MAP = "parametric-map.dcm"
 SEGMENTATION = "segmentation.dcm"
+ANNOTATIONS = "annotations.dcm"
 # Cells per frame side of the tiled Parametric Map.
 TILE = 256
 _MANUFACTURER = "keras-fcn-surgery"
 
 
-MISSING_HIGHDICOM = "The dicom output format needs the `highdicom` package: pip install 'keras-fcn-surgery[dicom]'."
+MISSING_HIGHDICOM = (
+    "The dicom output format needs the `highdicom` and `scikit-image` packages: pip install 'keras-fcn-surgery[dicom]'."
+)
 _WSI = "1.2.840.10008.5.1.4.1.1.77.1.6"  # VL Whole Slide Microscopy Image Storage
 
 
 def require_highdicom():
-    """The `highdicom` module, or `InputError` naming the extra that installs it."""
+    """The `highdicom` module, or `InputError` naming the extra that installs it (and scikit-image, which traces
+    the regions)."""
     try:
         import highdicom
+        import skimage.measure  # noqa: F401
     except ImportError as error:
         raise InputError(MISSING_HIGHDICOM) from error
     return highdicom
@@ -166,6 +181,13 @@ def write_maps(folder: str, scores, info: MapInfo, class_names=None, *, mpp: flo
     os.makedirs(folder, exist_ok=True)
     scores_map.save_as(os.path.join(folder, PARAMETRIC_MAP))
     top_class.save_as(os.path.join(folder, SEGMENTATION))
+    # A DICOM slide's regions are on its full-resolution image; another input's on the Parametric Map, whose pixels
+    # are the cells' boxes.
+    labels, probability = regions.label_map(values, top_classes)
+    on_slide = None if new_study else info
+    drawn = region_annotations(hd, scores_map if new_study else source, labels, probability, names, on_slide, common)
+    if drawn is not None:
+        drawn.save_as(os.path.join(folder, ANNOTATIONS))
 
 
 def new_study_image(hd, info: MapInfo, mpp: float):
@@ -292,6 +314,7 @@ def parametric_map(hd, source, values: np.ndarray, names, common: dict, *, serie
         window_explanation="scores",
         voi_lut_function="LINEAR_EXACT",
     )
+    window.WindowCenterWidthExplanation = "scores"  # highdicom 0.28 writes a string as its characters, one a value
     return hd.pm.ParametricMap(
         pixel_array=values[np.newaxis],
         series_instance_uid=hd.UID(),
@@ -343,6 +366,104 @@ def segmentation(hd, source, values: np.ndarray, names, common: dict, *, series_
     # highdicom leaves out; dciodvfy reports it missing.
     written.PatientOrientation = ""
     return written
+
+
+def region_annotations(
+    hd, image, labels: np.ndarray, probability: np.ndarray, names, info: MapInfo | None, common: dict
+):
+    """The regions of ``labels`` as Microscopy Bulk Simple Annotations of ``image``: one group of polygons per class.
+
+    Their coordinates are 2D, in ``image``'s total pixel matrix (DICOM's ``(column, row)``, ``(0, 0)`` the top left
+    corner of its top left pixel): level-0 pixels of the slide when ``info`` is given (the corners of the cells'
+    boxes, `writers.corner_positions`), else map cells (``image`` is then the Parametric Map). A DICOM polygon has
+    no holes: a region with holes is split into hole-free polygons (`hole_free_polygons`). None when no cell was
+    computed.
+    """
+    from pydicom.sr.codedict import codes
+
+    polygons: dict[int, list[np.ndarray]] = {}
+    for label, ring in hole_free_polygons(labels, probability):
+        x, y = ring[:-1, 0].astype(np.float64), ring[:-1, 1].astype(np.float64)  # a DICOM polygon is not closed
+        if info is not None:
+            x, y = corner_positions(x, y, info)
+        polygons.setdefault(label, []).append(np.stack([x, y], axis=-1).astype(np.float32))
+    if not polygons:
+        return None
+    algorithm = hd.AlgorithmIdentificationSequence(
+        name=_MANUFACTURER, family=codes.DCM.ArtificialIntelligence, version=_version()
+    )
+    groups = [
+        hd.ann.AnnotationGroup(
+            number=number,
+            uid=hd.UID(),
+            label=names[label][:64],
+            annotated_property_category=codes.SCT.Tissue,
+            annotated_property_type=codes.SCT.Tissue,
+            graphic_type=hd.ann.GraphicTypeValues.POLYGON,
+            graphic_data=polygons[label],
+            algorithm_type=hd.ann.AnnotationGroupGenerationTypeValues.AUTOMATIC,
+            algorithm_identification=algorithm,
+            description=f"regions of {names[label]}"[:64],
+        )
+        for number, label in enumerate(sorted(polygons), start=1)
+    ]
+    written = hd.ann.MicroscopyBulkSimpleAnnotations(
+        source_images=[image],
+        annotation_coordinate_type=hd.ann.AnnotationCoordinateTypeValues.SCOORD,
+        annotation_groups=groups,
+        series_instance_uid=hd.UID(),
+        series_number=_series_number(image) + 2,
+        sop_instance_uid=hd.UID(),
+        instance_number=1,
+        manufacturer=common["manufacturer"],
+        manufacturer_model_name=common["manufacturer_model_name"],
+        software_versions=common["software_versions"],
+        device_serial_number=common["device_serial_number"],
+        content_label="REGIONS",
+        content_description="connected regions of each top class, in hole-free polygons",
+    )
+    for group in written.AnnotationGroupSequence:  # highdicom leaves it empty for 2D, where dciodvfy forbids it
+        if "CommonZCoordinateValue" in group and not group.CommonZCoordinateValue:
+            del group.CommonZCoordinateValue
+    return written
+
+
+def hole_free_polygons(labels: np.ndarray, probability: np.ndarray):
+    """``(class, ring)`` for hole-free polygons covering each connected region of a class in ``labels`` exactly.
+
+    A region without holes is its outer ring (`regions.regions`). A region with holes is cut into pieces without:
+    each row of cells that one of its holes spans into its runs of cells (rectangles), the other rows' bands into
+    their connected pieces (which enclose nothing: whatever a piece enclosed, the region would enclose, in rows its
+    holes span). The pieces of a region have its cells, no more, no fewer, so their areas add up to its area.
+    Rings are closed ``(n, 2)`` ``(x, y)`` corners in map cells, as `regions.Region.rings`.
+    """
+    import skimage.measure as measure
+
+    for region in regions.regions(labels, probability):
+        if len(region.rings) == 1:
+            yield region.label, region.rings[0]
+            continue
+        top, left, bottom, right = region.box
+        outer = region.rings[0]
+        first = int(outer[outer[:, 1] == top, 0].min())  # the region's leftmost cell in its top row
+        components = measure.label(labels[top:bottom, left:right] == region.label, background=0, connectivity=1)
+        cells = components == components[0, first - left]
+        spanned = np.zeros(bottom - top, dtype=bool)
+        for hole in region.rings[1:]:
+            spanned[int(hole[:, 1].min()) - top : int(hole[:, 1].max()) - top] = True
+        pieces = np.zeros(cells.shape, dtype=np.int64)
+        start = 0
+        while start < len(spanned):
+            stop = start + 1
+            while stop < len(spanned) and not spanned[start] and not spanned[stop]:
+                stop += 1
+            band = measure.label(cells[start:stop], background=0, connectivity=1)
+            pieces[start:stop] = np.where(band > 0, band + pieces.max(), 0)
+            start = stop
+        for piece in regions.regions(pieces - 1, np.zeros(pieces.shape, np.float32)):
+            if len(piece.rings) != 1:
+                raise AssertionError("dicom: a piece of a region with holes has a hole (a bug: please report the map)")
+            yield region.label, piece.rings[0] + np.array([left, top])
 
 
 def _finite_range(values: np.ndarray) -> tuple[float, float]:

@@ -243,7 +243,7 @@ class DicomFormat(OutputFormat):
 
     @classmethod
     def check_available(cls) -> None:
-        if importlib.util.find_spec("highdicom") is None:
+        if importlib.util.find_spec("highdicom") is None or importlib.util.find_spec("skimage") is None:
             raise InputError(dicom.MISSING_HIGHDICOM)
 
     def check_input(self, source: str) -> None:

@@ -30,11 +30,9 @@ out): its cell ``j`` covers level 0's cells ``2**k * j ... 2**k * (j + 1) -
 
 from __future__ import annotations
 
-import colorsys
-
 import numpy as np
 
-from keras_fcn_surgery.batch.writers import MapInfo, class_name, plain, require_zarr
+from keras_fcn_surgery.batch.writers import MapInfo, class_colour, class_name, plain, require_zarr
 from keras_fcn_surgery.errors import InputError
 from keras_fcn_surgery.options import DEFAULT_OME_ZARR_VERSION, OME_ZARR_VERSIONS
 
@@ -150,7 +148,7 @@ def _image_metadata(names, axes, transforms, low, high, version: str) -> dict:
     channels = [
         {
             "label": name,
-            "color": _hex(_colour(k)),
+            "color": _hex(class_colour(k)),
             "window": {"min": low[k], "max": high[k], "start": low[k], "end": high[k]},
             "active": len(names) <= 8,
             "coefficient": 1,
@@ -172,7 +170,7 @@ def _label_metadata(names, axes, transforms, version: str) -> dict:
         "image-label": {
             "version": version,
             "colors": [{"label-value": 0, "rgba": [0, 0, 0, 0]}]
-            + [{"label-value": k + 1, "rgba": [*_colour(k), 255]} for k in range(len(names))],
+            + [{"label-value": k + 1, "rgba": [*class_colour(k), 255]} for k in range(len(names))],
             "properties": [{"label-value": 0, "class": "not computed"}]
             + [{"label-value": k + 1, "class": name, "class-index": k} for k, name in enumerate(names)],
             "source": {"image": "../../"},
@@ -336,12 +334,6 @@ def halve(block: np.ndarray) -> np.ndarray:
     count = valid.sum(axis=(-3, -1))
     with np.errstate(invalid="ignore", divide="ignore"):
         return (total / count).astype(np.float32)  # 0 / 0: NaN where no cell was computed
-
-
-def _colour(k: int) -> tuple[int, int, int]:
-    """A distinct colour for class ``k``: hues a golden angle apart."""
-    red, green, blue = colorsys.hsv_to_rgb((k * 0.618033988749895) % 1.0, 0.75, 0.95)
-    return (round(red * 255), round(green * 255), round(blue * 255))
 
 
 def _hex(rgb) -> str:

@@ -7,6 +7,7 @@ interruption removes the folder, so no partial output is ever left behind.
 
 from __future__ import annotations
 
+import colorsys
 import contextlib
 import csv
 import json
@@ -259,7 +260,7 @@ def write_geojson(path: str, scores, info: MapInfo, class_names=None, *, geojson
                     "geometry": {"type": "Polygon", "coordinates": [[[float(x), float(y)] for x, y in box]]},
                     "properties": {
                         "objectType": "detection",
-                        "classification": {"name": class_name(int(classes[n]), class_names)},
+                        "classification": classification(int(classes[n]), class_names),
                         "measurements": {"probability": float(probabilities[n])},
                         "row": int(rows[n]),
                         "col": int(cols[n]),
@@ -325,7 +326,7 @@ def _write_region_geojson(path: str, scores, info: MapInfo, class_names) -> None
                 "geometry": {"type": "Polygon", "coordinates": rings},
                 "properties": {
                     "objectType": "annotation",
-                    "classification": {"name": class_name(region.label, class_names)},
+                    "classification": classification(region.label, class_names),
                     "measurements": {
                         count: region.pixels,
                         "mean probability": region.mean_probability,
@@ -360,6 +361,18 @@ def _write_region_csv(path: str, scores, info: MapInfo, class_names) -> None:
                     bottom * dy,
                 ]
             )
+
+
+def class_colour(k: int) -> tuple[int, int, int]:
+    """A distinct ``(red, green, blue)`` colour for class ``k`` (hues a golden angle apart): its GeoJSON
+    classification's (QuPath's class colour) and its OME-Zarr label's."""
+    red, green, blue = colorsys.hsv_to_rgb((k * 0.618033988749895) % 1.0, 0.75, 0.95)
+    return (round(red * 255), round(green * 255), round(blue * 255))
+
+
+def classification(k: int, class_names) -> dict:
+    """QuPath's classification of class ``k``: its name and colour."""
+    return {"name": class_name(k, class_names), "color": list(class_colour(k))}
 
 
 def class_name(k: int, class_names) -> str:
