@@ -992,7 +992,7 @@ def _verify_split(found: _Analysis, split: _Split) -> None:
 
     batch = np.random.default_rng(0).standard_normal((2, *tuple(found.model.inputs[0].shape)[1:])).astype("float32")
     expected = np.asarray(keras.ops.convert_to_numpy(found.model(batch, training=False)))
-    middle = batch if split.prefix is None else np.asarray(split.prefix(batch, training=False))
+    middle = batch if split.prefix is None else keras.ops.convert_to_numpy(split.prefix(batch, training=False))
     got = np.asarray(keras.ops.convert_to_numpy(found.tail(split, 2)(middle)))
     result = compare_arrays([(expected, got)], tolerance=tolerance_for(found.model), input_shape=batch.shape)
     if not result.passed:
