@@ -11,7 +11,7 @@ HEADS = ("window", "dense")
 # common Keras recipe `Rescaling(1 / 255)` left outside the model); see `keras_fcn_surgery.exporting.preprocessing`.
 PREPROCESS_MODES = ("none", "caffe", "tf", "torch", "unit")
 
-EXPORT_FORMATS = ("savedmodel", "onnx", "tflite", "openvino")
+EXPORT_FORMATS = ("savedmodel", "onnx", "tflite", "openvino", "torch")
 
 # Who writes an ONNX file: this package (the weights streamed into it) or Keras's `model.export(format="onnx")`.
 ONNX_EXPORTERS = ("streamed", "keras")

@@ -5,7 +5,9 @@
 TensorFlow and runs this file as a script under ``KERAS_BACKEND=jax``, with TensorFlow made unimportable,
 so the JAX side also shows that the surgery and the maps need no TensorFlow:
 
-    KERAS_BACKEND=jax python tests/backend_cases.py MODELS_DIR OUT.npz
+    KERAS_BACKEND=jax python tests/backend_cases.py MODELS_DIR OUT.npz [applications]
+
+(``applications``: MobileNetV2 and ResNet50 from `save_applications` instead of the small models.)
 """
 
 import json
@@ -106,13 +108,56 @@ def results(folder) -> tuple[dict, dict]:
     return arrays, texts
 
 
+# keras.applications networks compared across backends (random weights, logits), the sizes they are built at.
+APPLICATIONS = (("MobileNetV2", 64), ("ResNet50", 64))
+
+
+def save_applications(folder) -> None:
+    """`APPLICATIONS` with seeded random weights, as ``.keras`` files in ``folder``."""
+    import keras
+
+    for name, size in APPLICATIONS:
+        keras.utils.set_random_seed(40)
+        model = getattr(keras.applications, name)(weights=None, input_shape=(size, size, 3), classifier_activation=None)
+        model.save(os.path.join(folder, f"{name}.keras"))
+
+
+def application_results(folder) -> tuple[dict, dict]:
+    """``(arrays, texts)``: the applications in ``folder`` converted (verified on this backend) and mapped."""
+    import keras
+    import numpy as np
+
+    import keras_fcn_surgery as kfs
+
+    arrays, texts = {}, {"backend": keras.backend.backend()}
+    image = np.random.default_rng(40).uniform(-1, 1, (100, 84, 3)).astype("float32")
+    for name, _ in APPLICATIONS:
+        fcn = kfs.convert(os.path.join(folder, f"{name}.keras"))
+        texts[f"{name}-geometry"] = str(kfs.geometry(fcn))
+        arrays[f"{name}-whole"] = kfs.predict_map(fcn, image)
+        arrays[f"{name}-tiled"] = kfs.predict_map(fcn, image, tile=80, batch_size=2)
+    return arrays, texts
+
+
 class _NoTensorFlow:
-    """A finder that makes ``import tensorflow`` (and its submodules) fail as if it were not installed."""
+    """A finder that makes ``import tensorflow`` (and its submodules) fail as if it were not installed.
+
+    The failure comes when the module would load, not when it is looked for: PyTorch's dynamo looks up
+    ``tensorflow`` with `importlib.util.find_spec` at import (to skip it when tracing) and must not fail there.
+    """
 
     def find_spec(self, name, path=None, target=None):
         if name == "tensorflow" or name.startswith("tensorflow."):
-            raise ModuleNotFoundError(f"No module named {name!r} (hidden by tests/backend_cases.py)", name=name)
+            import importlib.machinery
+
+            return importlib.machinery.ModuleSpec(name, self)
         return None
+
+    def create_module(self, spec):
+        raise ModuleNotFoundError(f"No module named {spec.name!r} (hidden by tests/backend_cases.py)", name=spec.name)
+
+    def exec_module(self, module):  # pragma: no cover - create_module always raises
+        raise AssertionError(module)
 
 
 def hide_tensorflow() -> None:
@@ -120,11 +165,11 @@ def hide_tensorflow() -> None:
     sys.meta_path.insert(0, _NoTensorFlow())
 
 
-def main(models_dir, out_path) -> None:
+def main(models_dir, out_path, cases="small") -> None:
     hide_tensorflow()
     import numpy as np
 
-    arrays, texts = results(models_dir)
+    arrays, texts = (application_results if cases == "applications" else results)(models_dir)
     np.savez(out_path, **arrays)
     with open(out_path + ".json", "w") as handle:
         json.dump({**texts, "tensorflow_imported": "tensorflow" in sys.modules}, handle)
@@ -132,4 +177,4 @@ def main(models_dir, out_path) -> None:
 
 if __name__ == "__main__":
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # conftest.py, models.py
-    main(sys.argv[1], sys.argv[2])
+    main(*sys.argv[1:])

@@ -181,7 +181,7 @@ def quiet_tensorflow_import() -> None:
     logging.getLogger("tensorflow").setLevel(logging.ERROR)
 
 
-EXECUTIONS = ("auto", "tf", "xla", "blas", "jax")
+EXECUTIONS = ("auto", "tf", "xla", "blas", "jax", "torch")
 
 
 def non_negative_int(text: str) -> int:
@@ -211,7 +211,7 @@ def add_execution_argument(parser) -> None:
         default="auto",
         help="how each forward pass runs: auto (default: the fastest, measured on this machine on first use), "
         "tf, xla (XLA-compiled), blas (the classifier head in numpy's BLAS; CPU only), jax (jax.jit; "
-        "KERAS_BACKEND=jax)",
+        "KERAS_BACKEND=jax), torch (PyTorch; KERAS_BACKEND=torch)",
     )
 
 

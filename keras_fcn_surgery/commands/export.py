@@ -35,7 +35,8 @@ def add_parser(subparsers) -> None:
     parser.add_argument("model", help="source model file (.keras or .h5)")
     parser.add_argument(
         "export_dir",
-        help="SavedModel base folder (--format onnx/tflite: the .onnx/.tflite file to write; openvino: the folder)",
+        help="SavedModel base folder (--format onnx/tflite/torch: the .onnx/.tflite/.pt2 file to write; openvino: "
+        "the folder)",
     )
     parser.add_argument("--version", type=parse_version, help="version folder (default: the next integer)")
     parser.add_argument("--head", choices=HEADS, default="window", help="global-pooling heads")
@@ -47,7 +48,10 @@ def add_parser(subparsers) -> None:
     )
     parser.add_argument("--overwrite", action="store_true", help="replace an existing version (or .onnx file)")
     parser.add_argument(
-        "--format", choices=EXPORT_FORMATS, default="savedmodel", help="savedmodel (default), onnx, tflite or openvino"
+        "--format",
+        choices=EXPORT_FORMATS,
+        default="savedmodel",
+        help="savedmodel (default), onnx, tflite, openvino or torch (.pt2)",
     )
     parser.add_argument(
         "--exporter",

@@ -26,6 +26,7 @@ from keras_fcn_surgery.exporting.pipeline import (
     run_check_script,
     write_export,
 )
+from keras_fcn_surgery.exporting.pytorch import TorchFormat
 from keras_fcn_surgery.exporting.savedmodel import SavedModelFormat, signature_outputs
 from keras_fcn_surgery.exporting.tflite import TfliteFormat
 from keras_fcn_surgery.options import EXPORT_FORMATS
@@ -36,7 +37,7 @@ from keras_fcn_surgery.surgery.verify import logits_of, tolerance_for
 
 # The formats by name, in the order of `options.EXPORT_FORMATS` (the CLI's choices).
 FORMATS: dict[str, type[ExportFormat]] = {
-    kind.name: kind for kind in (SavedModelFormat, OnnxFormat, TfliteFormat, OpenvinoFormat)
+    kind.name: kind for kind in (SavedModelFormat, OnnxFormat, TfliteFormat, OpenvinoFormat, TorchFormat)
 }
 
 
@@ -76,12 +77,15 @@ def export(
             segmenter), or a path to a ``.keras``/``.h5`` file holding either.
         path: ``"savedmodel"``: the model's base folder (created when
             missing), the export goes to a version folder in it; ``"onnx"``,
-            ``"tflite"``: the file to write, ending in ``.onnx``/``.tflite``,
+            ``"tflite"``, ``"torch"``: the file to write, ending in
+            ``.onnx``/``.tflite``/``.pt2``,
             in a folder that exists; ``"openvino"``: the folder to write
             ``model.xml`` and ``model.bin`` in (its parent must exist).
-        format: ``"savedmodel"`` (TF Serving), ``"onnx"``, ``"tflite"`` or
+        format: ``"savedmodel"`` (TF Serving), ``"onnx"``, ``"tflite"``,
             ``"openvino"`` (OpenVINO IR, checked as compiled with
-            ``{"INFERENCE_PRECISION_HINT": "f32"}``).
+            ``{"INFERENCE_PRECISION_HINT": "f32"}``) or ``"torch"`` (a
+            `torch.export` program, ``.pt2``, checked by PyTorch with Keras
+            unimportable; see `exporting.pytorch` for the sizes it runs).
         convert: convert a classifier first; with False the model must
             already be fully convolutional.
         head: ``"window"`` or ``"dense"``, passed to `convert`.
@@ -95,7 +99,8 @@ def export(
         **options: the format's own: ``version``, ``preprocess``,
             ``bytes_signature`` (see `export_savedmodel`); ``opset`` and
             ``exporter`` (see `export_onnx`); ``quantize`` (see
-            `export_tflite`); OpenVINO takes none.
+            `export_tflite`); ``trace_size`` (see `exporting.pytorch`); OpenVINO
+            takes none.
 
     Returns:
         An `ExportResult`: what was written, and the checks.
@@ -121,6 +126,7 @@ def export(
     fcn = _fcn_to_export(source, convert=convert, head=head, input_size=input_size)
     kind.accept(fcn)
     sizes = resolve_check_sizes(fcn, original_size(source, input_size), check_sizes)
+    kind, sizes = kind.fit_sizes(fcn, sizes)
     with kind.destination(path, overwrite=overwrite) as destination, destination.staging as temporary:
         pause_point("write")
         write_export(kind, fcn, temporary)

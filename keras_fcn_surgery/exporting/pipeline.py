@@ -12,13 +12,14 @@ file's own outputs. A format (`savedmodel.py`, `onnx.py`, `tflite.py`,
 `openvino.py`) is an `ExportFormat`: it writes its file and supplies the
 small script that runs it; nothing else.
 
-Backends: every writer runs on Keras's TensorFlow backend (tf2onnx, the TFLite
-converter, SavedModel, Keras's OpenVINO exporter all trace a `tf.function`).
-Under another backend (``KERAS_BACKEND=jax``) `write_export` saves the model
-as a ``.keras`` file (backend-neutral) and runs the same writer in a fresh
-process on TensorFlow (always installed: a dependency of this package); the
-check still compares the written file with the model on the process's own
-backend.
+Backends: a writer runs on the Keras backend its format names
+(`ExportFormat.backend`): TensorFlow for tf2onnx, the TFLite converter,
+SavedModel and Keras's OpenVINO exporter (they all trace a `tf.function`),
+PyTorch for the ``torch`` format (`torch.export`). Under another backend
+(``KERAS_BACKEND=jax``) `write_export` saves the model as a ``.keras`` file
+(backend-neutral) and runs the same writer in a fresh process on the format's
+backend; the check still compares the written file with the model on the
+process's own backend.
 """
 
 from __future__ import annotations
@@ -114,6 +115,8 @@ class ExportFormat:
     name: ClassVar[str]
     what: ClassVar[str]
     check_script: ClassVar[str]
+    # The Keras backend the writer runs on (`write_export`).
+    backend: ClassVar[str] = "tensorflow"
 
     @property
     def enforce(self) -> bool:
@@ -134,6 +137,11 @@ class ExportFormat:
     def write(self, fcn, path: str) -> None:
         """Write ``fcn`` at the temporary ``path``."""
         raise NotImplementedError
+
+    def fit_sizes(self, fcn, sizes) -> tuple[ExportFormat, tuple]:
+        """The format and the check sizes it is written and checked for (this format and ``sizes`` as they are,
+        unless the format's file depends on them)."""
+        return self, tuple(sizes)
 
     def twin(self) -> ExportFormat:
         """The format a check's logits twin is written in (see `exporting.api.export`): this one, less what the
@@ -187,7 +195,8 @@ def check_choice(option: str, value, choices) -> None:
 
 
 def write_export(kind: ExportFormat, model, path: str) -> None:
-    """``kind.write(model, path)`` on Keras's TensorFlow backend: here, or in a fresh TensorFlow process.
+    """``kind.write(model, path)`` on the format's Keras backend (`ExportFormat.backend`): here, or in a fresh
+    process on that backend.
 
     Under another backend the model goes to that process as a ``.keras``
     file: its layers must be Keras's, this package's, or registered with
@@ -198,17 +207,18 @@ def write_export(kind: ExportFormat, model, path: str) -> None:
         ExportError: when the model cannot be saved or reloaded there, or the
             writer fails (its message).
     """
-    if keras.backend.backend() == "tensorflow":
+    if keras.backend.backend() == kind.backend:
         kind.write(model, path)
         return
+    framework = _FRAMEWORKS.get(kind.backend, kind.backend)
     unimportable = [layer for layer in [model, *iter_layers(model)] if type(layer).__module__ == "__main__"]
     if unimportable:
         layer = unimportable[0]
         raise ExportError(
             f"Layer '{layer.name}' (class {type(layer).__name__}, defined in __main__) cannot be rebuilt in the "
-            f"TensorFlow process that writes {kind.name} exports when Keras runs on {keras.backend.backend()}: "
+            f"{framework} process that writes {kind.name} exports when Keras runs on {keras.backend.backend()}: "
             "define it in a module and register it (`keras.saving.register_keras_serializable`), or run the "
-            "export under KERAS_BACKEND=tensorflow."
+            f"export under KERAS_BACKEND={kind.backend}."
         )
     with tempfile.TemporaryDirectory(prefix="kfs-write-") as scratch:
         model_file = os.path.join(scratch, "model.keras")
@@ -216,12 +226,12 @@ def write_export(kind: ExportFormat, model, path: str) -> None:
             model.save(model_file)
         except Exception as error:  # noqa: BLE001 - any saving failure is this one refusal
             raise ExportError(
-                f"Could not save model '{model.name}' to hand it to TensorFlow, which writes {kind.name} exports "
+                f"Could not save model '{model.name}' to hand it to {framework}, which writes {kind.name} exports "
                 f"({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}). Run the export "
-                "under KERAS_BACKEND=tensorflow."
+                f"under KERAS_BACKEND={kind.backend}."
             ) from error
         package_root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-        env = {**os.environ, "KERAS_BACKEND": "tensorflow"}
+        env = {**os.environ, "KERAS_BACKEND": kind.backend}
         env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, os.environ.get("PYTHONPATH", "")) if p)
         env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
         options = json.dumps(dataclasses.asdict(kind))  # type: ignore[call-overload]
@@ -236,19 +246,22 @@ def write_export(kind: ExportFormat, model, path: str) -> None:
             )
         except subprocess.TimeoutExpired as error:
             raise ExportError(
-                f"Writing the {kind.name} export in a TensorFlow process took over {CHECK_TIMEOUT} s."
+                f"Writing the {kind.name} export in a {framework} process took over {CHECK_TIMEOUT} s."
             ) from error
     if process.returncode != 0:
         lines = process.stderr.strip().splitlines()
         reason = lines[-1].rstrip(".") if lines else f"exit {process.returncode}"
         raise ExportError(
-            f"Writing the {kind.name} export of '{model.name}' in a TensorFlow process (this process runs Keras on "
-            f"{keras.backend.backend()}) failed: {reason}. Run the export under KERAS_BACKEND=tensorflow."
+            f"Writing the {kind.name} export of '{model.name}' in a {framework} process (this process runs Keras on "
+            f"{keras.backend.backend()}) failed: {reason}. Run the export under KERAS_BACKEND={kind.backend}."
         )
 
 
-# Run by `write_export` under KERAS_BACKEND=tensorflow: FORMAT OPTIONS_JSON MODEL.keras PATH. Its last stderr line
-# is the reason of a failure.
+# How messages name the framework under a Keras backend.
+_FRAMEWORKS = {"tensorflow": "TensorFlow", "torch": "PyTorch", "jax": "JAX"}
+
+# Run by `write_export` under KERAS_BACKEND=<the format's backend>: FORMAT OPTIONS_JSON MODEL.keras PATH. Its last
+# stderr line is the reason of a failure.
 _WRITE_SCRIPT = """
 import json
 import sys

@@ -11,12 +11,13 @@ candidates the first time a (model, input shape) is run and keeps the fastest:
 - ``"xla"``: the same compiled with XLA (``jit_compile=True``);
 - ``"jax"``: the model's stateless call in `jax.jit` (its weights passed as
   arguments, not baked in as constants);
+- ``"torch"``: the model called eagerly by PyTorch under `torch.inference_mode`;
 - ``"blas"``: the large-kernel head convolution as blocked matrix products in
   numpy's BLAS where the graph splits there (`blas.split_forward`), the rest
   under the backend's own execution; only on a CPU, at float32.
 
-``"tf"`` and ``"xla"`` need Keras on TensorFlow, ``"jax"`` Keras on JAX
-(``KERAS_BACKEND``); `native` names the backend's own execution, the one
+``"tf"`` and ``"xla"`` need Keras on TensorFlow, ``"jax"`` Keras on JAX,
+``"torch"`` Keras on PyTorch (``KERAS_BACKEND``); `native` names the backend's own execution, the one
 ``"auto"`` compares with ``"blas"`` (and ``"xla"`` on TensorFlow).
 
 Passes below `MEASURE_MACS` multiply-accumulates per call run the native
@@ -52,9 +53,9 @@ from keras_fcn_surgery.inference.runner import input_dtype
 from keras_fcn_surgery.names import runtime_name
 from keras_fcn_surgery.saving.atomic import atomic_output
 
-ENGINES = ("auto", "tf", "xla", "blas", "jax")
+ENGINES = ("auto", "tf", "xla", "blas", "jax", "torch")
 # The engines each Keras backend can run itself, its own execution first ("blas" runs on any of them).
-_BACKEND_ENGINES = {"tensorflow": ("tf", "xla"), "jax": ("jax",)}
+_BACKEND_ENGINES = {"tensorflow": ("tf", "xla"), "jax": ("jax",), "torch": ("torch",)}
 # Multiply-accumulates per forward call below which "auto" runs the native engine ("tf", "jax") without measuring.
 MEASURE_MACS = 4_000_000_000
 # A probe call computes at most about this many multiply-accumulates: a larger input is shrunk (batch
@@ -81,7 +82,7 @@ class EngineChoice:
     """The execution chosen for a model at one input shape, and why.
 
     Attributes:
-        engine: ``"tf"``, ``"xla"``, ``"jax"`` or ``"blas"``.
+        engine: ``"tf"``, ``"xla"``, ``"jax"``, ``"torch"`` or ``"blas"``.
         reason: a short sentence: asked for, below the measuring threshold,
             measured now, or measured earlier (read from the cache file).
         timings: seconds of the best probe call of each timed candidate
@@ -109,7 +110,7 @@ def backend_name() -> str:
 
 
 def native() -> str:
-    """The backend's own execution: ``"tf"`` on TensorFlow, ``"jax"`` on JAX.
+    """The backend's own execution: ``"tf"`` on TensorFlow, ``"jax"`` on JAX, ``"torch"`` on PyTorch.
 
     Raises:
         InputError: on a backend this library cannot run a forward pass on.
@@ -117,8 +118,8 @@ def native() -> str:
     backend = backend_name()
     if backend not in _BACKEND_ENGINES:
         raise InputError(
-            f"Dense maps run on Keras's TensorFlow or JAX backend; this process runs Keras on {backend!r}. "
-            "Set KERAS_BACKEND=tensorflow or KERAS_BACKEND=jax before Keras is imported."
+            f"Dense maps run on Keras's TensorFlow, JAX or PyTorch backend; this process runs Keras on "
+            f"{backend!r}. Set KERAS_BACKEND=tensorflow, jax or torch before Keras is imported."
         )
     return _BACKEND_ENGINES[backend][0]
 
@@ -172,6 +173,10 @@ def accelerators() -> list[str]:
         import jax
 
         return sorted(str(d) for d in jax.devices() if d.platform != "cpu")
+    if backend == "torch":
+        import torch
+
+        return [f"cuda:{index}" for index in range(torch.cuda.device_count())]
     return []
 
 
@@ -213,7 +218,7 @@ def forward(model, engine: str, precision: str | None = None):
 
     Args:
         model: the model to run.
-        engine: ``"tf"``, ``"xla"``, ``"jax"`` or ``"blas"`` (where the BLAS
+        engine: ``"tf"``, ``"xla"``, ``"jax"``, ``"torch"`` or ``"blas"`` (where the BLAS
             head cannot run this model, e.g. a stage without the head, it runs
             under the backend's own execution, `native`).
         precision: None, or a Keras dtype policy such as ``"mixed_float16"``
@@ -240,6 +245,8 @@ def forward(model, engine: str, precision: str | None = None):
                 per_model[key] = split
             elif (own if engine == "blas" else engine) == "jax":
                 per_model[key] = _jitted(model, precision)
+            elif (own if engine == "blas" else engine) == "torch":
+                per_model[key] = _torch_eager(model, precision)
             else:
                 per_model[key] = _traced(model, engine == "xla", precision)
         return per_model[key]
@@ -299,6 +306,26 @@ def _jitted(model, precision: str | None):
         trainable = [v.value for v in model.trainable_variables]
         non_trainable = [v.value for v in model.non_trainable_variables]
         return _arrays(compiled(trainable, non_trainable, batch), single)
+
+    return run
+
+
+def _torch_eager(model, precision: str | None):
+    """``numpy batch -> numpy outputs``: the model called by PyTorch under `torch.inference_mode`."""
+    import torch
+
+    reference = weakref.ref(model)  # the cache must not keep the model alive
+    copy = policy_copy(model, precision) if precision else None
+    single = len(model.outputs) == 1
+
+    def run(batch):
+        live = copy if copy is not None else reference()
+        assert live is not None, "the model is alive while its cached function runs"
+        with torch.inference_mode():
+            outputs = live(keras.ops.convert_to_tensor(batch), training=False)
+            if single:
+                return keras.ops.convert_to_numpy(outputs)
+            return [keras.ops.convert_to_numpy(y) for y in keras.tree.flatten(outputs)]
 
     return run
 

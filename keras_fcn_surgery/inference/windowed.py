@@ -979,7 +979,7 @@ def _verify_split(found: _Analysis, split: _Split) -> None:
             f"Model '{found.model.name}' fails at inference on images of its own input size "
             f"{found.window[0]}x{found.window[1]} ({first_line(str(error))}), so it has no map{cause}."
         ) from error
-    middle = batch if split.prefix is None else np.asarray(split.prefix(batch, training=False))
+    middle = batch if split.prefix is None else keras.ops.convert_to_numpy(split.prefix(batch, training=False))
     got = np.asarray(keras.ops.convert_to_numpy(found.tail(split, 2)(middle)))
     result = compare_arrays([(expected, got)], tolerance=tolerance_for(found.model), input_shape=batch.shape)
     if not result.passed:
