@@ -177,7 +177,7 @@ def test_a_failing_input_of_a_batch_leaves_no_output_of_any_format(tmp_path, mon
     monkeypatch.setattr(job, "_compute", failing)
     fcn = kfs.convert(small_flatten_cnn(input_size=(32, 32), classes=3))
     source = Source(str(tmp_path / "picture.png"), "picture")
-    result = job.predict_source(fcn, source, str(tmp_path / "out"), BatchOptions(formats=ALL_BUT_DICOM))
+    result = job.predict_source(kfs.prepare(fcn), source, str(tmp_path / "out"), BatchOptions(formats=ALL_BUT_DICOM))
     assert result.status == "failed" and "the network failed" in result.message
     assert os.listdir(tmp_path / "out") == []
 
