@@ -215,6 +215,7 @@ class _Rarefier:
 
     def nested(self, model, args, kwargs, input_states):
         graph = graph_of(model)
+        kwargs = {k: v for k, v in kwargs.items() if v is not None}  # ``mask=None``, as Keras records it
         if kwargs or len(args) != len(graph.inputs):
             raise self.refuse(model, "a nested model called with keyword arguments")
         if id(model) in self.windows:

@@ -1,0 +1,208 @@
+"""Maps finer than the network's stride, exact: filter rarefaction (à trous) of a converted FCN.
+
+A `valid` network's map at stride s (s dividing its stride S) must be the
+classifier on every crop at stride s; a `same` network's, the FCN's own map
+at the cells it has, and the FCN on the shifted image wherever no padding
+enters. Crops are cut with numpy and run through ``model.predict``.
+"""
+
+from __future__ import annotations
+
+import keras
+import numpy as np
+import pytest
+from keras import layers
+
+import keras_fcn_surgery as kfs
+from keras_fcn_surgery.errors import ConversionError, InputError
+from keras_fcn_surgery.surgery.atrous import AxisState, rarefy, rarefy_axis, same_padding_stays_exact
+
+WINDOW = 24
+
+
+def _relative(a, b) -> float:
+    return float(np.abs(np.asarray(a) - np.asarray(b)).max() / max(np.abs(np.asarray(b)).max(), 1e-6))
+
+
+def _valid_body(x, data_format="channels_last"):
+    """Total stride 8: a max pool, a strided convolution, an average pool; separable and depthwise windows."""
+    x = layers.Conv2D(6, 3, activation="relu", data_format=data_format)(x)  # 22
+    x = layers.MaxPooling2D(2, data_format=data_format)(x)  # 11
+    x = layers.SeparableConv2D(8, 3, strides=2, activation="relu", data_format=data_format)(x)  # 5
+    x = layers.DepthwiseConv2D(2, activation="relu", data_format=data_format)(x)  # 4
+    x = layers.AveragePooling2D(2, data_format=data_format)(x)  # 2
+    x = layers.Conv2D(5, 2, activation="relu", data_format=data_format)(x)  # 1
+    return x
+
+
+def _valid_classifier(data_format="channels_last", nested=False):
+    keras.utils.set_random_seed(3)
+    shape = (WINDOW, WINDOW, 3) if data_format == "channels_last" else (3, WINDOW, WINDOW)
+    inputs = keras.Input(shape)
+    if nested:
+        inner_in = keras.Input(shape)
+        body = keras.Model(inner_in, _valid_body(inner_in, data_format), name="body")
+        x = body(inputs)
+    else:
+        x = _valid_body(inputs, data_format)
+    x = layers.Flatten(data_format=data_format)(x)
+    return keras.Model(inputs, layers.Dense(4)(x), name="valid_net")
+
+
+def _crops_reference(classifier, image, stride, map_size, data_format="channels_last"):
+    """The classifier on every crop at ``stride``, shaped as the map (numpy crops, ``model.predict``)."""
+    sh, sw = stride
+    hwc = image if data_format == "channels_last" else np.moveaxis(image, 0, -1)
+    crops = np.stack(
+        [
+            hwc[i * sh : i * sh + WINDOW, j * sw : j * sw + WINDOW]
+            for i in range(map_size[0])
+            for j in range(map_size[1])
+        ]
+    )
+    if data_format == "channels_first":
+        crops = np.moveaxis(crops, -1, 1)
+    return classifier.predict(crops, verbose=0).reshape(map_size[0], map_size[1], -1)
+
+
+def _map_hwc(model, image, data_format="channels_last"):
+    out = model.predict(image[None], verbose=0)[0]
+    return out if data_format == "channels_last" else np.moveaxis(out, 0, -1)
+
+
+def test_rarefy_axis_keeps_strides_until_the_target_then_dilates():
+    state = AxisState()
+    strides = [2, 2, 2]
+    made = []
+    for stride in strides:
+        window = rarefy_axis(state, 2, stride)
+        made.append((window.stride, window.dilation))
+        state = window.state
+    assert made == [(2, 1), (1, 1), (1, 2)]
+    assert state == AxisState(kept=2, rate=4)
+    split = rarefy_axis(AxisState(), 2, 4)  # a stride-4 layer keeps 2 and loses 2
+    assert (split.stride, split.dilation, split.state) == (2, 1, AxisState(2, 2))
+    assert rarefy_axis(AxisState(), 3, 2) is None  # 3 cannot be reached from a stride of 2
+    assert same_padding_stays_exact(3, 1, 4) and not same_padding_stays_exact(2, 1, 2)
+
+
+@pytest.mark.parametrize("nested", [False, True])
+@pytest.mark.parametrize("stride", [4, 2, 1, (2, 4), (8, 1)])
+def test_valid_map_at_a_finer_stride_is_the_classifier_on_every_crop(stride, nested):
+    classifier = _valid_classifier(nested=nested)
+    fcn = kfs.convert(classifier)
+    assert kfs.geometry(fcn).stride == (8, 8)
+    finer = rarefy(fcn, stride)
+    pair = (stride, stride) if isinstance(stride, int) else stride
+    grid = kfs.geometry(finer, (WINDOW, WINDOW))
+    assert grid.stride == pair
+    assert grid.receptive_field == kfs.geometry(fcn, (WINDOW, WINDOW)).receptive_field == (WINDOW, WINDOW)
+    assert grid.offset == (0, 0)
+    rng = np.random.default_rng(0)
+    image = rng.random((WINDOW + 21, WINDOW + 13, 3), dtype=np.float32)
+    scores = _map_hwc(finer, image)
+    assert scores.shape[:2] == grid.output_size(image.shape[:2])
+    assert scores.shape[:2] == tuple((n - WINDOW) // s + 1 for n, s in zip(image.shape[:2], pair))
+    reference = _crops_reference(classifier, image, pair, scores.shape[:2])
+    assert _relative(scores, reference) < 1e-5
+    factor = (8 // pair[0], 8 // pair[1])
+    np.testing.assert_allclose(scores[:: factor[0], :: factor[1]], _map_hwc(fcn, image), rtol=0, atol=1e-5)
+
+
+def test_weights_are_copied_not_initialised():
+    fcn = kfs.convert(_valid_classifier())
+    finer = rarefy(fcn, 2)
+    assert rarefy(fcn, 2) is finer  # made once
+    assert rarefy(fcn, 8) is fcn
+    source = {v.path.split("/")[-2] + "/" + v.path.split("/")[-1]: v for v in fcn.weights}
+    for variable in finer.weights:
+        key = variable.path.split("/")[-2] + "/" + variable.path.split("/")[-1]
+        np.testing.assert_array_equal(keras.ops.convert_to_numpy(variable), keras.ops.convert_to_numpy(source[key]))
+
+
+def _runs_channels_first_conv() -> bool:
+    try:
+        layer = layers.Conv2D(1, 3, data_format="channels_first")
+        layer(np.zeros((1, 1, 5, 5), "float32"))
+        pooled = layers.MaxPooling2D(2, data_format="channels_first")(np.zeros((1, 1, 4, 4), "float32"))
+        return tuple(pooled.shape) == (1, 1, 2, 2)
+    except Exception:  # noqa: BLE001 - TensorFlow on some CPUs has no NCHW convolution
+        return False
+
+
+@pytest.mark.skipif(not _runs_channels_first_conv(), reason="this CPU's TensorFlow runs no channels-first conv")
+@pytest.mark.parametrize("stride", [4, 1])
+def test_channels_first_map_at_a_finer_stride_is_the_classifier_on_every_crop(stride):
+    classifier = _valid_classifier("channels_first")
+    fcn = kfs.convert(classifier)
+    finer = rarefy(fcn, stride)
+    assert kfs.geometry(finer).stride == (stride, stride)
+    image = np.random.default_rng(1).random((3, WINDOW + 9, WINDOW + 6), dtype=np.float32)
+    scores = _map_hwc(finer, image, "channels_first")
+    reference = _crops_reference(classifier, image, (stride, stride), scores.shape[:2], "channels_first")
+    assert _relative(scores, reference) < 1e-5
+
+
+def test_tiled_map_at_a_finer_stride_equals_the_whole_map():
+    fcn = kfs.convert(_valid_classifier())
+    finer = rarefy(fcn, 2)
+    image = np.random.default_rng(2).random((70, 61, 3), dtype=np.float32)
+    whole = kfs.predict_map(finer, image)
+    tiled = kfs.predict_map(finer, image, tile=40)
+    assert _relative(tiled, whole) < 1e-5
+    assert whole.shape[:2] == kfs.geometry(finer).output_size((70, 61))
+
+
+def _same_fcn():
+    """A `same` FCN of stride 4: strided `valid` poolings, odd `same` convolutions around them."""
+    keras.utils.set_random_seed(5)
+    inputs = keras.Input((None, None, 3))
+    x = layers.Conv2D(4, 3, padding="same", activation="relu")(inputs)
+    x = layers.MaxPooling2D(2)(x)
+    x = layers.Conv2D(5, 3, padding="same", activation="relu")(x)
+    x = layers.AveragePooling2D(2)(x)
+    x = layers.Conv2D(6, 3, padding="same", activation="relu")(x)
+    x = layers.Conv2D(3, 1)(x)
+    return keras.Model(inputs, x, name="same_net")
+
+
+@pytest.mark.parametrize("stride", [2, 1])
+def test_same_map_at_a_finer_stride_is_the_fcn_at_every_shift(stride):
+    fcn = _same_fcn()
+    finer = rarefy(fcn, stride)
+    factor = 4 // stride
+    image = np.random.default_rng(3).random((48, 44, 3), dtype=np.float32)
+    scores = _map_hwc(finer, image)
+    grid = kfs.geometry(finer, image.shape[:2])
+    np.testing.assert_allclose(scores[::factor, ::factor], _map_hwc(fcn, image), rtol=0, atol=1e-5)
+    compared = 0
+    for dy in range(0, 4, stride):
+        for dx in range(0, 4, stride):
+            shifted = image[dy:, dx:]
+            reference = _map_hwc(fcn, shifted)
+            shifted_grid = kfs.geometry(fcn, shifted.shape[:2])
+            for i in range(reference.shape[0]):
+                for j in range(reference.shape[1]):
+                    top, left, bottom, right = shifted_grid.input_box(i, j)
+                    if top < 0 or left < 0 or bottom > shifted.shape[0] or right > shifted.shape[1]:
+                        continue  # padding enters: the shifted image's border is not the image's
+                    ci, cj = (top + dy - grid.offset[0]) // stride, (left + dx - grid.offset[1]) // stride
+                    assert grid.input_box(ci, cj) == (top + dy, left + dx, bottom + dy, right + dx)
+                    assert _relative(scores[ci, cj], reference[i, j]) < 1e-5
+                    compared += 1
+    assert compared > 20
+
+
+def test_a_stride_removed_from_a_same_layer_is_refused_by_name():
+    inputs = keras.Input((None, None, 3))
+    x = layers.Conv2D(4, 3, strides=2, padding="same", name="strided_same")(inputs)
+    x = layers.Conv2D(3, 3, strides=2, padding="same")(x)
+    fcn = keras.Model(inputs, x)
+    with pytest.raises(ConversionError, match="strided_same.*same.*windowed"):
+        rarefy(fcn, 1)
+
+
+def test_a_stride_that_does_not_divide_the_networks_is_refused():
+    fcn = kfs.convert(_valid_classifier())
+    with pytest.raises(InputError, match="does not divide 8x8"):
+        rarefy(fcn, 3)
