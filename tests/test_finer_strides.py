@@ -206,3 +206,46 @@ def test_a_stride_that_does_not_divide_the_networks_is_refused():
     fcn = kfs.convert(_valid_classifier())
     with pytest.raises(InputError, match="does not divide 8x8"):
         rarefy(fcn, 3)
+
+
+# predict_map and plan_prediction at a finer stride: the one routing place picks the FCN à trous.
+
+
+@pytest.mark.parametrize("stride", [4, 2, 1])
+def test_predict_map_at_a_finer_stride_runs_the_fcn_a_trous(stride):
+    classifier = _valid_classifier()
+    image = np.random.default_rng(4).random((WINDOW + 19, WINDOW + 11, 3), dtype=np.float32)
+    plan = kfs.plan_prediction(classifier, image.shape[:2], stride=stride)
+    assert plan.method == "fcn" and plan.finer is not None
+    assert plan.finer.stride == (stride, stride) and plan.finer.network_stride == (8, 8)
+    cells = plan.map_size[0] * plan.map_size[1]
+    window_macs = plan.finer.sliding_macs // cells
+    assert plan.finer.sliding_macs == window_macs * cells and window_macs > 0
+    assert plan.finer.stitch_macs == plan.finer.fcn_macs * (8 // stride) ** 2
+    assert "à trous" in str(plan) and "sliding window" in str(plan)
+    certified = kfs.predict_map(classifier, image, stride=stride, certify=12)
+    assert certified.certificate.exact
+    reference = _crops_reference(classifier, image, (stride, stride), certified.scores.shape[:2])
+    assert _relative(certified.scores, reference) < 1e-5
+    tiled = kfs.predict_map(classifier, image, stride=stride, tile=32)
+    assert _relative(tiled, certified.scores) < 1e-5
+    mapper = kfs.prepare(classifier, stride=stride)
+    assert mapper.method == "fcn" and kfs.geometry(mapper.runnable).stride == (stride, stride)
+    assert mapper.certify(image, certified.scores, 6).exact
+
+
+def test_predict_map_of_an_fcn_at_a_finer_stride():
+    fcn = kfs.convert(_valid_classifier())
+    image = np.random.default_rng(5).random((50, 47, 3), dtype=np.float32)
+    scores = kfs.predict_map(fcn, image, stride=(2, 4), tile=(36, 40))
+    assert _relative(scores, _map_hwc(rarefy(fcn, (2, 4)), image)) < 1e-5
+    with pytest.raises(InputError, match="stride 8x8; its map cannot be at stride 3x3"):
+        kfs.predict_map(fcn, image, stride=3)
+
+
+def test_predict_map_refuses_a_layer_it_cannot_rarefy_by_name():
+    inputs = keras.Input((None, None, 3))
+    x = layers.Conv2D(4, 3, strides=2, padding="same", name="strided_same")(inputs)
+    fcn = keras.Model(inputs, layers.Conv2D(3, 3, strides=2, padding="same")(x))
+    with pytest.raises(ConversionError, match="strided_same.*windowed"):
+        kfs.predict_map(fcn, np.zeros((16, 16, 3), "float32"), stride=1)

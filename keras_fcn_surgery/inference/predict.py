@@ -47,7 +47,9 @@ def predict_map(model, image, *, out=None, keep=None, certify: int | None = None
     classifier's own layers) on each window's part of its map, in batches of
     ``batch_size`` windows. Transformers (ViT, DeiT, Swin, MiT) run windowed
     only. ``"auto"`` (default): the FCN where it converts, has no global
-    context and ``stride`` is None or its stride; else windowed.
+    context and ``stride`` is None or its stride, or the FCN à trous
+    (`surgery.atrous.rarefy`: strides past the cut removed, later windows
+    dilated) at a ``stride`` that divides its own; else windowed.
     ``plan_prediction`` with the same arguments says which method runs
     (its ``method``) and what it computes.
 
@@ -137,7 +139,7 @@ def predict_map(model, image, *, out=None, keep=None, certify: int | None = None
               s_w)``: for a windowed map a multiple of the stride of its shared
               part (an `InputError` names it otherwise); default: the stride of
               the classifier's FCN (a classifier without one needs it). For an
-              FCN, only its own stride is accepted.
+              FCN, its own stride or one that divides it (à trous).
             - ``method``: ``"auto"``, ``"fcn"`` or ``"windowed"``, for a classifier
               (see above).
 

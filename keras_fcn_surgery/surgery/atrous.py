@@ -35,8 +35,10 @@ from keras_fcn_surgery.graph import (
     operation_kind,
 )
 from keras_fcn_surgery.grid.geometry import geometry
+from keras_fcn_surgery.inference.cost import pass_cost
 from keras_fcn_surgery.layout import Layout
 from keras_fcn_surgery.surgery.cloning import LayerCloner, copy_weights
+from keras_fcn_surgery.surgery.fcn import remember_source, source_of
 from keras_fcn_surgery.surgery.pooling import DilatedAveragePooling2D, DilatedMaxPooling2D
 
 WAY_OUT = (
@@ -107,6 +109,70 @@ def same_padding_stays_exact(kernel: int, dilation: int, factor: int) -> bool:
 
 
 _RAREFIED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_ORIGINS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+@dataclass(frozen=True)
+class FinerStride:
+    """What a map à trous costs, next to the other ways to the same map (a plan's ``finer``).
+
+    Attributes:
+        network_stride: the FCN's own stride ``(S_h, S_w)``.
+        stride: the map's ``(s_h, s_w)``.
+        macs: multiply-accumulates of one whole-image pass of the rarefied FCN.
+        sliding_macs: those of the classifier on every window at ``stride``
+            (the sliding window: one crop per cell).
+        stitch_macs: those of naive shift-and-stitch: the FCN on each of the
+            ``(S_h / s_h) (S_w / s_w)`` shifted images.
+        fcn_macs: those of the FCN's own map, at its stride.
+    """
+
+    network_stride: tuple[int, int]
+    stride: tuple[int, int]
+    macs: int
+    sliding_macs: int
+    stitch_macs: int
+    fcn_macs: int
+
+    def __str__(self) -> str:
+        return (
+            f"à trous: stride {self.stride[0]}x{self.stride[1]} from the FCN's {self.network_stride[0]}x"
+            f"{self.network_stride[1]}: {self.macs / 1e9:.3g} GMAC; sliding window at that stride "
+            f"{self.sliding_macs / 1e9:.3g} GMAC ({self.sliding_macs / max(self.macs, 1):.1f} x), shift-and-stitch "
+            f"{self.stitch_macs / 1e9:.3g} GMAC, the FCN at its own stride {self.fcn_macs / 1e9:.3g} GMAC"
+        )
+
+
+def origin_of(model) -> tuple[keras.Model, tuple[int, int]] | None:
+    """``(fcn, stride)`` for a model `rarefy` made in this process, else None."""
+    return _ORIGINS.get(model)
+
+
+def finer_stride_cost(finer, image_size, map_size) -> FinerStride | None:
+    """The `FinerStride` of a map of ``finer`` (made by `rarefy`) on an image of ``image_size``; None for
+    any other model."""
+    origin = origin_of(finer)
+    if origin is None:
+        return None
+    fcn, stride = origin
+    layout = model_layout(fcn)
+    channels = int(layout.channels(tuple(fcn.inputs[0].shape)))
+    size = (int(image_size[0]), int(image_size[1]))
+    grid = geometry(fcn)
+    classifier, crop = source_of(fcn)
+    if crop is None:
+        crop = grid.receptive_field if grid.exact else grid.min_input_size
+    window = pass_cost(fcn, layout.batch_shape(1, crop[0], crop[1], channels)).macs
+    whole = pass_cost(fcn, layout.batch_shape(1, size[0], size[1], channels)).macs
+    shifts = (grid.stride[0] // stride[0]) * (grid.stride[1] // stride[1])
+    return FinerStride(
+        network_stride=tuple(grid.stride),  # type: ignore[arg-type]
+        stride=stride,
+        macs=pass_cost(finer, layout.batch_shape(1, size[0], size[1], channels)).macs,
+        sliding_macs=window * int(map_size[0]) * int(map_size[1]),
+        stitch_macs=whole * shifts,
+        fcn_macs=whole,
+    )
 
 
 def rarefy(fcn, stride) -> keras.Model:
@@ -146,7 +212,12 @@ def rarefy(fcn, stride) -> keras.Model:
         return fcn
     made = _RAREFIED.setdefault(fcn, {})
     if target not in made:
-        made[target] = _Rarefier(fcn, target).build()
+        finer = _Rarefier(fcn, target).build()
+        source, size = source_of(fcn)
+        if source is not None and size is not None:
+            remember_source(finer, source, size)  # its certificates run the same classifier
+        made[target] = finer
+        _ORIGINS[finer] = (fcn, target)
     return made[target]
 
 

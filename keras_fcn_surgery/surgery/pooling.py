@@ -33,18 +33,13 @@ class _DilatedPooling:
         self.dilation_rate = tuple(int(d) for d in dilation_rate)
 
     def _slices(self, inputs):
-        layout = Layout(self.data_format)
-        axes = layout.spatial_axes
-        shape = ops.shape(inputs)
-        sizes = [
-            dilated_output_size(shape[a], p, s, d)
-            for a, p, s, d in zip(axes, self.pool_size, self.strides, self.dilation_rate)
-        ]
+        """The input under each of the pool's cells, every ``stride``-th position: static slices, any size."""
+        axes = Layout(self.data_format).spatial_axes
         for i in range(self.pool_size[0]):
             for j in range(self.pool_size[1]):
                 key = [slice(None)] * 4
-                for axis, k, n, s, d in zip(axes, (i, j), sizes, self.strides, self.dilation_rate):
-                    key[axis] = slice(k * d, k * d + (n - 1) * s + 1, s)
+                for axis, k, p, s, d in zip(axes, (i, j), self.pool_size, self.strides, self.dilation_rate):
+                    key[axis] = slice(k * d, -(p - 1 - k) * d or None, s)
                 yield inputs[tuple(key)]
 
     def compute_output_shape(self, input_shape):
