@@ -249,3 +249,27 @@ def test_predict_map_refuses_a_layer_it_cannot_rarefy_by_name():
     fcn = keras.Model(inputs, layers.Conv2D(3, 3, strides=2, padding="same")(x))
     with pytest.raises(ConversionError, match="strided_same.*windowed"):
         kfs.predict_map(fcn, np.zeros((16, 16, 3), "float32"), stride=1)
+
+
+def test_certificate_at_a_finer_stride_when_the_window_drops_pixels():
+    """A pooling that floors (13 -> 6) leaves the classifier's last pixels unseen: at stride 1 a crop holds
+    several finer cells; the certificate compares the first with the classifier on that crop."""
+    keras.utils.set_random_seed(6)
+    classifier = keras.Sequential(
+        [
+            keras.Input((32, 32, 3)),
+            layers.Conv2D(4, 3, activation="relu"),
+            layers.MaxPooling2D(2),
+            layers.Conv2D(4, 3, activation="relu"),
+            layers.MaxPooling2D(2),
+            layers.Flatten(),
+            layers.Dense(3),
+        ]
+    )
+    image = np.random.default_rng(7).random((45, 41, 3), dtype=np.float32)
+    certified = kfs.predict_map(classifier, image, stride=1, certify=10)
+    assert certified.certificate.exact
+    naive = kfs.sliding_window_predict(classifier, image, 1)
+    rows, cols = naive.shape[:2]
+    assert certified.scores.shape[:2] == (rows + 2, cols + 2)
+    assert _relative(certified.scores[:rows, :cols], naive) < 1e-5
