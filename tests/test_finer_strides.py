@@ -273,3 +273,19 @@ def test_certificate_at_a_finer_stride_when_the_window_drops_pixels():
     rows, cols = naive.shape[:2]
     assert certified.scores.shape[:2] == (rows + 2, cols + 2)
     assert _relative(certified.scores[:rows, :cols], naive) < 1e-5
+
+
+def test_predict_images_at_a_finer_stride_writes_the_a_trous_map_with_its_geometry(tmp_path):
+    from PIL import Image
+
+    from keras_fcn_surgery.batch.run import predict_images
+
+    classifier = _valid_classifier()
+    pixels = (np.random.default_rng(8).random((60, 52, 3)) * 255).astype("uint8")
+    Image.fromarray(pixels).save(tmp_path / "a.png")
+    predict_images(classifier, [str(tmp_path / "a.png")], tmp_path / "maps", stride=2, formats="npz")
+    saved = np.load(next((tmp_path / "maps").glob("*.npz")))
+    reference = _crops_reference(classifier, pixels.astype("float32"), (2, 2), saved["scores"].shape[:2])
+    assert _relative(saved["scores"], reference) < 1e-5
+    assert tuple(saved["stride"]) == (2, 2) and tuple(saved["receptive_field"]) == (WINDOW, WINDOW)
+    assert bool(saved["certificate_exact"])
