@@ -22,9 +22,10 @@ Run::
     python benchmarks/finer_strides.py [--vgg-size 256] [--strides 16,8] [--repeats 1] [--skip-sliding]
 
 Measured (2026-12-06, 2 CPU cores shared with 5 other jobs, TensorFlow CPU,
-``--repeats 1``, defaults; times in seconds, GMAC in parentheses; "s/GMAC vs
-FCN's": the à trous pass's time per GMAC over the stride-32 FCN's, 1.0 being
-its multiply-accumulate ideal; diffs relative to the map's scale):
+``--repeats 1``, defaults; times in seconds, GMAC in parentheses;
+"s/GMAC÷FCN": the à trous pass's time per GMAC over the stride-32 FCN's, 1.0
+being its multiply-accumulate ideal; "÷sliding", "÷stitch": their time over
+à trous'; diffs relative to the map's scale):
 
 | case | s | cells | à trous (diff at FCN cells) | s/GMAC÷FCN | stitch (diff) | sliding (diff) | ÷sliding | ÷stitch |
 |---|---|---|---|---|---|---|---|---|
