@@ -289,3 +289,13 @@ def test_predict_images_at_a_finer_stride_writes_the_a_trous_map_with_its_geomet
     assert _relative(saved["scores"], reference) < 1e-5
     assert tuple(saved["stride"]) == (2, 2) and tuple(saved["receptive_field"]) == (WINDOW, WINDOW)
     assert bool(saved["certificate_exact"])
+
+
+def test_certify_map_of_a_classifier_at_a_finer_stride():
+    classifier = _valid_classifier()
+    image = np.random.default_rng(9).random((50, 45, 3), dtype=np.float32)
+    scores = kfs.predict_map(classifier, image, stride=2)
+    certificate = kfs.certify_map(classifier, image, scores, 10, stride=2)
+    assert certificate.exact and certificate.eligible == scores.shape[0] * scores.shape[1]
+    windowed = kfs.predict_map(classifier, image, stride=16)  # a multiple: still the windowed map
+    assert kfs.certify_map(classifier, image, windowed, 4, stride=16).exact

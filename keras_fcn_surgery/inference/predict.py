@@ -9,7 +9,7 @@ import numpy as np
 from keras_fcn_surgery.errors import ConversionError, InputError
 from keras_fcn_surgery.graph import model_layout, traced_model
 from keras_fcn_surgery.grid import tiling
-from keras_fcn_surgery.inference import engines, runner
+from keras_fcn_surgery.inference import engines, runner, windowed
 from keras_fcn_surgery.inference.certificate import DEFAULT_CELLS, CertifiedMap, check_cell_count, warn_if_inexact
 from keras_fcn_surgery.inference.mapper import MapOptions, Mapper
 from keras_fcn_surgery.surgery.fcn import OutputMaps, is_fully_convolutional, map_outputs
@@ -337,6 +337,8 @@ def certify_map(
               windowed map is exact, so every sampled cell matches its crop to
               float round-off. A classifier without an FCN (a transformer)
               always has a windowed map; the stride it was computed at is needed.
+              A stride that divides the FCN's names its map à trous (as
+              `predict_map` computes it at that stride).
 
     Returns:
         A `MapCertificate`; for a model with several outputs and no
@@ -362,8 +364,10 @@ def certify_map(
     ```
     """
     check_cell_count(n, "n")
-    if options.get("stride") is not None and "method" not in options and not is_fully_convolutional(model):
-        options["method"] = "windowed"  # a stride names the classifier's windowed map
+    stride = options.get("stride")
+    if stride is not None and "method" not in options and not is_fully_convolutional(model):
+        # a stride names the classifier's windowed map, or its FCN à trous at a stride dividing the FCN's
+        options["method"] = "auto" if windowed.is_finer_stride(model, stride) else "windowed"
     mapper = prepare_map(model, "certify_map", options)
     certificate = mapper.certificate(image, score_map, n, keep=keep, tolerance=tolerance, seed=seed, output=output)
     warn_if_inexact(certificate, stacklevel=2)

@@ -540,6 +540,15 @@ def divides(stride, own) -> bool:
     return all(s >= 1 and o % s == 0 for s, o in zip(stride, own))
 
 
+def is_finer_stride(model, stride) -> bool:
+    """Whether ``stride`` is finer than that of the classifier's FCN and divides it: an à trous map's."""
+    fcn, _ = conversion(model)
+    if fcn is None or stride is None:
+        return False
+    requested, own = runner.pair(stride, "stride"), tuple(geometry(fcn).stride)
+    return requested != own and divides(requested, own)
+
+
 def has_window(model) -> bool:
     """Whether ``model`` takes one fixed input size (a window), as a windowed map needs."""
     twin = traced_model(model)
