@@ -299,3 +299,15 @@ def test_certify_map_of_a_classifier_at_a_finer_stride():
     assert certificate.exact and certificate.eligible == scores.shape[0] * scores.shape[1]
     windowed = kfs.predict_map(classifier, image, stride=16)  # a multiple: still the windowed map
     assert kfs.certify_map(classifier, image, windowed, 4, stride=16).exact
+
+
+def test_a_rarefied_fcn_does_not_keep_its_fcn_alive():
+    import gc
+    import weakref
+
+    fcn = kfs.convert(_valid_classifier())
+    rarefy(fcn, 2)
+    gone = weakref.ref(fcn)
+    del fcn
+    gc.collect()
+    assert gone() is None

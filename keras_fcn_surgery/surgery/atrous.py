@@ -144,8 +144,10 @@ class FinerStride:
 
 
 def origin_of(model) -> tuple[keras.Model, tuple[int, int]] | None:
-    """``(fcn, stride)`` for a model `rarefy` made in this process, else None."""
-    return _ORIGINS.get(model)
+    """``(fcn, stride)`` for a model `rarefy` made in this process (its FCN still alive), else None."""
+    reference, stride = _ORIGINS.get(model, (None, None))
+    fcn = reference() if reference is not None else None
+    return None if fcn is None else (fcn, stride)
 
 
 def finer_stride_cost(finer, image_size, map_size) -> FinerStride | None:
@@ -217,7 +219,7 @@ def rarefy(fcn, stride) -> keras.Model:
         if source is not None and size is not None:
             remember_source(finer, source, size)  # its certificates run the same classifier
         made[target] = finer
-        _ORIGINS[finer] = (fcn, target)
+        _ORIGINS[finer] = (weakref.ref(fcn), target)  # weak: the FCN holds its rarefied models, not back
     return made[target]
 
 
