@@ -96,16 +96,16 @@ def relative(a, b) -> float:
     return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-12))
 
 
-def run_case(name, classifier, size, strides, repeats, skip_sliding) -> list[dict]:
+def run_case(name, classifier, size, strides, repeats, skip_sliding, engine) -> list[dict]:
     image = np.random.default_rng(0).random((size, size, 3), dtype=np.float32) * 255
     fcn = kfs.convert(classifier)
-    own, fcn_time = best_time(lambda: kfs.predict_map(fcn, image, engine="tf"), max(repeats, 1))
+    own, fcn_time = best_time(lambda: kfs.predict_map(fcn, image, engine=engine), max(repeats, 1))
     rows = []
     for stride in strides:
         plan = kfs.plan_prediction(classifier, (size, size), stride=stride)
         finer = plan.finer
         atrous, atrous_time = best_time(
-            lambda: kfs.predict_map(classifier, image, stride=stride, engine="tf"), max(repeats, 1)
+            lambda: kfs.predict_map(classifier, image, stride=stride, engine=engine), max(repeats, 1)
         )
         factor = STRIDE // stride
         stitched, stitch_time = best_time(lambda: shift_and_stitch(fcn, image, stride), repeats)
@@ -156,15 +156,17 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--skip-sliding", action="store_true")
     parser.add_argument("--cases", default="caffenet,vgg16")
+    parser.add_argument("--engine", default="auto", help="predict_map's engine for the FCN and à trous passes")
     args = parser.parse_args(argv)
     strides = [int(s) for s in args.strides.split(",")]
     rows = []
+    common = (strides, args.repeats, args.skip_sliding, args.engine)
     if "caffenet" in args.cases:
-        rows += run_case("CaffeNet", caffenet(), args.caffenet_size, strides, args.repeats, args.skip_sliding)
+        rows += run_case("CaffeNet", caffenet(), args.caffenet_size, *common)
     if "vgg16" in args.cases:
         keras.utils.set_random_seed(0)
         vgg = keras.applications.VGG16(weights=None)
-        rows += run_case("VGG16", vgg, args.vgg_size, strides, args.repeats, args.skip_sliding)
+        rows += run_case("VGG16", vgg, args.vgg_size, *common)
     print_table(rows)
     return 0
 
