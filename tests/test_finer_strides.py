@@ -311,3 +311,19 @@ def test_a_rarefied_fcn_does_not_keep_its_fcn_alive():
     del fcn
     gc.collect()
     assert gone() is None
+
+
+def test_the_heatmap_command_draws_the_a_trous_map_at_a_finer_stride(tmp_path, capsys):
+    from PIL import Image
+
+    from keras_fcn_surgery import cli
+
+    classifier = _valid_classifier()
+    model_file = tmp_path / "valid.keras"
+    classifier.save(model_file)
+    Image.fromarray((np.random.default_rng(10).random((56, 50, 3)) * 255).astype("uint8")).save(tmp_path / "a.png")
+    png = tmp_path / "heat.png"
+    args = ["heatmap", str(model_file), str(tmp_path / "a.png"), "--class", "1", "-o", str(png), "--stride", "2"]
+    assert cli.main(args) == 0
+    printed = capsys.readouterr().out
+    assert "map of 17x14 cells" in printed and "exact" in printed and png.is_file()
