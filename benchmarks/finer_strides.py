@@ -25,24 +25,37 @@ Measured (2026-12-06, 2 CPU cores shared with 5 other jobs, TensorFlow CPU,
 ``--repeats 1``, defaults; times in seconds, GMAC in parentheses;
 "s/GMAC÷FCN": the à trous pass's time per GMAC over the stride-32 FCN's, 1.0
 being its multiply-accumulate ideal; "÷sliding", "÷stitch": their time over
-à trous'; diffs relative to the map's scale):
+à trous'; diffs relative to the map's scale). With ``--engine auto`` (the
+default: each pass's fastest execution, XLA here):
+
+| case | s | cells | à trous (diff at FCN cells) | s/GMAC÷FCN | stitch (diff) | sliding (diff) | ÷sliding | ÷stitch |
+|---|---|---|---|---|---|---|---|---|
+| CaffeNet 451^2 | 16 | 225 | 1.46 (16.0, 0.0e+00) | 1.04x | 3.96 (26.2, 3.2e-01) | 14.15 (163, 9.8e-01) | 9.7x | 2.7x |
+| CaffeNet 451^2 | 8 | 841 | 4.39 (56.3, 0.0e+00) | 0.88x | 16.91 (105, 3.6e-01) | 39.34 (609, 9.9e-01) | 9.0x | 3.8x |
+| VGG16 256^2 | 16 | 9 | 1.09 (21.2, 5.3e-07) | 0.58x | 5.32 (82.2, 1.4e-01) | 5.60 (139, 3.0e-01) | 5.1x | 4.9x |
+| VGG16 256^2 | 8 | 25 | 1.75 (28.1, 6.7e-07) | 0.70x | 20.00 (329, 1.9e-01) | 14.86 (387, 2.9e-01) | 8.5x | 11.4x |
+
+With ``--engine tf`` (an earlier run, same machine):
 
 | case | s | cells | à trous (diff at FCN cells) | s/GMAC÷FCN | stitch (diff) | sliding (diff) | ÷sliding | ÷stitch |
 |---|---|---|---|---|---|---|---|---|
 | CaffeNet 451^2 | 16 | 225 | 1.35 (16.0, 2.9e-06) | 2.21x | 2.86 (26.2, 3.2e-01) | 8.44 (163, 9.8e-01) | 6.2x | 2.1x |
 | CaffeNet 451^2 | 8 | 841 | 3.35 (56.3, 2.9e-06) | 1.56x | 11.72 (105, 3.6e-01) | 32.84 (609, 9.9e-01) | 9.8x | 3.5x |
 | VGG16 256^2 | 16 | 9 | 1.25 (21.2, 9.3e-07) | 1.52x | 3.41 (82.2, 1.4e-01) | 5.24 (139, 3.0e-01) | 4.2x | 2.7x |
-| VGG16 256^2 | 8 | 25 | 4.19 (28.1, 9.3e-07) | 3.82x | 21.25 (328.6, 1.9e-01) | 14.71 (387, 2.9e-01) | 3.5x | 5.1x |
+| VGG16 256^2 | 8 | 25 | 4.19 (28.1, 9.3e-07) | 3.82x | 21.25 (329, 1.9e-01) | 14.71 (387, 2.9e-01) | 3.5x | 5.1x |
 
-À trous is the cheapest exact way in MACs and in time here, but not yet
-within 1.2x of its MAC ideal: TensorFlow's CPU dilated convolutions (and the
-sliced dilated poolings) run 1.5-3.8x slower per MAC than the plain FCN. The
-large diffs of shift-and-stitch and of the sliding window are the networks'
-internal padding (CaffeNet's ZeroPadding, VGG16's `same`): cells whose window
-reaches a border differ between a crop, a shifted image and the whole image;
-the tests show equality where no padding enters. The issue's VGG16 at 1024^2
-(S/4: 10201 windows, ~158 TMAC by the sliding window) is out of reach of 2
-shared cores; run it with ``--vgg-size 1024 --skip-sliding`` on a larger machine.
+The shared machine makes single FCN passes noisy (ratios under 1.0 above are
+that noise: VGG16's FCN pass took 1.83 s here, 1.0-1.1 s alone). Measured
+alone, back to back (VGG16, 256^2, stride 8, second run): ``tf`` FCN 1.08 s,
+à trous 2.47 s (1.66x its MAC ideal: TensorFlow's CPU dilated convolutions
+are slower per MAC); ``xla`` FCN 1.00 s, à trous 1.64 s (about 1.2x). À trous
+is the cheapest exact way in MACs and in time in every case. The large diffs
+of shift-and-stitch and of the sliding window are the networks' internal
+padding (CaffeNet's ZeroPadding, VGG16's `same`): cells whose window reaches
+a border differ between a crop, a shifted image and the whole image; the
+tests show equality where no padding enters. The issue's VGG16 at 1024^2 (S/4:
+10201 windows, ~158 TMAC by the sliding window) is out of reach of 2 shared
+cores; run it with ``--vgg-size 1024 --skip-sliding`` on a larger machine.
 """
 
 from __future__ import annotations
