@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import keras
 
+from keras_fcn_surgery.surgery.pooling import DilatedAveragePooling2D, DilatedMaxPooling2D
+
 _layers = keras.layers
 
 # Layers ------------------------------------------------------------------------------------------------
@@ -86,6 +88,8 @@ MERGES_INTO_MAP = (_layers.Multiply, _layers.Add, _layers.Subtract)
 CONVOLUTIONS = (_layers.Conv2D, _layers.DepthwiseConv2D, _layers.SeparableConv2D)
 POOLINGS = (_layers.MaxPooling2D, _layers.AveragePooling2D)
 WINDOWS = (*CONVOLUTIONS, *POOLINGS)
+# The package's own poolings with holes (a rarefied network's): windows read from their configuration.
+DILATED_POOLINGS = (DilatedMaxPooling2D, DilatedAveragePooling2D)
 PADDINGS = (_layers.ZeroPadding2D,)
 CROPPINGS = (_layers.Cropping2D,)
 # A crop of the centre to a fixed size: at the size a classifier was built for, a Cropping2D.

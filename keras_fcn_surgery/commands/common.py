@@ -231,7 +231,8 @@ def add_method_arguments(parser) -> None:
         "--stride",
         type=parse_size,
         metavar="N|HxW",
-        help="pixels between windows of a windowed map, a multiple of the stride of the classifier's shared part "
+        help="pixels between windows of a windowed map, a multiple of the stride of the classifier's shared part, "
+        "or between cells of an FCN map à trous, a divisor of its FCN's stride "
         "(default: its FCN's stride; needed for a classifier without one, such as a transformer)",
     )
 

@@ -394,6 +394,8 @@ def _compile(graph, axis: int, layout: Layout, steps: list, names: dict, depth: 
 
 def _needs_tracing(layer) -> bool:
     """A layer whose class geometry does not know: a custom layer, a keras-hub block, a Lambda."""
+    if isinstance(layer, taxonomy.DILATED_POOLINGS):
+        return False
     return is_layer(layer) and (not is_builtin(layer) or isinstance(layer, keras.layers.Lambda))
 
 

@@ -34,6 +34,7 @@ from keras_fcn_surgery.grid.geometry import Geometry, geometry
 from keras_fcn_surgery.inference import engines, runner, windowed
 from keras_fcn_surgery.options import CERTIFIED_CELLS
 from keras_fcn_surgery.saving.record import source_input_size
+from keras_fcn_surgery.surgery.atrous import origin_of
 from keras_fcn_surgery.surgery.fcn import as_fcn, choose_output, is_fully_convolutional, original_size, source_of
 from keras_fcn_surgery.surgery.verify import VerificationResult, batch_spread, compare_arrays, tolerance_for
 
@@ -477,7 +478,9 @@ def _at_crop_size(grid: Geometry, crop, fcn) -> Geometry:
     """The geometry at the crop size, which must give one cell (the classifier's one window)."""
     try:
         at_crop = grid.at(crop)
-        cells = at_crop.output_size(crop)
+        # An FCN à trous has more cells on a crop (its finer cells whose window fits in it): its source's one.
+        origin = origin_of(fcn)
+        cells = (geometry(origin[0]).at(crop) if origin is not None else at_crop).output_size(crop)
     except ConversionError as error:
         raise UncertifiableMapError(
             f"Model '{fcn.name}' cannot run on {crop[0]}x{crop[1]} crops ({error}); give the classifier's "

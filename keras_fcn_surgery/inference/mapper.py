@@ -44,6 +44,7 @@ from keras_fcn_surgery.inference.certificate import (
 from keras_fcn_surgery.inference.store import DiskMap, file_backed
 from keras_fcn_surgery.saving.arguments import public_arguments
 from keras_fcn_surgery.saving.loading import load_model
+from keras_fcn_surgery.surgery.atrous import finer_stride_cost
 from keras_fcn_surgery.surgery.fcn import OutputMaps, fcn_spec, source_of
 from keras_fcn_surgery.surgery.verify import RELATIVE_TOLERANCE
 
@@ -363,7 +364,7 @@ class Mapper:
                 memory_budget=tiling.memory_budget,
                 keep=keep,
             )
-        return staged.plan_fcn(
+        plan = staged.plan_fcn(
             self._fcn,
             image_size,
             tile=tiling.tile,
@@ -373,6 +374,8 @@ class Mapper:
             keep=keep,
             engine=engine,
         )
+        finer = finer_stride_cost(self._fcn, image_size, plan.map_size)  # an FCN à trous: its costs
+        return plan if finer is None else replace(plan, finer=finer)
 
     # --- maps --------------------------------------------------------------------------------------------------
 

@@ -9,7 +9,7 @@ import numpy as np
 from keras_fcn_surgery.errors import ConversionError, InputError
 from keras_fcn_surgery.graph import model_layout, traced_model
 from keras_fcn_surgery.grid import tiling
-from keras_fcn_surgery.inference import engines, runner
+from keras_fcn_surgery.inference import engines, runner, windowed
 from keras_fcn_surgery.inference.certificate import DEFAULT_CELLS, CertifiedMap, check_cell_count, warn_if_inexact
 from keras_fcn_surgery.inference.mapper import MapOptions, Mapper
 from keras_fcn_surgery.saving.arguments import public_arguments
@@ -48,7 +48,9 @@ def predict_map(model, image, *, out=None, keep=None, certify: int | None = None
     classifier's own layers) on each window's part of its map, in batches of
     ``batch_size`` windows. Transformers (ViT, DeiT, Swin, MiT) run windowed
     only. ``"auto"`` (default): the FCN where it converts, has no global
-    context and ``stride`` is None or its stride; else windowed.
+    context and ``stride`` is None or its stride, or the FCN à trous
+    (`surgery.atrous.rarefy`: strides past the cut removed, later windows
+    dilated) at a ``stride`` that divides its own; else windowed.
     ``plan_prediction`` with the same arguments says which method runs
     (its ``method``) and what it computes.
 
@@ -138,7 +140,7 @@ def predict_map(model, image, *, out=None, keep=None, certify: int | None = None
               s_w)``: for a windowed map a multiple of the stride of its shared
               part (an `InputError` names it otherwise); default: the stride of
               the classifier's FCN (a classifier without one needs it). For an
-              FCN, only its own stride is accepted.
+              FCN, its own stride or one that divides it (à trous).
             - ``method``: ``"auto"``, ``"fcn"`` or ``"windowed"``, for a classifier
               (see above).
 
@@ -336,6 +338,8 @@ def certify_map(
               windowed map is exact, so every sampled cell matches its crop to
               float round-off. A classifier without an FCN (a transformer)
               always has a windowed map; the stride it was computed at is needed.
+              A stride that divides the FCN's names its map à trous (as
+              `predict_map` computes it at that stride).
 
     Returns:
         A `MapCertificate`; for a model with several outputs and no
@@ -361,8 +365,10 @@ def certify_map(
     ```
     """
     check_cell_count(n, "n")
-    if options.get("stride") is not None and "method" not in options and not is_fully_convolutional(model):
-        options["method"] = "windowed"  # a stride names the classifier's windowed map
+    stride = options.get("stride")
+    if stride is not None and "method" not in options and not is_fully_convolutional(model):
+        # a stride names the classifier's windowed map, or its FCN à trous at a stride dividing the FCN's
+        options["method"] = "auto" if windowed.is_finer_stride(model, stride) else "windowed"
     mapper = prepare_map(model, "certify_map", options)
     certificate = mapper.certificate(image, score_map, n, keep=keep, tolerance=tolerance, seed=seed, output=output)
     warn_if_inexact(certificate, stacklevel=2)

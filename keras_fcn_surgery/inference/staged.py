@@ -44,6 +44,7 @@ from keras_fcn_surgery.grid.geometry import geometry
 from keras_fcn_surgery.inference import engines, runner
 from keras_fcn_surgery.inference.cost import pass_cost
 from keras_fcn_surgery.inference.store import Scratch
+from keras_fcn_surgery.surgery.atrous import FinerStride
 
 # Bytes of stored maps kept in memory when `memory_budget` is not given; larger ones go to disk. Spilling
 # costs little (VGG16 at 4096x4096: 235 CPU-s all on disk against 228 with a 512 MiB map in memory), and
@@ -156,6 +157,10 @@ class PredictionPlan:
             order: the last stage writes every one. Tiles serve them all
             (their maps share one grid), or, for outputs on different grids,
             the plan is one whole-image pass.
+        finer: for a map at a stride finer than the network's (its FCN à
+            trous), the `FinerStride` costs: this pass against the sliding
+            window at that stride, shift-and-stitch and the FCN at its own
+            stride; None otherwise.
     """
 
     image_size: tuple[int, int]
@@ -170,6 +175,7 @@ class PredictionPlan:
     engine: str | None = None
     engine_reason: str = ""
     outputs: tuple[PlannedOutput, ...] = ()
+    finer: FinerStride | None = None
 
     @property
     def staged(self) -> bool:
@@ -201,6 +207,7 @@ class PredictionPlan:
             f"(plain tiles {self.plain_macs / max(self.whole_macs, 1):.2f} x); "
             f"peak memory ~{self.peak_bytes / 2**20:.0f} MiB",
             *([f"engine {self.engine}: {self.engine_reason}"] if self.engine else []),
+            *([str(self.finer)] if self.finer is not None else []),
         ]
         if len(self.outputs) > 1:
             maps = ", ".join(f"{o.name} {o.map_size[0]}x{o.map_size[1]}x{o.classes}" for o in self.outputs)

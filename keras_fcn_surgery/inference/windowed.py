@@ -77,6 +77,7 @@ from keras_fcn_surgery.inference.store import DiskMap, Scratch, file_backed
 from keras_fcn_surgery.layout import Layout
 from keras_fcn_surgery.names import runtime_name
 from keras_fcn_surgery.options import MAP_METHODS
+from keras_fcn_surgery.surgery.atrous import rarefy
 from keras_fcn_surgery.surgery.convert import convert
 from keras_fcn_surgery.surgery.fcn import FcnSpec, as_fcn, is_fully_convolutional, map_outputs
 from keras_fcn_surgery.surgery.verify import compare_arrays, tolerance_for
@@ -459,12 +460,14 @@ def check_method(method) -> str:
 def route(model, stride, method: str, *, head: str = "window", input_size=None):
     """``("fcn", fcn)`` or ``("windowed", None)``: how `predict_map` computes the map of ``model``.
 
-    An FCN runs as itself; a classifier as `choose_method` says. Anything
+    An FCN runs as itself, or à trous at a ``stride`` that divides its own
+    (`surgery.atrous.rarefy`); a classifier as `choose_method` says. Anything
     else is returned as it is, for `predict_map`'s own checks to refuse.
 
     Raises:
-        InputError: for ``method="windowed"`` or a ``stride`` other than its
-            own with an FCN, or an unknown ``method``.
+        InputError: for ``method="windowed"`` or a ``stride`` that neither is
+            nor divides its own with an FCN, or an unknown ``method``.
+        ConversionError: an FCN with a layer that cannot be rarefied (named).
     """
     check_method(method)
     if not isinstance(model, keras.Model):
@@ -478,6 +481,8 @@ def route(model, stride, method: str, *, head: str = "window", input_size=None):
         )
     if stride is not None:
         requested, own = runner.pair(stride, "stride"), tuple(geometry(model).stride)
+        if requested != own and divides(requested, own):
+            return "fcn", rarefy(model, requested)  # the same FCN, à trous: refused by name where not exact
         if requested != own:
             raise InputError(
                 f"The FCN '{model.name}' has stride {own[0]}x{own[1]}; its map cannot be at stride "
@@ -491,12 +496,15 @@ def choose_method(model, stride, method: str, *, head: str = "window", input_siz
 
     ``"auto"``: the classifier's FCN (``as_fcn(model, head=head,
     input_size=input_size)``) where it converts, has no global context and
-    ``stride`` is None or its stride; else windowed (a classifier that takes
-    any input size has no window: its FCN then, as long as ``stride`` is None).
+    ``stride`` is None or its stride; at a ``stride`` that divides the FCN's,
+    the FCN à trous (`surgery.atrous.rarefy`) where it is exact; else windowed
+    (a classifier that takes any input size has no window: its FCN then, as
+    long as ``stride`` is None).
 
     Raises:
-        ConversionError: ``"fcn"`` for a classifier that does not convert.
-        InputError: ``"fcn"`` with a ``stride`` other than the FCN's.
+        ConversionError: ``"fcn"`` for a classifier that does not convert, or
+            at a finer stride a layer cannot be rarefied (named).
+        InputError: ``"fcn"`` with a ``stride`` that neither is nor divides the FCN's.
     """
     check_method(method)
     if method == "windowed":
@@ -510,18 +518,40 @@ def choose_method(model, stride, method: str, *, head: str = "window", input_siz
         return "fcn", fcn  # a windowed map takes one output; its FCN's maps of every output
     grid = geometry(fcn)
     requested = None if stride is None else runner.pair(stride, "stride")
+    finer = requested is not None and requested != tuple(grid.stride) and divides(requested, grid.stride)
     if method == "fcn":
+        if finer:
+            return "fcn", rarefy(fcn, requested)
         if requested is not None and requested != tuple(grid.stride):
             raise InputError(
                 f"The FCN of '{model.name}' has stride {grid.stride[0]}x{grid.stride[1]}; its map cannot be at "
                 f"stride {requested[0]}x{requested[1]}. Use `method='windowed'` for exact maps at other strides."
             )
         return "fcn", fcn
+    if finer and not grid.global_context:
+        try:
+            return "fcn", rarefy(fcn, requested)
+        except ConversionError:
+            return "windowed", None  # a layer à trous cannot make exact: the windowed map, as the plan says
     if requested is not None and requested != tuple(grid.stride):
         return "windowed", None
     if grid.global_context and has_window(model):
         return "windowed", None
     return "fcn", fcn
+
+
+def divides(stride, own) -> bool:
+    """Whether a map at ``stride`` ``(s_h, s_w)`` is a finer grid of one at ``own``: each divides its own."""
+    return all(s >= 1 and o % s == 0 for s, o in zip(stride, own))
+
+
+def is_finer_stride(model, stride) -> bool:
+    """Whether ``stride`` is finer than that of the classifier's FCN and divides it: an à trous map's."""
+    fcn, _ = conversion(model)
+    if fcn is None or stride is None:
+        return False
+    requested, own = runner.pair(stride, "stride"), tuple(geometry(fcn).stride)
+    return requested != own and divides(requested, own)
 
 
 def has_window(model) -> bool:
