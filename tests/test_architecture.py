@@ -228,6 +228,16 @@ ONE_LOOP = {("inference/runner.py", "run_batches"), ("inference/engines.py", "ti
 FORWARD_METHODS = {"predict", "predict_on_batch"}
 
 
+# A plan's private fields (what runs it), each read and set only by the module that plans it: other modules see a
+# plan's public description (`staged.stage_calls` hands the engine choice what it needs).
+PLAN_PRIVATE_FIELDS = {
+    "_runs": "inference/staged.py",
+    "_split": "inference/windowed.py",
+    "_bands": "inference/windowed.py",
+    "_analysis": "inference/windowed.py",
+}
+
+
 def _module_name(relative: str) -> str:
     return "keras_fcn_surgery." + relative.removesuffix(".py").removesuffix("/__init__").replace("/", ".")
 
@@ -411,6 +421,25 @@ def test_a_loop_that_hands_batches_to_the_one_loop_is_not_a_second_loop():
     assert batch_and_scatter_loops(ast.parse(source)) == []
 
 
+def plan_private_fields(tree, owner: str = "") -> list[str]:
+    """Reads and settings (``plan._runs``, ``replace(plan, _runs=...)``) of the plans' private fields that
+    ``owner`` (a module's path) does not own; ``self._x`` is an object's own attribute, left alone."""
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Attribute) and node.attr in PLAN_PRIVATE_FIELDS:
+            if ast.unparse(node.value) != "self" and PLAN_PRIVATE_FIELDS[node.attr] != owner:
+                found.append(f"line {node.lineno}: {ast.unparse(node)}")
+        elif isinstance(node, ast.keyword) and node.arg in PLAN_PRIVATE_FIELDS:
+            if PLAN_PRIVATE_FIELDS[node.arg] != owner:
+                found.append(f"line {node.value.lineno}: {node.arg}=")
+    return found
+
+
+def test_plans_private_fields_stay_in_the_module_that_plans():
+    found = {name: fields for name, tree in _modules() if (fields := plan_private_fields(tree, name))}
+    assert found == {}
+
+
 def test_a_maps_method_is_routed_in_one_place():
     found = {}
     for name, tree in _modules():
@@ -429,6 +458,9 @@ def test_a_maps_method_is_routed_in_one_place():
         (batch_and_scatter_loops, "for first in starts:\n    out[first : first + n] = forward(load(first))\n"),
         (batch_and_scatter_loops, "for batch in batches:\n    write(batch, forward(load(batch)))\n"),
         (batch_and_scatter_loops, "for group in groups:\n    found.append(engines.forward(m, e)(stack(group)))\n"),
+        (plan_private_fields, "for stage, run in zip(plan.stages, plan._runs):\n    pass\n"),
+        (plan_private_fields, "plan = dataclasses.replace(plan, _runs=runs)\n"),
+        (plan_private_fields, "split = plan._split\n"),
         (batch_and_scatter_loops, "while todo:\n    scores = model.predict(todo.pop())\n    out[i] = scores\n"),
     ],
 )
