@@ -403,8 +403,8 @@ class Mapper:
                 plan.work_ratio, plan.tile, lambda side: staged.plan_fcn(fcn, size, tile=side).work_ratio, size
             )
         precision = execution.precision
-        calls = staged.stage_calls(plan)
-        plan = engines.with_engine(plan, fcn, execution.engine, precision, calls=calls)  # each stage's own engine
+        # each stage's own engine, measured under "auto"
+        plan = engines.with_engine(plan, fcn, execution.engine, precision, calls=staged.stage_calls(plan))
 
         def forward_for(model, chosen):
             return engines.forward(model, chosen, precision)

@@ -266,7 +266,7 @@ def predict_maps(model, images, *, keep=None, certify: int | None = None, progre
             chosen = engines.choose_engine(fcn, call_shape, execution.engine, precision).engine
             forward = engines.forward(fcn, chosen, precision)
 
-            def load(group, whole=whole):
+            def load(group):
                 return np.stack([runner.read_tile(images[i], spec, *whole, preprocess, dtype) for i in group])
 
             def write(group, result):
