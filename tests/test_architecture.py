@@ -222,6 +222,22 @@ ROUTING = {"route", "choose_method"}
 ROUTERS = {"inference/mapper.py": {"route"}, "inference/windowed.py": {"choose_method"}}
 
 
+# The one execution loop (`runner.run_batches`), and the one other loop that calls forward passes and stores
+# what they give: `engines.time_engines` times candidate executions on one random input and keeps timings, no map.
+ONE_LOOP = {("inference/runner.py", "run_batches"), ("inference/engines.py", "time_engines")}
+FORWARD_METHODS = {"predict", "predict_on_batch"}
+
+
+# A plan's private fields (what runs it), each read and set only by the module that plans it: other modules see a
+# plan's public description (`staged.stage_calls` hands the engine choice what it needs).
+PLAN_PRIVATE_FIELDS = {
+    "_runs": "inference/staged.py",
+    "_split": "inference/windowed.py",
+    "_bands": "inference/windowed.py",
+    "_analysis": "inference/windowed.py",
+}
+
+
 def _module_name(relative: str) -> str:
     return "keras_fcn_surgery." + relative.removesuffix(".py").removesuffix("/__init__").replace("/", ".")
 
@@ -326,6 +342,104 @@ def test_inference_and_batch_import_the_package_at_module_level():
     assert found == {}
 
 
+def _own_nodes(statements):
+    """The nodes of ``statements``, not entering the functions, lambdas and classes defined there."""
+    stack = list(statements)
+    while stack:
+        node = stack.pop()
+        yield node
+        nested = (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda, ast.ClassDef)
+        stack += [child for child in ast.iter_child_nodes(node) if not isinstance(child, nested)]
+
+
+def _is_forward_pass(node) -> bool:
+    """A call of a forward pass: ``forward(x)``, ``engines.forward(m, e)(x)``, ``model.predict(x)``."""
+    if not isinstance(node, ast.Call):
+        return False
+    func = node.func
+    if isinstance(func, ast.Call):
+        inner = func.func
+        return (inner.attr if isinstance(inner, ast.Attribute) else getattr(inner, "id", "")) == "forward"
+    if isinstance(func, ast.Attribute):
+        return func.attr in FORWARD_METHODS
+    return isinstance(func, ast.Name) and func.id == "forward"
+
+
+def _writes(node) -> bool:
+    """A store into a subscript, a list's ``append``/``extend``, or a forward pass's result handed to a call."""
+    if isinstance(node, ast.Assign):
+        return any(isinstance(target, ast.Subscript) for target in node.targets)
+    if isinstance(node, ast.AugAssign):
+        return isinstance(node.target, ast.Subscript)
+    if isinstance(node, ast.Call):
+        if isinstance(node.func, ast.Attribute) and node.func.attr in {"append", "extend"}:
+            return True
+        return not _is_forward_pass(node) and any(_is_forward_pass(argument) for argument in node.args)
+    return False
+
+
+def batch_and_scatter_loops(tree) -> list[str]:
+    """``function: line``s of the batch-and-scatter loops of a module.
+
+    Such a loop is a ``for`` or ``while`` whose own body (not the functions
+    defined in it) both calls a forward pass (`_is_forward_pass`) and writes
+    (`_writes`).
+    """
+    found = []
+
+    def visit(node, function: str) -> None:
+        for child in ast.iter_child_nodes(node):
+            name = child.name if isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef)) else function
+            if isinstance(child, (ast.For, ast.AsyncFor, ast.While)):
+                own = list(_own_nodes(child.body + child.orelse))
+                if any(map(_is_forward_pass, own)) and any(map(_writes, own)):
+                    found.append(f"{name}: line {child.lineno}")
+            visit(child, name)
+
+    visit(tree, "<module>")
+    return found
+
+
+def test_every_batch_and_scatter_pass_runs_through_the_one_loop():
+    found = {}
+    for name, tree in _modules():
+        loops = [loop for loop in batch_and_scatter_loops(tree) if (name, loop.split(":")[0]) not in ONE_LOOP]
+        if loops:
+            found[name] = loops
+    assert found == {}
+
+
+def test_a_loop_that_hands_batches_to_the_one_loop_is_not_a_second_loop():
+    source = (
+        "for size, group in by_size.items():\n"
+        "    forward = engines.forward(fcn, chosen)\n"
+        "    def write(batch, result):\n"
+        "        for i, index in enumerate(batch):\n"
+        "            results[index] = result[i]\n"
+        "    runner.run_batches(forward, group, load, write)\n"
+    )
+    assert batch_and_scatter_loops(ast.parse(source)) == []
+
+
+def plan_private_fields(tree, owner: str = "") -> list[str]:
+    """Reads and settings (``plan._runs``, ``replace(plan, _runs=...)``) of the plans' private fields that
+    ``owner`` (a module's path) does not own; ``self._x`` is an object's own attribute, left alone."""
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Attribute) and node.attr in PLAN_PRIVATE_FIELDS:
+            if ast.unparse(node.value) != "self" and PLAN_PRIVATE_FIELDS[node.attr] != owner:
+                found.append(f"line {node.lineno}: {ast.unparse(node)}")
+        elif isinstance(node, ast.keyword) and node.arg in PLAN_PRIVATE_FIELDS:
+            if PLAN_PRIVATE_FIELDS[node.arg] != owner:
+                found.append(f"line {node.value.lineno}: {node.arg}=")
+    return found
+
+
+def test_plans_private_fields_stay_in_the_module_that_plans():
+    found = {name: fields for name, tree in _modules() if (fields := plan_private_fields(tree, name))}
+    assert found == {}
+
+
 def test_a_maps_method_is_routed_in_one_place():
     found = {}
     for name, tree in _modules():
@@ -341,6 +455,13 @@ def test_a_maps_method_is_routed_in_one_place():
         (function_level_imports, "def f():\n    from keras_fcn_surgery.inference import windowed\n"),
         (routing_calls, "chosen, fcn = windowed.route(model, None, 'auto')\n"),
         (routing_calls, "chosen = choose_method(model, None, 'auto')\n"),
+        (batch_and_scatter_loops, "for first in starts:\n    out[first : first + n] = forward(load(first))\n"),
+        (batch_and_scatter_loops, "for batch in batches:\n    write(batch, forward(load(batch)))\n"),
+        (batch_and_scatter_loops, "for group in groups:\n    found.append(engines.forward(m, e)(stack(group)))\n"),
+        (plan_private_fields, "for stage, run in zip(plan.stages, plan._runs):\n    pass\n"),
+        (plan_private_fields, "plan = dataclasses.replace(plan, _runs=runs)\n"),
+        (plan_private_fields, "split = plan._split\n"),
+        (batch_and_scatter_loops, "while todo:\n    scores = model.predict(todo.pop())\n    out[i] = scores\n"),
     ],
 )
 def test_the_issue_35_checks_find_what_they_forbid(check, source):

@@ -505,11 +505,11 @@ def _eligible(start: int, stride: int, length: int, side: int, cells: int) -> ra
 def _run_on_crops(model, image, spec: runner.ImageSpec, origins, crop, preprocess) -> list[np.ndarray]:
     """Per output of ``model``, ``(n, K)`` float64 scores on the crops at ``origins``, in batches of about a
     million pixels."""
-    forward = engines.forward(model, engines.native())
     dtype = runner.input_dtype(model)
     per_batch = max(1, runner.PIXELS_PER_BATCH // (crop[0] * crop[1]))
-    batches = []
-    for first in range(0, len(origins), per_batch):
+    batches: list = []
+
+    def load(first):
         crops = [
             runner.read_tile(
                 image,
@@ -521,9 +521,14 @@ def _run_on_crops(model, image, spec: runner.ImageSpec, origins, crop, preproces
             )
             for top, left in origins[first : first + per_batch]
         ]
-        outputs = forward(np.stack(crops))
-        outputs = outputs if isinstance(outputs, (list, tuple)) else [outputs]
-        batches.append([np.asarray(output, dtype=np.float64).reshape(len(crops), -1) for output in outputs])
+        return np.stack(crops)
+
+    def write(first, outputs):
+        count = len(origins[first : first + per_batch])
+        batches.append([np.asarray(output, dtype=np.float64).reshape(count, -1) for output in runner.as_maps(outputs)])
+
+    forward = engines.forward(model, engines.native())
+    runner.run_batches(forward, range(0, len(origins), per_batch), load, write, prefetch=True)
     return [np.concatenate(per_output) for per_output in zip(*batches)]
 
 

@@ -389,13 +389,15 @@ def choose_engine(model, batch_shape, engine: str = "auto", precision: str | Non
         return choice
 
 
-def with_engine(plan, fcn, engine: str, precision: str | None = None):
+def with_engine(plan, fcn, engine: str, precision: str | None = None, *, calls):
     """``plan`` (a `PredictionPlan`) with the engine each stage runs under and why (`choose_engine`).
 
     Each stage is chosen for on its own model at its own call shape (its
-    largest tile times its batch): a converted classifier's convolutions and
-    its head may run fastest under different executions on one machine.
-    ``plan.engine`` names the stages' engines in order, each once.
+    largest tile times its batch; ``calls``: ``(model, call shape)`` per
+    stage, `staged.stage_calls`, so the plan's private fields stay its
+    planner's): a converted classifier's convolutions and its head may run
+    fastest under different executions on one machine. ``plan.engine`` names
+    the stages' engines in order, each once.
     """
     import dataclasses
 
@@ -408,11 +410,11 @@ def with_engine(plan, fcn, engine: str, precision: str | None = None):
         if refusal is not None:
             raise InputError(f"engine='blas' cannot run model '{fcn.name}': {refusal}. Use 'auto' or {native()!r}.")
     stages, reasons = [], []
-    for index, (stage, run) in enumerate(zip(plan.stages, plan._runs)):
-        if engine == "blas" and blas_refusal(run.model, precision) is not None:
+    for index, (stage, (model, call_shape)) in enumerate(zip(plan.stages, calls)):
+        if engine == "blas" and blas_refusal(model, precision) is not None:
             choice = EngineChoice(native(), "blas asked for; this stage holds no head convolution")
         else:
-            choice = choose_engine(run.model, run.call_shape(), engine, precision)
+            choice = choose_engine(model, call_shape, engine, precision)
         stages.append(dataclasses.replace(stage, engine=choice.engine))
         reasons.append(choice.reason if len(plan.stages) == 1 else f"stage {index + 1}: {choice}")
     names = list(dict.fromkeys(stage.engine for stage in stages))

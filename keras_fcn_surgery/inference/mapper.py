@@ -406,7 +406,8 @@ class Mapper:
                 plan.work_ratio, plan.tile, lambda side: staged.plan_fcn(fcn, size, tile=side).work_ratio, size
             )
         precision = execution.precision
-        plan = engines.with_engine(plan, fcn, execution.engine, precision)  # each stage's own, measured under "auto"
+        # each stage's own engine, measured under "auto"
+        plan = engines.with_engine(plan, fcn, execution.engine, precision, calls=staged.stage_calls(plan))
 
         def forward_for(model, chosen):
             return engines.forward(model, chosen, precision)

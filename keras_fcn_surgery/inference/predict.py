@@ -267,14 +267,19 @@ def predict_maps(model, images, *, keep=None, certify: int | None = None, progre
             call_shape = spec.layout.batch_shape(min(per_batch, len(indices)), size[0], size[1], spec.channels)
             chosen = engines.choose_engine(fcn, call_shape, execution.engine, precision).engine
             forward = engines.forward(fcn, chosen, precision)
-            for first in range(0, len(indices), per_batch):
-                group = indices[first : first + per_batch]
-                pixels = np.stack([runner.read_tile(images[i], spec, *whole, preprocess, dtype) for i in group])
-                maps = runner.as_maps(forward(pixels))
+
+            def load(group):
+                return np.stack([runner.read_tile(images[i], spec, *whole, preprocess, dtype) for i in group])
+
+            def write(group, result):
+                maps = runner.as_maps(result)
                 for position, index in enumerate(group):
                     own = [np.asarray(m[position], dtype=runner.output_dtype(fcn, k)) for k, m in enumerate(maps)]
                     results[index] = OutputMaps(outputs.outputs, own) if outputs.several else own[0]
                 bar.update(len(group))
+
+            groups = [indices[first : first + per_batch] for first in range(0, len(indices), per_batch)]
+            runner.run_batches(forward, groups, load, write, prefetch=tiles.prefetch)
     return _certified(mapper, images, results, certify, keep)
 
 
@@ -437,9 +442,10 @@ def sliding_window_predict(
     forward = engines.forward(model, engines.native())
     dtype = runner.input_dtype(model)
     batches = range(0, len(positions), batch_size)
-    with runner.progress_bar(len(batches), progress, "batches") as bar:
-        for first in batches:
-            crops = [
+
+    def load(first):
+        return np.stack(
+            [
                 runner.read_tile(
                     image,
                     spec,
@@ -450,8 +456,15 @@ def sliding_window_predict(
                 )
                 for i, j in positions[first : first + batch_size]
             ]
-            for target, result in zip(scores, runner.as_maps(forward(np.stack(crops)))):
-                target[first : first + len(crops)] = result
+        )
+
+    with runner.progress_bar(len(batches), progress, "batches") as bar:
+
+        def write(first, result):
+            for target, maps in zip(scores, runner.as_maps(result)):
+                target[first : first + len(maps)] = maps
             bar.update(1)
+
+        runner.run_batches(forward, batches, load, write, prefetch=True)
     grids = [model_format.image_from_channels_last(s.reshape(counts[0], counts[1], -1)) for s in scores]
     return OutputMaps(map_outputs(model), grids) if len(grids) > 1 else grids[0]

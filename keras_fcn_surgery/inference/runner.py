@@ -327,6 +327,26 @@ def run_tiles(
     if keep is not None:
         for target in targets:
             fill_nan(target, spec.layout)
+    run_batches(forward, batches, load, write, prefetch=prefetch)
+
+
+def run_batches(forward, batches, load, write, *, prefetch: bool = False) -> None:
+    """The one execution loop: for each batch, ``write(batch, forward(load(batch)))``.
+
+    Every batch-and-scatter pass of the package runs here: an FCN's tiles
+    (`run_tiles`), whole-image batches, a windowed map's windows and their
+    strips, the sliding window and a certificate's crops. With ``prefetch``,
+    the next batch is loaded (read, preprocessed) on a background thread while
+    ``forward`` computes the current one; batches are written in order either way.
+
+    Args:
+        forward: the model's forward pass, a function of one stacked batch.
+        batches: the batches, in order (any objects ``load`` and ``write`` understand).
+        load: a batch's stacked inputs.
+        write: stores a batch's result (where its cells go is the caller's).
+        prefetch: load the next batch on a background thread.
+    """
+    batches = list(batches)
     if not prefetch or len(batches) < 2:
         for batch in batches:
             write(batch, forward(load(batch)))

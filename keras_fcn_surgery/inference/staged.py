@@ -336,8 +336,13 @@ def plan_fcn(
     if keep is not None:
         plan = _masked(plan, _keep_mask(keep, plan.map_size), batch_given=batch_size is not None)
     if engine is not None:
-        plan = engines.with_engine(plan, fcn, engine)
+        plan = engines.with_engine(plan, fcn, engine, calls=stage_calls(plan))
     return plan
+
+
+def stage_calls(plan: PredictionPlan) -> tuple:
+    """``(model, call shape)`` of each stage of ``plan``: what an execution is chosen for (`engines.with_engine`)."""
+    return tuple((run.model, run.call_shape()) for run in plan._runs)
 
 
 def _keep_mask(keep, map_size) -> np.ndarray:

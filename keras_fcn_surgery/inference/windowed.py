@@ -935,17 +935,25 @@ def _run_windows(
     chosen = engine if engine in ("xla", "jax") else engines.native()  # the backend's own, or as asked
     batch = plan.batch_size
     _verify_split(found, split)
+
+    def load(group):
+        if split.prefix is None:
+            return np.stack([_crop(pixels, spec, plan, i, j, preprocess, dtype) for i, j in group])
+        return _window_maps(plan, found, split, pixels, spec, shared, group, preprocess, dtype, first)
+
+    def forward(inputs):
+        return engines.forward(found.tail(split, len(inputs)), chosen)(inputs)
+
     with runner.progress_bar(len(positions), progress, "windows") as bar:
-        for start in range(0, len(positions), batch):
-            group = positions[start : start + batch]
-            if split.prefix is None:
-                inputs = np.stack([_crop(pixels, spec, plan, i, j, preprocess, dtype) for i, j in group])
-            else:
-                inputs = _window_maps(plan, found, split, pixels, spec, shared, group, preprocess, dtype, first)
-            scores = engines.forward(found.tail(split, len(group)), chosen)(inputs)
+
+        def write(group, scores):
             for (i, j), vector in zip(group, np.asarray(scores)):
                 out[layout.image_index(slice(i, i + 1), slice(j, j + 1))] = _cell(vector, layout)
             bar.update(len(group))
+
+        groups = [positions[start : start + batch] for start in range(0, len(positions), batch)]
+        # Windows read from pixels alone are prefetched; a prefix's strips run a model, so they load in turn.
+        runner.run_batches(forward, groups, load, write, prefetch=split.prefix is None)
 
 
 def _cell(vector, layout: Layout) -> np.ndarray:
@@ -977,20 +985,29 @@ def _window_maps(
     for k, (i, j) in enumerate(group):
         top, left = (i - first) * plan.stride[0] // split.stride[0], j * plan.stride[1] // split.stride[1]
         maps[k] = shared[layout.image_index(slice(top, top + cells[0]), slice(left, left + cells[1]))]
-    forward = engines.forward(split.prefix, engines.native())
-    for axis, side, length in split.strips():
+
+    def span_of(strip):
+        axis, side, length = strip
+        return (0, length) if side == "before" else (plan.window[axis] - length, plan.window[axis])
+
+    def load(strip):
+        span = span_of(strip)
+        rows, cols = (span, None) if strip[0] == 0 else (None, span)
+        return np.stack([_crop(pixels, spec, plan, i, j, preprocess, dtype, rows, cols) for i, j in group])
+
+    def write(strip, result):
+        axis, side, _ = strip
         band = split.bands[axis]
-        span = (0, length) if side == "before" else (plan.window[axis] - length, plan.window[axis])
-        rows, cols = (span, None) if axis == 0 else (None, span)
-        strips = np.stack([_crop(pixels, spec, plan, i, j, preprocess, dtype, rows, cols) for i, j in group])
-        computed = np.asarray(forward(strips), dtype=np.float32)
-        offset = span[0] // split.stride[axis]
+        computed = np.asarray(result, dtype=np.float32)
+        offset = span_of(strip)[0] // split.stride[axis]
         wanted = (0, band.exact[0]) if side == "before" else (band.exact[1], band.cells)
         target = [slice(None), slice(None)]
         source = [slice(None), slice(None)]
         target[axis] = slice(*wanted)
         source[axis] = slice(wanted[0] - offset, wanted[1] - offset)
         maps[(slice(None), *layout.image_index(*target))] = computed[(slice(None), *layout.image_index(*source))]
+
+    runner.run_batches(engines.forward(split.prefix, engines.native()), split.strips(), load, write)
     return maps
 
 
