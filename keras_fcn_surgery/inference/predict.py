@@ -249,7 +249,7 @@ def predict_maps(model, images, *, keep=None, certify: int | None = None, progre
         by_size.setdefault(size, []).append(index)
     requested = None if tiles.tile is None else runner.pair(tiles.tile, "tile")
     grids = [mapper.grid_of(name) for name in outputs.names] if outputs.several else [mapper.grid]
-    precision = execution.precision
+    precision = execution.policy
     dtype = runner.input_dtype(fcn)
     with runner.progress_bar(len(images), progress, "images") as bar:
         for size, indices in by_size.items():
