@@ -318,8 +318,8 @@ def test_bad_arguments_are_refused():
         kfs.predict_map(fcn, image, method="windowed")
     with pytest.raises(kfs.InputError, match="stride 4x4"):
         kfs.predict_map(fcn, image, stride=8)
-    with pytest.raises(kfs.InputError, match="float32"):
-        kfs.predict_map(model, image, stride=4, method="windowed", mixed_precision=True)
+    with pytest.raises(kfs.InputError, match="`precision`.*'float32', 'bfloat16', 'float16'"):
+        kfs.predict_map(model, image, stride=4, method="windowed", precision="float8")
     free = keras.Sequential([keras.Input((None, None, 3)), L.Conv2D(2, 3), L.GlobalAveragePooling2D()])
     with pytest.raises(kfs.ConversionError, match="fixed input size.*input_shape"):
         kfs.predict_map(free, image, stride=4, method="windowed")

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -54,6 +54,7 @@ class BatchOptions:
     class_names: tuple[str, ...] | None = None
     progress: bool | None = None
     execution: str = "auto"
+    precision: str = "float32"
     method: str = "fcn"  # the mapper's (a record: the shards' fingerprint holds it); "windowed": at `stride`
     stride: tuple[int, int] | None = None
     output: str | None = None
@@ -115,7 +116,9 @@ def prepare_mapper(model, options: BatchOptions, method: MapMethod) -> Mapper:
     input), with the job's execution and its pixels' preprocessing."""
     mapper = Mapper(model, MapOptions(method=method))
     preprocess = preprocess_fn(options.preprocess, mapper.spec.layout)
-    return mapper.with_options(batch_size=options.batch_size, engine=options.execution, preprocess=preprocess)
+    return mapper.with_options(
+        batch_size=options.batch_size, engine=options.execution, precision=options.precision, preprocess=preprocess
+    )
 
 
 def failed_result(source: Source, message: str, start: float, *, input_error: bool = False) -> InputResult:
@@ -173,7 +176,7 @@ class OpenInput:
 
     def filled(self, maps: dict, shown: str | None, fraction: float, certificate, options: BatchOptions) -> FilledMaps:
         """The filled ``maps`` and what the output formats write beside them."""
-        info = self.info(fraction, certificate, shown)
+        info = replace(self.info(fraction, certificate, shown), precision=options.precision)
         return FilledMaps(maps, self.spec.several, shown, info, self.reader.mpp, options.class_names)
 
     def info(self, fraction: float, certificate=None, shown: str | None = None) -> writers.MapInfo:

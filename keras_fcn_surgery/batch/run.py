@@ -23,7 +23,7 @@ from keras_fcn_surgery.batch.sources import find_sources
 from keras_fcn_surgery.batch.writers import check_geojson, check_map_names
 from keras_fcn_surgery.errors import ConversionError, InputError, ModelFileError
 from keras_fcn_surgery.inference.certificate import DEFAULT_CELLS, check_cell_count
-from keras_fcn_surgery.inference.engines import check_engine
+from keras_fcn_surgery.inference.engines import check_engine, check_precision
 from keras_fcn_surgery.inference.heatmap import class_names_for
 from keras_fcn_surgery.inference.mapper import MapMethod, Mapper
 from keras_fcn_surgery.inference.runner import progress_bar
@@ -49,6 +49,7 @@ _JOB_OPTIONS = {
     "ray_address": None,
     "workers": None,
     "execution": "auto",
+    "precision": "float32",
     "output": None,
     "method": "auto",
     "stride": None,
@@ -160,6 +161,9 @@ def predict_images(
             - ``execution``: how each forward pass runs, `predict_map`'s ``engine``: ``"auto"`` (measured on this
               machine), ``"tf"``, ``"xla"`` or ``"blas"``. (Here ``engine`` already names where the inputs run,
               locally or on Ray.)
+            - ``precision``: what the maps are computed at, as for `predict_map`: ``"float32"`` (default),
+              ``"bfloat16"`` or ``"float16"``; stored in float32 either way, recorded as ``precision`` beside the
+              map (npz, zarr), and certified at the precision's tolerance.
             - ``output``: for a model with several outputs, the one GeoJSON, CSV and OME-Zarr describe and
               ``certify`` certifies; default: the first that ends in a softmax or sigmoid (npz and zarr hold every
               output, each under its name). The outputs must share one grid (`geometry`).
@@ -233,6 +237,7 @@ def predict_images(
         class_names=tuple(class_names_for(class_names, 1000)) if class_names == "imagenet" else _names(class_names),
         progress=progress,
         execution=check_engine(execution),
+        precision=check_precision(given["precision"]),
         output=output,
         shards=check_shards(shards),
         shard_rows=check_shard_rows(shard_rows),

@@ -51,6 +51,8 @@ class MapInfo:
         certificate: the figures of the map's `MapCertificate` (its
             ``metadata()``), stored as ``certificate_<name>``; None when the
             map was not certified.
+        precision: what the map was computed at (``"float32"``, ``"bfloat16"``
+            or ``"float16"``); it is stored in float32 either way.
     """
 
     source: str
@@ -63,6 +65,7 @@ class MapInfo:
     computed_fraction: float
     per_pixel: bool = False
     certificate: dict | None = None
+    precision: str = "float32"
 
     def fields(self) -> dict:
         """The metadata as flat values: the certificate's as ``certificate_<name>`` (none without one)."""

@@ -79,7 +79,8 @@ def run(args) -> int:
     check_output_path(args.output, suffix=".png", overwrite=args.overwrite)  # before any work
     model = load_source(args)  # kept: the certificate runs the classifier on crops
     method = kfs.MapMethod(args.method, args.stride, args.head, args.input_size)
-    mapper = kfs.prepare(model, method=method, tile=args.tile, engine=args.execution)  # the method, chosen once
+    # The method, chosen once.
+    mapper = kfs.prepare(model, method=method, tile=args.tile, engine=args.execution, precision=args.precision)
     spec = mapper.spec
     shown = spec.names[spec.output_index(args.output_name)]  # an unknown name is refused before any work
     classes = spec.outputs[spec.output_index(args.output_name)].classes

@@ -162,6 +162,7 @@ def run(args) -> int:
         input_size=args.input_size,
         engine=args.engine,
         execution=args.execution,
+        precision=args.precision,
         method=args.method,
         stride=args.stride,
         ray_address=args.ray_address,

@@ -36,10 +36,39 @@ from keras_fcn_surgery.options import CERTIFIED_CELLS
 from keras_fcn_surgery.saving.record import source_input_size
 from keras_fcn_surgery.surgery.atrous import origin_of
 from keras_fcn_surgery.surgery.fcn import as_fcn, choose_output, is_fully_convolutional, original_size, source_of
-from keras_fcn_surgery.surgery.verify import VerificationResult, batch_spread, compare_arrays, tolerance_for
+from keras_fcn_surgery.surgery.verify import (
+    RELATIVE_TOLERANCE,
+    VerificationResult,
+    batch_spread,
+    compare_arrays,
+    tolerance_for,
+)
 
 # Cells `certify_map`, `predict_images` and the CLI's `predict` and `heatmap` certify unless told otherwise.
 DEFAULT_CELLS = CERTIFIED_CELLS
+
+
+def precision_tolerance(precision: str) -> float:
+    """The relative tolerance (of the output scale) a map computed at ``precision`` is certified to.
+
+    The one place that says how close a reduced-precision map must stay to the
+    float32 classifier. A pass under a mixed policy rounds every layer's
+    output to the compute type (variables and the accumulation of products
+    stay float32); each rounding is off by at most the unit roundoff ``u``
+    relative to the value: 2^-8 for bfloat16's 8-bit significand, 2^-11 for
+    float16's 11 bits. Through a network the relative errors add, about one
+    ``u`` per rounded layer, and are measured against the largest magnitude
+    the float32 classifier gives on the certified crops (the output scale).
+    bfloat16 is allowed 16 of them, a VGG16's depth: 2^-4, 6e-2 (VGG16 at
+    512x512 measured 3.8e-3, issue 39). float16 keeps 2e-2, the tolerance
+    `surgery.verify` checks float16 conversions at (16 u is 8e-3; float16's
+    narrow range, 6e-5 to 65504, also rounds small activations coarsely).
+    float32 is the conversion's own, 1e-4 (summation order only).
+
+    Raises:
+        InputError: for a precision other than float32, bfloat16 or float16.
+    """
+    return RELATIVE_TOLERANCE[engines.check_precision(precision)]
 
 
 @dataclass(frozen=True)
@@ -65,6 +94,9 @@ class MapCertificate:
         top_class_agreement: the share of sampled cells whose top class is
             the crop's (1.0 for all of them).
         reason: why the cells differ, when they do ("" otherwise).
+        precision: what the map was computed at (``"float32"``,
+            ``"bfloat16"``, ``"float16"``); the crops always run at float32
+            and the tolerance is the precision's (`precision_tolerance`).
     """
 
     cells: tuple[tuple[int, int], ...]
@@ -75,6 +107,7 @@ class MapCertificate:
     comparison: VerificationResult
     top_class_agreement: float
     reason: str = ""
+    precision: str = "float32"
 
     @property
     def max_abs_diff(self) -> float:
@@ -114,14 +147,17 @@ class MapCertificate:
             "exact": self.exact,
             "informative": self.informative,
             "reason": self.reason,
+            "precision": self.precision,
         }
 
     def __str__(self) -> str:
         verdict = "exact" if self.exact else "DIFFERENT"
         if self.exact and not self.informative:
             verdict = "exact, but uninformative: the classifier's scores hardly vary across these crops"
+        computed = "" if self.precision == "float32" else f", computed at {self.precision}"
+        size = f"{self.map_size[0]}x{self.map_size[1]}"
         return (
-            f"{len(self.cells)} of {self.eligible} eligible cells (map {self.map_size[0]}x{self.map_size[1]}) "
+            f"{len(self.cells)} of {self.eligible} eligible cells (map {size}{computed}) "
             f"against {self.against} on their {self.crop_size[0]}x{self.crop_size[1]} crops: max abs diff "
             f"{self.max_abs_diff:.3g}, max rel diff {self.max_rel_diff:.3g} (tolerance {self.tolerance:g}), "
             f"top class equal in {100 * self.top_class_agreement:.0f}%: {verdict}"
@@ -149,14 +185,26 @@ class CropRun(NamedTuple):
 
 
 def crop_certificate(
-    runs: CropRun, image, score_map, n: int, *, preprocess=None, keep=None, tolerance=None, seed: int = 0, output=None
+    runs: CropRun,
+    image,
+    score_map,
+    n: int,
+    *,
+    preprocess=None,
+    keep=None,
+    tolerance=None,
+    seed: int = 0,
+    output=None,
+    precision: str = "float32",
 ):
     """The certificate of an FCN's map: ``n`` sampled cells against ``runs.runs_on`` on their crops.
 
     For a model with several outputs, ``score_map`` is the dict of its maps
     (`OutputMaps`), and the result a dict of `MapCertificate` by output name,
     or with ``output``, that output's certificate alone. Outputs on one grid
-    share their cells and crops (the crops run once).
+    share their cells and crops (the crops run once). ``precision``: what the
+    map was computed at; the crops run at float32 and the default tolerance is
+    the wider of the model's and the precision's (`precision_tolerance`).
     """
     fcn, runs_on, crop, against, model = runs
     model = fcn if model is None else model
@@ -175,7 +223,7 @@ def crop_certificate(
         names = [choose_output(outputs.outputs, output)]
     else:
         names = [outputs.names[0]]
-    tolerance = float(tolerance if tolerance is not None else tolerance_for(fcn))
+    tolerance = float(tolerance if tolerance is not None else max(tolerance_for(fcn), precision_tolerance(precision)))
     crops_run: dict = {}
     certificates = {}
     for name in names:
@@ -195,7 +243,7 @@ def crop_certificate(
             crops_run[plan.origins] = _run_on_crops(runs_on, image, spec, plan.origins, crop, preprocess)
         expected = crops_run[plan.origins][index]
         actual = _cell_values(cell_map, plan.cells, spec.layout)
-        certificates[name] = _compare(plan, expected, actual, against, tolerance, spec)
+        certificates[name] = replace(_compare(plan, expected, actual, against, tolerance, spec), precision=precision)
     if outputs.several and output is None:
         return certificates
     return certificates[names[0]]
@@ -303,6 +351,7 @@ def windowed_certificate(
     keep=None,
     tolerance=None,
     seed: int = 0,
+    precision: str = "float32",
 ) -> MapCertificate:
     """The certificate of a classifier's windowed map (`inference.windowed`), without the warning.
 
@@ -310,7 +359,7 @@ def windowed_certificate(
     s_w)``: ``n`` cells, sampled as `certify_map` samples them, are compared
     with the classifier itself run on their crops. ``plan``: the map's
     `WindowedPlan` where the caller has it (a `Mapper`), else planned here at
-    ``stride``.
+    ``stride``. ``precision``: as for `crop_certificate`.
     """
     check_cell_count(n, "n")
     found = windowed.analysis(model)
@@ -323,9 +372,11 @@ def windowed_certificate(
     origins = tuple((i * plan.stride[0], j * plan.stride[1]) for i, j in cells)
     expected = _run_on_crops(found.model, image, spec, origins, found.window, preprocess)[0]
     actual = _cell_values(score_map, cells, spec.layout)
-    tolerance = float(tolerance if tolerance is not None else tolerance_for(found.model))
+    if tolerance is None:
+        tolerance = max(tolerance_for(found.model), precision_tolerance(precision))
     against = f"classifier '{found.model.name}'"
-    return _measured(cells, plan.windows, plan.map_size, found.window, against, expected, actual, tolerance, spec)
+    measured = _measured(cells, plan.windows, plan.map_size, found.window, against, expected, actual, tolerance, spec)
+    return replace(measured, precision=precision)
 
 
 def check_cell_count(n, argument: str) -> None:
@@ -354,7 +405,8 @@ def _warn_if_inexact(certificate: MapCertificate, stacklevel: int, which: str) -
     if certificate.exact:
         return
     warnings.warn(
-        f"The map{which} differs from the sliding window it replaces: on {len(certificate.cells)} sampled cells, "
+        f"The map{which}{'' if certificate.precision == 'float32' else f' (computed at {certificate.precision})'} "
+        f"differs from the sliding window it replaces: on {len(certificate.cells)} sampled cells, "
         f"max abs diff {certificate.max_abs_diff:.3g}, max rel diff {certificate.max_rel_diff:.3g} (tolerance "
         f"{certificate.tolerance:g}) against {certificate.against} on their crops, top class equal in "
         f"{100 * certificate.top_class_agreement:.0f}%. {certificate.reason}",

@@ -54,6 +54,9 @@ from keras_fcn_surgery.names import runtime_name
 from keras_fcn_surgery.saving.atomic import atomic_output
 
 ENGINES = ("auto", "tf", "xla", "blas", "jax", "torch")
+# The arithmetic a map can run at (`Execution.precision`) and the Keras dtype policy each runs a copy of the model
+# under (float32: the model itself). Variables stay float32; the maps are stored in float32 whatever the precision.
+PRECISIONS = {"float32": None, "bfloat16": "mixed_bfloat16", "float16": "mixed_float16"}
 # The engines each Keras backend can run itself, its own execution first ("blas" runs on any of them).
 _BACKEND_ENGINES = {"tensorflow": ("tf", "xla"), "jax": ("jax",), "torch": ("torch",)}
 # Multiply-accumulates per forward call below which "auto" runs the native engine ("tf", "jax") without measuring.
@@ -102,6 +105,23 @@ def check_engine(engine) -> str:
     if engine not in ENGINES:
         raise InputError(f"Expected `engine` to be one of {', '.join(map(repr, ENGINES))}. Received: {engine!r}")
     return engine
+
+
+def check_precision(precision) -> str:
+    """``precision`` when it names one of `PRECISIONS`, else an `InputError` listing them."""
+    if not isinstance(precision, str) or precision not in PRECISIONS:
+        raise InputError(
+            f"Expected `precision` to be one of {', '.join(map(repr, PRECISIONS))}. Received: {precision!r}"
+        )
+    return precision
+
+
+def policy_of(precision: str | None) -> str | None:
+    """The Keras dtype policy a pass at ``precision`` runs under: None for float32 (the model itself), else
+    ``"mixed_bfloat16"`` or ``"mixed_float16"``; a policy's name (``"mixed_float16"``) is returned as it is."""
+    if precision is None or precision.startswith("mixed_"):
+        return precision
+    return PRECISIONS[check_precision(precision)]
 
 
 def backend_name() -> str:
@@ -182,6 +202,7 @@ def accelerators() -> list[str]:
 
 def blas_refusal(model, precision: str | None = None) -> str | None:
     """Why the ``"blas"`` engine cannot run ``model`` here, or None when it can."""
+    precision = policy_of(precision)
     if precision is not None:
         return f"the BLAS head computes in float32 only (asked: {precision})"
     if accelerators():
@@ -221,8 +242,10 @@ def forward(model, engine: str, precision: str | None = None):
         engine: ``"tf"``, ``"xla"``, ``"jax"``, ``"torch"`` or ``"blas"`` (where the BLAS
             head cannot run this model, e.g. a stage without the head, it runs
             under the backend's own execution, `native`).
-        precision: None, or a Keras dtype policy such as ``"mixed_float16"``
-            to run a copy of the model under (``"blas"`` then runs natively).
+        precision: None or ``"float32"`` (the model itself), ``"bfloat16"`` or
+            ``"float16"`` (a copy of the model under that mixed policy; its
+            outputs are cast to float32), or a Keras dtype policy's name
+            (``"mixed_float16"``); ``"blas"`` then runs natively.
 
     Raises:
         InputError: for an unknown engine, or one the Keras backend cannot run.
@@ -233,6 +256,7 @@ def forward(model, engine: str, precision: str | None = None):
     refusal = backend_refusal(engine)
     if refusal is not None:
         raise InputError(f"Cannot run model '{model.name}': {refusal}.")
+    precision = policy_of(precision)
     with _LOCK:
         per_model = _FORWARDS.setdefault(model, {})
         key = (engine, precision)
@@ -249,7 +273,22 @@ def forward(model, engine: str, precision: str | None = None):
                 per_model[key] = _torch_eager(model, precision)
             else:
                 per_model[key] = _traced(model, engine == "xla", precision)
+            if precision is not None:
+                per_model[key] = _as_float32(per_model[key])
         return per_model[key]
+
+
+def _as_float32(function):
+    """``function`` with its outputs cast to float32: a reduced-precision pass's map is stored in float32 (and a
+    staged pass's next stage reads float32, as at full precision)."""
+
+    def run(batch):
+        outputs = function(batch)
+        if isinstance(outputs, list):
+            return [np.asarray(y, dtype=np.float32) for y in outputs]
+        return np.asarray(outputs, dtype=np.float32)
+
+    return run
 
 
 def _traced(model, jit_compile: bool, precision: str | None):
@@ -353,7 +392,9 @@ def choose_engine(model, batch_shape, engine: str = "auto", precision: str | Non
         model: the model (a whole FCN; its stages run under the same engine).
         batch_shape: the shape of one forward call's input, batch included.
         engine: ``"auto"`` to measure, or an engine to use as asked.
-        precision: None, or the dtype policy the pass runs under.
+        precision: None, ``"float32"``, ``"bfloat16"`` or ``"float16"`` (or a
+            dtype policy's name): what the pass runs at. ``"auto"`` chooses
+            among the executions at that precision; it never lowers it.
 
     Returns:
         An `EngineChoice`. Under ``"auto"``: `native` untimed below
@@ -367,6 +408,7 @@ def choose_engine(model, batch_shape, engine: str = "auto", precision: str | Non
         InputError: for an unknown engine, or ``"blas"`` where it cannot run.
     """
     check_engine(engine)
+    precision = policy_of(precision)
     shape = tuple(int(d) for d in batch_shape)
     if engine != "auto":
         refusal = backend_refusal(engine)
@@ -402,6 +444,7 @@ def with_engine(plan, fcn, engine: str, precision: str | None = None, *, calls):
     import dataclasses
 
     check_engine(engine)
+    precision = policy_of(precision)
     refusal = backend_refusal(engine)
     if refusal is not None:
         raise InputError(f"Cannot run model '{fcn.name}': {refusal}.")

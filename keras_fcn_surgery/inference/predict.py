@@ -130,10 +130,18 @@ def predict_map(model, image, *, out=None, keep=None, certify: int | None = None
               neither the image nor the whole shared map is held.
             - ``prefetch``: read and preprocess the next batch of tiles on a background
               thread while the model computes the current one.
-            - ``mixed_precision``: compute in float16 with float32 variables (Keras's
-              ``mixed_float16`` policy) on a copy of the model: about twice as
-              fast on GPUs with tensor cores, slower on CPUs. The map then
-              matches the float32 one to float16 precision only.
+            - ``precision``: ``"float32"`` (default), ``"bfloat16"`` or
+              ``"float16"``: compute at it with float32 variables (Keras's
+              ``mixed_bfloat16`` / ``mixed_float16`` policy) on a copy of the
+              model, for FCN and windowed maps alike: bfloat16 is about twice
+              as fast on CPUs with AMX (docs/dense-maps.md), both are on GPUs
+              with tensor cores; float16 is slower on most CPUs. The map is
+              stored in float32 and matches the float32 one to the precision's
+              tolerance (`certificate.precision_tolerance`: 6e-2 and 2e-2 of
+              the output scale), which ``certify`` checks. ``engine="auto"``
+              never lowers the precision on its own.
+            - ``mixed_precision``: an alias of ``precision="float16"`` (the
+              older flag).
             - ``spill_dir``: the folder for spilled stage maps (default: the system's
               temporary folder).
             - ``stride``: for a classifier, pixels between windows, ``s`` or ``(s_h,
@@ -251,7 +259,7 @@ def predict_maps(model, images, *, keep=None, certify: int | None = None, progre
         by_size.setdefault(size, []).append(index)
     requested = None if tiles.tile is None else runner.pair(tiles.tile, "tile")
     grids = [mapper.grid_of(name) for name in outputs.names] if outputs.several else [mapper.grid]
-    precision = execution.precision
+    precision = execution.policy
     dtype = runner.input_dtype(fcn)
     with runner.progress_bar(len(images), progress, "images") as bar:
         for size, indices in by_size.items():
