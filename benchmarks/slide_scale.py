@@ -110,7 +110,7 @@ def child(slide: str, shards: int, out: str, full: bool = False) -> dict:
     from keras_fcn_surgery.batch import shards as region_shards
     from keras_fcn_surgery.batch.job import BatchOptions
     from keras_fcn_surgery.batch.sources import Source
-    from keras_fcn_surgery.inference.staged import plan_prediction
+    from keras_fcn_surgery.inference.predict import plan_prediction
 
     fcn = tiny_fcn()
     import tifffile

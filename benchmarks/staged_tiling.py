@@ -57,7 +57,7 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
 import keras_fcn_surgery as kfs  # noqa: E402
-from keras_fcn_surgery.inference.staged import plan_prediction  # noqa: E402
+from keras_fcn_surgery.inference.predict import plan_prediction  # noqa: E402
 
 
 def _memory_mib() -> tuple[float, float]:

@@ -58,7 +58,7 @@ _PUBLIC = {
     "PredictionPlan": "inference.staged",
     "StagePlan": "inference.staged",
     "PlannedOutput": "inference.staged",
-    "plan_prediction": "inference.staged",
+    "plan_prediction": "inference.predict",
     "WindowedPlan": "inference.windowed",
     "sliding_window_predict": "inference.predict",
     "export_savedmodel": "exporting.api",
@@ -177,8 +177,14 @@ if TYPE_CHECKING:
     from keras_fcn_surgery.inference.heatmap import heatmap, imagenet_class_names
     from keras_fcn_surgery.inference.mapper import Execution, Inputs, MapMethod, Mapper, Tiling, prepare
     from keras_fcn_surgery.inference.pictures import activations_picture, filters_picture
-    from keras_fcn_surgery.inference.predict import certify_map, predict_map, predict_maps, sliding_window_predict
-    from keras_fcn_surgery.inference.staged import PlannedOutput, PredictionPlan, StagePlan, plan_prediction
+    from keras_fcn_surgery.inference.predict import (
+        certify_map,
+        plan_prediction,
+        predict_map,
+        predict_maps,
+        sliding_window_predict,
+    )
+    from keras_fcn_surgery.inference.staged import PlannedOutput, PredictionPlan, StagePlan
     from keras_fcn_surgery.inference.windowed import WindowedPlan
     from keras_fcn_surgery.saving.loading import load_model
     from keras_fcn_surgery.saving.record import save_model

@@ -62,7 +62,7 @@ def results(folder) -> tuple[dict, dict]:
     import numpy as np
 
     import keras_fcn_surgery as kfs
-    from keras_fcn_surgery.inference.staged import plan_prediction
+    from keras_fcn_surgery.inference.predict import plan_prediction
 
     def path(name):
         return os.path.join(folder, f"{name}.keras")

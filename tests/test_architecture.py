@@ -213,9 +213,8 @@ def test_the_surgery_engine_knows_no_layer():
 # Folders whose modules import the package's own modules at module level only (the CLI's commands/ and
 # `__init__.py` stay lazy by design: `import keras_fcn_surgery` and quick CLI answers do not start TensorFlow).
 EAGER_FOLDERS = ("inference/", "batch/")
-# The one function-level import left there: `plan_prediction` keeps its public home in `inference.staged` (the
-# planner) while the mapper that routes it imports the planner; splitting the planner out of staged.py ends it.
-LAZY_ALLOWED = {("inference/staged.py", "keras_fcn_surgery.inference.mapper")}
+# Function-level imports of the package allowed there: none.
+LAZY_ALLOWED: set[tuple[str, str]] = set()
 # The calls that choose a map's method, and the one module that may make them (`windowed.route` calls
 # `choose_method`, the rule itself).
 ROUTING = {"route", "choose_method"}

@@ -16,7 +16,7 @@ import keras_fcn_surgery as kfs
 from keras_fcn_surgery.batch import shards as shards_module
 from keras_fcn_surgery.batch.shards import RegionView, cut_regions, work_folder
 from keras_fcn_surgery.batch.sources import Source
-from keras_fcn_surgery.inference.staged import plan_prediction
+from keras_fcn_surgery.inference.predict import plan_prediction
 
 pytest.importorskip("zarr")
 pytest.importorskip("skimage")

@@ -10,7 +10,7 @@ from keras import layers
 
 import keras_fcn_surgery as kfs
 from keras_fcn_surgery.inference import engines
-from keras_fcn_surgery.inference.staged import plan_prediction
+from keras_fcn_surgery.inference.predict import plan_prediction
 from keras_fcn_surgery.inference.store import DiskMap, file_backed
 from keras_fcn_surgery.taxonomy import is_large_kernel_conv
 

@@ -260,51 +260,6 @@ class _Candidate:
     cost: float
 
 
-def plan_prediction(model, image_size, *, keep=None, engine: str | None = None, **options):
-    """The plan `predict_map` follows for an image of this size: stages, tiles, work and memory.
-
-    For a classifier, ``stride`` and ``method`` choose the method as in
-    `predict_map`: its FCN's plan, or a `WindowedPlan` (the split, the
-    windows, the strips, and the cost against the sliding window and the FCN
-    where one exists). Either plan's ``method`` says which
-    (``"fcn"`` or ``"windowed"``).
-
-    Args:
-        model: a fully convolutional model from `convert`, or a classifier.
-        image_size: ``(H, W)`` of the image.
-        keep: None, or a boolean ``(H', W')`` array over the map's cells:
-            only the kept cells are needed. Working back from them, each
-            stage runs only the tiles whose output those cells need (its
-            receptive field), and may use smaller tiles than the unmasked
-            plan where that computes less.
-        engine: None, or as for `predict_map` (``"auto"``, ``"tf"``,
-            ``"xla"``, ``"blas"``): the plan then says which execution runs
-            and why; ``"auto"`` measures on first use (`engines.choose_engine`).
-        **options: `predict_map`'s options (or their groups, as `prepare`
-            takes them), of which these shape the plan:
-
-            - ``tile``: as for `predict_map`: None (one pass) or the largest tile side.
-            - ``staged``: None to stage the network when that computes less
-              than plain exact tiles, True to require it, False for plain tiles.
-            - ``batch_size``: tiles per forward call; default: chosen per stage
-              from the tiles' activations.
-            - ``memory_budget``: bytes of stored stage maps kept in memory
-              (default 64 MiB); larger maps go to temporary files on disk.
-            - ``stride``, ``method``: for a classifier, as for `predict_map`.
-
-    Returns:
-        A `PredictionPlan` (or, for a windowed map, a
-        `inference.windowed.WindowedPlan`); ``print(plan)`` shows it.
-
-    Raises:
-        ConversionError: as `predict_map`; with ``staged=True``, also when the
-            network cannot be staged (it pools over the whole map, or has no
-            cut between its input and output).
-    """
-    from keras_fcn_surgery.inference.mapper import MapOptions, Mapper  # the mapper plans with `plan_fcn`, below
-
-    return Mapper(model, MapOptions.of("plan_prediction", **options)).plan(image_size, keep=keep, engine=engine)
-
 
 def plan_fcn(
     fcn,
