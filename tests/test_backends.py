@@ -4,15 +4,13 @@ Keras reads ``KERAS_BACKEND`` once, when it is first imported, so the JAX side r
 (tests/backend_cases.py), with TensorFlow made unimportable there: the surgery and the maps must not need it.
 """
 
-import json
 import os
 import re
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 from backend_cases import results, save_models
+from other_backends import CLI_WITHOUT_TENSORFLOW, ENGINES, compare_with_tensorflow, run_under
 
 import keras_fcn_surgery as kfs
 from keras_fcn_surgery.inference import engines
@@ -20,74 +18,13 @@ from keras_fcn_surgery.inference import engines
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-def run_under_jax(*args, environment=None, timeout=600, cwd=HERE):
-    """``python *args`` under ``KERAS_BACKEND=jax``, this checkout first on the import path."""
-    pytest.importorskip("jax")  # the `jax` extra (in the test extra: CI has it)
-    environment = {
-        **os.environ,
-        **(environment or {}),
-        "KERAS_BACKEND": "jax",
-        "JAX_PLATFORMS": "cpu",
-        "PYTHONPATH": os.pathsep.join([os.path.dirname(HERE), HERE, os.environ.get("PYTHONPATH", "")]),
-    }
-    return subprocess.run(
-        [sys.executable, *args], env=environment, capture_output=True, text=True, timeout=timeout, cwd=cwd
-    )
-
-
 def test_jax_converts_and_maps_as_tensorflow_does_without_tensorflow(tmp_path):
     save_models(str(tmp_path))
-    out = str(tmp_path / "jax.npz")
-    done = run_under_jax(os.path.join(HERE, "backend_cases.py"), str(tmp_path), out)
-    assert done.returncode == 0, done.stderr[-4000:]
-    with open(out + ".json") as handle:
-        jax_texts = json.load(handle)
-    jax_arrays = dict(np.load(out))
-    assert jax_texts.pop("backend") == "jax"
-    assert jax_texts.pop("tensorflow_imported") is False
-    tf_arrays, tf_texts = results(str(tmp_path))
-    assert tf_texts.pop("backend") == "tensorflow"
-    for key, text in tf_texts.items():
-        if key.endswith("-engine"):  # below the measuring threshold: each backend's own execution
-            assert (text, jax_texts[key]) == ("tf", "jax"), key
-        else:
-            assert jax_texts[key] == text, key
-    assert sorted(jax_arrays) == sorted(tf_arrays)
-    for key, expected in tf_arrays.items():
-        assert jax_arrays[key].shape == expected.shape, key
-        scale = float(np.abs(expected).max())
-        np.testing.assert_allclose(jax_arrays[key], expected, rtol=0, atol=1e-5 * scale, err_msg=key)
-
-
-JAX_ENGINES = """
-import keras, numpy as np, keras_fcn_surgery as kfs
-from keras import layers
-from keras_fcn_surgery.inference import engines
-
-head = [layers.Flatten(), layers.Dense(512, activation="relu"), layers.Dense(64, activation="relu"), layers.Dense(5)]
-classifier = keras.Sequential([keras.Input((14, 14, 3)), layers.Conv2D(8, 3, strides=2, activation="relu"), *head])
-fcn = kfs.as_fcn(classifier)  # its head: a 6 x 6 convolution of 512 filters, which the BLAS engine runs
-image = np.random.default_rng(0).uniform(0, 1, (150, 140, 3)).astype("float32")
-reference = kfs.predict_map(fcn, image, engine="jax")
-np.testing.assert_allclose(kfs.predict_map(fcn, image, engine="blas"), reference, atol=1e-5 * abs(reference).max())
-assert engines.candidates(fcn) == ("jax", "blas"), engines.candidates(fcn)
-choice = engines.choose_engine(fcn, (1, 150, 140, 3))
-assert choice.engine == "jax", choice
-timings = engines.time_engines(fcn, ("jax", "blas"), (1, 150, 140, 3), rounds=1)
-assert set(timings) == {"jax", "blas"} and all(np.isfinite(list(timings.values()))), timings
-for engine in ("tf", "xla"):
-    try:
-        kfs.predict_map(fcn, image, engine=engine)
-    except kfs.InputError as error:
-        assert "needs Keras on tensorflow" in str(error) and "KERAS_BACKEND" in str(error), error
-    else:
-        raise AssertionError(engine + " ran under JAX")
-print("ok")
-"""
+    compare_with_tensorflow("jax", str(tmp_path), "small", *results(str(tmp_path)))
 
 
 def test_under_jax_the_engines_are_jit_and_blas_and_tensorflow_ones_are_refused():
-    done = run_under_jax("-c", JAX_ENGINES)
+    done = run_under("jax", "-c", ENGINES)
     assert done.returncode == 0 and "ok" in done.stdout, done.stderr[-4000:]
 
 
@@ -104,7 +41,8 @@ def test_under_tensorflow_the_jax_engine_is_refused():
 def test_the_fuzz_campaign_under_jax():
     """Random classifiers converted and mapped under JAX: each exact against its source there, or refused by name."""
     environment = {"KFS_FUZZ_EXAMPLES": os.environ.get("KFS_JAX_FUZZ_EXAMPLES", "30")}
-    done = run_under_jax(
+    done = run_under(
+        "jax",
         "-m",
         "pytest",
         "-q",
@@ -119,15 +57,6 @@ def test_the_fuzz_campaign_under_jax():
     assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
 
 
-CLI_WITHOUT_TENSORFLOW = """
-import sys
-from backend_cases import hide_tensorflow
-hide_tensorflow()
-from keras_fcn_surgery.cli import main
-sys.exit(main(sys.argv[1:]))
-"""
-
-
 @pytest.mark.heavy  # about a minute on 2 cores: three command-line runs, each starting JAX
 def test_the_command_line_converts_and_maps_under_jax_without_tensorflow(tmp_path, monkeypatch, capsys):
     from models import small_flatten_cnn
@@ -136,11 +65,11 @@ def test_the_command_line_converts_and_maps_under_jax_without_tensorflow(tmp_pat
     monkeypatch.setenv("TF_CPP_MIN_LOG_LEVEL", "3")  # as a user's shell has it: the CLI's quiet TensorFlow import runs
     small_flatten_cnn().save(tmp_path / "classifier.keras")
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (70, 60, 3), dtype=np.uint8)).save(tmp_path / "a.png")
-    convert = run_under_jax("-c", CLI_WITHOUT_TENSORFLOW, "convert", "classifier.keras", "fcn.keras", cwd=tmp_path)
+    convert = run_under("jax", "-c", CLI_WITHOUT_TENSORFLOW, "convert", "classifier.keras", "fcn.keras", cwd=tmp_path)
     assert convert.returncode == 0, convert.stderr[-3000:]
     assert "verified" in convert.stdout, convert.stdout
-    heatmap = run_under_jax(
-        "-c", CLI_WITHOUT_TENSORFLOW, "heatmap", "fcn.keras", "a.png", "--class", "1", "-o", "map.png",
+    heatmap = run_under(
+        "jax", "-c", CLI_WITHOUT_TENSORFLOW, "heatmap", "fcn.keras", "a.png", "--class", "1", "-o", "map.png",
         "--execution", "jax", "--preprocess", "unit", cwd=tmp_path,
     )  # fmt: skip
     assert heatmap.returncode == 0, heatmap.stderr[-3000:]
@@ -161,8 +90,8 @@ def test_the_command_line_converts_and_maps_under_jax_without_tensorflow(tmp_pat
     (tf_scale,) = scale.findall(tf_printed)
     np.testing.assert_allclose(np.float64(jax_scale), np.float64(tf_scale), rtol=2e-3)
     assert float(tf_scale[1]) - float(tf_scale[0]) > 1e-2  # the class's probability varies over the map: heat shows
-    refused = run_under_jax(
-        "-c", CLI_WITHOUT_TENSORFLOW, "heatmap", "fcn.keras", "a.png", "--class", "1", "-o", "xla.png",
+    refused = run_under(
+        "jax", "-c", CLI_WITHOUT_TENSORFLOW, "heatmap", "fcn.keras", "a.png", "--class", "1", "-o", "xla.png",
         "--execution", "xla", cwd=tmp_path,
     )  # fmt: skip
     assert refused.returncode == 2, refused.stderr[-3000:]
@@ -205,7 +134,7 @@ def test_under_jax_an_export_is_written_on_tensorflow_and_checked_against_jax(tm
     """Every writer traces a tf.function: under JAX the model goes to a TensorFlow process as a .keras file; the
     written file is checked against the model under JAX (this process needs no TensorFlow)."""
     pytest.importorskip("openvino")
-    done = run_under_jax("-c", JAX_EXPORT, str(tmp_path))
+    done = run_under("jax", "-c", JAX_EXPORT, str(tmp_path))
     assert done.returncode == 0, done.stderr[-4000:]
     assert "verified logits of 'fc2' on (2, 60, 60, 3)" in done.stdout, done.stdout
     refusal = done.stdout.split("refused: ")[1]

@@ -5,100 +5,28 @@ TensorFlow made unimportable there (tests/backend_cases.py): the surgery and the
 The `torch` extra installs PyTorch (in the `test` extra: CI has it, and `.ci/run` checks that it imports).
 """
 
-import json
-import os
-import subprocess
-import sys
-
 import numpy as np
 import pytest
 from backend_cases import application_results, results, save_applications, save_models
+from other_backends import CLI_WITHOUT_TENSORFLOW, ENGINES, compare_with_tensorflow, run_under
 
 import keras_fcn_surgery as kfs
 from keras_fcn_surgery.inference import engines
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-
-
-def run_under_torch(*args, environment=None, timeout=600, cwd=HERE):
-    """``python *args`` under ``KERAS_BACKEND=torch`` on the CPU, this checkout first on the import path."""
-    pytest.importorskip("torch")
-    environment = {
-        **os.environ,
-        **(environment or {}),
-        "KERAS_BACKEND": "torch",
-        "CUDA_VISIBLE_DEVICES": "",
-        "PYTHONPATH": os.pathsep.join([os.path.dirname(HERE), HERE, os.environ.get("PYTHONPATH", "")]),
-    }
-    return subprocess.run(
-        [sys.executable, *args], env=environment, capture_output=True, text=True, timeout=timeout, cwd=cwd
-    )
-
-
-def compare_with_tensorflow(folder, cases, tf_arrays, tf_texts):
-    """Run tests/backend_cases.py on ``folder`` under PyTorch and check it against TensorFlow's results."""
-    out = os.path.join(folder, "torch.npz")
-    done = run_under_torch(os.path.join(HERE, "backend_cases.py"), folder, out, cases)
-    assert done.returncode == 0, done.stderr[-4000:]
-    with open(out + ".json") as handle:
-        torch_texts = json.load(handle)
-    torch_arrays = dict(np.load(out))
-    assert torch_texts.pop("backend") == "torch"
-    assert torch_texts.pop("tensorflow_imported") is False
-    assert tf_texts.pop("backend") == "tensorflow"
-    for key, text in tf_texts.items():
-        if key.endswith("-engine"):  # below the measuring threshold: each backend's own execution
-            assert (text, torch_texts[key]) == ("tf", "torch"), key
-        else:
-            assert torch_texts[key] == text, key
-    assert sorted(torch_arrays) == sorted(tf_arrays)
-    for key, expected in tf_arrays.items():
-        assert torch_arrays[key].shape == expected.shape, key
-        scale = float(np.abs(expected).max())
-        np.testing.assert_allclose(torch_arrays[key], expected, rtol=0, atol=1e-5 * scale, err_msg=key)
-
 
 def test_torch_converts_and_maps_as_tensorflow_does_without_tensorflow(tmp_path):
     save_models(str(tmp_path))
-    compare_with_tensorflow(str(tmp_path), "small", *results(str(tmp_path)))
+    compare_with_tensorflow("torch", str(tmp_path), "small", *results(str(tmp_path)))
 
 
 @pytest.mark.heavy  # about 2 min on 2 cores: two keras.applications networks converted and mapped on each backend
 def test_mobilenetv2_and_resnet50_under_torch_equal_tensorflow(tmp_path):
     save_applications(str(tmp_path))
-    compare_with_tensorflow(str(tmp_path), "applications", *application_results(str(tmp_path)))
-
-
-TORCH_ENGINES = """
-import keras, numpy as np, keras_fcn_surgery as kfs
-from keras import layers
-from keras_fcn_surgery.inference import engines
-
-head = [layers.Flatten(), layers.Dense(512, activation="relu"), layers.Dense(64, activation="relu"), layers.Dense(5)]
-classifier = keras.Sequential([keras.Input((14, 14, 3)), layers.Conv2D(8, 3, strides=2, activation="relu"), *head])
-fcn = kfs.as_fcn(classifier)  # its head: a 6 x 6 convolution of 512 filters, which the BLAS engine runs
-image = np.random.default_rng(0).uniform(0, 1, (150, 140, 3)).astype("float32")
-reference = kfs.predict_map(fcn, image, engine="torch")
-assert isinstance(reference, np.ndarray) and reference.dtype == np.float32, type(reference)
-np.testing.assert_allclose(kfs.predict_map(fcn, image, engine="blas"), reference, atol=1e-5 * abs(reference).max())
-assert engines.native() == "torch" and engines.candidates(fcn) == ("torch", "blas"), engines.candidates(fcn)
-choice = engines.choose_engine(fcn, (1, 150, 140, 3))
-assert choice.engine == "torch", choice
-timings = engines.time_engines(fcn, ("torch", "blas"), (1, 150, 140, 3), rounds=1)
-assert set(timings) == {"torch", "blas"} and all(np.isfinite(list(timings.values()))), timings
-for engine in ("tf", "xla", "jax"):
-    try:
-        kfs.predict_map(fcn, image, engine=engine)
-    except kfs.InputError as error:
-        assert "needs Keras on" in str(error) and "KERAS_BACKEND" in str(error), error
-    else:
-        raise AssertionError(engine + " ran under PyTorch")
-print("ok")
-"""
+    compare_with_tensorflow("torch", str(tmp_path), "applications", *application_results(str(tmp_path)))
 
 
 def test_under_torch_the_engines_are_torch_and_blas_and_the_others_are_refused():
-    done = run_under_torch("-c", TORCH_ENGINES)
+    done = run_under("torch", "-c", ENGINES)
     assert done.returncode == 0 and "ok" in done.stdout, done.stderr[-4000:]
 
 
@@ -111,15 +39,6 @@ def test_under_tensorflow_the_torch_engine_is_refused():
     assert "torch" not in engines.candidates(fcn)
 
 
-CLI_WITHOUT_TENSORFLOW = """
-import sys
-from backend_cases import hide_tensorflow
-hide_tensorflow()
-from keras_fcn_surgery.cli import main
-sys.exit(main(sys.argv[1:]))
-"""
-
-
 @pytest.mark.heavy  # about a minute on 2 cores: four command-line runs, each starting PyTorch
 def test_the_command_line_converts_maps_and_runs_a_job_under_torch_without_tensorflow(tmp_path, monkeypatch):
     from models import small_flatten_cnn
@@ -128,25 +47,25 @@ def test_the_command_line_converts_maps_and_runs_a_job_under_torch_without_tenso
     monkeypatch.setenv("TF_CPP_MIN_LOG_LEVEL", "3")  # as a user's shell has it: the CLI's quiet TensorFlow import runs
     small_flatten_cnn().save(tmp_path / "classifier.keras")
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (70, 60, 3), dtype=np.uint8)).save(tmp_path / "a.png")
-    convert = run_under_torch("-c", CLI_WITHOUT_TENSORFLOW, "convert", "classifier.keras", "fcn.keras", cwd=tmp_path)
+    convert = run_under("torch", "-c", CLI_WITHOUT_TENSORFLOW, "convert", "classifier.keras", "fcn.keras", cwd=tmp_path)
     assert convert.returncode == 0, convert.stderr[-3000:]
     assert "verified" in convert.stdout, convert.stdout
-    heatmap = run_under_torch(
-        "-c", CLI_WITHOUT_TENSORFLOW, "heatmap", "fcn.keras", "a.png", "--class", "1", "-o", "map.png",
+    heatmap = run_under(
+        "torch", "-c", CLI_WITHOUT_TENSORFLOW, "heatmap", "fcn.keras", "a.png", "--class", "1", "-o", "map.png",
         "--execution", "torch", cwd=tmp_path,
     )  # fmt: skip
     assert heatmap.returncode == 0, heatmap.stderr[-3000:]
     assert (tmp_path / "map.png").exists()
-    refused = run_under_torch(
-        "-c", CLI_WITHOUT_TENSORFLOW, "heatmap", "fcn.keras", "a.png", "--class", "1", "-o", "xla.png",
+    refused = run_under(
+        "torch", "-c", CLI_WITHOUT_TENSORFLOW, "heatmap", "fcn.keras", "a.png", "--class", "1", "-o", "xla.png",
         "--execution", "xla", cwd=tmp_path,
     )  # fmt: skip
     assert refused.returncode == 2, refused.stderr[-3000:]
     assert "needs Keras on tensorflow" in refused.stderr and "Traceback" not in refused.stderr, refused.stderr
     # The batch job, its certificates on: the same map as TensorFlow's (this process) on the same classifier.
-    job = run_under_torch(
-        "-c", CLI_WITHOUT_TENSORFLOW, "predict", "classifier.keras", "a.png", "-o", "torch_out", "--certify", "4",
-        cwd=tmp_path,
+    job = run_under(
+        "torch", "-c", CLI_WITHOUT_TENSORFLOW, "predict", "classifier.keras", "a.png", "-o", "torch_out",
+        "--certify", "4", cwd=tmp_path,
     )  # fmt: skip
     assert job.returncode == 0, job.stderr[-3000:]
     assert "certificate: 4 of" in job.stdout and "exact" in job.stdout, job.stdout
