@@ -186,6 +186,18 @@ _NO_KERNEL_ADVICE = (
 )
 
 
+def _scores(model, taps, inputs, failure: str, advice: str = "") -> list:
+    """``model``'s scores on ``inputs`` (before the activation at ``taps``); a failure is a `VerificationError`
+    that starts with ``failure`` and says what to do."""
+    try:
+        with _scores_before_activation(model, taps) as scores:
+            return _as_list(scores(call_inputs(scores, inputs), training=False))
+    except Exception as error:
+        raise VerificationError(
+            f"{failure}: {type(error).__name__}: {first_line(str(error))} {_NO_KERNEL_ADVICE} {advice}".rstrip()
+        ) from error
+
+
 def compare_models(source, fcn, inputs: list[np.ndarray], *, tolerance=None) -> VerificationResult:
     """Run ``source`` and ``fcn`` on ``inputs`` and compare their logits, or else their outputs.
 
@@ -197,23 +209,17 @@ def compare_models(source, fcn, inputs: list[np.ndarray], *, tolerance=None) -> 
     if source_taps is None or fcn_taps is None or len(source_taps) != len(fcn_taps):
         source_taps = fcn_taps = None
         compared = "outputs"
-    try:
-        with _scores_before_activation(source, source_taps) as source_scores:
-            expected = _as_list(source_scores(call_inputs(source_scores, inputs), training=False))
-    except Exception as error:
-        raise VerificationError(
-            f"The source model '{source.name}' itself fails on the check batch {tuple(inputs[0].shape)}: "
-            f"{type(error).__name__}: {first_line(str(error))} {_NO_KERNEL_ADVICE}"
-        ) from error
-    try:
-        with _scores_before_activation(fcn, fcn_taps) as fcn_scores:
-            actual = _as_list(fcn_scores(call_inputs(fcn_scores, inputs), training=False))
-    except Exception as error:
-        raise VerificationError(
-            f"The converted model '{fcn.name}' fails on the batch {tuple(inputs[0].shape)} that its source "
-            f"'{source.name}' runs: {type(error).__name__}: {first_line(str(error))} {_NO_KERNEL_ADVICE} "
-            "Otherwise please report the model."
-        ) from error
+    shape = tuple(inputs[0].shape)
+    expected = _scores(
+        source, source_taps, inputs, f"The source model '{source.name}' itself fails on the check batch {shape}"
+    )
+    actual = _scores(
+        fcn,
+        fcn_taps,
+        inputs,
+        f"The converted model '{fcn.name}' fails on the batch {shape} that its source '{source.name}' runs",
+        "Otherwise please report the model.",
+    )
     if len(expected) != len(actual):
         raise ConversionError(f"Model '{source.name}' has {len(expected)} outputs but its FCN has {len(actual)}.")
     pairs = []
