@@ -46,18 +46,23 @@ def fcn():
     return kfs.convert(small_flatten_cnn(input_size=(32, 32), classes=len(CLASSES)))
 
 
+def map_slide(fcn, source, out) -> None:
+    """DICOM and npz maps of ``source`` in ``out``: level 1, a tissue mask, frames of 16 x 16 cells."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(dicom, "TILE", 16)
+        summary = predict_images(
+            fcn, [source], out, formats="dicom,npz", level=1, mask="auto", tile=64, class_names=CLASSES
+        )
+    assert summary.ok, summary.failed
+
+
 @pytest.fixture(scope="module")
 def written(fcn, slide, tmp_path_factory):
     """The Parametric Map (frames of 16 x 16 cells), the npz and the DICOM folder of one run on level 1 with a
     tissue mask."""
     folder, _ = slide
     out = tmp_path_factory.mktemp("maps")
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(dicom, "TILE", 16)
-        summary = predict_images(
-            fcn, [folder], out, formats="dicom,npz", level=1, mask="auto", tile=64, class_names=CLASSES
-        )
-    assert summary.ok, summary.failed
+    map_slide(fcn, folder, out)
     folder = out / "slide-dcm.dicom"
     return pydicom.dcmread(str(folder / dicom.PARAMETRIC_MAP)), np.load(out / "slide-dcm.npz"), folder
 
@@ -237,12 +242,7 @@ def written_tiff(fcn, slide, tmp_path_factory):
     a tissue mask, frames of 16 x 16 cells."""
     _, tiff = slide
     out = tmp_path_factory.mktemp("tiff-maps")
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(dicom, "TILE", 16)
-        summary = predict_images(
-            fcn, [tiff], out, formats="dicom,npz", level=1, mask="auto", tile=64, class_names=CLASSES
-        )
-    assert summary.ok, summary.failed
+    map_slide(fcn, tiff, out)
     return out / "slide.dicom", np.load(out / "slide.npz")
 
 
