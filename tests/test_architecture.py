@@ -17,6 +17,7 @@ from __future__ import annotations
 import ast
 import pathlib
 
+import numpy as np
 import pytest
 
 PACKAGE = pathlib.Path(__file__).resolve().parent.parent / "keras_fcn_surgery"
@@ -538,3 +539,28 @@ def test_a_maps_grid_and_a_models_image_are_each_described_once(check, allowed):
 )
 def test_the_description_checks_find_a_second_copy(check, source):
     assert check(ast.parse(source))
+
+
+def test_keras_nodes_never_leave_graph_py():
+    """Issue 35: one Keras adapter. What graph.py hands out of a model's calls is its own `graph.Call`."""
+    import keras
+    from keras import layers
+
+    from keras_fcn_surgery import graph
+
+    inner = keras.Sequential([keras.Input((None, None, 4)), layers.Conv2D(4, 1)], name="inner")
+    inputs = keras.Input((12, 12, 3))
+    x = inner(layers.Conv2D(4, 3)(inputs))
+    model = keras.Model(inputs, layers.Dense(2)(layers.Flatten()(x + 1.0)))
+    trace = graph.flat_trace(model, 1)
+    handed_out = {
+        "nodes_in_order": graph.nodes_in_order(graph.graph_of(model)),
+        "flat_nodes": list(graph.flat_nodes(model)),
+        "nodes_between": graph.nodes_between(model.inputs, model.outputs),
+        "flat_trace": trace.nodes,
+    }
+    for name, calls in handed_out.items():
+        assert calls and all(type(call) is graph.Call for call in calls), (name, [type(c) for c in calls])
+    part = graph.graph_part(trace.nodes, trace.input, trace.outputs, name="part")
+    image = np.random.default_rng(0).uniform(size=(1, 12, 12, 3)).astype("float32")
+    np.testing.assert_allclose(np.asarray(part(image)), np.asarray(model(image)), rtol=1e-6, atol=1e-6)
