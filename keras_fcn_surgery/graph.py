@@ -11,7 +11,8 @@ import inspect
 import os
 import traceback
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import keras
 from keras.src.models.functional import Functional
@@ -147,7 +148,7 @@ def _trace(model) -> keras.Model:
 
 def _inline_subclassed(graph) -> keras.Model:
     """``graph`` with every call of a subclassed model replaced by a call of its traced twin."""
-    nodes = nodes_in_order(graph)
+    nodes = _nodes_in_order(graph)
     if not any(is_subclassed_model(node.operation) for node in nodes):
         return graph
     values = {id(t): t for t in graph.inputs}
@@ -174,8 +175,32 @@ def _user_line(error: BaseException) -> str:
     return f" at {os.path.basename(frame.filename)}:{frame.lineno}{code}"
 
 
-def nodes_in_order(graph):
-    """The graph's call nodes, inputs first, in an order where every node follows its inputs."""
+@dataclass(frozen=True, eq=False)
+class Call:
+    """One recorded call of a model's graph: what the package reads of a Keras ``Node`` (which stays in this module).
+
+    Attributes:
+        operation: the layer or `keras.ops` operation called.
+        input_tensors: the symbolic tensors it read.
+        outputs: the symbolic tensors it made.
+    """
+
+    operation: Any
+    input_tensors: tuple
+    outputs: tuple
+    _node: Any = field(repr=False)
+
+
+def _as_call(node) -> Call:
+    return Call(node.operation, tuple(node.input_tensors), tuple(node.outputs), node)
+
+
+def nodes_in_order(graph) -> list[Call]:
+    """The graph's calls, inputs first, in an order where every call follows its inputs."""
+    return [_as_call(node) for node in _nodes_in_order(graph)]
+
+
+def _nodes_in_order(graph):
     ordered = []
     for depth in sorted(graph._nodes_by_depth, reverse=True):
         for node in graph._nodes_by_depth[depth]:
@@ -254,13 +279,13 @@ def input_name(tensor, default: str | None = None) -> str:
     return default if default is not None else tensor.name
 
 
-def node_arguments(node, values_by_id: dict):
-    """A node's call arguments with every symbolic tensor replaced by ``values_by_id[id(tensor)]``.
+def node_arguments(call: Call, values_by_id: dict):
+    """A call's arguments with every symbolic tensor replaced by ``values_by_id[id(tensor)]``.
 
     Returns:
-        ``(args, kwargs)`` ready to call the node's operation (or its replacement) with.
+        ``(args, kwargs)`` ready to call the call's operation (or its replacement) with.
     """
-    return node.arguments.fill_in(values_by_id)
+    return call._node.arguments.fill_in(values_by_id)
 
 
 def model_layout(model) -> Layout:
@@ -300,7 +325,7 @@ def _propagate(graph, inputs, shapes: dict) -> list:
     values = {id(t): v for t, v in zip(graph.inputs, inputs)}
     for tensor, value in zip(graph.inputs, inputs):
         shapes[id(tensor)] = tuple(value.shape)
-    for node in nodes_in_order(graph):
+    for node in _nodes_in_order(graph):
         operation = node.operation
         if is_graph_model(operation):
             outputs = _propagate(graph_of(operation), [values[id(t)] for t in node.input_tensors], shapes)
@@ -326,7 +351,7 @@ def sub_model(model, start, stop, name: str):
 
 
 def flat_nodes(model):
-    """The call nodes of a model's graph in order, those of nested models in place of the nested model."""
+    """The calls of a model's graph in order (`Call`), those of nested models in place of the nested model."""
     for node in nodes_in_order(graph_of(model)):
         if is_graph_model(node.operation):
             yield from flat_nodes(node.operation)
@@ -397,20 +422,21 @@ def _symbolic(shape, dtype):
     return keras.KerasTensor(tuple(shape), dtype=dtype)
 
 
-def probe_output_shapes(node, input_shapes) -> list[tuple]:
-    """The output shapes of a node's operation when its input tensors have ``input_shapes``.
+def probe_output_shapes(call: Call, input_shapes) -> list[tuple]:
+    """The output shapes of a call's operation when its input tensors have ``input_shapes``.
 
     Raises:
         Exception: whatever the operation raises when it cannot work at those shapes.
     """
+    node = call._node
     values = {id(t): _symbolic(shape, t.dtype) for t, shape in zip(node.input_tensors, input_shapes)}
     args, kwargs = _call_arguments(node, values)
     outputs = node.operation.compute_output_spec(*args, **kwargs)
     return [tuple(t.shape) for t in keras.tree.flatten(outputs)]
 
 
-def trace_call(node, spatial_axes):
-    """The node's layer's ``call`` traced as a functional graph of sub-layers and operations, or None.
+def trace_call(call: Call, spatial_axes):
+    """The call's layer's ``call`` traced as a functional graph of sub-layers and operations, or None.
 
     Layers written with `keras.ops` (keras.applications' and keras-hub's
     blocks) record, when called on symbolic inputs, the sub-layer calls and
@@ -418,6 +444,7 @@ def trace_call(node, spatial_axes):
     (``spatial_axes`` of rank-4 inputs are ``None``). None when the call does
     not trace (it uses backend functions, or needs static sizes).
     """
+    node = call._node
     layer = node.operation
     if not is_layer(layer) or is_graph_model(layer):
         return None
@@ -457,9 +484,9 @@ def reduction_of(operation) -> tuple[tuple[int, ...] | None, bool]:
     return axes, bool(getattr(operation, "keepdims", False))
 
 
-def call_argument(node, position: int, default=None):
-    """The positional argument ``position`` of a node's call as recorded (a symbolic tensor or a constant)."""
-    args = node.arguments.args
+def call_argument(call: Call, position: int, default=None):
+    """The positional argument ``position`` of a call as recorded (a symbolic tensor or a constant)."""
+    args = call._node.arguments.args
     return args[position] if len(args) > position else default
 
 
@@ -470,9 +497,9 @@ def with_axis(operation, axis):
     return type(operation).from_config(config)
 
 
-def constant_arguments(node) -> list[tuple[int, object]]:
-    """``(position, value)`` of a node's positional arguments that are not symbolic tensors."""
-    return [(i, a) for i, a in enumerate(node.arguments.args) if not isinstance(a, keras.KerasTensor)]
+def constant_arguments(call: Call) -> list[tuple[int, object]]:
+    """``(position, value)`` of a call's positional arguments that are not symbolic tensors."""
+    return [(i, a) for i, a in enumerate(call._node.arguments.args) if not isinstance(a, keras.KerasTensor)]
 
 
 def call_inputs(model, arrays: list):
@@ -510,7 +537,7 @@ class FlatTrace:
     Attributes:
         input: the symbolic image batch, ``(batch_size, ...)``.
         outputs: the symbolic outputs, in the model's order.
-        nodes: the calls from ``input`` to ``outputs``, each after its inputs.
+        nodes: the calls (`Call`) from ``input`` to ``outputs``, each after its inputs.
     """
 
     input: object
@@ -589,15 +616,15 @@ def flat_trace(model, batch_size: int) -> FlatTrace:
         )
     source = graph.inputs[0]
     shape = (int(batch_size), *tuple(source.shape)[1:])
-    nodes, sources, targets = nodes_in_order(graph), list(graph.inputs), list(graph.outputs)
+    nodes, sources, targets = _nodes_in_order(graph), list(graph.inputs), list(graph.outputs)
     refused: set = set()
     for _ in range(_FLAT_TRACE_DEPTH):
         image = keras.Input(batch_shape=shape, dtype=source.dtype)
         outputs = _record(nodes, sources, targets, [image], refused)
-        nodes, sources, targets = nodes_between([image], outputs), [image], outputs
+        nodes, sources, targets = _nodes_between([image], outputs), [image], outputs
         if not any(_traceable(n.operation) and id(n.operation) not in refused for n in nodes):
             break
-    return FlatTrace(sources[0], tuple(targets), tuple(nodes))
+    return FlatTrace(sources[0], tuple(targets), tuple(_as_call(node) for node in nodes))
 
 
 def _record(nodes, sources, targets, inputs, refused: set) -> list:
@@ -609,7 +636,7 @@ def _record(nodes, sources, targets, inputs, refused: set) -> list:
         if is_graph_model(operation):
             inner = graph_of(operation)
             arguments = [values[id(t)] for t in node.input_tensors]
-            outputs = _record(nodes_in_order(inner), inner.inputs, inner.outputs, arguments, refused)
+            outputs = _record(_nodes_in_order(inner), inner.inputs, inner.outputs, arguments, refused)
         elif _traceable(operation) and id(operation) not in refused:
             outputs = _record_call(node, values)
             if outputs is None:
@@ -639,13 +666,13 @@ def _record_call(node, values: dict):
     if len(results) != len(node.outputs) or not all(isinstance(t, keras.KerasTensor) for t in results):
         return None
     inputs = [values[id(t)] for t in node.input_tensors]
-    if nodes_between(inputs, results, strict=False) is None:
+    if _nodes_between(inputs, results, strict=False) is None:
         return None  # the call reads something besides its inputs (a tensor of another graph)
     return results
 
 
-def nodes_between(inputs, outputs, *, strict: bool = True):
-    """The calls that compute ``outputs`` from ``inputs``, each after its inputs.
+def nodes_between(inputs, outputs, *, strict: bool = True) -> list[Call] | None:
+    """The calls (`Call`) that compute ``outputs`` from ``inputs``, each after its inputs.
 
     Args:
         inputs: symbolic tensors the walk stops at.
@@ -657,6 +684,12 @@ def nodes_between(inputs, outputs, *, strict: bool = True):
     Raises:
         ConversionError: with ``strict``, as above.
     """
+    nodes = _nodes_between(inputs, outputs, strict=strict)
+    return None if nodes is None else [_as_call(node) for node in nodes]
+
+
+def _nodes_between(inputs, outputs, *, strict: bool = True):
+    """`nodes_between` in Keras nodes."""
     stops = {id(t) for t in inputs}
     seen: set = set()
     ordered: list = []
@@ -693,7 +726,7 @@ def graph_part(nodes, start, stops, name: str) -> keras.Model:
     not be unique, as a functional model requires. It runs at the batch size
     the calls were recorded at (see `FlatTrace`).
     """
-    return _GraphPart(tuple(nodes), start, tuple(stops), name=name)
+    return _GraphPart(tuple(call._node for call in nodes), start, tuple(stops), name=name)
 
 
 class _Replay:

@@ -18,6 +18,14 @@ DATA_FORMATS = (CHANNELS_LAST, CHANNELS_FIRST)
 
 
 @dataclass(frozen=True)
+class ImageSpec:
+    """The image a model takes: its layout and channel count (a `FcnSpec` is one, with what the model returns)."""
+
+    layout: Layout
+    channels: int
+
+
+@dataclass(frozen=True)
 class Layout:
     """An image layout: ``Layout("channels_last")`` (NHWC) or ``Layout("channels_first")`` (NCHW)."""
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import ast
 import pathlib
 
+import numpy as np
 import pytest
 
 PACKAGE = pathlib.Path(__file__).resolve().parent.parent / "keras_fcn_surgery"
@@ -476,3 +477,90 @@ def test_the_cycle_check_finds_a_cycle_and_a_lazy_one():
     }
     assert import_cycles(lazy, function_level=False) == []
     assert len(import_cycles(lazy, function_level=True)) == 1
+
+
+# Issue 35: one description of where a map's cells look (`grid.geometry.MapGrid`: `Geometry`, `WindowGrid`, and
+# `AxisGeometry`, one axis of a `Geometry`) and one of the image a model takes (`layout.ImageSpec`; `FcnSpec`
+# extends it). A class that describes either again is a second copy of the concept.
+# Allowed beside them: the per-axis state the geometry is computed with (grid/axis.py), the flat record of a grid's
+# figures stored in output files (batch/writers.py), a classifier's windowed analysis (which names the image it
+# takes) and the conversion rules' context (a tensor being rewritten, not an image).
+GRID_CLASSES = {
+    "grid/geometry.py": {"MapGrid", "AxisGeometry", "Geometry", "WindowGrid"},
+    "grid/axis.py": {"AxisState"},
+    "batch/writers.py": {"MapInfo"},
+}
+IMAGE_SPEC_CLASSES = {
+    "layout.py": {"ImageSpec"},
+    "inference/windowed.py": {"_Analysis"},
+    "surgery/rules/base.py": {"Context"},
+}
+
+
+def _class_names(tree) -> dict[str, set[str]]:
+    """Each class's names of fields, properties and methods, by class name."""
+    found = {}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ClassDef):
+            names = set()
+            for statement in node.body:
+                if isinstance(statement, ast.AnnAssign) and isinstance(statement.target, ast.Name):
+                    names.add(statement.target.id)
+                elif isinstance(statement, ast.FunctionDef):
+                    names.add(statement.name)
+            found[node.name] = names
+    return found
+
+
+def grid_descriptions(tree) -> list[str]:
+    """Classes that say where cells look (a stride and a receptive field)."""
+    return sorted(name for name, names in _class_names(tree).items() if {"stride", "receptive_field"} <= names)
+
+
+def image_spec_descriptions(tree) -> list[str]:
+    """Classes that describe an image a model takes (a layout and a channel count)."""
+    return sorted(name for name, names in _class_names(tree).items() if {"layout", "channels"} <= names)
+
+
+@pytest.mark.parametrize(
+    ("check", "allowed"), [(grid_descriptions, GRID_CLASSES), (image_spec_descriptions, IMAGE_SPEC_CLASSES)]
+)
+def test_a_maps_grid_and_a_models_image_are_each_described_once(check, allowed):
+    found = {name: sorted(set(check(tree)) - allowed.get(name, set())) for name, tree in _modules()}
+    assert {name: classes for name, classes in found.items() if classes} == {}
+
+
+@pytest.mark.parametrize(
+    ("check", "source"),
+    [
+        (grid_descriptions, "@dataclass\nclass PixelGrid:\n    stride: tuple\n    receptive_field: tuple\n"),
+        (image_spec_descriptions, "@dataclass\nclass ImageSpec:\n    layout: Layout\n    channels: int\n"),
+    ],
+)
+def test_the_description_checks_find_a_second_copy(check, source):
+    assert check(ast.parse(source))
+
+
+def test_keras_nodes_never_leave_graph_py():
+    """Issue 35: one Keras adapter. What graph.py hands out of a model's calls is its own `graph.Call`."""
+    import keras
+    from keras import layers
+
+    from keras_fcn_surgery import graph
+
+    inner = keras.Sequential([keras.Input((None, None, 4)), layers.Conv2D(4, 1)], name="inner")
+    inputs = keras.Input((12, 12, 3))
+    x = inner(layers.Conv2D(4, 3)(inputs))
+    model = keras.Model(inputs, layers.Dense(2)(layers.Flatten()(x + 1.0)))
+    trace = graph.flat_trace(model, 1)
+    handed_out = {
+        "nodes_in_order": graph.nodes_in_order(graph.graph_of(model)),
+        "flat_nodes": list(graph.flat_nodes(model)),
+        "nodes_between": graph.nodes_between(model.inputs, model.outputs),
+        "flat_trace": trace.nodes,
+    }
+    for name, calls in handed_out.items():
+        assert calls and all(type(call) is graph.Call for call in calls), (name, [type(c) for c in calls])
+    part = graph.graph_part(trace.nodes, trace.input, trace.outputs, name="part")
+    image = np.random.default_rng(0).uniform(size=(1, 12, 12, 3)).astype("float32")
+    np.testing.assert_allclose(np.asarray(part(image)), np.asarray(model(image)), rtol=1e-6, atol=1e-6)

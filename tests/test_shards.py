@@ -246,9 +246,9 @@ def _peak_bytes(function):
 
 
 def test_masks_over_large_maps_take_a_few_bytes_per_cell():
-    from keras_fcn_surgery.batch.cells import PixelGrid
     from keras_fcn_surgery.batch.masks import cell_mask
     from keras_fcn_surgery.grid import tiling
+    from keras_fcn_surgery.grid.geometry import WindowGrid
 
     side = 3000  # 9 M cells: the integral image of the old tile test alone took 72 MB
     mask = np.zeros((side, side), dtype=bool)
@@ -260,10 +260,10 @@ def test_masks_over_large_maps_take_a_few_bytes_per_cell():
     assert _peak_bytes(lambda: tiling.tiles_touching(mask, rows, cols)) < side * 40  # a few bytes per column
     picture = np.zeros((30, 30), dtype=bool)
     picture[10:12] = True
-    kept = cell_mask(picture, (side, side), PixelGrid(), (side, side))
+    kept = cell_mask(picture, (side, side), WindowGrid.per_pixel(), (side, side))
     assert kept[1000:1200].all() and kept.sum() == 200 * side
     # the kept cells (1 byte each) and a band of look-ups, not four int64 temporaries per cell
-    assert _peak_bytes(lambda: cell_mask(picture, (side, side), PixelGrid(), (side, side))) < side * side * 6
+    assert _peak_bytes(lambda: cell_mask(picture, (side, side), WindowGrid.per_pixel(), (side, side))) < side * side * 6
 
 
 def test_a_masked_plan_of_one_stage_needs_no_mask_of_the_image(monkeypatch):

@@ -2,22 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
-
-
-@dataclass(frozen=True)
-class PixelGrid:
-    """The geometry of a per-pixel map (a segmenter's): cell ``(i, j)`` is pixel ``(i, j)``."""
-
-    stride: tuple[int, int] = (1, 1)
-    offset: tuple[int, int] = (0, 0)
-    receptive_field: tuple[int, int] = (1, 1)
-    global_context: bool = False
-
-    def output_size(self, input_size) -> tuple[int, int]:
-        return (int(input_size[0]), int(input_size[1]))
 
 
 def cell_edges(cells, stride: int, receptive_field: int, offset: int) -> tuple[np.ndarray, np.ndarray]:

@@ -16,7 +16,6 @@ from typing import Any
 import numpy as np
 
 from keras_fcn_surgery.batch import writers
-from keras_fcn_surgery.batch.cells import PixelGrid
 from keras_fcn_surgery.batch.formats import ONE_MAP_FORMATS as ONE_MAP_FORMATS
 from keras_fcn_surgery.batch.formats import FilledMaps, MapShapes, formats_for, staged
 from keras_fcn_surgery.batch.masks import cell_mask, read_mask, thumbnail, tissue_mask
@@ -25,7 +24,7 @@ from keras_fcn_surgery.batch.readers import LevelArray, choose_level, open_reade
 from keras_fcn_surgery.batch.sources import IMAGE_SUFFIXES, Source
 from keras_fcn_surgery.errors import ConversionError, InputError, ModelFileError, first_line
 from keras_fcn_surgery.exporting.preprocessing import pixel_function
-from keras_fcn_surgery.grid.geometry import Geometry, WindowGrid
+from keras_fcn_surgery.grid.geometry import MapGrid, WindowGrid
 from keras_fcn_surgery.inference.mapper import MapMethod, MapOptions, Mapper
 from keras_fcn_surgery.options import DEFAULT_OME_ZARR_VERSION
 from keras_fcn_surgery.segmentation.predict import is_segmenter, run_segmenter
@@ -161,7 +160,7 @@ class OpenInput:
     layout: Any
     spec: Any
     per_pixel: bool
-    grid: Geometry | PixelGrid | WindowGrid
+    grid: MapGrid
     map_size: tuple[int, int]
     kept: np.ndarray | None
 
@@ -202,9 +201,9 @@ def open_input(mapper: Mapper, reader, source: Source, options: BatchOptions) ->
     level = choose_level(reader, level=options.level, mpp=options.mpp)
     size = reader.levels[level].size
     view = LevelArray(reader, level, spec.channels, layout)
-    grid: Geometry | PixelGrid | WindowGrid
+    grid: MapGrid
     if per_pixel:
-        grid = PixelGrid()
+        grid = WindowGrid.per_pixel()
     else:  # a windowed map's: the classifier's window at its stride, offset 0
         grid = mapper.grid.at(size)
     map_size = grid.output_size(size)

@@ -11,10 +11,10 @@ import math
 
 import numpy as np
 
-from keras_fcn_surgery.batch.cells import PixelGrid, cell_edges
+from keras_fcn_surgery.batch.cells import cell_edges
 from keras_fcn_surgery.batch.readers import SLIDES_EXTRA, Reader, adapt_channels
 from keras_fcn_surgery.errors import InputError
-from keras_fcn_surgery.grid.geometry import Geometry
+from keras_fcn_surgery.grid.geometry import MapGrid
 from keras_fcn_surgery.grid.tiling import box_counts
 from keras_fcn_surgery.saving.images import read_image
 
@@ -92,7 +92,7 @@ def read_mask(path) -> np.ndarray:
     return read_image(path, 1)[..., 0] > 0
 
 
-def cell_mask(mask: np.ndarray, image_size, grid: Geometry | PixelGrid, map_size) -> np.ndarray:
+def cell_mask(mask: np.ndarray, image_size, grid: MapGrid, map_size) -> np.ndarray:
     """The score-map cells a mask keeps.
 
     Each cell owns the stride-sized box at the centre of its window (these
@@ -103,7 +103,7 @@ def cell_mask(mask: np.ndarray, image_size, grid: Geometry | PixelGrid, map_size
         mask: boolean ``(h, w)``.
         image_size: ``(H, W)`` of the image the map is computed on.
         grid: the network's geometry at ``image_size`` (``geometry(fcn).at(image_size)``), or a
-            `PixelGrid` for a per-pixel map.
+            `WindowGrid.per_pixel()` for a per-pixel map.
         map_size: ``(H', W')``.
 
     Returns:

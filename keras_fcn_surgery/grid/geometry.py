@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import Protocol
 
 import keras
 
@@ -34,6 +35,37 @@ _MAX_TRACE_DEPTH = 8
 
 # One axis transform per layer call: takes the states of its inputs, returns its output state.
 AxisTransform = Callable[[list], "gm.AxisState"]
+
+
+class MapGrid(Protocol):
+    """Where the cells of a map look in its image: the one description every map, output and picture reads.
+
+    Two kinds answer it: `Geometry`, an FCN's, computed from its layers, and
+    `WindowGrid`, a regular grid of windows (the windowed method's, and a
+    per-pixel map's). Cell ``(i, j)``'s window starts at ``offset + (i, j) *
+    stride`` and spans ``receptive_field`` pixels.
+    """
+
+    @property
+    def stride(self) -> tuple[int, int]: ...
+
+    @property
+    def receptive_field(self) -> tuple[int, int]: ...
+
+    @property
+    def offset(self) -> tuple[int, int]: ...
+
+    @property
+    def global_context(self) -> bool: ...
+
+    @property
+    def exact(self) -> bool: ...
+
+    def output_size(self, input_size) -> tuple[int, int]: ...
+
+    def input_box(self, i: int, j: int, input_size=None) -> tuple[int, int, int, int]: ...
+
+    def at(self, input_size) -> MapGrid: ...
 
 
 @dataclass(frozen=True)
@@ -265,7 +297,12 @@ class WindowGrid:
 
     def at(self, input_size) -> WindowGrid:
         """The same grid, recorded at ``input_size`` (a windowed grid does not depend on it)."""
-        return WindowGrid(self.stride, self.receptive_field, (int(input_size[0]), int(input_size[1])))
+        return replace(self, input_size=(int(input_size[0]), int(input_size[1])))
+
+    @classmethod
+    def per_pixel(cls) -> WindowGrid:
+        """A per-pixel map's grid (a segmenter's): cell ``(i, j)`` is pixel ``(i, j)``."""
+        return cls(stride=(1, 1), receptive_field=(1, 1))
 
 
 def geometry(model, input_size=None, *, head: str = "window", output: str | None = None) -> Geometry:
@@ -347,8 +384,7 @@ def _axis_programs(model, output: str | None = None) -> tuple:
     names = output_names(model)
     if output is not None and output not in names:
         raise InputError(
-            f"Model '{model.name}' has no output named {output!r}; its outputs are "
-            f"{', '.join(map(repr, names))}."
+            f"Model '{model.name}' has no output named {output!r}; its outputs are {', '.join(map(repr, names))}."
         )
     inputs = {id(t): "input" if i == 0 else f"input{i}" for i, t in enumerate(graph.inputs)}
     # An output may be an input itself (a model of layers that are the identity at inference, left out).

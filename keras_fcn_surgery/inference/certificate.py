@@ -32,10 +32,18 @@ from keras_fcn_surgery.graph import traced_model
 from keras_fcn_surgery.grid import tiling
 from keras_fcn_surgery.grid.geometry import Geometry, geometry
 from keras_fcn_surgery.inference import engines, runner, windowed
+from keras_fcn_surgery.layout import ImageSpec
 from keras_fcn_surgery.options import CERTIFIED_CELLS
 from keras_fcn_surgery.saving.record import source_input_size
 from keras_fcn_surgery.surgery.atrous import origin_of
-from keras_fcn_surgery.surgery.fcn import as_fcn, choose_output, is_fully_convolutional, original_size, source_of
+from keras_fcn_surgery.surgery.fcn import (
+    as_fcn,
+    choose_output,
+    fcn_spec,
+    is_fully_convolutional,
+    original_size,
+    source_of,
+)
 from keras_fcn_surgery.surgery.verify import (
     RELATIVE_TOLERANCE,
     VerificationResult,
@@ -208,7 +216,7 @@ def crop_certificate(
     """
     fcn, runs_on, crop, against, model = runs
     model = fcn if model is None else model
-    spec, outputs = runner.check_fcn(fcn)
+    spec = outputs = fcn_spec(fcn)
     image = runner.with_channel_axis(image, spec)
     size = runner.image_size_of(image, spec)
     if outputs.several:
@@ -363,7 +371,7 @@ def windowed_certificate(
     """
     check_cell_count(n, "n")
     found = windowed.analysis(model)
-    spec = runner.ImageSpec(found.layout, found.channels)
+    spec = ImageSpec(found.layout, found.channels)
     image = runner.with_channel_axis(image, spec)
     if plan is None:
         plan = windowed.plan_windows(model, runner.image_size_of(image, spec), stride=stride, keep=keep)
@@ -554,7 +562,7 @@ def _eligible(start: int, stride: int, length: int, side: int, cells: int) -> ra
     return range(first, max(first, min(last + 1, cells)))
 
 
-def _run_on_crops(model, image, spec: runner.ImageSpec, origins, crop, preprocess) -> list[np.ndarray]:
+def _run_on_crops(model, image, spec: ImageSpec, origins, crop, preprocess) -> list[np.ndarray]:
     """Per output of ``model``, ``(n, K)`` float64 scores on the crops at ``origins``, in batches of about a
     million pixels."""
     dtype = runner.input_dtype(model)

@@ -15,7 +15,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from keras_fcn_surgery.errors import ConversionError, InputError
-from keras_fcn_surgery.grid.geometry import Geometry, WindowGrid
+from keras_fcn_surgery.grid.geometry import MapGrid
 from keras_fcn_surgery.saving.arguments import public_arguments
 from keras_fcn_surgery.surgery.fcn import pick_map
 
@@ -81,7 +81,7 @@ def class_probabilities(scores, probabilities: bool | None = None) -> np.ndarray
     return shifted / shifted.sum(axis=-1, keepdims=True)
 
 
-def cell_coordinates(grid: Geometry | WindowGrid, image_size, cells, scale: int = 1) -> tuple[np.ndarray, np.ndarray]:
+def cell_coordinates(grid: MapGrid, image_size, cells, scale: int = 1) -> tuple[np.ndarray, np.ndarray]:
     """Per displayed row and column, its position in map cells (fractional).
 
     Args:
@@ -133,7 +133,7 @@ def class_color(index: int) -> tuple[int, int, int]:
 def heatmap(
     image,
     scores,
-    grid: Geometry | WindowGrid,
+    grid: MapGrid,
     class_index: int,
     *,
     output: str | None = None,

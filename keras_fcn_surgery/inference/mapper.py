@@ -31,7 +31,7 @@ import keras
 import numpy as np
 
 from keras_fcn_surgery.errors import InputError, UncertifiableMapError, UninformativeVerificationWarning
-from keras_fcn_surgery.grid.geometry import Geometry, WindowGrid, geometry
+from keras_fcn_surgery.grid.geometry import MapGrid, WindowGrid, geometry
 from keras_fcn_surgery.inference import engines, runner, staged, windowed
 from keras_fcn_surgery.inference.certificate import (
     DEFAULT_CELLS,
@@ -43,6 +43,7 @@ from keras_fcn_surgery.inference.certificate import (
     windowed_certificate,
 )
 from keras_fcn_surgery.inference.store import DiskMap, file_backed
+from keras_fcn_surgery.layout import ImageSpec
 from keras_fcn_surgery.saving.arguments import public_arguments
 from keras_fcn_surgery.saving.loading import load_model
 from keras_fcn_surgery.surgery.atrous import finer_stride_cost
@@ -319,13 +320,13 @@ class Mapper:
         return fcn_spec(self._fcn)
 
     @functools.cached_property
-    def grid(self) -> Geometry | WindowGrid:
+    def grid(self) -> MapGrid:
         """Where the map's cells look on the image (`Geometry`, or a windowed map's `WindowGrid`)."""
         if self.method == "windowed":
             return WindowGrid(self.stride, self.analysis.window)  # type: ignore[arg-type, union-attr]
         return geometry(self._fcn)
 
-    def grid_of(self, output: str | None = None) -> Geometry | WindowGrid:
+    def grid_of(self, output: str | None = None) -> MapGrid:
         """The grid of one output's map (``output``: its name, for an FCN with several outputs)."""
         return self.grid if output is None or self.method == "windowed" else geometry(self._fcn, output=output)
 
@@ -420,7 +421,7 @@ class Mapper:
 
     def _map_fcn(self, image, out, keep, progress):
         fcn, tiling, execution = self._fcn, self.tiling, self.execution
-        spec, outputs = runner.check_fcn(fcn)
+        spec = outputs = fcn_spec(fcn)
         size = runner.image_size_of(runner.with_channel_axis(image, spec), spec)
         plan = self.plan(size, keep=keep)
         shapes = {o.name: spec.layout.image_shape(o.map_size[0], o.map_size[1], o.classes) for o in plan.outputs}
@@ -455,7 +456,7 @@ class Mapper:
 
     def _map_windowed(self, image, out, keep, progress):
         found = self.analysis
-        spec = runner.ImageSpec(found.layout, found.channels)  # type: ignore[union-attr]
+        spec = ImageSpec(found.layout, found.channels)  # type: ignore[union-attr]
         size = runner.image_size_of(runner.with_channel_axis(image, spec), spec)
         plan = self.plan(size, keep=keep)
         if out is None and self.execution.policy is not None:  # stored in float32, as the classifier gives it
@@ -504,7 +505,7 @@ class Mapper:
         image = public_arguments(self.model, image)[1]
         preprocess = self.inputs.preprocess
         if self.method == "windowed":
-            spec = runner.ImageSpec(self.spec.layout, self.spec.channels)
+            spec = ImageSpec(self.spec.layout, self.spec.channels)
             size = runner.image_size_of(runner.with_channel_axis(image, spec), spec)
             # The cells and windows of the map, whatever the tiles of its prefix's pass: any plan made for it.
             wanted = (size, None if keep is None else _digest(keep))

@@ -12,8 +12,9 @@ from keras_fcn_surgery.grid import tiling
 from keras_fcn_surgery.inference import engines, runner, windowed
 from keras_fcn_surgery.inference.certificate import DEFAULT_CELLS, CertifiedMap, check_cell_count, warn_if_inexact
 from keras_fcn_surgery.inference.mapper import MapOptions, Mapper
+from keras_fcn_surgery.layout import ImageSpec
 from keras_fcn_surgery.saving.arguments import public_arguments
-from keras_fcn_surgery.surgery.fcn import OutputMaps, is_fully_convolutional, map_outputs
+from keras_fcn_surgery.surgery.fcn import OutputMaps, fcn_spec, is_fully_convolutional, map_outputs
 
 
 def predict_map(model, image, *, out=None, keep=None, certify: int | None = None, progress=None, **options):
@@ -254,7 +255,6 @@ def plan_prediction(model, image_size, *, keep=None, engine: str | None = None, 
     return Mapper(model, MapOptions.of("plan_prediction", **options)).plan(image_size, keep=keep, engine=engine)
 
 
-
 def predict_maps(model, images, *, keep=None, certify: int | None = None, progress: bool | None = False, **options):
     """The score maps of several images, small ones of equal size batched through the network together.
 
@@ -292,7 +292,7 @@ def predict_maps(model, images, *, keep=None, certify: int | None = None, progre
         maps = [mapper.map(image, keep=keep, progress=False) for image in images]
         return _certified(mapper, images, maps, certify, keep)
     fcn, tiles, execution, preprocess = mapper.runnable, mapper.tiling, mapper.execution, mapper.inputs.preprocess
-    spec, outputs = runner.check_fcn(fcn)
+    spec = outputs = fcn_spec(fcn)
     batch_size = tiles.batch_size
     if batch_size is not None and batch_size < 1:
         raise InputError(f"Expected `batch_size` >= 1. Received: batch_size={batch_size}")
@@ -469,7 +469,7 @@ def sliding_window_predict(
             f"Model '{model.name}' takes inputs of shape {shape}; the sliding window needs a classifier with a "
             "fixed input size (the window)."
         )
-    spec = runner.ImageSpec(model_format, int(model_format.channels(shape)))
+    spec = ImageSpec(model_format, int(model_format.channels(shape)))
     window = tuple(int(d) for d in model_format.spatial_shape(shape))
     for tensor in model.outputs:
         if len(tensor.shape) != 2:

@@ -6,33 +6,17 @@ import itertools
 import sys
 import warnings
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 
 import numpy as np
 
 from keras_fcn_surgery.errors import ConversionError, InputError, SlowTilingWarning
 from keras_fcn_surgery.grid import tiling
 from keras_fcn_surgery.grid.geometry import Geometry
-from keras_fcn_surgery.layout import Layout
-from keras_fcn_surgery.surgery.fcn import FcnSpec, fcn_spec
+from keras_fcn_surgery.layout import ImageSpec, Layout
 
 # Input pixels per forward pass when `batch_size` is not given: tiles of 1024 x 1024
 # or more go one at a time (batching them would defeat the memory bound of tiling).
 PIXELS_PER_BATCH = 1 << 20
-
-
-@dataclass(frozen=True)
-class ImageSpec:
-    """The image a model takes: its layout and channel count."""
-
-    layout: Layout
-    channels: int
-
-
-def check_fcn(fcn) -> tuple[ImageSpec, FcnSpec]:
-    """The image spec and `FcnSpec` of a fully convolutional model (`fcn_spec`, which raises for others)."""
-    spec = fcn_spec(fcn)
-    return ImageSpec(spec.layout, spec.channels), spec
 
 
 def with_channel_axis(image, spec: ImageSpec):

@@ -44,7 +44,9 @@ from keras_fcn_surgery.grid.geometry import geometry
 from keras_fcn_surgery.inference import engines, runner
 from keras_fcn_surgery.inference.cost import pass_cost
 from keras_fcn_surgery.inference.store import Scratch
+from keras_fcn_surgery.layout import ImageSpec
 from keras_fcn_surgery.surgery.atrous import FinerStride
+from keras_fcn_surgery.surgery.fcn import fcn_spec
 
 # Bytes of stored maps kept in memory when `memory_budget` is not given; larger ones go to disk. Spilling
 # costs little (VGG16 at 4096x4096: 235 CPU-s all on disk against 228 with a 512 MiB map in memory), and
@@ -234,7 +236,7 @@ class _StageRun:
     """What running one stage needs: its model, input spec and tiles."""
 
     model: keras.Model
-    spec: runner.ImageSpec
+    spec: ImageSpec
     axis_plans: list
     batch_size: int
     store: str
@@ -258,7 +260,6 @@ class _Candidate:
     tile_macs: int
     tile_peak: int
     cost: float
-
 
 
 def plan_fcn(
@@ -451,7 +452,7 @@ def _finer_tilings(run: _StageRun, stage: StagePlan, batch_given: bool) -> list:
 class _Planner:
     def __init__(self, fcn, size, tile, batch_size, budget):
         self.fcn, self.size, self.tile, self.batch_size, self.budget = fcn, size, tile, batch_size, budget
-        self.spec, outputs = runner.check_fcn(fcn)
+        self.spec = outputs = fcn_spec(fcn)
         try:
             self.grid = geometry(fcn)
             grids = [self.grid] * len(outputs.outputs)
@@ -654,7 +655,7 @@ class _Planner:
                     store_bytes=store_bytes,
                 )
             )
-            spec = runner.ImageSpec(self.spec.layout, channels)
+            spec = ImageSpec(self.spec.layout, channels)
             runs.append(_StageRun(candidate.model, spec, axis_plans, batch, store))
         return PredictionPlan(
             image_size=self.size,

@@ -74,7 +74,7 @@ from keras_fcn_surgery.inference import engines, runner
 from keras_fcn_surgery.inference.cost import layer_macs, pass_cost
 from keras_fcn_surgery.inference.staged import plan_fcn
 from keras_fcn_surgery.inference.store import DiskMap, Scratch, file_backed
-from keras_fcn_surgery.layout import Layout
+from keras_fcn_surgery.layout import ImageSpec, Layout
 from keras_fcn_surgery.names import runtime_name
 from keras_fcn_surgery.options import MAP_METHODS
 from keras_fcn_surgery.surgery.atrous import rarefy
@@ -856,7 +856,7 @@ def run_windowed(
     ``needed`` cells (None: all): the mapper runs it as an FCN's map.
     """
     found: _Analysis = plan._analysis  # type: ignore[assignment]
-    spec = runner.ImageSpec(found.layout, found.channels)
+    spec = ImageSpec(found.layout, found.channels)
     image = runner.with_channel_axis(image, spec)
     shape = found.layout.image_shape(plan.map_size[0], plan.map_size[1], found.classes)
     out = runner.output_arrays(out, {"scores": shape}, found.model)[0]

@@ -11,6 +11,7 @@ from keras_fcn_surgery.grid import tiling
 from keras_fcn_surgery.grid.geometry import geometry
 from keras_fcn_surgery.grid.tiling import AxisTile
 from keras_fcn_surgery.inference import engines, runner
+from keras_fcn_surgery.layout import ImageSpec
 from keras_fcn_surgery.taxonomy import UPSAMPLINGS
 
 
@@ -116,7 +117,7 @@ def run_segmenter(
     side = (axis_plans[0][0].stop - axis_plans[0][0].start, axis_plans[1][0].stop - axis_plans[1][0].start)
     per_batch = batch_size or max(1, runner.PIXELS_PER_BATCH // (side[0] * side[1]))
     computed = count if tiles is None else len(tiles)
-    spec = runner.ImageSpec(layout, int(layout.channels(tuple(model.inputs[0].shape))))
+    spec = ImageSpec(layout, int(layout.channels(tuple(model.inputs[0].shape))))
     with runner.progress_bar(computed, progress, "tiles") as bar:
         runner.run_tiles(
             engines.forward(model, engines.native()),

@@ -14,7 +14,7 @@ import keras
 
 from keras_fcn_surgery.errors import ConversionError, InputError
 from keras_fcn_surgery.graph import model_layout, output_names, producer_of, traced_model
-from keras_fcn_surgery.layout import Layout
+from keras_fcn_surgery.layout import ImageSpec
 from keras_fcn_surgery.saving.loading import as_model
 from keras_fcn_surgery.taxonomy import squashing_activation
 
@@ -44,19 +44,17 @@ class MapOutput:
 
 
 @dataclass(frozen=True)
-class FcnSpec:
-    """What a fully convolutional model takes and returns.
+class FcnSpec(ImageSpec):
+    """What a fully convolutional model takes (its `ImageSpec`) and returns.
 
     Attributes:
-        layout: where its maps keep their channels.
+        layout: where its images and maps keep their channels.
         channels: channels of the image it takes.
         classes: channels of the map it returns (of its first output, when it
             has several).
         outputs: every output's `MapOutput`, in the model's order.
     """
 
-    layout: Layout
-    channels: int
     classes: int
     outputs: tuple[MapOutput, ...] = ()
 
