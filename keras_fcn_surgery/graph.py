@@ -84,6 +84,17 @@ class ModelFacts:
         refusals: for a classifier, `inference.windowed.conversion`'s
             conversion errors, by ``(head, input_size)``: a refused model is
             not converted again on every call.
+        plans: for an FCN, `inference.staged.plan_fcn`'s plans, by image size
+            and tiling (the most recent last).
+        stages: for an FCN, `inference.staged`'s stage models, by cut.
+        forwards: `inference.engines.forward`'s compiled forward passes, by
+            ``(engine, precision)``.
+        choices: `inference.engines.choose_engine`'s choices under ``"auto"``,
+            by ``(call shape, precision)``: ``(generation, choice)``.
+        blas_split: whether `inference.blas.split_forward` splits the model at
+            a head convolution (None until asked).
+        policy_copies: `inference.engines.policy_copy`'s copies of the model,
+            by dtype policy.
     """
 
     traced: object = None
@@ -95,6 +106,12 @@ class ModelFacts:
     record: dict | None = None
     analysis: object = None
     refusals: dict = field(default_factory=dict)
+    plans: dict = field(default_factory=dict)
+    stages: dict = field(default_factory=dict)
+    forwards: dict = field(default_factory=dict)
+    choices: dict = field(default_factory=dict)
+    blas_split: bool | None = None
+    policy_copies: dict = field(default_factory=dict)
 
     # A copy of a model (copy, deepcopy, pickle) is another object: it learns its own facts.
     def __copy__(self) -> ModelFacts:

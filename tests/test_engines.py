@@ -13,6 +13,7 @@ from keras import layers
 
 import keras_fcn_surgery as kfs
 from keras_fcn_surgery.errors import InputError
+from keras_fcn_surgery.graph import model_facts
 from keras_fcn_surgery.inference import engines
 from keras_fcn_surgery.inference.cost import pass_cost
 
@@ -64,7 +65,7 @@ def test_every_engine_gives_the_map_of_tf():
         maps = kfs.predict_maps(model, [image, image[:45, :45]], engine=engine)
         np.testing.assert_allclose(maps[0], reference, atol=1e-5 * scale, err_msg=engine)
     for engine in ("tf", "xla", "blas"):
-        assert (engine, None) in engines._FORWARDS[model], f"{engine} was not run"
+        assert (engine, None) in model_facts(model).forwards, f"{engine} was not run"
 
 
 def test_auto_runs_tf_untimed_below_the_threshold(cache_file, timed):
@@ -173,7 +174,7 @@ def test_jit_compile_still_works_with_a_deprecation_warning():
         with pytest.warns(DeprecationWarning, match="engine="):
             result = kfs.predict_map(model, image, jit_compile=jit)
         np.testing.assert_allclose(result, reference, atol=1e-5 * np.abs(reference).max())
-        assert (engine, None) in engines._FORWARDS[model]
+        assert (engine, None) in model_facts(model).forwards
         with pytest.warns(DeprecationWarning, match="engine="):
             kfs.predict_maps(model, [image], jit_compile=jit)
     with pytest.warns(DeprecationWarning), pytest.raises(InputError, match="not both"):
@@ -211,7 +212,7 @@ def test_predict_images_and_the_cli_take_an_execution(tmp_path):
         predict_images(model, [str(tmp_path / "image.png")], tmp_path / "out", execution="fast")
     summary = predict_images(model, [str(tmp_path / "image.png")], tmp_path / "out", execution="xla")
     assert summary.ok, summary.line()
-    assert ("xla", None) in engines._FORWARDS[model]
+    assert ("xla", None) in model_facts(model).forwards
     scores = np.load(tmp_path / "out" / "image.npz")["scores"]
     reference = kfs.predict_map(model, image.astype("float32"), engine="tf")
     np.testing.assert_allclose(scores, reference, atol=1e-5 * np.abs(reference).max())
