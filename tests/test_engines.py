@@ -153,6 +153,17 @@ def test_a_broken_or_disabled_cache_file_only_costs_a_measurement(tmp_path, monk
     engines.clear_cache()
 
 
+def test_clear_cache_makes_a_model_measure_again(monkeypatch, timed):
+    monkeypatch.setattr(engines, "MEASURE_MACS", 0)
+    monkeypatch.setenv(engines.CACHE_ENV, "off")
+    model = _head_model()
+    first = engines.choose_engine(model, (1, 45, 45, 2))
+    assert engines.choose_engine(model, (1, 45, 45, 2)) is first and len(timed) == 1, "kept on the model"
+    engines.clear_cache()
+    assert "fastest measured" in engines.choose_engine(model, (1, 45, 45, 2)).reason
+    assert len(timed) == 2, "a choice made before clear_cache was kept"
+
+
 def test_a_huge_pass_is_probed_at_a_capped_size(monkeypatch, cache_file, timed):
     model = _head_model()
     full = 4 * pass_cost(model, (1, 301, 299, 2)).macs
