@@ -75,3 +75,18 @@ def test_a_copy_of_a_model_starts_without_facts():
     facts.record = {"input_size": (32, 32)}
     assert copy.copy(facts).record is None and copy.deepcopy(facts).record is None
     assert pickle.loads(pickle.dumps(facts)).record is None
+
+
+def test_thin_callers_in_a_loop_convert_plan_and_compile_once():
+    classifier = small_flatten_cnn()
+    image = random_images((70, 66, 3), seed=4)
+    first = kfs.predict_map(classifier, image, tile=48)
+    fcn = kfs.as_fcn(classifier)
+    facts = model_facts(fcn)
+    plans, stages = dict(facts.plans), dict(facts.stages)
+    forwards = {id(model): dict(model_facts(model).forwards) for model in [fcn, *stages.values()]}
+    again = kfs.predict_map(classifier, image, tile=48)
+    np.testing.assert_array_equal(again, first)
+    assert kfs.as_fcn(classifier) is fcn and facts.plans == plans and facts.stages == stages
+    assert forwards == {id(model): model_facts(model).forwards for model in [fcn, *stages.values()]}
+    assert any(forwards.values()), "no compiled forward was kept"
