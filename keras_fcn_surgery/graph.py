@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import inspect
 import os
+import threading
 import traceback
-import weakref
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -60,9 +60,87 @@ def graph_of(model):
     return traced_model(model)
 
 
-# Traced twins of subclassed models, by model: every caller sees one twin (and one set of layer nodes).
-_TRACED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-_SOURCES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+@dataclass(eq=False)
+class ModelFacts:
+    """What this process learned about one model object, kept on the object itself (`model_facts`).
+
+    It dies with the model: no table of the process outlives it or is keyed by
+    its identity. A copy or an unpickled model starts with none (a file keeps
+    what it records itself: `saving.record`). Each field belongs to the module
+    that fills it.
+
+    Attributes:
+        traced: `traced_model`'s twin of the model (None until asked).
+        traced_from: for a traced twin, the model it is the twin of.
+        conversions: `surgery.fcn.as_fcn`'s FCNs of a classifier, by
+            ``(head, input_size, verify)``.
+        source: for an FCN, ``(weak reference to its classifier, (H, W))``
+            (`surgery.convert.remember_source`).
+        rarefied: `surgery.atrous.rarefy`'s FCNs à trous of an FCN, by stride.
+        origin: for an FCN à trous, ``(weak reference to its FCN, stride)``.
+        record: what the ``.keras`` file the model was loaded from recorded
+            (`saving.loading.recorded_source`).
+        analysis: for a classifier, `inference.windowed.analysis` (its window
+            and the places to split it).
+        refusals: for a classifier, `inference.windowed.conversion`'s
+            conversion errors, by ``(head, input_size)``: a refused model is
+            not converted again on every call.
+        plans: for an FCN, `inference.staged.plan_fcn`'s plans, by image size
+            and tiling (the most recent last).
+        stages: for an FCN, `inference.staged`'s stage models, by cut.
+        forwards: `inference.engines.forward`'s compiled forward passes, by
+            ``(engine, precision)``.
+        choices: `inference.engines.choose_engine`'s choices under ``"auto"``,
+            by ``(call shape, precision)``: ``(generation, choice)``.
+        blas_split: whether `inference.blas.split_forward` splits the model at
+            a head convolution (None until asked).
+        policy_copies: `inference.engines.policy_copy`'s copies of the model,
+            by dtype policy.
+    """
+
+    traced: object = None
+    traced_from: object = None
+    conversions: dict = field(default_factory=dict)
+    source: tuple | None = None
+    rarefied: dict = field(default_factory=dict)
+    origin: tuple | None = None
+    record: dict | None = None
+    analysis: object = None
+    refusals: dict = field(default_factory=dict)
+    plans: dict = field(default_factory=dict)
+    stages: dict = field(default_factory=dict)
+    forwards: dict = field(default_factory=dict)
+    choices: dict = field(default_factory=dict)
+    blas_split: bool | None = None
+    policy_copies: dict = field(default_factory=dict)
+
+    # A copy of a model (copy, deepcopy, pickle) is another object: it learns its own facts.
+    def __copy__(self) -> ModelFacts:
+        return ModelFacts()
+
+    def __deepcopy__(self, memo) -> ModelFacts:
+        return ModelFacts()
+
+    def __reduce__(self):
+        return (ModelFacts, ())
+
+
+# The attribute a model's facts are kept in: set past Keras's attribute tracking, so they are no layer, no
+# weight and no part of the model's configuration or saved file.
+_FACTS = "_kfs_facts"
+_FACTS_LOCK = threading.Lock()
+
+
+def model_facts(model) -> ModelFacts:
+    """The `ModelFacts` kept on ``model`` (made empty on first use)."""
+    facts = vars(model).get(_FACTS)
+    if facts is None:
+        with _FACTS_LOCK:
+            facts = vars(model).get(_FACTS)
+            if facts is None:
+                facts = ModelFacts()
+                object.__setattr__(model, _FACTS, facts)
+    return facts
 
 
 def traced_model(model) -> keras.Model:
@@ -81,7 +159,8 @@ def traced_model(model) -> keras.Model:
             not trace (Python control flow on tensor values, backend
             functions), naming the line.
     """
-    twin = _TRACED.get(model)
+    facts = model_facts(model)
+    twin = facts.traced
     if twin is None:
         if is_subclassed_model(model):
             twin = _trace(model)
@@ -90,14 +169,14 @@ def traced_model(model) -> keras.Model:
             twin = _inline_subclassed(graph)
             if twin is graph:
                 return model
-        _TRACED[model] = twin
-        _SOURCES[twin] = model
-    return twin
+        facts.traced = twin
+        model_facts(twin).traced_from = model
+    return twin  # type: ignore[return-value]
 
 
 def traced_from(model):
     """The model ``model`` is the `traced_model` of, or None for a model that is not a traced twin."""
-    return _SOURCES.get(model)
+    return model_facts(model).traced_from
 
 
 def _built_input_shape(model) -> tuple:

@@ -10,6 +10,9 @@
 - ``_PUBLIC``, ``__all__`` and the type-checking imports of ``__init__.py``
   name the same things, from the same modules.
 - Lists of layer kinds live in ``taxonomy.py`` only.
+- No process-wide cache: no module-level table (a dict, ``WeakKeyDictionary``...)
+  is written at run time; what the package learns about a model is kept on it
+  (`graph.model_facts`), and the one cache across processes is a file.
 """
 
 from __future__ import annotations
@@ -564,3 +567,80 @@ def test_keras_nodes_never_leave_graph_py():
     part = graph.graph_part(trace.nodes, trace.input, trace.outputs, name="part")
     image = np.random.default_rng(0).uniform(size=(1, 12, 12, 3)).astype("float32")
     np.testing.assert_allclose(np.asarray(part(image)), np.asarray(model(image)), rtol=1e-6, atol=1e-6)
+
+
+# --- issue 35: no process-wide cache ----------------------------------------------------------------------------
+
+# Module-level tables: made by a dict literal or comprehension, or by one of these calls.
+TABLE_CALLS = {"dict", "WeakKeyDictionary", "WeakValueDictionary", "defaultdict", "OrderedDict", "Counter"}
+TABLE_MUTATORS = {"setdefault", "update", "pop", "popitem", "clear", "__setitem__", "__delitem__"}
+# Tables allowed to be written at run time: none (the executions' timings are cached in a file, `engines.cache_path`).
+CACHES_ALLOWED: set[tuple[str, str]] = set()
+
+
+def module_tables(tree) -> dict[str, int]:
+    """``name: line`` of the module-level tables of a module (constant ones included)."""
+    found = {}
+    for node in tree.body:
+        if isinstance(node, (ast.Assign, ast.AnnAssign)) and node.value is not None:
+            value = node.value
+            made = isinstance(value, (ast.Dict, ast.DictComp)) or (
+                isinstance(value, ast.Call) and ast.unparse(value.func).split(".")[-1] in TABLE_CALLS
+            )
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            found |= {target.id: node.lineno for target in targets if made and isinstance(target, ast.Name)}
+    return found
+
+
+def _written_name(node) -> str | None:
+    return node.id if isinstance(node, ast.Name) else node.attr if isinstance(node, ast.Attribute) else None
+
+
+def table_writes(tree) -> set[str]:
+    """Names (``table`` or ``module.table``'s ``table``) that the functions of a module store into: ``t[k] = v``,
+    ``del t[k]``, ``t[k] += v``, ``t.setdefault(...)``, ``t.clear()``..."""
+    found = set()
+    for function in ast.walk(tree):
+        if not isinstance(function, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
+            continue
+        for node in ast.walk(function):
+            if isinstance(node, (ast.Assign, ast.Delete)):
+                found |= {_written_name(t.value) for t in node.targets if isinstance(t, ast.Subscript)}
+            elif isinstance(node, (ast.AugAssign, ast.AnnAssign)) and isinstance(node.target, ast.Subscript):
+                found.add(_written_name(node.target.value))
+            elif isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute):
+                if node.func.attr in TABLE_MUTATORS:
+                    found.add(_written_name(node.func.value))
+    return found - {None}  # type: ignore[arg-type]
+
+
+def process_caches(trees: dict[str, ast.Module]) -> list[str]:
+    """``module: table (line)`` of each module-level table that a function of the package writes."""
+    written = set().union(*(table_writes(tree) for tree in trees.values())) if trees else set()
+    return [
+        f"{name}: {table} (line {line})"
+        for name, tree in trees.items()
+        for table, line in module_tables(tree).items()
+        if table in written and (name, table) not in CACHES_ALLOWED
+    ]
+
+
+def test_no_process_wide_cache_in_the_package():
+    assert process_caches(dict(_modules())) == []
+
+
+@pytest.mark.parametrize(
+    "source",
+    [
+        "_PLANS = weakref.WeakKeyDictionary()\ndef plan(fcn):\n    _PLANS.setdefault(fcn, {})\n",
+        "_SEEN = {}\ndef see(model):\n    _SEEN[model] = True\n",
+        "_SEEN: dict = dict()\ndef forget():\n    _SEEN.clear()\n",
+    ],
+)
+def test_the_cache_check_finds_a_table_written_at_run_time(source):
+    assert process_caches({"m.py": ast.parse(source)}) != []
+
+
+def test_the_cache_check_leaves_constant_tables_alone():
+    source = "KINDS = {'a': 1}\nFROZEN = MappingProxyType(dict(KINDS))\ndef kind(name):\n    return KINDS.get(name)\n"
+    assert process_caches({"m.py": ast.parse(source)}) == []

@@ -13,6 +13,7 @@ from keras import layers
 
 import keras_fcn_surgery as kfs
 from keras_fcn_surgery.errors import InputError
+from keras_fcn_surgery.graph import model_facts
 from keras_fcn_surgery.inference import engines
 from keras_fcn_surgery.inference.cost import pass_cost
 
@@ -64,7 +65,7 @@ def test_every_engine_gives_the_map_of_tf():
         maps = kfs.predict_maps(model, [image, image[:45, :45]], engine=engine)
         np.testing.assert_allclose(maps[0], reference, atol=1e-5 * scale, err_msg=engine)
     for engine in ("tf", "xla", "blas"):
-        assert (engine, None) in engines._FORWARDS[model], f"{engine} was not run"
+        assert (engine, None) in model_facts(model).forwards, f"{engine} was not run"
 
 
 def test_auto_runs_tf_untimed_below_the_threshold(cache_file, timed):
@@ -152,6 +153,17 @@ def test_a_broken_or_disabled_cache_file_only_costs_a_measurement(tmp_path, monk
     engines.clear_cache()
 
 
+def test_clear_cache_makes_a_model_measure_again(monkeypatch, timed):
+    monkeypatch.setattr(engines, "MEASURE_MACS", 0)
+    monkeypatch.setenv(engines.CACHE_ENV, "off")
+    model = _head_model()
+    first = engines.choose_engine(model, (1, 45, 45, 2))
+    assert engines.choose_engine(model, (1, 45, 45, 2)) is first and len(timed) == 1, "kept on the model"
+    engines.clear_cache()
+    assert "fastest measured" in engines.choose_engine(model, (1, 45, 45, 2)).reason
+    assert len(timed) == 2, "a choice made before clear_cache was kept"
+
+
 def test_a_huge_pass_is_probed_at_a_capped_size(monkeypatch, cache_file, timed):
     model = _head_model()
     full = 4 * pass_cost(model, (1, 301, 299, 2)).macs
@@ -173,7 +185,7 @@ def test_jit_compile_still_works_with_a_deprecation_warning():
         with pytest.warns(DeprecationWarning, match="engine="):
             result = kfs.predict_map(model, image, jit_compile=jit)
         np.testing.assert_allclose(result, reference, atol=1e-5 * np.abs(reference).max())
-        assert (engine, None) in engines._FORWARDS[model]
+        assert (engine, None) in model_facts(model).forwards
         with pytest.warns(DeprecationWarning, match="engine="):
             kfs.predict_maps(model, [image], jit_compile=jit)
     with pytest.warns(DeprecationWarning), pytest.raises(InputError, match="not both"):
@@ -211,7 +223,7 @@ def test_predict_images_and_the_cli_take_an_execution(tmp_path):
         predict_images(model, [str(tmp_path / "image.png")], tmp_path / "out", execution="fast")
     summary = predict_images(model, [str(tmp_path / "image.png")], tmp_path / "out", execution="xla")
     assert summary.ok, summary.line()
-    assert ("xla", None) in engines._FORWARDS[model]
+    assert ("xla", None) in model_facts(model).forwards
     scores = np.load(tmp_path / "out" / "image.npz")["scores"]
     reference = kfs.predict_map(model, image.astype("float32"), engine="tf")
     np.testing.assert_allclose(scores, reference, atol=1e-5 * np.abs(reference).max())

@@ -9,7 +9,7 @@ from conftest import STRIDES, random_images, strided_fcn, whole_map
 from keras import layers
 
 import keras_fcn_surgery as kfs
-from keras_fcn_surgery.inference import engines
+from keras_fcn_surgery.graph import model_facts
 from keras_fcn_surgery.inference.predict import plan_prediction
 from keras_fcn_surgery.inference.store import DiskMap, file_backed
 from keras_fcn_surgery.taxonomy import is_large_kernel_conv
@@ -293,9 +293,9 @@ def test_every_stage_compiles_as_the_whole_network_chooses():
     whole = whole_map(head, image)
     staged = kfs.predict_map(head, image, tile=60, staged=True, engine="xla")
     np.testing.assert_allclose(staged, whole, atol=1e-5 * np.abs(whole).max())
-    assert {engine for engine, *_ in engines._FORWARDS[first]} == {"xla"}, "the first stage ran without XLA"
+    assert {engine for engine, *_ in model_facts(first).forwards} == {"xla"}, "the first stage ran without XLA"
     kfs.predict_map(head, image, tile=60, staged=True, engine="tf")
-    assert "tf" in {engine for engine, *_ in engines._FORWARDS[first]}
+    assert "tf" in {engine for engine, *_ in model_facts(first).forwards}
 
 
 def test_predict_maps_batches_images_of_one_size_and_tiles_the_large_ones():

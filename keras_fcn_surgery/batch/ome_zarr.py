@@ -30,6 +30,8 @@ out): its cell ``j`` covers level 0's cells ``2**k * j ... 2**k * (j + 1) -
 
 from __future__ import annotations
 
+from types import MappingProxyType
+
 import numpy as np
 
 from keras_fcn_surgery.batch.writers import MapInfo, class_colour, class_name, plain, require_zarr
@@ -37,7 +39,8 @@ from keras_fcn_surgery.errors import InputError
 from keras_fcn_surgery.options import DEFAULT_OME_ZARR_VERSION, OME_ZARR_VERSIONS
 
 # The NGFF versions written: 0.4 on Zarr v2, 0.5 on Zarr v3 (`options.OME_ZARR_VERSIONS`, the CLI's choices).
-NGFF_VERSIONS = dict(zip(OME_ZARR_VERSIONS, (2, 3)))
+# A constant table: read-only.
+NGFF_VERSIONS = MappingProxyType(dict(zip(OME_ZARR_VERSIONS, (2, 3))))
 DEFAULT_VERSION = DEFAULT_OME_ZARR_VERSION
 # Cells per chunk side, on every level, and the chunk's size on the channel axis: about 2 MiB of float32.
 CHUNK = 128

@@ -36,14 +36,8 @@ from keras_fcn_surgery.layout import ImageSpec
 from keras_fcn_surgery.options import CERTIFIED_CELLS
 from keras_fcn_surgery.saving.record import source_input_size
 from keras_fcn_surgery.surgery.atrous import origin_of
-from keras_fcn_surgery.surgery.fcn import (
-    as_fcn,
-    choose_output,
-    fcn_spec,
-    is_fully_convolutional,
-    original_size,
-    source_of,
-)
+from keras_fcn_surgery.surgery.convert import source_of
+from keras_fcn_surgery.surgery.fcn import as_fcn, choose_output, fcn_spec, is_fully_convolutional, original_size
 from keras_fcn_surgery.surgery.verify import (
     RELATIVE_TOLERANCE,
     VerificationResult,

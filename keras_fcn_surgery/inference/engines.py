@@ -45,7 +45,7 @@ import keras
 import numpy as np
 
 from keras_fcn_surgery.errors import InputError, ModelFileError
-from keras_fcn_surgery.graph import iter_layers, model_layout
+from keras_fcn_surgery.graph import iter_layers, model_facts, model_layout
 from keras_fcn_surgery.grid.geometry import geometry
 from keras_fcn_surgery.inference.blas import split_forward
 from keras_fcn_surgery.inference.cost import pass_cost
@@ -73,11 +73,10 @@ CACHE_ENV = "KFS_ENGINE_CACHE"
 _CACHE_VERSION = 1
 _CACHE_ENTRIES = 512
 
-_FORWARDS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-_CHOICES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-_SPLITS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-_POLICY_COPIES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+# Compiled forwards, choices, BLAS splits and policy copies are kept on each model (`graph.model_facts`);
+# `clear_cache` starts a new generation of choices, so that the ones made before are measured again.
 _LOCK = threading.RLock()
+_generation = 0
 
 
 @dataclass(frozen=True)
@@ -219,10 +218,11 @@ def blas_refusal(model, precision: str | None = None) -> str | None:
 def _splits(model) -> bool:
     """Whether `blas.split_forward` splits ``model`` at a head convolution (cached per model)."""
 
+    facts = model_facts(model)
     with _LOCK:
-        if model not in _SPLITS:
-            _SPLITS[model] = split_forward(model, lambda part: lambda batch: batch) is not None
-        return _SPLITS[model]
+        if facts.blas_split is None:
+            facts.blas_split = split_forward(model, lambda part: lambda batch: batch) is not None
+        return facts.blas_split
 
 
 def candidates(model, precision: str | None = None) -> tuple[str, ...]:
@@ -258,7 +258,7 @@ def forward(model, engine: str, precision: str | None = None):
         raise InputError(f"Cannot run model '{model.name}': {refusal}.")
     precision = policy_of(precision)
     with _LOCK:
-        per_model = _FORWARDS.setdefault(model, {})
+        per_model = model_facts(model).forwards
         key = (engine, precision)
         if key not in per_model:
             split = None
@@ -371,7 +371,7 @@ def _torch_eager(model, precision: str | None):
 
 def policy_copy(model, policy: str):
     """A copy of ``model`` whose layers compute under the dtype policy ``policy``, same weights."""
-    per_model = _POLICY_COPIES.setdefault(model, {})
+    per_model = model_facts(model).policy_copies
     if policy not in per_model:
 
         def clone(layer):
@@ -422,12 +422,12 @@ def choose_engine(model, batch_shape, engine: str = "auto", precision: str | Non
                 )
         return EngineChoice(engine, "asked for")
     with _LOCK:
-        per_model = _CHOICES.setdefault(model, {})
+        per_model = model_facts(model).choices
         key = (shape, precision)
-        if key in per_model:
-            return per_model[key]
-        choice = _auto_choice(model, shape, precision)
-        per_model[key] = choice
+        generation, choice = per_model.get(key, (None, None))
+        if generation != _generation:
+            choice = _auto_choice(model, shape, precision)
+            per_model[key] = (_generation, choice)
         return choice
 
 
@@ -560,9 +560,10 @@ def time_engines(model, names, shape, precision: str | None = None, rounds: int 
 
 
 def clear_cache() -> None:
-    """Forget the choices made in this process (the cache file stays)."""
+    """Forget the choices made in this process (the cache file stays): each is made again when next asked."""
+    global _generation
     with _LOCK:
-        _CHOICES.clear()
+        _generation += 1
 
 
 def cache_path() -> str | None:

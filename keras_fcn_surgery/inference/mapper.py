@@ -47,7 +47,8 @@ from keras_fcn_surgery.layout import ImageSpec
 from keras_fcn_surgery.saving.arguments import public_arguments
 from keras_fcn_surgery.saving.loading import load_model
 from keras_fcn_surgery.surgery.atrous import finer_stride_cost
-from keras_fcn_surgery.surgery.fcn import OutputMaps, fcn_spec, source_of
+from keras_fcn_surgery.surgery.convert import source_of
+from keras_fcn_surgery.surgery.fcn import OutputMaps, fcn_spec
 
 
 @dataclass(frozen=True)

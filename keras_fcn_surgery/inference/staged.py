@@ -20,7 +20,6 @@ reports it all; `predict_map` runs it.
 from __future__ import annotations
 
 import functools
-import weakref
 from dataclasses import dataclass, field, replace
 
 import keras
@@ -32,6 +31,7 @@ from keras_fcn_surgery.graph import (
     describe,
     flat_nodes,
     graph_of,
+    model_facts,
     model_layout,
     nodes_in_order,
     producer_of,
@@ -71,9 +71,8 @@ _MAX_MASKED_TILES = 2048
 # A candidate cut starts a new stride level when the map shrinks at least this much since the last.
 _STRIDE_STEP = 1.5
 
+# Plans an FCN keeps (`graph.model_facts`), by image size and tiling: slides of many sizes forget the oldest.
 _PLANS_PER_MODEL = 64
-_PLAN_CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-_SUB_MODEL_CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 @dataclass(frozen=True)
@@ -283,7 +282,7 @@ def plan_fcn(
     if staged not in (None, True, False):
         raise InputError(f"Expected `staged` to be None, True or False. Received: staged={staged!r}")
     key = (size, None if tile is None else runner.pair(tile, "tile"), staged, batch_size, budget)
-    per_model = _PLAN_CACHE.setdefault(fcn, {})
+    per_model = model_facts(fcn).plans
     if key not in per_model:
         if len(per_model) >= _PLANS_PER_MODEL:  # slides of many sizes: forget the oldest plan
             per_model.pop(next(iter(per_model)))
@@ -735,7 +734,7 @@ def _producer_name(tensor) -> str:
 
 
 def _stage_model(fcn, start, stop):
-    per_model = _SUB_MODEL_CACHE.setdefault(fcn, {})
+    per_model = model_facts(fcn).stages
     key = (id(start), tuple(map(id, stop)) if isinstance(stop, tuple) else id(stop))
     if key not in per_model:
         name = f"{fcn.name}_stage_{_producer_name(start) if start is not None else 'input'}_{_producer_name(stop)}"

@@ -52,7 +52,6 @@ changed since as a new model object.
 
 from __future__ import annotations
 
-import weakref
 from dataclasses import dataclass, field
 
 import keras
@@ -63,6 +62,7 @@ from keras_fcn_surgery.graph import (
     describe,
     flat_trace,
     graph_part,
+    model_facts,
     model_layout,
     nodes_between,
     sublayers,
@@ -85,8 +85,6 @@ from keras_fcn_surgery.taxonomy import NOT_IDENTITY_AUGMENTATIONS
 
 # Bytes of a band's shared prefix map kept in memory (bands are sized to it); a larger one goes to a temporary file.
 DEFAULT_MEMORY_BUDGET = 64 << 20
-
-_ANALYSES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 @dataclass(frozen=True)
@@ -292,11 +290,10 @@ def analysis(model) -> _Analysis:
         ConversionError: for a model that does not take one fixed-size image
             and return one vector of scores.
     """
-    cached = _ANALYSES.get(model)
-    if cached is None:
-        cached = _analyse(model)
-        _ANALYSES[model] = cached
-    return cached
+    facts = model_facts(model)
+    if facts.analysis is None:
+        facts.analysis = _analyse(model)
+    return facts.analysis  # type: ignore[return-value]
 
 
 def _analyse(model) -> _Analysis:
@@ -562,9 +559,6 @@ def has_window(model) -> bool:
     return len(shape) == 4 and all(d is not None for d in layout.spatial_shape(shape))
 
 
-_REFUSALS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
 def conversion(model, head: str = "window", input_size=None):
     """``(fcn, None)`` for a classifier that converts (`as_fcn`), ``(None, error)`` for one that is refused.
 
@@ -572,7 +566,7 @@ def conversion(model, head: str = "window", input_size=None):
     remembers a conversion: a transformer is not converted again on every call.
     """
     key = (head, None if input_size is None else tuple(int(d) for d in input_size))
-    refusals = _REFUSALS.setdefault(model, {})
+    refusals = model_facts(model).refusals
     if key in refusals:
         return None, refusals[key]
     try:

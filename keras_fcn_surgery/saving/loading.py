@@ -8,20 +8,18 @@ import json
 import os
 import re
 import sys
-import weakref
 import zipfile
 
 import h5py
 import keras
 
 from keras_fcn_surgery.errors import ModelFileError, first_line
-from keras_fcn_surgery.graph import traced_from, traced_model
+from keras_fcn_surgery.graph import model_facts, traced_from, traced_model
 from keras_fcn_surgery.saving.paths import check_model_path
 
 # The JSON entry of a `.keras` file in which `saving.record.save_model` records an FCN's classifier (Keras
-# ignores it), and what loaded models' files recorded, by model.
+# ignores it); a loaded model keeps what its file recorded (`graph.model_facts`).
 RECORD_NAME = "keras_fcn_surgery.json"
-_RECORDS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def load_model(path, custom_objects=None) -> keras.Model:
@@ -61,7 +59,7 @@ def load_model(path, custom_objects=None) -> keras.Model:
         ) from error
     record = _read_record(path) if suffix == ".keras" else None
     if record is not None:
-        _RECORDS[model] = record
+        model_facts(model).record = record
     return model
 
 
@@ -73,9 +71,9 @@ def write_record(path: str, record: dict) -> None:
 
 def recorded_source(model) -> dict | None:
     """What the file ``model`` was loaded from recorded of its classifier (``{"input_size": (H, W)}``), or None."""
-    record = _RECORDS.get(model)
+    record = model_facts(model).record
     if record is None and traced_from(model) is not None:
-        record = _RECORDS.get(traced_from(model))
+        record = model_facts(traced_from(model)).record
     return record
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from keras_fcn_surgery.saving.atomic import atomic_output, pause_point
 from keras_fcn_surgery.saving.loading import recorded_source, write_record
-from keras_fcn_surgery.surgery.fcn import source_of
+from keras_fcn_surgery.surgery.convert import source_of
 
 
 def source_input_size(model) -> tuple[int, int] | None:

@@ -29,6 +29,7 @@ from keras_fcn_surgery.graph import (
     graph_of,
     is_graph_model,
     is_layer,
+    model_facts,
     model_layout,
     node_arguments,
     nodes_in_order,
@@ -38,7 +39,7 @@ from keras_fcn_surgery.grid.geometry import geometry
 from keras_fcn_surgery.inference.cost import pass_cost
 from keras_fcn_surgery.layout import Layout
 from keras_fcn_surgery.surgery.cloning import LayerCloner, copy_weights
-from keras_fcn_surgery.surgery.fcn import remember_source, source_of
+from keras_fcn_surgery.surgery.convert import remember_source, source_of
 from keras_fcn_surgery.surgery.pooling import DilatedAveragePooling2D, DilatedMaxPooling2D
 
 WAY_OUT = (
@@ -108,10 +109,6 @@ def same_padding_stays_exact(kernel: int, dilation: int, factor: int) -> bool:
     return factor == 1 or (dilation * (kernel - 1)) % 2 == 0
 
 
-_RAREFIED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-_ORIGINS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
 @dataclass(frozen=True)
 class FinerStride:
     """What a map à trous costs, next to the other ways to the same map (a plan's ``finer``).
@@ -145,7 +142,7 @@ class FinerStride:
 
 def origin_of(model) -> tuple[keras.Model, tuple[int, int]] | None:
     """``(fcn, stride)`` for a model `rarefy` made in this process (its FCN still alive), else None."""
-    reference, stride = _ORIGINS.get(model, (None, None))
+    reference, stride = model_facts(model).origin or (None, None)
     fcn = reference() if reference is not None else None
     return None if fcn is None else (fcn, stride)
 
@@ -212,14 +209,14 @@ def rarefy(fcn, stride) -> keras.Model:
         )
     if target == own:
         return fcn
-    made = _RAREFIED.setdefault(fcn, {})
+    made = model_facts(fcn).rarefied
     if target not in made:
         finer = _Rarefier(fcn, target).build()
         source, size = source_of(fcn)
         if source is not None and size is not None:
             remember_source(finer, source, size)  # its certificates run the same classifier
         made[target] = finer
-        _ORIGINS[finer] = (weakref.ref(fcn), target)  # weak: the FCN holds its rarefied models, not back
+        model_facts(finer).origin = (weakref.ref(fcn), target)  # weak: the FCN holds its rarefied ones, not back
     return made[target]
 
 

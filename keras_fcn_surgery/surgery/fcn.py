@@ -7,23 +7,17 @@ an FCN, or the path of a file holding either, and goes through `as_fcn`.
 
 from __future__ import annotations
 
-import weakref
 from dataclasses import dataclass
 
 import keras
 
 from keras_fcn_surgery.errors import ConversionError, InputError
-from keras_fcn_surgery.graph import model_layout, output_names, producer_of, traced_model
+from keras_fcn_surgery.graph import model_facts, model_layout, output_names, producer_of, traced_model
 from keras_fcn_surgery.layout import ImageSpec
 from keras_fcn_surgery.saving.loading import as_model
+from keras_fcn_surgery.surgery.convert import convert as convert_model
+from keras_fcn_surgery.surgery.verify import check_trace
 from keras_fcn_surgery.taxonomy import squashing_activation
-
-# Conversions of in-memory classifiers, by model and options: `predict_map(classifier, ...)` in a loop
-# converts (and verifies) once.
-_CONVERSIONS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-# What each FCN built in this process was converted from: its classifier (held weakly) and that classifier's
-# input size. `certify_map` reads it to know which crop a cell stands for and what to run on it.
-_SOURCES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 @dataclass(frozen=True)
@@ -240,19 +234,15 @@ def as_fcn(
     """
     loaded = as_model(model, custom_objects, error_class=ConversionError)
     if is_fully_convolutional(loaded):
-        from keras_fcn_surgery.surgery.verify import check_trace
-
         check_trace(loaded)
         return loaded
     if not convert:
         raise ConversionError(f"{_why_not_fcn(loaded)} Let it be converted (drop convert=False / --no-convert).")
-    from keras_fcn_surgery.surgery.convert import convert as convert_model
-
+    # Kept on the classifier: `predict_map(classifier, ...)` in a loop converts (and verifies) once.
     key = (head, None if input_size is None else tuple(int(d) for d in input_size), verify)
-    cached = _CONVERSIONS.get(loaded, {})
+    cached = model_facts(loaded).conversions
     if key not in cached:
         cached[key] = convert_model(loaded, head=head, input_size=input_size, verify=verify)
-        _CONVERSIONS[loaded] = cached
     return cached[key]
 
 
@@ -266,22 +256,6 @@ def original_size(model, input_size=None) -> tuple[int, int] | None:
         return None
     spatial = model_layout(model).spatial_shape(shape)
     return (int(spatial[0]), int(spatial[1])) if all(d is not None for d in spatial) else None
-
-
-def remember_source(fcn, source, size) -> None:
-    """Record that ``fcn`` was converted from ``source`` at input size ``size`` (``(H, W)``), for `source_of`."""
-    _SOURCES[fcn] = (weakref.ref(source), (int(size[0]), int(size[1])))
-
-
-def source_of(fcn) -> tuple[keras.Model | None, tuple[int, int] | None]:
-    """The classifier ``fcn`` was converted from in this process and that classifier's ``(H, W)``.
-
-    ``(None, size)`` when the classifier is gone (garbage-collected), ``(None,
-    None)`` for an FCN not converted in this process (loaded from a file: the
-    file does not record it).
-    """
-    reference, size = _SOURCES.get(fcn, (None, None))
-    return (reference() if reference is not None else None), size
 
 
 def _why_not_fcn(model) -> str | None:
