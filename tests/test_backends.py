@@ -9,32 +9,9 @@ import re
 
 import numpy as np
 import pytest
-from backend_cases import results, save_models
-from other_backends import CLI_WITHOUT_TENSORFLOW, ENGINES, compare_with_tensorflow, run_under
-
-import keras_fcn_surgery as kfs
-from keras_fcn_surgery.inference import engines
+from other_backends import CLI_WITHOUT_TENSORFLOW, run_under
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-
-
-def test_jax_converts_and_maps_as_tensorflow_does_without_tensorflow(tmp_path):
-    save_models(str(tmp_path))
-    compare_with_tensorflow("jax", str(tmp_path), "small", *results(str(tmp_path)))
-
-
-def test_under_jax_the_engines_are_jit_and_blas_and_tensorflow_ones_are_refused():
-    done = run_under("jax", "-c", ENGINES)
-    assert done.returncode == 0 and "ok" in done.stdout, done.stderr[-4000:]
-
-
-def test_under_tensorflow_the_jax_engine_is_refused():
-    from models import small_flatten_cnn
-
-    fcn = kfs.as_fcn(small_flatten_cnn())
-    with pytest.raises(kfs.InputError, match="engine='jax' needs Keras on jax .*use 'auto' or 'tf'"):
-        kfs.predict_map(fcn, np.zeros((40, 40, 3), "float32"), engine="jax")
-    assert engines.native() == "tf" and "jax" not in engines.candidates(fcn)
 
 
 @pytest.mark.heavy  # about 2-4 min on 2 cores: JAX compiles each eager operation of each new model once

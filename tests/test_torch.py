@@ -7,36 +7,14 @@ The `torch` extra installs PyTorch (in the `test` extra: CI has it, and `.ci/run
 
 import numpy as np
 import pytest
-from backend_cases import application_results, results, save_applications, save_models
-from other_backends import CLI_WITHOUT_TENSORFLOW, ENGINES, compare_with_tensorflow, run_under
-
-import keras_fcn_surgery as kfs
-from keras_fcn_surgery.inference import engines
-
-
-def test_torch_converts_and_maps_as_tensorflow_does_without_tensorflow(tmp_path):
-    save_models(str(tmp_path))
-    compare_with_tensorflow("torch", str(tmp_path), "small", *results(str(tmp_path)))
+from backend_cases import application_results, save_applications
+from other_backends import CLI_WITHOUT_TENSORFLOW, compare_with_tensorflow, run_under
 
 
 @pytest.mark.heavy  # about 2 min on 2 cores: two keras.applications networks converted and mapped on each backend
 def test_mobilenetv2_and_resnet50_under_torch_equal_tensorflow(tmp_path):
     save_applications(str(tmp_path))
     compare_with_tensorflow("torch", str(tmp_path), "applications", *application_results(str(tmp_path)))
-
-
-def test_under_torch_the_engines_are_torch_and_blas_and_the_others_are_refused():
-    done = run_under("torch", "-c", ENGINES)
-    assert done.returncode == 0 and "ok" in done.stdout, done.stderr[-4000:]
-
-
-def test_under_tensorflow_the_torch_engine_is_refused():
-    from models import small_flatten_cnn
-
-    fcn = kfs.as_fcn(small_flatten_cnn())
-    with pytest.raises(kfs.InputError, match="engine='torch' needs Keras on torch .*use 'auto' or 'tf'"):
-        kfs.predict_map(fcn, np.zeros((40, 40, 3), "float32"), engine="torch")
-    assert "torch" not in engines.candidates(fcn)
 
 
 @pytest.mark.heavy  # about a minute on 2 cores: four command-line runs, each starting PyTorch

@@ -1,0 +1,38 @@
+"""Keras on JAX and on PyTorch: the same conversions, geometry and dense maps as on TensorFlow (issues 26, 40).
+
+Each backend runs in a subprocess (tests/other_backends.py) with TensorFlow made unimportable there: the
+surgery and the maps must not need it. What is particular to one backend is in tests/test_backends.py (JAX)
+and tests/test_torch.py (PyTorch).
+"""
+
+import numpy as np
+import pytest
+from backend_cases import results, save_models
+from other_backends import ENGINES, compare_with_tensorflow, run_under
+
+import keras_fcn_surgery as kfs
+from keras_fcn_surgery.inference import engines
+
+BACKENDS = ("jax", "torch")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_the_backend_converts_and_maps_as_tensorflow_does_without_tensorflow(backend, tmp_path):
+    save_models(str(tmp_path))
+    compare_with_tensorflow(backend, str(tmp_path), "small", *results(str(tmp_path)))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_the_backends_own_engine_and_blas_run_and_the_others_are_refused(backend):
+    done = run_under(backend, "-c", ENGINES)
+    assert done.returncode == 0 and "ok" in done.stdout, done.stderr[-4000:]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_under_tensorflow_the_backends_engine_is_refused(backend):
+    from models import small_flatten_cnn
+
+    fcn = kfs.as_fcn(small_flatten_cnn())
+    with pytest.raises(kfs.InputError, match=f"engine='{backend}' needs Keras on {backend} .*use 'auto' or 'tf'"):
+        kfs.predict_map(fcn, np.zeros((40, 40, 3), "float32"), engine=backend)
+    assert engines.native() == "tf" and backend not in engines.candidates(fcn)
