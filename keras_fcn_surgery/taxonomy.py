@@ -80,12 +80,17 @@ ELEMENTWISE_MERGES = (
     _layers.Maximum,
     _layers.Minimum,
 )
-MERGES = (*ELEMENTWISE_MERGES, _layers.Concatenate)
+CONCATENATIONS = (_layers.Concatenate,)
+MERGES = (*ELEMENTWISE_MERGES, *CONCATENATIONS)
 # Merges that put a broadcast vector back into a map: squeeze-and-excitation's gate.
 MERGES_INTO_MAP = (_layers.Multiply, _layers.Add, _layers.Subtract)
 
 # Sliding windows over the spatial axes (kernel or pool size, strides, dilation, padding).
-CONVOLUTIONS = (_layers.Conv2D, _layers.DepthwiseConv2D, _layers.SeparableConv2D)
+PLAIN_CONVOLUTIONS = (_layers.Conv2D,)  # one kernel over all (or grouped) channels
+DEPTHWISE_CONVOLUTIONS = (_layers.DepthwiseConv2D,)
+SEPARABLE_CONVOLUTIONS = (_layers.SeparableConv2D,)
+CONVOLUTIONS = (*PLAIN_CONVOLUTIONS, *DEPTHWISE_CONVOLUTIONS, *SEPARABLE_CONVOLUTIONS)
+MAX_POOLINGS = (_layers.MaxPooling2D,)
 POOLINGS = (_layers.MaxPooling2D, _layers.AveragePooling2D)
 WINDOWS = (*CONVOLUTIONS, *POOLINGS)
 # The package's own poolings with holes (a rarefied network's): windows read from their configuration.
@@ -110,10 +115,14 @@ WINDOW_POOLING_OF_REDUCTION = {
 }
 
 # Learnable upsampling: what makes a model a segmenter (per-pixel logits).
-UPSAMPLINGS = (_layers.Conv2DTranspose, _layers.Conv3DTranspose)
+TRANSPOSED_CONVOLUTIONS = (_layers.Conv2DTranspose,)
+UPSAMPLINGS = (*TRANSPOSED_CONVOLUTIONS, _layers.Conv3DTranspose)
 
 # Layers that only apply an activation: stepped over to find the layer that computes a model's scores.
-ACTIVATION_LAYERS = (_layers.Activation, _layers.Softmax)
+ACTIVATIONS = (_layers.Activation,)  # any activation function, by name or callable
+SOFTMAXES = (_layers.Softmax,)  # along its ``axis``
+RELUS = (_layers.ReLU,)  # with its cap, slope and threshold
+ACTIVATION_LAYERS = (*ACTIVATIONS, *SOFTMAXES)
 
 # Layers whose ``data_format`` says where a map's channels are.
 SPATIAL_LAYOUT = (
@@ -125,8 +134,12 @@ SPATIAL_LAYOUT = (
     _layers.UpSampling2D,
 )
 
-# Dense: a matrix product on the last axis.
+# Dense: a matrix product on the last axis; EinsumDense: one over the axes its equation names.
 DENSE = (_layers.Dense,)
+EINSUM_DENSE = (_layers.EinsumDense,)
+
+# A Python function wrapped as a layer: built in, but what it computes is its function's.
+LAMBDAS = (_layers.Lambda,)
 
 # Layers with no weights and no effect on a cell's window: the model's input.
 INPUTS = (_layers.InputLayer,)
@@ -135,7 +148,10 @@ INPUTS = (_layers.InputLayer,)
 POINTWISE = (*INPUTS, *ELEMENTWISE, *PARAMETRIC_ELEMENTWISE, _layers.Activation, *ELEMENTWISE_MERGES)
 
 # Layers that tie a map to one size when they act on it.
-RESHAPES = (_layers.Reshape, _layers.Permute, _layers.Flatten)
+RESHAPE = (_layers.Reshape,)
+PERMUTE = (_layers.Permute,)
+FLATTEN = (_layers.Flatten,)
+RESHAPES = (*RESHAPE, *PERMUTE, *FLATTEN)
 RESIZINGS = (_layers.Resizing,)
 
 

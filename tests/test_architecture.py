@@ -89,6 +89,29 @@ def layer_kind_lists(tree) -> list[str]:
     return found
 
 
+def layer_kind_tests(tree) -> list[str]:
+    """``isinstance``/``issubclass`` on, or ``type(x) is``, a ``layers.X`` class other than ``Layer`` itself: what
+    kind a layer is is the taxonomy's to say (issue 35: one place per kind)."""
+    found = []
+
+    def named(node) -> list[str]:
+        parts = node.elts if isinstance(node, ast.Tuple) else [node]
+        return [
+            ast.unparse(p)
+            for p in parts
+            if isinstance(p, ast.Attribute) and ast.unparse(p.value).endswith("layers") and p.attr != "Layer"
+        ]
+
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call) and getattr(node.func, "id", "") in ("isinstance", "issubclass"):
+            if len(node.args) == 2 and named(node.args[1]):
+                found.append(f"line {node.lineno}: {ast.unparse(node)}")
+        elif isinstance(node, ast.Compare) and any(isinstance(op, (ast.Is, ast.IsNot)) for op in node.ops):
+            if any(named(c) for c in node.comparators):
+                found.append(f"line {node.lineno}: {ast.unparse(node)}")
+    return found
+
+
 def _public_names() -> set[str]:
     tree = ast.parse((PACKAGE / "__init__.py").read_text(encoding="utf-8"))
     for node in tree.body:
@@ -117,6 +140,10 @@ def test_no_package_module_imports_the_facade():
 
 def test_layer_kinds_are_listed_in_the_taxonomy_only():
     assert _offenders(layer_kind_lists, lambda name: name == "taxonomy.py") == {}
+
+
+def test_what_kind_a_layer_is_is_asked_of_the_taxonomy_only():
+    assert _offenders(layer_kind_tests, lambda name: name == "taxonomy.py") == {}
 
 
 def public_api_disagreements(source: str) -> list[str]:
@@ -177,6 +204,9 @@ def test_public_api_check_finds_each_disagreement():
         (lambda tree: facade_imports(tree, {"predict_map"}), "import keras_fcn_surgery as kfs\n"),
         (lambda tree: facade_imports(tree, {"predict_map"}), "from keras_fcn_surgery import predict_map\n"),
         (layer_kind_lists, "KINDS = (keras.layers.Conv2D, layers.Dense)\n"),
+        (layer_kind_tests, "if isinstance(layer, keras.layers.Softmax):\n    pass\n"),
+        (layer_kind_tests, "dense = isinstance(layer, (taxonomy.DENSE, layers.EinsumDense))\n"),
+        (layer_kind_tests, "plain = type(layer) is keras.layers.Conv2D\n"),
     ],
 )
 def test_each_check_finds_what_it_forbids(check, source):
@@ -189,10 +219,12 @@ def test_checks_leave_allowed_code_alone():
         "layer = keras.layers.Conv2D(3, 1, data_format=layout.data_format)\n"
         "if layout.channels_last:\n    pass\n"
         "kinds = taxonomy.POOLINGS\n"
+        "any_layer = isinstance(layer, keras.layers.Layer)\n"
+        "plain = isinstance(layer, taxonomy.PLAIN_CONVOLUTIONS)\n"
     )
     tree = ast.parse(allowed)
     assert not keras_internals(tree) and not layout_comparisons(tree)
-    assert not facade_imports(tree, {"predict_map"}) and not layer_kind_lists(tree)
+    assert not facade_imports(tree, {"predict_map"}) and not layer_kind_lists(tree) and not layer_kind_tests(tree)
 
 
 def named_layer_kinds(tree) -> list[str]:

@@ -7,8 +7,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Protocol
 
-import keras
-
 from keras_fcn_surgery import taxonomy
 from keras_fcn_surgery.errors import ConversionError, InputError
 from keras_fcn_surgery.graph import (
@@ -432,7 +430,7 @@ def _needs_tracing(layer) -> bool:
     """A layer whose class geometry does not know: a custom layer, a keras-hub block, a Lambda."""
     if isinstance(layer, taxonomy.DILATED_POOLINGS):
         return False
-    return is_layer(layer) and (not is_builtin(layer) or isinstance(layer, keras.layers.Lambda))
+    return is_layer(layer) and (not is_builtin(layer) or isinstance(layer, taxonomy.LAMBDAS))
 
 
 def _first(states):
@@ -481,7 +479,7 @@ def _pointwise_or_operation(node, axis: int, layout: Layout):
             return lambda states: _merge(layer, states)
         if isinstance(layer, taxonomy.DENSE) and layout.channels_last:
             return lambda states: _merge(layer, states)
-        if isinstance(layer, (*taxonomy.CHANNEL_AXIS, keras.layers.Concatenate)) and _on_channel_axis(
+        if isinstance(layer, (*taxonomy.CHANNEL_AXIS, *taxonomy.CONCATENATIONS)) and _on_channel_axis(
             layer.axis, rank, layout
         ):
             return lambda states: _merge(layer, states)

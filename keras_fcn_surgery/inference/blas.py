@@ -118,13 +118,13 @@ def _cell_step(operation) -> tuple | None:
     """``(kind, layer, activation)`` when numpy can run ``operation`` on a ``(cells, channels)`` matrix."""
     if isinstance(operation, taxonomy.INFERENCE_IDENTITY):
         return ("identity", operation, "linear")
-    if isinstance(operation, keras.layers.ReLU):
+    if isinstance(operation, taxonomy.RELUS):
         config = operation.get_config()
         plain = config.get("max_value") is None and not config.get("negative_slope") and not config.get("threshold")
         return ("identity", operation, "relu") if plain else None
-    if isinstance(operation, keras.layers.Softmax):
+    if isinstance(operation, taxonomy.SOFTMAXES):
         return ("identity", operation, "softmax") if operation.axis in (-1, [-1], (-1,)) else None
-    if isinstance(operation, keras.layers.Activation):
+    if isinstance(operation, taxonomy.ACTIVATIONS):
         name = _activation_name(operation.activation)
         return ("identity", operation, name) if name else None
     if getattr(operation, "compute_dtype", None) != "float32" or getattr(operation, "quantization_mode", None):
@@ -135,7 +135,7 @@ def _cell_step(operation) -> tuple | None:
     if isinstance(operation, taxonomy.DENSE):
         return ("dense", operation, name)
     pointwise_conv = (
-        isinstance(operation, keras.layers.Conv2D)
+        isinstance(operation, taxonomy.PLAIN_CONVOLUTIONS)
         and tuple(operation.kernel_size) == (1, 1)
         and tuple(operation.strides) == (1, 1)
         and operation.groups == 1

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import keras
 import numpy as np
 
+from keras_fcn_surgery import taxonomy
 from keras_fcn_surgery.graph import flat_nodes, tensor_shapes
 from keras_fcn_surgery.layout import Layout
 
@@ -30,18 +30,18 @@ class PassCost:
 def layer_macs(layer, input_shape, output_shape) -> int:
     """Multiply-accumulates of one call of a convolution or dense layer (0 for other layers)."""
     out = int(np.prod(output_shape[1:]))
-    if isinstance(layer, keras.layers.DepthwiseConv2D):
+    if isinstance(layer, taxonomy.DEPTHWISE_CONVOLUTIONS):
         return out * int(np.prod(layer.kernel_size))
-    if isinstance(layer, keras.layers.SeparableConv2D):
+    if isinstance(layer, taxonomy.SEPARABLE_CONVOLUTIONS):
         channels = int(Layout.of(layer).channels(input_shape))
         depthwise = int(np.prod(input_shape[1:])) * layer.depth_multiplier * int(np.prod(layer.kernel_size))
         return depthwise + out * channels * layer.depth_multiplier
-    if isinstance(layer, keras.layers.Conv2D):
+    if isinstance(layer, taxonomy.PLAIN_CONVOLUTIONS):
         channels = int(Layout.of(layer).channels(input_shape))
         return out * int(np.prod(layer.kernel_size)) * channels // layer.groups
-    if isinstance(layer, keras.layers.Dense):
+    if isinstance(layer, taxonomy.DENSE):
         return out * int(input_shape[-1])
-    if isinstance(layer, keras.layers.EinsumDense):
+    if isinstance(layer, taxonomy.EINSUM_DENSE):
         return out * _einsum_contracted(layer)
     return 0
 

@@ -8,8 +8,9 @@ import keras
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from keras_fcn_surgery import taxonomy
 from keras_fcn_surgery.errors import ConversionError, InputError, first_line
-from keras_fcn_surgery.graph import describe, model_layout
+from keras_fcn_surgery.graph import describe, is_layer, model_layout
 from keras_fcn_surgery.inference.heatmap import _display_pixels, class_color
 from keras_fcn_surgery.saving.atomic import atomic_output
 from keras_fcn_surgery.surgery.fcn import as_fcn
@@ -83,10 +84,10 @@ def _find_layer(model, layer, wanted: str):
     names = [candidate.name for candidate in model.layers]
     if layer is None:
         for candidate in model.layers:
-            if isinstance(candidate, keras.layers.Conv2D):
+            if isinstance(candidate, taxonomy.PLAIN_CONVOLUTIONS):
                 return candidate
         raise ConversionError(f"Model '{model.name}' has no Conv2D layer; pass `layer=` ({wanted}).")
-    if isinstance(layer, keras.layers.Layer):
+    if is_layer(layer):
         return layer
     try:
         return model.get_layer(name=layer) if isinstance(layer, str) else model.layers[int(layer)]
@@ -128,7 +129,7 @@ def filters_picture(model, layer=None, path=None, *, scale: int = 8, max_tiles: 
     if kernel is None or len(kernel.shape) != 4:
         raise ConversionError(f"Layer {describe(found)} has no 2-D convolution kernel to draw; pick a Conv2D layer.")
     weights = np.asarray(keras.ops.convert_to_numpy(kernel))  # (kh, kw, in, out)
-    if isinstance(found, keras.layers.Conv2DTranspose):
+    if isinstance(found, taxonomy.TRANSPOSED_CONVOLUTIONS):
         weights = np.swapaxes(weights, 2, 3)
     if weights.shape[2] == 3:
         tiles = np.moveaxis(_normalised(weights), 3, 0)  # (out, kh, kw, 3)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import keras
 import numpy as np
 
+from keras_fcn_surgery import taxonomy
 from keras_fcn_surgery.errors import ConversionError, InputError
 from keras_fcn_surgery.graph import model_layout
 from keras_fcn_surgery.grid import tiling
@@ -24,7 +25,7 @@ def _grids(model) -> list:
     """The geometry of every convolution before the upsampling (the backbone's and the score layers')."""
     grids = []
     for layer in model.layers:
-        if not isinstance(layer, keras.layers.Conv2D) or isinstance(layer, keras.layers.Conv2DTranspose):
+        if not isinstance(layer, taxonomy.PLAIN_CONVOLUTIONS) or isinstance(layer, taxonomy.TRANSPOSED_CONVOLUTIONS):
             continue
         try:
             grids.append(geometry(keras.Model(model.inputs[0], layer.output)))

@@ -22,6 +22,7 @@ import keras
 import numpy as np
 from keras import ops
 
+from keras_fcn_surgery import taxonomy
 from keras_fcn_surgery.errors import ConversionError
 from keras_fcn_surgery.graph import describe, model_layout, output_names, producer_of
 from keras_fcn_surgery.grid.geometry import geometry
@@ -175,7 +176,7 @@ def _score_layer(fcn):
     layer = producer_of(fcn.outputs[0])
     while isinstance(layer, ACTIVATION_LAYERS):
         layer = producer_of(layer.input)
-    if not isinstance(layer, keras.layers.Conv2D) or type(layer) is not keras.layers.Conv2D:
+    if type(layer) not in taxonomy.PLAIN_CONVOLUTIONS:
         found = describe(layer) if layer is not None else "an input"
         raise ConversionError(
             f"The scores of '{fcn.name}' come from {found}; a segmenter needs a Conv2D score layer "
@@ -230,7 +231,7 @@ def _skip_tensors(fcn, skips, stride, score_layer) -> list:
     for layer in fcn.layers:
         if layer is score_layer:
             break
-        if isinstance(layer, keras.layers.InputLayer):
+        if isinstance(layer, taxonomy.INPUTS):
             continue
         candidates.append(layer)
     if isinstance(skips, str):

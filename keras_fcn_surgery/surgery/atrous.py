@@ -322,7 +322,7 @@ class _Rarefier:
             return True
         if isinstance(layer, taxonomy.DENSE):
             return self.layout.channels_last
-        if isinstance(layer, (*taxonomy.CHANNEL_AXIS, keras.layers.Concatenate)):
+        if isinstance(layer, (*taxonomy.CHANNEL_AXIS, *taxonomy.CONCATENATIONS)):
             rank = len(node.input_tensors[0].shape)
             axes = layer.axis if isinstance(layer.axis, (list, tuple)) else [layer.axis]
             return rank == 4 and [int(a) % 4 for a in axes] == [self.layout.channel_axis]
@@ -369,9 +369,7 @@ class _Rarefier:
             if dilations == (1, 1):
                 copy = layer.__class__.from_config(config)
             else:
-                dilated = (
-                    DilatedMaxPooling2D if isinstance(layer, keras.layers.MaxPooling2D) else DilatedAveragePooling2D
-                )
+                dilated = DilatedMaxPooling2D if isinstance(layer, taxonomy.MAX_POOLINGS) else DilatedAveragePooling2D
                 copy = dilated.from_config({**config, "dilation_rate": dilations})
         else:
             try:

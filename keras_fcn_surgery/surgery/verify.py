@@ -10,6 +10,7 @@ from dataclasses import dataclass, replace
 import keras
 import numpy as np
 
+from keras_fcn_surgery import taxonomy
 from keras_fcn_surgery.errors import (
     ConversionError,
     InputError,
@@ -316,7 +317,7 @@ def _logit_taps(model):
     taps = []
     for tensor in model.outputs:
         layer = producer_of(tensor)
-        if isinstance(layer, keras.layers.Softmax):
+        if isinstance(layer, taxonomy.SOFTMAXES):
             before = producer_input(tensor)
             if before is None:
                 return None

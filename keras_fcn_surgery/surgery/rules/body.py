@@ -9,9 +9,9 @@ They come last: head rules claim their calls first.
 
 from __future__ import annotations
 
-import keras
 from keras import tree
 
+from keras_fcn_surgery import taxonomy
 from keras_fcn_surgery.errors import ConversionError, first_line
 from keras_fcn_surgery.graph import describe, is_layer, operation_kind, probe_output_shapes, weights_of
 from keras_fcn_surgery.surgery.rules.base import SPATIAL, Context, NodeView, Rule, Spatial, Step
@@ -58,7 +58,7 @@ def _refuse_size_bound_layer(view: NodeView) -> None:
     in_shape = view.input_shapes[0] if view.input_shapes else ()
     spatial = view.context.spatial_shape(in_shape) if len(in_shape) == 4 else ()
     is_map = len(in_shape) == 4 and any(d is None or d > 1 for d in spatial)
-    if isinstance(layer, keras.layers.Reshape) and is_map:
+    if isinstance(layer, taxonomy.RESHAPE) and is_map:
         raise ConversionError(
             f"Layer {describe(layer)} reshapes a {in_shape[1:]} feature map to {layer.target_shape}; "
             "that shape only fits one input size. Remove the Reshape or use Flatten before the classifier."
@@ -76,23 +76,23 @@ def _refuse_size_bound_layer(view: NodeView) -> None:
             "embeddings for a fixed number of tokens, attention over all tokens) is tied to one input size, "
             "so the model cannot become fully convolutional. Only convolutional bodies can be converted."
         )
-    if isinstance(layer, keras.layers.Permute) and is_map and tuple(layer.dims) != (1, 2, 3):
+    if isinstance(layer, taxonomy.PERMUTE) and is_map and tuple(layer.dims) != (1, 2, 3):
         raise ConversionError(
             f"Layer {describe(layer)} permutes the axes of a feature map; the converter needs one "
             "fixed layout. A Permute is folded only where Flatten layers alone read it (its order goes into the "
             "Dense's kernel); elsewhere use `data_format` on the layers instead."
         )
-    if isinstance(layer, keras.layers.Resizing):
+    if isinstance(layer, taxonomy.RESIZINGS):
         raise ConversionError(
             f"Layer {describe(layer)} resizes every image to {layer.height}x{layer.width}, so a larger "
             "image would not give a larger map. Remove it from the model and resize outside."
         )
-    if isinstance(layer, keras.layers.Flatten) and len(in_shape) > 2:
+    if isinstance(layer, taxonomy.FLATTEN) and len(in_shape) > 2:
         raise ConversionError(
             f"Layer {describe(layer)} flattens a rank-{len(in_shape)} tensor; only a Flatten of a "
             "rank-4 image feature map can start a convertible head."
         )
-    if isinstance(layer, keras.layers.Dense) and len(in_shape) == 3:
+    if isinstance(layer, taxonomy.DENSE) and len(in_shape) == 3:
         raise ConversionError(
             f"Layer {describe(layer)} receives a rank-3 tensor {in_shape}; only Dense layers fed by "
             "Flatten or global pooling of a spatial map can become convolutions."
@@ -100,7 +100,7 @@ def _refuse_size_bound_layer(view: NodeView) -> None:
     spatial_axes = _spatial_weight_axes(layer, in_shape, view.context)
     if spatial_axes:
         layout = view.context.layout
-        if isinstance(layer, keras.layers.Dense):
+        if isinstance(layer, taxonomy.DENSE):
             way_out = f"Use a 1x1 Conv2D(data_format='{layout.data_format}') instead of the Dense."
         else:
             way_out = f"Make it act on the channel axis (axis={layout.channel_axis})."
@@ -168,7 +168,7 @@ def _spatial_weight_axes(layer, in_shape, context: Context) -> list[int]:
     """
     if len(in_shape) != 4 or not weights_of(layer):
         return []
-    if isinstance(layer, keras.layers.Dense):
+    if isinstance(layer, taxonomy.DENSE):
         axes = [3]
     elif isinstance(getattr(layer, "axis", None), (int, list, tuple)):
         axes = [int(a) % 4 for a in (layer.axis if isinstance(layer.axis, (list, tuple)) else [layer.axis])]

@@ -6,6 +6,7 @@ from dataclasses import replace
 
 import keras
 
+from keras_fcn_surgery import taxonomy
 from keras_fcn_surgery.errors import ConversionError
 from keras_fcn_surgery.graph import describe
 from keras_fcn_surgery.surgery.kernels import (
@@ -90,7 +91,7 @@ class PermuteBeforeFlattenRule(Rule):
         if not isinstance(view.only_mode, Spatial) or len(view.input_shapes[0]) != 4:
             return None
         readers = view.consumers.get(id(view.node.outputs[0]), [])
-        if not readers or not all(isinstance(node.operation, keras.layers.Flatten) for node in readers):
+        if not readers or not all(isinstance(node.operation, taxonomy.FLATTEN) for node in readers):
             return None
         stored = ("h", "w", "c") if view.context.layout.channels_last else ("c", "h", "w")
         axes = tuple(stored[d - 1] for d in view.layer.dims)

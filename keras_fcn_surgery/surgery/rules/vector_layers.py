@@ -113,7 +113,7 @@ class ChannelAxisRule(Rule):
             return None
         context = view.context
         rank = len(view.input_shapes[0])
-        if isinstance(layer, keras.layers.Activation):
+        if isinstance(layer, taxonomy.ACTIVATIONS):
             if _activation_name(layer) not in taxonomy.AXIS_ACTIVATIONS:
                 return None
             if context.layout.channels_last:
@@ -198,7 +198,7 @@ class MergeRule(Rule):
             return None
         context = view.context
         output_mode = modes[0]
-        if isinstance(layer, keras.layers.Concatenate):
+        if isinstance(layer, taxonomy.CONCATENATIONS):
             if not _is_channel_axis(layer.axis, len(view.input_shapes[0]), context):
                 raise ConversionError(
                     f"Layer {describe(layer)} concatenates head vectors along axis {layer.axis}, "
