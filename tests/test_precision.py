@@ -7,6 +7,7 @@ import keras
 import numpy as np
 import pytest
 from keras import layers
+from models import small_flatten_cnn
 from PIL import Image
 
 import keras_fcn_surgery as kfs
@@ -158,3 +159,36 @@ def test_the_cli_precision_reaches_the_map_and_its_record(files, tmp_path, capsy
         assert stop.value.code == 2
         assert "--precision: invalid choice: 'fp8'" in capsys.readouterr().err
     assert not (tmp_path / "bad").exists() and not (tmp_path / "bad.png").exists()
+
+
+def _same_padded_classifier():
+    """A classifier with a `same`-padded convolution whose edge cells differ from its crops' scores by about 2% of
+    the output scale: over float32's tolerance, within bfloat16's (fc1 weighs the padded edge of its input lightly)."""
+    model = small_flatten_cnn(input_size=(32, 32), classes=3, softmax=False)
+    rng = np.random.default_rng(0)
+    model.set_weights([rng.normal(0, 0.3, w.shape).astype(np.float32) for w in model.get_weights()])
+    kernel, bias = model.get_layer("fc1").get_weights()
+    kernel = kernel.reshape(8, 8, 12, -1).copy()  # conv2's 8 x 8 map, flattened
+    kernel[[0, 7]] *= 0.02
+    kernel[:, [0, 7]] *= 0.02
+    model.get_layer("fc1").set_weights([kernel.reshape(-1, kernel.shape[-1]), bias])
+    return model
+
+
+def test_a_same_padded_map_at_bfloat16_names_the_padding_difference_its_tolerance_covers():
+    """Issue 39: under bfloat16's wide tolerance a `same`-padded network's cells, which differ from the classifier on
+    their crops because of padding (as a float32 certificate says), read "exact" with nothing more; the certificate
+    now states both the precision's difference and the padding's."""
+    classifier, image = _same_padded_classifier(), np.random.default_rng(0).uniform(0, 1, (96, 96, 3)).astype("f4")
+    with pytest.warns(kfs.InexactMapWarning, match="padding"):
+        _, full = kfs.predict_map(classifier, image, certify=8)
+    assert not full.exact and "padding" in full.reason  # float32: the padding difference, named
+    _, reduced = kfs.predict_map(classifier, image, precision="bfloat16", certify=8)
+    assert reduced.exact and reduced.informative and reduced.tolerance == precision_tolerance("bfloat16")
+    assert reduced.max_rel_diff > 1e-3  # the padding's difference, hidden by the tolerance
+    text = str(reduced)
+    assert "computed at bfloat16" in text and "bfloat16's tolerance" in text  # the precision
+    assert "reaches past the crop into padding" in text and reduced.metadata()["reason"] == reduced.reason
+    valid = _classifier()  # a valid-padded network: nothing to add at bfloat16
+    _, plain = kfs.predict_map(valid, _image(), precision="bfloat16", certify=8)
+    assert plain.exact and plain.reason == "" and "padding" not in str(plain)
