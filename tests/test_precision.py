@@ -192,3 +192,36 @@ def test_a_same_padded_map_at_bfloat16_names_the_padding_difference_its_toleranc
     valid = _classifier()  # a valid-padded network: nothing to add at bfloat16
     _, plain = kfs.predict_map(valid, _image(), precision="bfloat16", certify=8)
     assert plain.exact and plain.reason == "" and "padding" not in str(plain)
+
+
+def test_the_plan_states_what_each_precision_costs_here_measured_once_and_auto_keeps_float32(tmp_path, monkeypatch):
+    """Issue 39: the plan says what float32, bfloat16 and float16 cost on the machine that runs it (timed once per
+    model and shape, kept in the execution-timing cache file like the engine choice); `auto` still runs float32."""
+    from keras_fcn_surgery.inference import engines
+
+    monkeypatch.setenv(engines.CACHE_ENV, str(tmp_path / "engines.json"))
+    monkeypatch.setattr(engines, "MEASURE_MACS", 0)  # this small network stands for a large one
+    monkeypatch.setattr(engines, "PRECISION_MEASURE_MACS", 0, raising=False)
+    seconds = {None: 0.010, "float32": 0.010, "bfloat16": 0.002, "float16": 0.020}  # bfloat16 5x faster here
+    timed = []
+
+    def fake_timings(model, names, shape, precision=None, rounds=engines.PROBE_ROUNDS):
+        timed.append(precision)
+        return {name: seconds[precision] for name in names}
+
+    monkeypatch.setattr(engines, "time_engines", fake_timings)
+    classifier, image = _classifier(), _image()
+    text = str(kfs.plan_prediction(classifier, image.shape[:2], engine="auto"))
+    assert "precisions, one call of" in text and "(measured now)" in text, text
+    assert "float32 10 ms" in text and "bfloat16 2 ms (5.00x float32's speed)" in text
+    assert "float16 20 ms (0.50x float32's speed)" in text and "`auto` never lowers it" in text
+    assert {"float32", "bfloat16", "float16"} <= set(timed)
+    timed.clear()
+    again = str(kfs.prepare(classifier).plan(image.shape[:2], engine="auto"))  # another mapper: from the file
+    assert "measured earlier on this host" in again and "bfloat16 2 ms" in again
+    assert not {"float32", "bfloat16", "float16"} & set(timed)
+    assert "precisions" not in str(kfs.plan_prediction(classifier, image.shape[:2]))  # no engine: nothing timed
+    # auto never lowers the precision, however much faster bfloat16 measured
+    assert kfs.prepare(classifier, engine="auto").execution.precision == "float32"
+    auto = kfs.predict_map(classifier, image, engine="auto")
+    np.testing.assert_array_equal(auto, kfs.predict_map(classifier, image, engine="tf"))
