@@ -15,8 +15,9 @@ nothing downloaded), at each precision and execution (``tf``: a
   and execution.
 
 On a machine without a GPU (or with ``--small``) it runs the same code at
-small sizes (128-pixel images, or the classifier's input size where larger, a 512-pixel slide, one round) so that it keeps
-working; the figures then say nothing about a GPU. ``--models tiny`` adds a
+small sizes (128-pixel images, or the classifier's input size where larger; a
+512-pixel slide; one round) so that it keeps working; the figures then say
+nothing about a GPU. ``--models tiny`` adds a
 small CNN of 32x32 inputs: the smallest run (what the test suite runs) is
 ``--small --models tiny --precisions float32,bfloat16 --executions tf``.
 
