@@ -1,9 +1,14 @@
 """The Ray Data engine: the same `predict_source` on Ray workers, one model load per worker.
 
-The inputs become a Ray dataset of paths; `map_batches` runs a callable class
-whose constructor loads the model once per worker (on a GPU when the cluster
-has them), and whose call computes and writes each input's outputs to the
-shared output folder. The driver only gathers the per-input results.
+The inputs become one Ray dataset: the regions of every input whose pass is
+tiled (`batch.shards`: as many as its size, the workers and the memory budget
+make, or ``shards``), and the other inputs whole. `map_batches` runs a
+callable class whose constructor loads the model once per worker (on a GPU
+when the cluster has them), and whose call computes a region into its
+input's store, or computes and writes a whole input's outputs, in the
+shared output folder. The driver plans the regions (fixing each input's
+execution), writes an input's outputs once its last region is back, and
+gathers the per-input results.
 """
 
 from __future__ import annotations

@@ -13,6 +13,13 @@ into place atomically (``formats.staged``) and removes the work
 folder. An interrupted run leaves the work folder: the next run with the
 same model, input and options redoes only the regions without a marker.
 
+Without ``shards`` the count follows from the input (`region_count`: two
+regions a worker at least, each region's share of the map within the memory
+budget), for every tiled input on Ray and, locally, for inputs of at least
+`LOCAL_REGION_PIXELS`. The execution is fixed once per input when it is cut
+(`pinned_execution`: ``"auto"`` resolved as `predict_map` would for the
+whole input) and recorded in its plan, so every region runs the same one.
+
 Every cell's value comes from the same exact tiles whatever cells a region
 keeps, so any number of regions gives the same bytes.
 """
