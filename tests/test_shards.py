@@ -353,3 +353,24 @@ def test_a_large_input_is_cut_into_regions_without_shards_and_resumed(picture, t
     assert computed == [3]  # regions 0 to 2 are not computed again
     _assert_same_outputs(out, tmp_path / "local")
     assert asked and "auto" not in asked  # every region ran the execution fixed for the input
+
+
+@pytest.mark.parametrize(("chosen", "fixed"), [("xla", "xla"), ("tf+blas", "blas"), ("tf+xla", "tf")])
+def test_auto_is_fixed_once_per_input_as_its_whole_plan_would_run(picture, tmp_path, monkeypatch, chosen, fixed):
+    """The execution every region of an input runs: what `auto` chooses for the whole input's plan, as one name
+    ("blas": the native execution with the BLAS head), or the native one where one name cannot say it; recorded in
+    the plan, so that a resumed run keeps it."""
+    from keras_fcn_surgery.batch.job import BatchOptions, prepare_mapper
+    from keras_fcn_surgery.inference import engines
+    from keras_fcn_surgery.inference.mapper import MapMethod
+
+    model = kfs.convert(small_flatten_cnn(input_size=(32, 32), classes=3))
+    options = BatchOptions(formats=("npz",), tile=64, execution="auto", shard_rows=4)
+    mapper = prepare_mapper(model, options, MapMethod())
+    monkeypatch.setattr(engines, "with_engine", lambda plan, *a, **k: replace(plan, engine=chosen))
+    source = Source(str(picture / "img.png"), "img")
+    plan = shards_module.plan_input(mapper, source, str(tmp_path), options, 2)
+    assert plan.options.execution == fixed and plan.options.tile == 64
+    assert shards_module._read_json(os.path.join(plan.work, "plan.json"))["execution"] == fixed
+    monkeypatch.setattr(engines, "with_engine", lambda plan, *a, **k: replace(plan, engine="jax"))
+    assert shards_module.plan_input(mapper, source, str(tmp_path), options, 2).options.execution == fixed  # kept
