@@ -125,3 +125,76 @@ def test_more_regions_than_workers_finishing_in_any_order_give_the_local_bytes(t
     _assert_same_outputs(tmp_path / "ray", tmp_path / "local")
     assert sorted(records) == list(range(7))  # seven regions, each computed once by the two workers
     assert os.getpid() not in {record["pid"] for record in records.values()}
+
+
+class _StopAfter:
+    """A progress bar that interrupts the driver (Ctrl-C) once ``count`` rows came back."""
+
+    def __init__(self, count: int):
+        self.count, self.seen = count, 0
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def update(self, n: int) -> None:
+        self.seen += n
+        if self.seen >= self.count:
+            raise KeyboardInterrupt
+
+
+@pytest.mark.heavy
+def test_one_slide_on_ray_without_shards_uses_regions_and_resumes_them(tmp_path, monkeypatch):
+    """Issue 39: without `shards`, a slide ran as one region on one worker and an interrupted run started over.
+    Now its regions follow from its size and the workers; a run interrupted after all but one region resumes
+    that one only, and the outputs are the local bytes, under the default execution ("auto", fixed once for the
+    slide)."""
+    import json
+    from dataclasses import replace
+
+    from test_shards import _assert_same_outputs
+
+    from keras_fcn_surgery.batch import ray_engine, shards
+    from keras_fcn_surgery.batch.sources import Source
+
+    fcn = kfs.convert(small_flatten_cnn(input_size=(32, 32), classes=3))
+    slide = str(tmp_path / "img.tif")
+    write_pyramid(slide, slide_picture(size=(512, 640), patch=(slice(60, 460), slice(80, 560))), levels=2, tile=64)
+    options = {"formats": "npz,geojson,csv,zarr,ome-zarr", "mask": "auto", "certify": 0}
+    kfs.predict_images(fcn, [slide], tmp_path / "local", **options)  # below the local size: one pass
+    assert not (tmp_path / "local" / ".shards-img").exists()
+    work = shards.work_folder(str(tmp_path / "ray"), Source(slide, "img"))
+
+    real_plan, real_bar = shards.plan_input, ray_engine.progress_bar
+
+    def interrupted_before_region_0(*args):  # region 0 is still running when the driver is interrupted
+        plan = real_plan(*args)
+        return replace(plan, pending=tuple(r for r in plan.pending if r.index != 0))
+
+    monkeypatch.setattr(shards, "plan_input", interrupted_before_region_0)
+    monkeypatch.setattr(ray_engine, "progress_bar", lambda total, *a: _StopAfter(total))
+    with pytest.raises(KeyboardInterrupt):
+        kfs.predict_images(fcn, [slide], tmp_path / "ray", engine="ray", workers=2, **options)
+    assert not ray.is_initialized()
+    monkeypatch.setattr(shards, "plan_input", real_plan)
+    monkeypatch.setattr(ray_engine, "progress_bar", real_bar)
+    with open(os.path.join(work, "plan.json")) as handle:
+        cut = json.load(handle)["regions"]
+    assert len(cut) >= 4  # two regions a worker at least, without `shards`
+    before = shards.region_records(work)
+    assert sorted(before) == list(range(1, len(cut)))  # all but region 0, by Ray's workers
+    assert os.getpid() not in {r["pid"] for r in before.values()}
+
+    finish, records = shards.finish_input, {}
+    monkeypatch.setattr(
+        shards, "finish_input", lambda *a, **k: (records.update(shards.region_records(a[1].work)), finish(*a, **k))[1]
+    )
+    summary = kfs.predict_images(fcn, [slide], tmp_path / "ray", engine="ray", workers=2, **options)
+    assert summary.ok and not ray.is_initialized()
+    assert sorted(records) == list(range(len(cut)))
+    assert [i for i in records if records[i] != before.get(i)] == [0]  # only region 0 computed again
+    assert {r["execution"] for r in records.values()} == {"tf"}  # "auto", fixed once: below the measured size
+    _assert_same_outputs(tmp_path / "ray", tmp_path / "local")
+    assert not os.path.exists(work)

@@ -7,6 +7,7 @@ import keras
 import numpy as np
 import pytest
 from keras import layers
+from models import small_flatten_cnn
 from PIL import Image
 
 import keras_fcn_surgery as kfs
@@ -158,3 +159,69 @@ def test_the_cli_precision_reaches_the_map_and_its_record(files, tmp_path, capsy
         assert stop.value.code == 2
         assert "--precision: invalid choice: 'fp8'" in capsys.readouterr().err
     assert not (tmp_path / "bad").exists() and not (tmp_path / "bad.png").exists()
+
+
+def _same_padded_classifier():
+    """A classifier with a `same`-padded convolution whose edge cells differ from its crops' scores by about 2% of
+    the output scale: over float32's tolerance, within bfloat16's (fc1 weighs the padded edge of its input lightly)."""
+    model = small_flatten_cnn(input_size=(32, 32), classes=3, softmax=False)
+    rng = np.random.default_rng(0)
+    model.set_weights([rng.normal(0, 0.3, w.shape).astype(np.float32) for w in model.get_weights()])
+    kernel, bias = model.get_layer("fc1").get_weights()
+    kernel = kernel.reshape(8, 8, 12, -1).copy()  # conv2's 8 x 8 map, flattened
+    kernel[[0, 7]] *= 0.02
+    kernel[:, [0, 7]] *= 0.02
+    model.get_layer("fc1").set_weights([kernel.reshape(-1, kernel.shape[-1]), bias])
+    return model
+
+
+def test_a_same_padded_map_at_bfloat16_names_the_padding_difference_its_tolerance_covers():
+    """Issue 39: under bfloat16's wide tolerance a `same`-padded network's cells, which differ from the classifier on
+    their crops because of padding (as a float32 certificate says), read "exact" with nothing more; the certificate
+    now states both the precision's difference and the padding's."""
+    classifier, image = _same_padded_classifier(), np.random.default_rng(0).uniform(0, 1, (96, 96, 3)).astype("f4")
+    with pytest.warns(kfs.InexactMapWarning, match="padding"):
+        _, full = kfs.predict_map(classifier, image, certify=8)
+    assert not full.exact and "padding" in full.reason  # float32: the padding difference, named
+    _, reduced = kfs.predict_map(classifier, image, precision="bfloat16", certify=8)
+    assert reduced.exact and reduced.informative and reduced.tolerance == precision_tolerance("bfloat16")
+    assert reduced.max_rel_diff > 1e-3  # the padding's difference, hidden by the tolerance
+    text = str(reduced)
+    assert "computed at bfloat16" in text and "bfloat16's tolerance" in text  # the precision
+    assert "reaches past the crop into padding" in text and reduced.metadata()["reason"] == reduced.reason
+    valid = _classifier()  # a valid-padded network: nothing to add at bfloat16
+    _, plain = kfs.predict_map(valid, _image(), precision="bfloat16", certify=8)
+    assert plain.exact and plain.reason == "" and "padding" not in str(plain)
+
+
+def test_the_plan_states_what_each_precision_costs_here_measured_once_and_auto_keeps_float32(tmp_path, monkeypatch):
+    """Issue 39: the plan says what float32, bfloat16 and float16 cost on the machine that runs it (timed once per
+    model and shape, kept in the execution-timing cache file like the engine choice); `auto` still runs float32."""
+    from keras_fcn_surgery.inference import engines
+
+    monkeypatch.setenv(engines.CACHE_ENV, str(tmp_path / "engines.json"))
+    monkeypatch.setattr(engines, "MEASURE_MACS", 0)  # this small network stands for a large one
+    monkeypatch.setattr(engines, "PRECISION_MEASURE_MACS", 0, raising=False)
+    seconds = {None: 0.010, "float32": 0.010, "bfloat16": 0.002, "float16": 0.020}  # bfloat16 5x faster here
+    timed = []
+
+    def fake_timings(model, names, shape, precision=None, rounds=engines.PROBE_ROUNDS):
+        timed.append(precision)
+        return {name: seconds[precision] for name in names}
+
+    monkeypatch.setattr(engines, "time_engines", fake_timings)
+    classifier, image = _classifier(), _image()
+    text = str(kfs.plan_prediction(classifier, image.shape[:2], engine="auto"))
+    assert "precisions, one call of" in text and "(measured now)" in text, text
+    assert "float32 10 ms" in text and "bfloat16 2 ms (5.00x float32's speed)" in text
+    assert "float16 20 ms (0.50x float32's speed)" in text and "`auto` never lowers it" in text
+    assert {"float32", "bfloat16", "float16"} <= set(timed)
+    timed.clear()
+    again = str(kfs.prepare(classifier).plan(image.shape[:2], engine="auto"))  # another mapper: from the file
+    assert "measured earlier on this host" in again and "bfloat16 2 ms" in again
+    assert not {"float32", "bfloat16", "float16"} & set(timed)
+    assert "precisions" not in str(kfs.plan_prediction(classifier, image.shape[:2]))  # no engine: nothing timed
+    # auto never lowers the precision, however much faster bfloat16 measured
+    assert kfs.prepare(classifier, engine="auto").execution.precision == "float32"
+    auto = kfs.predict_map(classifier, image, engine="auto")
+    np.testing.assert_array_equal(auto, kfs.predict_map(classifier, image, engine="tf"))

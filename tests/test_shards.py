@@ -290,3 +290,87 @@ def test_the_cells_a_stage_reads_take_a_few_bytes_per_cell():
     read = tiling.pixels_read((side, side), edges, edges, selected)
     assert read.sum() == 220 * 220 and read[300:520, 700:920].all()
     assert _peak_bytes(lambda: tiling.pixels_read((side, side), edges, edges, selected)) < side * side * 6
+
+
+def test_region_counts_follow_the_workers_and_the_memory_budget():
+    from keras_fcn_surgery.batch.shards import region_count
+
+    assert region_count((1000, 500), None, 10, workers=1) == (2, 125)  # two a worker, four chunk rows each
+    assert region_count((1000, 500), None, 10, workers=3)[0] == 6
+    # 1000 x 500 cells x 1000 classes x 4 bytes = 2000 MB: 30 regions of at most 64 MiB each
+    assert region_count((1000, 500), None, 1000, workers=2) == (30, 16)
+    assert region_count((1000, 500), None, 1000, workers=2, budget=1000 * 500 * 1000)[0] == 4
+    kept = np.zeros((1000, 500), bool)
+    kept[:10] = True  # few kept cells: the workers decide
+    assert region_count((1000, 500), kept, 1000, workers=2)[0] == 4
+
+
+def test_a_large_input_is_cut_into_regions_without_shards_and_resumed(picture, tmp_path, monkeypatch):
+    """Issue 39: locally, an input above a size (here: any, the size lowered) is computed by regions without
+    `shards`, each at the execution fixed once for the input ("auto" resolved before any region, not in each);
+    an interrupted run resumes the regions not done, and the outputs are the bytes of a run in one piece."""
+    from keras_fcn_surgery.batch import run as batch_run
+    from keras_fcn_surgery.inference import engines
+
+    model = kfs.convert(small_flatten_cnn(input_size=(32, 32), classes=3))
+    options = {"mask": str(picture / "mask.png")}
+    local = tmp_path / "local"
+    assert kfs.predict_images(model, [str(picture / "img.png")], local, formats=FORMATS, certify=0, **options).ok
+    # a small picture stands for a large one (raising=False: main has none of these, and must fail below)
+    monkeypatch.setattr(batch_run, "LOCAL_REGION_PIXELS", 1, raising=False)
+    monkeypatch.setattr(shards_module, "REGIONS_PER_WORKER", 4, raising=False)
+    monkeypatch.setattr(shards_module, "MIN_CHUNK_ROWS", 4, raising=False)
+    real, real_choose = shards_module.run_region, engines.choose_engine
+    computed, asked, state = [], [], {"in_region": False, "stop_at": 3}
+
+    def choose(model, shape, engine="auto", precision=None):
+        if state["in_region"]:
+            asked.append(engine)
+        return real_choose(model, shape, engine, precision)
+
+    def counting(fcn, source, out_dir, batch_options, region):
+        if len(computed) == state["stop_at"]:
+            raise KeyboardInterrupt
+        computed.append(region.index)
+        state["in_region"] = True
+        try:
+            return real(fcn, source, out_dir, batch_options, region)
+        finally:
+            state["in_region"] = False
+
+    monkeypatch.setattr(engines, "choose_engine", choose)
+    monkeypatch.setattr(shards_module, "run_region", counting)
+    out = tmp_path / "regions"
+    with pytest.raises(KeyboardInterrupt):
+        kfs.predict_images(model, [str(picture / "img.png")], out, formats=FORMATS, certify=0, **options)
+    work = work_folder(str(out), Source(str(picture / "img.png"), "img"))
+    regions = len(shards_module._read_json(os.path.join(work, "plan.json"))["regions"])
+    assert regions == 4 and computed == [0, 1, 2]  # interrupted after most regions
+    assert sorted(shards_module.region_records(work)) == [0, 1, 2]
+    computed.clear()
+    state["stop_at"] = None
+    assert kfs.predict_images(model, [str(picture / "img.png")], out, formats=FORMATS, certify=0, **options).ok
+    assert computed == [3]  # regions 0 to 2 are not computed again
+    _assert_same_outputs(out, tmp_path / "local")
+    assert asked and "auto" not in asked  # every region ran the execution fixed for the input
+
+
+@pytest.mark.parametrize(("chosen", "fixed"), [("xla", "xla"), ("tf+blas", "blas"), ("tf+xla", "tf")])
+def test_auto_is_fixed_once_per_input_as_its_whole_plan_would_run(picture, tmp_path, monkeypatch, chosen, fixed):
+    """The execution every region of an input runs: what `auto` chooses for the whole input's plan, as one name
+    ("blas": the native execution with the BLAS head), or the native one where one name cannot say it; recorded in
+    the plan, so that a resumed run keeps it."""
+    from keras_fcn_surgery.batch.job import BatchOptions, prepare_mapper
+    from keras_fcn_surgery.inference import engines
+    from keras_fcn_surgery.inference.mapper import MapMethod
+
+    model = kfs.convert(small_flatten_cnn(input_size=(32, 32), classes=3))
+    options = BatchOptions(formats=("npz",), tile=64, execution="auto", shard_rows=4)
+    mapper = prepare_mapper(model, options, MapMethod())
+    monkeypatch.setattr(engines, "with_engine", lambda plan, *a, **k: replace(plan, engine=chosen))
+    source = Source(str(picture / "img.png"), "img")
+    plan = shards_module.plan_input(mapper, source, str(tmp_path), options, 2)
+    assert plan.options.execution == fixed and plan.options.tile == 64
+    assert shards_module._read_json(os.path.join(plan.work, "plan.json"))["execution"] == fixed
+    monkeypatch.setattr(engines, "with_engine", lambda plan, *a, **k: replace(plan, engine="jax"))
+    assert shards_module.plan_input(mapper, source, str(tmp_path), options, 2).options.execution == fixed  # kept

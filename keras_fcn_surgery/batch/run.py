@@ -18,7 +18,13 @@ from keras_fcn_surgery.batch.outputs import check_formats, summary_line
 from keras_fcn_surgery.batch.ray_engine import run_on_ray
 from keras_fcn_surgery.batch.regions import check_available as check_regions_available
 from keras_fcn_surgery.batch.requirements import check_packages
-from keras_fcn_surgery.batch.shards import check_shard_rows, check_shards, predict_source_sharded
+from keras_fcn_surgery.batch.shards import (
+    LOCAL_REGION_PIXELS,
+    check_shard_rows,
+    check_shards,
+    cuts_into_regions,
+    predict_source_sharded,
+)
 from keras_fcn_surgery.batch.sources import find_sources
 from keras_fcn_surgery.batch.writers import check_geojson, check_map_names
 from keras_fcn_surgery.errors import ConversionError, InputError, ModelFileError
@@ -177,12 +183,15 @@ def predict_images(
             - ``stride``: pixels between windows, ``s`` or ``(s_h, s_w)``, for a windowed map: a multiple of the
               stride of the classifier's shared prefix (an `InputError` names it otherwise); default: its FCN's
               stride (a classifier without an FCN needs one). For an FCN only its own stride is accepted.
-            - ``shards``: None (each input in one piece), or cut each input's map into up to this many regions,
+            - ``shards``: None (each input in one piece, except: on Ray every input whose pass is tiled, and
+              locally one of at least 10,000 x 10,000 pixels, is cut into regions by its size, the workers and
+              the memory budget, `batch.shards.region_count`), or cut each input's map into up to this many regions,
               bands of whole chunk rows with about the same number of kept cells, computed one by one (the Ray
               engine: on any worker) into a zarr store in ``out_dir/.shards-<name>/``; the outputs are written from
               it once every region is done. The maps are the same bytes for any number of shards; an interrupted run
               leaves that folder, and the next run with the same model, input and options computes only the regions
-              not yet done (see `batch.shards`).
+              not yet done (see `batch.shards`). The execution (``"auto"`` resolved once) is fixed per input, so
+              every region runs the same one.
             - ``shard_rows``: map rows (and columns) per chunk of that store, the smallest region (default 256).
             - ``on_result``: called with each input's `InputResult` as soon as it is finished (with Ray, once the job
               is), so that what is done is reported even if the job is interrupted later.
@@ -275,7 +284,7 @@ def predict_images(
         else:
             with progress_bar(len(sources), progress, "images") as bar:
                 for source in sources:
-                    if job.shards:
+                    if job.shards or cuts_into_regions(source, out_dir, job, LOCAL_REGION_PIXELS):  # large: resumable
                         results.append(predict_source_sharded(mapper, source, out_dir, job, job.shards))
                     else:
                         results.append(predict_source(mapper, source, out_dir, job))

@@ -13,6 +13,13 @@ into place atomically (``formats.staged``) and removes the work
 folder. An interrupted run leaves the work folder: the next run with the
 same model, input and options redoes only the regions without a marker.
 
+Without ``shards`` the count follows from the input (`region_count`: two
+regions a worker at least, each region's share of the map within the memory
+budget), for every tiled input on Ray and, locally, for inputs of at least
+`LOCAL_REGION_PIXELS`. The execution is fixed once per input when it is cut
+(`pinned_execution`: ``"auto"`` resolved as `predict_map` would for the
+whole input) and recorded in its plan, so every region runs the same one.
+
 Every cell's value comes from the same exact tiles whatever cells a region
 keeps, so any number of regions gives the same bytes.
 """
@@ -21,6 +28,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import socket
 import time
@@ -31,6 +39,7 @@ import numpy as np
 from keras_fcn_surgery.batch import writers
 from keras_fcn_surgery.batch.formats import ZarrFormat, check_input, formats_for, staged
 from keras_fcn_surgery.batch.job import (
+    LARGE_SIDE,
     BatchOptions,
     InputResult,
     OpenInput,
@@ -40,19 +49,34 @@ from keras_fcn_surgery.batch.job import (
     failed_result,
     map_tile,
     open_input,
+    predict_source,
     segment_tile,
     shown_output,
     work_fraction,
 )
 from keras_fcn_surgery.batch.outputs import output_paths
-from keras_fcn_surgery.batch.readers import open_reader
+from keras_fcn_surgery.batch.readers import choose_level, open_reader
 from keras_fcn_surgery.batch.sources import Source
 from keras_fcn_surgery.errors import ConversionError, InputError, first_line
+from keras_fcn_surgery.inference import engines
+from keras_fcn_surgery.inference.staged import DEFAULT_MEMORY_BUDGET, stage_calls
 from keras_fcn_surgery.saving.atomic import pause_point, remove_tree
 from keras_fcn_surgery.segmentation.predict import tile_fraction
 
 # Map rows per chunk of the store (and columns): regions are bands of whole chunk rows.
 CHUNK_ROWS = 256
+# Without `shards`, the regions an input is cut into (`region_count`): at least this many per worker, so that
+# every worker has work, a slow worker's last region is short, and an interruption loses at most half of a
+# worker's share; and as many as keep each region's share of the map (kept cells x classes x 4 bytes) within
+# the memory budget (`Tiling.memory_budget`, 64 MiB by default), what one region writes and what an
+# interrupted region loses.
+REGIONS_PER_WORKER = 2
+MAX_REGIONS = 1024
+# The fewest map rows per chunk when an input's map has too few chunk rows of `CHUNK_ROWS` for its regions.
+MIN_CHUNK_ROWS = 16
+# Locally (one worker) an input is cut into regions without `shards` from this many pixels of the level
+# computed (10,000 x 10,000), so that an interrupted run resumes it; on Ray, every input whose pass is tiled.
+LOCAL_REGION_PIXELS = 100_000_000
 _STORE = "store.zarr"
 _PLAN = "plan.json"
 _DONE = "done"
@@ -78,12 +102,15 @@ class Region:
 
 @dataclass(frozen=True)
 class InputPlan:
-    """One input's regions, those still to compute, and its work folder."""
+    """One input's regions, those still to compute, its work folder, and the options every region runs with
+    (the job's, with the execution fixed for the input: ``"auto"`` resolved once, so that every region runs
+    the same engine and the map is the same bytes wherever its regions run)."""
 
     source: Source
     regions: tuple[Region, ...]
     pending: tuple[Region, ...]
     work: str
+    options: BatchOptions
 
 
 def check_shards(shards) -> int | None:
@@ -173,9 +200,56 @@ def work_folder(out_dir: str, source: Source) -> str:
     return os.path.join(os.path.dirname(base), f".shards-{os.path.basename(base)}")
 
 
-def plan_input(mapper, source: Source, out_dir: str, options: BatchOptions, shards: int) -> InputPlan | InputResult:
-    """Cut ``source``'s map into regions and prepare its work folder (kept from an interrupted run when it was
-    made for the same model, input, mask and options); an `InputResult` when the input is skipped or fails."""
+def region_count(map_size, kept: np.ndarray | None, classes: int, workers: int, budget: int | None = None):
+    """``(regions, chunk rows)`` for an input whose map is ``map_size`` with ``kept`` cells (None: all) of
+    ``classes`` values, run on ``workers``, when `shards` is not given.
+
+    At least `REGIONS_PER_WORKER` regions per worker, and enough that each
+    region's share of the map (its kept cells x ``classes`` x 4 bytes) is
+    within ``budget`` (None: 64 MiB); at most `MAX_REGIONS`. The store's
+    chunks are `CHUNK_ROWS` rows unless the map has too few of them for four
+    chunk rows a region (for balance), then fewer, down to `MIN_CHUNK_ROWS`.
+    `cut_regions` may make fewer regions (few kept rows).
+    """
+    height, width = (int(d) for d in map_size)
+    cells = int(kept.sum()) if kept is not None else height * width
+    budget = DEFAULT_MEMORY_BUDGET if budget is None else max(int(budget), 1)
+    wanted = max(REGIONS_PER_WORKER * max(int(workers), 1), math.ceil(cells * max(classes, 1) * 4 / budget))
+    wanted = min(wanted, MAX_REGIONS)
+    rows = min(CHUNK_ROWS, max(MIN_CHUNK_ROWS, math.ceil(height / (4 * wanted))))
+    return wanted, rows
+
+
+def cuts_into_regions(source: Source, out_dir: str, options: BatchOptions, least_pixels: int) -> bool:
+    """Whether ``source`` is computed by regions when `shards` is not given: an earlier run left its regions, or
+    its pass is tiled (large, masked or ``tile`` given) and its level holds at least ``least_pixels`` pixels.
+    An input that cannot be read answers False (its whole run reports why)."""
+    if os.path.exists(os.path.join(work_folder(out_dir, source), _PLAN)):
+        return True
+    paths = output_paths(out_dir, source.name, options.formats)
+    if not options.overwrite and all(os.path.exists(p) for p in paths.values()):
+        return False
+    try:
+        with open_reader(source.path) as reader:
+            height, width = reader.levels[choose_level(reader, level=options.level, mpp=options.mpp)].size
+    except Exception:  # an unreadable input: `predict_source` says why
+        return False
+    tiled = options.tile is not None or options.mask is not None or max(height, width) > LARGE_SIDE
+    return tiled and height * width >= least_pixels
+
+
+def plan_input(
+    mapper, source: Source, out_dir: str, options: BatchOptions, shards: int | None, workers: int = 1
+) -> InputPlan | InputResult | None:
+    """Cut ``source``'s map into regions and prepare its work folder; an `InputResult` when the input is skipped
+    or fails.
+
+    ``shards``: at most this many regions, or None: `region_count` for
+    ``workers`` (None is returned when that makes one region: the input runs
+    whole, `predict_source`). An interrupted run's work folder is kept when
+    it was made for the same model, input, mask and options (and, for a
+    given ``shards``, the same cut), with its regions and its execution.
+    """
     start = time.perf_counter()
     paths = output_paths(out_dir, source.name, options.formats)
     if not options.overwrite and all(os.path.exists(p) for p in paths.values()):
@@ -188,19 +262,35 @@ def plan_input(mapper, source: Source, out_dir: str, options: BatchOptions, shar
                 tile = segment_tile(options, job.size, job.kept)
             else:
                 tile = None if job.grid.global_context else map_tile(options, job.size, job.grid, job.kept)
-            count = shards if tile is not None else 1  # one pass over the whole image cannot be cut
-            regions = cut_regions(job.kept, job.map_size, count, _chunk_rows(options))
             work = work_folder(out_dir, source)
-            record = {
-                "source": source.path,
-                "map_size": list(job.map_size),
-                "regions": [[r.start, r.stop] for r in regions],
-                "fingerprint": _fingerprint(mapper, job, options),
-            }
-            if _read_json(os.path.join(work, _PLAN)) != record:
+            record: dict = {"source": source.path, "map_size": list(job.map_size)}
+            record["fingerprint"] = _fingerprint(mapper, job, options)
+            earlier = _read_json(os.path.join(work, _PLAN))
+            kept_earlier = isinstance(earlier, dict) and "execution" in earlier and "regions" in earlier
+            kept_earlier = kept_earlier and all(earlier.get(k) == v for k, v in record.items())
+            rows = _chunk_rows(options)
+            if shards is not None:
+                count = shards if tile is not None else 1  # one pass over the whole image cannot be cut
+            elif kept_earlier:
+                count = 0  # the earlier run's cut
+            else:
+                classes = sum(o.classes for o in job.spec.outputs)
+                budget = mapper.tiling.memory_budget
+                count, auto_rows = region_count(job.map_size, job.kept, classes, workers, budget)
+                rows = options.shard_rows or auto_rows
+                count = count if tile is not None else 1
+            regions = cut_regions(job.kept, job.map_size, count, rows) if count else ()
+            if kept_earlier and (not regions or [[r.start, r.stop] for r in regions] == earlier["regions"]):
+                regions = tuple(Region(n, a, b, _cells(job, a, b)) for n, (a, b) in enumerate(earlier["regions"]))
+                execution = earlier["execution"]
+            elif shards is None and len(regions) == 1:
+                return None
+            else:
+                execution = pinned_execution(mapper, job, options, tile)
+                record.update(regions=[[r.start, r.stop] for r in regions], execution=execution, chunk_rows=rows)
                 remove_tree(work)
                 os.makedirs(os.path.join(work, _DONE))
-                _create_store(os.path.join(work, _STORE), job, _chunk_rows(options))
+                _create_store(os.path.join(work, _STORE), job, rows)
                 if job.kept is not None:  # the mask once, not again in every region
                     np.save(os.path.join(work, _KEPT), np.packbits(job.kept, axis=1))
                 _write_json(os.path.join(work, _PLAN), record)
@@ -209,7 +299,26 @@ def plan_input(mapper, source: Source, out_dir: str, options: BatchOptions, shar
     except Exception as error:  # as `predict_source`: one input's error must not stop the others
         return failed_result(source, f"{type(error).__name__}: {first_line(str(error))}", start)
     pending = tuple(r for r in regions if not os.path.exists(_marker(work, r.index)))
-    return InputPlan(source, regions, pending, work)
+    return InputPlan(source, regions, pending, work, replace(options, execution=execution))
+
+
+def pinned_execution(mapper, job: OpenInput, options: BatchOptions, tile) -> str:
+    """The execution every region of ``job`` runs: ``options.execution`` unless ``"auto"``; then the one
+    `predict_map` would choose for the whole input (its plan's stages', measured on this machine: ``"blas"``
+    for the native execution with the BLAS head), or the native execution where the stages chose two that
+    one name cannot say, and for a windowed map (whose passes choose per band)."""
+    if options.execution != "auto" or job.per_pixel:
+        return options.execution
+    native = engines.native()
+    if mapper.method != "fcn":
+        return native
+    keep = None if job.kept is None or job.grid.global_context else job.kept
+    plan = mapper.with_options(tile=tile).plan(job.size, keep=keep)
+    chosen = engines.with_engine(plan, mapper.runnable, "auto", mapper.execution.policy, calls=stage_calls(plan))
+    used = set(chosen.engine.split("+"))
+    if len(used) == 1:
+        return used.pop()
+    return "blas" if used == {native, "blas"} else native
 
 
 def run_region(mapper, source: Source, out_dir: str, options: BatchOptions, region: Region) -> None:
@@ -218,6 +327,8 @@ def run_region(mapper, source: Source, out_dir: str, options: BatchOptions, regi
     Raises whatever the computation raises (the region stays to be redone).
     """
     work, started = work_folder(out_dir, source), time.perf_counter()
+    if options.execution != mapper.execution.engine:  # the input's execution, fixed when it was planned
+        mapper = mapper.with_options(engine=options.execution)
     with open_reader(source.path) as reader:
         job = open_input(mapper, reader, source, replace(options, mask=None))  # the mask: as planned
         if options.mask is not None:
@@ -236,7 +347,13 @@ def run_region(mapper, source: Source, out_dir: str, options: BatchOptions, regi
             _compute(mapper, job.view, job.layout, job.grid, job.size, keep, scores, options)
     pause_point(f"region {region.index}")  # test hook: a worker killed after writing, before the record
     seconds = time.perf_counter() - started
-    record = {"rows": [region.start, region.stop], "seconds": seconds, "host": socket.gethostname(), "pid": os.getpid()}
+    record = {
+        "rows": [region.start, region.stop],
+        "seconds": seconds,
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+        "execution": options.execution,
+    }
     _write_json(_marker(work, region.index), record)
 
 
@@ -282,24 +399,37 @@ def finish_input(mapper, plan: InputPlan, out_dir: str, options: BatchOptions, s
     )
 
 
-def predict_source_sharded(mapper, source: Source, out_dir: str, options: BatchOptions, shards: int) -> InputResult:
-    """`predict_source` by regions in this process: plan, compute each region still to do, finish."""
+def predict_source_sharded(
+    mapper, source: Source, out_dir: str, options: BatchOptions, shards: int | None
+) -> InputResult:
+    """`predict_source` by regions in this process: plan, compute each region still to do, finish.
+
+    ``shards`` None: as many regions as `region_count` makes for one worker (`predict_images` asks so for an
+    input of at least `LOCAL_REGION_PIXELS` pixels whose pass is tiled, or one an earlier run left regions of:
+    `cuts_into_regions`); when that is one, the input runs whole (`predict_source`).
+    """
     start = time.perf_counter()
     plan = plan_input(mapper, source, out_dir, options, shards)
+    if plan is None:
+        return predict_source(mapper, source, out_dir, options)
     if isinstance(plan, InputResult):
         return plan
     for region in plan.pending:
         try:
-            run_region(mapper, source, out_dir, options, region)
+            run_region(mapper, source, out_dir, plan.options, region)
         except (ConversionError, OSError) as error:
             return failed_result(source, str(error), start)
         except Exception as error:
             return failed_result(source, f"{type(error).__name__}: {first_line(str(error))}", start)
-    return finish_input(mapper, plan, out_dir, options, time.perf_counter() - start)
+    return finish_input(mapper, plan, out_dir, plan.options, time.perf_counter() - start)
 
 
 def _chunk_rows(options: BatchOptions) -> int:
     return options.shard_rows or CHUNK_ROWS
+
+
+def _cells(job: OpenInput, start: int, stop: int) -> int:
+    return int(job.kept[start:stop].sum()) if job.kept is not None else (stop - start) * int(job.map_size[1])
 
 
 def _marker(work: str, index: int) -> str:

@@ -7,7 +7,14 @@ import argparse
 import sys
 import warnings
 
-from keras_fcn_surgery.commands.common import EXIT_OK, EXIT_USAGE, add_custom_objects_argument, load_source, parse_size
+from keras_fcn_surgery.commands.common import (
+    EXIT_OK,
+    EXIT_USAGE,
+    PRECISIONS,
+    add_custom_objects_argument,
+    load_source,
+    parse_size,
+)
 from keras_fcn_surgery.options import EXPORT_FORMATS, HEADS, ONNX_EXPORTERS, PREPROCESS_MODES, QUANTIZE_MODES
 
 
@@ -63,6 +70,14 @@ def add_parser(subparsers) -> None:
         choices=[mode for mode in QUANTIZE_MODES if mode],
         help="tflite only: float16 or dynamic (int8 weights); the measured difference is reported",
     )
+    parser.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        default="float32",
+        help="what the written network computes at: float32 (default), bfloat16 or float16 (tflite: float16 "
+        "weights; tflite and openvino take no bfloat16), checked against the float32 model at the precision's "
+        "tolerance (bfloat16 6e-2, float16 2e-2 of the output scale)",
+    )
     parser.add_argument("--no-convert", action="store_true", help="MODEL is already an FCN: export it as it is")
     parser.add_argument("--input-size", type=parse_size, help="original input size HxW when the model takes any size")
     add_custom_objects_argument(parser)
@@ -82,6 +97,7 @@ def run(args) -> int:
         print("error: --exporter applies to --format onnx only.", file=sys.stderr)
         return EXIT_USAGE
     options = dict(overwrite=args.overwrite, convert=not args.no_convert, head=args.head, input_size=args.input_size)
+    options.update(precision=args.precision)
     if args.format == "savedmodel":
         options.update(version=args.version, preprocess=args.preprocess)
     elif args.format == "tflite":

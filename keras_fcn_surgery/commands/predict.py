@@ -105,7 +105,9 @@ def add_parser(subparsers) -> None:
         type=positive_int,
         metavar="N",
         help="cut each input's map into up to N regions (bands of whole chunk rows), computed one by one or on "
-        "any Ray worker and resumed by region after an interruption; the same bytes for any N",
+        "any Ray worker and resumed by region after an interruption; the same bytes for any N (default: by "
+        "its size, the workers and the memory budget under --engine ray, and locally from 10,000 x 10,000 "
+        "pixels; else one piece)",
     )
     parser.add_argument(
         "--shard-rows", type=positive_int, metavar="R", help="map rows per chunk of the regions' store (default 256)"

@@ -29,6 +29,7 @@ from keras_fcn_surgery.exporting.pipeline import (
 from keras_fcn_surgery.exporting.pytorch import TorchFormat
 from keras_fcn_surgery.exporting.savedmodel import SavedModelFormat, signature_outputs
 from keras_fcn_surgery.exporting.tflite import TfliteFormat
+from keras_fcn_surgery.inference.certificate import precision_tolerance
 from keras_fcn_surgery.options import EXPORT_FORMATS
 from keras_fcn_surgery.saving.atomic import pause_point
 from keras_fcn_surgery.saving.loading import as_model
@@ -52,6 +53,7 @@ def export(
     custom_objects=None,
     check_sizes=None,
     overwrite: bool = False,
+    precision: str = "float32",
     **options,
 ) -> ExportResult:
     """Write a model as a SavedModel, an ONNX, a TFLite or an OpenVINO file with free height and width, and prove
@@ -96,6 +98,15 @@ def export(
         check_sizes: the ``(H, W)`` sizes to check at; default: the original
             size and that size plus seven output strides.
         overwrite: replace an existing version folder or file.
+        precision: what the written network computes at: ``"float32"``
+            (default), ``"bfloat16"`` or ``"float16"`` (`reduced_precision`:
+            Keras's mixed policy, the output layers in float32; a TFLite file
+            stores float16 weights instead, computed in float32 on a CPU). The
+            check compares it with the float32 model at the precision's
+            tolerance (`certificate.precision_tolerance`: 6e-2 for bfloat16,
+            2e-2 for float16), stated in the result. A format that cannot hold
+            the precision is refused before anything is loaded: TFLite and
+            OpenVINO have no bfloat16 graph to run.
         **options: the format's own: ``version``, ``preprocess``,
             ``bytes_signature`` (see `export_savedmodel`); ``opset`` and
             ``exporter`` (see `export_onnx`); ``quantize`` (see
@@ -106,12 +117,12 @@ def export(
         An `ExportResult`: what was written, and the checks.
 
     Raises:
-        InputError: for an unknown ``format``, or an option the format does
-            not take.
+        InputError: for an unknown ``format`` or ``precision``, or an option
+            the format does not take.
         ModelFileError: for an output that exists (without ``overwrite``) or
             cannot be written, or a model file that cannot be loaded.
-        ExportError: when the model cannot be exported in this format, or the
-            reloaded export differs from the Keras model.
+        ExportError: when the model cannot be exported in this format (or at
+            this precision), or the reloaded export differs from the Keras model.
 
     Example:
 
@@ -121,24 +132,36 @@ def export(
     ```
     """
     kind = export_format(format, **options)
+    kind.check_precision(precision)
     path = kind.output(path, overwrite=overwrite)
     source = as_model(model, custom_objects, error_class=ExportError)
     fcn = _fcn_to_export(source, convert=convert, head=head, input_size=input_size)
     kind.accept(fcn)
     sizes = resolve_check_sizes(fcn, original_size(source, input_size), check_sizes)
     kind, sizes = kind.fit_sizes(fcn, sizes)
+    kind, written = kind.at_precision(fcn, precision)
+    tolerance = max(tolerance_for(fcn), precision_tolerance(precision))
     with kind.destination(path, overwrite=overwrite) as destination, destination.staging as temporary:
         pause_point("write")
-        write_export(kind, fcn, temporary)
+        write_export(kind, written, temporary)
         pause_point("check")
-        checks, output_checks = _check(kind, fcn, temporary, sizes)
+        enforce = kind.enforce or precision != "float32"  # a precision's tolerance is always held
+        checks, output_checks = _check(
+            kind, fcn, temporary, sizes, written=written, tolerance=tolerance, enforce=enforce
+        )
         pause_point("publish")
     _warn_if_uninformative(fcn, format, checks)
+    note = kind.note(checks)
+    if precision != "float32":
+        note = (
+            f"written at {precision}: compared with the float32 model at {precision}'s tolerance {tolerance:g} "
+            f"(measured max rel diff {max(check.max_rel_diff for check in checks):.3g})"
+        )
     return ExportResult(
         path=destination.path,
         version=destination.version,
         checks=checks,
-        note=kind.note(checks),
+        note=note,
         output_checks=output_checks,
     )
 
@@ -192,8 +215,10 @@ def _warn_if_uninformative(fcn, format: str, checks) -> None:
     )
 
 
-def _check(kind: ExportFormat, fcn, path: str, sizes):
-    """Run the written export in a fresh process at each size and compare it with the Keras model.
+def _check(kind: ExportFormat, fcn, path: str, sizes, *, written, tolerance: float, enforce: bool):
+    """Run the written export in a fresh process at each size and compare it with the Keras model ``fcn``
+    (``written``: the model the file was written from, ``fcn`` or its reduced-precision copy), held to
+    ``tolerance`` (with ``enforce``, a difference above it fails the export; else it is only measured).
 
     Returns ``(checks, output_checks)`` (see `ExportResult`). For a model
     ending in a softmax or sigmoid, ``checks`` compare what `convert`
@@ -206,15 +231,14 @@ def _check(kind: ExportFormat, fcn, path: str, sizes):
     """
     batches = check_batches(fcn, sizes)
     what = kind.what.format(name=fcn.name)
-    tolerance = tolerance_for(fcn)
     expected = keras_maps(fcn, batches)
     inputs = kind.check_inputs(fcn, batches)
     with tempfile.TemporaryDirectory(prefix="kfs-twin-") as scratch:
-        with logits_of(fcn) as (logits, compared):
+        with logits_of(fcn) as (logits, compared), logits_of(written) as (written_logits, _):
             paths = [path]
             if compared != "outputs":
                 paths.append(os.path.join(scratch, "logits" + os.path.splitext(path)[1]))
-                write_export(kind.twin(), logits, paths[1])
+                write_export(kind.twin(), written_logits, paths[1])
                 expected_logits = keras_maps(logits, batches)
                 logit_names = signature_outputs(logits)
         outputs = run_check_script(kind.check_script, paths, inputs, what=what)
@@ -225,7 +249,7 @@ def _check(kind: ExportFormat, fcn, path: str, sizes):
             batches,
             kind.check_outputs(fcn, outputs[1]),
             what=f"{what} (checked on its {compared}: a twin of the file, written without the final activation)",
-            enforce=kind.enforce,
+            enforce=enforce,
             tolerance=tolerance,
             compared=compared,
             names=logit_names,
@@ -236,7 +260,7 @@ def _check(kind: ExportFormat, fcn, path: str, sizes):
         batches,
         kind.check_outputs(fcn, outputs[0]),
         what=what,
-        enforce=kind.enforce,
+        enforce=enforce,
         tolerance=tolerance,
         names=signature_outputs(fcn),
     )
@@ -256,6 +280,7 @@ def export_savedmodel(
     check_sizes=None,
     bytes_signature: bool = True,
     custom_objects=None,
+    precision: str = "float32",
 ) -> ExportResult:
     """Write a model as a TF Serving SavedModel with free height and width, and prove it reloads.
 
@@ -313,6 +338,7 @@ def export_onnx(
     opset=None,
     exporter: str = "streamed",
     custom_objects=None,
+    precision: str = "float32",
 ) -> ExportResult:
     """Write a model as an ONNX file whose batch, height and width are symbolic, and prove it runs.
 
@@ -356,6 +382,7 @@ def export_tflite(
     input_size=None,
     check_sizes=None,
     custom_objects=None,
+    precision: str = "float32",
 ) -> ExportResult:
     """Write a model as a TFLite flatbuffer whose batch, height and width are free, and prove it runs.
 

@@ -73,6 +73,11 @@ class OpenvinoFormat(ModelLayoutIO, ExportFormat):
     name: ClassVar[str] = "openvino"
     what: ClassVar[str] = "The OpenVINO export of '{name}' (OpenVINO runtime, CPU, f32)"
     check_script: ClassVar[str] = _CHECK_SCRIPT
+    precisions: ClassVar[tuple[str, ...]] = ("float32", "float16")
+    precision_refusal: ClassVar[str] = (
+        "OpenVINO's CPU runtime cannot run a bfloat16 graph (it computes in bfloat16 itself where the processor "
+        "has it: compile the float32 export with INFERENCE_PRECISION_HINT 'bf16')"
+    )
 
     def __post_init__(self) -> None:
         _require_openvino()

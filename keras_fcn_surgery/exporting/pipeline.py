@@ -39,7 +39,8 @@ import keras
 import numpy as np
 
 from keras_fcn_surgery.errors import ConversionError, ExportError  # ExportError: also importable from here
-from keras_fcn_surgery.graph import iter_layers, model_layout
+from keras_fcn_surgery.graph import iter_layers, model_layout, producer_of
+from keras_fcn_surgery.inference import engines
 from keras_fcn_surgery.saving.atomic import atomic_output, check_output_path
 from keras_fcn_surgery.surgery.fcn import fcn_spec
 from keras_fcn_surgery.surgery.verify import VerificationResult, compare_scores
@@ -117,6 +118,9 @@ class ExportFormat:
     check_script: ClassVar[str]
     # The Keras backend the writer runs on (`write_export`).
     backend: ClassVar[str] = "tensorflow"
+    # The precisions its file can be written at and its runtime runs (`export(precision=...)`), and why not others.
+    precisions: ClassVar[tuple[str, ...]] = ("float32", "bfloat16", "float16")
+    precision_refusal: ClassVar[str] = ""
 
     @property
     def enforce(self) -> bool:
@@ -129,6 +133,25 @@ class ExportFormat:
 
     def accept(self, fcn) -> None:
         """Refuse an FCN this format cannot hold (raises `ExportError`), before anything is written."""
+
+    def check_precision(self, precision: str) -> None:
+        """Refuse a precision this format cannot hold (`ExportError`), before any model is loaded.
+
+        Raises:
+            InputError: for a precision other than float32, bfloat16 or float16.
+            ExportError: for one the format's file or runtime cannot hold.
+        """
+        engines.check_precision(precision)
+        if precision not in self.precisions:
+            raise ExportError(
+                f"A {self.name} export cannot be written at precision={precision!r}: {self.precision_refusal}. "
+                f"Its precisions are {', '.join(map(repr, self.precisions))}."
+            )
+
+    def at_precision(self, fcn, precision: str):
+        """``(format, model)`` that write ``fcn`` at ``precision``: this format and ``fcn`` for float32, else
+        `reduced_precision` of it (a format whose writer stores the precision its own way overrides this)."""
+        return self, (fcn if precision == "float32" else reduced_precision(fcn, precision))
 
     def destination(self, path: str, *, overwrite: bool) -> contextlib.AbstractContextManager[Destination]:
         """Where the export goes; leaving the context by an exception removes whatever it created."""
@@ -186,6 +209,28 @@ class FileFormat(ExportFormat):
     @contextlib.contextmanager
     def destination(self, path: str, *, overwrite: bool) -> Iterator[Destination]:
         yield Destination(atomic_output(path, suffix=self.suffix, overwrite=overwrite), path, None)
+
+
+def reduced_precision(fcn, precision: str):
+    """A copy of ``fcn`` that computes at ``precision`` (``"bfloat16"``, ``"float16"``), same weights.
+
+    Its layers run under Keras's mixed policy (``mixed_bfloat16``,
+    ``mixed_float16``: variables in float32, each layer's inputs, weights and
+    outputs in the reduced type, what `predict_map` runs at that precision);
+    the layers that give the model's outputs compute in float32, so that the
+    file's maps come out in float32 (as Keras advises for a final softmax).
+    """
+    policy = engines.policy_of(precision)
+    last = {producer_of(tensor).name for tensor in fcn.outputs}
+
+    def clone(layer):
+        config = layer.get_config()
+        config["dtype"] = "float32" if layer.name in last else policy
+        return layer.__class__.from_config(config)
+
+    copy = keras.models.clone_model(fcn, clone_function=clone)
+    copy.set_weights(fcn.get_weights())
+    return copy
 
 
 def check_choice(option: str, value, choices) -> None:

@@ -20,7 +20,7 @@ Keras in its result instead of enforcing the float32 tolerance.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import ClassVar
 
 from keras_fcn_surgery.errors import ExportError, ModelFileError, first_line
@@ -77,8 +77,25 @@ class TfliteFormat(FileFormat):
     what: ClassVar[str] = "The TFLite export of '{name}' (tf.lite.Interpreter)"
     check_script: ClassVar[str] = _CHECK_SCRIPT
 
+    precisions: ClassVar[tuple[str, ...]] = ("float32", "float16")
+    precision_refusal: ClassVar[str] = "TFLite has no bfloat16 kernels"
+
     def __post_init__(self) -> None:
         check_choice("quantize", self.quantize, QUANTIZE_MODES)
+
+    def at_precision(self, fcn, precision: str):
+        """At float16: the float32 network with its weights stored in float16 (the converter's float16
+        quantization, which TFLite's CPU kernels compute in float32 and its GPU delegate in float16), checked at
+        float16's tolerance; a graph computing in float16 itself has no TFLite kernels."""
+        return (self, fcn) if precision == "float32" else (replace(self, quantize="float16"), fcn)
+
+    def check_precision(self, precision: str) -> None:
+        super().check_precision(precision)
+        if precision != "float32" and self.quantize not in (None, "float16"):
+            raise ExportError(
+                f"Give quantize={self.quantize!r} or precision={precision!r}, not both: precision='float16' "
+                "writes float16 weights."
+            )
 
     @property
     def enforce(self) -> bool:

@@ -61,6 +61,10 @@ PRECISIONS = {"float32": None, "bfloat16": "mixed_bfloat16", "float16": "mixed_f
 _BACKEND_ENGINES = {"tensorflow": ("tf", "xla"), "jax": ("jax",), "torch": ("torch",)}
 # Multiply-accumulates per forward call below which "auto" runs the native engine ("tf", "jax") without measuring.
 MEASURE_MACS = 4_000_000_000
+# Multiply-accumulates per call below which a plan does not time the precisions (`precision_costs`): three
+# traces (two of a mixed-policy copy) cost more than such a pass. Its own knob: the engine choice's threshold
+# may be lowered alone.
+PRECISION_MEASURE_MACS = 4_000_000_000
 # A probe call computes at most about this many multiply-accumulates: a larger input is shrunk (batch
 # first, then its sides) to fit. Large enough to time VGG16 at 1024 x 1024 (about 400 GMAC) as it runs: at
 # half that side the head's share of the work differs, and so did the fastest engine (issue 22).
@@ -462,6 +466,54 @@ def with_engine(plan, fcn, engine: str, precision: str | None = None, *, calls):
         reasons.append(choice.reason if len(plan.stages) == 1 else f"stage {index + 1}: {choice}")
     names = list(dict.fromkeys(stage.engine for stage in stages))
     return dataclasses.replace(plan, stages=tuple(stages), engine="+".join(names), engine_reason="; ".join(reasons))
+
+
+def precision_costs(model, batch_shape, engine: str) -> str:
+    """What one call of ``model`` on ``batch_shape`` costs at each precision on this machine, in a line.
+
+    Each of float32, bfloat16 and float16 is timed under ``engine`` (``"blas"``
+    runs natively at a reduced precision) by `time_engines`, on a probe of
+    about `PROBE_MACS` (`probe_shape`), once per model architecture, shape,
+    engine, backend and host: the figures go into the cache file beside the
+    engine choices (`cache_path`), and later plans read them. Below
+    `PRECISION_MEASURE_MACS` a call nothing is timed. ``"auto"`` never lowers the
+    precision: the line says what asking for one would gain.
+    """
+    shape = tuple(int(d) for d in batch_shape)
+    try:
+        macs = call_macs(model, shape)
+    except Exception as error:  # a shape the model cannot take whole: nothing to time
+        return f"precisions: not measured ({type(error).__name__} at {'x'.join(map(str, shape))})"
+    if macs < PRECISION_MEASURE_MACS:
+        return (
+            f"precisions: not measured ({macs / 1e9:.2g} GMAC a call, below the {PRECISION_MEASURE_MACS / 1e9:.0f} "
+            "GMAC worth measuring)"
+        )
+    path = cache_path()
+    key = _cache_key(model, shape, f"precisions:{engine}") if path else None
+    entry = _read_cache(path).get(key) if path and key else None
+    if entry is not None and set(entry.get("timings", {})) == set(PRECISIONS):
+        timings = {k: math.inf if v is None else float(v) for k, v in entry["timings"].items()}
+        where, probe = f"measured earlier on this host ({path})", tuple(entry.get("probe", shape))
+    else:
+        probe = probe_shape(model, shape, macs)
+        timings = {p: time_engines(model, [engine], probe, p)[engine] for p in PRECISIONS}
+        where = "measured now"
+        if path and key:
+            _write_cache(path, key, {"engine": engine, "timings": timings, "probe": list(probe), "time": time.time()})
+    base = timings["float32"]
+    parts = []
+    for name, seconds in timings.items():
+        if not math.isfinite(seconds):
+            parts.append(f"{name} failed")
+            continue
+        speed = "" if name == "float32" or not math.isfinite(base) else f" ({base / seconds:.2f}x float32's speed)"
+        parts.append(f"{name} {seconds * 1e3:.3g} ms{speed}")
+    return (
+        f"precisions, one call of {'x'.join(map(str, probe))} under {engine} ({where}): {', '.join(parts)}; "
+        "the map runs at the precision asked for (float32 unless `precision=` says otherwise: `auto` never "
+        "lowers it)"
+    )
 
 
 def _auto_choice(model, shape, precision) -> EngineChoice:

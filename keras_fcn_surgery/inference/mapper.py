@@ -401,6 +401,11 @@ class Mapper:
             engine=engine,
         )
         finer = finer_stride_cost(self._fcn, image_size, plan.map_size)  # an FCN à trous: its costs
+        if engine is not None:  # what each precision costs, beside the execution chosen (the heaviest stage's)
+            heaviest = max(range(len(plan.stages)), key=lambda index: plan.stages[index].macs)
+            model, call_shape = staged.stage_calls(plan)[heaviest]
+            costs = engines.precision_costs(model, call_shape, plan.stages[heaviest].engine or engines.native())
+            plan = replace(plan, precision_costs=costs)
         return plan if finer is None else replace(plan, finer=finer)
 
     # --- maps --------------------------------------------------------------------------------------------------

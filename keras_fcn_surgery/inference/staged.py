@@ -162,6 +162,9 @@ class PredictionPlan:
             trous), the `FinerStride` costs: this pass against the sliding
             window at that stride, shift-and-stitch and the FCN at its own
             stride; None otherwise.
+        precision_costs: with an engine, what one call of its heaviest stage
+            costs at float32, bfloat16 and float16 on this machine
+            (`engines.precision_costs`, measured once and cached); "" without.
     """
 
     image_size: tuple[int, int]
@@ -177,6 +180,7 @@ class PredictionPlan:
     engine_reason: str = ""
     outputs: tuple[PlannedOutput, ...] = ()
     finer: FinerStride | None = None
+    precision_costs: str = ""
 
     @property
     def staged(self) -> bool:
@@ -227,6 +231,8 @@ class PredictionPlan:
                 f"{s.macs / 1e9:>7.1f} {s.peak_bytes / 2**20:>8.0f} {s.store:>6s} {s.store_bytes / 2**20:>7.0f}"
                 + (f" {s.engine or '':>6s}" if engines else "")
             )
+        if self.precision_costs:
+            lines.append(self.precision_costs)
         return "\n".join(lines)
 
 
