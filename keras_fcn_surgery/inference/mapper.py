@@ -378,7 +378,7 @@ class Mapper:
                 # Converting the reduced-precision twin's prefixes is verified at the precision's wider tolerance,
                 # so an untrained network's check "proves little" there; the map's certificate is what counts.
                 warnings.simplefilter("ignore", UninformativeVerificationWarning)
-                return windowed.plan_windows(
+                plan = windowed.plan_windows(
                     self._windows_model(),
                     image_size,
                     stride=self.stride,
@@ -388,6 +388,11 @@ class Mapper:
                     memory_budget=tiling.memory_budget,
                     keep=keep,
                 )
+            thinned = windowed.thinned_candidate(self.model, self.stride)  # the way not chosen, where there is one
+            finer = None if thinned is None else finer_stride_cost(thinned, image_size, plan.map_size)
+            if finer is None:
+                return plan
+            return replace(plan, finer=replace(finer, windowed_macs=plan.macs, weighed=True, chosen="windowed"))
         plan = staged.plan_fcn(
             self._fcn,
             image_size,
@@ -399,6 +404,10 @@ class Mapper:
             engine=engine,
         )
         finer = finer_stride_cost(self._fcn, image_size, plan.map_size)  # an FCN à trous: its costs
+        if finer is not None and finer.exact_stride != finer.stride and self.classifier is not None:
+            # Thinned from the finest exact stride below: chosen over the windowed map, whose cost the plan shows.
+            macs = windowed.windowed_macs(self.classifier, image_size, finer.stride)
+            finer = replace(finer, windowed_macs=macs, weighed=True)
         return plan if finer is None else replace(plan, finer=finer)
 
     # --- maps --------------------------------------------------------------------------------------------------
