@@ -32,7 +32,7 @@ import numpy as np
 
 from keras_fcn_surgery.errors import InputError, UncertifiableMapError, UninformativeVerificationWarning
 from keras_fcn_surgery.grid.geometry import Geometry, WindowGrid, geometry
-from keras_fcn_surgery.inference import engines, runner, staged, windowed
+from keras_fcn_surgery.inference import engines, runner, staged, stitch, windowed
 from keras_fcn_surgery.inference.certificate import (
     DEFAULT_CELLS,
     CertifiedMap,
@@ -45,7 +45,7 @@ from keras_fcn_surgery.inference.certificate import (
 from keras_fcn_surgery.inference.store import DiskMap, file_backed
 from keras_fcn_surgery.saving.arguments import public_arguments
 from keras_fcn_surgery.saving.loading import load_model
-from keras_fcn_surgery.surgery.atrous import finer_stride_cost
+from keras_fcn_surgery.surgery.atrous import finer_stride_cost, origin_of
 from keras_fcn_surgery.surgery.fcn import OutputMaps, fcn_spec, source_of
 
 
@@ -404,6 +404,9 @@ class Mapper:
             engine=engine,
         )
         finer = finer_stride_cost(self._fcn, image_size, plan.map_size)  # an FCN à trous: its costs
+        if finer is not None and stitch.stitch_refusal(self._fcn) is None:
+            origin = origin_of(self._fcn)
+            finer = replace(finer, tail_stitch_macs=stitch.stitch_cost(origin[0], origin[1], image_size))  # type: ignore[index]
         if finer is not None and finer.exact_stride != finer.stride and self.classifier is not None:
             # Thinned from the finest exact stride below: chosen over the windowed map, whose cost the plan shows.
             macs = windowed.windowed_macs(self.classifier, image_size, finer.stride)

@@ -140,6 +140,9 @@ class FinerStride:
         weighed: whether the plan chose between this way and the windowed
             map (a stride that does not divide ``S``) by their costs.
         chosen: the way the map is computed: ``"à trous"`` or ``"windowed"``.
+        tail_stitch_macs: those of shift-and-stitch of the tail
+            (`inference.stitch`: the head once, the tail per shift), the
+            execution ``engine="stitch"`` runs, where it can; else None.
     """
 
     network_stride: tuple[int, int]
@@ -152,6 +155,7 @@ class FinerStride:
     windowed_macs: int | None = None
     weighed: bool = False
     chosen: str = "à trous"
+    tail_stitch_macs: int | None = None
 
     def __str__(self) -> str:
         exact = self.exact_stride or self.stride
@@ -172,7 +176,13 @@ class FinerStride:
             f"{way}: stride {self.stride[0]}x{self.stride[1]} from the FCN's {self.network_stride[0]}x"
             f"{self.network_stride[1]}{mark}: {self.macs / 1e9:.3g} GMAC{windowed}; sliding window at that stride "
             f"{self.sliding_macs / 1e9:.3g} GMAC ({self.sliding_macs / max(self.macs, 1):.1f} x), shift-and-stitch "
-            f"{self.stitch_macs / 1e9:.3g} GMAC, the FCN at its own stride {self.fcn_macs / 1e9:.3g} GMAC"
+            f"{self.stitch_macs / 1e9:.3g} GMAC"
+            + (
+                f", shift-and-stitch of the tail (engine 'stitch') {self.tail_stitch_macs / 1e9:.3g} GMAC"
+                if self.tail_stitch_macs is not None
+                else ""
+            )
+            + f", the FCN at its own stride {self.fcn_macs / 1e9:.3g} GMAC"
         )
 
 
