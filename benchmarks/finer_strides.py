@@ -47,16 +47,19 @@ With ``--engine tf`` (an earlier run, same machine):
 VGG16 (random weights) at 1024^2, S/2, S/4, S/8 (2026-12-06, the same shared
 2 cores, one run: ``--cases vgg16 --vgg-size 1024 --strides 16,8,4
 --sample-crops 64 --stitch-passes 2 --repeats 0``; à trous under ``xla``, the
-FCN at S under ``auto``: 17.3 s for 404 GMAC; "÷ its MAC ideal": the chosen
-way's seconds per GMAC over the FCN's; * extrapolated: the sliding window
+FCN at S under ``auto``: 17.3 s for 404 GMAC; * extrapolated: the sliding window
 from a band of 51, 101 and 201 of its 2601, 10201 and 40401 crops, naive
 shift-and-stitch from 2 of its 4, 16 and 64 shifted passes):
 
-| case | s | cells | à trous (GMAC, diff at FCN cells) | tail stitch (GMAC, diff) | chosen ÷ MAC ideal | naive stitch (GMAC) | sliding (GMAC) | ÷sliding | ÷naive stitch |
-|---|---|---|---|---|---|---|---|---|---|
-| VGG16 1024^2 | 16 | 2601 | 27.93 (642, 3.3e-06) | 34.57 (642, 3.5e-06) | à trous 1.02x | 82.8* (1617) | 1889* (40238) | 67.6x | 3.0x |
-| VGG16 1024^2 | 8 | 10201 | 92.83 (1667, 3.3e-06) | - | à trous 1.30x | 305* (6469) | 8417* (157812) | 90.7x | 3.3x |
-| VGG16 1024^2 | 4 | 40401 | 231.08 (6027, 3.3e-06) | - | à trous 0.90x | 1319* (25875) | 18124* (625014) | 78.4x | 5.7x |
+| s | cells | à trous (GMAC, diff) | tail stitch (GMAC, diff) | ÷ideal | naive stitch | sliding | ÷sliding | ÷stitch |
+|---|---|---|---|---|---|---|---|---|
+| 16 | 2601 | 27.93 (642, 3.3e-06) | 34.57 (642, 3.5e-06) | 1.02x | 82.8* (1617) | 1889* (40238) | 67.6x | 3.0x |
+| 8 | 10201 | 92.83 (1667, 3.3e-06) | - | 1.30x | 305* (6469) | 8417* (157812) | 90.7x | 3.3x |
+| 4 | 40401 | 231.08 (6027, 3.3e-06) | - | 0.90x | 1319* (25875) | 18124* (625014) | 78.4x | 5.7x |
+
+(à trous is the chosen way in every row: the faster of the two where both run;
+"÷ideal" is its seconds per GMAC over the FCN's; "diff" is at the FCN's cells
+for à trous, against à trous for the tail stitch.)
 
 At S/4 the cheapest exact way is 90.7x faster than the batched sliding window
 (the goal: 10x) and 1.30x its MAC ideal (the goal: 1.2x; the one FCN pass it is
