@@ -78,7 +78,12 @@ def stitch_plan(fcn, stride) -> StitchPlan:
         )
     made = _PLANS.setdefault(fcn, {})
     if target not in made:
-        made[target] = _plan(fcn, target, own)
+        try:
+            made[target] = _plan(fcn, target, own)
+        except ConversionError as error:
+            made[target] = error  # a refusal is found once: plans and engine choices ask again
+    if isinstance(made[target], ConversionError):
+        raise ConversionError(str(made[target]))
     return made[target]
 
 
