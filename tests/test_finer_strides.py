@@ -404,3 +404,19 @@ def test_the_thinned_fcn_or_the_windowed_map_is_chosen_by_counted_macs(monkeypat
 def test_a_stride_below_one_is_refused():
     with pytest.raises(InputError, match="at least 1 pixel"):
         at_stride(kfs.convert(_valid_classifier()), 0)
+
+
+def test_the_heatmap_command_at_a_stride_that_does_not_divide_the_networks(tmp_path, capsys):
+    from PIL import Image
+
+    from keras_fcn_surgery import cli
+
+    classifier = _valid_classifier()
+    model_file = tmp_path / "valid.keras"
+    classifier.save(model_file)
+    Image.fromarray((np.random.default_rng(14).random((56, 50, 3)) * 255).astype("uint8")).save(tmp_path / "a.png")
+    png = tmp_path / "heat.png"
+    args = ["heatmap", str(model_file), str(tmp_path / "a.png"), "--class", "1", "-o", str(png), "--stride", "6"]
+    assert cli.main(args) == 0
+    printed = capsys.readouterr().out
+    assert "map of 6x5 cells" in printed and "exact" in printed and png.is_file()  # (56 - 24) // 6 + 1, ...
