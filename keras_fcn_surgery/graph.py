@@ -96,6 +96,8 @@ class ModelFacts:
             a head convolution (None until asked).
         policy_copies: `inference.engines.policy_copy`'s copies of the model,
             by dtype policy.
+        stitch_plans: for an FCN à trous, `inference.stitch.stitch_plan`'s
+            plans (or the refusal), by stride.
     """
 
     traced: object = None
@@ -113,6 +115,7 @@ class ModelFacts:
     choices: dict = field(default_factory=dict)
     blas_split: bool | None = None
     policy_copies: dict = field(default_factory=dict)
+    stitch_plans: dict = field(default_factory=dict)
 
     # A copy of a model (copy, deepcopy, pickle) is another object: it learns its own facts.
     def __copy__(self) -> ModelFacts:
@@ -750,7 +753,7 @@ def _record_call(node, values: dict):
     return results
 
 
-def nodes_between(inputs, outputs, *, strict: bool = True) -> list[Call] | None:
+def nodes_between(inputs, outputs, *, strict: bool = True):
     """The calls (`Call`) that compute ``outputs`` from ``inputs``, each after its inputs.
 
     Args:

@@ -15,7 +15,7 @@ from keras import layers
 
 import keras_fcn_surgery as kfs
 from keras_fcn_surgery.errors import ConversionError, InputError
-from keras_fcn_surgery.surgery.atrous import AxisState, rarefy, rarefy_axis, same_padding_stays_exact
+from keras_fcn_surgery.surgery.atrous import AxisState, at_stride, rarefy, rarefy_axis, same_padding_stays_exact
 
 WINDOW = 24
 
@@ -239,8 +239,11 @@ def test_predict_map_of_an_fcn_at_a_finer_stride():
     image = np.random.default_rng(5).random((50, 47, 3), dtype=np.float32)
     scores = kfs.predict_map(fcn, image, stride=(2, 4), tile=(36, 40))
     assert _relative(scores, _map_hwc(rarefy(fcn, (2, 4)), image)) < 1e-5
-    with pytest.raises(InputError, match="stride 8x8; its map cannot be at stride 3x3"):
-        kfs.predict_map(fcn, image, stride=3)
+    # A stride that does not divide 8 (once refused): the map at stride 1, every third cell.
+    thinned = kfs.predict_map(fcn, image, stride=3)
+    assert _relative(thinned, _map_hwc(rarefy(fcn, 1), image)[::3, ::3]) < 1e-5
+    with pytest.raises(InputError, match="stride 8x8; its map cannot be at stride 16x16"):
+        kfs.predict_map(fcn, image, stride=16)  # a multiple: the classifier's windowed map
 
 
 def test_predict_map_refuses_a_layer_it_cannot_rarefy_by_name():
@@ -327,3 +330,93 @@ def test_the_heatmap_command_draws_the_a_trous_map_at_a_finer_stride(tmp_path, c
     assert cli.main(args) == 0
     printed = capsys.readouterr().out
     assert "map of 17x14 cells" in printed and "exact" in printed and png.is_file()
+
+
+# Strides that do not divide the network's: the finest exact stride below (gcd), every (s / g)-th cell kept.
+
+
+@pytest.mark.parametrize("stride", [6, 3, 12, (6, 4), 16])
+def test_a_stride_that_does_not_divide_the_networks_is_thinned_from_the_finest_exact_stride_below(stride):
+    classifier = _valid_classifier()
+    fcn = kfs.convert(classifier)
+    pair = (stride, stride) if isinstance(stride, int) else stride
+    exact = tuple(int(np.gcd(s, 8)) for s in pair)
+    thinned = at_stride(fcn, stride)
+    assert at_stride(fcn, stride) is thinned  # made once
+    grid = kfs.geometry(thinned, (WINDOW, WINDOW))
+    assert grid.stride == pair and grid.offset == (0, 0) and grid.receptive_field == (WINDOW, WINDOW)
+    image = np.random.default_rng(11).random((WINDOW + 29, WINDOW + 26, 3), dtype=np.float32)
+    scores = _map_hwc(thinned, image)
+    assert scores.shape[:2] == grid.output_size(image.shape[:2])
+    assert scores.shape[:2] == tuple((n - WINDOW) // s + 1 for n, s in zip(image.shape[:2], pair))
+    assert _relative(scores, _crops_reference(classifier, image, pair, scores.shape[:2])) < 1e-5
+    every = (pair[0] // exact[0], pair[1] // exact[1])
+    finest = _map_hwc(rarefy(fcn, exact), image)
+    np.testing.assert_allclose(scores, finest[:: every[0], :: every[1]], rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("stride", [6, (3, 4)])
+def test_predict_map_at_a_stride_that_does_not_divide_the_networks_is_exact_tiled_and_certified(stride):
+    classifier = _valid_classifier()
+    image = np.random.default_rng(12).random((WINDOW + 43, WINDOW + 35, 3), dtype=np.float32)
+    pair = (stride, stride) if isinstance(stride, int) else stride
+    plan = kfs.plan_prediction(classifier, image.shape[:2], stride=stride)
+    assert plan.method == "fcn" and plan.finer is not None and plan.finer.chosen == "à trous"
+    assert plan.finer.stride == pair and plan.finer.exact_stride == tuple(int(np.gcd(s, 8)) for s in pair)
+    assert plan.finer.weighed and plan.finer.windowed_macs is None  # the windowed map needs a multiple of 8
+    text = str(plan)
+    assert "the finest exact stride below" in text and "(chosen)" in text
+    assert "the windowed method cannot run at that stride" in text and "sliding window" in text
+    certified = kfs.predict_map(classifier, image, stride=stride, certify=12)
+    assert certified.certificate.exact
+    reference = _crops_reference(classifier, image, pair, certified.scores.shape[:2])
+    assert _relative(certified.scores, reference) < 1e-5
+    for tile in (32, (40, 36)):
+        tiled = kfs.predict_map(classifier, image, stride=stride, tile=tile)
+        assert _relative(tiled, certified.scores) < 1e-5
+    assert kfs.certify_map(classifier, image, certified.scores, 8, stride=stride).exact
+
+
+def test_a_same_network_at_a_stride_that_does_not_divide_its_own():
+    fcn = _same_fcn()  # stride 4: at 6, the map at 2 every third cell
+    image = np.random.default_rng(13).random((50, 46, 3), dtype=np.float32)
+    scores = kfs.predict_map(fcn, image, stride=6)
+    np.testing.assert_allclose(scores, _map_hwc(rarefy(fcn, 2), image)[::3, ::3], rtol=0, atol=1e-5)
+    assert kfs.geometry(at_stride(fcn, 6)).stride == (6, 6)
+    assert kfs.geometry(at_stride(fcn, 6)).offset == kfs.geometry(fcn).offset
+    tiled = kfs.predict_map(fcn, image, stride=6, tile=24)
+    assert _relative(tiled, scores) < 1e-5
+
+
+def test_the_thinned_fcn_or_the_windowed_map_is_chosen_by_counted_macs(monkeypatch):
+    from keras_fcn_surgery.inference import windowed
+
+    classifier = _valid_classifier()
+    fcn = windowed.conversion(classifier)[0]  # the FCN `as_fcn` keeps for it
+    monkeypatch.setattr(windowed, "windowed_macs", lambda *args: 1)  # the windowed map as good as free
+    assert windowed.choose_method(classifier, 6, "auto") == ("windowed", None)
+    monkeypatch.setattr(windowed, "windowed_macs", lambda *args: 10**15)
+    assert windowed.choose_method(classifier, 6, "auto") == ("fcn", at_stride(fcn, 6))
+    assert windowed.choose_method(classifier, 16, "auto") == ("windowed", None)  # a multiple: the windowed map
+    assert windowed.choose_method(classifier, 6, "fcn") == ("fcn", at_stride(fcn, 6))  # forced
+
+
+def test_a_stride_below_one_is_refused():
+    with pytest.raises(InputError, match="at least 1 pixel"):
+        at_stride(kfs.convert(_valid_classifier()), 0)
+
+
+def test_the_heatmap_command_at_a_stride_that_does_not_divide_the_networks(tmp_path, capsys):
+    from PIL import Image
+
+    from keras_fcn_surgery import cli
+
+    classifier = _valid_classifier()
+    model_file = tmp_path / "valid.keras"
+    classifier.save(model_file)
+    Image.fromarray((np.random.default_rng(14).random((56, 50, 3)) * 255).astype("uint8")).save(tmp_path / "a.png")
+    png = tmp_path / "heat.png"
+    args = ["heatmap", str(model_file), str(tmp_path / "a.png"), "--class", "1", "-o", str(png), "--stride", "6"]
+    assert cli.main(args) == 0
+    printed = capsys.readouterr().out
+    assert "map of 6x5 cells" in printed and "exact" in printed and png.is_file()  # (56 - 24) // 6 + 1, ...

@@ -181,7 +181,7 @@ def quiet_tensorflow_import() -> None:
     logging.getLogger("tensorflow").setLevel(logging.ERROR)
 
 
-EXECUTIONS = ("auto", "tf", "xla", "blas", "jax", "torch")
+EXECUTIONS = ("auto", "tf", "xla", "blas", "jax", "torch", "stitch")
 # `engines.PRECISIONS`, named here so that parsing arguments imports no TensorFlow.
 PRECISIONS = ("float32", "bfloat16", "float16")
 
@@ -214,7 +214,8 @@ def add_execution_argument(parser) -> None:
         default="auto",
         help="how each forward pass runs: auto (default: the fastest, measured on this machine on first use), "
         "tf, xla (XLA-compiled), blas (the classifier head in numpy's BLAS; CPU only), jax (jax.jit; "
-        "KERAS_BACKEND=jax), torch (PyTorch; KERAS_BACKEND=torch)",
+        "KERAS_BACKEND=jax), torch (PyTorch; KERAS_BACKEND=torch), stitch (a map at a --stride finer than the FCN's "
+        "by shift-and-stitch of its tail instead of à trous)",
     )
     parser.add_argument(
         "--precision",

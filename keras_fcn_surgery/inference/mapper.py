@@ -32,7 +32,7 @@ import numpy as np
 
 from keras_fcn_surgery.errors import InputError, UncertifiableMapError, UninformativeVerificationWarning
 from keras_fcn_surgery.grid.geometry import MapGrid, WindowGrid, geometry
-from keras_fcn_surgery.inference import engines, runner, staged, windowed
+from keras_fcn_surgery.inference import engines, runner, staged, stitch, windowed
 from keras_fcn_surgery.inference.certificate import (
     DEFAULT_CELLS,
     CertifiedMap,
@@ -46,7 +46,7 @@ from keras_fcn_surgery.inference.store import DiskMap, file_backed
 from keras_fcn_surgery.layout import ImageSpec
 from keras_fcn_surgery.saving.arguments import public_arguments
 from keras_fcn_surgery.saving.loading import load_model
-from keras_fcn_surgery.surgery.atrous import finer_stride_cost
+from keras_fcn_surgery.surgery.atrous import finer_stride_cost, origin_of
 from keras_fcn_surgery.surgery.convert import source_of
 from keras_fcn_surgery.surgery.fcn import OutputMaps, fcn_spec
 
@@ -380,7 +380,7 @@ class Mapper:
                 # Converting the reduced-precision twin's prefixes is verified at the precision's wider tolerance,
                 # so an untrained network's check "proves little" there; the map's certificate is what counts.
                 warnings.simplefilter("ignore", UninformativeVerificationWarning)
-                return windowed.plan_windows(
+                plan = windowed.plan_windows(
                     self._windows_model(),
                     image_size,
                     stride=self.stride,
@@ -390,6 +390,11 @@ class Mapper:
                     memory_budget=tiling.memory_budget,
                     keep=keep,
                 )
+            thinned = windowed.thinned_candidate(self.model, self.stride)  # the way not chosen, where there is one
+            finer = None if thinned is None else finer_stride_cost(thinned, image_size, plan.map_size)
+            if finer is None:
+                return plan
+            return replace(plan, finer=replace(finer, windowed_macs=plan.macs, weighed=True, chosen="windowed"))
         plan = staged.plan_fcn(
             self._fcn,
             image_size,
@@ -406,6 +411,13 @@ class Mapper:
             model, call_shape = staged.stage_calls(plan)[heaviest]
             costs = engines.precision_costs(model, call_shape, plan.stages[heaviest].engine or engines.native())
             plan = replace(plan, precision_costs=costs)
+        if finer is not None and stitch.stitch_refusal(self._fcn) is None:
+            origin = origin_of(self._fcn)
+            finer = replace(finer, tail_stitch_macs=stitch.stitch_cost(origin[0], origin[1], image_size))  # type: ignore[index]
+        if finer is not None and finer.exact_stride != finer.stride and self.classifier is not None:
+            # Thinned from the finest exact stride below: chosen over the windowed map, whose cost the plan shows.
+            macs = windowed.windowed_macs(self.classifier, image_size, finer.stride)
+            finer = replace(finer, windowed_macs=macs, weighed=True)
         return plan if finer is None else replace(plan, finer=finer)
 
     # --- maps --------------------------------------------------------------------------------------------------

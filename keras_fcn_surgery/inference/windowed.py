@@ -77,7 +77,7 @@ from keras_fcn_surgery.inference.store import DiskMap, Scratch, file_backed
 from keras_fcn_surgery.layout import ImageSpec, Layout
 from keras_fcn_surgery.names import runtime_name
 from keras_fcn_surgery.options import MAP_METHODS
-from keras_fcn_surgery.surgery.atrous import rarefy
+from keras_fcn_surgery.surgery.atrous import FinerStride, at_stride, rarefy
 from keras_fcn_surgery.surgery.convert import convert
 from keras_fcn_surgery.surgery.fcn import FcnSpec, as_fcn, is_fully_convolutional, map_outputs
 from keras_fcn_surgery.surgery.verify import compare_arrays, tolerance_for
@@ -214,6 +214,9 @@ class WindowedPlan:
             batches in flight, the memory the pass holds (``band_store``
             ``"disk"``: a temporary file instead, read window by window).
         band_store: ``"memory"`` or ``"disk"``.
+        finer: at a stride that neither divides nor is a multiple of the
+            classifier's FCN's, the `FinerStride` costs of the way not chosen
+            (its FCN à trous, thinned) next to this one; None otherwise.
     """
 
     image_size: tuple[int, int]
@@ -239,6 +242,7 @@ class WindowedPlan:
     band_rows: int = 0
     band_bytes: int = 0
     band_store: str = "memory"
+    finer: FinerStride | None = None
     _bands: tuple = field(default=(), repr=False, compare=False)  # (first row, stop row, needed) per band
     _split: object = field(default=None, repr=False, compare=False)
     _analysis: object = field(default=None, repr=False, compare=False)
@@ -279,6 +283,7 @@ class WindowedPlan:
             f"({self.saved:.1%} saved)"
             + ("; nothing is shared: this is the sliding window's cost" if self.split == "input" else "")
             + (f"; the FCN (not exact on crops) {gmac(self.fcn_macs)}" if self.fcn_macs is not None else ""),
+            *([str(self.finer)] if self.finer is not None else []),
         ]
         return "\n".join(lines)
 
@@ -457,13 +462,15 @@ def check_method(method) -> str:
 def route(model, stride, method: str, *, head: str = "window", input_size=None):
     """``("fcn", fcn)`` or ``("windowed", None)``: how `predict_map` computes the map of ``model``.
 
-    An FCN runs as itself, or à trous at a ``stride`` that divides its own
-    (`surgery.atrous.rarefy`); a classifier as `choose_method` says. Anything
-    else is returned as it is, for `predict_map`'s own checks to refuse.
+    An FCN runs as itself, or à trous at another ``stride``
+    (`surgery.atrous.at_stride`: at the finest exact stride below where
+    ``stride`` does not divide its own, every few cells kept); a classifier as
+    `choose_method` says. Anything else is returned as it is, for
+    `predict_map`'s own checks to refuse.
 
     Raises:
-        InputError: for ``method="windowed"`` or a ``stride`` that neither is
-            nor divides its own with an FCN, or an unknown ``method``.
+        InputError: for ``method="windowed"`` or a multiple of its stride with
+            an FCN (a windowed map of its classifier), or an unknown ``method``.
         ConversionError: an FCN with a layer that cannot be rarefied (named).
     """
     check_method(method)
@@ -478,13 +485,15 @@ def route(model, stride, method: str, *, head: str = "window", input_size=None):
         )
     if stride is not None:
         requested, own = runner.pair(stride, "stride"), tuple(geometry(model).stride)
-        if requested != own and divides(requested, own):
-            return "fcn", rarefy(model, requested)  # the same FCN, à trous: refused by name where not exact
-        if requested != own:
+        if requested != own and divides(own, requested):
             raise InputError(
                 f"The FCN '{model.name}' has stride {own[0]}x{own[1]}; its map cannot be at stride "
                 f"{requested[0]}x{requested[1]}. Pass the classifier with `stride=` for a windowed map at that stride."
             )
+        if requested != own:
+            # The same FCN à trous (at gcd(s, S), every (s / g)-th cell kept where s does not divide S): refused by
+            # name where not exact.
+            return "fcn", at_stride(model, requested)
     return "fcn", model
 
 
@@ -494,14 +503,17 @@ def choose_method(model, stride, method: str, *, head: str = "window", input_siz
     ``"auto"``: the classifier's FCN (``as_fcn(model, head=head,
     input_size=input_size)``) where it converts, has no global context and
     ``stride`` is None or its stride; at a ``stride`` that divides the FCN's,
-    the FCN à trous (`surgery.atrous.rarefy`) where it is exact; else windowed
-    (a classifier that takes any input size has no window: its FCN then, as
-    long as ``stride`` is None).
+    the FCN à trous (`surgery.atrous.rarefy`) where it is exact; at one that
+    neither divides nor is a multiple of it, the FCN à trous at the finest
+    exact stride below, thinned (`surgery.atrous.at_stride`), where it is exact
+    and costs fewer multiply-accumulates than the windowed map
+    (`thinned_if_cheaper`); else windowed (a classifier that takes any input
+    size has no window: its FCN then, as long as ``stride`` is None).
+    ``"fcn"``: the FCN, at any ``stride`` (`surgery.atrous.at_stride`).
 
     Raises:
         ConversionError: ``"fcn"`` for a classifier that does not convert, or
-            at a finer stride a layer cannot be rarefied (named).
-        InputError: ``"fcn"`` with a ``stride`` that neither is nor divides the FCN's.
+            at another stride a layer cannot be rarefied (named).
     """
     check_method(method)
     if method == "windowed":
@@ -515,26 +527,72 @@ def choose_method(model, stride, method: str, *, head: str = "window", input_siz
         return "fcn", fcn  # a windowed map takes one output; its FCN's maps of every output
     grid = geometry(fcn)
     requested = None if stride is None else runner.pair(stride, "stride")
-    finer = requested is not None and requested != tuple(grid.stride) and divides(requested, grid.stride)
+    other = requested is not None and requested != tuple(grid.stride)
+    finer = other and divides(requested, grid.stride)
     if method == "fcn":
-        if finer:
-            return "fcn", rarefy(fcn, requested)
-        if requested is not None and requested != tuple(grid.stride):
-            raise InputError(
-                f"The FCN of '{model.name}' has stride {grid.stride[0]}x{grid.stride[1]}; its map cannot be at "
-                f"stride {requested[0]}x{requested[1]}. Use `method='windowed'` for exact maps at other strides."
-            )
-        return "fcn", fcn
+        return "fcn", at_stride(fcn, requested) if other else fcn
     if finer and not grid.global_context:
         try:
             return "fcn", rarefy(fcn, requested)
         except ConversionError:
             return "windowed", None  # a layer à trous cannot make exact: the windowed map, as the plan says
-    if requested is not None and requested != tuple(grid.stride):
-        return "windowed", None
+    if other and not grid.global_context and not divides(grid.stride, requested):
+        thinned = thinned_if_cheaper(model, fcn, requested)
+        return ("windowed", None) if thinned is None else ("fcn", thinned)
+    if other:
+        return "windowed", None  # a multiple of the FCN's: the windowed map shares all it does, tails once per cell
     if grid.global_context and has_window(model):
         return "windowed", None
     return "fcn", fcn
+
+
+def thinned_candidate(model, stride):
+    """A classifier's FCN à trous at the finest exact stride below ``stride``, thinned to it
+    (`surgery.atrous.at_stride`), where ``stride`` neither divides nor is a multiple of the FCN's and that is
+    exact; else None."""
+    fcn, _ = conversion(model)
+    if fcn is None or stride is None:
+        return None
+    requested, grid = runner.pair(stride, "stride"), geometry(fcn)
+    if grid.global_context or divides(requested, grid.stride) or divides(grid.stride, requested):
+        return None
+    try:
+        return at_stride(fcn, requested)
+    except ConversionError:
+        return None  # a layer à trous cannot make exact there: the windowed map only
+
+
+def thinned_if_cheaper(model, fcn, stride):
+    """`at_stride` of ``fcn`` where it is exact and costs no more multiply-accumulates than ``model``'s windowed
+    map at ``stride``, on an image of `_REFERENCE_WINDOWS` windows a side; else None.
+
+    A map's cost grows with the image's area either way; this size counts both ways' borders as little as a
+    large image does, and the plan (`inference.mapper`) prints both costs at the image's own size.
+    """
+    try:
+        thinned = at_stride(fcn, stride)
+    except ConversionError:
+        return None
+    try:
+        found = analysis(model)
+    except ConversionError:
+        return thinned  # no window: the windowed map cannot run
+    size = tuple(w * _REFERENCE_WINDOWS for w in found.window)
+    macs = pass_cost(thinned, found.layout.batch_shape(1, size[0], size[1], found.channels)).macs
+    windowed = windowed_macs(model, size, stride)
+    return thinned if windowed is None or macs <= windowed else None
+
+
+_REFERENCE_WINDOWS = 4
+
+
+def windowed_macs(model, image_size, stride) -> int | None:
+    """Multiply-accumulates of ``model``'s windowed map of an image of ``image_size`` at ``stride`` (its cheapest
+    split), or None where it has none (no window, an image smaller than one, a stride it cannot take)."""
+    try:
+        return plan_windows(model, image_size, stride=stride).macs
+    except (ConversionError, InputError):
+        return None
 
 
 def divides(stride, own) -> bool:
@@ -543,12 +601,13 @@ def divides(stride, own) -> bool:
 
 
 def is_finer_stride(model, stride) -> bool:
-    """Whether ``stride`` is finer than that of the classifier's FCN and divides it: an à trous map's."""
+    """Whether the classifier's FCN may compute its map at ``stride`` à trous: ``stride`` is not the FCN's, nor a
+    multiple of it (`choose_method` decides between à trous and windowed)."""
     fcn, _ = conversion(model)
     if fcn is None or stride is None:
         return False
     requested, own = runner.pair(stride, "stride"), tuple(geometry(fcn).stride)
-    return requested != own and divides(requested, own)
+    return requested != own and not divides(own, requested)
 
 
 def has_window(model) -> bool:

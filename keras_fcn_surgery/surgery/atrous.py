@@ -7,6 +7,11 @@ by the strides removed before it. The result computes every cell of the map at
 stride s with the original weights: for a `valid` network, each cell is the
 classifier on its crop; the cells at multiples of S are the FCN's own.
 
+A stride s that does not divide S (s = 12 with S = 32, s = 3 with S = 8) is
+reached from the finest exact stride below it: `at_stride` rarefies to
+g = gcd(s, S) per axis and keeps every (s / g)-th cell of that map, which is
+the map at stride s (cell 0 stays where it was, so the offset is the FCN's).
+
 The arithmetic per axis is `rarefy_axis` (pure); `rarefy` walks the FCN's
 graph (nested models entered) and rebuilds it with the new strides and
 dilations, copying every weight. What it cannot rarefy exactly (a stride
@@ -17,6 +22,7 @@ unknown) is refused by name, with the way out: the windowed map.
 
 from __future__ import annotations
 
+import math
 import weakref
 from dataclasses import dataclass
 
@@ -120,8 +126,20 @@ class FinerStride:
         sliding_macs: those of the classifier on every window at ``stride``
             (the sliding window: one crop per cell).
         stitch_macs: those of naive shift-and-stitch: the FCN on each of the
-            ``(S_h / s_h) (S_w / s_w)`` shifted images.
+            ``(S_h / g_h) (S_w / g_w)`` shifted images (``g``: ``exact_stride``).
         fcn_macs: those of the FCN's own map, at its stride.
+        exact_stride: the stride ``g = gcd(s, S)`` per axis the rarefied FCN
+            computes every cell at; ``stride`` where it divides ``S``, else
+            every ``(s / g)``-th cell of that map is kept.
+        windowed_macs: those of the classifier's windowed map at ``stride``
+            (`inference.windowed`), when the plan weighed it and it can run
+            there; else None.
+        weighed: whether the plan chose between this way and the windowed
+            map (a stride that does not divide ``S``) by their costs.
+        chosen: the way the map is computed: ``"à trous"`` or ``"windowed"``.
+        tail_stitch_macs: those of shift-and-stitch of the tail
+            (`inference.stitch`: the head once, the tail per shift), the
+            execution ``engine="stitch"`` runs, where it can; else None.
     """
 
     network_stride: tuple[int, int]
@@ -130,13 +148,38 @@ class FinerStride:
     sliding_macs: int
     stitch_macs: int
     fcn_macs: int
+    exact_stride: tuple[int, int] | None = None
+    windowed_macs: int | None = None
+    weighed: bool = False
+    chosen: str = "à trous"
+    tail_stitch_macs: int | None = None
 
     def __str__(self) -> str:
+        exact = self.exact_stride or self.stride
+        thinned = (self.stride[0] // exact[0], self.stride[1] // exact[1])
+        way = "à trous"
+        if thinned != (1, 1):
+            way += (
+                f" at {exact[0]}x{exact[1]} (the finest exact stride below), every {thinned[0]}x{thinned[1]} cell kept"
+            )
+        windowed = ""
+        if self.weighed and self.windowed_macs is None:
+            windowed = "; the windowed method cannot run at that stride"
+        elif self.weighed and self.windowed_macs is not None:
+            mark = " (chosen)" if self.chosen == "windowed" else ""
+            windowed = f"; the windowed method at that stride{mark} {self.windowed_macs / 1e9:.3g} GMAC"
+        mark = " (chosen)" if self.weighed and self.chosen == "à trous" else ""
         return (
-            f"à trous: stride {self.stride[0]}x{self.stride[1]} from the FCN's {self.network_stride[0]}x"
-            f"{self.network_stride[1]}: {self.macs / 1e9:.3g} GMAC; sliding window at that stride "
+            f"{way}: stride {self.stride[0]}x{self.stride[1]} from the FCN's {self.network_stride[0]}x"
+            f"{self.network_stride[1]}{mark}: {self.macs / 1e9:.3g} GMAC{windowed}; sliding window at that stride "
             f"{self.sliding_macs / 1e9:.3g} GMAC ({self.sliding_macs / max(self.macs, 1):.1f} x), shift-and-stitch "
-            f"{self.stitch_macs / 1e9:.3g} GMAC, the FCN at its own stride {self.fcn_macs / 1e9:.3g} GMAC"
+            f"{self.stitch_macs / 1e9:.3g} GMAC"
+            + (
+                f", shift-and-stitch of the tail (engine 'stitch') {self.tail_stitch_macs / 1e9:.3g} GMAC"
+                if self.tail_stitch_macs is not None
+                else ""
+            )
+            + f", the FCN at its own stride {self.fcn_macs / 1e9:.3g} GMAC"
         )
 
 
@@ -163,7 +206,8 @@ def finer_stride_cost(finer, image_size, map_size) -> FinerStride | None:
         crop = grid.receptive_field if grid.exact else grid.min_input_size
     window = pass_cost(fcn, layout.batch_shape(1, crop[0], crop[1], channels)).macs
     whole = pass_cost(fcn, layout.batch_shape(1, size[0], size[1], channels)).macs
-    shifts = (grid.stride[0] // stride[0]) * (grid.stride[1] // stride[1])
+    exact = _finest_exact(stride, grid.stride)
+    shifts = (grid.stride[0] // exact[0]) * (grid.stride[1] // exact[1])
     return FinerStride(
         network_stride=tuple(grid.stride),  # type: ignore[arg-type]
         stride=stride,
@@ -171,6 +215,7 @@ def finer_stride_cost(finer, image_size, map_size) -> FinerStride | None:
         sliding_macs=window * int(map_size[0]) * int(map_size[1]),
         stitch_macs=whole * shifts,
         fcn_macs=whole,
+        exact_stride=exact,
     )
 
 
@@ -220,6 +265,57 @@ def rarefy(fcn, stride) -> keras.Model:
     return made[target]
 
 
+def at_stride(fcn, stride) -> keras.Model:
+    """The FCN computing ``fcn``'s map at any ``stride`` (``s`` or ``(s_h, s_w)``), exactly.
+
+    Where ``s`` divides the FCN's stride ``S``, `rarefy`. Elsewhere the map is
+    computed à trous at the finest exact stride below, ``g = gcd(s, S)`` per
+    axis, and every ``(s / g)``-th cell of it is kept (a strided slice of the
+    outputs): cell ``i`` of the result is cell ``i s / g`` of the map at ``g``,
+    whose window starts at ``i s`` pixels, the same offset and receptive field.
+    Made once per FCN and stride.
+
+    Args:
+        fcn: a fully convolutional model (what `convert` returns).
+        stride: the map's stride in pixels, per axis (any positive integer).
+
+    Returns:
+        A `keras.Model`: input and outputs as ``fcn``'s, maps at ``stride``.
+
+    Raises:
+        InputError: for a stride below 1.
+        ConversionError: naming the layer that cannot be rarefied to ``g``
+            exactly, and the way out (a windowed map).
+
+    Example:
+
+    ```python
+    every_12 = at_stride(fcn, 12)  # a stride-32 FCN à trous at 4, every third cell kept
+    ```
+    """
+    target = _pair(stride)
+    if any(s < 1 for s in target):
+        raise InputError(f"Expected a stride of at least 1 pixel. Received: {target[0]}x{target[1]}")
+    own = tuple(geometry(fcn).stride)
+    exact = _finest_exact(target, own)
+    if exact == target:
+        return rarefy(fcn, target)
+    made = model_facts(fcn).rarefied
+    if target not in made:
+        thinned = _Rarefier(fcn, exact, keep_every=(target[0] // exact[0], target[1] // exact[1])).build()
+        source, size = source_of(fcn)
+        if source is not None and size is not None:
+            remember_source(thinned, source, size)
+        made[target] = thinned
+        model_facts(thinned).origin = (weakref.ref(fcn), target)
+    return made[target]
+
+
+def _finest_exact(stride, own) -> tuple[int, int]:
+    """``gcd(s, S)`` per axis: the finest stride below ``stride`` that à trous reaches exactly."""
+    return math.gcd(int(stride[0]), int(own[0])), math.gcd(int(stride[1]), int(own[1]))
+
+
 def _pair(stride) -> tuple[int, int]:
     if isinstance(stride, (tuple, list)):
         if len(stride) != 2:
@@ -231,8 +327,8 @@ def _pair(stride) -> tuple[int, int]:
 class _Rarefier:
     """One walk of an FCN's graph (nested models entered): the states of its tensors, and the rebuilt model."""
 
-    def __init__(self, fcn, target: tuple[int, int]):
-        self.fcn, self.target = fcn, target
+    def __init__(self, fcn, target: tuple[int, int], keep_every: tuple[int, int] = (1, 1)):
+        self.fcn, self.target, self.keep_every = fcn, target, keep_every
         self.layout: Layout = model_layout(fcn)
         self.cloner = LayerCloner()
         self.windows: dict[int, tuple] = {}  # a shared layer's rarefied copy, by the source layer
@@ -258,8 +354,20 @@ class _Rarefier:
                     f"'{tensor.name}' reaches stride {kept[0]}x{kept[1]} (its strides cannot be split there). "
                     f"{WAY_OUT}"
                 )
+        name = f"{self.fcn.name}_atrous"
+        if self.keep_every != (1, 1):
+            outputs = [self.thin(tensor) for tensor in outputs]
+            stride = (self.target[0] * self.keep_every[0], self.target[1] * self.keep_every[1])
+            name = f"{self.fcn.name}_stride{stride[0]}x{stride[1]}"
         single = len(outputs) == 1 and not isinstance(self.fcn.output, (list, tuple, dict))
-        return keras.Model(new_input, outputs[0] if single else outputs, name=f"{self.fcn.name}_atrous")
+        return keras.Model(new_input, outputs[0] if single else outputs, name=name)
+
+    def thin(self, tensor):
+        """Every ``keep_every``-th cell of a map, from its first (a strided slice, which the geometry reads)."""
+        key = [slice(None)] * len(tensor.shape)
+        for axis, step in zip(self.layout.spatial_axes, self.keep_every):
+            key[axis] = slice(None, None, step)
+        return tensor[tuple(key)]
 
     def run(self, graph, inputs: list, input_states: list):
         """Rebuild ``graph`` on ``inputs`` (new tensors) whose states are ``input_states``."""
