@@ -12,7 +12,6 @@ import argparse
 import difflib
 import importlib
 import importlib.metadata
-import re
 import sys
 import warnings
 
@@ -21,31 +20,10 @@ from keras_fcn_surgery.commands.common import (
     EXIT_CONVERSION,
     EXIT_USAGE,
     check_paths_first,
+    cli_message,
     quiet_tensorflow_import,
     run_interruptible,
 )
-
-# Library messages name Python arguments; on the command line the same advice names flags.
-_PYTHON_TO_FLAGS = (
-    (re.compile(r"`?input_size=\(H, W\)`?(?: to `convert`)?"), "--input-size HxW"),
-    (re.compile(r"`?overwrite=True`?"), "--overwrite"),
-    (re.compile(r"`?verify=False`?"), "--no-verify"),
-    (re.compile(r"`?tile=None`?"), "no --tile"),
-    (re.compile(r"\(tile=\((\d+), (\d+)\)\)"), r"(--tile \1)"),
-    (re.compile(r"`?custom_objects=\{[^}]*\}\}?`?"), "--custom-objects FILE.py"),
-    (re.compile(r"`?head='(window|dense)'`?"), r"--head \1"),
-    (re.compile(r"`?verify_inputs=[a-z_]*`?"), "--verify-images DIR"),
-)
-# "pass overwrite=True (CLI: --overwrite)": keep the CLI's own spelling only.
-_WITH_CLI_SPELLING = re.compile(r"`?[A-Za-z_]+=[^\s`]*`? \(CLI: `?([^`)]*)`?(?:, [^)]*)?\)")
-
-
-def cli_message(text: str) -> str:
-    """A library error message with its Python advice spelt as command-line flags."""
-    text = _WITH_CLI_SPELLING.sub(lambda match: match.group(1), text)
-    for pattern, flags in _PYTHON_TO_FLAGS:
-        text = pattern.sub(flags, text)
-    return text
 
 
 def build_parser() -> argparse.ArgumentParser:

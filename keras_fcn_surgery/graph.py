@@ -11,6 +11,7 @@ import inspect
 import os
 import threading
 import traceback
+import weakref
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -144,6 +145,26 @@ def model_facts(model) -> ModelFacts:
                 facts = ModelFacts()
                 object.__setattr__(model, _FACTS, facts)
     return facts
+
+
+def remember_source(fcn, source, size) -> None:
+    """Record that ``fcn`` was converted from ``source`` at input size ``size`` (``(H, W)``), for `source_of`.
+
+    Kept on ``fcn`` (`graph.model_facts`), the classifier held weakly: `certify_map` reads it to know which
+    crop a cell stands for and what to run on it.
+    """
+    model_facts(fcn).source = (weakref.ref(source), (int(size[0]), int(size[1])))
+
+
+def source_of(fcn) -> tuple[keras.Model | None, tuple[int, int] | None]:
+    """The classifier ``fcn`` was converted from in this process and that classifier's ``(H, W)``.
+
+    ``(None, size)`` when the classifier is gone (garbage-collected), ``(None,
+    None)`` for an FCN not converted in this process (loaded from a file: the
+    file does not record it).
+    """
+    reference, size = model_facts(fcn).source or (None, None)
+    return (reference() if reference is not None else None), size
 
 
 def traced_model(model) -> keras.Model:

@@ -8,8 +8,8 @@ import sys
 import pytest
 from models import small_flatten_cnn
 
-from keras_fcn_surgery.cli import cli_message, main
-from keras_fcn_surgery.commands.common import EXIT_USAGE
+from keras_fcn_surgery.cli import main
+from keras_fcn_surgery.commands.common import EXIT_USAGE, cli_message
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -13,8 +13,7 @@ from keras import layers
 from models import small_flatten_cnn
 
 import keras_fcn_surgery as kfs
-from keras_fcn_surgery.graph import model_facts, traced_from, traced_model
-from keras_fcn_surgery.surgery.convert import source_of
+from keras_fcn_surgery.graph import model_facts, source_of, traced_from, traced_model
 
 
 class _Subclassed(keras.Model):

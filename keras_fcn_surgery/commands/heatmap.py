@@ -13,6 +13,7 @@ from keras_fcn_surgery.commands.common import (
     add_custom_objects_argument,
     add_execution_argument,
     add_method_arguments,
+    cli_message,
     load_source,
     parse_size,
     positive_int,
@@ -70,7 +71,6 @@ def add_parser(subparsers) -> None:
 def run(args) -> int:
 
     import keras_fcn_surgery as kfs
-    from keras_fcn_surgery.cli import cli_message
     from keras_fcn_surgery.exporting.preprocessing import pixel_function
     from keras_fcn_surgery.inference.heatmap import class_probabilities, heat_range, scale_labels
     from keras_fcn_surgery.saving.atomic import atomic_output, check_output_path

@@ -15,6 +15,7 @@ from keras_fcn_surgery.commands.common import (
     add_custom_objects_argument,
     add_execution_argument,
     add_method_arguments,
+    cli_message,
     load_source,
     parse_size,
     positive_int,
@@ -142,7 +143,6 @@ def nothing_to_do(args) -> int | None:
 
 def run(args) -> int:
     from keras_fcn_surgery.batch.run import predict_images
-    from keras_fcn_surgery.cli import cli_message
 
     # SIGINT/SIGTERM unwind through the writers (cli.main installs the handlers), so nothing partial stays.
     summary = predict_images(

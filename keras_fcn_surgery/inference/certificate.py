@@ -28,7 +28,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from keras_fcn_surgery.errors import ConversionError, InexactMapWarning, InputError, UncertifiableMapError
-from keras_fcn_surgery.graph import traced_model
+from keras_fcn_surgery.graph import source_of, traced_model
 from keras_fcn_surgery.grid import tiling
 from keras_fcn_surgery.grid.geometry import Geometry, geometry
 from keras_fcn_surgery.inference import engines, runner, windowed
@@ -36,7 +36,6 @@ from keras_fcn_surgery.layout import ImageSpec
 from keras_fcn_surgery.options import CERTIFIED_CELLS
 from keras_fcn_surgery.saving.record import source_input_size
 from keras_fcn_surgery.surgery.atrous import origin_of
-from keras_fcn_surgery.surgery.convert import source_of
 from keras_fcn_surgery.surgery.fcn import as_fcn, choose_output, fcn_spec, is_fully_convolutional, original_size
 from keras_fcn_surgery.surgery.verify import (
     RELATIVE_TOLERANCE,

@@ -31,6 +31,7 @@ import keras
 import numpy as np
 
 from keras_fcn_surgery.errors import InputError, UncertifiableMapError, UninformativeVerificationWarning
+from keras_fcn_surgery.graph import source_of
 from keras_fcn_surgery.grid.geometry import MapGrid, WindowGrid, geometry
 from keras_fcn_surgery.inference import engines, runner, staged, stitch, windowed
 from keras_fcn_surgery.inference.certificate import (
@@ -47,7 +48,6 @@ from keras_fcn_surgery.layout import ImageSpec
 from keras_fcn_surgery.saving.arguments import public_arguments
 from keras_fcn_surgery.saving.loading import load_model
 from keras_fcn_surgery.surgery.atrous import finer_stride_cost, origin_of
-from keras_fcn_surgery.surgery.convert import source_of
 from keras_fcn_surgery.surgery.fcn import OutputMaps, fcn_spec
 
 

@@ -11,9 +11,9 @@ record (then pass the classifier's input size, CLI: ``--input-size HxW``).
 
 from __future__ import annotations
 
+from keras_fcn_surgery.graph import source_of
 from keras_fcn_surgery.saving.atomic import atomic_output, pause_point
 from keras_fcn_surgery.saving.loading import recorded_source, write_record
-from keras_fcn_surgery.surgery.convert import source_of
 
 
 def source_input_size(model) -> tuple[int, int] | None:

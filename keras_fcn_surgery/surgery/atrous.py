@@ -40,12 +40,13 @@ from keras_fcn_surgery.graph import (
     node_arguments,
     nodes_in_order,
     operation_kind,
+    remember_source,
+    source_of,
 )
 from keras_fcn_surgery.grid.geometry import geometry
 from keras_fcn_surgery.inference.cost import pass_cost
 from keras_fcn_surgery.layout import Layout
 from keras_fcn_surgery.surgery.cloning import LayerCloner, copy_weights
-from keras_fcn_surgery.surgery.convert import remember_source, source_of
 from keras_fcn_surgery.surgery.pooling import DilatedAveragePooling2D, DilatedMaxPooling2D
 
 WAY_OUT = (

@@ -7,7 +7,6 @@ which then gives the plan table, builds the FCN and verifies it.
 from __future__ import annotations
 
 import warnings
-import weakref
 from dataclasses import dataclass, field
 
 import keras
@@ -19,9 +18,9 @@ from keras_fcn_surgery.graph import (
     input_name,
     is_graph_model,
     iter_layers,
-    model_facts,
     model_layout,
     producer_of,
+    remember_source,
 )
 from keras_fcn_surgery.names import runtime_name
 from keras_fcn_surgery.options import HEADS
@@ -344,26 +343,6 @@ def verify(
     result = compare_models(source, reference, inputs, tolerance=tolerance)
     warn_if_uninformative(source, result, stacklevel=2)
     return result
-
-
-def remember_source(fcn, source, size) -> None:
-    """Record that ``fcn`` was converted from ``source`` at input size ``size`` (``(H, W)``), for `source_of`.
-
-    Kept on ``fcn`` (`graph.model_facts`), the classifier held weakly: `certify_map` reads it to know which
-    crop a cell stands for and what to run on it.
-    """
-    model_facts(fcn).source = (weakref.ref(source), (int(size[0]), int(size[1])))
-
-
-def source_of(fcn) -> tuple[keras.Model | None, tuple[int, int] | None]:
-    """The classifier ``fcn`` was converted from in this process and that classifier's ``(H, W)``.
-
-    ``(None, size)`` when the classifier is gone (garbage-collected), ``(None,
-    None)`` for an FCN not converted in this process (loaded from a file: the
-    file does not record it).
-    """
-    reference, size = model_facts(fcn).source or (None, None)
-    return (reference() if reference is not None else None), size
 
 
 def nonfinite_weights(model) -> dict[str, list[str]]:
