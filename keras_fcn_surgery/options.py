@@ -8,7 +8,7 @@ loading TensorFlow.
 HEADS = ("window", "dense")
 
 # Preprocessing conventions: `keras.applications`' caffe, tf ([-1, 1]) and torch, and "unit" (pixels / 255, the
-# common Keras recipe `Rescaling(1 / 255)` left outside the model); see `keras_fcn_surgery.exporting.preprocessing`.
+# common Keras recipe `Rescaling(1 / 255)` left outside the model); see `keras_fcn_surgery.preprocessing`.
 PREPROCESS_MODES = ("none", "caffe", "tf", "torch", "unit")
 
 EXPORT_FORMATS = ("savedmodel", "onnx", "tflite", "openvino", "torch")

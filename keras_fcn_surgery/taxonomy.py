@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import keras
 
-from keras_fcn_surgery.surgery.pooling import DilatedAveragePooling2D, DilatedMaxPooling2D
+from keras_fcn_surgery.dilated_pooling import DilatedAveragePooling2D, DilatedMaxPooling2D
 
 _layers = keras.layers
 

@@ -14,8 +14,8 @@ import pytest
 from keras import layers
 
 import keras_fcn_surgery as kfs
+from keras_fcn_surgery.dilated_pooling import DilatedAveragePooling2D, DilatedMaxPooling2D
 from keras_fcn_surgery.surgery.atrous import at_stride, rarefy
-from keras_fcn_surgery.surgery.pooling import DilatedAveragePooling2D, DilatedMaxPooling2D
 
 FORMATS = [
     pytest.param("onnx", marks=()),

@@ -5,7 +5,7 @@ import pytest
 from keras.applications import imagenet_utils
 
 import keras_fcn_surgery as kfs
-from keras_fcn_surgery.exporting.preprocessing import CONVENTIONS, pixel_function, preprocess_images
+from keras_fcn_surgery.preprocessing import CONVENTIONS, pixel_function, preprocess_images
 
 
 @pytest.mark.parametrize("mode", ["caffe", "tf", "torch"])

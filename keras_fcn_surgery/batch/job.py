@@ -23,10 +23,10 @@ from keras_fcn_surgery.batch.outputs import output_paths
 from keras_fcn_surgery.batch.readers import LevelArray, choose_level, open_reader
 from keras_fcn_surgery.batch.sources import IMAGE_SUFFIXES, Source
 from keras_fcn_surgery.errors import ConversionError, InputError, ModelFileError, first_line
-from keras_fcn_surgery.exporting.preprocessing import pixel_function
 from keras_fcn_surgery.grid.geometry import MapGrid, WindowGrid
 from keras_fcn_surgery.inference.mapper import MapMethod, MapOptions, Mapper
 from keras_fcn_surgery.options import DEFAULT_OME_ZARR_VERSION
+from keras_fcn_surgery.preprocessing import pixel_function
 from keras_fcn_surgery.segmentation.predict import is_segmenter, run_segmenter
 from keras_fcn_surgery.surgery.fcn import OutputMaps
 

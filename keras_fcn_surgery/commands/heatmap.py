@@ -71,8 +71,8 @@ def add_parser(subparsers) -> None:
 def run(args) -> int:
 
     import keras_fcn_surgery as kfs
-    from keras_fcn_surgery.exporting.preprocessing import pixel_function
     from keras_fcn_surgery.inference.heatmap import class_probabilities, heat_range, scale_labels
+    from keras_fcn_surgery.preprocessing import pixel_function
     from keras_fcn_surgery.saving.atomic import atomic_output, check_output_path
     from keras_fcn_surgery.saving.images import read_image
 

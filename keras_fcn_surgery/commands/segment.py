@@ -32,9 +32,9 @@ def run(args) -> int:
 
     import keras_fcn_surgery as kfs
     from keras_fcn_surgery.commands.common import read_class_names
-    from keras_fcn_surgery.exporting.preprocessing import pixel_function
     from keras_fcn_surgery.graph import model_layout
     from keras_fcn_surgery.inference.pictures import label_overlay
+    from keras_fcn_surgery.preprocessing import pixel_function
     from keras_fcn_surgery.saving.atomic import atomic_output, check_output_path
     from keras_fcn_surgery.saving.images import read_image
     from keras_fcn_surgery.segmentation.predict import is_segmenter, segment_image

@@ -41,8 +41,8 @@ import numpy as np
 
 from keras_fcn_surgery.errors import ConversionError, ExportError, ModelFileError, first_line
 from keras_fcn_surgery.exporting.pipeline import Destination, ExportFormat, check_choice, image_channels
-from keras_fcn_surgery.exporting.preprocessing import PREPROCESS_MODES, decode_images, preprocess_images
 from keras_fcn_surgery.graph import model_layout, output_names
+from keras_fcn_surgery.preprocessing import PREPROCESS_MODES, decode_images, preprocess_images
 from keras_fcn_surgery.saving.atomic import atomic_folder, refuse_foreign_files
 
 SERVING_DEFAULT = "serving_default"

@@ -10,9 +10,9 @@ import keras
 import numpy as np
 
 from keras_fcn_surgery.errors import InputError
-from keras_fcn_surgery.exporting.preprocessing import pixel_function
 from keras_fcn_surgery.graph import model_layout
 from keras_fcn_surgery.options import PREPROCESS_MODES
+from keras_fcn_surgery.preprocessing import pixel_function
 from keras_fcn_surgery.saving.images import PILLOW_MODES, read_image
 from keras_fcn_surgery.saving.loading import as_model
 

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 import keras
 
 from keras_fcn_surgery import taxonomy
+from keras_fcn_surgery.dilated_pooling import DilatedAveragePooling2D, DilatedMaxPooling2D
 from keras_fcn_surgery.errors import ConversionError, InputError
 from keras_fcn_surgery.graph import (
     describe,
@@ -47,7 +48,6 @@ from keras_fcn_surgery.grid.geometry import geometry
 from keras_fcn_surgery.inference.cost import pass_cost
 from keras_fcn_surgery.layout import Layout
 from keras_fcn_surgery.surgery.cloning import LayerCloner, copy_weights
-from keras_fcn_surgery.surgery.pooling import DilatedAveragePooling2D, DilatedMaxPooling2D
 
 WAY_OUT = (
     "Use `method='windowed'` (the classifier's tail on every window, at any multiple of its shared stride) or "
