@@ -66,6 +66,13 @@ _MACS_PER_SPILLED_ELEMENT = 800
 _MIN_SAVING = 0.05
 # A masked plan tries smaller tiles for a stage down to this many tiles.
 _MAX_MASKED_TILES = 2048
+# What a masked plan charges for each shape of forward call it adds: a trace or XLA compilation took about
+# 0.1 s (0.02-0.4 s) for a VGG16 stage's tile on 2 cores, some 8 GMAC at its rate.
+_MACS_PER_SHAPE = 8_000_000_000
+# How a masked plan may crop tiles to their needed cells: (step in cells, None for a quarter tile; whether
+# a tile may be split), and how many times a tile may be halved around the mask's edges and holes.
+_MASKED_CROPS = ((1, True), (1, False), (None, False))
+_MASKED_SPLITS = 4
 # A candidate cut starts a new stride level when the map shrinks at least this much since the last.
 _STRIDE_STEP = 1.5
 
@@ -289,7 +296,12 @@ def plan_fcn(
         per_model[key] = _Planner(fcn, size, key[1], batch_size, budget).plan(staged)
     plan = per_model[key]
     if keep is not None:
-        plan = _masked(plan, _keep_mask(keep, plan.map_size), batch_given=batch_size is not None)
+        mask = _keep_mask(keep, plan.map_size)
+        own = None
+        if plan.tile is not None and staged is not False and mask.any() and not mask.all():
+            # a mask keeping every cell computes what no mask does: the unmasked plan's cuts and tiles
+            own = _Planner(fcn, size, key[1], batch_size, budget).masked(staged, mask)
+        plan = own if own is not None else _masked(plan, mask, batch_given=batch_size is not None)
     if engine is not None:
         plan = engines.with_engine(plan, fcn, engine, calls=stage_calls(plan))
     return plan
@@ -310,62 +322,103 @@ def _keep_mask(keep, map_size) -> np.ndarray:
     return mask.astype(bool, copy=False)
 
 
-def _masked(plan: PredictionPlan, keep: np.ndarray, *, batch_given: bool) -> PredictionPlan:
+def _masked(plan: PredictionPlan, keep: np.ndarray, *, batch_given: bool, needed_by_stage=None) -> PredictionPlan:
     """``plan`` restricted to what the kept cells need, working back from the last stage.
 
     Each stage runs the tiles that write a cell the kept cells depend on (for
     the last stage, a kept cell; for the others, a cell in the windows of the
     needed cells of the stage after), each shortened to the needed cells it
-    writes (`tiling.crop_tile`); of the planned tiles and smaller ones, the
-    tiling that computes least is kept. The needed cells of the stage before
-    are the windows of this stage's needed cells, so tile overlaps do not add
-    up from stage to stage.
+    writes (`tiling.crop_tile`) or split into smaller such tiles where that
+    computes less (`_masked_stage`). The needed cells of the stage before are
+    the windows of this stage's needed cells, so tile overlaps do not add up
+    from stage to stage; ``needed_by_stage`` gives them (each stage's output
+    cells) where the caller has them already.
     """
     needed = keep
     stages, runs = list(plan.stages), list(plan._runs)
     for index in reversed(range(len(stages))):
         stage, run = stages[index], runs[index]
-        options = [(run.axis_plans, stage.tile, stage.batch_size)]
-        if plan.tile is not None:
-            options += _finer_tilings(run, stage, batch_given)
-        best: tuple | None = None
-        for axis_plans, tile, batch in options:
-            tiles = _needed_tiles(run.model, axis_plans, tile, needed)
-            macs, calls = 0, 0
-            for shape, count in _shape_counts(tiles).items():
-                macs += count * pass_cost(run.model, run.spec.layout.batch_shape(1, *shape, run.spec.channels)).macs
-                calls += -(-count // batch)
-            cost = macs + calls * _MACS_PER_CALL
-            if best is None or cost < best[0]:
-                best = (cost, axis_plans, tile, batch, tiles, macs)
-        assert best is not None  # the planned tiling is always an option
-        _, axis_plans, tile, batch, tiles, macs = best
-        area = sum((r.stop - r.start) * (c.stop - c.start) for r, c in tiles)
+        if needed_by_stage is not None:
+            needed = needed_by_stage[index]
+        planned = (run.axis_plans, stage.tile, stage.batch_size)
+        finer, given = plan.tile is not None, batch_given
+        best = _masked_stage(run.model, run.spec, planned, stage.input_size, needed, finer=finer, batch_given=given)
+        area = sum((r.stop - r.start) * (c.stop - c.start) for r, c in best.tiles)
         stages[index] = replace(
             stage,
-            tile=tile,
-            tiles=len(tiles),
-            batch_size=batch,
+            tile=best.tile,
+            tiles=len(best.tiles),
+            batch_size=best.batch,
             computed_area=area / (stage.input_size[0] * stage.input_size[1]),
-            macs=macs,
+            macs=best.macs,
         )
         last = index == len(stages) - 1
         runs[index] = replace(
-            run, axis_plans=axis_plans, batch_size=batch, tiles=tuple(tiles), keep=keep if last else None
+            run, axis_plans=best.axis_plans, batch_size=best.batch, tiles=tuple(best.tiles), keep=keep if last else None
         )
-        if index:  # the cells the stage before must write (the first stage's input, the image, is all there)
+        if index and needed_by_stage is None:  # the cells the stage before must write (the image is all there)
             needed = _cells_read(run.model, stage.input_size, needed)
     return replace(plan, stages=tuple(stages), _runs=tuple(runs), kept_fraction=float(keep.mean()))
 
 
-def _needed_tiles(model, axis_plans, tile, needed: np.ndarray) -> list:
-    """The tiles that write a needed cell, each cropped to the needed cells it writes (rows, then columns)."""
+@dataclass(frozen=True)
+class _MaskedTiling:
+    """How one stage writes its needed cells: its tiling, the tiles it runs and what they cost."""
+
+    cost: float
+    axis_plans: list
+    tile: tuple[int, int]
+    batch: int
+    tiles: list
+    macs: int
+
+
+def _masked_stage(model, spec, planned, input_size, needed: np.ndarray, *, finer: bool, batch_given: bool):
+    """The cheapest tiles found that write the ``needed`` output cells of one stage: a `_MaskedTiling`.
+
+    ``planned`` is the stage's ``(axis_plans, tile, batch)``; with ``finer``,
+    tilings at a half, a quarter... of its tile side are tried too. Each
+    tiling's tiles that write a needed cell are cropped to the needed cells
+    they write, in steps of one cell or of a quarter tile, and each is kept
+    whole or split (`_cover`); the cost counts the multiply-accumulates, the
+    forward calls and each new call shape (a trace or compilation).
+    """
+    options = [planned]
+    if finer:
+        options += _finer_tilings(model, input_size, planned[1], planned[2], batch_given)
+    macs_of = functools.lru_cache(maxsize=None)(
+        lambda shape: pass_cost(model, spec.layout.batch_shape(1, *shape, spec.channels)).macs
+    )
+    best: _MaskedTiling | None = None
+    for axis_plans, tile, batch in options:
+        for quantum, split in _MASKED_CROPS:
+            tiles = _needed_tiles(model, axis_plans, tile, needed, quantum, macs_of if split else None)
+            macs, cost = 0, 0.0
+            for shape, count in _shape_counts(tiles).items():
+                macs += count * macs_of(shape)
+                # a batch dimension of its own for the last, partial batch: one more shape to trace or compile
+                shapes = 1 + (count > batch and count % batch > 0)
+                cost += -(-count // batch) * _MACS_PER_CALL + shapes * _MACS_PER_SHAPE
+            cost += macs
+            if best is None or cost < best.cost:
+                best = _MaskedTiling(cost, axis_plans, tile, batch, tiles, macs)
+    assert best is not None  # the planned tiling is always an option
+    return best
+
+
+def _needed_tiles(model, axis_plans, tile, needed: np.ndarray, quantum: int | None = None, macs_of=None) -> list:
+    """The tiles that write a needed cell, each cropped to the needed cells it writes (rows, then columns).
+
+    Crops go in steps of ``quantum`` cells, or of a quarter of the tile's
+    cells for None (a few tile shapes per stage, each traced or compiled
+    once). With ``macs_of`` (a tile shape's multiply-accumulates), a tile is
+    split where its halves compute less (`_cover`).
+    """
     grid = geometry(model)
     cells = grid.output_size(tile)
     inner = grid.exact_cells(tile, at_image_start=(False, False), at_image_end=(False, False))
     margins = [(start, count - stop) for (start, stop), count in zip(inner, cells)]
-    # Crops in quarters of a tile: a few tile shapes per stage, each traced (or compiled) once.
-    quanta = [max(1, count // 4) for count in cells]
+    quanta = [max(1, count // 4) if quantum is None else quantum for count in cells]
     rows, cols = axis_plans
     selected = tiling.tiles_touching(needed, rows, cols)
     found: list = []
@@ -374,16 +427,52 @@ def _needed_tiles(model, axis_plans, tile, needed: np.ndarray) -> list:
     )
     for i, j in zip(*np.nonzero(selected)):
         row, col = rows[i], cols[j]
-        block = needed[row.out_start : row.out_stop, col.out_start : col.out_stop]
-        used_rows, used_cols = np.flatnonzero(block.any(axis=1)), np.flatnonzero(block.any(axis=0))
-        cropped = []
-        for axis, (part, used) in enumerate(((row, used_rows), (col, used_cols))):
-            start, stop = part.out_start + int(used[0]), part.out_start + int(used[-1]) + 1
-            cropped.append(
+
+        def crop(first_row, last_row, first_col, last_col, row=row, col=col):
+            cropped = tuple(
                 tiling.crop_tile(part, cells[axis], start, stop, grid.stride[axis], *margins[axis], quanta[axis])
+                for axis, (part, start, stop) in enumerate(((row, first_row, last_row), (col, first_col, last_col)))
             )
-        found.append(_exact_or_whole((row, col), tuple(cropped), exact_cells, axis_plans))
+            return _exact_or_whole((row, col), cropped, exact_cells, axis_plans)
+
+        block = needed[row.out_start : row.out_stop, col.out_start : col.out_stop]
+        found += _cover(block, (row.out_start, col.out_start), crop, macs_of, _MASKED_SPLITS)[0]
     return found
+
+
+def _cover(block: np.ndarray, origin, crop, macs_of, depth: int) -> tuple[list, float]:
+    """Tiles writing the True cells of ``block`` (cells of the map from ``origin``), and their cost.
+
+    One tile cropped to the box of the True cells (``crop`` of that box in map
+    cells), or, with ``macs_of`` and ``depth`` left, that box halved across
+    its longer side and each half covered alike, where the halves compute less
+    (a tile across a mask's edge, or around a hole, computes its whole box).
+    """
+    used_rows, used_cols = np.flatnonzero(block.any(axis=1)), np.flatnonzero(block.any(axis=0))
+    if not len(used_rows):
+        return [], 0.0
+    r0, r1, c0, c1 = int(used_rows[0]), int(used_rows[-1]) + 1, int(used_cols[0]), int(used_cols[-1]) + 1
+    whole = crop(origin[0] + r0, origin[0] + r1, origin[1] + c0, origin[1] + c1)
+    if macs_of is None:
+        return [whole], 0.0
+    cost = macs_of(tuple(t.stop - t.start for t in whole)) + _MACS_PER_CALL
+    box = block[r0:r1, c0:c1]
+    if not depth or box.all() or max(r1 - r0, c1 - c0) < 2:
+        return [whole], cost
+    if r1 - r0 >= c1 - c0:
+        middle = (r0 + r1) // 2
+        halves = [(block[r0:middle, c0:c1], (r0, c0)), (block[middle:r1, c0:c1], (middle, c0))]
+    else:
+        middle = (c0 + c1) // 2
+        halves = [(block[r0:r1, c0:middle], (r0, c0)), (block[r0:r1, middle:c1], (r0, middle))]
+    parts, total = [], 0.0
+    for half, (dr, dc) in halves:
+        tiles, half_cost = _cover(half, (origin[0] + dr, origin[1] + dc), crop, macs_of, depth - 1)
+        parts += tiles
+        total += half_cost
+    # each piece may be a call shape of its own: a split must save more than tracing it costs
+    total += _MACS_PER_SHAPE * (len(parts) - 1)
+    return (parts, total) if total < cost else ([whole], cost)
 
 
 def _exact_or_whole(whole, cropped, exact_cells, axis_plans) -> tuple:
@@ -428,23 +517,23 @@ def _cells_read(model, input_size, needed: np.ndarray) -> np.ndarray:
     return tiling.pixels_read(input_size, windows[0], windows[1], needed)
 
 
-def _finer_tilings(run: _StageRun, stage: StagePlan, batch_given: bool) -> list:
-    """The stage's exact tilings at a half, a quarter... of its tile side, as long as they keep cells."""
-    grid = geometry(run.model)
-    found, side = [], stage.tile
+def _finer_tilings(model, input_size, tile, batch: int, batch_given: bool) -> list:
+    """A stage's exact tilings at a half, a quarter... of its tile side, as long as they keep cells."""
+    grid = geometry(model)
+    found, side = [], tile
     while min(side) >= 2:
         side = (max(1, side[0] // 2), max(1, side[1] // 2))
         try:
-            axis_plans = runner.plan_tiles(stage.input_size, grid, side)
+            axis_plans = runner.plan_tiles(input_size, grid, side)
         except ConversionError:
             break
         if len(axis_plans[0]) * len(axis_plans[1]) > _MAX_MASKED_TILES:
             break  # tiles this small overlap more than they save, and planning them takes seconds
-        tile = _tile_size(axis_plans)
-        if tile == stage.tile:
+        smaller = _tile_size(axis_plans)
+        if smaller == tuple(tile):
             continue
-        scale = (stage.tile[0] * stage.tile[1]) // max(1, tile[0] * tile[1])
-        found.append((axis_plans, tile, stage.batch_size if batch_given else max(1, stage.batch_size * scale)))
+        scale = (tile[0] * tile[1]) // max(1, smaller[0] * smaller[1])
+        found.append((axis_plans, smaller, batch if batch_given else max(1, batch * scale)))
     return found
 
 
@@ -530,7 +619,7 @@ class _Planner:
             "on every pixel and no stage after it can be tiled. Use `tile=None` (one whole-image pass)."
         )
 
-    def _staged_chain(self, staged):
+    def _staged_chain(self, staged, keep=None):
         graph = graph_of(self.fcn)
         shapes = tensor_shapes(self.fcn, self._shape(self.size, self.spec.channels))
         cuts = _cut_tensors(graph, shapes, self.spec.layout)
@@ -547,6 +636,7 @@ class _Planner:
         cache: dict = {}
 
         last = len(bounds) - 1
+        masked_cost = None if keep is None else self._masked_cost(keep)
 
         def cost(i, j):
             if staged and (i, j) == (0, last):
@@ -554,10 +644,12 @@ class _Planner:
             if (i, j) not in cache:
                 cache[(i, j)] = self._candidate(i, j)
             candidate = cache[(i, j)]
-            return None if candidate is None else candidate.cost
+            if candidate is None or masked_cost is None:
+                return None if candidate is None else candidate.cost
+            return masked_cost(i, j, candidate)
 
         chain, total = stage_math.cheapest_chain(last, cost)
-        if not chain or len(chain) == 2:
+        if not chain or (len(chain) == 2 and keep is None):
             if staged:
                 raise ConversionError(
                     f"Model '{self.fcn.name}' cannot be staged at tiles of {self.tile}: no chain of stages can "
@@ -600,6 +692,69 @@ class _Planner:
             spill = elements * self.itemsize > self.budget
             cost += elements * (_MACS_PER_SPILLED_ELEMENT if spill else _MACS_PER_STORED_ELEMENT)
         return _Candidate(model, axis_plans, tile, tiles, one.macs, one.peak_elements, cost)
+
+    def masked(self, staged, keep: np.ndarray) -> PredictionPlan | None:
+        """The plan of the ``keep`` cells with cuts and tiles of their own; None where it has no stages to choose.
+
+        The cuts are the cheapest chain for the kept cells: each candidate
+        stage is costed by the tiles that write the cells the kept cells need
+        of its output (`_masked_stage`), so a mask may cut where the unmasked
+        plan does not (a cut before a head of valid convolutions, whose tiles
+        then compute the kept cells and little else).
+        """
+        unmasked = self.plan(staged)  # the whole pass's and plain tiles' work, the activation budget
+        found = self._staged_chain(staged, keep)
+        if found is None:
+            return None
+        stages = found[0]
+        batches = [self._batch(candidate) for _, _, candidate in stages]
+        plan = self._build(stages, batches, unmasked.whole_macs, unmasked.plain_macs)
+        needed = [self.needed[self.bounds.index(stop)] for _, stop, _ in stages]
+        return _masked(plan, keep, batch_given=self.batch_size is not None, needed_by_stage=needed)
+
+    def _batch(self, candidate) -> int:
+        return self.batch_size or max(1, min(candidate.tiles, self.reference // max(candidate.tile_peak, 1)))
+
+    def _masked_cost(self, keep: np.ndarray):
+        """``cost(i, j, candidate)`` of a stage writing only the cells that ``keep``'s cells need of its output."""
+        last = len(self.bounds) - 1
+        self.needed = {last: keep}
+        costs: dict = {}
+
+        def needed_at(j):
+            if j not in self.needed:
+                # Windows of the kept cells through the rest of the network at once: a box per kept cell.
+                rest = _stage_model(self.fcn, self.bounds[j], self.bounds[last])
+                size = tuple(int(d) for d in self.spec.layout.spatial_shape(self.shapes[id(self.bounds[j])]))
+                try:
+                    self.needed[j] = _cells_read(rest, size, keep)
+                except ConversionError:
+                    self.needed[j] = None
+            return self.needed[j]
+
+        def cost(i, j, candidate):
+            if (i, j) not in costs:
+                needed = needed_at(j)
+                if needed is None:
+                    costs[(i, j)] = None
+                    return None
+                rows, cols = candidate.axis_plans
+                spec = self.spec
+                if i:
+                    spec = runner.ImageSpec(spec.layout, int(spec.layout.channels(self.shapes[id(self.bounds[i])])))
+                planned = (candidate.axis_plans, candidate.tile, self._batch(candidate))
+                size = (rows[-1].stop, cols[-1].stop)
+                given = self.batch_size is not None
+                best = _masked_stage(candidate.model, spec, planned, size, needed, finer=True, batch_given=given)
+                total = best.cost
+                if j < last:
+                    elements = int(needed.sum()) * int(self.spec.layout.channels(self.shapes[id(self.bounds[j])]))
+                    spill = int(np.prod(self.shapes[id(self.bounds[j])][1:])) * self.itemsize > self.budget
+                    total += elements * (_MACS_PER_SPILLED_ELEMENT if spill else _MACS_PER_STORED_ELEMENT)
+                costs[(i, j)] = total
+            return costs[(i, j)]
+
+        return cost
 
     def _deep_tile(self, model, in_size, channels):
         """The requested tile scaled to a deeper stage's map, as large as one call's activation budget allows."""
