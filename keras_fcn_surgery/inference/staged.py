@@ -19,7 +19,6 @@ reports it all; `predict_map` runs it.
 
 from __future__ import annotations
 
-import functools
 import weakref
 from dataclasses import dataclass, field, replace
 
@@ -42,7 +41,7 @@ from keras_fcn_surgery.grid import stages as stage_math
 from keras_fcn_surgery.grid import tiling
 from keras_fcn_surgery.grid.geometry import geometry
 from keras_fcn_surgery.inference import engines, runner
-from keras_fcn_surgery.inference.cost import pass_cost
+from keras_fcn_surgery.inference.cost import layer_costs, pass_cost
 from keras_fcn_surgery.inference.store import Scratch
 from keras_fcn_surgery.surgery.atrous import FinerStride
 
@@ -66,13 +65,14 @@ _MACS_PER_SPILLED_ELEMENT = 800
 _MIN_SAVING = 0.05
 # A masked plan tries smaller tiles for a stage down to this many tiles.
 _MAX_MASKED_TILES = 2048
-# What a masked plan charges for each shape of forward call it adds: a trace or XLA compilation took about
-# 0.1 s (0.02-0.4 s) for a VGG16 stage's tile on 2 cores, some 8 GMAC at its rate.
-_MACS_PER_SHAPE = 8_000_000_000
+# What a masked plan charges for each shape of forward call it adds: a new shape under "tf" (its trace
+# generalised) took about 0.1 s for VGG16's block3 stage on 2 cores, where a 15 GMAC tile took 1.1 s. Masked
+# stages of many shapes run traced, not under XLA (`engines.COMPILED_SHAPES`).
+_MACS_PER_SHAPE = 1_500_000_000
 # How a masked plan may crop tiles to their needed cells: (step in cells, None for a quarter tile; whether
 # a tile may be split), and how many times a tile may be halved around the mask's edges and holes.
 _MASKED_CROPS = ((1, True), (1, False), (None, False))
-_MASKED_SPLITS = 4
+_MASKED_SPLITS = 5
 # A candidate cut starts a new stride level when the map shrinks at least this much since the last.
 _STRIDE_STEP = 1.5
 
@@ -248,6 +248,13 @@ class _StageRun:
     tiles: tuple | None = None  # the (rows, cols) tiles to run, of a masked plan; None: all of axis_plans
     keep: object = None  # the last stage's boolean cell mask; cells outside it are written as NaN
 
+    def call_shapes(self) -> int:
+        """How many input shapes its forward calls take (batch included): each a trace, or an XLA compilation."""
+        if self.tiles is None:
+            return 1
+        counts = _shape_counts(self.tiles).values()
+        return sum(1 + (count > self.batch_size and count % self.batch_size > 0) for count in counts)
+
     def call_shape(self) -> tuple[int, ...]:
         """The input shape of one forward call: a batch of its (largest) tiles."""
         rows, cols = self.axis_plans
@@ -308,8 +315,9 @@ def plan_fcn(
 
 
 def stage_calls(plan: PredictionPlan) -> tuple:
-    """``(model, call shape)`` of each stage of ``plan``: what an execution is chosen for (`engines.with_engine`)."""
-    return tuple((run.model, run.call_shape()) for run in plan._runs)
+    """``(model, call shape, call shapes)`` of each stage of ``plan``: what an execution is chosen for
+    (`engines.with_engine`), and how many shapes its calls take (a masked plan's tiles differ)."""
+    return tuple((run.model, run.call_shape(), run.call_shapes()) for run in plan._runs)
 
 
 def _keep_mask(keep, map_size) -> np.ndarray:
@@ -322,7 +330,7 @@ def _keep_mask(keep, map_size) -> np.ndarray:
     return mask.astype(bool, copy=False)
 
 
-def _masked(plan: PredictionPlan, keep: np.ndarray, *, batch_given: bool, needed_by_stage=None) -> PredictionPlan:
+def _masked(plan: PredictionPlan, keep: np.ndarray, *, batch_given: bool, chosen=None) -> PredictionPlan:
     """``plan`` restricted to what the kept cells need, working back from the last stage.
 
     Each stage runs the tiles that write a cell the kept cells depend on (for
@@ -331,18 +339,19 @@ def _masked(plan: PredictionPlan, keep: np.ndarray, *, batch_given: bool, needed
     writes (`tiling.crop_tile`) or split into smaller such tiles where that
     computes less (`_masked_stage`). The needed cells of the stage before are
     the windows of this stage's needed cells, so tile overlaps do not add up
-    from stage to stage; ``needed_by_stage`` gives them (each stage's output
-    cells) where the caller has them already.
+    from stage to stage. ``chosen`` gives each stage's `_MaskedTiling` where
+    the caller has chosen them already (`_Planner.masked`).
     """
     needed = keep
     stages, runs = list(plan.stages), list(plan._runs)
     for index in reversed(range(len(stages))):
         stage, run = stages[index], runs[index]
-        if needed_by_stage is not None:
-            needed = needed_by_stage[index]
-        planned = (run.axis_plans, stage.tile, stage.batch_size)
-        finer, given = plan.tile is not None, batch_given
-        best = _masked_stage(run.model, run.spec, planned, stage.input_size, needed, finer=finer, batch_given=given)
+        if chosen is not None:
+            best = chosen[index]
+        else:
+            planned = (run.axis_plans, stage.tile, stage.batch_size)
+            finer, given = plan.tile is not None, batch_given
+            best = _masked_stage(run.model, run.spec, planned, stage.input_size, needed, finer=finer, batch_given=given)
         area = sum((r.stop - r.start) * (c.stop - c.start) for r, c in best.tiles)
         stages[index] = replace(
             stage,
@@ -356,7 +365,7 @@ def _masked(plan: PredictionPlan, keep: np.ndarray, *, batch_given: bool, needed
         runs[index] = replace(
             run, axis_plans=best.axis_plans, batch_size=best.batch, tiles=tuple(best.tiles), keep=keep if last else None
         )
-        if index and needed_by_stage is None:  # the cells the stage before must write (the image is all there)
+        if index and chosen is None:  # the cells the stage before must write (the image is all there)
             needed = _cells_read(run.model, stage.input_size, needed)
     return replace(plan, stages=tuple(stages), _runs=tuple(runs), kept_fraction=float(keep.mean()))
 
@@ -386,17 +395,18 @@ def _masked_stage(model, spec, planned, input_size, needed: np.ndarray, *, finer
     options = [planned]
     if finer:
         options += _finer_tilings(model, input_size, planned[1], planned[2], batch_given)
-    macs_of = functools.lru_cache(maxsize=None)(
-        lambda shape: pass_cost(model, spec.layout.batch_shape(1, *shape, spec.channels)).macs
-    )
+    macs_of = _TileMacs(model, spec, planned[1])
+    exact_cells = _ExactCells(geometry(model), planned[1])
     best: _MaskedTiling | None = None
     for axis_plans, tile, batch in options:
         for quantum, split in _MASKED_CROPS:
-            tiles = _needed_tiles(model, axis_plans, tile, needed, quantum, macs_of if split else None)
+            if split and tile != planned[1]:
+                continue  # smaller tiles already follow the mask's edges; splitting them costs planning time
+            tiles = _needed_tiles(model, axis_plans, tile, needed, quantum, macs_of if split else None, exact_cells)
             macs, cost = 0, 0.0
             for shape, count in _shape_counts(tiles).items():
                 macs += count * macs_of(shape)
-                # a batch dimension of its own for the last, partial batch: one more shape to trace or compile
+                # a batch dimension of its own for the last, partial batch: one more shape to trace
                 shapes = 1 + (count > batch and count % batch > 0)
                 cost += -(-count // batch) * _MACS_PER_CALL + shapes * _MACS_PER_SHAPE
             cost += macs
@@ -406,7 +416,9 @@ def _masked_stage(model, spec, planned, input_size, needed: np.ndarray, *, finer
     return best
 
 
-def _needed_tiles(model, axis_plans, tile, needed: np.ndarray, quantum: int | None = None, macs_of=None) -> list:
+def _needed_tiles(
+    model, axis_plans, tile, needed: np.ndarray, quantum: int | None = None, macs_of=None, exact_cells=None
+) -> list:
     """The tiles that write a needed cell, each cropped to the needed cells it writes (rows, then columns).
 
     Crops go in steps of ``quantum`` cells, or of a quarter of the tile's
@@ -422,9 +434,7 @@ def _needed_tiles(model, axis_plans, tile, needed: np.ndarray, quantum: int | No
     rows, cols = axis_plans
     selected = tiling.tiles_touching(needed, rows, cols)
     found: list = []
-    exact_cells = functools.lru_cache(maxsize=None)(
-        lambda size, starts, ends: grid.exact_cells(size, at_image_start=starts, at_image_end=ends)
-    )
+    exact_cells = exact_cells or _ExactCells(grid, tile)
     for i, j in zip(*np.nonzero(selected)):
         row, col = rows[i], cols[j]
 
@@ -459,12 +469,7 @@ def _cover(block: np.ndarray, origin, crop, macs_of, depth: int) -> tuple[list, 
     box = block[r0:r1, c0:c1]
     if not depth or box.all() or max(r1 - r0, c1 - c0) < 2:
         return [whole], cost
-    if r1 - r0 >= c1 - c0:
-        middle = (r0 + r1) // 2
-        halves = [(block[r0:middle, c0:c1], (r0, c0)), (block[middle:r1, c0:c1], (middle, c0))]
-    else:
-        middle = (c0 + c1) // 2
-        halves = [(block[r0:r1, c0:middle], (r0, c0)), (block[r0:r1, middle:c1], (r0, middle))]
+    halves = _best_cut(block, box, (r0, c0))
     parts, total = [], 0.0
     for half, (dr, dc) in halves:
         tiles, half_cost = _cover(half, (origin[0] + dr, origin[1] + dc), crop, macs_of, depth - 1)
@@ -473,6 +478,115 @@ def _cover(block: np.ndarray, origin, crop, macs_of, depth: int) -> tuple[list, 
     # each piece may be a call shape of its own: a split must save more than tracing it costs
     total += _MACS_PER_SHAPE * (len(parts) - 1)
     return (parts, total) if total < cost else ([whole], cost)
+
+
+class _TileMacs:
+    """A stage's multiply-accumulates at any tile shape, from one shape inference per distinct side.
+
+    A layer's work is its output cells times a cost per cell, and its output
+    rows depend on the input's rows alone (columns likewise), so a shape's
+    work follows from its rows' and its columns' sizes, each inferred once
+    with the other side at the reference tile's. A model where that does not
+    hold (checked at the reference tile) is costed shape by shape.
+    """
+
+    def __init__(self, model, spec, reference):
+        self.model, self.spec, self.reference = model, spec, tuple(reference)
+        self.rows: dict = {}
+        self.cols: dict = {}
+        self.shapes: dict = {}
+        layers = self._layers(self.reference)
+        self.per_cell = [macs // max(1, r * c) for macs, r, c in layers]
+        whole = pass_cost(model, self._shape(self.reference)).macs
+        self.separable = all(macs == p * r * c for p, (macs, r, c) in zip(self.per_cell, layers))
+        self.separable = self.separable and sum(macs for macs, _, _ in layers) == whole
+
+    def _shape(self, size):
+        return self.spec.layout.batch_shape(1, size[0], size[1], self.spec.channels)
+
+    def _layers(self, size) -> list:
+        return [
+            (macs, *(int(d) for d in self.spec.layout.spatial_shape(shape)))
+            for macs, shape in layer_costs(self.model, self._shape(size))
+        ]
+
+    def __call__(self, shape) -> int:
+        shape = tuple(shape)
+        if shape not in self.shapes:
+            if self.separable:
+                if shape[0] not in self.rows:
+                    self.rows[shape[0]] = [r for _, r, _ in self._layers((shape[0], self.reference[1]))]
+                if shape[1] not in self.cols:
+                    self.cols[shape[1]] = [c for _, _, c in self._layers((self.reference[0], shape[1]))]
+                rows, cols = self.rows[shape[0]], self.cols[shape[1]]
+                self.shapes[shape] = sum(p * r * c for p, r, c in zip(self.per_cell, rows, cols))
+            else:
+                self.shapes[shape] = pass_cost(self.model, self._shape(shape)).macs
+        return self.shapes[shape]
+
+
+class _ExactCells:
+    """`Geometry.exact_cells` of tiles of a stage, axis by axis (each axis's cells depend on its own side)."""
+
+    def __init__(self, grid, reference):
+        self.grid, self.reference = grid, tuple(reference)
+        self.axes: dict = {}
+
+    def __call__(self, size, starts, ends) -> tuple:
+        found = []
+        for axis in range(2):
+            key = (axis, size[axis], starts[axis], ends[axis])
+            if key not in self.axes:
+                sides = list(self.reference)
+                sides[axis] = size[axis]
+                self.axes[key] = self.grid.exact_cells(
+                    tuple(sides), at_image_start=(starts[axis],) * 2, at_image_end=(ends[axis],) * 2
+                )[axis]
+            found.append(self.axes[key])
+        return tuple(found)
+
+
+def _best_cut(block, box, corner) -> list:
+    """``box`` (``block`` from ``corner`` on) cut in two across rows or columns where the boxes of the True
+    cells on either side cover the fewest cells: its two ``(part of block, its origin in block)``."""
+    best: tuple | None = None
+    for axis in (0, 1):
+        lines = box.any(axis=1 - axis)  # rows (axis 0) or columns holding a True cell
+        if len(lines) < 2:
+            continue
+        across = box if axis == 0 else box.T
+        used = across.any(axis=1)
+        first = np.where(used, across.argmax(axis=1), across.shape[1])
+        last = np.where(used, across.shape[1] - across[:, ::-1].argmax(axis=1), -1)
+        # for a cut before line k (1..n-1): the box of lines < k and the box of lines >= k
+        size_before = _box_sizes(used, first, last)
+        size_after = _box_sizes(used[::-1], first[::-1], last[::-1])[::-1]
+        total = size_before[:-1] + size_after[1:]
+        k = int(np.argmin(total)) + 1
+        if best is None or total[k - 1] < best[0]:
+            best = (int(total[k - 1]), axis, k)
+    assert best is not None  # the box has a side of 2 or more
+    _, axis, k = best
+    r0, c0 = corner
+    if axis == 0:
+        return [
+            (block[r0 : r0 + k, c0 : c0 + box.shape[1]], (r0, c0)),
+            (block[r0 + k : r0 + box.shape[0], c0 : c0 + box.shape[1]], (r0 + k, c0)),
+        ]
+    return [
+        (block[r0 : r0 + box.shape[0], c0 : c0 + k], (r0, c0)),
+        (block[r0 : r0 + box.shape[0], c0 + k : c0 + box.shape[1]], (r0, c0 + k)),
+    ]
+
+
+def _box_sizes(used, first, last) -> np.ndarray:
+    """For each prefix of lines (1, 2, ... all): cells of the box of its True cells (0 for none)."""
+    lines = np.arange(len(used))
+    top = np.minimum.accumulate(np.where(used, lines, len(used)))
+    bottom = np.maximum.accumulate(np.where(used, lines, -1))
+    low = np.minimum.accumulate(first)
+    high = np.maximum.accumulate(last)
+    return np.where(bottom >= 0, (bottom - top + 1) * np.maximum(high - low, 0), 0)
 
 
 def _exact_or_whole(whole, cropped, exact_cells, axis_plans) -> tuple:
@@ -598,7 +712,7 @@ class _Planner:
             if plain is None:
                 raise plain_error
             return self._build(*plain, whole.macs, plain_macs)
-        stages, cost = chain
+        stages, cost, _ = chain
         if staged is None and plain is not None:
             plain_cost = plain_macs + plain[0][0][2].tiles * _MACS_PER_CALL
             if cost > (1 - _MIN_SAVING) * plain_cost:
@@ -657,7 +771,7 @@ class _Planner:
                 )
             return None
         stages = [(bounds[i], bounds[j], cache[(i, j)]) for i, j in zip(chain, chain[1:])]
-        return stages, total
+        return stages, total, chain
 
     def _candidate(self, i, j):
         start, stop = self.bounds[i], self.bounds[j]
@@ -709,8 +823,8 @@ class _Planner:
         stages = found[0]
         batches = [self._batch(candidate) for _, _, candidate in stages]
         plan = self._build(stages, batches, unmasked.whole_macs, unmasked.plain_macs)
-        needed = [self.needed[self.bounds.index(stop)] for _, stop, _ in stages]
-        return _masked(plan, keep, batch_given=self.batch_size is not None, needed_by_stage=needed)
+        chosen = [self.masked_tilings[(i, j)] for i, j in zip(found[2], found[2][1:])]
+        return _masked(plan, keep, batch_given=self.batch_size is not None, chosen=chosen)
 
     def _batch(self, candidate) -> int:
         return self.batch_size or max(1, min(candidate.tiles, self.reference // max(candidate.tile_peak, 1)))
@@ -719,6 +833,7 @@ class _Planner:
         """``cost(i, j, candidate)`` of a stage writing only the cells that ``keep``'s cells need of its output."""
         last = len(self.bounds) - 1
         self.needed = {last: keep}
+        self.masked_tilings: dict = {}
         costs: dict = {}
 
         def needed_at(j):
@@ -746,6 +861,7 @@ class _Planner:
                 size = (rows[-1].stop, cols[-1].stop)
                 given = self.batch_size is not None
                 best = _masked_stage(candidate.model, spec, planned, size, needed, finer=True, batch_given=given)
+                self.masked_tilings[(i, j)] = best
                 total = best.cost
                 if j < last:
                     elements = int(needed.sum()) * int(self.spec.layout.channels(self.shapes[id(self.bounds[j])]))
