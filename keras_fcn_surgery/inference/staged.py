@@ -408,7 +408,7 @@ def _masked_stage(model, spec, planned, input_size, needed: np.ndarray, *, finer
                 macs += count * macs_of(shape)
                 # a batch dimension of its own for the last, partial batch: one more shape to trace
                 shapes = 1 + (count > batch and count % batch > 0)
-                cost += -(-count // batch) * _MACS_PER_CALL + shapes * _MACS_PER_SHAPE
+                cost += -(-count // batch) * _MACS_PER_CALL + shapes * macs_of.shape_cost
             cost += macs
             if best is None or cost < best.cost:
                 best = _MaskedTiling(cost, axis_plans, tile, batch, tiles, macs)
@@ -476,7 +476,7 @@ def _cover(block: np.ndarray, origin, crop, macs_of, depth: int) -> tuple[list, 
         parts += tiles
         total += half_cost
     # each piece may be a call shape of its own: a split must save more than tracing it costs
-    total += _MACS_PER_SHAPE * (len(parts) - 1)
+    total += macs_of.shape_cost * (len(parts) - 1)
     return (parts, total) if total < cost else ([whole], cost)
 
 
@@ -498,6 +498,8 @@ class _TileMacs:
         layers = self._layers(self.reference)
         self.per_cell = [macs // max(1, r * c) for macs, r, c in layers]
         whole = pass_cost(model, self._shape(self.reference)).macs
+        # a small network's new shape costs little: at most a quarter of its reference tile's pass
+        self.shape_cost = min(_MACS_PER_SHAPE, whole // 4)
         self.separable = all(macs == p * r * c for p, (macs, r, c) in zip(self.per_cell, layers))
         self.separable = self.separable and sum(macs for macs, _, _ in layers) == whole
 
