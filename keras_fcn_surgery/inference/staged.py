@@ -72,7 +72,7 @@ _MACS_PER_SHAPE = 1_500_000_000
 # How a masked plan may crop tiles to their needed cells: (step in cells, None for a quarter tile; whether
 # a tile may be split), and how many times a tile may be halved around the mask's edges and holes.
 _MASKED_CROPS = ((1, True), (1, False), (None, False))
-_MASKED_SPLITS = 5
+_MASKED_SPLITS = 7
 # A candidate cut starts a new stride level when the map shrinks at least this much since the last.
 _STRIDE_STEP = 1.5
 
@@ -454,9 +454,10 @@ def _cover(block: np.ndarray, origin, crop, macs_of, depth: int) -> tuple[list, 
     """Tiles writing the True cells of ``block`` (cells of the map from ``origin``), and their cost.
 
     One tile cropped to the box of the True cells (``crop`` of that box in map
-    cells), or, with ``macs_of`` and ``depth`` left, that box halved across
-    its longer side and each half covered alike, where the halves compute less
-    (a tile across a mask's edge, or around a hole, computes its whole box).
+    cells), or, with ``macs_of`` and ``depth`` left, that box cut in two
+    (`_best_cut`) and each part covered alike, where the parts compute less
+    even with a new call shape each (a tile across a mask's edge, or around a
+    hole, computes its whole box; each part adds its own margins).
     """
     used_rows, used_cols = np.flatnonzero(block.any(axis=1)), np.flatnonzero(block.any(axis=0))
     if not len(used_rows):
@@ -553,8 +554,7 @@ def _best_cut(block, box, corner) -> list:
     cells on either side cover the fewest cells: its two ``(part of block, its origin in block)``."""
     best: tuple | None = None
     for axis in (0, 1):
-        lines = box.any(axis=1 - axis)  # rows (axis 0) or columns holding a True cell
-        if len(lines) < 2:
+        if box.shape[axis] < 2:
             continue
         across = box if axis == 0 else box.T
         used = across.any(axis=1)
