@@ -190,3 +190,23 @@ def test_a_masked_plan_computes_little_more_per_kept_cell_than_the_whole_pass():
         for r, c in run.tiles
     )
     assert macs == sparse.macs
+
+
+def test_auto_keeps_a_masked_stage_of_many_tile_shapes_off_xla(monkeypatch):
+    # XLA compiles every call shape (0.5-1 s a shape for a VGG16 stage here): a masked stage of many runs traced.
+    from keras_fcn_surgery.inference import engines, staged
+
+    model = _vgg_like(head=7)
+    size = (384, 416)
+    keep = _masks(kfs.geometry(model).output_size(size))["holes"]
+    plan = kfs.plan_prediction(model, size, tile=96, keep=keep)
+    calls = staged.stage_calls(plan)
+    assert any(shapes > engines.COMPILED_SHAPES for _, _, shapes in calls)
+    measured = engines.EngineChoice("xla", "fastest measured")
+    monkeypatch.setattr(engines, "choose_engine", lambda *args, **kwargs: measured)
+    chosen = engines.with_engine(plan, model, "auto", calls=calls)
+    for stage, (_, _, shapes) in zip(chosen.stages, calls):
+        assert stage.engine == ("tf" if shapes > engines.COMPILED_SHAPES else "xla")
+    assert "call shapes" in chosen.engine_reason
+    asked = engines.with_engine(plan, model, "xla", calls=calls)  # asked for: as asked
+    assert {stage.engine for stage in asked.stages} == {"xla"}
