@@ -210,3 +210,19 @@ def test_auto_keeps_a_masked_stage_of_many_tile_shapes_off_xla(monkeypatch):
     assert "call shapes" in chosen.engine_reason
     asked = engines.with_engine(plan, model, "xla", calls=calls)  # asked for: as asked
     assert {stage.engine for stage in asked.stages} == {"xla"}
+
+
+def test_a_slide_too_large_for_masks_at_every_cut_keeps_the_unmasked_cuts(monkeypatch):
+    # Finding the needed cells at every candidate cut takes 4 bytes a cell: past a size, the unmasked plan's cuts.
+    from keras_fcn_surgery.inference import staged
+
+    model = _vgg_like(head=7)
+    size = (384, 416)
+    keep = _disc(kfs.geometry(model).output_size(size), 0.3)
+    dense = kfs.plan_prediction(model, size, tile=96)
+    own = kfs.plan_prediction(model, size, tile=96, keep=keep)
+    monkeypatch.setattr(staged, "_MAX_MASK_CELLS", 100)
+    kept = kfs.plan_prediction(model, size, tile=96, keep=keep)
+    assert [s.stop for s in own.stages] != [s.stop for s in dense.stages]  # its own cuts, where allowed
+    assert [s.stop for s in kept.stages] == [s.stop for s in dense.stages]
+    assert dense.macs * keep.mean() < kept.macs < dense.macs

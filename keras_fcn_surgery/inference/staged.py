@@ -73,6 +73,9 @@ _MACS_PER_SHAPE = 1_500_000_000
 # a tile may be split), and how many times a tile may be halved around the mask's edges and holes.
 _MASKED_CROPS = ((1, True), (1, False), (None, False))
 _MASKED_SPLITS = 7
+# A masked plan chooses its own cuts only where every candidate cut's map has at most this many cells (the
+# needed cells of each take 4 bytes a cell to find); larger slides keep the unmasked plan's cuts.
+_MAX_MASK_CELLS = 1 << 26
 # A candidate cut starts a new stride level when the map shrinks at least this much since the last.
 _STRIDE_STEP = 1.5
 
@@ -820,7 +823,7 @@ class _Planner:
         """
         unmasked = self.plan(staged)  # the whole pass's and plain tiles' work, the activation budget
         found = self._staged_chain(staged, keep)
-        if found is None:
+        if found is None or self.too_large:
             return None
         stages = found[0]
         batches = [self._batch(candidate) for _, _, candidate in stages]
@@ -836,6 +839,7 @@ class _Planner:
         last = len(self.bounds) - 1
         self.needed = {last: keep}
         self.masked_tilings: dict = {}
+        self.too_large = False
         costs: dict = {}
 
         def needed_at(j):
@@ -843,6 +847,9 @@ class _Planner:
                 # Windows of the kept cells through the rest of the network at once: a box per kept cell.
                 rest = _stage_model(self.fcn, self.bounds[j], self.bounds[last])
                 size = tuple(int(d) for d in self.spec.layout.spatial_shape(self.shapes[id(self.bounds[j])]))
+                if size[0] * size[1] > _MAX_MASK_CELLS:
+                    self.too_large, self.needed[j] = True, None
+                    return None
                 try:
                     self.needed[j] = _cells_read(rest, size, keep)
                 except ConversionError:
