@@ -402,9 +402,10 @@ def _masked_stage(model, spec, planned, input_size, needed: np.ndarray, *, finer
     exact_cells = _ExactCells(geometry(model), planned[1])
     best: _MaskedTiling | None = None
     for axis_plans, tile, batch in options:
+        many = tile != planned[1] or tiling.tiles_touching(needed, *axis_plans).sum() > _MAX_MASKED_TILES
         for quantum, split in _MASKED_CROPS:
-            if split and tile != planned[1]:
-                continue  # smaller tiles already follow the mask's edges; splitting them costs planning time
+            if split and many:
+                continue  # smaller or many tiles follow the mask's edges already; splitting them takes planning time
             tiles = _needed_tiles(model, axis_plans, tile, needed, quantum, macs_of if split else None, exact_cells)
             macs, cost = 0, 0.0
             for shape, count in _shape_counts(tiles).items():
