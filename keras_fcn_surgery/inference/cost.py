@@ -56,6 +56,20 @@ def _einsum_contracted(layer) -> int:
     return int(np.prod([d for letter, d in zip(kernel_letters, shape) if letter not in output]))
 
 
+def layer_costs(model, input_shape) -> list[tuple[int, tuple]]:
+    """``(MACs, output shape)`` of each layer of ``model`` that computes (MACs > 0) on an input of ``input_shape``."""
+    shapes = tensor_shapes(model, input_shape)
+    found = []
+    for node in flat_nodes(model):
+        inputs = [shapes[id(t)] for t in node.input_tensors]
+        outputs = [shapes[id(t)] for t in node.outputs]
+        if inputs and outputs:
+            macs = layer_macs(node.operation, inputs[0], outputs[0])
+            if macs:
+                found.append((macs, outputs[0]))
+    return found
+
+
 def pass_cost(model, input_shape) -> PassCost:
     """MACs and peak activation elements of ``model`` on an input of ``input_shape`` (batch included)."""
     shapes = tensor_shapes(model, input_shape)

@@ -70,6 +70,9 @@ PRECISION_MEASURE_MACS = 4_000_000_000
 # first, then its sides) to fit. Large enough to time VGG16 at 1024 x 1024 (about 400 GMAC) as it runs: at
 # half that side the head's share of the work differs, and so did the fastest engine (issue 22).
 PROBE_MACS = 500_000_000_000
+# Under "auto", a stage whose tiles take more call shapes than this runs traced ("tf") rather than under XLA,
+# which compiles each shape: 0.5-1.0 s a shape for a VGG16 stage on 2 cores, against 0.0-0.35 s for "tf".
+COMPILED_SHAPES = 4
 # Timed rounds after the warm-up call; a candidate over `_DROP_RATIO` x the best after a round stops.
 PROBE_ROUNDS = 3
 _DROP_RATIO = 1.5
@@ -454,7 +457,9 @@ def with_engine(plan, fcn, engine: str, precision: str | None = None, *, calls):
     Each stage is chosen for on its own model at its own call shape (its
     largest tile times its batch; ``calls``: ``(model, call shape)`` per
     stage, `staged.stage_calls`, so the plan's private fields stay its
-    planner's): a converted classifier's convolutions and its head may run
+    planner's; a third item, where given, counts the stage's call shapes:
+    past `COMPILED_SHAPES` of them, ``"auto"`` does not pick ``"xla"``,
+    which compiles each, for the traced ``"tf"``): a converted classifier's convolutions and its head may run
     fastest under different executions on one machine. ``plan.engine`` names
     the stages' engines in order, each once.
     """
@@ -472,13 +477,15 @@ def with_engine(plan, fcn, engine: str, precision: str | None = None, *, calls):
     if engine == "stitch" and stitch_refusal(fcn) is not None:
         raise InputError(f"engine='stitch' cannot run model '{fcn.name}': {stitch_refusal(fcn)}. Use 'auto'.")
     stages, reasons = [], []
-    for index, (stage, (model, call_shape)) in enumerate(zip(plan.stages, calls)):
+    for index, (stage, (model, call_shape, *shapes)) in enumerate(zip(plan.stages, calls)):
         if engine == "blas" and blas_refusal(model, precision) is not None:
             choice = EngineChoice(native(), "blas asked for; this stage holds no head convolution")
         elif engine == "stitch" and stitch_refusal(model) is not None:
             choice = EngineChoice(native(), "stitch asked for; this stage is part of the FCN à trous")
         else:
             choice = choose_engine(model, call_shape, engine, precision)
+            if engine == "auto" and choice.engine == "xla" and shapes and shapes[0] > COMPILED_SHAPES:
+                choice = EngineChoice("tf", f"{shapes[0]} call shapes (a masked plan's tiles), each an XLA compilation")
         stages.append(dataclasses.replace(stage, engine=choice.engine))
         reasons.append(choice.reason if len(plan.stages) == 1 else f"stage {index + 1}: {choice}")
     names = list(dict.fromkeys(stage.engine for stage in stages))

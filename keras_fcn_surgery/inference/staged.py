@@ -19,7 +19,6 @@ reports it all; `predict_map` runs it.
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass, field, replace
 
 import keras
@@ -42,7 +41,7 @@ from keras_fcn_surgery.grid import stages as stage_math
 from keras_fcn_surgery.grid import tiling
 from keras_fcn_surgery.grid.geometry import geometry
 from keras_fcn_surgery.inference import engines, runner
-from keras_fcn_surgery.inference.cost import pass_cost
+from keras_fcn_surgery.inference.cost import layer_costs, pass_cost
 from keras_fcn_surgery.inference.store import Scratch
 from keras_fcn_surgery.layout import ImageSpec
 from keras_fcn_surgery.surgery.atrous import FinerStride
@@ -68,6 +67,17 @@ _MACS_PER_SPILLED_ELEMENT = 800
 _MIN_SAVING = 0.05
 # A masked plan tries smaller tiles for a stage down to this many tiles.
 _MAX_MASKED_TILES = 2048
+# What a masked plan charges for each shape of forward call it adds: a new shape under "tf" (its trace
+# generalised) took about 0.1 s for VGG16's block3 stage on 2 cores, where a 15 GMAC tile took 1.1 s. Masked
+# stages of many shapes run traced, not under XLA (`engines.COMPILED_SHAPES`).
+_MACS_PER_SHAPE = 1_500_000_000
+# How a masked plan may crop tiles to their needed cells: (step in cells, None for a quarter tile; whether
+# a tile may be split), and how many times a tile may be halved around the mask's edges and holes.
+_MASKED_CROPS = ((1, True), (1, False), (None, False))
+_MASKED_SPLITS = 7
+# A masked plan chooses its own cuts only where every candidate cut's map has at most this many cells (the
+# needed cells of each take 4 bytes a cell to find); larger slides keep the unmasked plan's cuts.
+_MAX_MASK_CELLS = 1 << 26
 # A candidate cut starts a new stride level when the map shrinks at least this much since the last.
 _STRIDE_STEP = 1.5
 
@@ -248,6 +258,13 @@ class _StageRun:
     tiles: tuple | None = None  # the (rows, cols) tiles to run, of a masked plan; None: all of axis_plans
     keep: object = None  # the last stage's boolean cell mask; cells outside it are written as NaN
 
+    def call_shapes(self) -> int:
+        """How many input shapes its forward calls take (batch included): each a trace, or an XLA compilation."""
+        if self.tiles is None:
+            return 1
+        counts = _shape_counts(self.tiles).values()
+        return sum(1 + (count > self.batch_size and count % self.batch_size > 0) for count in counts)
+
     def call_shape(self) -> tuple[int, ...]:
         """The input shape of one forward call: a batch of its (largest) tiles."""
         rows, cols = self.axis_plans
@@ -295,15 +312,21 @@ def plan_fcn(
         per_model[key] = _Planner(fcn, size, key[1], batch_size, budget).plan(staged)
     plan = per_model[key]
     if keep is not None:
-        plan = _masked(plan, _keep_mask(keep, plan.map_size), batch_given=batch_size is not None)
+        mask = _keep_mask(keep, plan.map_size)
+        own = None
+        if plan.tile is not None and staged is not False and mask.any() and not mask.all():
+            # a mask keeping every cell computes what no mask does: the unmasked plan's cuts and tiles
+            own = _Planner(fcn, size, key[1], batch_size, budget).masked(staged, mask)
+        plan = own if own is not None else _masked(plan, mask, batch_given=batch_size is not None)
     if engine is not None:
         plan = engines.with_engine(plan, fcn, engine, calls=stage_calls(plan))
     return plan
 
 
 def stage_calls(plan: PredictionPlan) -> tuple:
-    """``(model, call shape)`` of each stage of ``plan``: what an execution is chosen for (`engines.with_engine`)."""
-    return tuple((run.model, run.call_shape()) for run in plan._runs)
+    """``(model, call shape, call shapes)`` of each stage of ``plan``: what an execution is chosen for
+    (`engines.with_engine`), and how many shapes its calls take (a masked plan's tiles differ)."""
+    return tuple((run.model, run.call_shape(), run.call_shapes()) for run in plan._runs)
 
 
 def _keep_mask(keep, map_size) -> np.ndarray:
@@ -316,80 +339,266 @@ def _keep_mask(keep, map_size) -> np.ndarray:
     return mask.astype(bool, copy=False)
 
 
-def _masked(plan: PredictionPlan, keep: np.ndarray, *, batch_given: bool) -> PredictionPlan:
+def _masked(plan: PredictionPlan, keep: np.ndarray, *, batch_given: bool, chosen=None) -> PredictionPlan:
     """``plan`` restricted to what the kept cells need, working back from the last stage.
 
     Each stage runs the tiles that write a cell the kept cells depend on (for
     the last stage, a kept cell; for the others, a cell in the windows of the
     needed cells of the stage after), each shortened to the needed cells it
-    writes (`tiling.crop_tile`); of the planned tiles and smaller ones, the
-    tiling that computes least is kept. The needed cells of the stage before
-    are the windows of this stage's needed cells, so tile overlaps do not add
-    up from stage to stage.
+    writes (`tiling.crop_tile`) or split into smaller such tiles where that
+    computes less (`_masked_stage`). The needed cells of the stage before are
+    the windows of this stage's needed cells, so tile overlaps do not add up
+    from stage to stage. ``chosen`` gives each stage's `_MaskedTiling` where
+    the caller has chosen them already (`_Planner.masked`).
     """
     needed = keep
     stages, runs = list(plan.stages), list(plan._runs)
     for index in reversed(range(len(stages))):
         stage, run = stages[index], runs[index]
-        options = [(run.axis_plans, stage.tile, stage.batch_size)]
-        if plan.tile is not None:
-            options += _finer_tilings(run, stage, batch_given)
-        best: tuple | None = None
-        for axis_plans, tile, batch in options:
-            tiles = _needed_tiles(run.model, axis_plans, tile, needed)
-            macs, calls = 0, 0
-            for shape, count in _shape_counts(tiles).items():
-                macs += count * pass_cost(run.model, run.spec.layout.batch_shape(1, *shape, run.spec.channels)).macs
-                calls += -(-count // batch)
-            cost = macs + calls * _MACS_PER_CALL
-            if best is None or cost < best[0]:
-                best = (cost, axis_plans, tile, batch, tiles, macs)
-        assert best is not None  # the planned tiling is always an option
-        _, axis_plans, tile, batch, tiles, macs = best
-        area = sum((r.stop - r.start) * (c.stop - c.start) for r, c in tiles)
+        if chosen is not None:
+            best = chosen[index]
+        else:
+            planned = (run.axis_plans, stage.tile, stage.batch_size)
+            finer, given = plan.tile is not None, batch_given
+            best = _masked_stage(run.model, run.spec, planned, stage.input_size, needed, finer=finer, batch_given=given)
+        area = sum((r.stop - r.start) * (c.stop - c.start) for r, c in best.tiles)
         stages[index] = replace(
             stage,
-            tile=tile,
-            tiles=len(tiles),
-            batch_size=batch,
+            tile=best.tile,
+            tiles=len(best.tiles),
+            batch_size=best.batch,
             computed_area=area / (stage.input_size[0] * stage.input_size[1]),
-            macs=macs,
+            macs=best.macs,
         )
         last = index == len(stages) - 1
         runs[index] = replace(
-            run, axis_plans=axis_plans, batch_size=batch, tiles=tuple(tiles), keep=keep if last else None
+            run, axis_plans=best.axis_plans, batch_size=best.batch, tiles=tuple(best.tiles), keep=keep if last else None
         )
-        if index:  # the cells the stage before must write (the first stage's input, the image, is all there)
+        if index and chosen is None:  # the cells the stage before must write (the image is all there)
             needed = _cells_read(run.model, stage.input_size, needed)
     return replace(plan, stages=tuple(stages), _runs=tuple(runs), kept_fraction=float(keep.mean()))
 
 
-def _needed_tiles(model, axis_plans, tile, needed: np.ndarray) -> list:
-    """The tiles that write a needed cell, each cropped to the needed cells it writes (rows, then columns)."""
+@dataclass(frozen=True)
+class _MaskedTiling:
+    """How one stage writes its needed cells: its tiling, the tiles it runs and what they cost."""
+
+    cost: float
+    axis_plans: list
+    tile: tuple[int, int]
+    batch: int
+    tiles: list
+    macs: int
+
+
+def _masked_stage(model, spec, planned, input_size, needed: np.ndarray, *, finer: bool, batch_given: bool):
+    """The cheapest tiles found that write the ``needed`` output cells of one stage: a `_MaskedTiling`.
+
+    ``planned`` is the stage's ``(axis_plans, tile, batch)``; with ``finer``,
+    tilings at a half, a quarter... of its tile side are tried too. Each
+    tiling's tiles that write a needed cell are cropped to the needed cells
+    they write, in steps of one cell or of a quarter tile, and each is kept
+    whole or split (`_cover`); the cost counts the multiply-accumulates, the
+    forward calls and each new call shape (a trace or compilation).
+    """
+    options = [planned]
+    if finer:
+        options += _finer_tilings(model, input_size, planned[1], planned[2], batch_given)
+    macs_of = _TileMacs(model, spec, planned[1])
+    exact_cells = _ExactCells(geometry(model), planned[1])
+    best: _MaskedTiling | None = None
+    for axis_plans, tile, batch in options:
+        many = tile != planned[1] or tiling.tiles_touching(needed, *axis_plans).sum() > _MAX_MASKED_TILES
+        for quantum, split in _MASKED_CROPS:
+            if split and many:
+                continue  # smaller or many tiles follow the mask's edges already; splitting them takes planning time
+            tiles = _needed_tiles(model, axis_plans, tile, needed, quantum, macs_of if split else None, exact_cells)
+            macs, cost = 0, 0.0
+            for shape, count in _shape_counts(tiles).items():
+                macs += count * macs_of(shape)
+                # a batch dimension of its own for the last, partial batch: one more shape to trace
+                shapes = 1 + (count > batch and count % batch > 0)
+                cost += -(-count // batch) * _MACS_PER_CALL + shapes * macs_of.shape_cost
+            cost += macs
+            if best is None or cost < best.cost:
+                best = _MaskedTiling(cost, axis_plans, tile, batch, tiles, macs)
+    assert best is not None  # the planned tiling is always an option
+    return best
+
+
+def _needed_tiles(
+    model, axis_plans, tile, needed: np.ndarray, quantum: int | None = None, macs_of=None, exact_cells=None
+) -> list:
+    """The tiles that write a needed cell, each cropped to the needed cells it writes (rows, then columns).
+
+    Crops go in steps of ``quantum`` cells, or of a quarter of the tile's
+    cells for None (a few tile shapes per stage, each traced or compiled
+    once). With ``macs_of`` (a tile shape's multiply-accumulates), a tile is
+    split where its halves compute less (`_cover`).
+    """
     grid = geometry(model)
     cells = grid.output_size(tile)
     inner = grid.exact_cells(tile, at_image_start=(False, False), at_image_end=(False, False))
     margins = [(start, count - stop) for (start, stop), count in zip(inner, cells)]
-    # Crops in quarters of a tile: a few tile shapes per stage, each traced (or compiled) once.
-    quanta = [max(1, count // 4) for count in cells]
+    quanta = [max(1, count // 4) if quantum is None else quantum for count in cells]
     rows, cols = axis_plans
     selected = tiling.tiles_touching(needed, rows, cols)
     found: list = []
-    exact_cells = functools.lru_cache(maxsize=None)(
-        lambda size, starts, ends: grid.exact_cells(size, at_image_start=starts, at_image_end=ends)
-    )
+    exact_cells = exact_cells or _ExactCells(grid, tile)
     for i, j in zip(*np.nonzero(selected)):
         row, col = rows[i], cols[j]
-        block = needed[row.out_start : row.out_stop, col.out_start : col.out_stop]
-        used_rows, used_cols = np.flatnonzero(block.any(axis=1)), np.flatnonzero(block.any(axis=0))
-        cropped = []
-        for axis, (part, used) in enumerate(((row, used_rows), (col, used_cols))):
-            start, stop = part.out_start + int(used[0]), part.out_start + int(used[-1]) + 1
-            cropped.append(
+
+        def crop(first_row, last_row, first_col, last_col, row=row, col=col):
+            cropped = tuple(
                 tiling.crop_tile(part, cells[axis], start, stop, grid.stride[axis], *margins[axis], quanta[axis])
+                for axis, (part, start, stop) in enumerate(((row, first_row, last_row), (col, first_col, last_col)))
             )
-        found.append(_exact_or_whole((row, col), tuple(cropped), exact_cells, axis_plans))
+            return _exact_or_whole((row, col), cropped, exact_cells, axis_plans)
+
+        block = needed[row.out_start : row.out_stop, col.out_start : col.out_stop]
+        found += _cover(block, (row.out_start, col.out_start), crop, macs_of, _MASKED_SPLITS)[0]
     return found
+
+
+def _cover(block: np.ndarray, origin, crop, macs_of, depth: int) -> tuple[list, float]:
+    """Tiles writing the True cells of ``block`` (cells of the map from ``origin``), and their cost.
+
+    One tile cropped to the box of the True cells (``crop`` of that box in map
+    cells), or, with ``macs_of`` and ``depth`` left, that box cut in two
+    (`_best_cut`) and each part covered alike, where the parts compute less
+    even with a new call shape each (a tile across a mask's edge, or around a
+    hole, computes its whole box; each part adds its own margins).
+    """
+    used_rows, used_cols = np.flatnonzero(block.any(axis=1)), np.flatnonzero(block.any(axis=0))
+    if not len(used_rows):
+        return [], 0.0
+    r0, r1, c0, c1 = int(used_rows[0]), int(used_rows[-1]) + 1, int(used_cols[0]), int(used_cols[-1]) + 1
+    whole = crop(origin[0] + r0, origin[0] + r1, origin[1] + c0, origin[1] + c1)
+    if macs_of is None:
+        return [whole], 0.0
+    cost = macs_of(tuple(t.stop - t.start for t in whole)) + _MACS_PER_CALL
+    box = block[r0:r1, c0:c1]
+    if not depth or box.all() or max(r1 - r0, c1 - c0) < 2:
+        return [whole], cost
+    halves = _best_cut(block, box, (r0, c0))
+    parts, total = [], 0.0
+    for half, (dr, dc) in halves:
+        tiles, half_cost = _cover(half, (origin[0] + dr, origin[1] + dc), crop, macs_of, depth - 1)
+        parts += tiles
+        total += half_cost
+    # each piece may be a call shape of its own: a split must save more than tracing it costs
+    total += macs_of.shape_cost * (len(parts) - 1)
+    return (parts, total) if total < cost else ([whole], cost)
+
+
+class _TileMacs:
+    """A stage's multiply-accumulates at any tile shape, from one shape inference per distinct side.
+
+    A layer's work is its output cells times a cost per cell, and its output
+    rows depend on the input's rows alone (columns likewise), so a shape's
+    work follows from its rows' and its columns' sizes, each inferred once
+    with the other side at the reference tile's. A model where that does not
+    hold (checked at the reference tile) is costed shape by shape.
+    """
+
+    def __init__(self, model, spec, reference):
+        self.model, self.spec, self.reference = model, spec, tuple(reference)
+        self.rows: dict = {}
+        self.cols: dict = {}
+        self.shapes: dict = {}
+        layers = self._layers(self.reference)
+        self.per_cell = [macs // max(1, r * c) for macs, r, c in layers]
+        whole = pass_cost(model, self._shape(self.reference)).macs
+        # a small network's new shape costs little: at most a quarter of its reference tile's pass
+        self.shape_cost = min(_MACS_PER_SHAPE, whole // 4)
+        self.separable = all(macs == p * r * c for p, (macs, r, c) in zip(self.per_cell, layers))
+        self.separable = self.separable and sum(macs for macs, _, _ in layers) == whole
+
+    def _shape(self, size):
+        return self.spec.layout.batch_shape(1, size[0], size[1], self.spec.channels)
+
+    def _layers(self, size) -> list:
+        return [
+            (macs, *(int(d) for d in self.spec.layout.spatial_shape(shape)))
+            for macs, shape in layer_costs(self.model, self._shape(size))
+        ]
+
+    def __call__(self, shape) -> int:
+        shape = tuple(shape)
+        if shape not in self.shapes:
+            if self.separable:
+                if shape[0] not in self.rows:
+                    self.rows[shape[0]] = [r for _, r, _ in self._layers((shape[0], self.reference[1]))]
+                if shape[1] not in self.cols:
+                    self.cols[shape[1]] = [c for _, _, c in self._layers((self.reference[0], shape[1]))]
+                rows, cols = self.rows[shape[0]], self.cols[shape[1]]
+                self.shapes[shape] = sum(p * r * c for p, r, c in zip(self.per_cell, rows, cols))
+            else:
+                self.shapes[shape] = pass_cost(self.model, self._shape(shape)).macs
+        return self.shapes[shape]
+
+
+class _ExactCells:
+    """`Geometry.exact_cells` of tiles of a stage, axis by axis (each axis's cells depend on its own side)."""
+
+    def __init__(self, grid, reference):
+        self.grid, self.reference = grid, tuple(reference)
+        self.axes: dict = {}
+
+    def __call__(self, size, starts, ends) -> tuple:
+        found = []
+        for axis in range(2):
+            key = (axis, size[axis], starts[axis], ends[axis])
+            if key not in self.axes:
+                sides = list(self.reference)
+                sides[axis] = size[axis]
+                self.axes[key] = self.grid.exact_cells(
+                    tuple(sides), at_image_start=(starts[axis],) * 2, at_image_end=(ends[axis],) * 2
+                )[axis]
+            found.append(self.axes[key])
+        return tuple(found)
+
+
+def _best_cut(block, box, corner) -> list:
+    """``box`` (``block`` from ``corner`` on) cut in two across rows or columns where the boxes of the True
+    cells on either side cover the fewest cells: its two ``(part of block, its origin in block)``."""
+    best: tuple | None = None
+    for axis in (0, 1):
+        if box.shape[axis] < 2:
+            continue
+        across = box if axis == 0 else box.T
+        used = across.any(axis=1)
+        first = np.where(used, across.argmax(axis=1), across.shape[1])
+        last = np.where(used, across.shape[1] - across[:, ::-1].argmax(axis=1), -1)
+        # for a cut before line k (1..n-1): the box of lines < k and the box of lines >= k
+        size_before = _box_sizes(used, first, last)
+        size_after = _box_sizes(used[::-1], first[::-1], last[::-1])[::-1]
+        total = size_before[:-1] + size_after[1:]
+        k = int(np.argmin(total)) + 1
+        if best is None or total[k - 1] < best[0]:
+            best = (int(total[k - 1]), axis, k)
+    assert best is not None  # the box has a side of 2 or more
+    _, axis, k = best
+    r0, c0 = corner
+    if axis == 0:
+        return [
+            (block[r0 : r0 + k, c0 : c0 + box.shape[1]], (r0, c0)),
+            (block[r0 + k : r0 + box.shape[0], c0 : c0 + box.shape[1]], (r0 + k, c0)),
+        ]
+    return [
+        (block[r0 : r0 + box.shape[0], c0 : c0 + k], (r0, c0)),
+        (block[r0 : r0 + box.shape[0], c0 + k : c0 + box.shape[1]], (r0, c0 + k)),
+    ]
+
+
+def _box_sizes(used, first, last) -> np.ndarray:
+    """For each prefix of lines (1, 2, ... all): cells of the box of its True cells (0 for none)."""
+    lines = np.arange(len(used))
+    top = np.minimum.accumulate(np.where(used, lines, len(used)))
+    bottom = np.maximum.accumulate(np.where(used, lines, -1))
+    low = np.minimum.accumulate(first)
+    high = np.maximum.accumulate(last)
+    return np.where(bottom >= 0, (bottom - top + 1) * np.maximum(high - low, 0), 0)
 
 
 def _exact_or_whole(whole, cropped, exact_cells, axis_plans) -> tuple:
@@ -434,23 +643,23 @@ def _cells_read(model, input_size, needed: np.ndarray) -> np.ndarray:
     return tiling.pixels_read(input_size, windows[0], windows[1], needed)
 
 
-def _finer_tilings(run: _StageRun, stage: StagePlan, batch_given: bool) -> list:
-    """The stage's exact tilings at a half, a quarter... of its tile side, as long as they keep cells."""
-    grid = geometry(run.model)
-    found, side = [], stage.tile
+def _finer_tilings(model, input_size, tile, batch: int, batch_given: bool) -> list:
+    """A stage's exact tilings at a half, a quarter... of its tile side, as long as they keep cells."""
+    grid = geometry(model)
+    found, side = [], tile
     while min(side) >= 2:
         side = (max(1, side[0] // 2), max(1, side[1] // 2))
         try:
-            axis_plans = runner.plan_tiles(stage.input_size, grid, side)
+            axis_plans = runner.plan_tiles(input_size, grid, side)
         except ConversionError:
             break
         if len(axis_plans[0]) * len(axis_plans[1]) > _MAX_MASKED_TILES:
             break  # tiles this small overlap more than they save, and planning them takes seconds
-        tile = _tile_size(axis_plans)
-        if tile == stage.tile:
+        smaller = _tile_size(axis_plans)
+        if smaller == tuple(tile):
             continue
-        scale = (stage.tile[0] * stage.tile[1]) // max(1, tile[0] * tile[1])
-        found.append((axis_plans, tile, stage.batch_size if batch_given else max(1, stage.batch_size * scale)))
+        scale = (tile[0] * tile[1]) // max(1, smaller[0] * smaller[1])
+        found.append((axis_plans, smaller, batch if batch_given else max(1, batch * scale)))
     return found
 
 
@@ -515,7 +724,7 @@ class _Planner:
             if plain is None:
                 raise plain_error
             return self._build(*plain, whole.macs, plain_macs)
-        stages, cost = chain
+        stages, cost, _ = chain
         if staged is None and plain is not None:
             plain_cost = plain_macs + plain[0][0][2].tiles * _MACS_PER_CALL
             if cost > (1 - _MIN_SAVING) * plain_cost:
@@ -536,7 +745,7 @@ class _Planner:
             "on every pixel and no stage after it can be tiled. Use `tile=None` (one whole-image pass)."
         )
 
-    def _staged_chain(self, staged):
+    def _staged_chain(self, staged, keep=None):
         graph = graph_of(self.fcn)
         shapes = tensor_shapes(self.fcn, self._shape(self.size, self.spec.channels))
         cuts = _cut_tensors(graph, shapes, self.spec.layout)
@@ -553,6 +762,7 @@ class _Planner:
         cache: dict = {}
 
         last = len(bounds) - 1
+        masked_cost = None if keep is None else self._masked_cost(keep)
 
         def cost(i, j):
             if staged and (i, j) == (0, last):
@@ -560,10 +770,12 @@ class _Planner:
             if (i, j) not in cache:
                 cache[(i, j)] = self._candidate(i, j)
             candidate = cache[(i, j)]
-            return None if candidate is None else candidate.cost
+            if candidate is None or masked_cost is None:
+                return None if candidate is None else candidate.cost
+            return masked_cost(i, j, candidate)
 
         chain, total = stage_math.cheapest_chain(last, cost)
-        if not chain or len(chain) == 2:
+        if not chain or (len(chain) == 2 and keep is None):
             if staged:
                 raise ConversionError(
                     f"Model '{self.fcn.name}' cannot be staged at tiles of {self.tile}: no chain of stages can "
@@ -571,7 +783,7 @@ class _Planner:
                 )
             return None
         stages = [(bounds[i], bounds[j], cache[(i, j)]) for i, j in zip(chain, chain[1:])]
-        return stages, total
+        return stages, total, chain
 
     def _candidate(self, i, j):
         start, stop = self.bounds[i], self.bounds[j]
@@ -606,6 +818,75 @@ class _Planner:
             spill = elements * self.itemsize > self.budget
             cost += elements * (_MACS_PER_SPILLED_ELEMENT if spill else _MACS_PER_STORED_ELEMENT)
         return _Candidate(model, axis_plans, tile, tiles, one.macs, one.peak_elements, cost)
+
+    def masked(self, staged, keep: np.ndarray) -> PredictionPlan | None:
+        """The plan of the ``keep`` cells with cuts and tiles of their own; None where it has no stages to choose.
+
+        The cuts are the cheapest chain for the kept cells: each candidate
+        stage is costed by the tiles that write the cells the kept cells need
+        of its output (`_masked_stage`), so a mask may cut where the unmasked
+        plan does not (a cut before a head of valid convolutions, whose tiles
+        then compute the kept cells and little else).
+        """
+        unmasked = self.plan(staged)  # the whole pass's and plain tiles' work, the activation budget
+        found = self._staged_chain(staged, keep)
+        if found is None or self.too_large:
+            return None
+        stages = found[0]
+        batches = [self._batch(candidate) for _, _, candidate in stages]
+        plan = self._build(stages, batches, unmasked.whole_macs, unmasked.plain_macs)
+        chosen = [self.masked_tilings[(i, j)] for i, j in zip(found[2], found[2][1:])]
+        return _masked(plan, keep, batch_given=self.batch_size is not None, chosen=chosen)
+
+    def _batch(self, candidate) -> int:
+        return self.batch_size or max(1, min(candidate.tiles, self.reference // max(candidate.tile_peak, 1)))
+
+    def _masked_cost(self, keep: np.ndarray):
+        """``cost(i, j, candidate)`` of a stage writing only the cells that ``keep``'s cells need of its output."""
+        last = len(self.bounds) - 1
+        self.needed = {last: keep}
+        self.masked_tilings: dict = {}
+        self.too_large = False
+        costs: dict = {}
+
+        def needed_at(j):
+            if j not in self.needed:
+                # Windows of the kept cells through the rest of the network at once: a box per kept cell.
+                rest = _stage_model(self.fcn, self.bounds[j], self.bounds[last])
+                size = tuple(int(d) for d in self.spec.layout.spatial_shape(self.shapes[id(self.bounds[j])]))
+                if size[0] * size[1] > _MAX_MASK_CELLS:
+                    self.too_large, self.needed[j] = True, None
+                    return None
+                try:
+                    self.needed[j] = _cells_read(rest, size, keep)
+                except ConversionError:
+                    self.needed[j] = None
+            return self.needed[j]
+
+        def cost(i, j, candidate):
+            if (i, j) not in costs:
+                needed = needed_at(j)
+                if needed is None:
+                    costs[(i, j)] = None
+                    return None
+                rows, cols = candidate.axis_plans
+                spec = self.spec
+                if i:
+                    spec = ImageSpec(spec.layout, int(spec.layout.channels(self.shapes[id(self.bounds[i])])))
+                planned = (candidate.axis_plans, candidate.tile, self._batch(candidate))
+                size = (rows[-1].stop, cols[-1].stop)
+                given = self.batch_size is not None
+                best = _masked_stage(candidate.model, spec, planned, size, needed, finer=True, batch_given=given)
+                self.masked_tilings[(i, j)] = best
+                total = best.cost
+                if j < last:
+                    elements = int(needed.sum()) * int(self.spec.layout.channels(self.shapes[id(self.bounds[j])]))
+                    spill = int(np.prod(self.shapes[id(self.bounds[j])][1:])) * self.itemsize > self.budget
+                    total += elements * (_MACS_PER_SPILLED_ELEMENT if spill else _MACS_PER_STORED_ELEMENT)
+                costs[(i, j)] = total
+            return costs[(i, j)]
+
+        return cost
 
     def _deep_tile(self, model, in_size, channels):
         """The requested tile scaled to a deeper stage's map, as large as one call's activation budget allows."""
