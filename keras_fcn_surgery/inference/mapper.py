@@ -408,7 +408,7 @@ class Mapper:
         finer = finer_stride_cost(self._fcn, image_size, plan.map_size)  # an FCN à trous: its costs
         if engine is not None:  # what each precision costs, beside the execution chosen (the heaviest stage's)
             heaviest = max(range(len(plan.stages)), key=lambda index: plan.stages[index].macs)
-            model, call_shape = staged.stage_calls(plan)[heaviest]
+            model, call_shape = staged.stage_calls(plan)[heaviest][:2]
             costs = engines.precision_costs(model, call_shape, plan.stages[heaviest].engine or engines.native())
             plan = replace(plan, precision_costs=costs)
         if finer is not None and stitch.stitch_refusal(self._fcn) is None:
