@@ -78,9 +78,9 @@ def kept_cells(fcn, path: str, size) -> np.ndarray:
 def old_path_macs(fcn, size, keep) -> int:
     """What the path before issue 22 computed: a plain exact pass over each 1024 tile holding a kept cell."""
     import keras_fcn_surgery as kfs
+    from keras_fcn_surgery.cost import pass_cost
     from keras_fcn_surgery.grid import tiling
     from keras_fcn_surgery.inference import runner
-    from keras_fcn_surgery.inference.cost import pass_cost
 
     rows, cols = runner.plan_tiles(size, kfs.geometry(fcn), TILE)
     touched = int(tiling.tiles_touching(keep, rows, cols).sum())

@@ -12,10 +12,10 @@ from conftest import random_images
 from keras import layers
 
 import keras_fcn_surgery as kfs
+from keras_fcn_surgery.cost import pass_cost
 from keras_fcn_surgery.errors import InputError
 from keras_fcn_surgery.graph import model_facts
 from keras_fcn_surgery.inference import engines
-from keras_fcn_surgery.inference.cost import pass_cost
 
 
 def _head_model(branch=False, channels=2):

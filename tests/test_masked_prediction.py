@@ -7,9 +7,9 @@ from conftest import random_images
 from keras import layers
 
 import keras_fcn_surgery as kfs
+from keras_fcn_surgery.cost import pass_cost
 from keras_fcn_surgery.grid import tiling
 from keras_fcn_surgery.inference import runner
-from keras_fcn_surgery.inference.cost import pass_cost
 
 
 def _vgg_like(data_format="channels_last", head=4):
@@ -108,9 +108,7 @@ def test_tiles_touching_and_pixels_read_are_rectangle_sums():
     mask = np.zeros((rows[-1].out_stop, cols[-1].out_stop), bool)
     mask[2, 7] = True
     touching = tiling.tiles_touching(mask, rows, cols)
-    expected = np.array(
-        [[r.out_start <= 2 < r.out_stop and c.out_start <= 7 < c.out_stop for c in cols] for r in rows]
-    )
+    expected = np.array([[r.out_start <= 2 < r.out_stop and c.out_start <= 7 < c.out_stop for c in cols] for r in rows])
     np.testing.assert_array_equal(touching, expected)
     assert touching.sum() == 1
     read = tiling.pixels_read((40, 48), rows, cols, touching)

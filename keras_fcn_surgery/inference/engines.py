@@ -44,11 +44,11 @@ from dataclasses import dataclass, field
 import keras
 import numpy as np
 
+from keras_fcn_surgery.cost import pass_cost
 from keras_fcn_surgery.errors import InputError, ModelFileError
 from keras_fcn_surgery.graph import iter_layers, model_facts, model_layout
 from keras_fcn_surgery.grid.geometry import geometry
 from keras_fcn_surgery.inference.blas import split_forward
-from keras_fcn_surgery.inference.cost import pass_cost
 from keras_fcn_surgery.inference.runner import input_dtype
 from keras_fcn_surgery.inference.stitch import stitch_refusal, stitched_forward
 from keras_fcn_surgery.names import runtime_name

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field, replace
 import keras
 import numpy as np
 
+from keras_fcn_surgery.cost import layer_costs, pass_cost
 from keras_fcn_surgery.errors import ConversionError, InputError
 from keras_fcn_surgery.graph import (
     cut_positions,
@@ -41,7 +42,6 @@ from keras_fcn_surgery.grid import stages as stage_math
 from keras_fcn_surgery.grid import tiling
 from keras_fcn_surgery.grid.geometry import geometry
 from keras_fcn_surgery.inference import engines, runner
-from keras_fcn_surgery.inference.cost import layer_costs, pass_cost
 from keras_fcn_surgery.inference.store import Scratch
 from keras_fcn_surgery.layout import ImageSpec
 from keras_fcn_surgery.surgery.atrous import FinerStride

@@ -26,10 +26,10 @@ import keras
 import numpy as np
 
 from keras_fcn_surgery import taxonomy
+from keras_fcn_surgery.cost import pass_cost
 from keras_fcn_surgery.errors import ConversionError, InputError, first_line
 from keras_fcn_surgery.graph import describe, flat_trace, graph_part, is_layer, model_facts, model_layout, nodes_between
 from keras_fcn_surgery.grid.geometry import geometry
-from keras_fcn_surgery.inference.cost import pass_cost
 from keras_fcn_surgery.layout import Layout
 from keras_fcn_surgery.surgery.atrous import origin_of, rarefy
 

@@ -57,6 +57,7 @@ from dataclasses import dataclass, field
 import keras
 import numpy as np
 
+from keras_fcn_surgery.cost import layer_macs, pass_cost
 from keras_fcn_surgery.errors import ConversionError, InputError, VerificationError, first_line
 from keras_fcn_surgery.graph import (
     describe,
@@ -71,7 +72,6 @@ from keras_fcn_surgery.graph import (
 from keras_fcn_surgery.grid import tiling
 from keras_fcn_surgery.grid.geometry import Geometry, WindowGrid, geometry
 from keras_fcn_surgery.inference import engines, runner
-from keras_fcn_surgery.inference.cost import layer_macs, pass_cost
 from keras_fcn_surgery.inference.staged import plan_fcn
 from keras_fcn_surgery.inference.store import DiskMap, Scratch, file_backed
 from keras_fcn_surgery.layout import ImageSpec, Layout

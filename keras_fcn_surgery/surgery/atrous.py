@@ -29,6 +29,7 @@ from dataclasses import dataclass
 import keras
 
 from keras_fcn_surgery import taxonomy
+from keras_fcn_surgery.cost import pass_cost
 from keras_fcn_surgery.dilated_pooling import DilatedAveragePooling2D, DilatedMaxPooling2D
 from keras_fcn_surgery.errors import ConversionError, InputError
 from keras_fcn_surgery.graph import (
@@ -45,7 +46,6 @@ from keras_fcn_surgery.graph import (
     source_of,
 )
 from keras_fcn_surgery.grid.geometry import geometry
-from keras_fcn_surgery.inference.cost import pass_cost
 from keras_fcn_surgery.layout import Layout
 from keras_fcn_surgery.surgery.cloning import LayerCloner, copy_weights
 
