@@ -38,34 +38,9 @@ import time
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import numpy as np  # noqa: E402
+from slides import slide_pixels, write_pyramid  # noqa: E402
 
-TIFF_TILE = 256
 TILE = 1024
-
-
-def slide_pixels(side: int, seed: int = 0) -> np.ndarray:
-    """Slide-like RGB pixels: bright glass around an ellipse of textured tissue."""
-    rng = np.random.default_rng(seed)
-    ys = (np.arange(side) / side)[:, None]
-    xs = (np.arange(side) / side)[None, :]
-    tissue = ((ys - 0.45) / 0.33) ** 2 + ((xs - 0.5) / 0.29) ** 2 < 1
-    noise = rng.normal(0, 20, (side, side, 3)).astype(np.float32)
-    pixels = np.where(tissue[..., None], noise + [200, 110, 160], noise * 0.2 + 236)
-    return np.clip(pixels, 0, 255).astype(np.uint8)
-
-
-def write_pyramid(path: str, pixels: np.ndarray) -> None:
-    """A pyramidal tiled TIFF (SubIFD levels down to 512 pixels)."""
-    import tifffile
-
-    levels = 1
-    while pixels.shape[0] // 2**levels >= 512:
-        levels += 1
-    options = {"tile": (TIFF_TILE, TIFF_TILE), "photometric": "rgb", "compression": "zlib"}
-    with tifffile.TiffWriter(path, bigtiff=True) as tif:
-        tif.write(pixels, subifds=levels - 1, **options)
-        for level in range(1, levels):
-            tif.write(pixels[:: 2**level, :: 2**level], subfiletype=1, **options)
 
 
 def in_tensorflow(profile: cProfile.Profile) -> float:

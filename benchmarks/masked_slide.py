@@ -34,33 +34,10 @@ import time
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import numpy as np  # noqa: E402
+from slides import slide_pixels, write_pyramid  # noqa: E402
 
 TILE = 1024
 TIFF_TILE = 512
-
-
-def slide_pixels(side: int, seed: int = 0) -> np.ndarray:
-    """Bright glass with an ellipse of textured tissue covering about 30% of the area."""
-    rng = np.random.default_rng(seed)
-    ys = (np.arange(side) / side)[:, None]
-    xs = (np.arange(side) / side)[None, :]
-    tissue = ((ys - 0.45) / 0.33) ** 2 + ((xs - 0.5) / 0.29) ** 2 < 1
-    noise = rng.normal(0, 20, (side, side, 3)).astype(np.float32)
-    pixels = np.where(tissue[..., None], noise + [200, 110, 160], noise * 0.2 + 236)
-    return np.clip(pixels, 0, 255).astype(np.uint8)
-
-
-def write_pyramid(path: str, pixels: np.ndarray) -> None:
-    import tifffile
-
-    levels = 1
-    while pixels.shape[0] // 2**levels >= 512:
-        levels += 1
-    options = {"tile": (TIFF_TILE, TIFF_TILE), "photometric": "rgb", "compression": "zlib"}
-    with tifffile.TiffWriter(path, bigtiff=True) as tif:
-        tif.write(pixels, subifds=levels - 1, **options)
-        for level in range(1, levels):
-            tif.write(pixels[:: 2**level, :: 2**level], subfiletype=1, **options)
 
 
 def kept_cells(fcn, path: str, size) -> np.ndarray:
@@ -130,7 +107,7 @@ def main() -> None:
     size = pixels.shape[:2]
     with tempfile.TemporaryDirectory() as folder:
         slide = os.path.join(folder, "slide.tif")
-        write_pyramid(slide, pixels)
+        write_pyramid(slide, pixels, TIFF_TILE)
         keep = kept_cells(fcn, slide, size)
         whole = kfs.plan_prediction(fcn, size, tile=TILE)
         masked = kfs.plan_prediction(fcn, size, tile=TILE, keep=keep)
