@@ -29,15 +29,16 @@ flags.DEFINE_string("model", None, "Source model file (.keras or .h5).")
 flags.DEFINE_string("export_dir", None, "SavedModel base folder; versions are its numbered subfolders.")
 flags.DEFINE_integer("version", None, "Version folder to write (default: the next integer).", lower_bound=0)
 flags.DEFINE_enum("head", "window", list(HEADS), "What a global-pooling head becomes.")
-flags.DEFINE_enum(
-    "preprocess", "none", list(PREPROCESS_MODES), "Preprocessing serving_pixels and serving_bytes apply."
-)
+flags.DEFINE_enum("preprocess", "none", list(PREPROCESS_MODES), "Preprocessing serving_pixels and serving_bytes apply.")
 flags.DEFINE_bool("overwrite", False, "Replace an existing version folder (or file).")
 flags.DEFINE_enum(
     "format", "savedmodel", list(EXPORT_FORMATS), "savedmodel, onnx, tflite (export_dir: a file), openvino (a folder)."
 )
 flags.DEFINE_enum("quantize", None, [m for m in QUANTIZE_MODES if m], "tflite only: float16 or dynamic.")
 flags.DEFINE_enum("exporter", None, list(ONNX_EXPORTERS), "onnx only: streamed (default) or keras (Keras's exporter).")
+flags.DEFINE_enum(
+    "precision", "float32", ["float32", "bfloat16", "float16"], "What the written network computes at (as --precision)."
+)
 flags.DEFINE_bool("convert", True, "Convert the model first; --noconvert exports an FCN file as it is.")
 flags.DEFINE_string("input_size", None, "Original input size HxW, for a classifier that takes any size.")
 flags.mark_flags_as_required(["model", "export_dir"])
@@ -60,6 +61,7 @@ def main(argv) -> int:
             format=FLAGS.format,
             quantize=FLAGS.quantize,
             exporter=FLAGS.exporter,
+            precision=FLAGS.precision,
             no_convert=not FLAGS.convert,
             input_size=input_size,
         )

@@ -8,6 +8,7 @@ say how to check it.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 import warnings
@@ -234,13 +235,16 @@ def _check(kind: ExportFormat, fcn, path: str, sizes, *, written, tolerance: flo
     expected = keras_maps(fcn, batches)
     inputs = kind.check_inputs(fcn, batches)
     with tempfile.TemporaryDirectory(prefix="kfs-twin-") as scratch:
-        with logits_of(fcn) as (logits, compared), logits_of(written) as (written_logits, _):
+        # The twin of the file is written from ``written``'s logits (its own layer names), compared with ``fcn``'s.
+        same = contextlib.nullcontext if written is fcn else logits_of
+        with logits_of(fcn) as (logits, compared), same(written) as found:
+            written_logits = logits if written is fcn else found[0]
             paths = [path]
             if compared != "outputs":
                 paths.append(os.path.join(scratch, "logits" + os.path.splitext(path)[1]))
                 write_export(kind.twin(), written_logits, paths[1])
                 expected_logits = keras_maps(logits, batches)
-                logit_names = signature_outputs(logits)
+                logit_names = signature_outputs(written_logits)
         outputs = run_check_script(kind.check_script, paths, inputs, what=what)
     logit_checks: tuple = ()
     if compared != "outputs":
