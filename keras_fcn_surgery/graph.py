@@ -76,7 +76,7 @@ class ModelFacts:
         conversions: `surgery.fcn.as_fcn`'s FCNs of a classifier, by
             ``(head, input_size, verify)``.
         source: for an FCN, ``(weak reference to its classifier, (H, W))``
-            (`surgery.convert.remember_source`).
+            (`remember_source`).
         rarefied: `surgery.atrous.rarefy`'s FCNs à trous of an FCN, by stride.
         origin: for an FCN à trous, ``(weak reference to its FCN, stride)``.
         record: what the ``.keras`` file the model was loaded from recorded
