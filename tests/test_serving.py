@@ -16,9 +16,8 @@ from models import small_flatten_cnn
 from PIL import Image
 
 import keras_fcn_surgery as kfs
-from keras_fcn_surgery import cli
+from keras_fcn_surgery import cli, preprocessing
 from keras_fcn_surgery.exporting import pipeline as export_common
-from keras_fcn_surgery import preprocessing
 from keras_fcn_surgery.exporting import savedmodel as serving
 from keras_fcn_surgery.saving import atomic
 from keras_fcn_surgery.zoo import caffenet
