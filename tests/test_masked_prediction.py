@@ -12,6 +12,17 @@ from keras_fcn_surgery.grid import tiling
 from keras_fcn_surgery.inference import runner
 
 
+def assert_kept_cells_exact(model, image, whole, keep, data_format) -> None:
+    """The masked map (tile 64) equals the whole map on the kept cells and is NaN elsewhere."""
+    masked = kfs.predict_map(model, image, tile=64, keep=keep)
+    channel_axis = -1 if data_format == "channels_last" else 0
+    kept_cells = np.moveaxis(masked, channel_axis, -1)
+    expected = np.moveaxis(whole, channel_axis, -1)
+    scale = np.abs(expected).max()
+    np.testing.assert_allclose(kept_cells[keep], expected[keep], atol=1e-5 * scale, rtol=0)
+    assert np.isnan(kept_cells[~keep]).all()
+
+
 def _vgg_like(data_format="channels_last", head=4):
     """Two conv-conv-pool blocks, then a ``head`` x ``head`` valid conv (a converted fc6) and a 1x1 classifier:
     stageable."""
@@ -41,13 +52,7 @@ def test_kept_cells_equal_the_unmasked_map_and_the_rest_is_nan(data_format):
     whole = np.asarray(model(image[None], training=False))[0]
     map_size = kfs.geometry(model).output_size(size)
     keep = _disc(map_size, 0.3)
-    masked = kfs.predict_map(model, image, tile=64, keep=keep)
-    channel_axis = -1 if data_format == "channels_last" else 0
-    kept_cells = np.moveaxis(masked, channel_axis, -1)
-    expected = np.moveaxis(whole, channel_axis, -1)
-    scale = np.abs(expected).max()
-    np.testing.assert_allclose(kept_cells[keep], expected[keep], atol=1e-5 * scale, rtol=0)
-    assert np.isnan(kept_cells[~keep]).all()
+    assert_kept_cells_exact(model, image, whole, keep, data_format)
 
 
 def test_the_plan_follows_the_kept_area_and_runs_only_the_planned_tiles(monkeypatch):
@@ -163,13 +168,7 @@ def test_masked_plans_of_their_own_keep_every_kept_cell_exact(name, data_format)
     keep = _masks(map_size)[name]
     plan = kfs.plan_prediction(model, size, tile=64, keep=keep)
     assert plan.macs > 0 and plan.kept_fraction == pytest.approx(keep.mean())
-    masked = kfs.predict_map(model, image, tile=64, keep=keep)
-    channel_axis = -1 if data_format == "channels_last" else 0
-    kept_cells = np.moveaxis(masked, channel_axis, -1)
-    expected = np.moveaxis(whole, channel_axis, -1)
-    scale = np.abs(expected).max()
-    np.testing.assert_allclose(kept_cells[keep], expected[keep], atol=1e-5 * scale, rtol=0)
-    assert np.isnan(kept_cells[~keep]).all()
+    assert_kept_cells_exact(model, image, whole, keep, data_format)
 
 
 def test_a_masked_plan_computes_little_more_per_kept_cell_than_the_whole_pass():
