@@ -404,8 +404,7 @@ def _masked_stage(model, spec, planned, input_size, needed: np.ndarray, *, finer
     options = [planned]
     if finer:
         options += _finer_tilings(model, input_size, planned[1], planned[2], batch_given)
-    macs_of = _TileMacs(model, spec, planned[1])
-    exact_cells = _ExactCells(geometry(model), planned[1])
+    macs_of, exact_cells = _tile_arithmetic(model, spec, planned[1])
     best: _MaskedTiling | None = None
     for axis_plans, tile, batch in options:
         many = tile != planned[1] or tiling.tiles_touching(needed, *axis_plans).sum() > _MAX_MASKED_TILES
@@ -489,6 +488,16 @@ def _cover(block: np.ndarray, origin, crop, macs_of, depth: int) -> tuple[list, 
     # each piece may be a call shape of its own: a split must save more than tracing it costs
     total += macs_of.shape_cost * (len(parts) - 1)
     return (parts, total) if total < cost else ([whole], cost)
+
+
+def _tile_arithmetic(model, spec, reference) -> tuple[_TileMacs, _ExactCells]:
+    """A stage model's `_TileMacs` and `_ExactCells` around tiles of ``reference``, learned once per model: every
+    masked plan of the same stage (each candidate chain, each slide of a job) reuses what the others inferred."""
+    known = model_facts(model).tile_arithmetic
+    key = (spec.layout.data_format, spec.channels, tuple(reference))
+    if key not in known:
+        known[key] = (_TileMacs(model, spec, reference), _ExactCells(geometry(model), reference))
+    return known[key]
 
 
 class _TileMacs:
