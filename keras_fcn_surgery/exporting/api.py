@@ -18,6 +18,7 @@ from keras_fcn_surgery.errors import ConversionError, ExportError, InputError, U
 from keras_fcn_surgery.exporting.onnx import OnnxFormat
 from keras_fcn_surgery.exporting.openvino import OpenvinoFormat
 from keras_fcn_surgery.exporting.pipeline import (
+    Compared,
     ExportFormat,
     ExportResult,
     check_batches,
@@ -294,25 +295,22 @@ def _check(kind: ExportFormat, fcn, path: str, sizes, *, written, tolerance: flo
         outputs = run_check_script(kind.check_script, paths, inputs, what=what)
     logit_checks: tuple = ()
     if compared != "outputs":
-        logit_checks = compare_outputs(
-            expected_logits,
-            batches,
-            kind.check_outputs(fcn, outputs[1]),
-            what=f"{what} (checked on its {compared}: a twin of the file, written without the final activation)",
-            enforce=enforce,
-            tolerance=tolerance,
-            compared=compared,
+        twin = Compared(
+            f"{what} (checked on its {compared}: a twin of the file, written without the final activation)",
             names=logit_names,
             labels=signature_outputs(fcn),
+            compared=compared,
+        )
+        logit_checks = compare_outputs(
+            expected_logits, batches, kind.check_outputs(fcn, outputs[1]), twin, tolerance=tolerance, enforce=enforce
         )
     output_checks = compare_outputs(
         expected,
         batches,
         kind.check_outputs(fcn, outputs[0]),
-        what=what,
-        enforce=enforce,
+        Compared(what, names=signature_outputs(fcn)),
         tolerance=tolerance,
-        names=signature_outputs(fcn),
+        enforce=enforce,
     )
     return (logit_checks, output_checks) if logit_checks else (output_checks, ())
 

@@ -53,6 +53,7 @@ changed since as a new model object.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import keras
 import numpy as np
@@ -82,6 +83,9 @@ from keras_fcn_surgery.surgery.convert import convert
 from keras_fcn_surgery.surgery.fcn import FcnSpec, as_fcn, is_fully_convolutional, map_outputs
 from keras_fcn_surgery.surgery.verify import compare_arrays, tolerance_for
 from keras_fcn_surgery.taxonomy import NOT_IDENTITY_AUGMENTATIONS
+
+if TYPE_CHECKING:
+    from keras_fcn_surgery.inference.mapper import MapOptions
 
 # Bytes of a band's shared prefix map kept in memory (bands are sized to it); a larger one goes to a temporary file.
 DEFAULT_MEMORY_BUDGET = 64 << 20
@@ -890,23 +894,14 @@ def _needed_cells(split: _Split, map_size, strides, window, mask) -> np.ndarray 
     return tiling.pixels_read(size, axes[0], axes[1], mask)
 
 
-def run_windowed(
-    plan: WindowedPlan,
-    image,
-    *,
-    out=None,
-    keep=None,
-    prefix_pass,
-    preprocess=None,
-    engine="auto",
-    progress=None,
-    spill_dir=None,
-):
+def run_windowed(plan: WindowedPlan, image, *, out=None, keep=None, prefix_pass, options: MapOptions, progress=None):
     """Run a windowed ``plan`` on ``image`` into ``out`` (allocated when None); a `Mapper` calls it.
 
     ``prefix_pass(prefix, region, shared, needed)`` computes the shared
     prefix's map of one band's ``region`` of pixels into ``shared``, only the
     ``needed`` cells (None: all): the mapper runs it as an FCN's map.
+    ``options``: the mapper's `MapOptions`, of which the windows use
+    ``inputs.preprocess``, ``execution.engine`` and ``tiling.spill_dir``.
     """
     found: _Analysis = plan._analysis  # type: ignore[assignment]
     spec = ImageSpec(found.layout, found.channels)
@@ -918,7 +913,7 @@ def run_windowed(
     if mask is not None:
         runner.fill_nan(out, found.layout)
     pixels = file_backed(image)
-    scratch = Scratch("kfs-windowed-", spill_dir)
+    scratch = Scratch("kfs-windowed-", options.tiling.spill_dir)
     try:
         with scratch:
             for first, stop, needed in plan._bands:  # bands of window rows: the shared map of one at a time
@@ -931,7 +926,7 @@ def run_windowed(
                     region = _Region(pixels, found.layout, size, top=first * plan.stride[0])
                     prefix_pass(split.prefix, region, shared, needed)
                 rows = (first, stop)
-                _run_windows(plan, found, split, pixels, spec, shared, out, mask, preprocess, engine, progress, rows)
+                _run_windows(plan, pixels, shared, out, mask, options, progress, rows)
         return out
     except OSError as error:
         raise ConversionError(
@@ -962,21 +957,12 @@ class _Region:
         return self._image[tuple(index)]
 
 
-def _run_windows(
-    plan: WindowedPlan,
-    found: _Analysis,
-    split: _Split,
-    pixels,
-    spec,
-    shared,
-    out,
-    mask,
-    preprocess,
-    engine,
-    progress,
-    band: tuple[int, int],
-) -> None:
+def _run_windows(plan: WindowedPlan, pixels, shared, out, mask, options: MapOptions, progress, band) -> None:
     """The windows of rows ``band`` (``[first, stop)``), their prefix maps from ``shared``, the band's map."""
+    found: _Analysis = plan._analysis  # type: ignore[assignment]
+    split: _Split = plan._split  # type: ignore[assignment]
+    spec = ImageSpec(found.layout, found.channels)
+    preprocess, engine = options.inputs.preprocess, options.execution.engine
     layout = found.layout
     first, stop = band
     if mask is not None:
