@@ -211,9 +211,10 @@ def export_format(format: str, **options) -> ExportFormat:
     shared = [name for name in unknown if name in _SHARED]
     if shared:
         given = ", ".join(f"{name}={options[name]!r}" for name in shared)
+        verb = "is an option" if len(shared) == 1 else "are options"
         raise InputError(
-            f"{', '.join(shared)}: an option every format shares, given in `options`: "
-            f"`export(..., options=ExportOptions({given}))` (CLI: the same flags)."
+            f"`{'`, `'.join(shared)}` {verb} every format shares, given in one object: "
+            f"`export(..., options=ExportOptions({given}))`."
         )
     if unknown:
         takes = f"its options are {', '.join(known)}" if known else "it takes no option of its own"
