@@ -328,7 +328,7 @@ def _cell_values(score_map, cells, layout) -> np.ndarray:
 def _compare(plan: _CropPlan, expected, actual, against: str, tolerance: float, spec) -> MapCertificate:
     """The certificate of one output: its map's cells (``actual``) against the crops' scores (``expected``)."""
     certificate = _measured(
-        plan.cells, plan.eligible, plan.map_size, plan.crop, against, expected, actual, tolerance, spec
+        plan.cells, plan.eligible, plan.map_size, plan.crop, against, (expected, actual), tolerance, spec
     )
     if not certificate.exact:
         return replace(certificate, reason=_why_inexact(plan.grid, plan.at_crop, plan.crop))
@@ -339,9 +339,9 @@ def _compare(plan: _CropPlan, expected, actual, against: str, tolerance: float, 
     return certificate
 
 
-def _measured(
-    cells, eligible, map_size, crop, against: str, expected, actual, tolerance: float, spec
-) -> MapCertificate:
+def _measured(cells, eligible, map_size, crop, against: str, scores, tolerance: float, spec) -> MapCertificate:
+    """The certificate of ``cells``: ``scores``, the crops' ``(expected, actual)`` map cells, compared."""
+    expected, actual = scores
     comparison = compare_arrays(
         [(expected, actual)],
         tolerance=tolerance,
@@ -387,7 +387,8 @@ def windowed_certificate(
     if tolerance is None:
         tolerance = max(tolerance_for(found.model), precision_tolerance(precision))
     against = f"classifier '{found.model.name}'"
-    measured = _measured(cells, plan.windows, plan.map_size, found.window, against, expected, actual, tolerance, spec)
+    scores = (expected, actual)
+    measured = _measured(cells, plan.windows, plan.map_size, found.window, against, scores, tolerance, spec)
     return replace(measured, precision=precision)
 
 

@@ -977,8 +977,8 @@ def _run_windows(plan: WindowedPlan, pixels, shared, out, mask, options: MapOpti
 
     def load(group):
         if split.prefix is None:
-            return np.stack([_crop(pixels, spec, plan, i, j, preprocess, dtype) for i, j in group])
-        return _window_maps(plan, found, split, pixels, spec, shared, group, preprocess, dtype, first)
+            return np.stack([_crop(pixels, spec, plan, cell, preprocess, dtype) for cell in group])
+        return _window_maps(plan, pixels, shared, group, preprocess, dtype, first)
 
     def forward(inputs):
         return engines.forward(found.tail(split, len(inputs)), chosen)(inputs)
@@ -999,8 +999,9 @@ def _cell(vector, layout: Layout) -> np.ndarray:
     return layout.image_from_channels_last(np.asarray(vector, dtype=np.float32).reshape(1, 1, -1))
 
 
-def _crop(pixels, spec, plan: WindowedPlan, i: int, j: int, preprocess, dtype, rows=None, cols=None) -> np.ndarray:
-    top, left = i * plan.stride[0], j * plan.stride[1]
+def _crop(pixels, spec, plan: WindowedPlan, cell, preprocess, dtype, rows=None, cols=None) -> np.ndarray:
+    """The pixels of cell ``(i, j)``'s window (of its ``rows`` and ``cols`` spans only, where given)."""
+    top, left = cell[0] * plan.stride[0], cell[1] * plan.stride[1]
     first_row, last_row = rows if rows is not None else (0, plan.window[0])
     first_col, last_col = cols if cols is not None else (0, plan.window[1])
     return runner.read_tile(
@@ -1013,11 +1014,12 @@ def _crop(pixels, spec, plan: WindowedPlan, i: int, j: int, preprocess, dtype, r
     )
 
 
-def _window_maps(
-    plan: WindowedPlan, found: _Analysis, split: _Split, pixels, spec, shared, group, preprocess, dtype, first: int
-):
+def _window_maps(plan: WindowedPlan, pixels, shared, group, preprocess, dtype, first: int):
     """The prefix's map of each window in ``group``: shared cells from ``shared`` (the map of the band from
     window row ``first``), the rest from strips."""
+    found: _Analysis = plan._analysis  # type: ignore[assignment]
+    split: _Split = plan._split  # type: ignore[assignment]
+    spec = ImageSpec(found.layout, found.channels)
     layout = found.layout
     cells = split.cells
     maps = np.empty((len(group), *layout.image_shape(cells[0], cells[1], split.channels)), dtype=np.float32)
@@ -1032,7 +1034,7 @@ def _window_maps(
     def load(strip):
         span = span_of(strip)
         rows, cols = (span, None) if strip[0] == 0 else (None, span)
-        return np.stack([_crop(pixels, spec, plan, i, j, preprocess, dtype, rows, cols) for i, j in group])
+        return np.stack([_crop(pixels, spec, plan, cell, preprocess, dtype, rows, cols) for cell in group])
 
     def write(strip, result):
         axis, side, _ = strip
