@@ -47,7 +47,9 @@ def main(argv=None) -> None:
             for n, (format, export_options) in enumerate(EXPORTS):
                 path = os.path.join(folder, f"export{n}" + (".onnx" if format == "onnx" else ""))
                 started = time.perf_counter()
-                result = kfs.export(fcn, path, format=format, input_size=(size, size), **export_options)
+                result = kfs.export(
+                    fcn, path, format=format, options=kfs.ExportOptions(input_size=(size, size)), **export_options
+                )
                 seconds = time.perf_counter() - started
                 name = format + (f" ({export_options['exporter']})" if export_options else "")
                 sizes = ", ".join(f"{c.input_shape[1]}x{c.input_shape[2]}" for c in result.checks)

@@ -5,8 +5,8 @@
 Builds the model with random weights (``keras.applications.VGG16(weights=None)``:
 nothing is downloaded), converts it and saves the FCN to a ``.keras`` file; a
 fresh process then loads that file, notes its resident memory, exports the
-ONNX file (``export_onnx(..., convert=False)``) and reports its peak resident
-memory (``ru_maxrss``) minus the memory after loading. (The fresh process that
+ONNX file (``export_onnx(..., options=ExportOptions(convert=False))``) and reports its peak
+resident memory (``ru_maxrss``) minus the memory after loading. (The fresh process that
 checks the file with onnxruntime is not counted: a forked child's ru_maxrss
 includes the parent's pages at fork time, so it cannot be read apart.)
 Target (issue 14): export peak <= 3x the weight bytes.
@@ -49,7 +49,8 @@ fcn(np.zeros((1, size, size, 3), "float32"))  # run it once, as a user who loade
 import tensorflow, tf2onnx, onnx, onnxruntime  # noqa: E401 imports are not the export's memory
 loaded = rss()
 start = time.perf_counter()
-result = kfs.export_onnx(fcn, sys.argv[2], convert=False, input_size=(size, size))
+as_is = kfs.ExportOptions(convert=False, input_size=(size, size))
+result = kfs.export_onnx(fcn, sys.argv[2], options=as_is)
 seconds = time.perf_counter() - start
 peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 print(json.dumps({"weights": weights, "loaded_rss": loaded, "peak_rss": peak,

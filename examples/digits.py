@@ -153,7 +153,8 @@ def picture(canvas, probabilities, grid, placed, scale: int = 8) -> Image.Image:
         draw.rectangle([left * scale, top * scale, right * scale - 1, bottom * scale - 1], outline=color, width=2)
         draw.text((left * scale + 3, top * scale + 1), f"{label} {score:.2f}", fill=color, font=font)
     first = placed[0].label
-    class_map = kfs.heatmap(canvas, probabilities, grid, first, class_names=CLASS_NAMES, scale=scale // 2)
+    style = kfs.HeatmapStyle(scale=scale // 2)
+    class_map = kfs.heatmap(canvas, probabilities, grid, first, class_names=CLASS_NAMES, style=style)
     figure = Image.new("RGB", (max(shown.width, class_map.width), shown.height + class_map.height), "white")
     figure.paste(shown, (0, 0))
     figure.paste(class_map, (0, shown.height))

@@ -34,11 +34,13 @@ _PUBLIC = {
     "Geometry": "grid.geometry",
     "geometry": "grid.geometry",
     "heatmap": "inference.heatmap",
+    "HeatmapStyle": "inference.heatmap",
     "imagenet_class_names": "inference.heatmap",
     "load_model": "saving.loading",
     "save_model": "saving.record",
     "export": "exporting.api",
     "export_onnx": "exporting.api",
+    "ExportOptions": "exporting.api",
     "ConversionPlan": "surgery.plan",
     "predict_map": "inference.predict",
     "certify_map": "inference.predict",
@@ -80,12 +82,14 @@ __all__ = [
     "ConversionError",
     "ConversionPlan",
     "ExportError",
+    "ExportOptions",
     "ExportResult",
     "FcnSpec",
     "MapOutput",
     "OutputMaps",
     "Geometry",
     "HEADS",
+    "HeatmapStyle",
     "InputError",
     "IgnoredHeadWarning",
     "InexactMapWarning",
@@ -169,12 +173,12 @@ if TYPE_CHECKING:
         UninformativeVerificationWarning,
         VerificationError,
     )
-    from keras_fcn_surgery.exporting.api import export, export_onnx, export_savedmodel, export_tflite
+    from keras_fcn_surgery.exporting.api import ExportOptions, export, export_onnx, export_savedmodel, export_tflite
     from keras_fcn_surgery.exporting.pipeline import ExportResult
     from keras_fcn_surgery.exporting.tensorboard import log_graphs
     from keras_fcn_surgery.grid.geometry import AxisGeometry, Geometry, geometry
     from keras_fcn_surgery.inference.certificate import CertifiedMap, MapCertificate
-    from keras_fcn_surgery.inference.heatmap import heatmap, imagenet_class_names
+    from keras_fcn_surgery.inference.heatmap import HeatmapStyle, heatmap, imagenet_class_names
     from keras_fcn_surgery.inference.mapper import Execution, Inputs, MapMethod, Mapper, Tiling, prepare
     from keras_fcn_surgery.inference.pictures import activations_picture, filters_picture
     from keras_fcn_surgery.inference.predict import (

@@ -601,6 +601,42 @@ def test_keras_nodes_never_leave_graph_py():
     np.testing.assert_allclose(np.asarray(part(image)), np.asarray(model(image)), rtol=1e-6, atol=1e-6)
 
 
+# --- issue 35: no public entry point past about 8 parameters -------------------------------------------------------
+
+# Past this, a function's options are grouped in small frozen objects (`Tiling`, `Execution`, `ExportOptions`...).
+MAX_PARAMETERS = 8
+
+
+def public_function_widths(tree) -> list[tuple[int, str]]:
+    """``(parameters, name)`` of each public function and method of a module: every ``def`` whose name has no
+    leading underscore, nested ones included; ``self`` and ``cls`` are not counted, nor ``*args``/``**kwargs``."""
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and not node.name.startswith("_"):
+            args = node.args
+            every = [*args.posonlyargs, *args.args, *args.kwonlyargs]
+            found.append((len([a for a in every if a.arg not in ("self", "cls")]), node.name))
+    return found
+
+
+def test_no_public_function_takes_more_than_8_parameters():
+    found = {
+        name: [f"{function} ({count})" for count, function in wide]
+        for name, tree in _modules()
+        if (wide := [(count, f) for count, f in public_function_widths(tree) if count > MAX_PARAMETERS])
+    }
+    assert found == {}
+
+
+def test_the_width_check_counts_what_a_caller_passes():
+    source = (
+        "def f(a, /, b, *args, c=1, **kwargs):\n    def inner(x):\n        pass\n"
+        "class A:\n    def m(self, x):\n        pass\n    @classmethod\n    def k(cls):\n        pass\n"
+        "    def _p(self, a, b, c, d, e, f, g, h, i):\n        pass\n"
+    )
+    assert sorted(public_function_widths(ast.parse(source))) == [(0, "k"), (1, "inner"), (1, "m"), (3, "f")]
+
+
 # --- issue 35: no process-wide cache ----------------------------------------------------------------------------
 
 # Module-level tables: made by a dict literal or comprehension, or by one of these calls.
@@ -689,3 +725,5 @@ def test_the_structure_figures_count_with_these_checks():
     assert figures["import cycles, with function-level imports"] == "0 []"
     assert figures["function-level package imports"].endswith("(inference/ and batch/: 0)")
     assert figures["places that route a method"].startswith("2 (inference/mapper.py")
+    widest = figures["widest public functions"].split(", ")[0]
+    assert int(widest.split(" ")[1]) <= MAX_PARAMETERS, widest

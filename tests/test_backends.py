@@ -98,7 +98,8 @@ inputs = keras.Input((None, None, 3))
 x = Doubling()(keras.layers.Conv2D(4, 3)(inputs))
 custom = keras.Model(inputs, keras.layers.Conv2D(2, 1)(x), name="custom")
 try:
-    kfs.export(custom, os.path.join(sys.argv[1], "custom_ov"), format="openvino", convert=False, input_size=(16, 16))
+    options = kfs.ExportOptions(convert=False, input_size=(16, 16))
+    kfs.export(custom, os.path.join(sys.argv[1], "custom_ov"), format="openvino", options=options)
 except kfs.ExportError as error:
     print("refused:", error)
 else:

@@ -1,5 +1,6 @@
 """`kfs.export(model, path, format=...)`: the one export entry point, its formats and its refusals."""
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -175,3 +176,18 @@ def test_a_quantized_tflite_export_reports_its_difference_on_the_logits(tmp_path
     result = kfs.export(_tiny_logits_classifier(), tmp_path / "fcn.tflite", format="tflite", quantize="dynamic")
     assert 1e-4 < result.max_rel_diff < 0.1  # int8 weights change the logits: not "max rel diff 0 ... equal"
     assert "logits of 'fc2'" in result.note
+
+
+def test_what_every_format_shares_is_one_options_object_given_one_way(tmp_path):
+    # Issue 35: no public entry point past about 8 parameters; `ExportOptions` is the only way to pass them.
+    model = small_flatten_cnn()
+    with pytest.raises(kfs.InputError, match=r"export\(\.\.\., options=ExportOptions\(precision='float16'\)\)"):
+        kfs.export(model, tmp_path / "fcn.onnx", format="onnx", precision="float16")
+    for shortcut in (kfs.export_savedmodel, kfs.export_onnx, kfs.export_tflite):
+        with pytest.raises(TypeError, match="precision"):
+            shortcut(model, tmp_path / "fcn", precision="float16")
+    with pytest.raises(kfs.InputError, match="Expected `options` to be an ExportOptions"):
+        kfs.export(model, tmp_path / "models", options={"precision": "float16"})
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        kfs.ExportOptions().precision = "float16"
+    assert os.listdir(tmp_path) == []

@@ -22,7 +22,9 @@ def classifier():
 def test_a_savedmodel_at_float16_computes_at_it_and_passes_the_check_at_its_tolerance(classifier, tmp_path):
     import tensorflow as tf
 
-    result = kfs.export_savedmodel(classifier, tmp_path / "sm", precision="float16", bytes_signature=False)
+    result = kfs.export_savedmodel(
+        classifier, tmp_path / "sm", options=kfs.ExportOptions(precision="float16"), bytes_signature=False
+    )
     tolerance = precision_tolerance("float16")
     assert result.checks and all(c.tolerance == tolerance and c.passed for c in result.checks)
     assert "float16" in result.note and f"{tolerance:g}" in result.note
@@ -38,7 +40,7 @@ def test_a_savedmodel_at_float16_computes_at_it_and_passes_the_check_at_its_tole
 def test_an_onnx_file_at_float16_passes_the_check_at_its_tolerance(classifier, tmp_path):
     pytest.importorskip("onnxruntime")
     pytest.importorskip("tf2onnx")
-    result = kfs.export_onnx(classifier, tmp_path / "fcn.onnx", precision="float16")
+    result = kfs.export_onnx(classifier, tmp_path / "fcn.onnx", options=kfs.ExportOptions(precision="float16"))
     assert all(c.tolerance == precision_tolerance("float16") and c.passed for c in result.checks)
     assert 0 < result.max_rel_diff <= precision_tolerance("float16")
 
@@ -46,13 +48,15 @@ def test_an_onnx_file_at_float16_passes_the_check_at_its_tolerance(classifier, t
 def test_formats_that_cannot_hold_a_precision_refuse_it_before_loading(tmp_path):
     missing = tmp_path / "missing.keras"  # never loaded: the refusal comes first
     with pytest.raises(kfs.ExportError, match="TFLite has no bfloat16"):
-        kfs.export_tflite(missing, tmp_path / "fcn.tflite", precision="bfloat16")
+        kfs.export_tflite(missing, tmp_path / "fcn.tflite", options=kfs.ExportOptions(precision="bfloat16"))
     with pytest.raises(kfs.ExportError, match="precision='bfloat16'.*OpenVINO"):
-        kfs.export(missing, tmp_path / "ov", format="openvino", precision="bfloat16")
+        kfs.export(missing, tmp_path / "ov", format="openvino", options=kfs.ExportOptions(precision="bfloat16"))
     with pytest.raises(kfs.InputError, match="precision"):
-        kfs.export(missing, tmp_path / "sm", precision="half")
+        kfs.export(missing, tmp_path / "sm", options=kfs.ExportOptions(precision="half"))
     with pytest.raises(kfs.ExportError, match="not both"):
-        kfs.export_tflite(missing, tmp_path / "fcn.tflite", quantize="dynamic", precision="float16")
+        kfs.export_tflite(
+            missing, tmp_path / "fcn.tflite", quantize="dynamic", options=kfs.ExportOptions(precision="float16")
+        )
 
 
 def test_the_cli_exports_at_a_precision(classifier, tmp_path, capsys):

@@ -50,7 +50,7 @@ def test_an_fcn_at_a_finer_stride_exports_and_checks_in_every_format(tmp_path, f
     finer = at_stride(fcn, stride)
     poolings = {type(layer) for layer in rarefy(fcn, 1).layers}
     assert {DilatedMaxPooling2D, DilatedAveragePooling2D} <= poolings
-    result = kfs.export(finer, tmp_path / PATHS[format], format=format, convert=False)
+    result = kfs.export(finer, tmp_path / PATHS[format], format=format, options=kfs.ExportOptions(convert=False))
     assert len(result.checks) == 2 and all(check.passed for check in result.checks)
     sizes = [check.input_shape[1:3] for check in result.checks]
     assert all(kfs.geometry(finer).output_size(size)[0] >= 1 for size in sizes)

@@ -74,7 +74,10 @@ def test_heatmap_picture_size_and_errors():
     scores = kfs.predict_map(fcn, image)
     picture = kfs.heatmap(image, scores, kfs.geometry(fcn), 1, class_names=["a", "b", "c"])
     assert picture.size == (2 * 300 + LEGEND_WIDTH, 330)
-    assert kfs.heatmap(image, scores, kfs.geometry(fcn), 0, scale=2).size == (4 * 300 + LEGEND_WIDTH, 660)
+    magnified = kfs.heatmap(image, scores, kfs.geometry(fcn), 0, style=kfs.HeatmapStyle(scale=2))
+    assert magnified.size == (4 * 300 + LEGEND_WIDTH, 660)
+    with pytest.raises(kfs.InputError, match="Expected `style` to be a HeatmapStyle"):
+        kfs.heatmap(image, scores, kfs.geometry(fcn), 0, style={"scale": 2})
     with pytest.raises(kfs.ConversionError, match="Class 3 does not exist"):
         kfs.heatmap(image, scores, kfs.geometry(fcn), 3)
     with pytest.raises(kfs.ConversionError, match="do not belong together"):

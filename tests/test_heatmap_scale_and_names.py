@@ -34,12 +34,14 @@ def _uncertain_map(size=(8, 8)):
 def test_the_default_scale_is_absolute_and_the_relative_one_is_labelled():
     image = np.zeros((8, 8, 3), np.uint8)
     probs = _uncertain_map()
-    absolute = np.asarray(kfs.heatmap(image, probs, _Grid(), 0, alpha=1.0))
-    relative = np.asarray(kfs.heatmap(image, probs, _Grid(), 0, alpha=1.0, value_range="relative"))
+    absolute = np.asarray(kfs.heatmap(image, probs, _Grid(), 0, style=kfs.HeatmapStyle(alpha=1.0)))
+    style = kfs.HeatmapStyle(alpha=1.0, value_range="relative")
+    relative = np.asarray(kfs.heatmap(image, probs, _Grid(), 0, style=style))
     # p = 0.228 on the absolute scale is a dark red, far from white; the relative scale draws it white.
     assert absolute[7, 7].tolist() != [255, 255, 255] and absolute[7, 7, 2] == 0 and absolute[7, 7, 0] < 200
     assert relative[7, 7].tolist() == [255, 255, 255]
-    legend = np.asarray(kfs.heatmap(image, probs, _Grid(), 0, value_range="relative"))[:, 16:]
+    labelled = kfs.heatmap(image, probs, _Grid(), 0, style=kfs.HeatmapStyle(value_range="relative"))
+    legend = np.asarray(labelled)[:, 16:]
     assert not np.array_equal(legend, np.asarray(kfs.heatmap(image, probs, _Grid(), 0))[:, 16:])  # labelled
 
 

@@ -78,10 +78,9 @@ def test_the_plan_follows_the_kept_area_and_runs_only_the_planned_tiles(monkeypa
     calls = []
     real = runner.run_tiles
 
-    def counting(*args, **kwargs):
-        tiles = kwargs.get("tiles")
-        calls.append(None if tiles is None else len(tiles))
-        return real(*args, **kwargs)
+    def counting(forward, source, job, *args, **kwargs):
+        calls.append(None if job.tiles is None else len(job.tiles))
+        return real(forward, source, job, *args, **kwargs)
 
     monkeypatch.setattr(runner, "run_tiles", counting)
     kfs.predict_map(model, random_images((*size, 3)), tile=96, keep=keep)

@@ -56,7 +56,7 @@ def test_monai_sliding_window_over_the_torch_export_equals_our_map(tmp_path):
         tmp_path / "fcn.pt2",
         format="torch",
         trace_size=(roi, roi),
-        check_sizes=[(roi, roi), (roi + 8, roi + 4)],
+        options=kfs.ExportOptions(check_sizes=[(roi, roi), (roi + 8, roi + 4)]),
     )
     image = np.random.default_rng(40).uniform(0, 1, (2 * roi, 3 * roi, 3)).astype("float32")  # 6 windows: 5 + 1
     np.save(tmp_path / "image.npy", image)

@@ -27,7 +27,7 @@ def test_onnx_equals_keras_at_two_sizes_with_symbolic_height_and_width(tmp_path)
     fcn = kfs.convert(source)
     path = tmp_path / "fcn.onnx"
 
-    result = kfs.export_onnx(fcn, path, input_size=(32, 32))
+    result = kfs.export_onnx(fcn, path, options=kfs.ExportOptions(input_size=(32, 32)))
 
     assert result.path == str(path) and len(result.checks) == 2
     proto = onnx.load(str(path))
@@ -48,7 +48,7 @@ def test_onnx_equals_keras_at_two_sizes_with_symbolic_height_and_width(tmp_path)
 
 def test_global_pooling_head_and_channels_first_layout(tmp_path):
     source = valid_gap_cnn()
-    result = kfs.export_onnx(source, tmp_path / "gap.onnx", head="dense")
+    result = kfs.export_onnx(source, tmp_path / "gap.onnx", options=kfs.ExportOptions(head="dense"))
     assert [check.input_shape for check in result.checks][0] == (2, 24, 24, 3)
 
     channels_first = small_flatten_cnn(data_format="channels_first")
@@ -124,7 +124,7 @@ def test_weights_are_streamed_initializers_and_batchnorm_depthwise_models_match(
     norm.moving_variance.assign(np.linspace(0.5, 2, 8))
     path = tmp_path / "bn.onnx"
 
-    result = kfs.export_onnx(model, path, input_size=(32, 32), head="dense")
+    result = kfs.export_onnx(model, path, options=kfs.ExportOptions(input_size=(32, 32), head="dense"))
 
     assert all(check.passed for check in result.checks)
     proto = onnx.load(str(path))
@@ -148,7 +148,7 @@ def test_protobuf_varints_match_the_reference_encoding():
 def test_keras_exporter_gives_the_same_names_and_maps_at_two_sizes(tmp_path, capsys):
     fcn = kfs.convert(small_flatten_cnn())
     path = tmp_path / "keras.onnx"
-    result = kfs.export(fcn, path, format="onnx", exporter="keras", input_size=(32, 32))
+    result = kfs.export(fcn, path, format="onnx", exporter="keras", options=kfs.ExportOptions(input_size=(32, 32)))
     assert [check.input_shape for check in result.checks] == [(2, 32, 32, 3), (2, 60, 60, 3)]
     assert all(check.passed for check in (*result.checks, *result.output_checks))
     proto = onnx.load(str(path))

@@ -28,7 +28,7 @@ def test_openvino_equals_keras_at_two_sizes_with_free_height_and_width(tmp_path)
     fcn = kfs.convert(source)
     folder = tmp_path / "fcn_ov"
 
-    result = kfs.export(fcn, folder, format="openvino", input_size=(32, 32))
+    result = kfs.export(fcn, folder, format="openvino", options=kfs.ExportOptions(input_size=(32, 32)))
 
     assert result.path == str(folder) and result.version is None
     assert sorted(os.listdir(folder)) == ["model.bin", "model.xml"] and sorted(os.listdir(tmp_path)) == ["fcn_ov"]
@@ -50,7 +50,9 @@ def test_openvino_equals_keras_at_two_sizes_with_free_height_and_width(tmp_path)
 
 
 def test_global_pooling_head_and_channels_first_layout(tmp_path):
-    result = kfs.export(valid_gap_cnn(), tmp_path / "gap", format="openvino", head="dense")
+    result = kfs.export(
+        valid_gap_cnn(), tmp_path / "gap", format="openvino", options=kfs.ExportOptions(head="dense")
+    )
     assert result.checks[0].input_shape == (2, 24, 24, 3) and all(check.passed for check in result.checks)
 
     channels_first = small_flatten_cnn(data_format="channels_first")

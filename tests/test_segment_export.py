@@ -24,7 +24,7 @@ print(tuple(output.shape))
 @pytest.mark.heavy
 def test_savedmodel_serves_logits_at_the_input_size(tmp_path):
     model = kfs.segmenter(pooled_net(classes=3), num_classes=3, keep_classes=[0, 1, 2])
-    result = kfs.export_savedmodel(model, tmp_path / "seg", check_sizes=[(17, 17), (33, 41)])
+    result = kfs.export_savedmodel(model, tmp_path / "seg", options=kfs.ExportOptions(check_sizes=[(17, 17), (33, 41)]))
     assert all(check.passed for check in result.checks)
     shown = subprocess.run(
         [sys.executable, "-c", RELOAD, result.path], capture_output=True, text=True, timeout=300, check=True
@@ -37,7 +37,7 @@ def test_onnx_export_matches_at_two_sizes(tmp_path):
     pytest.importorskip("onnxruntime")
     model = kfs.segmenter(pooled_net(classes=3), num_classes=3, keep_classes=[0, 1, 2])
     path = os.fspath(tmp_path / "seg.onnx")
-    result = kfs.export_onnx(model, path, check_sizes=[(17, 17), (33, 41)])
+    result = kfs.export_onnx(model, path, options=kfs.ExportOptions(check_sizes=[(17, 17), (33, 41)]))
     assert all(check.passed for check in result.checks)
     import onnxruntime
 

@@ -93,7 +93,7 @@ def caffenet_export(tmp_path_factory):
     source = caffenet()
     fcn = kfs.convert(source)
     export_dir = tmp_path_factory.mktemp("caffenet_serving")
-    result = kfs.export_savedmodel(fcn, export_dir, input_size=(227, 227))
+    result = kfs.export_savedmodel(fcn, export_dir, options=kfs.ExportOptions(input_size=(227, 227)))
     return source, fcn, result
 
 
@@ -242,7 +242,12 @@ def test_overwrite_replaces_a_version_of_an_already_converted_fcn(small_export, 
     other = kfs.convert(small_flatten_cnn())
 
     replaced = kfs.export_savedmodel(
-        other, export_dir, version=1, overwrite=True, convert=False, input_size=(32, 32), bytes_signature=False
+        other,
+        export_dir,
+        version=1,
+        overwrite=True,
+        options=kfs.ExportOptions(convert=False, input_size=(32, 32)),
+        bytes_signature=False,
     )
 
     assert replaced.path == str(export_dir / "1")
@@ -317,7 +322,7 @@ def test_channels_first_model_serves_channels_last_images(tmp_path):
 
 def test_classifier_with_no_convert_is_refused(tmp_path):
     with pytest.raises(kfs.ExportError, match="not fully convolutional"):
-        kfs.export_savedmodel(small_flatten_cnn(), tmp_path / "models", convert=False)
+        kfs.export_savedmodel(small_flatten_cnn(), tmp_path / "models", options=kfs.ExportOptions(convert=False))
     assert not os.path.exists(tmp_path / "models")
 
 

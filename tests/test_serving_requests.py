@@ -38,7 +38,9 @@ from serving_standin import MODEL_NAME, StandIn, serving  # noqa: E402
 def served(tmp_path_factory):
     source = small_flatten_cnn(softmax=False)  # logits: a softmax saturated by unscaled pixels would hide errors
     fcn = kfs.convert(source)
-    result = kfs.export_savedmodel(fcn, tmp_path_factory.mktemp("serving"), preprocess="caffe", input_size=(32, 32))
+    result = kfs.export_savedmodel(
+        fcn, tmp_path_factory.mktemp("serving"), preprocess="caffe", options=kfs.ExportOptions(input_size=(32, 32))
+    )
     stand_in = StandIn(result.path)
     with serving(lambda: stand_in) as (url, target):
         channel = grpc.insecure_channel(target)

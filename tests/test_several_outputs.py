@@ -293,7 +293,8 @@ def test_file_exports_carry_and_check_every_output(models, format, tmp_path):
     if format == "openvino":
         pytest.importorskip("openvino")
     _, fcn = models
-    result = kfs.export(fcn, tmp_path / f"fcn.{format}", format=format, input_size=(WINDOW, WINDOW))
+    options = kfs.ExportOptions(input_size=(WINDOW, WINDOW))
+    result = kfs.export(fcn, tmp_path / f"fcn.{format}", format=format, options=options)
     assert [check.compared for check in result.checks] == [f"output '{name}'" for name in NAMES] * 2
     assert all(check.passed for check in result.checks)
 

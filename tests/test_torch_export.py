@@ -92,7 +92,12 @@ def test_the_cli_exports_a_torch_program_that_runs_without_keras(tmp_path, capsy
 
 
 def test_the_torch_program_refuses_a_size_it_was_not_traced_for(tmp_path):
-    result = kfs.export(small_flatten_cnn(), tmp_path / "fcn.pt2", format="torch", check_sizes=[(40, 40), (48, 44)])
+    result = kfs.export(
+        small_flatten_cnn(),
+        tmp_path / "fcn.pt2",
+        format="torch",
+        options=kfs.ExportOptions(check_sizes=[(40, 40), (48, 44)]),
+    )
     assert [check.input_shape for check in result.checks] == [(2, 40, 40, 3), (2, 48, 44, 3)], result
     assert all(check.passed for check in (*result.checks, *result.output_checks)), result
     # 50 is not 48 modulo the stride, 4: the branch Keras's `same` padding takes differs, and a guard says so.

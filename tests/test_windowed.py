@@ -16,7 +16,7 @@ from zoo_cases import hub_classifier
 import keras_fcn_surgery as kfs
 from keras_fcn_surgery.graph import cut_positions, flat_trace, graph_part
 from keras_fcn_surgery.inference import windowed
-from keras_fcn_surgery.inference.certificate import windowed_certificate
+from keras_fcn_surgery.inference.certificate import CertificateOptions, windowed_certificate
 
 L = keras.layers
 TOLERANCE = 1e-5
@@ -333,4 +333,4 @@ def test_a_windowed_map_is_certified_against_the_classifier_on_its_crops(stride)
     assert certificate.exact and certificate.informative and len(certificate.cells) == 6
     assert certificate.eligible == scores.shape[0] * scores.shape[1] and "classifier 'se_net'" in str(certificate)
     scores[certificate.cells[0]] += 1.0  # a wrong cell is caught
-    assert not windowed_certificate(model, image, scores, 6, stride=stride).exact
+    assert not windowed_certificate(model, image, scores, CertificateOptions(6), stride=stride).exact

@@ -78,7 +78,7 @@ def picture(image, maps) -> Image.Image:
     width = image.shape[1] * SCALE
     pieces = []
     for caption, scores, grid in maps:
-        drawn = kfs.heatmap(image.astype("uint8"), scores, grid, 1, scale=SCALE).crop(
+        drawn = kfs.heatmap(image.astype("uint8"), scores, grid, 1, style=kfs.HeatmapStyle(scale=SCALE)).crop(
             (0, 0, width, image.shape[0] * SCALE)
         )
         framed = Image.new("RGB", (width, drawn.height + 22), "white")

@@ -35,14 +35,11 @@ def modules(root: pathlib.Path):
 
 
 def widest_functions(parsed, count: int = 5) -> list[tuple[int, str]]:
-    found = []
-    for _, name, tree in parsed:
-        for node in ast.walk(tree):
-            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and not node.name.startswith("_"):
-                args = node.args
-                every = [*args.posonlyargs, *args.args, *args.kwonlyargs]
-                params = [a.arg for a in every if a.arg not in ("self", "cls")]
-                found.append((len(params), f"{name.removeprefix(PACKAGE_NAME + '.')}.{node.name}"))
+    found = [
+        (width, f"{name.removeprefix(PACKAGE_NAME + '.')}.{function}")
+        for _, name, tree in parsed
+        for width, function in guards.public_function_widths(tree)
+    ]
     return sorted(found, reverse=True)[:count]
 
 

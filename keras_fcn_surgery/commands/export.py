@@ -96,8 +96,10 @@ def run(args) -> int:
     if args.exporter and args.format != "onnx":
         print("error: --exporter applies to --format onnx only.", file=sys.stderr)
         return EXIT_USAGE
-    options = dict(overwrite=args.overwrite, convert=not args.no_convert, head=args.head, input_size=args.input_size)
-    options.update(precision=args.precision)
+    shared = kfs.ExportOptions(
+        convert=not args.no_convert, head=args.head, input_size=args.input_size, precision=args.precision
+    )
+    options: dict = {}
     if args.format == "savedmodel":
         options.update(version=args.version, preprocess=args.preprocess)
     elif args.format == "tflite":
@@ -107,7 +109,14 @@ def run(args) -> int:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", kfs.UninformativeVerificationWarning)
         try:
-            result = kfs.export(load_source(args), args.export_dir, format=args.format, **options)
+            result = kfs.export(
+                load_source(args),
+                args.export_dir,
+                format=args.format,
+                options=shared,
+                overwrite=args.overwrite,
+                **options,
+            )
         finally:
             for warning in caught:
                 if issubclass(warning.category, kfs.UninformativeVerificationWarning):

@@ -116,9 +116,9 @@ def run(args) -> int:
         args.class_index,
         class_names=names,
         probabilities=True,
-        alpha=args.alpha,
-        scale=args.scale,
-        value_range="relative" if args.relative else value_range,
+        style=kfs.HeatmapStyle(
+            alpha=args.alpha, scale=args.scale, value_range="relative" if args.relative else value_range
+        ),
     )
     with atomic_output(args.output, suffix=".png", overwrite=args.overwrite) as temporary:
         picture.save(temporary, format="PNG")

@@ -12,12 +12,13 @@ import contextlib
 import os
 import tempfile
 import warnings
-from dataclasses import fields
+from dataclasses import dataclass, fields
 
 from keras_fcn_surgery.errors import ConversionError, ExportError, InputError, UninformativeVerificationWarning
 from keras_fcn_surgery.exporting.onnx import OnnxFormat
 from keras_fcn_surgery.exporting.openvino import OpenvinoFormat
 from keras_fcn_surgery.exporting.pipeline import (
+    Compared,
     ExportFormat,
     ExportResult,
     check_batches,
@@ -43,19 +44,60 @@ FORMATS: dict[str, type[ExportFormat]] = {
 }
 
 
+@dataclass(frozen=True)
+class ExportOptions:
+    """What every export format shares: how the model is read and converted, and how the written file is checked.
+
+    One object for `export`, `export_savedmodel`, `export_onnx` and
+    `export_tflite` (the CLI's ``export`` builds it from ``--no-convert``,
+    ``--head``, ``--input-size``, ``--custom-objects`` and ``--precision``);
+    what only one format takes (``version``, ``opset``, ``quantize``...) is a
+    keyword of its own.
+
+    Attributes:
+        convert: convert a classifier first; with False the model must
+            already be fully convolutional.
+        head: ``"window"`` or ``"dense"``, passed to `convert`.
+        input_size: ``(H, W)`` the classifier was trained at: needed to
+            convert a classifier that accepts any size; for an FCN it sets the
+            first check size.
+        custom_objects: passed to `keras.models.load_model` for a model file.
+        check_sizes: the ``(H, W)`` sizes to check at; default: the original
+            size and that size plus seven output strides.
+        precision: what the written network computes at: ``"float32"``
+            (default), ``"bfloat16"`` or ``"float16"`` (`reduced_precision`:
+            Keras's mixed policy, the output layers in float32; a TFLite file
+            stores float16 weights instead, computed in float32 on a CPU). The
+            check compares it with the float32 model at the precision's
+            tolerance (`certificate.precision_tolerance`: 6e-2 for bfloat16,
+            2e-2 for float16), stated in the result. A format that cannot hold
+            the precision is refused before anything is loaded: TFLite and
+            OpenVINO have no bfloat16 graph to run.
+
+    Example:
+
+    ```python
+    options = keras_fcn_surgery.ExportOptions(precision="float16", input_size=(224, 224))
+    keras_fcn_surgery.export(classifier, "fcn.onnx", format="onnx", options=options)
+    ```
+    """
+
+    convert: bool = True
+    head: str = "window"
+    input_size: tuple[int, int] | None = None
+    custom_objects: dict | None = None
+    check_sizes: tuple | list | None = None
+    precision: str = "float32"
+
+
 def export(
     model,
     path,
     format: str = "savedmodel",
     *,
-    convert: bool = True,
-    head: str = "window",
-    input_size=None,
-    custom_objects=None,
-    check_sizes=None,
+    options: ExportOptions | None = None,
     overwrite: bool = False,
-    precision: str = "float32",
-    **options,
+    **format_options,
 ) -> ExportResult:
     """Write a model as a SavedModel, an ONNX, a TFLite or an OpenVINO file with free height and width, and prove
     it runs.
@@ -89,26 +131,10 @@ def export(
             ``{"INFERENCE_PRECISION_HINT": "f32"}``) or ``"torch"`` (a
             `torch.export` program, ``.pt2``, checked by PyTorch with Keras
             unimportable; see `exporting.pytorch` for the sizes it runs).
-        convert: convert a classifier first; with False the model must
-            already be fully convolutional.
-        head: ``"window"`` or ``"dense"``, passed to `convert`.
-        input_size: ``(H, W)`` the classifier was trained at: needed to
-            convert a classifier that accepts any size; for an FCN it sets the
-            first check size.
-        custom_objects: passed to `keras.models.load_model` for a path.
-        check_sizes: the ``(H, W)`` sizes to check at; default: the original
-            size and that size plus seven output strides.
+        options: the `ExportOptions` every format shares (conversion, input
+            size, check sizes, precision, custom objects); default: theirs.
         overwrite: replace an existing version folder or file.
-        precision: what the written network computes at: ``"float32"``
-            (default), ``"bfloat16"`` or ``"float16"`` (`reduced_precision`:
-            Keras's mixed policy, the output layers in float32; a TFLite file
-            stores float16 weights instead, computed in float32 on a CPU). The
-            check compares it with the float32 model at the precision's
-            tolerance (`certificate.precision_tolerance`: 6e-2 for bfloat16,
-            2e-2 for float16), stated in the result. A format that cannot hold
-            the precision is refused before anything is loaded: TFLite and
-            OpenVINO have no bfloat16 graph to run.
-        **options: the format's own: ``version``, ``preprocess``,
+        **format_options: the format's own: ``version``, ``preprocess``,
             ``bytes_signature`` (see `export_savedmodel`); ``opset`` and
             ``exporter`` (see `export_onnx`); ``quantize`` (see
             `export_tflite`); ``trace_size`` (see `exporting.pytorch`); OpenVINO
@@ -119,7 +145,8 @@ def export(
 
     Raises:
         InputError: for an unknown ``format`` or ``precision``, or an option
-            the format does not take.
+            the format does not take (one of `ExportOptions` given as a
+            keyword included: it goes in ``options``).
         ModelFileError: for an output that exists (without ``overwrite``) or
             cannot be written, or a model file that cannot be loaded.
         ExportError: when the model cannot be exported in this format (or at
@@ -132,13 +159,15 @@ def export(
     result.path  # '/abs/path/fcn.onnx'
     ```
     """
-    kind = export_format(format, **options)
+    options = _checked_options(options)
+    precision = options.precision
+    kind = export_format(format, **format_options)
     kind.check_precision(precision)
     path = kind.output(path, overwrite=overwrite)
-    source = as_model(model, custom_objects, error_class=ExportError)
-    fcn = _fcn_to_export(source, convert=convert, head=head, input_size=input_size)
+    source = as_model(model, options.custom_objects, error_class=ExportError)
+    fcn = _fcn_to_export(source, convert=options.convert, head=options.head, input_size=options.input_size)
     kind.accept(fcn)
-    sizes = resolve_check_sizes(fcn, original_size(source, input_size), check_sizes)
+    sizes = resolve_check_sizes(fcn, original_size(source, options.input_size), options.check_sizes)
     kind, sizes = kind.fit_sizes(fcn, sizes)
     kind, written = kind.at_precision(fcn, precision)
     tolerance = max(tolerance_for(fcn), precision_tolerance(precision))
@@ -179,10 +208,29 @@ def export_format(format: str, **options) -> ExportFormat:
         raise InputError(f"Expected `format` to be one of {EXPORT_FORMATS}. Received: format={format!r}")
     known = [field.name for field in fields(kind)]
     unknown = sorted(set(options) - set(known))
+    shared = [name for name in unknown if name in _SHARED]
+    if shared:
+        given = ", ".join(f"{name}={options[name]!r}" for name in shared)
+        verb = "is an option" if len(shared) == 1 else "are options"
+        raise InputError(
+            f"`{'`, `'.join(shared)}` {verb} every format shares, given in one object: "
+            f"`export(..., options=ExportOptions({given}))`."
+        )
     if unknown:
         takes = f"its options are {', '.join(known)}" if known else "it takes no option of its own"
         raise InputError(f"format={format!r} does not take {', '.join(unknown)}: {takes}.")
     return kind(**options)
+
+
+_SHARED = {field.name for field in fields(ExportOptions)}
+
+
+def _checked_options(options) -> ExportOptions:
+    if options is None:
+        return ExportOptions()
+    if not isinstance(options, ExportOptions):
+        raise InputError(f"Expected `options` to be an ExportOptions. Received: options={options!r}")
+    return options
 
 
 def _fcn_to_export(source, *, convert: bool, head: str, input_size):
@@ -248,25 +296,22 @@ def _check(kind: ExportFormat, fcn, path: str, sizes, *, written, tolerance: flo
         outputs = run_check_script(kind.check_script, paths, inputs, what=what)
     logit_checks: tuple = ()
     if compared != "outputs":
-        logit_checks = compare_outputs(
-            expected_logits,
-            batches,
-            kind.check_outputs(fcn, outputs[1]),
-            what=f"{what} (checked on its {compared}: a twin of the file, written without the final activation)",
-            enforce=enforce,
-            tolerance=tolerance,
-            compared=compared,
+        twin = Compared(
+            f"{what} (checked on its {compared}: a twin of the file, written without the final activation)",
             names=logit_names,
             labels=signature_outputs(fcn),
+            compared=compared,
+        )
+        logit_checks = compare_outputs(
+            expected_logits, batches, kind.check_outputs(fcn, outputs[1]), twin, tolerance=tolerance, enforce=enforce
         )
     output_checks = compare_outputs(
         expected,
         batches,
         kind.check_outputs(fcn, outputs[0]),
-        what=what,
-        enforce=enforce,
+        Compared(what, names=signature_outputs(fcn)),
         tolerance=tolerance,
-        names=signature_outputs(fcn),
+        enforce=enforce,
     )
     return (logit_checks, output_checks) if logit_checks else (output_checks, ())
 
@@ -277,14 +322,9 @@ def export_savedmodel(
     *,
     version=None,
     preprocess: str = "none",
-    overwrite: bool = False,
-    convert: bool = True,
-    head: str = "window",
-    input_size=None,
-    check_sizes=None,
     bytes_signature: bool = True,
-    custom_objects=None,
-    precision: str = "float32",
+    options: ExportOptions | None = None,
+    overwrite: bool = False,
 ) -> ExportResult:
     """Write a model as a TF Serving SavedModel with free height and width, and prove it reloads.
 
@@ -295,8 +335,8 @@ def export_savedmodel(
     model; only then is it renamed into place. A failure at any step leaves no
     version folder behind (and an existing one untouched).
 
-    The arguments not listed here (``model``, ``overwrite``, ``convert``,
-    ``head``, ``input_size``, ``check_sizes``, ``custom_objects``) are those of `export`.
+    The arguments not listed here (``model``, ``options``, ``overwrite``) are
+    those of `export`.
 
     Args:
         export_dir: the model's base folder; created when missing.
@@ -325,24 +365,26 @@ def export_savedmodel(
     result.path  # '/models/fcn/1'
     ```
     """
-    arguments = dict(locals(), format="savedmodel")
-    arguments["path"] = arguments.pop("export_dir")
-    return export(**arguments)
+    return export(
+        model,
+        export_dir,
+        "savedmodel",
+        options=options,
+        overwrite=overwrite,
+        version=version,
+        preprocess=preprocess,
+        bytes_signature=bytes_signature,
+    )
 
 
 def export_onnx(
     model,
     path,
     *,
-    overwrite: bool = False,
-    convert: bool = True,
-    head: str = "window",
-    input_size=None,
-    check_sizes=None,
     opset=None,
     exporter: str = "streamed",
-    custom_objects=None,
-    precision: str = "float32",
+    options: ExportOptions | None = None,
+    overwrite: bool = False,
 ) -> ExportResult:
     """Write a model as an ONNX file whose batch, height and width are symbolic, and prove it runs.
 
@@ -372,7 +414,7 @@ def export_onnx(
         ModelFileError: for an existing file without ``overwrite``, or a path
             that cannot be written.
     """
-    return export(format="onnx", **locals())
+    return export(model, path, "onnx", options=options, overwrite=overwrite, opset=opset, exporter=exporter)
 
 
 def export_tflite(
@@ -380,13 +422,8 @@ def export_tflite(
     path,
     *,
     quantize: str | None = None,
+    options: ExportOptions | None = None,
     overwrite: bool = False,
-    convert: bool = True,
-    head: str = "window",
-    input_size=None,
-    check_sizes=None,
-    custom_objects=None,
-    precision: str = "float32",
 ) -> ExportResult:
     """Write a model as a TFLite flatbuffer whose batch, height and width are free, and prove it runs.
 
@@ -421,4 +458,4 @@ def export_tflite(
     print(result)  # the checks, and the measured float16 difference
     ```
     """
-    return export(format="tflite", **locals())
+    return export(model, path, "tflite", options=options, overwrite=overwrite, quantize=quantize)

@@ -472,17 +472,34 @@ def keras_maps(fcn, batches: dict) -> dict:
     return {key: keras_scores(fcn, images) for key, images in batches.items()}
 
 
+@dataclass(frozen=True)
+class Compared:
+    """What an export's check compares, and how its messages and results name it (`compare_outputs`).
+
+    Attributes:
+        what: how messages name the export (`ExportFormat.what`).
+        names: the export's names of the model's outputs, in order
+            (`savedmodel.signature_outputs`).
+        labels: how the results name those outputs (default: ``names``; a
+            logits twin's are those of the file it checks).
+        compared: what the arrays are: ``"outputs"``, or the logits
+            (`surgery.verify.logits_of`).
+    """
+
+    what: str
+    names: tuple[str, ...] | list[str] = ("scores",)
+    labels: tuple[str, ...] | list[str] | None = None
+    compared: str = "outputs"
+
+
 def compare_outputs(
     expected: dict,
     batches: dict,
     outputs: dict,
+    checked: Compared,
     *,
-    what: str,
-    enforce: bool = True,
     tolerance: float,
-    compared: str = "outputs",
-    names=("scores",),
-    labels=None,
+    enforce: bool = True,
 ) -> tuple[VerificationResult, ...]:
     """Compare an export's outputs with the Keras model's (`keras_maps`) on the same batches, by the one
     verification rule (`surgery.verify.compare_scores`).
@@ -493,15 +510,10 @@ def compare_outputs(
     Args:
         outputs: the export's maps by `output_key` (the batch's key, then the
             export's name of the output: `signature_outputs`).
+        checked: what is compared and how it is named (`Compared`).
+        tolerance: relative tolerance (`tolerance_for` the model).
         enforce: raise when a difference exceeds the tolerance; False only
             measures it (a quantized export, whose difference is reported).
-        tolerance: relative tolerance (`tolerance_for` the model).
-        compared: what the arrays are: ``"outputs"``, or the logits
-            (`surgery.verify.logits_of`).
-        names: the export's names of the model's outputs, in order
-            (`savedmodel.signature_outputs`).
-        labels: how the results name those outputs (default: ``names``; a
-            logits twin's are those of the file it checks).
 
     Returns:
         One `VerificationResult` per batch and output, batch by batch; for a
@@ -511,10 +523,12 @@ def compare_outputs(
         ExportError: when an output is missing or its shape differs, or (with
             ``enforce``) a difference exceeds the tolerance.
     """
+    what, names, compared = checked.what, checked.names, checked.compared
+    labels = checked.labels or names
     results = []
     for key, images in batches.items():
         wants = expected[key] if isinstance(expected[key], list) else [expected[key]]
-        for name, label, want in zip(names, labels or names, wants, strict=True):
+        for name, label, want in zip(names, labels, wants, strict=True):
             want = np.asarray(want, dtype=np.float64)
             if output_key(key, name) not in outputs:
                 raise ExportError(

@@ -192,28 +192,38 @@ class CropRun(NamedTuple):
     model: Any = None  # the model as given (named in errors); None: ``fcn``
 
 
+@dataclass(frozen=True)
+class CertificateOptions:
+    """How many cells a certificate compares, drawn how, and what it holds them to (`crop_certificate`,
+    `windowed_certificate`).
+
+    Attributes:
+        n: how many cells to compare (drawn as `sample_cells` draws them).
+        seed: the seed of the sampling.
+        tolerance: the relative tolerance; None: the wider of the model's
+            (`surgery.verify.tolerance_for`) and the precision's.
+        precision: what the map was computed at (``"float32"``,
+            ``"bfloat16"``, ``"float16"``); the crops run at float32 and the
+            default tolerance is the precision's (`precision_tolerance`).
+    """
+
+    n: int = DEFAULT_CELLS
+    seed: int = 0
+    tolerance: float | None = None
+    precision: str = "float32"
+
+
 def crop_certificate(
-    runs: CropRun,
-    image,
-    score_map,
-    n: int,
-    *,
-    preprocess=None,
-    keep=None,
-    tolerance=None,
-    seed: int = 0,
-    output=None,
-    precision: str = "float32",
+    runs: CropRun, image, score_map, options: CertificateOptions, *, preprocess=None, keep=None, output=None
 ):
-    """The certificate of an FCN's map: ``n`` sampled cells against ``runs.runs_on`` on their crops.
+    """The certificate of an FCN's map: ``options.n`` sampled cells against ``runs.runs_on`` on their crops.
 
     For a model with several outputs, ``score_map`` is the dict of its maps
     (`OutputMaps`), and the result a dict of `MapCertificate` by output name,
     or with ``output``, that output's certificate alone. Outputs on one grid
-    share their cells and crops (the crops run once). ``precision``: what the
-    map was computed at; the crops run at float32 and the default tolerance is
-    the wider of the model's and the precision's (`precision_tolerance`).
+    share their cells and crops (the crops run once).
     """
+    n, seed, tolerance, precision = options.n, options.seed, options.tolerance, options.precision
     fcn, runs_on, crop, against, model = runs
     model = fcn if model is None else model
     spec = outputs = fcn_spec(fcn)
@@ -318,7 +328,7 @@ def _cell_values(score_map, cells, layout) -> np.ndarray:
 def _compare(plan: _CropPlan, expected, actual, against: str, tolerance: float, spec) -> MapCertificate:
     """The certificate of one output: its map's cells (``actual``) against the crops' scores (``expected``)."""
     certificate = _measured(
-        plan.cells, plan.eligible, plan.map_size, plan.crop, against, expected, actual, tolerance, spec
+        plan.cells, plan.eligible, plan.map_size, plan.crop, against, (expected, actual), tolerance, spec
     )
     if not certificate.exact:
         return replace(certificate, reason=_why_inexact(plan.grid, plan.at_crop, plan.crop))
@@ -329,9 +339,9 @@ def _compare(plan: _CropPlan, expected, actual, against: str, tolerance: float, 
     return certificate
 
 
-def _measured(
-    cells, eligible, map_size, crop, against: str, expected, actual, tolerance: float, spec
-) -> MapCertificate:
+def _measured(cells, eligible, map_size, crop, against: str, scores, tolerance: float, spec) -> MapCertificate:
+    """The certificate of ``cells``: ``scores``, the crops' ``(expected, actual)`` map cells, compared."""
+    expected, actual = scores
     comparison = compare_arrays(
         [(expected, actual)],
         tolerance=tolerance,
@@ -352,27 +362,17 @@ def _measured(
 
 
 def windowed_certificate(
-    model,
-    image,
-    score_map,
-    n: int,
-    *,
-    stride=None,
-    plan=None,
-    preprocess=None,
-    keep=None,
-    tolerance=None,
-    seed: int = 0,
-    precision: str = "float32",
+    model, image, score_map, options: CertificateOptions, *, stride=None, plan=None, preprocess=None, keep=None
 ) -> MapCertificate:
     """The certificate of a classifier's windowed map (`inference.windowed`), without the warning.
 
     Cell ``(i, j)`` of such a map stands for the crop at ``(i * s_h, j *
-    s_w)``: ``n`` cells, sampled as `certify_map` samples them, are compared
-    with the classifier itself run on their crops. ``plan``: the map's
-    `WindowedPlan` where the caller has it (a `Mapper`), else planned here at
-    ``stride``. ``precision``: as for `crop_certificate`.
+    s_w)``: ``options.n`` cells, sampled as `certify_map` samples them, are
+    compared with the classifier itself run on their crops. ``plan``: the
+    map's `WindowedPlan` where the caller has it (a `Mapper`), else planned
+    here at ``stride``.
     """
+    n, seed, tolerance, precision = options.n, options.seed, options.tolerance, options.precision
     check_cell_count(n, "n")
     found = windowed.analysis(model)
     spec = ImageSpec(found.layout, found.channels)
@@ -387,7 +387,8 @@ def windowed_certificate(
     if tolerance is None:
         tolerance = max(tolerance_for(found.model), precision_tolerance(precision))
     against = f"classifier '{found.model.name}'"
-    measured = _measured(cells, plan.windows, plan.map_size, found.window, against, expected, actual, tolerance, spec)
+    scores = (expected, actual)
+    measured = _measured(cells, plan.windows, plan.map_size, found.window, against, scores, tolerance, spec)
     return replace(measured, precision=precision)
 
 

@@ -9,6 +9,7 @@ constant beyond the outermost ones).
 from __future__ import annotations
 
 import colorsys
+from dataclasses import dataclass
 from importlib import resources
 
 import numpy as np
@@ -130,6 +131,33 @@ def class_color(index: int) -> tuple[int, int, int]:
     return (round(red * 255), round(green * 255), round(blue * 255))
 
 
+@dataclass(frozen=True)
+class HeatmapStyle:
+    """How `heatmap` draws a map: the overlay's weight, the magnification, the legend and the heat scale.
+
+    Attributes:
+        alpha: weight of the heat colours over the image.
+        scale: integer display magnification (nearest pixels, smooth map).
+        legend_entries: most classes listed in the legend (by area).
+        value_range: the probabilities shown as black and white: default
+            ``(0.0, 1.0)``, the absolute probability scale; ``(low, high)``; or
+            ``"relative"``: the class's lowest and highest probability on this
+            map (see `heat_range`), labelled "relative" in the legend, which
+            shows an uncertain model's contrasts but makes p = 0.15 look white.
+
+    Example:
+
+    ```python
+    picture = kfs.heatmap(image, scores, grid, 2, style=kfs.HeatmapStyle(scale=2, value_range="relative"))
+    ```
+    """
+
+    alpha: float = 0.6
+    scale: int = 1
+    legend_entries: int = 12
+    value_range: tuple[float, float] | str | None = None
+
+
 def heatmap(
     image,
     scores,
@@ -139,10 +167,7 @@ def heatmap(
     output: str | None = None,
     class_names=None,
     probabilities: bool | None = None,
-    alpha: float = 0.6,
-    scale: int = 1,
-    legend_entries: int = 12,
-    value_range: tuple[float, float] | str | None = None,
+    style: HeatmapStyle | None = None,
 ) -> Image.Image:
     """A picture of a score map: ``[class probability over the image | argmax class map | legend]``.
 
@@ -163,14 +188,8 @@ def heatmap(
         class_names: ``K`` names for the legend; default: the indices.
         probabilities: whether ``scores`` are probabilities already (see
             `class_probabilities`); default: guessed.
-        alpha: weight of the heat colours over the image.
-        scale: integer display magnification (nearest pixels, smooth map).
-        legend_entries: most classes listed in the legend (by area).
-        value_range: the probabilities shown as black and white: default
-            ``(0.0, 1.0)``, the absolute probability scale; ``(low, high)``; or
-            ``"relative"``: the class's lowest and highest probability on this
-            map (see `heat_range`), labelled "relative" in the legend, which
-            shows an uncertain model's contrasts but makes p = 0.15 look white.
+        style: how it is drawn (`HeatmapStyle`: overlay weight, magnification,
+            legend entries, heat scale); default: `HeatmapStyle()`.
 
     Returns:
         A PIL RGB image ``(2 * W * scale + LEGEND_WIDTH)`` wide and
@@ -181,6 +200,11 @@ def heatmap(
         InputError: for an ``output`` the maps do not hold (the message lists
             their names), or none among several maps of a plain dict.
     """
+    if style is None:
+        style = HeatmapStyle()
+    elif not isinstance(style, HeatmapStyle):
+        raise InputError(f"Expected `style` to be a HeatmapStyle. Received: style={style!r}")
+    alpha, scale, value_range = style.alpha, style.scale, style.value_range
     pixels = _display_pixels(public_arguments(None, image)[1])  # an image file's path too
     _, scores = pick_map(scores, output)
     scores = np.asarray(scores)
@@ -215,7 +239,7 @@ def heatmap(
     palette = np.array([class_color(k) for k in range(classes)], dtype=np.uint8)
     class_map = 0.35 * shown + 0.65 * palette[nearest]
     names = list(class_names) if class_names is not None else [str(k) for k in range(classes)]
-    legend = _legend(winners, probs, class_index, names, legend_entries, height * scale, (low, high), relative)
+    legend = _legend(winners, probs, class_index, names, style.legend_entries, height * scale, (low, high), relative)
     canvas = Image.new("RGB", (2 * width * scale + LEGEND_WIDTH, max(height * scale, legend.height)), "white")
     canvas.paste(Image.fromarray(overlay.round().astype(np.uint8)), (0, 0))
     canvas.paste(Image.fromarray(class_map.round().astype(np.uint8)), (width * scale, 0))

@@ -36,6 +36,7 @@ from keras_fcn_surgery.grid.geometry import MapGrid, WindowGrid, geometry
 from keras_fcn_surgery.inference import engines, runner, staged, stitch, windowed
 from keras_fcn_surgery.inference.certificate import (
     DEFAULT_CELLS,
+    CertificateOptions,
     CertifiedMap,
     check_cell_count,
     crop_certificate,
@@ -485,15 +486,7 @@ class Mapper:
             return self._prefix_mapper(prefix).map(region, out=shared, keep=needed, progress=progress)
 
         return windowed.run_windowed(
-            plan,
-            image,
-            out=out,
-            keep=keep,
-            prefix_pass=prefix_pass,
-            preprocess=self.inputs.preprocess,
-            engine=self.execution.engine,
-            progress=progress,
-            spill_dir=self.tiling.spill_dir,
+            plan, image, out=out, keep=keep, prefix_pass=prefix_pass, options=self.options, progress=progress
         )
 
     def _windows_model(self):
@@ -522,6 +515,7 @@ class Mapper:
         check_cell_count(n, "n")
         image = public_arguments(self.model, image)[1]
         preprocess = self.inputs.preprocess
+        options = CertificateOptions(n, seed=seed, tolerance=tolerance, precision=self.execution.precision)
         if self.method == "windowed":
             spec = ImageSpec(self.spec.layout, self.spec.channels)
             size = runner.image_size_of(runner.with_channel_axis(image, spec), spec)
@@ -532,27 +526,13 @@ class Mapper:
                 self.model,
                 image,
                 scores,
-                n,
+                options,
                 plan=made[-1] if made else self.plan(size, keep=keep),
                 preprocess=preprocess,
                 keep=keep,
-                tolerance=tolerance,
-                seed=seed,
-                precision=self.execution.precision,
             )
         runs = what_runs(self._fcn, self.options.method.input_size, source=self.classifier)
-        return crop_certificate(
-            runs,
-            image,
-            scores,
-            n,
-            preprocess=preprocess,
-            keep=keep,
-            tolerance=tolerance,
-            seed=seed,
-            output=output,
-            precision=self.execution.precision,
-        )
+        return crop_certificate(runs, image, scores, options, preprocess=preprocess, keep=keep, output=output)
 
     def certify(
         self,

@@ -6,6 +6,7 @@ import itertools
 import sys
 import warnings
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -245,29 +246,34 @@ def progress_bar(total: int, progress: bool | None, unit: str):
     return tqdm(total=total, unit=unit[:-1] if unit.endswith("s") else unit, leave=False)
 
 
-def run_tiles(
-    forward,
-    source,
-    spec: ImageSpec,
-    axis_plans,
-    out,
-    *,
-    batch_size: int,
-    preprocess,
-    dtype,
-    bar,
-    prefetch,
-    tiles=None,
-    keep=None,
-):
-    """Run ``forward`` over the tiles of ``source`` and write the cells each tile keeps into ``out``.
+@dataclass(frozen=True)
+class TileJob:
+    """The tiles of one tiled pass and the cells they write (`run_tiles`).
+
+    Attributes:
+        spec: the image the model takes (layout, channels): how tiles are read
+            and maps laid out.
+        axis_plans: per axis, its `AxisTile`s; the pass's tiles are their pairs.
+        batch_size: tiles per forward pass (tiles of one size are batched together).
+        tiles: the ``(rows, cols)`` `AxisTile` pairs to run, of any sizes;
+            None: every pair of ``axis_plans``.
+        keep: None, or a boolean array over the output's cells: every cell
+            outside it is written as NaN.
+    """
+
+    spec: ImageSpec
+    axis_plans: list
+    batch_size: int
+    tiles: list | tuple | None = None
+    keep: object = None
+
+
+def run_tiles(forward, source, job: TileJob, out, *, preprocess, dtype, bar, prefetch):
+    """Run ``forward`` over the tiles of ``job`` (a `TileJob`) on ``source`` and write the cells each tile keeps
+    into ``out``.
 
     With ``prefetch``, the next batch of tiles is read (and preprocessed) on a
-    background thread while the model computes the current one. ``tiles`` (a
-    list of ``(rows, cols)`` `AxisTile` pairs, of any sizes) runs those
-    instead of every tile of ``axis_plans``; tiles of one size are batched
-    together. With ``keep`` (a boolean array over ``out``'s cells) every cell
-    outside it is NaN.
+    background thread while the model computes the current one.
 
     A model with several outputs writes each into its own array: ``out`` is
     then a list of arrays in the model's order, and a tile's cells go to the
@@ -275,8 +281,9 @@ def run_tiles(
     is the whole input writes each map whole, so outputs on different grids
     run as one whole pass.
     """
+    spec, batch_size, tiles, keep = job.spec, job.batch_size, job.tiles, job.keep
     if tiles is None:
-        tiles = list(itertools.product(*axis_plans))
+        tiles = list(itertools.product(*job.axis_plans))
     targets = as_maps(out)
     rows_axis, cols_axis = spec.layout.image_spatial_axes
     size = (source.shape[rows_axis], source.shape[cols_axis])

@@ -985,16 +985,12 @@ def run_plan(plan: PredictionPlan, image, out, *, preprocess, forward_for, progr
                 runner.run_tiles(
                     forward_for(run.model, stage.engine),
                     source,
-                    run.spec,
-                    run.axis_plans,
+                    runner.TileJob(run.spec, run.axis_plans, run.batch_size, tiles=run.tiles, keep=run.keep),
                     target,
-                    batch_size=run.batch_size,
                     preprocess=preprocess if index == 0 else None,
                     dtype=runner.input_dtype(run.model),
                     bar=bar,
                     prefetch=prefetch,
-                    tiles=run.tiles,
-                    keep=run.keep,
                 )
                 if index:
                     scratch.release(f"stage{index - 1}")  # read: no later stage needs it

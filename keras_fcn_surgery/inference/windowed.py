@@ -53,6 +53,7 @@ changed since as a new model object.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import keras
 import numpy as np
@@ -82,6 +83,9 @@ from keras_fcn_surgery.surgery.convert import convert
 from keras_fcn_surgery.surgery.fcn import FcnSpec, as_fcn, is_fully_convolutional, map_outputs
 from keras_fcn_surgery.surgery.verify import compare_arrays, tolerance_for
 from keras_fcn_surgery.taxonomy import NOT_IDENTITY_AUGMENTATIONS
+
+if TYPE_CHECKING:
+    from keras_fcn_surgery.inference.mapper import MapOptions
 
 # Bytes of a band's shared prefix map kept in memory (bands are sized to it); a larger one goes to a temporary file.
 DEFAULT_MEMORY_BUDGET = 64 << 20
@@ -890,23 +894,14 @@ def _needed_cells(split: _Split, map_size, strides, window, mask) -> np.ndarray 
     return tiling.pixels_read(size, axes[0], axes[1], mask)
 
 
-def run_windowed(
-    plan: WindowedPlan,
-    image,
-    *,
-    out=None,
-    keep=None,
-    prefix_pass,
-    preprocess=None,
-    engine="auto",
-    progress=None,
-    spill_dir=None,
-):
+def run_windowed(plan: WindowedPlan, image, *, out=None, keep=None, prefix_pass, options: MapOptions, progress=None):
     """Run a windowed ``plan`` on ``image`` into ``out`` (allocated when None); a `Mapper` calls it.
 
     ``prefix_pass(prefix, region, shared, needed)`` computes the shared
     prefix's map of one band's ``region`` of pixels into ``shared``, only the
     ``needed`` cells (None: all): the mapper runs it as an FCN's map.
+    ``options``: the mapper's `MapOptions`, of which the windows use
+    ``inputs.preprocess``, ``execution.engine`` and ``tiling.spill_dir``.
     """
     found: _Analysis = plan._analysis  # type: ignore[assignment]
     spec = ImageSpec(found.layout, found.channels)
@@ -918,7 +913,7 @@ def run_windowed(
     if mask is not None:
         runner.fill_nan(out, found.layout)
     pixels = file_backed(image)
-    scratch = Scratch("kfs-windowed-", spill_dir)
+    scratch = Scratch("kfs-windowed-", options.tiling.spill_dir)
     try:
         with scratch:
             for first, stop, needed in plan._bands:  # bands of window rows: the shared map of one at a time
@@ -931,7 +926,7 @@ def run_windowed(
                     region = _Region(pixels, found.layout, size, top=first * plan.stride[0])
                     prefix_pass(split.prefix, region, shared, needed)
                 rows = (first, stop)
-                _run_windows(plan, found, split, pixels, spec, shared, out, mask, preprocess, engine, progress, rows)
+                _run_windows(plan, pixels, shared, out, mask, options, progress, rows)
         return out
     except OSError as error:
         raise ConversionError(
@@ -962,21 +957,12 @@ class _Region:
         return self._image[tuple(index)]
 
 
-def _run_windows(
-    plan: WindowedPlan,
-    found: _Analysis,
-    split: _Split,
-    pixels,
-    spec,
-    shared,
-    out,
-    mask,
-    preprocess,
-    engine,
-    progress,
-    band: tuple[int, int],
-) -> None:
+def _run_windows(plan: WindowedPlan, pixels, shared, out, mask, options: MapOptions, progress, band) -> None:
     """The windows of rows ``band`` (``[first, stop)``), their prefix maps from ``shared``, the band's map."""
+    found: _Analysis = plan._analysis  # type: ignore[assignment]
+    split: _Split = plan._split  # type: ignore[assignment]
+    spec = ImageSpec(found.layout, found.channels)
+    preprocess, engine = options.inputs.preprocess, options.execution.engine
     layout = found.layout
     first, stop = band
     if mask is not None:
@@ -991,8 +977,8 @@ def _run_windows(
 
     def load(group):
         if split.prefix is None:
-            return np.stack([_crop(pixels, spec, plan, i, j, preprocess, dtype) for i, j in group])
-        return _window_maps(plan, found, split, pixels, spec, shared, group, preprocess, dtype, first)
+            return np.stack([_crop(pixels, spec, plan, cell, preprocess, dtype) for cell in group])
+        return _window_maps(plan, pixels, shared, group, preprocess, dtype, first)
 
     def forward(inputs):
         return engines.forward(found.tail(split, len(inputs)), chosen)(inputs)
@@ -1013,8 +999,9 @@ def _cell(vector, layout: Layout) -> np.ndarray:
     return layout.image_from_channels_last(np.asarray(vector, dtype=np.float32).reshape(1, 1, -1))
 
 
-def _crop(pixels, spec, plan: WindowedPlan, i: int, j: int, preprocess, dtype, rows=None, cols=None) -> np.ndarray:
-    top, left = i * plan.stride[0], j * plan.stride[1]
+def _crop(pixels, spec, plan: WindowedPlan, cell, preprocess, dtype, rows=None, cols=None) -> np.ndarray:
+    """The pixels of cell ``(i, j)``'s window (of its ``rows`` and ``cols`` spans only, where given)."""
+    top, left = cell[0] * plan.stride[0], cell[1] * plan.stride[1]
     first_row, last_row = rows if rows is not None else (0, plan.window[0])
     first_col, last_col = cols if cols is not None else (0, plan.window[1])
     return runner.read_tile(
@@ -1027,11 +1014,12 @@ def _crop(pixels, spec, plan: WindowedPlan, i: int, j: int, preprocess, dtype, r
     )
 
 
-def _window_maps(
-    plan: WindowedPlan, found: _Analysis, split: _Split, pixels, spec, shared, group, preprocess, dtype, first: int
-):
+def _window_maps(plan: WindowedPlan, pixels, shared, group, preprocess, dtype, first: int):
     """The prefix's map of each window in ``group``: shared cells from ``shared`` (the map of the band from
     window row ``first``), the rest from strips."""
+    found: _Analysis = plan._analysis  # type: ignore[assignment]
+    split: _Split = plan._split  # type: ignore[assignment]
+    spec = ImageSpec(found.layout, found.channels)
     layout = found.layout
     cells = split.cells
     maps = np.empty((len(group), *layout.image_shape(cells[0], cells[1], split.channels)), dtype=np.float32)
@@ -1046,7 +1034,7 @@ def _window_maps(
     def load(strip):
         span = span_of(strip)
         rows, cols = (span, None) if strip[0] == 0 else (None, span)
-        return np.stack([_crop(pixels, spec, plan, i, j, preprocess, dtype, rows, cols) for i, j in group])
+        return np.stack([_crop(pixels, spec, plan, cell, preprocess, dtype, rows, cols) for cell in group])
 
     def write(strip, result):
         axis, side, _ = strip

@@ -123,16 +123,12 @@ def run_segmenter(
         runner.run_tiles(
             engines.forward(model, engines.native()),
             image,
-            spec,
-            axis_plans,
+            runner.TileJob(spec, axis_plans, per_batch, tiles=tiles, keep=keep),
             out,
-            batch_size=per_batch,
             preprocess=preprocess,
             dtype=runner.input_dtype(model),
             bar=bar,
             prefetch=True,
-            tiles=tiles,
-            keep=keep,
         )
     return computed / count
 
