@@ -99,6 +99,8 @@ class ModelFacts:
             by dtype policy.
         stitch_plans: for an FCN à trous, `inference.stitch.stitch_plan`'s
             plans (or the refusal), by stride.
+        axis_programs: `grid.geometry`'s compiled axes of the model, by
+            output (None: every output).
         tile_arithmetic: for a stage model, `inference.staged`'s
             multiply-accumulates and exact cells of its tile shapes, by
             layout, channels and reference tile.
@@ -120,6 +122,7 @@ class ModelFacts:
     blas_split: bool | None = None
     policy_copies: dict = field(default_factory=dict)
     stitch_plans: dict = field(default_factory=dict)
+    axis_programs: dict = field(default_factory=dict)
     tile_arithmetic: dict = field(default_factory=dict)
 
     # A copy of a model (copy, deepcopy, pickle) is another object: it learns its own facts.

@@ -16,6 +16,7 @@ from keras_fcn_surgery.graph import (
     is_builtin,
     is_graph_model,
     is_layer,
+    model_facts,
     model_layout,
     nodes_in_order,
     operation_kind,
@@ -378,6 +379,14 @@ def _input_spatial(model):
 
 
 def _axis_programs(model, output: str | None = None) -> tuple:
+    """The two axes' `_Program`s of ``model`` (toward ``output``, None: every output), compiled once per model."""
+    known = model_facts(model).axis_programs
+    if output not in known:
+        known[output] = _compile_axes(model, output)
+    return known[output]
+
+
+def _compile_axes(model, output: str | None) -> tuple:
     graph = graph_of(model)
     names = output_names(model)
     if output is not None and output not in names:
@@ -392,13 +401,29 @@ def _axis_programs(model, output: str | None = None) -> tuple:
     return tuple(_program(graph, model_layout(model), axis, keys) for axis in (0, 1))
 
 
-def _program(graph, layout: Layout, axis: int, outputs: list) -> tuple:
-    """``(steps, output)``: each step ``(output keys, input keys, transform)`` in graph order; ``output`` the
-    output's key, or for several outputs together, their ``(name, key)`` pairs (see `_joint_outputs`)."""
+class _Program:
+    """One axis's geometry as steps to run at any input size, and what runs of it gave (they are pure).
+
+    ``steps``: each ``(output keys, input keys, transform)`` in graph order;
+    ``output``: the output's key, or for several outputs together, their
+    ``(name, key)`` pairs (see `_joint_outputs`). ``memo``: `_run`'s states by
+    ``(size, first state, lenient)`` and `_smallest_valid`'s size: planning a
+    masked slide asks for the same sizes thousands of times.
+    """
+
+    __slots__ = ("steps", "output", "memo")
+
+    def __init__(self, steps: tuple, output):
+        self.steps, self.output = steps, output
+        self.memo: dict = {}
+
+
+def _program(graph, layout: Layout, axis: int, outputs: list) -> _Program:
+    """The `_Program` of one axis of ``graph`` towards ``outputs`` (``(name, key)`` pairs)."""
     steps: list = []
     names = {id(t): "input" if i == 0 else f"input{i}" for i, t in enumerate(graph.inputs)}
     _compile(graph, axis, layout, steps, names, 0)
-    return tuple(steps), outputs[0][1] if len(outputs) == 1 else tuple(outputs)
+    return _Program(tuple(steps), outputs[0][1] if len(outputs) == 1 else tuple(outputs))
 
 
 def _tensor_key(tensor) -> str:
@@ -621,15 +646,21 @@ def _merge(layer, states):
         ) from error
 
 
-def _run(program, size: int, first: gm.AxisState | None = None, lenient: bool = False) -> gm.AxisState:
+def _run(program: _Program, size: int, first: gm.AxisState | None = None, lenient: bool = False) -> gm.AxisState:
     """The state of the output axis at this input size.
 
     With ``lenient``, a merge of misaligned maps goes on with the smaller map
     instead of raising: enough to tell whether the input is large enough.
     """
-    steps, output = program
+    key = (size, first, lenient)
+    if key not in program.memo:
+        program.memo[key] = _run_steps(program, size, first, lenient)
+    return program.memo[key]
+
+
+def _run_steps(program: _Program, size: int, first: gm.AxisState | None, lenient: bool) -> gm.AxisState:
     values = {"input": first if first is not None else gm.input_state(size)}
-    for targets, sources, transform in steps:
+    for targets, sources, transform in program.steps:
         inputs = [values[s] for s in sources if s in values]
         if not inputs:
             continue
@@ -641,9 +672,9 @@ def _run(program, size: int, first: gm.AxisState | None = None, lenient: bool = 
             result = error.fallback
         for target in targets:
             values[target] = result
-    if isinstance(output, str):
-        return values[output]
-    return _joint_outputs([(name, values[key]) for name, key in output], lenient)
+    if isinstance(program.output, str):
+        return values[program.output]
+    return _joint_outputs([(name, values[key]) for name, key in program.output], lenient)
 
 
 def _joint_outputs(named_states, lenient: bool) -> gm.AxisState:
@@ -674,8 +705,14 @@ def _joint_outputs(named_states, lenient: bool) -> gm.AxisState:
     )
 
 
-def _smallest_valid(program) -> int:
+def _smallest_valid(program: _Program) -> int:
     """The smallest input length that gives a non-empty map with every merge aligned."""
+    if "smallest" not in program.memo:
+        program.memo["smallest"] = _search_smallest_valid(program)
+    return program.memo["smallest"]
+
+
+def _search_smallest_valid(program: _Program) -> int:
     low, high = 1, 1
     while _run(program, high, lenient=True).size < 1:
         high *= 2
