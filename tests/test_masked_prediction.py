@@ -222,3 +222,29 @@ def test_a_slide_too_large_for_masks_at_every_cut_keeps_the_unmasked_cuts(monkey
     assert [s.stop for s in own.stages] != [s.stop for s in dense.stages]  # its own cuts, where allowed
     assert [s.stop for s in kept.stages] == [s.stop for s in dense.stages]
     assert dense.macs * keep.mean() < kept.macs < dense.macs
+
+
+def test_a_second_masked_plan_of_a_model_infers_no_shape_and_runs_no_geometry_again(monkeypatch):
+    """Planning a masked slide asks a stage's tile arithmetic and geometry thousands of times (seconds for VGG16
+    at 4096²): what one plan learned serves the next (the next slide of a job, another mask), kept on the model."""
+    from keras_fcn_surgery.grid import geometry as geometry_module
+    from keras_fcn_surgery.inference import staged
+
+    model = _vgg_like(head=7)
+    size = (384, 416)
+    map_size = kfs.geometry(model).output_size(size)
+    first = kfs.plan_prediction(model, size, tile=96, keep=_disc(map_size, 0.3))
+    asked = {"shapes": 0, "geometry": 0}
+
+    def counted(name, function):
+        def wrapper(*args, **kwargs):
+            asked[name] += 1
+            return function(*args, **kwargs)
+
+        return wrapper
+
+    monkeypatch.setattr(staged, "layer_costs", counted("shapes", staged.layer_costs))
+    monkeypatch.setattr(geometry_module, "_run_steps", counted("geometry", geometry_module._run_steps))
+    again = kfs.plan_prediction(model, size, tile=96, keep=_disc(map_size, 0.3))
+    assert asked == {"shapes": 0, "geometry": 0}
+    assert str(again) == str(first) and again.macs == first.macs
