@@ -99,6 +99,8 @@ class ModelFacts:
             by dtype policy.
         stitch_plans: for an FCN à trous, `inference.stitch.stitch_plan`'s
             plans (or the refusal), by stride.
+        fragment_plans: for an FCN, `inference.fragments.fragments_plan`'s
+            plans (or the refusal), by stride.
     """
 
     traced: object = None
@@ -117,6 +119,7 @@ class ModelFacts:
     blas_split: bool | None = None
     policy_copies: dict = field(default_factory=dict)
     stitch_plans: dict = field(default_factory=dict)
+    fragment_plans: dict = field(default_factory=dict)
 
     # A copy of a model (copy, deepcopy, pickle) is another object: it learns its own facts.
     def __copy__(self) -> ModelFacts:
