@@ -281,7 +281,11 @@ def forward(model, engine: str, precision: str | None = None):
             if engine == "stitch" and stitch_refusal(model) is None:
                 split = stitched_forward(model, lambda part: forward(part, own, precision))
             elif engine == "fragments" and fragments_refusal(model) is None:
-                split = fragments_forward(model, lambda part: forward(part, own, precision))
+                # Its models (one per input size: static lengths) run compiled where the backend compiles: on
+                # TensorFlow under XLA, which fuses the rearrangements (VGG16 256^2 at stride 8 on 2 CPU cores:
+                # 1.64 s under XLA, 3.28 s traced, à trous 1.56 s under XLA).
+                inner = "xla" if own == "tf" else own
+                split = fragments_forward(model, lambda part: forward(part, inner, precision))
             elif engine in ("stitch", "fragments"):
                 engine = own  # a stage of a staged pass, or no FCN à trous: its own execution, as "blas" does
             if split is not None:

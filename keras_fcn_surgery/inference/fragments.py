@@ -20,7 +20,8 @@ It runs as an execution of the rarefied FCN (`inference.engines`: engine ``"frag
 (`inference.stitch`): ``engine="auto"`` times it against the à trous pass and the other executions on this
 machine and keeps the fastest (below the measuring threshold the à trous pass runs: it has the fewest
 multiply-accumulates), ``engine="fragments"`` forces it; the map, its tiles and its geometry stay the rarefied
-FCN's. `fragments_map` computes one image's map; `fragments_cost` counts its multiply-accumulates.
+FCN's. The fragments models run compiled where the backend compiles (under XLA on TensorFlow). `fragments_map`
+computes one image's map; `fragments_cost` counts its multiply-accumulates.
 """
 
 from __future__ import annotations
