@@ -135,3 +135,25 @@ def test_the_fcn_at_its_own_stride_is_not_fragmented():
     assert "not an FCN at a finer stride" in fragments_refusal(fcn)
     with pytest.raises(InputError, match="finer than 8x8"):
         fragments_plan(fcn, 8)
+
+
+def test_fragments_compute_in_float32_only():
+    classifier = _valid_classifier()
+    image = np.random.default_rng(46).random((WINDOW + 9, WINDOW + 9, 3), dtype=np.float32)
+    with pytest.raises(InputError, match="engine='fragments' cannot run.*float32 only"):
+        kfs.predict_map(classifier, image, stride=2, engine="fragments", precision="bfloat16")
+    assert "fragments" not in engines.candidates(kfs.prepare(classifier, stride=2).runnable, "mixed_bfloat16")
+
+
+def test_running_by_fragments_does_not_keep_the_fcn_alive():
+    import gc
+    import weakref
+
+    fcn = kfs.convert(_valid_classifier())
+    finer = rarefy(fcn, 2)
+    image = np.random.default_rng(47).random((WINDOW + 9, WINDOW + 9, 3), dtype=np.float32)
+    kfs.predict_map(finer, image, engine="fragments")
+    gone = weakref.ref(fcn)
+    del fcn
+    gc.collect()
+    assert gone() is None

@@ -242,7 +242,7 @@ def candidates(model, precision: str | None = None) -> tuple[str, ...]:
     found = _BACKEND_ENGINES[backend_name()]
     found = found + ("blas",) if blas_refusal(model, precision) is None else found
     found = found + ("stitch",) if stitch_refusal(model) is None else found
-    return found + ("fragments",) if fragments_refusal(model) is None else found
+    return found + ("fragments",) if fragments_refusal(model, precision) is None else found
 
 
 def forward(model, engine: str, precision: str | None = None):
@@ -280,7 +280,7 @@ def forward(model, engine: str, precision: str | None = None):
                 split = split_forward(model, lambda part: forward(part, own))
             if engine == "stitch" and stitch_refusal(model) is None:
                 split = stitched_forward(model, lambda part: forward(part, own, precision))
-            elif engine == "fragments" and fragments_refusal(model) is None:
+            elif engine == "fragments" and fragments_refusal(model, precision) is None:
                 # Its models (one per input size: static lengths) run compiled where the backend compiles: on
                 # TensorFlow under XLA, which fuses the rearrangements (VGG16 256^2 at stride 8 on 2 CPU cores:
                 # 1.64 s under XLA, 3.28 s traced, à trous 1.56 s under XLA).
@@ -444,7 +444,7 @@ def choose_engine(model, batch_shape, engine: str = "auto", precision: str | Non
                     f"engine='blas' cannot run model '{model.name}': {refusal}. Use 'auto' or {native()!r}."
                 )
         if engine in ("stitch", "fragments"):
-            refusal = stitch_refusal(model) if engine == "stitch" else fragments_refusal(model)
+            refusal = stitch_refusal(model) if engine == "stitch" else fragments_refusal(model, precision)
             if refusal is not None:
                 raise InputError(
                     f"engine={engine!r} cannot run model '{model.name}': {refusal}. Use 'auto' or {native()!r}."
@@ -485,15 +485,16 @@ def with_engine(plan, fcn, engine: str, precision: str | None = None, *, calls):
             raise InputError(f"engine='blas' cannot run model '{fcn.name}': {refusal}. Use 'auto' or {native()!r}.")
     if engine == "stitch" and stitch_refusal(fcn) is not None:
         raise InputError(f"engine='stitch' cannot run model '{fcn.name}': {stitch_refusal(fcn)}. Use 'auto'.")
-    if engine == "fragments" and fragments_refusal(fcn) is not None:
-        raise InputError(f"engine='fragments' cannot run model '{fcn.name}': {fragments_refusal(fcn)}. Use 'auto'.")
+    if engine == "fragments" and fragments_refusal(fcn, precision) is not None:
+        refusal = fragments_refusal(fcn, precision)
+        raise InputError(f"engine='fragments' cannot run model '{fcn.name}': {refusal}. Use 'auto'.")
     stages, reasons = [], []
     for index, (stage, (model, call_shape, *shapes)) in enumerate(zip(plan.stages, calls)):
         if engine == "blas" and blas_refusal(model, precision) is not None:
             choice = EngineChoice(native(), "blas asked for; this stage holds no head convolution")
         elif engine == "stitch" and stitch_refusal(model) is not None:
             choice = EngineChoice(native(), "stitch asked for; this stage is part of the FCN à trous")
-        elif engine == "fragments" and fragments_refusal(model) is not None:
+        elif engine == "fragments" and fragments_refusal(model, precision) is not None:
             choice = EngineChoice(native(), "fragments asked for; this stage is part of the FCN à trous")
         else:
             choice = choose_engine(model, call_shape, engine, precision)

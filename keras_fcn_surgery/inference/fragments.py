@@ -27,6 +27,7 @@ computes one image's map; `fragments_cost` counts its multiply-accumulates.
 from __future__ import annotations
 
 import math
+import weakref
 from dataclasses import dataclass, field
 
 import keras
@@ -136,9 +137,11 @@ def fragments_plan(fcn, stride) -> FragmentPlan:
     return made[target]
 
 
-def fragments_refusal(model) -> str | None:
-    """None where ``model`` is an FCN at a finer stride made by `surgery.atrous` whose map fragments compute;
-    else why not."""
+def fragments_refusal(model, precision: str | None = None) -> str | None:
+    """None where ``model`` is an FCN at a finer stride made by `surgery.atrous` whose map fragments compute at
+    ``precision`` (None or ``"float32"``: reduced precisions run à trous); else why not."""
+    if precision not in (None, "float32"):
+        return f"fragments compute in float32 only (asked: {precision})"
     origin = origin_of(model)
     if origin is None:
         return f"'{model.name}' is not an FCN at a finer stride made by `rarefy` in this process"
@@ -154,7 +157,15 @@ def fragments_forward(model, run):
     """``numpy batch -> numpy map`` of ``model`` (see `fragments_refusal`) by fragments; ``run(part)`` is the
     forward function of a fragments model (an execution of `inference.engines`)."""
     fcn, stride = origin_of(model)  # type: ignore[misc]
-    return fragmented(fragments_plan(fcn, stride), run)
+    reference, name = weakref.ref(fcn), model.name  # weak, as the rarefied FCN holds its FCN: this is cached on it
+
+    def forward(batch):
+        live = reference()
+        if live is None:
+            raise InputError(f"The FCN that '{name}' was made from is gone: its map by fragments cannot be built.")
+        return fragmented(fragments_plan(live, stride), run)(batch)
+
+    return forward
 
 
 def fragmented(plan: FragmentPlan, run):
