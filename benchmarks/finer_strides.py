@@ -44,28 +44,46 @@ With ``--engine tf`` (an earlier run, same machine):
 | VGG16 256^2 | 16 | 9 | 1.25 (21.2, 9.3e-07) | 1.52x | 3.41 (82.2, 1.4e-01) | 5.24 (139, 3.0e-01) | 4.2x | 2.7x |
 | VGG16 256^2 | 8 | 25 | 4.19 (28.1, 9.3e-07) | 3.82x | 21.25 (329, 1.9e-01) | 14.71 (387, 2.9e-01) | 3.5x | 5.1x |
 
-VGG16 (random weights) at 1024^2, S/2, S/4, S/8 (2026-12-06, the same shared
-2 cores, one run: ``--cases vgg16 --vgg-size 1024 --strides 16,8,4
---sample-crops 64 --stitch-passes 2 --repeats 0``; à trous under ``xla``, the
-FCN at S under ``auto``: 17.3 s for 404 GMAC; * extrapolated: the sliding window
-from a band of 51, 101 and 201 of its 2601, 10201 and 40401 crops, naive
-shift-and-stitch from 2 of its 4, 16 and 64 shifted passes):
+VGG16 (random weights) at 1024^2, S/2, S/4, S/8, with the fragments way (multi-pooling, engine
+``fragments``: space to batch at each removed stride, the tail undilated, batch to space at the end; its
+models under XLA) (2026-12-06, 2 CPU cores shared with 3 other agents' jobs, load average 5-7, other tests of
+this branch running during the S/2 and S/4 rows; one run: ``--cases vgg16 --vgg-size 1024 --strides 16,8,4
+--sample-crops 64 --stitch-passes 2 --repeats 1``, ``KFS_ENGINE_CACHE=off``; à trous under ``xla``, the FCN
+at S under ``auto``: 19.6 s for 404 GMAC; * extrapolated: the sliding window from a band of 51, 101 and 201
+of its 2601, 10201 and 40401 crops, naive shift-and-stitch from 2 of its 4, 16 and 64 shifted passes):
 
-| s | cells | à trous (GMAC, diff) | tail stitch (GMAC, diff) | ÷ideal | naive stitch | sliding | ÷sliding | ÷stitch |
-|---|---|---|---|---|---|---|---|---|
-| 16 | 2601 | 27.93 (642, 3.3e-06) | 34.57 (642, 3.5e-06) | 1.02x | 82.8* (1617) | 1889* (40238) | 67.6x | 3.0x |
-| 8 | 10201 | 92.83 (1667, 3.3e-06) | - | 1.30x | 305* (6469) | 8417* (157812) | 90.7x | 3.3x |
-| 4 | 40401 | 231.08 (6027, 3.3e-06) | - | 0.90x | 1319* (25875) | 18124* (625014) | 78.4x | 5.7x |
+| s | cells | à trous (GMAC) | tail stitch | fragments | ÷ideal | naive stitch | sliding | ÷sliding | ÷stitch |
+|---|---|---|---|---|---|---|---|---|---|
+| 16 | 2601 | 21.76 (642) | 30.83 (642) | 31.73 (655) | 0.70x | 128* (1617) | 1940* (40238) | 89.1x | 5.9x |
+| 8 | 10201 | 72.33 (1667) | - | 79.89 (1745) | 0.89x | 339* (6469) | 6244* (157812) | 86.3x | 4.7x |
+| 4 | 40401 | 159.25 (6027) | - | 181.55 (6394) | 0.54x | 895* (25875) | 14473* (625014) | 90.9x | 5.6x |
 
-(à trous is the chosen way in every row: the faster of the two where both run;
-"÷ideal" is its seconds per GMAC over the FCN's; "diff" is at the FCN's cells
-for à trous, against à trous for the tail stitch.)
+(diffs: à trous 3.3e-06 at the FCN's cells, the tail stitch 3.5e-06 and fragments 0.0 against à trous; à
+trous is the chosen way in every row, the fastest of the three where they run.)
 
-At S/4 the cheapest exact way is 90.7x faster than the batched sliding window
-(the goal: 10x) and 1.30x its MAC ideal (the goal: 1.2x; the one FCN pass it is
-measured against was timed once on the shared cores, and the S/8 row's 0.90x
-shows how noisy that is). Shift-and-stitch of the tail runs at S/2 only:
-deeper cuts leave VGG16's `same` convolutions in the tail, which it refuses.
+"÷ideal" is the chosen way's seconds per GMAC over the FCN's: under 1.0 here only because the one FCN pass
+(19.6 s) fell in a slower spell of the shared machine than the rows. So the S/4 pair was timed again alone,
+each pass in turn with the FCN, twice, in alternating order (the same day and machine, load average 4-6;
+``xla``; seconds of each call after a warm-up call):
+
+| pass | GMAC | calls (s) | best ÷ its MAC ideal | ÷ à trous' MACs |
+|---|---|---|---|---|
+| FCN at 32 | 404 | 13.20, 13.13 | 1.00x | - |
+| à trous at 8 | 1667 | 56.18, 57.85 | 1.04x | 1.04x |
+| fragments at 8 | 1745 | 59.18, 56.96 | 1.01x | 1.05x |
+
+At S/4 the cheapest exact way (à trous, chosen; fragments within 2% of it) is 1.04x its MAC ideal (the goal:
+1.2x; an earlier run on the same shared cores measured 1.30x against a single FCN pass) and 86x faster than the
+batched sliding window (the goal: 10x). The fragments map equals the à trous map (diff 0.0 here). It
+computes 5% more multiply-accumulates at S/4 (fragments are padded to one length where a side is not a
+multiple of the removed stride) and rearranges the map once per removed stride; under XLA on this CPU the
+two ways cost the same per multiply-accumulate (XLA's CPU convolutions seem to take the dilation without a
+rearrangement around each), so the rearrangement buys nothing here. Traced without XLA it does: VGG16 256^2
+at stride 8 (the same machine), à trous 3.43 s, fragments 3.28 s for 19% more MACs (1.95x against 2.42x of
+the MAC ideal); both under XLA, 1.56 s and 1.64 s. ``auto`` keeps whichever measures faster where it runs
+(a GPU, another backend).
+Shift-and-stitch of the tail runs at S/2 only: deeper cuts leave VGG16's `same` convolutions in the tail,
+which it refuses.
 
 The shared machine makes single FCN passes noisy (ratios under 1.0 above are
 that noise: VGG16's FCN pass took 1.83 s here, 1.0-1.1 s alone). Measured
@@ -180,6 +198,12 @@ def run_case(name, classifier, size, strides, options) -> list[dict]:
                 lambda: kfs.predict_map(classifier, image, stride=stride, engine="stitch"), max(repeats, 1)
             )
             tail = (tail_time, finer.tail_stitch_macs, relative(np.asarray(tail_map), np.asarray(atrous)))
+        fragments = None
+        if not options.skip_fragments and finer.fragments_macs is not None:
+            fragments_map, fragments_time = best_time(
+                lambda: kfs.predict_map(classifier, image, stride=stride, engine="fragments"), max(repeats, 1)
+            )
+            fragments = (fragments_time, finer.fragments_macs, relative(np.asarray(fragments_map), np.asarray(atrous)))
         factor = STRIDE // stride
         passes = None if factor**2 <= options.stitch_passes else options.stitch_passes
         stitched, stitch_time = shift_and_stitch(fcn, image, stride, passes)
@@ -192,6 +216,7 @@ def run_case(name, classifier, size, strides, options) -> list[dict]:
             "stitch_note": "" if passes is None else f" (extrapolated from {passes} of {factor**2} passes)",
             "fcn": (fcn_time, finer.fcn_macs),
             "tail": tail,
+            "fragments": fragments,
             "plan": str(finer),
         }
         if not options.skip_sliding:
@@ -211,10 +236,10 @@ def _diff(value) -> str:
 def print_table(rows) -> None:
     print(
         "\n| case | stride | cells | à trous s (GMAC, diff at the FCN's cells) | tail stitch s (GMAC, diff) "
-        "| chosen ÷ its MAC ideal | naive shift-and-stitch s (GMAC, diff) | sliding window s (GMAC, diff) "
-        "| chosen vs sliding | vs naive stitch |"
+        "| fragments s (GMAC, diff) | chosen ÷ its MAC ideal (÷ à trous' MACs) | naive shift-and-stitch s (GMAC, diff) "
+        "| sliding window s (GMAC, diff) | chosen vs sliding | vs naive stitch |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     notes = []
     for r in rows:
         t, m, d = r["atrous"]
@@ -224,9 +249,16 @@ def print_table(rows) -> None:
         if r["tail"] is not None:
             tt, tm, td = r["tail"]
             tail = f"{tt:.2f} ({tm / 1e9:.1f}, {_diff(td)})"
-            if tt < t:
+            if tt < ct:
                 chosen, ct, cm = "tail stitch", tt, tm
+        fragments = "-"
+        if r.get("fragments") is not None:
+            gt, gm, gd = r["fragments"]
+            fragments = f"{gt:.2f} ({gm / 1e9:.1f}, {_diff(gd)})"
+            if gt < ct:
+                chosen, ct, cm = "fragments", gt, gm
         efficiency = (ct / cm) / (ft / fm)  # seconds per MAC over the stride-S FCN pass's: 1.0 is the MAC ideal
+        least = (ct / m) / (ft / fm)  # the same against à trous' MACs, the fewest any exact way computes
         st, sm, sd = r["stitch"]
         sliding = "skipped"
         speedup = "-"
@@ -237,7 +269,8 @@ def print_table(rows) -> None:
         stitch = f"{st:.1f}{'*' if r['stitch_note'] else ''} ({sm / 1e9:.0f}, {_diff(sd)})"
         print(
             f"| {r['case']} | {r['stride']} | {r['cells']} | {t:.2f} ({m / 1e9:.1f}, {_diff(d)}) | {tail} "
-            f"| {chosen} {efficiency:.2f}x | {stitch} | {sliding} | {speedup} | {st / ct:.1f}x |"
+            f"| {fragments} | {chosen} {efficiency:.2f}x ({least:.2f}x) | {stitch} | {sliding} | {speedup} "
+            f"| {st / ct:.1f}x |"
         )
         for key in ("stitch_note", "sliding_note"):
             if r.get(key):
@@ -259,6 +292,7 @@ def main(argv=None) -> int:
         "--sample-crops", type=int, default=512, help="past this many windows, time a band of them and extrapolate"
     )
     parser.add_argument("--skip-tail-stitch", action="store_true", help="do not time engine='stitch'")
+    parser.add_argument("--skip-fragments", action="store_true", help="do not time engine='fragments'")
     parser.add_argument(
         "--stitch-passes", type=int, default=64, help="past this many shifted passes, time that many and extrapolate"
     )

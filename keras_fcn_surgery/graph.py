@@ -104,6 +104,8 @@ class ModelFacts:
         tile_arithmetic: for a stage model, `inference.staged`'s
             multiply-accumulates and exact cells of its tile shapes, by
             layout, channels and reference tile.
+        fragment_plans: for an FCN, `inference.fragments.fragments_plan`'s
+            plans (or the refusal), by stride.
     """
 
     traced: object = None
@@ -124,6 +126,7 @@ class ModelFacts:
     stitch_plans: dict = field(default_factory=dict)
     axis_programs: dict = field(default_factory=dict)
     tile_arithmetic: dict = field(default_factory=dict)
+    fragment_plans: dict = field(default_factory=dict)
 
     # A copy of a model (copy, deepcopy, pickle) is another object: it learns its own facts.
     def __copy__(self) -> ModelFacts:

@@ -67,3 +67,27 @@ def test_a_rarefied_fcn_round_trips_through_a_keras_file(tmp_path):
         loaded = keras.models.load_model(tmp_path / f"at{stride}.keras")
         np.testing.assert_array_equal(loaded.predict(image, verbose=0), finer.predict(image, verbose=0))
         assert kfs.geometry(loaded).stride == (stride, stride)
+
+
+def test_the_export_command_writes_the_fcn_at_a_finer_stride(tmp_path, capsys):
+    for package in PACKAGES["onnx"]:
+        pytest.importorskip(package)
+    import onnxruntime
+
+    from keras_fcn_surgery import cli
+
+    classifier = _pooled_classifier()
+    classifier.save(tmp_path / "pooled.keras")
+    written = tmp_path / "at2.onnx"
+    args = ["export", str(tmp_path / "pooled.keras"), str(written), "--format", "onnx", "--stride", "2"]
+    assert cli.main(args) == 0
+    assert capsys.readouterr().out.count(": equal") == 2  # checked at two sizes
+    session = onnxruntime.InferenceSession(str(written), providers=["CPUExecutionProvider"])
+    image = np.random.default_rng(23).random((1, 37, 33, 3), dtype=np.float32)
+    scores = session.run(None, {session.get_inputs()[0].name: image})[0]
+    expected = rarefy(kfs.convert(classifier), 2).predict(image, verbose=0)
+    assert scores.shape == expected.shape and kfs.geometry(rarefy(kfs.convert(classifier), 2)).stride == (2, 2)
+    np.testing.assert_allclose(scores, expected, rtol=0, atol=1e-5 * np.abs(expected).max())
+    refused = ["export", str(tmp_path / "pooled.keras"), str(tmp_path / "at16.onnx"), "--format", "onnx"]
+    assert cli.main([*refused, "--stride", "16"]) == 2  # a multiple of the FCN's stride: no FCN map there
+    assert "16x16" in capsys.readouterr().err and not (tmp_path / "at16.onnx").exists()

@@ -55,7 +55,7 @@ def test_auto_times_shift_and_stitch_against_the_a_trous_pass(monkeypatch):
     classifier = _valid_classifier()
     plan = kfs.plan_prediction(classifier, (WINDOW + 30, WINDOW + 30), stride=2, engine="auto")
     assert "stitch" in plan.engine_reason and "fastest measured" in plan.engine_reason
-    assert plan.engine in ("tf", "xla", "blas", "stitch")
+    assert plan.engine in ("tf", "xla", "blas", "stitch", "fragments")  # any candidate may be the fastest
 
 
 def test_a_tail_with_same_windows_is_not_stitched():

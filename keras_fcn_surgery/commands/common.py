@@ -182,7 +182,7 @@ def quiet_tensorflow_import() -> None:
     logging.getLogger("tensorflow").setLevel(logging.ERROR)
 
 
-EXECUTIONS = ("auto", "tf", "xla", "blas", "jax", "torch", "stitch")
+EXECUTIONS = ("auto", "tf", "xla", "blas", "jax", "torch", "stitch", "fragments")
 # `engines.PRECISIONS`, named here so that parsing arguments imports no TensorFlow.
 PRECISIONS = ("float32", "bfloat16", "float16")
 
@@ -216,7 +216,8 @@ def add_execution_argument(parser) -> None:
         help="how each forward pass runs: auto (default: the fastest, measured on this machine on first use), "
         "tf, xla (XLA-compiled), blas (the classifier head in numpy's BLAS; CPU only), jax (jax.jit; "
         "KERAS_BACKEND=jax), torch (PyTorch; KERAS_BACKEND=torch), stitch (a map at a --stride finer than the FCN's "
-        "by shift-and-stitch of its tail instead of à trous)",
+        "by shift-and-stitch of its tail instead of à trous), fragments (such a map by multi-pooling fragments: "
+        "the tail's windows undilated on the fragments of each removed stride, interleaved back)",
     )
     parser.add_argument(
         "--precision",

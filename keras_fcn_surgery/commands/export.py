@@ -4,6 +4,7 @@ writing."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import warnings
 
@@ -80,6 +81,14 @@ def add_parser(subparsers) -> None:
     )
     parser.add_argument("--no-convert", action="store_true", help="MODEL is already an FCN: export it as it is")
     parser.add_argument("--input-size", type=parse_size, help="original input size HxW when the model takes any size")
+    parser.add_argument(
+        "--stride",
+        type=parse_size,
+        metavar="N|HxW",
+        help="export the FCN's map at this stride in pixels instead of its own: a divisor of the FCN's stride (the "
+        "FCN à trous), or any stride below it reached from the finest exact one (every few cells kept); the "
+        "export is checked against that network",
+    )
     add_custom_objects_argument(parser)
     parser.set_defaults(run=run)
 
@@ -109,13 +118,16 @@ def run(args) -> int:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", kfs.UninformativeVerificationWarning)
         try:
+            model = load_source(args)
+            if args.stride is not None:
+                # The FCN computing the map at --stride (`prepare` routes it: à trous, or thinned from the finest
+                # exact stride below), exported as its own network.
+                if shared.convert:
+                    model = kfs.convert(model, head=args.head, input_size=args.input_size)
+                model = kfs.prepare(model, stride=args.stride, method="fcn").runnable
+                shared = dataclasses.replace(shared, convert=False)
             result = kfs.export(
-                load_source(args),
-                args.export_dir,
-                format=args.format,
-                options=shared,
-                overwrite=args.overwrite,
-                **options,
+                model, args.export_dir, format=args.format, options=shared, overwrite=args.overwrite, **options
             )
         finally:
             for warning in caught:

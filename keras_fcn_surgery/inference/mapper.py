@@ -33,7 +33,7 @@ import numpy as np
 from keras_fcn_surgery.errors import InputError, UncertifiableMapError, UninformativeVerificationWarning
 from keras_fcn_surgery.graph import source_of
 from keras_fcn_surgery.grid.geometry import MapGrid, WindowGrid, geometry
-from keras_fcn_surgery.inference import engines, runner, staged, stitch, windowed
+from keras_fcn_surgery.inference import engines, fragments, runner, staged, stitch, windowed
 from keras_fcn_surgery.inference.certificate import (
     DEFAULT_CELLS,
     CertificateOptions,
@@ -415,6 +415,9 @@ class Mapper:
         if finer is not None and stitch.stitch_refusal(self._fcn) is None:
             origin = origin_of(self._fcn)
             finer = replace(finer, tail_stitch_macs=stitch.stitch_cost(origin[0], origin[1], image_size))  # type: ignore[index]
+        if finer is not None and fragments.fragments_refusal(self._fcn) is None:
+            origin = origin_of(self._fcn)
+            finer = replace(finer, fragments_macs=fragments.fragments_cost(origin[0], origin[1], image_size))  # type: ignore[index]
         if finer is not None and finer.exact_stride != finer.stride and self.classifier is not None:
             # Thinned from the finest exact stride below: chosen over the windowed map, whose cost the plan shows.
             macs = windowed.windowed_macs(self.classifier, image_size, finer.stride)

@@ -141,6 +141,11 @@ class FinerStride:
         tail_stitch_macs: those of shift-and-stitch of the tail
             (`inference.stitch`: the head once, the tail per shift), the
             execution ``engine="stitch"`` runs, where it can; else None.
+        fragments_macs: those of multi-pooling fragments
+            (`inference.fragments`: the tail undilated on the fragments of
+            each removed stride, interleaved back), the execution
+            ``engine="fragments"`` runs, where it can; else None. À trous'
+            and a few more (cells of fragments padded to one length).
     """
 
     network_stride: tuple[int, int]
@@ -154,6 +159,7 @@ class FinerStride:
     weighed: bool = False
     chosen: str = "à trous"
     tail_stitch_macs: int | None = None
+    fragments_macs: int | None = None
 
     def __str__(self) -> str:
         exact = self.exact_stride or self.stride
@@ -178,6 +184,11 @@ class FinerStride:
             + (
                 f", shift-and-stitch of the tail (engine 'stitch') {self.tail_stitch_macs / 1e9:.3g} GMAC"
                 if self.tail_stitch_macs is not None
+                else ""
+            )
+            + (
+                f", multi-pooling fragments (engine 'fragments') {self.fragments_macs / 1e9:.3g} GMAC"
+                if self.fragments_macs is not None
                 else ""
             )
             + f", the FCN at its own stride {self.fcn_macs / 1e9:.3g} GMAC"
