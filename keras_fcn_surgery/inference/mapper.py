@@ -78,7 +78,10 @@ class Execution:
     """How each forward pass runs (the CLI's ``--execution`` and ``--precision``): see `predict_map`.
 
     Attributes:
-        engine: ``"auto"``, ``"tf"``, ``"xla"``, ``"blas"`` or ``"jax"``.
+        engine: ``"auto"``, ``"tf"``, ``"xla"``, ``"blas"``, a backend's own
+            (``"jax"``, ``"torch"``), or for a map finer than the network's
+            stride ``"stitch"`` (shift-and-stitch of the tail) or
+            ``"fragments"`` (multi-pooling fragments): `engines.ENGINES`.
         precision: the arithmetic of the passes: ``"float32"`` (default),
             ``"bfloat16"`` or ``"float16"`` (a copy of the model under Keras's
             mixed policy: float32 variables, reduced-precision compute). The
