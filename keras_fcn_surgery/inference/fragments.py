@@ -40,12 +40,9 @@ from keras_fcn_surgery.errors import ConversionError, InputError, first_line
 from keras_fcn_surgery.graph import (
     describe,
     graph_of,
-    is_graph_model,
     is_layer,
     model_facts,
     model_layout,
-    node_arguments,
-    nodes_in_order,
 )
 from keras_fcn_surgery.grid.geometry import geometry
 from keras_fcn_surgery.layout import Layout
@@ -228,7 +225,7 @@ class _Fragmenter(_Rarefier):
         shape = self.layout.batch_shape(None, self.size[0], self.size[1], channels)[1:]
         new_input = keras.Input(shape=shape, dtype=source.dtype, name=source.name)
         start = _Tag((AxisState(), AxisState()), self.size)
-        outputs, tags = self.walk(graph, [new_input], [start])
+        outputs, tags = self.run(graph, [new_input], [start])
         maps = []
         for tensor, tag in zip(outputs, tags):
             if len(tensor.shape) != 4:
@@ -241,32 +238,20 @@ class _Fragmenter(_Rarefier):
         model = keras.Model(new_input, maps[0] if single else maps, name=f"{self.fcn.name}_fragments")
         return model, self.macs
 
-    def walk(self, graph, inputs: list, input_tags: list):
-        """Build ``graph`` on ``inputs`` (new tensors) tagged ``input_tags``; nested models inlined."""
-        values = {id(t): new for t, new in zip(graph.inputs, inputs)}
-        tags = {id(t): tag for t, tag in zip(graph.inputs, input_tags)}
-        for node in nodes_in_order(graph):
-            operation = node.operation
-            known = [tags[id(t)] for t in node.input_tensors if id(t) in tags]
-            if len(set(known)) > 1:
-                raise self.refuse(operation, "it merges maps fragmented differently")
-            tag = known[0] if known else _Tag((AxisState(), AxisState()), self.size)
-            args, kwargs = node_arguments(node, values)
-            if is_graph_model(operation):
-                kwargs = {k: v for k, v in kwargs.items() if v is not None}
-                if kwargs or len(args) != len(graph_of(operation).inputs):
-                    raise self.refuse(operation, "a nested model called with keyword arguments")
-                made, out_tags = self.walk(graph_of(operation), list(args), [tags[id(t)] for t in node.input_tensors])
-            else:
-                made, out_tag = self.apply(operation, node, args, kwargs, tag)
-                out_tags = [out_tag] * len(node.outputs)
-            made = made if isinstance(made, (list, tuple)) else [made]
-            for tensor, new, new_tag in zip(node.outputs, made, out_tags):
-                values[id(tensor)] = new
-                tags[id(tensor)] = new_tag
-        return [values[id(t)] for t in graph.outputs], [tags[id(t)] for t in graph.outputs]
+    MIXED_MERGE = "it merges maps fragmented differently"
 
-    def apply(self, layer, node, args, kwargs, tag: _Tag):
+    def constant_state(self) -> _Tag:
+        return _Tag((AxisState(), AxisState()), self.size)
+
+    def nested(self, model, args, kwargs, input_tags):
+        """A nested model inlined: its graph walked on the new tensors."""
+        kwargs = {k: v for k, v in kwargs.items() if v is not None}
+        graph = graph_of(model)
+        if kwargs or len(args) != len(graph.inputs):
+            raise self.refuse(model, "a nested model called with keyword arguments")
+        return self.run(graph, list(args), input_tags)
+
+    def call(self, layer, node, args, kwargs, tag: _Tag):  # type: ignore[override]
         """The layer (its own, or a copy with the stride it keeps) on the fragments, and its output's tag."""
         if is_layer(layer) and isinstance(layer, (*taxonomy.WINDOWS, *taxonomy.DILATED_POOLINGS)):
             return self.windowed(layer, args, kwargs, tag)

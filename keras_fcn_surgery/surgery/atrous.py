@@ -382,15 +382,20 @@ class _Rarefier:
         return tensor[tuple(key)]
 
     def run(self, graph, inputs: list, input_states: list):
-        """Rebuild ``graph`` on ``inputs`` (new tensors) whose states are ``input_states``."""
+        """Rebuild ``graph`` on ``inputs`` (new tensors) whose states are ``input_states``.
+
+        The walk of every rebuild at a finer stride: a subclass (the fragments
+        of `inference.fragments`) gives its own `nested`, `call` and
+        `constant_state` (the state of a tensor no input reaches).
+        """
         values = {id(t): new for t, new in zip(graph.inputs, inputs)}
         states = {id(t): s for t, s in zip(graph.inputs, input_states)}
         for node in nodes_in_order(graph):
             operation = node.operation
             known = [states[id(t)] for t in node.input_tensors if id(t) in states]
             if len(set(known)) > 1:
-                raise self.refuse(operation, "it merges maps of different strides")
-            state = known[0] if known else (AxisState(), AxisState())
+                raise self.refuse(operation, self.MIXED_MERGE)
+            state = known[0] if known else self.constant_state()
             args, kwargs = node_arguments(node, values)
             if is_graph_model(operation):
                 made, out_states = self.nested(operation, args, kwargs, [states[id(t)] for t in node.input_tensors])
@@ -402,6 +407,12 @@ class _Rarefier:
                 values[id(tensor)] = new
                 states[id(tensor)] = new_state
         return [values[id(t)] for t in graph.outputs], [states[id(t)] for t in graph.outputs]
+
+    MIXED_MERGE = "it merges maps of different strides"
+
+    def constant_state(self):
+        """The state of a tensor that no input reaches (a constant): at the input's grid."""
+        return (AxisState(), AxisState())
 
     def nested(self, model, args, kwargs, input_states):
         graph = graph_of(model)
