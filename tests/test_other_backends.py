@@ -16,10 +16,18 @@ from keras_fcn_surgery.inference import engines
 BACKENDS = ("jax", "torch")
 
 
+@pytest.fixture(scope="module")
+def tensorflow_results(tmp_path_factory):
+    """The test models' folder and TensorFlow's ``(arrays, texts)`` on them: made once for both backends."""
+    folder = str(tmp_path_factory.mktemp("backend-models"))
+    save_models(folder)
+    return folder, *results(folder)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_the_backend_converts_and_maps_as_tensorflow_does_without_tensorflow(backend, tmp_path):
-    save_models(str(tmp_path))
-    compare_with_tensorflow(backend, str(tmp_path), "small", *results(str(tmp_path)))
+def test_the_backend_converts_and_maps_as_tensorflow_does_without_tensorflow(backend, tensorflow_results):
+    folder, arrays, texts = tensorflow_results
+    compare_with_tensorflow(backend, folder, "small", dict(arrays), dict(texts))  # copies: it pops from them
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
