@@ -16,13 +16,24 @@ from keras_fcn_surgery.inference import engines
 BACKENDS = ("jax", "torch")
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_the_backend_converts_and_maps_as_tensorflow_does_without_tensorflow(backend, tmp_path):
-    save_models(str(tmp_path))
-    compare_with_tensorflow(backend, str(tmp_path), "small", *results(str(tmp_path)))
+@pytest.fixture(scope="module")
+def tensorflow_results(tmp_path_factory):
+    """The test models' folder and TensorFlow's ``(arrays, texts)`` on them: made once for both backends."""
+    folder = str(tmp_path_factory.mktemp("backend-models"))
+    save_models(folder)
+    return folder, *results(folder)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+# One subprocess per backend in the default suite (the slow start and JAX's compiling of each new operation: over
+# a minute on 2 cores); the other one under `-m heavy`. The default suite still maps without TensorFlow under JAX
+# (tests/test_backends.py's export) and runs PyTorch's engine (its `auto` choice here), and the heavy run has all four.
+@pytest.mark.parametrize("backend", ["torch", pytest.param("jax", marks=pytest.mark.heavy)])
+def test_the_backend_converts_and_maps_as_tensorflow_does_without_tensorflow(backend, tensorflow_results):
+    folder, arrays, texts = tensorflow_results
+    compare_with_tensorflow(backend, folder, "small", dict(arrays), dict(texts))  # copies: it pops from them
+
+
+@pytest.mark.parametrize("backend", ["jax", pytest.param("torch", marks=pytest.mark.heavy)])
 def test_the_backends_own_engine_and_blas_run_and_the_others_are_refused(backend):
     done = run_under(backend, "-c", ENGINES)
     assert done.returncode == 0 and "ok" in done.stdout, done.stderr[-4000:]

@@ -63,6 +63,9 @@ def run_without_keras(path, images, tmp_path):
     return np.load(tmp_path / "out.npy")
 
 
+# The default suite exports a torch program below and in tests/test_monai_client.py (run without Keras there,
+# against our map); this one adds the command line's flag handling: an export in a PyTorch process, over 30 s.
+@pytest.mark.heavy
 def test_the_cli_exports_a_torch_program_that_runs_without_keras(tmp_path, capsys):
     classifier = small_flatten_cnn()
     model_file = str(tmp_path / "small.keras")
@@ -84,11 +87,16 @@ def test_the_cli_exports_a_torch_program_that_runs_without_keras(tmp_path, capsy
 
     assert cli.main(["export", model_file, str(path), "--format", "torch"]) == 2  # no overwriting without the flag
     assert "overwrite" in capsys.readouterr().err
+    assert sorted(os.listdir(tmp_path)) == ["fcn.pt2", "in.npy", "out.npy", "small.keras"]
+
+
+def test_a_torch_export_refuses_another_suffix_and_an_empty_trace_size(tmp_path):
+    classifier = small_flatten_cnn()
     with pytest.raises(kfs.ModelFileError, match=r"\.pt2"):
         kfs.export(classifier, tmp_path / "fcn.onnx", format="torch")
     with pytest.raises(kfs.ExportError, match="trace_size"):
         kfs.export(classifier, tmp_path / "other.pt2", format="torch", trace_size=(0, 3))
-    assert sorted(os.listdir(tmp_path)) == ["fcn.pt2", "in.npy", "out.npy", "small.keras"]
+    assert os.listdir(tmp_path) == []
 
 
 def test_the_torch_program_refuses_a_size_it_was_not_traced_for(tmp_path):
