@@ -61,12 +61,17 @@ def test_a_finished_input_is_reported_before_the_job_is_interrupted(files, capsy
     assert f"{files / 'a.png'}: certificate: 2 of" in out  # the line of the input that was done
 
 
-def test_npz_maps_are_compressed(files):
+def test_npz_maps_are_compressed_where_it_pays(files):
+    """Issue 41 item 9: a masked map (43 MB for a map 74% NaN) is deflated. Issue 35 stores what does not deflate:
+    computed float32 scores shrink to 0.8-0.95 of their size at some 20 s per GB, 6% of a 4096² slide's job."""
+    Image.fromarray(np.pad(np.full((10, 10), 255, np.uint8), ((0, 30), (0, 30)))).save(files / "mask.png")
     argv = ["predict", str(files / "small.keras"), str(files / "a.png"), "-o", str(files / "maps")]
-    assert main([*argv, "--certify", "0"]) == 0
+    assert main([*argv, "--certify", "0", "--mask", str(files / "mask.png")]) == 0
     with zipfile.ZipFile(files / "maps" / "a.npz") as archive:
-        assert {info.compress_type for info in archive.infolist()} == {zipfile.ZIP_DEFLATED}
-    assert np.load(files / "maps" / "a.npz")["scores"].dtype == np.float32
+        scores = archive.getinfo("scores.npy")
+        assert scores.compress_type == zipfile.ZIP_DEFLATED and scores.compress_size < 0.5 * scores.file_size
+    stored = np.load(files / "maps" / "a.npz")["scores"]
+    assert stored.dtype == np.float32 and np.isnan(stored).mean() > 0.5
 
 
 def test_the_readme_states_the_receptive_field_the_tour_prints():

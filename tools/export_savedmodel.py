@@ -64,6 +64,7 @@ def main(argv) -> int:
             precision=FLAGS.precision,
             no_convert=not FLAGS.convert,
             input_size=input_size,
+            stride=None,  # the CLI's --stride (an FCN at a finer stride): `keras-fcn-surgery export --stride`
         )
         return export_command.run(args)
 
