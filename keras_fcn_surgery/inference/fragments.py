@@ -36,7 +36,7 @@ from keras import ops
 
 from keras_fcn_surgery import taxonomy
 from keras_fcn_surgery.cost import layer_macs
-from keras_fcn_surgery.errors import ConversionError, InputError, first_line
+from keras_fcn_surgery.errors import ConversionError, InputError
 from keras_fcn_surgery.graph import (
     describe,
     graph_of,
@@ -46,7 +46,15 @@ from keras_fcn_surgery.graph import (
 )
 from keras_fcn_surgery.grid.geometry import geometry
 from keras_fcn_surgery.layout import Layout
-from keras_fcn_surgery.surgery.atrous import AxisState, _finest_exact, _Rarefier, origin_of, rarefy, rarefy_axis
+from keras_fcn_surgery.surgery.atrous import (
+    AxisState,
+    _finest_exact,
+    _Rarefier,
+    execution_refusal,
+    origin_of,
+    rarefy,
+    rarefy_axis,
+)
 from keras_fcn_surgery.surgery.cloning import copy_weights
 
 
@@ -139,15 +147,7 @@ def fragments_refusal(model, precision: str | None = None) -> str | None:
     ``precision`` (None or ``"float32"``: reduced precisions run à trous); else why not."""
     if precision not in (None, "float32"):
         return f"fragments compute in float32 only (asked: {precision})"
-    origin = origin_of(model)
-    if origin is None:
-        return f"'{model.name}' is not an FCN at a finer stride made by `rarefy` in this process"
-    fcn, stride = origin
-    try:
-        fragments_plan(fcn, stride)
-    except (ConversionError, InputError) as error:
-        return first_line(str(error))
-    return None
+    return execution_refusal(model, fragments_plan)
 
 
 def fragments_forward(model, run):

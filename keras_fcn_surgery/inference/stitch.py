@@ -27,11 +27,11 @@ import numpy as np
 
 from keras_fcn_surgery import taxonomy
 from keras_fcn_surgery.cost import pass_cost
-from keras_fcn_surgery.errors import ConversionError, InputError, first_line
+from keras_fcn_surgery.errors import ConversionError, InputError
 from keras_fcn_surgery.graph import describe, flat_trace, graph_part, is_layer, model_facts, model_layout, nodes_between
 from keras_fcn_surgery.grid.geometry import geometry
 from keras_fcn_surgery.layout import Layout
-from keras_fcn_surgery.surgery.atrous import origin_of, rarefy
+from keras_fcn_surgery.surgery.atrous import execution_refusal, origin_of, rarefy
 
 
 @dataclass(frozen=True)
@@ -143,15 +143,7 @@ def stitch_map(fcn, image, stride) -> np.ndarray:
 def stitch_refusal(model) -> str | None:
     """None where ``model`` is an FCN `rarefy` made (at a stride dividing its FCN's) whose tail shift-and-stitch
     computes; else why not."""
-    origin = origin_of(model)
-    if origin is None:
-        return f"'{model.name}' is not an FCN at a finer stride made by `rarefy` in this process"
-    fcn, stride = origin
-    try:
-        stitch_plan(fcn, stride)
-    except (ConversionError, InputError) as error:
-        return first_line(str(error))
-    return None
+    return execution_refusal(model, stitch_plan)
 
 
 def stitched_forward(model, run):

@@ -31,7 +31,7 @@ import keras
 from keras_fcn_surgery import taxonomy
 from keras_fcn_surgery.cost import pass_cost
 from keras_fcn_surgery.dilated_pooling import DilatedAveragePooling2D, DilatedMaxPooling2D
-from keras_fcn_surgery.errors import ConversionError, InputError
+from keras_fcn_surgery.errors import ConversionError, InputError, first_line
 from keras_fcn_surgery.graph import (
     describe,
     graph_of,
@@ -200,6 +200,22 @@ def origin_of(model) -> tuple[keras.Model, tuple[int, int]] | None:
     reference, stride = model_facts(model).origin or (None, None)
     fcn = reference() if reference is not None else None
     return None if fcn is None else (fcn, stride)
+
+
+def execution_refusal(model, plan_of) -> str | None:
+    """Why an execution of an FCN at a finer stride (shift-and-stitch, fragments) cannot run ``model``, or None.
+
+    ``plan_of(fcn, stride)`` builds that execution's plan for the FCN and the
+    stride `rarefy` made ``model`` from, raising where it cannot.
+    """
+    origin = origin_of(model)
+    if origin is None:
+        return f"'{model.name}' is not an FCN at a finer stride made by `rarefy` in this process"
+    try:
+        plan_of(*origin)
+    except (ConversionError, InputError) as error:
+        return first_line(str(error))
+    return None
 
 
 def finer_stride_cost(finer, image_size, map_size) -> FinerStride | None:
