@@ -208,6 +208,27 @@ def test_auto_keeps_a_masked_stage_of_many_tile_shapes_off_xla(monkeypatch):
     assert {stage.engine for stage in asked.stages} == {"xla"}
 
 
+def test_auto_runs_a_masked_stage_of_many_shapes_under_the_fastest_measured_execution_but_xla(monkeypatch):
+    # A masked VGG16 head at 4096^2 ran traced ("tf") at 30 ms a GMAC, three times "blas" (shape-agnostic:
+    # numpy products), which its probe had timed at 1.13x XLA's time against "tf"'s 1.7x.
+    from keras_fcn_surgery.inference import engines, staged
+
+    model = _vgg_like(head=7)
+    size = (384, 416)
+    keep = _masks(kfs.geometry(model).output_size(size))["holes"]
+    plan = kfs.plan_prediction(model, size, tile=96, keep=keep)
+    calls = staged.stage_calls(plan)
+    timings = {"tf": 1.7, "xla": 1.0, "blas": 1.13}
+    measured = engines.EngineChoice("xla", "fastest measured", timings)
+    monkeypatch.setattr(engines, "choose_engine", lambda *args, **kwargs: measured)
+    chosen = engines.with_engine(plan, model, "auto", calls=calls)
+    for stage, (_, _, shapes) in zip(chosen.stages, calls):
+        assert stage.engine == ("blas" if shapes > engines.COMPILED_SHAPES else "xla")
+    assert "the fastest other" in chosen.engine_reason
+    failed = {"tf": 1.7, "xla": 1.0, "blas": float("inf")}  # a candidate that failed its probe is not one
+    assert engines.without_compiling(engines.EngineChoice("xla", "", failed), 9).engine == "tf"
+
+
 def test_a_slide_too_large_for_masks_at_every_cut_keeps_the_unmasked_cuts(monkeypatch):
     # Finding the needed cells at every candidate cut takes 4 bytes a cell: past a size, the unmasked plan's cuts.
     from keras_fcn_surgery.inference import staged

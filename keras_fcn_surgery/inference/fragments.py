@@ -48,9 +48,9 @@ from keras_fcn_surgery.grid.geometry import geometry
 from keras_fcn_surgery.layout import Layout
 from keras_fcn_surgery.surgery.atrous import (
     AxisState,
-    _finest_exact,
-    _Rarefier,
+    Rarefier,
     execution_refusal,
+    finest_exact,
     origin_of,
     rarefy,
     rarefy_axis,
@@ -121,7 +121,7 @@ def fragments_plan(fcn, stride) -> FragmentPlan:
     """
     target = (int(stride), int(stride)) if not isinstance(stride, (tuple, list)) else (int(stride[0]), int(stride[1]))
     own = tuple(geometry(fcn).stride)
-    exact = _finest_exact(target, own)
+    exact = finest_exact(target, own)
     if min(target) < 1 or exact == own:
         raise InputError(
             f"Fragments compute maps finer than {own[0]}x{own[1]}, the stride of '{fcn.name}'. "
@@ -203,7 +203,7 @@ def fragments_cost(fcn, stride, image_size) -> int:
     return fragments_plan(fcn, stride).model(image_size)[1]
 
 
-class _Fragmenter(_Rarefier):
+class _Fragmenter(Rarefier):
     """One walk of an FCN's graph (nested models inlined) building its fragments model for one input size."""
 
     def __init__(self, plan: FragmentPlan, size: tuple[int, int]):

@@ -69,7 +69,7 @@ _MIN_SAVING = 0.05
 _MAX_MASKED_TILES = 2048
 # What a masked plan charges for each shape of forward call it adds: a new shape under "tf" (its trace
 # generalised) took about 0.1 s for VGG16's block3 stage on 2 cores, where a 15 GMAC tile took 1.1 s. Masked
-# stages of many shapes run traced, not under XLA (`engines.COMPILED_SHAPES`).
+# stages of many shapes do not run under XLA (`engines.COMPILED_SHAPES`, `engines.without_compiling`).
 _MACS_PER_SHAPE = 1_500_000_000
 # How a masked plan may crop tiles to their needed cells: (step in cells, None for a quarter tile; whether
 # a tile may be split), and how many times a tile may be halved around the mask's edges and holes.

@@ -234,7 +234,7 @@ def finer_stride_cost(finer, image_size, map_size) -> FinerStride | None:
         crop = grid.receptive_field if grid.exact else grid.min_input_size
     window = pass_cost(fcn, layout.batch_shape(1, crop[0], crop[1], channels)).macs
     whole = pass_cost(fcn, layout.batch_shape(1, size[0], size[1], channels)).macs
-    exact = _finest_exact(stride, grid.stride)
+    exact = finest_exact(stride, grid.stride)
     shifts = (grid.stride[0] // exact[0]) * (grid.stride[1] // exact[1])
     return FinerStride(
         network_stride=tuple(grid.stride),  # type: ignore[arg-type]
@@ -284,7 +284,7 @@ def rarefy(fcn, stride) -> keras.Model:
         return fcn
     made = model_facts(fcn).rarefied
     if target not in made:
-        finer = _Rarefier(fcn, target).build()
+        finer = Rarefier(fcn, target).build()
         source, size = source_of(fcn)
         if source is not None and size is not None:
             remember_source(finer, source, size)  # its certificates run the same classifier
@@ -325,12 +325,12 @@ def at_stride(fcn, stride) -> keras.Model:
     if any(s < 1 for s in target):
         raise InputError(f"Expected a stride of at least 1 pixel. Received: {target[0]}x{target[1]}")
     own = tuple(geometry(fcn).stride)
-    exact = _finest_exact(target, own)
+    exact = finest_exact(target, own)
     if exact == target:
         return rarefy(fcn, target)
     made = model_facts(fcn).rarefied
     if target not in made:
-        thinned = _Rarefier(fcn, exact, keep_every=(target[0] // exact[0], target[1] // exact[1])).build()
+        thinned = Rarefier(fcn, exact, keep_every=(target[0] // exact[0], target[1] // exact[1])).build()
         source, size = source_of(fcn)
         if source is not None and size is not None:
             remember_source(thinned, source, size)
@@ -339,7 +339,7 @@ def at_stride(fcn, stride) -> keras.Model:
     return made[target]
 
 
-def _finest_exact(stride, own) -> tuple[int, int]:
+def finest_exact(stride, own) -> tuple[int, int]:
     """``gcd(s, S)`` per axis: the finest stride below ``stride`` that à trous reaches exactly."""
     return math.gcd(int(stride[0]), int(own[0])), math.gcd(int(stride[1]), int(own[1]))
 
@@ -352,7 +352,7 @@ def _pair(stride) -> tuple[int, int]:
     return int(stride), int(stride)
 
 
-class _Rarefier:
+class Rarefier:
     """One walk of an FCN's graph (nested models entered): the states of its tensors, and the rebuilt model."""
 
     def __init__(self, fcn, target: tuple[int, int], keep_every: tuple[int, int] = (1, 1)):
