@@ -515,7 +515,9 @@ def without_compiling(choice: EngineChoice, shapes: int) -> EngineChoice:
     others = {name: seconds for name, seconds in choice.timings.items() if name != "xla" and math.isfinite(seconds)}
     best = min(others, key=others.__getitem__) if others else native()
     return EngineChoice(
-        best, f"{shapes} call shapes (a masked plan's tiles), each an XLA compilation: the fastest other", choice.timings
+        best,
+        f"{shapes} call shapes (a masked plan's tiles), each an XLA compilation: the fastest other",
+        choice.timings,
     )
 
 

@@ -169,6 +169,8 @@ def smallest_tiles(size, grid: Geometry) -> tuple[tuple[int, int], ...]:
 
 # Tiles computing more than this many times the image's own work get a `SlowTilingWarning`.
 WASTEFUL_WORK = 3.0
+# Elements of the input windows gathered for one product of a masked head's kept cells (64 MiB in float32).
+_CELL_WINDOW_ELEMENTS = 16 << 20
 
 
 def warn_if_wasteful(work_ratio: float, tile, work_at, size) -> None:
@@ -285,6 +287,10 @@ def run_tiles(forward, source, job: TileJob, out, *, preprocess, dtype, bar, pre
     if tiles is None:
         tiles = list(itertools.product(*job.axis_plans))
     targets = as_maps(out)
+    cells = getattr(forward, "cells", None)  # a model that starts with its head convolution, run as products
+    if keep is not None and cells is not None and spec.layout.channels_last and len(targets) == 1:
+        _run_kept_cells(cells, source, spec, tiles, keep, targets[0], preprocess, dtype, bar)
+        return
     rows_axis, cols_axis = spec.layout.image_spatial_axes
     size = (source.shape[rows_axis], source.shape[cols_axis])
     by_shape: dict = {}
@@ -319,6 +325,74 @@ def run_tiles(forward, source, job: TileJob, out, *, preprocess, dtype, bar, pre
         for target in targets:
             fill_nan(target, spec.layout)
     run_batches(forward, batches, load, write, prefetch=prefetch)
+
+
+def _run_kept_cells(cells, source, spec: ImageSpec, tiles, keep, out, preprocess, dtype, bar) -> None:
+    """`run_tiles` with a mask for a model ``cells`` computes cell by cell (`blas.split_forward`'s ``cells``):
+    only the kept cells of each tile, those of many tiles in one product, so that the thin tiles along a
+    tissue's edge do not each stream the head's whole kernel. Each tile's input is read once; its kept cells'
+    windows are gathered from it into one buffer, and its part of the map is written, once all its cells are
+    computed, as a tile writes it (NaN off the mask)."""
+    window = cells.window
+    limit = max(1, _CELL_WINDOW_ELEMENTS // (window[0] * window[1] * spec.channels))
+    buffer = np.empty((limit, window[0] * window[1], spec.channels), dtype=np.float32)
+    filled = 0
+    pending: list = []  # (tile, cells of it in the buffer)
+    fill_nan(out, spec.layout)
+
+    def compute() -> None:
+        nonlocal filled
+        scores = cells(buffer[:filled].reshape(filled, window[0], window[1], spec.channels))
+        start = 0
+        for tile, count in pending:
+            tile.scores.append(scores[start : start + count])
+            start += count
+            if sum(len(part) for part in tile.scores) == tile.cells:
+                tile.write(out, spec.layout)
+                bar.update(1)
+        pending.clear()
+        filled = 0
+
+    for rows, cols in tiles:
+        tile = _KeptCells(rows, cols, np.asarray(keep[rows.out_start : rows.out_stop, cols.out_start : cols.out_stop]))
+        if not tile.cells:
+            bar.update(1)
+            continue
+        pixels = read_tile(source, spec, rows, cols, preprocess, dtype)
+        flat = pixels.reshape(-1, spec.channels).astype(np.float32, copy=False)
+        # the tile's output cell k (from keep_start on) reads its input from k on: valid, stride 1
+        r, c = np.nonzero(tile.kept)
+        first = (r + rows.keep_start) * pixels.shape[1] + c + cols.keep_start
+        offsets = (np.arange(window[0])[:, None] * pixels.shape[1] + np.arange(window[1])).ravel()
+        done = 0
+        while done < tile.cells:
+            if filled == limit:
+                compute()
+            count = min(limit - filled, tile.cells - done)
+            where = (first[done : done + count, None] + offsets).ravel()
+            np.take(flat, where, axis=0, out=buffer[filled : filled + count].reshape(-1, spec.channels), mode="clip")
+            pending.append((tile, count))
+            filled += count
+            done += count
+    if filled:
+        compute()
+
+
+class _KeptCells:
+    """One tile of `_run_kept_cells`: its kept cells and the scores computed for them so far."""
+
+    def __init__(self, rows, cols, kept: np.ndarray):
+        self.rows, self.cols, self.kept = rows, cols, kept
+        self.cells = int(kept.sum())
+        self.scores: list = []
+
+    def write(self, out, layout: Layout) -> None:
+        scores = np.concatenate(self.scores)
+        block = np.full((*self.kept.shape, scores.shape[-1]), np.nan, dtype=out.dtype)
+        block[self.kept] = scores
+        there = (slice(self.rows.out_start, self.rows.out_stop), slice(self.cols.out_start, self.cols.out_stop))
+        out[layout.image_index(*there)] = block
+        self.scores = []
 
 
 def run_batches(forward, batches, load, write, *, prefetch: bool = False) -> None:
