@@ -475,9 +475,16 @@ def _cover(block: np.ndarray, origin, crop, macs_of, depth: int) -> tuple[list, 
     whole = crop(origin[0] + r0, origin[0] + r1, origin[1] + c0, origin[1] + c1)
     if macs_of is None:
         return [whole], 0.0
-    cost = macs_of(tuple(t.stop - t.start for t in whole)) + _MACS_PER_CALL
+    macs = macs_of(tuple(t.stop - t.start for t in whole))
+    cost = macs + _MACS_PER_CALL
     box = block[r0:r1, c0:c1]
     if not depth or box.all() or max(r1 - r0, c1 - c0) < 2:
+        return [whole], cost
+    # A tile's work per written cell only grows as it shrinks (its margins are shared by fewer cells), so parts
+    # writing the needed cells compute at least their share of this tile's work, and a split adds a call and a
+    # shape: where what it could save is less, no split can win (the recursion below is most of a plan's time).
+    written = (whole[0].keep_stop - whole[0].keep_start) * (whole[1].keep_stop - whole[1].keep_start)
+    if macs * (1 - int(box.sum()) / max(written, 1)) <= macs_of.shape_cost + _MACS_PER_CALL:
         return [whole], cost
     halves = _best_cut(block, box, (r0, c0))
     parts, total = [], 0.0
