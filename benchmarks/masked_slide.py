@@ -17,7 +17,7 @@ The three runs take turns, round after round (machines are noisy); the first
 round also traces the model's graphs and is shown but not used; the figures
 are the best of the later rounds.
 
-Run (about 4 minutes a round on 2 CPU cores at 4096; ``--counted`` prints the
+Run (about 3 minutes a round on 2 CPU cores at 4096, 12 at 8192; ``--counted`` prints the
 counted work alone, without timing, for sides too long to time)::
 
     python benchmarks/masked_slide.py [--side 4096] [--rounds 3] [--counted]
