@@ -63,8 +63,8 @@ def run_without_keras(path, images, tmp_path):
     return np.load(tmp_path / "out.npy")
 
 
-# The default suite exports a torch program below and in tests/test_monai_client.py (run without Keras there,
-# against our map); this one adds the command line's flag handling: an export in a PyTorch process, over 30 s.
+# The default suite exports a torch program in tests/test_monai_client.py (run without Keras there, against our
+# map); this one adds the command line's flag handling: an export in a PyTorch process, over 30 s.
 @pytest.mark.heavy
 def test_the_cli_exports_a_torch_program_that_runs_without_keras(tmp_path, capsys):
     classifier = small_flatten_cnn()
@@ -99,6 +99,9 @@ def test_a_torch_export_refuses_another_suffix_and_an_empty_trace_size(tmp_path)
     assert os.listdir(tmp_path) == []
 
 
+# 33 s on 2 cores (two export checks and a load, each a PyTorch process): the default suite's torch export is
+# tests/test_monai_client.py's, which also runs the program without Keras.
+@pytest.mark.heavy
 def test_the_torch_program_refuses_a_size_it_was_not_traced_for(tmp_path):
     result = kfs.export(
         small_flatten_cnn(),
