@@ -289,7 +289,9 @@ def run_tiles(forward, source, job: TileJob, out, *, preprocess, dtype, bar, pre
     targets = as_maps(out)
     cells = getattr(forward, "cells", None)  # a model that starts with its head convolution, run as products
     if keep is not None and cells is not None and spec.layout.channels_last and len(targets) == 1:
-        _run_kept_cells(cells, source, spec, tiles, keep, targets[0], preprocess, dtype, bar)
+        _run_kept_cells(
+            cells, source, job, tiles, targets[0], preprocess=preprocess, dtype=dtype, bar=bar, prefetch=prefetch
+        )
         return
     rows_axis, cols_axis = spec.layout.image_spatial_axes
     size = (source.shape[rows_axis], source.shape[cols_axis])
@@ -327,64 +329,74 @@ def run_tiles(forward, source, job: TileJob, out, *, preprocess, dtype, bar, pre
     run_batches(forward, batches, load, write, prefetch=prefetch)
 
 
-def _run_kept_cells(cells, source, spec: ImageSpec, tiles, keep, out, preprocess, dtype, bar) -> None:
+def _run_kept_cells(cells, source, job: TileJob, tiles, out, *, preprocess, dtype, bar, prefetch) -> None:
     """`run_tiles` with a mask for a model ``cells`` computes cell by cell (`blas.split_forward`'s ``cells``):
     only the kept cells of each tile, those of many tiles in one product, so that the thin tiles along a
-    tissue's edge do not each stream the head's whole kernel. Each tile's input is read once; its kept cells'
-    windows are gathered from it into one buffer, and its part of the map is written, once all its cells are
-    computed, as a tile writes it (NaN off the mask)."""
-    window = cells.window
-    limit = max(1, _CELL_WINDOW_ELEMENTS // (window[0] * window[1] * spec.channels))
-    buffer = np.empty((limit, window[0] * window[1], spec.channels), dtype=np.float32)
-    filled = 0
-    pending: list = []  # (tile, cells of it in the buffer)
+    tissue's edge do not each stream the head's whole kernel. A batch is up to `_CELL_WINDOW_ELEMENTS` of
+    windows, gathered from the tiles' inputs (each read once); a tile's part of the map is written once all its
+    cells are computed, as a tile writes it (NaN off the mask)."""
+    spec, keep = job.spec, np.asarray(job.keep)
+    limit = max(1, _CELL_WINDOW_ELEMENTS // (cells.window[0] * cells.window[1] * spec.channels))
     fill_nan(out, spec.layout)
-
-    def compute() -> None:
-        nonlocal filled
-        scores = cells(buffer[:filled].reshape(filled, window[0], window[1], spec.channels))
-        start = 0
-        for tile, count in pending:
-            tile.scores.append(scores[start : start + count])
-            start += count
-            if sum(len(part) for part in tile.scores) == tile.cells:
-                tile.write(out, spec.layout)
-                bar.update(1)
-        pending.clear()
-        filled = 0
-
+    batches: list = []  # each a list of (tile, the first of its kept cells there, how many)
+    room = 0
     for rows, cols in tiles:
-        tile = _KeptCells(rows, cols, np.asarray(keep[rows.out_start : rows.out_stop, cols.out_start : cols.out_stop]))
+        tile = _KeptCells(rows, cols, keep[rows.out_start : rows.out_stop, cols.out_start : cols.out_stop])
         if not tile.cells:
             bar.update(1)
-            continue
-        pixels = read_tile(source, spec, rows, cols, preprocess, dtype)
-        flat = pixels.reshape(-1, spec.channels).astype(np.float32, copy=False)
-        # the tile's output cell k (from keep_start on) reads its input from k on: valid, stride 1
-        r, c = np.nonzero(tile.kept)
-        first = (r + rows.keep_start) * pixels.shape[1] + c + cols.keep_start
-        offsets = (np.arange(window[0])[:, None] * pixels.shape[1] + np.arange(window[1])).ravel()
         done = 0
         while done < tile.cells:
-            if filled == limit:
-                compute()
-            count = min(limit - filled, tile.cells - done)
-            where = (first[done : done + count, None] + offsets).ravel()
-            np.take(flat, where, axis=0, out=buffer[filled : filled + count].reshape(-1, spec.channels), mode="clip")
-            pending.append((tile, count))
-            filled += count
-            done += count
-    if filled:
-        compute()
+            if not room:
+                batches.append([])
+                room = limit
+            count = min(room, tile.cells - done)
+            batches[-1].append((tile, done, count))
+            done, room = done + count, room - count
+
+    def load(batch):
+        windows = np.empty((sum(count for *_, count in batch), *cells.window, spec.channels), dtype=np.float32)
+        start = 0
+        for tile, first, count in batch:
+            tile.gather(source, spec, preprocess, dtype, cells.window, first, windows[start : start + count])
+            start += count
+        return windows
+
+    def write(batch, scores):
+        start = 0
+        for tile, first, count in batch:
+            tile.scores.append(scores[start : start + count])
+            start += count
+            if first + count == tile.cells:
+                tile.write(out, spec.layout)
+                bar.update(1)
+
+    run_batches(cells, batches, load, write, prefetch=prefetch)
 
 
 class _KeptCells:
-    """One tile of `_run_kept_cells`: its kept cells and the scores computed for them so far."""
+    """One tile of `_run_kept_cells`: its kept cells, their windows' input while they are gathered, and the
+    scores computed for them so far."""
 
     def __init__(self, rows, cols, kept: np.ndarray):
         self.rows, self.cols, self.kept = rows, cols, kept
         self.cells = int(kept.sum())
         self.scores: list = []
+        self.pixels: np.ndarray | None = None
+
+    def gather(self, source, spec: ImageSpec, preprocess, dtype, window, first: int, into: np.ndarray) -> None:
+        """The windows of its kept cells ``first`` on (as many as ``into`` holds) into ``into``."""
+        if self.pixels is None:  # read once: a tile's cells may span two batches
+            self.pixels = read_tile(source, spec, self.rows, self.cols, preprocess, dtype).astype(np.float32)
+        width = self.pixels.shape[1]
+        # the tile's output cell k (from keep_start on) reads its input from k on: valid, stride 1
+        r, c = np.nonzero(self.kept)
+        starts = (r[first : first + len(into)] + self.rows.keep_start) * width
+        starts += c[first : first + len(into)] + self.cols.keep_start
+        offsets = (np.arange(window[0])[:, None] * width + np.arange(window[1])).ravel()
+        flat = self.pixels.reshape(-1, spec.channels)
+        np.take(flat, (starts[:, None] + offsets).ravel(), axis=0, out=into.reshape(-1, spec.channels), mode="clip")
+        if first + len(into) == self.cells:
+            self.pixels = None
 
     def write(self, out, layout: Layout) -> None:
         scores = np.concatenate(self.scores)
@@ -399,10 +411,11 @@ def run_batches(forward, batches, load, write, *, prefetch: bool = False) -> Non
     """The one execution loop: for each batch, ``write(batch, forward(load(batch)))``.
 
     Every batch-and-scatter pass of the package runs here: an FCN's tiles
-    (`run_tiles`), whole-image batches, a windowed map's windows and their
-    strips, the sliding window and a certificate's crops. With ``prefetch``,
-    the next batch is loaded (read, preprocessed) on a background thread while
-    ``forward`` computes the current one; batches are written in order either way.
+    (`run_tiles`), a masked head's kept cells, whole-image batches, a windowed
+    map's windows and their strips, the sliding window and a certificate's
+    crops. With ``prefetch``, the next batch is loaded (read, preprocessed) on a
+    background thread while ``forward`` computes the current one; batches are
+    written in order either way.
 
     Args:
         forward: the model's forward pass, a function of one stacked batch.
