@@ -358,6 +358,42 @@ def producer_input(tensor):
     return inputs[0] if len(inputs) == 1 else None
 
 
+def batch_norm_folds(model) -> dict[str, Any]:
+    """The BatchNormalizations of a functional model that fold into the convolution they read, by name.
+
+    A BatchNormalization folds (`surgery.kernels.fold_affine_after_conv`) where it
+    reads, on the channel axis, the output of a Conv2D or DepthwiseConv2D with a
+    linear activation that nothing else reads (not a model output either), each
+    layer called once. Returns ``{batch norm's name: (convolution, batch norm)}``;
+    empty for a Sequential or subclassed model (their graphs are not rebuilt
+    call by call).
+    """
+    if not isinstance(model, Functional) or isinstance(model, keras.Sequential):
+        return {}
+    calls = nodes_in_order(model)
+    readers: dict[int, int] = {}
+    uses: dict[int, int] = {}
+    for call in calls:
+        uses[id(call.operation)] = uses.get(id(call.operation), 0) + 1
+        for tensor in call.input_tensors:
+            readers[id(tensor)] = readers.get(id(tensor), 0) + 1
+    for tensor in keras.tree.flatten(model.outputs):
+        readers[id(tensor)] = readers.get(id(tensor), 0) + 1
+    folds = {}
+    for call in calls:
+        norm = call.operation
+        if len(call.input_tensors) != 1 or len(call.input_tensors[0].shape) != 4:
+            continue
+        source = call.input_tensors[0]
+        conv = producer_of(source)
+        if not taxonomy.folds_into(norm, conv):
+            continue
+        if uses[id(conv)] != 1 or uses[id(norm)] != 1 or readers[id(source)] != 1:
+            continue
+        folds[norm.name] = (conv, norm)
+    return folds
+
+
 def output_names(model) -> tuple[str, ...]:
     """Each output's name, in the order of ``model.outputs``.
 

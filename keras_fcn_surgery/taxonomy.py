@@ -14,6 +14,7 @@ from __future__ import annotations
 import keras
 
 from keras_fcn_surgery.dilated_pooling import DilatedAveragePooling2D, DilatedMaxPooling2D
+from keras_fcn_surgery.layout import Layout
 
 _layers = keras.layers
 
@@ -177,6 +178,30 @@ def is_large_kernel_conv(layer) -> bool:
         and layer.kernel_size[0] * layer.kernel_size[1] >= LARGE_KERNEL_CELLS
         and layer.filters >= LARGE_KERNEL_FILTERS
     )
+
+
+# BatchNormalizations fold into the convolution they read (`graph.batch_norm_folds`): at inference each is an
+# affine map per channel. Exact classes: a subclass may compute something else.
+BATCH_NORMS = (_layers.BatchNormalization,)
+FOLDING_CONVOLUTIONS = (*PLAIN_CONVOLUTIONS, *DEPTHWISE_CONVOLUTIONS)
+
+
+def folds_into(norm, conv) -> bool:
+    """True where ``norm`` is a BatchNormalization over the channels of what ``conv``, a Conv2D or
+    DepthwiseConv2D with a linear activation (not quantized), computes: ``norm`` folds into ``conv``'s weights."""
+    return (
+        type(norm) in BATCH_NORMS
+        and type(conv) in FOLDING_CONVOLUTIONS
+        and activation_name(conv.activation) == "linear"
+        and getattr(conv, "quantization_mode", None) is None
+        and isinstance(norm.axis, int)
+        and norm.axis % 4 == Layout.of(conv).channel_axis
+    )
+
+
+def is_depthwise(layer) -> bool:
+    """True for a DepthwiseConv2D (its kernel is ``(h, w, in, multiplier)``)."""
+    return isinstance(layer, DEPTHWISE_CONVOLUTIONS)
 
 
 LARGE_KERNEL_CELLS = 25

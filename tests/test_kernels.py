@@ -10,6 +10,7 @@ from keras_fcn_surgery.surgery.kernels import (
     dense_to_conv_kernel,
     dense_to_pointwise_kernel,
     flatten_axis_order,
+    fold_affine_after_conv,
     fold_affine_into_dense,
     parameter_count,
 )
@@ -121,3 +122,30 @@ def test_fold_affine_into_dense_refuses_a_scale_or_a_shift_alone_of_the_wrong_sh
     for scale, shift in ((np.ones(5), np.ones(6)), (np.ones(6), np.ones(5)), (np.ones((6, 1)), np.ones(6))):
         with pytest.raises(ValueError, match=r"shape \(6,\)"):
             fold_affine_into_dense(kernel, None, scale, shift)
+
+
+@pytest.mark.parametrize("depthwise", [False, True])
+def test_fold_affine_after_conv_matches_the_convolution_then_the_affine(depthwise):
+    """One output cell of a 3x3 convolution (a Conv2D's, or a DepthwiseConv2D's of multiplier 2, whose output
+    channel i * 2 + m reads input channel i), computed by einsum, then scaled and shifted per output channel."""
+    rng = np.random.default_rng(5)
+    kernel = rng.standard_normal((3, 3, 4, 2) if depthwise else (3, 3, 4, 6))
+    patch = rng.standard_normal((3, 3, 4))
+    scale, shift, bias = rng.standard_normal(8 if depthwise else 6), rng.standard_normal(8), rng.standard_normal(8)
+    shift, bias = shift[: scale.size], bias[: scale.size]
+
+    def cell(k, b):
+        out = np.einsum("hwi,hwim->im", patch, k).reshape(-1) if depthwise else np.einsum("hwi,hwiu->u", patch, k)
+        return out + (0 if b is None else b)
+
+    for with_bias in (bias, None):
+        folded_kernel, folded_bias = fold_affine_after_conv(kernel, with_bias, scale, shift, depthwise=depthwise)
+        expected = cell(kernel, with_bias) * scale + shift
+        np.testing.assert_allclose(cell(folded_kernel, folded_bias), expected, rtol=1e-12)
+
+
+def test_fold_affine_after_conv_refuses_a_scale_or_a_shift_of_the_wrong_shape():
+    for kernel, depthwise, count in ((np.ones((3, 3, 4, 6)), False, 6), (np.ones((3, 3, 4, 2)), True, 8)):
+        for scale, shift in ((np.ones(count - 1), np.ones(count)), (np.ones(count), np.ones(count + 1))):
+            with pytest.raises(ValueError, match=rf"shape \({count},\)"):
+                fold_affine_after_conv(kernel, None, scale, shift, depthwise=depthwise)

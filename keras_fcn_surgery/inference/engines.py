@@ -44,9 +44,10 @@ from dataclasses import dataclass, field
 import keras
 import numpy as np
 
+from keras_fcn_surgery import taxonomy
 from keras_fcn_surgery.cost import pass_cost
 from keras_fcn_surgery.errors import InputError, ModelFileError
-from keras_fcn_surgery.graph import iter_layers, model_facts, model_layout
+from keras_fcn_surgery.graph import batch_norm_folds, iter_layers, model_facts, model_layout
 from keras_fcn_surgery.grid.geometry import geometry
 from keras_fcn_surgery.inference.blas import split_forward
 from keras_fcn_surgery.inference.fragments import fragments_forward, fragments_refusal
@@ -54,6 +55,7 @@ from keras_fcn_surgery.inference.runner import input_dtype
 from keras_fcn_surgery.inference.stitch import stitch_refusal, stitched_forward
 from keras_fcn_surgery.names import runtime_name
 from keras_fcn_surgery.saving.atomic import atomic_output
+from keras_fcn_surgery.surgery.kernels import batch_norm_affine, fold_affine_after_conv
 
 ENGINES = ("auto", "tf", "xla", "blas", "jax", "torch", "stitch", "fragments")
 # The arithmetic a map can run at (`Execution.precision`) and the Keras dtype policy each runs a copy of the model
@@ -394,17 +396,55 @@ def _torch_eager(model, precision: str | None):
 
 
 def policy_copy(model, policy: str):
-    """A copy of ``model`` whose layers compute under the dtype policy ``policy``, same weights."""
+    """A copy of ``model`` whose layers compute under the dtype policy ``policy``, same function.
+
+    At bfloat16 (or float32) the copy also folds each BatchNormalization into the
+    convolution before it (`graph.batch_norm_folds`): Keras computes a
+    BatchNormalization at float32 whatever the policy, so unfolded each one
+    casts its input up and its output down (ResNet50 at 1024x1024 on 2 cores:
+    0.64 s unfolded, 0.44 s folded). The folded weights are rounded to
+    bfloat16 as the unfolded ones are; float16's narrower range could
+    overflow a folded weight, so float16 copies keep their BatchNormalizations.
+    """
     per_model = model_facts(model).policy_copies
     if policy not in per_model:
+        # where the compute dtype has float32's range (a folded weight is a product of two)
+        foldable = keras.DTypePolicy(policy).compute_dtype in ("bfloat16", "float32")
+        folds = batch_norm_folds(model) if foldable else {}
+        convolutions = {conv.name: norm for conv, norm in folds.values()}
 
         def clone(layer):
             config = layer.get_config()
             config["dtype"] = policy
+            if layer.name in convolutions:
+                config["use_bias"] = True  # the folded shift
             return layer.__class__.from_config(config)
 
-        copy = keras.models.clone_model(model, clone_function=clone)
-        copy.set_weights(model.get_weights())
+        def call(layer, *args, **kwargs):
+            # a folded BatchNormalization is its convolution's output
+            return args[0] if layer.name in folds else layer(*args, **kwargs)
+
+        copy = keras.models.clone_model(model, clone_function=clone, call_function=call if folds else None)
+        if not folds:
+            copy.set_weights(model.get_weights())
+        for layer in model.layers if folds else ():
+            if layer.name in folds or not layer.weights:
+                continue
+            target = copy.get_layer(layer.name)
+            if layer.name in convolutions:
+                norm = convolutions[layer.name]
+                affine = batch_norm_affine(
+                    norm.gamma if norm.scale else None,
+                    norm.beta if norm.center else None,
+                    norm.moving_mean,
+                    norm.moving_variance,
+                    norm.epsilon,
+                )
+                depthwise = taxonomy.is_depthwise(layer)
+                bias = layer.bias if layer.use_bias else None
+                target.set_weights(list(fold_affine_after_conv(layer.kernel, bias, *affine, depthwise=depthwise)))
+            else:
+                target.set_weights(layer.get_weights())
         per_model[policy] = copy
     return per_model[policy]
 

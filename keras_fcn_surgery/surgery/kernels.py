@@ -108,6 +108,36 @@ def fold_affine_into_dense(kernel, bias, scale, shift):
     return kernel * scale[:, None], folded_bias
 
 
+def fold_affine_after_conv(kernel, bias, scale, shift, *, depthwise: bool = False):
+    """Fold ``y -> y * scale + shift`` (per output channel) into the convolution that makes ``y``.
+
+    ``conv(x; k, b) * s + t = conv(x; k * s, b * s + t)``, each output channel
+    scaled alike: a Conv2D's last kernel axis is its output channels; a
+    DepthwiseConv2D's ``(h, w, in, multiplier)`` kernel makes output channel
+    ``i * multiplier + m`` from input channel ``i``.
+
+    Args:
+        kernel: the convolution's kernel; bias: its ``(out,)`` bias or None.
+        scale, shift: ``(out,)`` arrays.
+        depthwise: whether the kernel is a DepthwiseConv2D's.
+
+    Returns:
+        ``(kernel, bias)`` as float64 NumPy arrays.
+    """
+    kernel = np.asarray(kernel, dtype=np.float64)
+    scale = np.asarray(scale, dtype=np.float64)
+    shift = np.asarray(shift, dtype=np.float64)
+    outputs = kernel.shape[-2] * kernel.shape[-1] if depthwise else kernel.shape[-1]
+    if scale.shape != (outputs,) or shift.shape != (outputs,):
+        raise ValueError(
+            f"Expected `scale` and `shift` of shape ({outputs},). "
+            f"Received: scale.shape={scale.shape}, shift.shape={shift.shape}"
+        )
+    per_channel = scale.reshape(kernel.shape[-2:]) if depthwise else scale
+    folded_bias = shift if bias is None else np.asarray(bias, dtype=np.float64) * scale + shift
+    return kernel * per_channel, folded_bias
+
+
 def batch_norm_affine(gamma, beta, moving_mean, moving_variance, epsilon: float):
     """Inference-time BatchNormalization as ``x * scale + shift``; None for an absent gamma or beta."""
     mean = np.asarray(moving_mean, dtype=np.float64)

@@ -1,0 +1,119 @@
+"""A reduced-precision pass folds each BatchNormalization into the convolution before it (issue 39): Keras computes a
+BatchNormalization at float32 under any policy, so unfolded each one casts its input up and its output down."""
+
+import keras
+import numpy as np
+import pytest
+from keras import layers
+
+import keras_fcn_surgery as kfs
+from keras_fcn_surgery.graph import batch_norm_folds
+from keras_fcn_surgery.inference import engines
+from keras_fcn_surgery.inference.certificate import precision_tolerance
+
+
+def _with_statistics(model, seed=0):
+    """Every BatchNormalization given moving statistics, gamma and beta far from their identity values."""
+    rng = np.random.default_rng(seed)
+    for layer in model.layers:
+        if isinstance(layer, layers.BatchNormalization):
+            size = int(layer.moving_mean.shape[0])
+            values = [rng.uniform(0.5, 2.0, size)] if layer.scale else []
+            values += [rng.normal(0, 0.5, size)] if layer.center else []
+            layer.set_weights(values + [rng.normal(0, 0.5, size), rng.uniform(0.2, 3.0, size)])
+    return model
+
+
+def _mixed_network():
+    """Convolutions followed by BatchNormalization in every case the folding tells apart."""
+    keras.utils.set_random_seed(2)
+    x = keras.Input((16, 16, 3))
+    a = layers.Conv2D(8, 3, padding="same", name="conv")(x)
+    a = layers.BatchNormalization(name="folds_into_conv")(a)
+    a = layers.ReLU()(a)
+    b = layers.DepthwiseConv2D(3, depth_multiplier=2, padding="same", use_bias=False, name="depthwise")(a)
+    b = layers.BatchNormalization(name="folds_into_depthwise")(b)
+    c = layers.Conv2D(16, 1, activation="relu", name="activated")(b)
+    c = layers.BatchNormalization(name="after_an_activation")(c)
+    d = layers.Conv2D(16, 1, name="read_twice")(c)
+    e = layers.BatchNormalization(name="after_a_shared_output")(d)
+    f = layers.Add()([d, e])
+    g = layers.Conv2D(4, 1, name="last")(f)
+    h = layers.BatchNormalization(center=False, scale=False, name="folds_without_gamma_or_beta")(g)
+    return _with_statistics(keras.Model(x, h))
+
+
+def _norms(model):
+    return sorted(layer.name for layer in model.layers if isinstance(layer, layers.BatchNormalization))
+
+
+def test_the_folds_are_the_batch_norms_that_read_a_linear_convolution_nothing_else_reads():
+    model = _mixed_network()
+    folds = batch_norm_folds(model)
+    assert {name: conv.name for name, (conv, _) in folds.items()} == {
+        "folds_into_conv": "conv",
+        "folds_into_depthwise": "depthwise",
+        "folds_without_gamma_or_beta": "last",
+    }
+    sequential = keras.Sequential([keras.Input((8, 8, 3)), layers.Conv2D(4, 3), layers.BatchNormalization()])
+    assert batch_norm_folds(sequential) == {}  # its graph is not rebuilt call by call
+
+
+def test_a_float32_folded_copy_computes_what_the_model_does():
+    """At float32 the folding alone is what differs: equal to rounding (a wrong channel order or a lost shift would
+    be off by the statistics' own size, some 1e-1 of the output scale)."""
+    model = _mixed_network()
+    x = np.random.default_rng(1).uniform(-1, 1, (2, 16, 16, 3)).astype("float32")
+    copy = engines.policy_copy(model, "float32")
+    assert _norms(copy) == ["after_a_shared_output", "after_an_activation"]
+    expected = np.asarray(model(x))
+    np.testing.assert_allclose(np.asarray(copy(x)), expected, rtol=0, atol=1e-5 * np.abs(expected).max())
+
+
+def test_a_bfloat16_copy_folds_and_a_float16_copy_keeps_its_batch_norms():
+    model = _mixed_network()
+    x = np.random.default_rng(1).uniform(-1, 1, (2, 16, 16, 3)).astype("float32")
+    expected = np.asarray(model(x))
+    bf16 = engines.policy_copy(model, "mixed_bfloat16")
+    assert _norms(bf16) == ["after_a_shared_output", "after_an_activation"]
+    f16 = engines.policy_copy(model, "mixed_float16")  # float16's range could overflow a folded weight
+    assert _norms(f16) == _norms(model)
+    for copy, precision in ((bf16, "bfloat16"), (f16, "float16")):
+        found = np.asarray(copy(x)).astype("float32")
+        assert not np.array_equal(found, expected)
+        assert np.abs(found - expected).max() <= precision_tolerance(precision) * np.abs(expected).max()
+
+
+def _classifier_with_batch_norms():
+    keras.utils.set_random_seed(4)
+    x = keras.Input((16, 16, 3))
+    y = layers.Conv2D(8, 3, use_bias=False)(x)
+    y = layers.BatchNormalization()(y)
+    y = layers.ReLU()(y)
+    y = layers.MaxPooling2D(2)(y)
+    y = layers.Conv2D(8, 3)(y)
+    y = layers.BatchNormalization()(y)
+    y = layers.ReLU()(y)
+    y = layers.Flatten()(y)
+    y = layers.Dense(16, activation="relu")(y)
+    return _with_statistics(keras.Model(x, layers.Dense(4)(y)))
+
+
+@pytest.mark.parametrize("tile", [None, 24])
+def test_a_bfloat16_map_runs_its_batch_norms_folded_and_is_certified(tile, monkeypatch):
+    classifier = _classifier_with_batch_norms()
+    image = np.random.default_rng(0).uniform(0, 1, (40, 44, 3)).astype("float32")
+    copies = []
+    made = engines.policy_copy
+
+    def spy(model, policy):
+        copies.append(made(model, policy))
+        return copies[-1]
+
+    monkeypatch.setattr(engines, "policy_copy", spy)
+    full = kfs.predict_map(classifier, image, tile=tile)
+    scores, certificate = kfs.predict_map(classifier, image, tile=tile, precision="bfloat16", certify=8)
+    assert copies and all(not _norms(copy) for copy in copies)  # each pass ran with none left
+    assert certificate.exact and certificate.precision == "bfloat16" and certificate.top_class_agreement == 1.0
+    assert not np.array_equal(scores, full)
+    assert np.abs(scores - full).max() <= precision_tolerance("bfloat16") * np.abs(full).max()
