@@ -117,3 +117,22 @@ def test_a_bfloat16_map_runs_its_batch_norms_folded_and_is_certified(tile, monke
     assert certificate.exact and certificate.precision == "bfloat16" and certificate.top_class_agreement == 1.0
     assert not np.array_equal(scores, full)
     assert np.abs(scores - full).max() <= precision_tolerance("bfloat16") * np.abs(full).max()
+
+
+def test_an_export_at_bfloat16_folds_too_and_its_output_layer_computes_at_float32():
+    """The output's BatchNormalization folds into the convolution before it, which then gives the output: that
+    convolution computes at float32, so the file's maps come out in float32."""
+    from keras_fcn_surgery.exporting.pipeline import reduced_precision
+
+    model = _mixed_network()
+    x = np.random.default_rng(1).uniform(-1, 1, (2, 16, 16, 3)).astype("float32")
+    expected = np.asarray(model(x))
+    copy = reduced_precision(model, "bfloat16")
+    assert _norms(copy) == ["after_a_shared_output", "after_an_activation"]
+    assert copy.get_layer("last").dtype_policy.compute_dtype == "float32"
+    assert copy.get_layer("conv").dtype_policy.compute_dtype == "bfloat16"
+    found = copy(x)
+    assert keras.backend.standardize_dtype(found.dtype) == "float32"
+    found = np.asarray(found)
+    assert not np.array_equal(found, expected)
+    assert np.abs(found - expected).max() <= precision_tolerance("bfloat16") * np.abs(expected).max()

@@ -219,18 +219,12 @@ def reduced_precision(fcn, precision: str):
     outputs in the reduced type, what `predict_map` runs at that precision);
     the layers that give the model's outputs compute in float32, so that the
     file's maps come out in float32 (as Keras advises for a final softmax).
+    At bfloat16 its BatchNormalizations are folded (`engines.policy_clone`).
     """
     policy = engines.policy_of(precision)
+    assert policy is not None, "a reduced precision has a mixed policy"
     last = {producer_of(tensor).name for tensor in fcn.outputs}
-
-    def clone(layer):
-        config = layer.get_config()
-        config["dtype"] = "float32" if layer.name in last else policy
-        return layer.__class__.from_config(config)
-
-    copy = keras.models.clone_model(fcn, clone_function=clone)
-    copy.set_weights(fcn.get_weights())
-    return copy
+    return engines.policy_clone(fcn, policy, float32_layers=last)
 
 
 def check_choice(option: str, value, choices) -> None:

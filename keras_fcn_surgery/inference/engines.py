@@ -396,57 +396,61 @@ def _torch_eager(model, precision: str | None):
 
 
 def policy_copy(model, policy: str):
-    """A copy of ``model`` whose layers compute under the dtype policy ``policy``, same function.
-
-    At bfloat16 (or float32) the copy also folds each BatchNormalization into the
-    convolution before it (`graph.batch_norm_folds`): Keras computes a
-    BatchNormalization at float32 whatever the policy, so unfolded each one
-    casts its input up and its output down (ResNet50 at 1024x1024 on 2 cores:
-    0.64 s unfolded, 0.44 s folded). The folded weights are rounded to
-    bfloat16 as the unfolded ones are; float16's narrower range could
-    overflow a folded weight, so float16 copies keep their BatchNormalizations.
-    """
+    """`policy_clone` of ``model``, made once per policy (kept on the model, `graph.model_facts`)."""
     per_model = model_facts(model).policy_copies
     if policy not in per_model:
-        # where the compute dtype has float32's range (a folded weight is a product of two)
-        foldable = keras.DTypePolicy(policy).compute_dtype in ("bfloat16", "float32")
-        folds = batch_norm_folds(model) if foldable else {}
-        convolutions = {conv.name: norm for conv, norm in folds.values()}
-
-        def clone(layer):
-            config = layer.get_config()
-            config["dtype"] = policy
-            if layer.name in convolutions:
-                config["use_bias"] = True  # the folded shift
-            return layer.__class__.from_config(config)
-
-        def call(layer, *args, **kwargs):
-            # a folded BatchNormalization is its convolution's output
-            return args[0] if layer.name in folds else layer(*args, **kwargs)
-
-        copy = keras.models.clone_model(model, clone_function=clone, call_function=call if folds else None)
-        if not folds:
-            copy.set_weights(model.get_weights())
-        for layer in model.layers if folds else ():
-            if layer.name in folds or not layer.weights:
-                continue
-            target = copy.get_layer(layer.name)
-            if layer.name in convolutions:
-                norm = convolutions[layer.name]
-                affine = batch_norm_affine(
-                    norm.gamma if norm.scale else None,
-                    norm.beta if norm.center else None,
-                    norm.moving_mean,
-                    norm.moving_variance,
-                    norm.epsilon,
-                )
-                depthwise = taxonomy.is_depthwise(layer)
-                bias = layer.bias if layer.use_bias else None
-                target.set_weights(list(fold_affine_after_conv(layer.kernel, bias, *affine, depthwise=depthwise)))
-            else:
-                target.set_weights(layer.get_weights())
-        per_model[policy] = copy
+        per_model[policy] = policy_clone(model, policy)
     return per_model[policy]
+
+
+def policy_clone(model, policy: str, *, float32_layers=frozenset()):
+    """A new copy of ``model`` whose layers compute under the dtype policy ``policy``, same function.
+
+    The layers named in ``float32_layers`` compute at float32 (an export's
+    output layers, so that its maps come out in float32). At bfloat16 (or
+    float32) the copy also folds each BatchNormalization into the convolution
+    before it (`graph.batch_norm_folds`): Keras computes a BatchNormalization
+    at float32 whatever the policy, so unfolded each one casts its input up and
+    its output down (ResNet50 at 1024x1024 on 2 cores: 0.66 s unfolded, 0.47 s
+    folded). The folded weights are rounded to bfloat16 as the unfolded ones
+    are; float16's narrower range could overflow a folded weight, so float16
+    copies keep their BatchNormalizations.
+    """
+    # where the compute dtype has float32's range (a folded weight is a product of two)
+    foldable = keras.DTypePolicy(policy).compute_dtype in ("bfloat16", "float32")
+    folds = batch_norm_folds(model) if foldable else {}
+    convolutions = {conv.name: norm for conv, norm in folds.values()}
+    at_float32 = set(float32_layers) | {conv.name for conv, norm in folds.values() if norm.name in float32_layers}
+
+    def clone(layer):
+        config = layer.get_config()
+        config["dtype"] = "float32" if layer.name in at_float32 else policy
+        if layer.name in convolutions:
+            config["use_bias"] = True  # the folded shift
+        return layer.__class__.from_config(config)
+
+    def call(layer, *args, **kwargs):
+        # a folded BatchNormalization is its convolution's output
+        return args[0] if layer.name in folds else layer(*args, **kwargs)
+
+    copy = keras.models.clone_model(model, clone_function=clone, call_function=call if folds else None)
+    if not folds:
+        copy.set_weights(model.get_weights())
+        return copy
+    for layer in model.layers:
+        if layer.name in folds or not layer.weights:
+            continue
+        target = copy.get_layer(layer.name)
+        if layer.name not in convolutions:
+            target.set_weights(layer.get_weights())
+            continue
+        norm = convolutions[layer.name]
+        gamma, beta = norm.gamma if norm.scale else None, norm.beta if norm.center else None
+        affine = batch_norm_affine(gamma, beta, norm.moving_mean, norm.moving_variance, norm.epsilon)
+        bias = layer.bias if layer.use_bias else None
+        folded = fold_affine_after_conv(layer.kernel, bias, *affine, depthwise=taxonomy.is_depthwise(layer))
+        target.set_weights(list(folded))
+    return copy
 
 
 def choose_engine(model, batch_shape, engine: str = "auto", precision: str | None = None) -> EngineChoice:
