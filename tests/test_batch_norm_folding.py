@@ -100,9 +100,12 @@ def _classifier_with_batch_norms():
 
 
 @pytest.mark.parametrize("tile", [None, 24])
-def test_a_bfloat16_map_runs_its_batch_norms_folded_and_is_certified(tile, monkeypatch):
+@pytest.mark.parametrize("precision", ["float32", "bfloat16"])
+def test_a_map_runs_its_batch_norms_folded_and_is_certified(precision, tile, monkeypatch):
     classifier = _classifier_with_batch_norms()
     image = np.random.default_rng(0).uniform(0, 1, (40, 44, 3)).astype("float32")
+    fcn = kfs.convert(classifier)
+    unfolded = np.asarray(fcn(image[None]))[0]  # the FCN itself, its BatchNormalizations as they are
     copies = []
     made = engines.policy_copy
 
@@ -111,12 +114,13 @@ def test_a_bfloat16_map_runs_its_batch_norms_folded_and_is_certified(tile, monke
         return copies[-1]
 
     monkeypatch.setattr(engines, "policy_copy", spy)
-    full = kfs.predict_map(classifier, image, tile=tile)
-    scores, certificate = kfs.predict_map(classifier, image, tile=tile, precision="bfloat16", certify=8)
+    scores, certificate = kfs.predict_map(classifier, image, tile=tile, precision=precision, certify=8)
     assert copies and all(not _norms(copy) for copy in copies)  # each pass ran with none left
-    assert certificate.exact and certificate.precision == "bfloat16" and certificate.top_class_agreement == 1.0
-    assert not np.array_equal(scores, full)
-    assert np.abs(scores - full).max() <= precision_tolerance("bfloat16") * np.abs(full).max()
+    assert certificate.exact and certificate.precision == precision and certificate.top_class_agreement == 1.0
+    tolerance = 1e-5 if precision == "float32" else precision_tolerance(precision)
+    assert np.abs(scores - unfolded).max() <= tolerance * np.abs(unfolded).max()
+    if precision == "bfloat16":
+        assert not np.array_equal(scores, unfolded)
 
 
 def test_an_export_at_bfloat16_folds_too_and_its_output_layer_computes_at_float32():

