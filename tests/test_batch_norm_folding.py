@@ -100,12 +100,9 @@ def _classifier_with_batch_norms():
 
 
 @pytest.mark.parametrize("tile", [None, 24])
-@pytest.mark.parametrize("precision", ["float32", "bfloat16"])
-def test_a_map_runs_its_batch_norms_folded_and_is_certified(precision, tile, monkeypatch):
+def test_a_bfloat16_map_runs_its_batch_norms_folded_and_is_certified(tile, monkeypatch):
     classifier = _classifier_with_batch_norms()
     image = np.random.default_rng(0).uniform(0, 1, (40, 44, 3)).astype("float32")
-    fcn = kfs.convert(classifier)
-    unfolded = np.asarray(fcn(image[None]))[0]  # the FCN itself, its BatchNormalizations as they are
     copies = []
     made = engines.policy_copy
 
@@ -114,13 +111,28 @@ def test_a_map_runs_its_batch_norms_folded_and_is_certified(precision, tile, mon
         return copies[-1]
 
     monkeypatch.setattr(engines, "policy_copy", spy)
-    scores, certificate = kfs.predict_map(classifier, image, tile=tile, precision=precision, certify=8)
+    full = kfs.predict_map(classifier, image, tile=tile)
+    assert not copies  # float32 runs the model itself
+    scores, certificate = kfs.predict_map(classifier, image, tile=tile, precision="bfloat16", certify=8)
     assert copies and all(not _norms(copy) for copy in copies)  # each pass ran with none left
-    assert certificate.exact and certificate.precision == precision and certificate.top_class_agreement == 1.0
-    tolerance = 1e-5 if precision == "float32" else precision_tolerance(precision)
-    assert np.abs(scores - unfolded).max() <= tolerance * np.abs(unfolded).max()
-    if precision == "bfloat16":
-        assert not np.array_equal(scores, unfolded)
+    assert certificate.exact and certificate.precision == "bfloat16" and certificate.top_class_agreement == 1.0
+    assert not np.array_equal(scores, full)
+    assert np.abs(scores - full).max() <= precision_tolerance("bfloat16") * np.abs(full).max()
+
+
+def test_a_float32_map_follows_the_models_weights_after_a_change():
+    """A float32 pass runs the FCN itself, not a copy: new moving statistics (what a `fit` changes) show in the
+    next map of the same FCN, tiled or not."""
+    classifier = _classifier_with_batch_norms()
+    image = np.random.default_rng(0).uniform(0, 1, (40, 44, 3)).astype("float32")
+    fcn = kfs.convert(classifier)
+    before = kfs.predict_map(fcn, image)
+    _with_statistics(fcn, seed=7)
+    after = np.asarray(fcn(image[None]))[0]
+    assert np.abs(after - before).max() > 1e-2 * np.abs(after).max()
+    for tile in (None, 24):
+        found = kfs.predict_map(fcn, image, tile=tile)
+        np.testing.assert_allclose(found, after, rtol=0, atol=1e-5 * np.abs(after).max())
 
 
 def test_an_export_at_bfloat16_folds_too_and_its_output_layer_computes_at_float32():

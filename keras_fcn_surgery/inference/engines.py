@@ -321,7 +321,7 @@ def _traced(model, jit_compile: bool, precision: str | None):
     import tensorflow as tf
 
     reference = weakref.ref(model)  # the cache must not keep the model alive
-    copy = runnable_copy(model, precision)
+    copy = policy_copy(model, precision) if precision else None
 
     def call(x):
         live = copy if copy is not None else reference()
@@ -350,7 +350,7 @@ def _jitted(model, precision: str | None):
     import jax
 
     reference = weakref.ref(model)  # the cache must not keep the model alive
-    copy = runnable_copy(model, precision)
+    copy = policy_copy(model, precision) if precision else None
 
     def live():
         found = copy if copy is not None else reference()
@@ -380,7 +380,7 @@ def _torch_eager(model, precision: str | None):
     import torch
 
     reference = weakref.ref(model)  # the cache must not keep the model alive
-    copy = runnable_copy(model, precision)
+    copy = policy_copy(model, precision) if precision else None
     single = len(model.outputs) == 1
 
     def run(batch):
@@ -393,15 +393,6 @@ def _torch_eager(model, precision: str | None):
             return [keras.ops.convert_to_numpy(y) for y in keras.tree.flatten(outputs)]
 
     return run
-
-
-def runnable_copy(model, precision: str | None):
-    """The copy of ``model`` a forward pass runs, or None for the model itself: at a reduced precision its
-    `policy_copy`; at float32 a copy with its BatchNormalizations folded where it has foldable ones (ResNet50
-    at 1024x1024 under `tf` on 2 cores: 0.97 s unfolded, 0.84 s folded; equal to float32 rounding)."""
-    if precision:
-        return policy_copy(model, precision)
-    return policy_copy(model, "float32") if batch_norm_folds(model) else None
 
 
 def policy_copy(model, policy: str):
@@ -420,10 +411,12 @@ def policy_clone(model, policy: str, *, float32_layers=frozenset()):
     float32) the copy also folds each BatchNormalization into the convolution
     before it (`graph.batch_norm_folds`): Keras computes a BatchNormalization
     at float32 whatever the policy, so unfolded each one casts its input up and
-    its output down (ResNet50 at 1024x1024 on 2 cores: 0.66 s unfolded, 0.47 s
+    its output down (ResNet50 at 1024x1024 on 2 cores: 0.69 s unfolded, 0.46 s
     folded). The folded weights are rounded to bfloat16 as the unfolded ones
     are; float16's narrower range could overflow a folded weight, so float16
-    copies keep their BatchNormalizations.
+    copies keep their BatchNormalizations. A float32 pass runs the model
+    itself, not a copy (folded, ResNet50 took 0.84 s against 0.98 s): a copy
+    holds the weights it was made with, the model those of its latest `fit`.
     """
     # where the compute dtype has float32's range (a folded weight is a product of two)
     foldable = keras.DTypePolicy(policy).compute_dtype in ("bfloat16", "float32")
