@@ -21,7 +21,9 @@ the precision's tolerance, `certificate.precision_tolerance`).
 Random weights say nothing about top classes that matter, so a small CNN is
 trained here on scikit-learn's digits (8x8 upscaled to 16x16, a few epochs),
 and its map of a mosaic of test digits at each precision is compared with its
-float32 map: top-class agreement over every cell, and the certificate.
+float32 map: top-class agreement over every cell, and the certificate; then
+the same CNN with a BatchNormalization after each convolution (folded into it
+at bfloat16).
 
 Run (minutes on 2 CPU cores; ``--quick`` uses 256x256 images and one round)::
 
@@ -125,7 +127,25 @@ def run_model(name: str, size: int, rounds: int) -> None:
         print(f"    certificate: {certificate}")
 
 
-def digits_agreement(epochs: int) -> None:
+def digits_cnn(batch_norm: bool):
+    """Two convolutions and two Dense layers; with ``batch_norm``, each convolution followed by a
+    BatchNormalization (folded into it at bfloat16, `engines.policy_clone`) before its ReLU."""
+    layers = keras.layers
+
+    def block(filters):
+        if not batch_norm:
+            return [layers.Conv2D(filters, 3, activation="relu")]
+        return [layers.Conv2D(filters, 3, use_bias=False), layers.BatchNormalization(momentum=0.9), layers.ReLU()]
+
+    x = keras.Input((16, 16, 1))
+    y = x
+    for layer in [*block(16), layers.MaxPooling2D(2), *block(32), layers.Flatten()]:
+        y = layer(y)
+    y = layers.Dense(10)(layers.Dense(64, activation="relu")(y))
+    return keras.Model(x, y, name="digits_bn" if batch_norm else "digits")
+
+
+def digits_agreement(epochs: int, batch_norm: bool = False) -> None:
     """A small CNN trained on scikit-learn's digits: its map of a mosaic of test digits at each precision."""
     from sklearn.datasets import load_digits
 
@@ -134,18 +154,10 @@ def digits_agreement(epochs: int) -> None:
     labels = digits.target
     train, test = slice(0, 1500), slice(1500, None)
     keras.utils.set_random_seed(0)
-    classifier = keras.Sequential(
-        [
-            keras.Input((16, 16, 1)),
-            keras.layers.Conv2D(16, 3, activation="relu"),
-            keras.layers.MaxPooling2D(2),
-            keras.layers.Conv2D(32, 3, activation="relu"),
-            keras.layers.Flatten(),
-            keras.layers.Dense(64, activation="relu"),
-            keras.layers.Dense(10),
-        ]
-    )
+    classifier = digits_cnn(batch_norm)
     classifier.compile("adam", keras.losses.SparseCategoricalCrossentropy(from_logits=True), metrics=["accuracy"])
+    # the moving statistics of a BatchNormalization need a few more epochs to settle
+    epochs = epochs + 5 if batch_norm else epochs
     classifier.fit(images[train], labels[train], epochs=epochs, batch_size=32, verbose=0)
     accuracy = classifier.evaluate(images[test], labels[test], verbose=0)[1]
     # A 16 x 16 mosaic of test digits (256 x 256 pixels): the map has a cell every 2 pixels.
@@ -153,7 +165,10 @@ def digits_agreement(epochs: int) -> None:
     mosaic = tiles.transpose(0, 2, 1, 3, 4).reshape(256, 256, 1)
     mapper = kfs.prepare(classifier)
     full = mapper.map(mosaic)
-    print(f"digits CNN ({epochs} epochs, test accuracy {accuracy:.3f}): map of a 256x256 mosaic, {full.shape[:2]}")
+    kind = "with BatchNormalization" if batch_norm else "without BatchNormalization"
+    print(
+        f"digits CNN {kind} ({epochs} epochs, test accuracy {accuracy:.3f}): map of a 256x256 mosaic, {full.shape[:2]}"
+    )
     for precision in ["bfloat16", "float16"]:
         at = mapper.with_options(precision=precision)
         reduced = at.map(mosaic)
@@ -180,6 +195,7 @@ def main() -> None:
     rounds = 1 if args.quick else args.rounds
     print(f"backend {keras.backend.backend()}; precisions {['float32', *precisions()]}; rounds {rounds}")
     digits_agreement(args.epochs)
+    digits_agreement(args.epochs, batch_norm=True)
     for size in sizes:
         for name in args.models.split(","):
             run_model(name, size, rounds)
