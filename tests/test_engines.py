@@ -249,3 +249,16 @@ def test_each_stage_of_a_staged_plan_is_chosen_for_on_its_own(cache_file, timed,
     assert len(timed) == len(plan.stages), "running the plan timed again"
     blas = kfs.plan_prediction(model, image.shape[:2], tile=60, staged=True, engine="blas")
     assert [stage.engine for stage in blas.stages] == ["tf"] * (len(blas.stages) - 1) + ["blas"]
+
+
+def test_many_models_traced_once_each_warn_of_no_retracing(caplog):
+    """Each model (a staged pass's stages, say) gets a `tf.function` of its own, traced once per shape: TensorFlow
+    must not count them as one function retraced ("5 out of the last 5 calls ... triggered tf.function retracing")."""
+    models = []
+    for width in range(3, 11):
+        models.append(keras.Sequential([keras.Input((8, 8, 3)), layers.Conv2D(width, 3)]))
+    image = random_images((1, 8, 8, 3))
+    with caplog.at_level("WARNING", logger="tensorflow"):
+        for model in models:
+            engines.forward(model, "tf")(image)
+    assert not [record for record in caplog.records if "retracing" in record.getMessage()]

@@ -31,6 +31,7 @@ the timing.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import math
@@ -331,8 +332,10 @@ def _traced(model, jit_compile: bool, precision: str | None):
             return live(x, training=False)
 
     # A second input shape (a masked plan's cropped tiles) generalises the trace instead of retracing per shape;
-    # XLA still compiles per shape. A pass with one tile shape keeps its first, exact-shape trace.
-    compiled = tf.function(call, jit_compile=jit_compile, reduce_retracing=True)
+    # XLA still compiles per shape. A pass with one tile shape keeps its first, exact-shape trace. TensorFlow
+    # counts traces per Python code object, which every model's `call` shares: a pass of many stages, each traced
+    # once, read as one function retraced (and warned so). A partial has no code object: it is counted alone.
+    compiled = tf.function(functools.partial(call), jit_compile=jit_compile, reduce_retracing=True)
     single = len(model.outputs) == 1
     return lambda batch: _arrays(compiled(tf.constant(batch)), single)
 
