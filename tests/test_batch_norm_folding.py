@@ -152,3 +152,42 @@ def test_an_export_at_bfloat16_folds_too_and_its_output_layer_computes_at_float3
     found = np.asarray(found)
     assert not np.array_equal(found, expected)
     assert np.abs(found - expected).max() <= precision_tolerance("bfloat16") * np.abs(expected).max()
+
+
+def test_a_channels_first_batch_norm_folds_on_its_channel_axis():
+    keras.utils.set_random_seed(6)
+    x = keras.Input((3, 12, 12))
+    y = layers.Conv2D(6, 3, data_format="channels_first", name="conv")(x)
+    y = layers.BatchNormalization(axis=1, name="folds")(y)
+    y = layers.Conv2D(6, 1, data_format="channels_first", name="pointwise")(layers.ReLU()(y))
+    y = layers.BatchNormalization(axis=-1, name="over_width")(y)  # the last axis is a spatial one here
+    model = _with_statistics(keras.Model(x, y))
+    assert list(batch_norm_folds(model)) == ["folds"]
+    images = np.random.default_rng(2).uniform(-1, 1, (2, 3, 12, 12)).astype("float32")
+    expected = np.asarray(model(images))
+    copy = engines.policy_copy(model, "float32")
+    assert _norms(copy) == ["over_width"]
+    np.testing.assert_allclose(np.asarray(copy(images)), expected, rtol=0, atol=1e-5 * np.abs(expected).max())
+
+
+def test_a_savedmodel_at_bfloat16_of_a_batch_norm_network_holds_no_batch_norm_and_passes_its_check(tmp_path):
+    """The written file, opened by TensorFlow alone: its graph computes no folded BatchNormalization, and its scores
+    are within bfloat16's tolerance of the float32 FCN."""
+    import tensorflow as tf
+
+    classifier = _classifier_with_batch_norms()
+    result = kfs.export_savedmodel(
+        classifier, tmp_path / "sm", options=kfs.ExportOptions(precision="bfloat16"), bytes_signature=False
+    )
+    assert result.checks and all(c.passed and c.tolerance == precision_tolerance("bfloat16") for c in result.checks)
+    loaded = tf.saved_model.load(result.path)
+    serve = loaded.signatures["serving_default"]
+    operations = [op.name for op in serve.graph.get_operations()]
+    for function in serve.graph._functions.values():  # the model's call is a function the signature calls
+        operations += [node.name for node in function.definition.node_def]
+    assert operations and not [name for name in operations if "batch_normalization" in name]
+    images = np.random.default_rng(0).uniform(0, 1, (1, 40, 44, 3)).astype(np.float32)
+    got = next(iter(serve(tf.constant(images)).values())).numpy()
+    want = np.asarray(kfs.convert(classifier)(images))
+    assert got.dtype == np.float32 and got.shape == want.shape
+    assert 0 < np.abs(got - want).max() <= precision_tolerance("bfloat16") * np.abs(want).max()
